@@ -1,0 +1,70 @@
+//! `stackvault`: the command-line front end. Thin: parses arguments, calls the engine, prints
+//! its reports (human text, or JSON with `--json`). All logic lives in the engine.
+
+mod backup;
+mod init;
+mod output;
+mod restore;
+mod snapshots;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Incremental block-level backup of virtual-machine disks.
+#[derive(Parser, Debug)]
+#[command(name = "stackvault", version, about, propagate_version = true)]
+struct Cli {
+    /// No progress bars or informational output on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new, empty repository.
+    Init(init::Args),
+    /// Back up a disk image into a repository.
+    Backup(backup::Args),
+    /// List the snapshots in a repository.
+    Snapshots(snapshots::ListArgs),
+    /// Show everything recorded about one snapshot.
+    Show(snapshots::ShowArgs),
+    /// Restore a snapshot to a disk image file.
+    Restore(restore::Args),
+}
+
+/// Exit code when the repository or the data is damaged (as opposed to any other failure).
+const EXIT_DAMAGED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = output::Context { quiet: cli.quiet };
+    let result = match cli.command {
+        Command::Init(a) => init::run(&ctx, a),
+        Command::Backup(a) => backup::run(&ctx, a),
+        Command::Snapshots(a) => snapshots::list(&ctx, a),
+        Command::Show(a) => snapshots::show(&ctx, a),
+        Command::Restore(a) => restore::run(&ctx, a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if output::is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            let damaged = err.chain().any(|c| {
+                c.downcast_ref::<stackvault::Error>()
+                    .is_some_and(|e| e.is_corruption())
+            });
+            ExitCode::from(if damaged { EXIT_DAMAGED } else { 1 })
+        }
+    }
+}

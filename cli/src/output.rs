@@ -1,0 +1,107 @@
+//! Printing: human text or versioned JSON on stdout, progress bars on stderr.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// Version of the JSON documents printed with `--json`.
+pub const JSON_FORMAT_VERSION: u32 = 1;
+
+/// Settings shared by all commands.
+pub struct Context {
+    pub quiet: bool,
+}
+
+impl Context {
+    /// A progress reporter: bars on a terminal stderr, nothing otherwise.
+    pub fn progress(&self) -> Bars {
+        Bars {
+            enabled: !self.quiet && std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
+    }
+}
+
+/// Writes a line to stdout; a closed pipe ends the program quietly (see `is_broken_pipe`).
+pub fn line(s: impl AsRef<str>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", s.as_ref())?;
+    Ok(())
+}
+
+/// Prints a report as one JSON object with a `format_version` field.
+pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(value)?;
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("format_version".into(), JSON_FORMAT_VERSION.into());
+    }
+    line(serde_json::to_string_pretty(&v)?)
+}
+
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Human-readable byte count in binary units.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+/// indicatif bars behind the engine's `Progress` trait.
+pub struct Bars {
+    enabled: bool,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl stackvault::Progress for Bars {
+    fn start(&self, phase: &str, total_bytes: u64) {
+        if !self.enabled {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{prefix:>8} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(phase.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        if let Ok(mut slot) = self.bar.lock() {
+            *slot = Some(bar);
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Ok(slot) = self.bar.lock() {
+            if let Some(bar) = slot.as_ref() {
+                bar.inc(bytes);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut slot) = self.bar.lock() {
+            if let Some(bar) = slot.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! `stackvault restore`
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use stackvault::{Repo, RestoreOptions};
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Snapshot id, unique prefix, or `latest`.
+    snapshot: String,
+    /// Output disk image file.
+    output: PathBuf,
+    /// With `latest`: the latest snapshot of this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let repo = Repo::open(&args.repo)?;
+    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+    let options = RestoreOptions { force: args.force };
+    let report = stackvault::restore_to_file(&repo, &snap, &args.output, &options, &ctx.progress())
+        .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
+    if args.json {
+        return output::json(&report);
+    }
+    output::line(format!(
+        "restored snapshot {} of disk {} to {} ({} {})",
+        &report.snapshot_id[..12],
+        report.disk,
+        report.target,
+        report.output_format,
+        output::bytes(report.virtual_size)
+    ))?;
+    output::line(format!(
+        "  wrote {} in {} chunks, {} left sparse, {:.2} s, {:.1} MB/s",
+        output::bytes(report.bytes_written),
+        report.chunks,
+        output::bytes(report.zero_bytes),
+        report.duration_ms as f64 / 1000.0,
+        report.throughput_mb_s
+    ))
+}

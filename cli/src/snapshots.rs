@@ -1,0 +1,71 @@
+//! `stackvault snapshots` and `stackvault show`
+
+use std::path::PathBuf;
+
+use stackvault::Repo;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Only snapshots of this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Print the list as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn list(_ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
+    let repo = Repo::open(&args.repo)?;
+    let snaps = repo.snapshots(args.disk.as_deref())?;
+    if args.json {
+        return output::json(&serde_json::json!({ "snapshots": snaps }));
+    }
+    output::line(format!(
+        "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}",
+        "id", "disk", "time", "kind", "parent", "size", "added"
+    ))?;
+    for s in &snaps {
+        output::line(format!(
+            "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}",
+            &s.id[..12],
+            s.meta.disk,
+            s.meta.time,
+            s.meta.kind.as_str(),
+            s.meta
+                .parent
+                .as_deref()
+                .map(|p| &p[..12.min(p.len())])
+                .unwrap_or("-"),
+            output::bytes(s.virtual_size),
+            output::bytes(s.meta.stats.bytes_added)
+        ))?;
+    }
+    output::line(format!("{} snapshots", snaps.len()))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Snapshot id, unique prefix, or `latest`.
+    snapshot: String,
+    /// With `latest`: the latest of this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn show(_ctx: &Context, args: ShowArgs) -> anyhow::Result<()> {
+    let repo = Repo::open(&args.repo)?;
+    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+    if args.json {
+        return output::json(&snap);
+    }
+    output::line(serde_json::to_string_pretty(&snap)?)
+}

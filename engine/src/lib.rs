@@ -1,0 +1,35 @@
+//! stackvault: incremental block-level backup of virtual-machine disks.
+//!
+//! Data flows one way. A [`DiskSource`] presents the guest disk's address space (raw image
+//! or block device; VHD containers and page blobs plug in behind the same trait). The backup
+//! pipeline ([`backup()`]) cuts it into aligned segments, drops zero runs, cuts the rest into
+//! content-defined chunks ([`chunker`]), names each chunk by its BLAKE3 hash, and stores only
+//! chunks the repository lacks, zstd-compressed, in packs ([`store`]). The SQLite [`index`]
+//! maps chunk ids to pack locations; it is derived state that can be rebuilt. Last, the
+//! snapshot manifest, a complete map of the disk with a root digest, is written. Restore
+//! ([`restore`]) walks a manifest, verifies every chunk and writes it at its offset.
+//!
+//! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
+//! `format` → `error`; `source` and `chunker` know nothing of repositories.
+
+pub mod backup;
+pub mod chunker;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod store;
+
+pub use backup::{backup, BackupOptions, BackupReport};
+pub use error::{Error, Result};
+pub use format::config::{ChunkerParams, RepoConfig};
+pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
+pub use format::ChunkId;
+pub use index::SnapshotSummary;
+pub use progress::{NoProgress, Progress};
+pub use repo::{InitOptions, Repo};
+pub use restore::{restore_to_file, RestoreOptions, RestoreReport};
+pub use source::{open_source, DiskSource};

@@ -1,0 +1,25 @@
+//! Progress reporting from long operations.
+//!
+//! The engine reports bytes done against a total for each phase; the CLI draws it (indicatif
+//! on a terminal), tests ignore it. Implementations must be cheap: `advance` is called from
+//! worker threads once per segment.
+
+/// Receives progress of a long operation.
+pub trait Progress: Sync {
+    /// A phase starts (`backup`, `restore`, ...), measured in bytes of the virtual disk.
+    fn start(&self, phase: &str, total_bytes: u64);
+    /// `bytes` more are done.
+    fn advance(&self, bytes: u64);
+    /// The phase is over.
+    fn finish(&self);
+}
+
+/// Discards progress.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}

@@ -1,0 +1,184 @@
+//! A repository in a local directory (or a mounted network share).
+//!
+//! `put` writes to a temporary name in the destination directory, fsyncs the file, renames
+//! it over the final name and fsyncs the directory: readers see nothing or everything, and a
+//! completed `put` survives power loss. Temporary names start with `.tmp-` and are never
+//! listed; a crash can leave them behind, and they are harmless.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::Backend;
+use crate::error::{Error, Result};
+
+/// A backend rooted at a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+impl LocalDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+}
+
+/// fsyncs a directory so that a rename or unlink in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    // A failing OS random source only costs uniqueness of a temp name; fall back to the pid.
+    if getrandom::fill(&mut b).is_err() {
+        b = u64::from(std::process::id()).to_le_bytes();
+    }
+    crate::format::hex(&b)
+}
+
+impl Backend for LocalDir {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(key);
+        let dir = path
+            .parent()
+            .ok_or_else(|| Error::InvalidArgument(format!("bad object key {key}")))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::InvalidArgument(format!("bad object key {key}")))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+            if let Some(up) = dir.parent() {
+                sync_dir(up)?;
+            }
+        }
+        let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", random_suffix()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
+            f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+            sync_dir(dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path(key);
+        fs::read(&path).map_err(|e| Error::io("read", &path, e))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let path = self.path(key);
+        let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let mut buf = vec![0u8; len];
+        match f.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(
+                path.display(),
+                offset,
+                format!("object ends before {len} bytes could be read (truncated?)"),
+            )),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        let path = self.path(key);
+        fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| Error::io("stat", &path, e))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        let path = self.path(key);
+        path.try_exists().map_err(|e| Error::io("stat", &path, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let base = self.path(prefix);
+        if !base.exists() {
+            return Ok(out);
+        }
+        let mut stack = vec![base];
+        while let Some(dir) = stack.pop() {
+            let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+                let path = entry.path();
+                let ft = entry.file_type().map_err(|e| Error::io("stat", &path, e))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                if ft.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&self.root) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("remove", &path, e)),
+        }
+        match path.parent() {
+            Some(dir) => sync_dir(dir),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_remove() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        let b = LocalDir::new(dir.path());
+        b.put("packs/ab/abcd", b"hello")?;
+        assert_eq!(b.get("packs/ab/abcd")?, b"hello");
+        assert_eq!(b.get_range("packs/ab/abcd", 1, 3)?, b"ell");
+        assert!(matches!(
+            b.get_range("packs/ab/abcd", 3, 3),
+            Err(Error::Corrupt { offset: 3, .. })
+        ));
+        assert_eq!(b.list("packs/")?, vec!["packs/ab/abcd".to_string()]);
+        assert!(b.list("snapshots/")?.is_empty());
+        b.remove("packs/ab/abcd")?;
+        b.remove("packs/ab/abcd")?;
+        assert!(!b.exists("packs/ab/abcd")?);
+        Ok(())
+    }
+}
