@@ -19,12 +19,225 @@ pub fn stackvault_bin() -> &'static Path {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "stackvault-cli", "--bin", "stackvault"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "stackvault-cli",
+            "--bin",
+            "stackvault",
+        ]);
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build for the stackvault binary");
+        let status = cmd
+            .status()
+            .expect("run cargo build for the stackvault binary");
         assert!(status.success(), "building the stackvault binary failed");
         profile_dir.join("stackvault")
     })
+}
+
+/// A tiny deterministic PRNG (splitmix64) so sample disks are reproducible from a seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Regular files of this machine (binaries, libraries, text), sorted by path: real data that
+/// compresses and deduplicates like a VM's root disk does.
+pub fn machine_files() -> &'static [PathBuf] {
+    static FILES: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let mut out = Vec::new();
+        for root in ["/usr/bin", "/usr/lib", "/usr/share"] {
+            let mut stack = vec![PathBuf::from(root)];
+            while let Some(dir) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let Ok(ft) = e.file_type() else { continue };
+                    if ft.is_dir() {
+                        stack.push(e.path());
+                    } else if ft.is_file() {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        if (4096..=8 << 20).contains(&len) {
+                            out.push(e.path());
+                        }
+                    }
+                }
+                if out.len() > 20_000 {
+                    break;
+                }
+            }
+        }
+        out.sort();
+        out
+    })
+}
+
+/// Writes a sample raw disk of exactly `size` bytes at `path`: real files of this machine laid
+/// out at 4 KiB-aligned offsets with zero gaps between them (like a file system with free
+/// space), about `fill_percent` full. Deterministic for a seed on one machine.
+pub fn make_sample_disk(
+    path: &Path,
+    size: u64,
+    fill_percent: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let files = machine_files();
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no files under /usr to build a sample disk from"
+    );
+    let mut rng = Rng::new(seed);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let target_data = size / 100 * fill_percent;
+    let mut pos = 0u64;
+    let mut data = 0u64;
+    while pos < size {
+        let f = &files[rng.below(files.len() as u64) as usize];
+        let Ok(bytes) = std::fs::read(f) else {
+            continue;
+        };
+        // At most 1 MiB of each file, so the fill level is met closely.
+        let take = (bytes.len() as u64).min(size - pos).min(1 << 20);
+        if data < target_data {
+            out.write_all(&bytes[..take as usize])?;
+            pos += take;
+            data += take;
+        }
+        // A gap of free space (zeros), keeping files 4 KiB aligned as a file system would.
+        let gap = match (data < target_data, rng.below(4)) {
+            (false, _) => size,
+            (true, 0) => (16 + rng.below(240)) * 4096, // 64 KiB to 1 MiB of free space
+            (true, _) => rng.below(16) * 4096,
+        };
+        let aligned = pos.div_ceil(4096) * 4096 + gap;
+        let next = aligned.min(size);
+        let zeros = vec![0u8; 1 << 16];
+        while pos < next {
+            let n = (next - pos).min(zeros.len() as u64);
+            out.write_all(&zeros[..n as usize])?;
+            pos += n;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Makes the next generation of a sample disk in place: overwrites `blocks` random 4 KiB
+/// blocks with bytes of other files, and rewrites one region shifted by a few bytes (an
+/// edited file), like a week of VM life.
+pub fn mutate_disk(path: &Path, blocks: u64, seed: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let size = f.metadata()?.len();
+    anyhow::ensure!(size >= 1 << 20, "disk too small to mutate");
+    let files = machine_files();
+    let mut rng = Rng::new(seed);
+    for _ in 0..blocks {
+        let src = std::fs::read(&files[rng.below(files.len() as u64) as usize])?;
+        let off = rng.below(src.len() as u64 / 4096) * 4096;
+        let block = &src[off as usize..(off as usize + 4096).min(src.len())];
+        let at = rng.below(size / 4096) * 4096;
+        f.write_all_at(&block[..block.len().min((size - at) as usize)], at)?;
+    }
+    // Shift a 256 KiB region by 7 bytes: content-defined chunking must resynchronise.
+    let at = rng.below(size / 2);
+    let mut region = vec![0u8; 256 << 10];
+    f.read_exact_at(&mut region, at)?;
+    f.write_all_at(&region, at + 7)?;
+    Ok(())
+}
+
+/// Whether two files have the same bytes.
+pub fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// Runs the CLI with `args`; returns (exit code, stdout, stderr).
+pub fn run_cli<I, S>(args: I) -> anyhow::Result<(i32, String, String)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(stackvault_bin()).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The shared dataset directory built by `../shared/datasets/make-disks.sh --small`, made on
+/// first use into the target directory; `None` (with a message) where the script is absent.
+pub fn shared_small_dataset() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = root.join("../shared/datasets/make-disks.sh");
+        if !script.exists() {
+            eprintln!(
+                "skipping: {} not found (shared dataset absent)",
+                script.display()
+            );
+            return None;
+        }
+        let out = root.join("target/datasets/small");
+        if out.join("gen2.raw").exists() {
+            return Some(out);
+        }
+        let status = Command::new("bash")
+            .arg(&script)
+            .args(["--small", "--no-vhd", "-o"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(out),
+            _ => {
+                eprintln!("skipping: make-disks.sh --small failed");
+                None
+            }
+        }
+    })
+    .clone()
 }

@@ -1,6 +1,6 @@
-use stackvault_tests::stackvault_bin;
-#[test]
-fn bin_builds() {
-    let out = std::process::Command::new(stackvault_bin()).arg("--version").output().unwrap();
-    assert!(out.status.success());
-}
+//! The integration suite: one binary, one module per area. Every test makes its own
+//! temporary repository and sample disks (built from real files of this machine).
+
+mod cli;
+mod foundation;
+mod vectors;

@@ -168,7 +168,7 @@ impl Repo {
         self.index().snapshots(disk)
     }
 
-    /// Resolves `latest`, a full id or a unique id prefix (of at least 4 hex digits).
+    /// Resolves `latest`, a full id or a unique id prefix.
     pub fn resolve_snapshot(&self, query: &str, disk: Option<&str>) -> Result<SnapshotSummary> {
         let all = self.snapshots(disk)?;
         let not_found = || Error::SnapshotNotFound {
@@ -181,9 +181,9 @@ impl Repo {
             return all.into_iter().last().ok_or_else(not_found);
         }
         let q = query.to_ascii_lowercase();
-        if q.len() < 4 || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if q.is_empty() || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::InvalidArgument(format!(
-                "snapshot {query:?}: expected `latest` or at least 4 hex digits of an id"
+                "snapshot {query:?}: expected `latest` or (a prefix of) a hex snapshot id"
             )));
         }
         let mut matches: Vec<SnapshotSummary> =

@@ -1,0 +1,167 @@
+//! Test vectors of `format-spec/vectors/`: regenerated from the code and compared with the
+//! committed files, so that any change to an encoding or to chunk boundaries is caught.
+//! To refresh after an intended format change (which also needs a version bump and a spec
+//! update): `STACKVAULT_UPDATE_VECTORS=1 cargo test --test main vectors`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use stackvault::chunker::{Chunker, Piece};
+use stackvault::format::config::{ChunkerParams, RepoConfig};
+use stackvault::format::hex;
+use stackvault::format::manifest::{
+    BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta, SourceInfo,
+};
+use stackvault::format::pack::{encode_footer, Compression};
+use stackvault::store::pack::PackWriter;
+use stackvault::ChunkId;
+
+/// The vector input: 2 MiB of BLAKE3 XOF output of a fixed key, with a 256 KiB zero hole at
+/// 512 KiB and a 4 KiB zero block (too short to be a hole) at 1 MiB.
+fn chunker_input() -> Vec<u8> {
+    let mut data = vec![0u8; 2 << 20];
+    blake3::Hasher::new()
+        .update(b"stackvault chunker vector v1")
+        .finalize_xof()
+        .fill(&mut data);
+    data[512 << 10..768 << 10].fill(0);
+    data[1 << 20..(1 << 20) + 4096].fill(0);
+    data
+}
+
+fn chunk_lines(params: ChunkerParams) -> String {
+    let config = RepoConfig::new([0; 16], 0, params);
+    let data = chunker_input();
+    let mut pieces = Vec::new();
+    Chunker::new(&config).split(&data, &mut pieces);
+    let mut s = format!(
+        "# chunker: {}\n# offset length kind id\n",
+        params.describe()
+    );
+    for p in pieces {
+        match p {
+            Piece::Zero { start, len } => writeln!(s, "{start} {len} zero -").ok(),
+            Piece::Data { start, len } => writeln!(
+                s,
+                "{start} {len} data {}",
+                ChunkId::of(&data[start..start + len])
+            )
+            .ok(),
+        };
+    }
+    s
+}
+
+fn sample_pack() -> Result<Vec<u8>> {
+    let mut w = PackWriter::new(1 << 16);
+    for data in [&b"first chunk"[..], &b"second chunk, a little longer"[..]] {
+        w.add(
+            ChunkId::of(data),
+            data.len() as u32,
+            data,
+            Compression::None,
+        );
+    }
+    Ok(w.finish()?.bytes)
+}
+
+fn sample_manifest() -> Result<(String, Vec<u8>)> {
+    let a = ChunkId::of(b"first chunk");
+    let mut m = Manifest {
+        meta: SnapshotMeta {
+            disk: "web01-os".into(),
+            time: "2026-11-25T00:00:00.000000Z".into(),
+            kind: SnapshotKind::Full,
+            parent: None,
+            hostname: "vector-host".into(),
+            source: SourceInfo {
+                path: "disk.img".into(),
+                format: "raw".into(),
+            },
+            change_source: "full-read".into(),
+            chunker: ChunkerParams::DEFAULT.describe(),
+            stats: BackupStats::default(),
+            root_digest: String::new(),
+            tool_version: "0.1.0".into(),
+        },
+        virtual_size: (64 << 10) + 11,
+        segment_size: 65536,
+        segments: vec![
+            vec![
+                Extent::Chunk { id: a, len: 11 },
+                Extent::Zero { len: 65525 },
+            ],
+            vec![Extent::Chunk { id: a, len: 11 }],
+        ],
+    };
+    m.seal();
+    let bytes = m.encode()?;
+    Ok((hex(blake3::hash(&bytes).as_bytes()), bytes))
+}
+
+fn wrap_hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(32)
+        .map(|c| hex(c) + "\n")
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+fn generate() -> Result<Vec<(&'static str, String)>> {
+    let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
+    let (manifest_id, manifest) = sample_manifest()?;
+    Ok(vec![
+        (
+            "chunks-fastcdc2020-default.txt",
+            chunk_lines(ChunkerParams::DEFAULT),
+        ),
+        (
+            "chunks-fixed-64k.txt",
+            chunk_lines(ChunkerParams::Fixed { size: 65536 }),
+        ),
+        ("config.hex", wrap_hex(&config.encode())),
+        (
+            "pack-footer.hex",
+            wrap_hex(&encode_footer(3, 4096, 0xdead_beef)),
+        ),
+        ("pack.hex", wrap_hex(&sample_pack()?)),
+        (
+            "manifest.hex",
+            format!("# snapshot id {manifest_id}\n{}", wrap_hex(&manifest)),
+        ),
+    ])
+}
+
+#[test]
+fn vectors_match_the_code() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors");
+    let update = std::env::var_os("STACKVAULT_UPDATE_VECTORS").is_some();
+    let mut stale = Vec::new();
+    for (name, content) in generate()? {
+        let path = dir.join(name);
+        if update {
+            std::fs::write(&path, &content)?;
+        } else if std::fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
+            stale.push(name);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "format-spec/vectors out of date: {stale:?}. If the format change is intended, bump the \
+         version, update format-spec/README.md and run \
+         `STACKVAULT_UPDATE_VECTORS=1 cargo test --test main vectors`"
+    );
+    Ok(())
+}
+
+#[test]
+fn decoders_accept_the_vectors() -> Result<()> {
+    let (id, bytes) = sample_manifest()?;
+    let m = Manifest::decode(&bytes, "vector")?;
+    assert_eq!(m.segments.len(), 2);
+    assert_eq!(hex(blake3::hash(&bytes).as_bytes()), id);
+    let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
+    assert_eq!(RepoConfig::decode(&config.encode(), "vector")?, config);
+    Ok(())
+}
