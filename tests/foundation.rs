@@ -18,7 +18,10 @@ fn backup_file(repo: &Repo, path: &Path, disk: &str) -> Result<BackupReport> {
     Ok(backup(
         repo,
         source.as_ref(),
-        &BackupOptions { disk: disk.into() },
+        &BackupOptions {
+            disk: disk.into(),
+            ..BackupOptions::default()
+        },
         &NoProgress,
     )?)
 }

@@ -147,8 +147,8 @@ pub fn make_sample_disk(
 
 /// Makes the next generation of a sample disk in place: overwrites `blocks` random 4 KiB
 /// blocks with bytes of other files, and rewrites one region shifted by a few bytes (an
-/// edited file), like a week of VM life.
-pub fn mutate_disk(path: &Path, blocks: u64, seed: u64) -> anyhow::Result<()> {
+/// edited file), like a week of VM life. Returns the byte ranges written, `(offset, len)`.
+pub fn mutate_disk(path: &Path, blocks: u64, seed: u64) -> anyhow::Result<Vec<(u64, u64)>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -158,19 +158,32 @@ pub fn mutate_disk(path: &Path, blocks: u64, seed: u64) -> anyhow::Result<()> {
     anyhow::ensure!(size >= 1 << 20, "disk too small to mutate");
     let files = machine_files();
     let mut rng = Rng::new(seed);
+    let mut written = Vec::new();
     for _ in 0..blocks {
         let src = std::fs::read(&files[rng.below(files.len() as u64) as usize])?;
         let off = rng.below(src.len() as u64 / 4096) * 4096;
         let block = &src[off as usize..(off as usize + 4096).min(src.len())];
         let at = rng.below(size / 4096) * 4096;
-        f.write_all_at(&block[..block.len().min((size - at) as usize)], at)?;
+        let block = &block[..block.len().min((size - at) as usize)];
+        f.write_all_at(block, at)?;
+        written.push((at, block.len() as u64));
     }
     // Shift a 256 KiB region by 7 bytes: content-defined chunking must resynchronise.
     let at = rng.below(size / 2);
     let mut region = vec![0u8; 256 << 10];
     f.read_exact_at(&mut region, at)?;
     f.write_all_at(&region, at + 7)?;
-    Ok(())
+    written.push((at + 7, region.len() as u64));
+    Ok(written)
+}
+
+/// A JSON change list (`[{"offset":N,"length":N}]`) of the given ranges.
+pub fn json_change_list(ranges: &[(u64, u64)]) -> String {
+    let items: Vec<String> = ranges
+        .iter()
+        .map(|(o, l)| format!("{{\"offset\": {o}, \"length\": {l}}}"))
+        .collect();
+    format!("[{}]", items.join(", "))
 }
 
 /// Whether two files have the same bytes.

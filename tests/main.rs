@@ -3,4 +3,5 @@
 
 mod cli;
 mod foundation;
+mod incremental;
 mod vectors;

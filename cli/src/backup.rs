@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::{BackupOptions, Repo};
+use stackvault::{BackupMode, BackupOptions, ChangeList, Repo};
 
 use crate::output::{self, Context};
 
@@ -16,6 +16,22 @@ pub struct Args {
     /// Name of the disk (e.g. `web01-os`); its snapshots form one history.
     #[arg(long)]
     disk: String,
+    /// Read everything and record no parent.
+    #[arg(long, conflicts_with_all = ["differential", "parent"])]
+    full: bool,
+    /// Relative to the latest full snapshot of the disk (default: the latest snapshot).
+    #[arg(long)]
+    differential: bool,
+    /// Parent snapshot (id, prefix or `latest`), overriding the default choice.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Ranges changed since the parent: Azure Get Page Ranges diff XML, or JSON
+    /// `[{"offset":N,"length":N}]`. Only segments they touch are read.
+    #[arg(long, value_name = "FILE")]
+    changed_ranges: Option<PathBuf>,
+    /// If change knowledge does not fit the parent snapshot, read everything instead of failing.
+    #[arg(long)]
+    fallback_full: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -24,7 +40,28 @@ pub struct Args {
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
     let source = stackvault::open_source(&args.source)?;
-    let options = BackupOptions { disk: args.disk };
+    let changes = match &args.changed_ranges {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read change list {}", path.display()))?;
+            Some(ChangeList::parse(&text, &path.display().to_string())?)
+        }
+        None => None,
+    };
+    let mode = if args.full {
+        BackupMode::Full
+    } else if args.differential {
+        BackupMode::Differential
+    } else {
+        BackupMode::Auto
+    };
+    let options = BackupOptions {
+        disk: args.disk,
+        mode,
+        parent: args.parent,
+        changes,
+        fallback_full: args.fallback_full,
+    };
     let report = stackvault::backup(&repo, source.as_ref(), &options, &ctx.progress())
         .with_context(|| format!("backup of {} failed", args.source.display()))?;
     if args.json {
@@ -39,9 +76,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         report.source_format,
         output::bytes(report.virtual_size)
     ))?;
+    if let Some(parent) = &report.parent {
+        output::line(format!(
+            "  parent {}, change knowledge: {}",
+            &parent[..12],
+            report.change_source
+        ))?;
+    }
     output::line(format!(
-        "  read {}, zero {} skipped ({} unallocated never read)",
+        "  read {}, unchanged {} not read, zero {} ({} unallocated never read)",
         output::bytes(s.bytes_read),
+        output::bytes(s.skipped_bytes),
         output::bytes(s.zero_bytes),
         output::bytes(s.unallocated_bytes)
     ))?;

@@ -2,6 +2,7 @@
 //! its reports (human text, or JSON with `--json`). All logic lives in the engine.
 
 mod backup;
+mod diff;
 mod init;
 mod output;
 mod restore;
@@ -35,6 +36,8 @@ enum Command {
     Show(snapshots::ShowArgs),
     /// Restore a snapshot to a disk image file.
     Restore(restore::Args),
+    /// Show the byte ranges that differ between two snapshots.
+    Diff(diff::Args),
 }
 
 /// Exit code when the repository or the data is damaged (as opposed to any other failure).
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Snapshots(a) => snapshots::list(&ctx, a),
         Command::Show(a) => snapshots::show(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
+        Command::Diff(a) => diff::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::changes::{ChangeList, SegmentPlan};
 use crate::chunker::{Chunker, Piece};
 use crate::error::{Error, Result};
 use crate::format::manifest::{
@@ -27,17 +28,37 @@ use crate::format::manifest::{
 use crate::format::pack::Compression;
 use crate::format::{hex, ChunkId};
 use crate::index::Index;
+use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
-use crate::source::{DiskSource, ExtentKind};
+use crate::source::{DiskSource, ExtentKind, SourceChanges};
 use crate::store::pack::{compress, PackWriter};
 use crate::store::{pack_key, snapshot_key};
 
-/// What to back up as.
-#[derive(Clone, Debug)]
+/// Which parent a backup reads relative to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackupMode {
+    /// Full if the disk has no snapshot yet, else incremental from its latest snapshot.
+    #[default]
+    Auto,
+    /// Read everything, record no parent.
+    Full,
+    /// Parent = the latest full snapshot of the disk.
+    Differential,
+}
+
+/// What to back up as, and relative to what.
+#[derive(Clone, Debug, Default)]
 pub struct BackupOptions {
     /// Name of the disk (`web01-os`): snapshots of one disk form its history.
     pub disk: String,
+    pub mode: BackupMode,
+    /// Explicit parent snapshot (id, prefix or `latest`), overriding the mode's choice.
+    pub parent: Option<String>,
+    /// Ranges changed since the parent (Azure page range diff or JSON list).
+    pub changes: Option<ChangeList>,
+    /// When change knowledge does not fit the parent, read everything instead of refusing.
+    pub fallback_full: bool,
 }
 
 /// The outcome of a backup, as printed by the CLI (`--json` serialises this).
@@ -47,6 +68,8 @@ pub struct BackupReport {
     pub disk: String,
     pub kind: SnapshotKind,
     pub parent: Option<String>,
+    /// Where the knowledge of what changed came from (`full-read` when everything was read).
+    pub change_source: String,
     pub source: String,
     pub source_format: String,
     pub virtual_size: u64,
@@ -72,9 +95,11 @@ struct SegmentOutput {
     new_chunks: Vec<NewChunk>,
     bytes_read: u64,
     unallocated: u64,
+    /// Bytes not read thanks to change knowledge.
+    skipped: u64,
 }
 
-/// Backs up `source` into `repo` as a new full snapshot of `options.disk`.
+/// Backs up `source` into `repo` as a new snapshot of `options.disk`.
 pub fn backup(
     repo: &Repo,
     source: &dyn DiskSource,
@@ -87,6 +112,13 @@ pub fn backup(
     let time = now_rfc3339();
     let config = repo.config().clone();
     let virtual_size = source.virtual_size();
+    let parent = select_parent(repo, options)?;
+    let kind = match (&parent, options.mode) {
+        (None, _) => SnapshotKind::Full,
+        (Some(_), BackupMode::Differential) => SnapshotKind::Differential,
+        (Some(_), _) => SnapshotKind::Incremental,
+    };
+    let reading = plan_reading(repo, source, options, parent.as_ref())?;
     let segments = segment_count(virtual_size, config.segment_size);
     let chunker = Chunker::new(&config);
     // Ids the writer has accepted but not yet committed to the index.
@@ -103,7 +135,10 @@ pub fn backup(
             let last = (first + batch_len).min(segments);
             let batch: Result<Vec<SegmentOutput>> = (first..last)
                 .into_par_iter()
-                .map(|i| process_segment(repo, source, &chunker, &pending, i))
+                .map(|i| match reading.plan_of(i) {
+                    SegmentPlan::Read => process_segment(repo, source, &chunker, &pending, i),
+                    plan => Ok(reading.without_reading(plan, virtual_size, config.segment_size, i)),
+                })
                 .collect();
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
@@ -123,15 +158,16 @@ pub fn backup(
     let mut stats = written.stats;
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let info = source.info();
+    let parent_id = parent.map(|p| p.id);
     let mut manifest = Manifest {
         meta: SnapshotMeta {
             disk: options.disk.clone(),
             time,
-            kind: SnapshotKind::Full,
-            parent: None,
+            kind,
+            parent: parent_id.clone(),
             hostname: hostname(),
             source: info.clone(),
-            change_source: "full-read".into(),
+            change_source: reading.label.clone(),
             chunker: config.chunker.describe(),
             stats: stats.clone(),
             root_digest: String::new(),
@@ -152,8 +188,9 @@ pub fn backup(
     Ok(BackupReport {
         snapshot_id: id,
         disk: options.disk.clone(),
-        kind: SnapshotKind::Full,
-        parent: None,
+        kind,
+        parent: parent_id,
+        change_source: reading.label,
         source: info.path,
         source_format: info.format,
         virtual_size,
@@ -161,6 +198,129 @@ pub fn backup(
         stats,
         throughput_mb_s: virtual_size as f64 / secs / 1e6,
     })
+}
+
+/// The parent a backup is relative to, if any.
+fn select_parent(repo: &Repo, options: &BackupOptions) -> Result<Option<SnapshotSummary>> {
+    if options.mode == BackupMode::Full {
+        if options.parent.is_some() {
+            return Err(Error::InvalidArgument(
+                "a full backup has no parent: drop --parent or --full".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(query) = &options.parent {
+        let parent = repo.resolve_snapshot(query, Some(&options.disk))?;
+        return Ok(Some(parent));
+    }
+    let history = repo.snapshots(Some(&options.disk))?;
+    Ok(match options.mode {
+        BackupMode::Differential => history
+            .into_iter()
+            .rev()
+            .find(|s| s.meta.kind == SnapshotKind::Full),
+        _ => history.into_iter().last(),
+    })
+}
+
+/// Which segments to read, and where the parent's extents come from for the others.
+struct ReadingPlan {
+    /// `None`: read every segment.
+    plan: Option<Vec<SegmentPlan>>,
+    parent: Option<Manifest>,
+    label: String,
+}
+
+impl ReadingPlan {
+    fn full_read(label: String) -> Self {
+        ReadingPlan {
+            plan: None,
+            parent: None,
+            label,
+        }
+    }
+
+    fn plan_of(&self, segment: u64) -> SegmentPlan {
+        self.plan
+            .as_ref()
+            .and_then(|p| p.get(segment as usize).copied())
+            .unwrap_or(SegmentPlan::Read)
+    }
+
+    /// The output of a segment that is not read: the parent's extents, or a hole.
+    fn without_reading(
+        &self,
+        plan: SegmentPlan,
+        virtual_size: u64,
+        segment_size: u32,
+        index: u64,
+    ) -> SegmentOutput {
+        let len = segment_len(virtual_size, segment_size, index);
+        let extents = match (plan, &self.parent) {
+            (SegmentPlan::CopyParent, Some(parent)) => parent
+                .segments
+                .get(index as usize)
+                .cloned()
+                .unwrap_or_else(|| vec![Extent::Zero { len }]),
+            _ => vec![Extent::Zero { len }],
+        };
+        SegmentOutput {
+            len: u64::from(len),
+            extents,
+            new_chunks: Vec::new(),
+            bytes_read: 0,
+            unallocated: 0,
+            skipped: u64::from(len),
+        }
+    }
+}
+
+/// Decides what to read: a change list first, then the source's own change knowledge
+/// (differencing containers), else everything.
+fn plan_reading(
+    repo: &Repo,
+    source: &dyn DiskSource,
+    options: &BackupOptions,
+    parent: Option<&SnapshotSummary>,
+) -> Result<ReadingPlan> {
+    let Some(parent) = parent else {
+        if options.changes.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "--changed-ranges needs a parent snapshot, and disk {} has none yet",
+                options.disk
+            )));
+        }
+        return Ok(ReadingPlan::full_read("full-read".into()));
+    };
+    let (list, label) = match &options.changes {
+        Some(list) => (list.clone(), "changed-ranges".to_string()),
+        None => match source.changes_since(&parent.meta.source)? {
+            SourceChanges::Unknown => return Ok(ReadingPlan::full_read("full-read".into())),
+            SourceChanges::Changes(list) => (list, format!("{}-chain", source.info().format)),
+            SourceChanges::Mismatch(why) if options.fallback_full => {
+                return Ok(ReadingPlan::full_read(format!("full-read ({why})")))
+            }
+            SourceChanges::Mismatch(why) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{why}; pass --fallback-full to read the whole disk instead"
+                )))
+            }
+        },
+    };
+    let segment_size = repo.config().segment_size;
+    match list.plan(source.virtual_size(), parent.virtual_size, segment_size) {
+        Ok(plan) => Ok(ReadingPlan {
+            plan: Some(plan),
+            parent: Some(repo.load_manifest(&parent.id)?),
+            label,
+        }),
+        Err(e) if options.fallback_full => Ok(ReadingPlan::full_read(format!("full-read ({e})"))),
+        Err(Error::InvalidArgument(why)) => Err(Error::InvalidArgument(format!(
+            "{why}; pass --fallback-full to read the whole disk instead"
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Disk names become part of listings and file names: keep them printable and short.
@@ -206,6 +366,7 @@ fn process_segment(
             new_chunks: Vec::new(),
             bytes_read: 0,
             unallocated,
+            skipped: 0,
         });
     }
     SEGMENT_BUF.with(|cell| {
@@ -258,6 +419,7 @@ fn process_segment(
             new_chunks,
             bytes_read,
             unallocated,
+            skipped: 0,
         })
     })
 }
@@ -285,6 +447,7 @@ fn write_loop(
         for seg in batch? {
             stats.bytes_read += seg.bytes_read;
             stats.unallocated_bytes += seg.unallocated;
+            stats.skipped_bytes += seg.skipped;
             for e in &seg.extents {
                 match e {
                     Extent::Zero { len } => stats.zero_bytes += u64::from(*len),

@@ -13,7 +13,9 @@
 //! `format` → `error`; `source` and `chunker` know nothing of repositories.
 
 pub mod backup;
+pub mod changes;
 pub mod chunker;
+pub mod diff;
 pub mod error;
 pub mod format;
 pub mod index;
@@ -23,7 +25,8 @@ pub mod restore;
 pub mod source;
 pub mod store;
 
-pub use backup::{backup, BackupOptions, BackupReport};
+pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
+pub use changes::ChangeList;
 pub use error::{Error, Result};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};

@@ -75,6 +75,10 @@ pub struct BackupStats {
     pub zero_bytes: u64,
     /// Bytes the source reported as unallocated and that were therefore never read.
     pub unallocated_bytes: u64,
+    /// Bytes of segments taken from the parent snapshot (or known cleared) without reading,
+    /// thanks to change knowledge.
+    #[serde(default)]
+    pub skipped_bytes: u64,
     /// Chunks referenced by the snapshot.
     pub chunks: u64,
     /// Chunks that were not yet in the repository.
@@ -318,10 +322,11 @@ impl Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
 
-    pub(crate) fn sample_meta() -> SnapshotMeta {
+    /// Metadata for unit tests of code that handles manifests.
+    pub(crate) fn meta() -> SnapshotMeta {
         SnapshotMeta {
             disk: "web01-os".into(),
             time: "2026-11-25T00:00:00Z".into(),
@@ -339,6 +344,12 @@ mod tests {
             tool_version: "test".into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::meta as sample_meta;
+    use super::*;
 
     #[test]
     fn round_trip_and_validation() {

@@ -12,8 +12,21 @@ pub use raw::RawFile;
 
 use std::path::Path;
 
+use crate::changes::ChangeList;
 use crate::error::Result;
 use crate::format::manifest::SourceInfo;
+
+/// What a source itself knows about changes since the disk a parent snapshot was taken from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceChanges {
+    /// The source cannot tell (raw images): everything must be read.
+    Unknown,
+    /// These ranges may differ from the parent's disk; everything else is identical.
+    Changes(ChangeList),
+    /// The source is a child of some other disk than the parent's: its change knowledge does
+    /// not apply, and trusting it would be wrong.
+    Mismatch(String),
+}
 
 /// Whether a range of the virtual disk holds data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +59,13 @@ pub trait DiskSource: Send + Sync {
 
     /// Fills `buf` with the virtual disk's bytes at `offset`. The range lies inside the disk.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Changes relative to the disk described by `parent` (the source recorded in the parent
+    /// snapshot). Differencing containers know them; most sources do not.
+    fn changes_since(&self, parent: &SourceInfo) -> Result<SourceChanges> {
+        let _ = parent;
+        Ok(SourceChanges::Unknown)
+    }
 }
 
 /// Opens a disk source at `path`.

@@ -1,0 +1,59 @@
+//! `stackvault diff`
+
+use std::path::PathBuf;
+
+use stackvault::Repo;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// The older snapshot (id, prefix or `latest`).
+    from: String,
+    /// The newer snapshot (id, prefix or `latest`).
+    to: String,
+    /// Print the report (with every range) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let repo = Repo::open(&args.repo)?;
+    let from = repo.resolve_snapshot(&args.from, None)?;
+    let to = repo.resolve_snapshot(&args.to, None)?;
+    let report = stackvault::diff::diff(
+        &from.id,
+        &repo.load_manifest(&from.id)?,
+        &to.id,
+        &repo.load_manifest(&to.id)?,
+    );
+    if args.json {
+        return output::json(&report);
+    }
+    output::line(format!(
+        "{} -> {}: {} changed in {} ranges ({} segments)",
+        &from.id[..12],
+        &to.id[..12],
+        output::bytes(report.changed_bytes),
+        report.changed_ranges.len(),
+        report.changed_segments
+    ))?;
+    const SHOWN: usize = 20;
+    for r in report.changed_ranges.iter().take(SHOWN) {
+        output::line(format!(
+            "  {:>14} +{:<12} ({})",
+            r.offset,
+            r.length,
+            output::bytes(r.length)
+        ))?;
+    }
+    if report.changed_ranges.len() > SHOWN {
+        output::line(format!(
+            "  ... {} more (--json lists all)",
+            report.changed_ranges.len() - SHOWN
+        ))?;
+    }
+    Ok(())
+}
