@@ -254,3 +254,56 @@ pub fn shared_small_dataset() -> Option<PathBuf> {
     })
     .clone()
 }
+
+/// A virtual disk held in memory, for benches and tests that must not touch the file system.
+#[derive(Debug, Clone)]
+pub struct MemDisk {
+    pub bytes: Vec<u8>,
+}
+
+impl stackvault::DiskSource for MemDisk {
+    fn virtual_size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn info(&self) -> stackvault::format::manifest::SourceInfo {
+        stackvault::format::manifest::SourceInfo {
+            path: "memory".into(),
+            format: "raw".into(),
+        }
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> stackvault::Result<Vec<stackvault::source::SourceExtent>> {
+        Ok(vec![stackvault::source::SourceExtent {
+            offset,
+            len,
+            kind: stackvault::source::ExtentKind::Data,
+        }])
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> stackvault::Result<()> {
+        let start = offset as usize;
+        buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+        Ok(())
+    }
+}
+
+/// `len` bytes of real data from files of this machine (binaries, libraries, text), with no
+/// zero gaps: what new data looks like to the compressor.
+pub fn machine_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let files = machine_files();
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len && !files.is_empty() {
+        if let Ok(b) = std::fs::read(&files[rng.below(files.len() as u64) as usize]) {
+            let take = b.len().min(len - out.len()).min(1 << 20);
+            out.extend_from_slice(&b[..take]);
+        }
+    }
+    out.resize(len, 0);
+    out
+}

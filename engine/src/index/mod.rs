@@ -76,7 +76,7 @@ fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
 fn configure(conn: &Connection, path: &Path) -> Result<()> {
     conn.busy_timeout(Duration::from_secs(60))
         .map_err(sql_err(path))?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
+    conn.pragma_update(None, "synchronous", "FULL")
         .map_err(sql_err(path))?;
     Ok(())
 }
@@ -93,6 +93,10 @@ impl Index {
         let conn = Connection::open(path).map_err(sql_err(path))?;
         configure(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err(path))?;
+        // A bigger page cache for the one writer: chunk ids are random, so inserts touch
+        // pages all over the B-tree.
+        conn.pragma_update(None, "cache_size", -32768)
             .map_err(sql_err(path))?;
         let mut index = Index {
             conn,
@@ -159,7 +163,10 @@ impl Index {
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(&err)?;
-            for e in entries {
+            // In key order, so consecutive inserts land on neighbouring B-tree pages.
+            let mut sorted: Vec<&PackEntry> = entries.iter().collect();
+            sorted.sort_unstable_by_key(|e| e.id);
+            for e in sorted {
                 stmt.execute(params![
                     &e.id.0[..],
                     pack_id,

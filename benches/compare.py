@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: stackvault against restic and borg on the same disk images.
+
+Builds (or reuses) gen0..gen2 of a VM disk with ../shared/datasets/make-disks.sh, then for each
+repetition runs every tool on the same files, alternating the order of tools between
+repetitions: backups of gen0, gen1, gen2 into a fresh repository, then a restore of gen2. Each
+run is measured with /usr/bin/time (wall, CPU, peak RSS); repository growth with du. Figures are
+medians over repetitions, each also as a ratio to restic measured in the same run.
+
+stackvault extras: incremental of gen1/gen2 with a change list derived by comparing the images,
+the fixed and dynamic VHD exports (when the binary reads VHDs), and a sparse 64 GiB disk with 1 %
+data. Floors: `zstd -T0 -3` over gen0.raw, and the zstd -3 size of the 4 KiB blocks that changed.
+
+Usage: benches/compare.sh [--size 4G] [--fs ext4] [--reps 3] [--data DIR] [--work DIR]
+                          [--results benches/RESULTS.md] [--skip-sparse] [--skip-borg]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAKE_DISKS = os.path.join(ROOT, "..", "shared", "datasets", "make-disks.sh")
+BLOCK = 4096
+PASSWORD_ENV = {"RESTIC_PASSWORD": "bench", "BORG_PASSPHRASE": "",
+                "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+                "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, cwd=None, env=None, quiet=True):
+    """Runs cmd under /usr/bin/time; returns dict(wall, cpu, rss_mb, out)."""
+    fd, tfile = tempfile.mkstemp(prefix="time-")
+    os.close(fd)
+    full_env = dict(os.environ, **PASSWORD_ENV, **(env or {}))
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", tfile] + cmd, cwd=cwd,
+                          env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    with open(tfile) as f:
+        last = f.read().strip().splitlines()[-1].split()
+    os.unlink(tfile)
+    wall, user, sys_, rss = float(last[0]), float(last[1]), float(last[2]), int(last[3])
+    return {"wall": wall, "cpu": user + sys_, "rss_mb": rss / 1024, "out": proc.stdout}
+
+
+def du(path):
+    out = subprocess.run(["du", "-sb", path], stdout=subprocess.PIPE, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def drop_caches_hint():
+    # Not dropping caches (needs root and disturbs other users); every tool reads warm files.
+    pass
+
+
+def tool_version(cmd):
+    try:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True).stdout.strip().splitlines()[0]
+    except OSError:
+        return "absent"
+
+
+def changed_blocks(old, new):
+    """4 KiB blocks that differ between two images: list of (offset, length) runs, and the
+    concatenated changed blocks of the new image (for the zstd floor)."""
+    runs, changed = [], bytearray()
+    step = 4 << 20
+    with open(old, "rb") as a, open(new, "rb") as b:
+        off = 0
+        while True:
+            x, y = a.read(step), b.read(step)
+            if not y:
+                break
+            if x != y:
+                for i in range(0, len(y), BLOCK):
+                    if x[i:i + BLOCK] != y[i:i + BLOCK]:
+                        o = off + i
+                        if runs and runs[-1][0] + runs[-1][1] == o:
+                            runs[-1][1] += len(y[i:i + BLOCK])
+                        else:
+                            runs.append([o, len(y[i:i + BLOCK])])
+                        changed += y[i:i + BLOCK]
+            off += len(y)
+    return runs, bytes(changed)
+
+
+def zstd_size(data):
+    p = subprocess.run(["zstd", "-3", "-c", "-q"], input=data, stdout=subprocess.PIPE, check=True)
+    return len(p.stdout)
+
+
+class Tool:
+    name = "?"
+
+    def __init__(self, work, binary=None):
+        self.work = work
+        self.repo = os.path.join(work, f"repo-{self.name}")
+        self.binary = binary
+
+    def fresh(self):
+        shutil.rmtree(self.repo, ignore_errors=True)
+        self.init()
+
+
+class Stackvault(Tool):
+    name = "stackvault"
+
+    def init(self):
+        run([self.binary, "init", self.repo])
+
+    def backup(self, path, extra=()):
+        r = run([self.binary, "backup", self.repo, path, "--disk", "bench", "--json", *extra])
+        r["report"] = json.loads(r["out"])
+        return r
+
+    def restore(self, target_dir):
+        out = os.path.join(target_dir, "disk.raw")
+        return run([self.binary, "restore", self.repo, "latest", out, "--force"]), out
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def init(self):
+        run(["restic", "init", "--repo", self.repo, "--repository-version", "2"])
+
+    def backup(self, path, extra=()):
+        d, f = os.path.split(path)
+        return run(["restic", "backup", "--repo", self.repo, "--no-scan", "--quiet", f], cwd=d)
+
+    def restore(self, target_dir):
+        r = run(["restic", "restore", "latest", "--repo", self.repo, "--target", target_dir])
+        return r, os.path.join(target_dir, "disk.raw")
+
+
+class Borg(Tool):
+    name = "borg"
+    count = 0
+
+    def init(self):
+        run(["borg", "init", "-e", "none", self.repo])
+
+    def backup(self, path, extra=()):
+        d, f = os.path.split(path)
+        Borg.count += 1
+        return run(["borg", "create", "--compression", "zstd,3", f"{self.repo}::a{Borg.count}", f],
+                   cwd=d)
+
+    def restore(self, target_dir):
+        r = run(["borg", "extract", f"{self.repo}::a{Borg.count}"], cwd=target_dir)
+        return r, os.path.join(target_dir, "disk.raw")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--fs", default="ext4")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--data", help="existing make-disks.sh output to reuse")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one)")
+    ap.add_argument("--results", help="append the table to this markdown file")
+    ap.add_argument("--skip-sparse", action="store_true")
+    ap.add_argument("--skip-borg", action="store_true")
+    args = ap.parse_args()
+
+    for t in ["restic"] + ([] if args.skip_borg else ["borg"]):
+        if shutil.which(t) is None:
+            sys.exit(f"{t} is missing: apt-get install restic borgbackup")
+    work = args.work or tempfile.mkdtemp(prefix="sv-bench-")
+    os.makedirs(work, exist_ok=True)
+    data = args.data
+    if not data:
+        if not os.path.exists(MAKE_DISKS):
+            log(f"skipping: {MAKE_DISKS} not found (shared dataset script absent)")
+            return 0
+        data = os.path.join(work, "disks")
+        if not os.path.exists(os.path.join(data, "gen2.raw")):
+            log(f"building {args.size} {args.fs} dataset in {data} ...")
+            subprocess.run(["bash", MAKE_DISKS, "-s", args.size, "-f", args.fs, "-o", data],
+                           check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "stackvault-cli"], cwd=ROOT, check=True)
+    sv_bin = os.path.join(ROOT, "target", "release", "stackvault")
+    gens = [os.path.join(data, f"gen{g}.raw") for g in range(3)]
+    virtual = os.path.getsize(gens[0])
+    # One stable path that every tool backs up, hard-linked to each generation in turn.
+    src_dir = os.path.join(work, "src")
+    os.makedirs(src_dir, exist_ok=True)
+    src = os.path.join(src_dir, "disk.raw")
+
+    def stage(gen_path):
+        if os.path.exists(src):
+            os.unlink(src)
+        os.link(gen_path, src)
+
+    log("computing change lists and floors ...")
+    floors, lists = {}, {}
+    for g in (1, 2):
+        runs, blocks = changed_blocks(gens[g - 1], gens[g])
+        lists[g] = os.path.join(work, f"gen{g}.changes.json")
+        with open(lists[g], "w") as f:
+            json.dump({"disk_size": virtual, "ranges": [{"offset": o, "length": n} for o, n in runs]}, f)
+        floors[g] = {"changed_raw": len(blocks), "changed_zstd": zstd_size(blocks)}
+    zstd_gen0 = run(["zstd", "-T0", "-3", "-q", "-f", gens[0], "-o", os.path.join(work, "gen0.zst")])
+    floors[0] = {"zstd_wall": zstd_gen0["wall"], "zstd_size": os.path.getsize(os.path.join(work, "gen0.zst"))}
+    os.unlink(os.path.join(work, "gen0.zst"))
+
+    tools = [Stackvault(work, sv_bin), Restic(work)] + ([] if args.skip_borg else [Borg(work)])
+    results = {t.name: {k: [] for k in ["gen0", "gen1", "gen2", "restore"]} for t in tools}
+    extra = {k: [] for k in ["gen1_changes", "gen2_changes", "gen0_again"]}
+    for rep in range(args.reps):
+        order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+        for tool in order:
+            log(f"rep {rep + 1}/{args.reps}: {tool.name}")
+            tool.fresh()
+            for g in range(3):
+                stage(gens[g])
+                before = du(tool.repo)
+                r = tool.backup(src)
+                r["added"] = du(tool.repo) - before
+                results[tool.name][f"gen{g}"].append(r)
+            restore_dir = os.path.join(work, "restore")
+            shutil.rmtree(restore_dir, ignore_errors=True)
+            os.makedirs(restore_dir)
+            r, out = tool.restore(restore_dir)
+            if subprocess.run(["cmp", "-s", out, gens[2]]).returncode != 0:
+                raise RuntimeError(f"{tool.name} restore of gen2 differs from the source")
+            r["allocated"] = os.stat(out).st_blocks * 512
+            results[tool.name]["restore"].append(r)
+            shutil.rmtree(restore_dir, ignore_errors=True)
+            if isinstance(tool, Stackvault):
+                # Re-backup of an unchanged disk, then incrementals with change lists.
+                stage(gens[2])
+                extra["gen0_again"].append(tool.backup(src))
+                tool.fresh()
+                stage(gens[0])
+                tool.backup(src)
+                for g in (1, 2):
+                    stage(gens[g])
+                    before = du(tool.repo)
+                    r = tool.backup(src, ["--changed-ranges", lists[g]])
+                    r["added"] = du(tool.repo) - before
+                    extra[f"gen{g}_changes"].append(r)
+
+    sv = Stackvault(work, sv_bin)
+    vhd_rows = []
+    help_text = subprocess.run([sv_bin, "backup", "--help"], stdout=subprocess.PIPE, text=True).stdout
+    if "--format" in help_text:
+        for kind in ("fixed", "dynamic"):
+            sv.fresh()
+            for g in range(3):
+                p = os.path.join(data, f"gen{g}.{kind}.vhd")
+                if os.path.exists(p):
+                    r = sv.backup(p)
+                    vhd_rows.append((f"{kind} VHD gen{g}", r))
+    sparse_rows = []
+    if not args.skip_sparse:
+        sparse = os.path.join(work, "sparse64g.raw")
+        with open(sparse, "wb") as f:
+            f.truncate(64 << 30)
+        # 1 % data: 64 pieces of ~10 MiB from gen0 spread over the disk.
+        with open(gens[0], "rb") as src_f, open(sparse, "r+b") as dst:
+            piece = (64 << 30) // 100 // 64
+            for i in range(64):
+                src_f.seek((i * 7919 * piece) % max(1, virtual - piece))
+                dst.seek(i * (1 << 30))
+                dst.write(src_f.read(piece))
+        sv.fresh()
+        sparse_rows.append(("sparse 64 GiB, 1 % data", sv.backup(sparse)))
+        os.unlink(sparse)
+
+    # ---- report ----
+    mb = virtual / 1e6
+    rs = results["restic"]
+    lines = []
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines.append(f"## {now}: {args.size} {args.fs} disk, {args.reps} repetitions\n")
+    lines.append(f"Machine: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}. "
+                 f"Tools: {tool_version([sv_bin, '--version'])}, {tool_version(['restic', 'version'])}, "
+                 f"{tool_version(['borg', '--version'])}, {tool_version(['zstd', '--version'])}.\n")
+    lines.append(f"Command: `benches/compare.sh --size {args.size} --fs {args.fs} --reps {args.reps}`. "
+                 "Medians; (×N) = ratio to restic in the same run (time: restic/tool, so >1 is faster; "
+                 "bytes and RSS: tool/restic, so <1 is smaller). restic 0.14 with repository v2 "
+                 "(compression auto, encryption always on); borg with `-e none --compression zstd,3`; "
+                 "stackvault has no encryption yet.\n")
+    lines.append("| run | tool | wall s | MB/s | CPU s | CPU/wall | peak RSS MiB | added MiB |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+
+    def row(label, name, rr, ref):
+        w, c, m = median([x["wall"] for x in rr]), median([x["cpu"] for x in rr]), median([x["rss_mb"] for x in rr])
+        a = median([x.get("added", 0) for x in rr]) / 2**20
+        if ref:
+            rw, rm = median([x["wall"] for x in ref]), median([x["rss_mb"] for x in ref])
+            ra = median([x.get("added", 0) for x in ref]) / 2**20
+            ratio = lambda v, r, inv: f" (×{(r / v if inv else v / r):.2f})" if v and r else ""
+            lines.append(f"| {label} | {name} | {w:.2f}{ratio(w, rw, True)} | {mb / w:.0f} | {c:.2f} | {c / w:.2f} | "
+                         f"{m:.0f}{ratio(m, rm, False)} | {a:.1f}{ratio(a, ra, False) if ra else ''} |")
+        else:
+            lines.append(f"| {label} | {name} | {w:.2f} | {mb / w:.0f} | {c:.2f} | {c / w:.2f} | {m:.0f} | {a:.1f} |")
+
+    for key, label in [("gen0", "backup gen0"), ("gen1", "backup gen1"), ("gen2", "backup gen2"),
+                       ("restore", "restore gen2")]:
+        for t in tools:
+            row(label, t.name, results[t.name][key], None if t.name == "restic" else rs[key])
+    row("re-backup unchanged gen2", "stackvault", extra["gen0_again"], rs["gen2"])
+    row("gen1 with change list", "stackvault", extra["gen1_changes"], rs["gen1"])
+    row("gen2 with change list", "stackvault", extra["gen2_changes"], rs["gen2"])
+    for label, r in vhd_rows + sparse_rows:
+        row(label, "stackvault", [r], None)
+    total = {t.name: sum(median([x["added"] for x in results[t.name][f"gen{g}"]]) for g in range(3)) for t in tools}
+    lines.append("")
+    lines.append(f"- Repository after gen0+gen1+gen2: " + ", ".join(
+        f"{n} {v / 2**20:.1f} MiB" + (f" (×{v / total['restic']:.2f})" if n != "restic" else "")
+        for n, v in total.items()))
+    for g in (1, 2):
+        fl = floors[g]
+        added = median([x["added"] for x in results["stackvault"][f"gen{g}"]])
+        lines.append(f"- gen{g}: {fl['changed_raw'] / 2**20:.1f} MiB of 4 KiB blocks changed, "
+                     f"{fl['changed_zstd'] / 2**20:.1f} MiB after zstd -3 (floor); stackvault added "
+                     f"{added / 2**20:.1f} MiB = ×{added / max(1, fl['changed_zstd']):.2f} the floor")
+    sv0 = median([x["wall"] for x in results["stackvault"]["gen0"]])
+    lines.append(f"- `zstd -T0 -3` over gen0.raw: {floors[0]['zstd_wall']:.2f} s "
+                 f"({floors[0]['zstd_size'] / 2**20:.1f} MiB); stackvault gen0 takes "
+                 f"×{sv0 / floors[0]['zstd_wall']:.2f} of that time")
+    restore_alloc = median([x["allocated"] for x in results["stackvault"]["restore"]])
+    lines.append(f"- stackvault's restored gen2 allocates {restore_alloc / 2**20:.0f} MiB of "
+                 f"{virtual / 2**20:.0f} MiB (sparse)")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + text)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
