@@ -116,9 +116,10 @@ class Tool:
 
 class Stackvault(Tool):
     name = "stackvault"
+    chunker = "fastcdc"
 
     def init(self):
-        run([self.binary, "init", self.repo])
+        run([self.binary, "init", self.repo, "--chunker", self.chunker])
 
     def backup(self, path, extra=()):
         r = run([self.binary, "backup", self.repo, path, "--disk", "bench", "--json", *extra])
@@ -138,7 +139,7 @@ class Restic(Tool):
 
     def backup(self, path, extra=()):
         d, f = os.path.split(path)
-        return run(["restic", "backup", "--repo", self.repo, "--no-scan", "--quiet", f], cwd=d)
+        return run(["restic", "backup", "--repo", self.repo, "--quiet", f], cwd=d)
 
     def restore(self, target_dir):
         r = run(["restic", "restore", "latest", "--repo", self.repo, "--target", target_dir])
@@ -177,6 +178,9 @@ def main():
     ap.add_argument("--results", help="append the table to this markdown file")
     ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--skip-borg", action="store_true")
+    ap.add_argument("--chunkers", default="fastcdc:4K:16K:64K,fastcdc:8K:32K:128K,fastcdc,"
+                    "fastcdc:32K:128K:512K,fixed:1M",
+                    help="stackvault chunker variants to compare (comma separated; '' to skip)")
     args = ap.parse_args()
 
     for t in ["restic"] + ([] if args.skip_borg else ["borg"]):
@@ -268,6 +272,22 @@ def main():
                 if os.path.exists(p):
                     r = sv.backup(p)
                     vhd_rows.append((f"{kind} VHD gen{g}", r))
+    chunker_rows = []
+    for spec in [c for c in args.chunkers.split(",") if c]:
+        sv.chunker = spec
+        sv.fresh()
+        runs_, chunks = [], 0
+        for g in range(3):
+            stage(gens[g])
+            before = du(sv.repo)
+            r = sv.backup(src)
+            r["added"] = du(sv.repo) - before
+            chunks += r["report"]["new_chunks"]
+            runs_.append(r)
+        index_bytes = sum(os.path.getsize(os.path.join(sv.repo, f)) for f in os.listdir(sv.repo)
+                          if f.startswith("index.sqlite"))
+        chunker_rows.append((spec, runs_, chunks, index_bytes))
+    sv.chunker = "fastcdc"
     sparse_rows = []
     if not args.skip_sparse:
         sparse = os.path.join(work, "sparse64g.raw")
@@ -295,11 +315,12 @@ def main():
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    lines.append(f"## {now}: {args.size} {args.fs} disk, {args.reps} repetitions\n")
+    size_label = f"{virtual / 2**30:.2f} GiB" if virtual >= 2**30 else f"{virtual / 2**20:.0f} MiB"
+    lines.append(f"## {now}: {size_label} {args.fs} disk, {args.reps} repetitions\n")
     lines.append(f"Machine: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}. "
                  f"Tools: {tool_version([sv_bin, '--version'])}, {tool_version(['restic', 'version'])}, "
                  f"{tool_version(['borg', '--version'])}, {tool_version(['zstd', '--version'])}.\n")
-    lines.append(f"Command: `benches/compare.sh --size {args.size} --fs {args.fs} --reps {args.reps}`. "
+    lines.append(f"Command: `benches/compare.sh {' '.join(sys.argv[1:])}`. "
                  "Medians; (×N) = ratio to restic in the same run (time: restic/tool, so >1 is faster; "
                  "bytes and RSS: tool/restic, so <1 is smaller). restic 0.14 with repository v2 "
                  "(compression auto, encryption always on); borg with `-e none --compression zstd,3`; "
@@ -328,6 +349,19 @@ def main():
     row("gen2 with change list", "stackvault", extra["gen2_changes"], rs["gen2"])
     for label, r in vhd_rows + sparse_rows:
         row(label, "stackvault", [r], None)
+    if chunker_rows:
+        lines.append("")
+        lines.append("Chunker variants (stackvault, gen0 → gen1 → gen2, one run each):")
+        lines.append("")
+        lines.append("| chunker | gen0 MB/s | added gen0 MiB | added gen1 MiB | added gen2 MiB | "
+                     "chunks | index bytes/chunk | chunks per TiB stored |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for spec, rr, chunks, ib in chunker_rows:
+            stored = sum(r["report"]["new_bytes"] for r in rr)
+            per_tib = chunks / max(1, stored) * 2**40
+            lines.append(f"| {spec} | {mb / rr[0]['wall']:.0f} | {rr[0]['added'] / 2**20:.1f} | "
+                         f"{rr[1]['added'] / 2**20:.1f} | {rr[2]['added'] / 2**20:.1f} | {chunks} | "
+                         f"{ib / max(1, chunks):.0f} | {per_tib / 1e6:.1f} M |")
     total = {t.name: sum(median([x["added"] for x in results[t.name][f"gen{g}"]]) for g in range(3)) for t in tools}
     lines.append("")
     lines.append(f"- Repository after gen0+gen1+gen2: " + ", ".join(
