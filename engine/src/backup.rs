@@ -11,12 +11,12 @@
 //! written only after every pack it needs is indexed. A crash leaves at worst unreferenced
 //! packs, never a snapshot that points at missing data.
 
+use std::collections::BTreeMap;
 use std::collections::HashSet;
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::changes::{ChangeList, SegmentPlan};
@@ -123,35 +123,35 @@ pub fn backup(
     let chunker = Chunker::new(&config);
     // Ids the writer has accepted but not yet committed to the index.
     let pending: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
-    let batch_len = (rayon::current_num_threads() as u64 * 4).max(4);
+    let workers = rayon::current_num_threads().max(1);
+    // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
+    let dispatch = Dispatch::new(segments, workers as u64 * 3);
 
     progress.start("backup", virtual_size);
     let written = std::thread::scope(|scope| {
-        let (tx, rx) = sync_channel::<Result<Vec<SegmentOutput>>>(1);
-        let pending_ref = &pending;
-        let writer = scope.spawn(move || write_loop(repo, rx, pending_ref, progress));
-        let mut first = 0;
-        while first < segments {
-            let last = (first + batch_len).min(segments);
-            let batch: Result<Vec<SegmentOutput>> = (first..last)
-                .into_par_iter()
-                .map(|i| match reading.plan_of(i) {
-                    SegmentPlan::Read => process_segment(repo, source, &chunker, &pending, i),
-                    plan => Ok(reading.without_reading(plan, virtual_size, config.segment_size, i)),
-                })
-                .collect();
-            let failed = batch.is_err();
-            if tx.send(batch).is_err() || failed {
-                break;
-            }
-            first = last;
+        let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (dispatch, reading, chunker, pending) = (&dispatch, &reading, &chunker, &pending);
+            scope.spawn(move || {
+                while let Some(i) = dispatch.take() {
+                    let out = match reading.plan_of(i) {
+                        SegmentPlan::Read => process_segment(repo, source, chunker, pending, i),
+                        plan => {
+                            Ok(reading.without_reading(plan, virtual_size, config.segment_size, i))
+                        }
+                    };
+                    if tx.send((i, out)).is_err() {
+                        break;
+                    }
+                }
+            });
         }
         drop(tx);
-        writer.join().unwrap_or_else(|_| {
-            Err(Error::InvalidArgument(
-                "backup writer thread panicked".into(),
-            ))
-        })
+        let result = write_loop(repo, rx, &dispatch, &pending, progress);
+        // On error, release workers waiting for the window to move.
+        dispatch.stop();
+        result
     })?;
     progress.finish();
 
@@ -424,6 +424,64 @@ fn process_segment(
     })
 }
 
+/// Hands segment indices to workers, never more than `window` ahead of the writer, so memory
+/// stays bounded however the work is spread.
+struct Dispatch {
+    state: Mutex<DispatchState>,
+    moved: Condvar,
+    window: u64,
+    total: u64,
+}
+
+struct DispatchState {
+    next: u64,
+    written: u64,
+    stopped: bool,
+}
+
+impl Dispatch {
+    fn new(total: u64, window: u64) -> Self {
+        Dispatch {
+            state: Mutex::new(DispatchState {
+                next: 0,
+                written: 0,
+                stopped: false,
+            }),
+            moved: Condvar::new(),
+            window: window.max(1),
+            total,
+        }
+    }
+
+    /// The next segment to process, waiting while the window is full; `None` when done.
+    fn take(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if s.stopped || s.next >= self.total {
+                return None;
+            }
+            if s.next < s.written + self.window {
+                s.next += 1;
+                return Some(s.next - 1);
+            }
+            s = self.moved.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The writer has consumed segments `0..written`.
+    fn written(&self, written: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.written = written;
+        self.moved.notify_all();
+    }
+
+    fn stop(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.stopped = true;
+        self.moved.notify_all();
+    }
+}
+
 struct Written {
     segments: Vec<Vec<Extent>>,
     stats: BackupStats,
@@ -432,7 +490,8 @@ struct Written {
 /// Receives segment batches in disk order, stores new chunks in packs, commits them.
 fn write_loop(
     repo: &Repo,
-    rx: Receiver<Result<Vec<SegmentOutput>>>,
+    rx: Receiver<(u64, Result<SegmentOutput>)>,
+    dispatch: &Dispatch,
     pending: &Mutex<HashSet<ChunkId>>,
     progress: &dyn Progress,
 ) -> Result<Written> {
@@ -443,8 +502,15 @@ fn write_loop(
     let mut stats = BackupStats::default();
     let mut segments = Vec::new();
 
-    for batch in rx {
-        for seg in batch? {
+    // Workers finish out of order; segments are written in disk order.
+    let mut reorder: BTreeMap<u64, Result<SegmentOutput>> = BTreeMap::new();
+    let mut next = 0u64;
+    for (segment, output) in rx {
+        reorder.insert(segment, output);
+        while let Some(seg) = reorder.remove(&next) {
+            let seg = seg?;
+            next += 1;
+            dispatch.written(next);
             stats.bytes_read += seg.bytes_read;
             stats.unallocated_bytes += seg.unallocated;
             stats.skipped_bytes += seg.skipped;
@@ -473,6 +539,12 @@ fn write_loop(
             segments.push(seg.extents);
             progress.advance(seg.len);
         }
+    }
+    if next != dispatch.total {
+        return Err(Error::InvalidArgument(format!(
+            "backup stopped after {next} of {} segments",
+            dispatch.total
+        )));
     }
     store_pack(repo, &mut index, pending, pack, &mut stats)?;
     Ok(Written { segments, stats })
