@@ -200,7 +200,8 @@ impl RepoConfig {
                 }
             }
             ChunkerParams::Fixed { size } => {
-                if size < 512 || size > self.segment_size || self.segment_size % size != 0 {
+                if size < 512 || size > self.segment_size || !self.segment_size.is_multiple_of(size)
+                {
                     return Err(format!(
                         "fixed chunk size {size} must be at least 512 and divide the segment size {}",
                         self.segment_size
@@ -215,7 +216,7 @@ impl RepoConfig {
             return Err("pack target size must be between 1 MiB and 1 GiB".into());
         }
         if self.zero_run_min < ZERO_BLOCK
-            || self.zero_run_min % ZERO_BLOCK != 0
+            || !self.zero_run_min.is_multiple_of(ZERO_BLOCK)
             || self.zero_run_min > self.segment_size
         {
             return Err(format!(
