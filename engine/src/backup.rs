@@ -199,7 +199,10 @@ fn process_segment(
         .filter(|e| e.kind == ExtentKind::Zero)
         .map(|e| e.len)
         .sum();
-    if unallocated == u64::from(len) {
+    // The shortcut must give what the chunker gives for the same bytes, or containers of one
+    // disk would differ: zeros shorter than the zero-run minimum (a short last segment) are
+    // a data chunk whether the source knew them unallocated or not.
+    if unallocated == u64::from(len) && len >= config.zero_run_min {
         return Ok(SegmentOutput {
             len: u64::from(len),
             extents: vec![Extent::Zero { len }],
