@@ -398,6 +398,15 @@ mod tests {
     }
 
     #[test]
+    fn source_info_without_vhd_still_decodes() -> serde_json::Result<()> {
+        // Manifests written before the `vhd` field existed.
+        let old: SourceInfo = serde_json::from_str(r#"{"path":"d.img","format":"raw"}"#)?;
+        assert_eq!(old.vhd, None);
+        assert!(!serde_json::to_string(&old)?.contains("vhd"));
+        Ok(())
+    }
+
+    #[test]
     fn round_trip_and_validation() {
         let id = ChunkId::of(b"x");
         let mut m = Manifest {

@@ -326,7 +326,7 @@ fn find_parent<R: ReadAt>(image: &VhdImage<R>, child: &Path) -> Result<PathBuf> 
     )))
 }
 
-impl<R: ReadAt + 'static> DiskSource for VhdDisk<R> {
+impl<R: ReadAt> DiskSource for VhdDisk<R> {
     fn virtual_size(&self) -> u64 {
         self.top().virtual_size()
     }
@@ -348,3 +348,6 @@ impl<R: ReadAt + 'static> DiskSource for VhdDisk<R> {
         self.read_virtual(offset, buf)
     }
 }
+
+#[cfg(test)]
+mod tests;
