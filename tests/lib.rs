@@ -141,7 +141,7 @@ pub fn write_differencing_vhd(
     locators: &Locators,
 ) -> anyhow::Result<()> {
     const BS: usize = 2 << 20;
-    anyhow::ensure!(new.len() % 512 == 0 && old.len() == new.len());
+    anyhow::ensure!(new.len().is_multiple_of(512) && old.len() == new.len());
     fn sum(b: &[u8]) -> u32 {
         !b.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)))
     }
