@@ -14,7 +14,7 @@ fn init(dir: &Path) -> Result<Repo> {
 }
 
 fn backup_file(repo: &Repo, path: &Path, disk: &str) -> Result<BackupReport> {
-    let source = stackvault::open_source(path)?;
+    let source = stackvault::open_source(path, &Default::default())?;
     Ok(backup(
         repo,
         source.as_ref(),
@@ -33,7 +33,10 @@ fn assert_restores(repo: &Repo, id: &str, original: &Path, out: &Path) -> Result
         repo,
         &snap,
         out,
-        &RestoreOptions { force: true },
+        &RestoreOptions {
+            force: true,
+            ..RestoreOptions::default()
+        },
         &NoProgress,
     )?;
     assert!(
@@ -312,7 +315,10 @@ fn restore_refuses_existing_output_without_force() -> Result<()> {
         &repo,
         &snap,
         &out,
-        &RestoreOptions { force: true },
+        &RestoreOptions {
+            force: true,
+            ..RestoreOptions::default()
+        },
         &NoProgress,
     )?;
     assert!(same_bytes(&disk, &out)?);

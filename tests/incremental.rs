@@ -13,7 +13,7 @@ use stackvault_tests::{json_change_list, make_sample_disk, mutate_disk, run_cli,
 const SEGMENT: u64 = 4 << 20;
 
 fn run(repo: &Repo, disk: &Path, options: BackupOptions) -> Result<BackupReport> {
-    let source = stackvault::open_source(disk)?;
+    let source = stackvault::open_source(disk, &Default::default())?;
     Ok(backup(repo, source.as_ref(), &options, &NoProgress)?)
 }
 
@@ -32,7 +32,10 @@ fn restores_to(repo: &Repo, id: &str, expected: &Path, out: &Path) -> Result<boo
         repo,
         &snap,
         out,
-        &RestoreOptions { force: true },
+        &RestoreOptions {
+            force: true,
+            ..RestoreOptions::default()
+        },
         &NoProgress,
     )?;
     same_bytes(expected, out)

@@ -5,3 +5,4 @@ mod cli;
 mod foundation;
 mod incremental;
 mod vectors;
+mod vhd;

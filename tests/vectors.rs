@@ -78,6 +78,7 @@ fn sample_manifest() -> Result<(String, Vec<u8>)> {
             source: SourceInfo {
                 path: "disk.img".into(),
                 format: "raw".into(),
+                vhd: None,
             },
             change_source: "full-read".into(),
             chunker: ChunkerParams::DEFAULT.describe(),

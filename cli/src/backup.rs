@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::{BackupMode, BackupOptions, ChangeList, Repo};
+use stackvault::{BackupMode, BackupOptions, ChangeList, Repo, SourceFormat, SourceOptions};
 
 use crate::output::{self, Context};
 
@@ -16,6 +16,13 @@ pub struct Args {
     /// Name of the disk (e.g. `web01-os`); its snapshots form one history.
     #[arg(long)]
     disk: String,
+    /// Container format of the source: `auto` (detected from the content: a VHD footer
+    /// makes it a fixed, dynamic or differencing VHD, anything else is raw), `raw` or `vhd`.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Parent file of a differencing VHD, instead of the path its parent locators name.
+    #[arg(long, value_name = "PATH")]
+    parent_vhd: Option<PathBuf>,
     /// Read everything and record no parent.
     #[arg(long, conflicts_with_all = ["differential", "parent"])]
     full: bool,
@@ -39,7 +46,18 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
-    let source = stackvault::open_source(&args.source)?;
+    let source_options = SourceOptions {
+        format: SourceFormat::parse(&args.format)?,
+        parent: args.parent_vhd,
+    };
+    let source = stackvault::open_source(&args.source, &source_options)
+        .with_context(|| format!("cannot open source {}", args.source.display()))?;
+    // Tolerated damage (a wrong checksum...) is reported, as qemu does, but does not stop us.
+    if let Some(vhd) = source.info().vhd {
+        for w in &vhd.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     let changes = match &args.changed_ranges {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::{Repo, RestoreOptions};
+use stackvault::{OutputFormat, Repo, RestoreOptions};
 
 use crate::output::{self, Context};
 
@@ -21,6 +21,17 @@ pub struct Args {
     /// Overwrite the output file if it exists.
     #[arg(long)]
     force: bool,
+    /// Container of the restored disk: `raw`, `vhd-fixed` or `vhd-dynamic`. Default: the
+    /// format the snapshot came from (a differencing VHD restores as dynamic; raw otherwise).
+    #[arg(long)]
+    output_format: Option<String>,
+    /// Fixed VHD: keep the disk's exact size (in whole sectors) instead of rounding it up to a
+    /// whole MiB as Azure and Azure Stack Hub require.
+    #[arg(long)]
+    exact_size: bool,
+    /// VHD: give the restored disk a new unique id instead of the source's.
+    #[arg(long)]
+    new_id: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -29,7 +40,16 @@ pub struct Args {
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
     let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
-    let options = RestoreOptions { force: args.force };
+    let options = RestoreOptions {
+        force: args.force,
+        output_format: args
+            .output_format
+            .as_deref()
+            .map(OutputFormat::parse)
+            .transpose()?,
+        exact_size: args.exact_size,
+        new_id: args.new_id,
+    };
     let report = stackvault::restore_to_file(&repo, &snap, &args.output, &options, &ctx.progress())
         .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
     if args.json {

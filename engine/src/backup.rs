@@ -135,8 +135,14 @@ pub fn backup(
             let (dispatch, reading, chunker, pending) = (&dispatch, &reading, &chunker, &pending);
             scope.spawn(move || {
                 while let Some(i) = dispatch.take() {
+                    let len = segment_len(virtual_size, config.segment_size, i);
                     let out = match reading.plan_of(i) {
                         SegmentPlan::Read => process_segment(repo, source, chunker, pending, i),
+                        // A zero segment shorter than a hole is a chunk of zeros when read:
+                        // read it, so that the disk map stays a function of the content.
+                        SegmentPlan::Zero if len < config.zero_run_min => {
+                            process_segment(repo, source, chunker, pending, i)
+                        }
                         plan => {
                             Ok(reading.without_reading(plan, virtual_size, config.segment_size, i))
                         }
@@ -359,7 +365,10 @@ fn process_segment(
         .filter(|e| e.kind == ExtentKind::Zero)
         .map(|e| e.len)
         .sum();
-    if unallocated == u64::from(len) {
+    // The shortcut must give what the chunker gives for the same bytes, or containers of one
+    // disk would differ: zeros shorter than the zero-run minimum (a short last segment) are
+    // a data chunk whether the source knew them unallocated or not.
+    if unallocated == u64::from(len) && len >= config.zero_run_min {
         return Ok(SegmentOutput {
             len: u64::from(len),
             extents: vec![Extent::Zero { len }],

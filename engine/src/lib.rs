@@ -34,5 +34,5 @@ pub use format::ChunkId;
 pub use index::SnapshotSummary;
 pub use progress::{NoProgress, Progress};
 pub use repo::{InitOptions, Repo};
-pub use restore::{restore_to_file, RestoreOptions, RestoreReport};
-pub use source::{open_source, DiskSource};
+pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
+pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};

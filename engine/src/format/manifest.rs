@@ -96,8 +96,64 @@ pub struct BackupStats {
 pub struct SourceInfo {
     /// Path or (redacted) URL of the source.
     pub path: String,
-    /// Detected container format: `raw`, `vhd-fixed`, ...
+    /// Detected container format: `raw`, `vhd-fixed`, `vhd-dynamic`, `vhd-differencing`.
     pub format: String,
+    /// The VHD footer's metadata when the source was a VHD (see `format-spec/vhd.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhd: Option<VhdInfo>,
+}
+
+/// What a VHD source's footer (and dynamic header) said, kept so a restore can give the disk
+/// back its identity and so operators can see where a snapshot came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhdInfo {
+    /// `fixed`, `dynamic` or `differencing`.
+    pub disk_type: String,
+    /// The footer's unique id, as a hyphenated UUID of its 16 bytes in file order.
+    pub unique_id: String,
+    /// Creator application, four characters (`win `, `qem2`, `vpc `...), non-printable
+    /// bytes as `\xNN`.
+    pub creator_application: String,
+    /// Creator version as `major.minor` (the u32's high and low 16 bits).
+    pub creator_version: String,
+    /// Creator host OS (`Wi2k`, `Mac `), same escaping as the application.
+    pub creator_host_os: String,
+    /// The footer's current size: the virtual size of the disk, in bytes.
+    pub current_size: u64,
+    /// The footer's original size, in bytes.
+    pub original_size: u64,
+    pub geometry: VhdGeometry,
+    /// Footer timestamp: seconds since 2000-01-01T00:00:00Z.
+    pub timestamp: u32,
+    /// The same instant as RFC 3339 UTC.
+    pub time: String,
+    /// Block size of a dynamic or differencing disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// For a differencing disk: its ancestors, nearest parent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<VhdParentInfo>,
+    /// Tolerated irregularities (a wrong checksum, a missing footer copy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// CHS geometry as recorded in a VHD footer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhdGeometry {
+    pub cylinders: u16,
+    pub heads: u8,
+    pub sectors_per_track: u8,
+}
+
+/// One ancestor of a differencing VHD.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhdParentInfo {
+    /// The path it was opened from.
+    pub path: String,
+    pub unique_id: String,
+    /// `fixed`, `dynamic` or `differencing`.
+    pub disk_type: String,
 }
 
 /// The metadata document of a manifest (UTF-8 JSON). Readers ignore fields they do not know.
@@ -336,6 +392,7 @@ pub(crate) mod tests_support {
             source: SourceInfo {
                 path: "disk.img".into(),
                 format: "raw".into(),
+                vhd: None,
             },
             change_source: "full-read".into(),
             chunker: "fixed 4K".into(),
@@ -350,6 +407,15 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::meta as sample_meta;
     use super::*;
+
+    #[test]
+    fn source_info_without_vhd_still_decodes() -> serde_json::Result<()> {
+        // Manifests written before the `vhd` field existed.
+        let old: SourceInfo = serde_json::from_str(r#"{"path":"d.img","format":"raw"}"#)?;
+        assert_eq!(old.vhd, None);
+        assert!(!serde_json::to_string(&old)?.contains("vhd"));
+        Ok(())
+    }
 
     #[test]
     fn round_trip_and_validation() {

@@ -7,13 +7,15 @@
 //! never read. Sources know nothing of repositories.
 
 mod raw;
+pub mod vhd;
 
 pub use raw::RawFile;
+pub use vhd::VhdDisk;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::changes::ChangeList;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::manifest::SourceInfo;
 
 /// What a source itself knows about changes since the disk a parent snapshot was taken from.
@@ -68,7 +70,58 @@ pub trait DiskSource: Send + Sync {
     }
 }
 
+/// Which container format to read a source as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// Detect from the content: a VHD footer cookie (`conectix`) makes it a VHD, anything
+    /// else is raw. The file name plays no part.
+    #[default]
+    Auto,
+    Raw,
+    Vhd,
+}
+
+impl SourceFormat {
+    /// Parses `auto`, `raw` or `vhd`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(SourceFormat::Auto),
+            "raw" => Ok(SourceFormat::Raw),
+            "vhd" => Ok(SourceFormat::Vhd),
+            other => Err(Error::InvalidArgument(format!(
+                "source format {other:?}: use auto, raw or vhd"
+            ))),
+        }
+    }
+}
+
+/// How to open a source.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    pub format: SourceFormat,
+    /// Parent of a differencing VHD, instead of what its parent locators say.
+    pub parent: Option<PathBuf>,
+}
+
 /// Opens a disk source at `path`.
-pub fn open_source(path: &Path) -> Result<Box<dyn DiskSource>> {
+pub fn open_source(path: &Path, options: &SourceOptions) -> Result<Box<dyn DiskSource>> {
+    let vhd = match options.format {
+        SourceFormat::Raw => false,
+        SourceFormat::Vhd => true,
+        SourceFormat::Auto => {
+            // RawFile::open also rejects directories with a clear message.
+            RawFile::open(path)?;
+            vhd::has_vhd_cookie(&vhd::FileAt::open(path)?)
+        }
+    };
+    if vhd {
+        return Ok(Box::new(VhdDisk::open(path, options.parent.as_deref())?));
+    }
+    if options.parent.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "--parent applies to differencing VHDs; {} is read as raw",
+            path.display()
+        )));
+    }
     Ok(Box::new(RawFile::open(path)?))
 }

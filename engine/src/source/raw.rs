@@ -74,6 +74,7 @@ impl DiskSource for RawFile {
         SourceInfo {
             path: self.path.display().to_string(),
             format: "raw".into(),
+            vhd: None,
         }
     }
 

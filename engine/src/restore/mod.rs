@@ -5,6 +5,12 @@
 //! with the location instead of writing wrong data. Zero runs are never written: a file
 //! target is created sparse at its full size first. A file target is written under a
 //! temporary name and renamed into place only when complete.
+//!
+//! A file target is raw, fixed VHD or dynamic VHD ([`OutputFormat`]); the VHD targets live in
+//! [`vhd`] and write their footers last, so an interrupted restore never leaves a file that
+//! looks like a valid VHD, even before the rename.
+
+pub mod vhd;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -15,7 +21,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::manifest::{Extent, Manifest};
+use crate::format::manifest::{Extent, Manifest, SnapshotMeta};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -26,11 +32,59 @@ pub trait DiskTarget: Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
 }
 
+/// Container format of a restored disk file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Raw,
+    /// Data followed by a 512-byte footer: what Azure and Azure Stack Hub accept.
+    VhdFixed,
+    /// Footer copy, header, BAT, then only the 2 MiB blocks that hold data.
+    VhdDynamic,
+}
+
+impl OutputFormat {
+    /// Parses `raw`, `vhd-fixed` or `vhd-dynamic`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(OutputFormat::Raw),
+            "vhd-fixed" => Ok(OutputFormat::VhdFixed),
+            "vhd-dynamic" => Ok(OutputFormat::VhdDynamic),
+            other => Err(Error::InvalidArgument(format!(
+                "output format {other:?}: use raw, vhd-fixed or vhd-dynamic"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Raw => "raw",
+            OutputFormat::VhdFixed => "vhd-fixed",
+            OutputFormat::VhdDynamic => "vhd-dynamic",
+        }
+    }
+
+    /// The format a snapshot came from; a differencing VHD comes back whole, as dynamic.
+    pub fn of_source(meta: &SnapshotMeta) -> Self {
+        match meta.source.format.as_str() {
+            "vhd-fixed" => OutputFormat::VhdFixed,
+            "vhd-dynamic" | "vhd-differencing" => OutputFormat::VhdDynamic,
+            _ => OutputFormat::Raw,
+        }
+    }
+}
+
 /// Options of a file restore.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Replace an existing output file.
     pub force: bool,
+    /// Container of the output; `None`: the format the snapshot came from.
+    pub output_format: Option<OutputFormat>,
+    /// Fixed VHD: keep the virtual size (rounded up to a sector) instead of rounding it up to
+    /// a whole MiB as Azure requires.
+    pub exact_size: bool,
+    /// VHD: give the disk a fresh unique id instead of the source's.
+    pub new_id: bool,
 }
 
 /// The outcome of a restore (`--json` serialises this).
@@ -41,6 +95,9 @@ pub struct RestoreReport {
     pub target: String,
     pub output_format: String,
     pub virtual_size: u64,
+    /// A VHD output's current size (the virtual size after rounding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhd_current_size: Option<u64>,
     /// Bytes of chunk data written.
     pub bytes_written: u64,
     /// Bytes left as holes.
@@ -109,17 +166,17 @@ pub fn restore_into(
     Ok(counts)
 }
 
-/// A raw image file being restored.
-struct RawFileTarget {
-    file: File,
-    path: PathBuf,
+/// A raw image file (or the data area of a fixed VHD) being restored.
+pub(crate) struct RawFileTarget<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
 }
 
-impl DiskTarget for RawFileTarget {
+impl DiskTarget for RawFileTarget<'_> {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| Error::io("write", &self.path, e))
+            .map_err(|e| Error::io("write", self.path, e))
     }
 }
 
@@ -133,7 +190,7 @@ pub fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Restores a snapshot to a raw image file at `out`.
+/// Restores a snapshot to a disk image file at `out`, in `options.output_format`.
 pub fn restore_to_file(
     repo: &Repo,
     snapshot: &SnapshotSummary,
@@ -154,6 +211,9 @@ pub fn restore_to_file(
         )));
     }
     let manifest = repo.load_manifest(&snapshot.id)?;
+    let format = options
+        .output_format
+        .unwrap_or_else(|| OutputFormat::of_source(&manifest.meta));
     let tmp = partial_path(out);
     let result = (|| {
         let file = OpenOptions::new()
@@ -162,24 +222,42 @@ pub fn restore_to_file(
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Error::io("create", &tmp, e))?;
-        file.set_len(manifest.virtual_size)
-            .map_err(|e| Error::io("size", &tmp, e))?;
-        let target = RawFileTarget {
-            file,
-            path: tmp.clone(),
+        let (counts, vhd_size) = match format {
+            OutputFormat::Raw => {
+                file.set_len(manifest.virtual_size)
+                    .map_err(|e| Error::io("size", &tmp, e))?;
+                let target = RawFileTarget {
+                    file: &file,
+                    path: &tmp,
+                };
+                let counts = restore_into(repo, &snapshot.id, &manifest, &target, progress)?;
+                (counts, None)
+            }
+            OutputFormat::VhdFixed | OutputFormat::VhdDynamic => {
+                let target = vhd::VhdFileTarget {
+                    file: &file,
+                    path: &tmp,
+                };
+                let (c, size) = vhd::restore_vhd(
+                    repo,
+                    &snapshot.id,
+                    &manifest,
+                    format,
+                    options,
+                    &target,
+                    progress,
+                )?;
+                (c, Some(size))
+            }
         };
-        let counts = restore_into(repo, &snapshot.id, &manifest, &target, progress)?;
-        target
-            .file
-            .sync_all()
-            .map_err(|e| Error::io("fsync", &tmp, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         fs::rename(&tmp, out).map_err(|e| Error::io("rename into place", out, e))?;
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::store::sync_dir(dir)?;
         }
-        Ok(counts)
+        Ok((counts, vhd_size))
     })();
-    let counts = match result {
+    let (counts, vhd_current_size) = match result {
         Ok(c) => c,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
@@ -191,8 +269,9 @@ pub fn restore_to_file(
         snapshot_id: snapshot.id.clone(),
         disk: manifest.meta.disk.clone(),
         target: out.display().to_string(),
-        output_format: "raw".into(),
+        output_format: format.as_str().into(),
         virtual_size: manifest.virtual_size,
+        vhd_current_size,
         bytes_written: counts.bytes_written,
         zero_bytes: counts.zero_bytes,
         chunks: counts.chunks,

@@ -1,0 +1,492 @@
+//! VHD in and out, end to end through the CLI: qemu-img makes fixed and dynamic VHDs of a
+//! disk built from real files, our own writer (tests/lib.rs) makes differencing chains, and
+//! qemu-img checks what restore writes.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context as _};
+use serde_json::Value;
+use stackvault_tests::{
+    have_qemu_img, qemu_img, sample_disk, stackvault, stackvault_json, vhd_unique_id,
+    write_differencing_vhd, Locators,
+};
+
+/// Not a multiple of 1 MiB, so fixed restores have something to round.
+const DISK_SIZE: usize = (26 << 20) + 3 * 512;
+
+fn skip_without_qemu() -> bool {
+    if have_qemu_img() {
+        return false;
+    }
+    eprintln!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
+    true
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> anyhow::Result<Self> {
+        let f = Fixture {
+            dir: tempfile::tempdir()?,
+        };
+        let repo = f.path("repo");
+        stackvault_json(&[&"init", &repo])?;
+        Ok(f)
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes the sample raw disk and qemu-img's fixed and dynamic VHDs of it.
+    fn disks(&self) -> anyhow::Result<()> {
+        std::fs::write(self.path("disk.raw"), sample_disk(DISK_SIZE, 0)?)?;
+        for sub in ["fixed", "dynamic"] {
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                &format!("subformat={sub},force_size=on"),
+                &self.path("disk.raw").to_string_lossy(),
+                &self.path(&format!("disk.{sub}.vhd")).to_string_lossy(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn backup(&self, source: &str, extra: &[&str]) -> anyhow::Result<Value> {
+        let (repo, source) = (self.path("repo"), self.path(source));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"backup", &repo, &source];
+        let disk = ["--disk", "d1"];
+        args.extend(disk.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        args.extend(extra.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        stackvault_json(&args)
+    }
+
+    fn restore(&self, snapshot: &str, out: &str, extra: &[&str]) -> anyhow::Result<Value> {
+        let repo = self.path("repo");
+        let out = self.path(out);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"restore", &repo, &snapshot, &out];
+        args.extend(extra.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        stackvault_json(&args)
+    }
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_default()
+}
+
+fn vsize(path: &Path) -> anyhow::Result<u64> {
+    let info: Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-f",
+        "vpc",
+        "--output=json",
+        &path.to_string_lossy(),
+    ])?)?;
+    info["virtual-size"]
+        .as_u64()
+        .context("qemu-img info has no virtual-size")
+}
+
+/// `qemu-img compare` of a raw image and a VHD: identical contents (a larger VHD's extra
+/// bytes must be zeros).
+fn compare(raw: &Path, vhd: &Path) -> anyhow::Result<()> {
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        &raw.to_string_lossy(),
+        &vhd.to_string_lossy(),
+    ])?;
+    ensure!(out.contains("identical"), "qemu-img compare: {out}");
+    Ok(())
+}
+
+#[test]
+fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let raw = f.backup("disk.raw", &[])?;
+    let fixed = f.backup("disk.fixed.vhd", &[])?;
+    let dynamic = f.backup("disk.dynamic.vhd", &[])?;
+    assert_eq!(s(&raw, "source_format"), "raw");
+    assert_eq!(s(&fixed, "source_format"), "vhd-fixed");
+    assert_eq!(s(&dynamic, "source_format"), "vhd-dynamic");
+    for r in [&raw, &fixed, &dynamic] {
+        assert_eq!(r["virtual_size"].as_u64(), Some(DISK_SIZE as u64));
+    }
+    assert_eq!(s(&raw, "root_digest"), s(&fixed, "root_digest"));
+    assert_eq!(s(&raw, "root_digest"), s(&dynamic, "root_digest"));
+    assert!(raw["new_chunks"].as_u64() > Some(0));
+    assert_eq!(fixed["new_chunks"].as_u64(), Some(0));
+    assert_eq!(dynamic["new_chunks"].as_u64(), Some(0));
+    // The dynamic VHD's unallocated blocks were never read.
+    assert!(dynamic["unallocated_bytes"].as_u64() > Some(0));
+    assert!(dynamic["bytes_read"].as_u64() < Some(DISK_SIZE as u64));
+    // --format vhd on a raw image is refused as such, --format raw reads a VHD's bytes.
+    let out = stackvault(&[
+        &"backup",
+        &f.path("repo"),
+        &f.path("disk.raw"),
+        &"--disk",
+        &"x",
+        &"--format",
+        &"vhd",
+    ])?;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cookie"));
+    let as_raw = f.backup("disk.fixed.vhd", &["--format", "raw"])?;
+    assert_eq!(
+        as_raw["virtual_size"].as_u64(),
+        Some(DISK_SIZE as u64 + 512)
+    );
+    // The footer metadata is in the snapshot, shown by `snapshots --json` and `show`.
+    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&dynamic, "snapshot_id")])?;
+    let vhd = &show["source"]["vhd"];
+    assert_eq!(vhd["disk_type"], "dynamic");
+    assert_eq!(vhd["current_size"].as_u64(), Some(DISK_SIZE as u64));
+    assert_eq!(vhd["block_size"].as_u64(), Some(2 << 20));
+    assert_eq!(vhd["creator_application"], "qem2");
+    let id = vhd_unique_id(&f.path("disk.dynamic.vhd"))?;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        vhd["unique_id"].as_str().map(|u| u.replace('-', "")),
+        Some(hex)
+    );
+    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    let with_vhd = list["snapshots"]
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["source"]["vhd"].is_object()).count());
+    assert_eq!(with_vhd, Some(2));
+    Ok(())
+}
+
+#[test]
+fn restore_in_every_format_is_what_qemu_reads() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let raw_path = f.path("disk.raw");
+    let snap = f.backup("disk.dynamic.vhd", &[])?;
+    let id = s(&snap, "snapshot_id").to_string();
+    let source_id = vhd_unique_id(&f.path("disk.dynamic.vhd"))?;
+
+    // Default: the format the snapshot came from.
+    let r = f.restore(&id, "default.vhd", &[])?;
+    assert_eq!(s(&r, "output_format"), "vhd-dynamic");
+
+    let r = f.restore(&id, "out.raw", &["--output-format", "raw"])?;
+    assert_eq!(s(&r, "output_format"), "raw");
+    ensure!(std::fs::read(f.path("out.raw"))? == std::fs::read(&raw_path)?);
+
+    // Fixed: a whole MiB by default, data then a 512-byte footer, the source's id.
+    let r = f.restore(&id, "fixed.vhd", &["--output-format", "vhd-fixed"])?;
+    assert_eq!(s(&r, "output_format"), "vhd-fixed");
+    let mib = (DISK_SIZE as u64).next_multiple_of(1 << 20);
+    assert_eq!(vsize(&f.path("fixed.vhd"))?, mib);
+    assert_eq!(std::fs::metadata(f.path("fixed.vhd"))?.len(), mib + 512);
+    compare(&raw_path, &f.path("fixed.vhd"))?;
+    assert_eq!(vhd_unique_id(&f.path("fixed.vhd"))?, source_id);
+
+    // --exact-size keeps the size; --new-id changes the id.
+    f.restore(
+        &id,
+        "exact.vhd",
+        &["--output-format", "vhd-fixed", "--exact-size", "--new-id"],
+    )?;
+    assert_eq!(vsize(&f.path("exact.vhd"))?, DISK_SIZE as u64);
+    compare(&raw_path, &f.path("exact.vhd"))?;
+    assert_ne!(vhd_unique_id(&f.path("exact.vhd"))?, source_id);
+
+    // Dynamic: only blocks with data, so about as small as the data.
+    f.restore(&id, "dyn.vhd", &["--output-format", "vhd-dynamic"])?;
+    assert_eq!(vsize(&f.path("dyn.vhd"))?, DISK_SIZE as u64);
+    compare(&raw_path, &f.path("dyn.vhd"))?;
+    let dyn_len = std::fs::metadata(f.path("dyn.vhd"))?.len();
+    let qemu_len = std::fs::metadata(f.path("disk.dynamic.vhd"))?.len();
+    assert!(
+        dyn_len <= qemu_len + (1 << 20),
+        "{dyn_len} vs qemu's {qemu_len}"
+    );
+    assert!(dyn_len < DISK_SIZE as u64);
+    // qemu-img converts it back to the same bytes (it walks our BAT and bitmaps).
+    qemu_img(&[
+        "convert",
+        "-f",
+        "vpc",
+        "-O",
+        "raw",
+        &f.path("dyn.vhd").to_string_lossy(),
+        &f.path("dyn.back.raw").to_string_lossy(),
+    ])?;
+    ensure!(std::fs::read(f.path("dyn.back.raw"))? == std::fs::read(&raw_path)?);
+
+    // Our own reader takes our output back to the same snapshot digest.
+    for out in ["fixed.vhd", "dyn.vhd", "exact.vhd"] {
+        let again = f.backup(out, &[])?;
+        if out != "fixed.vhd" {
+            assert_eq!(s(&again, "root_digest"), s(&snap, "root_digest"), "{out}");
+        }
+        assert_eq!(again["new_chunks"].as_u64(), Some(0), "{out}");
+    }
+
+    // A raw source restores as raw by default, and as a VHD with a fresh id.
+    let raw_snap = f.backup("disk.raw", &[])?;
+    let raw_id = s(&raw_snap, "snapshot_id").to_string();
+    assert_eq!(
+        s(&f.restore(&raw_id, "r.img", &[])?, "output_format"),
+        "raw"
+    );
+    f.restore(&raw_id, "r1.vhd", &["--output-format", "vhd-fixed"])?;
+    f.restore(&raw_id, "r2.vhd", &["--output-format", "vhd-fixed"])?;
+    assert_ne!(
+        vhd_unique_id(&f.path("r1.vhd"))?,
+        vhd_unique_id(&f.path("r2.vhd"))?
+    );
+    compare(&raw_path, &f.path("r1.vhd"))?;
+    // Nothing partial is left behind.
+    let leftovers = std::fs::read_dir(f.dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .count();
+    assert_eq!(leftovers, 0);
+    Ok(())
+}
+
+/// Three generations of one disk: gen0 as a qemu-made dynamic VHD, gen1 and gen2 as
+/// differencing VHDs (ours), each naming its parent differently.
+struct Chain {
+    f: Fixture,
+    gens: Vec<Vec<u8>>,
+}
+
+fn chain() -> anyhow::Result<Chain> {
+    let f = Fixture::new()?;
+    let gen0 = sample_disk(DISK_SIZE, 0)?;
+    let mut gen1 = gen0.clone();
+    // Overwrite a few ranges with other real data, partial sectors and whole blocks.
+    let other = sample_disk(DISK_SIZE, 40)?;
+    for (at, len) in [(1000, 70_000), (5 << 20, 3 << 20), (20 << 20, 4096)] {
+        gen1[at..at + len].copy_from_slice(&other[at..at + len]);
+    }
+    let mut gen2 = gen1.clone();
+    for (at, len) in [(3000, 10_000), (12 << 20, 1 << 20), (DISK_SIZE - 700, 700)] {
+        gen2[at..at + len].fill(0x5a);
+    }
+    gen2[(5 << 20) + 512..(5 << 20) + 8192].fill(0); // back to zeros over gen1's data
+    std::fs::write(f.path("gen0.raw"), &gen0)?;
+    std::fs::write(f.path("gen2.raw"), &gen2)?;
+    std::fs::create_dir(f.path("vms"))?;
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=dynamic,force_size=on",
+        &f.path("gen0.raw").to_string_lossy(),
+        &f.path("vms/base.vhd").to_string_lossy(),
+    ])?;
+    let base_id = vhd_unique_id(&f.path("vms/base.vhd"))?;
+    // gen1: a relative W2ru, plus a Windows absolute W2ku that cannot exist here.
+    write_differencing_vhd(
+        &f.path("vms/child1.vhd"),
+        base_id,
+        [0x11; 16],
+        &gen0,
+        &gen1,
+        &Locators {
+            w2ru: Some(".\\base.vhd".into()),
+            w2ku: Some("C:\\Hyper-V\\base.vhd".into()),
+            macx: None,
+        },
+    )?;
+    // gen2: only a MacX file URL (absolute, with an escaped character in the name).
+    std::fs::rename(f.path("vms/child1.vhd"), f.path("vms/child 1.vhd"))?;
+    let url = format!(
+        "file://localhost{}",
+        f.path("vms/child%201.vhd").to_string_lossy()
+    );
+    write_differencing_vhd(
+        &f.path("child2.vhd"),
+        [0x11; 16],
+        [0x22; 16],
+        &gen1,
+        &gen2,
+        &Locators {
+            w2ru: None,
+            w2ku: None,
+            macx: Some(url),
+        },
+    )?;
+    Ok(Chain {
+        f,
+        gens: vec![gen0, gen1, gen2],
+    })
+}
+
+#[test]
+fn differencing_chain_backs_up_as_its_last_generation() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let Chain { f, gens } = chain()?;
+    assert_eq!(gens.len(), 3);
+    let diff = f.backup("child2.vhd", &[])?;
+    let raw = f.backup("gen2.raw", &[])?;
+    assert_eq!(s(&diff, "source_format"), "vhd-differencing");
+    assert_eq!(s(&diff, "root_digest"), s(&raw, "root_digest"));
+    assert_eq!(raw["new_chunks"].as_u64(), Some(0));
+    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&diff, "snapshot_id")])?;
+    let parents = show["source"]["vhd"]["parents"]
+        .as_array()
+        .map(|p| p.iter().map(|x| x["disk_type"].clone()).collect::<Vec<_>>());
+    assert_eq!(
+        parents,
+        Some(vec![Value::from("differencing"), Value::from("dynamic")])
+    );
+    // Restores whole, as a dynamic VHD by default.
+    let r = f.restore(s(&diff, "snapshot_id"), "merged.vhd", &[])?;
+    assert_eq!(s(&r, "output_format"), "vhd-dynamic");
+    compare(&f.path("gen2.raw"), &f.path("merged.vhd"))?;
+    Ok(())
+}
+
+#[test]
+fn differencing_parent_missing_wrong_or_cyclic() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let Chain { f, gens } = chain()?;
+    let repo = f.path("repo");
+    // Missing: the child's locators point at a file that is gone.
+    std::fs::rename(f.path("vms/child 1.vhd"), f.path("moved.vhd"))?;
+    let out = stackvault(&[&"backup", &repo, &f.path("child2.vhd"), &"--disk", &"d"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("parent of differencing VHD") && err.contains("--parent-vhd"),
+        "{err}"
+    );
+    // --parent finds it; its own parent still comes from its locators.
+    let moved = f.path("vms/moved.vhd");
+    std::fs::rename(f.path("moved.vhd"), &moved)?;
+    let ok = f.backup("child2.vhd", &["--parent-vhd", &moved.to_string_lossy()])?;
+    let raw = f.backup("gen2.raw", &[])?;
+    assert_eq!(s(&ok, "root_digest"), s(&raw, "root_digest"));
+    // The wrong parent: its unique id is not the one the child names.
+    let out = stackvault(&[
+        &"backup",
+        &repo,
+        &f.path("child2.vhd"),
+        &"--disk",
+        &"d",
+        &"--parent-vhd",
+        &f.path("vms/base.vhd"),
+    ])?;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parent unique id"), "{err}");
+    // A cycle: a and b each name the other as parent.
+    let (g0, g1) = (&gens[0], &gens[1]);
+    let loc = |name: &str| Locators {
+        w2ru: Some(name.into()),
+        ..Locators::default()
+    };
+    write_differencing_vhd(
+        &f.path("a.vhd"),
+        [0xbb; 16],
+        [0xaa; 16],
+        g0,
+        g1,
+        &loc("b.vhd"),
+    )?;
+    write_differencing_vhd(
+        &f.path("b.vhd"),
+        [0xaa; 16],
+        [0xbb; 16],
+        g1,
+        g0,
+        &loc("a.vhd"),
+    )?;
+    let out = stackvault(&[&"backup", &repo, &f.path("a.vhd"), &"--disk", &"d"])?;
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cycle"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn damaged_vhd_is_reported_with_file_and_offset() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    // Point the first allocated BAT entry far past the end of the file.
+    let path = f.path("disk.dynamic.vhd");
+    let mut b = std::fs::read(&path)?;
+    let bat = u64::from_be_bytes(b[512 + 16..512 + 24].try_into()?) as usize;
+    let entry = (0..64)
+        .map(|i| bat + 4 * i)
+        .find(|&e| b[e..e + 4] != [0xff; 4])
+        .context("no allocated block")?;
+    b[entry..entry + 4].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    std::fs::write(&path, &b)?;
+    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{} at offset {entry}", path.display());
+    assert!(
+        err.contains(&expected) && err.contains("past the end"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn vhdiinfo_reads_our_vhds() -> anyhow::Result<()> {
+    let present = std::process::Command::new("vhdiinfo")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present || skip_without_qemu() {
+        eprintln!("SKIPPED: vhdiinfo is not installed (apt-get install libvhdi-utils)");
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let snap = f.backup("disk.dynamic.vhd", &[])?;
+    let id = s(&snap, "snapshot_id");
+    for (fmt, name) in [("vhd-fixed", "x.fixed.vhd"), ("vhd-dynamic", "x.dyn.vhd")] {
+        f.restore(id, name, &["--output-format", fmt])?;
+        let out = std::process::Command::new("vhdiinfo")
+            .arg(f.path(name))
+            .output()?;
+        ensure!(out.status.success(), "vhdiinfo {name} failed");
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        let kind = if fmt == "vhd-fixed" {
+            "fixed"
+        } else {
+            "dynamic"
+        };
+        assert!(text.contains(kind), "{text}");
+        let source = &vhd_unique_id(&f.path("disk.dynamic.vhd"))?;
+        assert_eq!(&vhd_unique_id(&f.path(name))?, source);
+    }
+    Ok(())
+}
