@@ -19,11 +19,20 @@ pub fn stackvault_bin() -> &'static Path {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "stackvault-cli", "--bin", "stackvault"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "stackvault-cli",
+            "--bin",
+            "stackvault",
+        ]);
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build for the stackvault binary");
+        let status = cmd
+            .status()
+            .expect("run cargo build for the stackvault binary");
         assert!(status.success(), "building the stackvault binary failed");
         profile_dir.join("stackvault")
     })

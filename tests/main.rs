@@ -1,6 +1,12 @@
+//! The integration suite: one binary, one module per area.
+
 use stackvault_tests::stackvault_bin;
+
 #[test]
-fn bin_builds() {
-    let out = std::process::Command::new(stackvault_bin()).arg("--version").output().unwrap();
+fn bin_builds() -> anyhow::Result<()> {
+    let out = std::process::Command::new(stackvault_bin())
+        .arg("--version")
+        .output()?;
     assert!(out.status.success());
+    Ok(())
 }

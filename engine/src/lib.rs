@@ -14,14 +14,17 @@
 
 pub mod backup;
 pub mod chunker;
+pub mod crash;
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod lock;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod source;
 pub mod store;
+pub mod verify;
 
 pub use backup::{backup, BackupOptions, BackupReport};
 pub use error::{Error, Result};
@@ -33,3 +36,4 @@ pub use progress::{NoProgress, Progress};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource};
+pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};
