@@ -1,5 +1,7 @@
 //! The integration suite: one binary, one module per area.
 
+mod verify;
+
 use stackvault_tests::stackvault_bin;
 
 #[test]

@@ -41,8 +41,10 @@ pub struct Repo {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     config: RepoConfig,
-    index: Mutex<Index>,
+    // Declared (and so dropped) before `index`: the writable connection must close last,
+    // so that SQLite checkpoints the write-ahead log into the file and removes it.
     readers: IndexReaders,
+    index: Mutex<Index>,
 }
 
 impl std::fmt::Debug for Repo {
