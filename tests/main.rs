@@ -1,5 +1,6 @@
 //! The integration suite: one binary, one module per area.
 
+mod crash;
 mod verify;
 
 use stackvault_tests::stackvault_bin;
