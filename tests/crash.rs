@@ -12,8 +12,9 @@ use stackvault_tests::{make_disk, mutate_disk, p, sv_env, sv_json, sv_ok, Fixtur
 
 const MIB: u64 = 1 << 20;
 
-/// What a surviving repository must show after a crash; returns the snapshot count.
-fn assert_consistent_after_crash(f: &Fixture, what: &str) -> anyhow::Result<usize> {
+/// What a surviving repository must show after a crash; returns the snapshot and orphan
+/// pack counts.
+fn assert_consistent_after_crash(f: &Fixture, what: &str) -> anyhow::Result<(usize, usize)> {
     let repo = f.repo();
     let (code, v, stderr) = sv_json(&["check", p(&repo), "--read-data"])?;
     if code != Some(0) || v["ok"] != true {
@@ -26,7 +27,8 @@ fn assert_consistent_after_crash(f: &Fixture, what: &str) -> anyhow::Result<usiz
         let id = s["id"].as_str().context("id")?;
         sv_ok(&["verify", p(&repo), id, "--no-record"]).with_context(|| what.to_string())?;
     }
-    Ok(snaps.len())
+    let orphans = v["orphans"].as_array().map_or(0, Vec::len);
+    Ok((snaps.len(), orphans))
 }
 
 /// Backs up `disk` again (no crash) and restores it byte for byte.
@@ -40,17 +42,18 @@ fn assert_next_backup_works(f: &Fixture, disk: &Path, what: &str) -> anyhow::Res
 fn kill_at_every_fault_point() -> anyhow::Result<()> {
     // `manifest-stored` leaves a complete snapshot that is not yet catalogued: it must
     // appear (whole) on the next open. Every earlier point must leave no new snapshot.
+    // A crash after a pack is stored and before its manifest leaves it as an orphan.
     let cases = [
-        ("chunk:1", false),
-        ("chunk:3", false),
-        ("pack-write:1", false),
-        ("pack-stored:1", false),
-        ("pack-indexed:1", false),
-        ("before-manifest:1", false),
-        ("manifest-write:1", false),
-        ("manifest-stored:1", true),
+        ("chunk:1", false, false),
+        ("chunk:3", false, false),
+        ("pack-write:1", false, false),
+        ("pack-stored:1", false, true),
+        ("pack-indexed:1", false, true),
+        ("before-manifest:1", false, true),
+        ("manifest-write:1", false, true),
+        ("manifest-stored:1", true, false),
     ];
-    for (point, snapshot_expected) in cases {
+    for (point, snapshot_expected, orphan_expected) in cases {
         let f = Fixture::new()?;
         let disk = f.path("vm.img");
         make_disk(&disk, 16 * MIB, 1000)?;
@@ -67,8 +70,13 @@ fn kill_at_every_fault_point() -> anyhow::Result<()> {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let count = assert_consistent_after_crash(&f, point)?;
+        let (count, orphans) = assert_consistent_after_crash(&f, point)?;
         assert_eq!(count, 1 + usize::from(snapshot_expected), "{point}");
+        assert_eq!(
+            orphans > 0,
+            orphan_expected,
+            "{point}: {orphans} orphan packs"
+        );
         assert_next_backup_works(&f, &disk, point)?;
     }
     Ok(())
