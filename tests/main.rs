@@ -2,7 +2,9 @@
 //! temporary repository and sample disks (built from real files of this machine).
 
 mod cli;
+mod crash;
 mod foundation;
 mod incremental;
 mod vectors;
+mod verify;
 mod vhd;

@@ -2,11 +2,14 @@
 //! its reports (human text, or JSON with `--json`). All logic lives in the engine.
 
 mod backup;
+mod check;
 mod diff;
+mod index;
 mod init;
 mod output;
 mod restore;
 mod snapshots;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -38,6 +41,13 @@ enum Command {
     Restore(restore::Args),
     /// Show the byte ranges that differ between two snapshots.
     Diff(diff::Args),
+    /// Prove a snapshot restores: read back every chunk, or compare a restored disk.
+    Verify(verify::Args),
+    /// Check the repository's structure and, optionally, its stored data.
+    Check(check::Args),
+    /// Maintain the index (derived state).
+    #[command(subcommand)]
+    Index(index::Command),
 }
 
 /// Exit code when the repository or the data is damaged (as opposed to any other failure).
@@ -46,6 +56,9 @@ const EXIT_DAMAGED: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = output::Context { quiet: cli.quiet };
+    if !cli.quiet {
+        stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));
+    }
     let result = match cli.command {
         Command::Init(a) => init::run(&ctx, a),
         Command::Backup(a) => backup::run(&ctx, a),
@@ -53,6 +66,9 @@ fn main() -> ExitCode {
         Command::Show(a) => snapshots::show(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
         Command::Diff(a) => diff::run(&ctx, a),
+        Command::Verify(a) => verify::run(&ctx, a),
+        Command::Check(a) => check::run(&ctx, a),
+        Command::Index(c) => index::run(&ctx, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,16 +21,40 @@ pub struct ListArgs {
 pub fn list(_ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
     let snaps = repo.snapshots(args.disk.as_deref())?;
+    let verified = repo.last_verifications()?;
     if args.json {
-        return output::json(&serde_json::json!({ "snapshots": snaps }));
+        let list: Vec<serde_json::Value> = snaps
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::to_value(s)?;
+                if let serde_json::Value::Object(map) = &mut v {
+                    map.insert(
+                        "last_verification".into(),
+                        serde_json::to_value(verified.get(&s.id))?,
+                    );
+                }
+                Ok(v)
+            })
+            .collect::<Result<_, serde_json::Error>>()?;
+        return output::json(&serde_json::json!({ "snapshots": list }));
     }
     output::line(format!(
-        "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}",
-        "id", "disk", "time", "kind", "parent", "size", "added"
+        "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}  {}",
+        "id", "disk", "time", "kind", "parent", "size", "added", "last verified"
     ))?;
     for s in &snaps {
+        let last = match verified.get(&s.id) {
+            Some(v) => format!(
+                "{} {} ({}, {:.1} s)",
+                v.time,
+                v.outcome,
+                v.mode,
+                v.duration_ms as f64 / 1000.0
+            ),
+            None => "never".into(),
+        };
         output::line(format!(
-            "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}",
+            "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}  {last}",
             &s.id[..12],
             s.meta.disk,
             s.meta.time,

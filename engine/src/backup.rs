@@ -187,7 +187,9 @@ pub fn backup(
     let bytes = manifest.encode()?;
     let id = hex(blake3::hash(&bytes).as_bytes());
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot.
+    crate::crash::point("before-manifest");
     repo.backend().put(&snapshot_key(&id), &bytes)?;
+    crate::crash::point("manifest-stored");
     repo.index().add_snapshot(&id, &manifest)?;
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -356,6 +358,7 @@ fn process_segment(
     pending: &Mutex<HashSet<ChunkId>>,
     index: u64,
 ) -> Result<SegmentOutput> {
+    crate::crash::point("chunk");
     let config = repo.config();
     let offset = index * u64::from(config.segment_size);
     let len = segment_len(source.virtual_size(), config.segment_size, index);
@@ -573,11 +576,13 @@ fn store_pack(
     let finished = pack.finish()?;
     repo.backend()
         .put(&pack_key(&finished.name), &finished.bytes)?;
+    crate::crash::point("pack-stored");
     index.add_pack(
         &finished.name,
         finished.bytes.len() as u64,
         &finished.entries,
     )?;
+    crate::crash::point("pack-indexed");
     stats.bytes_added += finished.bytes.len() as u64;
     if let Ok(mut p) = pending.lock() {
         for e in &finished.entries {

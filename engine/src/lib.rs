@@ -15,15 +15,18 @@
 pub mod backup;
 pub mod changes;
 pub mod chunker;
+pub mod crash;
 pub mod diff;
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod lock;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod source;
 pub mod store;
+pub mod verify;
 
 pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;
@@ -36,3 +39,4 @@ pub use progress::{NoProgress, Progress};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
+pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

@@ -23,3 +23,18 @@ impl Progress for NoProgress {
     fn advance(&self, _: u64) {}
     fn finish(&self) {}
 }
+
+static NOTICE_SINK: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Sets where [`notice`]s go (the CLI prints them on stderr). Only the first call counts;
+/// without one, notices are dropped.
+pub fn set_notice_sink(sink: fn(&str)) {
+    let _ = NOTICE_SINK.set(sink);
+}
+
+/// Tells the user about something the engine did on its own, such as removing a stale lock.
+pub fn notice(message: &str) {
+    if let Some(sink) = NOTICE_SINK.get() {
+        sink(message);
+    }
+}

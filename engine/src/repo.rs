@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::format::config::{ChunkerParams, RepoConfig, CONFIG_MAGIC};
 use crate::format::manifest::Manifest;
+use crate::format::verification::VerificationRecord;
 use crate::format::ChunkId;
 use crate::index::{self, Index, IndexReaders, SnapshotSummary};
 use crate::store::{self, Backend, LocalDir};
@@ -40,8 +41,10 @@ pub struct Repo {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     config: RepoConfig,
-    index: Mutex<Index>,
+    // Declared (and so dropped) before `index`: the writable connection must close last,
+    // so that SQLite checkpoints the write-ahead log into the file and removes it.
     readers: IndexReaders,
+    index: Mutex<Index>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -103,33 +106,23 @@ impl Repo {
     /// Opens the repository at `path` with objects served by `backend` (the index and locks
     /// stay in `path`). Used with fault-injecting backends in tests.
     pub fn open_with_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
-        let not_repo = |why: &str| Error::NotARepository {
-            path: path.to_path_buf(),
-            why: why.to_string(),
-        };
-        if !path.is_dir() {
-            return Err(not_repo("no such directory"));
-        }
-        let bytes = match backend.get(CONFIG_KEY) {
-            Ok(b) => b,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Err(not_repo("it has no config file"))
-            }
-            Err(e) => return Err(e),
-        };
-        if !bytes.starts_with(&CONFIG_MAGIC) {
-            return Err(not_repo("its config file is not a stackvault config"));
-        }
-        let config = RepoConfig::decode(&bytes, &path.join(CONFIG_KEY).display().to_string())?;
+        let config = read_config(path, backend.as_ref())?;
         let index_path = path.join(INDEX_FILE);
-        let fresh = !index_path.exists();
-        let mut index = Index::open(&index_path)?;
-        if fresh {
-            // The index is derived state: rebuild it from packs and manifests.
-            index::rebuild(&mut index, backend.as_ref())?;
-        } else {
-            index::sync_snapshots(&index, backend.as_ref())?;
+        if !index_path.exists() {
+            // The index is derived state: rebuild it from packs and manifests, under a
+            // temporary name so that a crash never leaves a partial index behind. Linking
+            // fails if another process got there first; its index is as good as ours.
+            let (tmp, _) = build_index_file(path, backend.as_ref())?;
+            let linked = fs::hard_link(&tmp, &index_path);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => store::sync_dir(path)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("link rebuilt index", &index_path, e)),
+            }
         }
+        let index = Index::open(&index_path)?;
+        index::sync_snapshots(&index, backend.as_ref())?;
         Ok(Repo {
             root: path.to_path_buf(),
             readers: IndexReaders::new(&index_path),
@@ -218,37 +211,114 @@ impl Repo {
         store::pack::read_chunk(self.backend.as_ref(), &loc.pack, &loc.record)
     }
 
-    /// Takes a lock of `kind` (`backup`, ...) in `locks/`, released when the guard drops.
+    /// Takes a writer lock of `kind` (`backup`, ...) in `locks/`, released when the guard
+    /// drops. Refused while maintenance holds the repository (see [`crate::lock`]).
     pub fn lock(&self, kind: &str) -> Result<LockGuard> {
-        let mut r = [0u8; 8];
-        let _ = getrandom::fill(&mut r);
-        let path = self.root.join("locks").join(format!(
-            "{kind}-{}-{}.lock",
-            std::process::id(),
-            crate::format::hex(&r)
-        ));
-        let body = serde_json::json!({
-            "kind": kind,
-            "host": hostname(),
-            "pid": std::process::id(),
-            "time": now_rfc3339(),
-        });
-        fs::write(&path, body.to_string()).map_err(|e| Error::io("create lock", &path, e))?;
-        Ok(LockGuard { path })
+        crate::lock::acquire_writer(&self.root, kind)
+    }
+
+    /// The latest verification of every snapshot that has one, by snapshot id.
+    pub fn last_verifications(
+        &self,
+    ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
+        self.index().last_verifications()
     }
 }
 
-/// A held repository lock; removed on drop.
-#[derive(Debug)]
-pub struct LockGuard {
-    path: PathBuf,
+/// Reads and checks the config of the repository at `path`.
+fn read_config(path: &Path, backend: &dyn Backend) -> Result<RepoConfig> {
+    let not_repo = |why: &str| Error::NotARepository {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    if !path.is_dir() {
+        return Err(not_repo("no such directory"));
+    }
+    let bytes = match backend.get(CONFIG_KEY) {
+        Ok(b) => b,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_repo("it has no config file"))
+        }
+        Err(e) => return Err(e),
+    };
+    if !bytes.starts_with(&CONFIG_MAGIC) {
+        return Err(not_repo("its config file is not a stackvault config"));
+    }
+    RepoConfig::decode(&bytes, &path.join(CONFIG_KEY).display().to_string())
 }
 
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+/// Replaces the index of the repository at `path` with one rebuilt from its packs, manifests
+/// and verification records alone; works whatever state the old index is in.
+///
+/// Holds the maintenance lock, so no backup runs meanwhile. The new index is built under a
+/// temporary name and renamed over the old one: a crash leaves the old index or the new one,
+/// never a mix. The old write-ahead log is emptied into the old file (when it is readable)
+/// and removed before the rename, because SQLite would replay it against the new file.
+pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
+    let backend = LocalDir::new(path);
+    read_config(path, &backend)?;
+    let _lock = crate::lock::acquire_maintenance(path, "index rebuild")?;
+    let live = path.join(INDEX_FILE);
+    let (tmp, report) = build_index_file(path, &backend)?;
+    if live.exists() {
+        // Best effort: a damaged index may not open at all, and then its log is worthless.
+        if let Ok(old) = Index::open(&live) {
+            let _ = old.checkpoint();
+        }
+    }
+    for p in index_sidecars(&live) {
+        remove_if_present(&p)?;
+    }
+    fs::rename(&tmp, &live).map_err(|e| Error::io("rename rebuilt index into place", &live, e))?;
+    store::sync_dir(path)?;
+    Ok(report)
+}
+
+/// Builds a complete index from the repository's objects in a new file under a temporary
+/// name in `path`, closed (its log emptied into it), and returns that name.
+fn build_index_file(path: &Path, backend: &dyn Backend) -> Result<(PathBuf, index::RebuildReport)> {
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    let tmp = path.join(format!(
+        "{INDEX_FILE}.rebuild-{}-{}",
+        std::process::id(),
+        crate::format::hex(&r)
+    ));
+    let result = (|| {
+        let mut fresh = Index::open(&tmp)?;
+        let report = index::rebuild(&mut fresh, backend)?;
+        fresh.checkpoint()?;
+        Ok(report)
+    })();
+    match result {
+        Ok(report) => Ok((tmp, report)),
+        Err(e) => {
+            for p in std::iter::once(tmp.clone()).chain(index_sidecars(&tmp)) {
+                let _ = fs::remove_file(p);
+            }
+            Err(e)
+        }
     }
 }
+
+/// The write-ahead log and shared-memory files SQLite keeps beside a database in WAL mode.
+fn index_sidecars(db: &Path) -> [PathBuf; 2] {
+    ["-wal", "-shm"].map(|s| {
+        let mut p = db.as_os_str().to_os_string();
+        p.push(s);
+        PathBuf::from(p)
+    })
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", p, e)),
+    }
+}
+
+pub use crate::lock::LockGuard;
 
 /// This machine's host name, or `unknown`.
 pub fn hostname() -> String {

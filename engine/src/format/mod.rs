@@ -10,6 +10,7 @@
 pub mod config;
 pub mod manifest;
 pub mod pack;
+pub mod verification;
 
 use std::fmt;
 

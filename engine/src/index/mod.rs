@@ -16,11 +16,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Manifest, SnapshotMeta};
 use crate::format::pack::{PackEntry, RecordLocation};
+use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
 use crate::format::ChunkId;
 use crate::store::{pack::read_pack_table, snapshot_key, Backend};
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Schema of version 1. Frozen: later versions add a migration, never edit this.
 const SCHEMA_V1: &str = "
@@ -50,6 +51,25 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_by_disk ON snapshots (disk, time);
 ";
 
+/// Version 1 → 2: the verification history, a cache of the `verifications/` objects.
+/// Frozen: later versions add a migration, never edit this.
+fn migrate_v1_to_v2(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "
+CREATE TABLE verifications (
+    key TEXT PRIMARY KEY,
+    snapshot TEXT NOT NULL,
+    time TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    record TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX verifications_by_snapshot ON verifications (snapshot, time);
+",
+    )?;
+    tx.pragma_update(None, "user_version", 2)
+}
+
 /// Where a chunk is stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkLocation {
@@ -67,9 +87,28 @@ pub struct SnapshotSummary {
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |source| Error::Index {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        if matches!(
+            source.sqlite_error_code(),
+            Some(DatabaseCorrupt | NotADatabase)
+        ) {
+            // The index is a cache: say how to get it back, not just that it is broken.
+            let repo = path.parent().unwrap_or(Path::new("REPO"));
+            return Error::corrupt(
+                path.display(),
+                0,
+                format!(
+                    "the index is damaged ({source}); it is derived state: rebuild it from \
+                     packs and manifests with `stackvault index rebuild {}`",
+                    repo.display()
+                ),
+            );
+        }
+        Error::Index {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -126,6 +165,9 @@ impl Index {
             tx.execute_batch(SCHEMA_V1).map_err(sql_err(&path))?;
             tx.pragma_update(None, "user_version", 1)
                 .map_err(sql_err(&path))?;
+        }
+        if version < 2 {
+            migrate_v1_to_v2(&tx).map_err(sql_err(&path))?;
         }
         tx.commit().map_err(sql_err(&path))
     }
@@ -285,6 +327,155 @@ impl Index {
             .map_err(&err)?;
         Ok((packs as u64, chunks as u64))
     }
+
+    /// Caches a verification record stored under `key` (idempotent).
+    pub fn add_verification(&self, key: &str, record: &VerificationRecord) -> Result<()> {
+        let json = serde_json::to_string(record)
+            .map_err(|e| Error::InvalidArgument(format!("verification record: {e}")))?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO verifications \
+                 (key, snapshot, time, outcome, duration_ms, record) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    key,
+                    record.snapshot_id,
+                    record.time,
+                    record.outcome,
+                    record.duration_ms as i64,
+                    json
+                ],
+            )
+            .map_err(sql_err(&self.path))?;
+        Ok(())
+    }
+
+    /// The latest verification of every snapshot that has one, by snapshot id.
+    pub fn last_verifications(
+        &self,
+    ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
+        let err = sql_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, record FROM verifications ORDER BY snapshot, time, key")
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(&err)?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (key, json) = row.map_err(&err)?;
+            let record = VerificationRecord::decode(json.as_bytes(), &key)?;
+            out.insert(record.snapshot_id.clone(), record);
+        }
+        Ok(out)
+    }
+
+    /// Every verification record cached, oldest first.
+    pub fn verifications(&self) -> Result<Vec<(String, VerificationRecord)>> {
+        let err = sql_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, record FROM verifications ORDER BY time, key")
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(&err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, json) = row.map_err(&err)?;
+            let record = VerificationRecord::decode(json.as_bytes(), &key)?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+
+    /// Every indexed pack, in index order.
+    pub fn packs(&self) -> Result<Vec<PackRow>> {
+        let err = sql_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, name, size, chunk_count FROM packs ORDER BY id")
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PackRow {
+                    key: r.get(0)?,
+                    name: r.get(1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    chunk_count: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<Vec<PackRow>>>()
+            .map_err(&err)
+    }
+
+    /// Calls `f` with every chunk row, ordered by pack key and offset. SQLite sorts on disk,
+    /// so memory stays bounded whatever the index size. A row whose id is not 32 bytes is
+    /// reported as damage of the index.
+    pub fn scan_chunks_by_pack(
+        &self,
+        mut f: impl FnMut(i64, RecordLocation) -> Result<()>,
+    ) -> Result<()> {
+        let err = sql_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT pack, id, offset, raw_len, stored_len FROM chunks ORDER BY pack, offset",
+            )
+            .map_err(&err)?;
+        let mut rows = stmt.query([]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let id: Vec<u8> = row.get(1).map_err(&err)?;
+            let id = <[u8; 32]>::try_from(id.as_slice()).map_err(|_| {
+                Error::corrupt(
+                    self.path.display(),
+                    0,
+                    "chunk row with an id of the wrong length",
+                )
+            })?;
+            let record = RecordLocation {
+                id: ChunkId(id),
+                offset: row.get::<_, i64>(2).map_err(&err)? as u64,
+                raw_len: row.get(3).map_err(&err)?,
+                stored_len: row.get(4).map_err(&err)?,
+            };
+            f(row.get(0).map_err(&err)?, record)?;
+        }
+        Ok(())
+    }
+
+    /// SQLite's own consistency check of the index file: empty when sound.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let err = sql_err(&self.path);
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check").map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(&err)?;
+        let all = rows
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(&err)?;
+        Ok(all.into_iter().filter(|l| l != "ok").collect())
+    }
+
+    /// Moves everything committed in the write-ahead log into the database file and empties
+    /// the log, so the file alone holds the index.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(sql_err(&self.path))
+    }
+}
+
+/// A pack as the index knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackRow {
+    /// The index's own key of the pack (the `chunks.pack` column).
+    pub key: i64,
+    pub name: String,
+    pub size: u64,
+    pub chunk_count: u64,
 }
 
 fn contains(conn: &Connection, path: &Path, id: &ChunkId) -> Result<bool> {
@@ -363,8 +554,11 @@ impl IndexReaders {
 }
 
 /// Brings the snapshot catalogue in line with the manifests in the repository: adds the
-/// manifests it lacks (a crash between writing a manifest and cataloguing it) and drops rows
-/// whose manifest is gone. Manifests that fail to decode are left out and reported.
+/// manifests it lacks (a crash between writing a manifest and cataloguing it). Manifests that
+/// fail to decode are left out and reported. A catalogued snapshot whose manifest is gone is
+/// kept and reported: manifests are never deleted behind the index's back (prune removes the
+/// row first), so a vanished manifest is damage that `check` and `restore` must show, not
+/// forget.
 pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
     let present: std::collections::HashSet<String> = backend
         .list("snapshots/")?
@@ -380,15 +574,29 @@ pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>
         }
     }
     for id in known.difference(&present) {
-        index.remove_snapshot(id)?;
+        problems.push(missing_manifest(id));
     }
     Ok(problems)
+}
+
+fn missing_manifest(id: &str) -> Error {
+    Error::corrupt(
+        snapshot_key(id),
+        0,
+        "the manifest of this catalogued snapshot is missing",
+    )
 }
 
 /// Reads a manifest and checks that it hashes to its id.
 pub fn load_manifest(backend: &dyn Backend, id: &str) -> Result<Manifest> {
     let key = snapshot_key(id);
-    let bytes = backend.get(&key)?;
+    let bytes = match backend.get(&key) {
+        Ok(b) => b,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(missing_manifest(id))
+        }
+        Err(e) => return Err(e),
+    };
     if crate::format::hex(blake3::hash(&bytes).as_bytes()) != id {
         return Err(Error::corrupt(
             &key,
@@ -405,6 +613,8 @@ pub struct RebuildReport {
     pub packs: u64,
     pub chunks: u64,
     pub snapshots: u64,
+    /// Verification records found.
+    pub verifications: u64,
     /// Packs or manifests that could not be read; their contents are not indexed.
     pub problems: Vec<String>,
 }
@@ -431,5 +641,17 @@ pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport
         .problems
         .extend(problems.into_iter().map(|e| e.to_string()));
     report.snapshots = index.snapshot_ids()?.len() as u64;
+    for key in backend.list(VERIFICATIONS_PREFIX)? {
+        let record = backend
+            .get(&key)
+            .and_then(|bytes| VerificationRecord::decode(&bytes, &key));
+        match record {
+            Ok(r) => {
+                index.add_verification(&key, &r)?;
+                report.verifications += 1;
+            }
+            Err(e) => report.problems.push(e.to_string()),
+        }
+    }
     Ok(report)
 }

@@ -74,7 +74,17 @@ impl Backend for LocalDir {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| Error::io("create", &tmp, e))?;
-            f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
+            // Written in two halves so that a crash test can stop between them.
+            let (first, second) = data.split_at(data.len() / 2);
+            f.write_all(first)
+                .map_err(|e| Error::io("write", &tmp, e))?;
+            if key.starts_with("packs/") {
+                crate::crash::point("pack-write");
+            } else if key.starts_with("snapshots/") {
+                crate::crash::point("manifest-write");
+            }
+            f.write_all(second)
+                .map_err(|e| Error::io("write", &tmp, e))?;
             f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
             fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
             sync_dir(dir)

@@ -120,15 +120,27 @@ pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
 pub fn read_chunk(backend: &dyn Backend, pack: &str, entry: &RecordLocation) -> Result<Vec<u8>> {
     let len = usize::try_from(entry.record_len())
         .map_err(|_| Error::corrupt(format!("pack {pack}"), entry.offset, "record too large"))?;
-    let record = backend.get_range(&pack_key(pack), entry.offset, len)?;
+    let record = backend
+        .get_range(&pack_key(pack), entry.offset, len)
+        .map_err(|e| missing_pack(e, pack, entry.offset))?;
     decode_record(&record, entry, &format!("pack {pack}"))
+}
+
+/// A pack the index names but the backend does not have is damage, not an I/O failure.
+fn missing_pack(e: Error, pack: &str, offset: u64) -> Error {
+    match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Error::corrupt(format!("pack {pack}"), offset, "the pack file is missing")
+        }
+        other => other,
+    }
 }
 
 /// Reads and checks a pack's footer and chunk table.
 pub fn read_pack_table(backend: &dyn Backend, pack: &str) -> Result<Vec<PackEntry>> {
     let key = pack_key(pack);
     let location = format!("pack {pack}");
-    let size = backend.size(&key)?;
+    let size = backend.size(&key).map_err(|e| missing_pack(e, pack, 0))?;
     if size < (PACK_HEADER_LEN + PACK_FOOTER_LEN) as u64 {
         return Err(Error::corrupt(
             &location,

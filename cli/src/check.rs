@@ -1,0 +1,123 @@
+//! `stackvault check`
+
+use std::path::PathBuf;
+
+use stackvault::verify::{CheckOptions, CheckReport, ReadData, Subset};
+use stackvault::{Error, Repo};
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Also read back every stored chunk (crc32, decompression, BLAKE3).
+    #[arg(long, conflicts_with = "read_data_subset")]
+    read_data: bool,
+    /// Read back part of the packs: `N/M` (the N-th of M slices by name, deterministic),
+    /// `P%` or a size like `2GiB` (a random choice of packs).
+    #[arg(long, value_name = "SUBSET")]
+    read_data_subset: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let read_data = match (&args.read_data_subset, args.read_data) {
+        (Some(s), _) => ReadData::Subset(Subset::parse(s)?),
+        (None, true) => ReadData::All,
+        (None, false) => ReadData::None,
+    };
+    let repo = Repo::open(&args.repo)?;
+    let report = stackvault::check(&repo, &CheckOptions { read_data }, &ctx.progress())?;
+    if args.json {
+        output::json(&report)?;
+    } else {
+        print(&report)?;
+    }
+    match report.damage.first() {
+        None => Ok(()),
+        // Exit code 3: the repository is damaged.
+        Some(d) => Err(Error::corrupt(
+            &d.location,
+            d.offset.unwrap_or(0),
+            format!(
+                "check found {} problems (listed above); the first: {}",
+                report.damage_count, d.what
+            ),
+        )
+        .into()),
+    }
+}
+
+fn print(r: &CheckReport) -> anyhow::Result<()> {
+    output::line(format!(
+        "checked {} snapshots, {} packs, {} chunks; read back {} packs ({} chunks, {}) in {:.2} s",
+        r.snapshots,
+        r.packs,
+        r.chunks,
+        r.packs_read,
+        r.chunks_read,
+        output::bytes(r.bytes_read),
+        r.duration_ms as f64 / 1000.0
+    ))?;
+    for d in &r.damage {
+        let at = d
+            .offset
+            .map(|o| format!(" at offset {o}"))
+            .unwrap_or_default();
+        let chunk = d
+            .chunk
+            .as_deref()
+            .map(|c| format!(" chunk {}", &c[..16]))
+            .unwrap_or_default();
+        output::line(format!(
+            "DAMAGE {}: {}{at}{chunk}: {}",
+            d.kind, d.location, d.what
+        ))?;
+    }
+    if r.damage_count > r.damage.len() as u64 {
+        output::line(format!(
+            "  ... and {} more",
+            r.damage_count - r.damage.len() as u64
+        ))?;
+    }
+    for a in &r.affected {
+        let what = if a.whole_snapshot {
+            "the whole snapshot (manifest damaged)".to_string()
+        } else {
+            format!(
+                "{} in {} ranges",
+                output::bytes(a.damaged_bytes),
+                a.range_count
+            )
+        };
+        output::line(format!(
+            "AFFECTED snapshot {} of disk {}: {what}",
+            &a.snapshot_id[..12.min(a.snapshot_id.len())],
+            a.disk.as_deref().unwrap_or("?")
+        ))?;
+        for range in a.ranges.iter().take(10) {
+            output::line(format!(
+                "    disk bytes {}..{} (chunk {})",
+                range.offset,
+                range.offset + range.len,
+                &range.chunk[..16]
+            ))?;
+        }
+    }
+    for o in &r.orphans {
+        output::line(format!(
+            "orphan pack {} ({}): {}",
+            o.pack,
+            output::bytes(o.size),
+            o.why
+        ))?;
+    }
+    output::line(if r.ok {
+        "no damage found"
+    } else {
+        "the repository is DAMAGED"
+    })
+}

@@ -1,0 +1,44 @@
+//! `stackvault index rebuild`
+
+use std::path::PathBuf;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Rebuild index.sqlite from the packs, manifests and verification records alone
+    /// (replaces a damaged or lost index; refuses to start while backups run).
+    Rebuild(RebuildArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RebuildArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(_ctx: &Context, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Rebuild(args) => {
+            let report = stackvault::repo::rebuild_index(&args.repo)?;
+            if args.json {
+                return output::json(&report);
+            }
+            output::line(format!(
+                "rebuilt the index of {}: {} packs, {} chunks, {} snapshots, {} verification records",
+                args.repo.display(),
+                report.packs,
+                report.chunks,
+                report.snapshots,
+                report.verifications
+            ))?;
+            for p in &report.problems {
+                output::line(format!("  not indexed: {p}"))?;
+            }
+            Ok(())
+        }
+    }
+}

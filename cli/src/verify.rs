@@ -1,0 +1,119 @@
+//! `stackvault verify`
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
+use stackvault::{Error, Repo};
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Snapshot id, unique prefix, or `latest`.
+    snapshot: String,
+    /// With `latest`: the latest snapshot of this disk.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Instead of reading the repository, prove that this restored disk (a raw image or
+    /// block device) holds exactly the snapshot's disk.
+    #[arg(long)]
+    target: Option<PathBuf>,
+    /// Do not store a verification record (for a read-only repository).
+    #[arg(long)]
+    no_record: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let repo = Repo::open(&args.repo)?;
+    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+    let options = VerifyOptions {
+        record: !args.no_record,
+    };
+    let progress = ctx.progress();
+    let report = match &args.target {
+        Some(path) => {
+            let target = open_target(path)
+                .with_context(|| format!("cannot open target {}", path.display()))?;
+            stackvault::verify_target(
+                &repo,
+                &snap,
+                target.as_ref(),
+                &path.display().to_string(),
+                &options,
+                &progress,
+            )
+        }
+        None => stackvault::verify_snapshot(&repo, &snap, &options, &progress),
+    }
+    .with_context(|| format!("verify of snapshot {} failed", &snap.id[..12]))?;
+    if args.json {
+        output::json(&report)?;
+    } else {
+        print(&report)?;
+    }
+    match report.problems.first() {
+        None => Ok(()),
+        // Exit code 3: the data is damaged or the target differs.
+        Some(p) => Err(Error::corrupt(
+            format!("the disk of snapshot {}", &report.snapshot_id[..12]),
+            p.offset,
+            format!(
+                "verification found {} {} ranges (listed above)",
+                report.problem_count,
+                if report.mode == "target" {
+                    "differing"
+                } else {
+                    "damaged"
+                }
+            ),
+        )
+        .into()),
+    }
+}
+
+fn print(r: &VerifyReport) -> anyhow::Result<()> {
+    let against = match &r.target {
+        Some(t) => format!("target {t} against snapshot"),
+        None => "snapshot".into(),
+    };
+    output::line(format!(
+        "verified {against} {} of disk {}: {}",
+        &r.snapshot_id[..12],
+        r.disk,
+        r.outcome.to_uppercase()
+    ))?;
+    output::line(format!(
+        "  checked {} ({} chunks, {} in zero runs) in {:.2} s, {:.1} MB/s",
+        output::bytes(r.bytes_checked),
+        r.chunks_checked,
+        output::bytes(r.zero_bytes),
+        r.duration_ms as f64 / 1000.0,
+        r.throughput_mb_s
+    ))?;
+    if r.problem_count > 0 {
+        output::line(format!(
+            "  {} problem ranges; the first {}:",
+            r.problem_count,
+            r.problems.len()
+        ))?;
+        for p in &r.problems {
+            output::line(format!(
+                "    disk offset {} length {} chunk {}: {}",
+                p.offset,
+                p.len,
+                p.chunk.as_deref().map(|c| &c[..16]).unwrap_or("(zero run)"),
+                p.what
+            ))?;
+        }
+    }
+    if let Some(key) = &r.record {
+        output::line(format!("  recorded as {key}"))?;
+    }
+    Ok(())
+}

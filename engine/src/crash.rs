@@ -1,0 +1,73 @@
+//! Deterministic crash points: a test hook.
+//!
+//! The crash-safety tests kill a real backup at chosen steps of its write path. Setting
+//! `STACKVAULT_CRASH_AT=<point>[:<n>]` in a process's environment makes it SIGKILL itself
+//! the `n`-th time (default 1) it reaches the named point, as a power cut or an OOM kill
+//! would: no destructors, no flushes. The variable is read once; an unset variable costs one
+//! atomic load per point. The points, in the order a backup reaches them:
+//!
+//! - `chunk`: a segment is about to be read and chunked.
+//! - `pack-write`: half of a pack has been written to its temporary file.
+//! - `pack-stored`: a pack is durable, its chunks are not yet indexed.
+//! - `pack-indexed`: a pack's index transaction has committed.
+//! - `before-manifest`: every pack is indexed, the manifest is not yet written.
+//! - `manifest-write`: half of the manifest has been written to its temporary file.
+//! - `manifest-stored`: the manifest is durable, the snapshot is not yet catalogued.
+//!
+//! A malformed value is reported on stderr and ignored. This module must never be used for
+//! anything but tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The environment variable that arms a crash point.
+pub const CRASH_ENV: &str = "STACKVAULT_CRASH_AT";
+
+/// Every crash point, in the order a backup reaches them.
+pub const CRASH_POINTS: &[&str] = &[
+    "chunk",
+    "pack-write",
+    "pack-stored",
+    "pack-indexed",
+    "before-manifest",
+    "manifest-write",
+    "manifest-stored",
+];
+
+static ARMED: OnceLock<Option<(&'static str, u64)>> = OnceLock::new();
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+fn armed() -> Option<(&'static str, u64)> {
+    *ARMED.get_or_init(|| {
+        let value = std::env::var(CRASH_ENV).ok()?;
+        let (name, n) = match value.split_once(':') {
+            Some((name, n)) => (name, n.parse::<u64>().ok().filter(|n| *n > 0)),
+            None => (value.as_str(), Some(1)),
+        };
+        let point = CRASH_POINTS.iter().find(|p| **p == name);
+        match (point, n) {
+            (Some(p), Some(n)) => Some((*p, n)),
+            _ => {
+                eprintln!(
+                    "warning: ignoring {CRASH_ENV}={value:?}: expected one of {} with an optional :N (N >= 1)",
+                    CRASH_POINTS.join(", ")
+                );
+                None
+            }
+        }
+    })
+}
+
+/// Marks that the process reached crash point `name`.
+pub(crate) fn point(name: &'static str) {
+    if let Some((want, n)) = armed() {
+        if want == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == n {
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+            // SIGKILL cannot be caught; should delivery fail, die just as abruptly.
+            std::process::abort();
+        }
+    }
+}

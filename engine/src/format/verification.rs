@@ -1,0 +1,129 @@
+//! Verification records: the evidence that a snapshot was read back whole, and how long it
+//! took.
+//!
+//! Each verification run leaves one small immutable UTF-8 JSON object at
+//! `verifications/<snapshot-id>/<time>-<random>.json`. The index caches them, but they are
+//! the authority: `index rebuild` reads them back. Readers ignore fields they do not know.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Version of the record document this build writes.
+pub const VERIFICATION_VERSION: u32 = 1;
+/// Largest record accepted when reading.
+pub const MAX_RECORD_LEN: usize = 64 * 1024;
+/// Key prefix of verification records.
+pub const VERIFICATIONS_PREFIX: &str = "verifications/";
+
+/// One verification run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerificationRecord {
+    pub version: u32,
+    pub snapshot_id: String,
+    /// When the run started, RFC 3339 UTC.
+    pub time: String,
+    /// `repository` (every chunk read back from the packs) or `target` (a restored disk
+    /// compared with the snapshot).
+    pub mode: String,
+    /// The target that was compared (mode `target`).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// `ok`, `damaged` (the repository could not deliver the data) or `differs` (the target
+    /// is not the snapshot's disk).
+    pub outcome: String,
+    /// Bytes of the virtual disk checked (chunk and zero bytes).
+    pub bytes_checked: u64,
+    pub chunks_checked: u64,
+    pub duration_ms: u64,
+    /// Virtual disk bytes per second, MB/s (10^6).
+    pub throughput_mb_s: f64,
+    /// Number of damaged or differing ranges found.
+    #[serde(default)]
+    pub problems: u64,
+    pub hostname: String,
+    pub tool_version: String,
+}
+
+impl VerificationRecord {
+    /// Key of this record in the repository; `suffix` makes it unique.
+    pub fn key(&self, suffix: &str) -> String {
+        let compact: String = self
+            .time
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
+        format!(
+            "{VERIFICATIONS_PREFIX}{}/{compact}-{suffix}.json",
+            self.snapshot_id
+        )
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode verification record: {e}")))
+    }
+
+    /// Decodes a record read from `location`; refuses oversized or malformed documents and
+    /// records whose snapshot id does not match the key.
+    pub fn decode(data: &[u8], location: &str) -> Result<Self> {
+        if data.len() > MAX_RECORD_LEN {
+            return Err(Error::corrupt(
+                location,
+                0,
+                "verification record over 64 KiB",
+            ));
+        }
+        let record: VerificationRecord = serde_json::from_slice(data)
+            .map_err(|e| Error::corrupt(location, 0, format!("verification record: {e}")))?;
+        if record.version == 0 || record.version > VERIFICATION_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: format!("verification record {location}"),
+                found: record.version,
+                supported: VERIFICATION_VERSION,
+            });
+        }
+        let expected_dir = format!("{VERIFICATIONS_PREFIX}{}/", record.snapshot_id);
+        if !location.starts_with(&expected_dir) {
+            return Err(Error::corrupt(
+                location,
+                0,
+                format!(
+                    "record names snapshot {}, not the one of its key",
+                    record.snapshot_id
+                ),
+            ));
+        }
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_key() -> Result<()> {
+        let r = VerificationRecord {
+            version: 1,
+            snapshot_id: "ab".repeat(32),
+            time: "2026-11-25T01:02:03.000004Z".into(),
+            mode: "repository".into(),
+            target: None,
+            outcome: "ok".into(),
+            bytes_checked: 10,
+            chunks_checked: 1,
+            duration_ms: 5,
+            throughput_mb_s: 0.002,
+            problems: 0,
+            hostname: "h".into(),
+            tool_version: "t".into(),
+        };
+        let key = r.key("00ff");
+        assert!(key.ends_with("/20261125T010203.000004Z-00ff.json"), "{key}");
+        assert_eq!(VerificationRecord::decode(&r.encode()?, &key)?, r);
+        assert!(VerificationRecord::decode(&r.encode()?, "verifications/other/x.json").is_err());
+        assert!(VerificationRecord::decode(b"{", &key).is_err());
+        Ok(())
+    }
+}
