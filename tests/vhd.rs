@@ -490,3 +490,65 @@ fn vhdiinfo_reads_our_vhds() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn differencing_chain_incremental_reads_only_the_children() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    const SEG: u64 = 4 << 20;
+    let Chain { f, .. } = chain()?;
+    let base = f.backup("vms/base.vhd", &[])?;
+    assert_eq!(s(&base, "kind"), "full");
+    // child 1 changed segments 0, 1 and 5; only they are read.
+    let c1 = f.backup("vms/child 1.vhd", &[])?;
+    assert_eq!(s(&c1, "kind"), "incremental");
+    assert_eq!(s(&c1, "parent"), s(&base, "snapshot_id"));
+    assert_eq!(s(&c1, "change_source"), "vhd-differencing-chain");
+    let read = c1["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    assert!(read <= 3 * SEG, "read {read} bytes for 3 touched segments");
+    // At least the 4 untouched of 7 segments are copied from the parent without reading.
+    let skipped = c1["skipped_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        skipped >= DISK_SIZE as u64 - 3 * SEG,
+        "skipped only {skipped}"
+    );
+    // child 2 relative to child 1's snapshot: the same disk as a full read of gen2.
+    let c2 = f.backup("child2.vhd", &[])?;
+    assert_eq!(s(&c2, "change_source"), "vhd-differencing-chain");
+    assert!(c2["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 4 * SEG);
+    let full = f.backup("gen2.raw", &["--full"])?;
+    assert_eq!(s(&c2, "root_digest"), s(&full, "root_digest"));
+    let r = f.restore(s(&c2, "snapshot_id"), "c2.raw", &["--output-format", "raw"])?;
+    assert_eq!(s(&r, "output_format"), "raw");
+    assert!(stackvault_tests::same_bytes(
+        &f.path("gen2.raw"),
+        &f.path("c2.raw")
+    )?);
+
+    // Relative to a snapshot of another disk (the raw full), the chain's knowledge does not
+    // apply: refused, or read in full with --fallback-full.
+    let repo = f.path("repo");
+    let out = stackvault(&[
+        &"backup",
+        &repo,
+        &f.path("child2.vhd"),
+        &"--disk",
+        &"d1",
+        &"--parent",
+        &s(&full, "snapshot_id"),
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not descend") && err.contains("--fallback-full"),
+        "{err}"
+    );
+    let fb = f.backup(
+        "child2.vhd",
+        &["--parent", s(&full, "snapshot_id"), "--fallback-full"],
+    )?;
+    assert!(s(&fb, "change_source").starts_with("full-read"));
+    assert_eq!(s(&fb, "root_digest"), s(&full, "root_digest"));
+    Ok(())
+}

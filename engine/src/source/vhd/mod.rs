@@ -25,7 +25,8 @@ pub use footer::DiskType;
 pub use image::{has_vhd_cookie, Place, VhdImage};
 pub use io::{FileAt, ReadAt};
 
-use super::{DiskSource, ExtentKind, SourceExtent};
+use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
+use crate::changes::{ChangeKind, ChangeList, ChangedRange};
 use crate::error::{Error, Result};
 use crate::format::manifest::{SourceInfo, VhdInfo, VhdParentInfo};
 use footer::{format_uuid, fourcc, vhd_time};
@@ -346,6 +347,57 @@ impl<R: ReadAt> DiskSource for VhdDisk<R> {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_virtual(offset, buf)
+    }
+
+    /// A differencing chain knows what changed since any of its ancestors: the sectors
+    /// present in the layers above it. The parent snapshot names its disk by VHD unique id.
+    fn changes_since(&self, parent: &SourceInfo) -> Result<SourceChanges> {
+        if self.top().footer.disk_type != DiskType::Differencing {
+            return Ok(SourceChanges::Unknown);
+        }
+        let wanted = parent.vhd.as_ref().map(|v| v.unique_id.as_str());
+        let found = self
+            .layers
+            .iter()
+            .skip(1)
+            .position(|l| Some(format_uuid(&l.footer.unique_id).as_str()) == wanted);
+        let Some(depth) = found.map(|i| i + 1) else {
+            let ancestors: Vec<String> = self.layers[1..]
+                .iter()
+                .map(|l| format!("{} ({})", l.location, format_uuid(&l.footer.unique_id)))
+                .collect();
+            return Ok(SourceChanges::Mismatch(format!(
+                "differencing VHD {} does not descend from the disk of the parent snapshot \
+                 ({}); its ancestors are {}",
+                self.top().location,
+                match wanted {
+                    Some(id) => format!("VHD unique id {id}"),
+                    None => format!("{}, not a VHD", parent.path),
+                },
+                ancestors.join(", ")
+            )));
+        };
+        let size = self.virtual_size();
+        let mut ranges: Vec<ChangedRange> = Vec::new();
+        for layer in &self.layers[..depth] {
+            let mut places = Vec::new();
+            layer.map(0, size, &mut places)?;
+            let mut pos = 0;
+            for (n, place) in places {
+                if matches!(place, Place::Here(_)) {
+                    ranges.push(ChangedRange {
+                        offset: pos,
+                        len: n,
+                        kind: ChangeKind::Written,
+                    });
+                }
+                pos += n;
+            }
+        }
+        Ok(SourceChanges::Changes(ChangeList {
+            disk_size: Some(size),
+            ranges,
+        }))
     }
 }
 
