@@ -356,3 +356,31 @@ fn disk_full_while_writing_a_pack_leaves_repository_usable() -> Result<()> {
     let r = backup_file(&repo, &disk, "d")?;
     assert_restores(&repo, &r.snapshot_id, &disk, &dir.path().join("out"))
 }
+
+#[test]
+fn sparse_64_gib_disk_reads_only_its_data() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir()?;
+    let repo = init(dir.path())?;
+    let disk = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&disk)?;
+    f.set_len(64 << 30)?;
+    let data = stackvault_tests::machine_bytes(4 << 20, 9);
+    for gib in [0u64, 17, 63] {
+        f.write_all_at(&data, gib << 30)?;
+    }
+    drop(f);
+    let r = backup_file(&repo, &disk, "big")?;
+    assert_eq!(r.virtual_size, 64 << 30);
+    // Holes are found with SEEK_DATA/SEEK_HOLE and never read or hashed (file systems that
+    // cannot report holes would read zeros; tmpfs and ext4 both can).
+    assert!(
+        r.stats.bytes_read <= 3 * (4 << 20) + (3 << 20),
+        "read {} bytes of a 64 GiB disk holding 12 MiB",
+        r.stats.bytes_read
+    );
+    assert!(r.stats.unallocated_bytes >= (64 << 30) - (16 << 20));
+    let manifest = repo.load_manifest(&r.snapshot_id)?;
+    assert_eq!(manifest.segments.len(), 16384);
+    Ok(())
+}
