@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::Backend;
 use crate::error::{Error, Result};
@@ -17,13 +18,45 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     root: PathBuf,
+    /// Recently read objects kept open: a restore reads thousands of chunks from a few packs,
+    /// and an open per chunk would cost more than the read. Most recent last.
+    open: Arc<Mutex<Vec<(String, Arc<File>)>>>,
 }
 
 const TMP_PREFIX: &str = ".tmp-";
+/// How many objects `get_range` keeps open.
+const OPEN_FILES: usize = 32;
 
 impl LocalDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalDir { root: root.into() }
+        LocalDir {
+            root: root.into(),
+            open: Arc::default(),
+        }
+    }
+
+    /// An open handle on `key`, from the cache or freshly opened.
+    fn open_cached(&self, key: &str) -> Result<Arc<File>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = open.iter().position(|(k, _)| k == key) {
+            let entry = open.remove(i);
+            let file = Arc::clone(&entry.1);
+            open.push(entry);
+            return Ok(file);
+        }
+        let path = self.path(key);
+        let file = Arc::new(File::open(&path).map_err(|e| Error::io("open", &path, e))?);
+        if open.len() >= OPEN_FILES {
+            open.remove(0);
+        }
+        open.push((key.to_string(), Arc::clone(&file)));
+        Ok(file)
+    }
+
+    /// Drops a cached handle whose object was replaced or removed.
+    fn forget_open(&self, key: &str) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|(k, _)| k != key);
     }
 
     pub fn root(&self) -> &Path {
@@ -53,6 +86,7 @@ fn random_suffix() -> String {
 
 impl Backend for LocalDir {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.forget_open(key);
         let path = self.path(key);
         let dir = path
             .parent()
@@ -102,7 +136,7 @@ impl Backend for LocalDir {
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(key);
-        let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let f = self.open_cached(key)?;
         let mut buf = vec![0u8; len];
         match f.read_exact_at(&mut buf, offset) {
             Ok(()) => Ok(buf),
@@ -156,6 +190,7 @@ impl Backend for LocalDir {
     }
 
     fn remove(&self, key: &str) -> Result<()> {
+        self.forget_open(key);
         let path = self.path(key);
         match fs::remove_file(&path) {
             Ok(()) => {}
