@@ -20,8 +20,11 @@ pub struct LocalDir {
     root: PathBuf,
     /// Recently read objects kept open: a restore reads thousands of chunks from a few packs,
     /// and an open per chunk would cost more than the read. Most recent last.
-    open: Arc<Mutex<Vec<(String, Arc<File>)>>>,
+    open: Arc<Mutex<OpenFiles>>,
 }
+
+/// Open handles by object key, least recently used first.
+type OpenFiles = Vec<(String, Arc<File>)>;
 
 const TMP_PREFIX: &str = ".tmp-";
 /// How many objects `get_range` keeps open.
