@@ -628,11 +628,6 @@ pub fn p(path: &Path) -> &str {
     path.to_str().unwrap_or("<non-UTF-8 path>")
 }
 
-/// Whether two files have identical contents.
-pub fn same_file(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    Ok(fs::read(a)? == fs::read(b)?)
-}
-
 /// A temporary directory with a fresh repository in `repo/`.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -683,7 +678,7 @@ impl Fixture {
     pub fn assert_restores(&self, snapshot: &str, disk: &Path) -> anyhow::Result<()> {
         let out = self.path(&format!("restored-{}.img", &snapshot[..12]));
         sv_ok(&["restore", p(&self.repo()), snapshot, p(&out), "--force"])?;
-        if !same_file(&out, disk)? {
+        if !same_bytes(&out, disk)? {
             bail!("restore of {snapshot} differs from {}", disk.display());
         }
         fs::remove_file(&out)?;
