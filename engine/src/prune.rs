@@ -594,7 +594,7 @@ fn plan_estimate(
             Plan::Delete => report.packs_deleted += 1,
             _ => report.packs_rewritten += 1,
         }
-        let live: Option<i64> = conn
+        let unused: Option<i64> = conn
             .query_row(
                 "SELECT sum(c.stored_len) FROM chunks c WHERE c.pack = ?1 AND NOT EXISTS \
                  (SELECT 1 FROM temp.prune_live l WHERE l.id = c.id)",
@@ -604,7 +604,7 @@ fn plan_estimate(
             .optional()
             .map_err(err)?
             .flatten();
-        report.chunk_bytes_removed += live.unwrap_or(0) as u64;
+        report.chunk_bytes_removed += unused.unwrap_or(0) as u64;
         report.chunks_removed += p.chunk_count.saturating_sub(p.live_chunks);
         report.chunks_moved += p.live_chunks;
         moved_bytes += p.live_bytes + p.live_chunks * TABLE_ENTRY_LEN as u64;
@@ -622,4 +622,26 @@ fn plan_estimate(
         .saturating_sub(report.packs_deleted + report.packs_rewritten + report.orphans_deleted);
     report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_unused_parses_percentages() -> Result<()> {
+        assert_eq!(parse_max_unused("10%")?, 0.10);
+        assert_eq!(parse_max_unused("0")?, 0.0);
+        assert_eq!(parse_max_unused("100%")?, 1.0);
+        for bad in ["", "ten", "-1%", "101%", "5%%x"] {
+            assert!(parse_max_unused(bad).is_err(), "{bad}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn overheads_match_the_pack_format() {
+        assert_eq!(PACK_FIXED_OVERHEAD, 48);
+        assert_eq!(CHUNK_OVERHEAD, 104);
+    }
 }
