@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod foundation;
 mod incremental;
+mod retention;
 mod vectors;
 mod verify;
 mod vhd;

@@ -4,11 +4,14 @@
 mod backup;
 mod check;
 mod diff;
+mod forget;
 mod index;
 mod init;
 mod output;
+mod prune;
 mod restore;
 mod snapshots;
+mod stats;
 mod verify;
 
 use std::process::ExitCode;
@@ -48,6 +51,12 @@ enum Command {
     /// Maintain the index (derived state).
     #[command(subcommand)]
     Index(index::Command),
+    /// Remove snapshots, named or by a retention policy (their data stays until prune).
+    Forget(forget::Args),
+    /// Delete stored data no snapshot references; rewrite mostly unused packs.
+    Prune(prune::Args),
+    /// Show the space each snapshot and disk takes, and what forgetting it would free.
+    Stats(stats::Args),
 }
 
 /// Exit code when the repository or the data is damaged (as opposed to any other failure).
@@ -69,6 +78,9 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Check(a) => check::run(&ctx, a),
         Command::Index(c) => index::run(&ctx, c),
+        Command::Forget(a) => forget::run(&ctx, a),
+        Command::Prune(a) => prune::run(&ctx, a),
+        Command::Stats(a) => stats::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,14 @@
 //! - `manifest-write`: half of the manifest has been written to its temporary file.
 //! - `manifest-stored`: the manifest is durable, the snapshot is not yet catalogued.
 //!
+//! Retention reaches these (see `format-spec/retention.md`):
+//!
+//! - `forget-row-removed`: a forgotten snapshot's catalogue row is gone, its manifest not yet.
+//! - `prune-pack-stored`: a replacement pack is durable, not yet indexed.
+//! - `prune-pack-indexed`: a replacement pack is indexed (its chunks' rows point at it).
+//! - `prune-index-updated`: the old packs' rows are gone from the index, their files not yet.
+//! - `prune-pack-deleted`: one old pack file has been deleted.
+//!
 //! A malformed value is reported on stderr and ignored. This module must never be used for
 //! anything but tests.
 
@@ -23,7 +31,7 @@ use std::sync::OnceLock;
 /// The environment variable that arms a crash point.
 pub const CRASH_ENV: &str = "STACKVAULT_CRASH_AT";
 
-/// Every crash point, in the order a backup reaches them.
+/// Every crash point: a backup's in the order it reaches them, then retention's.
 pub const CRASH_POINTS: &[&str] = &[
     "chunk",
     "pack-write",
@@ -32,6 +40,11 @@ pub const CRASH_POINTS: &[&str] = &[
     "before-manifest",
     "manifest-write",
     "manifest-stored",
+    "forget-row-removed",
+    "prune-pack-stored",
+    "prune-pack-indexed",
+    "prune-index-updated",
+    "prune-pack-deleted",
 ];
 
 static ARMED: OnceLock<Option<(&'static str, u64)>> = OnceLock::new();

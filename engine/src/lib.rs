@@ -8,6 +8,8 @@
 //! maps chunk ids to pack locations; it is derived state that can be rebuilt. Last, the
 //! snapshot manifest, a complete map of the disk with a root digest, is written. Restore
 //! ([`restore`]) walks a manifest, verifies every chunk and writes it at its offset.
+//! Retention runs the other way: [`forget`] removes snapshots by policy, [`prune`] deletes
+//! the data no snapshot references any more, and [`stats`] says what each snapshot costs.
 //!
 //! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
 //! `format` → `error`; `source` and `chunker` know nothing of repositories.
@@ -18,25 +20,31 @@ pub mod chunker;
 pub mod crash;
 pub mod diff;
 pub mod error;
+pub mod forget;
 pub mod format;
 pub mod index;
 pub mod lock;
 pub mod progress;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod source;
+pub mod stats;
 pub mod store;
 pub mod verify;
 
 pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;
 pub use error::{Error, Result};
+pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
 pub use format::ChunkId;
 pub use index::SnapshotSummary;
 pub use progress::{NoProgress, Progress};
+pub use prune::{prune, PruneOptions, PruneReport};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
+pub use stats::{stats, StatsReport};
 pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

@@ -2,9 +2,10 @@
 //!
 //! Locks are small JSON files in `locks/` (host, pid, process start time, time). Backups take
 //! a *writer* lock each (`backup-<pid>-<random>.lock`); they share the repository (separate
-//! packs, one SQLite writer at a time). Operations that rewrite or delete derived or shared
-//! state (`index rebuild`, later prune) take the one *maintenance* lock
-//! (`maintenance.lock`), created with an exclusive link so that only one can exist.
+//! packs, one SQLite writer at a time). `forget` takes a writer lock too. Operations that
+//! rewrite or delete derived or shared state (`index rebuild`, `prune`) take the one
+//! *maintenance* lock (`maintenance.lock`), created with an exclusive link so that only one
+//! can exist.
 //!
 //! Exclusion works because each side first makes its own lock visible and only then looks
 //! for the other side's: whichever comes second sees the first and backs out, removing its

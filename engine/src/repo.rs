@@ -208,7 +208,17 @@ impl Repo {
                 id: id.to_hex(),
                 snapshot: snapshot.to_string(),
             })?;
-        store::pack::read_chunk(self.backend.as_ref(), &loc.pack, &loc.record)
+        match store::pack::read_chunk(self.backend.as_ref(), &loc.pack, &loc.record) {
+            // Readers take no lock: prune may have moved the chunk to a new pack and deleted
+            // the old one since the lookup. Look once more before calling it damage.
+            Err(e) if e.is_corruption() => match self.readers.lookup(id)? {
+                Some(again) if again != loc => {
+                    store::pack::read_chunk(self.backend.as_ref(), &again.pack, &again.record)
+                }
+                _ => Err(e),
+            },
+            other => other,
+        }
     }
 
     /// Takes a writer lock of `kind` (`backup`, ...) in `locks/`, released when the guard

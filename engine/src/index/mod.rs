@@ -86,7 +86,7 @@ pub struct SnapshotSummary {
     pub meta: SnapshotMeta,
 }
 
-fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |source| {
         use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
         if matches!(
@@ -174,6 +174,12 @@ impl Index {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connection itself, for maintenance (forget, prune, stats) that needs its own
+    /// queries and per-connection temporary tables.
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     /// Whether the index knows a chunk.
@@ -556,7 +562,7 @@ impl IndexReaders {
 /// Brings the snapshot catalogue in line with the manifests in the repository: adds the
 /// manifests it lacks (a crash between writing a manifest and cataloguing it). Manifests that
 /// fail to decode are left out and reported. A catalogued snapshot whose manifest is gone is
-/// kept and reported: manifests are never deleted behind the index's back (prune removes the
+/// kept and reported: manifests are never deleted behind the index's back (forget removes the
 /// row first), so a vanished manifest is damage that `check` and `restore` must show, not
 /// forget.
 pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
@@ -569,7 +575,14 @@ pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>
     let mut problems = Vec::new();
     for id in present.difference(&known) {
         match load_manifest(backend, id) {
-            Ok(m) => index.add_snapshot(id, &m)?,
+            Ok(m) => {
+                index.add_snapshot(id, &m)?;
+                // `forget` may have removed the manifest since we read it (it drops the row
+                // first, then the manifest): never leave a row behind without one.
+                if !backend.exists(&snapshot_key(id))? {
+                    index.remove_snapshot(id)?;
+                }
+            }
             Err(e) => problems.push(e),
         }
     }

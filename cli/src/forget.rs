@@ -1,0 +1,138 @@
+//! `stackvault forget`
+
+use std::path::PathBuf;
+
+use stackvault::forget::{self, parse_duration, ForgetReport, RetentionPolicy};
+use stackvault::Repo;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Snapshots to forget (ids, unique prefixes or `latest`). Without any, the --keep-*
+    /// policy decides, per disk.
+    snapshots: Vec<String>,
+    /// Apply the policy to this disk only.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days that have snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep the newest snapshot of each of the last N years that have snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_yearly: u32,
+    /// Keep every snapshot younger than this (`7d`, `36h`, `2w`, `1w3d`).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Show what would be kept and removed (with the reasons), change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let policy = RetentionPolicy {
+        keep_last: args.keep_last,
+        keep_hourly: args.keep_hourly,
+        keep_daily: args.keep_daily,
+        keep_weekly: args.keep_weekly,
+        keep_monthly: args.keep_monthly,
+        keep_yearly: args.keep_yearly,
+        keep_within: args
+            .keep_within
+            .as_deref()
+            .map(parse_duration)
+            .transpose()?,
+    };
+    let repo = Repo::open(&args.repo)?;
+    let report = if args.snapshots.is_empty() {
+        forget::forget_by_policy(
+            &repo,
+            args.disk.as_deref(),
+            &policy,
+            forget::now_utc(),
+            args.dry_run,
+        )?
+    } else {
+        if !policy.is_empty() || args.disk.is_some() {
+            anyhow::bail!("name snapshots or give a --keep-* policy, not both");
+        }
+        forget::forget(&repo, &args.snapshots, args.dry_run)?
+    };
+    if args.json {
+        return output::json(&report);
+    }
+    print(&report)
+}
+
+fn short(id: &str) -> &str {
+    &id[..12.min(id.len())]
+}
+
+fn print(r: &ForgetReport) -> anyhow::Result<()> {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    if let Some(decisions) = &r.decisions {
+        let mut disk = None;
+        for d in decisions {
+            if disk != Some(&d.disk) {
+                output::line(format!("disk {}:", d.disk))?;
+                disk = Some(&d.disk);
+            }
+            if d.keep {
+                output::line(format!(
+                    "  keep    {}  {}  ({})",
+                    short(&d.id),
+                    d.time,
+                    d.reasons.join(", ")
+                ))?;
+            } else {
+                output::line(format!("  remove  {}  {}", short(&d.id), d.time))?;
+            }
+        }
+    } else {
+        for s in &r.removed {
+            output::line(format!("{verb} {}  {}  {}", short(&s.id), s.disk, s.time))?;
+        }
+    }
+    for p in &r.parent_removed {
+        output::line(format!(
+            "note: {} snapshot {} of disk {}: its parent {} is {}; it still restores on its own",
+            p.kind,
+            short(&p.id),
+            p.disk,
+            short(&p.parent),
+            if r.dry_run {
+                "to be removed"
+            } else {
+                "removed"
+            }
+        ))?;
+    }
+    output::line(format!(
+        "{verb} {} snapshots ({} verification records), {} remain{}",
+        r.removed.len(),
+        r.verification_records_removed,
+        r.kept,
+        if r.dry_run || r.removed.is_empty() {
+            ""
+        } else {
+            "; run `stackvault prune` to free their data"
+        }
+    ))
+}

@@ -1,0 +1,73 @@
+//! `stackvault prune`
+
+use std::path::PathBuf;
+
+use stackvault::prune::{parse_max_unused, PruneOptions, PruneReport};
+use stackvault::Repo;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Rewrite packs whose unused share exceeds this (`10%`; `0%` rewrites every pack with
+    /// any unused chunk, `100%` only deletes packs that are wholly unused).
+    #[arg(long, value_name = "PERCENT", default_value = "10%")]
+    max_unused: String,
+    /// Show what would be deleted and rewritten, change nothing (takes no lock).
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let options = PruneOptions {
+        max_unused: parse_max_unused(&args.max_unused)?,
+        dry_run: args.dry_run,
+    };
+    let repo = Repo::open(&args.repo)?;
+    let report = stackvault::prune(&repo, &options, &ctx.progress())?;
+    if args.json {
+        return output::json(&report);
+    }
+    print(&report)
+}
+
+fn print(r: &PruneReport) -> anyhow::Result<()> {
+    let would = if r.dry_run { "would " } else { "" };
+    output::line(format!(
+        "{} snapshots reference {} chunks; {} packs ({})",
+        r.snapshots,
+        r.referenced_chunks,
+        r.packs_before,
+        output::bytes(r.bytes_before)
+    ))?;
+    output::line(format!(
+        "{would}delete {} unused packs and {} orphan packs, {would}rewrite {} packs into {} \
+         ({} chunks moved, {} chunks removed)",
+        r.packs_deleted,
+        r.orphans_deleted,
+        r.packs_rewritten,
+        r.packs_written,
+        r.chunks_moved,
+        r.chunks_removed
+    ))?;
+    output::line(format!(
+        "{}freed {}: {} packs ({}) remain; {} unused left in packs under the threshold; \
+         {} stray verification records removed; {:.2} s",
+        if r.dry_run { "would have " } else { "" },
+        output::bytes(r.bytes_freed),
+        r.packs_after,
+        output::bytes(r.bytes_after),
+        output::bytes(r.unused_bytes_kept),
+        r.verification_records_removed,
+        r.duration_ms as f64 / 1000.0
+    ))?;
+    for p in &r.problems {
+        output::line(format!("note: {p}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! Prune: delete stored data that no snapshot references any more.
+//!
+//! Job: find the chunks no remaining manifest names; delete packs that hold only such
+//! chunks (and orphan packs, which the index does not know); rewrite packs whose unused
+//! share exceeds `max_unused` by copying their still-referenced records verbatim (no
+//! recompression) into new packs; and keep the index in step. Verification records of
+//! snapshots that no longer exist go too.
+//!
+//! Exclusion: prune holds the repository's maintenance lock from start to end (see
+//! `format-spec/locks.md` and `format-spec/retention.md`), so no backup can deduplicate
+//! against a chunk while prune decides to delete it, and no forget can change the set of
+//! manifests under it. Readers (restore, verify) take no lock; one that looked up a chunk in
+//! a pack that prune then deletes retries its lookup once (see `Repo::read_chunk`).
+//!
+//! Memory: the set of referenced chunk ids lives in a temporary SQLite table of the index
+//! connection (`temp.prune_live`), not in a Rust set, so it spills to disk like any SQLite
+//! table and memory stays bounded by SQLite's cache, one manifest and two packs (the one
+//! being read and the one being written).
+//!
+//! Order (the crash analysis is in `format-spec/retention.md`): (1) store the replacement
+//! packs, (2) index them, pointing the moved chunks' rows at them, (3) in one transaction
+//! drop the rows of the old packs, after checking that no referenced chunk still lives only
+//! there, (4) delete the old pack files, then orphans. A crash anywhere leaves every
+//! remaining snapshot readable; what it leaves behind is unreferenced packs that `check`
+//! lists as orphans and the next prune deletes. Prune refuses to run when a manifest cannot
+//! be read: it cannot know what that snapshot needs.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::Extent;
+use crate::format::pack::{
+    decode_record_header, PackEntry, PACK_FOOTER_LEN, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+    TABLE_ENTRY_LEN,
+};
+use crate::format::verification::VERIFICATIONS_PREFIX;
+use crate::format::ChunkId;
+use crate::index::{self, sql_err, Index};
+use crate::progress::Progress;
+use crate::repo::Repo;
+use crate::store::pack::PackWriter;
+use crate::store::pack_key;
+
+/// Bytes of a pack that are not records: header and footer.
+pub const PACK_FIXED_OVERHEAD: u64 = (PACK_HEADER_LEN + PACK_FOOTER_LEN) as u64;
+/// Bytes a chunk costs in a pack beyond its stored bytes: record header and table entry.
+pub const CHUNK_OVERHEAD: u64 = (RECORD_HEADER_LEN + TABLE_ENTRY_LEN) as u64;
+
+/// What prune may do.
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    /// Largest unused share of a pack's record bytes (0.0..=1.0) that is left in place;
+    /// a pack above it is rewritten.
+    pub max_unused: f64,
+    /// Plan and report, change nothing (takes no lock).
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            max_unused: 0.10,
+            dry_run: false,
+        }
+    }
+}
+
+/// Parses `--max-unused`: a percentage like `10%` (or `10`), 0 to 100.
+pub fn parse_max_unused(s: &str) -> Result<f64> {
+    let n: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "--max-unused {s:?}: expected a percentage like 10%"
+        ))
+    })?;
+    if !(0.0..=100.0).contains(&n) {
+        return Err(Error::InvalidArgument(format!(
+            "--max-unused {s:?}: must be between 0% and 100%"
+        )));
+    }
+    Ok(n / 100.0)
+}
+
+/// The outcome of a prune (or, with `dry_run`, its plan: byte counts are then estimates).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    /// Distinct chunks the snapshots reference.
+    pub referenced_chunks: u64,
+    /// Pack files before, and their total size.
+    pub packs_before: u64,
+    pub bytes_before: u64,
+    /// Packs deleted whole (no referenced chunk).
+    pub packs_deleted: u64,
+    /// Packs rewritten (their referenced chunks moved to new packs, then deleted).
+    pub packs_rewritten: u64,
+    /// New packs written by the rewrite.
+    pub packs_written: u64,
+    /// Pack files the index did not know (left by crashes), deleted.
+    pub orphans_deleted: u64,
+    /// Chunks moved to new packs.
+    pub chunks_moved: u64,
+    /// Chunk records removed from the repository.
+    pub chunks_removed: u64,
+    /// Stored bytes of the removed chunks (what the chunks themselves took).
+    pub chunk_bytes_removed: u64,
+    /// Pack files after, and their total size.
+    pub packs_after: u64,
+    pub bytes_after: u64,
+    pub bytes_freed: u64,
+    /// Unused record bytes left in packs below the `max_unused` threshold.
+    pub unused_bytes_kept: u64,
+    /// Verification records of snapshots that no longer exist, deleted.
+    pub verification_records_removed: u64,
+    /// Things prune left alone, with why (damaged packs, unindexed referenced chunks).
+    pub problems: Vec<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Plan {
+    Keep,
+    Delete,
+    Rewrite,
+}
+
+/// A pack as prune sees it.
+#[derive(Debug)]
+struct PackUse {
+    key: i64,
+    name: String,
+    size: u64,
+    chunk_count: u64,
+    live_chunks: u64,
+    /// Record bytes (header + stored) of the referenced chunks the index places here.
+    live_bytes: u64,
+    plan: Plan,
+}
+
+impl PackUse {
+    /// Record bytes of the pack: all but header, table and footer.
+    fn record_bytes(&self) -> u64 {
+        self.size
+            .saturating_sub(PACK_FIXED_OVERHEAD)
+            .saturating_sub(self.chunk_count * TABLE_ENTRY_LEN as u64)
+    }
+
+    fn unused_bytes(&self) -> u64 {
+        self.record_bytes().saturating_sub(self.live_bytes)
+    }
+}
+
+/// Prunes `repo`; see the module doc.
+pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport> {
+    let started = Instant::now();
+    let _lock = if options.dry_run {
+        None
+    } else {
+        Some(crate::lock::acquire_maintenance(repo.root(), "prune")?)
+    };
+    let backend = repo.backend();
+    let mut report = PruneReport {
+        dry_run: options.dry_run,
+        ..Default::default()
+    };
+
+    // Everything on storage before we start, so packs we write are never taken for orphans.
+    let listed: HashMap<String, String> = backend
+        .list("packs/")?
+        .into_iter()
+        .filter_map(|k| Some((k.rsplit('/').next()?.to_string(), k)))
+        .collect();
+    let mut sizes: HashMap<String, u64> = HashMap::with_capacity(listed.len());
+    for (name, key) in &listed {
+        sizes.insert(name.clone(), backend.size(key)?);
+    }
+    report.packs_before = listed.len() as u64;
+    report.bytes_before = sizes.values().sum();
+
+    let mut index = repo.index();
+    let snapshots = collect_referenced(repo, &mut index)?;
+    report.snapshots = snapshots.len() as u64;
+    let path = index.path().to_path_buf();
+    let err = sql_err(&path);
+    let conn = index.conn_mut();
+    report.referenced_chunks = conn
+        .query_row("SELECT count(*) FROM temp.prune_live", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(&err)? as u64;
+    let unindexed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM temp.prune_live l \
+             WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = l.id)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+
+    // The plan: every indexed pack with its referenced share.
+    let mut packs: Vec<PackUse> = {
+        let mut stmt = conn
+            .prepare(
+                "SELECT p.id, p.name, p.size, p.chunk_count, \
+                 count(l.id), coalesce(sum(CASE WHEN l.id IS NULL THEN 0 \
+                 ELSE c.stored_len + ?1 END), 0) \
+                 FROM packs p LEFT JOIN chunks c ON c.pack = p.id \
+                 LEFT JOIN temp.prune_live l ON l.id = c.id \
+                 GROUP BY p.id ORDER BY p.id",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([RECORD_HEADER_LEN as i64], |r| {
+                Ok(PackUse {
+                    key: r.get(0)?,
+                    name: r.get(1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    chunk_count: r.get::<_, i64>(3)? as u64,
+                    live_chunks: r.get::<_, i64>(4)? as u64,
+                    live_bytes: r.get::<_, i64>(5)? as u64,
+                    plan: Plan::Keep,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)?
+    };
+    for p in &mut packs {
+        let unused = p.unused_bytes();
+        p.plan = if p.live_chunks == 0 {
+            Plan::Delete
+        } else if unused > 0 && unused as f64 > options.max_unused * p.record_bytes() as f64 {
+            Plan::Rewrite
+        } else {
+            report.unused_bytes_kept += unused;
+            Plan::Keep
+        };
+    }
+    let indexed: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
+    let mut orphans: Vec<(String, String)> = listed
+        .iter()
+        .filter(|(name, _)| !indexed.contains(name.as_str()))
+        .map(|(n, k)| (n.clone(), k.clone()))
+        .collect();
+    orphans.sort();
+    if unindexed > 0 {
+        // A referenced chunk the index lacks may be in an orphan pack (an index that lost
+        // rows): deleting orphans could destroy the only copy.
+        report.problems.push(format!(
+            "{unindexed} referenced chunks are not in the index (damage, see `stackvault check`); \
+             {} orphan packs kept, run `stackvault index rebuild` first",
+            orphans.len()
+        ));
+        orphans.clear();
+    }
+
+    if options.dry_run {
+        plan_estimate(&packs, &orphans, &sizes, repo, &mut report, conn, &err)?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // (1) + (2): rewrite, one old pack at a time into the open new pack.
+    let target = repo.config().pack_target_size as usize;
+    let capacity = target + repo.config().chunker.max_chunk() as usize * 2;
+    let rewrite_total: u64 = packs
+        .iter()
+        .filter(|p| p.plan == Plan::Rewrite)
+        .map(|p| p.size)
+        .sum();
+    progress.start("prune", rewrite_total);
+    let mut writer = PackWriter::new(capacity);
+    let mut written: Vec<u64> = Vec::new();
+    for p in packs.iter_mut().filter(|p| p.plan == Plan::Rewrite) {
+        match live_records(repo, conn, &err, p) {
+            Ok(records) => {
+                for (entry, stored) in records {
+                    writer.add(entry.id, entry.raw_len, &stored, entry.compression);
+                    report.chunks_moved += 1;
+                    if writer.len() >= target {
+                        let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
+                        written.push(store_and_index(repo, conn, &err, full)?);
+                    }
+                }
+            }
+            Err(e) if e.is_corruption() => {
+                report
+                    .problems
+                    .push(format!("pack {} kept as it is: {e}", p.name));
+                p.plan = Plan::Keep;
+            }
+            Err(e) => return Err(e),
+        }
+        progress.advance(p.size);
+    }
+    if !writer.is_empty() {
+        written.push(store_and_index(repo, conn, &err, writer)?);
+    }
+    progress.finish();
+
+    // (3): the old packs leave the index, in one transaction.
+    let doomed: Vec<&PackUse> = packs.iter().filter(|p| p.plan != Plan::Keep).collect();
+    {
+        let tx = conn.transaction().map_err(&err)?;
+        for p in &doomed {
+            let still_needed: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM chunks c JOIN temp.prune_live l ON l.id = c.id \
+                     WHERE c.pack = ?1",
+                    [p.key],
+                    |r| r.get(0),
+                )
+                .map_err(&err)?;
+            if still_needed > 0 {
+                // Never reached by construction; rolling back keeps every pack.
+                return Err(Error::InvalidArgument(format!(
+                    "prune stopped: pack {} still holds {still_needed} referenced chunks",
+                    p.name
+                )));
+            }
+            let bytes: i64 = tx
+                .query_row(
+                    "SELECT coalesce(sum(stored_len), 0) FROM chunks WHERE pack = ?1",
+                    [p.key],
+                    |r| r.get(0),
+                )
+                .map_err(&err)?;
+            report.chunk_bytes_removed += bytes as u64;
+            tx.execute("DELETE FROM chunks WHERE pack = ?1", [p.key])
+                .map_err(&err)?;
+            tx.execute("DELETE FROM packs WHERE id = ?1", [p.key])
+                .map_err(&err)?;
+            // Records of the pack beyond the indexed ones are copies of chunks indexed
+            // elsewhere (two concurrent backups stored the same chunk): removed too.
+            report.chunks_removed += p.chunk_count.saturating_sub(p.live_chunks);
+        }
+        tx.commit().map_err(&err)?;
+    }
+    crate::crash::point("prune-index-updated");
+
+    // (4): the files. A crash from here on leaves orphans only.
+    for p in &doomed {
+        backend.remove(&pack_key(&p.name))?;
+        crate::crash::point("prune-pack-deleted");
+        match p.plan {
+            Plan::Delete => report.packs_deleted += 1,
+            _ => report.packs_rewritten += 1,
+        }
+    }
+    for (_, key) in &orphans {
+        backend.remove(key)?;
+        report.orphans_deleted += 1;
+    }
+    report.verification_records_removed = remove_stray_verifications(repo, conn, &err, &snapshots)?;
+    drop(index);
+
+    report.packs_written = written.len() as u64;
+    let removed: u64 = doomed.iter().map(|p| p.size).sum::<u64>()
+        + orphans
+            .iter()
+            .map(|(n, _)| sizes.get(n).copied().unwrap_or(0))
+            .sum::<u64>();
+    report.bytes_after =
+        report.bytes_before - removed.min(report.bytes_before) + written.iter().sum::<u64>();
+    report.packs_after =
+        report.packs_before + report.packs_written - (doomed.len() + orphans.len()) as u64;
+    report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Syncs the catalogue with the manifests, refuses on any unreadable one, and fills
+/// `temp.prune_live` with every chunk id they reference. Returns the snapshot ids.
+fn collect_referenced(repo: &Repo, index: &mut Index) -> Result<HashSet<String>> {
+    // A manifest stored by a backup that crashed before cataloguing it is a snapshot too.
+    let problems = index::sync_snapshots(index, repo.backend())?;
+    if let Some(e) = problems.into_iter().next() {
+        return Err(refuse(e));
+    }
+    let ids: HashSet<String> = index.snapshot_ids()?.into_iter().collect();
+    let path = index.path().to_path_buf();
+    let err = sql_err(&path);
+    let conn = index.conn_mut();
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS prune_live (id BLOB PRIMARY KEY) WITHOUT ROWID;
+         DELETE FROM temp.prune_live;",
+    )
+    .map_err(&err)?;
+    for id in &ids {
+        let manifest = repo.load_manifest(id).map_err(refuse)?;
+        let tx = conn.transaction().map_err(&err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR IGNORE INTO temp.prune_live (id) VALUES (?1)")
+                .map_err(&err)?;
+            for e in manifest.segments.iter().flatten() {
+                if let Extent::Chunk { id, .. } = e {
+                    stmt.execute([&id.0[..]]).map_err(&err)?;
+                }
+            }
+        }
+        tx.commit().map_err(&err)?;
+    }
+    Ok(ids)
+}
+
+/// Prune deletes data: it must know every snapshot's needs, so damage stops it.
+fn refuse(e: Error) -> Error {
+    match e {
+        Error::Corrupt {
+            location,
+            offset,
+            what,
+        } => Error::Corrupt {
+            location,
+            offset,
+            what: format!(
+                "{what}; prune deletes nothing while a snapshot cannot be read \
+                 (see `stackvault check`)"
+            ),
+        },
+        other => other,
+    }
+}
+
+/// Reads pack `p` once and returns its referenced records (entry as in the record header,
+/// stored bytes), each checked against its index row and its crc32.
+fn live_records(
+    repo: &Repo,
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    p: &PackUse,
+) -> Result<Vec<(PackEntry, Vec<u8>)>> {
+    let location = format!("pack {}", p.name);
+    let bytes = repo.backend().get(&pack_key(&p.name))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.id, c.offset, c.raw_len, c.stored_len FROM chunks c \
+             JOIN temp.prune_live l ON l.id = c.id WHERE c.pack = ?1 ORDER BY c.offset",
+        )
+        .map_err(err)?;
+    let rows = stmt
+        .query_map([p.key], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })
+        .map_err(err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, offset, raw_len, stored_len) = row.map_err(err)?;
+        let offset = u64::try_from(offset)
+            .map_err(|_| Error::corrupt(&location, 0, "negative record offset in the index"))?;
+        let id = ChunkId(<[u8; 32]>::try_from(id.as_slice()).map_err(|_| {
+            Error::corrupt(&location, offset, "index row with a malformed chunk id")
+        })?);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let header = bytes
+            .get(start..start.saturating_add(RECORD_HEADER_LEN))
+            .ok_or_else(|| {
+                Error::corrupt(&location, offset, "record lies beyond the pack's end")
+            })?;
+        let entry = decode_record_header(header, offset, &location)?;
+        if entry.id != id || entry.raw_len != raw_len || entry.stored_len != stored_len {
+            return Err(Error::corrupt(
+                &location,
+                offset,
+                "record header disagrees with the index (rebuild the index)",
+            ));
+        }
+        let data_start = start + RECORD_HEADER_LEN;
+        let stored = bytes
+            .get(data_start..data_start.saturating_add(stored_len as usize))
+            .ok_or_else(|| {
+                Error::corrupt(&location, offset, "record lies beyond the pack's end")
+            })?;
+        if crc32fast::hash(stored) != entry.crc32 {
+            return Err(Error::corrupt(
+                &location,
+                offset,
+                format!("chunk {} fails its crc32", id.to_hex()),
+            ));
+        }
+        out.push((entry, stored.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Stores a finished replacement pack, then indexes it, pointing its chunks' rows at it.
+/// Returns its size.
+fn store_and_index(
+    repo: &Repo,
+    conn: &mut rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    writer: PackWriter,
+) -> Result<u64> {
+    let pack = writer.finish()?;
+    repo.backend().put(&pack_key(&pack.name), &pack.bytes)?;
+    crate::crash::point("prune-pack-stored");
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(err)?;
+    tx.execute(
+        "INSERT INTO packs (name, size, chunk_count) VALUES (?1, ?2, ?3)",
+        params![
+            pack.name,
+            pack.bytes.len() as i64,
+            pack.entries.len() as i64
+        ],
+    )
+    .map_err(err)?;
+    let key: i64 = tx
+        .query_row("SELECT id FROM packs WHERE name = ?1", [&pack.name], |r| {
+            r.get(0)
+        })
+        .map_err(err)?;
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO chunks (id, pack, offset, raw_len, stored_len) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(err)?;
+        for e in &pack.entries {
+            stmt.execute(params![
+                &e.id.0[..],
+                key,
+                e.offset as i64,
+                e.raw_len,
+                e.stored_len
+            ])
+            .map_err(err)?;
+        }
+    }
+    tx.commit().map_err(err)?;
+    crate::crash::point("prune-pack-indexed");
+    Ok(pack.bytes.len() as u64)
+}
+
+/// Deletes verification records (objects and rows) whose snapshot no longer exists.
+fn remove_stray_verifications(
+    repo: &Repo,
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    snapshots: &HashSet<String>,
+) -> Result<u64> {
+    let mut removed = 0;
+    for key in repo.backend().list(VERIFICATIONS_PREFIX)? {
+        let snapshot = key
+            .strip_prefix(VERIFICATIONS_PREFIX)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        if !snapshots.contains(snapshot) {
+            repo.backend().remove(&key)?;
+            removed += 1;
+        }
+    }
+    let mut stmt = conn
+        .prepare("SELECT DISTINCT snapshot FROM verifications")
+        .map_err(err)?;
+    let cached: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(err)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(err)?;
+    for s in cached.iter().filter(|s| !snapshots.contains(*s)) {
+        conn.execute("DELETE FROM verifications WHERE snapshot = ?1", [s])
+            .map_err(err)?;
+    }
+    Ok(removed)
+}
+
+/// Fills a dry run's report with what the plan would do.
+fn plan_estimate(
+    packs: &[PackUse],
+    orphans: &[(String, String)],
+    sizes: &HashMap<String, u64>,
+    repo: &Repo,
+    report: &mut PruneReport,
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+) -> Result<()> {
+    let target = u64::from(repo.config().pack_target_size).max(1);
+    let mut moved_bytes = 0;
+    let mut removed = 0;
+    for p in packs.iter().filter(|p| p.plan != Plan::Keep) {
+        match p.plan {
+            Plan::Delete => report.packs_deleted += 1,
+            _ => report.packs_rewritten += 1,
+        }
+        let unused: Option<i64> = conn
+            .query_row(
+                "SELECT sum(c.stored_len) FROM chunks c WHERE c.pack = ?1 AND NOT EXISTS \
+                 (SELECT 1 FROM temp.prune_live l WHERE l.id = c.id)",
+                [p.key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?
+            .flatten();
+        report.chunk_bytes_removed += unused.unwrap_or(0) as u64;
+        report.chunks_removed += p.chunk_count.saturating_sub(p.live_chunks);
+        report.chunks_moved += p.live_chunks;
+        moved_bytes += p.live_bytes + p.live_chunks * TABLE_ENTRY_LEN as u64;
+        removed += p.size;
+    }
+    report.orphans_deleted = orphans.len() as u64;
+    removed += orphans
+        .iter()
+        .map(|(n, _)| sizes.get(n).copied().unwrap_or(0))
+        .sum::<u64>();
+    report.packs_written = moved_bytes.div_ceil(target);
+    let written = moved_bytes + report.packs_written * PACK_FIXED_OVERHEAD;
+    report.bytes_after = report.bytes_before - removed.min(report.bytes_before) + written;
+    report.packs_after = (report.packs_before + report.packs_written)
+        .saturating_sub(report.packs_deleted + report.packs_rewritten + report.orphans_deleted);
+    report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_unused_parses_percentages() -> Result<()> {
+        assert_eq!(parse_max_unused("10%")?, 0.10);
+        assert_eq!(parse_max_unused("0")?, 0.0);
+        assert_eq!(parse_max_unused("100%")?, 1.0);
+        for bad in ["", "ten", "-1%", "101%", "5%%x"] {
+            assert!(parse_max_unused(bad).is_err(), "{bad}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn overheads_match_the_pack_format() {
+        assert_eq!(PACK_FIXED_OVERHEAD, 48);
+        assert_eq!(CHUNK_OVERHEAD, 104);
+    }
+}

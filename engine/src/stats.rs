@@ -1,0 +1,299 @@
+//! Space accounting: what each snapshot and disk takes, and what forgetting it would free.
+//!
+//! For every snapshot: its logical size (the virtual disk size), its data bytes (the bytes
+//! its chunks cover, zero runs excluded), the stored (compressed) bytes of the distinct chunks
+//! it references, and its *unique* bytes: stored bytes of chunks no other snapshot
+//! references, which is what forgetting it and pruning would free (plus the pack structure
+//! of those chunks, [`crate::prune::CHUNK_OVERHEAD`] bytes each). The same per disk, and for
+//! the repository the dedup ratio (data bytes of all snapshots / raw bytes of the distinct
+//! chunks) and the compression ratio (raw / stored bytes of those chunks).
+//!
+//! Every manifest is read once. Reference counts live in temporary SQLite tables of the index
+//! connection (`temp.stats_refs`: chunk → number of snapshots, first snapshot, first disk and
+//! whether another disk shares it; `temp.stats_disk`: distinct (disk, chunk) pairs), so
+//! memory stays bounded by one manifest. Nothing in the repository is written.
+
+use std::collections::{BTreeMap, HashSet};
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::Extent;
+use crate::format::ChunkId;
+use crate::index::sql_err;
+use crate::repo::Repo;
+
+/// One snapshot's space.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotStats {
+    pub id: String,
+    pub disk: String,
+    pub time: String,
+    pub kind: String,
+    /// The virtual disk size.
+    pub logical_bytes: u64,
+    /// Bytes of the disk covered by chunks (the rest is zero runs).
+    pub data_bytes: u64,
+    /// Distinct chunks referenced.
+    pub chunks: u64,
+    /// Raw and stored (compressed) bytes of those chunks.
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// Chunks no other snapshot references, and their stored bytes: what forgetting this
+    /// snapshot frees (before pack structure).
+    pub unique_chunks: u64,
+    pub unique_bytes: u64,
+    /// Referenced chunks the index does not know (damage; see `check`).
+    pub missing_chunks: u64,
+}
+
+/// One disk's space, over all its snapshots.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskStats {
+    pub disk: String,
+    pub snapshots: u64,
+    /// Sum of the snapshots' virtual sizes.
+    pub logical_bytes: u64,
+    pub data_bytes: u64,
+    /// Distinct chunks referenced by the disk's snapshots, their raw and stored bytes.
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// Stored bytes of chunks no other disk's snapshot references.
+    pub unique_bytes: u64,
+}
+
+/// The repository as a whole.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepoStats {
+    pub snapshots: u64,
+    pub disks: u64,
+    pub logical_bytes: u64,
+    pub data_bytes: u64,
+    /// Distinct referenced chunks, their raw and stored bytes.
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// data bytes / raw bytes of the distinct chunks.
+    pub dedup_ratio: f64,
+    /// raw / stored bytes of the distinct chunks.
+    pub compression_ratio: f64,
+    /// Indexed packs and their total size.
+    pub packs: u64,
+    pub pack_bytes: u64,
+    /// Stored bytes of indexed chunks no snapshot references (prune's to reclaim).
+    pub unreferenced_bytes: u64,
+}
+
+/// What `stats` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsReport {
+    pub repository: RepoStats,
+    pub disks: Vec<DiskStats>,
+    pub snapshots: Vec<SnapshotStats>,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Computes the space report; `disk` limits the per-snapshot and per-disk lists (unique
+/// bytes are always relative to every snapshot in the repository).
+pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
+    let all = repo.snapshots(None)?;
+    let mut disk_ids: BTreeMap<String, i64> = BTreeMap::new();
+    for s in &all {
+        let n = disk_ids.len() as i64;
+        disk_ids.entry(s.meta.disk.clone()).or_insert(n);
+    }
+    let mut index = repo.index();
+    let path = index.path().to_path_buf();
+    let err = sql_err(&path);
+    let conn = index.conn_mut();
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS stats_refs (id BLOB PRIMARY KEY, n INTEGER NOT NULL,
+             snap INTEGER NOT NULL, disk INTEGER NOT NULL, shared INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS stats_disk (disk INTEGER NOT NULL, id BLOB NOT NULL,
+             PRIMARY KEY (disk, id)) WITHOUT ROWID;
+         DELETE FROM temp.stats_refs;
+         DELETE FROM temp.stats_disk;",
+    )
+    .map_err(&err)?;
+
+    let mut snaps = Vec::with_capacity(all.len());
+    for (i, s) in all.iter().enumerate() {
+        let manifest = repo.load_manifest(&s.id)?;
+        let d = disk_ids.get(&s.meta.disk).copied().unwrap_or(0);
+        let mut distinct: HashSet<ChunkId> = HashSet::new();
+        let mut data_bytes = 0;
+        for e in manifest.segments.iter().flatten() {
+            if let Extent::Chunk { id, len } = e {
+                data_bytes += u64::from(*len);
+                distinct.insert(*id);
+            }
+        }
+        let (mut raw, mut stored, mut missing) = (0u64, 0u64, 0u64);
+        let tx = conn.transaction().map_err(&err)?;
+        {
+            let mut lookup = tx
+                .prepare_cached("SELECT raw_len, stored_len FROM chunks WHERE id = ?1")
+                .map_err(&err)?;
+            let mut refs = tx
+                .prepare_cached(
+                    "INSERT INTO temp.stats_refs (id, n, snap, disk, shared) \
+                     VALUES (?1, 1, ?2, ?3, 0) ON CONFLICT (id) DO UPDATE SET n = n + 1, \
+                     shared = shared OR disk != excluded.disk",
+                )
+                .map_err(&err)?;
+            let mut per_disk = tx
+                .prepare_cached("INSERT OR IGNORE INTO temp.stats_disk (disk, id) VALUES (?1, ?2)")
+                .map_err(&err)?;
+            for id in &distinct {
+                let lens: Option<(i64, i64)> = lookup
+                    .query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(&err)?;
+                match lens {
+                    Some((r, st)) => {
+                        raw += r as u64;
+                        stored += st as u64;
+                    }
+                    None => missing += 1,
+                }
+                refs.execute(params![&id.0[..], i as i64, d])
+                    .map_err(&err)?;
+                per_disk.execute(params![d, &id.0[..]]).map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)?;
+        snaps.push(SnapshotStats {
+            id: s.id.clone(),
+            disk: s.meta.disk.clone(),
+            time: s.meta.time.clone(),
+            kind: s.meta.kind.as_str().to_string(),
+            logical_bytes: manifest.virtual_size,
+            data_bytes,
+            chunks: distinct.len() as u64,
+            raw_bytes: raw,
+            stored_bytes: stored,
+            unique_chunks: 0,
+            unique_bytes: 0,
+            missing_chunks: missing,
+        });
+    }
+
+    // Unique per snapshot: chunks referenced by exactly one snapshot.
+    {
+        let mut stmt = conn
+            .prepare(
+                "SELECT r.snap, count(*), sum(c.stored_len) FROM temp.stats_refs r \
+                 JOIN chunks c ON c.id = r.id WHERE r.n = 1 GROUP BY r.snap",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(&err)?;
+        for row in rows {
+            let (snap, n, bytes) = row.map_err(&err)?;
+            if let Some(s) = usize::try_from(snap).ok().and_then(|i| snaps.get_mut(i)) {
+                s.unique_chunks = n as u64;
+                s.unique_bytes = bytes as u64;
+            }
+        }
+    }
+
+    // Per disk.
+    let mut disks: Vec<DiskStats> = Vec::new();
+    for (name, &d) in &disk_ids {
+        let of_disk: Vec<&SnapshotStats> = snaps.iter().filter(|s| &s.disk == name).collect();
+        let (chunks, raw, stored): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum(c.stored_len), 0) \
+                 FROM temp.stats_disk x JOIN chunks c ON c.id = x.id WHERE x.disk = ?1",
+                [d],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(&err)?;
+        let unique: i64 = conn
+            .query_row(
+                "SELECT coalesce(sum(c.stored_len), 0) FROM temp.stats_refs r \
+                 JOIN chunks c ON c.id = r.id WHERE r.disk = ?1 AND NOT r.shared",
+                [d],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        disks.push(DiskStats {
+            disk: name.clone(),
+            snapshots: of_disk.len() as u64,
+            logical_bytes: of_disk.iter().map(|s| s.logical_bytes).sum(),
+            data_bytes: of_disk.iter().map(|s| s.data_bytes).sum(),
+            chunks: chunks as u64,
+            raw_bytes: raw as u64,
+            stored_bytes: stored as u64,
+            unique_bytes: unique as u64,
+        });
+    }
+
+    // The repository.
+    let (chunks, raw, stored): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum(c.stored_len), 0) \
+             FROM temp.stats_refs r JOIN chunks c ON c.id = r.id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(&err)?;
+    let indexed_stored: i64 = conn
+        .query_row("SELECT coalesce(sum(stored_len), 0) FROM chunks", [], |r| {
+            r.get(0)
+        })
+        .map_err(&err)?;
+    let (packs, pack_bytes): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM packs",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(&err)?;
+    let data_bytes: u64 = snaps.iter().map(|s| s.data_bytes).sum();
+    let repository = RepoStats {
+        snapshots: snaps.len() as u64,
+        disks: disk_ids.len() as u64,
+        logical_bytes: snaps.iter().map(|s| s.logical_bytes).sum(),
+        data_bytes,
+        chunks: chunks as u64,
+        raw_bytes: raw as u64,
+        stored_bytes: stored as u64,
+        dedup_ratio: ratio(data_bytes, raw as u64),
+        compression_ratio: ratio(raw as u64, stored as u64),
+        packs: packs as u64,
+        pack_bytes: pack_bytes as u64,
+        unreferenced_bytes: (indexed_stored - stored).max(0) as u64,
+    };
+    conn.execute_batch("DELETE FROM temp.stats_refs; DELETE FROM temp.stats_disk;")
+        .map_err(&err)?;
+    drop(index);
+    if let Some(d) = disk {
+        if !disk_ids.contains_key(d) {
+            return Err(Error::InvalidArgument(format!("no snapshot of disk {d:?}")));
+        }
+        snaps.retain(|s| s.disk == d);
+        disks.retain(|x| x.disk == d);
+    }
+    Ok(StatsReport {
+        repository,
+        disks,
+        snapshots: snaps,
+    })
+}
