@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault_tests::{
-    make_sample_disk, mutate_disk, p, same_file, stackvault_bin, sv, sv_env, sv_json, sv_ok,
+    make_sample_disk, mutate_disk, p, same_bytes, stackvault_bin, sv, sv_env, sv_json, sv_ok,
 };
 
 const MIB: u64 = 1 << 20;
@@ -115,7 +115,7 @@ fn assert_restores(repo: &Path, id: &str, disk: &Path, what: &str) -> anyhow::Re
     let out = disk.with_extension(format!("restored-{}", &id[..8]));
     sv_ok(&["restore", p(repo), id, p(&out), "--force"]).context(what.to_string())?;
     ensure!(
-        same_file(&out, disk)?,
+        same_bytes(&out, disk)?,
         "{what}: restore of {id} differs from {}",
         disk.display()
     );
