@@ -11,7 +11,7 @@ use crate::output::{self, Context};
 pub struct Args {
     /// Directory of the new repository (must not exist, or be empty).
     repo: PathBuf,
-    /// Chunker: `fastcdc` (16K/64K/256K), `fastcdc:MIN:AVG:MAX` or `fixed:SIZE`.
+    /// Chunker: `fastcdc` (4K/16K/64K), `fastcdc:MIN:AVG:MAX` or `fixed:SIZE`.
     #[arg(long, default_value = "fastcdc")]
     chunker: String,
     /// zstd compression level for stored chunks (1-22).

@@ -211,9 +211,9 @@ mod tests {
             .iter()
             .filter(|p| matches!(p, Piece::Data { .. }))
             .collect();
-        assert!(data.iter().all(|p| p.len() <= 256 << 10));
+        assert!(data.iter().all(|p| p.len() <= 64 << 10));
         let avg = (d.len() - (256 << 10)) / data.len();
-        assert!((32 << 10..=128 << 10).contains(&avg), "avg chunk {avg}");
+        assert!((8 << 10..=32 << 10).contains(&avg), "avg chunk {avg}");
     }
 
     #[test]
