@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -154,10 +154,23 @@ pub fn backup(
             });
         }
         drop(tx);
-        let result = write_loop(repo, rx, &dispatch, &pending, progress);
+        // Packs are stored and indexed by their own thread, so that the writer (and behind
+        // it the workers) never waits for a pack's fsync or index commit.
+        let (pack_tx, pack_rx) = sync_channel::<PackWriter>(1);
+        let pending_ref = &pending;
+        let store = scope.spawn(move || store_loop(repo, pack_rx, pending_ref));
+        let result = write_loop(repo, rx, &dispatch, &pending, &pack_tx, progress);
         // On error, release workers waiting for the window to move.
         dispatch.stop();
-        result
+        drop(pack_tx);
+        let stored = store
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidArgument("pack store thread panicked".into())));
+        // A store failure (disk full...) explains a writer failure, not the other way round.
+        let bytes_added = stored?;
+        let mut written = result?;
+        written.stats.bytes_added = bytes_added;
+        Ok::<Written, Error>(written)
     })?;
     progress.finish();
 
@@ -505,11 +518,12 @@ fn write_loop(
     rx: Receiver<(u64, Result<SegmentOutput>)>,
     dispatch: &Dispatch,
     pending: &Mutex<HashSet<ChunkId>>,
+    packs: &SyncSender<PackWriter>,
     progress: &dyn Progress,
 ) -> Result<Written> {
     let config = repo.config();
     let target = config.pack_target_size as usize;
-    let mut index = repo.index();
+    let stopped = || Error::InvalidArgument("the pack store stopped".into());
     let mut pack = PackWriter::new(target + config.chunker.max_chunk() as usize * 2);
     let mut stats = BackupStats::default();
     let mut segments = Vec::new();
@@ -534,7 +548,7 @@ fn write_loop(
             }
             for c in seg.new_chunks {
                 let accepted = pending.lock().map(|p| p.contains(&c.id)).unwrap_or(false);
-                if accepted || index.contains(&c.id)? {
+                if accepted || repo.readers().contains(&c.id)? {
                     continue;
                 }
                 pack.add(c.id, c.raw_len, &c.stored, c.compression);
@@ -545,7 +559,7 @@ fn write_loop(
                 stats.new_bytes += u64::from(c.raw_len);
                 if pack.len() >= target {
                     let full = std::mem::replace(&mut pack, PackWriter::new(target));
-                    store_pack(repo, &mut index, pending, full, &mut stats)?;
+                    packs.send(full).map_err(|_| stopped())?;
                 }
             }
             segments.push(seg.extents);
@@ -558,20 +572,34 @@ fn write_loop(
             dispatch.total
         )));
     }
-    store_pack(repo, &mut index, pending, pack, &mut stats)?;
+    packs.send(pack).map_err(|_| stopped())?;
     Ok(Written { segments, stats })
 }
 
-/// Stores a finished pack, then indexes its chunks: never the other way round.
+/// Stores finished packs in the order they come; returns the bytes added to the repository.
+fn store_loop(
+    repo: &Repo,
+    packs: Receiver<PackWriter>,
+    pending: &Mutex<HashSet<ChunkId>>,
+) -> Result<u64> {
+    let mut index = repo.index();
+    let mut added = 0;
+    for pack in packs {
+        added += store_pack(repo, &mut index, pending, pack)?;
+    }
+    Ok(added)
+}
+
+/// Stores a finished pack, then indexes its chunks: never the other way round. Returns its
+/// size.
 fn store_pack(
     repo: &Repo,
     index: &mut Index,
     pending: &Mutex<HashSet<ChunkId>>,
     pack: PackWriter,
-    stats: &mut BackupStats,
-) -> Result<()> {
+) -> Result<u64> {
     if pack.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let finished = pack.finish()?;
     repo.backend()
@@ -583,11 +611,10 @@ fn store_pack(
         &finished.entries,
     )?;
     crate::crash::point("pack-indexed");
-    stats.bytes_added += finished.bytes.len() as u64;
     if let Ok(mut p) = pending.lock() {
         for e in &finished.entries {
             p.remove(&e.id);
         }
     }
-    Ok(())
+    Ok(finished.bytes.len() as u64)
 }
