@@ -125,7 +125,7 @@ pub fn backup(
     let pending: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
-    let dispatch = Dispatch::new(segments, workers as u64 * 3);
+    let dispatch = Dispatch::new(segments, workers as u64 * 2);
 
     progress.start("backup", virtual_size);
     let written = std::thread::scope(|scope| {
@@ -155,11 +155,15 @@ pub fn backup(
         }
         drop(tx);
         // Packs are stored and indexed by their own thread, so that the writer (and behind
-        // it the workers) never waits for a pack's fsync or index commit.
-        let (pack_tx, pack_rx) = sync_channel::<PackWriter>(1);
+        // it the workers) never waits for a pack's fsync or index commit. A rendezvous
+        // channel: at most one pack being stored and one being filled.
+        let (pack_tx, pack_rx) = sync_channel::<PackWriter>(0);
+        // Stored packs' buffers come back for reuse: allocating and freeing 16 MiB buffers
+        // makes glibc's adaptive mmap threshold churn its heap (measured 2x slower, +50% RSS).
+        let (spare_tx, spare_rx) = channel::<Vec<u8>>();
         let pending_ref = &pending;
-        let store = scope.spawn(move || store_loop(repo, pack_rx, pending_ref));
-        let result = write_loop(repo, rx, &dispatch, &pending, &pack_tx, progress);
+        let store = scope.spawn(move || store_loop(repo, pack_rx, pending_ref, spare_tx));
+        let result = write_loop(repo, rx, &dispatch, &pending, &pack_tx, &spare_rx, progress);
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
@@ -519,12 +523,15 @@ fn write_loop(
     dispatch: &Dispatch,
     pending: &Mutex<HashSet<ChunkId>>,
     packs: &SyncSender<PackWriter>,
+    spare: &Receiver<Vec<u8>>,
     progress: &dyn Progress,
 ) -> Result<Written> {
     let config = repo.config();
     let target = config.pack_target_size as usize;
     let stopped = || Error::InvalidArgument("the pack store stopped".into());
-    let mut pack = PackWriter::new(target + config.chunker.max_chunk() as usize * 2);
+    // Room for the last chunk past the target and the table, so the buffer never regrows.
+    let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
+    let mut pack = PackWriter::new(capacity);
     let mut stats = BackupStats::default();
     let mut segments = Vec::new();
 
@@ -558,7 +565,11 @@ fn write_loop(
                 stats.new_chunks += 1;
                 stats.new_bytes += u64::from(c.raw_len);
                 if pack.len() >= target {
-                    let full = std::mem::replace(&mut pack, PackWriter::new(target));
+                    let next = match spare.try_recv() {
+                        Ok(buf) => PackWriter::reusing(buf),
+                        Err(_) => PackWriter::new(capacity),
+                    };
+                    let full = std::mem::replace(&mut pack, next);
                     packs.send(full).map_err(|_| stopped())?;
                 }
             }
@@ -581,25 +592,29 @@ fn store_loop(
     repo: &Repo,
     packs: Receiver<PackWriter>,
     pending: &Mutex<HashSet<ChunkId>>,
+    spare: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<u64> {
     let mut index = repo.index();
     let mut added = 0;
     for pack in packs {
-        added += store_pack(repo, &mut index, pending, pack)?;
+        let buf = store_pack(repo, &mut index, pending, pack)?;
+        added += buf.len() as u64;
+        // The writer may have finished; then the buffer is simply dropped.
+        let _ = spare.send(buf);
     }
     Ok(added)
 }
 
-/// Stores a finished pack, then indexes its chunks: never the other way round. Returns its
-/// size.
+/// Stores a finished pack, then indexes its chunks: never the other way round. Returns the
+/// pack's bytes (empty if nothing was stored), whose buffer can be reused.
 fn store_pack(
     repo: &Repo,
     index: &mut Index,
     pending: &Mutex<HashSet<ChunkId>>,
     pack: PackWriter,
-) -> Result<u64> {
+) -> Result<Vec<u8>> {
     if pack.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let finished = pack.finish()?;
     repo.backend()
@@ -616,5 +631,5 @@ fn store_pack(
             p.remove(&e.id);
         }
     }
-    Ok(finished.bytes.len() as u64)
+    Ok(finished.bytes)
 }

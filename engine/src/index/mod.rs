@@ -133,9 +133,9 @@ impl Index {
         configure(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql_err(path))?;
-        // A 16 MiB page cache for the one writer: chunk ids are random, so inserts touch
+        // An 8 MiB page cache for the one writer: chunk ids are random, so inserts touch
         // pages all over the B-tree.
-        conn.pragma_update(None, "cache_size", -16384)
+        conn.pragma_update(None, "cache_size", -8192)
             .map_err(sql_err(path))?;
         let mut index = Index {
             conn,

@@ -34,7 +34,12 @@ pub struct FinishedPack {
 
 impl PackWriter {
     pub fn new(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
+        Self::reusing(Vec::with_capacity(capacity))
+    }
+
+    /// A pack writer that fills `buf` (cleared first), reusing its allocation.
+    pub fn reusing(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(&encode_header());
         PackWriter {
             buf,
