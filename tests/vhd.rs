@@ -552,3 +552,44 @@ fn differencing_chain_incremental_reads_only_the_children() -> anyhow::Result<()
     assert_eq!(s(&fb, "root_digest"), s(&full, "root_digest"));
     Ok(())
 }
+
+#[test]
+fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let snap = f.backup("disk.raw", &[])?;
+    let id = s(&snap, "snapshot_id").to_string();
+    let repo = f.path("repo");
+    // A fixed VHD rounded up to a whole MiB (zeros past the disk) and a dynamic VHD both
+    // verify against the snapshot by their guest contents.
+    for (out, format) in [("fixed.vhd", "vhd-fixed"), ("dyn.vhd", "vhd-dynamic")] {
+        f.restore(&id, out, &["--output-format", format])?;
+        let v = stackvault_json(&[&"verify", &repo, &id, &"--target", &f.path(out)])?;
+        assert_eq!(s(&v, "outcome"), "ok", "{format}: {v}");
+    }
+    // A byte changed inside the VHD's data is found, at its guest offset.
+    let path = f.path("fixed.vhd");
+    let mut bytes = std::fs::read(&path)?;
+    let at = 3 * 1024 * 1024 + 17;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes)?;
+    let out = stackvault(&[&"verify", &repo, &id, &"--target", &path, &"--json"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(s(&v, "outcome"), "differs", "{v}");
+    let at = at as u64;
+    let problems = v["problems"].as_array().cloned().unwrap_or_default();
+    assert!(
+        problems.iter().any(|p| {
+            let (o, l) = (
+                p["offset"].as_u64().unwrap_or(0),
+                p["len"].as_u64().unwrap_or(0),
+            );
+            o <= at && at < o + l
+        }),
+        "no problem range covers guest offset {at}: {v}"
+    );
+    Ok(())
+}

@@ -32,7 +32,7 @@ use crate::format::ChunkId;
 use crate::index::{PackRow, SnapshotSummary};
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
-use crate::source::DiskSource;
+use crate::source::{DiskSource, ExtentKind};
 use crate::store::pack::read_pack_table;
 use crate::store::pack_key;
 
@@ -209,6 +209,26 @@ pub fn open_target(path: &Path) -> Result<Box<dyn DiskSource>> {
     crate::source::open_source(path, &Default::default())
 }
 
+/// Whether `[from, to)` of a target reads as zeros (holes are not read).
+fn tail_is_zero(target: &dyn DiskSource, from: u64, to: u64) -> Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    for e in target.extents(from, to - from)? {
+        if e.kind != ExtentKind::Data {
+            continue;
+        }
+        let mut pos = e.offset;
+        while pos < e.offset + e.len {
+            let n = (e.offset + e.len - pos).min(buf.len() as u64) as usize;
+            target.read_at(pos, &mut buf[..n])?;
+            if !crate::chunker::is_zero(&buf[..n]) {
+                return Ok(false);
+            }
+            pos += n as u64;
+        }
+    }
+    Ok(true)
+}
+
 thread_local! {
     static TARGET_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -246,14 +266,19 @@ pub fn verify_target(
         })
         .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))?;
     progress.finish();
-    if target_size > manifest.virtual_size {
+    // A longer target is fine when the tail is zeros: fixed VHDs for Azure are rounded up to
+    // a whole MiB.
+    if target_size > manifest.virtual_size
+        && !tail_is_zero(target, manifest.virtual_size, target_size)?
+    {
         let mut extra = Tally::default();
         extra.problem(
             manifest.virtual_size,
             target_size - manifest.virtual_size,
             None,
             format!(
-                "the target is {target_size} bytes, longer than the snapshot's disk ({} bytes)",
+                "the target is {target_size} bytes, longer than the snapshot's disk ({} bytes), \
+                 and not zero past its end",
                 manifest.virtual_size
             ),
         );
@@ -292,7 +317,7 @@ fn compare_segment(
     buf.resize(readable as usize, 0);
     if readable > 0 {
         for e in target.extents(start, readable)? {
-            if e.kind == crate::source::ExtentKind::Data {
+            if e.kind == ExtentKind::Data {
                 let from = (e.offset - start) as usize;
                 target.read_at(e.offset, &mut buf[from..from + e.len as usize])?;
             }
