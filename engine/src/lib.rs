@@ -12,6 +12,7 @@
 //! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
 //! `format` → `error`; `source` and `chunker` know nothing of repositories.
 
+pub mod azure;
 pub mod backup;
 pub mod changes;
 pub mod chunker;
@@ -22,6 +23,7 @@ pub mod index;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod restore_pageblob;
 pub mod source;
 pub mod store;
 
@@ -35,4 +37,5 @@ pub use index::SnapshotSummary;
 pub use progress::{NoProgress, Progress};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, RestoreOptions, RestoreReport};
+pub use restore_pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use source::{open_source, DiskSource};

@@ -6,8 +6,10 @@
 //! so different containers of the same disk deduplicate completely. Known-zero ranges are
 //! never read. Sources know nothing of repositories.
 
+pub mod pageblob;
 mod raw;
 
+pub use pageblob::PageBlobSource;
 pub use raw::RawFile;
 
 use std::path::Path;
