@@ -206,6 +206,8 @@ pub struct BlobClient {
     origin: String,
     /// URL path as sent, starting with `/`.
     path: String,
+    /// Path of the blob's container.
+    container_path: String,
     auth: Auth,
     /// Redacted URL, the only form shown to anyone.
     shown: String,
@@ -277,6 +279,12 @@ impl BlobClient {
                 .to_string(),
             None => hostname.split('.').next().unwrap_or_default().to_string(),
         };
+        // Path style puts the account first: /account/container/blob.
+        let container_path: String = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .take(1 + usize::from(path_style))
+            .fold(String::new(), |acc, s| acc + "/" + s);
         let auth = match (&options.account_key, query) {
             (Some(key), _) => Auth::SharedKey(SharedKey::new(&account, key)?),
             (None, Some(q)) if !q.is_empty() => Auth::Sas(q),
@@ -304,6 +312,7 @@ impl BlobClient {
             )),
             origin,
             path,
+            container_path,
             auth,
             profile: options.profile,
             version: Mutex::new(version),
@@ -437,6 +446,20 @@ impl BlobClient {
             .collect())
     }
 
+    /// Create Container for the blob's container; one that exists already is fine.
+    pub fn create_container(&self) -> Result<()> {
+        let query = [("restype".to_string(), "container".to_string())];
+        self.execute_at(
+            &self.container_path,
+            "PUT",
+            &query,
+            &[],
+            Some(&[]),
+            &[201, 409],
+        )?;
+        Ok(())
+    }
+
     /// Create Page Blob of `size` bytes (a multiple of 512), replacing any blob there.
     pub fn create_page_blob(&self, size: u64) -> Result<()> {
         let headers = [
@@ -509,9 +532,21 @@ impl BlobClient {
         }
     }
 
-    /// Runs a request with retries; answers with a status in `ok` are returned.
     fn execute(
         &self,
+        method: &'static str,
+        query: &[(String, String)],
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+        ok: &[u16],
+    ) -> Result<Response> {
+        self.execute_at(&self.path, method, query, headers, body, ok)
+    }
+
+    /// Runs a request on `path` with retries; answers with a status in `ok` are returned.
+    fn execute_at(
+        &self,
+        path: &str,
         method: &'static str,
         query: &[(String, String)],
         headers: &[(String, String)],
@@ -522,7 +557,7 @@ impl BlobClient {
         loop {
             attempt += 1;
             let version = self.api_version();
-            let retry_reason = match self.attempt(method, query, headers, body, &version) {
+            let retry_reason = match self.attempt(path, method, query, headers, body, &version) {
                 Attempt::Answer(r) if ok.contains(&r.status) => return Ok(r),
                 Attempt::Answer(r) => {
                     let (code, message) = service_error(&r);
@@ -608,6 +643,7 @@ impl BlobClient {
 
     fn attempt(
         &self,
+        path: &str,
         method: &'static str,
         query: &[(String, String)],
         headers: &[(String, String)],
@@ -622,12 +658,12 @@ impl BlobClient {
             if let Some(b) = body {
                 all.push(("Content-Length".into(), b.len().to_string()));
             }
-            let auth = key.authorization(method, &self.path, &q, &all);
+            let auth = key.authorization(method, path, &q, &all);
             // Content-Length is set by the HTTP client from the body; it was only signed.
             all.retain(|(k, _)| k != "Content-Length");
             all.push(("Authorization".into(), auth));
         }
-        let mut url = format!("{}{}", self.origin, self.path);
+        let mut url = format!("{}{}", self.origin, path);
         let mut parts: Vec<String> = q
             .drain(..)
             .map(|(k, v)| format!("{}={}", sign::encode(&k), sign::encode(&v)))
