@@ -731,6 +731,8 @@ fn classify(e: ureq::Error) -> Attempt {
         | ureq::Error::ConnectionFailed
         | ureq::Error::Protocol(_)
         | ureq::Error::HostNotFound => Attempt::Failed(e.to_string()),
+        // Its text would carry the URL, SAS included.
+        ureq::Error::BadUri(_) => Attempt::Fatal("malformed URL".into()),
         other => Attempt::Fatal(other.to_string()),
     }
 }
