@@ -1,6 +1,7 @@
 //! The integration suite: one binary, one module per area. Every test makes its own
 //! temporary repository and sample disks (built from real files of this machine).
 
+mod azure;
 mod cli;
 mod crash;
 mod foundation;

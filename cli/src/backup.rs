@@ -11,7 +11,8 @@ use crate::output::{self, Context};
 pub struct Args {
     /// Repository directory.
     repo: PathBuf,
-    /// Disk image or block device to back up.
+    /// Disk image or block device to back up, or a page blob URL (`https://…?SAS`,
+    /// `azure://ACCOUNT/CONTAINER/BLOB` with `--endpoint` and `--account-key-env`).
     source: PathBuf,
     /// Name of the disk (e.g. `web01-os`); its snapshots form one history.
     #[arg(long)]
@@ -39,6 +40,13 @@ pub struct Args {
     /// If change knowledge does not fit the parent snapshot, read everything instead of failing.
     #[arg(long)]
     fallback_full: bool,
+    /// Page blob source: ask the service which ranges changed since this blob snapshot
+    /// (Get Page Ranges with `prevsnapshot`, a snapshot time such as
+    /// `2026-01-01T00:00:00.0000000Z`).
+    #[arg(long, value_name = "TIME", conflicts_with = "changed_ranges")]
+    since_snapshot: Option<String>,
+    #[command(flatten)]
+    blob: crate::azure::BlobArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -46,12 +54,29 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
-    let source_options = SourceOptions {
-        format: SourceFormat::parse(&args.format)?,
-        parent: args.parent_vhd,
+    let shown = crate::azure::shown(&args.source);
+    let mut since = None;
+    let source: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(&args.source) {
+        Some(url) => {
+            let blob = stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
+                .with_context(|| format!("cannot open page blob {shown}"))?;
+            if let Some(t) = &args.since_snapshot {
+                since = Some(blob.changes_since_snapshot(t)?);
+            }
+            Box::new(blob)
+        }
+        None if args.since_snapshot.is_some() => {
+            anyhow::bail!("--since-snapshot needs a page blob source")
+        }
+        None => {
+            let source_options = SourceOptions {
+                format: SourceFormat::parse(&args.format)?,
+                parent: args.parent_vhd.clone(),
+            };
+            stackvault::open_source(&args.source, &source_options)
+                .with_context(|| format!("cannot open source {shown}"))?
+        }
     };
-    let source = stackvault::open_source(&args.source, &source_options)
-        .with_context(|| format!("cannot open source {}", args.source.display()))?;
     // Tolerated damage (a wrong checksum...) is reported, as qemu does, but does not stop us.
     if let Some(vhd) = source.info().vhd {
         for w in &vhd.warnings {
@@ -64,7 +89,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read change list {}", path.display()))?;
             Some(ChangeList::parse(&text, &path.display().to_string())?)
         }
-        None => None,
+        None => since,
     };
     let mode = if args.full {
         BackupMode::Full
@@ -81,7 +106,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         fallback_full: args.fallback_full,
     };
     let report = stackvault::backup(&repo, source.as_ref(), &options, &ctx.progress())
-        .with_context(|| format!("backup of {} failed", args.source.display()))?;
+        .with_context(|| format!("backup of {shown} failed"))?;
     if args.json {
         return output::json(&report);
     }

@@ -1,6 +1,7 @@
 //! `stackvault`: the command-line front end. Thin: parses arguments, calls the engine, prints
 //! its reports (human text, or JSON with `--json`). All logic lives in the engine.
 
+mod azure;
 mod backup;
 mod check;
 mod diff;

@@ -13,7 +13,7 @@ pub struct Args {
     repo: PathBuf,
     /// Snapshot id, unique prefix, or `latest`.
     snapshot: String,
-    /// Output disk image file.
+    /// Output disk image file, or a page blob URL (restored as a fixed VHD).
     output: PathBuf,
     /// With `latest`: the latest snapshot of this disk.
     #[arg(long)]
@@ -32,6 +32,10 @@ pub struct Args {
     /// VHD: give the restored disk a new unique id instead of the source's.
     #[arg(long)]
     new_id: bool,
+    #[command(flatten)]
+    blob: crate::azure::BlobArgs,
+    #[command(flatten)]
+    blob_restore: crate::azure::BlobRestoreArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -40,6 +44,15 @@ pub struct Args {
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let repo = Repo::open(&args.repo)?;
     let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+    if let Some(url) = crate::azure::blob_url(&args.output) {
+        let options = args.blob_restore.options(&args.blob, args.force)?;
+        let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
+            .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
+        return crate::azure::print_restore(&report, args.json);
+    }
+    if args.blob_restore.any() {
+        anyhow::bail!("--existing, --resume and --journal-dir apply to page blob targets");
+    }
     let options = RestoreOptions {
         force: args.force,
         output_format: args

@@ -83,6 +83,24 @@ pub enum Error {
     /// Another process holds a lock that this operation needs.
     #[error("repository is locked: {0}")]
     Locked(String),
+
+    /// A storage service answered with an error. `url` is redacted (no SAS, no key).
+    #[error("{url}: HTTP {status} {code}: {message}")]
+    Http {
+        url: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+
+    /// A storage service could not be reached (connection failed, reset, timed out) after
+    /// `tries` attempts. `url` is redacted.
+    #[error("{url}: no answer after {tries} tries: {message}")]
+    Network {
+        url: String,
+        tries: u32,
+        message: String,
+    },
 }
 
 impl Error {

@@ -14,6 +14,7 @@
 //! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
 //! `format` → `error`; `source` and `chunker` know nothing of repositories.
 
+pub mod azure;
 pub mod backup;
 pub mod changes;
 pub mod chunker;
@@ -28,6 +29,7 @@ pub mod progress;
 pub mod prune;
 pub mod repo;
 pub mod restore;
+pub mod restore_pageblob;
 pub mod source;
 pub mod stats;
 pub mod store;
@@ -45,6 +47,7 @@ pub use progress::{NoProgress, Progress};
 pub use prune::{prune, PruneOptions, PruneReport};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
+pub use restore_pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
 pub use stats::{stats, StatsReport};
 pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

@@ -30,6 +30,13 @@ use crate::repo::Repo;
 pub trait DiskTarget: Sync {
     /// Writes `data` at `offset` of the virtual disk.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Every chunk of the segment at `offset` (`len` bytes of the virtual disk) has been
+    /// written. Targets that upload whole aligned windows (page blobs) send it now.
+    fn segment_done(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// Container format of a restored disk file.
@@ -152,6 +159,7 @@ pub fn restore_into(
                 }
                 offset += u64::from(e.len());
             }
+            target.segment_done(i as u64 * seg, offset - i as u64 * seg)?;
             progress.advance(offset - i as u64 * seg);
             Ok(c)
         })

@@ -6,9 +6,11 @@
 //! so different containers of the same disk deduplicate completely. Known-zero ranges are
 //! never read. Sources know nothing of repositories.
 
+pub mod pageblob;
 mod raw;
 pub mod vhd;
 
+pub use pageblob::PageBlobSource;
 pub use raw::RawFile;
 pub use vhd::VhdDisk;
 

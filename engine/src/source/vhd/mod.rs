@@ -232,6 +232,30 @@ fn push_piece(out: &mut Vec<Piece>, n: u64, src: Option<(usize, u64)>) {
     out.push((n, src));
 }
 
+/// The metadata of a fixed VHD known only by its footer (a page blob), as kept in snapshots.
+pub fn fixed_footer_info(
+    bytes: &[u8; footer::FOOTER_LEN],
+    location: &str,
+    at: u64,
+) -> Result<VhdInfo> {
+    let (f, warning) = footer::Footer::decode(bytes, location, at)?;
+    Ok(VhdInfo {
+        disk_type: f.disk_type.as_str().into(),
+        unique_id: format_uuid(&f.unique_id),
+        creator_application: fourcc(&f.creator_app),
+        creator_version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xffff),
+        creator_host_os: fourcc(&f.creator_host_os),
+        current_size: f.current_size,
+        original_size: f.original_size,
+        geometry: f.geometry,
+        timestamp: f.timestamp,
+        time: vhd_time(f.timestamp),
+        block_size: None,
+        parents: Vec::new(),
+        warnings: warning.into_iter().collect(),
+    })
+}
+
 impl VhdDisk<FileAt> {
     /// Opens the VHD at `path` and its parent chain. `parent` overrides where the first
     /// parent is looked for (its locators are ignored then).

@@ -1,0 +1,130 @@
+//! Page blob addresses on the command line: `https://…?SAS`, `http://…` (Azurite) or
+//! `azure://ACCOUNT/CONTAINER/BLOB` with `--endpoint` and `--account-key-env`. Secrets come
+//! only from the environment or the SAS URL, and URLs are shown redacted.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use stackvault::azure::{self, BlobOptions, Profile};
+
+/// Options of a page blob source or target.
+#[derive(clap::Args, Debug, Default)]
+pub struct BlobArgs {
+    /// Blob endpoint of the account for `azure://ACCOUNT/CONTAINER/BLOB` (default
+    /// `https://ACCOUNT.blob.core.windows.net`; Azurite: `http://127.0.0.1:10000/devstoreaccount1`).
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Environment variable holding the storage account key (Shared Key). Never pass a key on
+    /// the command line.
+    #[arg(long, value_name = "VAR")]
+    account_key_env: Option<String>,
+    /// Cloud of the blob: `azure`, or `azurestack` (Azure Stack Hub: older service version,
+    /// 4 KiB page alignment, its size limits).
+    #[arg(long = "target-profile", alias = "profile", default_value = "azure")]
+    profile: String,
+    /// Service version (`x-ms-version`) instead of the profile's.
+    #[arg(long, value_name = "VERSION")]
+    api_version: Option<String>,
+}
+
+/// Restore-only options of a page blob target.
+#[derive(clap::Args, Debug, Default)]
+pub struct BlobRestoreArgs {
+    /// Write into an existing page blob of the right size instead of creating it (e.g. a
+    /// managed disk's upload SAS).
+    #[arg(long)]
+    existing: bool,
+    /// Continue an interrupted restore to a page blob, skipping windows already confirmed.
+    #[arg(long)]
+    resume: bool,
+    /// Directory of page blob resume journals (default ~/.cache/stackvault/resume).
+    #[arg(long, value_name = "DIR")]
+    journal_dir: Option<PathBuf>,
+}
+
+/// The argument as a blob URL, when it is one.
+pub fn blob_url(arg: &Path) -> Option<&str> {
+    arg.to_str().filter(|s| azure::is_blob_url(s))
+}
+
+/// How an argument is shown: paths as they are, URLs without their query string.
+pub fn shown(arg: &Path) -> String {
+    match blob_url(arg) {
+        Some(url) => azure::redact(url),
+        None => arg.display().to_string(),
+    }
+}
+
+impl BlobArgs {
+    pub fn options(&self) -> anyhow::Result<BlobOptions> {
+        let account_key = match &self.account_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(v),
+                _ => bail!("--account-key-env {var}: the variable is not set or empty"),
+            },
+            None => None,
+        };
+        Ok(BlobOptions {
+            profile: Profile::parse(&self.profile)?,
+            api_version: self.api_version.clone(),
+            endpoint: self.endpoint.clone(),
+            account_key,
+            retry: Default::default(),
+        })
+    }
+}
+
+impl BlobRestoreArgs {
+    pub fn options(
+        &self,
+        blob: &BlobArgs,
+        force: bool,
+    ) -> anyhow::Result<stackvault::PageBlobRestoreOptions> {
+        if self.existing && force {
+            bail!("--existing writes into the blob; --force would replace it: pick one");
+        }
+        Ok(stackvault::PageBlobRestoreOptions {
+            blob: blob.options().context("page blob options")?,
+            force,
+            existing: self.existing,
+            resume: self.resume,
+            journal_dir: self.journal_dir.clone(),
+            ..Default::default()
+        })
+    }
+
+    pub fn any(&self) -> bool {
+        self.existing || self.resume || self.journal_dir.is_some()
+    }
+}
+
+/// Prints a page blob restore report.
+pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return crate::output::json(r);
+    }
+    for note in &r.notes {
+        crate::output::line(format!("note: {note}"))?;
+    }
+    let b = &r.restore;
+    crate::output::line(format!(
+        "restored snapshot {} of disk {} to {} (fixed VHD page blob, {} disk, {} blob)",
+        b.snapshot_id.get(..12).unwrap_or(&b.snapshot_id),
+        b.disk,
+        b.target,
+        crate::output::bytes(b.virtual_size),
+        crate::output::bytes(r.blob_size)
+    ))?;
+    crate::output::line(format!(
+        "  uploaded {} in {} Put Page requests, {} clears, {} windows resumed, x-ms-version {} \
+         ({}), {:.2} s, {:.1} MB/s",
+        crate::output::bytes(r.bytes_uploaded),
+        r.put_requests,
+        r.clear_requests,
+        r.windows_resumed,
+        r.api_version,
+        r.profile,
+        b.duration_ms as f64 / 1000.0,
+        b.throughput_mb_s
+    ))
+}
