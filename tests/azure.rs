@@ -306,11 +306,23 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
         &repo,
         &repo.resolve_snapshot(second_id, None)?,
         &restored,
-        &Default::default(),
+        &stackvault::RestoreOptions {
+            output_format: Some(stackvault::OutputFormat::Raw),
+            ..Default::default()
+        },
         &NoProgress,
     )?;
     let restored = std::fs::read(&restored)?;
     ensure!(restored.len() as u64 == data_size);
+    // The snapshot keeps the blob's VHD identity, so a restore can give the disk back its id.
+    let shown = repo.resolve_snapshot(second_id, None)?;
+    let vhd = shown
+        .meta
+        .source
+        .vhd
+        .as_ref()
+        .context("blob snapshot lacks VHD metadata")?;
+    ensure!(vhd.disk_type == "fixed" && vhd.current_size == data_size);
     ensure!(
         restored[..raw_bytes.len()] == raw_bytes[..],
         "backup from the blob differs"
