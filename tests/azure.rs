@@ -384,6 +384,25 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     let blob_b = download(&b)?;
     check_vhd(&blob_b, &raw, dir.path(), "b")?;
     ensure!(blob_b[..data_size as usize] == blob_a[..data_size as usize]);
+    // verify --target proves the restored blob equals the snapshot, reading it over the API.
+    let (code, out, err) = run_cli_env(
+        &[
+            "verify".as_ref(),
+            repo_path.as_os_str(),
+            id.as_ref(),
+            "--target".as_ref(),
+            "azure://devstoreaccount1/vhds/b.vhd".as_ref(),
+            "--endpoint".as_ref(),
+            endpoint(az.port).as_ref(),
+            "--account-key-env".as_ref(),
+            key_var.as_ref(),
+            "--json".as_ref(),
+        ],
+        key_var,
+    )?;
+    ensure!(code == 0, "verify of the restored blob failed: {err}{out}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(v["outcome"] == "ok" && v["mode"] == "target", "{out}");
 
     // A second restore to the same blob needs --force; --existing writes into it and clears
     // what the snapshot has as zero.

@@ -17,10 +17,13 @@ pub struct Args {
     /// With `latest`: the latest snapshot of this disk.
     #[arg(long)]
     disk: Option<String>,
-    /// Instead of reading the repository, prove that this restored disk (a raw image or
-    /// block device) holds exactly the snapshot's disk.
+    /// Instead of reading the repository, prove that this restored disk holds exactly the
+    /// snapshot's disk: a raw image, a fixed or dynamic VHD, a block device, or a page blob
+    /// (`https://…?<SAS>` or `azure://ACCOUNT/CONTAINER/BLOB` with `--endpoint`).
     #[arg(long)]
     target: Option<PathBuf>,
+    #[command(flatten)]
+    blob: crate::azure::BlobArgs,
     /// Do not store a verification record (for a read-only repository).
     #[arg(long)]
     no_record: bool,
@@ -38,16 +41,15 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let progress = ctx.progress();
     let report = match &args.target {
         Some(path) => {
-            let target = open_target(path)
-                .with_context(|| format!("cannot open target {}", path.display()))?;
-            stackvault::verify_target(
-                &repo,
-                &snap,
-                target.as_ref(),
-                &path.display().to_string(),
-                &options,
-                &progress,
-            )
+            let shown = crate::azure::shown(path);
+            let target: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(path) {
+                Some(url) => Box::new(
+                    stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
+                        .with_context(|| format!("cannot open page blob {shown}"))?,
+                ),
+                None => open_target(path).with_context(|| format!("cannot open target {shown}"))?,
+            };
+            stackvault::verify_target(&repo, &snap, target.as_ref(), &shown, &options, &progress)
         }
         None => stackvault::verify_snapshot(&repo, &snap, &options, &progress),
     }
