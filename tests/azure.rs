@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use stackvault::azure::footer;
 use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{BlobClient, BlobOptions, Profile, RetryPolicy};
+use stackvault::source::vhd::footer::{self, DiskType, Footer, FOOTER_COOKIE};
 use stackvault::source::PageBlobSource;
 use stackvault::{
     backup, restore_to_page_blob, BackupOptions, DiskSource, InitOptions, NoProgress,
@@ -182,8 +182,9 @@ fn check_vhd(blob: &[u8], raw: &Path, dir: &Path, name: &str) -> Result<()> {
         .all(|&b| b == 0));
     let mut f = [0u8; 512];
     f.copy_from_slice(&blob[data_size as usize..]);
-    let parsed = footer::parse(&f, name)?;
-    ensure!(parsed.current_size == data_size && parsed.disk_type == footer::DISK_TYPE_FIXED);
+    let (parsed, warning) = Footer::decode(&f, name, data_size)?;
+    ensure!(warning.is_none(), "{warning:?}");
+    ensure!(parsed.current_size == data_size && parsed.disk_type == DiskType::Fixed);
     let vhd = dir.join(format!("{name}.vhd"));
     std::fs::write(&vhd, blob)?;
     let info = Command::new("qemu-img")
@@ -764,7 +765,7 @@ fn faults_are_retried_and_an_interrupted_restore_resumes() -> Result<()> {
     );
     let blob_now = download(&direct)?;
     ensure!(
-        !footer::has_cookie(&blob_now[blob_now.len() - 512..]),
+        blob_now[blob_now.len() - 512..][..8] != FOOTER_COOKIE,
         "footer before completion"
     );
     // Resume: confirmed windows are not sent again, the result is complete.
@@ -908,7 +909,22 @@ fn since_snapshot_diff_from_a_recorded_answer() -> Result<()> {
         <ClearRange><Start>4194304</Start><End>8388607</End></ClearRange>\
         <PageRange><Start>12582912</Start><End>12587007</End></PageRange></PageList>";
     let size = 16 * MIB;
-    let foot = footer::build_fixed(size, [9; 16], 1_700_000_000);
+    let foot = Footer {
+        features: 2,
+        version: 0x0001_0000,
+        data_offset: u64::MAX,
+        timestamp: 0,
+        creator_app: *b"win ",
+        creator_version: 0x000a_0000,
+        creator_host_os: *b"Wi2k",
+        original_size: size,
+        current_size: size,
+        geometry: footer::chs_geometry(size),
+        disk_type: DiskType::Fixed,
+        unique_id: [9; 16],
+        saved_state: 0,
+    }
+    .encode();
     let stub = serve(move |req| {
         if req.method == "HEAD" {
             return page_blob_head(size + 512);

@@ -28,22 +28,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::azure::footer::{self, FOOTER_LEN};
 use crate::azure::{
     BlobClient, BlobOptions, PageRange, Profile, AZURESTACK_MAX_MANAGED_DISK,
     AZURESTACK_MAX_PAGE_BLOB, AZURE_MAX_PAGE_BLOB, MAX_PUT_PAGE,
 };
 use crate::error::{Error, Result};
-use crate::format::manifest::MANIFEST_HEADER_LEN;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::restore::{restore_into, DiskTarget, RestoreReport};
-use crate::store::snapshot_key;
+use crate::source::vhd::footer::{self, DiskType, Footer, FOOTER_LEN};
 
 const MIB: u64 = 1 << 20;
 
@@ -132,14 +130,10 @@ pub fn check_limits(profile: Profile, virtual_size: u64, existing: bool) -> Resu
     Ok(())
 }
 
-/// The unique id recorded for the snapshot's source VHD (`source.vhd.unique_id` in the
-/// manifest metadata), read leniently from the raw metadata document.
+/// The unique id recorded for the snapshot's source VHD (`source.vhd.unique_id`).
 pub fn source_unique_id(repo: &Repo, snapshot_id: &str) -> Option<[u8; 16]> {
-    let bytes = repo.backend().get(&snapshot_key(snapshot_id)).ok()?;
-    let len = u32::from_le_bytes(bytes.get(12..16)?.try_into().ok()?) as usize;
-    let meta = bytes.get(MANIFEST_HEADER_LEN..MANIFEST_HEADER_LEN.checked_add(len)?)?;
-    let v: serde_json::Value = serde_json::from_slice(meta).ok()?;
-    footer::parse_uuid(v.get("source")?.get("vhd")?.get("unique_id")?.as_str()?)
+    let manifest = repo.load_manifest(snapshot_id).ok()?;
+    footer::parse_uuid(&manifest.meta.source.vhd?.unique_id)
 }
 
 /// Restores a snapshot to the page blob at `url` as a fixed VHD.
@@ -274,11 +268,23 @@ pub fn restore_to_page_blob(
         client.clear_pages(s, e - s)?;
         target.stats.clears.fetch_add(1, Ordering::Relaxed);
     }
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let vhd_footer = footer::build_fixed(data_size, unique_id, now);
+    // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
+    let vhd_footer = Footer {
+        features: 2,
+        version: 0x0001_0000,
+        data_offset: u64::MAX,
+        timestamp: footer::vhd_now(),
+        creator_app: *b"win ",
+        creator_version: 0x000a_0000,
+        creator_host_os: *b"Wi2k",
+        original_size: data_size,
+        current_size: data_size,
+        geometry: footer::chs_geometry(data_size),
+        disk_type: DiskType::Fixed,
+        unique_id,
+        saved_state: 0,
+    }
+    .encode();
     client.put_pages(data_size, &vhd_footer)?;
     let _ = fs::remove_file(&journal);
 

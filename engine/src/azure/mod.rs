@@ -16,7 +16,6 @@
 //! - Get Page Ranges is asked in windows of [`PAGE_RANGE_WINDOW`] bytes, never relying on
 //!   continuation markers, which older service versions lack.
 
-pub mod footer;
 pub mod sign;
 
 use std::io::Read as _;

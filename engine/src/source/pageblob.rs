@@ -13,11 +13,11 @@
 //! any number of threads can read at once.
 
 use super::{DiskSource, ExtentKind, SourceExtent};
-use crate::azure::footer::{self, Footer, FOOTER_LEN};
 use crate::azure::{BlobClient, BlobOptions};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
 use crate::format::manifest::SourceInfo;
+use crate::source::vhd::footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN};
 
 /// Gaps between written ranges up to this size are read rather than skipped.
 const MERGE_GAP: u64 = 64 * 1024;
@@ -68,19 +68,19 @@ impl PageBlobSource {
                 &mut raw,
                 props.etag.as_deref(),
             )?;
-            if footer::has_cookie(&raw) {
-                let f = footer::parse(&raw, &shown)?;
-                if f.disk_type != footer::DISK_TYPE_FIXED {
+            if raw[..8] == FOOTER_COOKIE {
+                let at = blob_size - FOOTER_LEN as u64;
+                let (f, _warning) = Footer::decode(&raw, &shown, at)?;
+                if f.disk_type != DiskType::Fixed {
                     return Err(Error::InvalidArgument(format!(
-                        "{shown} is a VHD of disk type {} (not fixed); page blob disks must be \
-                         fixed VHDs",
-                        f.disk_type
+                        "{shown} is a {} VHD; page blob disks must be fixed VHDs",
+                        f.disk_type.as_str()
                     )));
                 }
                 if f.current_size > blob_size - FOOTER_LEN as u64 {
                     return Err(Error::corrupt(
                         &shown,
-                        blob_size - FOOTER_LEN as u64,
+                        at,
                         format!(
                             "VHD footer says the disk is {} bytes, but only {} precede it",
                             f.current_size,
@@ -96,7 +96,9 @@ impl PageBlobSource {
                 )?);
             }
         }
-        let virtual_size = footer_found.map_or(blob_size, |f| f.current_size);
+        let virtual_size = footer_found
+            .as_ref()
+            .map_or(blob_size, |f: &Footer| f.current_size);
         let mut written: Vec<(u64, u64)> = Vec::new();
         for (s, e) in client.written_ranges(0, virtual_size)? {
             let e = e.min(virtual_size);
