@@ -483,16 +483,7 @@ mod tests {
     }
 
     fn rfc(t: OffsetDateTime) -> String {
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
-        )
+        crate::repo::rfc3339(t)
     }
 
     const NOW: &str = "2026-03-01T12:00:00.000000Z";

@@ -339,7 +339,12 @@ pub fn hostname() -> String {
 
 /// Now, as RFC 3339 UTC with exactly six fractional digits, so that times sort as text.
 pub fn now_rfc3339() -> String {
-    let t = time::OffsetDateTime::now_utc();
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// A time as RFC 3339 UTC with exactly six fractional digits (the form snapshots record).
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         t.year(),

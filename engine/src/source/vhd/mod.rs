@@ -119,18 +119,7 @@ impl<R: ReadAt> VhdDisk<R> {
     /// The footer metadata kept in the snapshot.
     pub fn vhd_info(&self) -> VhdInfo {
         let top = self.top();
-        let f = &top.footer;
         VhdInfo {
-            disk_type: f.disk_type.as_str().into(),
-            unique_id: format_uuid(&f.unique_id),
-            creator_application: fourcc(&f.creator_app),
-            creator_version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xffff),
-            creator_host_os: fourcc(&f.creator_host_os),
-            current_size: f.current_size,
-            original_size: f.original_size,
-            geometry: f.geometry,
-            timestamp: f.timestamp,
-            time: vhd_time(f.timestamp),
             block_size: top.dynamic.as_ref().map(|d| d.header.block_size),
             parents: self.layers[1..]
                 .iter()
@@ -140,7 +129,7 @@ impl<R: ReadAt> VhdDisk<R> {
                     disk_type: l.footer.disk_type.as_str().into(),
                 })
                 .collect(),
-            warnings: self.warnings(),
+            ..footer_info(&top.footer, self.warnings())
         }
     }
 
@@ -232,14 +221,9 @@ fn push_piece(out: &mut Vec<Piece>, n: u64, src: Option<(usize, u64)>) {
     out.push((n, src));
 }
 
-/// The metadata of a fixed VHD known only by its footer (a page blob), as kept in snapshots.
-pub fn fixed_footer_info(
-    bytes: &[u8; footer::FOOTER_LEN],
-    location: &str,
-    at: u64,
-) -> Result<VhdInfo> {
-    let (f, warning) = footer::Footer::decode(bytes, location, at)?;
-    Ok(VhdInfo {
+/// What a footer alone says about a disk, as kept in snapshots.
+fn footer_info(f: &footer::Footer, warnings: Vec<String>) -> VhdInfo {
+    VhdInfo {
         disk_type: f.disk_type.as_str().into(),
         unique_id: format_uuid(&f.unique_id),
         creator_application: fourcc(&f.creator_app),
@@ -252,8 +236,18 @@ pub fn fixed_footer_info(
         time: vhd_time(f.timestamp),
         block_size: None,
         parents: Vec::new(),
-        warnings: warning.into_iter().collect(),
-    })
+        warnings,
+    }
+}
+
+/// The metadata of a fixed VHD known only by its footer (a page blob), as kept in snapshots.
+pub fn fixed_footer_info(
+    bytes: &[u8; footer::FOOTER_LEN],
+    location: &str,
+    at: u64,
+) -> Result<VhdInfo> {
+    let (f, warning) = footer::Footer::decode(bytes, location, at)?;
+    Ok(footer_info(&f, warning.into_iter().collect()))
 }
 
 impl VhdDisk<FileAt> {
