@@ -40,4 +40,12 @@ FIRST=$("$SV" snapshots "$REPO" --json | python3 -c 'import json,sys; print(json
 "$SV" restore "$REPO" latest "$WORK/restored-gen1.img" --disk demo-os --force
 cmp "$WORK/gen0.img" "$WORK/restored-gen0.img"
 cmp "$DISK" "$WORK/restored-gen1.img"
+
+# Prove the latest snapshot restores (every chunk read back), and restore it as an
+# Azure-ready fixed VHD that qemu-img reads as the same disk.
+"$SV" verify "$REPO" latest --disk demo-os
+"$SV" restore "$REPO" latest "$WORK/restored-gen1.vhd" --output-format vhd-fixed --force
+if command -v qemu-img >/dev/null; then
+  qemu-img compare -f raw -F vpc "$DISK" "$WORK/restored-gen1.vhd"
+fi
 echo "== both restores are byte-identical; repository: $(du -sh "$REPO" | cut -f1) for two 256 MiB snapshots"
