@@ -47,22 +47,6 @@ impl RawFile {
             size,
         })
     }
-
-    /// Finds the next data or hole position at or after `offset`; `None` when the file system
-    /// cannot tell (then everything is treated as data).
-    fn seek_data(&self, offset: u64, hole: bool) -> Option<u64> {
-        let whence = if hole {
-            rustix::fs::SeekFrom::Hole(offset)
-        } else {
-            rustix::fs::SeekFrom::Data(offset)
-        };
-        match rustix::fs::seek(&self.file, whence) {
-            Ok(pos) => Some(pos.min(self.size)),
-            // ENXIO: no data after offset.
-            Err(e) if e == rustix::io::Errno::NXIO => Some(self.size),
-            Err(_) => None,
-        }
-    }
 }
 
 impl DiskSource for RawFile {
@@ -79,40 +63,7 @@ impl DiskSource for RawFile {
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
-        let end = (offset + len).min(self.size);
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let Some(data) = self.seek_data(pos, false) else {
-                out.push(SourceExtent {
-                    offset: pos,
-                    len: end - pos,
-                    kind: ExtentKind::Data,
-                });
-                break;
-            };
-            let data = data.min(end);
-            if data > pos {
-                out.push(SourceExtent {
-                    offset: pos,
-                    len: data - pos,
-                    kind: ExtentKind::Zero,
-                });
-            }
-            if data >= end {
-                break;
-            }
-            let hole = self.seek_data(data, true).unwrap_or(end).min(end);
-            // A file system may report data it cannot split finer; never make progress zero.
-            let hole = hole.max(data + 1);
-            out.push(SourceExtent {
-                offset: data,
-                len: hole - data,
-                kind: ExtentKind::Data,
-            });
-            pos = hole;
-        }
-        Ok(out)
+        Ok(sparse_extents(&self.file, self.size, offset, len))
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -124,6 +75,59 @@ impl DiskSource for RawFile {
             }
         })
     }
+}
+
+/// The data and hole extents of `[offset, offset + len)` of a file of `size` bytes, found
+/// with `SEEK_DATA`/`SEEK_HOLE` (offsets are file offsets). A file system that cannot tell
+/// reports everything as data.
+pub(crate) fn sparse_extents(file: &File, size: u64, offset: u64, len: u64) -> Vec<SourceExtent> {
+    let seek = |at: u64, hole: bool| -> Option<u64> {
+        let whence = if hole {
+            rustix::fs::SeekFrom::Hole(at)
+        } else {
+            rustix::fs::SeekFrom::Data(at)
+        };
+        match rustix::fs::seek(file, whence) {
+            Ok(pos) => Some(pos.min(size)),
+            // ENXIO: no data after `at`.
+            Err(e) if e == rustix::io::Errno::NXIO => Some(size),
+            Err(_) => None,
+        }
+    };
+    let end = (offset + len).min(size);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let Some(data) = seek(pos, false) else {
+            out.push(SourceExtent {
+                offset: pos,
+                len: end - pos,
+                kind: ExtentKind::Data,
+            });
+            break;
+        };
+        let data = data.min(end);
+        if data > pos {
+            out.push(SourceExtent {
+                offset: pos,
+                len: data - pos,
+                kind: ExtentKind::Zero,
+            });
+        }
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, true).unwrap_or(end).min(end);
+        // A file system may report data it cannot split finer; never make progress zero.
+        let hole = hole.max(data + 1);
+        out.push(SourceExtent {
+            offset: data,
+            len: hole - data,
+            kind: ExtentKind::Data,
+        });
+        pos = hole;
+    }
+    out
 }
 
 #[cfg(test)]

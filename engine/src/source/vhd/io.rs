@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::source::{ExtentKind, SourceExtent};
 
 /// Something with a length that can be read at any offset, from any thread.
 pub trait ReadAt: Send + Sync {
@@ -18,6 +19,15 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`; `UnexpectedEof` when the range runs past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Data and hole extents of `[offset, offset + len)` (sparse files); by default all data.
+    fn extents(&self, offset: u64, len: u64) -> Vec<SourceExtent> {
+        vec![SourceExtent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        }]
+    }
 }
 
 impl ReadAt for [u8] {
@@ -80,5 +90,10 @@ impl ReadAt for FileAt {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // The file is allowed to shrink under us; that must still be an error, not zeros.
         FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    /// Holes of a sparse VHD file (qemu writes fixed VHDs sparse) are never read.
+    fn extents(&self, offset: u64, len: u64) -> Vec<SourceExtent> {
+        crate::source::raw::sparse_extents(&self.file, self.len, offset, len)
     }
 }

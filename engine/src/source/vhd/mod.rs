@@ -169,19 +169,25 @@ impl<R: ReadAt> VhdDisk<R> {
     pub fn extent_map(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
         let mut out: Vec<SourceExtent> = Vec::new();
         let mut pos = offset;
+        let push = |out: &mut Vec<SourceExtent>, offset: u64, len: u64, kind| match out.last_mut() {
+            Some(last) if last.kind == kind => last.len += len,
+            _ => out.push(SourceExtent { offset, len, kind }),
+        };
         for (n, src) in self.resolve(offset, len)? {
-            let kind = if src.is_some() {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            };
-            match out.last_mut() {
-                Some(last) if last.kind == kind => last.len += n,
-                _ => out.push(SourceExtent {
-                    offset: pos,
-                    len: n,
-                    kind,
-                }),
+            match src {
+                // Holes of the container file read as zeros: never read them.
+                Some((layer, at)) => {
+                    let mut covered = 0;
+                    for e in self.layers[layer].reader.extents(at, n) {
+                        push(&mut out, pos + (e.offset - at), e.len, e.kind);
+                        covered += e.len;
+                    }
+                    // Past the file's end (it shrank): data, so that reading reports it.
+                    if covered < n {
+                        push(&mut out, pos + covered, n - covered, ExtentKind::Data);
+                    }
+                }
+                None => push(&mut out, pos, n, ExtentKind::Zero),
             }
             pos += n;
         }
