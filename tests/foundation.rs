@@ -28,19 +28,8 @@ fn backup_file(repo: &Repo, path: &Path, disk: &str) -> Result<BackupReport> {
 
 /// Restores `id` and asserts the output equals `original`, byte for byte.
 fn assert_restores(repo: &Repo, id: &str, original: &Path, out: &Path) -> Result<()> {
-    let snap = repo.resolve_snapshot(id, None)?;
-    restore_to_file(
-        repo,
-        &snap,
-        out,
-        &RestoreOptions {
-            force: true,
-            ..RestoreOptions::default()
-        },
-        &NoProgress,
-    )?;
     assert!(
-        same_bytes(original, out)?,
+        stackvault_tests::restores_to(repo, id, original, out)?,
         "restore of {id} differs from {}",
         original.display()
     );

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use stackvault::{
-    backup, restore_to_file, BackupMode, BackupOptions, BackupReport, ChangeList, Error,
-    InitOptions, NoProgress, Repo, RestoreOptions, SnapshotKind,
+    backup, BackupMode, BackupOptions, BackupReport, ChangeList, Error, InitOptions, NoProgress,
+    Repo, SnapshotKind,
 };
-use stackvault_tests::{json_change_list, make_sample_disk, mutate_disk, run_cli, same_bytes};
+use stackvault_tests::{json_change_list, make_sample_disk, mutate_disk, restores_to, run_cli};
 
 const SEGMENT: u64 = 4 << 20;
 
@@ -24,21 +24,6 @@ fn opts(mode: BackupMode, changes: Option<ChangeList>) -> BackupOptions {
         changes,
         ..BackupOptions::default()
     }
-}
-
-fn restores_to(repo: &Repo, id: &str, expected: &Path, out: &Path) -> Result<bool> {
-    let snap = repo.resolve_snapshot(id, None)?;
-    restore_to_file(
-        repo,
-        &snap,
-        out,
-        &RestoreOptions {
-            force: true,
-            ..RestoreOptions::default()
-        },
-        &NoProgress,
-    )?;
-    same_bytes(expected, out)
 }
 
 /// Segments touched by `ranges`.

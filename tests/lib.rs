@@ -210,6 +210,22 @@ pub fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// Restores snapshot `id` (forcing over `out`) and says whether it equals `expected`.
+pub fn restores_to(
+    repo: &stackvault::Repo,
+    id: &str,
+    expected: &Path,
+    out: &Path,
+) -> anyhow::Result<bool> {
+    let snap = repo.resolve_snapshot(id, None)?;
+    let options = stackvault::RestoreOptions {
+        force: true,
+        ..Default::default()
+    };
+    stackvault::restore_to_file(repo, &snap, out, &options, &stackvault::NoProgress)?;
+    same_bytes(expected, out)
+}
+
 /// Runs the CLI with `args`; returns (exit code, stdout, stderr).
 pub fn run_cli<I, S>(args: I) -> anyhow::Result<(i32, String, String)>
 where
