@@ -116,7 +116,7 @@ class Tool:
 
 class Stackvault(Tool):
     name = "stackvault"
-    chunker = "fastcdc"
+    chunker = "aligned"
 
     def init(self):
         run([self.binary, "init", self.repo, "--chunker", self.chunker])
@@ -178,8 +178,8 @@ def main():
     ap.add_argument("--results", help="append the table to this markdown file")
     ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--skip-borg", action="store_true")
-    ap.add_argument("--chunkers", default="fastcdc:4K:16K:64K,fastcdc:8K:32K:128K,fastcdc,"
-                    "fastcdc:32K:128K:512K,fixed:1M",
+    ap.add_argument("--chunkers", default="aligned,aligned:8K:32K:128K,fastcdc,"
+                    "fastcdc:8K:32K:128K,fastcdc:16K:64K:256K,fastcdc:32K:128K:512K,fixed:1M",
                     help="stackvault chunker variants to compare (comma separated; '' to skip)")
     args = ap.parse_args()
 
@@ -287,7 +287,7 @@ def main():
         index_bytes = sum(os.path.getsize(os.path.join(sv.repo, f)) for f in os.listdir(sv.repo)
                           if f.startswith("index.sqlite"))
         chunker_rows.append((spec, runs_, chunks, index_bytes))
-    sv.chunker = "fastcdc"
+    sv.chunker = "aligned"
     sparse_rows = []
     if not args.skip_sparse:
         sparse = os.path.join(work, "sparse64g.raw")

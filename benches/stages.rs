@@ -48,10 +48,11 @@ fn chunking(c: &mut Criterion) {
     let mut g = c.benchmark_group("chunker");
     g.throughput(Throughput::Bytes(data.len() as u64));
     let variants = [
-        ("fastcdc_16k_64k_256k", ChunkerParams::DEFAULT),
+        ("aligned_4k_16k_64k", ChunkerParams::DEFAULT),
+        ("fastcdc_4k_16k_64k", ChunkerParams::FASTCDC),
         (
             "fastcdc_8k_32k_128k",
-            ChunkerParams::parse("fastcdc:8K:32K:128K").unwrap_or(ChunkerParams::DEFAULT),
+            ChunkerParams::parse("fastcdc:8K:32K:128K").unwrap_or(ChunkerParams::FASTCDC),
         ),
         ("fixed_1m", ChunkerParams::Fixed { size: 1 << 20 }),
     ];

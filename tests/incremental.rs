@@ -57,12 +57,18 @@ fn change_list_reads_only_touched_segments_and_matches_full() -> Result<()> {
         touched < 16,
         "test should touch few of the 16 segments, touched {touched}"
     );
+    // Only around each change: the changed bytes (widened to 4 KiB blocks), the chunk
+    // before and the chunks until the cuts meet the parent's again.
+    let changed_bytes: u64 = changed.iter().map(|(_, l)| l + 8192).sum();
+    let per_change = 256 << 10;
     assert!(
-        inc.stats.bytes_read <= touched * SEGMENT,
-        "read {} bytes for {touched} touched segments",
-        inc.stats.bytes_read
+        inc.stats.bytes_read <= changed_bytes + changed.len() as u64 * per_change,
+        "read {} bytes for {changed_bytes} changed bytes in {} ranges",
+        inc.stats.bytes_read,
+        changed.len()
     );
-    assert_eq!(inc.stats.skipped_bytes, (16 - touched) * SEGMENT);
+    assert!(inc.stats.bytes_read < touched * SEGMENT / 4);
+    assert!(inc.stats.skipped_bytes >= (16 - touched) * SEGMENT);
 
     let full = run(&repo, &disk, opts(BackupMode::Full, None))?;
     assert_eq!(full.kind, SnapshotKind::Full);
@@ -121,13 +127,14 @@ fn azure_clear_range_becomes_zeros() -> Result<()> {
         &disk,
         opts(BackupMode::Auto, Some(ChangeList::parse(&xml, "xml")?)),
     )?;
-    // Segments 0 and 4 are read; segment 2 becomes a hole without reading.
+    // Segment 0 is read around its page, segment 4 around its cleared half; segment 2
+    // becomes a hole without reading.
     assert!(
-        inc.stats.bytes_read <= 2 * SEGMENT,
+        inc.stats.bytes_read <= SEGMENT / 2 + (1 << 20),
         "read {}",
         inc.stats.bytes_read
     );
-    assert_eq!(inc.stats.skipped_bytes, 4 * SEGMENT);
+    assert!(inc.stats.skipped_bytes >= 4 * SEGMENT);
     let manifest = repo.load_manifest(&inc.snapshot_id)?;
     assert_eq!(
         manifest.segments[2],

@@ -53,6 +53,21 @@ fn chunk_lines(params: ChunkerParams) -> String {
     s
 }
 
+/// Block hashes of the aligned chunker: prefixes of the chunker input, two seeds.
+fn block_hash_lines() -> String {
+    let data = chunker_input();
+    let mut s = String::from(
+        "# length seed hash (u64, hex): block = first LENGTH bytes of the chunker input\n",
+    );
+    for len in [4096usize, 4095, 100, 32, 7, 0] {
+        for seed in [0u64, 0x0123_4567_89ab_cdef] {
+            let h = stackvault::chunker::block_hash(&data[..len], seed);
+            writeln!(s, "{len} {seed:#018x} {h:#018x}").ok();
+        }
+    }
+    s
+}
+
 fn sample_pack() -> Result<Vec<u8>> {
     let mut w = PackWriter::new(1 << 16);
     for data in [&b"first chunk"[..], &b"second chunk, a little longer"[..]] {
@@ -113,9 +128,14 @@ fn generate() -> Result<Vec<(&'static str, String)>> {
     let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
     let (manifest_id, manifest) = sample_manifest()?;
     Ok(vec![
+        ("block-hash.txt", block_hash_lines()),
+        (
+            "chunks-aligned-default.txt",
+            chunk_lines(ChunkerParams::DEFAULT),
+        ),
         (
             "chunks-fastcdc2020-default.txt",
-            chunk_lines(ChunkerParams::DEFAULT),
+            chunk_lines(ChunkerParams::FASTCDC),
         ),
         (
             "chunks-fixed-64k.txt",

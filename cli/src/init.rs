@@ -11,8 +11,9 @@ use crate::output::{self, Context};
 pub struct Args {
     /// Directory of the new repository (must not exist, or be empty).
     repo: PathBuf,
-    /// Chunker: `fastcdc` (4K/16K/64K), `fastcdc:MIN:AVG:MAX` or `fixed:SIZE`.
-    #[arg(long, default_value = "fastcdc")]
+    /// Chunker: `aligned` (cuts between 4 KiB blocks, 4K/16K/64K), `aligned:MIN:AVG:MAX`,
+    /// `fastcdc` (cuts anywhere, 4K/16K/64K), `fastcdc:MIN:AVG:MAX` or `fixed:SIZE`.
+    #[arg(long, default_value = "aligned")]
     chunker: String,
     /// zstd compression level for stored chunks (1-22).
     #[arg(long, default_value_t = 3)]

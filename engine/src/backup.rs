@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::changes::{ChangeList, SegmentPlan};
-use crate::chunker::{Chunker, Piece};
+use crate::chunker::{Chunker, Piece, Resplit};
 use crate::error::{Error, Result};
 use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta,
@@ -31,7 +31,7 @@ use crate::index::Index;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
-use crate::source::{DiskSource, ExtentKind, SourceChanges};
+use crate::source::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
 use crate::store::pack::{compress, PackWriter};
 use crate::store::{pack_key, snapshot_key};
 
@@ -137,7 +137,18 @@ pub fn backup(
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
                     let out = match reading.plan_of(i) {
-                        SegmentPlan::Read => process_segment(repo, source, chunker, pending, i),
+                        SegmentPlan::Read => match reading.parent_segment(i) {
+                            Some(parent) => process_changed_segment(
+                                repo,
+                                source,
+                                chunker,
+                                pending,
+                                i,
+                                parent,
+                                &reading.changed,
+                            ),
+                            None => process_segment(repo, source, chunker, pending, i),
+                        },
                         // A zero segment shorter than a hole is a chunk of zeros when read:
                         // read it, so that the disk map stays a function of the content.
                         SegmentPlan::Zero if len < config.zero_run_min => {
@@ -253,6 +264,8 @@ fn select_parent(repo: &Repo, options: &BackupOptions) -> Result<Option<Snapshot
 struct ReadingPlan {
     /// `None`: read every segment.
     plan: Option<Vec<SegmentPlan>>,
+    /// Changed bytes (disk offsets, whole 4 KiB blocks, sorted, merged) when `plan` is set.
+    changed: Vec<(u64, u64)>,
     parent: Option<Manifest>,
     label: String,
 }
@@ -261,6 +274,7 @@ impl ReadingPlan {
     fn full_read(label: String) -> Self {
         ReadingPlan {
             plan: None,
+            changed: Vec::new(),
             parent: None,
             label,
         }
@@ -271,6 +285,13 @@ impl ReadingPlan {
             .as_ref()
             .and_then(|p| p.get(segment as usize).copied())
             .unwrap_or(SegmentPlan::Read)
+    }
+
+    /// The parent's extents of a segment, when the change knowledge says what changed in it.
+    fn parent_segment(&self, segment: u64) -> Option<&[Extent]> {
+        self.plan.as_ref()?;
+        let extents = self.parent.as_ref()?.segments.get(segment as usize)?;
+        Some(extents.as_slice())
     }
 
     /// The output of a segment that is not read: the parent's extents, or a hole.
@@ -337,6 +358,7 @@ fn plan_reading(
     match list.plan(source.virtual_size(), parent.virtual_size, segment_size) {
         Ok(plan) => Ok(ReadingPlan {
             plan: Some(plan),
+            changed: list.changed_blocks(source.virtual_size()),
             parent: Some(repo.load_manifest(&parent.id)?),
             label,
         }),
@@ -401,46 +423,13 @@ fn process_segment(
     SEGMENT_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
         buf.resize(len as usize, 0);
-        let mut bytes_read = 0;
-        for e in &map {
-            let start = (e.offset - offset) as usize;
-            let range = start..start + e.len as usize;
-            match e.kind {
-                ExtentKind::Zero => buf[range].fill(0),
-                ExtentKind::Data => {
-                    source.read_at(e.offset, &mut buf[range])?;
-                    bytes_read += e.len;
-                }
-            }
-        }
+        let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
         let mut pieces = Vec::new();
         chunker.split(&buf, &mut pieces);
         let mut extents = Vec::with_capacity(pieces.len());
         let mut new_chunks: Vec<NewChunk> = Vec::new();
         for piece in pieces {
-            match piece {
-                Piece::Zero { len, .. } => extents.push(Extent::Zero { len: len as u32 }),
-                Piece::Data { start, len } => {
-                    let data = &buf[start..start + len];
-                    let id = ChunkId::of(data);
-                    extents.push(Extent::Chunk {
-                        id,
-                        len: len as u32,
-                    });
-                    let known = new_chunks.iter().any(|c| c.id == id)
-                        || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
-                        || repo.readers().contains(&id)?;
-                    if !known {
-                        let (compression, stored) = compress(data, config.zstd_level)?;
-                        new_chunks.push(NewChunk {
-                            id,
-                            raw_len: len as u32,
-                            compression,
-                            stored,
-                        });
-                    }
-                }
-            }
+            add_piece(repo, pending, &buf, piece, &mut extents, &mut new_chunks)?;
         }
         Ok(SegmentOutput {
             len: u64::from(len),
@@ -451,6 +440,142 @@ fn process_segment(
             skipped: 0,
         })
     })
+}
+
+/// An incremental backup of one segment of which only `changed` (disk offsets, whole 4 KiB
+/// blocks) differs from the parent's `parent` extents: reads and splits only around the
+/// changes (see [`Chunker::resplit`]) and keeps the parent's extents elsewhere.
+#[allow(clippy::too_many_arguments)]
+fn process_changed_segment(
+    repo: &Repo,
+    source: &dyn DiskSource,
+    chunker: &Chunker,
+    pending: &Mutex<HashSet<ChunkId>>,
+    index: u64,
+    parent: &[Extent],
+    changed: &[(u64, u64)],
+) -> Result<SegmentOutput> {
+    crate::crash::point("chunk");
+    let config = repo.config();
+    let offset = index * u64::from(config.segment_size);
+    let len = segment_len(source.virtual_size(), config.segment_size, index);
+    let end = offset + u64::from(len);
+    let mut pieces = Vec::with_capacity(parent.len());
+    let mut pos = 0usize;
+    for e in parent {
+        let l = e.len() as usize;
+        pieces.push(match e {
+            Extent::Zero { .. } => Piece::Zero { start: pos, len: l },
+            Extent::Chunk { .. } => Piece::Data { start: pos, len: l },
+        });
+        pos += l;
+    }
+    let first = changed.partition_point(|&(_, e)| e <= offset);
+    let relative: Vec<(usize, usize)> = changed[first..]
+        .iter()
+        .take_while(|&&(s, _)| s < end)
+        .map(|&(s, e)| {
+            (
+                (s.max(offset) - offset) as usize,
+                (e.min(end) - offset) as usize,
+            )
+        })
+        .collect();
+    SEGMENT_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(len as usize, 0);
+        let (mut bytes_read, mut unallocated, mut loaded) = (0u64, 0u64, 0u64);
+        let mut load = |start: usize, dest: &mut [u8]| -> Result<()> {
+            let at = offset + start as u64;
+            let map = source.extents(at, dest.len() as u64)?;
+            bytes_read += fill_from_map(source, &map, at, dest)?;
+            unallocated += map
+                .iter()
+                .filter(|e| e.kind == ExtentKind::Zero)
+                .map(|e| e.len)
+                .sum::<u64>();
+            loaded += dest.len() as u64;
+            Ok(())
+        };
+        let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
+        let mut extents = Vec::with_capacity(layout.len());
+        let mut new_chunks: Vec<NewChunk> = Vec::new();
+        for part in layout {
+            match part {
+                Resplit::Parent(i) => extents.push(parent[i]),
+                Resplit::New(piece) => {
+                    add_piece(repo, pending, &buf, piece, &mut extents, &mut new_chunks)?
+                }
+            }
+        }
+        Ok(SegmentOutput {
+            len: u64::from(len),
+            extents,
+            new_chunks,
+            bytes_read,
+            unallocated,
+            skipped: u64::from(len) - loaded,
+        })
+    })
+}
+
+/// Fills `dest` (disk bytes from `at`) as the source's allocation `map` says: reads data
+/// extents, zeroes unallocated ones. Returns the bytes read.
+fn fill_from_map(
+    source: &dyn DiskSource,
+    map: &[SourceExtent],
+    at: u64,
+    dest: &mut [u8],
+) -> Result<u64> {
+    let mut bytes_read = 0;
+    for e in map {
+        let start = (e.offset - at) as usize;
+        let range = start..start + e.len as usize;
+        match e.kind {
+            ExtentKind::Zero => dest[range].fill(0),
+            ExtentKind::Data => {
+                source.read_at(e.offset, &mut dest[range])?;
+                bytes_read += e.len;
+            }
+        }
+    }
+    Ok(bytes_read)
+}
+
+/// Appends a piece to a segment's extents; a chunk the repository does not have yet is
+/// compressed and queued for the writer.
+fn add_piece(
+    repo: &Repo,
+    pending: &Mutex<HashSet<ChunkId>>,
+    buf: &[u8],
+    piece: Piece,
+    extents: &mut Vec<Extent>,
+    new_chunks: &mut Vec<NewChunk>,
+) -> Result<()> {
+    match piece {
+        Piece::Zero { len, .. } => extents.push(Extent::Zero { len: len as u32 }),
+        Piece::Data { start, len } => {
+            let data = &buf[start..start + len];
+            let id = ChunkId::of(data);
+            extents.push(Extent::Chunk {
+                id,
+                len: len as u32,
+            });
+            let known = new_chunks.iter().any(|c| c.id == id)
+                || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
+                || repo.readers().contains(&id)?;
+            if !known {
+                let (compression, stored) = compress(data, repo.config().zstd_level)?;
+                new_chunks.push(NewChunk {
+                    id,
+                    raw_len: len as u32,
+                    compression,
+                    stored,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hands segment indices to workers, never more than `window` ahead of the writer, so memory

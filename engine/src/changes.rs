@@ -109,6 +109,7 @@ impl ChangeList {
         let mut plan = vec![SegmentPlan::CopyParent; count];
         // Bytes of each segment cleared, to find segments cleared entirely.
         let mut cleared = vec![0u64; count];
+        let mut written = vec![false; count];
         for r in &self.ranges {
             let end = r
                 .offset
@@ -127,7 +128,10 @@ impl ChangeList {
             let (first, last) = ((r.offset / seg) as usize, ((end - 1) / seg) as usize);
             for (i, p) in plan.iter_mut().enumerate().take(last + 1).skip(first) {
                 match r.kind {
-                    ChangeKind::Written => *p = SegmentPlan::Read,
+                    ChangeKind::Written => {
+                        *p = SegmentPlan::Read;
+                        written[i] = true;
+                    }
                     ChangeKind::Cleared => {
                         let s = i as u64 * seg;
                         let e = (s + seg).min(virtual_size);
@@ -141,19 +145,41 @@ impl ChangeList {
         }
         // A segment cleared entirely and not written is a hole; ranges of a page list do not
         // overlap, so the cleared byte count is exact.
-        let has_written = |i: usize| {
-            let (s, e) = (i as u64 * seg, ((i as u64 + 1) * seg).min(virtual_size));
-            self.ranges
-                .iter()
-                .any(|r| r.kind == ChangeKind::Written && r.offset < e && r.offset + r.len > s)
-        };
         for i in 0..count {
             let len = ((i as u64 + 1) * seg).min(virtual_size) - i as u64 * seg;
-            if cleared[i] >= len && !has_written(i) {
+            if cleared[i] >= len && !written[i] {
                 plan[i] = SegmentPlan::Zero;
             }
         }
         Ok(plan)
+    }
+
+    /// The changed bytes of a disk of `virtual_size` bytes, written or cleared, widened to
+    /// whole 4 KiB blocks, sorted and merged: what an incremental backup must re-read. Call
+    /// after [`ChangeList::plan`] accepted the list.
+    pub fn changed_blocks(&self, virtual_size: u64) -> Vec<(u64, u64)> {
+        let block = u64::from(crate::format::config::ZERO_BLOCK);
+        let mut blocks: Vec<(u64, u64)> = self
+            .ranges
+            .iter()
+            .filter(|r| r.len > 0 && r.offset < virtual_size)
+            .map(|r| {
+                let end = r.offset.saturating_add(r.len).min(virtual_size);
+                (
+                    r.offset / block * block,
+                    end.div_ceil(block).saturating_mul(block).min(virtual_size),
+                )
+            })
+            .collect();
+        blocks.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
+        for (s, e) in blocks {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged
     }
 }
 
