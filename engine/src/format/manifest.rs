@@ -75,8 +75,8 @@ pub struct BackupStats {
     pub zero_bytes: u64,
     /// Bytes the source reported as unallocated and that were therefore never read.
     pub unallocated_bytes: u64,
-    /// Bytes of segments taken from the parent snapshot (or known cleared) without reading,
-    /// thanks to change knowledge.
+    /// Bytes taken from the parent snapshot (or known cleared, or known zero) without reading,
+    /// thanks to change knowledge: whole segments and the untouched parts of touched ones.
     #[serde(default)]
     pub skipped_bytes: u64,
     /// Chunks referenced by the snapshot.
