@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use stackvault::chunker::{zero_runs, Chunker};
 use stackvault::format::config::{ChunkerParams, RepoConfig};
-use stackvault::format::pack::{Compression, PackEntry};
+use stackvault::format::pack::{Compression, PackEntry, PACK_VERSION};
 use stackvault::index::{Index, IndexReaders};
 use stackvault::restore::{restore_into, DiskTarget};
 use stackvault::store::pack::{compress, PackWriter};
@@ -118,16 +118,15 @@ fn packing(c: &mut Criterion) {
     let data = noise(16 * MIB);
     let mut g = c.benchmark_group("pack");
     g.throughput(Throughput::Bytes(data.len() as u64));
-    g.bench_function("append_16MiB_of_64KiB_chunks", |b| {
+    g.bench_function("append_16MiB_of_256KiB_frames", |b| {
         b.iter(|| {
             let mut w = PackWriter::new(17 * MIB);
-            for ch in data.chunks(64 << 10) {
-                w.add(
-                    ChunkId::of(&ch[..32]),
-                    ch.len() as u32,
-                    ch,
-                    Compression::None,
-                );
+            for frame in data.chunks(256 << 10) {
+                let list: Vec<(ChunkId, u32)> = frame
+                    .chunks(16 << 10)
+                    .map(|ch| (ChunkId::of(&ch[..32]), ch.len() as u32))
+                    .collect();
+                w.add_frame(&list, frame, Compression::None);
             }
             w.finish().map(|p| p.bytes.len()).unwrap_or(0)
         })
@@ -139,9 +138,12 @@ fn fake_entries(start: u64, n: u64) -> Vec<PackEntry> {
     (start..start + n)
         .map(|i| PackEntry {
             id: ChunkId::of(&i.to_le_bytes()),
-            offset: 16 + (i % 1000) * 65_584,
-            raw_len: 65_536,
-            stored_len: 30_000,
+            // Frames of 16 chunks of 16 KiB, 100 KiB stored.
+            offset: 16 + (i % 1000) / 16 * 103_000,
+            in_frame: (i % 16) as u32 * 16_384,
+            raw_len: 16_384,
+            stored_len: 102_400,
+            frame_raw_len: 262_144,
             compression: Compression::Zstd,
             crc32: 0,
         })
@@ -157,6 +159,7 @@ fn index(c: &mut Criterion) {
         idx.add_pack(
             &format!("{p:032x}"),
             1 << 24,
+            PACK_VERSION,
             &fake_entries(p * 10_000, 10_000),
         )
         .expect("add pack");
@@ -203,7 +206,12 @@ fn index(c: &mut Criterion) {
     g.bench_function("insert_pack_of_1000", |b| {
         b.iter(|| {
             next += 1000;
-            idx.add_pack(&format!("{next:032x}"), 1 << 24, &fake_entries(next, 1000))
+            idx.add_pack(
+                &format!("{next:032x}"),
+                1 << 24,
+                PACK_VERSION,
+                &fake_entries(next, 1000),
+            )
         })
     });
     g.finish();

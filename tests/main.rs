@@ -5,6 +5,7 @@ mod azure;
 mod cli;
 mod crash;
 mod foundation;
+mod frames;
 mod incremental;
 mod retention;
 mod vectors;

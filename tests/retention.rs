@@ -9,13 +9,15 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault_tests::{
-    make_sample_disk, mutate_disk, p, same_bytes, stackvault_bin, sv, sv_env, sv_json, sv_ok,
+    machine_bytes, make_sample_disk, mutate_disk, p, same_bytes, stackvault_bin, sv, sv_env,
+    sv_json, sv_ok,
 };
 
 const MIB: u64 = 1 << 20;
-/// Pack structure per chunk (record header + table entry) and per pack (header + footer),
-/// from `format-spec/README.md`.
-const CHUNK_OVERHEAD: u64 = 48 + 56;
+/// Pack structure per chunk (frame list entry + table entry), per frame (frame header) and
+/// per pack (header + footer), from `format-spec/README.md`.
+const CHUNK_OVERHEAD: u64 = 36 + 64;
+const FRAME_OVERHEAD: u64 = 24;
 const PACK_OVERHEAD: u64 = 16 + 32;
 
 /// Total size of the pack files of a repository.
@@ -50,7 +52,8 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// A repository holding three generations of one 16 MiB disk (`vm`), with a copy of each
-/// generation's disk for comparison.
+/// generation's disk for comparison. Each generation also rewrites a 1 MiB file, so that
+/// older generations own whole frames (prune frees frames, not single chunks).
 struct History {
     dir: tempfile::TempDir,
     /// (snapshot id, copy of the disk it was taken of), oldest first.
@@ -68,6 +71,9 @@ impl History {
         for g in 0..generations {
             if g > 0 {
                 mutate_disk(&disk, 8, 100 + g)?;
+                let file = machine_bytes(1 << 20, 200 + g);
+                let f = fs::OpenOptions::new().write(true).open(&disk)?;
+                std::os::unix::fs::FileExt::write_all_at(&f, &file, (g % 4) * 4 * MIB + MIB)?;
             }
             let id = backup(&repo, &disk, "vm")?;
             let copy = dir.path().join(format!("gen{g}.img"));
@@ -146,9 +152,11 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
     );
     ensure!(stats["repository"]["unreferenced_bytes"] == 0, "{stats}");
     let dedup = stats["repository"]["dedup_ratio"].as_f64().unwrap_or(0.0);
+    // Each generation keeps ~3.8 of its ~5.3 MB of data (8 blocks, a 256 KiB region shifted
+    // by 7 bytes and 1 MiB change): about 1.9x when dedup works, 1.0x when it does not.
     ensure!(
-        dedup > 2.0,
-        "three nearly equal generations dedup > 2x: {dedup}"
+        dedup > 1.6,
+        "three nearly equal generations dedup > 1.6x: {dedup}"
     );
 
     let (code, f, stderr) = sv_json(&["forget", p(&repo), &old[..12]])?;
@@ -177,12 +185,20 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
     let n = |k: &str| r[k].as_u64().unwrap_or(u64::MAX);
     let old_packs = n("packs_deleted") + n("packs_rewritten");
     ensure!(old_packs > 0, "prune removed no pack: {r}");
-    let expected = unique + unique_chunks * CHUNK_OVERHEAD + old_packs * PACK_OVERHEAD
+    // Whole frames go: their stored bytes are what stats called unique, and their chunks
+    // are gen0's alone (some of gen0's chunks stay, in frames later generations still use).
+    let expected = unique
+        + n("frames_removed") * FRAME_OVERHEAD
+        + n("chunks_removed") * CHUNK_OVERHEAD
+        + old_packs * PACK_OVERHEAD
         - n("packs_written") * PACK_OVERHEAD;
     assert_eq!(before - after, expected, "{r}");
     assert_eq!(n("bytes_freed"), before - after, "{r}");
     assert_eq!(n("chunk_bytes_removed"), unique, "{r}");
-    assert_eq!(n("chunks_removed"), unique_chunks, "{r}");
+    ensure!(
+        n("chunks_removed") > 0 && n("chunks_removed") <= unique_chunks,
+        "{unique_chunks} unique chunks: {r}"
+    );
 
     // The rest is intact and complete; nothing unreferenced or orphaned is left.
     assert_eq!(assert_check_clean(&repo, "after prune")?, 0);

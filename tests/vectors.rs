@@ -13,7 +13,10 @@ use stackvault::format::hex;
 use stackvault::format::manifest::{
     BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta, SourceInfo,
 };
-use stackvault::format::pack::{encode_footer, Compression};
+use stackvault::format::pack::{
+    decode_footer, decode_header, decode_record, decode_table, encode_footer, encode_pack_v1,
+    Compression, PACK_FOOTER_LEN,
+};
 use stackvault::store::pack::PackWriter;
 use stackvault::ChunkId;
 
@@ -68,17 +71,58 @@ fn block_hash_lines() -> String {
     s
 }
 
+/// The chunks of the pack vectors.
+const PACK_CHUNKS: [&[u8]; 3] = [
+    b"first chunk",
+    b"second chunk, a little longer",
+    b"third chunk, alone in its frame",
+];
+
+/// A version 2 pack: a frame of the first two chunks, a frame of the third, uncompressed
+/// (zstd's output may change between zstd versions; the frame layout is what is pinned).
 fn sample_pack() -> Result<Vec<u8>> {
     let mut w = PackWriter::new(1 << 16);
-    for data in [&b"first chunk"[..], &b"second chunk, a little longer"[..]] {
-        w.add(
-            ChunkId::of(data),
-            data.len() as u32,
-            data,
-            Compression::None,
-        );
-    }
+    let list = |cs: &[&[u8]]| -> Vec<(ChunkId, u32)> {
+        cs.iter()
+            .map(|c| (ChunkId::of(c), c.len() as u32))
+            .collect()
+    };
+    w.add_frame(
+        &list(&PACK_CHUNKS[..2]),
+        &PACK_CHUNKS[..2].concat(),
+        Compression::None,
+    );
+    w.add_frame(&list(&PACK_CHUNKS[2..]), PACK_CHUNKS[2], Compression::None);
     Ok(w.finish()?.bytes)
+}
+
+/// Decodes a vector file back to bytes.
+fn unwrap_hex(text: &str) -> Vec<u8> {
+    let digits: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .concat();
+    stackvault::format::unhex(&digits).unwrap_or_default()
+}
+
+/// Reads every chunk of a whole pack through its table; returns them in table order.
+fn read_all(pack: &[u8]) -> Result<(u32, Vec<Vec<u8>>)> {
+    let version = decode_header(&pack[..16], "vector")?;
+    let at = pack.len() - PACK_FOOTER_LEN;
+    let footer = decode_footer(&pack[at..], pack.len() as u64, "vector")?;
+    let table = decode_table(&pack[footer.table_offset as usize..at], &footer, "vector")?;
+    let mut out = Vec::new();
+    for e in &table {
+        let loc = e.location(version);
+        let start = loc.offset as usize;
+        out.push(decode_record(
+            &pack[start..start + loc.read_len() as usize],
+            &loc,
+            "vector",
+        )?);
+    }
+    Ok((version, out))
 }
 
 fn sample_manifest() -> Result<(String, Vec<u8>)> {
@@ -147,6 +191,8 @@ fn generate() -> Result<Vec<(&'static str, String)>> {
             wrap_hex(&encode_footer(3, 4096, 0xdead_beef)),
         ),
         ("pack.hex", wrap_hex(&sample_pack()?)),
+        // The legacy format, still read: these are the bytes version 1 writers produced.
+        ("pack-v1.hex", wrap_hex(&encode_pack_v1(&PACK_CHUNKS[..2]))),
         (
             "manifest.hex",
             format!("# snapshot id {manifest_id}\n{}", wrap_hex(&manifest)),
@@ -184,5 +230,17 @@ fn decoders_accept_the_vectors() -> Result<()> {
     assert_eq!(hex(blake3::hash(&bytes).as_bytes()), id);
     let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
     assert_eq!(RepoConfig::decode(&config.encode(), "vector")?, config);
+    // The committed pack files, not the code's output: old packs must stay readable.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors");
+    let v2 = unwrap_hex(&std::fs::read_to_string(dir.join("pack.hex"))?);
+    assert_eq!(
+        read_all(&v2)?,
+        (2, PACK_CHUNKS.map(<[u8]>::to_vec).to_vec())
+    );
+    let v1 = unwrap_hex(&std::fs::read_to_string(dir.join("pack-v1.hex"))?);
+    assert_eq!(
+        read_all(&v1)?,
+        (1, PACK_CHUNKS[..2].iter().map(|c| c.to_vec()).collect())
+    );
     Ok(())
 }

@@ -47,12 +47,14 @@ fn print(r: &PruneReport) -> anyhow::Result<()> {
     ))?;
     output::line(format!(
         "{would}delete {} unused packs and {} orphan packs, {would}rewrite {} packs into {} \
-         ({} chunks moved, {} chunks removed)",
+         ({} frames of {} chunks moved, {} frames of {} chunks removed)",
         r.packs_deleted,
         r.orphans_deleted,
         r.packs_rewritten,
         r.packs_written,
+        r.frames_moved,
         r.chunks_moved,
+        r.frames_removed,
         r.chunks_removed
     ))?;
     output::line(format!(

@@ -1,10 +1,11 @@
-//! The backup pipeline: source → segments → zero filter → chunks → dedup → zstd → packs →
-//! index → manifest.
+//! The backup pipeline: source → segments → zero filter → chunks → dedup → zstd frames →
+//! packs → index → manifest.
 //!
 //! Segments are processed in parallel (rayon) in small ordered batches: each worker reads its
 //! segment, splits it, hashes every chunk and compresses only chunks the repository does not
-//! have. One writer thread receives the batches in disk order, appends new chunks to the open
-//! pack, stores full packs and commits them to the index, and collects the disk map. Memory
+//! have, grouped into frames of consecutive new chunks (see [`compress_frames`]). One writer
+//! thread receives the batches in disk order, appends new frames to the open pack, stores
+//! full packs and commits them to the index, and collects the disk map. Memory
 //! is bounded by the batch size and the pack target size, never by the disk size.
 //!
 //! Order of durability: a pack is stored before its chunks are indexed, and the manifest is
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta,
 };
-use crate::format::pack::Compression;
+use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
 use crate::format::{hex, ChunkId};
 use crate::index::Index;
 use crate::index::SnapshotSummary;
@@ -80,10 +81,11 @@ pub struct BackupReport {
     pub throughput_mb_s: f64,
 }
 
-/// A chunk that the repository did not have when its segment was processed.
-struct NewChunk {
-    id: ChunkId,
-    raw_len: u32,
+/// Chunks that the repository did not have when their segment was processed, in disk
+/// order, compressed together as one frame.
+struct NewFrame {
+    /// (id, raw length) of each chunk, in frame order.
+    chunks: Vec<(ChunkId, u32)>,
     compression: Compression,
     stored: Vec<u8>,
 }
@@ -92,7 +94,7 @@ struct NewChunk {
 struct SegmentOutput {
     len: u64,
     extents: Vec<Extent>,
-    new_chunks: Vec<NewChunk>,
+    new_frames: Vec<NewFrame>,
     bytes_read: u64,
     unallocated: u64,
     /// Bytes not read thanks to change knowledge.
@@ -314,7 +316,7 @@ impl ReadingPlan {
         SegmentOutput {
             len: u64::from(len),
             extents,
-            new_chunks: Vec::new(),
+            new_frames: Vec::new(),
             bytes_read: 0,
             unallocated: 0,
             skipped: u64::from(len),
@@ -414,7 +416,7 @@ fn process_segment(
         return Ok(SegmentOutput {
             len: u64::from(len),
             extents: vec![Extent::Zero { len }],
-            new_chunks: Vec::new(),
+            new_frames: Vec::new(),
             bytes_read: 0,
             unallocated,
             skipped: 0,
@@ -427,14 +429,15 @@ fn process_segment(
         let mut pieces = Vec::new();
         chunker.split(&buf, &mut pieces);
         let mut extents = Vec::with_capacity(pieces.len());
-        let mut new_chunks: Vec<NewChunk> = Vec::new();
+        let mut new_chunks: Vec<NewPiece> = Vec::new();
         for piece in pieces {
             add_piece(repo, pending, &buf, piece, &mut extents, &mut new_chunks)?;
         }
+        let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
-            new_chunks,
+            new_frames,
             bytes_read,
             unallocated,
             skipped: 0,
@@ -499,7 +502,7 @@ fn process_changed_segment(
         };
         let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
         let mut extents = Vec::with_capacity(layout.len());
-        let mut new_chunks: Vec<NewChunk> = Vec::new();
+        let mut new_chunks: Vec<NewPiece> = Vec::new();
         for part in layout {
             match part {
                 Resplit::Parent(i) => extents.push(parent[i]),
@@ -508,10 +511,11 @@ fn process_changed_segment(
                 }
             }
         }
+        let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
-            new_chunks,
+            new_frames,
             bytes_read,
             unallocated,
             skipped: u64::from(len) - loaded,
@@ -543,14 +547,14 @@ fn fill_from_map(
 }
 
 /// Appends a piece to a segment's extents; a chunk the repository does not have yet is
-/// compressed and queued for the writer.
+/// queued for [`compress_frames`].
 fn add_piece(
     repo: &Repo,
     pending: &Mutex<HashSet<ChunkId>>,
     buf: &[u8],
     piece: Piece,
     extents: &mut Vec<Extent>,
-    new_chunks: &mut Vec<NewChunk>,
+    new_chunks: &mut Vec<NewPiece>,
 ) -> Result<()> {
     match piece {
         Piece::Zero { len, .. } => extents.push(Extent::Zero { len: len as u32 }),
@@ -565,17 +569,49 @@ fn add_piece(
                 || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
                 || repo.readers().contains(&id)?;
             if !known {
-                let (compression, stored) = compress(data, repo.config().zstd_level)?;
-                new_chunks.push(NewChunk {
-                    id,
-                    raw_len: len as u32,
-                    compression,
-                    stored,
-                });
+                new_chunks.push(NewPiece { id, start, len });
             }
         }
     }
     Ok(())
+}
+
+/// A chunk of the segment buffer that the repository does not have yet.
+struct NewPiece {
+    id: ChunkId,
+    start: usize,
+    len: usize,
+}
+
+/// The compress step of a segment: groups its new chunks, in disk order, into frames of at
+/// most [`FRAME_TARGET_LEN`] raw bytes (a larger chunk is a frame alone) and compresses each
+/// frame as one zstd frame. Frames never span segments: segments are compressed in parallel.
+fn compress_frames(buf: &[u8], pieces: &[NewPiece], level: i32) -> Result<Vec<NewFrame>> {
+    let mut frames = Vec::new();
+    let mut raw: Vec<u8> = Vec::with_capacity(FRAME_TARGET_LEN);
+    let mut chunks: Vec<(ChunkId, u32)> = Vec::new();
+    let mut flush = |raw: &mut Vec<u8>, chunks: &mut Vec<(ChunkId, u32)>| -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (compression, stored) = compress(raw, level)?;
+        frames.push(NewFrame {
+            chunks: std::mem::take(chunks),
+            compression,
+            stored,
+        });
+        raw.clear();
+        Ok(())
+    };
+    for p in pieces {
+        if !raw.is_empty() && raw.len() + p.len > FRAME_TARGET_LEN {
+            flush(&mut raw, &mut chunks)?;
+        }
+        raw.extend_from_slice(&buf[p.start..p.start + p.len]);
+        chunks.push((p.id, p.len as u32));
+    }
+    flush(&mut raw, &mut chunks)?;
+    Ok(frames)
 }
 
 /// Hands segment indices to workers, never more than `window` ahead of the writer, so memory
@@ -678,17 +714,26 @@ fn write_loop(
                     Extent::Chunk { .. } => stats.chunks += 1,
                 }
             }
-            for c in seg.new_chunks {
-                let accepted = pending.lock().map(|p| p.contains(&c.id)).unwrap_or(false);
-                if accepted || repo.readers().contains(&c.id)? {
+            for f in seg.new_frames {
+                // Another segment may have stored some of these chunks meanwhile: the frame
+                // is stored whole unless all of them are known, and the index takes only
+                // the chunks it does not have yet (see `Index::add_pack`).
+                let mut fresh = Vec::with_capacity(f.chunks.len());
+                for &(id, raw_len) in &f.chunks {
+                    let accepted = pending.lock().map(|p| p.contains(&id)).unwrap_or(false);
+                    if !accepted && !repo.readers().contains(&id)? {
+                        fresh.push((id, raw_len));
+                    }
+                }
+                if fresh.is_empty() {
                     continue;
                 }
-                pack.add(c.id, c.raw_len, &c.stored, c.compression);
+                pack.add_frame(&f.chunks, &f.stored, f.compression);
                 if let Ok(mut p) = pending.lock() {
-                    p.insert(c.id);
+                    p.extend(fresh.iter().map(|c| c.0));
                 }
-                stats.new_chunks += 1;
-                stats.new_bytes += u64::from(c.raw_len);
+                stats.new_chunks += fresh.len() as u64;
+                stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
                 if pack.len() >= target {
                     let next = match spare.try_recv() {
                         Ok(buf) => PackWriter::reusing(buf),
@@ -748,6 +793,7 @@ fn store_pack(
     index.add_pack(
         &finished.name,
         finished.bytes.len() as u64,
+        PACK_VERSION,
         &finished.entries,
     )?;
     crate::crash::point("pack-indexed");

@@ -2,8 +2,13 @@
 //!
 //! Job: find the chunks no remaining manifest names; delete packs that hold only such
 //! chunks (and orphan packs, which the index does not know); rewrite packs whose unused
-//! share exceeds `max_unused` by copying their still-referenced records verbatim (no
-//! recompression) into new packs; and keep the index in step. Verification records of
+//! share exceeds `max_unused` by copying their still-referenced frames verbatim (no
+//! recompression) into new packs; and keep the index in step.
+//!
+//! Liveness is per chunk, storage per frame: a frame is kept whole (all its chunks, live or
+//! not) if any chunk the index places in it is referenced, and freed only when none is. The
+//! unused bytes of a pack are its frames without a live chunk (record bytes and table
+//! entries); `--dry-run` and `stats` count the same way. Verification records of
 //! snapshots that no longer exist go too.
 //!
 //! Exclusion: prune holds the repository's maintenance lock from start to end (see
@@ -34,8 +39,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
 use crate::format::pack::{
-    decode_record_header, PackEntry, PACK_FOOTER_LEN, PACK_HEADER_LEN, RECORD_HEADER_LEN,
-    TABLE_ENTRY_LEN,
+    decode_frame_header, decode_frame_list, decode_record_header_v1, frame_record_len,
+    table_entry_len, Compression, FRAME_HEADER_LEN, FRAME_LIST_ENTRY_LEN, PACK_FOOTER_LEN,
+    PACK_HEADER_LEN, PACK_VERSION, PACK_VERSION_V1, RECORD_HEADER_LEN, TABLE_ENTRY_LEN,
 };
 use crate::format::verification::VERIFICATIONS_PREFIX;
 use crate::format::ChunkId;
@@ -47,8 +53,11 @@ use crate::store::pack_key;
 
 /// Bytes of a pack that are not records: header and footer.
 pub const PACK_FIXED_OVERHEAD: u64 = (PACK_HEADER_LEN + PACK_FOOTER_LEN) as u64;
-/// Bytes a chunk costs in a pack beyond its stored bytes: record header and table entry.
-pub const CHUNK_OVERHEAD: u64 = (RECORD_HEADER_LEN + TABLE_ENTRY_LEN) as u64;
+/// Bytes a chunk costs in a (version 2) pack beyond its frame's stored bytes: its entry in
+/// the frame's chunk list and its table entry.
+pub const CHUNK_OVERHEAD: u64 = (FRAME_LIST_ENTRY_LEN + TABLE_ENTRY_LEN) as u64;
+/// Bytes a frame costs in a (version 2) pack beyond its stored bytes and its chunks' costs.
+pub const FRAME_OVERHEAD: u64 = FRAME_HEADER_LEN as u64;
 
 /// What prune may do.
 #[derive(Clone, Debug)]
@@ -102,11 +111,13 @@ pub struct PruneReport {
     pub packs_written: u64,
     /// Pack files the index did not know (left by crashes), deleted.
     pub orphans_deleted: u64,
-    /// Chunks moved to new packs.
+    /// Frames copied to new packs, and the chunk entries they hold.
+    pub frames_moved: u64,
     pub chunks_moved: u64,
-    /// Chunk records removed from the repository.
+    /// Chunk entries removed from the repository.
     pub chunks_removed: u64,
-    /// Stored bytes of the removed chunks (what the chunks themselves took).
+    /// Frames removed (that the index knew), and their stored bytes.
+    pub frames_removed: u64,
     pub chunk_bytes_removed: u64,
     /// Pack files after, and their total size.
     pub packs_after: u64,
@@ -135,24 +146,53 @@ struct PackUse {
     name: String,
     size: u64,
     chunk_count: u64,
+    version: u32,
+    /// Referenced chunks the index places here.
     live_chunks: u64,
-    /// Record bytes (header + stored) of the referenced chunks the index places here.
-    live_bytes: u64,
+    /// Frames holding at least one of them, their chunk entries and stored bytes.
+    live_frames: u64,
+    live_frame_chunks: u64,
+    live_stored: u64,
     plan: Plan,
 }
 
 impl PackUse {
-    /// Record bytes of the pack: all but header, table and footer.
+    /// Bytes of the pack that are not header and footer: frames and table.
     fn record_bytes(&self) -> u64 {
-        self.size
-            .saturating_sub(PACK_FIXED_OVERHEAD)
-            .saturating_sub(self.chunk_count * TABLE_ENTRY_LEN as u64)
+        self.size.saturating_sub(PACK_FIXED_OVERHEAD)
+    }
+
+    /// Bytes the live frames take here (records and table entries).
+    fn live_bytes(&self) -> u64 {
+        frames_bytes(
+            self.version,
+            self.live_frames,
+            self.live_stored,
+            self.live_frame_chunks,
+        )
     }
 
     fn unused_bytes(&self) -> u64 {
-        self.record_bytes().saturating_sub(self.live_bytes)
+        self.record_bytes().saturating_sub(self.live_bytes())
     }
 }
+
+/// Bytes `frames` frames of `stored` stored bytes and `chunks` chunks in all take in a pack of
+/// `version`: their records and their table entries.
+fn frames_bytes(version: u32, frames: u64, stored: u64, chunks: u64) -> u64 {
+    let records = if version == PACK_VERSION_V1 {
+        frames * RECORD_HEADER_LEN as u64 + stored
+    } else {
+        frames * FRAME_HEADER_LEN as u64 + stored + chunks * FRAME_LIST_ENTRY_LEN as u64
+    };
+    records + chunks * table_entry_len(version) as u64
+}
+
+/// Per frame (pack, offset) of the index: whether any chunk the index places in it is
+/// referenced (`live`), its stored length and chunk count. Needs `temp.prune_live`.
+const FRAMES_SQL: &str = "SELECT c.pack AS pack, c.offset AS offset, \
+     count(l.id) AS live, max(c.stored_len) AS stored, max(c.frame_chunks) AS n \
+     FROM chunks c LEFT JOIN temp.prune_live l ON l.id = c.id GROUP BY c.pack, c.offset";
 
 /// Prunes `repo`; see the module doc.
 pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport> {
@@ -204,24 +244,26 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     // The plan: every indexed pack with its referenced share.
     let mut packs: Vec<PackUse> = {
         let mut stmt = conn
-            .prepare(
-                "SELECT p.id, p.name, p.size, p.chunk_count, \
-                 count(l.id), coalesce(sum(CASE WHEN l.id IS NULL THEN 0 \
-                 ELSE c.stored_len + ?1 END), 0) \
-                 FROM packs p LEFT JOIN chunks c ON c.pack = p.id \
-                 LEFT JOIN temp.prune_live l ON l.id = c.id \
-                 GROUP BY p.id ORDER BY p.id",
-            )
+            .prepare(&format!(
+                "SELECT p.id, p.name, p.size, p.chunk_count, p.version, \
+                 coalesce(sum(f.live), 0), count(f.pack), coalesce(sum(f.n), 0), \
+                 coalesce(sum(f.stored), 0) \
+                 FROM packs p LEFT JOIN ({FRAMES_SQL}) f ON f.pack = p.id AND f.live > 0 \
+                 GROUP BY p.id ORDER BY p.id"
+            ))
             .map_err(&err)?;
         let rows = stmt
-            .query_map([RECORD_HEADER_LEN as i64], |r| {
+            .query_map([], |r| {
                 Ok(PackUse {
                     key: r.get(0)?,
                     name: r.get(1)?,
                     size: r.get::<_, i64>(2)? as u64,
                     chunk_count: r.get::<_, i64>(3)? as u64,
-                    live_chunks: r.get::<_, i64>(4)? as u64,
-                    live_bytes: r.get::<_, i64>(5)? as u64,
+                    version: r.get(4)?,
+                    live_chunks: r.get::<_, i64>(5)? as u64,
+                    live_frames: r.get::<_, i64>(6)? as u64,
+                    live_frame_chunks: r.get::<_, i64>(7)? as u64,
+                    live_stored: r.get::<_, i64>(8)? as u64,
                     plan: Plan::Keep,
                 })
             })
@@ -273,16 +315,21 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         .sum();
     progress.start("prune", rewrite_total);
     let mut writer = PackWriter::new(capacity);
+    // Chunks of the open pack whose index rows move to it.
+    let mut moving: HashSet<ChunkId> = HashSet::new();
     let mut written: Vec<u64> = Vec::new();
     for p in packs.iter_mut().filter(|p| p.plan == Plan::Rewrite) {
-        match live_records(repo, conn, &err, p) {
-            Ok(records) => {
-                for (entry, stored) in records {
-                    writer.add(entry.id, entry.raw_len, &stored, entry.compression);
-                    report.chunks_moved += 1;
+        match live_frames(repo, conn, &err, p) {
+            Ok(frames) => {
+                for f in frames {
+                    writer.add_frame(&f.chunks, &f.stored, f.compression);
+                    moving.extend(f.indexed);
+                    report.frames_moved += 1;
+                    report.chunks_moved += f.chunks.len() as u64;
                     if writer.len() >= target {
                         let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
-                        written.push(store_and_index(repo, conn, &err, full)?);
+                        let ids = std::mem::take(&mut moving);
+                        written.push(store_and_index(repo, conn, &err, full, &ids)?);
                     }
                 }
             }
@@ -297,7 +344,7 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         progress.advance(p.size);
     }
     if !writer.is_empty() {
-        written.push(store_and_index(repo, conn, &err, writer)?);
+        written.push(store_and_index(repo, conn, &err, writer, &moving)?);
     }
     progress.finish();
 
@@ -321,21 +368,24 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
                     p.name
                 )));
             }
-            let bytes: i64 = tx
+            // The rows left are those of the frames not copied.
+            let (frames, bytes): (i64, i64) = tx
                 .query_row(
-                    "SELECT coalesce(sum(stored_len), 0) FROM chunks WHERE pack = ?1",
+                    "SELECT count(*), coalesce(sum(stored), 0) FROM (SELECT \
+                     max(stored_len) AS stored FROM chunks WHERE pack = ?1 GROUP BY offset)",
                     [p.key],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(&err)?;
+            report.frames_removed += frames as u64;
             report.chunk_bytes_removed += bytes as u64;
             tx.execute("DELETE FROM chunks WHERE pack = ?1", [p.key])
                 .map_err(&err)?;
             tx.execute("DELETE FROM packs WHERE id = ?1", [p.key])
                 .map_err(&err)?;
-            // Records of the pack beyond the indexed ones are copies of chunks indexed
-            // elsewhere (two concurrent backups stored the same chunk): removed too.
-            report.chunks_removed += p.chunk_count.saturating_sub(p.live_chunks);
+            // Chunk entries not copied, indexed here or not (a frame stored by two concurrent
+            // backups is indexed only once): removed.
+            report.chunks_removed += p.chunk_count.saturating_sub(p.live_frame_chunks);
         }
         tx.commit().map_err(&err)?;
     }
@@ -426,79 +476,179 @@ fn refuse(e: Error) -> Error {
     }
 }
 
-/// Reads pack `p` once and returns its referenced records (entry as in the record header,
-/// stored bytes), each checked against its index row and its crc32.
-fn live_records(
+/// A frame prune copies into a new pack.
+struct LiveFrame {
+    /// (id, raw length) of every chunk in the frame, as its record lists them.
+    chunks: Vec<(ChunkId, u32)>,
+    compression: Compression,
+    stored: Vec<u8>,
+    /// Chunks whose index rows point at this frame (live or not): they move with it.
+    indexed: Vec<ChunkId>,
+}
+
+/// An index row of a chunk of pack `p`.
+struct Row {
+    id: ChunkId,
+    offset: u64,
+    in_frame: u32,
+    raw_len: u32,
+    stored_len: u32,
+    frame_raw_len: u32,
+    frame_chunks: u32,
+    live: bool,
+}
+
+/// Reads pack `p` once and returns its frames that hold a referenced chunk, each checked
+/// against its index rows and its crc32 (the stored bytes are copied, not decompressed).
+fn live_frames(
     repo: &Repo,
     conn: &rusqlite::Connection,
     err: &impl Fn(rusqlite::Error) -> Error,
     p: &PackUse,
-) -> Result<Vec<(PackEntry, Vec<u8>)>> {
+) -> Result<Vec<LiveFrame>> {
     let location = format!("pack {}", p.name);
     let bytes = repo.backend().get(&pack_key(&p.name))?;
     let mut stmt = conn
         .prepare_cached(
-            "SELECT c.id, c.offset, c.raw_len, c.stored_len FROM chunks c \
-             JOIN temp.prune_live l ON l.id = c.id WHERE c.pack = ?1 ORDER BY c.offset",
+            "SELECT c.id, c.offset, c.in_frame, c.raw_len, c.stored_len, c.frame_raw_len, \
+             c.frame_chunks, l.id IS NOT NULL FROM chunks c \
+             LEFT JOIN temp.prune_live l ON l.id = c.id WHERE c.pack = ?1 \
+             ORDER BY c.offset, c.in_frame",
         )
         .map_err(err)?;
-    let rows = stmt
+    let raw_rows = stmt
         .query_map([p.key], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, u32>(2)?,
                 r.get::<_, u32>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, u32>(5)?,
+                r.get::<_, u32>(6)?,
+                r.get::<_, bool>(7)?,
             ))
         })
         .map_err(err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, offset, raw_len, stored_len) = row.map_err(err)?;
+    let mut rows = Vec::new();
+    for row in raw_rows {
+        let (id, offset, in_frame, raw_len, stored_len, frame_raw_len, frame_chunks, live) =
+            row.map_err(err)?;
         let offset = u64::try_from(offset)
-            .map_err(|_| Error::corrupt(&location, 0, "negative record offset in the index"))?;
+            .map_err(|_| Error::corrupt(&location, 0, "negative frame offset in the index"))?;
         let id = ChunkId(<[u8; 32]>::try_from(id.as_slice()).map_err(|_| {
             Error::corrupt(&location, offset, "index row with a malformed chunk id")
         })?);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let header = bytes
-            .get(start..start.saturating_add(RECORD_HEADER_LEN))
-            .ok_or_else(|| {
-                Error::corrupt(&location, offset, "record lies beyond the pack's end")
-            })?;
-        let entry = decode_record_header(header, offset, &location)?;
-        if entry.id != id || entry.raw_len != raw_len || entry.stored_len != stored_len {
-            return Err(Error::corrupt(
-                &location,
-                offset,
-                "record header disagrees with the index (rebuild the index)",
-            ));
+        rows.push(Row {
+            id,
+            offset,
+            in_frame,
+            raw_len,
+            stored_len,
+            frame_raw_len,
+            frame_chunks,
+            live,
+        });
+    }
+    let mut out = Vec::new();
+    for frame_rows in rows.chunk_by(|a, b| a.offset == b.offset) {
+        if !frame_rows.iter().any(|r| r.live) {
+            continue;
         }
-        let data_start = start + RECORD_HEADER_LEN;
-        let stored = bytes
-            .get(data_start..data_start.saturating_add(stored_len as usize))
-            .ok_or_else(|| {
-                Error::corrupt(&location, offset, "record lies beyond the pack's end")
-            })?;
-        if crc32fast::hash(stored) != entry.crc32 {
-            return Err(Error::corrupt(
-                &location,
-                offset,
-                format!("chunk {} fails its crc32", id.to_hex()),
-            ));
-        }
-        out.push((entry, stored.to_vec()));
+        let first = &frame_rows[0];
+        out.push(read_frame(&bytes, p.version, first, frame_rows, &location)?);
     }
     Ok(out)
 }
 
-/// Stores a finished replacement pack, then indexes it, pointing its chunks' rows at it.
-/// Returns its size.
+/// Decodes the frame of `rows` (all at `first.offset`) out of a whole pack of `version`.
+fn read_frame(
+    bytes: &[u8],
+    version: u32,
+    first: &Row,
+    rows: &[Row],
+    location: &str,
+) -> Result<LiveFrame> {
+    let offset = first.offset;
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    let beyond = || Error::corrupt(location, offset, "frame lies beyond the pack's end");
+    let disagrees = || {
+        Error::corrupt(
+            location,
+            offset,
+            "frame header disagrees with the index (rebuild the index)",
+        )
+    };
+    let len = usize::try_from(frame_record_len(
+        version,
+        first.stored_len,
+        first.frame_chunks,
+    ))
+    .map_err(|_| beyond())?;
+    let record = bytes
+        .get(start..start.saturating_add(len))
+        .filter(|r| r.len() == len)
+        .ok_or_else(beyond)?;
+    let (chunks, compression, crc32, header_len) = if version == PACK_VERSION_V1 {
+        let h = decode_record_header_v1(&record[..RECORD_HEADER_LEN], offset, location)?;
+        if rows.len() != 1 || h.id != first.id || h.stored_len != first.stored_len {
+            return Err(disagrees());
+        }
+        (
+            vec![(h.id, h.raw_len)],
+            h.compression,
+            h.crc32,
+            RECORD_HEADER_LEN,
+        )
+    } else {
+        let h = decode_frame_header(&record[..FRAME_HEADER_LEN], offset, location)?;
+        if h.stored_len != first.stored_len
+            || h.raw_len != first.frame_raw_len
+            || h.chunk_count != first.frame_chunks
+        {
+            return Err(disagrees());
+        }
+        let list_at = FRAME_HEADER_LEN + h.stored_len as usize;
+        let list = decode_frame_list(&record[list_at..], &h, offset + list_at as u64, location)?;
+        (list, h.compression, h.crc32, FRAME_HEADER_LEN)
+    };
+    // Every indexed chunk must be where its row says.
+    let mut at = 0u32;
+    let mut placed = HashMap::with_capacity(chunks.len());
+    for (id, len) in &chunks {
+        placed.insert(*id, (at, *len));
+        at += len;
+    }
+    if rows
+        .iter()
+        .any(|r| placed.get(&r.id) != Some(&(r.in_frame, r.raw_len)))
+    {
+        return Err(disagrees());
+    }
+    let stored = &record[header_len..header_len + first.stored_len as usize];
+    if crc32fast::hash(stored) != crc32 {
+        return Err(Error::corrupt(
+            location,
+            offset + header_len as u64,
+            format!("the frame of chunk {} fails its crc32", first.id.to_hex()),
+        ));
+    }
+    Ok(LiveFrame {
+        chunks,
+        compression,
+        stored: stored.to_vec(),
+        indexed: rows.iter().map(|r| r.id).collect(),
+    })
+}
+
+/// Stores a finished replacement pack, then indexes it, pointing the rows of the chunks in
+/// `moving` at it. Returns its size.
 fn store_and_index(
     repo: &Repo,
     conn: &mut rusqlite::Connection,
     err: &impl Fn(rusqlite::Error) -> Error,
     writer: PackWriter,
+    moving: &HashSet<ChunkId>,
 ) -> Result<u64> {
     let pack = writer.finish()?;
     repo.backend().put(&pack_key(&pack.name), &pack.bytes)?;
@@ -507,11 +657,12 @@ fn store_and_index(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(err)?;
     tx.execute(
-        "INSERT INTO packs (name, size, chunk_count) VALUES (?1, ?2, ?3)",
+        "INSERT INTO packs (name, size, chunk_count, version) VALUES (?1, ?2, ?3, ?4)",
         params![
             pack.name,
             pack.bytes.len() as i64,
-            pack.entries.len() as i64
+            pack.entries.len() as i64,
+            PACK_VERSION
         ],
     )
     .map_err(err)?;
@@ -522,20 +673,13 @@ fn store_and_index(
         .map_err(err)?;
     {
         let mut stmt = tx
-            .prepare_cached(
-                "INSERT OR REPLACE INTO chunks (id, pack, offset, raw_len, stored_len) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
+            .prepare_cached(index::INSERT_CHUNK_OR_REPLACE)
             .map_err(err)?;
-        for e in &pack.entries {
-            stmt.execute(params![
-                &e.id.0[..],
-                key,
-                e.offset as i64,
-                e.raw_len,
-                e.stored_len
-            ])
-            .map_err(err)?;
+        for frame in crate::format::pack::frames(&pack.entries) {
+            for e in frame.iter().filter(|e| moving.contains(&e.id)) {
+                stmt.execute(index::chunk_params(e, key, frame.len() as u32))
+                    .map_err(err)?;
+            }
         }
     }
     tx.commit().map_err(err)?;
@@ -594,20 +738,30 @@ fn plan_estimate(
             Plan::Delete => report.packs_deleted += 1,
             _ => report.packs_rewritten += 1,
         }
-        let unused: Option<i64> = conn
+        let dead: Option<(i64, i64)> = conn
             .query_row(
-                "SELECT sum(c.stored_len) FROM chunks c WHERE c.pack = ?1 AND NOT EXISTS \
-                 (SELECT 1 FROM temp.prune_live l WHERE l.id = c.id)",
+                &format!(
+                    "SELECT count(*), coalesce(sum(f.stored), 0) FROM ({FRAMES_SQL}) f \
+                     WHERE f.pack = ?1 AND f.live = 0"
+                ),
                 [p.key],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
-            .map_err(err)?
-            .flatten();
-        report.chunk_bytes_removed += unused.unwrap_or(0) as u64;
-        report.chunks_removed += p.chunk_count.saturating_sub(p.live_chunks);
-        report.chunks_moved += p.live_chunks;
-        moved_bytes += p.live_bytes + p.live_chunks * TABLE_ENTRY_LEN as u64;
+            .map_err(err)?;
+        let (frames, bytes) = dead.unwrap_or((0, 0));
+        report.frames_removed += frames as u64;
+        report.chunk_bytes_removed += bytes as u64;
+        report.chunks_removed += p.chunk_count.saturating_sub(p.live_frame_chunks);
+        report.frames_moved += p.live_frames;
+        report.chunks_moved += p.live_frame_chunks;
+        // Copied frames are written in the current format.
+        moved_bytes += frames_bytes(
+            PACK_VERSION,
+            p.live_frames,
+            p.live_stored,
+            p.live_frame_chunks,
+        );
         removed += p.size;
     }
     report.orphans_deleted = orphans.len() as u64;
@@ -642,6 +796,10 @@ mod tests {
     #[test]
     fn overheads_match_the_pack_format() {
         assert_eq!(PACK_FIXED_OVERHEAD, 48);
-        assert_eq!(CHUNK_OVERHEAD, 104);
+        assert_eq!(CHUNK_OVERHEAD, 100);
+        assert_eq!(FRAME_OVERHEAD, 24);
+        // A frame of two chunks in a version 2 pack; a version 1 record with its entry.
+        assert_eq!(frames_bytes(2, 1, 1000, 2), 24 + 1000 + 2 * 100);
+        assert_eq!(frames_bytes(1, 1, 1000, 1), 48 + 1000 + 56);
     }
 }

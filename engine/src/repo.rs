@@ -201,6 +201,20 @@ impl Repo {
 
     /// Reads a chunk and verifies it (crc32, decompression, BLAKE3).
     pub fn read_chunk(&self, id: &ChunkId, snapshot: &str) -> Result<Vec<u8>> {
+        let mut cache = store::pack::FrameCache::default();
+        self.with_chunk(id, snapshot, &mut cache, |d| Ok(d.to_vec()))
+    }
+
+    /// Reads a chunk, verifies it (crc32, decompression, BLAKE3) and hands it to `f`. The
+    /// chunk's frame comes from `cache` when it holds it, else is decompressed into it: a
+    /// reader that goes through chunks in disk order decompresses each frame once.
+    pub fn with_chunk<R>(
+        &self,
+        id: &ChunkId,
+        snapshot: &str,
+        cache: &mut store::pack::FrameCache,
+        mut f: impl FnMut(&[u8]) -> Result<R>,
+    ) -> Result<R> {
         let loc = self
             .readers
             .lookup(id)?
@@ -208,12 +222,13 @@ impl Repo {
                 id: id.to_hex(),
                 snapshot: snapshot.to_string(),
             })?;
-        match store::pack::read_chunk(self.backend.as_ref(), &loc.pack, &loc.record) {
+        let backend = self.backend.as_ref();
+        match store::pack::with_chunk(backend, &loc.pack, &loc.record, cache, &mut f) {
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
             // the old one since the lookup. Look once more before calling it damage.
             Err(e) if e.is_corruption() => match self.readers.lookup(id)? {
                 Some(again) if again != loc => {
-                    store::pack::read_chunk(self.backend.as_ref(), &again.pack, &again.record)
+                    store::pack::with_chunk(backend, &again.pack, &again.record, cache, f)
                 }
                 _ => Err(e),
             },

@@ -2,9 +2,16 @@
 //!
 //! For every snapshot: its logical size (the virtual disk size), its data bytes (the bytes
 //! its chunks cover, zero runs excluded), the stored (compressed) bytes of the distinct chunks
-//! it references, and its *unique* bytes: stored bytes of chunks no other snapshot
-//! references, which is what forgetting it and pruning would free (plus the pack structure
-//! of those chunks, [`crate::prune::CHUNK_OVERHEAD`] bytes each). The same per disk, and for
+//! it references, and its *unique* bytes: what forgetting it and pruning would free.
+//!
+//! Chunks are compressed together in frames, and prune frees a frame only when none of its
+//! chunks is referenced (see [`crate::prune`]). So: the stored bytes of a chunk are its
+//! frame's stored bytes apportioned by raw length (`stored × raw / frame raw`, rounded
+//! down), which is what `stored_bytes` sums; but *unique* and *unreferenced* bytes are whole
+//! frames: the stored bytes of the frames all of whose referenced chunks are referenced by
+//! this snapshot alone (by this disk alone; by nothing), exactly what prune would free (plus
+//! the pack structure: [`crate::prune::FRAME_OVERHEAD`] per frame and
+//! [`crate::prune::CHUNK_OVERHEAD`] per chunk entry of those frames). The same per disk, and for
 //! the repository the dedup ratio (data bytes of all snapshots / raw bytes of the distinct
 //! chunks) and the compression ratio (raw / stored bytes of those chunks).
 //!
@@ -24,6 +31,17 @@ use crate::format::ChunkId;
 use crate::index::sql_err;
 use crate::repo::Repo;
 
+/// A chunk row's share of its frame's stored bytes (`c` is the `chunks` row).
+const SHARE: &str = "(c.stored_len * c.raw_len / max(c.frame_raw_len, 1))";
+
+/// Per frame of the index (pack, offset): stored bytes, how many of its chunks are
+/// referenced, the most snapshots referencing one of them, the first and last snapshot and
+/// disk referencing them, and whether one is shared across disks. Needs `temp.stats_refs`.
+const FRAMES: &str = "SELECT max(c.stored_len) AS stored, count(r.id) AS refd, \
+     max(r.n) AS n, min(r.snap) AS s0, max(r.snap) AS s1, min(r.disk) AS d0, \
+     max(r.disk) AS d1, coalesce(max(r.shared), 0) AS shared \
+     FROM chunks c LEFT JOIN temp.stats_refs r ON r.id = c.id GROUP BY c.pack, c.offset";
+
 /// One snapshot's space.
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
@@ -40,8 +58,9 @@ pub struct SnapshotStats {
     /// Raw and stored (compressed) bytes of those chunks.
     pub raw_bytes: u64,
     pub stored_bytes: u64,
-    /// Chunks no other snapshot references, and their stored bytes: what forgetting this
-    /// snapshot frees (before pack structure).
+    /// Chunks no other snapshot references; stored bytes of the frames holding only such
+    /// chunks (and unreferenced ones): what forgetting this snapshot frees (before pack
+    /// structure).
     pub unique_chunks: u64,
     pub unique_bytes: u64,
     /// Referenced chunks the index does not know (damage; see `check`).
@@ -82,7 +101,8 @@ pub struct RepoStats {
     /// Indexed packs and their total size.
     pub packs: u64,
     pub pack_bytes: u64,
-    /// Stored bytes of indexed chunks no snapshot references (prune's to reclaim).
+    /// Stored bytes of the frames none of whose indexed chunks a snapshot references
+    /// (prune's to reclaim).
     pub unreferenced_bytes: u64,
 }
 
@@ -141,7 +161,9 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
         let tx = conn.transaction().map_err(&err)?;
         {
             let mut lookup = tx
-                .prepare_cached("SELECT raw_len, stored_len FROM chunks WHERE id = ?1")
+                .prepare_cached(&format!(
+                    "SELECT raw_len, {SHARE} FROM chunks c WHERE id = ?1"
+                ))
                 .map_err(&err)?;
             let mut refs = tx
                 .prepare_cached(
@@ -187,27 +209,36 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
         });
     }
 
-    // Unique per snapshot: chunks referenced by exactly one snapshot.
+    // Unique per snapshot: chunks referenced by exactly one snapshot; frames whose
+    // referenced chunks are all of one snapshot alone.
     {
         let mut stmt = conn
             .prepare(
-                "SELECT r.snap, count(*), sum(c.stored_len) FROM temp.stats_refs r \
+                "SELECT r.snap, count(*) FROM temp.stats_refs r \
                  JOIN chunks c ON c.id = r.id WHERE r.n = 1 GROUP BY r.snap",
             )
             .map_err(&err)?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
             .map_err(&err)?;
         for row in rows {
-            let (snap, n, bytes) = row.map_err(&err)?;
+            let (snap, n) = row.map_err(&err)?;
             if let Some(s) = usize::try_from(snap).ok().and_then(|i| snaps.get_mut(i)) {
                 s.unique_chunks = n as u64;
+            }
+        }
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT f.s0, sum(f.stored) FROM ({FRAMES}) f \
+                 WHERE f.refd > 0 AND f.n = 1 AND f.s0 = f.s1 GROUP BY f.s0"
+            ))
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(&err)?;
+        for row in rows {
+            let (snap, bytes) = row.map_err(&err)?;
+            if let Some(s) = usize::try_from(snap).ok().and_then(|i| snaps.get_mut(i)) {
                 s.unique_bytes = bytes as u64;
             }
         }
@@ -219,16 +250,20 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
         let of_disk: Vec<&SnapshotStats> = snaps.iter().filter(|s| &s.disk == name).collect();
         let (chunks, raw, stored): (i64, i64, i64) = conn
             .query_row(
-                "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum(c.stored_len), 0) \
-                 FROM temp.stats_disk x JOIN chunks c ON c.id = x.id WHERE x.disk = ?1",
+                &format!(
+                    "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum({SHARE}), 0) \
+                     FROM temp.stats_disk x JOIN chunks c ON c.id = x.id WHERE x.disk = ?1"
+                ),
                 [d],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(&err)?;
         let unique: i64 = conn
             .query_row(
-                "SELECT coalesce(sum(c.stored_len), 0) FROM temp.stats_refs r \
-                 JOIN chunks c ON c.id = r.id WHERE r.disk = ?1 AND NOT r.shared",
+                &format!(
+                    "SELECT coalesce(sum(f.stored), 0) FROM ({FRAMES}) f WHERE f.refd > 0 \
+                     AND f.d0 = ?1 AND f.d1 = ?1 AND NOT f.shared"
+                ),
                 [d],
                 |r| r.get(0),
             )
@@ -248,16 +283,20 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
     // The repository.
     let (chunks, raw, stored): (i64, i64, i64) = conn
         .query_row(
-            "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum(c.stored_len), 0) \
-             FROM temp.stats_refs r JOIN chunks c ON c.id = r.id",
+            &format!(
+                "SELECT count(*), coalesce(sum(c.raw_len), 0), coalesce(sum({SHARE}), 0) \
+                 FROM temp.stats_refs r JOIN chunks c ON c.id = r.id"
+            ),
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(&err)?;
-    let indexed_stored: i64 = conn
-        .query_row("SELECT coalesce(sum(stored_len), 0) FROM chunks", [], |r| {
-            r.get(0)
-        })
+    let unreferenced: i64 = conn
+        .query_row(
+            &format!("SELECT coalesce(sum(f.stored), 0) FROM ({FRAMES}) f WHERE f.refd = 0"),
+            [],
+            |r| r.get(0),
+        )
         .map_err(&err)?;
     let (packs, pack_bytes): (i64, i64) = conn
         .query_row(
@@ -279,7 +318,7 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
         compression_ratio: ratio(raw as u64, stored as u64),
         packs: packs as u64,
         pack_bytes: pack_bytes as u64,
-        unreferenced_bytes: (indexed_stored - stored).max(0) as u64,
+        unreferenced_bytes: unreferenced.max(0) as u64,
     };
     conn.execute_batch("DELETE FROM temp.stats_refs; DELETE FROM temp.stats_disk;")
         .map_err(&err)?;

@@ -26,14 +26,18 @@ use serde::Serialize;
 use crate::chunker::is_zero;
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::pack::{decode_footer, decode_record, decode_table, PACK_FOOTER_LEN};
+use crate::format::pack::{
+    chunk_of_frame, decode_footer, decode_frame, decode_frame_header, decode_frame_list,
+    decode_header, decode_table, frames, FRAME_HEADER_LEN, PACK_FOOTER_LEN, PACK_HEADER_LEN,
+    PACK_VERSION_V1,
+};
 use crate::format::verification::{VerificationRecord, VERIFICATION_VERSION};
 use crate::format::ChunkId;
 use crate::index::{PackRow, SnapshotSummary};
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
 use crate::source::{DiskSource, ExtentKind};
-use crate::store::pack::read_pack_table;
+use crate::store::pack::{read_pack_table, FrameCache};
 use crate::store::pack_key;
 
 /// Ranges listed in a verify report (the first ones by disk offset; all are counted).
@@ -150,7 +154,8 @@ pub fn verify_snapshot(
         .segments
         .par_iter()
         .enumerate()
-        .map(|(i, extents)| {
+        // One frame cache per worker: each frame is decompressed once.
+        .map_init(FrameCache::default, |frames, (i, extents)| {
             let start = i as u64 * seg;
             let mut t = Tally::default();
             let mut offset = start;
@@ -160,13 +165,13 @@ pub fn verify_snapshot(
                     Extent::Chunk { id, len } => {
                         t.chunks += 1;
                         t.chunk_bytes += u64::from(len);
-                        match repo.read_chunk(&id, &snapshot.id) {
-                            Ok(data) if data.len() == len as usize => {}
-                            Ok(data) => t.problem(
+                        match repo.with_chunk(&id, &snapshot.id, frames, |d| Ok(d.len())) {
+                            Ok(n) if n == len as usize => {}
+                            Ok(n) => t.problem(
                                 offset,
                                 u64::from(len),
                                 Some(&id),
-                                format!("chunk is {} bytes, the manifest says {len}", data.len()),
+                                format!("chunk is {n} bytes, the manifest says {len}"),
                             ),
                             Err(e) if e.is_corruption() => {
                                 t.problem(offset, u64::from(len), Some(&id), e.to_string())
@@ -732,7 +737,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         unindexed.sort();
         for (name, key) in unindexed {
             let why = match read_pack_table(backend, name) {
-                Ok(t) => format!("not in the index ({} chunks)", t.len()),
+                Ok(t) => format!("not in the index ({} chunks)", t.entries.len()),
                 Err(e) => format!("not in the index, and unreadable: {e}"),
             };
             orphans.push(Orphan {
@@ -868,7 +873,7 @@ impl PackChecker<'_> {
             });
         }
         let table = match read_pack_table(backend, name) {
-            Ok(t) => t,
+            Ok(t) => t.entries,
             Err(e) if e.is_corruption() => {
                 f.add("pack-structure", Some(name), None, &e);
                 f.damaged_chunks.extend(entries.iter().map(|e| e.id));
@@ -892,11 +897,14 @@ impl PackChecker<'_> {
                 ),
             });
         }
-        let by_offset: HashMap<u64, &crate::format::pack::PackEntry> =
-            table.iter().map(|e| (e.offset, e)).collect();
+        let by_place: HashMap<(u64, u32), &crate::format::pack::PackEntry> =
+            table.iter().map(|e| ((e.offset, e.in_frame), e)).collect();
         for e in &entries {
-            let agrees = by_offset.get(&e.offset).is_some_and(|t| {
-                t.id == e.id && t.raw_len == e.raw_len && t.stored_len == e.stored_len
+            let agrees = by_place.get(&(e.offset, e.in_frame)).is_some_and(|t| {
+                t.id == e.id
+                    && t.raw_len == e.raw_len
+                    && t.stored_len == e.stored_len
+                    && t.frame_raw_len == e.frame_raw_len
             });
             if !agrees {
                 sound = false;
@@ -934,8 +942,8 @@ impl PackChecker<'_> {
     }
 }
 
-/// Reads a whole pack and checks every record: crc32 of the stored bytes first (cheap),
-/// then decompression and the BLAKE3 id.
+/// Reads a whole pack and checks every frame: crc32 of the stored bytes first (cheap), then
+/// its chunk list, decompression (once per frame) and the BLAKE3 id of every chunk.
 fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
     let location = format!("pack {name}");
     let bytes = repo.backend().get(&pack_key(name))?;
@@ -945,13 +953,20 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
         .len()
         .checked_sub(PACK_FOOTER_LEN)
         .ok_or_else(|| Error::corrupt(&location, 0, "pack shorter than its footer"))
-        .and_then(|at| decode_footer(&bytes[at..], len, &location))
-        .and_then(|footer| {
+        .and_then(|at| {
+            let version = decode_header(bytes.get(..PACK_HEADER_LEN).unwrap_or(&[]), &location)?;
+            let footer = decode_footer(&bytes[at..], len, &location)?;
+            if footer.version != version {
+                return Err(Error::corrupt(
+                    &location,
+                    at as u64,
+                    "footer and header versions differ",
+                ));
+            }
             let start = footer.table_offset as usize;
-            let end = bytes.len() - PACK_FOOTER_LEN;
-            decode_table(&bytes[start..end], &footer, &location)
+            decode_table(&bytes[start..at], &footer, &location).map(|t| (version, t))
         });
-    let table = match table {
+    let (version, table) = match table {
         Ok(t) => t,
         // The pack changed since the structure phase read it.
         Err(e) => {
@@ -966,28 +981,88 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
             return Ok((0, len, vec![(d, None)]));
         }
     };
-    for e in &table {
-        // decode_table guarantees every record lies inside the pack.
-        let record = &bytes[e.offset as usize..(e.offset + e.record_len()) as usize];
-        if let Err(err) = decode_record(record, &e.location(), &location) {
-            let offset = match &err {
-                Error::Corrupt { offset, .. } => *offset,
-                _ => e.offset,
-            };
-            damage.push((
-                Damage {
-                    kind: "chunk-data".into(),
-                    location: location.clone(),
-                    pack: Some(name.into()),
-                    offset: Some(offset),
-                    chunk: Some(e.id.to_hex()),
-                    what: err.to_string(),
-                },
-                Some(e.id),
-            ));
+    let chunk_damage = |err: &Error, e: &crate::format::pack::PackEntry| {
+        let offset = match err {
+            Error::Corrupt { offset, .. } => *offset,
+            _ => e.offset,
+        };
+        (
+            Damage {
+                kind: "chunk-data".into(),
+                location: location.clone(),
+                pack: Some(name.into()),
+                offset: Some(offset),
+                chunk: Some(e.id.to_hex()),
+                what: err.to_string(),
+            },
+            Some(e.id),
+        )
+    };
+    for frame in frames(&table) {
+        let first = frame[0].location(version);
+        // decode_table guarantees every frame lies inside the pack.
+        let start = first.offset as usize;
+        let record = &bytes[start..start + first.read_len() as usize];
+        let decoded = check_frame_list(&bytes, version, frame, &location)
+            .and_then(|()| decode_frame(record, &first, &location));
+        match decoded {
+            Ok(raw) => {
+                for e in frame {
+                    if let Err(err) = chunk_of_frame(&raw, &e.location(version), &location) {
+                        damage.push(chunk_damage(&err, e));
+                    }
+                }
+            }
+            // Damage of the frame is damage of every chunk in it.
+            Err(err) => damage.extend(frame.iter().map(|e| chunk_damage(&err, e))),
         }
     }
     Ok((table.len() as u64, len, damage))
+}
+
+/// Checks that a version 2 frame's own chunk list (after its stored bytes) agrees with the
+/// table entries of the frame.
+fn check_frame_list(
+    bytes: &[u8],
+    version: u32,
+    frame: &[crate::format::pack::PackEntry],
+    location: &str,
+) -> Result<()> {
+    if version == PACK_VERSION_V1 {
+        return Ok(());
+    }
+    let first = &frame[0];
+    let start = first.offset as usize;
+    let header = decode_frame_header(
+        &bytes[start..start + FRAME_HEADER_LEN],
+        first.offset,
+        location,
+    )?;
+    let list_at = start + FRAME_HEADER_LEN + header.stored_len as usize;
+    let list_len = frame.len() * crate::format::pack::FRAME_LIST_ENTRY_LEN;
+    let list = bytes
+        .get(list_at..list_at + list_len)
+        .ok_or_else(|| Error::corrupt(location, list_at as u64, "frame list truncated"))?;
+    if header.chunk_count as usize != frame.len() || header.stored_len != first.stored_len {
+        return Err(Error::corrupt(
+            location,
+            first.offset,
+            "frame header disagrees with the pack table",
+        ));
+    }
+    let list = decode_frame_list(list, &header, list_at as u64, location)?;
+    if list
+        .iter()
+        .zip(frame)
+        .any(|((id, len), e)| *id != e.id || *len != e.raw_len)
+    {
+        return Err(Error::corrupt(
+            location,
+            list_at as u64,
+            "frame chunk list disagrees with the pack table",
+        ));
+    }
+    Ok(())
 }
 
 /// What reading one pack found: chunks read, bytes read, damage (with the damaged chunk).

@@ -15,13 +15,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Manifest, SnapshotMeta};
-use crate::format::pack::{PackEntry, RecordLocation};
+use crate::format::pack::{frames, PackEntry, RecordLocation};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
 use crate::format::ChunkId;
 use crate::store::{pack::read_pack_table, snapshot_key, Backend};
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Schema of version 1. Frozen: later versions add a migration, never edit this.
 const SCHEMA_V1: &str = "
@@ -68,6 +68,25 @@ CREATE INDEX verifications_by_snapshot ON verifications (snapshot, time);
 ",
     )?;
     tx.pragma_update(None, "user_version", 2)
+}
+
+/// Version 2 → 3: packs of format version 2 hold chunks in compressed frames. A pack row
+/// gains its format version; a chunk row gains the raw length of its frame, its offset inside
+/// the decompressed frame and the number of chunks in the frame (so prune knows the frame's
+/// size); `offset` and `stored_len` now describe the frame. Every row of a version 2 index
+/// describes a version 1 record, which is a frame of one chunk, so the migration is exact
+/// and reads no pack. Frozen: later versions add a migration, never edit this.
+fn migrate_v2_to_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "
+ALTER TABLE packs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE chunks ADD COLUMN frame_raw_len INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chunks ADD COLUMN in_frame INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chunks ADD COLUMN frame_chunks INTEGER NOT NULL DEFAULT 1;
+UPDATE chunks SET frame_raw_len = raw_len;
+",
+    )?;
+    tx.pragma_update(None, "user_version", 3)
 }
 
 /// Where a chunk is stored.
@@ -169,6 +188,9 @@ impl Index {
         if version < 2 {
             migrate_v1_to_v2(&tx).map_err(sql_err(&path))?;
         }
+        if version < 3 {
+            migrate_v2_to_v3(&tx).map_err(sql_err(&path))?;
+        }
         tx.commit().map_err(sql_err(&path))
     }
 
@@ -187,9 +209,16 @@ impl Index {
         contains(&self.conn, &self.path, id)
     }
 
-    /// Records a stored pack and its chunks in one transaction. A chunk already indexed (from
-    /// another pack) keeps its first location.
-    pub fn add_pack(&mut self, name: &str, size: u64, entries: &[PackEntry]) -> Result<()> {
+    /// Records a stored pack (of format `version`) and its chunks in one transaction. A chunk
+    /// already indexed (from another pack, or an earlier frame of this one) keeps its first
+    /// location.
+    pub fn add_pack(
+        &mut self,
+        name: &str,
+        size: u64,
+        version: u32,
+        entries: &[PackEntry],
+    ) -> Result<()> {
         let path = self.path.clone();
         let err = sql_err(&path);
         let tx = self
@@ -197,32 +226,27 @@ impl Index {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&err)?;
         tx.execute(
-            "INSERT OR IGNORE INTO packs (name, size, chunk_count) VALUES (?1, ?2, ?3)",
-            params![name, size as i64, entries.len() as i64],
+            "INSERT OR IGNORE INTO packs (name, size, chunk_count, version) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![name, size as i64, entries.len() as i64, version],
         )
         .map_err(&err)?;
         let pack_id: i64 = tx
             .query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))
             .map_err(&err)?;
         {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO chunks (id, pack, offset, raw_len, stored_len) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(&err)?;
-            // In key order, so consecutive inserts land on neighbouring B-tree pages.
-            let mut sorted: Vec<&PackEntry> = entries.iter().collect();
-            sorted.sort_unstable_by_key(|e| e.id);
-            for e in sorted {
-                stmt.execute(params![
-                    &e.id.0[..],
-                    pack_id,
-                    e.offset as i64,
-                    e.raw_len,
-                    e.stored_len
-                ])
-                .map_err(&err)?;
+            let mut stmt = tx.prepare_cached(INSERT_CHUNK_OR_IGNORE).map_err(&err)?;
+            // In pack order first (the first copy of a chunk wins), then in key order, so
+            // consecutive inserts land on neighbouring B-tree pages.
+            let mut rows: Vec<(&PackEntry, u32)> = Vec::with_capacity(entries.len());
+            for frame in frames(entries) {
+                rows.extend(frame.iter().map(|e| (e, frame.len() as u32)));
+            }
+            let mut seen = std::collections::HashSet::with_capacity(rows.len());
+            rows.retain(|(e, _)| seen.insert(e.id));
+            rows.sort_unstable_by_key(|(e, _)| e.id);
+            for (e, n) in rows {
+                stmt.execute(chunk_params(e, pack_id, n)).map_err(&err)?;
             }
         }
         tx.commit().map_err(&err)
@@ -401,7 +425,7 @@ impl Index {
         let err = sql_err(&self.path);
         let mut stmt = self
             .conn
-            .prepare("SELECT id, name, size, chunk_count FROM packs ORDER BY id")
+            .prepare("SELECT id, name, size, chunk_count, version FROM packs ORDER BY id")
             .map_err(&err)?;
         let rows = stmt
             .query_map([], |r| {
@@ -410,6 +434,7 @@ impl Index {
                     name: r.get(1)?,
                     size: r.get::<_, i64>(2)? as u64,
                     chunk_count: r.get::<_, i64>(3)? as u64,
+                    version: r.get(4)?,
                 })
             })
             .map_err(&err)?;
@@ -428,7 +453,9 @@ impl Index {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT pack, id, offset, raw_len, stored_len FROM chunks ORDER BY pack, offset",
+                "SELECT c.pack, c.id, c.offset, c.raw_len, c.stored_len, c.frame_raw_len, \
+                 c.in_frame, coalesce(p.version, 2) FROM chunks c \
+                 LEFT JOIN packs p ON p.id = c.pack ORDER BY c.pack, c.offset, c.in_frame",
             )
             .map_err(&err)?;
         let mut rows = stmt.query([]).map_err(&err)?;
@@ -442,10 +469,13 @@ impl Index {
                 )
             })?;
             let record = RecordLocation {
+                version: row.get(7).map_err(&err)?,
                 id: ChunkId(id),
                 offset: row.get::<_, i64>(2).map_err(&err)? as u64,
+                in_frame: row.get(6).map_err(&err)?,
                 raw_len: row.get(3).map_err(&err)?,
                 stored_len: row.get(4).map_err(&err)?,
+                frame_raw_len: row.get(5).map_err(&err)?,
             };
             f(row.get(0).map_err(&err)?, record)?;
         }
@@ -474,6 +504,35 @@ impl Index {
     }
 }
 
+/// Inserts a chunk row: id, pack, frame offset, raw length, frame stored length, frame raw
+/// length, offset in frame, chunks in frame (see [`chunk_params`]).
+pub(crate) const INSERT_CHUNK_OR_IGNORE: &str = "INSERT OR IGNORE INTO chunks \
+     (id, pack, offset, raw_len, stored_len, frame_raw_len, in_frame, frame_chunks) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/// [`INSERT_CHUNK_OR_IGNORE`], replacing an existing row (prune moving a chunk).
+pub(crate) const INSERT_CHUNK_OR_REPLACE: &str = "INSERT OR REPLACE INTO chunks \
+     (id, pack, offset, raw_len, stored_len, frame_raw_len, in_frame, frame_chunks) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Parameters of [`INSERT_CHUNK_OR_IGNORE`] for entry `e` of pack `pack`, whose frame holds
+/// `frame_chunks` chunks.
+pub(crate) fn chunk_params(
+    e: &PackEntry,
+    pack: i64,
+    frame_chunks: u32,
+) -> (&[u8], i64, i64, u32, u32, u32, u32, u32) {
+    (
+        &e.id.0[..],
+        pack,
+        e.offset as i64,
+        e.raw_len,
+        e.stored_len,
+        e.frame_raw_len,
+        e.in_frame,
+        frame_chunks,
+    )
+}
+
 /// A pack as the index knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackRow {
@@ -482,6 +541,8 @@ pub struct PackRow {
     pub name: String,
     pub size: u64,
     pub chunk_count: u64,
+    /// Format version of the pack.
+    pub version: u32,
 }
 
 fn contains(conn: &Connection, path: &Path, id: &ChunkId) -> Result<bool> {
@@ -494,18 +555,21 @@ fn contains(conn: &Connection, path: &Path, id: &ChunkId) -> Result<bool> {
 fn lookup(conn: &Connection, path: &Path, id: &ChunkId) -> Result<Option<ChunkLocation>> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT p.name, c.offset, c.raw_len, c.stored_len \
-             FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1",
+            "SELECT p.name, c.offset, c.raw_len, c.stored_len, p.version, c.in_frame, \
+             c.frame_raw_len FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.id = ?1",
         )
         .map_err(sql_err(path))?;
     stmt.query_row([&id.0[..]], |r| {
         Ok(ChunkLocation {
             pack: r.get(0)?,
             record: RecordLocation {
+                version: r.get(4)?,
                 id: *id,
                 offset: r.get::<_, i64>(1)? as u64,
+                in_frame: r.get(5)?,
                 raw_len: r.get(2)?,
                 stored_len: r.get(3)?,
+                frame_raw_len: r.get(6)?,
             },
         })
     })
@@ -640,11 +704,11 @@ pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport
             continue;
         };
         match read_pack_table(backend, name) {
-            Ok(entries) => {
+            Ok(table) => {
                 let size = backend.size(&key)?;
-                index.add_pack(name, size, &entries)?;
+                index.add_pack(name, size, table.version, &table.entries)?;
                 report.packs += 1;
-                report.chunks += entries.len() as u64;
+                report.chunks += table.entries.len() as u64;
             }
             Err(e) => report.problems.push(e.to_string()),
         }

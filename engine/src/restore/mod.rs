@@ -25,6 +25,7 @@ use crate::format::manifest::{Extent, Manifest, SnapshotMeta};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::store::pack::FrameCache;
 
 /// Where restored bytes go. Writes arrive from many threads, at distinct offsets.
 pub trait DiskTarget: Sync {
@@ -137,22 +138,28 @@ pub fn restore_into(
         .segments
         .par_iter()
         .enumerate()
-        .map(|(i, extents)| {
+        // One frame cache per worker: the chunks of a frame are read in order, so each
+        // frame is decompressed once.
+        .map_init(FrameCache::default, |frames, (i, extents)| {
             let mut offset = i as u64 * seg;
             let mut c = RestoreCounts::default();
             for e in extents {
                 match *e {
                     Extent::Zero { len } => c.zero_bytes += u64::from(len),
                     Extent::Chunk { id, len } => {
-                        let data = repo.read_chunk(&id, snapshot_id)?;
-                        if data.len() != len as usize {
-                            return Err(Error::corrupt(
-                                format!("snapshot {snapshot_id}"),
-                                offset,
-                                format!("chunk {id} is {} bytes, manifest says {len}", data.len()),
-                            ));
-                        }
-                        target.write_at(offset, &data)?;
+                        repo.with_chunk(&id, snapshot_id, frames, |data| {
+                            if data.len() != len as usize {
+                                return Err(Error::corrupt(
+                                    format!("snapshot {snapshot_id}"),
+                                    offset,
+                                    format!(
+                                        "chunk {id} is {} bytes, manifest says {len}",
+                                        data.len()
+                                    ),
+                                ));
+                            }
+                            target.write_at(offset, data)
+                        })?;
                         c.bytes_written += u64::from(len);
                         c.chunks += 1;
                     }

@@ -2,15 +2,16 @@
 //!
 //! A pack is assembled in memory up to the repository's target size (bounded memory), then
 //! handed to the backend whole, so it is either completely stored or absent. Chunk reads fetch
-//! exactly one record and check it end to end (crc32, decompression, BLAKE3) before returning
-//! bytes: restore never sees unverified data.
+//! exactly one frame and check it end to end (crc32, decompression, BLAKE3) before returning
+//! bytes: restore never sees unverified data. A [`FrameCache`] keeps the last decompressed
+//! frames of one reader, so reading the chunks of a frame in order decompresses it once.
 
 use std::cell::RefCell;
 
 use super::{pack_key, Backend};
 use crate::error::{Error, Result};
 use crate::format::pack::{
-    decode_footer, decode_record, decode_table, encode_header, encode_record_header,
+    chunk_in_frame, decode_footer, decode_frame_into, decode_table, encode_frame, encode_header,
     encode_table_and_footer, Compression, PackEntry, RecordLocation, PACK_FOOTER_LEN,
     PACK_HEADER_LEN,
 };
@@ -47,19 +48,32 @@ impl PackWriter {
         }
     }
 
-    /// Appends a chunk. `stored` is the chunk encoded as `compression` says.
-    pub fn add(&mut self, id: ChunkId, raw_len: u32, stored: &[u8], compression: Compression) {
-        let entry = PackEntry {
-            id,
-            offset: self.buf.len() as u64,
-            raw_len,
-            stored_len: stored.len() as u32,
-            compression,
-            crc32: crc32fast::hash(stored),
-        };
-        encode_record_header(&entry, &mut self.buf);
-        self.buf.extend_from_slice(stored);
-        self.entries.push(entry);
+    /// Appends a frame: `chunks` (id, raw length) in frame order, whose concatenation is
+    /// `stored` encoded as `compression` says. Returns the table entries of its chunks.
+    pub fn add_frame(
+        &mut self,
+        chunks: &[(ChunkId, u32)],
+        stored: &[u8],
+        compression: Compression,
+    ) -> &[PackEntry] {
+        let offset = self.buf.len() as u64;
+        let h = encode_frame(chunks, stored, compression, &mut self.buf);
+        let first = self.entries.len();
+        let mut in_frame = 0;
+        for (id, raw_len) in chunks {
+            self.entries.push(PackEntry {
+                id: *id,
+                offset,
+                in_frame,
+                raw_len: *raw_len,
+                stored_len: h.stored_len,
+                frame_raw_len: h.raw_len,
+                compression,
+                crc32: h.crc32,
+            });
+            in_frame += raw_len;
+        }
+        &self.entries[first..]
     }
 
     /// Bytes so far (without table and footer).
@@ -97,7 +111,7 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
-/// Compresses a chunk with zstd at `level`, reusing a per-thread context. A chunk that does
+/// Compresses a frame with zstd at `level`, reusing a per-thread context. A frame that does
 /// not shrink is stored as is.
 pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
     COMPRESSOR.with(|cell| {
@@ -112,7 +126,7 @@ pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
         };
         let out = c
             .compress(data)
-            .map_err(|e| Error::io("compress chunk", "zstd", e))?;
+            .map_err(|e| Error::io("compress frame", "zstd", e))?;
         if out.len() < data.len() {
             Ok((Compression::Zstd, out))
         } else {
@@ -121,14 +135,77 @@ pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
     })
 }
 
+/// The last few decompressed (and crc-checked) frames of one reader, by (pack, offset).
+/// Packs are immutable and never renamed, so an entry never goes stale; a cache lives as long
+/// as one reader's pass (a segment of a restore or verify), so damage done to a pack later is
+/// seen by the next pass.
+#[derive(Debug, Default)]
+pub struct FrameCache {
+    frames: Vec<(String, u64, Vec<u8>)>,
+    /// A buffer to decompress the next frame into (an evicted frame's).
+    spare: Vec<u8>,
+    /// Frames decompressed (cache misses), for tests and profiles.
+    pub decoded: u64,
+}
+
+/// Frames a [`FrameCache`] keeps: chunks of one segment's frames are read in order, so one
+/// would do; a few more catch chunks deduplicated against recently read frames.
+const FRAME_CACHE_SLOTS: usize = 4;
+
+impl FrameCache {
+    fn position(&self, pack: &str, offset: u64) -> Option<usize> {
+        self.frames
+            .iter()
+            .position(|(p, o, _)| *o == offset && p == pack)
+    }
+
+    /// Keeps `frame`, evicting the oldest into `spare`; returns the kept frame.
+    fn put(&mut self, pack: &str, offset: u64, frame: Vec<u8>) -> &[u8] {
+        if self.frames.len() >= FRAME_CACHE_SLOTS {
+            self.spare = self.frames.remove(0).2;
+        }
+        self.frames.push((pack.to_string(), offset, frame));
+        self.frames.last().map_or(&[], |(_, _, f)| f.as_slice())
+    }
+}
+
 /// Reads one chunk from a pack and verifies it.
 pub fn read_chunk(backend: &dyn Backend, pack: &str, entry: &RecordLocation) -> Result<Vec<u8>> {
-    let len = usize::try_from(entry.record_len())
-        .map_err(|_| Error::corrupt(format!("pack {pack}"), entry.offset, "record too large"))?;
+    with_chunk(backend, pack, entry, &mut FrameCache::default(), |d| {
+        Ok(d.to_vec())
+    })
+}
+
+/// Reads one chunk from a pack, verifies it and hands it to `f`, decompressing its frame
+/// only if `cache` does not hold it already.
+pub fn with_chunk<R>(
+    backend: &dyn Backend,
+    pack: &str,
+    entry: &RecordLocation,
+    cache: &mut FrameCache,
+    f: impl FnOnce(&[u8]) -> Result<R>,
+) -> Result<R> {
+    let location = format!("pack {pack}");
+    if let Some(i) = cache.position(pack, entry.offset) {
+        return f(chunk_in_frame(&cache.frames[i].2, entry, &location)?);
+    }
+    let len = usize::try_from(entry.read_len())
+        .map_err(|_| Error::corrupt(&location, entry.offset, "frame too large"))?;
     let record = backend
         .get_range(&pack_key(pack), entry.offset, len)
         .map_err(|e| missing_pack(e, pack, entry.offset))?;
-    decode_record(&record, entry, &format!("pack {pack}"))
+    // Decompress into a reused buffer: fresh 256 KiB buffers cost page faults.
+    let mut frame = std::mem::take(&mut cache.spare);
+    decode_frame_into(&record, entry, &location, &mut frame)?;
+    cache.decoded += 1;
+    // A chunk alone in its frame is never read again by the same pass.
+    if entry.frame_raw_len == entry.raw_len {
+        let result = chunk_in_frame(&frame, entry, &location).and_then(f);
+        cache.spare = frame;
+        return result;
+    }
+    let frame = cache.put(pack, entry.offset, frame);
+    f(chunk_in_frame(frame, entry, &location)?)
 }
 
 /// A pack the index names but the backend does not have is damage, not an I/O failure.
@@ -141,8 +218,15 @@ fn missing_pack(e: Error, pack: &str, offset: u64) -> Error {
     }
 }
 
-/// Reads and checks a pack's footer and chunk table.
-pub fn read_pack_table(backend: &dyn Backend, pack: &str) -> Result<Vec<PackEntry>> {
+/// A pack's table: its format version and one entry per chunk, in pack order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackTable {
+    pub version: u32,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Reads and checks a pack's header, footer and chunk table.
+pub fn read_pack_table(backend: &dyn Backend, pack: &str) -> Result<PackTable> {
     let key = pack_key(pack);
     let location = format!("pack {pack}");
     let size = backend.size(&key).map_err(|e| missing_pack(e, pack, 0))?;
@@ -154,18 +238,30 @@ pub fn read_pack_table(backend: &dyn Backend, pack: &str) -> Result<Vec<PackEntr
         ));
     }
     let header = backend.get_range(&key, 0, PACK_HEADER_LEN)?;
-    crate::format::pack::decode_header(&header, &location)?;
+    let version = crate::format::pack::decode_header(&header, &location)?;
     let footer_bytes = backend.get_range(&key, size - PACK_FOOTER_LEN as u64, PACK_FOOTER_LEN)?;
     let footer = decode_footer(&footer_bytes, size, &location)?;
     let table_len = usize::try_from(footer.table_len())
         .map_err(|_| Error::corrupt(&location, footer.table_offset, "table too large"))?;
+    if footer.version != version {
+        return Err(Error::corrupt(
+            &location,
+            size - PACK_FOOTER_LEN as u64,
+            format!(
+                "footer version {} differs from header version {version}",
+                footer.version
+            ),
+        ));
+    }
     let table = backend.get_range(&key, footer.table_offset, table_len)?;
-    decode_table(&table, &footer, &location)
+    let entries = decode_table(&table, &footer, &location)?;
+    Ok(PackTable { version, entries })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::pack::PACK_VERSION;
     use crate::store::LocalDir;
 
     #[test]
@@ -173,20 +269,35 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
         let backend = LocalDir::new(dir.path());
         let mut w = PackWriter::new(1 << 20);
-        let chunks: Vec<Vec<u8>> = vec![vec![7u8; 50_000], (0..=255u8).collect()];
-        for c in &chunks {
-            let (comp, stored) = compress(c, 3)?;
-            w.add(ChunkId::of(c), c.len() as u32, &stored, comp);
-        }
+        let chunks: Vec<Vec<u8>> = vec![
+            vec![7u8; 50_000],
+            b"a second chunk in the same frame".repeat(100),
+            (0..=255u8).collect(),
+        ];
+        let (comp, stored) = compress(&chunks[..2].concat(), 3)?;
+        let list: Vec<(ChunkId, u32)> = chunks[..2]
+            .iter()
+            .map(|c| (ChunkId::of(c), c.len() as u32))
+            .collect();
+        w.add_frame(&list, &stored, comp);
+        let (comp, stored) = compress(&chunks[2], 3)?;
+        w.add_frame(&[(ChunkId::of(&chunks[2]), 256)], &stored, comp);
         let p = w.finish()?;
         assert_eq!(p.entries[0].compression, Compression::Zstd);
-        assert_eq!(p.entries[1].compression, Compression::None);
+        assert_eq!(p.entries[1].in_frame, 50_000);
+        assert_eq!(p.entries[2].compression, Compression::None);
         backend.put(&pack_key(&p.name), &p.bytes)?;
         let table = read_pack_table(&backend, &p.name)?;
-        assert_eq!(table, p.entries);
-        for (e, c) in table.iter().zip(&chunks) {
-            assert_eq!(&read_chunk(&backend, &p.name, &e.location())?, c);
+        assert_eq!(table.entries, p.entries);
+        let mut cache = FrameCache::default();
+        for (e, c) in table.entries.iter().zip(&chunks) {
+            let loc = e.location(PACK_VERSION);
+            let got = with_chunk(&backend, &p.name, &loc, &mut cache, |d| Ok(d.to_vec()))?;
+            assert_eq!(&got, c);
+            assert_eq!(&read_chunk(&backend, &p.name, &loc)?, c);
         }
+        // Two frames, each decompressed once however many chunks were read from it.
+        assert_eq!(cache.decoded, 2);
         Ok(())
     }
 }
