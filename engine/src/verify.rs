@@ -154,7 +154,8 @@ pub fn verify_snapshot(
         .segments
         .par_iter()
         .enumerate()
-        // One frame cache per worker: each frame is decompressed once.
+        // One frame cache per worker: each frame is decompressed once, and the chunks that
+        // follow one another in a frame are found without an index lookup.
         .map_init(FrameCache::default, |frames, (i, extents)| {
             let start = i as u64 * seg;
             let mut t = Tally::default();
@@ -165,7 +166,11 @@ pub fn verify_snapshot(
                     Extent::Chunk { id, len } => {
                         t.chunks += 1;
                         t.chunk_bytes += u64::from(len);
-                        match repo.with_chunk(&id, &snapshot.id, frames, |d| Ok(d.len())) {
+                        let read = match frames.next_chunk(&id, len) {
+                            Some(d) => Ok(d.len()),
+                            None => repo.with_chunk(&id, &snapshot.id, frames, |d| Ok(d.len())),
+                        };
+                        match read {
                             Ok(n) if n == len as usize => {}
                             Ok(n) => t.problem(
                                 offset,

@@ -146,6 +146,9 @@ pub struct FrameCache {
     spare: Vec<u8>,
     /// Frames decompressed (cache misses), for tests and profiles.
     pub decoded: u64,
+    /// Where the last chunk served from a kept frame ended: (slot, offset in the frame). A
+    /// sequential read's next chunk usually starts there (see [`FrameCache::next_chunk`]).
+    next: Option<(usize, usize)>,
 }
 
 /// Frames a [`FrameCache`] keeps: chunks of one segment's frames are read in order, so one
@@ -159,13 +162,32 @@ impl FrameCache {
             .position(|(p, o, _)| *o == offset && p == pack)
     }
 
-    /// Keeps `frame`, evicting the oldest into `spare`; returns the kept frame.
-    fn put(&mut self, pack: &str, offset: u64, frame: Vec<u8>) -> &[u8] {
+    /// Keeps `frame`, evicting the oldest into `spare`; returns its slot.
+    fn put(&mut self, pack: &str, offset: u64, frame: Vec<u8>) -> usize {
         if self.frames.len() >= FRAME_CACHE_SLOTS {
             self.spare = self.frames.remove(0).2;
+            self.next = match self.next {
+                Some((slot, end)) if slot > 0 => Some((slot - 1, end)),
+                _ => None,
+            };
         }
         self.frames.push((pack.to_string(), offset, frame));
-        self.frames.last().map_or(&[], |(_, _, f)| f.as_slice())
+        self.frames.len() - 1
+    }
+
+    /// The chunk `id` of `len` bytes if it directly follows the last chunk served from a kept
+    /// frame, found without an index lookup: consecutive new chunks of a backup share frames
+    /// in disk order, so a restore's next chunk is mostly there. The bytes are checked
+    /// against `id` (BLAKE3) like every chunk read; on a mismatch the caller looks it up.
+    pub fn next_chunk(&mut self, id: &ChunkId, len: u32) -> Option<&[u8]> {
+        let (slot, end) = self.next?;
+        let range = end..end.checked_add(len as usize)?;
+        let data = self.frames.get(slot)?.2.get(range.clone())?;
+        if ChunkId::of(data) != *id {
+            return None;
+        }
+        self.next = Some((slot, range.end));
+        self.frames.get(slot).map(|f| &f.2[range])
     }
 }
 
@@ -186,7 +208,9 @@ pub fn with_chunk<R>(
     f: impl FnOnce(&[u8]) -> Result<R>,
 ) -> Result<R> {
     let location = format!("pack {pack}");
+    let end = entry.in_frame as usize + entry.raw_len as usize;
     if let Some(i) = cache.position(pack, entry.offset) {
+        cache.next = Some((i, end));
         return f(chunk_in_frame(&cache.frames[i].2, entry, &location)?);
     }
     let len = usize::try_from(entry.read_len())
@@ -202,10 +226,12 @@ pub fn with_chunk<R>(
     if entry.frame_raw_len == entry.raw_len {
         let result = chunk_in_frame(&frame, entry, &location).and_then(f);
         cache.spare = frame;
+        cache.next = None;
         return result;
     }
-    let frame = cache.put(pack, entry.offset, frame);
-    f(chunk_in_frame(frame, entry, &location)?)
+    let slot = cache.put(pack, entry.offset, frame);
+    cache.next = Some((slot, end));
+    f(chunk_in_frame(&cache.frames[slot].2, entry, &location)?)
 }
 
 /// A pack the index names but the backend does not have is damage, not an I/O failure.
@@ -298,6 +324,24 @@ mod tests {
         }
         // Two frames, each decompressed once however many chunks were read from it.
         assert_eq!(cache.decoded, 2);
+
+        // After the first chunk, the second follows in its frame: found without a lookup,
+        // and only under its own id and length.
+        let mut cache = FrameCache::default();
+        let (id0, id1) = (ChunkId::of(&chunks[0]), ChunkId::of(&chunks[1]));
+        assert!(cache.next_chunk(&id0, 50_000).is_none());
+        let first = table.entries[0].location(PACK_VERSION);
+        with_chunk(&backend, &p.name, &first, &mut cache, |_| Ok(()))?;
+        assert!(cache.next_chunk(&id0, chunks[1].len() as u32).is_none());
+        assert!(cache.next_chunk(&id1, chunks[1].len() as u32 - 1).is_none());
+        assert_eq!(
+            cache.next_chunk(&id1, chunks[1].len() as u32),
+            Some(chunks[1].as_slice())
+        );
+        // The frame is used up: nothing follows.
+        let id2 = ChunkId::of(&chunks[2]);
+        assert!(cache.next_chunk(&id2, 256).is_none());
+        assert_eq!(cache.decoded, 1);
         Ok(())
     }
 }
