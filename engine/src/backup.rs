@@ -149,12 +149,19 @@ pub fn backup(
                                 parent,
                                 &reading.changed,
                             ),
-                            None => process_segment(repo, source, chunker, pending, i),
+                            None => process_segment(
+                                repo,
+                                source,
+                                chunker,
+                                pending,
+                                i,
+                                reading.parent_extents(i),
+                            ),
                         },
                         // A zero segment shorter than a hole is a chunk of zeros when read:
                         // read it, so that the disk map stays a function of the content.
                         SegmentPlan::Zero if len < config.zero_run_min => {
-                            process_segment(repo, source, chunker, pending, i)
+                            process_segment(repo, source, chunker, pending, i, &[])
                         }
                         plan => {
                             Ok(reading.without_reading(plan, virtual_size, config.segment_size, i))
@@ -273,13 +280,22 @@ struct ReadingPlan {
 }
 
 impl ReadingPlan {
-    fn full_read(label: String) -> Self {
+    fn full_read(label: String, parent: Option<Manifest>) -> Self {
         ReadingPlan {
             plan: None,
             changed: Vec::new(),
-            parent: None,
+            parent,
             label,
         }
+    }
+
+    /// The parent snapshot's extents of a segment, whatever is read: a chunk among them is in
+    /// the repository, so finding it there spares an index lookup.
+    fn parent_extents(&self, segment: u64) -> &[Extent] {
+        self.parent
+            .as_ref()
+            .and_then(|p| p.segments.get(segment as usize))
+            .map_or(&[], Vec::as_slice)
     }
 
     fn plan_of(&self, segment: u64) -> SegmentPlan {
@@ -339,15 +355,24 @@ fn plan_reading(
                 options.disk
             )));
         }
-        return Ok(ReadingPlan::full_read("full-read".into()));
+        return Ok(ReadingPlan::full_read("full-read".into(), None));
     };
+    let parent_manifest = repo.load_manifest(&parent.id)?;
     let (list, label) = match &options.changes {
         Some(list) => (list.clone(), "changed-ranges".to_string()),
         None => match source.changes_since(&parent.meta.source)? {
-            SourceChanges::Unknown => return Ok(ReadingPlan::full_read("full-read".into())),
+            SourceChanges::Unknown => {
+                return Ok(ReadingPlan::full_read(
+                    "full-read".into(),
+                    Some(parent_manifest),
+                ))
+            }
             SourceChanges::Changes(list) => (list, format!("{}-chain", source.info().format)),
             SourceChanges::Mismatch(why) if options.fallback_full => {
-                return Ok(ReadingPlan::full_read(format!("full-read ({why})")))
+                return Ok(ReadingPlan::full_read(
+                    format!("full-read ({why})"),
+                    Some(parent_manifest),
+                ))
             }
             SourceChanges::Mismatch(why) => {
                 return Err(Error::InvalidArgument(format!(
@@ -361,10 +386,13 @@ fn plan_reading(
         Ok(plan) => Ok(ReadingPlan {
             plan: Some(plan),
             changed: list.changed_blocks(source.virtual_size()),
-            parent: Some(repo.load_manifest(&parent.id)?),
+            parent: Some(parent_manifest),
             label,
         }),
-        Err(e) if options.fallback_full => Ok(ReadingPlan::full_read(format!("full-read ({e})"))),
+        Err(e) if options.fallback_full => Ok(ReadingPlan::full_read(
+            format!("full-read ({e})"),
+            Some(parent_manifest),
+        )),
         Err(Error::InvalidArgument(why)) => Err(Error::InvalidArgument(format!(
             "{why}; pass --fallback-full to read the whole disk instead"
         ))),
@@ -398,6 +426,7 @@ fn process_segment(
     chunker: &Chunker,
     pending: &Mutex<HashSet<ChunkId>>,
     index: u64,
+    parent: &[Extent],
 ) -> Result<SegmentOutput> {
     crate::crash::point("chunk");
     let config = repo.config();
@@ -430,8 +459,17 @@ fn process_segment(
         chunker.split(&buf, &mut pieces);
         let mut extents = Vec::with_capacity(pieces.len());
         let mut new_chunks: Vec<NewPiece> = Vec::new();
+        let known = KnownChunks::of(parent);
         for piece in pieces {
-            add_piece(repo, pending, &buf, piece, &mut extents, &mut new_chunks)?;
+            add_piece(
+                repo,
+                pending,
+                &known,
+                &buf,
+                piece,
+                &mut extents,
+                &mut new_chunks,
+            )?;
         }
         let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
         Ok(SegmentOutput {
@@ -503,12 +541,19 @@ fn process_changed_segment(
         let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
         let mut extents = Vec::with_capacity(layout.len());
         let mut new_chunks: Vec<NewPiece> = Vec::new();
+        let known = KnownChunks::of(parent);
         for part in layout {
             match part {
                 Resplit::Parent(i) => extents.push(parent[i]),
-                Resplit::New(piece) => {
-                    add_piece(repo, pending, &buf, piece, &mut extents, &mut new_chunks)?
-                }
+                Resplit::New(piece) => add_piece(
+                    repo,
+                    pending,
+                    &known,
+                    &buf,
+                    piece,
+                    &mut extents,
+                    &mut new_chunks,
+                )?,
             }
         }
         let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
@@ -546,11 +591,36 @@ fn fill_from_map(
     Ok(bytes_read)
 }
 
+/// The parent snapshot's chunks of a segment, sorted: chunks it references are in the
+/// repository (backups hold a writer lock, so no prune removes them meanwhile), and most
+/// chunks of an incremental are found here without an index lookup, which costs a SQLite
+/// query behind the reader pool's mutex.
+struct KnownChunks(Vec<ChunkId>);
+
+impl KnownChunks {
+    fn of(parent: &[Extent]) -> Self {
+        let mut ids: Vec<ChunkId> = parent
+            .iter()
+            .filter_map(|e| match *e {
+                Extent::Chunk { id, .. } => Some(id),
+                Extent::Zero { .. } => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        KnownChunks(ids)
+    }
+
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.0.binary_search(id).is_ok()
+    }
+}
+
 /// Appends a piece to a segment's extents; a chunk the repository does not have yet is
 /// queued for [`compress_frames`].
 fn add_piece(
     repo: &Repo,
     pending: &Mutex<HashSet<ChunkId>>,
+    known: &KnownChunks,
     buf: &[u8],
     piece: Piece,
     extents: &mut Vec<Extent>,
@@ -565,7 +635,8 @@ fn add_piece(
                 id,
                 len: len as u32,
             });
-            let known = new_chunks.iter().any(|c| c.id == id)
+            let known = known.contains(&id)
+                || new_chunks.iter().any(|c| c.id == id)
                 || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
                 || repo.readers().contains(&id)?;
             if !known {
