@@ -8,6 +8,7 @@ run is measured with /usr/bin/time (wall, CPU, peak RSS); repository growth with
 medians over repetitions, each also as a ratio to restic measured in the same run.
 
 stackvault extras: incremental of gen1/gen2 with a change list derived by comparing the images,
+change-list incrementals of 10 / 30 / 100 % of gen1's changed ranges (cost against size),
 the fixed and dynamic VHD exports (when the binary reads VHDs), and a sparse 64 GiB disk with 1 %
 data. Floors: `zstd -T0 -3` over gen0.raw, and the zstd -3 size of the 4 KiB blocks that changed.
 
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -308,6 +310,40 @@ def main():
         sparse_rows.append(("sparse 64 GiB, 1 % data", sv.backup(sparse)))
         os.unlink(sparse)
 
+    # Change-list incrementals of growing size: gen0 with a random share of gen1's changed
+    # ranges applied, backed up with the matching list (does the cost follow the change?).
+    scaling_rows = []
+    with open(lists[1]) as f:
+        gen1_ranges = json.load(f)["ranges"]
+    sv.fresh()
+    sv.backup(gens[0])
+    base_repo = sv.repo + "-base"
+    shutil.rmtree(base_repo, ignore_errors=True)
+    shutil.copytree(sv.repo, base_repo)
+    rng = random.Random(7)
+    scaled = os.path.join(work, "scaled.raw")
+    for share in (0.1, 0.3, 1.0):
+        subset = [r for r in gen1_ranges if share >= 1.0 or rng.random() < share]
+        subprocess.run(["cp", "--sparse=always", gens[0], scaled], check=True)
+        with open(gens[1], "rb") as g1, open(scaled, "r+b") as out:
+            for r in subset:
+                g1.seek(r["offset"])
+                out.seek(r["offset"])
+                out.write(g1.read(r["length"]))
+        listed = os.path.join(work, "scaled.changes.json")
+        with open(listed, "w") as f:
+            json.dump({"disk_size": virtual, "ranges": subset}, f)
+        best = None
+        for _ in range(max(1, args.reps)):
+            shutil.rmtree(sv.repo, ignore_errors=True)
+            shutil.copytree(base_repo, sv.repo)
+            r = sv.backup(scaled, ["--changed-ranges", listed])
+            if best is None or r["wall"] < best["wall"]:
+                best = r
+        scaling_rows.append((share, len(subset), sum(r["length"] for r in subset), best))
+    shutil.rmtree(base_repo, ignore_errors=True)
+    os.unlink(scaled)
+
     # ---- report ----
     mb = virtual / 1e6
     rs = results["restic"]
@@ -387,6 +423,18 @@ def main():
                      f"incremental that reads everything ({full_read:.2f} s); read {read / 1e6:.0f} MB "
                      f"instead of {read_all / 1e6:.0f} MB; `zstd -T0 -3` of just the changed blocks "
                      f"takes {floors[g]['changed_zstd_wall']:.2f} s")
+    if scaling_rows:
+        lines.append("")
+        lines.append("Change-list incrementals of growing size (gen0 with a random share of gen1's "
+                     "changed ranges applied, best of the repetitions):")
+        lines.append("")
+        lines.append("| ranges of gen1 | changed MiB | read MiB | new chunk MiB | wall s |")
+        lines.append("|---:|---:|---:|---:|---:|")
+        for share, n, changed, r in scaling_rows:
+            lines.append(f"| {n} ({share:.0%}) | {changed / 2**20:.1f} | "
+                         f"{r['report']['bytes_read'] / 2**20:.1f} | "
+                         f"{r['report']['new_bytes'] / 2**20:.1f} | {r['wall']:.2f} |")
+        lines.append("")
     sv0 = median([x["wall"] for x in results["stackvault"]["gen0"]])
     lines.append(f"- `zstd -T0 -3` over gen0.raw: {floors[0]['zstd_wall']:.2f} s "
                  f"({floors[0]['zstd_size'] / 2**20:.1f} MiB); stackvault gen0 takes "
