@@ -433,3 +433,43 @@ fn disk_full_during_backup_leaves_a_consistent_repository() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// After a pack is lost and the index rebuilt, an incremental backup trusts its parent's
+/// chunks and stores nothing again; `check` says so and a full backup stores the lost data,
+/// which heals the older snapshots too (same chunk ids).
+#[test]
+fn lost_pack_is_stored_again_by_a_full_backup() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.repo();
+    let (disk, a) = f.backup_new_disk("a", 16 * MIB, 700)?;
+    for pack in files_under(&repo.join("packs")) {
+        fs::remove_file(pack)?;
+    }
+    sv_ok(&["index", "rebuild", p(&repo)])?;
+    let out = sv(&["check", p(&repo)])?;
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("AFFECTED") && text.contains("backup --full"),
+        "{text}"
+    );
+
+    // The incremental copies its parent's map: still damaged.
+    let inc = f.backup(&disk, "a")?;
+    let (code, v, _) = sv_json(&["check", p(&repo)])?;
+    assert_eq!(code, Some(3), "{v}");
+    let affected: Vec<&str> = v["affected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["snapshot_id"].as_str())
+        .collect();
+    assert!(affected.contains(&inc.as_str()) && affected.contains(&a.as_str()));
+
+    let (code, v, stderr) = sv_json(&["backup", p(&repo), p(&disk), "--disk", "a", "--full"])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(v["new_chunks"].as_u64() > Some(0), "{v}");
+    sv_ok(&["check", p(&repo), "--read-data"])?;
+    f.assert_restores(&a, &disk)?;
+    f.assert_restores(&inc, &disk)
+}

@@ -107,6 +107,14 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
             ))?;
         }
     }
+    if !r.affected.is_empty() {
+        // Incrementals trust their parent's chunks, so only a full backup stores lost data
+        // again (docs/design.md).
+        output::line(
+            "to store the lost data again, back up each affected disk with `backup --full` \
+             while its source still exists",
+        )?;
+    }
     for o in &r.orphans {
         output::line(format!(
             "orphan pack {} ({}): {}",
