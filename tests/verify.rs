@@ -453,6 +453,11 @@ fn lost_pack_is_stored_again_by_a_full_backup() -> anyhow::Result<()> {
         text.contains("AFFECTED") && text.contains("backup --full"),
         "{text}"
     );
+    // Hundreds of missing chunks: a screenful, not a flood.
+    assert!(
+        text.contains(" more (--json lists up to") && text.lines().count() < 60,
+        "{text}"
+    );
 
     // The incremental copies its parent's map: still damaged.
     let inc = f.backup(&disk, "a")?;

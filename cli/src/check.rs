@@ -51,6 +51,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// Damage lines printed before "... and N more".
+const DAMAGE_LINES: usize = 20;
+
 fn print(r: &CheckReport) -> anyhow::Result<()> {
     output::line(format!(
         "checked {} snapshots, {} packs, {} chunks; read back {} packs ({} chunks, {}) in {:.2} s",
@@ -62,7 +65,9 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
         output::bytes(r.bytes_read),
         r.duration_ms as f64 / 1000.0
     ))?;
-    for d in &r.damage {
+    // A lost pack is hundreds of missing chunks: the first lines and the affected snapshots
+    // below say what happened; `--json` has every listed entry.
+    for d in r.damage.iter().take(DAMAGE_LINES) {
         let at = d
             .offset
             .map(|o| format!(" at offset {o}"))
@@ -77,10 +82,12 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
             d.kind, d.location, d.what
         ))?;
     }
-    if r.damage_count > r.damage.len() as u64 {
+    let shown = r.damage.len().min(DAMAGE_LINES) as u64;
+    if r.damage_count > shown {
         output::line(format!(
-            "  ... and {} more",
-            r.damage_count - r.damage.len() as u64
+            "  ... and {} more (--json lists up to {})",
+            r.damage_count - shown,
+            r.damage.len()
         ))?;
     }
     for a in &r.affected {
