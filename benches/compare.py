@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_DISKS = os.path.join(ROOT, "..", "shared", "datasets", "make-disks.sh")
@@ -100,7 +101,6 @@ def changed_blocks(old, new):
 
 def zstd_size(data):
     """zstd -T0 -3 of data: (compressed size, wall seconds of the compression)."""
-    import time
     t = time.monotonic()
     p = subprocess.run(["zstd", "-T0", "-3", "-c", "-q"], input=data, stdout=subprocess.PIPE, check=True)
     return len(p.stdout), time.monotonic() - t

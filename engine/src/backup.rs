@@ -457,21 +457,8 @@ fn process_segment(
         let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
         let mut pieces = Vec::new();
         chunker.split(&buf, &mut pieces);
-        let mut extents = Vec::with_capacity(pieces.len());
-        let mut new_chunks: Vec<NewPiece> = Vec::new();
-        let known = KnownChunks::of(parent);
-        for piece in pieces {
-            add_piece(
-                repo,
-                pending,
-                &known,
-                &buf,
-                piece,
-                &mut extents,
-                &mut new_chunks,
-            )?;
-        }
-        let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
+        let layout = pieces.into_iter().map(Resplit::New);
+        let (extents, new_frames) = assemble(repo, pending, parent, &buf, layout)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
@@ -539,24 +526,7 @@ fn process_changed_segment(
             Ok(())
         };
         let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
-        let mut extents = Vec::with_capacity(layout.len());
-        let mut new_chunks: Vec<NewPiece> = Vec::new();
-        let known = KnownChunks::of(parent);
-        for part in layout {
-            match part {
-                Resplit::Parent(i) => extents.push(parent[i]),
-                Resplit::New(piece) => add_piece(
-                    repo,
-                    pending,
-                    &known,
-                    &buf,
-                    piece,
-                    &mut extents,
-                    &mut new_chunks,
-                )?,
-            }
-        }
-        let new_frames = compress_frames(&buf, &new_chunks, config.zstd_level)?;
+        let (extents, new_frames) = assemble(repo, pending, parent, &buf, layout)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
@@ -615,36 +585,41 @@ impl KnownChunks {
     }
 }
 
-/// Appends a piece to a segment's extents; a chunk the repository does not have yet is
-/// queued for [`compress_frames`].
-fn add_piece(
+/// Turns a segment's layout into its extents, hashing the new pieces of `buf`; chunks the
+/// repository does not have yet are compressed into frames. `parent` is the parent's extents
+/// of the segment: what [`Resplit::Parent`] indexes, and chunks known without a lookup.
+fn assemble(
     repo: &Repo,
     pending: &Mutex<HashSet<ChunkId>>,
-    known: &KnownChunks,
+    parent: &[Extent],
     buf: &[u8],
-    piece: Piece,
-    extents: &mut Vec<Extent>,
-    new_chunks: &mut Vec<NewPiece>,
-) -> Result<()> {
-    match piece {
-        Piece::Zero { len, .. } => extents.push(Extent::Zero { len: len as u32 }),
-        Piece::Data { start, len } => {
-            let data = &buf[start..start + len];
-            let id = ChunkId::of(data);
-            extents.push(Extent::Chunk {
-                id,
-                len: len as u32,
-            });
-            let known = known.contains(&id)
-                || new_chunks.iter().any(|c| c.id == id)
-                || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
-                || repo.readers().contains(&id)?;
-            if !known {
-                new_chunks.push(NewPiece { id, start, len });
+    layout: impl IntoIterator<Item = Resplit>,
+) -> Result<(Vec<Extent>, Vec<NewFrame>)> {
+    let known = KnownChunks::of(parent);
+    let mut extents = Vec::new();
+    let mut new_chunks: Vec<NewPiece> = Vec::new();
+    for part in layout {
+        match part {
+            Resplit::Parent(i) => extents.push(parent[i]),
+            Resplit::New(Piece::Zero { len, .. }) => extents.push(Extent::Zero { len: len as u32 }),
+            Resplit::New(Piece::Data { start, len }) => {
+                let id = ChunkId::of(&buf[start..start + len]);
+                extents.push(Extent::Chunk {
+                    id,
+                    len: len as u32,
+                });
+                let have = known.contains(&id)
+                    || new_chunks.iter().any(|c| c.id == id)
+                    || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
+                    || repo.readers().contains(&id)?;
+                if !have {
+                    new_chunks.push(NewPiece { id, start, len });
+                }
             }
         }
     }
-    Ok(())
+    let new_frames = compress_frames(buf, &new_chunks, repo.config().zstd_level)?;
+    Ok((extents, new_frames))
 }
 
 /// A chunk of the segment buffer that the repository does not have yet.
