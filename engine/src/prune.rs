@@ -351,7 +351,12 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     // (3): the old packs leave the index, in one transaction.
     let doomed: Vec<&PackUse> = packs.iter().filter(|p| p.plan != Plan::Keep).collect();
     {
-        let tx = conn.transaction().map_err(&err)?;
+        // Immediate: this transaction reads, then deletes. A deferred one would fail at once
+        // with "database is locked" (no busy wait) if another connection committed in between,
+        // such as a backup cataloguing a manifest while it opens the index.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
         for p in &doomed {
             let still_needed: i64 = tx
                 .query_row(
