@@ -144,16 +144,18 @@ fn fixed_chunker_round_trip() -> Result<()> {
     let r = backup_file(&repo, &disk, "d")?;
     let manifest = repo.load_manifest(&r.snapshot_id)?;
     let mut offset = 0u64;
-    for e in manifest.segments.iter().flatten() {
-        if let stackvault::format::manifest::Extent::Chunk { len, .. } = e {
-            // Fixed chunks never cross a 1 MiB boundary of the disk.
-            assert_eq!(
-                offset >> 20,
-                (offset + u64::from(*len) - 1) >> 20,
-                "chunk at {offset}"
-            );
+    for extents in manifest.segments() {
+        for e in extents? {
+            if let stackvault::format::manifest::Extent::Chunk { len, .. } = e {
+                // Fixed chunks never cross a 1 MiB boundary of the disk.
+                assert_eq!(
+                    offset >> 20,
+                    (offset + u64::from(len) - 1) >> 20,
+                    "chunk at {offset}"
+                );
+            }
+            offset += u64::from(e.len());
         }
-        offset += u64::from(e.len());
     }
     assert!(r.stats.chunks >= 7, "{} chunks", r.stats.chunks);
     assert_restores(&repo, &r.snapshot_id, &disk, &dir.path().join("out"))
@@ -370,6 +372,6 @@ fn sparse_64_gib_disk_reads_only_its_data() -> Result<()> {
     );
     assert!(r.stats.unallocated_bytes >= (64 << 30) - (16 << 20));
     let manifest = repo.load_manifest(&r.snapshot_id)?;
-    assert_eq!(manifest.segments.len(), 16384);
+    assert_eq!(manifest.segment_count(), 16384);
     Ok(())
 }

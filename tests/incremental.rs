@@ -137,7 +137,7 @@ fn azure_clear_range_becomes_zeros() -> Result<()> {
     assert!(inc.stats.skipped_bytes >= 4 * SEGMENT);
     let manifest = repo.load_manifest(&inc.snapshot_id)?;
     assert_eq!(
-        manifest.segments[2],
+        manifest.segment(2)?,
         vec![stackvault::format::manifest::Extent::Zero {
             len: SEGMENT as u32
         }]

@@ -28,7 +28,7 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         &repo.load_manifest(&from.id)?,
         &to.id,
         &repo.load_manifest(&to.id)?,
-    );
+    )?;
     if args.json {
         return output::json(&report);
     }

@@ -24,17 +24,18 @@ use crate::changes::{ChangeList, SegmentPlan};
 use crate::chunker::{Chunker, Piece, Resplit};
 use crate::error::{Error, Result};
 use crate::format::manifest::{
-    segment_count, segment_len, BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta,
+    segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
+    SnapshotMeta,
 };
 use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
-use crate::format::{hex, ChunkId};
+use crate::format::ChunkId;
 use crate::index::Index;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
 use crate::source::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
 use crate::store::pack::{compress, PackWriter};
-use crate::store::{pack_key, snapshot_key};
+use crate::store::{pack_key, snapshot_key, ObjectWriter};
 
 /// Which parent a backup reads relative to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,9 +129,18 @@ pub fn backup(
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
+    // The manifest is streamed as segments are done, into a temporary object that becomes
+    // the snapshot only once every pack it needs is stored and indexed.
+    let object = repo.backend().writer("snapshots/")?;
+    let mut manifest = ManifestWriter::new(
+        object,
+        "snapshots/ (new manifest)",
+        virtual_size,
+        config.segment_size,
+    )?;
 
     progress.start("backup", virtual_size);
-    let written = std::thread::scope(|scope| {
+    let mut stats = std::thread::scope(|scope| {
         let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
         for _ in 0..workers {
             let tx = tx.clone();
@@ -139,33 +149,27 @@ pub fn backup(
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
                     let out = match reading.plan_of(i) {
-                        SegmentPlan::Read => match reading.parent_segment(i) {
-                            Some(parent) => process_changed_segment(
-                                repo,
-                                source,
-                                chunker,
-                                pending,
-                                i,
-                                parent,
-                                &reading.changed,
-                            ),
-                            None => process_segment(
-                                repo,
-                                source,
-                                chunker,
-                                pending,
-                                i,
-                                reading.parent_extents(i),
-                            ),
-                        },
+                        SegmentPlan::Read => reading.parent_extents(i).and_then(|parent| {
+                            if reading.plan.is_some() && reading.parent.is_some() {
+                                process_changed_segment(
+                                    repo,
+                                    source,
+                                    chunker,
+                                    pending,
+                                    i,
+                                    &parent,
+                                    &reading.changed,
+                                )
+                            } else {
+                                process_segment(repo, source, chunker, pending, i, &parent)
+                            }
+                        }),
                         // A zero segment shorter than a hole is a chunk of zeros when read:
                         // read it, so that the disk map stays a function of the content.
                         SegmentPlan::Zero if len < config.zero_run_min => {
                             process_segment(repo, source, chunker, pending, i, &[])
                         }
-                        plan => {
-                            Ok(reading.without_reading(plan, virtual_size, config.segment_size, i))
-                        }
+                        plan => reading.without_reading(plan, virtual_size, config.segment_size, i),
                     };
                     if tx.send((i, out)).is_err() {
                         break;
@@ -183,7 +187,16 @@ pub fn backup(
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
         let pending_ref = &pending;
         let store = scope.spawn(move || store_loop(repo, pack_rx, pending_ref, spare_tx));
-        let result = write_loop(repo, rx, &dispatch, &pending, &pack_tx, &spare_rx, progress);
+        let result = write_loop(
+            repo,
+            rx,
+            &dispatch,
+            &pending,
+            &pack_tx,
+            &spare_rx,
+            &mut manifest,
+            progress,
+        );
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
@@ -192,42 +205,35 @@ pub fn backup(
             .unwrap_or_else(|_| Err(Error::InvalidArgument("pack store thread panicked".into())));
         // A store failure (disk full...) explains a writer failure, not the other way round.
         let bytes_added = stored?;
-        let mut written = result?;
-        written.stats.bytes_added = bytes_added;
-        Ok::<Written, Error>(written)
+        let mut stats = result?;
+        stats.bytes_added = bytes_added;
+        Ok::<BackupStats, Error>(stats)
     })?;
     progress.finish();
 
-    let mut stats = written.stats;
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let info = source.info();
     let parent_id = parent.map(|p| p.id);
-    let mut manifest = Manifest {
-        meta: SnapshotMeta {
-            disk: options.disk.clone(),
-            time,
-            kind,
-            parent: parent_id.clone(),
-            hostname: hostname(),
-            source: info.clone(),
-            change_source: reading.label.clone(),
-            chunker: config.chunker.describe(),
-            stats: stats.clone(),
-            root_digest: String::new(),
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-        },
-        virtual_size,
-        segment_size: config.segment_size,
-        segments: written.segments,
+    let mut meta = SnapshotMeta {
+        disk: options.disk.clone(),
+        time,
+        kind,
+        parent: parent_id.clone(),
+        hostname: hostname(),
+        source: info.clone(),
+        change_source: reading.label.clone(),
+        chunker: config.chunker.describe(),
+        stats: stats.clone(),
+        root_digest: String::new(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
     };
-    manifest.seal();
-    let bytes = manifest.encode()?;
-    let id = hex(blake3::hash(&bytes).as_bytes());
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot.
     crate::crash::point("before-manifest");
-    repo.backend().put(&snapshot_key(&id), &bytes)?;
+    let finished = manifest.finish(&mut meta)?;
+    let id = finished.id;
+    finished.out.commit(&snapshot_key(&id))?;
     crate::crash::point("manifest-stored");
-    repo.index().add_snapshot(&id, &manifest)?;
+    repo.index().add_snapshot(&id, &meta, virtual_size)?;
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(BackupReport {
@@ -239,7 +245,7 @@ pub fn backup(
         source: info.path,
         source_format: info.format,
         virtual_size,
-        root_digest: manifest.meta.root_digest.clone(),
+        root_digest: meta.root_digest,
         stats,
         throughput_mb_s: virtual_size as f64 / secs / 1e6,
     })
@@ -270,17 +276,17 @@ fn select_parent(repo: &Repo, options: &BackupOptions) -> Result<Option<Snapshot
 }
 
 /// Which segments to read, and where the parent's extents come from for the others.
-struct ReadingPlan {
+struct ReadingPlan<'r> {
     /// `None`: read every segment.
     plan: Option<Vec<SegmentPlan>>,
     /// Changed bytes (disk offsets, whole 4 KiB blocks, sorted, merged) when `plan` is set.
     changed: Vec<(u64, u64)>,
-    parent: Option<Manifest>,
+    parent: Option<Manifest<'r>>,
     label: String,
 }
 
-impl ReadingPlan {
-    fn full_read(label: String, parent: Option<Manifest>) -> Self {
+impl<'r> ReadingPlan<'r> {
+    fn full_read(label: String, parent: Option<Manifest<'r>>) -> Self {
         ReadingPlan {
             plan: None,
             changed: Vec::new(),
@@ -289,13 +295,14 @@ impl ReadingPlan {
         }
     }
 
-    /// The parent snapshot's extents of a segment, whatever is read: a chunk among them is in
-    /// the repository, so finding it there spares an index lookup.
-    fn parent_extents(&self, segment: u64) -> &[Extent] {
-        self.parent
-            .as_ref()
-            .and_then(|p| p.segments.get(segment as usize))
-            .map_or(&[], Vec::as_slice)
+    /// The parent snapshot's extents of a segment (none past the end of a smaller parent
+    /// disk), whatever is read: a chunk among them is in the repository, so finding it there
+    /// spares an index lookup.
+    fn parent_extents(&self, segment: u64) -> Result<Vec<Extent>> {
+        match &self.parent {
+            Some(p) if segment < p.segment_count() => p.segment(segment),
+            _ => Ok(Vec::new()),
+        }
     }
 
     fn plan_of(&self, segment: u64) -> SegmentPlan {
@@ -305,13 +312,6 @@ impl ReadingPlan {
             .unwrap_or(SegmentPlan::Read)
     }
 
-    /// The parent's extents of a segment, when the change knowledge says what changed in it.
-    fn parent_segment(&self, segment: u64) -> Option<&[Extent]> {
-        self.plan.as_ref()?;
-        let extents = self.parent.as_ref()?.segments.get(segment as usize)?;
-        Some(extents.as_slice())
-    }
-
     /// The output of a segment that is not read: the parent's extents, or a hole.
     fn without_reading(
         &self,
@@ -319,35 +319,37 @@ impl ReadingPlan {
         virtual_size: u64,
         segment_size: u32,
         index: u64,
-    ) -> SegmentOutput {
+    ) -> Result<SegmentOutput> {
         let len = segment_len(virtual_size, segment_size, index);
-        let extents = match (plan, &self.parent) {
-            (SegmentPlan::CopyParent, Some(parent)) => parent
-                .segments
-                .get(index as usize)
-                .cloned()
-                .unwrap_or_else(|| vec![Extent::Zero { len }]),
-            _ => vec![Extent::Zero { len }],
+        let extents = match plan {
+            SegmentPlan::CopyParent => self.parent_extents(index)?,
+            _ => Vec::new(),
         };
-        SegmentOutput {
+        // A change list checked against the parent's size always finds the parent's segment.
+        let extents = if extents.is_empty() {
+            vec![Extent::Zero { len }]
+        } else {
+            extents
+        };
+        Ok(SegmentOutput {
             len: u64::from(len),
             extents,
             new_frames: Vec::new(),
             bytes_read: 0,
             unallocated: 0,
             skipped: u64::from(len),
-        }
+        })
     }
 }
 
 /// Decides what to read: a change list first, then the source's own change knowledge
 /// (differencing containers), else everything.
-fn plan_reading(
-    repo: &Repo,
+fn plan_reading<'r>(
+    repo: &'r Repo,
     source: &dyn DiskSource,
     options: &BackupOptions,
     parent: Option<&SnapshotSummary>,
-) -> Result<ReadingPlan> {
+) -> Result<ReadingPlan<'r>> {
     let Some(parent) = parent else {
         if options.changes.is_some() {
             return Err(Error::InvalidArgument(format!(
@@ -718,12 +720,9 @@ impl Dispatch {
     }
 }
 
-struct Written {
-    segments: Vec<Vec<Extent>>,
-    stats: BackupStats,
-}
-
-/// Receives segment batches in disk order, stores new chunks in packs, commits them.
+/// Receives segments in disk order, stores new chunks in packs, and streams each segment's
+/// extents into the manifest.
+#[allow(clippy::too_many_arguments)]
 fn write_loop(
     repo: &Repo,
     rx: Receiver<(u64, Result<SegmentOutput>)>,
@@ -731,8 +730,9 @@ fn write_loop(
     pending: &Mutex<HashSet<ChunkId>>,
     packs: &SyncSender<PackWriter>,
     spare: &Receiver<Vec<u8>>,
+    manifest: &mut ManifestWriter<Box<dyn ObjectWriter + '_>>,
     progress: &dyn Progress,
-) -> Result<Written> {
+) -> Result<BackupStats> {
     let config = repo.config();
     let target = config.pack_target_size as usize;
     let stopped = || Error::InvalidArgument("the pack store stopped".into());
@@ -740,7 +740,6 @@ fn write_loop(
     let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
     let mut pack = PackWriter::new(capacity);
     let mut stats = BackupStats::default();
-    let mut segments = Vec::new();
 
     // Workers finish out of order; segments are written in disk order.
     let mut reorder: BTreeMap<u64, Result<SegmentOutput>> = BTreeMap::new();
@@ -789,7 +788,7 @@ fn write_loop(
                     packs.send(full).map_err(|_| stopped())?;
                 }
             }
-            segments.push(seg.extents);
+            manifest.push_segment(&seg.extents)?;
             progress.advance(seg.len);
         }
     }
@@ -800,7 +799,7 @@ fn write_loop(
         )));
     }
     packs.send(pack).map_err(|_| stopped())?;
-    Ok(Written { segments, stats })
+    Ok(stats)
 }
 
 /// Stores finished packs in the order they come; returns the bytes added to the repository.

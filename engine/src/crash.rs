@@ -11,7 +11,7 @@
 //! - `pack-stored`: a pack is durable, its chunks are not yet indexed.
 //! - `pack-indexed`: a pack's index transaction has committed.
 //! - `before-manifest`: every pack is indexed, the manifest is not yet written.
-//! - `manifest-write`: half of the manifest has been written to its temporary file.
+//! - `manifest-write`: the manifest's temporary file is written, not yet fsynced or renamed.
 //! - `manifest-stored`: the manifest is durable, the snapshot is not yet catalogued.
 //!
 //! Retention reaches these (see `format-spec/retention.md`):

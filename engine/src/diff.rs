@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use crate::error::Result;
 use crate::format::manifest::{Extent, Manifest};
 use crate::format::ChunkId;
 
@@ -42,7 +43,7 @@ enum Key {
 }
 
 /// Intervals `(start, end, key)` of one segment, with absolute offsets.
-fn intervals(extents: Option<&Vec<Extent>>, base: u64) -> Vec<(u64, u64, Key)> {
+fn intervals(extents: Option<&[Extent]>, base: u64) -> Vec<(u64, u64, Key)> {
     let mut out = Vec::new();
     let mut pos = base;
     for e in extents.into_iter().flatten() {
@@ -77,20 +78,23 @@ fn push(ranges: &mut Vec<ByteRange>, offset: u64, end: u64) {
     });
 }
 
-/// Compares two manifests of the same repository.
-pub fn diff(from_id: &str, from: &Manifest, to_id: &str, to: &Manifest) -> DiffReport {
+/// Compares two manifests of the same repository, reading both a segment at a time.
+pub fn diff(from_id: &str, from: &Manifest, to_id: &str, to: &Manifest) -> Result<DiffReport> {
     let seg = u64::from(to.segment_size);
-    let count = from.segments.len().max(to.segments.len());
+    let count = from.segment_count().max(to.segment_count());
     let mut ranges = Vec::new();
     let mut changed_segments = 0;
     let comparable = from.segment_size == to.segment_size;
+    let (mut from_segments, mut to_segments) = (from.segments(), to.segments());
     for i in 0..count {
-        let (a, b) = (from.segments.get(i), to.segments.get(i));
+        let a = from_segments.next().transpose()?;
+        let b = to_segments.next().transpose()?;
+        let (a, b) = (a.as_deref(), b.as_deref());
         if comparable && a == b {
             continue;
         }
         changed_segments += 1;
-        let base = i as u64 * seg;
+        let base = i * seg;
         let (ia, ib) = (intervals(a, base), intervals(b, base));
         let mut cuts: Vec<u64> = ia
             .iter()
@@ -106,7 +110,7 @@ pub fn diff(from_id: &str, from: &Manifest, to_id: &str, to: &Manifest) -> DiffR
             }
         }
     }
-    DiffReport {
+    Ok(DiffReport {
         from: from_id.to_string(),
         to: to_id.to_string(),
         from_virtual_size: from.virtual_size,
@@ -114,25 +118,22 @@ pub fn diff(from_id: &str, from: &Manifest, to_id: &str, to: &Manifest) -> DiffR
         changed_bytes: ranges.iter().map(|r| r.length).sum(),
         changed_segments,
         changed_ranges: ranges,
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::manifest::tests_support::meta;
+    use crate::format::manifest::{encode, tests_support::meta};
 
-    fn manifest(segments: Vec<Vec<Extent>>, size: u64) -> Manifest {
-        Manifest {
-            meta: meta(),
-            virtual_size: size,
-            segment_size: 4096,
-            segments,
-        }
+    fn manifest(segments: Vec<Vec<Extent>>, size: u64) -> Vec<u8> {
+        encode(&mut meta(), size, 4096, &segments)
+            .map(|f| f.out)
+            .unwrap_or_default()
     }
 
     #[test]
-    fn reports_changed_chunks_and_merges() {
+    fn reports_changed_chunks_and_merges() -> Result<()> {
         let (x, y) = (ChunkId::of(b"x"), ChunkId::of(b"y"));
         let a = manifest(
             vec![
@@ -154,7 +155,11 @@ mod tests {
             ],
             8192,
         );
-        let d = diff("a", &a, "b", &b);
+        let (a, b) = (
+            Manifest::from_bytes(&a, "a")?,
+            Manifest::from_bytes(&b, "b")?,
+        );
+        let d = diff("a", &a, "b", &b)?;
         assert_eq!(d.changed_segments, 1);
         assert_eq!(
             d.changed_ranges,
@@ -163,6 +168,7 @@ mod tests {
                 length: 3096
             }]
         );
-        assert_eq!(diff("a", &a, "a", &a).changed_bytes, 0);
+        assert_eq!(diff("a", &a, "a", &a)?.changed_bytes, 0);
+        Ok(())
     }
 }

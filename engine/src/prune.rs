@@ -451,9 +451,11 @@ fn collect_referenced(repo: &Repo, index: &mut Index) -> Result<HashSet<String>>
             let mut stmt = tx
                 .prepare_cached("INSERT OR IGNORE INTO temp.prune_live (id) VALUES (?1)")
                 .map_err(&err)?;
-            for e in manifest.segments.iter().flatten() {
-                if let Extent::Chunk { id, .. } = e {
-                    stmt.execute([&id.0[..]]).map_err(&err)?;
+            for extents in manifest.segments() {
+                for e in extents.map_err(refuse)? {
+                    if let Extent::Chunk { id, .. } = e {
+                        stmt.execute([&id.0[..]]).map_err(&err)?;
+                    }
                 }
             }
         }

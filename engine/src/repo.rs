@@ -195,7 +195,7 @@ impl Repo {
     }
 
     /// Reads and checks a snapshot's manifest.
-    pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
+    pub fn load_manifest(&self, id: &str) -> Result<Manifest<'_>> {
         index::load_manifest(self.backend.as_ref(), id)
     }
 

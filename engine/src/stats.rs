@@ -151,10 +151,12 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
         let d = disk_ids.get(&s.meta.disk).copied().unwrap_or(0);
         let mut distinct: HashSet<ChunkId> = HashSet::new();
         let mut data_bytes = 0;
-        for e in manifest.segments.iter().flatten() {
-            if let Extent::Chunk { id, len } = e {
-                data_bytes += u64::from(*len);
-                distinct.insert(*id);
+        for extents in manifest.segments() {
+            for e in extents? {
+                if let Extent::Chunk { id, len } = e {
+                    data_bytes += u64::from(len);
+                    distinct.insert(id);
+                }
             }
         }
         let (mut raw, mut stored, mut missing) = (0u64, 0u64, 0u64);

@@ -150,17 +150,16 @@ pub fn verify_snapshot(
     let manifest = repo.load_manifest(&snapshot.id)?;
     let seg = u64::from(manifest.segment_size);
     progress.start("verify", manifest.virtual_size);
-    let tally = manifest
-        .segments
-        .par_iter()
-        .enumerate()
+    let tally = (0..manifest.segment_count())
+        .into_par_iter()
         // One frame cache per worker: each frame is decompressed once, and the chunks that
         // follow one another in a frame are found without an index lookup.
-        .map_init(FrameCache::default, |frames, (i, extents)| {
-            let start = i as u64 * seg;
+        .map_init(FrameCache::default, |frames, i| {
+            let extents = manifest.segment(i)?;
+            let start = i * seg;
             let mut t = Tally::default();
             let mut offset = start;
-            for e in extents {
+            for e in &extents {
                 match *e {
                     Extent::Zero { len } => t.zero_bytes += u64::from(len),
                     Extent::Chunk { id, len } => {
@@ -260,16 +259,15 @@ pub fn verify_target(
     let seg = u64::from(manifest.segment_size);
     let target_size = target.virtual_size();
     progress.start("verify", manifest.virtual_size);
-    let mut tally = manifest
-        .segments
-        .par_iter()
-        .enumerate()
-        .map(|(i, extents)| {
-            let start = i as u64 * seg;
+    let mut tally = (0..manifest.segment_count())
+        .into_par_iter()
+        .map(|i| {
+            let extents = manifest.segment(i)?;
+            let start = i * seg;
             let seg_len: u64 = extents.iter().map(|e| u64::from(e.len())).sum();
             let t = TARGET_BUF.with(|cell| {
                 let mut buf = cell.borrow_mut();
-                compare_segment(target, start, seg_len, extents, &mut buf)
+                compare_segment(target, start, seg_len, &extents, &mut buf)
             })?;
             progress.advance(seg_len);
             Ok(t)
@@ -664,34 +662,41 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     let mut snapshots = 0;
     for id in &ids {
-        let manifest = match repo.load_manifest(id) {
-            Ok(m) => m,
+        // Errors that say damage can only come from the manifest here: a missing chunk is
+        // recorded, not returned.
+        let scanned = (|| -> Result<()> {
+            let manifest = repo.load_manifest(id)?;
+            snapshots += 1;
+            for extents in manifest.segments() {
+                for e in extents? {
+                    if let Extent::Chunk { id: chunk, .. } = e {
+                        if referenced.insert(chunk) && !repo.readers().contains(&chunk)? {
+                            let err = Error::MissingChunk {
+                                id: chunk.to_hex(),
+                                snapshot: id.clone(),
+                            };
+                            f.push(Damage {
+                                kind: "missing-chunk".into(),
+                                location: format!("snapshots/{id}"),
+                                pack: None,
+                                offset: None,
+                                chunk: Some(chunk.to_hex()),
+                                what: err.to_string(),
+                            });
+                            f.damaged_chunks.insert(chunk);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        match scanned {
+            Ok(()) => {}
             Err(e) if e.is_corruption() => {
                 f.add("manifest", None, None, &e);
                 f.damaged_manifests.insert(id.clone());
-                continue;
             }
             Err(e) => return Err(e),
-        };
-        snapshots += 1;
-        for e in manifest.segments.iter().flatten() {
-            if let Extent::Chunk { id: chunk, .. } = e {
-                if referenced.insert(*chunk) && !repo.readers().contains(chunk)? {
-                    let err = Error::MissingChunk {
-                        id: chunk.to_hex(),
-                        snapshot: id.clone(),
-                    };
-                    f.push(Damage {
-                        kind: "missing-chunk".into(),
-                        location: format!("snapshots/{id}"),
-                        pack: None,
-                        offset: None,
-                        chunk: Some(chunk.to_hex()),
-                        what: err.to_string(),
-                    });
-                    f.damaged_chunks.insert(*chunk);
-                }
-            }
         }
     }
 
@@ -1178,17 +1183,17 @@ fn affected_snapshots(
             range_count: 0,
             ranges: Vec::new(),
         };
-        for (i, extents) in manifest.segments.iter().enumerate() {
+        for (i, extents) in manifest.segments().enumerate() {
             let mut offset = i as u64 * seg;
-            for e in extents {
+            for e in extents? {
                 if let Extent::Chunk { id: chunk, len } = e {
-                    if f.damaged_chunks.contains(chunk) {
-                        a.damaged_bytes += u64::from(*len);
+                    if f.damaged_chunks.contains(&chunk) {
+                        a.damaged_bytes += u64::from(len);
                         a.range_count += 1;
                         if a.ranges.len() < MAX_LISTED_AFFECTED {
                             a.ranges.push(AffectedRange {
                                 offset,
-                                len: u64::from(*len),
+                                len: u64::from(len),
                                 chunk: chunk.to_hex(),
                             });
                         }

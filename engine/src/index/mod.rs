@@ -18,7 +18,7 @@ use crate::format::manifest::{Manifest, SnapshotMeta};
 use crate::format::pack::{frames, PackEntry, RecordLocation};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
 use crate::format::ChunkId;
-use crate::store::{pack::read_pack_table, snapshot_key, Backend};
+use crate::store::{pack::read_pack_table, snapshot_key, Backend, StoredObject};
 
 /// Schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -253,10 +253,10 @@ impl Index {
     }
 
     /// Adds a snapshot to the catalogue (idempotent).
-    pub fn add_snapshot(&self, id: &str, manifest: &Manifest) -> Result<()> {
-        let meta_json = serde_json::to_string(&manifest.meta)
+    pub fn add_snapshot(&self, id: &str, meta: &SnapshotMeta, virtual_size: u64) -> Result<()> {
+        let meta_json = serde_json::to_string(meta)
             .map_err(|e| Error::InvalidArgument(format!("snapshot metadata: {e}")))?;
-        let m = &manifest.meta;
+        let m = meta;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO snapshots \
@@ -268,7 +268,7 @@ impl Index {
                     m.time,
                     m.kind.as_str(),
                     m.parent,
-                    manifest.virtual_size as i64,
+                    virtual_size as i64,
                     m.stats.bytes_added as i64,
                     meta_json
                 ],
@@ -640,7 +640,7 @@ pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>
     for id in present.difference(&known) {
         match load_manifest(backend, id) {
             Ok(m) => {
-                index.add_snapshot(id, &m)?;
+                index.add_snapshot(id, &m.meta, m.virtual_size)?;
                 // `forget` may have removed the manifest since we read it (it drops the row
                 // first, then the manifest): never leave a row behind without one.
                 if !backend.exists(&snapshot_key(id))? {
@@ -664,24 +664,47 @@ fn missing_manifest(id: &str) -> Error {
     )
 }
 
-/// Reads a manifest and checks that it hashes to its id.
-pub fn load_manifest(backend: &dyn Backend, id: &str) -> Result<Manifest> {
+/// Opens a manifest and checks that it hashes to its id (see [`Manifest::open`]: one pass
+/// over it; its segments are read again when asked for).
+pub fn load_manifest<'b>(backend: &'b dyn Backend, id: &str) -> Result<Manifest<'b>> {
     let key = snapshot_key(id);
-    let bytes = match backend.get(&key) {
-        Ok(b) => b,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(missing_manifest(id))
-        }
-        Err(e) => return Err(e),
+    let object = StoredObject {
+        backend,
+        key: key.clone(),
     };
-    if crate::format::hex(blake3::hash(&bytes).as_bytes()) != id {
-        return Err(Error::corrupt(
+    let not_its_name = || {
+        Error::corrupt(
             &key,
             0,
             "manifest does not hash to its name (damaged or altered)",
-        ));
+        )
+    };
+    match Manifest::open(Box::new(object), &key) {
+        Ok(m) if crate::format::hex(&m.object_hash()) == id => Ok(m),
+        Ok(_) => Err(not_its_name()),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(missing_manifest(id))
+        }
+        // Damaged: say so in the plainest terms when the bytes are not what was stored.
+        Err(e) if e.is_corruption() => match object_hash(backend, &key) {
+            Ok(h) if crate::format::hex(&h) != id => Err(not_its_name()),
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
     }
-    Manifest::decode(&bytes, &key)
+}
+
+/// BLAKE3 of a stored object, read in pieces.
+fn object_hash(backend: &dyn Backend, key: &str) -> Result<[u8; 32]> {
+    let size = backend.size(key)?;
+    let mut h = blake3::Hasher::new();
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(1 << 20) as usize;
+        h.update(&backend.get_range(key, at, n)?);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
 }
 
 /// What a rebuild found.

@@ -137,23 +137,22 @@ pub fn restore_into(
 ) -> Result<RestoreCounts> {
     let seg = u64::from(manifest.segment_size);
     progress.start("restore", manifest.virtual_size);
-    let counts = manifest
-        .segments
-        .par_iter()
-        .enumerate()
+    let counts = (0..manifest.segment_count())
+        .into_par_iter()
         // Per worker: a frame cache (the chunks of a frame are read in order, so each frame
         // is decompressed once) and a buffer that gathers a run of chunks into one write:
         // writes to one file from many threads serialise on its inode lock, so a write per
         // 16 KiB chunk made restores wait on each other.
         .map_init(
             || (FrameCache::default(), Vec::new()),
-            |(frames, run), (i, extents)| {
-                let start = i as u64 * seg;
+            |(frames, run), i| {
+                let extents = manifest.segment(i)?;
+                let start = i * seg;
                 let mut offset = start;
                 let mut run_start = start;
                 run.clear();
                 let mut c = RestoreCounts::default();
-                for e in extents {
+                for e in &extents {
                     match *e {
                         Extent::Zero { len } => {
                             c.zero_bytes += u64::from(len);

@@ -156,7 +156,7 @@ pub fn restore_vhd(
                      restore as vhd-fixed or raw"
                 )));
             }
-            let layout = DynamicLayout::plan(manifest, size);
+            let layout = DynamicLayout::plan(manifest, size)?;
             target.set_len(layout.end)?;
             let header = DynamicHeader {
                 table_offset: BAT_AT,
@@ -212,14 +212,14 @@ pub struct DynamicLayout {
 
 impl DynamicLayout {
     /// Allocates every block that some chunk of `manifest` touches, in disk order.
-    pub fn plan(manifest: &Manifest, size: u64) -> Self {
+    pub fn plan(manifest: &Manifest, size: u64) -> Result<Self> {
         let count = size.div_ceil(DYNAMIC_BLOCK_SIZE) as usize;
         let mut used = vec![false; count];
         let seg = u64::from(manifest.segment_size);
-        for (i, extents) in manifest.segments.iter().enumerate() {
+        for (i, extents) in manifest.segments().enumerate() {
             let mut offset = i as u64 * seg;
-            for e in extents {
-                if let Extent::Chunk { len, .. } = *e {
+            for e in extents? {
+                if let Extent::Chunk { len, .. } = e {
                     let first = offset / DYNAMIC_BLOCK_SIZE;
                     let last = (offset + u64::from(len) - 1) / DYNAMIC_BLOCK_SIZE;
                     for b in first..=last {
@@ -245,11 +245,11 @@ impl DynamicLayout {
                 })
             })
             .collect();
-        DynamicLayout {
+        Ok(DynamicLayout {
             blocks,
             bitmap_len,
             end: next,
-        }
+        })
     }
 
     /// The BAT as stored: big-endian sector numbers, padded to a sector with unallocated

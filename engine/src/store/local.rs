@@ -2,7 +2,8 @@
 //!
 //! `put` writes to a temporary name in the destination directory, fsyncs the file, renames
 //! it over the final name and fsyncs the directory: readers see nothing or everything, and a
-//! completed `put` survives power loss. Temporary names start with `.tmp-` and are never
+//! completed `put` survives power loss. Streamed objects (`writer`) go the same way, with the
+//! name given at `commit`. Temporary names start with `.tmp-` and are never
 //! listed; a crash can leave them behind, and they are harmless.
 
 use std::fs::{self, File, OpenOptions};
@@ -11,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::Backend;
+use super::{check_key_in, Backend, ObjectWriter};
 use crate::error::{Error, Result};
 
 /// A backend rooted at a local directory.
@@ -117,8 +118,6 @@ impl Backend for LocalDir {
                 .map_err(|e| Error::io("write", &tmp, e))?;
             if key.starts_with("packs/") {
                 crate::crash::point("pack-write");
-            } else if key.starts_with("snapshots/") {
-                crate::crash::point("manifest-write");
             }
             f.write_all(second)
                 .map_err(|e| Error::io("write", &tmp, e))?;
@@ -192,6 +191,25 @@ impl Backend for LocalDir {
         Ok(out)
     }
 
+    fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
+        let dir_key = dir.to_string();
+        let dir = self.path(dir);
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let tmp = dir.join(format!("{TMP_PREFIX}{}", random_suffix()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io("create", &tmp, e))?;
+        Ok(Box::new(LocalObject {
+            backend: self,
+            dir_key,
+            dir,
+            tmp,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+        }))
+    }
+
     fn remove(&self, key: &str) -> Result<()> {
         self.forget_open(key);
         let path = self.path(key);
@@ -203,6 +221,68 @@ impl Backend for LocalDir {
         match path.parent() {
             Some(dir) => sync_dir(dir),
             None => Ok(()),
+        }
+    }
+}
+
+/// An object being written to a temporary file of its directory (see [`Backend::writer`]).
+struct LocalObject<'a> {
+    backend: &'a LocalDir,
+    dir_key: String,
+    dir: PathBuf,
+    tmp: PathBuf,
+    /// `None` once committed.
+    file: Option<std::io::BufWriter<File>>,
+}
+
+impl Write for LocalObject<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.write(buf),
+            None => Err(std::io::Error::other("object already committed")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ObjectWriter for LocalObject<'_> {
+    fn commit(mut self: Box<Self>, key: &str) -> Result<()> {
+        check_key_in(&self.dir_key, key)?;
+        let Some(buffered) = self.file.take() else {
+            return Err(Error::InvalidArgument(format!("{key}: committed twice")));
+        };
+        let tmp = self.tmp.clone();
+        let result = (|| {
+            let file = buffered
+                .into_inner()
+                .map_err(|e| Error::io("write", &tmp, e.into_error()))?;
+            if key.starts_with("snapshots/") {
+                crate::crash::point("manifest-write");
+            }
+            file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            let path = self.backend.path(key);
+            self.backend.forget_open(key);
+            fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+            sync_dir(&self.dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+impl Drop for LocalObject<'_> {
+    fn drop(&mut self) {
+        // Not committed: the temporary file is all there is of it.
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
         }
     }
 }
@@ -227,6 +307,38 @@ mod tests {
         b.remove("packs/ab/abcd")?;
         b.remove("packs/ab/abcd")?;
         assert!(!b.exists("packs/ab/abcd")?);
+        Ok(())
+    }
+
+    #[test]
+    fn streamed_objects_appear_only_when_committed() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        let b = LocalDir::new(dir.path());
+        let write = |w: &mut Box<dyn ObjectWriter + '_>, data: &[u8]| {
+            w.write_all(data)
+                .map_err(|e| Error::io("write", "object", e))
+        };
+        let mut w = b.writer("snapshots/")?;
+        write(&mut w, b"hello ")?;
+        write(&mut w, b"world")?;
+        assert!(b.list("snapshots/")?.is_empty(), "visible before commit");
+        assert!(
+            w.commit("packs/ab/x").is_err(),
+            "a key outside its directory"
+        );
+        let mut w = b.writer("snapshots/")?;
+        write(&mut w, b"hello world")?;
+        w.commit("snapshots/abc")?;
+        assert_eq!(b.get("snapshots/abc")?, b"hello world");
+        // Dropped without commit: no file at all, not even a temporary one.
+        let mut w = b.writer("snapshots/")?;
+        write(&mut w, b"lost")?;
+        drop(w);
+        let names: Vec<_> = fs::read_dir(dir.path().join("snapshots"))
+            .map_err(|e| Error::io("list", dir.path(), e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
         Ok(())
     }
 }
