@@ -9,11 +9,15 @@ medians over repetitions, each also as a ratio to restic measured in the same ru
 
 stackvault extras: incremental of gen1/gen2 with a change list derived by comparing the images,
 change-list incrementals of 10 / 30 / 100 % of gen1's changed ranges (cost against size),
-the fixed and dynamic VHD exports (when the binary reads VHDs), and a sparse 64 GiB disk with 1 %
-data. Floors: `zstd -T0 -3` over gen0.raw, and the zstd -3 size of the 4 KiB blocks that changed.
+the fixed and dynamic VHD exports (when the binary reads VHDs), a sparse 64 GiB disk with 1 %
+data, and a 64 GiB disk holding 16 copies of gen0 (full backup, unchanged incremental, verify:
+does memory stay flat when the disk map is 16 times larger?; skipped when the work directory's
+file system lacks the room). Floors: `zstd -T0 -3` over gen0.raw, and the zstd -3 size of the
+4 KiB blocks that changed.
 
 Usage: benches/compare.sh [--size 4G] [--fs ext4] [--reps 3] [--data DIR] [--work DIR]
-                          [--results benches/RESULTS.md] [--skip-sparse] [--skip-borg]
+                          [--results benches/RESULTS.md] [--skip-sparse] [--skip-dense]
+                          [--skip-borg]
 """
 
 import argparse
@@ -169,6 +173,37 @@ class Borg(Tool):
         return r, os.path.join(target_dir, "disk.raw")
 
 
+def dense_runs(sv, sv_bin, gen0, virtual, work, copies=16):
+    """A 64 GiB disk holding `copies` copies of gen0 (a disk map `copies` times gen0's):
+    full backup, unchanged incremental, verify. Returns (label, run, virtual size) rows."""
+    size = 64 << 30
+    if copies * virtual > size:
+        log("skipping the dense 64 GiB disk: gen0 is too large for 16 copies")
+        return []
+    dense = os.path.join(work, "dense64g.raw")
+    need = os.stat(gen0).st_blocks * 512 * copies + (4 << 30)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        log(f"skipping the dense 64 GiB disk: it needs {need / 2**30:.0f} GiB free in {work}, "
+            f"{free / 2**30:.0f} GiB are")
+        return []
+    log(f"building a 64 GiB disk of {copies} copies of gen0 ...")
+    with open(dense, "wb") as f:
+        f.truncate(size)
+    for i in range(copies):
+        subprocess.run(["dd", f"if={gen0}", f"of={dense}", "bs=4M", f"seek={i * virtual}", "oflag=seek_bytes",
+                        "conv=sparse,notrunc", "status=none"], check=True)
+    try:
+        sv.fresh()
+        rows = [(f"64 GiB, {copies} copies of gen0: full backup", sv.backup(dense), size),
+                (f"64 GiB, {copies} copies of gen0: unchanged incremental", sv.backup(dense), size),
+                (f"64 GiB, {copies} copies of gen0: verify", run([sv_bin, "verify", sv.repo, "latest",
+                                                                   "--no-record"]), size)]
+    finally:
+        os.unlink(dense)
+    return rows
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -183,6 +218,7 @@ def main():
     ap.add_argument("--results", help="append the table to this markdown file")
     ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--skip-borg", action="store_true")
+    ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--chunkers", default="aligned,aligned:8K:32K:128K,fastcdc,"
                     "fastcdc:8K:32K:128K,fastcdc:16K:64K:256K,fastcdc:32K:128K:512K,fixed:1M",
                     help="stackvault chunker variants to compare (comma separated; '' to skip)")
@@ -307,8 +343,10 @@ def main():
                 dst.seek(i * (1 << 30))
                 dst.write(src_f.read(piece))
         sv.fresh()
-        sparse_rows.append(("sparse 64 GiB, 1 % data", sv.backup(sparse)))
+        sparse_rows.append(("sparse 64 GiB, 1 % data", sv.backup(sparse), 64 << 30))
         os.unlink(sparse)
+    if not args.skip_dense:
+        sparse_rows += dense_runs(sv, sv_bin, gens[0], virtual, work)
 
     # Change-list incrementals of growing size: gen0 with a random share of gen1's changed
     # ranges applied, backed up with the matching list (does the cost follow the change?).
@@ -368,7 +406,7 @@ def main():
     lines.append("| run | tool | wall s | MB/s | CPU s | CPU/wall | peak RSS MiB | added MiB |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
 
-    def row(label, name, rr, ref):
+    def row(label, name, rr, ref, mb=mb):
         w, c, m = median([x["wall"] for x in rr]), median([x["cpu"] for x in rr]), median([x["rss_mb"] for x in rr])
         a = median([x.get("added", 0) for x in rr]) / 2**20
         if ref:
@@ -387,8 +425,10 @@ def main():
     row("re-backup unchanged gen2", "stackvault", extra["gen0_again"], rs["gen2"])
     row("gen1 with change list", "stackvault", extra["gen1_changes"], rs["gen1"])
     row("gen2 with change list", "stackvault", extra["gen2_changes"], rs["gen2"])
-    for label, r in vhd_rows + sparse_rows:
+    for label, r in vhd_rows:
         row(label, "stackvault", [r], None)
+    for label, r, size in sparse_rows:
+        row(label, "stackvault", [r], None, size / 1e6)
     if chunker_rows:
         lines.append("")
         lines.append("Chunker variants (stackvault, gen0 → gen1 → gen2, one run each):")
