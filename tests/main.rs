@@ -3,6 +3,7 @@
 
 mod azure;
 mod cli;
+mod compat;
 mod crash;
 mod foundation;
 mod frames;
