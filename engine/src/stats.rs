@@ -20,14 +20,13 @@
 //! whether another disk shares it; `temp.stats_disk`: distinct (disk, chunk) pairs), so
 //! memory stays bounded by one manifest. Nothing in the repository is written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
-use crate::format::ChunkId;
 use crate::index::sql_err;
 use crate::repo::Repo;
 
@@ -135,11 +134,14 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
     let path = index.path().to_path_buf();
     let err = sql_err(&path);
     let conn = index.conn_mut();
+    // Temporary tables, not sets in memory: SQLite spills them to disk, so a snapshot of
+    // tens of millions of chunks costs no more memory than a small one.
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS stats_refs (id BLOB PRIMARY KEY, n INTEGER NOT NULL,
              snap INTEGER NOT NULL, disk INTEGER NOT NULL, shared INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TEMP TABLE IF NOT EXISTS stats_disk (disk INTEGER NOT NULL, id BLOB NOT NULL,
              PRIMARY KEY (disk, id)) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS stats_snap (id BLOB PRIMARY KEY) WITHOUT ROWID;
          DELETE FROM temp.stats_refs;
          DELETE FROM temp.stats_disk;",
     )
@@ -149,52 +151,49 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
     for (i, s) in all.iter().enumerate() {
         let manifest = repo.load_manifest(&s.id)?;
         let d = disk_ids.get(&s.meta.disk).copied().unwrap_or(0);
-        let mut distinct: HashSet<ChunkId> = HashSet::new();
         let mut data_bytes = 0;
-        for extents in manifest.segments() {
-            for e in extents? {
-                if let Extent::Chunk { id, len } = e {
-                    data_bytes += u64::from(len);
-                    distinct.insert(id);
-                }
-            }
-        }
-        let (mut raw, mut stored, mut missing) = (0u64, 0u64, 0u64);
         let tx = conn.transaction().map_err(&err)?;
+        tx.execute("DELETE FROM temp.stats_snap", [])
+            .map_err(&err)?;
         {
-            let mut lookup = tx
-                .prepare_cached(&format!(
-                    "SELECT raw_len, {SHARE} FROM chunks c WHERE id = ?1"
-                ))
+            let mut distinct = tx
+                .prepare_cached("INSERT OR IGNORE INTO temp.stats_snap (id) VALUES (?1)")
                 .map_err(&err)?;
-            let mut refs = tx
-                .prepare_cached(
-                    "INSERT INTO temp.stats_refs (id, n, snap, disk, shared) \
-                     VALUES (?1, 1, ?2, ?3, 0) ON CONFLICT (id) DO UPDATE SET n = n + 1, \
-                     shared = shared OR disk != excluded.disk",
-                )
-                .map_err(&err)?;
-            let mut per_disk = tx
-                .prepare_cached("INSERT OR IGNORE INTO temp.stats_disk (disk, id) VALUES (?1, ?2)")
-                .map_err(&err)?;
-            for id in &distinct {
-                let lens: Option<(i64, i64)> = lookup
-                    .query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(&err)?;
-                match lens {
-                    Some((r, st)) => {
-                        raw += r as u64;
-                        stored += st as u64;
+            for extents in manifest.segments() {
+                for e in extents? {
+                    if let Extent::Chunk { id, len } = e {
+                        data_bytes += u64::from(len);
+                        distinct.execute([&id.0[..]]).map_err(&err)?;
                     }
-                    None => missing += 1,
                 }
-                refs.execute(params![&id.0[..], i as i64, d])
-                    .map_err(&err)?;
-                per_disk.execute(params![d, &id.0[..]]).map_err(&err)?;
             }
         }
+        let (chunks, found, raw, stored): (i64, i64, i64, i64) = tx
+            .query_row(
+                &format!(
+                    "SELECT count(*), count(c.id), coalesce(sum(c.raw_len), 0), \
+                     coalesce(sum({SHARE}), 0) \
+                     FROM temp.stats_snap s LEFT JOIN chunks c ON c.id = s.id"
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(&err)?;
+        tx.execute(
+            "INSERT INTO temp.stats_refs (id, n, snap, disk, shared) \
+             SELECT id, 1, ?1, ?2, 0 FROM temp.stats_snap WHERE true \
+             ON CONFLICT (id) DO UPDATE SET n = n + 1, shared = shared OR disk != excluded.disk",
+            params![i as i64, d],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO temp.stats_disk (disk, id) SELECT ?1, id FROM temp.stats_snap",
+            [d],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
+        let (chunks, missing) = (chunks as u64, (chunks - found) as u64);
+        let (raw, stored) = (raw as u64, stored as u64);
         snaps.push(SnapshotStats {
             id: s.id.clone(),
             disk: s.meta.disk.clone(),
@@ -202,7 +201,7 @@ pub fn stats(repo: &Repo, disk: Option<&str>) -> Result<StatsReport> {
             kind: s.meta.kind.as_str().to_string(),
             logical_bytes: manifest.virtual_size,
             data_bytes,
-            chunks: distinct.len() as u64,
+            chunks,
             raw_bytes: raw,
             stored_bytes: stored,
             unique_chunks: 0,

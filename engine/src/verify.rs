@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use rayon::prelude::*;
+use rusqlite::params;
 use serde::Serialize;
 
 use crate::chunker::is_zero;
@@ -33,7 +34,7 @@ use crate::format::pack::{
 };
 use crate::format::verification::{VerificationRecord, VERIFICATION_VERSION};
 use crate::format::ChunkId;
-use crate::index::{PackRow, SnapshotSummary};
+use crate::index::{sql_err, PackRow, SnapshotSummary};
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
 use crate::source::{DiskSource, ExtentKind};
@@ -659,46 +660,91 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         .filter_map(|k| k.strip_prefix("snapshots/").map(str::to_owned))
         .collect();
     ids.extend(repo.index().snapshot_ids()?);
-    let mut referenced: HashSet<ChunkId> = HashSet::new();
     let mut snapshots = 0;
-    for id in &ids {
-        // Errors that say damage can only come from the manifest here: a missing chunk is
-        // recorded, not returned.
-        let scanned = (|| -> Result<()> {
-            let manifest = repo.load_manifest(id)?;
-            snapshots += 1;
-            for extents in manifest.segments() {
-                for e in extents? {
-                    if let Extent::Chunk { id: chunk, .. } = e {
-                        if referenced.insert(chunk) && !repo.readers().contains(&chunk)? {
-                            let err = Error::MissingChunk {
-                                id: chunk.to_hex(),
-                                snapshot: id.clone(),
-                            };
-                            f.push(Damage {
-                                kind: "missing-chunk".into(),
-                                location: format!("snapshots/{id}"),
-                                pack: None,
-                                offset: None,
-                                chunk: Some(chunk.to_hex()),
-                                what: err.to_string(),
-                            });
-                            f.damaged_chunks.insert(chunk);
+    // The chunks the manifests reference go to a temporary table, which SQLite spills to
+    // disk, not to a set in memory: a repository of a hundred million chunks must check too.
+    let referenced_packs: HashSet<i64> = {
+        let mut index = repo.index();
+        let path = index.path().to_path_buf();
+        let err = sql_err(&path);
+        let conn = index.conn_mut();
+        conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS check_refs (id BLOB PRIMARY KEY, \
+                 snapshot TEXT NOT NULL) WITHOUT ROWID;
+             DELETE FROM temp.check_refs;",
+        )
+        .map_err(&err)?;
+        for id in &ids {
+            let tx = conn.transaction().map_err(&err)?;
+            // Errors that say damage can only come from the manifest here.
+            let scanned = (|| -> Result<()> {
+                let manifest = repo.load_manifest(id)?;
+                snapshots += 1;
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO temp.check_refs (id, snapshot) VALUES (?1, ?2)",
+                    )
+                    .map_err(&err)?;
+                for extents in manifest.segments() {
+                    for e in extents? {
+                        if let Extent::Chunk { id: chunk, .. } = e {
+                            insert.execute(params![&chunk.0[..], id]).map_err(&err)?;
                         }
                     }
                 }
+                Ok(())
+            })();
+            tx.commit().map_err(&err)?;
+            match scanned {
+                Ok(()) => {}
+                Err(e) if e.is_corruption() => {
+                    f.add("manifest", None, None, &e);
+                    f.damaged_manifests.insert(id.clone());
+                }
+                Err(e) => return Err(e),
             }
-            Ok(())
-        })();
-        match scanned {
-            Ok(()) => {}
-            Err(e) if e.is_corruption() => {
-                f.add("manifest", None, None, &e);
-                f.damaged_manifests.insert(id.clone());
-            }
-            Err(e) => return Err(e),
         }
-    }
+        // Referenced chunks the index does not know, named with a snapshot that needs them.
+        let mut missing = conn
+            .prepare(
+                "SELECT r.id, r.snapshot FROM temp.check_refs r \
+                 WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = r.id)",
+            )
+            .map_err(&err)?;
+        let mut rows = missing.query([]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let chunk: Vec<u8> = row.get(0).map_err(&err)?;
+            let snapshot: String = row.get(1).map_err(&err)?;
+            let Ok(chunk) = <[u8; 32]>::try_from(chunk.as_slice()).map(ChunkId) else {
+                continue;
+            };
+            let err = Error::MissingChunk {
+                id: chunk.to_hex(),
+                snapshot: snapshot.clone(),
+            };
+            f.push(Damage {
+                kind: "missing-chunk".into(),
+                location: format!("snapshots/{snapshot}"),
+                pack: None,
+                offset: None,
+                chunk: Some(chunk.to_hex()),
+                what: err.to_string(),
+            });
+            f.damaged_chunks.insert(chunk);
+        }
+        drop(rows);
+        drop(missing);
+        // Packs the index takes a referenced chunk from: the others are orphans.
+        let mut packs = conn
+            .prepare("SELECT DISTINCT c.pack FROM temp.check_refs r JOIN chunks c ON c.id = r.id")
+            .map_err(&err)?;
+        let keys = packs
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(&err)?
+            .collect::<rusqlite::Result<HashSet<i64>>>()
+            .map_err(&err)?;
+        keys
+    };
 
     // Packs: the index against the files and their own tables.
     let listed: HashMap<String, String> = backend
@@ -713,7 +759,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
             repo,
             index_location: index_location.clone(),
             listed: &listed,
-            referenced: &referenced,
+            referenced_packs: &referenced_packs,
             rows: rows.iter().map(|r| (r.key, r)).collect(),
             seen: HashSet::new(),
             current: None,
@@ -816,7 +862,8 @@ struct PackChecker<'a> {
     /// The index connection is held by the scan: never call `repo.index()` from here.
     index_location: String,
     listed: &'a HashMap<String, String>,
-    referenced: &'a HashSet<ChunkId>,
+    /// Packs holding a chunk some snapshot references (as the index places it).
+    referenced_packs: &'a HashSet<i64>,
     rows: HashMap<i64, &'a PackRow>,
     seen: HashSet<i64>,
     current: Option<i64>,
@@ -931,7 +978,7 @@ impl PackChecker<'_> {
                 f.damaged_chunks.insert(e.id);
             }
         }
-        if !entries.iter().any(|e| self.referenced.contains(&e.id)) {
+        if !self.referenced_packs.contains(&key) {
             self.orphans.push(Orphan {
                 pack: name.into(),
                 size,
