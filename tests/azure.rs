@@ -7,10 +7,10 @@
 //! Azurite comes from `.ci/azurite.sh`. Without it the Azurite tests say so and return,
 //! except under `CI=true`, where its absence is a failure.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,29 +24,12 @@ use stackvault::{
     backup, restore_to_page_blob, BackupOptions, DiskSource, InitOptions, NoProgress,
     PageBlobRestoreOptions, Repo,
 };
-use stackvault_tests::{make_sample_disk, run_cli};
+use stackvault_tests::{azurite_bin, make_sample_disk, run_cli, Azurite};
 
 const ACCOUNT: &str = "devstoreaccount1";
 const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const MIB: u64 = 1 << 20;
-
-/// A running Azurite, killed on drop.
-struct Azurite {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn azurite_bin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/azurite/node_modules/.bin/azurite-blob")
-}
 
 /// Starts Azurite; `None` (after saying why) when it is not installed and this is not CI.
 fn azurite() -> Result<Option<Azurite>> {
@@ -64,36 +47,7 @@ fn azurite() -> Result<Option<Azurite>> {
         );
         return Ok(None);
     }
-    let mut child = Command::new(&bin)
-        .args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            "0",
-            "--inMemoryPersistence",
-            "--skipApiVersionCheck",
-            "--loose",
-            "--disableTelemetry",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
-    let stdout = child.stdout.take().context("azurite stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            if let Some(rest) = line.split("listens on http://127.0.0.1:").nth(1) {
-                let _ = tx.send(rest.trim().parse::<u16>().ok());
-            }
-        }
-    });
-    let mut guard = Azurite { child, port: 0 };
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Some(port)) => guard.port = port,
-        _ => bail!("Azurite did not say which port it listens on"),
-    }
-    Ok(Some(guard))
+    Azurite::start().map(Some)
 }
 
 fn fast_retry() -> RetryPolicy {
@@ -966,5 +920,90 @@ fn since_snapshot_diff_from_a_recorded_answer() -> Result<()> {
         .iter()
         .filter(|r| r.method == "GET" && !r.target.contains("comp="))
         .all(|r| r.header("If-Match") == Some("\"0x1\"")));
+    Ok(())
+}
+
+#[test]
+fn a_segment_is_read_in_concurrent_pieces_and_a_failed_piece_fails_it() -> Result<()> {
+    use stackvault::source::pageblob::{READ_CONCURRENCY, READ_PIECE};
+    let size = 4 * MIB;
+    // Byte at disk offset o: a function of o, so misplaced pieces show.
+    let byte = |o: u64| (o / 4096 % 251) as u8 ^ (o % 7) as u8;
+    let (in_flight, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let fail_at = Arc::new(AtomicU64::new(u64::MAX));
+    let (flight2, most2, fail2) = (in_flight.clone(), most.clone(), fail_at.clone());
+    let stub = serve(move |req| {
+        if req.method == "HEAD" {
+            return page_blob_head(size);
+        }
+        if req.target.contains("comp=pagelist") {
+            return Answer::Reply(200, vec![], format!("<?xml version=\"1.0\"?><PageList><PageRange><Start>0</Start><End>{}</End></PageRange></PageList>", size - 1).into_bytes());
+        }
+        let range = req
+            .header("x-ms-range")
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(s, e)| Some((s.parse::<u64>().ok()?, e.parse::<u64>().ok()?)));
+        let Some((start, end)) = range else {
+            return Answer::Reply(400, vec![], Vec::new());
+        };
+        if start == fail2.load(Ordering::SeqCst) {
+            return Answer::Reply(
+                412,
+                vec![("x-ms-error-code".into(), "ConditionNotMet".into())],
+                Vec::new(),
+            );
+        }
+        // Hold the request a while, counting how many are held at once.
+        let now = flight2.fetch_add(1, Ordering::SeqCst) + 1;
+        most2.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(60));
+        flight2.fetch_sub(1, Ordering::SeqCst);
+        Answer::Reply(206, vec![], (start..=end).map(byte).collect())
+    })?;
+    let url = format!("http://127.0.0.1:{}/acct/c/raw.img?sig=S", stub.port);
+    // No footer cookie in the last 512 bytes: a raw disk of the blob's size.
+    let src = PageBlobSource::open(&url, &sas_options())?;
+    ensure!(src.virtual_size() == size && src.info().format == "raw");
+
+    let mut buf = vec![0u8; size as usize];
+    let (head, tail) = buf.split_at_mut(3 * MIB as usize);
+    src.read_many(&mut [(0, head), (3 * MIB, tail)])?;
+    ensure!(
+        buf.iter().enumerate().all(|(i, &b)| b == byte(i as u64)),
+        "pieces landed in the wrong place"
+    );
+    let peak = most.load(Ordering::SeqCst);
+    ensure!(
+        peak >= 4 && peak <= READ_CONCURRENCY as u64,
+        "{peak} GETs in flight at most"
+    );
+    let gets = stub
+        .requests
+        .lock()
+        .map(|r| {
+            r.iter()
+                .filter(|q| {
+                    q.header("x-ms-range").is_some()
+                        && q.method == "GET"
+                        && !q.target.contains("comp=")
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    // The footer probe, then 4 MiB in pieces.
+    ensure!(
+        gets == 1 + (size as usize).div_ceil(READ_PIECE),
+        "{gets} GETs"
+    );
+
+    // The blob changed under us (If-Match fails) for one piece: the whole read fails.
+    fail_at.store(2 * READ_PIECE as u64, Ordering::SeqCst);
+    let mut buf = vec![0u8; size as usize];
+    let err = src.read_many(&mut [(0, &mut buf[..])]).err();
+    ensure!(
+        err.as_ref().is_some_and(|e| e.to_string().contains("412")),
+        "{err:?}"
+    );
     Ok(())
 }

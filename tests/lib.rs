@@ -701,3 +701,63 @@ impl Fixture {
         Ok(())
     }
 }
+
+/// Where `.ci/azurite.sh` installs Azurite's blob service.
+pub fn azurite_bin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/azurite/node_modules/.bin/azurite-blob")
+}
+
+/// A running Azurite (blob service, in memory, on a free port), killed on drop.
+pub struct Azurite {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Azurite {
+    /// Starts the Azurite at [`azurite_bin`] and waits for its port.
+    pub fn start() -> anyhow::Result<Azurite> {
+        use std::io::BufRead;
+        let bin = azurite_bin();
+        let mut child = Command::new(&bin)
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                "0",
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--loose",
+                "--disableTelemetry",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let stdout = child.stdout.take().context("azurite stdout")?;
+        let mut guard = Azurite { child, port: 0 };
+        // Keep reading its output: Azurite dies of SIGPIPE when nobody does.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                if let Some(rest) = line.split("listens on http://127.0.0.1:").nth(1) {
+                    let _ = tx.send(rest.trim().parse::<u16>().ok());
+                }
+            }
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Some(port)) => guard.port = port,
+            _ => bail!("Azurite did not say which port it listens on"),
+        }
+        Ok(guard)
+    }
+}

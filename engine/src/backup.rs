@@ -33,7 +33,7 @@ use crate::index::Index;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
-use crate::source::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
+use crate::source::{fill_from_map, DiskSource, ExtentKind, SourceChanges};
 use crate::store::pack::{compress, PackWriter};
 use crate::store::{pack_key, snapshot_key, ObjectWriter};
 
@@ -538,29 +538,6 @@ fn process_changed_segment(
             skipped: u64::from(len) - loaded,
         })
     })
-}
-
-/// Fills `dest` (disk bytes from `at`) as the source's allocation `map` says: reads data
-/// extents, zeroes unallocated ones. Returns the bytes read.
-fn fill_from_map(
-    source: &dyn DiskSource,
-    map: &[SourceExtent],
-    at: u64,
-    dest: &mut [u8],
-) -> Result<u64> {
-    let mut bytes_read = 0;
-    for e in map {
-        let start = (e.offset - at) as usize;
-        let range = start..start + e.len as usize;
-        match e.kind {
-            ExtentKind::Zero => dest[range].fill(0),
-            ExtentKind::Data => {
-                source.read_at(e.offset, &mut dest[range])?;
-                bytes_read += e.len;
-            }
-        }
-    }
-    Ok(bytes_read)
 }
 
 /// The parent snapshot's chunks of a segment, sorted: chunks it references are in the

@@ -325,12 +325,7 @@ fn compare_segment(
     buf.clear();
     buf.resize(readable as usize, 0);
     if readable > 0 {
-        for e in target.extents(start, readable)? {
-            if e.kind == ExtentKind::Data {
-                let from = (e.offset - start) as usize;
-                target.read_at(e.offset, &mut buf[from..from + e.len as usize])?;
-            }
-        }
+        crate::source::fill_from_map(target, &target.extents(start, readable)?, start, buf)?;
     }
     let mut t = Tally::default();
     let mut offset = start;

@@ -64,12 +64,58 @@ pub trait DiskSource: Send + Sync {
     /// Fills `buf` with the virtual disk's bytes at `offset`. The range lies inside the disk.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Fills each buffer with the virtual disk's bytes at its offset (ranges inside the
+    /// disk). This default reads them in turn; a source whose reads wait on the network
+    /// serves them concurrently, so that the link stays busy while each request waits for
+    /// its answer.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read_at(*offset, buf)?;
+        }
+        Ok(())
+    }
+
     /// Changes relative to the disk described by `parent` (the source recorded in the parent
     /// snapshot). Differencing containers know them; most sources do not.
     fn changes_since(&self, parent: &SourceInfo) -> Result<SourceChanges> {
         let _ = parent;
         Ok(SourceChanges::Unknown)
     }
+}
+
+/// Fills `dest` (disk bytes from `at`) as the source's allocation `map` of that range says:
+/// reads the data extents (in one [`DiskSource::read_many`]), zeroes the others. Returns the
+/// bytes read.
+pub fn fill_from_map(
+    source: &dyn DiskSource,
+    map: &[SourceExtent],
+    at: u64,
+    dest: &mut [u8],
+) -> Result<u64> {
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(map.len());
+    let mut rest = dest;
+    let mut pos = at;
+    for e in map {
+        let skip = usize::try_from(e.offset.saturating_sub(pos)).unwrap_or(usize::MAX);
+        let len = usize::try_from(e.len).unwrap_or(usize::MAX);
+        if skip.saturating_add(len) > rest.len() {
+            return Err(Error::InvalidArgument(format!(
+                "extent at {} ({} bytes) lies outside the range read at {at}",
+                e.offset, e.len
+            )));
+        }
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+        let (piece, tail) = tail.split_at_mut(len);
+        rest = tail;
+        pos = e.offset + e.len;
+        match e.kind {
+            ExtentKind::Zero => piece.fill(0),
+            ExtentKind::Data => reads.push((e.offset, piece)),
+        }
+    }
+    let bytes = reads.iter().map(|(_, b)| b.len() as u64).sum();
+    source.read_many(&mut reads)?;
+    Ok(bytes)
 }
 
 /// Which container format to read a source as.
