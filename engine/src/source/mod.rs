@@ -96,11 +96,15 @@ pub fn fill_from_map(
     let mut rest = dest;
     let mut pos = at;
     for e in map {
-        let skip = usize::try_from(e.offset.saturating_sub(pos)).unwrap_or(usize::MAX);
+        let skip = e
+            .offset
+            .checked_sub(pos)
+            .and_then(|s| usize::try_from(s).ok())
+            .unwrap_or(usize::MAX);
         let len = usize::try_from(e.len).unwrap_or(usize::MAX);
         if skip.saturating_add(len) > rest.len() {
             return Err(Error::InvalidArgument(format!(
-                "extent at {} ({} bytes) lies outside the range read at {at}",
+                "extent at {} ({} bytes) is out of order or outside the range read at {at}",
                 e.offset, e.len
             )));
         }
@@ -172,4 +176,66 @@ pub fn open_source(path: &Path, options: &SourceOptions) -> Result<Box<dyn DiskS
         )));
     }
     Ok(Box::new(RawFile::open(path)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk whose byte at offset `o` is `o % 251 + 1` (never zero).
+    struct Counting(u64);
+
+    impl DiskSource for Counting {
+        fn virtual_size(&self) -> u64 {
+            self.0
+        }
+        fn info(&self) -> SourceInfo {
+            SourceInfo {
+                path: "counting".into(),
+                format: "raw".into(),
+                vhd: None,
+            }
+        }
+        fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+            Ok(vec![SourceExtent {
+                offset,
+                len,
+                kind: ExtentKind::Data,
+            }])
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251 + 1) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    fn extent(offset: u64, len: u64, kind: ExtentKind) -> SourceExtent {
+        SourceExtent { offset, len, kind }
+    }
+
+    #[test]
+    fn fill_from_map_reads_data_and_zeroes_the_rest() -> Result<()> {
+        let src = Counting(1 << 20);
+        let map = [
+            extent(1000, 100, ExtentKind::Zero),
+            extent(1100, 50, ExtentKind::Data),
+            extent(1150, 10, ExtentKind::Zero),
+            extent(1160, 40, ExtentKind::Data),
+        ];
+        let mut buf = vec![0xeeu8; 200];
+        assert_eq!(fill_from_map(&src, &map, 1000, &mut buf)?, 90);
+        for (i, &b) in buf.iter().enumerate() {
+            let o = 1000 + i as u64;
+            let zero = o < 1100 || (1150..1160).contains(&o);
+            assert_eq!(b, if zero { 0 } else { (o % 251 + 1) as u8 }, "byte {o}");
+        }
+        // Extents out of order or past the buffer are refused, never written elsewhere.
+        let swapped = [map[1], map[0]];
+        assert!(fill_from_map(&src, &swapped, 1000, &mut buf).is_err());
+        let long = [extent(1000, 201, ExtentKind::Data)];
+        assert!(fill_from_map(&src, &long, 1000, &mut buf).is_err());
+        Ok(())
+    }
 }
