@@ -116,7 +116,8 @@ fn verify_target_names_differing_ranges() -> anyhow::Result<()> {
         flip_byte(&restored, at)?;
     }
     let (code, v, stderr) = sv_json(&["verify", p(&repo), &id, "--target", p(&restored)])?;
-    assert_eq!(code, Some(3), "{stderr}");
+    // Exit 5: the target is wrong, not the repository.
+    assert_eq!(code, Some(5), "{stderr}");
     assert_eq!(v["outcome"], "differs");
     assert_eq!(v["problem_count"].as_u64(), Some(2), "{v}");
     let problems = v["problems"].as_array().context("problems")?;
@@ -138,7 +139,7 @@ fn verify_target_names_differing_ranges() -> anyhow::Result<()> {
     let f2 = fs::OpenOptions::new().write(true).open(&restored)?;
     f2.set_len(10 * MIB)?;
     let (code, v, _) = sv_json(&["verify", p(&repo), &id, "--target", p(&restored)])?;
-    assert_eq!(code, Some(3));
+    assert_eq!(code, Some(5));
     assert!(v["problem_count"].as_u64() > Some(2), "{v}");
     Ok(())
 }

@@ -60,9 +60,6 @@ enum Command {
     Stats(stats::Args),
 }
 
-/// Exit code when the repository or the data is damaged (as opposed to any other failure).
-const EXIT_DAMAGED: u8 = 3;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = output::Context { quiet: cli.quiet };
@@ -93,11 +90,12 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            let damaged = err.chain().any(|c| {
-                c.downcast_ref::<stackvault::Error>()
-                    .is_some_and(|e| e.is_corruption())
-            });
-            ExitCode::from(if damaged { EXIT_DAMAGED } else { 1 })
+            // The first engine error in the chain decides whose fault it is.
+            let code = err
+                .chain()
+                .find_map(|c| c.downcast_ref::<stackvault::Error>())
+                .map_or(1, |e| e.class().exit_code());
+            ExitCode::from(code)
         }
     }
 }

@@ -59,24 +59,31 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     } else {
         print(&report)?;
     }
-    match report.problems.first() {
-        None => Ok(()),
-        // Exit code 3: the data is damaged or the target differs.
-        Some(p) => Err(Error::corrupt(
-            format!("the disk of snapshot {}", &report.snapshot_id[..12]),
-            p.offset,
+    let Some(first) = report.problems.first() else {
+        return Ok(());
+    };
+    // The exit code says whose fault it is: a target that differs (5) or damaged data (3).
+    let err = if report.mode == "target" {
+        Error::TargetMismatch {
+            target: report.target.clone().unwrap_or_default(),
+            snapshot: report.snapshot_id.chars().take(12).collect(),
+            offset: first.offset,
+            what: format!("{} differing ranges (listed above)", report.problem_count),
+        }
+    } else {
+        Error::corrupt(
             format!(
-                "verification found {} {} ranges (listed above)",
-                report.problem_count,
-                if report.mode == "target" {
-                    "differing"
-                } else {
-                    "damaged"
-                }
+                "the disk of snapshot {}",
+                report.snapshot_id.chars().take(12).collect::<String>()
+            ),
+            first.offset,
+            format!(
+                "verification found {} damaged ranges (listed above)",
+                report.problem_count
             ),
         )
-        .into()),
-    }
+    };
+    Err(err.into())
 }
 
 fn print(r: &VerifyReport) -> anyhow::Result<()> {

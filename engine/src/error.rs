@@ -1,9 +1,13 @@
 //! The engine's one error type.
 //!
 //! Every failure names where it happened: the file, pack or snapshot and, for decoders, the
-//! byte offset. Damage to stored data is [`Error::Corrupt`], kept apart from I/O failures so a
-//! caller can tell "the repository is damaged" from "the machine could not do the work".
-//! Decoders never panic on hostile input; they return `Corrupt` instead.
+//! byte offset. Each variant belongs to one [`ErrorClass`], which says whose fault it is and so
+//! who must act: damage to stored data ([`Error::Corrupt`]) pages the backup admin, a damaged
+//! source ([`Error::SourceDamaged`]) the owner of the VM disk, an unsupported format
+//! ([`Error::Unsupported`]) asks for a newer stackvault or a converted input, a usage error
+//! ([`Error::Usage`]) the person who typed the command. The CLI turns the class into its exit
+//! code. Decoders never panic on hostile input; they return `Corrupt` (stored data) or
+//! `SourceDamaged` (an input disk) instead.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -40,6 +44,55 @@ pub enum Error {
     /// `init` was pointed at something that is already in use.
     #[error("{path} already exists and is not empty; refusing to create a repository there")]
     DirectoryNotEmpty { path: PathBuf },
+
+    /// An input disk (VHD, page blob, change list that describes it) is damaged or inconsistent
+    /// with itself: the backup is refused rather than half done. `source` names the file or
+    /// redacted URL.
+    #[error("source {source_name} is damaged at offset {offset}: {what}")]
+    SourceDamaged {
+        source_name: String,
+        offset: u64,
+        what: String,
+    },
+
+    /// The input or the repository uses a format or feature this build does not handle
+    /// (VHDX, an unknown code inside a pack or manifest). Not damage: another tool or a newer
+    /// stackvault can read it.
+    #[error("{what}")]
+    Unsupported { what: String },
+
+    /// The repository uses format features this build does not know; `min_version` is the
+    /// oldest stackvault that reads them (from the repository's config).
+    #[error("{path} needs stackvault >= {min_version} (features: {}); this is stackvault {this}", features.join(", "), this = env!("CARGO_PKG_VERSION"))]
+    UnsupportedFeatures {
+        path: String,
+        features: Vec<String>,
+        min_version: String,
+    },
+
+    /// The command was given an option value or combination that cannot work; nothing was
+    /// done. The message says what to type instead.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A restored disk (file, device or page blob) does not match the snapshot it claims to
+    /// hold: the target is wrong, not the repository.
+    #[error("target {target} does not match snapshot {snapshot} at offset {offset}: {what}")]
+    TargetMismatch {
+        target: String,
+        snapshot: String,
+        offset: u64,
+        what: String,
+    },
+
+    /// The operation was interrupted (SIGINT, SIGTERM) and stopped cleanly.
+    #[error("interrupted: {0}")]
+    Cancelled(String),
+
+    /// A bug or a broken invariant inside stackvault (a worker thread panicked, a lock was
+    /// poisoned). Never caused by input; please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// A structure carries a version this build does not understand.
     #[error("{what} has format version {found}, this build supports up to {supported}; upgrade stackvault")]
@@ -124,7 +177,40 @@ impl Error {
 
     /// True when the error says stored data is damaged (as opposed to an operational failure).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corrupt { .. } | Error::MissingChunk { .. })
+        self.class() == ErrorClass::RepositoryDamaged
+    }
+
+    /// Builds a [`Error::SourceDamaged`].
+    pub fn source_damaged(
+        source_name: impl std::fmt::Display,
+        offset: u64,
+        what: impl Into<String>,
+    ) -> Self {
+        Error::SourceDamaged {
+            source_name: source_name.to_string(),
+            offset,
+            what: what.into(),
+        }
+    }
+
+    /// Builds a [`Error::Unsupported`].
+    pub fn unsupported(what: impl Into<String>) -> Self {
+        Error::Unsupported { what: what.into() }
+    }
+
+    /// Whose fault the failure is, and so which exit code the CLI returns.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Corrupt { .. } | Error::MissingChunk { .. } => ErrorClass::RepositoryDamaged,
+            Error::SourceDamaged { .. } => ErrorClass::SourceDamaged,
+            Error::TargetMismatch { .. } => ErrorClass::TargetMismatch,
+            Error::Unsupported { .. }
+            | Error::UnsupportedFeatures { .. }
+            | Error::UnsupportedVersion { .. } => ErrorClass::Unsupported,
+            Error::Usage(_) => ErrorClass::Usage,
+            Error::Cancelled(_) => ErrorClass::Cancelled,
+            _ => ErrorClass::Failure,
+        }
     }
 
     /// True when the underlying cause is a full disk (ENOSPC or a quota).
@@ -135,6 +221,41 @@ impl Error {
                     || source.kind() == io::ErrorKind::QuotaExceeded
             }
             _ => false,
+        }
+    }
+}
+
+/// Who must act on a failure. Each class has its own process exit code, listed in the README
+/// and `--help`; the codes are part of the CLI's contract and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The machine could not do the work: I/O, network, a missing file, a lock held. Exit 1.
+    Failure,
+    /// Bad option values or combinations. Exit 2 (as clap uses for bad syntax).
+    Usage,
+    /// The repository or its stored data is damaged. Exit 3.
+    RepositoryDamaged,
+    /// The input disk is damaged or inconsistent. Exit 4.
+    SourceDamaged,
+    /// A restored disk does not match its snapshot. Exit 5.
+    TargetMismatch,
+    /// A format or feature this build does not handle. Exit 6.
+    Unsupported,
+    /// Interrupted by SIGINT or SIGTERM and stopped cleanly. Exit 130 (128 + SIGINT).
+    Cancelled,
+}
+
+impl ErrorClass {
+    /// The process exit code for this class.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorClass::Failure => 1,
+            ErrorClass::Usage => 2,
+            ErrorClass::RepositoryDamaged => 3,
+            ErrorClass::SourceDamaged => 4,
+            ErrorClass::TargetMismatch => 5,
+            ErrorClass::Unsupported => 6,
+            ErrorClass::Cancelled => 130,
         }
     }
 }

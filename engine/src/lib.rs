@@ -37,7 +37,7 @@ pub mod verify;
 
 pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
