@@ -9,18 +9,19 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Disk image or block device to back up, or a page blob URL (`https://…?SAS`,
     /// `azure://ACCOUNT/CONTAINER/BLOB` with `--endpoint` and `--account-key-env`).
-    source: PathBuf,
+    #[arg(value_name = "SOURCE")]
+    source: Option<PathBuf>,
     /// Name of the disk (e.g. `web01-os`); its snapshots form one history.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: String,
     /// Container format of the source: `auto` (detected from the content: a VHD footer
     /// makes it a fixed, dynamic or differencing VHD, anything else is raw), `raw` or `vhd`.
-    #[arg(long, default_value = "auto")]
-    format: String,
+    #[arg(long, default_value = "auto", value_parser = crate::args::source_format)]
+    format: SourceFormat,
     /// Parent file of a differencing VHD, instead of the path its parent locators name.
     #[arg(long, value_name = "PATH")]
     parent_vhd: Option<PathBuf>,
@@ -53,10 +54,15 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
-    let shown = crate::azure::shown(&args.source);
+    let (repo, [source]) = ctx.split_repo(
+        [args.repo.map(Into::into), args.source.map(Into::into)],
+        ["SOURCE"],
+    )?;
+    let source_path = PathBuf::from(source);
+    let repo = Repo::open(&repo)?;
+    let shown = crate::azure::shown(&source_path);
     let mut since = None;
-    let source: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(&args.source) {
+    let source: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(&source_path) {
         Some(url) => {
             let blob = stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
                 .with_context(|| format!("cannot open page blob {shown}"))?;
@@ -70,10 +76,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => {
             let source_options = SourceOptions {
-                format: SourceFormat::parse(&args.format)?,
+                format: args.format,
                 parent: args.parent_vhd.clone(),
             };
-            stackvault::open_source(&args.source, &source_options)
+            stackvault::open_source(&source_path, &source_options)
                 .with_context(|| format!("cannot open source {shown}"))?
         }
     };

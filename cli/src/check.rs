@@ -9,15 +9,15 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Also read back every stored chunk (crc32, decompression, BLAKE3).
     #[arg(long, conflicts_with = "read_data_subset")]
     read_data: bool,
     /// Read back part of the packs: `N/M` (the N-th of M slices by name, deterministic),
     /// `P%` or a size like `2GiB` (a random choice of packs).
-    #[arg(long, value_name = "SUBSET")]
-    read_data_subset: Option<String>,
+    #[arg(long, value_name = "SUBSET", value_parser = crate::args::subset)]
+    read_data_subset: Option<Subset>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -25,11 +25,12 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let read_data = match (&args.read_data_subset, args.read_data) {
-        (Some(s), _) => ReadData::Subset(Subset::parse(s)?),
+        (Some(s), _) => ReadData::Subset(s.clone()),
         (None, true) => ReadData::All,
         (None, false) => ReadData::None,
     };
-    let repo = Repo::open(&args.repo)?;
+    let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    let repo = Repo::open(&repo)?;
     let report = stackvault::check(&repo, &CheckOptions { read_data }, &ctx.progress())?;
     if args.json {
         output::json(&report)?;

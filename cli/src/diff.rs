@@ -1,5 +1,6 @@
 //! `stackvault diff`
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use stackvault::Repo;
@@ -8,21 +9,25 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// The older snapshot (id, prefix or `latest`).
-    from: String,
+    from: Option<OsString>,
     /// The newer snapshot (id, prefix or `latest`).
-    to: String,
+    to: Option<OsString>,
     /// Print the report (with every range) as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
-    let from = repo.resolve_snapshot(&args.from, None)?;
-    let to = repo.resolve_snapshot(&args.to, None)?;
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let (repo, [from, to]) = ctx.split_repo(
+        [args.repo.map(Into::into), args.from, args.to],
+        ["FROM", "TO"],
+    )?;
+    let repo = Repo::open(&repo)?;
+    let from = repo.resolve_snapshot(&crate::args::text(from, "FROM")?, None)?;
+    let to = repo.resolve_snapshot(&crate::args::text(to, "TO")?, None)?;
     let report = stackvault::diff::diff(
         &from.id,
         &repo.load_manifest(&from.id)?,

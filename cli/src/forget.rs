@@ -1,21 +1,21 @@
 //! `stackvault forget`
 
-use std::path::PathBuf;
+use std::ffi::OsString;
 
-use stackvault::forget::{self, parse_duration, ForgetReport, RetentionPolicy};
-use stackvault::Repo;
+use stackvault::forget::{self, ForgetReport, RetentionPolicy};
+use stackvault::{Error, Repo};
 
 use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
-    /// Snapshots to forget (ids, unique prefixes or `latest`). Without any, the --keep-*
-    /// policy decides, per disk.
-    snapshots: Vec<String>,
+    /// REPO (unless given with -r or STACKVAULT_REPOSITORY), then the snapshots to forget
+    /// (ids, unique prefixes or `latest`). Without snapshots, the --keep-* policy decides, per
+    /// disk.
+    #[arg(value_name = "[REPO] SNAPSHOT")]
+    positionals: Vec<OsString>,
     /// Apply the policy to this disk only.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -36,8 +36,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     keep_yearly: u32,
     /// Keep every snapshot younger than this (`7d`, `36h`, `2w`, `1w3d`).
-    #[arg(long, value_name = "DURATION")]
-    keep_within: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = crate::args::duration)]
+    keep_within: Option<time::Duration>,
     /// Show what would be kept and removed (with the reasons), change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -46,7 +46,12 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let (repo, snapshots) = ctx.split_repo_list(args.positionals)?;
+    let snapshots = snapshots
+        .into_iter()
+        .map(|s| crate::args::text(s, "SNAPSHOT"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let policy = RetentionPolicy {
         keep_last: args.keep_last,
         keep_hourly: args.keep_hourly,
@@ -54,14 +59,24 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
         keep_weekly: args.keep_weekly,
         keep_monthly: args.keep_monthly,
         keep_yearly: args.keep_yearly,
-        keep_within: args
-            .keep_within
-            .as_deref()
-            .map(parse_duration)
-            .transpose()?,
+        keep_within: args.keep_within,
     };
-    let repo = Repo::open(&args.repo)?;
-    let report = if args.snapshots.is_empty() {
+    if snapshots.is_empty() && policy.is_empty() {
+        return Err(Error::Usage(
+            "forget needs snapshots to remove or a policy: name snapshots (ids, prefixes or \
+             `latest`), or give rules such as `--keep-daily 7 --keep-weekly 4`"
+                .into(),
+        )
+        .into());
+    }
+    if !snapshots.is_empty() && (!policy.is_empty() || args.disk.is_some()) {
+        return Err(Error::Usage(
+            "name snapshots or give a --keep-* policy (with --disk), not both".into(),
+        )
+        .into());
+    }
+    let repo = Repo::open(&repo)?;
+    let report = if snapshots.is_empty() {
         forget::forget_by_policy(
             &repo,
             args.disk.as_deref(),
@@ -70,10 +85,7 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
             args.dry_run,
         )?
     } else {
-        if !policy.is_empty() || args.disk.is_some() {
-            anyhow::bail!("name snapshots or give a --keep-* policy, not both");
-        }
-        forget::forget(&repo, &args.snapshots, args.dry_run)?
+        forget::forget(&repo, &snapshots, args.dry_run)?
     };
     if args.json {
         return output::json(&report);

@@ -13,23 +13,24 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct RebuildArgs {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(_ctx: &Context, command: Command) -> anyhow::Result<()> {
+pub fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Rebuild(args) => {
-            let report = stackvault::repo::rebuild_index(&args.repo)?;
+            let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+            let report = stackvault::repo::rebuild_index(&repo)?;
             if args.json {
                 return output::json(&report);
             }
             output::line(format!(
                 "rebuilt the index of {}: {} packs, {} chunks, {} snapshots, {} verification records",
-                args.repo.display(),
+                repo.display(),
                 report.packs,
                 report.chunks,
                 report.snapshots,

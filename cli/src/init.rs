@@ -9,31 +9,33 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Directory of the new repository (must not exist, or be empty).
-    repo: PathBuf,
+    /// Directory of the new repository (must not exist, or be empty); or -r REPO.
+    #[arg(value_name = "REPO")]
+    repo: Option<PathBuf>,
     /// Chunker: `aligned` (cuts between 4 KiB blocks, 4K/16K/64K), `aligned:MIN:AVG:MAX`,
     /// `fastcdc` (cuts anywhere, 4K/16K/64K), `fastcdc:MIN:AVG:MAX` or `fixed:SIZE`.
-    #[arg(long, default_value = "aligned")]
-    chunker: String,
+    #[arg(long, default_value = "aligned", value_parser = crate::args::chunker)]
+    chunker: ChunkerParams,
     /// zstd compression level for stored chunks (1-22).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let (path, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
     let options = InitOptions {
-        chunker: ChunkerParams::parse(&args.chunker)?,
+        chunker: args.chunker,
         zstd_level: args.zstd_level,
     };
-    let repo = Repo::init(&args.repo, &options)
-        .with_context(|| format!("cannot create repository {}", args.repo.display()))?;
+    let repo = Repo::init(&path, &options)
+        .with_context(|| format!("cannot create repository {}", path.display()))?;
     let c = repo.config();
     if args.json {
         output::json(&serde_json::json!({
-            "repository": args.repo.display().to_string(),
+            "repository": path.display().to_string(),
             "repository_id": stackvault::format::hex(&c.repository_id),
             "chunker": c.chunker.describe(),
             "segment_size": c.segment_size,
@@ -42,7 +44,7 @@ pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
     } else {
         output::line(format!(
             "created repository {} (chunker {}, segments {}, zstd {})",
-            args.repo.display(),
+            path.display(),
             c.chunker.describe(),
             output::bytes(u64::from(c.segment_size)),
             c.zstd_level

@@ -1,6 +1,7 @@
 //! `stackvault`: the command-line front end. Thin: parses arguments, calls the engine, prints
 //! its reports (human text, or JSON with `--json`). All logic lives in the engine.
 
+mod args;
 mod azure;
 mod backup;
 mod check;
@@ -17,15 +18,46 @@ mod verify;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// The exit codes, shown by `--help`; they are part of the CLI's contract (README lists them
+/// too) and follow `stackvault::ErrorClass::exit_code`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    failure: I/O, network, a missing file, a lock held by another process
+  2    usage: a bad option value or combination; nothing was done
+  3    the repository or its stored data is damaged (page the backup admin)
+  4    the source disk is damaged or inconsistent (fix or re-export the source)
+  5    a restored disk does not match its snapshot (verify --target)
+  6    a format or repository feature this build does not support
+  130  interrupted (SIGINT, SIGTERM) and stopped cleanly
+
+The repository comes from -r/--repo or $STACKVAULT_REPOSITORY. The older form, the
+repository as the first positional argument, still works (and then wins over the variable).";
 
 /// Incremental block-level backup of virtual-machine disks.
 #[derive(Parser, Debug)]
-#[command(name = "stackvault", version, about, propagate_version = true)]
+#[command(
+    name = "stackvault",
+    version,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// No progress bars or informational output on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+
+    /// Repository directory (default: $STACKVAULT_REPOSITORY).
+    #[arg(
+        id = "repo_flag",
+        long = "repo",
+        short = 'r',
+        global = true,
+        value_name = "REPO"
+    )]
+    repo_flag: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -58,11 +90,24 @@ enum Command {
     Prune(prune::Args),
     /// Show the space each snapshot and disk takes, and what forgetting it would free.
     Stats(stats::Args),
+    /// Print a shell completion script (e.g. `stackvault completion bash > /etc/bash_completion.d/stackvault`).
+    Completion {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `stackvault man | man -l -`).
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ctx = output::Context { quiet: cli.quiet };
+    let ctx = output::Context {
+        quiet: cli.quiet,
+        repo_flag: cli.repo_flag,
+        repo_env: std::env::var_os(args::REPO_ENV)
+            .filter(|v| !v.is_empty())
+            .map(Into::into),
+    };
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));
     }
@@ -79,6 +124,20 @@ fn main() -> ExitCode {
         Command::Forget(a) => forget::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Stats(a) => stats::run(&ctx, a),
+        Command::Completion { shell } => {
+            // Rendered into memory first: clap_complete panics when its writer fails, and a
+            // closed pipe must end the program quietly like every other command.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "stackvault", &mut script);
+            output::raw(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| output::raw(&page))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,10 +145,7 @@ fn main() -> ExitCode {
             if output::is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            print_error(&err);
             // The first engine error in the chain decides whose fault it is.
             let code = err
                 .chain()
@@ -97,5 +153,22 @@ fn main() -> ExitCode {
                 .map_or(1, |e| e.class().exit_code());
             ExitCode::from(code)
         }
+    }
+}
+
+/// Prints an error and the causes that add something: an engine error often shows its source
+/// in its own text (`open X: No such file`) and returns it from `source()` as well, so a cause
+/// whose text was already printed is left out.
+fn print_error(err: &anyhow::Error) {
+    let mut printed = err.to_string();
+    eprintln!("error: {printed}");
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if printed.contains(&text) {
+            continue;
+        }
+        eprintln!("  caused by: {text}");
+        printed.push('\n');
+        printed.push_str(&text);
     }
 }

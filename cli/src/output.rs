@@ -13,6 +13,10 @@ pub const JSON_FORMAT_VERSION: u32 = 1;
 /// Settings shared by all commands.
 pub struct Context {
     pub quiet: bool,
+    /// `-r/--repo`.
+    pub repo_flag: Option<std::path::PathBuf>,
+    /// `$STACKVAULT_REPOSITORY` (ignored when empty).
+    pub repo_env: Option<std::path::PathBuf>,
 }
 
 impl Context {
@@ -29,6 +33,14 @@ impl Context {
 pub fn line(s: impl AsRef<str>) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", s.as_ref())?;
+    Ok(())
+}
+
+/// Writes bytes to stdout as they are (completion scripts, the man page).
+pub fn raw(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
     Ok(())
 }
 

@@ -2,19 +2,19 @@
 
 use std::path::PathBuf;
 
-use stackvault::prune::{parse_max_unused, PruneOptions, PruneReport};
+use stackvault::prune::{PruneOptions, PruneReport};
 use stackvault::Repo;
 
 use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Rewrite packs whose unused share exceeds this (`10%`; `0%` rewrites every pack with
     /// any unused chunk, `100%` only deletes packs that are wholly unused).
-    #[arg(long, value_name = "PERCENT", default_value = "10%")]
-    max_unused: String,
+    #[arg(long, value_name = "PERCENT", default_value = "10%", value_parser = crate::args::max_unused)]
+    max_unused: f64,
     /// Show what would be deleted and rewritten, change nothing (takes no lock).
     #[arg(long)]
     dry_run: bool,
@@ -25,10 +25,11 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let options = PruneOptions {
-        max_unused: parse_max_unused(&args.max_unused)?,
+        max_unused: args.max_unused,
         dry_run: args.dry_run,
     };
-    let repo = Repo::open(&args.repo)?;
+    let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    let repo = Repo::open(&repo)?;
     let report = stackvault::prune(&repo, &options, &ctx.progress())?;
     if args.json {
         return output::json(&report);

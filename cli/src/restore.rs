@@ -1,5 +1,6 @@
 //! `stackvault restore`
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -9,22 +10,22 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Snapshot id, unique prefix, or `latest`.
-    snapshot: String,
+    snapshot: Option<OsString>,
     /// Output disk image file, or a page blob URL (restored as a fixed VHD).
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// With `latest`: the latest snapshot of this disk.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Overwrite the output file if it exists.
     #[arg(long)]
     force: bool,
     /// Container of the restored disk: `raw`, `vhd-fixed` or `vhd-dynamic`. Default: the
     /// format the snapshot came from (a differencing VHD restores as dynamic; raw otherwise).
-    #[arg(long)]
-    output_format: Option<String>,
+    #[arg(long, value_parser = crate::args::output_format)]
+    output_format: Option<OutputFormat>,
     /// Fixed VHD: keep the disk's exact size (in whole sectors) instead of rounding it up to a
     /// whole MiB as Azure and Azure Stack Hub require.
     #[arg(long)]
@@ -42,9 +43,19 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
-    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
-    if let Some(url) = crate::azure::blob_url(&args.output) {
+    let (repo, [snapshot, output]) = ctx.split_repo(
+        [
+            args.repo.map(Into::into),
+            args.snapshot,
+            args.output.map(Into::into),
+        ],
+        ["SNAPSHOT", "OUTPUT"],
+    )?;
+    let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
+    let output = PathBuf::from(output);
+    let repo = Repo::open(&repo)?;
+    let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
+    if let Some(url) = crate::azure::blob_url(&output) {
         let options = args.blob_restore.options(&args.blob, args.force)?;
         let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
             .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
@@ -55,15 +66,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     let options = RestoreOptions {
         force: args.force,
-        output_format: args
-            .output_format
-            .as_deref()
-            .map(OutputFormat::parse)
-            .transpose()?,
+        output_format: args.output_format,
         exact_size: args.exact_size,
         new_id: args.new_id,
     };
-    let report = stackvault::restore_to_file(&repo, &snap, &args.output, &options, &ctx.progress())
+    let report = stackvault::restore_to_file(&repo, &snap, &output, &options, &ctx.progress())
         .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
     if args.json {
         return output::json(&report);

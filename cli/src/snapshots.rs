@@ -1,5 +1,6 @@
 //! `stackvault snapshots` and `stackvault show`
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use stackvault::Repo;
@@ -8,18 +9,19 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Only snapshots of this disk.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Print the list as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn list(_ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
+pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
+    let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    let repo = Repo::open(&repo)?;
     let snaps = repo.snapshots(args.disk.as_deref())?;
     let verified = repo.last_verifications()?;
     if args.json {
@@ -73,21 +75,24 @@ pub fn list(_ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct ShowArgs {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Snapshot id, unique prefix, or `latest`.
-    snapshot: String,
+    snapshot: Option<OsString>,
     /// With `latest`: the latest of this disk.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Print as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn show(_ctx: &Context, args: ShowArgs) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
-    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+pub fn show(ctx: &Context, args: ShowArgs) -> anyhow::Result<()> {
+    let (repo, [snapshot]) =
+        ctx.split_repo([args.repo.map(Into::into), args.snapshot], ["SNAPSHOT"])?;
+    let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
+    let repo = Repo::open(&repo)?;
+    let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
     if args.json {
         return output::json(&snap);
     }

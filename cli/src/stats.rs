@@ -8,18 +8,19 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Only this disk's snapshots (unique bytes still count every disk's references).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(_ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    let repo = Repo::open(&repo)?;
     let report = stackvault::stats(&repo, args.disk.as_deref())?;
     if args.json {
         return output::json(&report);

@@ -1,5 +1,6 @@
 //! `stackvault verify`
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -10,12 +11,12 @@ use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Repository directory.
-    repo: PathBuf,
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
     /// Snapshot id, unique prefix, or `latest`.
-    snapshot: String,
+    snapshot: Option<OsString>,
     /// With `latest`: the latest snapshot of this disk.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
     /// Instead of reading the repository, prove that this restored disk holds exactly the
     /// snapshot's disk: a raw image, a fixed or dynamic VHD, a block device, or a page blob
@@ -33,8 +34,11 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
-    let repo = Repo::open(&args.repo)?;
-    let snap = repo.resolve_snapshot(&args.snapshot, args.disk.as_deref())?;
+    let (repo, [snapshot]) =
+        ctx.split_repo([args.repo.map(Into::into), args.snapshot], ["SNAPSHOT"])?;
+    let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
+    let repo = Repo::open(&repo)?;
+    let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
     let options = VerifyOptions {
         record: !args.no_record,
     };

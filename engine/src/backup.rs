@@ -403,7 +403,7 @@ fn plan_reading<'r>(
 }
 
 /// Disk names become part of listings and file names: keep them printable and short.
-fn validate_disk_name(name: &str) -> Result<()> {
+pub fn validate_disk_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
