@@ -13,6 +13,9 @@ pub const JSON_FORMAT_VERSION: u32 = 1;
 /// Settings shared by all commands.
 pub struct Context {
     pub quiet: bool,
+    /// Set by SIGINT and SIGTERM (see `main`); long operations stop cleanly at their next
+    /// safe point.
+    pub cancel: stackvault::Cancel,
 }
 
 impl Context {
@@ -21,6 +24,7 @@ impl Context {
         Bars {
             enabled: !self.quiet && std::io::stderr().is_terminal(),
             bar: Mutex::new(None),
+            cancel: self.cancel.clone(),
         }
     }
 }
@@ -68,6 +72,7 @@ pub fn bytes(n: u64) -> String {
 pub struct Bars {
     enabled: bool,
     bar: Mutex<Option<ProgressBar>>,
+    cancel: stackvault::Cancel,
 }
 
 impl stackvault::Progress for Bars {
@@ -103,5 +108,9 @@ impl stackvault::Progress for Bars {
                 bar.finish_and_clear();
             }
         }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 }
