@@ -30,6 +30,9 @@ pub fn stackvault_bin() -> &'static Path {
             "stackvault-cli",
             "--bin",
             "stackvault",
+            // Test hooks (pause points) in the binary the suite runs.
+            "--features",
+            "testing",
         ]);
         if release {
             cmd.arg("--release");

@@ -131,6 +131,20 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
             o.why
         ))?;
     }
+    for l in &r.leftovers {
+        let why = if l.why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", l.why)
+        };
+        output::line(format!(
+            "leftover {} {} ({}, {} s old){why}: `stackvault prune` removes it",
+            l.kind,
+            l.path,
+            output::bytes(l.size),
+            l.age_secs
+        ))?;
+    }
     output::line(if r.ok {
         "no damage found"
     } else {

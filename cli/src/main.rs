@@ -99,6 +99,20 @@ enum Command {
     Man,
 }
 
+/// SIGINT and SIGTERM set `cancel`: the running operation stops at its next safe point,
+/// releases its locks, removes what it had half written and exits 130. A second signal while
+/// it does so ends the process at once (exit 130), for an operation stuck on a hung disk.
+/// signal-hook's flag handlers only store to an atomic, which is async-signal-safe.
+fn handle_interrupts(cancel: &stackvault::Cancel) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.flag())?;
+        signal_hook::flag::register(sig, cancel.flag())?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = output::Context {
@@ -107,7 +121,11 @@ fn main() -> ExitCode {
         repo_env: std::env::var_os(args::REPO_ENV)
             .filter(|v| !v.is_empty())
             .map(Into::into),
+        cancel: stackvault::Cancel::new(),
     };
+    if let Err(e) = handle_interrupts(&ctx.cancel) {
+        eprintln!("warning: cannot handle SIGINT/SIGTERM ({e}); an interrupt stops at once");
+    }
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));
     }
@@ -144,6 +162,14 @@ fn main() -> ExitCode {
         Err(err) => {
             if output::is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
+            }
+            // An interrupt is not a failure: one line says what was kept.
+            if let Some(stackvault::Error::Cancelled(summary)) = err
+                .chain()
+                .find_map(|c| c.downcast_ref::<stackvault::Error>())
+            {
+                eprintln!("interrupted: {summary}");
+                return ExitCode::from(stackvault::ErrorClass::Cancelled.exit_code());
             }
             print_error(&err);
             // The first engine error in the chain decides whose fault it is.

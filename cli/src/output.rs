@@ -17,6 +17,9 @@ pub struct Context {
     pub repo_flag: Option<std::path::PathBuf>,
     /// `$STACKVAULT_REPOSITORY` (ignored when empty).
     pub repo_env: Option<std::path::PathBuf>,
+    /// Set by SIGINT and SIGTERM (see `main`); long operations stop cleanly at their next
+    /// safe point.
+    pub cancel: stackvault::Cancel,
 }
 
 impl Context {
@@ -25,6 +28,7 @@ impl Context {
         Bars {
             enabled: !self.quiet && std::io::stderr().is_terminal(),
             bar: Mutex::new(None),
+            cancel: self.cancel.clone(),
         }
     }
 }
@@ -80,6 +84,7 @@ pub fn bytes(n: u64) -> String {
 pub struct Bars {
     enabled: bool,
     bar: Mutex<Option<ProgressBar>>,
+    cancel: stackvault::Cancel,
 }
 
 impl stackvault::Progress for Bars {
@@ -115,5 +120,9 @@ impl stackvault::Progress for Bars {
                 bar.finish_and_clear();
             }
         }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 }

@@ -60,13 +60,14 @@ fn print(r: &PruneReport) -> anyhow::Result<()> {
     ))?;
     output::line(format!(
         "{}freed {}: {} packs ({}) remain; {} unused left in packs under the threshold; \
-         {} stray verification records removed; {:.2} s",
+         {} stray verification records and {} leftovers of interrupted runs removed; {:.2} s",
         if r.dry_run { "would have " } else { "" },
         output::bytes(r.bytes_freed),
         r.packs_after,
         output::bytes(r.bytes_after),
         output::bytes(r.unused_bytes_kept),
         r.verification_records_removed,
+        r.leftovers_removed,
         r.duration_ms as f64 / 1000.0
     ))?;
     for p in &r.problems {

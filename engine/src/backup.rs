@@ -204,8 +204,14 @@ pub fn backup(
             .join()
             .unwrap_or_else(|_| Err(Error::InvalidArgument("pack store thread panicked".into())));
         // A store failure (disk full...) explains a writer failure, not the other way round.
-        let bytes_added = stored?;
-        let mut stats = result?;
+        let (packs_stored, bytes_added) = stored?;
+        let mut stats = result.map_err(|e| match e {
+            // The packs stored so far are indexed: the next backup deduplicates against them.
+            Error::Cancelled(_) => Error::Cancelled(format!(
+                "backup stopped; {packs_stored} packs stored are reused by the next backup"
+            )),
+            e => e,
+        })?;
         stats.bytes_added = bytes_added;
         Ok::<BackupStats, Error>(stats)
     })?;
@@ -724,6 +730,7 @@ fn write_loop(
     for (segment, output) in rx {
         reorder.insert(segment, output);
         while let Some(seg) = reorder.remove(&next) {
+            crate::progress::checkpoint(progress, "backup-segment")?;
             let seg = seg?;
             next += 1;
             dispatch.written(next);
@@ -779,22 +786,24 @@ fn write_loop(
     Ok(stats)
 }
 
-/// Stores finished packs in the order they come; returns the bytes added to the repository.
+/// Stores finished packs in the order they come; returns how many packs and bytes it added
+/// to the repository.
 fn store_loop(
     repo: &Repo,
     packs: Receiver<PackWriter>,
     pending: &Mutex<HashSet<ChunkId>>,
     spare: std::sync::mpsc::Sender<Vec<u8>>,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let mut index = repo.index();
-    let mut added = 0;
+    let (mut stored, mut added) = (0, 0);
     for pack in packs {
         let buf = store_pack(repo, &mut index, pending, pack)?;
+        stored += u64::from(!buf.is_empty());
         added += buf.len() as u64;
         // The writer may have finished; then the buffer is simply dropped.
         let _ = spare.send(buf);
     }
-    Ok(added)
+    Ok((stored, added))
 }
 
 /// Stores a finished pack, then indexes its chunks: never the other way round. Returns the

@@ -43,7 +43,7 @@ pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
 pub use format::ChunkId;
 pub use index::SnapshotSummary;
-pub use progress::{NoProgress, Progress};
+pub use progress::{Cancel, NoProgress, Progress};
 pub use prune::{prune, PruneOptions, PruneReport};
 pub use repo::{InitOptions, Repo};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};

@@ -263,6 +263,20 @@ pub fn acquire_maintenance(root: &Path, purpose: &str) -> Result<LockGuard> {
     Ok(guard)
 }
 
+/// Locks whose holders are gone, as (path, why), left in place: `check` reports them, and the
+/// next writer or maintainer (`prune`) removes them.
+pub fn stale_locks(root: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut found = writer_locks(root)?;
+    found.extend(maintenance_lock(root));
+    Ok(found
+        .into_iter()
+        .filter_map(|f| {
+            let why = f.info.as_ref().and_then(stale_reason)?;
+            Some((f.path, why))
+        })
+        .collect())
+}
+
 /// Start time of process `pid` in clock ticks since boot, from `/proc/PID/stat`.
 fn process_start(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -3,6 +3,14 @@
 //! The engine reports bytes done against a total for each phase; the CLI draws it (indicatif
 //! on a terminal), tests ignore it. Implementations must be cheap: `advance` is called from
 //! worker threads once per segment.
+//!
+//! The same seam carries cancellation: a [`Cancel`] token set by the CLI's signal handlers,
+//! which the engine's long loops look at through [`checkpoint`] and stop cleanly at.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
 
 /// Receives progress of a long operation.
 pub trait Progress: Sync {
@@ -12,6 +20,11 @@ pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
     /// The phase is over.
     fn finish(&self);
+    /// Whether the caller asked the operation to stop (see [`Cancel`]); checked at safe
+    /// points only, so it must be cheap.
+    fn is_cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Discards progress.
@@ -36,5 +49,85 @@ pub fn set_notice_sink(sink: fn(&str)) {
 pub fn notice(message: &str) {
     if let Some(sink) = NOTICE_SINK.get() {
         sink(message);
+    }
+}
+
+/// A request to stop a long operation, shared between whoever asks (the CLI's SIGINT and
+/// SIGTERM handlers, a test) and the engine, which looks at it at safe points (between
+/// segments, between packs) through [`Progress::is_cancelled`] and [`checkpoint`]. Cloning
+/// shares the request.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The flag itself, for a signal handler to set (`signal_hook::flag::register`).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+
+    /// Asks the operation to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A safe point of a long operation: `Err(Error::Cancelled)` once the caller asked it to stop
+/// (the operation then cleans up on its way out and says what it kept). `point` names the
+/// place for the test pause hook (`STACKVAULT_PAUSE_AT`, `testing` builds only).
+pub fn checkpoint(progress: &dyn Progress, point: &'static str) -> Result<()> {
+    #[cfg(feature = "testing")]
+    pause::at(point, progress);
+    if progress.is_cancelled() {
+        return Err(Error::Cancelled(format!("stopped at {point}")));
+    }
+    Ok(())
+}
+
+/// The pause hook of the interrupt tests (`testing` builds only).
+///
+/// `STACKVAULT_PAUSE_AT=<point>[:<n>]` makes the process stop the `n`-th time (default 1) it
+/// reaches [`checkpoint`] `point`, print `paused at <point>` on stderr, and wait there (at
+/// most a minute) until the operation is cancelled, so that a test's signal lands mid-work
+/// deterministically. The points: `backup-segment` (the writer takes the next segment),
+/// `restore-segment`, `verify-segment`, `prune-pack` (the next pack to rewrite or delete).
+#[cfg(feature = "testing")]
+mod pause {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use super::Progress;
+
+    /// The environment variable that arms the pause.
+    pub const PAUSE_ENV: &str = "STACKVAULT_PAUSE_AT";
+
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn at(point: &str, progress: &dyn Progress) {
+        let armed = ARMED.get_or_init(|| {
+            let value = std::env::var(PAUSE_ENV).ok()?;
+            match value.split_once(':') {
+                Some((name, n)) => Some((name.to_string(), n.parse().ok().filter(|n| *n > 0)?)),
+                None => Some((value, 1)),
+            }
+        });
+        let Some((want, n)) = armed else { return };
+        if want != point || HITS.fetch_add(1, Ordering::SeqCst) + 1 != *n {
+            return;
+        }
+        eprintln!("paused at {point}");
+        let started = Instant::now();
+        while !progress.is_cancelled() && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

@@ -127,6 +127,9 @@ pub struct PruneReport {
     pub unused_bytes_kept: u64,
     /// Verification records of snapshots that no longer exist, deleted.
     pub verification_records_removed: u64,
+    /// Leftovers of interrupted or crashed runs removed (temporary objects, stale locks; see
+    /// `verify::leftovers`), or that would be with `--dry-run`.
+    pub leftovers_removed: u64,
     /// Things prune left alone, with why (damaged packs, unindexed referenced chunks).
     pub problems: Vec<String>,
     pub duration_ms: u64,
@@ -300,6 +303,10 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     }
 
     if options.dry_run {
+        report.leftovers_removed = crate::verify::leftovers(repo)?
+            .iter()
+            .filter(|l| l.removable_by_prune())
+            .count() as u64;
         plan_estimate(&packs, &orphans, &sizes, repo, &mut report, conn, &err)?;
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -319,6 +326,14 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     let mut moving: HashSet<ChunkId> = HashSet::new();
     let mut written: Vec<u64> = Vec::new();
     for p in packs.iter_mut().filter(|p| p.plan == Plan::Rewrite) {
+        // Stopped here, the packs written so far hold copies the index already uses; the old
+        // packs stay whole and indexed for the rest: the next prune finishes the job.
+        crate::progress::checkpoint(progress, "prune-pack").map_err(|_| {
+            Error::Cancelled(format!(
+                "prune stopped before deleting anything; {} new packs stored are kept,                  the next prune finishes the job",
+                written.len()
+            ))
+        })?;
         match live_frames(repo, conn, &err, p) {
             Ok(frames) => {
                 for f in frames {
@@ -397,7 +412,15 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     crate::crash::point("prune-index-updated");
 
     // (4): the files. A crash from here on leaves orphans only.
-    for p in &doomed {
+    for (done, p) in doomed.iter().enumerate() {
+        // The index no longer names the packs left: stopped here, they are unreferenced
+        // packs that `check` lists and the next prune deletes.
+        crate::progress::checkpoint(progress, "prune-pack").map_err(|_| {
+            Error::Cancelled(format!(
+                "prune stopped; {done} of {} unused packs deleted, the next prune deletes the rest",
+                doomed.len()
+            ))
+        })?;
         backend.remove(&pack_key(&p.name))?;
         crate::crash::point("prune-pack-deleted");
         match p.plan {
@@ -411,6 +434,17 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     }
     report.verification_records_removed = remove_stray_verifications(repo, conn, &err, &snapshots)?;
     drop(index);
+    // Stale locks went when the maintenance lock was taken; what is left is temporary objects.
+    for l in crate::verify::leftovers(repo)? {
+        if l.kind == "temporary" && l.removable_by_prune() {
+            let path = repo.root().join(&l.path);
+            match std::fs::remove_file(&path) {
+                Ok(()) => report.leftovers_removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove leftover", &path, e)),
+            }
+        }
+    }
 
     report.packs_written = written.len() as u64;
     let removed: u64 = doomed.iter().map(|p| p.size).sum::<u64>()

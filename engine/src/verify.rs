@@ -9,7 +9,9 @@
 //!   id and checks that zero runs read as zeros. It needs only the manifest, not the packs.
 //! - [`check`] checks the repository's structure (manifests, index, pack footers and tables),
 //!   optionally reads every stored chunk or a subset of packs, lists orphan packs, and maps
-//!   every piece of damage to the snapshots and disk byte ranges it affects.
+//!   every piece of damage to the snapshots and disk byte ranges it affects. It also lists
+//!   [`leftovers`] of interrupted or crashed runs (temporary objects, stale locks), which are
+//!   not damage and which `prune` removes.
 //!
 //! Both verify modes leave a [`VerificationRecord`] object under `verifications/` (the
 //! authority, read back by `index rebuild`) and cache it in the index. Nothing here modifies
@@ -156,6 +158,7 @@ pub fn verify_snapshot(
         // One frame cache per worker: each frame is decompressed once, and the chunks that
         // follow one another in a frame are found without an index lookup.
         .map_init(FrameCache::default, |frames, i| {
+            crate::progress::checkpoint(progress, "verify-segment")?;
             let extents = manifest.segment(i)?;
             let start = i * seg;
             let mut t = Tally::default();
@@ -190,7 +193,8 @@ pub fn verify_snapshot(
             progress.advance(offset - start);
             Ok(t)
         })
-        .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))?;
+        .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
+        .map_err(stopped_verify)?;
     progress.finish();
     let outcome = if tally.problem_count == 0 {
         "ok"
@@ -263,6 +267,7 @@ pub fn verify_target(
     let mut tally = (0..manifest.segment_count())
         .into_par_iter()
         .map(|i| {
+            crate::progress::checkpoint(progress, "verify-segment")?;
             let extents = manifest.segment(i)?;
             let start = i * seg;
             let seg_len: u64 = extents.iter().map(|e| u64::from(e.len())).sum();
@@ -273,11 +278,17 @@ pub fn verify_target(
             progress.advance(seg_len);
             Ok(t)
         })
-        .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))?;
+        .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
+        .map_err(stopped_verify)?;
     progress.finish();
+    // A device is usually larger than the disk restored onto it, and a restore leaves its
+    // bytes past the disk alone: they are not compared.
+    let device = std::fs::metadata(target.info().path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
     // A longer target is fine when the tail is zeros: fixed VHDs for Azure are rounded up to
     // a whole MiB.
     if target_size > manifest.virtual_size
+        && !device
         && !tail_is_zero(target, manifest.virtual_size, target_size)?
     {
         let mut extra = Tally::default();
@@ -310,6 +321,16 @@ pub fn verify_target(
         time,
         options,
     )
+}
+
+/// The summary of an interrupted verify: it stops before recording anything.
+fn stopped_verify(e: Error) -> Error {
+    match e {
+        Error::Cancelled(_) => {
+            Error::Cancelled("verify stopped before the end; nothing was recorded".into())
+        }
+        e => e,
+    }
 }
 
 /// Compares one segment of the target with the manifest's extents for it.
@@ -586,6 +607,8 @@ pub struct CheckReport {
     /// The first [`MAX_LISTED_DAMAGE`] pieces of damage.
     pub damage: Vec<Damage>,
     pub orphans: Vec<Orphan>,
+    /// What interrupted or crashed runs left behind (not damage; `prune` removes it).
+    pub leftovers: Vec<Leftover>,
     pub affected: Vec<AffectedSnapshot>,
     pub duration_ms: u64,
 }
@@ -830,6 +853,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
     }
 
     let affected = affected_snapshots(repo, &ids, &f)?;
+    let leftovers = leftovers(repo)?;
     Ok(CheckReport {
         ok: f.damage_count == 0,
         snapshots,
@@ -846,9 +870,108 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         damage_count: f.damage_count,
         damage: f.damage,
         orphans,
+        leftovers,
         affected,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Something an interrupted or crashed run left in the repository (see [`leftovers`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct Leftover {
+    /// `temporary`: the temporary object of a write that never finished (or of one running
+    /// now); `stale-lock`: a lock whose holder is gone.
+    pub kind: String,
+    /// Path relative to the repository.
+    pub path: String,
+    pub size: u64,
+    /// Seconds since it was last modified.
+    pub age_secs: u64,
+    /// Why a lock is stale; empty for temporary objects.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub why: String,
+}
+
+/// Temporary objects younger than this in directories that writers do not lock (verification
+/// records, locks) may belong to a run in progress: prune leaves them.
+pub const LEFTOVER_MIN_AGE_SECS: u64 = 3600;
+
+impl Leftover {
+    /// Whether `prune`, holding the maintenance lock, may remove it: no writer or maintainer
+    /// can be running, so any temporary object of packs, manifests and index rebuilds is
+    /// dead; elsewhere (verify records, lock publishing) only old ones are.
+    pub fn removable_by_prune(&self) -> bool {
+        self.kind == "stale-lock"
+            || self.path.starts_with("packs/")
+            || self.path.starts_with("snapshots/")
+            || !self.path.contains('/')
+            || self.age_secs >= LEFTOVER_MIN_AGE_SECS
+    }
+}
+
+/// Lists the leftovers of interrupted or crashed runs: temporary objects (`.tmp-` names in
+/// any directory, an index rebuild's `<index>.rebuild-*` files) and stale locks. Reading only.
+pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
+    let root = repo.root();
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    let now = std::time::SystemTime::now();
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("list", &dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let path = entry.path();
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Renamed or removed while we looked: a write that just finished.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &path, e)),
+            };
+            if meta.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let rebuild = dir == root && name.contains(".rebuild-");
+            if !name.starts_with(".tmp-") && !rebuild {
+                continue;
+            }
+            out.push(Leftover {
+                kind: "temporary".into(),
+                path: relative(root, &path),
+                size: meta.len(),
+                age_secs: meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .map_or(0, |d| d.as_secs()),
+                why: String::new(),
+            });
+        }
+    }
+    for (path, why) in crate::lock::stale_locks(root)? {
+        out.push(Leftover {
+            kind: "stale-lock".into(),
+            path: relative(root, &path),
+            size: std::fs::metadata(&path).map_or(0, |m| m.len()),
+            age_secs: 0,
+            why,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Walks the index's chunk rows pack by pack and compares each pack with them.

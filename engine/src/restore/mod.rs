@@ -2,9 +2,20 @@
 //!
 //! Segments are restored in parallel; every chunk is verified (crc32, decompression, BLAKE3)
 //! before its bytes reach the target, so a damaged repository makes a restore fail loudly
-//! with the location instead of writing wrong data. Zero runs are never written: a file
-//! target is created sparse at its full size first. A file target is written under a
+//! with the location instead of writing wrong data. Zero runs are never written to a file: a
+//! file target is created sparse at its full size first. A file target is written under a
 //! temporary name and renamed into place only when complete.
+//!
+//! A block or character device is written in place instead ([`DeviceTarget`]): renaming a
+//! temporary file over `/dev/sdX` would replace the device node with a file in RAM. It needs
+//! `--force`, gets the raw disk, and a block device smaller than the disk is refused before
+//! anything is written. Its zero runs must be written, since the device holds old data:
+//! with `fallocate(PUNCH_HOLE)` where the device can deallocate with guaranteed zeros (the
+//! kernel's checked form of `BLKDISCARD`), else `fallocate(ZERO_RANGE)` (the kernel's
+//! `BLKZEROOUT`), else by writing zeros. Bytes of the device past the disk are left alone.
+//!
+//! A restore stops at the next segment when cancelled (SIGINT, SIGTERM); a file target's
+//! partial output is removed, a device keeps what was written and says so.
 //!
 //! While a file restore runs, a thread keeps the kernel writing back what is written (see
 //! [`with_background_writeback`]), so that the final fsync does not wait for it all.
@@ -16,8 +27,10 @@
 pub mod vhd;
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +52,13 @@ pub trait DiskTarget: Sync {
     /// Every chunk of the segment at `offset` (`len` bytes of the virtual disk) has been
     /// written. Targets that upload whole aligned windows (page blobs) send it now.
     fn segment_done(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// `len` bytes at `offset` must read as zeros. Targets that start out as zeros (a fresh
+    /// sparse file, a new page blob) have nothing to do: the default.
+    fn zero_at(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
         Ok(())
     }
@@ -150,6 +170,7 @@ pub fn restore_into(
         .map_init(
             || (FrameCache::default(), Vec::new()),
             |(frames, run), i| {
+                crate::progress::checkpoint(progress, "restore-segment")?;
                 let extents = manifest.segment(i)?;
                 let start = i * seg;
                 let mut offset = start;
@@ -164,6 +185,7 @@ pub fn restore_into(
                                 target.write_at(run_start, run)?;
                                 run.clear();
                             }
+                            target.zero_at(offset, u64::from(len))?;
                             run_start = offset + u64::from(len);
                         }
                         Extent::Chunk { id, len } => {
@@ -226,6 +248,101 @@ impl DiskTarget for RawFileTarget<'_> {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io("write", self.path, e))
+    }
+}
+
+/// A block or character device restored in place (see the module doc).
+pub(crate) struct DeviceTarget<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// How zero runs are written: one of the `ZERO_*` ways, moving to the next when the
+    /// device refuses one.
+    zeroing: AtomicU8,
+}
+
+/// `fallocate(PUNCH_HOLE)`: deallocate, only where the device guarantees zeros afterwards.
+const ZERO_DEALLOCATE: u8 = 0;
+/// `fallocate(ZERO_RANGE)`: the device writes zeros (as the `BLKZEROOUT` ioctl does).
+const ZERO_OFFLOAD: u8 = 1;
+/// Write zero bytes.
+const ZERO_WRITE: u8 = 2;
+/// Zero runs go to the kernel in whole pages; the unaligned ends are written as zero bytes,
+/// so that a page never holds both a zeroed range and data written through the page cache.
+const ZERO_ALIGN: u64 = 4096;
+
+impl<'a> DeviceTarget<'a> {
+    fn new(file: &'a File, path: &'a Path) -> Self {
+        DeviceTarget {
+            file,
+            path,
+            zeroing: AtomicU8::new(ZERO_DEALLOCATE),
+        }
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let end = offset.saturating_add(len);
+        while offset < end {
+            let n = (end - offset).min(ZEROS.len() as u64) as usize;
+            self.write_at(offset, &ZEROS[..n])?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zeros a page-aligned range the fastest way the device accepts.
+    fn zero_aligned(&self, offset: u64, len: u64) -> Result<()> {
+        use rustix::fs::FallocateFlags as F;
+        loop {
+            let way = self.zeroing.load(Ordering::Relaxed);
+            let flags = match way {
+                ZERO_DEALLOCATE => F::PUNCH_HOLE | F::KEEP_SIZE,
+                ZERO_OFFLOAD => F::ZERO_RANGE | F::KEEP_SIZE,
+                _ => return self.write_zeros(offset, len),
+            };
+            match rustix::fs::fallocate(self.file, flags, offset, len) {
+                Ok(()) => return Ok(()),
+                // Not offered by this device (or driver): try the next way.
+                Err(e)
+                    if [
+                        rustix::io::Errno::OPNOTSUPP,
+                        rustix::io::Errno::NODEV,
+                        rustix::io::Errno::NOSYS,
+                        rustix::io::Errno::INVAL,
+                    ]
+                    .contains(&e) =>
+                {
+                    let _ = self.zeroing.compare_exchange(
+                        way,
+                        (way + 1).min(ZERO_WRITE),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => return Err(Error::io("zero", self.path, e.into())),
+            }
+        }
+    }
+}
+
+impl DiskTarget for DeviceTarget<'_> {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io("write", self.path, e))
+    }
+
+    fn zero_at(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            Error::Internal(format!("zero run at {offset} of {len} bytes overflows"))
+        })?;
+        let first_page = offset.next_multiple_of(ZERO_ALIGN).min(end);
+        let last_page = (end - end % ZERO_ALIGN).max(first_page);
+        self.write_zeros(offset, first_page - offset)?;
+        if last_page > first_page {
+            self.zero_aligned(first_page, last_page - first_page)?;
+        }
+        self.write_zeros(last_page, end - last_page)
     }
 }
 
@@ -305,6 +422,20 @@ pub fn restore_to_file(
         )));
     }
     let manifest = repo.load_manifest(&snapshot.id)?;
+    if let Ok(meta) = fs::metadata(out) {
+        let kind = meta.file_type();
+        if kind.is_block_device() || kind.is_char_device() {
+            return restore_to_device(
+                repo,
+                snapshot,
+                &manifest,
+                out,
+                kind.is_block_device(),
+                options,
+                progress,
+            );
+        }
+    }
     let format = options
         .output_format
         .unwrap_or_else(|| OutputFormat::of_source(&manifest.meta));
@@ -356,7 +487,17 @@ pub fn restore_to_file(
         Ok(c) => c,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            return Err(match e {
+                Error::Cancelled(_) => Error::Cancelled(format!(
+                    "restore stopped; its partial output was removed{}",
+                    if options.force && out.exists() {
+                        format!(", {} was left as it was", out.display())
+                    } else {
+                        String::new()
+                    }
+                )),
+                e => e,
+            });
         }
     };
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -367,6 +508,77 @@ pub fn restore_to_file(
         output_format: format.as_str().into(),
         virtual_size: manifest.virtual_size,
         vhd_current_size,
+        bytes_written: counts.bytes_written,
+        zero_bytes: counts.zero_bytes,
+        chunks: counts.chunks,
+        duration_ms: started.elapsed().as_millis() as u64,
+        throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+    })
+}
+
+/// Restores a snapshot's raw disk onto a block or character device, in place (see the
+/// module doc). `block`: the device has a size to check (a character device has none).
+fn restore_to_device(
+    repo: &Repo,
+    snapshot: &SnapshotSummary,
+    manifest: &Manifest,
+    out: &Path,
+    block: bool,
+    options: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    if let Some(format) = options.output_format.filter(|f| *f != OutputFormat::Raw) {
+        return Err(Error::Usage(format!(
+            "{} is a device: it gets the raw disk, not {}; drop --output-format",
+            out.display(),
+            format.as_str()
+        )));
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(|e| Error::io("open device", out, e))?;
+    if block {
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("size device", out, e))?;
+        if size < manifest.virtual_size {
+            return Err(Error::Usage(format!(
+                "device {} is {size} bytes, smaller than the {} bytes of snapshot {}'s disk;                  nothing was written: restore to a device of at least that size",
+                out.display(),
+                manifest.virtual_size,
+                snapshot.id
+            )));
+        }
+    }
+    let target = DeviceTarget::new(&file, out);
+    let restore = || restore_into(repo, &snapshot.id, manifest, &target, progress);
+    // fdatasync is refused by character devices: only block devices are flushed.
+    let result = if block {
+        with_background_writeback(&file, out, restore).and_then(|c| {
+            file.sync_all()
+                .map_err(|e| Error::io("fsync device", out, e))?;
+            Ok(c)
+        })
+    } else {
+        restore()
+    };
+    let counts = result.map_err(|e| match e {
+        Error::Cancelled(_) => Error::Cancelled(format!(
+            "restore stopped; device {} holds part of the disk: restore again before using it",
+            out.display()
+        )),
+        e => e,
+    })?;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(RestoreReport {
+        snapshot_id: snapshot.id.clone(),
+        disk: manifest.meta.disk.clone(),
+        target: out.display().to_string(),
+        output_format: OutputFormat::Raw.as_str().into(),
+        virtual_size: manifest.virtual_size,
+        vhd_current_size: None,
         bytes_written: counts.bytes_written,
         zero_bytes: counts.zero_bytes,
         chunks: counts.chunks,
