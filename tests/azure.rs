@@ -68,7 +68,7 @@ fn key_options(endpoint: &str) -> BlobOptions {
     }
 }
 
-fn sas_options() -> BlobOptions {
+pub(crate) fn sas_options() -> BlobOptions {
     BlobOptions {
         retry: fast_retry(),
         ..Default::default()
@@ -405,15 +405,15 @@ fn run_cli_env(args: &[&std::ffi::OsStr], key_var: &str) -> Result<(i32, String,
 // A tiny HTTP/1.1 server for stubs and the fault proxy: one request per connection.
 
 #[derive(Clone, Debug)]
-struct Req {
-    method: String,
-    target: String,
+pub(crate) struct Req {
+    pub(crate) method: String,
+    pub(crate) target: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
 impl Req {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -421,7 +421,7 @@ impl Req {
     }
 }
 
-enum Answer {
+pub(crate) enum Answer {
     Reply(u16, Vec<(String, String)>, Vec<u8>),
     /// Close the connection without answering.
     Reset,
@@ -429,10 +429,10 @@ enum Answer {
     Slow(Duration, Box<Answer>),
 }
 
-struct Server {
-    port: u16,
+pub(crate) struct Server {
+    pub(crate) port: u16,
     stop: Arc<AtomicBool>,
-    requests: Arc<Mutex<Vec<Req>>>,
+    pub(crate) requests: Arc<Mutex<Vec<Req>>>,
 }
 
 impl Drop for Server {
@@ -504,7 +504,7 @@ fn write_answer(stream: &mut TcpStream, answer: Answer, head_request: bool) {
     }
 }
 
-fn serve(handler: impl Fn(&Req) -> Answer + Send + Sync + 'static) -> Result<Server> {
+pub(crate) fn serve(handler: impl Fn(&Req) -> Answer + Send + Sync + 'static) -> Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let stop = Arc::new(AtomicBool::new(false));
@@ -748,7 +748,7 @@ fn faults_are_retried_and_an_interrupted_restore_resumes() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Stubs: service versions, step-down, recorded diff.
 
-fn page_blob_head(size: u64) -> Answer {
+pub(crate) fn page_blob_head(size: u64) -> Answer {
     Answer::Reply(
         200,
         vec![
@@ -897,7 +897,7 @@ fn since_snapshot_diff_from_a_recorded_answer() -> Result<()> {
     ensure!(src.written_bytes() == 4096);
     let list = src.changes_since_snapshot("2026-01-01T00:00:00.0000000Z")?;
     ensure!(
-        list.ranges.len() == 3 && list.disk_size == Some(size + 512),
+        list.ranges().len() == 3 && list.disk_size() == Some(size + 512),
         "{list:?}"
     );
     let plan = list.plan(size, size, 4 << 20)?;

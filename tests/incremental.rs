@@ -348,3 +348,330 @@ fn cli_incremental_chain_and_diff() -> Result<()> {
     );
     Ok(())
 }
+
+/// Azure page range XML of the same ranges as `json_change_list`.
+fn xml_change_list(ranges: &[(u64, u64)]) -> String {
+    let items: String = ranges
+        .iter()
+        .map(|(o, l)| {
+            format!(
+                "<PageRange><Start>{o}</Start><End>{}</End></PageRange>",
+                o + l - 1
+            )
+        })
+        .collect();
+    format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><PageList>{items}<NextMarker/></PageList>")
+}
+
+#[test]
+fn xml_and_json_lists_of_the_same_ranges_back_up_the_same() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
+    let disk = dir.path().join("disk.img");
+    make_sample_disk(&disk, 32 << 20, 60, 41)?;
+    let gen0 = run(&repo, &disk, opts(BackupMode::Auto, None))?;
+    let changed = mutate_disk(&disk, 5, 42)?;
+    let mut reports = Vec::new();
+    for list in [
+        ChangeList::parse(&json_change_list(&changed), "json")?,
+        ChangeList::parse(&xml_change_list(&changed), "xml")?,
+    ] {
+        let mut o = opts(BackupMode::Auto, Some(list));
+        o.parent = Some(gen0.snapshot_id.clone());
+        reports.push(run(&repo, &disk, o)?);
+    }
+    let (j, x) = (&reports[0], &reports[1]);
+    assert_eq!(j.root_digest, x.root_digest);
+    assert_eq!(j.stats.bytes_read, x.stats.bytes_read);
+    assert_eq!(j.stats.skipped_bytes, x.stats.skipped_bytes);
+    assert!(j.stats.skipped_bytes > 0);
+    let full = run(&repo, &disk, opts(BackupMode::Full, None))?;
+    assert_eq!(full.root_digest, j.root_digest);
+    Ok(())
+}
+
+#[test]
+fn change_lists_with_numbers_that_wrap_or_missing_pages_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    let disk = dir.path().join("disk.img");
+    make_sample_disk(&disk, 8 << 20, 60, 43)?;
+    let (r, d) = (repo.to_string_lossy(), disk.to_string_lossy());
+    let (code, _, err) = run_cli(["init", &*r])?;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d"])?;
+    assert_eq!(code, 0, "{err}");
+    let list = dir.path().join("changes.xml");
+    let l = list.to_string_lossy();
+    // <End> of 2^64-1: the inclusive length wraps to 0, which read nothing and recorded the
+    // parent's data for a disk that changed.
+    std::fs::write(
+        &list,
+        "<PageList><PageRange><Start>0</Start><End>18446744073709551615</End></PageRange></PageList>",
+    )?;
+    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l])?;
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("18446744073709551615") && err.contains(&*l),
+        "{err}"
+    );
+    // One page of a paginated answer.
+    std::fs::write(
+        &list,
+        "<PageList><PageRange><Start>0</Start><End>4095</End></PageRange>\
+         <NextMarker>2!104!MDAwMDQ2IXBhZ2Uy</NextMarker></PageList>",
+    )?;
+    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l])?;
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("incomplete") && err.contains("2!104!MDAwMDQ2IXBhZ2Uy"),
+        "{err}"
+    );
+    // Nothing was recorded by the refused backups.
+    let (_, out, _) = run_cli(["snapshots", &*r, "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}
+
+#[test]
+fn a_list_naming_its_base_must_name_the_parent_and_diff_json_is_a_list() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo = dir.path().join("repo");
+    let disk = dir.path().join("disk.img");
+    make_sample_disk(&disk, 16 << 20, 60, 44)?;
+    let (r, d) = (repo.to_string_lossy().into_owned(), disk.to_string_lossy());
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let (code, out, err) = run_cli(args)?;
+        anyhow::ensure!(code == 0, "stackvault {args:?}: {err}");
+        Ok(serde_json::from_str(&out)?)
+    };
+    json(&["init", &r, "--json"])?;
+    let a = json(&["backup", &r, &d, "--disk", "d", "--json"])?;
+    let a_id = a["snapshot_id"].as_str().unwrap_or_default().to_string();
+    mutate_disk(&disk, 4, 45)?;
+    let b = json(&["backup", &r, &d, "--disk", "d", "--full", "--json"])?;
+    let b_id = b["snapshot_id"].as_str().unwrap_or_default().to_string();
+    // What changed from A to B, as `diff --json` says, is a change list relative to A.
+    let diff = dir.path().join("diff.json");
+    let (code, out, err) = run_cli(["diff", &*r, &*a_id, &*b_id, "--json"])?;
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&diff, out)?;
+    let df = diff.to_string_lossy();
+    // The latest snapshot (B) is not its base: refused, naming both.
+    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*df])?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("relative to") && err.contains(&a_id) && err.contains(&b_id[..12]),
+        "{err}"
+    );
+    // With A as the parent it is accepted, and records the same disk as B.
+    let c = json(&[
+        "backup",
+        &r,
+        &d,
+        "--disk",
+        "d",
+        "--parent",
+        &a_id,
+        "--changed-ranges",
+        &df,
+        "--json",
+    ])?;
+    assert_eq!(c["root_digest"], b["root_digest"]);
+    assert_eq!(c["change_source"], "changed-ranges");
+    assert!(c["skipped_bytes"].as_u64() > Some(0), "{c}");
+    // --fallback-full reads everything instead of refusing.
+    let f = json(&[
+        "backup",
+        &r,
+        &d,
+        "--disk",
+        "d",
+        "--changed-ranges",
+        &df,
+        "--fallback-full",
+        "--json",
+    ])?;
+    assert!(
+        f["change_source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("full-read")),
+        "{f}"
+    );
+    assert_eq!(f["root_digest"], b["root_digest"]);
+    // A JSON document naming its base by id prefix; a bare list stays accepted.
+    let doc = dir.path().join("doc.json");
+    let prefix = &a_id[..16];
+    std::fs::write(&doc, format!(r#"{{"base": "{prefix}", "ranges": []}}"#))?;
+    let dc = doc.to_string_lossy();
+    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*dc])?;
+    assert_ne!(code, 0, "a base that is not the parent was accepted");
+    assert!(err.contains(prefix), "{err}");
+    json(&[
+        "backup",
+        &r,
+        &d,
+        "--disk",
+        "d",
+        "--parent",
+        &a_id,
+        "--changed-ranges",
+        &dc,
+        "--json",
+    ])?;
+    Ok(())
+}
+
+/// A page blob stub: a fixed VHD of 16 MiB whose byte at `o` is a function of `o`; the written
+/// page list comes in two pages (a `NextMarker` between them); a diff against blob snapshot
+/// `T1` answers a recorded page range XML. A stub because Azurite answers 501 to
+/// `prevsnapshot` and never paginates.
+mod page_blob {
+    use super::*;
+    use crate::azure::{page_blob_head, sas_options, serve, Answer, Server};
+    use stackvault::source::vhd::footer::{chs_geometry, DiskType, Footer};
+    use stackvault::source::PageBlobSource;
+
+    pub const SIZE: u64 = 16 << 20;
+    pub const T1: &str = "2026-01-01T00:00:00.0000000Z";
+    pub const T1_QUERY: &str = "2026-01-01T00%3A00%3A00.0000000Z";
+
+    fn byte(o: u64) -> u8 {
+        (o / 4096 % 251) as u8 ^ (o % 7) as u8
+    }
+
+    pub fn stub() -> Result<Server> {
+        let foot = Footer {
+            features: 2,
+            version: 0x0001_0000,
+            data_offset: u64::MAX,
+            timestamp: 0,
+            creator_app: *b"win ",
+            creator_version: 0x000a_0000,
+            creator_host_os: *b"Wi2k",
+            original_size: SIZE,
+            current_size: SIZE,
+            geometry: chs_geometry(SIZE),
+            disk_type: DiskType::Fixed,
+            unique_id: [5; 16],
+            saved_state: 0,
+        }
+        .encode();
+        serve(move |req| {
+            if req.method == "HEAD" {
+                return page_blob_head(SIZE + 512);
+            }
+            let range =
+                |s: u64, e: u64| format!("<PageRange><Start>{s}</Start><End>{e}</End></PageRange>");
+            if req.target.contains("prevsnapshot=") {
+                let body = format!("<PageList>{}</PageList>", range(4 << 20, (4 << 20) + 4095));
+                return Answer::Reply(200, vec![], body.into_bytes());
+            }
+            if req.target.contains("comp=pagelist") {
+                let body = if req.target.contains("marker=page2") {
+                    format!(
+                        "<PageList>{}<NextMarker/></PageList>",
+                        range(8 << 20, SIZE - 1)
+                    )
+                } else {
+                    format!(
+                        "<PageList>{}<NextMarker>page2</NextMarker></PageList>",
+                        range(0, (8 << 20) - 1)
+                    )
+                };
+                return Answer::Reply(200, vec![], body.into_bytes());
+            }
+            let Some((s, e)) = req
+                .header("x-ms-range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(s, e)| Some((s.parse::<u64>().ok()?, e.parse::<u64>().ok()?)))
+            else {
+                return Answer::Reply(400, vec![], Vec::new());
+            };
+            let body = (s..=e)
+                .map(|o| {
+                    if o >= SIZE {
+                        foot[(o - SIZE) as usize]
+                    } else {
+                        byte(o)
+                    }
+                })
+                .collect();
+            Answer::Reply(206, vec![], body)
+        })
+    }
+
+    pub fn open(stub: &Server, snapshot: Option<&str>) -> Result<PageBlobSource> {
+        let query = snapshot.map_or(String::new(), |t| format!("snapshot={t}&"));
+        let url = format!(
+            "http://127.0.0.1:{}/acct/c/disk.vhd?{query}sig=S",
+            stub.port
+        );
+        Ok(PageBlobSource::open(&url, &sas_options())?)
+    }
+}
+
+#[test]
+fn page_blob_backups_record_their_blob_snapshot_and_diff_from_it() -> Result<()> {
+    use page_blob::{open, stub, T1, T1_QUERY};
+    let stub = stub()?;
+    let dir = tempfile::tempdir()?;
+    let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
+    let backup_of = |src: &dyn stackvault::DiskSource, o: BackupOptions| -> Result<BackupReport> {
+        Ok(backup(&repo, src, &o, &NoProgress)?)
+    };
+    // The written page list came in two pages: both were asked for and used.
+    let first = open(&stub, Some(T1_QUERY))?;
+    assert_eq!(first.written_bytes(), page_blob::SIZE);
+    let reqs = stub.requests.lock().map(|r| r.clone()).unwrap_or_default();
+    assert!(reqs.iter().any(|r| r.target.contains("marker=page2")));
+    // The first backup records the blob snapshot and ETag it read.
+    let a = backup_of(&first, opts(BackupMode::Auto, None))?;
+    let meta = repo.resolve_snapshot(&a.snapshot_id, None)?.meta;
+    let blob = meta.source.blob.clone().unwrap_or_default();
+    assert_eq!(blob.snapshot.as_deref(), Some(T1));
+    assert_eq!(blob.etag.as_deref(), Some("\"0x1\""));
+    // The next backup, of a later blob snapshot, asks only for the pages changed since T1.
+    let second = open(&stub, Some("2026-01-02T00%3A00%3A00.0000000Z"))?;
+    let b = backup_of(&second, opts(BackupMode::Auto, None))?;
+    assert_eq!(b.change_source, "blob-snapshot-diff");
+    assert_eq!(b.parent.as_deref(), Some(a.snapshot_id.as_str()));
+    assert!(b.stats.skipped_bytes >= 8 << 20, "{:?}", b.stats);
+    assert_eq!(b.root_digest, a.root_digest);
+    let reqs = stub.requests.lock().map(|r| r.clone()).unwrap_or_default();
+    assert!(
+        reqs.iter()
+            .any(|r| r.target.contains(&format!("prevsnapshot={T1_QUERY}"))),
+        "no diff against the parent's blob snapshot"
+    );
+    // Changes since a blob snapshot that is not the parent's source are refused...
+    let wrong = second.changes_since_snapshot("2025-12-01T00:00:00.0000000Z")?;
+    let err = backup_of(&second, opts(BackupMode::Auto, Some(wrong.clone())));
+    let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("2025-12-01T00:00:00.0000000Z")
+            && msg.contains("2026-01-02T00:00:00.0000000Z"),
+        "{msg}"
+    );
+    // ...or read in full with --fallback-full.
+    let mut o = opts(BackupMode::Auto, Some(wrong));
+    o.fallback_full = true;
+    let c = backup_of(&second, o)?;
+    assert!(
+        c.change_source.starts_with("full-read"),
+        "{}",
+        c.change_source
+    );
+    assert_eq!(c.root_digest, a.root_digest);
+    // The parent's own blob snapshot, named explicitly, is accepted.
+    let mut o = opts(
+        BackupMode::Auto,
+        Some(second.changes_since_snapshot("2026-01-02T00:00:00.0000000Z")?),
+    );
+    o.parent = Some(c.snapshot_id.clone());
+    let d = backup_of(&second, o)?;
+    assert_eq!(d.root_digest, a.root_digest);
+    Ok(())
+}

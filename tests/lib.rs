@@ -294,6 +294,7 @@ impl stackvault::DiskSource for MemDisk {
             path: "memory".into(),
             format: "raw".into(),
             vhd: None,
+            blob: None,
         }
     }
 

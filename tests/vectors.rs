@@ -137,6 +137,7 @@ fn sample_manifest() -> Result<(String, Vec<u8>)> {
             path: "disk.img".into(),
             format: "raw".into(),
             vhd: None,
+            blob: None,
         },
         change_source: "full-read".into(),
         chunker: ChunkerParams::DEFAULT.describe(),

@@ -7,19 +7,58 @@ use std::path::Path;
 use anyhow::{ensure, Context as _};
 use serde_json::Value;
 use stackvault_tests::{
-    have_qemu_img, qemu_img, sample_disk, stackvault, stackvault_json, vhd_unique_id,
+    have_qemu_img, qemu_img, run_cli, sample_disk, stackvault, stackvault_json, vhd_unique_id,
     write_differencing_vhd, Locators,
 };
 
 /// Not a multiple of 1 MiB, so fixed restores have something to round.
 const DISK_SIZE: usize = (26 << 20) + 3 * 512;
 
+/// Under `CI=true` a missing peer is a failure (.ci/setup.sh installs it), never a skip.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 fn skip_without_qemu() -> bool {
     if have_qemu_img() {
         return false;
     }
+    assert!(
+        !in_ci(),
+        "qemu-img missing under CI=true: .ci/setup.sh installs qemu-utils"
+    );
     eprintln!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
     true
+}
+
+fn have_vhdiinfo() -> bool {
+    let present = std::process::Command::new("vhdiinfo")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        present || !in_ci(),
+        "vhdiinfo missing under CI=true: .ci/setup.sh installs libvhdi-utils"
+    );
+    if !present {
+        eprintln!("SKIPPED: vhdiinfo is not installed (apt-get install libvhdi-utils)");
+    }
+    present
+}
+
+/// `vhdiinfo`'s "Media size" in bytes.
+fn vhdiinfo_media_size(path: &Path) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("vhdiinfo").arg(path).output()?;
+    ensure!(out.status.success(), "vhdiinfo {} failed", path.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Media size"))
+        .context("vhdiinfo printed no media size")?;
+    line.rsplit_once('(')
+        .and_then(|(_, b)| b.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("vhdiinfo: {line}"))
 }
 
 struct Fixture {
@@ -144,7 +183,8 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
         &"--format",
         &"vhd",
     ])?;
-    assert_eq!(out.status.code(), Some(3));
+    // Source damage, not repository damage: exit 4.
+    assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cookie"));
     let as_raw = f.backup("disk.fixed.vhd", &["--format", "raw"])?;
     assert_eq!(
@@ -398,7 +438,7 @@ fn differencing_parent_missing_wrong_or_cyclic() -> anyhow::Result<()> {
         &"--parent-vhd",
         &f.path("vms/base.vhd"),
     ])?;
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("parent unique id"), "{err}");
     // A cycle: a and b each name the other as parent.
@@ -448,9 +488,10 @@ fn damaged_vhd_is_reported_with_file_and_offset() -> anyhow::Result<()> {
     b[entry..entry + 4].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
     std::fs::write(&path, &b)?;
     let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
-    assert_eq!(out.status.code(), Some(3));
+    // A damaged source is exit 4; 3 is kept for a damaged repository.
+    assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
-    let expected = format!("{} at offset {entry}", path.display());
+    let expected = format!("{} is damaged at offset {entry}", path.display());
     assert!(
         err.contains(&expected) && err.contains("past the end"),
         "{err}"
@@ -460,12 +501,7 @@ fn damaged_vhd_is_reported_with_file_and_offset() -> anyhow::Result<()> {
 
 #[test]
 fn vhdiinfo_reads_our_vhds() -> anyhow::Result<()> {
-    let present = std::process::Command::new("vhdiinfo")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !present || skip_without_qemu() {
-        eprintln!("SKIPPED: vhdiinfo is not installed (apt-get install libvhdi-utils)");
+    if !have_vhdiinfo() || skip_without_qemu() {
         return Ok(());
     }
     let f = Fixture::new()?;
@@ -590,6 +626,186 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
             o <= at && at < o + l
         }),
         "no problem range covers guest offset {at}: {v}"
+    );
+    Ok(())
+}
+
+/// The fixture's `name` with one bit of byte `at` (from the end when negative) flipped.
+fn flip(
+    f: &Fixture,
+    name: &str,
+    out: &str,
+    at: i64,
+    bit: u8,
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut b = std::fs::read(f.path(name))?;
+    let i = if at < 0 {
+        b.len() - at.unsigned_abs() as usize
+    } else {
+        at as usize
+    };
+    b[i] ^= bit;
+    let path = f.path(out);
+    std::fs::write(&path, &b)?;
+    Ok(path)
+}
+
+#[test]
+fn fixed_vhd_whose_footer_disagrees_with_its_file_is_refused() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let file_len = std::fs::metadata(f.path("disk.fixed.vhd"))?.len();
+    // One flipped bit in the current size (footer offset 48, bit 24 of the u64): the disk
+    // would be backed up as 10 MiB of its 26 MiB, with only a warning.
+    let path = flip(&f, "disk.fixed.vhd", "bitflip.vhd", -512 + 48 + 4, 0x01)?;
+    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let claimed = (DISK_SIZE as u64) ^ (1 << 24);
+    assert!(claimed < DISK_SIZE as u64);
+    for needle in [
+        path.display().to_string(),
+        claimed.to_string(),
+        file_len.to_string(),
+    ] {
+        assert!(err.contains(&needle), "{needle} not in {err}");
+    }
+    // The peers agree the footer is damaged: qemu-img refuses its checksum, and libvhdi
+    // reports the size the file holds, not the one in the damaged field.
+    let q = std::process::Command::new("qemu-img")
+        .args(["info", "-f", "vpc"])
+        .arg(&path)
+        .output()?;
+    assert!(!q.status.success());
+    if have_vhdiinfo() {
+        assert_eq!(vhdiinfo_media_size(&path)?, file_len - 512);
+    }
+    // Nothing was stored.
+    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+#[test]
+fn dynamic_vhd_with_a_damaged_end_footer_is_read_from_its_copy() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    // A flipped bit in the trailing footer's size field.
+    let path = flip(&f, "disk.dynamic.vhd", "endbad.vhd", -512 + 48 + 4, 0x01)?;
+    // Not --quiet: the notice is shown.
+    let (code, out, err) = run_cli([
+        "backup".as_ref(),
+        f.path("repo").as_os_str(),
+        path.as_os_str(),
+        "--disk".as_ref(),
+        "d".as_ref(),
+        "--json".as_ref(),
+    ] as [&std::ffi::OsStr; 6])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("notice:") && err.contains("copy at offset 0"),
+        "{err}"
+    );
+    let report: Value = serde_json::from_str(&out)?;
+    assert_eq!(report["virtual_size"].as_u64(), Some(DISK_SIZE as u64));
+    let raw = f.backup("disk.raw", &[])?;
+    assert_eq!(s(&report, "root_digest"), s(&raw, "root_digest"));
+    // The snapshot's source information says so too.
+    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&report, "snapshot_id")])?;
+    let warned = show["source"]["vhd"]["warnings"]
+        .as_array()
+        .is_some_and(|w| {
+            w.iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("copy at offset 0")))
+        });
+    assert!(warned, "{show}");
+    // qemu-img reads the same disk (it reads dynamic VHDs by their copy at offset 0).
+    f.restore(
+        s(&report, "snapshot_id"),
+        "back.raw",
+        &["--output-format", "raw"],
+    )?;
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        &f.path("back.raw").to_string_lossy(),
+        &path.to_string_lossy(),
+    ])?;
+    ensure!(out.contains("identical"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn truncated_dynamic_vhd_is_refused_not_read_as_raw() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let b = std::fs::read(f.path("disk.dynamic.vhd"))?;
+    // An export cut short: without its trailing footer, and cut in the middle of a block.
+    let (cut_after, cut_mid) = (f.path("cut1.vhd"), f.path("cut2.vhd"));
+    std::fs::write(&cut_after, &b[..b.len() - 512])?;
+    std::fs::write(&cut_mid, &b[..b.len() - 512 - 300_000])?;
+    // And one that also lost its footer copy: only the dynamic header says what it is.
+    let mut headless = b[..b.len() - 512 - 300_000].to_vec();
+    headless[..512].fill(0);
+    let cut_both = f.path("cut3.vhd");
+    std::fs::write(&cut_both, &headless)?;
+    for path in [&cut_after, &cut_mid, &cut_both] {
+        let out = stackvault(&[&"backup", &f.path("repo"), path, &"--disk", &"d"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{}: {err}", path.display());
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("lost its end"),
+            "{err}"
+        );
+    }
+    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+#[test]
+fn vhdx_is_refused_with_the_conversion_command() -> anyhow::Result<()> {
+    if skip_without_qemu() {
+        return Ok(());
+    }
+    let f = Fixture::new()?;
+    f.disks()?;
+    let path = f.path("disk.vhdx");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        &f.path("disk.raw").to_string_lossy(),
+        &path.to_string_lossy(),
+    ])?;
+    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("VHDX is not supported")
+            && err.contains("qemu-img convert -O vpc -o subformat=fixed"),
+        "{err}"
+    );
+    // --format raw still backs up the file's bytes as they are.
+    let raw = f.backup("disk.vhdx", &["--format", "raw"])?;
+    assert_eq!(s(&raw, "source_format"), "raw");
+    assert_eq!(
+        raw["virtual_size"].as_u64(),
+        Some(std::fs::metadata(&path)?.len())
     );
     Ok(())
 }

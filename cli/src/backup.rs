@@ -34,8 +34,11 @@ pub struct Args {
     /// Parent snapshot (id, prefix or `latest`), overriding the default choice.
     #[arg(long)]
     parent: Option<String>,
-    /// Ranges changed since the parent: Azure Get Page Ranges diff XML, or JSON
-    /// `[{"offset":N,"length":N}]`. Only segments they touch are read.
+    /// Ranges changed since the parent: Azure Get Page Ranges diff XML (a complete answer,
+    /// without a `NextMarker`), JSON `[{"offset":N,"length":N}]`, JSON `{"base": "<snapshot
+    /// id or blob snapshot time>", "ranges": [...]}` (refused unless the base is the parent),
+    /// or `stackvault diff --json` output (relative to its `from` snapshot). Only segments
+    /// they touch are read.
     #[arg(long, value_name = "FILE")]
     changed_ranges: Option<PathBuf>,
     /// If change knowledge does not fit the parent snapshot, read everything instead of failing.
@@ -43,7 +46,9 @@ pub struct Args {
     fallback_full: bool,
     /// Page blob source: ask the service which ranges changed since this blob snapshot
     /// (Get Page Ranges with `prevsnapshot`, a snapshot time such as
-    /// `2026-01-01T00:00:00.0000000Z`).
+    /// `2026-01-01T00:00:00.0000000Z`). By default, the blob snapshot the parent snapshot
+    /// was read from, when it was read from a snapshot of the same blob; a time that is not
+    /// the parent's source is refused (or, with --fallback-full, everything is read).
     #[arg(long, value_name = "TIME", conflicts_with = "changed_ranges")]
     since_snapshot: Option<String>,
     #[command(flatten)]
@@ -83,12 +88,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open source {shown}"))?
         }
     };
-    // Tolerated damage (a wrong checksum...) is reported, as qemu does, but does not stop us.
-    if let Some(vhd) = source.info().vhd {
-        for w in &vhd.warnings {
-            eprintln!("warning: {w}");
-        }
-    }
     let changes = match &args.changed_ranges {
         Some(path) => {
             let text = std::fs::read_to_string(path)

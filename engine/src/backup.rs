@@ -25,7 +25,7 @@ use crate::chunker::{Chunker, Piece, Resplit};
 use crate::error::{Error, Result};
 use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
-    SnapshotMeta,
+    SnapshotMeta, SourceInfo,
 };
 use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
 use crate::format::ChunkId;
@@ -375,7 +375,7 @@ fn plan_reading<'r>(
                     Some(parent_manifest),
                 ))
             }
-            SourceChanges::Changes(list) => (list, format!("{}-chain", source.info().format)),
+            SourceChanges::Changes(list) => (list, source.changes_label()),
             SourceChanges::Mismatch(why) if options.fallback_full => {
                 return Ok(ReadingPlan::full_read(
                     format!("full-read ({why})"),
@@ -390,7 +390,9 @@ fn plan_reading<'r>(
         },
     };
     let segment_size = repo.config().segment_size;
-    match list.plan(source.virtual_size(), parent.virtual_size, segment_size) {
+    let planned = check_base(&list, parent, &source.info())
+        .and_then(|()| list.plan(source.virtual_size(), parent.virtual_size, segment_size));
+    match planned {
         Ok(plan) => Ok(ReadingPlan {
             plan: Some(plan),
             changed: list.changed_blocks(source.virtual_size()),
@@ -406,6 +408,45 @@ fn plan_reading<'r>(
         ))),
         Err(e) => Err(e),
     }
+}
+
+/// A change list that names its base must be relative to `parent`: its id (or a prefix of
+/// at least 8 digits), or the blob snapshot the parent read from the same blob as `source`.
+fn check_base(list: &ChangeList, parent: &SnapshotSummary, source: &SourceInfo) -> Result<()> {
+    let Some(base) = list.base() else {
+        return Ok(());
+    };
+    if base == parent.id || (base.len() >= 8 && parent.id.starts_with(base)) {
+        return Ok(());
+    }
+    let recorded = parent
+        .meta
+        .source
+        .blob
+        .as_ref()
+        .and_then(|b| b.snapshot.as_deref());
+    let same_blob = crate::azure::without_query(&parent.meta.source.path)
+        == crate::azure::without_query(&source.path);
+    if recorded == Some(base) && same_blob {
+        return Ok(());
+    }
+    let short = parent.id.get(..12).unwrap_or(&parent.id);
+    let parent_source = match recorded {
+        Some(t) if same_blob => format!("was read from blob snapshot {t}"),
+        Some(t) => format!(
+            "was read from blob snapshot {t} of {}",
+            parent.meta.source.path
+        ),
+        None => format!(
+            "was read from {}, not a blob snapshot",
+            parent.meta.source.path
+        ),
+    };
+    Err(Error::InvalidArgument(format!(
+        "change list refused: it is relative to {base}, but the parent snapshot {short} \
+         {parent_source}; give the changes since the parent's source, or --parent the snapshot \
+         taken from {base}"
+    )))
 }
 
 /// Disk names become part of listings and file names: keep them printable and short.

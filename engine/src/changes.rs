@@ -2,9 +2,15 @@
 //!
 //! An incremental backup reads only the segments a change list touches and copies every other
 //! segment's extents from the parent snapshot. Change lists come from Azure's Get Page Ranges
-//! with `prevsnapshot` (XML with `PageRange` and `ClearRange` elements) or from a JSON list of
-//! `{offset, length}` objects. A change list is trusted only after checking it against the
-//! parent: it must describe a disk of the parent's size, and its ranges must lie inside it.
+//! with `prevsnapshot` (XML with `PageRange` and `ClearRange` elements), from a JSON list of
+//! `{offset, length}` objects (optionally in a document naming the disk size and the base the
+//! list is relative to), or from `stackvault diff --json`. Every form becomes one validated
+//! [`ChangeList`]: every number went through checked arithmetic, ranges are sorted, merged and
+//! never overlap, and they lie inside the disk size the list names. A list that cannot be all
+//! of that (a range ending past 2^64, written and cleared ranges that overlap, an incomplete
+//! Azure answer) is refused as damaged input, never reinterpreted. A list is trusted only
+//! after checking it against the parent too: it must describe a disk of the parent's size,
+//! its ranges must lie inside it, and a list that names its base must name the parent.
 //! This module parses and plans; it reads no disk.
 
 use serde::Deserialize;
@@ -28,12 +34,22 @@ pub struct ChangedRange {
     pub kind: ChangeKind,
 }
 
-/// A parsed change list.
+impl ChangedRange {
+    /// End of the range (exclusive). Exact for the ranges of a [`ChangeList`], which were
+    /// checked not to overflow.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+}
+
+/// A validated change list: ranges sorted by offset, non-empty, never overlapping (adjacent
+/// or overlapping ranges of one kind are merged), every end computed without overflow and
+/// inside `disk_size` when the list names one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChangeList {
-    /// Size of the disk (or blob) the list describes, when the list says.
-    pub disk_size: Option<u64>,
-    pub ranges: Vec<ChangedRange>,
+    disk_size: Option<u64>,
+    base: Option<String>,
+    ranges: Vec<ChangedRange>,
 }
 
 /// What to do with one segment in an incremental backup.
@@ -47,17 +63,7 @@ pub enum SegmentPlan {
     Zero,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum JsonList {
-    Ranges(Vec<JsonRange>),
-    Document {
-        #[serde(default)]
-        disk_size: Option<u64>,
-        ranges: Vec<JsonRange>,
-    },
-}
-
+/// `{"offset": N, "length": N, "cleared": bool}`, also the shape of `diff --json`'s ranges.
 #[derive(Deserialize)]
 struct JsonRange {
     offset: u64,
@@ -66,10 +72,133 @@ struct JsonRange {
     cleared: bool,
 }
 
+/// `{"disk_size": N, "base": "...", "ranges": [...]}`.
+#[derive(Deserialize)]
+struct JsonDocument {
+    #[serde(default)]
+    disk_size: Option<u64>,
+    #[serde(default)]
+    base: Option<String>,
+    ranges: Vec<JsonRange>,
+}
+
+/// The parts of `stackvault diff --json` that make a change list: the ranges changed from
+/// snapshot `from` to the disk of `to_virtual_size` bytes.
+#[derive(Deserialize)]
+struct DiffDocument {
+    from: String,
+    to_virtual_size: u64,
+    changed_ranges: Vec<JsonRange>,
+}
+
+fn damaged(location: &str, offset: u64, what: String) -> Error {
+    Error::source_damaged(format!("change list {location}"), offset, what)
+}
+
 impl ChangeList {
-    /// Parses a change list: Azure Get Page Ranges XML (starts with `<`) or JSON, either a list
-    /// `[{"offset": N, "length": N}]` or `{"disk_size": N, "ranges": [...]}` (a range may carry
-    /// `"cleared": true`). `location` names the input in errors.
+    /// Validates `ranges` into a change list of a disk of `disk_size` bytes (when known).
+    /// `location` names the input in errors.
+    pub fn new(
+        disk_size: Option<u64>,
+        ranges: Vec<ChangedRange>,
+        location: &str,
+    ) -> Result<ChangeList> {
+        let mut ranges: Vec<ChangedRange> = ranges.into_iter().filter(|r| r.len > 0).collect();
+        for r in &ranges {
+            let Some(end) = r.offset.checked_add(r.len) else {
+                return Err(damaged(
+                    location,
+                    r.offset,
+                    format!(
+                        "the range at offset {} of {} bytes ends past 2^64: the list is damaged",
+                        r.offset, r.len
+                    ),
+                ));
+            };
+            if let Some(size) = disk_size {
+                if end > size {
+                    return Err(damaged(
+                        location,
+                        r.offset,
+                        format!(
+                            "range {}..{end} lies beyond the disk of {size} bytes the list \
+                             describes",
+                            r.offset
+                        ),
+                    ));
+                }
+            }
+        }
+        ranges.sort_by_key(|r| (r.offset, r.end()));
+        let mut merged: Vec<ChangedRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.offset <= last.end() && last.kind == r.kind => {
+                    let end = last.end().max(r.end());
+                    last.len = end - last.offset;
+                }
+                Some(last) if r.offset < last.end() => {
+                    return Err(damaged(
+                        location,
+                        r.offset,
+                        format!(
+                            "{} range {}..{} overlaps {} range {}..{}: the list contradicts \
+                             itself",
+                            kind_name(r.kind),
+                            r.offset,
+                            r.end(),
+                            kind_name(last.kind),
+                            last.offset,
+                            last.end()
+                        ),
+                    ))
+                }
+                _ => merged.push(r),
+            }
+        }
+        Ok(ChangeList {
+            disk_size,
+            base: None,
+            ranges: merged,
+        })
+    }
+
+    /// Size of the disk (or blob) the list describes, when the list says.
+    pub fn disk_size(&self) -> Option<u64> {
+        self.disk_size
+    }
+
+    /// What the list is relative to, when it says: a snapshot id (or a prefix of one) or a
+    /// blob snapshot time.
+    pub fn base(&self) -> Option<&str> {
+        self.base.as_deref()
+    }
+
+    /// The ranges: sorted, merged, non-overlapping.
+    pub fn ranges(&self) -> &[ChangedRange] {
+        &self.ranges
+    }
+
+    /// The same list, said to describe a disk (or blob) of `size` bytes; refused when a
+    /// range lies beyond it.
+    pub fn with_disk_size(self, size: u64, location: &str) -> Result<ChangeList> {
+        let base = self.base;
+        let mut list = ChangeList::new(Some(size), self.ranges, location)?;
+        list.base = base;
+        Ok(list)
+    }
+
+    /// The same list, said to be relative to `base`.
+    pub fn with_base(mut self, base: impl Into<String>) -> ChangeList {
+        self.base = Some(base.into());
+        self
+    }
+
+    /// Parses a change list: Azure Get Page Ranges XML (starts with `<`) or JSON: a list
+    /// `[{"offset": N, "length": N}]`, a document `{"disk_size": N, "base": "...", "ranges":
+    /// [...]}` (a range may carry `"cleared": true`; `base` names the snapshot id or blob
+    /// snapshot time the list is relative to), or the output of `stackvault diff --json`
+    /// (relative to its `from` snapshot). `location` names the input in errors.
     pub fn parse(text: &str, location: &str) -> Result<ChangeList> {
         let trimmed = text.trim_start_matches('\u{feff}').trim_start();
         if trimmed.starts_with('<') {
@@ -96,26 +225,29 @@ impl ChangeList {
                  disk was {parent_size} bytes"
             )));
         }
+        // Room for the footer of a VHD page blob after the disk.
+        let with_footer = virtual_size.checked_add(512).ok_or_else(|| {
+            Error::InvalidArgument(format!("disk size {virtual_size} is out of range"))
+        })?;
         if let Some(size) = self.disk_size {
-            if size != virtual_size && size != virtual_size + 512 {
+            if size != virtual_size && size != with_footer {
                 return Err(Error::InvalidArgument(format!(
                     "change list refused: it describes a disk of {size} bytes, the parent \
                      snapshot's disk is {virtual_size} bytes"
                 )));
             }
         }
-        let seg = u64::from(segment_size);
-        let count = virtual_size.div_ceil(seg) as usize;
+        let seg = u64::from(segment_size.max(1));
+        let count = usize::try_from(virtual_size.div_ceil(seg)).map_err(|_| {
+            Error::InvalidArgument(format!("disk size {virtual_size} is out of range"))
+        })?;
         let mut plan = vec![SegmentPlan::CopyParent; count];
         // Bytes of each segment cleared, to find segments cleared entirely.
         let mut cleared = vec![0u64; count];
         let mut written = vec![false; count];
         for r in &self.ranges {
-            let end = r
-                .offset
-                .checked_add(r.len)
-                .ok_or_else(|| Error::InvalidArgument("change list range overflows".into()))?;
-            if end > virtual_size + 512 {
+            let end = r.end();
+            if end > with_footer {
                 return Err(Error::InvalidArgument(format!(
                     "change list refused: range {}..{end} lies beyond the disk ({virtual_size} bytes)",
                     r.offset
@@ -123,8 +255,9 @@ impl ChangeList {
             }
             let end = end.min(virtual_size);
             if r.offset >= end {
-                continue; // footer of a VHD page blob, or empty
+                continue; // footer of a VHD page blob
             }
+            // Both below count: offset < end <= virtual_size.
             let (first, last) = ((r.offset / seg) as usize, ((end - 1) / seg) as usize);
             for (i, p) in plan.iter_mut().enumerate().take(last + 1).skip(first) {
                 match r.kind {
@@ -134,7 +267,7 @@ impl ChangeList {
                     }
                     ChangeKind::Cleared => {
                         let s = i as u64 * seg;
-                        let e = (s + seg).min(virtual_size);
+                        let e = s.saturating_add(seg).min(virtual_size);
                         cleared[i] += end.min(e) - r.offset.max(s);
                         if *p == SegmentPlan::CopyParent {
                             *p = SegmentPlan::Read;
@@ -143,10 +276,11 @@ impl ChangeList {
                 }
             }
         }
-        // A segment cleared entirely and not written is a hole; ranges of a page list do not
-        // overlap, so the cleared byte count is exact.
+        // A segment cleared entirely and not written is a hole; the ranges of a validated
+        // list never overlap, so the cleared byte count is exact.
         for i in 0..count {
-            let len = ((i as u64 + 1) * seg).min(virtual_size) - i as u64 * seg;
+            let s = i as u64 * seg;
+            let len = s.saturating_add(seg).min(virtual_size) - s;
             if cleared[i] >= len && !written[i] {
                 plan[i] = SegmentPlan::Zero;
             }
@@ -162,9 +296,9 @@ impl ChangeList {
         let mut blocks: Vec<(u64, u64)> = self
             .ranges
             .iter()
-            .filter(|r| r.len > 0 && r.offset < virtual_size)
+            .filter(|r| r.offset < virtual_size)
             .map(|r| {
-                let end = r.offset.saturating_add(r.len).min(virtual_size);
+                let end = r.end().min(virtual_size);
                 (
                     r.offset / block * block,
                     end.div_ceil(block).saturating_mul(block).min(virtual_size),
@@ -183,38 +317,87 @@ impl ChangeList {
     }
 }
 
+fn kind_name(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Written => "written",
+        ChangeKind::Cleared => "cleared",
+    }
+}
+
+fn json_ranges(ranges: Vec<JsonRange>) -> Vec<ChangedRange> {
+    ranges
+        .into_iter()
+        .map(|r| ChangedRange {
+            offset: r.offset,
+            len: r.length,
+            kind: if r.cleared {
+                ChangeKind::Cleared
+            } else {
+                ChangeKind::Written
+            },
+        })
+        .collect()
+}
+
 fn parse_json(text: &str, location: &str) -> Result<ChangeList> {
-    let list: JsonList = serde_json::from_str(text).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "{location}: not a change list (expected JSON [{{\"offset\":N,\"length\":N}}] or \
-             Azure page range XML): {e}"
-        ))
-    })?;
-    let (disk_size, ranges) = match list {
-        JsonList::Ranges(r) => (None, r),
-        JsonList::Document { disk_size, ranges } => (disk_size, ranges),
+    let bad = |e: serde_json::Error| {
+        damaged(
+            location,
+            0,
+            format!(
+                "not a change list (expected JSON [{{\"offset\":N,\"length\":N}}], \
+                 {{\"base\":\"...\",\"ranges\":[...]}}, `stackvault diff --json` output or Azure \
+                 page range XML): {e}"
+            ),
+        )
     };
-    Ok(ChangeList {
-        disk_size,
-        ranges: ranges
-            .into_iter()
-            .map(|r| ChangedRange {
-                offset: r.offset,
-                len: r.length,
-                kind: if r.cleared {
-                    ChangeKind::Cleared
-                } else {
-                    ChangeKind::Written
-                },
-            })
-            .collect(),
+    let value: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+    if value.is_array() {
+        let ranges: Vec<JsonRange> = serde_json::from_value(value).map_err(bad)?;
+        return ChangeList::new(None, json_ranges(ranges), location);
+    }
+    if value.get("changed_ranges").is_some() {
+        let diff: DiffDocument = serde_json::from_value(value).map_err(bad)?;
+        let list = ChangeList::new(
+            Some(diff.to_virtual_size),
+            json_ranges(diff.changed_ranges),
+            location,
+        )?;
+        return Ok(list.with_base(diff.from));
+    }
+    let doc: JsonDocument = serde_json::from_value(value).map_err(bad)?;
+    let list = ChangeList::new(doc.disk_size, json_ranges(doc.ranges), location)?;
+    Ok(match doc.base {
+        Some(base) if !base.trim().is_empty() => list.with_base(base.trim()),
+        _ => list,
     })
 }
 
 /// Parses the body of Get Page Ranges: `<PageList>` with `<PageRange>` and `<ClearRange>`
-/// children, each with inclusive `<Start>` and `<End>` byte offsets.
+/// children, each with inclusive `<Start>` and `<End>` byte offsets. An answer with a
+/// non-empty `<NextMarker>` is one page of a longer answer and is refused: a change list
+/// missing its later pages would leave changed data unread.
 pub fn parse_xml(text: &str, location: &str) -> Result<ChangeList> {
-    let bad = |why: String| Error::InvalidArgument(format!("{location}: page range XML: {why}"));
+    let (list, marker) = parse_xml_page(text, location)?;
+    match marker {
+        None => Ok(list),
+        Some(m) => Err(damaged(
+            location,
+            0,
+            format!(
+                "the page range answer is incomplete: it ends with <NextMarker>{m}</NextMarker> \
+                 (the service paginated it); ask again with marker={m} and join the pages, or \
+                 let stackvault ask the service itself with --since-snapshot"
+            ),
+        )),
+    }
+}
+
+/// Parses one page of a Get Page Ranges answer: its ranges, and the `NextMarker` to ask
+/// for the next page with (`None` when this page is the last).
+pub fn parse_xml_page(text: &str, location: &str) -> Result<(ChangeList, Option<String>)> {
+    let bad = |why: String| damaged(location, 0, format!("page range XML: {why}"));
+    let text = text.trim_start_matches('\u{feff}').trim_start();
     let doc = roxmltree::Document::parse(text).map_err(|e| bad(e.to_string()))?;
     let root = doc.root_element();
     if root.tag_name().name() != "PageList" {
@@ -224,11 +407,19 @@ pub fn parse_xml(text: &str, location: &str) -> Result<ChangeList> {
         )));
     }
     let mut ranges = Vec::new();
+    let mut marker = None;
     for node in root.children().filter(|n| n.is_element()) {
         let kind = match node.tag_name().name() {
             "PageRange" => ChangeKind::Written,
             "ClearRange" => ChangeKind::Cleared,
-            _ => continue, // NextMarker and future elements
+            "NextMarker" => {
+                let m = node.text().map(str::trim).unwrap_or_default();
+                if !m.is_empty() {
+                    marker = Some(m.to_string());
+                }
+                continue;
+            }
+            _ => continue, // future elements
         };
         let field = |name: &str| -> Result<u64> {
             let text = node
@@ -241,19 +432,23 @@ pub fn parse_xml(text: &str, location: &str) -> Result<ChangeList> {
                 .map_err(|_| bad(format!("<{name}>{text}</{name}> is not a byte offset")))
         };
         let (start, end) = (field("Start")?, field("End")?);
-        if end < start {
-            return Err(bad(format!("range {start}..={end} ends before it starts")));
-        }
+        // End is inclusive: the length is end - start + 1, which must not wrap.
+        let len = end
+            .checked_sub(start)
+            .and_then(|l| l.checked_add(1))
+            .ok_or_else(|| {
+                bad(format!(
+                    "range <Start>{start}</Start><End>{end}</End> ends before it starts or \
+                     past 2^64"
+                ))
+            })?;
         ranges.push(ChangedRange {
             offset: start,
-            len: end - start + 1,
+            len,
             kind,
         });
     }
-    Ok(ChangeList {
-        disk_size: None,
-        ranges,
-    })
+    Ok((ChangeList::new(None, ranges, location)?, marker))
 }
 
 #[cfg(test)]
@@ -265,18 +460,16 @@ mod tests {
 <ClearRange><Start>8388608</Start><End>12582911</End></ClearRange>
 <PageRange><Start>4194304</Start><End>4198399</End></PageRange><NextMarker/></PageList>"#;
 
+    fn range(offset: u64, len: u64, kind: ChangeKind) -> ChangedRange {
+        ChangedRange { offset, len, kind }
+    }
+
     #[test]
     fn parses_azure_xml() -> Result<()> {
         let l = ChangeList::parse(XML, "x")?;
-        assert_eq!(l.ranges.len(), 3);
-        assert_eq!(
-            l.ranges[1],
-            ChangedRange {
-                offset: 8 << 20,
-                len: 4 << 20,
-                kind: ChangeKind::Cleared
-            }
-        );
+        assert_eq!(l.ranges().len(), 3);
+        // Sorted by offset.
+        assert_eq!(l.ranges()[2], range(8 << 20, 4 << 20, ChangeKind::Cleared));
         let plan = l.plan(16 << 20, 16 << 20, 4 << 20)?;
         assert_eq!(
             plan,
@@ -293,13 +486,15 @@ mod tests {
     #[test]
     fn parses_json_forms() -> Result<()> {
         let a = ChangeList::parse(r#"[{"offset": 4096, "length": 512}]"#, "j")?;
-        assert_eq!(a.ranges[0].len, 512);
+        assert_eq!(a.ranges()[0].len, 512);
+        assert_eq!(a.base(), None);
         let b = ChangeList::parse(
-            r#"{"disk_size": 1024, "ranges": [{"offset": 0, "length": 1, "cleared": true}]}"#,
+            r#"{"disk_size": 1024, "base": "abc123", "ranges": [{"offset": 0, "length": 1, "cleared": true}]}"#,
             "j",
         )?;
-        assert_eq!(b.disk_size, Some(1024));
-        assert_eq!(b.ranges[0].kind, ChangeKind::Cleared);
+        assert_eq!(b.disk_size(), Some(1024));
+        assert_eq!(b.base(), Some("abc123"));
+        assert_eq!(b.ranges()[0].kind, ChangeKind::Cleared);
         assert!(ChangeList::parse("{oops", "j").is_err());
         assert!(ChangeList::parse("<Other/>", "x").is_err());
         assert!(ChangeList::parse(
@@ -311,33 +506,123 @@ mod tests {
     }
 
     #[test]
-    fn refuses_lists_that_do_not_fit() {
-        let l = ChangeList {
-            disk_size: Some(999),
-            ranges: vec![],
-        };
+    fn diff_json_is_a_change_list_relative_to_its_from_snapshot() -> Result<()> {
+        let diff = r#"{"from": "aaaa", "to": "bbbb", "from_virtual_size": 8192,
+            "to_virtual_size": 8192, "changed_bytes": 4096, "changed_segments": 1,
+            "changed_ranges": [{"offset": 4096, "length": 4096}]}"#;
+        let l = ChangeList::parse(diff, "d")?;
+        assert_eq!(l.base(), Some("aaaa"));
+        assert_eq!(l.disk_size(), Some(8192));
+        assert_eq!(l.ranges(), [range(4096, 4096, ChangeKind::Written)]);
+        Ok(())
+    }
+
+    #[test]
+    fn xml_and_json_of_the_same_ranges_are_the_same_list() -> Result<()> {
+        // Out of order, adjacent and overlapping pieces: both forms normalise alike.
+        let xml = "<PageList>\
+            <PageRange><Start>1048576</Start><End>1052671</End></PageRange>\
+            <ClearRange><Start>4194304</Start><End>8388607</End></ClearRange>\
+            <PageRange><Start>0</Start><End>4095</End></PageRange>\
+            <PageRange><Start>4096</Start><End>8191</End></PageRange>\
+            </PageList>";
+        let json = r#"[{"offset": 1048576, "length": 4096},
+            {"offset": 4194304, "length": 4194304, "cleared": true},
+            {"offset": 0, "length": 4096}, {"offset": 4096, "length": 4096}]"#;
+        let (x, j) = (ChangeList::parse(xml, "x")?, ChangeList::parse(json, "j")?);
+        assert_eq!(x, j);
+        assert_eq!(
+            x.ranges(),
+            [
+                range(0, 8192, ChangeKind::Written),
+                range(1 << 20, 4096, ChangeKind::Written),
+                range(4 << 20, 4 << 20, ChangeKind::Cleared),
+            ]
+        );
+        assert_eq!(
+            x.plan(12 << 20, 12 << 20, 4 << 20)?,
+            j.plan(12 << 20, 12 << 20, 4 << 20)?
+        );
+        assert_eq!(x.changed_blocks(12 << 20), j.changed_blocks(12 << 20));
+        Ok(())
+    }
+
+    #[test]
+    fn numbers_that_overflow_are_refused() {
+        // End = 2^64 - 1: the inclusive length is 2^64, which wrapped to an empty range.
+        let xml = "<PageList><PageRange><Start>0</Start><End>18446744073709551615</End>\
+            </PageRange></PageList>";
+        let e = ChangeList::parse(xml, "x").err();
+        assert!(
+            matches!(&e, Some(Error::SourceDamaged { what, .. }) if what.contains("18446744073709551615")),
+            "{e:?}"
+        );
+        let json = r#"[{"offset": 18446744073709551615, "length": 2}]"#;
+        assert!(matches!(
+            ChangeList::parse(json, "j"),
+            Err(Error::SourceDamaged { .. })
+        ));
+        assert!(ChangeList::parse(r#"[{"offset": -1, "length": 2}]"#, "j").is_err());
+        assert!(ChangeList::parse(r#"[{"offset": 1e30, "length": 2}]"#, "j").is_err());
+        // A range beyond the disk the list itself names.
+        assert!(ChangeList::parse(
+            r#"{"disk_size": 4096, "ranges": [{"offset": 4096, "length": 1}]}"#,
+            "j"
+        )
+        .is_err());
+        // Written and cleared at once.
+        assert!(ChangeList::parse(
+            r#"[{"offset": 0, "length": 8192}, {"offset": 4096, "length": 8192, "cleared": true}]"#,
+            "j"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn next_marker_makes_an_answer_incomplete() -> Result<()> {
+        let page = "<PageList><PageRange><Start>0</Start><End>511</End></PageRange>\
+            <NextMarker>2!84!MDAwMDE2</NextMarker></PageList>";
+        let e = ChangeList::parse(page, "x").err();
+        assert!(
+            matches!(&e, Some(Error::SourceDamaged { what, .. })
+                if what.contains("incomplete") && what.contains("2!84!MDAwMDE2")),
+            "{e:?}"
+        );
+        let (l, m) = parse_xml_page(page, "x")?;
+        assert_eq!((l.ranges().len(), m.as_deref()), (1, Some("2!84!MDAwMDE2")));
+        // An empty marker ends the answer.
+        assert!(ChangeList::parse(XML, "x").is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn overlapping_cleared_ranges_do_not_clear_more_than_they_say() -> Result<()> {
+        // The first half of a segment cleared twice: counted once, the segment is read.
+        let json = r#"[{"offset": 0, "length": 2097152, "cleared": true},
+            {"offset": 0, "length": 2097152, "cleared": true}]"#;
+        let l = ChangeList::parse(json, "j")?;
+        assert_eq!(l.plan(4 << 20, 4 << 20, 4 << 20)?, [SegmentPlan::Read]);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_lists_that_do_not_fit() -> Result<()> {
+        let l = ChangeList::new(Some(999), vec![], "t")?;
         assert!(l.plan(1 << 20, 1 << 20, 1 << 16).is_err());
-        let l = ChangeList {
-            disk_size: None,
-            ranges: vec![ChangedRange {
-                offset: 1 << 20,
-                len: 4096,
-                kind: ChangeKind::Written,
-            }],
-        };
+        let l = ChangeList::new(None, vec![range(1 << 20, 4096, ChangeKind::Written)], "t")?;
         assert!(l.plan(1 << 20, 1 << 20, 1 << 16).is_err());
         assert!(l.plan(2 << 20, 1 << 20, 1 << 16).is_err());
         // The footer of a VHD page blob is ignored.
-        let footer = ChangeList {
-            disk_size: Some((1 << 20) + 512),
-            ranges: vec![ChangedRange {
-                offset: 1 << 20,
-                len: 512,
-                kind: ChangeKind::Written,
-            }],
-        };
+        let footer = ChangeList::new(
+            Some((1 << 20) + 512),
+            vec![range(1 << 20, 512, ChangeKind::Written)],
+            "t",
+        )?;
         assert!(footer
             .plan(1 << 20, 1 << 20, 1 << 16)
             .is_ok_and(|p| p.iter().all(|s| *s == SegmentPlan::CopyParent)));
+        // A disk size at the end of the number range.
+        assert!(footer.plan(u64::MAX, u64::MAX, 1 << 16).is_err());
+        Ok(())
     }
 }

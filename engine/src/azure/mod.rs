@@ -22,7 +22,7 @@ use std::io::Read as _;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::changes::{parse_xml, ChangeKind, ChangeList, ChangedRange};
+use crate::changes::{parse_xml_page, ChangeKind, ChangeList, ChangedRange};
 use crate::error::{Error, Result};
 use sign::SharedKey;
 
@@ -394,54 +394,70 @@ impl BlobClient {
         end: u64,
         prev_snapshot: Option<&str>,
     ) -> Result<ChangeList> {
-        let end = end.div_ceil(512) * 512;
+        let end = end.div_ceil(512).saturating_mul(512);
         let mut ranges: Vec<ChangedRange> = Vec::new();
         let mut pos = start;
         while pos < end {
-            let wend = (pos - pos % PAGE_RANGE_WINDOW + PAGE_RANGE_WINDOW).min(end);
-            let mut query = vec![("comp".to_string(), "pagelist".to_string())];
-            if let Some(p) = prev_snapshot {
-                query.push(("prevsnapshot".to_string(), p.to_string()));
-            }
-            let headers = [(
-                "x-ms-range".to_string(),
-                format!("bytes={pos}-{}", wend - 1),
-            )];
-            let r = self.execute("GET", &query, &headers, None, &[200])?;
-            let text = String::from_utf8_lossy(&r.body);
-            let list = parse_xml(&text, &self.shown)?;
-            for mut c in list.ranges {
-                let (s, e) = (c.offset.max(pos), (c.offset + c.len).min(wend));
-                if s >= e {
-                    continue;
+            let wend = (pos - pos % PAGE_RANGE_WINDOW)
+                .saturating_add(PAGE_RANGE_WINDOW)
+                .min(end);
+            // A large answer comes in pages: each names the marker to ask for the next one.
+            let mut marker: Option<String> = None;
+            loop {
+                let mut query = vec![("comp".to_string(), "pagelist".to_string())];
+                if let Some(p) = prev_snapshot {
+                    query.push(("prevsnapshot".to_string(), p.to_string()));
                 }
-                c.offset = s;
-                c.len = e - s;
-                // Adjacent ranges split by the window boundary join again.
-                match ranges.last_mut() {
-                    Some(last) if last.kind == c.kind && last.offset + last.len == s => {
-                        last.len += c.len
+                if let Some(m) = &marker {
+                    query.push(("marker".to_string(), m.clone()));
+                }
+                let headers = [(
+                    "x-ms-range".to_string(),
+                    format!("bytes={pos}-{}", wend - 1),
+                )];
+                let r = self.execute("GET", &query, &headers, None, &[200])?;
+                let text = String::from_utf8_lossy(&r.body);
+                let (list, next) = parse_xml_page(&text, &self.shown)?;
+                for c in list.ranges() {
+                    let (s, e) = (c.offset.max(pos), c.end().min(wend));
+                    if s >= e {
+                        continue;
                     }
-                    _ => ranges.push(c),
+                    // Adjacent ranges split by the window boundary (or a page) join again.
+                    match ranges.last_mut() {
+                        Some(last) if last.kind == c.kind && last.end() == s => last.len += e - s,
+                        _ => ranges.push(ChangedRange {
+                            offset: s,
+                            len: e - s,
+                            kind: c.kind,
+                        }),
+                    }
+                }
+                match next {
+                    Some(m) if marker.as_deref() == Some(m.as_str()) => {
+                        return Err(Error::source_damaged(
+                            &self.shown,
+                            pos,
+                            format!("Get Page Ranges repeats its NextMarker {m}"),
+                        ))
+                    }
+                    Some(m) => marker = Some(m),
+                    None => break,
                 }
             }
             pos = wend;
         }
-        ranges.sort_by_key(|r| r.offset);
-        Ok(ChangeList {
-            disk_size: None,
-            ranges,
-        })
+        ChangeList::new(None, ranges, &self.shown)
     }
 
     /// Written ranges of `[start, end)` as `(start, end)` pairs.
     pub fn written_ranges(&self, start: u64, end: u64) -> Result<Vec<PageRange>> {
         Ok(self
             .page_ranges(start, end, None)?
-            .ranges
-            .into_iter()
+            .ranges()
+            .iter()
             .filter(|r| r.kind == ChangeKind::Written)
-            .map(|r| (r.offset, r.offset + r.len))
+            .map(|r| (r.offset, r.end()))
             .collect())
     }
 

@@ -118,6 +118,22 @@ pub struct SourceInfo {
     /// The VHD footer's metadata when the source was a VHD (see `format-spec/vhd.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhd: Option<VhdInfo>,
+    /// For a page blob source: the blob snapshot and ETag that were read (see
+    /// `format-spec/README.md`); absent for files and in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobInfo>,
+}
+
+/// What a page blob source was, as read: the blob snapshot (absent when the base blob itself
+/// was read) and the ETag every read was conditioned on. An incremental backup of the same
+/// blob asks the service for the ranges changed since `snapshot`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    /// Blob snapshot time as the service names it (`2026-01-01T00:00:00.0000000Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// What a VHD source's footer (and dynamic header) said, kept so a restore can give the disk
@@ -835,6 +851,7 @@ pub(crate) mod tests_support {
                 path: "disk.img".into(),
                 format: "raw".into(),
                 vhd: None,
+                blob: None,
             },
             change_source: "full-read".into(),
             chunker: "fixed 4K".into(),

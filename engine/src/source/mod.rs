@@ -81,6 +81,12 @@ pub trait DiskSource: Send + Sync {
         let _ = parent;
         Ok(SourceChanges::Unknown)
     }
+
+    /// How the snapshot names change knowledge from [`DiskSource::changes_since`] (its
+    /// `change_source`).
+    fn changes_label(&self) -> String {
+        format!("{}-chain", self.info().format)
+    }
 }
 
 /// Fills `dest` (disk bytes from `at`) as the source's allocation `map` of that range says:
@@ -125,8 +131,10 @@ pub fn fill_from_map(
 /// Which container format to read a source as.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SourceFormat {
-    /// Detect from the content: a VHD footer cookie (`conectix`) makes it a VHD, anything
-    /// else is raw. The file name plays no part.
+    /// Detect from the content: a VHD footer cookie (`conectix`, at the end or at offset 0)
+    /// or a dynamic header (`cxsparse` at offset 512) makes it a VHD, so that a damaged or
+    /// truncated VHD is refused rather than read as raw; `vhdxfile` at offset 0 is a VHDX,
+    /// refused as unsupported; anything else is raw. The file name plays no part.
     #[default]
     Auto,
     Raw,
@@ -163,7 +171,13 @@ pub fn open_source(path: &Path, options: &SourceOptions) -> Result<Box<dyn DiskS
         SourceFormat::Auto => {
             // RawFile::open also rejects directories with a clear message.
             RawFile::open(path)?;
-            vhd::has_vhd_cookie(&vhd::FileAt::open(path)?)
+            match vhd::sniff(&vhd::FileAt::open(path)?) {
+                vhd::Sniffed::Vhd => true,
+                vhd::Sniffed::Vhdx => {
+                    return Err(vhd::vhdx_unsupported(&path.display().to_string()))
+                }
+                vhd::Sniffed::Other => false,
+            }
         }
     };
     if vhd {
@@ -194,6 +208,7 @@ mod tests {
                 path: "counting".into(),
                 format: "raw".into(),
                 vhd: None,
+                blob: None,
             }
         }
         fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {

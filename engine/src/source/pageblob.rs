@@ -8,7 +8,10 @@
 //! fragmented disk costs fewer requests (the gaps read as zeros anyway).
 //!
 //! Every read carries `If-Match` with the ETag seen at open: if the blob changes during the
-//! backup, reads fail instead of producing a torn disk. Back up from a blob snapshot (its URL
+//! backup, reads fail instead of producing a torn disk. The blob snapshot read (the URL's
+//! `snapshot=`) and that ETag are recorded in the snapshot's source information; the next
+//! backup of the same blob asks the service only for the pages changed since that blob
+//! snapshot ([`DiskSource::changes_since`]). Back up from a blob snapshot (its URL
 //! has `snapshot=`) to back up a disk that is in use. Reads are independent ranged GETs, so
 //! any number of threads can read at once: a segment's data is fetched in pieces of
 //! [`READ_PIECE`], [`READ_CONCURRENCY`] at a time, because across regions each request waits a
@@ -16,11 +19,11 @@
 
 use std::sync::Mutex;
 
-use super::{DiskSource, ExtentKind, SourceExtent};
+use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
 use crate::azure::{BlobClient, BlobOptions};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::format::manifest::SourceInfo;
+use crate::format::manifest::{BlobInfo, SourceInfo};
 use crate::source::vhd::footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN};
 
 /// Gaps between written ranges up to this size are read rather than skipped.
@@ -47,12 +50,36 @@ pub struct PageBlobSource {
     vhd: Option<crate::format::manifest::VhdInfo>,
     /// Written ranges of the disk part, sorted, merged, end exclusive.
     written: Vec<(u64, u64)>,
+    /// The blob snapshot read (`snapshot=` of the URL), `None` for the base blob.
+    snapshot: Option<String>,
+}
+
+/// The `snapshot=` parameter of a blob URL's query, decoded.
+pub fn snapshot_of_url(url: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "snapshot")
+        .and_then(|(_, v)| crate::source::vhd::dynamic::percent_decode(v))
+        .filter(|v| !v.is_empty())
 }
 
 impl PageBlobSource {
     /// Opens the blob at `url` (see [`BlobClient::new`] for the accepted forms).
     pub fn open(url: &str, options: &BlobOptions) -> Result<Self> {
-        Self::with_client(BlobClient::new(url, options)?)
+        let snapshot = snapshot_of_url(url);
+        if snapshot.is_some() && options.account_key.is_some() {
+            // Shared Key requests carry no query of the URL: they would read the base blob.
+            return Err(Error::Usage(format!(
+                "{}: a blob snapshot URL is read with its SAS; drop --account-key-env or \
+                 give a SAS URL of the snapshot",
+                crate::azure::redact(url)
+            )));
+        }
+        let mut source = Self::with_client(BlobClient::new(url, options)?)?;
+        source.snapshot = snapshot;
+        Ok(source)
     }
 
     /// Opens the blob `client` addresses.
@@ -82,23 +109,33 @@ impl PageBlobSource {
             )?;
             if raw[..8] == FOOTER_COOKIE {
                 let at = blob_size - FOOTER_LEN as u64;
-                let (f, _warning) = Footer::decode(&raw, &shown, at)?;
+                let (f, warning) = Footer::decode(&raw, &shown, at)?;
                 if f.disk_type != DiskType::Fixed {
                     return Err(Error::InvalidArgument(format!(
                         "{shown} is a {} VHD; page blob disks must be fixed VHDs",
                         f.disk_type.as_str()
                     )));
                 }
-                if f.current_size > blob_size - FOOTER_LEN as u64 {
-                    return Err(Error::corrupt(
+                // A footer whose checksum is wrong is trusted only when its size is the blob's.
+                let data = blob_size - FOOTER_LEN as u64;
+                if f.current_size > data || (warning.is_some() && f.current_size != data) {
+                    return Err(Error::source_damaged(
                         &shown,
                         at,
                         format!(
-                            "VHD footer says the disk is {} bytes, but only {} precede it",
+                            "VHD footer says the disk is {} bytes, but the blob holds {data} \
+                             bytes before it{}",
                             f.current_size,
-                            blob_size - FOOTER_LEN as u64
+                            if warning.is_some() {
+                                " (and the footer checksum is wrong)"
+                            } else {
+                                ""
+                            }
                         ),
                     ));
+                }
+                if let Some(w) = &warning {
+                    crate::progress::notice(&format!("warning: {w}"));
                 }
                 footer_found = Some(f);
                 vhd = Some(crate::source::vhd::fixed_footer_info(
@@ -130,6 +167,7 @@ impl PageBlobSource {
             footer: footer_found,
             vhd,
             written,
+            snapshot: None,
         })
     }
 
@@ -156,11 +194,10 @@ impl PageBlobSource {
     /// Asks the service which ranges changed since blob snapshot `prev_snapshot` (Get Page
     /// Ranges with `prevsnapshot`), as a change list for an incremental backup.
     pub fn changes_since_snapshot(&self, prev_snapshot: &str) -> Result<ChangeList> {
-        let mut list = self
-            .client
-            .page_ranges(0, self.blob_size, Some(prev_snapshot))?;
-        list.disk_size = Some(self.blob_size);
-        Ok(list)
+        self.client
+            .page_ranges(0, self.blob_size, Some(prev_snapshot))?
+            .with_disk_size(self.blob_size, self.client.display_url())
+            .map(|l| l.with_base(prev_snapshot))
     }
 }
 
@@ -178,7 +215,40 @@ impl DiskSource for PageBlobSource {
                 "raw".into()
             },
             vhd: self.vhd.clone(),
+            blob: Some(BlobInfo {
+                snapshot: self.snapshot.clone(),
+                etag: self.etag.clone(),
+            }),
         }
+    }
+
+    /// Since the blob snapshot the parent snapshot recorded, when the parent read this same
+    /// blob: Azure answers which pages changed (Get Page Ranges with `prevsnapshot`).
+    fn changes_since(&self, parent: &SourceInfo) -> Result<SourceChanges> {
+        let Some(prev) = parent.blob.as_ref().and_then(|b| b.snapshot.as_deref()) else {
+            return Ok(SourceChanges::Unknown);
+        };
+        let this = crate::azure::without_query(self.client.display_url());
+        if crate::azure::without_query(&parent.path) != this {
+            return Ok(SourceChanges::Unknown);
+        }
+        match self.changes_since_snapshot(prev) {
+            Ok(list) => Ok(SourceChanges::Changes(list)),
+            // The old snapshot may have been deleted, or the service cannot diff (Azurite):
+            // reading everything is always right.
+            Err(e @ (Error::Http { .. } | Error::Network { .. })) => {
+                crate::progress::notice(&format!(
+                    "cannot ask for the pages changed since blob snapshot {prev} ({e}); \
+                     reading the whole disk"
+                ));
+                Ok(SourceChanges::Unknown)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn changes_label(&self) -> String {
+        "blob-snapshot-diff".into()
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {

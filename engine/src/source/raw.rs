@@ -59,6 +59,7 @@ impl DiskSource for RawFile {
             path: self.path.display().to_string(),
             format: "raw".into(),
             vhd: None,
+            blob: None,
         }
     }
 

@@ -80,7 +80,7 @@ impl DynamicHeader {
         at: u64,
     ) -> Result<(DynamicHeader, Option<String>)> {
         if b[off::COOKIE..off::COOKIE + 8] != HEADER_COOKIE {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 location,
                 at,
                 "bad dynamic header cookie (expected \"cxsparse\")",
@@ -97,14 +97,14 @@ impl DynamicHeader {
         });
         let block_size = be_u32(b, off::BLOCK_SIZE);
         if !block_size.is_power_of_two() {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 location,
                 at + off::BLOCK_SIZE as u64,
                 format!("block size {block_size} is not a power of two"),
             ));
         }
         if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 location,
                 at + off::BLOCK_SIZE as u64,
                 format!(
@@ -203,7 +203,8 @@ pub fn locator_path(code: &[u8; 4], data: &[u8]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// Decodes `%XX` escapes; `None` for a malformed escape or text that is not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -3,8 +3,9 @@
 //!
 //! All VHD integers are big-endian. The checksum is the one's complement of the byte sum of
 //! the footer with the checksum field taken as zero. Decoding checks the cookie and the disk
-//! type; a checksum mismatch is returned as a warning (qemu and Hyper-V both open such
-//! files), and the caller decides whether the sizes are sane enough to go on.
+//! type; a checksum mismatch is returned as a warning (qemu-img refuses such files, libvhdi
+//! reads them), and the caller decides whether the sizes are sane enough to go on: a damaged
+//! trailing footer gives way to the copy at offset 0 where there is one (`image.rs`).
 
 use crate::error::{Error, Result};
 use crate::format::manifest::VhdGeometry;
@@ -125,7 +126,7 @@ impl Footer {
         at: u64,
     ) -> Result<(Footer, Option<String>)> {
         if bytes[off::COOKIE..off::COOKIE + 8] != FOOTER_COOKIE {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 location,
                 at,
                 "bad VHD footer cookie (expected \"conectix\")",
@@ -136,7 +137,7 @@ impl Footer {
             3 => DiskType::Dynamic,
             4 => DiskType::Differencing,
             other => {
-                return Err(Error::corrupt(
+                return Err(Error::source_damaged(
                     location,
                     at + off::DISK_TYPE as u64,
                     format!("unknown VHD disk type {other} (expected 2, 3 or 4)"),
@@ -148,7 +149,9 @@ impl Footer {
         let warning = (stored != computed).then(|| {
             format!(
                 "{location}: footer checksum at offset {} is {stored:#010x}, the footer sums to \
-                 {computed:#010x}; reading it anyway as qemu does",
+                 {computed:#010x}; qemu-img refuses such a file (\"Incorrect header checksum\"); \
+                 stackvault reads it only because its sizes agree with the file: check the \
+                 disk, or repair the footer with a tool that rewrites it",
                 at + off::CHECKSUM as u64
             )
         });

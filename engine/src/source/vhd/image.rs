@@ -9,9 +9,10 @@
 //! [`VhdImage::map`] tells for each range of the virtual disk where its bytes are in this file,
 //! whether they read as zeros, or whether a differencing disk leaves them to its parent.
 
-use super::dynamic::{bitmap_len, DynamicHeader, HEADER_LEN, UNALLOCATED};
+use super::dynamic::{bitmap_len, DynamicHeader, HEADER_COOKIE, HEADER_LEN, UNALLOCATED};
 use super::footer::{
-    DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN, NO_DATA_OFFSET, SECTOR, SHORT_FOOTER_LEN,
+    be_u32, checksum, off, DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN, NO_DATA_OFFSET, SECTOR,
+    SHORT_FOOTER_LEN,
 };
 use super::io::ReadAt;
 use crate::error::{Error, Result};
@@ -58,7 +59,43 @@ pub struct VhdImage<R> {
     pub warnings: Vec<String>,
 }
 
-/// Returns true when `reader` looks like a VHD (a footer cookie at its end or start).
+/// Signature at offset 0 of a VHDX file (its file type identifier).
+pub const VHDX_SIGNATURE: [u8; 8] = *b"vhdxfile";
+
+/// What a file's content says it is, for `--format auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// A VHD, or what is left of one: a footer cookie at the end or at offset 0, or a dynamic
+    /// header at offset 512 (a dynamic VHD that lost both footers).
+    Vhd,
+    /// A VHDX file (`vhdxfile` at offset 0), which this build cannot read.
+    Vhdx,
+    /// Anything else: a raw disk.
+    Other,
+}
+
+/// Tells a VHD, a VHDX and anything else apart by their signatures.
+pub fn sniff<R: ReadAt + ?Sized>(reader: &R) -> Sniffed {
+    let mut sig = [0u8; 8];
+    let mut at = |o: u64, want: &[u8; 8]| reader.read_exact_at(&mut sig, o).is_ok() && &sig == want;
+    if at(0, &VHDX_SIGNATURE) {
+        return Sniffed::Vhdx;
+    }
+    if has_vhd_cookie(reader) || at(FOOTER_LEN as u64, &HEADER_COOKIE) {
+        return Sniffed::Vhd;
+    }
+    Sniffed::Other
+}
+
+/// The error for a VHDX file: what to do instead.
+pub fn vhdx_unsupported(location: &str) -> Error {
+    Error::unsupported(format!(
+        "{location} is a VHDX file: VHDX is not supported; convert it with \
+         `qemu-img convert -O vpc -o subformat=fixed {location} OUT.vhd` and back up OUT.vhd"
+    ))
+}
+
+/// Returns true when `reader` has a VHD footer cookie at its end or start.
 pub fn has_vhd_cookie<R: ReadAt + ?Sized>(reader: &R) -> bool {
     let size = reader.size();
     let mut cookie = [0u8; 8];
@@ -67,8 +104,21 @@ pub fn has_vhd_cookie<R: ReadAt + ?Sized>(reader: &R) -> bool {
         || (size >= SHORT_FOOTER_LEN as u64 && at(size - SHORT_FOOTER_LEN as u64))
 }
 
+/// The footer an image is read with, and where its data must end.
+struct Chosen {
+    raw: [u8; FOOTER_LEN],
+    /// Where this footer was read (0 for the copy).
+    at: u64,
+    len: usize,
+    /// Data, header and blocks all end here: at the trailing footer's place, even when the
+    /// copy at offset 0 is used because the trailing one is damaged.
+    data_end: u64,
+    /// No footer cookie at the end: the trailing footer is damaged or the file lost its end.
+    end_missing: bool,
+}
+
 impl<R: ReadAt> VhdImage<R> {
-    /// Reads `buf` at `offset`; running past the end is corruption of `what`.
+    /// Reads `buf` at `offset`; running past the end is damage of `what`.
     pub fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
         read_at(&self.reader, &self.location, buf, offset, what)
     }
@@ -78,15 +128,20 @@ impl<R: ReadAt> VhdImage<R> {
         let size = reader.size();
         let loc = location;
         if size < SHORT_FOOTER_LEN as u64 {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 loc,
                 0,
                 format!("file is {size} bytes, too small to hold a VHD footer"),
             ));
         }
+        if sniff(&reader) == Sniffed::Vhdx {
+            return Err(vhdx_unsupported(loc));
+        }
         let mut warnings = Vec::new();
-        let (raw, footer_at, footer_len) = find_footer(&reader, loc, &mut warnings)?;
-        let (footer, warn) = Footer::decode(&raw, loc, footer_at)?;
+        let chosen = choose_footer(&reader, loc, &mut warnings)?;
+        let (footer_at, footer_len, data_end) = (chosen.at, chosen.len, chosen.data_end);
+        let end_missing = chosen.end_missing;
+        let (footer, warn) = Footer::decode(&chosen.raw, loc, footer_at)?;
         let checksum_bad = warn.is_some();
         warnings.extend(warn);
         let insane = |offset: u64, what: String| {
@@ -95,7 +150,7 @@ impl<R: ReadAt> VhdImage<R> {
             } else {
                 what
             };
-            Error::corrupt(loc, offset, what)
+            Error::source_damaged(loc, offset, what)
         };
         let size_at = footer_at + super::footer::off::CURRENT_SIZE as u64;
         if footer.current_size > MAX_VIRTUAL_SIZE {
@@ -107,9 +162,6 @@ impl<R: ReadAt> VhdImage<R> {
                 ),
             ));
         }
-        // Data, header and blocks all end before the trailing footer (or the file's end, when
-        // only the copy at offset 0 survived).
-        let data_end = if footer_at == 0 { size } else { footer_at };
         let mut image = VhdImage {
             reader,
             location: loc.to_string(),
@@ -123,25 +175,48 @@ impl<R: ReadAt> VhdImage<R> {
             DiskType::Fixed => {
                 if footer_at == 0 && size > FOOTER_LEN as u64 {
                     // A fixed disk has no copy at the start: "conectix" there is guest data.
-                    return Err(Error::corrupt(
+                    return Err(Error::source_damaged(
                         loc,
                         size.saturating_sub(FOOTER_LEN as u64),
-                        "no VHD footer at the end of the file",
+                        "no VHD footer at the end of the file, only a fixed-disk footer at \
+                         offset 0 (guest data, or a fixed VHD that lost its end); pass \
+                         --format raw to back up the file as a raw disk",
                     ));
                 }
-                if image.footer.current_size > data_end {
+                // A fixed disk is its data followed by the footer: any other length means the
+                // file or the footer's size field is damaged, and reading it would back up a
+                // disk of the wrong size.
+                if image.footer.current_size != data_end {
                     return Err(insane(
                         size_at,
                         format!(
-                            "truncated fixed VHD: current size {} but only {data_end} bytes \
-                             before the footer",
+                            "fixed VHD footer says the disk is {} bytes, but the file is {size} \
+                             bytes: {data_end} bytes of data before its {footer_len}-byte footer; \
+                             the file was cut short or extended, or the footer is damaged",
                             image.footer.current_size
                         ),
                     ));
                 }
             }
             DiskType::Dynamic | DiskType::Differencing => {
-                let dynamic = image.open_dynamic(data_end, checksum_bad)?;
+                let dynamic = image.open_dynamic(data_end, checksum_bad);
+                let dynamic = match dynamic {
+                    Err(Error::SourceDamaged {
+                        source_name,
+                        offset,
+                        what,
+                    }) if end_missing => {
+                        return Err(Error::SourceDamaged {
+                            source_name,
+                            offset,
+                            what: format!(
+                                "{what}; the file has no VHD footer at its end: it lost its end \
+                                 (an interrupted copy or export?); copy or export it again"
+                            ),
+                        })
+                    }
+                    other => other?,
+                };
                 image.dynamic = Some(dynamic);
             }
         }
@@ -158,7 +233,7 @@ impl<R: ReadAt> VhdImage<R> {
                 .checked_add(HEADER_LEN as u64)
                 .is_none_or(|e| e > data_end)
         {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 loc,
                 data_offset_at,
                 format!("dynamic header offset {header_at:#x} lies outside the file"),
@@ -173,7 +248,7 @@ impl<R: ReadAt> VhdImage<R> {
         let needed = current.div_ceil(bs);
         let entries_at = header_at + super::dynamic::off::MAX_TABLE_ENTRIES as u64;
         if needed > MAX_BAT_ENTRIES {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 loc,
                 entries_at,
                 format!("{needed} blocks of {bs} bytes is absurd (limit {MAX_BAT_ENTRIES})"),
@@ -187,12 +262,12 @@ impl<R: ReadAt> VhdImage<R> {
             if checksum_bad {
                 what.push_str(" (and the footer checksum is wrong)");
             }
-            return Err(Error::corrupt(loc, entries_at, what));
+            return Err(Error::source_damaged(loc, entries_at, what));
         }
         let table_at = header.table_offset;
         let table_len = needed * 4;
         if table_at.checked_add(table_len).is_none_or(|e| e > data_end) {
-            return Err(Error::corrupt(
+            return Err(Error::source_damaged(
                 loc,
                 header_at + super::dynamic::off::TABLE_OFFSET as u64,
                 format!(
@@ -229,7 +304,7 @@ impl<R: ReadAt> VhdImage<R> {
             let used = bs.min(current - i * bs);
             let end = start + bmp + used;
             if end > data_end {
-                return Err(Error::corrupt(
+                return Err(Error::source_damaged(
                     loc,
                     entry_at,
                     format!(
@@ -239,7 +314,7 @@ impl<R: ReadAt> VhdImage<R> {
                 ));
             }
             if let Some((_, _, name)) = meta.iter().find(|(s, e, _)| start < *e && *s < end) {
-                return Err(Error::corrupt(
+                return Err(Error::source_damaged(
                     loc,
                     entry_at,
                     format!("BAT entry {i} puts a block at {start:#x} over {name}"),
@@ -252,7 +327,7 @@ impl<R: ReadAt> VhdImage<R> {
         for w in spans.windows(2) {
             let ((_, a_end, a), (b_start, _, b)) = (w[0], w[1]);
             if b_start < a_end {
-                return Err(Error::corrupt(
+                return Err(Error::source_damaged(
                     loc,
                     table_at + 4 * b,
                     format!("blocks {a} and {b} overlap at {b_start:#x}"),
@@ -352,7 +427,7 @@ pub fn read_at<R: ReadAt + ?Sized>(
 ) -> Result<()> {
     reader.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::corrupt(
+            Error::source_damaged(
                 location,
                 offset,
                 format!(
@@ -366,41 +441,138 @@ pub fn read_at<R: ReadAt + ?Sized>(
     })
 }
 
-/// Finds the footer: the last 512 bytes, else the last 511 (pre-2004 Virtual PC), else the
-/// copy at offset 0 that dynamic disks carry (then a warning: the end was lost).
-fn find_footer<R: ReadAt>(
-    reader: &R,
-    loc: &str,
-    warnings: &mut Vec<String>,
-) -> Result<([u8; FOOTER_LEN], u64, usize)> {
+/// Chooses the footer to read the image with.
+///
+/// The trailing footer (the last 512 bytes, or the last 511 of pre-2004 Virtual PC files) is
+/// used when its checksum is right. A dynamic or differencing disk also carries a copy at
+/// offset 0, which the VHD specification keeps for recovery: when the trailing footer is
+/// damaged (wrong checksum, or no cookie) and the copy is intact, the copy is used, with a
+/// warning. The data must then still end where the trailing footer starts; a file whose
+/// blocks run into its last 512 bytes lost its end and is refused when the image is opened.
+fn choose_footer<R: ReadAt>(reader: &R, loc: &str, warnings: &mut Vec<String>) -> Result<Chosen> {
     let size = reader.size();
-    let mut buf = [0u8; FOOTER_LEN];
+    let mut end = None;
     if size >= FOOTER_LEN as u64 {
         let at = size - FOOTER_LEN as u64;
+        let mut buf = [0u8; FOOTER_LEN];
         read_at(reader, loc, &mut buf, at, "footer")?;
         if buf[..8] == FOOTER_COOKIE {
-            return Ok((buf, at, FOOTER_LEN));
+            end = Some((buf, at, FOOTER_LEN));
         }
     }
-    let at = size - SHORT_FOOTER_LEN as u64;
-    let mut short = [0u8; FOOTER_LEN];
-    read_at(reader, loc, &mut short[..SHORT_FOOTER_LEN], at, "footer")?;
-    if short[..8] == FOOTER_COOKIE {
-        return Ok((short, at, SHORT_FOOTER_LEN));
-    }
-    if size >= FOOTER_LEN as u64 {
-        read_at(reader, loc, &mut buf, 0, "footer copy")?;
-        if buf[..8] == FOOTER_COOKIE {
-            warnings.push(format!(
-                "{loc}: no footer at the end of the file (truncated or interrupted?); using the \
-                 copy at offset 0"
-            ));
-            return Ok((buf, 0, FOOTER_LEN));
+    if end.is_none() {
+        let at = size - SHORT_FOOTER_LEN as u64;
+        let mut short = [0u8; FOOTER_LEN];
+        read_at(reader, loc, &mut short[..SHORT_FOOTER_LEN], at, "footer")?;
+        if short[..8] == FOOTER_COOKIE {
+            end = Some((short, at, SHORT_FOOTER_LEN));
         }
     }
-    Err(Error::corrupt(
-        loc,
-        size.saturating_sub(FOOTER_LEN as u64),
-        "bad VHD footer cookie: \"conectix\" is neither at the end of the file nor at offset 0",
-    ))
+    // The copy at offset 0, when it is a distinct, intact footer of a dynamic or
+    // differencing disk.
+    let copy = (size > FOOTER_LEN as u64)
+        .then(|| {
+            let mut buf = [0u8; FOOTER_LEN];
+            read_at(reader, loc, &mut buf, 0, "footer copy").ok()?;
+            let (f, warn) = Footer::decode(&buf, loc, 0).ok()?;
+            (warn.is_none() && f.disk_type != DiskType::Fixed).then_some(buf)
+        })
+        .flatten();
+    let use_copy = |data_end: u64, why: String, warnings: &mut Vec<String>| {
+        let end_missing = end.is_none();
+        warnings.push(format!(
+            "{loc}: {why}; using the intact footer copy at offset 0 (the VHD format keeps it \
+             for this)"
+        ));
+        copy.map(|raw| Chosen {
+            raw,
+            at: 0,
+            len: FOOTER_LEN,
+            data_end,
+            end_missing,
+        })
+    };
+    match end {
+        Some((raw, at, len)) => {
+            let stored = be_u32(&raw, off::CHECKSUM);
+            let computed = checksum(&raw, off::CHECKSUM);
+            if stored != computed && copy.is_some() {
+                let why = format!(
+                    "the footer at the end of the file (offset {at}) is damaged: its checksum \
+                     is {stored:#010x}, it sums to {computed:#010x}"
+                );
+                if let Some(c) = use_copy(at, why, warnings) {
+                    return Ok(c);
+                }
+            }
+            Ok(Chosen {
+                raw,
+                at,
+                len,
+                data_end: at,
+                end_missing: false,
+            })
+        }
+        None => {
+            let at = size.saturating_sub(FOOTER_LEN as u64);
+            if copy.is_some() {
+                let why = format!(
+                    "there is no footer at the end of the file (offset {at}): it is damaged, or \
+                     the file lost its end"
+                );
+                if let Some(c) = use_copy(at, why, warnings) {
+                    return Ok(c);
+                }
+            }
+            let mut start = [0u8; FOOTER_LEN];
+            let starts_like_vhd = read_at(reader, loc, &mut start, 0, "footer copy").is_ok()
+                && start[..8] == FOOTER_COOKIE;
+            if starts_like_vhd {
+                // A fixed-type footer at 0 is refused by the caller with its own message; any
+                // other footer copy at 0 that is not intact leaves nothing to read with.
+                let (f, _) = Footer::decode(&start, loc, 0)?;
+                if f.disk_type == DiskType::Fixed {
+                    return Ok(Chosen {
+                        raw: start,
+                        at: 0,
+                        len: FOOTER_LEN,
+                        data_end: size,
+                        end_missing: true,
+                    });
+                }
+                return Err(Error::source_damaged(
+                    loc,
+                    at,
+                    "no VHD footer at the end of the file, and the footer copy at offset 0 has a \
+                     wrong checksum: the file lost its end (an interrupted copy or export?) or \
+                     both footers are damaged; copy or export it again",
+                ));
+            }
+            let mut header = [0u8; 8];
+            if read_at(
+                reader,
+                loc,
+                &mut header,
+                FOOTER_LEN as u64,
+                "dynamic header",
+            )
+            .is_ok()
+                && header == HEADER_COOKIE
+            {
+                return Err(Error::source_damaged(
+                    loc,
+                    at,
+                    "the file starts like a dynamic VHD (a dynamic header at offset 512) but has \
+                     no VHD footer, neither at its end nor at offset 0: it lost its end (an \
+                     interrupted copy or export?); copy or export it again",
+                ));
+            }
+            Err(Error::source_damaged(
+                loc,
+                at,
+                "bad VHD footer cookie: \"conectix\" is neither at the end of the file nor at \
+                 offset 0",
+            ))
+        }
+    }
 }

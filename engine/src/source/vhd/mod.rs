@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 pub use footer::DiskType;
-pub use image::{has_vhd_cookie, Place, VhdImage};
+pub use image::{has_vhd_cookie, sniff, vhdx_unsupported, Place, Sniffed, VhdImage};
 pub use io::{FileAt, ReadAt};
 
 use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
@@ -52,7 +52,7 @@ impl<R: ReadAt> VhdDisk<R> {
         let mut ids = HashSet::new();
         for (i, img) in layers.iter().enumerate() {
             if !ids.insert(img.footer.unique_id) {
-                return Err(Error::corrupt(
+                return Err(Error::source_damaged(
                     &img.location,
                     img.footer_at + footer::off::UNIQUE_ID as u64,
                     format!(
@@ -67,7 +67,7 @@ impl<R: ReadAt> VhdDisk<R> {
                 (Some(d), DiskType::Differencing, Some(parent))
                     if d.header.parent_unique_id != parent.footer.unique_id =>
                 {
-                    return Err(Error::corrupt(
+                    return Err(Error::source_damaged(
                         &img.location,
                         d.header_at + dynamic::off::PARENT_UNIQUE_ID as u64,
                         format!(
@@ -288,7 +288,13 @@ impl VhdDisk<FileAt> {
             }
             layers.push(image);
         }
-        VhdDisk::from_chain(layers)
+        let disk = VhdDisk::from_chain(layers)?;
+        // Tolerated damage (a wrong checksum, a footer read from its copy) is told as it is
+        // found; it is also kept in the snapshot's source information.
+        for w in disk.warnings() {
+            crate::progress::notice(&format!("warning: {w}"));
+        }
+        Ok(disk)
     }
 }
 
@@ -307,7 +313,7 @@ fn find_parent<R: ReadAt>(image: &VhdImage<R>, child: &Path) -> Result<PathBuf> 
                 let entry_at =
                     d.header_at + (dynamic::off::LOCATORS + i * dynamic::LOCATOR_LEN) as u64;
                 if l.data_length > dynamic::MAX_LOCATOR_LEN {
-                    return Err(Error::corrupt(
+                    return Err(Error::source_damaged(
                         &image.location,
                         entry_at,
                         format!("parent locator is {} bytes long", l.data_length),
@@ -361,6 +367,7 @@ impl<R: ReadAt> DiskSource for VhdDisk<R> {
             path: self.top().location.clone(),
             format: format!("vhd-{}", self.top().footer.disk_type.as_str()),
             vhd: Some(self.vhd_info()),
+            blob: None,
         }
     }
 
@@ -418,10 +425,11 @@ impl<R: ReadAt> DiskSource for VhdDisk<R> {
                 pos += n;
             }
         }
-        Ok(SourceChanges::Changes(ChangeList {
-            disk_size: Some(size),
+        Ok(SourceChanges::Changes(ChangeList::new(
+            Some(size),
             ranges,
-        }))
+            &self.top().location,
+        )?))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Unit tests of the VHD reader over in-memory images, including hostile ones: every damaged
-//! image must give `Error::Corrupt` naming the file and the offset, never a panic.
+//! image must give `Error::SourceDamaged` naming the file and the offset, never a panic.
 
 use super::dynamic::{self, DynamicHeader, HEADER_LEN, HEADER_VERSION, UNALLOCATED};
 use super::footer::{self, chs_geometry, DiskType, Footer, FILE_FORMAT_VERSION, NO_DATA_OFFSET};
@@ -139,18 +139,18 @@ fn open(bytes: &[u8]) -> Result<VhdDisk<&[u8]>> {
     VhdDisk::from_chain(vec![VhdImage::open(bytes, LOC)?])
 }
 
-/// The (offset, what) of a Corrupt error naming our file; panics on anything else.
+/// The (offset, what) of a SourceDamaged error naming our file; panics on anything else.
 fn corrupt<T: std::fmt::Debug>(r: Result<T>) -> (u64, String) {
     match r {
-        Err(Error::Corrupt {
-            location,
+        Err(Error::SourceDamaged {
+            source_name,
             offset,
             what,
         }) => {
-            assert_eq!(location, LOC);
+            assert_eq!(source_name, LOC);
             (offset, what)
         }
-        other => panic!("expected Corrupt, got {other:?}"),
+        other => panic!("expected SourceDamaged, got {other:?}"),
     }
 }
 
@@ -313,7 +313,7 @@ fn bad_checksum_warns_but_insane_sizes_refuse() -> Result<()> {
     let (offset, what) = corrupt(open(&f));
     assert_eq!(offset, (end + footer::off::CURRENT_SIZE) as u64);
     assert!(
-        what.contains("truncated") && what.contains("checksum"),
+        what.contains("cut short") && what.contains("checksum"),
         "{what}"
     );
     // Absurd size with a valid checksum.
@@ -406,21 +406,28 @@ fn truncated_files_fail_cleanly_at_every_length() -> Result<()> {
             .chain([img.len() - 1, 511, 512])
         {
             let part = &img[..cut];
-            // Either a clean error, or a disk that reads completely and correctly: a dynamic
-            // file cut after its last block (its footer copy at offset 0 survives, with a
-            // warning), or a file missing only the footer's last byte (a 511-byte footer).
-            if let Ok(d) = open(part) {
-                assert_eq!(read_all(&d)?, data, "cut at {cut}");
-                assert!(
-                    cut == img.len() - 1 || !d.warnings().is_empty(),
-                    "cut at {cut}"
-                );
+            // Either a clean error, or a disk that reads completely and correctly: only a
+            // file missing the footer's last byte (a 511-byte footer) is whole. A dynamic file
+            // cut after its last block still has its footer copy at offset 0, but it lost its
+            // end and is refused.
+            match open(part) {
+                Ok(d) => {
+                    assert_eq!(cut, img.len() - 1, "cut at {cut} was accepted");
+                    assert_eq!(read_all(&d)?, data, "cut at {cut}");
+                }
+                Err(e) => assert!(matches!(e, Error::SourceDamaged { .. }), "{e:?}"),
             }
         }
     }
+    // Cut exactly after the last block of a dynamic disk: refused, naming the lost end.
+    let (_, what) = corrupt(open(&dy[..dy.len() - 512]));
+    assert!(what.contains("lost its end"), "{what}");
     // Cut in the middle of the last block: the BAT points past the end.
     let (_, what) = corrupt(open(&dy[..dy.len() - 4096]));
-    assert!(what.contains("past the end"), "{what}");
+    assert!(
+        what.contains("past the end") && what.contains("lost its end"),
+        "{what}"
+    );
     Ok(())
 }
 
@@ -448,4 +455,99 @@ fn fixed_footer_only_at_offset_zero_is_not_a_vhd() {
     let mut raw = disk(1 << 20);
     raw[..512].copy_from_slice(&footer(DiskType::Fixed, 1 << 20, 1).encode());
     assert!(corrupt(open(&raw)).1.contains("no VHD footer"));
+}
+
+#[test]
+fn fixed_footer_size_must_match_the_file() {
+    // One flipped bit in the size field: the checksum is wrong and the size smaller than the
+    // file. Reading it would back up a disk of the wrong size.
+    let data = disk(1 << 20);
+    let mut f = fixed(&data, 1);
+    let end = f.len() - 512;
+    f[end + footer::off::CURRENT_SIZE + 5] ^= 0x08;
+    let (offset, what) = corrupt(open(&f));
+    assert_eq!(offset, (end + footer::off::CURRENT_SIZE) as u64);
+    assert!(
+        what.contains(&format!("{}", 1u64 << 20))
+            && what.contains(&format!("{}", f.len()))
+            && what.contains("checksum"),
+        "{what}"
+    );
+    // The same smaller size with a valid checksum: still not the file's size.
+    let mut g = fixed(&data, 1);
+    g[end + footer::off::CURRENT_SIZE..end + footer::off::CURRENT_SIZE + 8]
+        .copy_from_slice(&(440u64 << 10).to_be_bytes());
+    refresh_end_footer(&mut g);
+    let (_, what) = corrupt(open(&g));
+    assert!(
+        what.contains("450560") && what.contains("1049088"),
+        "{what}"
+    );
+}
+
+fn refresh_end_footer(img: &mut [u8]) {
+    let end = img.len() - 512;
+    let f = &mut img[end..];
+    let sum = footer::checksum(f, footer::off::CHECKSUM);
+    set_be32(f, footer::off::CHECKSUM, sum);
+}
+
+#[test]
+fn damaged_end_footer_gives_way_to_the_copy() -> Result<()> {
+    let data = disk(2 << 20);
+    let good = build(&data, 1 << 20, None, 2, &nonzero_sectors(&data));
+    let end = good.len() - 512;
+    // A flipped bit in the trailing footer's size: its checksum is wrong, the copy is intact.
+    let mut dy = good.clone();
+    dy[end + footer::off::CURRENT_SIZE + 4] ^= 0x40;
+    let d = open(&dy)?;
+    assert_eq!(d.top().footer_at, 0);
+    assert_eq!(d.virtual_size(), data.len() as u64);
+    assert_eq!(read_all(&d)?, data);
+    assert!(
+        d.warnings()
+            .iter()
+            .any(|w| w.contains("copy at offset 0") && w.contains("damaged")),
+        "{:?}",
+        d.warnings()
+    );
+    // The trailing footer's cookie is gone: the copy again.
+    let mut dy = good.clone();
+    dy[end..end + 8].copy_from_slice(b"garbage!");
+    let d = open(&dy)?;
+    assert_eq!(read_all(&d)?, data);
+    assert!(d.warnings().iter().any(|w| w.contains("copy at offset 0")));
+    // Both damaged: refused (the trailing one's size cannot be trusted).
+    let mut dy = good.clone();
+    dy[end + footer::off::CURRENT_SIZE + 4] ^= 0x40;
+    dy[footer::off::CURRENT_SIZE + 4] ^= 0x40;
+    assert!(open(&dy).is_err());
+    // Lost end and damaged copy.
+    let mut dy = good[..end].to_vec();
+    dy[100] ^= 1;
+    let (_, what) = corrupt(open(&dy));
+    assert!(what.contains("lost its end"), "{what}");
+    // Lost both footers: the dynamic header at 512 still says what it was.
+    let mut dy = good[..end].to_vec();
+    dy[0] = b'X';
+    assert_eq!(sniff(&dy[..]), Sniffed::Vhd);
+    let (_, what) = corrupt(open(&dy));
+    assert!(what.contains("starts like a dynamic VHD"), "{what}");
+    Ok(())
+}
+
+#[test]
+fn vhdx_is_unsupported() {
+    let mut x = vec![0u8; 1 << 20];
+    x[..8].copy_from_slice(b"vhdxfile");
+    assert_eq!(sniff(&x[..]), Sniffed::Vhdx);
+    match open(&x) {
+        Err(Error::Unsupported { what }) => {
+            assert!(
+                what.contains("qemu-img convert -O vpc -o subformat=fixed"),
+                "{what}"
+            )
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
 }
