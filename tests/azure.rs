@@ -168,6 +168,67 @@ fn check_vhd(blob: &[u8], raw: &Path, dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the ranges Get Page Ranges reports for a restored blob (`blob`, downloaded) against
+/// its bytes: every non-zero page is written, every range begins and ends with data, no zero
+/// run inside a range is longer than `gap`, all is aligned to `align`, the footer is written,
+/// and the report's byte counts match.
+fn check_page_ranges(
+    client: &BlobClient,
+    blob: &[u8],
+    align: u64,
+    gap: u64,
+    report: &stackvault::PageBlobRestoreReport,
+) -> Result<()> {
+    let size = blob.len() as u64;
+    let ranges = client.written_ranges(0, size)?;
+    ensure!(
+        ranges.last().is_some_and(|r| r.1 == size),
+        "footer not written: {ranges:?}"
+    );
+    let page = |o: u64| &blob[o as usize..(o + align).min(size) as usize];
+    let zero = |p: &[u8]| p.iter().all(|&b| b == 0);
+    let written = |o: u64| ranges.iter().any(|&(s, e)| s <= o && o < e);
+    for o in (0..size).step_by(align as usize) {
+        ensure!(
+            zero(page(o)) || written(o),
+            "data page at {o} is not written: {ranges:?}"
+        );
+    }
+    let mut zeros_inside = 0u64;
+    for &(s, e) in &ranges {
+        ensure!(
+            s % align == 0 && (e % align == 0 || e == size),
+            "range {s}..{e} is not {align}-aligned"
+        );
+        ensure!(
+            !zero(page(s)) && !zero(page(e - (e - s).min(align))),
+            "range {s}..{e} begins or ends with zeros"
+        );
+        let mut run = 0u64;
+        for o in (s..e).step_by(align as usize) {
+            if zero(page(o)) {
+                run += align;
+                zeros_inside += align;
+                ensure!(run <= gap, "a zero run of {run} bytes at {o} was written");
+            } else {
+                run = 0;
+            }
+        }
+    }
+    let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    ensure!(
+        report.uploaded_bytes == total,
+        "uploaded {} bytes, the blob has {total} written",
+        report.uploaded_bytes
+    );
+    ensure!(
+        report.coalesced_zero_bytes == zeros_inside,
+        "reported {} coalesced zero bytes, the ranges hold {zeros_inside}",
+        report.coalesced_zero_bytes
+    );
+    Ok(())
+}
+
 fn new_repo(dir: &Path) -> Result<Repo> {
     Ok(Repo::init(&dir.join("repo"), &InitOptions::default())?)
 }
@@ -219,15 +280,9 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     );
     let a = BlobClient::new(&url_a, &sas_options())?;
     let data_size = (raw_bytes.len() as u64).div_ceil(MIB) * MIB;
-    let mut expected = nonzero_pages(&raw_bytes);
-    expected.push((data_size, data_size + 512));
-    let reported = a.written_ranges(0, data_size + 512)?;
-    ensure!(
-        reported == expected,
-        "page ranges {reported:?} != non-zero pages {expected:?}"
-    );
-    ensure!(report.bytes_uploaded == expected.iter().map(|(s, e)| e - s).sum::<u64>());
+    let expected = nonzero_pages(&raw_bytes);
     let blob_a = download(&a)?;
+    check_page_ranges(&a, &blob_a, 512, report.coalesce_gap_bytes, &report)?;
     check_vhd(&blob_a, &raw, dir.path(), "a")?;
 
     // Back up from the blob with Shared Key, through the CLI: same disk, same root digest.
@@ -368,16 +423,17 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
             .is_err_and(|e| e.to_string().contains("--force")),
         "{again:?}"
     );
+    // Junk in the middle of a zero gap too long to be sent inside a coalesced request.
     let junk = vec![0xA5u8; 8192];
-    let zero_at = expected[0].1.div_ceil(4096) * 4096 + 4096; // inside a zero gap? make sure:
-    let zero_at = (zero_at..data_size - 8192)
+    let margin = report.coalesce_gap_bytes + 8192;
+    let zero_at = (expected[0].1.div_ceil(4096) * 4096 + margin..data_size - 8192 - margin)
         .step_by(4096)
         .find(|&o| {
-            raw_bytes[o as usize..(o + 8192) as usize]
+            raw_bytes[(o - margin) as usize..(o + 8192 + margin) as usize]
                 .iter()
                 .all(|&x| x == 0)
         })
-        .context("no zero gap in the sample disk")?;
+        .context("no long zero gap in the sample disk")?;
     a.put_pages(zero_at, &junk)?;
     let existing = PageBlobRestoreOptions {
         existing: true,
@@ -386,6 +442,149 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     let r = restore_to_page_blob(&repo, &snap, &url_a, &existing, &NoProgress)?;
     ensure!(r.clear_requests >= 2, "junk not cleared: {r:?}");
     check_vhd(&download(&a)?, &raw, dir.path(), "a2")?;
+    Ok(())
+}
+
+/// A 13 MiB disk with data runs of every shape, and how many Put Page requests (footer
+/// included) a restore with a coalescing gap of 64 KiB needs in 4 MiB windows:
+/// - window 0: a single 512-byte sector at 1536 (1); at 1 MiB, 8 KiB of data, a 16 KiB gap,
+///   8 KiB (joined: 1), a 100 KiB gap, 4 KiB (1); data up to the 4 MiB boundary (1);
+/// - window 1: the run crossing 4 MiB, to 4 MiB + 70000 (1); a long zero gap; dense data
+///   from 6 MiB (1), crossing 8 MiB into
+/// - window 2: to 10.5 MiB (1); a long zero gap to
+/// - window 3: the last sector before the footer (1);
+/// - the footer (1).
+fn shapes_disk(path: &Path) -> Result<u64> {
+    let mut disk = vec![0u8; 13 * MIB as usize];
+    let mut fill = |s: u64, e: u64| {
+        for (i, b) in disk[s as usize..e as usize].iter_mut().enumerate() {
+            *b = ((s as usize + i) % 251) as u8 | 1;
+        }
+    };
+    fill(1536, 2048);
+    fill(MIB, MIB + 8192);
+    fill(MIB + 24 * 1024, MIB + 32 * 1024);
+    fill(MIB + 132 * 1024, MIB + 136 * 1024);
+    fill(4 * MIB - 6000, 4 * MIB + 70_000);
+    fill(6 * MIB, 10 * MIB + MIB / 2);
+    fill(13 * MIB - 512, 13 * MIB);
+    std::fs::write(path, &disk)?;
+    Ok(9)
+}
+
+#[test]
+fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
+    let Some(az) = azurite()? else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    let raw = dir.path().join("shapes.raw");
+    let expected_puts = shapes_disk(&raw)?;
+    let repo = new_repo(dir.path())?;
+    let first = backup_source(
+        &repo,
+        stackvault::open_source(&raw, &Default::default())?.as_ref(),
+        "shapes",
+    )?;
+    let snap = repo.resolve_snapshot(&first.snapshot_id, None)?;
+    create_container(az.port, "shapes")?;
+    let options = PageBlobRestoreOptions {
+        blob: key_options(&endpoint(az.port)),
+        journal_dir: Some(dir.path().join("journals")),
+        ..Default::default()
+    };
+
+    // Default gap (64 KiB): requests as counted by shapes_disk, blob identical to the disk.
+    let url = "azure://devstoreaccount1/shapes/a.vhd";
+    let r = restore_to_page_blob(&repo, &snap, url, &options, &NoProgress)?;
+    ensure!(r.coalesce_gap_bytes == 64 * 1024, "{r:?}");
+    ensure!(
+        r.put_requests == expected_puts && r.requests == expected_puts,
+        "{} Put Page requests, {} in all; the layout needs {expected_puts}",
+        r.put_requests,
+        r.requests
+    );
+    ensure!(
+        r.coalesced_zero_bytes == 16 * 1024,
+        "coalesced zeros {}",
+        r.coalesced_zero_bytes
+    );
+    let a = BlobClient::new(url, &key_options(&endpoint(az.port)))?;
+    let blob = download(&a)?;
+    check_vhd(&blob, &raw, dir.path(), "shapes-a")?;
+    check_page_ranges(&a, &blob, 512, 64 * 1024, &r)?;
+
+    // Through the CLI with a gap of 128 KiB: the 100 KiB gap joins too; the JSON report says
+    // so with its byte counts.
+    let (code, out, err) = run_cli_env(
+        &[
+            "restore".as_ref(),
+            dir.path().join("repo").as_os_str(),
+            first.snapshot_id.as_ref(),
+            "azure://devstoreaccount1/shapes/b.vhd".as_ref(),
+            "--endpoint".as_ref(),
+            endpoint(az.port).as_ref(),
+            "--account-key-env".as_ref(),
+            "STACKVAULT_TEST_AZURITE_KEY".as_ref(),
+            "--journal-dir".as_ref(),
+            dir.path().join("journals").as_os_str(),
+            "--coalesce-gap".as_ref(),
+            "128KiB".as_ref(),
+            "--parallel".as_ref(),
+            "3".as_ref(),
+            "--json".as_ref(),
+        ],
+        "STACKVAULT_TEST_AZURITE_KEY",
+    )?;
+    ensure!(code == 0, "restore failed: {err}");
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        j["put_requests"] == expected_puts - 1
+            && j["coalesce_gap_bytes"] == 128 * 1024
+            && j["parallel"] == 3
+            && j["uploaded_bytes"].as_u64().is_some()
+            && j["coalesced_zero_bytes"].as_u64().is_some()
+            && j["upload_mb_s"].as_f64().is_some(),
+        "{out}"
+    );
+    let b = BlobClient::new(
+        "azure://devstoreaccount1/shapes/b.vhd",
+        &key_options(&endpoint(az.port)),
+    )?;
+    let data_end = blob.len() - 512; // footers differ: a raw source gets a random id
+    ensure!(
+        download(&b)?[..data_end] == blob[..data_end],
+        "gap 128 KiB restored other bytes"
+    );
+    // Gap 0: data pages only, the 16 KiB gap splits its request.
+    let zero_gap = PageBlobRestoreOptions {
+        coalesce_gap: Some(0),
+        force: true,
+        ..options.clone()
+    };
+    let r0 = restore_to_page_blob(&repo, &snap, url, &zero_gap, &NoProgress)?;
+    ensure!(
+        r0.put_requests == expected_puts + 1 && r0.coalesced_zero_bytes == 0,
+        "{r0:?}"
+    );
+    check_page_ranges(&a, &download(&a)?, 512, 0, &r0)?;
+
+    // Azure Stack Hub: 4 KiB pages (the lone sector at 1536 goes as the page at 0).
+    let stack = PageBlobRestoreOptions {
+        blob: BlobOptions {
+            profile: Profile::AzureStack,
+            ..key_options(&endpoint(az.port))
+        },
+        force: true,
+        ..options.clone()
+    };
+    let rs = restore_to_page_blob(&repo, &snap, url, &stack, &NoProgress)?;
+    ensure!(
+        rs.api_version == "2019-02-02" && rs.put_requests == expected_puts,
+        "{rs:?}"
+    );
+    let blob_s = download(&a)?;
+    check_vhd(&blob_s, &raw, dir.path(), "shapes-stack")?;
+    check_page_ranges(&a, &blob_s, 4096, 64 * 1024, &rs)?;
+    ensure!(a.written_ranges(0, 4096)? == [(0, 4096)]);
     Ok(())
 }
 
@@ -686,7 +885,7 @@ fn faults_are_retried_and_an_interrupted_restore_resumes() -> Result<()> {
     let options = PageBlobRestoreOptions {
         blob: blob.clone(),
         journal_dir: Some(dir.path().join("journals")),
-        uploaders: 3,
+        parallel: 3,
         ..Default::default()
     };
     let url = "azure://devstoreaccount1/faults/d.vhd";
@@ -732,6 +931,13 @@ fn faults_are_retried_and_an_interrupted_restore_resumes() -> Result<()> {
     let resumed = restore_to_page_blob(&repo, &snap, url, &resume, &NoProgress)?;
     let sent = puts_ok.load(Ordering::SeqCst) - before;
     ensure!(resumed.windows_resumed >= 1, "nothing resumed: {resumed:?}");
+    // Resumed windows are not even decompressed.
+    ensure!(
+        resumed.restore.chunks < report.restore.chunks,
+        "resume read {} chunks, a full restore {}",
+        resumed.restore.chunks,
+        report.restore.chunks
+    );
     ensure!(
         sent < report.put_requests,
         "resume sent {sent} Put Pages, a full restore {}",

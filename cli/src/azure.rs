@@ -40,6 +40,36 @@ pub struct BlobRestoreArgs {
     /// Directory of page blob resume journals (default ~/.cache/stackvault/resume).
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
+    /// Page blob: zero gaps up to SIZE between data runs are sent inside one Put Page request
+    /// (up to 4 MiB) instead of starting another. A page blob takes about 500 requests/s and
+    /// 60 MiB/s, so a request costs as much as ~120 KiB of data; but the zeros sent count as
+    /// written pages (billed, and listed by Get Page Ranges). 0 sends data pages only.
+    /// Bytes, or with KiB/MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    coalesce_gap: Option<u64>,
+    /// Page blob: Put Page requests in flight (default 8; memory about N × 4 MiB).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: Option<u16>,
+}
+
+/// `65536`, `64KiB`, `64K`, `4MiB`, `4M`: a size in bytes, at most 4 MiB.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 65536, 64KiB or 1MiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        _ => return Err(format!("{s:?}: the unit must be KiB or MiB")),
+    };
+    match n.checked_mul(scale) {
+        Some(v) if v <= 4 << 20 => Ok(v),
+        _ => Err(format!("{s:?}: at most 4MiB (the largest Put Page)")),
+    }
 }
 
 /// The argument as a blob URL, when it is one.
@@ -89,12 +119,18 @@ impl BlobRestoreArgs {
             existing: self.existing,
             resume: self.resume,
             journal_dir: self.journal_dir.clone(),
+            coalesce_gap: self.coalesce_gap,
+            parallel: self.parallel.map_or(0, usize::from),
             ..Default::default()
         })
     }
 
     pub fn any(&self) -> bool {
-        self.existing || self.resume || self.journal_dir.is_some()
+        self.existing
+            || self.resume
+            || self.journal_dir.is_some()
+            || self.coalesce_gap.is_some()
+            || self.parallel.is_some()
     }
 }
 
@@ -116,15 +152,21 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
         crate::output::bytes(r.blob_size)
     ))?;
     crate::output::line(format!(
-        "  uploaded {} in {} Put Page requests, {} clears, {} windows resumed, x-ms-version {} \
-         ({}), {:.2} s, {:.1} MB/s",
-        crate::output::bytes(r.bytes_uploaded),
+        "  {} requests ({} Put Page, {} clears) of {} in flight, uploaded {} ({} of them zeros \
+         inside coalesced requests, gap {}), {} windows resumed, x-ms-version {} ({}), \
+         {:.2} s, {:.1} MB/s uploaded, {:.1} MB/s of disk",
+        r.requests,
         r.put_requests,
         r.clear_requests,
+        r.parallel,
+        crate::output::bytes(r.uploaded_bytes),
+        crate::output::bytes(r.coalesced_zero_bytes),
+        crate::output::bytes(r.coalesce_gap_bytes),
         r.windows_resumed,
         r.api_version,
         r.profile,
         b.duration_ms as f64 / 1000.0,
+        r.upload_mb_s,
         b.throughput_mb_s
     ))
 }

@@ -62,7 +62,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         return crate::azure::print_restore(&report, args.json);
     }
     if args.blob_restore.any() {
-        anyhow::bail!("--existing, --resume and --journal-dir apply to page blob targets");
+        anyhow::bail!("--existing, --resume, --journal-dir, --coalesce-gap and --parallel apply to page blob targets");
     }
     let options = RestoreOptions {
         force: args.force,

@@ -1,13 +1,15 @@
 //! Restore to a page blob (Azure, Azure Stack Hub) as a fixed VHD, over the Blob REST API.
 //!
 //! Job: create the page blob (virtual size rounded up to a whole MiB, plus the 512-byte
-//! footer), upload only the pages that hold data, and write the VHD footer last.
+//! footer), upload the pages that hold data, and write the VHD footer last.
 //!
 //! How: [`restore_into`] writes chunks at arbitrary, unaligned offsets, segment by segment.
-//! The target assembles each segment's window in memory; when the segment is done, the
-//! window goes to a small pool of uploader threads, which skip all-zero pages (512 bytes, or
-//! 4 KiB on Azure Stack Hub) and Put Page the rest in runs of at most 4 MiB. Memory is bounded
-//! by the windows in flight (restore threads + queue + uploaders), never by the disk size.
+//! The target assembles them into windows of `max(segment size, 4 MiB)` (4 MiB aligned, so
+//! a window is at most one Put Page when its data is dense) and, when every segment of a
+//! window is done, hands it to the [`PageWriter`], which coalesces data runs separated by
+//! short zero gaps into requests of up to 4 MiB and keeps `parallel` of them in flight.
+//! Memory is bounded by the windows being assembled (about one per restore thread) plus the
+//! requests in flight, never by the disk size.
 //!
 //! Invariants:
 //! - The footer is written last, after every window is confirmed: an interrupted restore never
@@ -16,25 +18,27 @@
 //! - On an existing blob (`existing`, or `resume`), pages written on the target but zero in the
 //!   snapshot are cleared, so the blob ends up byte-identical to the snapshot.
 //! - A window is recorded in the resume journal only after the service confirmed every request
-//!   for it. `resume` skips exactly the recorded windows and redoes everything else, so a lost
-//!   journal costs time, never correctness. The journal is keyed by snapshot id and blob URL
-//!   without query (no SAS is written to disk) and removed after success.
+//!   for it. `resume` skips exactly the recorded windows, without reading their chunks, and
+//!   redoes everything else, so a lost journal costs time, never correctness. The journal is
+//!   keyed by snapshot id and blob URL without query (no SAS is written to disk), names the
+//!   window size, and is removed after success.
 //! - Limits of the profile are checked before anything is sent.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::azure::pagewriter::{
+    PageWriter, Submitter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
+};
 use crate::azure::{
-    BlobClient, BlobOptions, PageRange, Profile, AZURESTACK_MAX_MANAGED_DISK,
-    AZURESTACK_MAX_PAGE_BLOB, AZURE_MAX_PAGE_BLOB, MAX_PUT_PAGE,
+    BlobClient, BlobOptions, Profile, AZURESTACK_MAX_MANAGED_DISK, AZURESTACK_MAX_PAGE_BLOB,
+    AZURE_MAX_PAGE_BLOB, MAX_PUT_PAGE,
 };
 use crate::error::{Error, Result};
 use crate::index::SnapshotSummary;
@@ -61,8 +65,11 @@ pub struct PageBlobRestoreOptions {
     pub journal_dir: Option<PathBuf>,
     /// Unique id of the VHD footer; default the snapshot's source VHD's, else random.
     pub unique_id: Option<[u8; 16]>,
-    /// Parallel uploads (default 8).
-    pub uploaders: usize,
+    /// Put Page requests in flight; 0: [`DEFAULT_PARALLEL`].
+    pub parallel: usize,
+    /// Zero gaps up to this many bytes are sent inside a request instead of splitting it
+    /// (they count as written pages); `None`: [`DEFAULT_COALESCE_GAP`].
+    pub coalesce_gap: Option<u64>,
 }
 
 /// The outcome of a page blob restore (`--json` serialises this).
@@ -76,10 +83,20 @@ pub struct PageBlobRestoreReport {
     pub blob_size: u64,
     pub vhd_current_size: u64,
     pub unique_id: String,
-    /// Bytes sent with Put Page (data pages and the footer).
-    pub bytes_uploaded: u64,
+    /// Requests that wrote pages: Put Page and clears, the footer included.
+    pub requests: u64,
     pub put_requests: u64,
     pub clear_requests: u64,
+    /// Bytes sent with Put Page: data pages, coalesced zeros and the footer.
+    pub uploaded_bytes: u64,
+    /// Zero bytes sent inside coalesced Put Page requests (they count as written pages).
+    pub coalesced_zero_bytes: u64,
+    /// `uploaded_bytes` per second of the whole restore, in MB/s.
+    pub upload_mb_s: f64,
+    pub coalesce_gap_bytes: u64,
+    pub parallel: usize,
+    /// Size of the windows the disk is cut into (and the journal records).
+    pub window_bytes: u64,
     /// Windows skipped because the resume journal had them confirmed.
     pub windows_resumed: u64,
     pub windows_uploaded: u64,
@@ -173,12 +190,18 @@ pub fn restore_to_page_blob(
         }
     };
 
+    // Windows are 4 MiB aligned (segment sizes are powers of two), at least one Put Page.
+    let window = u64::from(manifest.segment_size).max(MAX_PUT_PAGE as u64);
     let journal_dir = options
         .journal_dir
         .clone()
         .unwrap_or_else(default_journal_dir);
     let journal = journal_path(&journal_dir, &snapshot.id, &client.identity());
-    let header = format!("stackvault-resume v1 {} {}", snapshot.id, client.identity());
+    let header = format!(
+        "stackvault-resume v2 {} window={window} {}",
+        snapshot.id,
+        client.identity()
+    );
     let existing_props = client.properties()?;
     let mut confirmed = HashSet::new();
     let mut target_ranges = Vec::new();
@@ -202,6 +225,7 @@ pub fn restore_to_page_blob(
         }
         if options.resume {
             confirmed = read_journal(&journal, &header)?;
+            confirmed.retain(|&o| o % window == 0 && o < data_size);
         }
         // The old footer goes first: until the new one is written, this is no valid VHD.
         client.clear_pages(data_size, FOOTER_LEN as u64)?;
@@ -216,58 +240,41 @@ pub fn restore_to_page_blob(
         client.create_page_blob(blob_size)?;
     }
     fs::create_dir_all(&journal_dir).map_err(|e| Error::io("create", &journal_dir, e))?;
-    let journal_file = open_journal(&journal, &header, !confirmed.is_empty())?;
+    let journal_file = Mutex::new(open_journal(&journal, &header, !confirmed.is_empty())?);
+    let confirm = |offset: u64| -> Result<()> {
+        let mut j = journal_file
+            .lock()
+            .map_err(|_| Error::Internal("resume journal lock poisoned".into()))?;
+        writeln!(j, "{offset}").map_err(|e| Error::io("write resume journal", &journal, e))
+    };
 
-    let uploaders = if options.uploaders == 0 {
-        8
-    } else {
-        options.uploaders
+    let writer_options = WriterOptions {
+        coalesce_gap: options.coalesce_gap.unwrap_or(DEFAULT_COALESCE_GAP),
+        parallel: if options.parallel == 0 {
+            DEFAULT_PARALLEL
+        } else {
+            options.parallel
+        },
     };
-    let target = PageBlobTarget {
-        client: &client,
-        segment_size: u64::from(manifest.segment_size),
-        data_size,
-        align: profile.page_align(),
-        windows: Mutex::new(HashMap::new()),
-        confirmed,
-        target_ranges,
-        journal: Mutex::new(journal_file),
-        journal_path: journal.clone(),
-        queue: Mutex::new(None),
-        failed: Mutex::new(None),
-        stats: Stats::default(),
-    };
-    let (tx, rx) = sync_channel::<Window>(uploaders);
-    if let Ok(mut q) = target.queue.lock() {
-        *q = Some(tx);
-    }
-    let rx = Mutex::new(rx);
-    let counts = std::thread::scope(|scope| -> Result<_> {
-        let workers: Vec<_> = (0..uploaders)
-            .map(|_| scope.spawn(|| target.upload_loop(&rx)))
-            .collect();
-        let result = restore_into(repo, &snapshot.id, &manifest, &target, progress);
-        if let Ok(mut q) = target.queue.lock() {
-            q.take();
+    let writer = PageWriter::new(&client, writer_options, target_ranges);
+    let counts = writer.run(&confirm, |submitter| {
+        let target = PageBlobTarget {
+            submitter,
+            window,
+            virtual_size: manifest.virtual_size,
+            data_size,
+            assembling: Mutex::new(HashMap::new()),
+            confirmed: &confirmed,
+        };
+        let counts = restore_into(repo, &snapshot.id, &manifest, &target, progress)?;
+        let left = target.assembling.lock().map(|a| a.len()).unwrap_or(1);
+        if left != 0 {
+            return Err(Error::Internal(format!(
+                "{left} windows were never completed by the restore"
+            )));
         }
-        for w in workers {
-            if w.join().is_err() {
-                target.fail(Error::InvalidArgument("an upload thread panicked".into()));
-            }
-        }
-        let failure = target.failed.lock().ok().and_then(|mut f| f.take());
-        match (result, failure) {
-            (_, Some(e)) => Err(e),
-            (Err(e), None) => Err(e),
-            (Ok(c), None) => Ok(c),
-        }
+        Ok(counts)
     })?;
-    // Pages past the last segment (the rounding to a MiB) that an existing blob had written.
-    let tail = manifest.virtual_size.div_ceil(target.align) * target.align;
-    for (s, e) in overlaps(&target.target_ranges, tail, data_size) {
-        client.clear_pages(s, e - s)?;
-        target.stats.clears.fetch_add(1, Ordering::Relaxed);
-    }
     // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
     let vhd_footer = Footer {
         features: 2,
@@ -285,11 +292,12 @@ pub fn restore_to_page_blob(
         saved_state: 0,
     }
     .encode();
-    client.put_pages(data_size, &vhd_footer)?;
+    writer.put(data_size, &vhd_footer)?;
     let _ = fs::remove_file(&journal);
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let s = &target.stats;
+    let s = writer.stats();
+    let clear_requests = s.clear_requests + u64::from(on_existing);
     Ok(PageBlobRestoreReport {
         restore: RestoreReport {
             snapshot_id: snapshot.id.clone(),
@@ -309,11 +317,17 @@ pub fn restore_to_page_blob(
         blob_size,
         vhd_current_size: data_size,
         unique_id: footer::format_uuid(&unique_id),
-        bytes_uploaded: s.bytes.load(Ordering::Relaxed) + FOOTER_LEN as u64,
-        put_requests: s.puts.load(Ordering::Relaxed) + 1,
-        clear_requests: s.clears.load(Ordering::Relaxed) + u64::from(on_existing),
-        windows_resumed: s.resumed.load(Ordering::Relaxed),
-        windows_uploaded: s.uploaded.load(Ordering::Relaxed),
+        requests: s.put_requests + clear_requests,
+        put_requests: s.put_requests,
+        clear_requests,
+        uploaded_bytes: s.put_bytes,
+        coalesced_zero_bytes: s.coalesced_zero_bytes,
+        upload_mb_s: s.put_bytes as f64 / secs / 1e6,
+        coalesce_gap_bytes: writer_options.coalesce_gap,
+        parallel: writer_options.parallel,
+        window_bytes: window,
+        windows_resumed: confirmed.len() as u64,
+        windows_uploaded: s.windows,
         notes: client.notes(),
     })
 }
@@ -353,193 +367,98 @@ fn open_journal(path: &Path, header: &str, append: bool) -> Result<File> {
     Ok(f)
 }
 
-/// Parts of `ranges` (sorted, end exclusive) inside `[start, end)`.
-fn overlaps(ranges: &[PageRange], start: u64, end: u64) -> Vec<PageRange> {
-    let first = ranges.partition_point(|&(_, e)| e <= start);
-    ranges[first..]
-        .iter()
-        .take_while(|&&(s, _)| s < end)
-        .map(|&(s, e)| (s.max(start), e.min(end)))
-        .filter(|(s, e)| s < e)
-        .collect()
+/// A window being assembled from its segments' chunks.
+struct Assembling {
+    data: Vec<u8>,
+    /// Bytes of the virtual disk whose segments are done.
+    done: u64,
 }
 
-/// True when every byte is zero.
-fn is_zero(b: &[u8]) -> bool {
-    let mut blocks = b.chunks_exact(16);
-    blocks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-        && blocks.remainder().iter().all(|&x| x == 0)
-}
-
-#[derive(Default)]
-struct Stats {
-    bytes: AtomicU64,
-    puts: AtomicU64,
-    clears: AtomicU64,
-    resumed: AtomicU64,
-    uploaded: AtomicU64,
-}
-
-/// One finished segment on its way to the service.
-struct Window {
-    offset: u64,
-    len: u64,
-    data: Option<Vec<u8>>,
-}
-
-struct PageBlobTarget<'a> {
-    client: &'a BlobClient,
-    segment_size: u64,
+struct PageBlobTarget<'s, 'w, 'a> {
+    submitter: &'s Submitter<'w, 'a>,
+    window: u64,
+    virtual_size: u64,
     data_size: u64,
-    align: u64,
-    /// Windows being assembled, by segment offset.
-    windows: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Windows being assembled, by offset.
+    assembling: Mutex<HashMap<u64, Assembling>>,
     /// Windows the resume journal confirms.
-    confirmed: HashSet<u64>,
-    /// Written ranges of an existing target blob (to clear what the snapshot has as zero).
-    target_ranges: Vec<PageRange>,
-    journal: Mutex<File>,
-    journal_path: PathBuf,
-    queue: Mutex<Option<SyncSender<Window>>>,
-    failed: Mutex<Option<Error>>,
-    stats: Stats,
+    confirmed: &'s HashSet<u64>,
 }
 
-impl PageBlobTarget<'_> {
-    fn fail(&self, e: Error) {
-        if let Ok(mut f) = self.failed.lock() {
-            if f.is_none() {
-                *f = Some(e);
-            }
-        }
+impl PageBlobTarget<'_, '_, '_> {
+    fn window_of(&self, offset: u64) -> u64 {
+        offset - offset % self.window
     }
 
-    fn has_failed(&self) -> bool {
-        self.failed.lock().map(|f| f.is_some()).unwrap_or(true)
+    /// Bytes of the blob the window at `start` covers (the last one ends at the MiB-rounded
+    /// disk size).
+    fn window_len(&self, start: u64) -> u64 {
+        self.window.min(self.data_size.saturating_sub(start))
     }
 
-    fn upload_loop(&self, rx: &Mutex<Receiver<Window>>) {
-        loop {
-            let next = match rx.lock() {
-                Ok(r) => r.recv(),
-                Err(_) => return,
-            };
-            let Ok(w) = next else { return };
-            if self.has_failed() {
-                continue; // drain, so senders never block on a dead pool
-            }
-            if let Err(e) = self.upload(&w) {
-                self.fail(e);
-            }
-        }
-    }
-
-    /// Sends one window: Put Page for runs of non-zero pages, clear for pages the target
-    /// has written but the snapshot has as zero; then records it in the journal.
-    fn upload(&self, w: &Window) -> Result<()> {
-        let padded = (w.len.div_ceil(self.align) * self.align).min(self.data_size - w.offset);
-        let page = self.align as usize;
-        let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (start, end, data)
-        if let Some(buf) = &w.data {
-            let mut pos = 0usize;
-            while pos < padded as usize {
-                let end = (pos + page).min(buf.len());
-                let data = !is_zero(&buf[pos..end]);
-                match runs.last_mut() {
-                    Some(r) if r.2 == data && r.1 == pos && (!data || r.1 - r.0 < MAX_PUT_PAGE) => {
-                        r.1 = pos + page
-                    }
-                    _ => runs.push((pos, pos + page, data)),
-                }
-                pos += page;
-            }
-        } else {
-            runs.push((0, padded as usize, false));
-        }
-        for (s, e, data) in runs {
-            let (abs_s, abs_e) = (w.offset + s as u64, w.offset + e as u64);
-            if data {
-                let buf = w.data.as_deref().unwrap_or(&[]);
-                self.client.put_pages(abs_s, &buf[s..e])?;
-                self.stats.puts.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .bytes
-                    .fetch_add((e - s) as u64, Ordering::Relaxed);
-            } else {
-                for (cs, ce) in overlaps(&self.target_ranges, abs_s, abs_e) {
-                    // Round out to whole pages; they lie inside this zero run.
-                    let cs = cs - cs % self.align;
-                    let ce = (ce.div_ceil(self.align) * self.align).min(abs_e);
-                    self.client.clear_pages(cs, ce - cs)?;
-                    self.stats.clears.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
-        let mut j = self
-            .journal
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u64, Assembling>>> {
+        self.assembling
             .lock()
-            .map_err(|_| Error::InvalidArgument("resume journal lock poisoned".into()))?;
-        writeln!(j, "{}", w.offset)
-            .map_err(|e| Error::io("write resume journal", &self.journal_path, e))
+            .map_err(|_| Error::Internal("window lock poisoned".into()))
+    }
+
+    fn entry_len(&self, start: u64) -> Result<usize> {
+        usize::try_from(self.window_len(start))
+            .map_err(|_| Error::Internal(format!("window at {start} too large")))
     }
 }
 
-impl DiskTarget for PageBlobTarget<'_> {
+impl DiskTarget for PageBlobTarget<'_, '_, '_> {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let start = offset - offset % self.segment_size;
-        if self.confirmed.contains(&start) {
-            return Ok(());
-        }
+        let start = self.window_of(offset);
+        let len = self.entry_len(start)?;
         let within = (offset - start) as usize;
-        let window_len = (self.segment_size.min(self.data_size - start)) as usize;
-        if within + data.len() > window_len {
-            return Err(Error::InvalidArgument(format!(
-                "chunk at {offset} of {} bytes crosses a segment boundary",
-                data.len()
-            )));
-        }
-        // Chunks of one segment arrive from one thread; the map lock is held for the copy.
-        let mut windows = self
-            .windows
-            .lock()
-            .map_err(|_| Error::InvalidArgument("window lock poisoned".into()))?;
-        let buf = windows
-            .entry(start)
-            .or_insert_with(|| vec![0u8; window_len]);
-        buf[within..within + data.len()].copy_from_slice(data);
+        let end = within
+            .checked_add(data.len())
+            .filter(|&e| e <= len)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "chunk at {offset} of {} bytes crosses a window boundary",
+                    data.len()
+                ))
+            })?;
+        let mut assembling = self.lock()?;
+        let w = assembling.entry(start).or_insert_with(|| Assembling {
+            data: vec![0u8; len],
+            done: 0,
+        });
+        w.data[within..end].copy_from_slice(data);
         Ok(())
     }
 
     fn segment_done(&self, offset: u64, len: u64) -> Result<()> {
-        if let Some(e) = self.failed.lock().ok().and_then(|f| {
-            f.as_ref()
-                .map(|e| Error::InvalidArgument(format!("upload failed: {e}")))
-        }) {
-            return Err(e);
+        let start = self.window_of(offset);
+        let expected = (start + self.window).min(self.virtual_size) - start;
+        let entry_len = self.entry_len(start)?;
+        let complete = {
+            let mut assembling = self.lock()?;
+            let w = assembling.entry(start).or_insert_with(|| Assembling {
+                data: vec![0u8; entry_len],
+                done: 0,
+            });
+            w.done += len;
+            if w.done >= expected {
+                assembling.remove(&start)
+            } else {
+                None
+            }
+        };
+        match complete {
+            Some(w) => self.submitter.submit(Window {
+                offset: start,
+                data: w.data,
+            }),
+            None => Ok(()),
         }
-        if self.confirmed.contains(&offset) {
-            self.stats.resumed.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let data = self
-            .windows
-            .lock()
-            .map_err(|_| Error::InvalidArgument("window lock poisoned".into()))?
-            .remove(&offset);
-        let tx = self
-            .queue
-            .lock()
-            .map_err(|_| Error::InvalidArgument("queue lock poisoned".into()))?
-            .clone();
-        match tx {
-            Some(tx) => tx
-                .send(Window { offset, len, data })
-                .map_err(|_| Error::InvalidArgument("upload threads are gone".into())),
-            None => Err(Error::InvalidArgument("restore target is closed".into())),
-        }
+    }
+
+    fn has_segment(&self, offset: u64) -> bool {
+        self.confirmed.contains(&self.window_of(offset))
     }
 }
 
@@ -557,21 +476,6 @@ mod tests {
         assert!(check_limits(Profile::AzureStack, (1u64 << 40) - MIB, false).is_ok());
         assert!(check_limits(Profile::Azure, 4u64 << 40, false).is_ok());
         assert!(check_limits(Profile::Azure, 8u64 << 40, false).is_err());
-    }
-
-    #[test]
-    fn overlap_and_zero_helpers() {
-        let r = [(0, 512), (4096, 8192), (10_000, 20_000)];
-        assert_eq!(overlaps(&r, 100, 5000), vec![(100, 512), (4096, 5000)]);
-        assert_eq!(overlaps(&r, 8192, 10_000), vec![]);
-        assert!(is_zero(&[0u8; 4096]));
-        let mut b = [0u8; 4099];
-        assert!(is_zero(&b));
-        b[4098] = 1;
-        assert!(!is_zero(&b));
-        b[4098] = 0;
-        b[1] = 1;
-        assert!(!is_zero(&b));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - Get Page Ranges is asked in windows of [`PAGE_RANGE_WINDOW`] bytes, never relying on
 //!   continuation markers, which older service versions lack.
 
+pub mod pagewriter;
 pub mod sign;
 
 use std::io::Read as _;

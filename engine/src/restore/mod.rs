@@ -62,6 +62,13 @@ pub trait DiskTarget: Sync {
         let _ = (offset, len);
         Ok(())
     }
+
+    /// True when the target already holds the segment at `offset` (a resumed page blob
+    /// upload): the restore skips it without reading or decompressing its chunks.
+    fn has_segment(&self, offset: u64) -> bool {
+        let _ = offset;
+        false
+    }
 }
 
 /// Container format of a restored disk file.
@@ -171,8 +178,12 @@ pub fn restore_into(
             || (FrameCache::default(), Vec::new()),
             |(frames, run), i| {
                 crate::progress::checkpoint(progress, "restore-segment")?;
-                let extents = manifest.segment(i)?;
                 let start = i * seg;
+                if target.has_segment(start) {
+                    progress.advance(seg.min(manifest.virtual_size.saturating_sub(start)));
+                    return Ok(RestoreCounts::default());
+                }
+                let extents = manifest.segment(i)?;
                 let mut offset = start;
                 let mut run_start = start;
                 run.clear();
