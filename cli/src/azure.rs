@@ -47,7 +47,7 @@ pub struct BlobRestoreArgs {
     /// Bytes, or with KiB/MiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     coalesce_gap: Option<u64>,
-    /// Page blob: Put Page requests in flight (default 8; memory about N × 4 MiB).
+    /// Page blob: Put Page requests in flight (default 16; memory about N × 4 MiB).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     parallel: Option<u16>,
 }
