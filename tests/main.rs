@@ -8,6 +8,8 @@ mod crash;
 mod foundation;
 mod frames;
 mod incremental;
+mod locks;
+mod readonly;
 mod retention;
 mod vectors;
 mod verify;

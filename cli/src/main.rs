@@ -27,6 +27,11 @@ struct Cli {
     #[arg(long, short, global = true)]
     quiet: bool,
 
+    /// Open the repository read-only: nothing is written into it (commands that must write
+    /// refuse, exit 2). Automatic, without the flag, when the repository is not writable.
+    #[arg(long, global = true)]
+    read_only: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +68,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ctx = output::Context { quiet: cli.quiet };
+    if cli.read_only {
+        stackvault::repo::request_read_only();
+    }
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));
     }
