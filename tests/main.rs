@@ -10,6 +10,8 @@ mod foundation;
 mod frames;
 mod incremental;
 mod interrupt;
+mod locks;
+mod readonly;
 mod retention;
 mod vectors;
 mod verify;

@@ -59,6 +59,11 @@ struct Cli {
     )]
     repo_flag: Option<std::path::PathBuf>,
 
+    /// Open the repository read-only: nothing is written into it (commands that must write
+    /// refuse, exit 2). Automatic, without the flag, when the repository is not writable.
+    #[arg(long, global = true)]
+    read_only: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -125,6 +130,9 @@ fn main() -> ExitCode {
     };
     if let Err(e) = handle_interrupts(&ctx.cancel) {
         eprintln!("warning: cannot handle SIGINT/SIGTERM ({e}); an interrupt stops at once");
+    }
+    if cli.read_only {
+        stackvault::repo::request_read_only();
     }
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));

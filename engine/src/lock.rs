@@ -1,47 +1,57 @@
 //! Repository locks: many writers, or one maintainer.
 //!
-//! Locks are small JSON files in `locks/` (host, pid, process start time, time). Backups take
-//! a *writer* lock each (`backup-<pid>-<random>.lock`); they share the repository (separate
+//! Locks are small JSON files in `locks/` (host, pid, time), each held with an OS file lock
+//! (`flock`, exclusive) by the process it names, for exactly as long as the lock exists: a
+//! lock file whose file lock can be taken belongs to a process that has ended, whatever its
+//! file says, and one whose file lock is held belongs to a live process. Backups take a
+//! *writer* lock each (`backup-<pid>-<random>.lock`); they share the repository (separate
 //! packs, one SQLite writer at a time). `forget` takes a writer lock too. Operations that
-//! rewrite or delete derived or shared state (`index rebuild`, `prune`) take the one
-//! *maintenance* lock (`maintenance.lock`), created with an exclusive link so that only one
-//! can exist.
+//! rewrite or delete shared state (`index rebuild`, `prune`) take the one *maintenance* lock
+//! (`maintenance.lock`).
 //!
-//! Exclusion works because each side first makes its own lock visible and only then looks
-//! for the other side's: whichever comes second sees the first and backs out, removing its
-//! own lock. A lock is stale when it was written on this host by a process that is gone
-//! (its pid is dead, or now belongs to a process that started later); stale locks are
-//! removed with a notice. Locks of other hosts are never removed automatically: their age is
-//! reported so that an operator can decide. `format-spec/locks.md` is the protocol's spec.
+//! Invariants: a lock file appears under its final name already locked, whole and durable
+//! (written, locked and synced under a temporary name, then linked; the link fails if the
+//! name exists); a lock's name is removed only by a process holding its file lock, so a stale
+//! lock is removed race-free. Exclusion holds because each side first makes its own lock
+//! visible and only then looks for the other side's. Locks naming another host are never
+//! removed: a file lock may not cross hosts on a network share, so they are not provably
+//! stale. `format-spec/locks.md` is the protocol's spec, with the argument why it is
+//! race-free.
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::progress::notice;
 use crate::repo::{hostname, now_rfc3339};
+use crate::store::sync_dir;
 
 /// Directory of locks inside the repository.
 pub const LOCKS_DIR: &str = "locks";
 /// File name of the maintenance lock.
 pub const MAINTENANCE_LOCK: &str = "maintenance.lock";
+/// How often a lock held by someone else is looked at again before it counts as live: a
+/// process removing an abandoned lock holds its file lock for a moment, and must not be
+/// mistaken for a running holder.
+const HELD_RETRIES: u32 = 3;
+const HELD_PAUSE: Duration = Duration::from_millis(20);
 
 /// The contents of a lock file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
-    /// `backup`, `maintenance`, ...
+    /// `backup`, `forget`, `maintenance`.
     pub kind: String,
     /// What the holder is doing (`index rebuild`); informational.
     #[serde(default)]
     pub purpose: Option<String>,
     pub host: String,
     pub pid: u32,
-    /// Start time of the holding process in clock ticks since boot (`/proc/PID/stat` field
-    /// 22), which tells a live holder from a later process that reused its pid.
-    #[serde(default)]
-    pub pid_start: Option<u64>,
     /// When the lock was taken, RFC 3339 UTC.
     pub time: String,
 }
@@ -59,15 +69,22 @@ impl LockInfo {
     }
 }
 
-/// A held repository lock; removed on drop.
+/// A held repository lock: its file and the file lock on it. Dropping it removes the name
+/// (while still holding the file lock, see the module doc), then releases the file lock.
 #[derive(Debug)]
 pub struct LockGuard {
     path: PathBuf,
+    // Closed after `drop` has removed the name: closing releases the file lock.
+    _file: File,
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if fs::remove_file(&self.path).is_ok() {
+            if let Some(dir) = self.path.parent() {
+                let _ = sync_dir(dir);
+            }
+        }
     }
 }
 
@@ -81,7 +98,6 @@ fn our_info(kind: &str, purpose: Option<&str>) -> LockInfo {
         purpose: purpose.map(str::to_string),
         host: hostname(),
         pid: std::process::id(),
-        pid_start: process_start(std::process::id()),
         time: now_rfc3339(),
     }
 }
@@ -94,91 +110,169 @@ fn random_hex() -> String {
     crate::format::hex(&r)
 }
 
-/// Writes `info` to a temporary file in `dir` and links it to `name`: the lock appears whole
-/// or not at all, and linking fails if `name` exists.
-fn publish(dir: &Path, name: &str, info: &LockInfo) -> Result<std::result::Result<PathBuf, ()>> {
+fn lock_err<'a>(op: &'static str, path: &'a Path) -> impl Fn(rustix::io::Errno) -> Error + 'a {
+    move |e| Error::io(op, path, std::io::Error::from(e))
+}
+
+/// Publishes lock `name` in `dir`: writes `info` to a temporary file, takes its file lock,
+/// syncs it, links it to `name` and syncs the directory. `None` when `name` exists.
+fn publish(dir: &Path, name: &str, info: &LockInfo) -> Result<Option<LockGuard>> {
     fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
     let tmp = dir.join(format!(".tmp-{name}-{}", random_hex()));
     let body = serde_json::to_vec(info)
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode lock: {e}")))?;
-    fs::write(&tmp, body).map_err(|e| Error::io("create lock", &tmp, e))?;
+        .map_err(|e| Error::Internal(format!("cannot encode lock: {e}")))?;
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io("create lock", &tmp, e))?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(lock_err("lock", &tmp))?;
+        file.write_all(&body)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io("write lock", &tmp, e))?;
+        Ok(file)
+    })();
     let path = dir.join(name);
-    let linked = fs::hard_link(&tmp, &path);
+    let linked = written.and_then(|file| {
+        fs::hard_link(&tmp, &path)
+            .map(|()| file)
+            .map_err(|e| Error::io("create lock", &path, e))
+    });
     let _ = fs::remove_file(&tmp);
     match linked {
-        Ok(()) => Ok(Ok(path)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Err(())),
-        Err(e) => Err(Error::io("create lock", &path, e)),
+        Ok(file) => {
+            let guard = LockGuard { path, _file: file };
+            sync_dir(dir)?;
+            Ok(Some(guard))
+        }
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
-/// A lock file found in `locks/`.
+/// A lock file met in `locks/` and what its file lock says about its holder.
 struct Found {
     path: PathBuf,
     info: Option<LockInfo>,
+    state: State,
 }
 
-fn read_lock(path: &Path) -> Option<Found> {
-    match fs::read(path) {
-        Ok(bytes) => Some(Found {
-            path: path.to_path_buf(),
-            info: serde_json::from_slice(&bytes).ok(),
-        }),
-        // Released while we looked.
-        Err(_) => None,
-    }
+enum State {
+    /// Its holder is running.
+    Held,
+    /// Nobody holds its file lock; we hold it now (in this file).
+    Free(File),
 }
 
-/// Why a lock is stale, or `None` when its holder may still be running.
-fn stale_reason(info: &LockInfo) -> Option<String> {
-    if info.host != hostname() {
-        return None;
+impl Found {
+    /// Whether this lock belongs to a process on another host (or says nothing readable):
+    /// then a free file lock proves nothing.
+    fn foreign(&self) -> bool {
+        self.info.as_ref().is_none_or(|i| i.host != hostname())
     }
-    let pid = i32::try_from(info.pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)?;
-    match rustix::process::test_kill_process(pid) {
-        Err(e) if e == rustix::io::Errno::SRCH => {
-            Some(format!("process {} no longer exists", info.pid))
+
+    fn describe(&self) -> String {
+        match &self.info {
+            Some(i) => i.describe(),
+            None => format!("unreadable lock file {}", self.path.display()),
         }
-        _ => match (info.pid_start, process_start(info.pid)) {
-            (Some(recorded), Some(now)) if recorded != now => Some(format!(
-                "pid {} now belongs to a different process",
-                info.pid
-            )),
-            _ => None,
-        },
+    }
+
+    /// Why this lock blocks us, with what to do about it.
+    fn blocking(&self) -> String {
+        if matches!(self.state, State::Held) || !self.foreign() {
+            return self.describe();
+        }
+        let host = self.info.as_ref().map(|i| i.host.as_str());
+        format!(
+            "{}; it was taken on another host ({}), which may still be using this repository. \
+             Only one host may write a repository at a time (its SQLite index needs local \
+             shared memory); if no stackvault process runs there any more, delete {} and retry",
+            self.describe(),
+            host.unwrap_or("unknown"),
+            self.path.display()
+        )
     }
 }
 
-/// Returns the live lock among `found`, removing stale ones with a notice.
-fn live(found: Vec<Found>) -> Vec<Found> {
-    let mut out = Vec::new();
-    for f in found {
-        let reason = f.info.as_ref().and_then(stale_reason);
-        match reason {
-            Some(why) => {
-                if fs::remove_file(&f.path).is_ok() {
-                    notice(&format!("removed stale lock {} ({why})", f.path.display()));
-                }
+/// Looks at lock `path`: `None` when it is gone. A lock held by someone is looked at again a
+/// few times before it counts as held (see [`HELD_RETRIES`]).
+fn probe(path: &Path) -> Result<Option<Found>> {
+    let mut attempt = 0;
+    loop {
+        // Read-write: on NFS an exclusive flock is a write lock, which needs a writable file.
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open lock", path, e)),
+        };
+        let info = fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                return Ok(Some(Found {
+                    path: path.to_path_buf(),
+                    info,
+                    state: State::Free(file),
+                }))
             }
-            None => out.push(f),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && attempt < HELD_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(HELD_PAUSE);
+            }
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                return Ok(Some(Found {
+                    path: path.to_path_buf(),
+                    info,
+                    state: State::Held,
+                }))
+            }
+            Err(e) => return Err(lock_err("lock", path)(e)),
         }
     }
-    out
 }
 
-fn describe(f: &Found) -> String {
-    match &f.info {
-        Some(i) => i.describe(),
-        None => format!(
-            "unreadable lock file {} (remove it by hand if no stackvault process is running)",
-            f.path.display()
-        ),
+/// Removes `found` when it is provably stale: its file lock was free (and is now ours), it
+/// was taken on this host, and its name still refers to the file we locked. Race-free: only
+/// a process holding a lock's file lock removes its name, and that is us until we close it.
+/// Returns whether the lock is out of the way.
+fn remove_if_stale(found: &Found) -> Result<bool> {
+    let State::Free(file) = &found.state else {
+        return Ok(false);
+    };
+    if found.foreign() {
+        return Ok(false);
     }
+    let ours = file
+        .metadata()
+        .map_err(|e| Error::io("stat lock", &found.path, e))?;
+    match fs::symlink_metadata(&found.path) {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {}
+        // Released and perhaps replaced meanwhile: not ours to remove.
+        _ => return Ok(true),
+    }
+    match fs::remove_file(&found.path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(Error::io("remove stale lock", &found.path, e)),
+    }
+    if let Some(dir) = found.path.parent() {
+        sync_dir(dir)?;
+    }
+    notice(&format!(
+        "removed the lock of {}: that process ended without releasing it",
+        found.describe()
+    ));
+    Ok(true)
 }
 
-fn writer_locks(root: &Path) -> Result<Vec<Found>> {
+/// Names of the writer locks in `locks/`.
+fn writer_lock_paths(root: &Path) -> Result<Vec<PathBuf>> {
     let dir = locks_dir(root);
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
@@ -193,97 +287,116 @@ fn writer_locks(root: &Path) -> Result<Vec<Found>> {
         if name.starts_with(".tmp-") || name == MAINTENANCE_LOCK || !name.ends_with(".lock") {
             continue;
         }
-        out.extend(read_lock(&entry.path()));
+        out.push(entry.path());
     }
     Ok(out)
 }
 
-fn maintenance_lock(root: &Path) -> Option<Found> {
-    read_lock(&locks_dir(root).join(MAINTENANCE_LOCK))
-}
-
-/// Takes a writer lock of `kind` (`backup`). Refuses while maintenance is running.
+/// Takes a writer lock of `kind` (`backup`, `forget`). Refused while maintenance is running,
+/// and while another host holds any lock (see the module doc).
 pub fn acquire_writer(root: &Path, kind: &str) -> Result<LockGuard> {
     let info = our_info(kind, None);
     let name = format!("{kind}-{}-{}.lock", info.pid, random_hex());
-    let path = match publish(&locks_dir(root), &name, &info)? {
-        Ok(p) => p,
-        Err(()) => return Err(Error::Locked(format!("lock {name} already exists"))),
+    let Some(guard) = publish(&locks_dir(root), &name, &info)? else {
+        return Err(Error::Locked(format!("lock {name} already exists")));
     };
-    let guard = LockGuard { path };
-    // Our lock is visible: a maintainer starting from now on will see it and back out.
-    if let Some(m) = live(maintenance_lock(root).into_iter().collect()).first() {
-        return Err(Error::Locked(format!(
-            "maintenance is running ({}); try again when it has finished",
-            describe(m)
-        )));
+    // Our lock is visible: a maintainer or another host starting from now on will see it and
+    // back out.
+    if let Some(m) = probe(&locks_dir(root).join(MAINTENANCE_LOCK))? {
+        if !remove_if_stale(&m)? {
+            return Err(Error::Locked(format!(
+                "maintenance is running ({}); try again when it has finished",
+                m.blocking()
+            )));
+        }
+    }
+    let me = hostname();
+    for path in writer_lock_paths(root)? {
+        if path == guard.path {
+            continue;
+        }
+        let info: Option<LockInfo> = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if info.is_some_and(|i| i.host != me) {
+            // Whether or not its file lock looks free, another host's lock is not provably
+            // stale: refuse, and say what to do.
+            if let Some(found) = probe(&path)? {
+                return Err(Error::Locked(format!(
+                    "another host writes this repository: {}",
+                    found.blocking()
+                )));
+            }
+        }
     }
     Ok(guard)
 }
 
-/// Takes the exclusive maintenance lock for `purpose` (`index rebuild`). Refuses while any
-/// writer or another maintainer holds a live lock.
+/// Takes the exclusive maintenance lock for `purpose` (`index rebuild`, `prune`). Refuses
+/// while any writer or another maintainer holds a live lock.
 pub fn acquire_maintenance(root: &Path, purpose: &str) -> Result<LockGuard> {
     let dir = locks_dir(root);
     let info = our_info("maintenance", Some(purpose));
     let mut attempt = 0;
-    let path = loop {
-        match publish(&dir, MAINTENANCE_LOCK, &info)? {
-            Ok(p) => break p,
-            Err(()) => {
-                let holder = live(maintenance_lock(root).into_iter().collect());
-                if let Some(h) = holder.first() {
-                    return Err(Error::Locked(format!(
-                        "maintenance is already running ({})",
-                        describe(h)
-                    )));
-                }
-                // The holder was stale (and is now removed) or just released: try again.
-                attempt += 1;
-                if attempt > 3 {
-                    return Err(Error::Locked(
-                        "the maintenance lock keeps reappearing; another maintainer is starting"
-                            .into(),
-                    ));
-                }
+    let guard = loop {
+        if let Some(guard) = publish(&dir, MAINTENANCE_LOCK, &info)? {
+            break guard;
+        }
+        if let Some(holder) = probe(&dir.join(MAINTENANCE_LOCK))? {
+            if !remove_if_stale(&holder)? {
+                return Err(Error::Locked(format!(
+                    "maintenance is already running ({})",
+                    holder.blocking()
+                )));
             }
         }
+        // The holder was stale (and is now removed) or has just released: try again.
+        attempt += 1;
+        if attempt > 10 {
+            return Err(Error::Locked(
+                "the maintenance lock keeps changing hands; another maintainer is starting".into(),
+            ));
+        }
     };
-    let guard = LockGuard { path };
     // Our lock is visible: a writer starting from now on will see it and back out.
-    let writers = live(writer_locks(root)?);
-    if !writers.is_empty() {
-        let list: Vec<String> = writers.iter().map(describe).collect();
+    let mut blocking = Vec::new();
+    for path in writer_lock_paths(root)? {
+        if let Some(found) = probe(&path)? {
+            if !remove_if_stale(&found)? {
+                blocking.push(found.blocking());
+            }
+        }
+    }
+    if !blocking.is_empty() {
         return Err(Error::Locked(format!(
-            "{} cannot start while the repository is being written: {}",
-            purpose,
-            list.join("; ")
+            "{purpose} cannot start while the repository is being written: {}",
+            blocking.join("; ")
         )));
     }
     Ok(guard)
 }
 
-/// Locks whose holders are gone, as (path, why), left in place: `check` reports them, and the
-/// next writer or maintainer (`prune`) removes them.
+/// Locks whose holders are provably gone, as (path, why), left in place: `check` reports
+/// them, and the next writer or maintainer (`prune`) removes them. A lock that cannot be
+/// probed (a read-only repository: taking a file lock needs a writable file) or that names
+/// another host is not provably stale and is not listed.
 pub fn stale_locks(root: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let mut found = writer_locks(root)?;
-    found.extend(maintenance_lock(root));
-    Ok(found
-        .into_iter()
-        .filter_map(|f| {
-            let why = f.info.as_ref().and_then(stale_reason)?;
-            Some((f.path, why))
-        })
-        .collect())
-}
-
-/// Start time of process `pid` in clock ticks since boot, from `/proc/PID/stat`.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 3 is the first after the name; the start time is field 22.
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    let mut paths = writer_lock_paths(root)?;
+    paths.push(locks_dir(root).join(MAINTENANCE_LOCK));
+    let mut out = Vec::new();
+    for path in paths {
+        let Ok(Some(found)) = probe(&path) else {
+            continue;
+        };
+        if matches!(found.state, State::Free(_)) && !found.foreign() {
+            let why = format!(
+                "{}: nobody holds its file lock, so that process has ended",
+                found.describe()
+            );
+            out.push((found.path, why));
+        }
+    }
+    Ok(out)
 }
 
 fn lock_age(time: &str) -> Option<u64> {
@@ -305,6 +418,25 @@ fn human_secs(s: u64) -> String {
 mod tests {
     use super::*;
 
+    fn maintenance_lock(root: &Path) -> bool {
+        locks_dir(root).join(MAINTENANCE_LOCK).exists()
+    }
+
+    /// Writes a lock file that nobody holds, as a killed holder leaves it.
+    fn abandoned(root: &Path, name: &str, info: &LockInfo) -> Result<()> {
+        let guard = publish(&locks_dir(root), name, info)?;
+        assert!(guard.is_some());
+        // Forgetting the name but closing the file: the file lock goes, the name stays.
+        if let Some(g) = guard {
+            let path = g.path.clone();
+            let copy = format!("{}.keep", path.display());
+            fs::hard_link(&path, &copy).map_err(|e| Error::io("link", &path, e))?;
+            drop(g);
+            fs::rename(&copy, &path).map_err(|e| Error::io("rename", &path, e))?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn writers_and_maintenance_exclude_each_other() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
@@ -313,7 +445,7 @@ mod tests {
         let err = acquire_maintenance(root, "index rebuild").err();
         assert!(matches!(err, Some(Error::Locked(_))), "{err:?}");
         // The refused maintainer left nothing behind.
-        assert!(maintenance_lock(root).is_none());
+        assert!(!maintenance_lock(root));
         drop(w);
         let m = acquire_maintenance(root, "index rebuild")?;
         let err = acquire_writer(root, "backup").err().map(|e| e.to_string());
@@ -323,32 +455,31 @@ mod tests {
         );
         assert!(acquire_maintenance(root, "prune").is_err());
         drop(m);
-        assert_eq!(writer_locks(root)?.len(), 0);
+        assert_eq!(writer_lock_paths(root)?.len(), 0);
         Ok(())
     }
 
     #[test]
-    fn stale_locks_of_dead_processes_are_removed() -> Result<()> {
+    fn abandoned_locks_are_removed_and_foreign_ones_kept() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
         let root = dir.path();
-        // A child that has exited and been reaped: its pid is dead.
-        let mut child = std::process::Command::new("true")
-            .spawn()
-            .map_err(|e| Error::io("spawn", "true", e))?;
-        let pid = child.id();
-        child.wait().map_err(|e| Error::io("wait", "true", e))?;
         let mut info = our_info("maintenance", Some("prune"));
-        info.pid = pid;
-        let published = publish(&locks_dir(root), MAINTENANCE_LOCK, &info)?;
-        assert!(published.is_ok());
-        // A writer is refused neither by the stale maintainer nor later by itself.
+        abandoned(root, MAINTENANCE_LOCK, &info)?;
+        assert!(maintenance_lock(root));
+        // A writer is refused neither by the abandoned maintainer nor later by itself.
         let w = acquire_writer(root, "backup")?;
-        assert!(maintenance_lock(root).is_none());
+        assert!(!maintenance_lock(root));
         drop(w);
-        // Another host's lock is honoured, whatever its pid.
+        // Another host's lock is honoured: its file lock cannot be seen from here.
         info.host = "elsewhere.invalid".into();
-        assert!(publish(&locks_dir(root), MAINTENANCE_LOCK, &info)?.is_ok());
-        assert!(acquire_writer(root, "backup").is_err());
+        abandoned(root, MAINTENANCE_LOCK, &info)?;
+        let err = acquire_writer(root, "backup").err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("elsewhere.invalid") && e.contains("delete")),
+            "{err:?}"
+        );
+        assert!(maintenance_lock(root));
         Ok(())
     }
 }

@@ -203,7 +203,7 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     let _lock = if options.dry_run {
         None
     } else {
-        Some(crate::lock::acquire_maintenance(repo.root(), "prune")?)
+        Some(repo.lock_maintenance("prune")?)
     };
     let backend = repo.backend();
     let mut report = PruneReport {

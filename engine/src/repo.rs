@@ -3,9 +3,19 @@
 //! `init` writes the config last, so a directory holding a config is a complete repository.
 //! `open` refuses anything that is not one (or is from a newer format), and reconciles the
 //! index with the manifests present; a missing index is rebuilt from packs and manifests.
+//!
+//! A repository this user cannot write (read-only mount or media, no write permission), or
+//! one opened with [`request_read_only`] (`--read-only`), is opened read-only: nothing is
+//! written into it, ever. Its index is read in place, immutable, when it is complete and
+//! current; otherwise from a per-user cache copy (`$XDG_CACHE_HOME/stackvault/<repo id>/`,
+//! else `$HOME/.cache/...`), made from the repository's index or, when that is missing or
+//! unreadable, rebuilt from its packs and manifests. Operations that must write refuse at
+//! their start ([`Repo::require_writable`]) before they have done anything.
 
-use std::fs;
+use std::fs::{self, File};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
@@ -36,6 +46,24 @@ impl Default for InitOptions {
     }
 }
 
+/// Set by [`request_read_only`].
+static READ_ONLY_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Opens every repository of this process read-only from now on, as the user asked (the
+/// CLI's global `--read-only`): commands that must write then fail as usage errors.
+pub fn request_read_only() {
+    READ_ONLY_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+/// Why a repository is open read-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadOnly {
+    /// The user asked for it (`--read-only`).
+    Requested,
+    /// This user cannot write the repository; says why (read-only file system, permission).
+    NotWritable(String),
+}
+
 /// An open repository.
 pub struct Repo {
     root: PathBuf,
@@ -45,6 +73,10 @@ pub struct Repo {
     // so that SQLite checkpoints the write-ahead log into the file and removes it.
     readers: IndexReaders,
     index: Mutex<Index>,
+    read_only: Option<ReadOnly>,
+    // A shared file lock on the cache copy of the index in use, which keeps other processes
+    // from cleaning it away; released (closed) after the connections above.
+    _cache_hold: Option<File>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -56,6 +88,11 @@ impl std::fmt::Debug for Repo {
 impl Repo {
     /// Creates a repository in `path`, which must not exist or be an empty directory.
     pub fn init(path: &Path, options: &InitOptions) -> Result<Repo> {
+        if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
+            return Err(Error::Usage(
+                "init creates a repository: run it without --read-only".into(),
+            ));
+        }
         if path.join(CONFIG_KEY).exists() {
             return Err(Error::InvalidArgument(format!(
                 "{} is already a stackvault repository",
@@ -98,9 +135,48 @@ impl Repo {
         Repo::open(path)
     }
 
-    /// Opens the repository at `path`.
+    /// Opens the repository at `path`: read-only when asked ([`request_read_only`]) or when
+    /// this user cannot write it (see the module doc), else read-write.
     pub fn open(path: &Path) -> Result<Repo> {
-        Self::open_with_backend(path, Arc::new(LocalDir::new(path)))
+        let backend = Arc::new(LocalDir::new(path));
+        match read_only_reason(path) {
+            Some(why) => Self::open_read_only(path, backend, why),
+            None => Self::open_with_backend(path, backend),
+        }
+    }
+
+    /// Opens the repository at `path` read-only, for the reason `why`: writes nothing into
+    /// it. The index is used in place when it is current, else from the per-user cache.
+    pub fn open_read_only(path: &Path, backend: Arc<dyn Backend>, why: ReadOnly) -> Result<Repo> {
+        let config = read_config(path, backend.as_ref())?;
+        let index_path = path.join(INDEX_FILE);
+        // Any failure here (no index, damaged, locked in some odd way) leaves the cache copy,
+        // which is made from the objects alone if need be.
+        let in_place = match Index::open_immutable(&index_path) {
+            Ok(Some(index)) => match catalogue_complete(&index, backend.as_ref()) {
+                Ok(true) => Some(index),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (index, readers, hold) = match in_place {
+            Some(index) => (index, IndexReaders::immutable(&index_path), None),
+            None => {
+                let (cached, hold) = cached_index(path, &config, backend.as_ref())?;
+                let index = Index::open(&cached)?;
+                index::sync_snapshots(&index, backend.as_ref())?;
+                (index, IndexReaders::new(&cached), Some(hold))
+            }
+        };
+        Ok(Repo {
+            root: path.to_path_buf(),
+            readers,
+            backend,
+            config,
+            index: Mutex::new(index),
+            read_only: Some(why),
+            _cache_hold: hold,
+        })
     }
 
     /// Opens the repository at `path` with objects served by `backend` (the index and locks
@@ -129,6 +205,8 @@ impl Repo {
             backend,
             config,
             index: Mutex::new(index),
+            read_only: None,
+            _cache_hold: None,
         })
     }
 
@@ -236,10 +314,33 @@ impl Repo {
         }
     }
 
+    /// Why the repository is open read-only, if it is.
+    pub fn read_only(&self) -> Option<&ReadOnly> {
+        self.read_only.as_ref()
+    }
+
+    /// Fails, saying why and what to do, when the repository is open read-only: for
+    /// operations that write, before they start. `what` names the operation.
+    pub fn require_writable(&self, what: &str) -> Result<()> {
+        match &self.read_only {
+            None => Ok(()),
+            Some(why) => Err(read_only_error(&self.root, what, why)),
+        }
+    }
+
     /// Takes a writer lock of `kind` (`backup`, ...) in `locks/`, released when the guard
-    /// drops. Refused while maintenance holds the repository (see [`crate::lock`]).
+    /// drops. Refused while maintenance holds the repository (see [`crate::lock`]), and on
+    /// a read-only repository.
     pub fn lock(&self, kind: &str) -> Result<LockGuard> {
+        self.require_writable(kind)?;
         crate::lock::acquire_writer(&self.root, kind)
+    }
+
+    /// Takes the maintenance lock for `purpose` (`prune`); see [`crate::lock`]. Refused on a
+    /// read-only repository.
+    pub fn lock_maintenance(&self, purpose: &str) -> Result<LockGuard> {
+        self.require_writable(purpose)?;
+        crate::lock::acquire_maintenance(&self.root, purpose)
     }
 
     /// The latest verification of every snapshot that has one, by snapshot id.
@@ -282,6 +383,9 @@ fn read_config(path: &Path, backend: &dyn Backend) -> Result<RepoConfig> {
 pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
     let backend = LocalDir::new(path);
     read_config(path, &backend)?;
+    if let Some(why) = read_only_reason(path) {
+        return Err(read_only_error(path, "index rebuild", &why));
+    }
     let _lock = crate::lock::acquire_maintenance(path, "index rebuild")?;
     let live = path.join(INDEX_FILE);
     let (tmp, report) = build_index_file(path, &backend)?;
@@ -299,16 +403,17 @@ pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
     Ok(report)
 }
 
+/// `<pid>-<16 hex>`: a file name part no other process or call uses.
+fn unique_suffix() -> String {
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    format!("{}-{}", std::process::id(), crate::format::hex(&r))
+}
+
 /// Builds a complete index from the repository's objects in a new file under a temporary
 /// name in `path`, closed (its log emptied into it), and returns that name.
 fn build_index_file(path: &Path, backend: &dyn Backend) -> Result<(PathBuf, index::RebuildReport)> {
-    let mut r = [0u8; 8];
-    let _ = getrandom::fill(&mut r);
-    let tmp = path.join(format!(
-        "{INDEX_FILE}.rebuild-{}-{}",
-        std::process::id(),
-        crate::format::hex(&r)
-    ));
+    let tmp = path.join(format!("{INDEX_FILE}.rebuild-{}", unique_suffix()));
     let result = (|| {
         let mut fresh = Index::open(&tmp)?;
         let report = index::rebuild(&mut fresh, backend)?;
@@ -328,11 +433,266 @@ fn build_index_file(path: &Path, backend: &dyn Backend) -> Result<(PathBuf, inde
 
 /// The write-ahead log and shared-memory files SQLite keeps beside a database in WAL mode.
 fn index_sidecars(db: &Path) -> [PathBuf; 2] {
-    ["-wal", "-shm"].map(|s| {
-        let mut p = db.as_os_str().to_os_string();
-        p.push(s);
-        PathBuf::from(p)
-    })
+    ["-wal", "-shm"].map(|s| index::sidecar(db, s))
+}
+
+/// Why the repository at `root` must be opened read-only, if it must.
+fn read_only_reason(root: &Path) -> Option<ReadOnly> {
+    if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
+        return Some(ReadOnly::Requested);
+    }
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+    use rustix::io::Errno;
+    let mut paths = vec![root.to_path_buf()];
+    paths.extend(
+        ["locks", "packs", "snapshots", INDEX_FILE]
+            .iter()
+            .map(|p| root.join(p))
+            .filter(|p| p.exists()),
+    );
+    for p in paths {
+        // As the effective user, like the writes would be.
+        match accessat(CWD, p.as_path(), Access::WRITE_OK, AtFlags::EACCESS) {
+            Err(e) if e == Errno::ROFS => {
+                return Some(ReadOnly::NotWritable(format!(
+                    "{} is on a read-only file system",
+                    p.display()
+                )))
+            }
+            Err(e) if e == Errno::ACCESS || e == Errno::PERM => {
+                return Some(ReadOnly::NotWritable(format!(
+                    "this user may not write {}",
+                    p.display()
+                )))
+            }
+            // Anything else (a missing directory) is for opening to report.
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The refusal of `what` on the read-only repository at `root`.
+fn read_only_error(root: &Path, what: &str, why: &ReadOnly) -> Error {
+    match why {
+        ReadOnly::Requested => Error::Usage(format!(
+            "{what} writes to the repository {}, which was opened with --read-only; run it \
+             without --read-only",
+            root.display()
+        )),
+        ReadOnly::NotWritable(reason) => Error::InvalidArgument(format!(
+            "{what} writes to the repository {}, which is read-only here ({reason}); nothing \
+             was done. Run it as a user who may write the repository, or on a writable copy",
+            root.display()
+        )),
+    }
+}
+
+/// Whether every manifest in the repository is in the index's catalogue: an index that
+/// lacks one (a backup that crashed before cataloguing) is stale and must not be used as is.
+fn catalogue_complete(index: &Index, backend: &dyn Backend) -> Result<bool> {
+    let known: std::collections::HashSet<String> = index.snapshot_ids()?.into_iter().collect();
+    Ok(backend
+        .list("snapshots/")?
+        .iter()
+        .filter_map(|k| k.strip_prefix("snapshots/"))
+        .all(|id| known.contains(id)))
+}
+
+/// The directory that holds the per-user caches: `$XDG_CACHE_HOME`, else `$HOME/.cache`.
+fn cache_root() -> Result<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .ok_or_else(|| {
+            Error::InvalidArgument(
+                "the repository is read-only and its index must be copied into a per-user \
+                 cache, but neither XDG_CACHE_HOME nor HOME is set: set XDG_CACHE_HOME to a \
+                 writable directory"
+                    .into(),
+            )
+        })
+}
+
+/// The per-user cache copy of the index of the read-only repository at `root`, made if
+/// need be, and a shared file lock that keeps it in place while held.
+///
+/// A copy is named after the state it was made from (the repository's index and log:
+/// identity, size and mtime; without an index, the packs present), so it is never
+/// replaced in place: a new state gets a new file, published whole by a link. Copies of
+/// other states that no process holds are removed.
+fn cached_index(
+    root: &Path,
+    config: &RepoConfig,
+    backend: &dyn Backend,
+) -> Result<(PathBuf, File)> {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = cache_root()?
+        .join("stackvault")
+        .join(crate::format::hex(&config.repository_id));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .create(&dir)
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the repository is read-only and its index must be copied into the per-user \
+                 cache {}, which cannot be created ({e}): set XDG_CACHE_HOME to a writable \
+                 directory",
+                dir.display()
+            ))
+        })?;
+    let source = root.join(INDEX_FILE);
+    let name = dir.join(format!("index-{}.sqlite", source_stamp(&source, backend)?));
+    let hold = |file: &File, path: &Path| {
+        flock(file, FlockOperation::LockShared)
+            .map_err(|e| Error::io("lock cached index", path, std::io::Error::from(e)))
+    };
+    let mut attempts = 0;
+    let held = loop {
+        attempts += 1;
+        if attempts > 5 {
+            return Err(Error::Locked(format!(
+                "the cached index {} keeps being replaced by other processes; try again",
+                name.display()
+            )));
+        }
+        match File::open(&name) {
+            Ok(file) => {
+                hold(&file, &name)?;
+                // Still the file at `name` (not one a cleaner removed meanwhile)?
+                let ours = file.metadata().map_err(|e| Error::io("stat", &name, e))?;
+                if fs::metadata(&name).is_ok_and(|m| m.ino() == ours.ino()) {
+                    break file;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = dir.join(format!(".tmp-{}.sqlite", unique_suffix()));
+                let made = fill_cache_copy(&source, &tmp, backend).and_then(|()| {
+                    let file = File::open(&tmp).map_err(|e| Error::io("open", &tmp, e))?;
+                    // Held before it appears under its name: no cleaner can take it.
+                    hold(&file, &tmp)?;
+                    fs::hard_link(&tmp, &name)
+                        .map(|()| Some(file))
+                        .or_else(|e| match e.kind() {
+                            std::io::ErrorKind::AlreadyExists => Ok(None),
+                            _ => Err(Error::io("publish cached index", &name, e)),
+                        })
+                });
+                for p in std::iter::once(tmp.clone()).chain(index_sidecars(&tmp)) {
+                    let _ = fs::remove_file(p);
+                }
+                if let Some(file) = made? {
+                    break file;
+                }
+            }
+            Err(e) => return Err(Error::io("open cached index", &name, e)),
+        }
+    };
+    remove_unused_copies(&dir, &name);
+    Ok((name, held))
+}
+
+/// Names the state of the repository's index at `source` (file and log identity, size and
+/// mtime; the pack list when there is no index, since the copy is then rebuilt from them).
+fn source_stamp(source: &Path, backend: &dyn Backend) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    for p in std::iter::once(source.to_path_buf()).chain(index_sidecars(source).into_iter().take(1))
+    {
+        match fs::metadata(&p) {
+            Ok(m) => {
+                for n in [m.dev(), m.ino(), m.len()] {
+                    h.update(&n.to_le_bytes());
+                }
+                h.update(&m.mtime().to_le_bytes());
+                h.update(&m.mtime_nsec().to_le_bytes());
+            }
+            Err(_) => {
+                h.update(b"absent");
+            }
+        }
+    }
+    if !source.exists() {
+        let mut packs = backend.list("packs/")?;
+        packs.sort();
+        for p in packs {
+            h.update(p.as_bytes());
+            h.update(b"\n");
+        }
+    }
+    Ok(crate::format::hex(&h.finalize().as_bytes()[..16]))
+}
+
+/// Makes a complete index at `tmp`: a copy of the repository's index and log (which opening
+/// the copy replays and migrates), or, when there is none or it cannot be read, one rebuilt
+/// from the repository's objects.
+fn fill_cache_copy(source: &Path, tmp: &Path, backend: &dyn Backend) -> Result<()> {
+    let copied = (|| {
+        // `fs::copy` copies the mode too, and the copy must be writable (it is ours).
+        let copy_writable = |from: &Path, to: &Path| {
+            fs::copy(from, to)
+                .and_then(|_| fs::set_permissions(to, fs::Permissions::from_mode(0o600)))
+                .map_err(|e| Error::io("copy index", from, e))
+        };
+        copy_writable(source, tmp)?;
+        let log = index::sidecar(source, "-wal");
+        if log.exists() {
+            copy_writable(&log, &index::sidecar(tmp, "-wal"))?;
+        }
+        let copy = Index::open(tmp)?;
+        if !copy.integrity_problems()?.is_empty() {
+            return Err(Error::corrupt(
+                source.display(),
+                0,
+                "integrity check failed",
+            ));
+        }
+        copy.checkpoint()
+    })();
+    match copied {
+        Ok(()) => return Ok(()),
+        Err(e) if source.exists() => crate::progress::notice(&format!(
+            "the repository's index cannot be used ({e}); rebuilding a copy from its packs and \
+             manifests"
+        )),
+        Err(_) => {}
+    }
+    for p in std::iter::once(tmp.to_path_buf()).chain(index_sidecars(tmp)) {
+        remove_if_present(&p)?;
+    }
+    let mut fresh = Index::open(tmp)?;
+    index::rebuild(&mut fresh, backend)?;
+    fresh.checkpoint()
+}
+
+/// Removes cached index copies in `dir` other than `keep` that no process holds.
+fn remove_unused_copies(dir: &Path, keep: &Path) {
+    use rustix::fs::{flock, FlockOperation};
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if path == keep || !name.starts_with("index-") || !name.ends_with(".sqlite") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            for p in index_sidecars(&path)
+                .into_iter()
+                .chain(std::iter::once(path.clone()))
+            {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
 }
 
 fn remove_if_present(p: &Path) -> Result<()> {

@@ -148,6 +148,7 @@ pub fn verify_snapshot(
     options: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    require_writable_for_record(repo, options)?;
     let started = Instant::now();
     let time = now_rfc3339();
     let manifest = repo.load_manifest(&snapshot.id)?;
@@ -258,6 +259,7 @@ pub fn verify_target(
     options: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    require_writable_for_record(repo, options)?;
     let started = Instant::now();
     let time = now_rfc3339();
     let manifest = repo.load_manifest(&snapshot.id)?;
@@ -443,6 +445,14 @@ fn finish(
         report.record = Some(record_verification(repo, &report, time)?);
     }
     Ok(report)
+}
+
+/// Refuses, before any work, a verify that would store its record in a read-only repository.
+fn require_writable_for_record(repo: &Repo, options: &VerifyOptions) -> Result<()> {
+    if options.record {
+        repo.require_writable("verify (it stores a verification record; pass --no-record)")?;
+    }
+    Ok(())
 }
 
 /// Stores the record of a verify run as an immutable object, then caches it in the index.

@@ -6,6 +6,11 @@
 //! the busy timeout) and any number of readers can share it. The schema version is kept in
 //! `PRAGMA user_version`; each version step is one frozen migration function. Lookups are
 //! point queries on the primary key: the index is never loaded into memory.
+//!
+//! A repository the user cannot write has its index opened *immutable* ([`Index::open_immutable`]:
+//! SQLite reads the file without locks, a write-ahead log or its shared memory, and so writes
+//! nothing beside it); when that copy is missing, stale or needs migrating, the repository reads
+//! a per-user cache copy instead (see `repo.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -162,6 +167,29 @@ impl Index {
         };
         index.migrate()?;
         Ok(index)
+    }
+
+    /// Opens the index at `path` read-only without writing anything beside it (no log, no
+    /// shared memory, no locks): for a repository that cannot be written. `None` when the
+    /// file cannot serve as is: it has a non-empty write-ahead log (transactions the file does
+    /// not hold yet), or another schema version. SQLite trusts an immutable file not to
+    /// change while it is open; a repository nobody can write does not.
+    pub fn open_immutable(path: &Path) -> Result<Option<Index>> {
+        let log = sidecar(path, "-wal");
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+            return Ok(None);
+        }
+        let conn = open_immutable_conn(path)?;
+        let version: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err(path))?;
+        if version != SCHEMA_VERSION {
+            return Ok(None);
+        }
+        Ok(Some(Index {
+            conn,
+            path: path.to_path_buf(),
+        }))
     }
 
     fn migrate(&mut self) -> Result<()> {
@@ -577,9 +605,42 @@ fn lookup(conn: &Connection, path: &Path, id: &ChunkId) -> Result<Option<ChunkLo
     .map_err(sql_err(path))
 }
 
+/// `path` with `suffix` appended (`-wal`, `-shm`).
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// A read-only connection to `path` opened with SQLite's `immutable=1` URI parameter.
+fn open_immutable_conn(path: &Path) -> Result<Connection> {
+    use std::os::unix::ffi::OsStrExt;
+    // A URI path escapes every byte that is not unreserved (RFC 3986) or a separator.
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err(path))?;
+    conn.busy_timeout(Duration::from_secs(60))
+        .map_err(sql_err(path))?;
+    Ok(conn)
+}
+
 /// A pool of read-only connections for lookups from many threads at once.
 pub struct IndexReaders {
     path: PathBuf,
+    immutable: bool,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -587,7 +648,16 @@ impl IndexReaders {
     pub fn new(path: &Path) -> Self {
         IndexReaders {
             path: path.to_path_buf(),
+            immutable: false,
             idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Readers of an index opened with [`Index::open_immutable`].
+    pub fn immutable(path: &Path) -> Self {
+        IndexReaders {
+            immutable: true,
+            ..IndexReaders::new(path)
         }
     }
 
@@ -595,6 +665,7 @@ impl IndexReaders {
         let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match conn {
             Some(c) => c,
+            None if self.immutable => open_immutable_conn(&self.path)?,
             None => {
                 let c = Connection::open_with_flags(
                     &self.path,
