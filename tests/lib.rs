@@ -30,6 +30,10 @@ pub fn stackvault_bin() -> &'static Path {
             "stackvault-cli",
             "--bin",
             "stackvault",
+            // The crash tests need the engine's crash-point hooks, which only this
+            // feature compiles in.
+            "--features",
+            "testing",
         ]);
         if release {
             cmd.arg("--release");

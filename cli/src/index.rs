@@ -25,7 +25,8 @@ pub fn run(_ctx: &Context, command: Command) -> anyhow::Result<()> {
         Command::Rebuild(args) => {
             let report = stackvault::repo::rebuild_index(&args.repo)?;
             if args.json {
-                return output::json(&report);
+                output::json(&report)?;
+                return Ok(report.damage(&args.repo)?);
             }
             output::line(format!(
                 "rebuilt the index of {}: {} packs, {} chunks, {} snapshots, {} verification records",
@@ -38,7 +39,7 @@ pub fn run(_ctx: &Context, command: Command) -> anyhow::Result<()> {
             for p in &report.problems {
                 output::line(format!("  not indexed: {p}"))?;
             }
-            Ok(())
+            Ok(report.damage(&args.repo)?)
         }
     }
 }
