@@ -30,7 +30,7 @@ pub fn stackvault_bin() -> &'static Path {
             "stackvault-cli",
             "--bin",
             "stackvault",
-            // Test hooks (pause points) in the binary the suite runs.
+            // Test hooks (crash and pause points), which only this feature compiles in.
             "--features",
             "testing",
         ]);

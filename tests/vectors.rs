@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use stackvault::chunker::{Chunker, Piece};
-use stackvault::format::config::{ChunkerParams, RepoConfig};
+use stackvault::format::config::{ChunkerParams, Features, RepoConfig};
 use stackvault::format::hex;
 use stackvault::format::manifest::{
     encode, BackupStats, Extent, Manifest, SnapshotKind, SnapshotMeta, SourceInfo,
@@ -231,8 +231,34 @@ fn decoders_accept_the_vectors() -> Result<()> {
     assert_eq!(hex(&m.object_hash()), id);
     let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
     assert_eq!(RepoConfig::decode(&config.encode(), "vector")?, config);
-    // The committed pack files, not the code's output: old packs must stay readable.
+    // The committed configs: version 2 names its features; version 1 (written before
+    // features were recorded) still opens, with none.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors");
+    let v2 = RepoConfig::decode(
+        &unwrap_hex(&std::fs::read_to_string(dir.join("config.hex"))?),
+        "config.hex",
+    )?;
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        v2.features.names(),
+        ["pack-v2", "manifest-v2", "aligned-chunker"]
+    );
+    assert_eq!(v2.features.min_reader_version(), "0.1.0");
+    let v1 = RepoConfig::decode(
+        &unwrap_hex(&std::fs::read_to_string(dir.join("config-v1.hex"))?),
+        "config-v1.hex",
+    )?;
+    assert_eq!(v1.version, 1);
+    assert_eq!(v1.features, Features::LEGACY);
+    assert_eq!(
+        RepoConfig {
+            version: 2,
+            features: config.features,
+            ..v1
+        },
+        config
+    );
+    // The committed pack files, not the code's output: old packs must stay readable.
     let v2 = unwrap_hex(&std::fs::read_to_string(dir.join("pack.hex"))?);
     assert_eq!(
         read_all(&v2)?,

@@ -26,7 +26,8 @@ pub fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
             let report = stackvault::repo::rebuild_index(&repo)?;
             if args.json {
-                return output::json(&report);
+                output::json(&report)?;
+                return Ok(report.damage(&repo)?);
             }
             output::line(format!(
                 "rebuilt the index of {}: {} packs, {} chunks, {} snapshots, {} verification records",
@@ -39,7 +40,7 @@ pub fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             for p in &report.problems {
                 output::line(format!("  not indexed: {p}"))?;
             }
-            Ok(())
+            Ok(report.damage(&repo)?)
         }
     }
 }

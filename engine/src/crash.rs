@@ -23,9 +23,13 @@
 //! - `prune-pack-deleted`: one old pack file has been deleted.
 //!
 //! A malformed value is reported on stderr and ignored. This module must never be used for
-//! anything but tests.
+//! anything but tests: without the `testing` feature [`point`] is an empty inline function,
+//! so release builds neither read the variable nor can be made to kill themselves by it.
+//! The integration suite builds the CLI with its `testing` feature, which turns this on.
 
+#[cfg(feature = "testing")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "testing")]
 use std::sync::OnceLock;
 
 /// The environment variable that arms a crash point.
@@ -47,9 +51,12 @@ pub const CRASH_POINTS: &[&str] = &[
     "prune-pack-deleted",
 ];
 
+#[cfg(feature = "testing")]
 static ARMED: OnceLock<Option<(&'static str, u64)>> = OnceLock::new();
+#[cfg(feature = "testing")]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(feature = "testing")]
 fn armed() -> Option<(&'static str, u64)> {
     *ARMED.get_or_init(|| {
         let value = std::env::var(CRASH_ENV).ok()?;
@@ -72,6 +79,7 @@ fn armed() -> Option<(&'static str, u64)> {
 }
 
 /// Marks that the process reached crash point `name`.
+#[cfg(feature = "testing")]
 pub(crate) fn point(name: &'static str) {
     if let Some((want, n)) = armed() {
         if want == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == n {
@@ -82,5 +90,26 @@ pub(crate) fn point(name: &'static str) {
             // SIGKILL cannot be caught; should delivery fail, die just as abruptly.
             std::process::abort();
         }
+    }
+}
+
+/// Without the `testing` feature a crash point is nothing at all.
+#[cfg(not(feature = "testing"))]
+#[inline(always)]
+pub(crate) fn point(_name: &'static str) {}
+
+#[cfg(test)]
+mod tests {
+    /// Built without `testing` (as `cargo test -p stackvault-engine` and release builds
+    /// are), an armed crash point does nothing; with the hook compiled in, this very test
+    /// process would SIGKILL itself here.
+    #[cfg(not(feature = "testing"))]
+    #[test]
+    fn crash_points_are_inert_without_the_testing_feature() {
+        std::env::set_var(super::CRASH_ENV, "chunk");
+        for name in super::CRASH_POINTS {
+            super::point(name);
+        }
+        std::env::remove_var(super::CRASH_ENV);
     }
 }

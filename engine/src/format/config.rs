@@ -1,5 +1,13 @@
 //! The repository config: a fixed 96-byte record written once by `init` and never changed.
 //!
+//! Since config version 2 it also names the format features the repository uses, git-style:
+//! *incompatible* features (pack format 2, manifest format 2, the block-aligned chunker, …)
+//! must all be known to a reader, which otherwise refuses the repository at open with
+//! [`Error::UnsupportedFeatures`] and the oldest stackvault that reads them, instead of
+//! failing on an unknown code mid-restore; *compatible* features may be ignored by readers
+//! that do not know them. A version 1 config (written before features were recorded) names
+//! none; such repositories hold only formats every current reader knows.
+//!
 //! It pins everything that decides how bytes become chunks (chunker variant and parameters,
 //! segment size, zero-run threshold), because changing any of it silently would break dedup
 //! against earlier snapshots. A new cut-point algorithm is a new [`ChunkerParams`] variant with
@@ -11,7 +19,9 @@ use crate::error::{Error, Result};
 /// Magic at offset 0 of the config file.
 pub const CONFIG_MAGIC: [u8; 8] = *b"SVCONFIG";
 /// The config format version this build writes and the newest it reads.
-pub const CONFIG_VERSION: u32 = 1;
+pub const CONFIG_VERSION: u32 = 2;
+/// The first config version with feature lists.
+pub const CONFIG_VERSION_FEATURES: u32 = 2;
 /// Size of the encoded config.
 pub const CONFIG_LEN: usize = 96;
 /// Offset of the crc32 that covers bytes `0..CONFIG_CRC_OFFSET`.
@@ -23,6 +33,121 @@ pub const CHUNKER_FASTCDC2020: u8 = 1;
 pub const CHUNKER_FIXED: u8 = 2;
 /// Chunker variant code for block-aligned content-defined chunks.
 pub const CHUNKER_ALIGNED: u8 = 3;
+
+/// A format feature a repository may use (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Feature {
+    /// Its bit in the config's incompat or compat set.
+    pub bit: u32,
+    /// Its name in messages and `format-spec/README.md`.
+    pub name: &'static str,
+    /// The oldest stackvault that reads repositories using it.
+    pub since: &'static str,
+}
+
+/// Packs in format 2 (chunks compressed together in frames).
+pub const FEATURE_PACK_V2: Feature = Feature {
+    bit: 1 << 0,
+    name: "pack-v2",
+    since: "0.1.0",
+};
+/// Manifests in format 2 (streamed: extents before the metadata).
+pub const FEATURE_MANIFEST_V2: Feature = Feature {
+    bit: 1 << 1,
+    name: "manifest-v2",
+    since: "0.1.0",
+};
+/// The block-aligned content-defined chunker (chunker variant 3).
+pub const FEATURE_ALIGNED_CHUNKER: Feature = Feature {
+    bit: 1 << 2,
+    name: "aligned-chunker",
+    since: "0.1.0",
+};
+
+/// Incompatible features this build knows: a reader must understand each one in use.
+pub const INCOMPAT_FEATURES: &[Feature] = &[
+    FEATURE_PACK_V2,
+    FEATURE_MANIFEST_V2,
+    FEATURE_ALIGNED_CHUNKER,
+];
+/// Compatible features this build knows (none yet): readers may ignore unknown ones.
+pub const COMPAT_FEATURES: &[Feature] = &[];
+
+/// The features of a repository, as its config records them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Features a reader must know (bit set).
+    pub incompat: u32,
+    /// Features a reader may ignore (bit set).
+    pub compat: u32,
+    /// The oldest stackvault (major, minor, patch) that reads this repository.
+    pub min_reader: [u8; 3],
+}
+
+impl Features {
+    /// A version 1 config: no recorded features, readable by every release.
+    pub const LEGACY: Features = Features {
+        incompat: 0,
+        compat: 0,
+        min_reader: [0, 1, 0],
+    };
+
+    /// What this build writes into a repository with `chunker`.
+    pub fn written_with(chunker: ChunkerParams) -> Features {
+        let mut used = vec![FEATURE_PACK_V2, FEATURE_MANIFEST_V2];
+        if matches!(chunker, ChunkerParams::Aligned { .. }) {
+            used.push(FEATURE_ALIGNED_CHUNKER);
+        }
+        let min_reader = used
+            .iter()
+            .filter_map(|f| parse_version(f.since))
+            .max()
+            .unwrap_or(Features::LEGACY.min_reader);
+        Features {
+            incompat: used.iter().fold(0, |set, f| set | f.bit),
+            compat: 0,
+            min_reader,
+        }
+    }
+
+    /// `min_reader` as `X.Y.Z`.
+    pub fn min_reader_version(&self) -> String {
+        let [a, b, c] = self.min_reader;
+        format!("{a}.{b}.{c}")
+    }
+
+    /// Names of the features in use, known ones by name, others as `incompat-bit-N` /
+    /// `compat-bit-N`.
+    pub fn names(&self) -> Vec<String> {
+        let mut out = names_of(self.incompat, INCOMPAT_FEATURES, "incompat");
+        out.extend(names_of(self.compat, COMPAT_FEATURES, "compat"));
+        out
+    }
+
+    /// Incompatible features in use that this build does not know.
+    pub fn unknown_incompat(&self) -> Vec<String> {
+        let known = INCOMPAT_FEATURES.iter().fold(0, |set, f| set | f.bit);
+        names_of(self.incompat & !known, INCOMPAT_FEATURES, "incompat")
+    }
+}
+
+fn names_of(set: u32, known: &[Feature], kind: &str) -> Vec<String> {
+    (0..32)
+        .map(|i| 1u32 << i)
+        .filter(|bit| set & bit != 0)
+        .map(|bit| match known.iter().find(|f| f.bit == bit) {
+            Some(f) => f.name.to_string(),
+            None => format!("{kind}-bit-{}", bit.trailing_zeros()),
+        })
+        .collect()
+}
+
+/// Parses `X.Y.Z` (each part 0..=255).
+fn parse_version(s: &str) -> Option<[u8; 3]> {
+    let mut parts = s.split('.').map(|p| p.parse::<u8>().ok());
+    let v = [parts.next()??, parts.next()??, parts.next()??];
+    parts.next().is_none().then_some(v)
+}
 
 /// Granularity of the zero filter: zero runs are made of whole, aligned 4 KiB blocks.
 pub const ZERO_BLOCK: u32 = 4096;
@@ -195,6 +320,10 @@ pub struct RepoConfig {
     pub pack_target_size: u32,
     /// Zero runs of at least this many bytes (whole 4 KiB blocks) become holes.
     pub zero_run_min: u32,
+    /// The config format version it was read from (or will be written in).
+    pub version: u32,
+    /// The format features in use ([`Features::LEGACY`] for a version 1 config).
+    pub features: Features,
 }
 
 impl RepoConfig {
@@ -208,6 +337,8 @@ impl RepoConfig {
             zstd_level: 3,
             pack_target_size: 16 * 1024 * 1024,
             zero_run_min: 64 * 1024,
+            version: CONFIG_VERSION,
+            features: Features::written_with(chunker),
         }
     }
 
@@ -293,11 +424,12 @@ impl RepoConfig {
         Ok(())
     }
 
-    /// Encodes the config (see `format-spec/README.md`, "Repository config").
+    /// Encodes the config (see `format-spec/README.md`, "Repository config") in its
+    /// `version`: a version 1 config has no feature fields.
     pub fn encode(&self) -> [u8; CONFIG_LEN] {
         let mut b = [0u8; CONFIG_LEN];
         b[0..8].copy_from_slice(&CONFIG_MAGIC);
-        b[8..12].copy_from_slice(&CONFIG_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         // 12..16 reserved
         b[16..32].copy_from_slice(&self.repository_id);
         b[32..40].copy_from_slice(&self.created_unix.to_le_bytes());
@@ -328,7 +460,12 @@ impl RepoConfig {
         b[68..72].copy_from_slice(&self.zstd_level.to_le_bytes());
         b[72..76].copy_from_slice(&self.pack_target_size.to_le_bytes());
         b[76..80].copy_from_slice(&self.zero_run_min.to_le_bytes());
-        // 80..92 reserved
+        if self.version >= CONFIG_VERSION_FEATURES {
+            b[80..84].copy_from_slice(&self.features.incompat.to_le_bytes());
+            b[84..88].copy_from_slice(&self.features.compat.to_le_bytes());
+            b[88..91].copy_from_slice(&self.features.min_reader);
+        }
+        // 91..92 reserved (80..92 in version 1)
         let crc = crc32fast::hash(&b[..CONFIG_CRC_OFFSET]);
         b[CONFIG_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -363,6 +500,27 @@ impl RepoConfig {
                 "config checksum mismatch",
             ));
         }
+        // The features come first: a repository that uses one this build does not know is
+        // refused as such, before any field that feature may have given a new meaning.
+        let features = if version >= CONFIG_VERSION_FEATURES {
+            let mut f = Reader::new(data.get(80..).unwrap_or_default(), 80, location);
+            let features = Features {
+                incompat: f.u32("incompat features")?,
+                compat: f.u32("compat features")?,
+                min_reader: f.array::<3>("oldest reader version")?,
+            };
+            let unknown = features.unknown_incompat();
+            if !unknown.is_empty() {
+                return Err(Error::UnsupportedFeatures {
+                    path: location.to_string(),
+                    features: unknown,
+                    min_version: features.min_reader_version(),
+                });
+            }
+            features
+        } else {
+            Features::LEGACY
+        };
         r.u32("reserved")?;
         let repository_id = r.array::<16>("repository id")?;
         let created_unix = r.i64("created")?;
@@ -388,12 +546,13 @@ impl RepoConfig {
                 max,
                 seed,
             },
+            // The checksum matched, so the code is what a writer meant: a newer chunker.
             other => {
-                return Err(Error::corrupt(
-                    location,
-                    40,
-                    format!("unknown chunker variant {other}"),
-                ))
+                return Err(Error::unsupported(format!(
+                    "{location}: chunker variant {other} is unknown to this stackvault {}; \
+                     use the stackvault release that wrote this repository, or a newer one",
+                    env!("CARGO_PKG_VERSION")
+                )))
             }
         };
         let config = RepoConfig {
@@ -404,6 +563,8 @@ impl RepoConfig {
             zstd_level: r.i32("zstd level")?,
             pack_target_size: r.u32("pack target size")?,
             zero_run_min: r.u32("zero run minimum")?,
+            version,
+            features,
         };
         config
             .validate()
@@ -426,13 +587,63 @@ mod tests {
         let err = RepoConfig::decode(&bad, "config").err();
         assert!(matches!(err, Some(Error::Corrupt { .. })), "{err:?}");
         let mut newer = b;
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
         let err = RepoConfig::decode(&newer, "config").err();
         assert!(
-            matches!(err, Some(Error::UnsupportedVersion { found: 2, .. })),
+            matches!(err, Some(Error::UnsupportedVersion { found: 3, .. })),
             "{err:?}"
         );
         assert!(RepoConfig::decode(&b[..95], "config").is_err());
+    }
+
+    /// Re-seals a config after editing its bytes.
+    fn with_crc(mut b: [u8; CONFIG_LEN]) -> [u8; CONFIG_LEN] {
+        let crc = crc32fast::hash(&b[..CONFIG_CRC_OFFSET]);
+        b[CONFIG_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn features_are_recorded_and_unknown_ones_refused() {
+        let c = RepoConfig::new([7; 16], 1_700_000_000, ChunkerParams::DEFAULT);
+        assert_eq!(
+            c.features.names(),
+            ["pack-v2", "manifest-v2", "aligned-chunker"]
+        );
+        let b = c.encode();
+        assert_eq!(b[80..84], 0b111u32.to_le_bytes());
+        // An incompatible feature from the future: refused, naming it and the reader needed.
+        let mut future = b;
+        future[80..84].copy_from_slice(&(0b111u32 | 1 << 9).to_le_bytes());
+        future[88..91].copy_from_slice(&[0, 9, 2]);
+        match RepoConfig::decode(&with_crc(future), "config") {
+            Err(Error::UnsupportedFeatures {
+                features,
+                min_version,
+                ..
+            }) => {
+                assert_eq!(features, ["incompat-bit-9"]);
+                assert_eq!(min_version, "0.9.2");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A compatible one is ignored.
+        let mut compat = b;
+        compat[84..88].copy_from_slice(&(1u32 << 3).to_le_bytes());
+        let read = RepoConfig::decode(&with_crc(compat), "config");
+        assert!(read.is_ok_and(|r| r.features.compat == 1 << 3));
+        // A version 1 config (reserved bytes where the features are) has none.
+        let mut v1 = c.clone();
+        v1.version = 1;
+        v1.features = Features::LEGACY;
+        let b1 = v1.encode();
+        assert_eq!(b1[80..92], [0; 12]);
+        assert_eq!(RepoConfig::decode(&b1, "config").ok(), Some(v1));
+        // An unknown chunker variant with a good checksum is a newer writer, not damage.
+        let mut chunker = b;
+        chunker[40] = 9;
+        let err = RepoConfig::decode(&with_crc(chunker), "config").err();
+        assert!(matches!(err, Some(Error::Unsupported { .. })), "{err:?}");
     }
 
     #[test]

@@ -547,13 +547,7 @@ fn decode_segment(
                 id: r.chunk_id("chunk id")?,
                 len,
             },
-            other => {
-                return Err(Error::corrupt(
-                    location,
-                    at,
-                    format!("unknown extent tag {other}"),
-                ))
-            }
+            other => return Err(unknown_extent_tag(other, location, at)),
         });
         if len == 0 {
             return Err(Error::corrupt(location, at, "empty extent"));
@@ -678,7 +672,7 @@ impl<'a> Manifest<'a> {
                 match tag {
                     TAG_ZERO => {}
                     TAG_CHUNK => seg.extend_from_slice(stream.take(32, "chunk id")?),
-                    other => return Err(corrupt(at, &format!("unknown extent tag {other}"))),
+                    other => return Err(unknown_extent_tag(other, location, at)),
                 }
                 if len == 0 {
                     return Err(corrupt(at, "empty extent"));
@@ -835,6 +829,16 @@ impl Iterator for Segments<'_, '_> {
     }
 }
 
+/// An extent tag this build does not know: a newer writer's, so `Unsupported`, not damage.
+fn unknown_extent_tag(tag: u8, location: &str, offset: u64) -> Error {
+    Error::unsupported(format!(
+        "{location} at offset {offset}: extent tag {tag} is unknown to stackvault {}; read \
+         this snapshot with the release that wrote it or a newer one (if no release knows the \
+         tag, the manifest is damaged: `stackvault check` lists it)",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
@@ -932,6 +936,21 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn unknown_extent_tag_is_unsupported_not_damage() {
+        let (mut meta, size, segments) = sample();
+        let mut bytes = written(&mut meta, size, &segments);
+        // The first extent's tag: after the header and the segment's extent count.
+        let at = MANIFEST_HEADER_LEN + 4;
+        assert_eq!(bytes[at], TAG_ZERO);
+        bytes[at] = 9;
+        let err = Manifest::from_bytes(&bytes, "s").err();
+        assert!(
+            matches!(&err, Some(Error::Unsupported { what }) if what.contains("extent tag 9")),
+            "{err:?}"
+        );
     }
 
     /// An object whose bytes can change after the manifest was opened.

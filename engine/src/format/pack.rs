@@ -238,6 +238,17 @@ pub fn encode_frame(
     h
 }
 
+/// A compression code this build does not know: a newer writer's (a repository that uses
+/// one should have said so in its config's features), so `Unsupported`, not damage.
+fn unknown_compression(code: u8, location: &str, offset: u64) -> Error {
+    Error::unsupported(format!(
+        "{location} at offset {offset}: compression code {code} is unknown to stackvault {}; \
+         read this repository with the release that wrote it or a newer one (if no release \
+         knows the code, the pack is damaged: `stackvault check --read-data` lists it)",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 /// Decodes a version 2 frame header found at `offset` of a pack.
 pub fn decode_frame_header(data: &[u8], offset: u64, location: &str) -> Result<FrameHeader> {
     let mut r = Reader::new(data, offset, location);
@@ -248,13 +259,8 @@ pub fn decode_frame_header(data: &[u8], offset: u64, location: &str) -> Result<F
     r.array::<3>("reserved")?;
     let crc32 = r.u32("frame crc32")?;
     let list_crc32 = r.u32("frame list crc32")?;
-    let compression = Compression::from_code(code).ok_or_else(|| {
-        Error::corrupt(
-            location,
-            offset + 12,
-            format!("unknown compression code {code}"),
-        )
-    })?;
+    let compression = Compression::from_code(code)
+        .ok_or_else(|| unknown_compression(code, location, offset + 12))?;
     if chunk_count == 0 || chunk_count > raw_len {
         return Err(Error::corrupt(
             location,
@@ -339,13 +345,8 @@ pub fn decode_record_header_v1(data: &[u8], offset: u64, location: &str) -> Resu
     let code = r.u8("record compression")?;
     r.array::<3>("reserved")?;
     let crc32 = r.u32("record crc32")?;
-    let compression = Compression::from_code(code).ok_or_else(|| {
-        Error::corrupt(
-            location,
-            offset + 40,
-            format!("unknown compression code {code}"),
-        )
-    })?;
+    let compression = Compression::from_code(code)
+        .ok_or_else(|| unknown_compression(code, location, offset + 40))?;
     check_lengths(raw_len, stored_len, compression, offset, location)?;
     Ok(PackEntry {
         id,
@@ -581,11 +582,12 @@ pub fn decode_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<
             let frame_raw = r.u32("table frame raw length")?;
             (in_frame, raw, stored, frame_raw)
         };
+        let code_at = r.offset();
         let code = r.u8("table compression")?;
         r.array::<3>("reserved")?;
         let crc32 = r.u32("table crc32")?;
         let compression = Compression::from_code(code)
-            .ok_or_else(|| bad(at, format!("unknown compression {code}")))?;
+            .ok_or_else(|| unknown_compression(code, location, code_at))?;
         check_lengths(frame_raw_len, stored_len, compression, at, location)?;
         let e = PackEntry {
             id,
@@ -910,6 +912,18 @@ mod tests {
         // Read as version 2, the same bytes are garbage, never a chunk.
         assert!(read(&pack, &table[1], 2).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn unknown_compression_is_unsupported_not_damage() {
+        let (pack, _) = pack_of(&[&[b"aaaa", b"bbbbbb"]]);
+        let mut header = pack[16..16 + FRAME_HEADER_LEN].to_vec();
+        header[12] = 9;
+        let err = decode_frame_header(&header, 16, "p").err();
+        assert!(
+            matches!(&err, Some(Error::Unsupported { what }) if what.contains("compression code 9")),
+            "{err:?}"
+        );
     }
 
     #[test]

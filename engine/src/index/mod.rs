@@ -786,11 +786,44 @@ pub struct RebuildReport {
     pub snapshots: u64,
     /// Verification records found.
     pub verifications: u64,
-    /// Packs or manifests that could not be read; their contents are not indexed.
+    /// Damaged packs, manifests or verification records: their contents are not indexed.
     pub problems: Vec<String>,
 }
 
-/// Fills an empty index from the packs and manifests in `backend`.
+impl RebuildReport {
+    /// `Ok` when every object was indexed; otherwise a damage error naming how many were
+    /// not (the problems themselves are in the report, for the caller to list).
+    pub fn damage(&self, repo: &std::path::Path) -> Result<()> {
+        if self.problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::corrupt(
+            repo.display(),
+            0,
+            format!(
+                "{} damaged objects could not be indexed (listed above); the snapshots that \
+                 need them cannot be restored in full: run `stackvault check --read-data` to \
+                 see which",
+                self.problems.len()
+            ),
+        ))
+    }
+}
+
+/// Records damage in `report` and fails on anything else (a format this build does not
+/// know, an I/O error): a rebuild never leaves an object out without saying so.
+fn damaged_or_fail(report: &mut RebuildReport, e: Error) -> Result<()> {
+    if e.is_corruption() {
+        report.problems.push(e.to_string());
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Fills an empty index from the packs and manifests in `backend`. Damaged objects are
+/// listed in the report's `problems`; an object that cannot be read for another reason
+/// (unknown format, I/O) fails the rebuild, naming it.
 pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
     for key in backend.list("packs/")? {
@@ -804,13 +837,12 @@ pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport
                 report.packs += 1;
                 report.chunks += table.entries.len() as u64;
             }
-            Err(e) => report.problems.push(e.to_string()),
+            Err(e) => damaged_or_fail(&mut report, e)?,
         }
     }
-    let problems = sync_snapshots(index, backend)?;
-    report
-        .problems
-        .extend(problems.into_iter().map(|e| e.to_string()));
+    for e in sync_snapshots(index, backend)? {
+        damaged_or_fail(&mut report, e)?;
+    }
     report.snapshots = index.snapshot_ids()?.len() as u64;
     for key in backend.list(VERIFICATIONS_PREFIX)? {
         let record = backend
@@ -821,7 +853,7 @@ pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport
                 index.add_verification(&key, &r)?;
                 report.verifications += 1;
             }
-            Err(e) => report.problems.push(e.to_string()),
+            Err(e) => damaged_or_fail(&mut report, e)?,
         }
     }
     Ok(report)

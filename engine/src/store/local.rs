@@ -73,10 +73,25 @@ impl LocalDir {
 }
 
 /// fsyncs a directory so that a rename or unlink in it is durable.
+///
+/// This and [`sync_file`] are the only two ways the store makes anything durable; with the
+/// `testing` feature they report each fsync to the power-cut recorder
+/// ([`super::testing::power`]), which keeps only what they made durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync directory", dir, e))
+        .map_err(|e| Error::io("fsync directory", dir, e))?;
+    #[cfg(feature = "testing")]
+    super::testing::power::synced_dir(dir);
+    Ok(())
+}
+
+/// fsyncs the data of `file` (at `path`), so that it survives power loss once its name does.
+fn sync_file(file: &File, path: &Path) -> Result<()> {
+    file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+    #[cfg(feature = "testing")]
+    super::testing::power::synced_file(path);
+    Ok(())
 }
 
 fn random_suffix() -> String {
@@ -121,7 +136,7 @@ impl Backend for LocalDir {
             }
             f.write_all(second)
                 .map_err(|e| Error::io("write", &tmp, e))?;
-            f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            sync_file(&f, &tmp)?;
             fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
             sync_dir(dir)
         })();
@@ -265,7 +280,7 @@ impl ObjectWriter for LocalObject<'_> {
             if key.starts_with("snapshots/") {
                 crate::crash::point("manifest-write");
             }
-            file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            sync_file(&file, &tmp)?;
             let path = self.backend.path(key);
             self.backend.forget_open(key);
             fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
