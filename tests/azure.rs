@@ -254,7 +254,7 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     // The VHD's disk is the raw disk padded to a whole MiB. (Root digests can differ from a
     // backup of the raw file: unwritten pages are known zero and never read, which this
     // branch's backup records as one hole per segment; so compare bytes.)
-    ensure!(second["virtual_size"] == data_size, "{out}");
+    ensure!(second["virtual_size_bytes"] == data_size, "{out}");
     let second_id = second["snapshot_id"].as_str().context("id")?;
     let restored = dir.path().join("from-blob.raw");
     stackvault::restore_to_file(

@@ -117,7 +117,7 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
     ))?;
     crate::output::line(format!(
         "  uploaded {} in {} Put Page requests, {} clears, {} windows resumed, x-ms-version {} \
-         ({}), {:.2} s, {:.1} MB/s",
+         ({}), {:.2} s, uploaded at {}",
         crate::output::bytes(r.bytes_uploaded),
         r.put_requests,
         r.clear_requests,
@@ -125,6 +125,6 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
         r.api_version,
         r.profile,
         b.duration_ms as f64 / 1000.0,
-        b.throughput_mb_s
+        crate::output::rate(r.bytes_uploaded, b.duration_ms)
     ))
 }

@@ -73,10 +73,14 @@ pub struct PageBlobRestoreReport {
     pub profile: String,
     pub api_version: String,
     /// Size of the blob: the disk rounded up to a MiB, plus the footer.
+    #[serde(rename = "blob_size_bytes")]
     pub blob_size: u64,
+    /// Serialised once, as the restore's `vhd_current_size_bytes`.
+    #[serde(skip)]
     pub vhd_current_size: u64,
     pub unique_id: String,
     /// Bytes sent with Put Page (data pages and the footer).
+    #[serde(rename = "uploaded_bytes")]
     pub bytes_uploaded: u64,
     pub put_requests: u64,
     pub clear_requests: u64,
@@ -288,8 +292,8 @@ pub fn restore_to_page_blob(
     client.put_pages(data_size, &vhd_footer)?;
     let _ = fs::remove_file(&journal);
 
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
     let s = &target.stats;
+    let uploaded = s.bytes.load(Ordering::Relaxed) + FOOTER_LEN as u64;
     Ok(PageBlobRestoreReport {
         restore: RestoreReport {
             snapshot_id: snapshot.id.clone(),
@@ -301,7 +305,10 @@ pub fn restore_to_page_blob(
             zero_bytes: counts.zero_bytes,
             chunks: counts.chunks,
             duration_ms: started.elapsed().as_millis() as u64,
-            throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+            throughput_bytes_per_second: crate::progress::bytes_per_second(
+                uploaded,
+                started.elapsed(),
+            ),
             vhd_current_size: Some(data_size),
         },
         profile: profile.as_str().into(),
@@ -309,7 +316,7 @@ pub fn restore_to_page_blob(
         blob_size,
         vhd_current_size: data_size,
         unique_id: footer::format_uuid(&unique_id),
-        bytes_uploaded: s.bytes.load(Ordering::Relaxed) + FOOTER_LEN as u64,
+        bytes_uploaded: uploaded,
         put_requests: s.puts.load(Ordering::Relaxed) + 1,
         clear_requests: s.clears.load(Ordering::Relaxed) + u64::from(on_existing),
         windows_resumed: s.resumed.load(Ordering::Relaxed),
