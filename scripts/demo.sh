@@ -35,7 +35,7 @@ head -c 8M /dev/urandom | dd of="$DISK" bs=1M seek=100 conv=notrunc status=none
 "$SV" backup "$REPO" "$DISK" --disk demo-os
 "$SV" snapshots "$REPO"
 
-FIRST=$("$SV" snapshots "$REPO" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshots"][0]["id"])')
+FIRST=$("$SV" snapshots "$REPO" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshots"][0]["snapshot_id"])')
 "$SV" restore "$REPO" "$FIRST" "$WORK/restored-gen0.img" --force
 "$SV" restore "$REPO" latest "$WORK/restored-gen1.img" --disk demo-os --force
 cmp "$WORK/gen0.img" "$WORK/restored-gen0.img"

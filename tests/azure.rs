@@ -309,7 +309,7 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     // The VHD's disk is the raw disk padded to a whole MiB. (Root digests can differ from a
     // backup of the raw file: unwritten pages are known zero and never read, which this
     // branch's backup records as one hole per segment; so compare bytes.)
-    ensure!(second["virtual_size"] == data_size, "{out}");
+    ensure!(second["virtual_size_bytes"] == data_size, "{out}");
     let second_id = second["snapshot_id"].as_str().context("id")?;
     let restored = dir.path().join("from-blob.raw");
     stackvault::restore_to_file(
@@ -542,7 +542,7 @@ fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
             && j["parallel"] == 3
             && j["uploaded_bytes"].as_u64().is_some()
             && j["coalesced_zero_bytes"].as_u64().is_some()
-            && j["upload_mb_s"].as_f64().is_some(),
+            && j["throughput_bytes_per_second"].as_u64().is_some(),
         "{out}"
     );
     let b = BlobClient::new(

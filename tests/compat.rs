@@ -51,7 +51,7 @@ fn format_1_snapshots_restore_and_parent_new_backups() -> anyhow::Result<()> {
         .as_array()
         .context("snapshot list")?
         .iter()
-        .filter_map(|s| s["id"].as_str())
+        .filter_map(|s| s["snapshot_id"].as_str())
         .collect();
     assert_eq!(listed, vec![v1_id.as_str()]);
     let (code, v, stderr) = sv_json(&["verify", p(&repo), &v1_id, "--no-record"])?;

@@ -24,7 +24,7 @@ fn assert_consistent_after_crash(f: &Fixture, what: &str) -> anyhow::Result<(usi
     let snaps = list["snapshots"].as_array().context("snapshot list")?;
     // Whatever is listed is whole: every chunk reads back.
     for s in snaps {
-        let id = s["id"].as_str().context("id")?;
+        let id = s["snapshot_id"].as_str().context("snapshot_id")?;
         sv_ok(&["verify", p(&repo), id, "--no-record"]).with_context(|| what.to_string())?;
     }
     let orphans = v["orphans"].as_array().map_or(0, Vec::len);

@@ -269,14 +269,14 @@ fn prune_keeps_partly_referenced_frames_and_frees_what_it_predicted() -> anyhow:
         "frames_removed",
         "chunks_moved",
         "chunks_removed",
-        "chunk_bytes_removed",
-        "bytes_after",
-        "bytes_freed",
+        "removed_chunk_bytes",
+        "packs_after_bytes",
+        "freed_bytes",
     ] {
         assert_eq!(dry[k], real[k], "{k}: dry {dry} real {real}");
     }
     // What stats called unreferenced is what prune removed: whole frames only.
-    assert_eq!(real["chunk_bytes_removed"].as_u64(), Some(unreferenced));
+    assert_eq!(real["removed_chunk_bytes"].as_u64(), Some(unreferenced));
     ensure!(real["frames_removed"].as_u64() > Some(0), "{real}");
     // Frames that gen1 still uses kept their gen0-only chunks: more chunks stay indexed than
     // gen1 references.

@@ -103,7 +103,7 @@ fn snapshot_ids(repo: &Path) -> anyhow::Result<Vec<String>> {
         .as_array()
         .context("snapshot list")?
         .iter()
-        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
         .collect())
 }
 
@@ -142,7 +142,7 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
     ensure!(code == Some(0), "stats failed");
     let s0 = stats["snapshots"]
         .as_array()
-        .and_then(|a| a.iter().find(|s| s["id"] == old.as_str()))
+        .and_then(|a| a.iter().find(|s| s["snapshot_id"] == old.as_str()))
         .context("stats of gen0")?;
     let unique = s0["unique_bytes"].as_u64().context("unique_bytes")?;
     let unique_chunks = s0["unique_chunks"].as_u64().context("unique_chunks")?;
@@ -164,7 +164,11 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
     assert_eq!(f["removed"].as_array().map(Vec::len), Some(1), "{f}");
     assert_eq!(f["verification_records_removed"], 1, "{f}");
     // gen1 was an incremental of gen0: its parent link is now informational.
-    assert_eq!(f["parent_removed"][0]["id"], h.gens[1].0.as_str(), "{f}");
+    assert_eq!(
+        f["parent_removed"][0]["snapshot_id"],
+        h.gens[1].0.as_str(),
+        "{f}"
+    );
     ensure!(!repo.join("snapshots").join(&old).exists());
     let records = fs::read_dir(repo.join("verifications").join(&old))
         .map(|d| d.count())
@@ -193,8 +197,8 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
         + old_packs * PACK_OVERHEAD
         - n("packs_written") * PACK_OVERHEAD;
     assert_eq!(before - after, expected, "{r}");
-    assert_eq!(n("bytes_freed"), before - after, "{r}");
-    assert_eq!(n("chunk_bytes_removed"), unique, "{r}");
+    assert_eq!(n("freed_bytes"), before - after, "{r}");
+    assert_eq!(n("removed_chunk_bytes"), unique, "{r}");
     ensure!(
         n("chunks_removed") > 0 && n("chunks_removed") <= unique_chunks,
         "{unique_chunks} unique chunks: {r}"
@@ -210,7 +214,7 @@ fn retention_forget_and_prune_free_exactly_the_unique_bytes() -> anyhow::Result<
     // A second prune has nothing to do.
     let (_, r, _) = sv_json(&["prune", p(&repo), "--max-unused", "0%"])?;
     assert_eq!(
-        (r["bytes_freed"].as_u64(), r["packs_written"].as_u64()),
+        (r["freed_bytes"].as_u64(), r["packs_written"].as_u64()),
         (Some(0), Some(0))
     );
     Ok(())
@@ -231,14 +235,14 @@ fn retention_prune_dry_run_changes_nothing_and_plans_the_real_run() -> anyhow::R
         "packs_rewritten",
         "chunks_removed",
         "chunks_moved",
-        "chunk_bytes_removed",
+        "removed_chunk_bytes",
     ] {
         assert_eq!(dry[k], real[k], "{k}: dry {dry} real {real}");
     }
-    ensure!(real["bytes_freed"].as_u64() > Some(0), "{real}");
+    ensure!(real["freed_bytes"].as_u64() > Some(0), "{real}");
     // At 100% only wholly unused packs go: nothing left to do here.
     let (_, again, _) = sv_json(&["prune", p(&repo), "--max-unused", "100%"])?;
-    assert_eq!(again["bytes_freed"], 0, "{again}");
+    assert_eq!(again["freed_bytes"], 0, "{again}");
     assert_restores(&repo, &h.gens[1].0, &h.gens[1].1, "after dry run and prune")
 }
 
@@ -252,7 +256,7 @@ fn retention_forget_by_policy_keeps_the_newest() -> anyhow::Result<()> {
     let keep: Vec<&str> = decisions
         .iter()
         .filter(|d| d["keep"] == true)
-        .filter_map(|d| d["id"].as_str())
+        .filter_map(|d| d["snapshot_id"].as_str())
         .collect();
     assert_eq!(keep, [h.gens[2].0.as_str()]);
     assert_eq!(decisions[0]["reasons"][0], "last");
@@ -267,7 +271,11 @@ fn retention_forget_by_policy_keeps_the_newest() -> anyhow::Result<()> {
     assert_eq!(r["removed"].as_array().map(Vec::len), Some(2), "{r}");
     assert_eq!(snapshot_ids(&repo)?, [h.gens[2].0.clone()]);
     // The survivor was an incremental of a removed snapshot, and restores on its own.
-    assert_eq!(r["parent_removed"][0]["id"], h.gens[2].0.as_str(), "{r}");
+    assert_eq!(
+        r["parent_removed"][0]["snapshot_id"],
+        h.gens[2].0.as_str(),
+        "{r}"
+    );
     assert_eq!(assert_check_clean(&repo, "after forget")?, 0);
     sv_ok(&["prune", p(&repo)])?;
     assert_restores(&repo, &h.gens[2].0, &h.gens[2].1, "after forget and prune")
@@ -398,7 +406,7 @@ fn retention_prune_and_concurrent_backups_never_lose_data() -> anyhow::Result<()
     let latest = list["snapshots"]
         .as_array()
         .and_then(|s| s.last())
-        .and_then(|s| s["id"].as_str())
+        .and_then(|s| s["snapshot_id"].as_str())
         .context("latest")?
         .to_string();
     assert_restores(&repo, &latest, &b, "latest")?;

@@ -163,16 +163,16 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
     assert_eq!(s(&fixed, "source_format"), "vhd-fixed");
     assert_eq!(s(&dynamic, "source_format"), "vhd-dynamic");
     for r in [&raw, &fixed, &dynamic] {
-        assert_eq!(r["virtual_size"].as_u64(), Some(DISK_SIZE as u64));
+        assert_eq!(r["virtual_size_bytes"].as_u64(), Some(DISK_SIZE as u64));
     }
     assert_eq!(s(&raw, "root_digest"), s(&fixed, "root_digest"));
     assert_eq!(s(&raw, "root_digest"), s(&dynamic, "root_digest"));
-    assert!(raw["new_chunks"].as_u64() > Some(0));
-    assert_eq!(fixed["new_chunks"].as_u64(), Some(0));
-    assert_eq!(dynamic["new_chunks"].as_u64(), Some(0));
+    assert!(raw["stats"]["new_chunks"].as_u64() > Some(0));
+    assert_eq!(fixed["stats"]["new_chunks"].as_u64(), Some(0));
+    assert_eq!(dynamic["stats"]["new_chunks"].as_u64(), Some(0));
     // The dynamic VHD's unallocated blocks were never read.
-    assert!(dynamic["unallocated_bytes"].as_u64() > Some(0));
-    assert!(dynamic["bytes_read"].as_u64() < Some(DISK_SIZE as u64));
+    assert!(dynamic["stats"]["unallocated_bytes"].as_u64() > Some(0));
+    assert!(dynamic["stats"]["bytes_read"].as_u64() < Some(DISK_SIZE as u64));
     // --format vhd on a raw image is refused as such, --format raw reads a VHD's bytes.
     let out = stackvault(&[
         &"backup",
@@ -188,7 +188,7 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
     assert!(String::from_utf8_lossy(&out.stderr).contains("cookie"));
     let as_raw = f.backup("disk.fixed.vhd", &["--format", "raw"])?;
     assert_eq!(
-        as_raw["virtual_size"].as_u64(),
+        as_raw["virtual_size_bytes"].as_u64(),
         Some(DISK_SIZE as u64 + 512)
     );
     // The footer metadata is in the snapshot, shown by `snapshots --json` and `show`.
@@ -280,7 +280,7 @@ fn restore_in_every_format_is_what_qemu_reads() -> anyhow::Result<()> {
         if out != "fixed.vhd" {
             assert_eq!(s(&again, "root_digest"), s(&snap, "root_digest"), "{out}");
         }
-        assert_eq!(again["new_chunks"].as_u64(), Some(0), "{out}");
+        assert_eq!(again["stats"]["new_chunks"].as_u64(), Some(0), "{out}");
     }
 
     // A raw source restores as raw by default, and as a VHD with a fresh id.
@@ -390,7 +390,7 @@ fn differencing_chain_backs_up_as_its_last_generation() -> anyhow::Result<()> {
     let raw = f.backup("gen2.raw", &[])?;
     assert_eq!(s(&diff, "source_format"), "vhd-differencing");
     assert_eq!(s(&diff, "root_digest"), s(&raw, "root_digest"));
-    assert_eq!(raw["new_chunks"].as_u64(), Some(0));
+    assert_eq!(raw["stats"]["new_chunks"].as_u64(), Some(0));
     let show = stackvault_json(&[&"show", &f.path("repo"), &s(&diff, "snapshot_id")])?;
     let parents = show["source"]["vhd"]["parents"]
         .as_array()
@@ -541,10 +541,10 @@ fn differencing_chain_incremental_reads_only_the_children() -> anyhow::Result<()
     assert_eq!(s(&c1, "kind"), "incremental");
     assert_eq!(s(&c1, "parent"), s(&base, "snapshot_id"));
     assert_eq!(s(&c1, "change_source"), "vhd-differencing-chain");
-    let read = c1["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    let read = c1["stats"]["bytes_read"].as_u64().unwrap_or(u64::MAX);
     assert!(read <= 3 * SEG, "read {read} bytes for 3 touched segments");
     // At least the 4 untouched of 7 segments are copied from the parent without reading.
-    let skipped = c1["skipped_bytes"].as_u64().unwrap_or(0);
+    let skipped = c1["stats"]["skipped_bytes"].as_u64().unwrap_or(0);
     assert!(
         skipped >= DISK_SIZE as u64 - 3 * SEG,
         "skipped only {skipped}"
@@ -552,7 +552,7 @@ fn differencing_chain_incremental_reads_only_the_children() -> anyhow::Result<()
     // child 2 relative to child 1's snapshot: the same disk as a full read of gen2.
     let c2 = f.backup("child2.vhd", &[])?;
     assert_eq!(s(&c2, "change_source"), "vhd-differencing-chain");
-    assert!(c2["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 4 * SEG);
+    assert!(c2["stats"]["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 4 * SEG);
     let full = f.backup("gen2.raw", &["--full"])?;
     assert_eq!(s(&c2, "root_digest"), s(&full, "root_digest"));
     let r = f.restore(s(&c2, "snapshot_id"), "c2.raw", &["--output-format", "raw"])?;
@@ -621,7 +621,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
         problems.iter().any(|p| {
             let (o, l) = (
                 p["offset"].as_u64().unwrap_or(0),
-                p["len"].as_u64().unwrap_or(0),
+                p["length"].as_u64().unwrap_or(0),
             );
             o <= at && at < o + l
         }),

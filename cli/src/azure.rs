@@ -154,7 +154,7 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
     crate::output::line(format!(
         "  {} requests ({} Put Page, {} clears) of {} in flight, uploaded {} ({} of them zeros \
          inside coalesced requests, gap {}), {} windows resumed, x-ms-version {} ({}), \
-         {:.2} s, {:.1} MB/s uploaded, {:.1} MB/s of disk",
+         {:.2} s, uploaded at {}",
         r.requests,
         r.put_requests,
         r.clear_requests,
@@ -166,7 +166,6 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
         r.api_version,
         r.profile,
         b.duration_ms as f64 / 1000.0,
-        r.upload_mb_s,
-        b.throughput_mb_s
+        crate::output::rate(r.uploaded_bytes, b.duration_ms)
     ))
 }

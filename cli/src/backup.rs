@@ -146,8 +146,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         output::bytes(s.bytes_added)
     ))?;
     output::line(format!(
-        "  {:.2} s, {:.1} MB/s",
+        "  {:.2} s, read at {}",
         s.duration_ms as f64 / 1000.0,
-        report.throughput_mb_s
+        output::rate(s.bytes_read, s.duration_ms)
     ))
 }

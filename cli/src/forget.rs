@@ -63,7 +63,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     if snapshots.is_empty() && policy.is_empty() {
         return Err(Error::Usage(
-            "forget needs snapshots to remove or a policy: name snapshots (ids, prefixes or \
+            "no retention rule given: name the snapshots to forget (ids, prefixes or \
              `latest`), or give rules such as `--keep-daily 7 --keep-weekly 4`"
                 .into(),
         )
@@ -76,6 +76,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .into());
     }
     let repo = Repo::open(&repo)?;
+    if let Some(disk) = &args.disk {
+        warn_unknown_disk(&repo, disk)?;
+    }
     let report = if snapshots.is_empty() {
         forget::forget_by_policy(
             &repo,
@@ -91,6 +94,27 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         return output::json(&report);
     }
     print(&report)
+}
+
+/// A `--disk` that names no disk of the repository (a typo) would silently forget nothing.
+fn warn_unknown_disk(repo: &Repo, disk: &str) -> anyhow::Result<()> {
+    if !repo.snapshots(Some(disk))?.is_empty() {
+        return Ok(());
+    }
+    let mut known: Vec<String> = repo
+        .snapshots(None)?
+        .into_iter()
+        .map(|s| s.meta.disk)
+        .collect();
+    known.sort();
+    known.dedup();
+    let known = if known.is_empty() {
+        "none".to_string()
+    } else {
+        known.join(", ")
+    };
+    eprintln!("warning: --disk {disk} names no disk of this repository (its disks: {known}); nothing to forget");
+    Ok(())
 }
 
 fn short(id: &str) -> &str {

@@ -34,13 +34,13 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create repository {}", path.display()))?;
     let c = repo.config();
     if args.json {
-        output::json(&serde_json::json!({
-            "repository": path.display().to_string(),
-            "repository_id": stackvault::format::hex(&c.repository_id),
-            "chunker": c.chunker.describe(),
-            "segment_size": c.segment_size,
-            "zstd_level": c.zstd_level,
-        }))
+        output::json(&InitReport {
+            repository: path.display().to_string(),
+            repository_id: stackvault::format::hex(&c.repository_id),
+            chunker: c.chunker.describe(),
+            segment_size_bytes: c.segment_size,
+            zstd_level: c.zstd_level,
+        })
     } else {
         output::line(format!(
             "created repository {} (chunker {}, segments {}, zstd {})",
@@ -50,4 +50,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             c.zstd_level
         ))
     }
+}
+
+/// `init --json`.
+#[derive(serde::Serialize)]
+struct InitReport {
+    repository: String,
+    repository_id: String,
+    chunker: String,
+    segment_size_bytes: u32,
+    zstd_level: i32,
 }

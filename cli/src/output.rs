@@ -7,8 +7,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-/// Version of the JSON documents printed with `--json`.
-pub const JSON_FORMAT_VERSION: u32 = 1;
+/// Version of the JSON documents printed with `--json` (docs/json.md). 2: one name per thing
+/// (`snapshot_id`, `length`, `_bytes` sizes, nested `stats`), no Rust debug text.
+pub const JSON_FORMAT_VERSION: u32 = 2;
 
 /// Settings shared by all commands.
 pub struct Context {
@@ -78,6 +79,13 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.2} {}", UNITS[unit])
     }
+}
+
+/// A transfer rate in the progress bars' unit (binary: `12.50 MiB/s`), of `bytes` actually
+/// read or written in `duration_ms`.
+pub fn rate(bytes: u64, duration_ms: u64) -> String {
+    let per_second = (bytes as f64 * 1000.0 / duration_ms.max(1) as f64) as u64;
+    format!("{}/s", self::bytes(per_second))
 }
 
 /// indicatif bars behind the engine's `Progress` trait.

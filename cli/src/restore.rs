@@ -72,6 +72,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     let report = stackvault::restore_to_file(&repo, &snap, &output, &options, &ctx.progress())
         .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
+    // The output format is known only now when it defaulted to the snapshot's source format.
+    if args.exact_size && report.output_format != "vhd-fixed" {
+        eprintln!(
+            "warning: --exact-size did nothing: it applies to fixed VHD output, and this \
+             output is {} (pass --output-format vhd-fixed for a fixed VHD)",
+            report.output_format
+        );
+    }
+    if args.new_id && report.output_format == "raw" {
+        eprintln!("warning: --new-id did nothing: a raw image has no VHD unique id");
+    }
     if args.json {
         return output::json(&report);
     }
@@ -84,11 +95,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         output::bytes(report.virtual_size)
     ))?;
     output::line(format!(
-        "  wrote {} in {} chunks, {} left sparse, {:.2} s, {:.1} MB/s",
+        "  wrote {} in {} chunks, {} left sparse, {:.2} s, written at {}",
         output::bytes(report.bytes_written),
         report.chunks,
         output::bytes(report.zero_bytes),
         report.duration_ms as f64 / 1000.0,
-        report.throughput_mb_s
+        output::rate(report.bytes_written, report.duration_ms)
     ))
 }

@@ -3,7 +3,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use stackvault::Repo;
+use serde::Serialize;
+use stackvault::format::verification::VerificationRecord;
+use stackvault::{Repo, SnapshotSummary};
 
 use crate::output::{self, Context};
 
@@ -25,20 +27,14 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     let snaps = repo.snapshots(args.disk.as_deref())?;
     let verified = repo.last_verifications()?;
     if args.json {
-        let list: Vec<serde_json::Value> = snaps
+        let snapshots = snaps
             .iter()
-            .map(|s| {
-                let mut v = serde_json::to_value(s)?;
-                if let serde_json::Value::Object(map) = &mut v {
-                    map.insert(
-                        "last_verification".into(),
-                        serde_json::to_value(verified.get(&s.id))?,
-                    );
-                }
-                Ok(v)
+            .map(|s| Listed {
+                snapshot: s,
+                last_verification: verified.get(&s.id),
             })
-            .collect::<Result<_, serde_json::Error>>()?;
-        return output::json(&serde_json::json!({ "snapshots": list }));
+            .collect();
+        return output::json(&List { snapshots });
     }
     output::line(format!(
         "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}  {}",
@@ -93,8 +89,113 @@ pub fn show(ctx: &Context, args: ShowArgs) -> anyhow::Result<()> {
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let repo = Repo::open(&repo)?;
     let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
+    let verifications: Vec<VerificationRecord> = repo
+        .verifications_of(&snap.id)?
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
     if args.json {
-        return output::json(&snap);
+        return output::json(&Shown {
+            snapshot: &snap,
+            verifications,
+        });
     }
-    output::line(serde_json::to_string_pretty(&snap)?)
+    print_snapshot(&snap, &verifications)
+}
+
+/// One entry of `snapshots --json`: the snapshot and its latest verification.
+#[derive(Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    snapshot: &'a SnapshotSummary,
+    last_verification: Option<&'a VerificationRecord>,
+}
+
+/// `snapshots --json`.
+#[derive(Serialize)]
+struct List<'a> {
+    snapshots: Vec<Listed<'a>>,
+}
+
+/// `show --json`: the snapshot and every verification of it, oldest first.
+#[derive(Serialize)]
+struct Shown<'a> {
+    #[serde(flatten)]
+    snapshot: &'a SnapshotSummary,
+    verifications: Vec<VerificationRecord>,
+}
+
+/// The human form of `show`: what was backed up, from where, how, and every verification.
+fn print_snapshot(s: &SnapshotSummary, verifications: &[VerificationRecord]) -> anyhow::Result<()> {
+    let m = &s.meta;
+    output::line(format!("snapshot {}", s.id))?;
+    output::line(format!("  disk       {}", m.disk))?;
+    output::line(format!("  time       {}", m.time))?;
+    let parent = match &m.parent {
+        Some(p) => format!(", parent {p}"),
+        None => String::new(),
+    };
+    output::line(format!("  kind       {}{parent}", m.kind.as_str()))?;
+    output::line(format!(
+        "  size       {} ({} bytes)",
+        output::bytes(s.virtual_size),
+        s.virtual_size
+    ))?;
+    output::line(format!(
+        "  source     {} ({})",
+        m.source.path, m.source.format
+    ))?;
+    if let Some(vhd) = &m.source.vhd {
+        output::line(format!(
+            "  vhd        {} disk, unique id {}",
+            vhd.disk_type, vhd.unique_id
+        ))?;
+        for w in &vhd.warnings {
+            output::line(format!("  warning    {w}"))?;
+        }
+    }
+    output::line(format!("  changes    {}", m.change_source))?;
+    output::line(format!(
+        "  host       {} (stackvault {})",
+        m.hostname, m.tool_version
+    ))?;
+    output::line(format!("  chunker    {}", m.chunker))?;
+    output::line(format!("  root       {}", m.root_digest))?;
+    let st = &m.stats;
+    output::line(format!(
+        "  backup     read {}, unchanged {} not read, zero {} ({} unallocated); {} chunks \
+         ({} new), added {}; {:.2} s, read at {}",
+        output::bytes(st.bytes_read),
+        output::bytes(st.skipped_bytes),
+        output::bytes(st.zero_bytes),
+        output::bytes(st.unallocated_bytes),
+        st.chunks,
+        st.new_chunks,
+        output::bytes(st.bytes_added),
+        st.duration_ms as f64 / 1000.0,
+        output::rate(st.bytes_read, st.duration_ms)
+    ))?;
+    if verifications.is_empty() {
+        return output::line("  verified   never (run `stackvault verify` to prove it restores)");
+    }
+    output::line(format!("  verified   {} times:", verifications.len()))?;
+    for v in verifications {
+        let against = match &v.target {
+            Some(t) => format!("target {t}"),
+            None => v.mode.clone(),
+        };
+        let problems = if v.problems > 0 {
+            format!(", {} problem ranges", v.problems)
+        } else {
+            String::new()
+        };
+        output::line(format!(
+            "    {}  {:<8} {against}: {} in {:.2} s{problems}",
+            v.time,
+            v.outcome.to_uppercase(),
+            output::bytes(v.bytes_checked),
+            v.duration_ms as f64 / 1000.0
+        ))?;
+    }
+    Ok(())
 }

@@ -102,12 +102,12 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
         r.outcome.to_uppercase()
     ))?;
     output::line(format!(
-        "  checked {} ({} chunks, {} in zero runs) in {:.2} s, {:.1} MB/s",
+        "  checked {} ({} chunks, {} in zero runs) in {:.2} s, checked at {}",
         output::bytes(r.bytes_checked),
         r.chunks_checked,
         output::bytes(r.zero_bytes),
         r.duration_ms as f64 / 1000.0,
-        r.throughput_mb_s
+        output::rate(r.bytes_checked, r.duration_ms)
     ))?;
     if r.problem_count > 0 {
         output::line(format!(

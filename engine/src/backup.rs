@@ -74,12 +74,13 @@ pub struct BackupReport {
     pub change_source: String,
     pub source: String,
     pub source_format: String,
+    #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     pub root_digest: String,
-    #[serde(flatten)]
+    /// The counters as stored in the snapshot (nested, as in `show` and `snapshots`).
     pub stats: BackupStats,
-    /// Virtual disk bytes per second of wall time, in MB/s (10^6).
-    pub throughput_mb_s: f64,
+    /// Bytes read from the source per second of wall time.
+    pub throughput_bytes_per_second: u64,
 }
 
 /// Chunks that the repository did not have when their segment was processed, in disk
@@ -241,7 +242,8 @@ pub fn backup(
     crate::crash::point("manifest-stored");
     repo.index().add_snapshot(&id, &meta, virtual_size)?;
 
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let throughput_bytes_per_second =
+        crate::progress::bytes_per_second(stats.bytes_read, started.elapsed());
     Ok(BackupReport {
         snapshot_id: id,
         disk: options.disk.clone(),
@@ -253,7 +255,7 @@ pub fn backup(
         virtual_size,
         root_digest: meta.root_digest,
         stats,
-        throughput_mb_s: virtual_size as f64 / secs / 1e6,
+        throughput_bytes_per_second,
     })
 }
 

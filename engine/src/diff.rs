@@ -21,9 +21,13 @@ pub struct ByteRange {
 /// What changed from one snapshot to another (`diff --json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct DiffReport {
+    #[serde(rename = "from_snapshot_id")]
     pub from: String,
+    #[serde(rename = "to_snapshot_id")]
     pub to: String,
+    #[serde(rename = "from_virtual_size_bytes")]
     pub from_virtual_size: u64,
+    #[serde(rename = "to_virtual_size_bytes")]
     pub to_virtual_size: u64,
     /// Total bytes in `changed_ranges`.
     pub changed_bytes: u64,

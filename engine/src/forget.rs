@@ -130,6 +130,7 @@ impl From<&SnapshotSummary> for Candidate {
 /// The policy's verdict on one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
+    #[serde(rename = "snapshot_id")]
     pub id: String,
     pub disk: String,
     pub time: String,
@@ -273,6 +274,7 @@ fn human_duration(d: time::Duration) -> String {
 /// A snapshot that was (or, in a dry run, would be) removed.
 #[derive(Clone, Debug, Serialize)]
 pub struct Removed {
+    #[serde(rename = "snapshot_id")]
     pub id: String,
     pub disk: String,
     pub time: String,
@@ -282,6 +284,7 @@ pub struct Removed {
 /// are complete disk maps); its parent link is now informational.
 #[derive(Clone, Debug, Serialize)]
 pub struct ParentGone {
+    #[serde(rename = "snapshot_id")]
     pub id: String,
     pub disk: String,
     pub kind: String,

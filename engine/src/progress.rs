@@ -131,3 +131,10 @@ mod pause {
         }
     }
 }
+
+/// Bytes per second over `elapsed` (a zero duration counts as 1 ms), for the reports'
+/// `throughput_bytes_per_second`: of the bytes actually read or written, not of the disk size.
+pub fn bytes_per_second(bytes: u64, elapsed: std::time::Duration) -> u64 {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    (bytes as f64 / secs) as u64
+}

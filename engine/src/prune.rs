@@ -102,6 +102,7 @@ pub struct PruneReport {
     pub referenced_chunks: u64,
     /// Pack files before, and their total size.
     pub packs_before: u64,
+    #[serde(rename = "packs_before_bytes")]
     pub bytes_before: u64,
     /// Packs deleted whole (no referenced chunk).
     pub packs_deleted: u64,
@@ -118,12 +119,16 @@ pub struct PruneReport {
     pub chunks_removed: u64,
     /// Frames removed (that the index knew), and their stored bytes.
     pub frames_removed: u64,
+    #[serde(rename = "removed_chunk_bytes")]
     pub chunk_bytes_removed: u64,
     /// Pack files after, and their total size.
     pub packs_after: u64,
+    #[serde(rename = "packs_after_bytes")]
     pub bytes_after: u64,
+    #[serde(rename = "freed_bytes")]
     pub bytes_freed: u64,
     /// Unused record bytes left in packs below the `max_unused` threshold.
+    #[serde(rename = "kept_unused_bytes")]
     pub unused_bytes_kept: u64,
     /// Verification records of snapshots that no longer exist, deleted.
     pub verification_records_removed: u64,

@@ -343,6 +343,13 @@ impl Repo {
         crate::lock::acquire_maintenance(&self.root, purpose)
     }
 
+    /// Every verification record of one snapshot, oldest first, with its key.
+    pub fn verifications_of(&self, snapshot_id: &str) -> Result<Vec<(String, VerificationRecord)>> {
+        let mut all = self.index().verifications()?;
+        all.retain(|(_, r)| r.snapshot_id == snapshot_id);
+        Ok(all)
+    }
+
     /// The latest verification of every snapshot that has one, by snapshot id.
     pub fn last_verifications(
         &self,

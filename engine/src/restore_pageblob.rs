@@ -80,7 +80,10 @@ pub struct PageBlobRestoreReport {
     pub profile: String,
     pub api_version: String,
     /// Size of the blob: the disk rounded up to a MiB, plus the footer.
+    #[serde(rename = "blob_size_bytes")]
     pub blob_size: u64,
+    /// Serialised once, as the restore's `vhd_current_size_bytes`.
+    #[serde(skip)]
     pub vhd_current_size: u64,
     pub unique_id: String,
     /// Requests that wrote pages: Put Page and clears, the footer included.
@@ -91,8 +94,6 @@ pub struct PageBlobRestoreReport {
     pub uploaded_bytes: u64,
     /// Zero bytes sent inside coalesced Put Page requests (they count as written pages).
     pub coalesced_zero_bytes: u64,
-    /// `uploaded_bytes` per second of the whole restore, in MB/s.
-    pub upload_mb_s: f64,
     pub coalesce_gap_bytes: u64,
     pub parallel: usize,
     /// Size of the windows the disk is cut into (and the journal records).
@@ -295,7 +296,6 @@ pub fn restore_to_page_blob(
     writer.put(data_size, &vhd_footer)?;
     let _ = fs::remove_file(&journal);
 
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
     let s = writer.stats();
     let clear_requests = s.clear_requests + u64::from(on_existing);
     Ok(PageBlobRestoreReport {
@@ -309,7 +309,10 @@ pub fn restore_to_page_blob(
             zero_bytes: counts.zero_bytes,
             chunks: counts.chunks,
             duration_ms: started.elapsed().as_millis() as u64,
-            throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+            throughput_bytes_per_second: crate::progress::bytes_per_second(
+                s.put_bytes,
+                started.elapsed(),
+            ),
             vhd_current_size: Some(data_size),
         },
         profile: profile.as_str().into(),
@@ -322,7 +325,6 @@ pub fn restore_to_page_blob(
         clear_requests,
         uploaded_bytes: s.put_bytes,
         coalesced_zero_bytes: s.coalesced_zero_bytes,
-        upload_mb_s: s.put_bytes as f64 / secs / 1e6,
         coalesce_gap_bytes: writer_options.coalesce_gap,
         parallel: writer_options.parallel,
         window_bytes: window,

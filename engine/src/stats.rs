@@ -44,6 +44,7 @@ const FRAMES: &str = "SELECT max(c.stored_len) AS stored, count(r.id) AS refd, \
 /// One snapshot's space.
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
+    #[serde(rename = "snapshot_id")]
     pub id: String,
     pub disk: String,
     pub time: String,

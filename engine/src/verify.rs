@@ -68,6 +68,7 @@ impl Default for VerifyOptions {
 pub struct RangeProblem {
     /// Offset in the virtual disk.
     pub offset: u64,
+    #[serde(rename = "length")]
     pub len: u64,
     /// The snapshot's chunk at this range; `None` for a zero run.
     pub chunk: Option<String>,
@@ -85,16 +86,18 @@ pub struct VerifyReport {
     /// `ok`, `damaged` (repository mode) or `differs` (target mode).
     pub outcome: String,
     pub ok: bool,
+    #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     /// Virtual disk bytes checked: chunk bytes plus zero-run bytes.
+    #[serde(rename = "checked_bytes")]
     pub bytes_checked: u64,
     pub chunk_bytes: u64,
     pub zero_bytes: u64,
     pub chunks_checked: u64,
     pub root_digest: String,
     pub duration_ms: u64,
-    /// Virtual disk bytes per second of wall time, MB/s (10^6).
-    pub throughput_mb_s: f64,
+    /// Virtual disk bytes checked per second of wall time.
+    pub throughput_bytes_per_second: u64,
     /// Damaged or differing ranges found.
     pub problem_count: u64,
     /// The first [`MAX_LISTED_RANGES`] of them by offset.
@@ -421,7 +424,6 @@ fn finish(
     options: &VerifyOptions,
 ) -> Result<VerifyReport> {
     let elapsed = started.elapsed();
-    let secs = elapsed.as_secs_f64().max(1e-9);
     let mut report = VerifyReport {
         snapshot_id: snapshot.id.clone(),
         disk: manifest.meta.disk.clone(),
@@ -436,7 +438,10 @@ fn finish(
         chunks_checked: tally.chunks,
         root_digest: manifest.meta.root_digest.clone(),
         duration_ms: elapsed.as_millis() as u64,
-        throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+        throughput_bytes_per_second: crate::progress::bytes_per_second(
+            tally.chunk_bytes + tally.zero_bytes,
+            elapsed,
+        ),
         problem_count: tally.problem_count,
         problems: tally.problems,
         record: None,
@@ -467,7 +472,10 @@ fn record_verification(repo: &Repo, report: &VerifyReport, time: String) -> Resu
         bytes_checked: report.bytes_checked,
         chunks_checked: report.chunks_checked,
         duration_ms: report.duration_ms,
-        throughput_mb_s: report.throughput_mb_s,
+        // The stored record keeps its MB/s (10^6) of virtual disk bytes (format-spec).
+        throughput_mb_s: report.virtual_size as f64
+            / (report.duration_ms.max(1) as f64 / 1000.0)
+            / 1e6,
         problems: report.problem_count,
         hostname: hostname(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -492,6 +500,15 @@ pub enum ReadData {
     Subset(Subset),
 }
 
+/// Which stored chunks a `check` read back, as reported (`none`, `all`, `subset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadDataKind {
+    None,
+    All,
+    Subset,
+}
+
 /// A part of the packs to scrub, so that a large repository can be read over several runs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Subset {
@@ -502,6 +519,17 @@ pub enum Subset {
     Percent(f64),
     /// `2GiB`: a random choice of packs adding up to at least that many bytes.
     Bytes(u64),
+}
+
+impl std::fmt::Display for Subset {
+    /// The form `parse` reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subset::Slice { n, of } => write!(f, "{n}/{of}"),
+            Subset::Percent(p) => write!(f, "{p}%"),
+            Subset::Bytes(b) => write!(f, "{b}"),
+        }
+    }
 }
 
 impl Subset {
@@ -574,6 +602,7 @@ pub struct Damage {
 #[derive(Clone, Debug, Serialize)]
 pub struct Orphan {
     pub pack: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub why: String,
 }
@@ -582,6 +611,7 @@ pub struct Orphan {
 #[derive(Clone, Debug, Serialize)]
 pub struct AffectedRange {
     pub offset: u64,
+    #[serde(rename = "length")]
     pub len: u64,
     pub chunk: String,
 }
@@ -608,10 +638,14 @@ pub struct CheckReport {
     pub snapshots: u64,
     pub packs: u64,
     pub chunks: u64,
-    /// `none`, `all` or the subset asked for.
-    pub read_data: String,
+    /// `none`, `all` or `subset`.
+    pub read_data: ReadDataKind,
+    /// The subset asked for, as typed (`10%`, `1/5`, `2147483648` bytes); `null` unless
+    /// `read_data` is `subset`.
+    pub read_data_subset: Option<String>,
     pub packs_read: u64,
     pub chunks_read: u64,
+    #[serde(rename = "read_bytes")]
     pub bytes_read: u64,
     pub damage_count: u64,
     /// The first [`MAX_LISTED_DAMAGE`] pieces of damage.
@@ -870,9 +904,13 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         packs,
         chunks,
         read_data: match &options.read_data {
-            ReadData::None => "none".into(),
-            ReadData::All => "all".into(),
-            ReadData::Subset(s) => format!("{s:?}"),
+            ReadData::None => ReadDataKind::None,
+            ReadData::All => ReadDataKind::All,
+            ReadData::Subset(_) => ReadDataKind::Subset,
+        },
+        read_data_subset: match &options.read_data {
+            ReadData::Subset(s) => Some(s.to_string()),
+            _ => None,
         },
         packs_read: selected.len() as u64,
         chunks_read,

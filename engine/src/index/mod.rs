@@ -104,7 +104,9 @@ pub struct ChunkLocation {
 /// A snapshot as the catalogue knows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotSummary {
+    #[serde(rename = "snapshot_id")]
     pub id: String,
+    #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     #[serde(flatten)]
     pub meta: SnapshotMeta,

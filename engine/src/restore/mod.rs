@@ -133,18 +133,20 @@ pub struct RestoreReport {
     pub disk: String,
     pub target: String,
     pub output_format: String,
+    #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
-    /// A VHD output's current size (the virtual size after rounding).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// A VHD output's current size (the virtual size after rounding); `null` for raw output.
+    #[serde(rename = "vhd_current_size_bytes")]
     pub vhd_current_size: Option<u64>,
     /// Bytes of chunk data written.
+    #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
     /// Bytes left as holes.
     pub zero_bytes: u64,
     pub chunks: u64,
     pub duration_ms: u64,
-    /// Virtual disk bytes per second, MB/s (10^6).
-    pub throughput_mb_s: f64,
+    /// Bytes written per second of wall time.
+    pub throughput_bytes_per_second: u64,
 }
 
 /// Counters of [`restore_into`].
@@ -511,7 +513,6 @@ pub fn restore_to_file(
             });
         }
     };
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(RestoreReport {
         snapshot_id: snapshot.id.clone(),
         disk: manifest.meta.disk.clone(),
@@ -523,7 +524,10 @@ pub fn restore_to_file(
         zero_bytes: counts.zero_bytes,
         chunks: counts.chunks,
         duration_ms: started.elapsed().as_millis() as u64,
-        throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+        throughput_bytes_per_second: crate::progress::bytes_per_second(
+            counts.bytes_written,
+            started.elapsed(),
+        ),
     })
 }
 
@@ -582,7 +586,6 @@ fn restore_to_device(
         )),
         e => e,
     })?;
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(RestoreReport {
         snapshot_id: snapshot.id.clone(),
         disk: manifest.meta.disk.clone(),
@@ -594,7 +597,10 @@ fn restore_to_device(
         zero_bytes: counts.zero_bytes,
         chunks: counts.chunks,
         duration_ms: started.elapsed().as_millis() as u64,
-        throughput_mb_s: manifest.virtual_size as f64 / secs / 1e6,
+        throughput_bytes_per_second: crate::progress::bytes_per_second(
+            counts.bytes_written,
+            started.elapsed(),
+        ),
     })
 }
 
