@@ -334,3 +334,21 @@ fn check_lists_leftovers_and_prune_removes_them() -> anyhow::Result<()> {
     f.assert_restores(&id, &disk)?;
     Ok(())
 }
+
+#[test]
+fn an_interrupted_check_stops_cleanly() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    f.backup_new_disk("vm", 8 * MIB, 31)?;
+    let (code, stderr) = interrupt_at(
+        &["check", p(&f.repo()), "--read-data"],
+        "check-pack:1",
+        "INT",
+    )?;
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: check stopped before the end"),
+        "{stderr}"
+    );
+    assert_clean(&f.repo(), "check")?;
+    Ok(())
+}

@@ -97,7 +97,8 @@ pub fn checkpoint(progress: &dyn Progress, point: &'static str) -> Result<()> {
 /// reaches [`checkpoint`] `point`, print `paused at <point>` on stderr, and wait there (at
 /// most a minute) until the operation is cancelled, so that a test's signal lands mid-work
 /// deterministically. The points: `backup-segment` (the writer takes the next segment),
-/// `restore-segment`, `verify-segment`, `prune-pack` (the next pack to rewrite or delete).
+/// `restore-segment`, `verify-segment`, `prune-pack` (the next pack to rewrite or delete),
+/// `check-pack` (the next pack `check --read-data` reads).
 #[cfg(feature = "testing")]
 mod pause {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -879,6 +879,9 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
     let scrubbed: Vec<Result<Scrubbed>> = selected
         .par_iter()
         .map(|(name, size)| {
+            // Reading only: an interrupted check has nothing to clean up.
+            crate::progress::checkpoint(progress, "check-pack")
+                .map_err(|_| Error::Cancelled("check stopped before the end".into()))?;
             let r = scrub_pack(repo, name);
             progress.advance(*size);
             r
