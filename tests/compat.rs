@@ -153,7 +153,7 @@ mod fixtures {
             .as_array()
             .context("snapshot list")?
             .iter()
-            .filter_map(|s| s["id"].as_str().map(str::to_owned))
+            .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
             .collect())
     }
 

@@ -146,7 +146,7 @@ fn an_interrupted_backup_keeps_its_packs_for_the_next() -> anyhow::Result<()> {
 
     let (code, report, stderr) = sv_json(&["backup", p(&repo), p(&disk), "--disk", "vm"])?;
     assert_eq!(code, Some(0), "{stderr}");
-    let new_bytes = report["new_bytes"].as_u64().context("new_bytes")?;
+    let new_bytes = report["stats"]["new_bytes"].as_u64().context("new_bytes")?;
     assert!(
         new_bytes + packs * 15 * MIB <= size,
         "the next backup stored {new_bytes} of {size} bytes again despite {packs} stored packs"

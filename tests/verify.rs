@@ -345,60 +345,7 @@ fn concurrent_backups_of_two_disks_both_succeed() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
-    let repo = f.repo();
-    let locks = repo.join("locks");
-    let host = fs::read_to_string("/proc/sys/kernel/hostname")?
-        .trim()
-        .to_string();
-    let lock = |pid: u32| {
-        serde_json::json!({"kind": "backup", "host": host, "pid": pid, "time": "2026-01-01T00:00:00Z"})
-            .to_string()
-    };
-    // A live writer (this test process) blocks index rebuild.
-    let live = locks.join("backup-live.lock");
-    fs::write(&live, lock(std::process::id()))?;
-    let out = sv(&["index", "rebuild", p(&repo)])?;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("locked") && stderr.contains(&format!("pid {}", std::process::id())),
-        "{stderr}"
-    );
-    assert!(!locks.join("maintenance.lock").exists());
-    fs::remove_file(&live)?;
-
-    // A writer whose process is gone is stale: removed with a notice.
-    let mut child = std::process::Command::new("true").spawn()?;
-    let dead = child.id();
-    child.wait()?;
-    fs::write(locks.join("backup-dead.lock"), lock(dead))?;
-    let out = std::process::Command::new(stackvault_tests::stackvault_bin())
-        .args(["index", "rebuild", p(&repo)])
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("notice: removed stale lock"), "{stderr}");
-    assert!(!locks.join("backup-dead.lock").exists());
-
-    // A held maintenance lock makes backups refuse with a clear message.
-    let maint = serde_json::json!({"kind": "maintenance", "purpose": "prune", "host": host,
-        "pid": std::process::id(), "time": "2026-01-01T00:00:00Z"});
-    fs::write(locks.join("maintenance.lock"), maint.to_string())?;
-    let disk = f.path("d.img");
-    make_disk(&disk, 4 * MIB, 1)?;
-    let out = sv(&["backup", p(&repo), p(&disk), "--disk", "d"])?;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("maintenance is running (prune"), "{stderr}");
-    let leftover: Vec<_> = files_under(&locks);
-    assert_eq!(leftover, vec![locks.join("maintenance.lock")]);
-    fs::remove_file(locks.join("maintenance.lock"))?;
-    f.backup(&disk, "d")?;
-    Ok(())
-}
+// Lock exclusion and stale-lock removal between real processes: tests/locks.rs.
 
 #[test]
 fn disk_full_during_backup_leaves_a_consistent_repository() -> anyhow::Result<()> {

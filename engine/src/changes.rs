@@ -83,10 +83,13 @@ struct JsonDocument {
 }
 
 /// The parts of `stackvault diff --json` that make a change list: the ranges changed from
-/// snapshot `from` to the disk of `to_virtual_size` bytes.
+/// snapshot `from` to the disk of `to_virtual_size` bytes. The names are those of JSON
+/// format 2 (`docs/json.md`); format 1's (`from`, `to_virtual_size`) are accepted too.
 #[derive(Deserialize)]
 struct DiffDocument {
+    #[serde(rename = "from_snapshot_id", alias = "from")]
     from: String,
+    #[serde(rename = "to_virtual_size_bytes", alias = "to_virtual_size")]
     to_virtual_size: u64,
     changed_ranges: Vec<JsonRange>,
 }
@@ -507,13 +510,19 @@ mod tests {
 
     #[test]
     fn diff_json_is_a_change_list_relative_to_its_from_snapshot() -> Result<()> {
-        let diff = r#"{"from": "aaaa", "to": "bbbb", "from_virtual_size": 8192,
+        let v2 = r#"{"from_snapshot_id": "aaaa", "to_snapshot_id": "bbbb",
+            "from_virtual_size_bytes": 8192, "to_virtual_size_bytes": 8192,
+            "changed_bytes": 4096, "changed_segments": 1, "format_version": 2,
+            "changed_ranges": [{"offset": 4096, "length": 4096}]}"#;
+        let v1 = r#"{"from": "aaaa", "to": "bbbb", "from_virtual_size": 8192,
             "to_virtual_size": 8192, "changed_bytes": 4096, "changed_segments": 1,
             "changed_ranges": [{"offset": 4096, "length": 4096}]}"#;
-        let l = ChangeList::parse(diff, "d")?;
-        assert_eq!(l.base(), Some("aaaa"));
-        assert_eq!(l.disk_size(), Some(8192));
-        assert_eq!(l.ranges(), [range(4096, 4096, ChangeKind::Written)]);
+        for diff in [v2, v1] {
+            let l = ChangeList::parse(diff, "d")?;
+            assert_eq!(l.base(), Some("aaaa"));
+            assert_eq!(l.disk_size(), Some(8192));
+            assert_eq!(l.ranges(), [range(4096, 4096, ChangeKind::Written)]);
+        }
         Ok(())
     }
 

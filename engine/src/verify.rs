@@ -935,8 +935,10 @@ pub struct Leftover {
     pub kind: String,
     /// Path relative to the repository.
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     /// Seconds since it was last modified.
+    #[serde(rename = "age_seconds")]
     pub age_secs: u64,
     /// Why a lock is stale; empty for temporary objects.
     #[serde(skip_serializing_if = "String::is_empty")]
