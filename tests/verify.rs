@@ -357,9 +357,8 @@ fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Re
         serde_json::json!({"kind": "backup", "host": host, "pid": pid, "time": "2026-01-01T00:00:00Z"})
             .to_string()
     };
-    // A live writer (this test process) blocks index rebuild.
-    let live = locks.join("backup-live.lock");
-    fs::write(&live, lock(std::process::id()))?;
+    // A live writer (this test process, holding the lock's file lock) blocks index rebuild.
+    let live = stackvault::lock::acquire_writer(&repo, "backup")?;
     let out = sv(&["index", "rebuild", p(&repo)])?;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -368,7 +367,7 @@ fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Re
         "{stderr}"
     );
     assert!(!locks.join("maintenance.lock").exists());
-    fs::remove_file(&live)?;
+    drop(live);
 
     // A writer whose process is gone is stale: removed with a notice.
     let mut child = std::process::Command::new("true").spawn()?;
@@ -384,9 +383,7 @@ fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Re
     assert!(!locks.join("backup-dead.lock").exists());
 
     // A held maintenance lock makes backups refuse with a clear message.
-    let maint = serde_json::json!({"kind": "maintenance", "purpose": "prune", "host": host,
-        "pid": std::process::id(), "time": "2026-01-01T00:00:00Z"});
-    fs::write(locks.join("maintenance.lock"), maint.to_string())?;
+    let maint = stackvault::lock::acquire_maintenance(&repo, "prune")?;
     let disk = f.path("d.img");
     make_disk(&disk, 4 * MIB, 1)?;
     let out = sv(&["backup", p(&repo), p(&disk), "--disk", "d"])?;
@@ -395,7 +392,7 @@ fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Re
     assert!(stderr.contains("maintenance is running (prune"), "{stderr}");
     let leftover: Vec<_> = files_under(&locks);
     assert_eq!(leftover, vec![locks.join("maintenance.lock")]);
-    fs::remove_file(locks.join("maintenance.lock"))?;
+    drop(maint);
     f.backup(&disk, "d")?;
     Ok(())
 }
