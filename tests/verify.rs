@@ -68,8 +68,8 @@ fn verify_records_survive_index_rebuild() -> anyhow::Result<()> {
     let (code, v, _) = sv_json(&["verify", p(&repo), &id])?;
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["outcome"], "ok");
-    assert_eq!(v["checked_bytes"].as_u64(), Some(16 * MIB));
-    assert!(v["duration_ms"].is_u64() && v["throughput_bytes_per_second"].as_u64() > Some(0));
+    assert_eq!(v["bytes_checked"].as_u64(), Some(16 * MIB));
+    assert!(v["duration_ms"].is_u64() && v["throughput_mb_s"].as_f64() > Some(0.0));
     let key = v["record"].as_str().context("record key")?.to_string();
     assert!(key.starts_with(&format!("verifications/{id}/")), "{key}");
     assert!(repo.join(&key).is_file());
@@ -123,7 +123,7 @@ fn verify_target_names_differing_ranges() -> anyhow::Result<()> {
     let problems = v["problems"].as_array().context("problems")?;
     for (prob, at) in problems.iter().zip(changed) {
         let start = prob["offset"].as_u64().context("offset")?;
-        let len = prob["length"].as_u64().context("length")?;
+        let len = prob["len"].as_u64().context("len")?;
         assert!(
             start <= at && at < start + len,
             "{prob} does not cover {at}"
@@ -345,7 +345,57 @@ fn concurrent_backups_of_two_disks_both_succeed() -> anyhow::Result<()> {
     Ok(())
 }
 
-// Lock exclusion and stale-lock removal between real processes: tests/locks.rs.
+#[test]
+fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.repo();
+    let locks = repo.join("locks");
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_string();
+    let lock = |pid: u32| {
+        serde_json::json!({"kind": "backup", "host": host, "pid": pid, "time": "2026-01-01T00:00:00Z"})
+            .to_string()
+    };
+    // A live writer (this test process, holding the lock's file lock) blocks index rebuild.
+    let live = stackvault::lock::acquire_writer(&repo, "backup")?;
+    let out = sv(&["index", "rebuild", p(&repo)])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("locked") && stderr.contains(&format!("pid {}", std::process::id())),
+        "{stderr}"
+    );
+    assert!(!locks.join("maintenance.lock").exists());
+    drop(live);
+
+    // A writer whose process is gone is stale: removed with a notice.
+    let mut child = std::process::Command::new("true").spawn()?;
+    let dead = child.id();
+    child.wait()?;
+    fs::write(locks.join("backup-dead.lock"), lock(dead))?;
+    let out = std::process::Command::new(stackvault_tests::stackvault_bin())
+        .args(["index", "rebuild", p(&repo)])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("notice: removed stale lock"), "{stderr}");
+    assert!(!locks.join("backup-dead.lock").exists());
+
+    // A held maintenance lock makes backups refuse with a clear message.
+    let maint = stackvault::lock::acquire_maintenance(&repo, "prune")?;
+    let disk = f.path("d.img");
+    make_disk(&disk, 4 * MIB, 1)?;
+    let out = sv(&["backup", p(&repo), p(&disk), "--disk", "d"])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("maintenance is running (prune"), "{stderr}");
+    let leftover: Vec<_> = files_under(&locks);
+    assert_eq!(leftover, vec![locks.join("maintenance.lock")]);
+    drop(maint);
+    f.backup(&disk, "d")?;
+    Ok(())
+}
 
 #[test]
 fn disk_full_during_backup_leaves_a_consistent_repository() -> anyhow::Result<()> {
@@ -360,7 +410,7 @@ fn disk_full_during_backup_leaves_a_consistent_repository() -> anyhow::Result<()
     // What a whole backup stores: its packs, then a small manifest.
     let probe = Fixture::new()?;
     let (_, v, _) = sv_json(&["backup", p(&probe.repo()), p(&disk), "--disk", "big"])?;
-    let added = v["stats"]["bytes_added"].as_u64().context("bytes_added")?;
+    let added = v["bytes_added"].as_u64().context("bytes_added")?;
     // Full in the middle of the packs, and full with only the manifest left to write.
     for budget in [added / 2, added + 100] {
         let f = Fixture::new()?;
@@ -421,7 +471,7 @@ fn lost_pack_is_stored_again_by_a_full_backup() -> anyhow::Result<()> {
 
     let (code, v, stderr) = sv_json(&["backup", p(&repo), p(&disk), "--disk", "a", "--full"])?;
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(v["stats"]["new_chunks"].as_u64() > Some(0), "{v}");
+    assert!(v["new_chunks"].as_u64() > Some(0), "{v}");
     sv_ok(&["check", p(&repo), "--read-data"])?;
     f.assert_restores(&a, &disk)?;
     f.assert_restores(&inc, &disk)

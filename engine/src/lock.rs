@@ -265,7 +265,8 @@ fn remove_if_stale(found: &Found) -> Result<bool> {
         sync_dir(dir)?;
     }
     notice(&format!(
-        "removed the lock of {}: that process ended without releasing it",
+        "removed stale lock {} ({}): its holder ended without releasing it",
+        found.path.display(),
         found.describe()
     ));
     Ok(true)
