@@ -480,7 +480,7 @@ fn a_list_naming_its_base_must_name_the_parent_and_diff_json_is_a_list() -> Resu
     ])?;
     assert_eq!(c["root_digest"], b["root_digest"]);
     assert_eq!(c["change_source"], "changed-ranges");
-    assert!(c["skipped_bytes"].as_u64() > Some(0), "{c}");
+    assert!(c["stats"]["skipped_bytes"].as_u64() > Some(0), "{c}");
     // --fallback-full reads everything instead of refusing.
     let f = json(&[
         "backup",

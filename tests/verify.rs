@@ -68,8 +68,8 @@ fn verify_records_survive_index_rebuild() -> anyhow::Result<()> {
     let (code, v, _) = sv_json(&["verify", p(&repo), &id])?;
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["outcome"], "ok");
-    assert_eq!(v["bytes_checked"].as_u64(), Some(16 * MIB));
-    assert!(v["duration_ms"].is_u64() && v["throughput_mb_s"].as_f64() > Some(0.0));
+    assert_eq!(v["checked_bytes"].as_u64(), Some(16 * MIB));
+    assert!(v["duration_ms"].is_u64() && v["throughput_bytes_per_second"].as_u64() > Some(0));
     let key = v["record"].as_str().context("record key")?.to_string();
     assert!(key.starts_with(&format!("verifications/{id}/")), "{key}");
     assert!(repo.join(&key).is_file());
@@ -123,7 +123,7 @@ fn verify_target_names_differing_ranges() -> anyhow::Result<()> {
     let problems = v["problems"].as_array().context("problems")?;
     for (prob, at) in problems.iter().zip(changed) {
         let start = prob["offset"].as_u64().context("offset")?;
-        let len = prob["len"].as_u64().context("len")?;
+        let len = prob["length"].as_u64().context("length")?;
         assert!(
             start <= at && at < start + len,
             "{prob} does not cover {at}"
@@ -410,7 +410,7 @@ fn disk_full_during_backup_leaves_a_consistent_repository() -> anyhow::Result<()
     // What a whole backup stores: its packs, then a small manifest.
     let probe = Fixture::new()?;
     let (_, v, _) = sv_json(&["backup", p(&probe.repo()), p(&disk), "--disk", "big"])?;
-    let added = v["bytes_added"].as_u64().context("bytes_added")?;
+    let added = v["stats"]["bytes_added"].as_u64().context("bytes_added")?;
     // Full in the middle of the packs, and full with only the manifest left to write.
     for budget in [added / 2, added + 100] {
         let f = Fixture::new()?;
@@ -471,7 +471,7 @@ fn lost_pack_is_stored_again_by_a_full_backup() -> anyhow::Result<()> {
 
     let (code, v, stderr) = sv_json(&["backup", p(&repo), p(&disk), "--disk", "a", "--full"])?;
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(v["new_chunks"].as_u64() > Some(0), "{v}");
+    assert!(v["stats"]["new_chunks"].as_u64() > Some(0), "{v}");
     sv_ok(&["check", p(&repo), "--read-data"])?;
     f.assert_restores(&a, &disk)?;
     f.assert_restores(&inc, &disk)
