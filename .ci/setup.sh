@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, idempotently: qemu-img and libvhdi's
-# vhdiinfo (VHD peers) and the
-# tools ../shared/datasets/make-disks.sh uses. Safe to run again; does nothing when all is there.
+# vhdiinfo (VHD peers), setpriv (read-only repository tests run as another user), losetup
+# (device restore tests) and the tools ../shared/datasets/make-disks.sh uses. Safe to run
+# again; does nothing when all is there.
 set -euo pipefail
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v vhdiinfo >/dev/null || need+=(libvhdi-utils)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v losetup >/dev/null || need+=(mount)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v python3 >/dev/null || need+=(python3)

@@ -273,6 +273,44 @@ fn bad_option_values_are_usage_errors() -> Result<()> {
         (&["init", p(&r2), "--zstd-level", "40"], "1..=22"),
         (&["restore", "-r", r, "latest"], "missing OUTPUT"),
         (&["restore", r, "latest"], "-r REPO"),
+        (
+            &[
+                "backup",
+                r,
+                p(&disk),
+                "--disk",
+                "d",
+                "--since-snapshot",
+                "2026-01-01",
+            ],
+            "page blob source",
+        ),
+        (
+            &["restore", r, "latest", "/nonexistent/o", "--existing"],
+            "page blob targets",
+        ),
+        (
+            &[
+                "restore",
+                r,
+                "latest",
+                "https://acct.blob.core.windows.net/c/d.vhd?sig=x",
+                "--existing",
+                "--force",
+            ],
+            "pick one",
+        ),
+        (
+            &[
+                "restore",
+                r,
+                "latest",
+                "https://acct.blob.core.windows.net/c/d.vhd?sig=x",
+                "--target-profile",
+                "azurestak",
+            ],
+            "use azure or azurestack",
+        ),
     ];
     for (args, hint) in cases {
         let (code, out, err) = outcome(&sv(args)?);

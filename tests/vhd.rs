@@ -713,7 +713,10 @@ fn dynamic_vhd_with_a_damaged_end_footer_is_read_from_its_copy() -> anyhow::Resu
         "{err}"
     );
     let report: Value = serde_json::from_str(&out)?;
-    assert_eq!(report["virtual_size_bytes"].as_u64(), Some(DISK_SIZE as u64));
+    assert_eq!(
+        report["virtual_size_bytes"].as_u64(),
+        Some(DISK_SIZE as u64)
+    );
     let raw = f.backup("disk.raw", &[])?;
     assert_eq!(s(&report, "root_digest"), s(&raw, "root_digest"));
     // The snapshot's source information says so too.

@@ -111,7 +111,10 @@ impl BlobRestoreArgs {
         force: bool,
     ) -> anyhow::Result<stackvault::PageBlobRestoreOptions> {
         if self.existing && force {
-            bail!("--existing writes into the blob; --force would replace it: pick one");
+            return Err(stackvault::Error::Usage(
+                "--existing writes into the blob; --force would replace it: pick one".into(),
+            )
+            .into());
         }
         Ok(stackvault::PageBlobRestoreOptions {
             blob: blob.options().context("page blob options")?,

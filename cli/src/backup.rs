@@ -64,6 +64,12 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         ["SOURCE"],
     )?;
     let source_path = PathBuf::from(source);
+    if args.since_snapshot.is_some() && crate::azure::blob_url(&source_path).is_none() {
+        return Err(stackvault::Error::Usage(
+            "--since-snapshot needs a page blob source (a blob URL or azure://...)".into(),
+        )
+        .into());
+    }
     let repo = Repo::open(&repo)?;
     let shown = crate::azure::shown(&source_path);
     let mut since = None;
@@ -75,9 +81,6 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 since = Some(blob.changes_since_snapshot(t)?);
             }
             Box::new(blob)
-        }
-        None if args.since_snapshot.is_some() => {
-            anyhow::bail!("--since-snapshot needs a page blob source")
         }
         None => {
             let source_options = SourceOptions {

@@ -53,16 +53,25 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     )?;
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let output = PathBuf::from(output);
+    // Options are checked before anything is opened: a usage error does nothing.
+    let blob_options = match crate::azure::blob_url(&output) {
+        Some(_) => Some(args.blob_restore.options(&args.blob, args.force)?),
+        None if args.blob_restore.any() => {
+            return Err(stackvault::Error::Usage(
+                "--existing, --resume, --journal-dir, --coalesce-gap and --parallel apply to \
+                 page blob targets; the target is a file"
+                    .into(),
+            )
+            .into())
+        }
+        None => None,
+    };
     let repo = Repo::open(&repo)?;
     let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
-    if let Some(url) = crate::azure::blob_url(&output) {
-        let options = args.blob_restore.options(&args.blob, args.force)?;
+    if let (Some(url), Some(options)) = (crate::azure::blob_url(&output), blob_options) {
         let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
             .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
         return crate::azure::print_restore(&report, args.json);
-    }
-    if args.blob_restore.any() {
-        anyhow::bail!("--existing, --resume, --journal-dir, --coalesce-gap and --parallel apply to page blob targets");
     }
     let options = RestoreOptions {
         force: args.force,

@@ -57,8 +57,8 @@ impl Profile {
         match s {
             "azure" => Ok(Profile::Azure),
             "azurestack" | "azurestackhub" => Ok(Profile::AzureStack),
-            other => Err(Error::InvalidArgument(format!(
-                "profile {other:?}: use azure or azurestack"
+            other => Err(Error::Usage(format!(
+                "--target-profile {other:?}: use azure or azurestack"
             ))),
         }
     }
