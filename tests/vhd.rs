@@ -627,6 +627,16 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
         }),
         "no problem range covers guest offset {at}: {v}"
     );
+    // A restored VHD whose footer no longer fits its file does not hold the snapshot: the
+    // target is wrong (exit 5), not a damaged backup source (4) or repository (3).
+    let len = bytes.len();
+    // The current size field (footer offset 48, 8 bytes big-endian): one bit of it flipped.
+    bytes[len - 512 + 48 + 5] ^= 0x01;
+    std::fs::write(&path, &bytes)?;
+    let out = stackvault(&[&"verify", &repo, &id, &"--target", &path])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("does not match snapshot"), "{err}");
     Ok(())
 }
 

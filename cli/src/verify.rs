@@ -51,7 +51,21 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                     stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
                         .with_context(|| format!("cannot open page blob {shown}"))?,
                 ),
-                None => open_target(path).with_context(|| format!("cannot open target {shown}"))?,
+                // A restored VHD that is damaged does not hold the snapshot: the target is
+                // wrong (exit 5), not a backup source (exit 4).
+                None => open_target(path)
+                    .map_err(|e| match e {
+                        stackvault::Error::SourceDamaged { offset, what, .. } => {
+                            stackvault::Error::TargetMismatch {
+                                target: shown.clone(),
+                                snapshot: snap.id.chars().take(12).collect(),
+                                offset,
+                                what,
+                            }
+                        }
+                        e => e,
+                    })
+                    .with_context(|| format!("cannot open target {shown}"))?,
             };
             stackvault::verify_target(&repo, &snap, target.as_ref(), &shown, &options, &progress)
         }
