@@ -150,17 +150,6 @@ mod fixtures {
         Ok(repo)
     }
 
-    fn snapshot_ids(repo: &Path) -> anyhow::Result<Vec<String>> {
-        let (code, list, stderr) = sv_json(&["snapshots", p(repo)])?;
-        ensure!(code == Some(0), "snapshots: {stderr}");
-        Ok(list["snapshots"]
-            .as_array()
-            .context("snapshot list")?
-            .iter()
-            .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
-            .collect())
-    }
-
     fn assert_restores(repo: &Path, id: &str, disk: &Path, scratch: &Path) -> anyhow::Result<()> {
         let out = scratch.join("restored.img");
         sv_ok(&["restore", p(repo), id, p(&out), "--force"])?;
@@ -176,7 +165,7 @@ mod fixtures {
             let repo = copy_fixture(name, tmp.path()).with_context(|| format!("fixture {name}"))?;
             let config = RepoConfig::decode(&fs::read(repo.join("config"))?, name)?;
             ensure!(config.version == *config_version, "{name}: {config:?}");
-            let ids = snapshot_ids(&repo)?;
+            let ids = stackvault_tests::snapshot_ids(&repo)?;
             ensure!(ids.len() == manifests.len(), "{name}: {ids:?}");
             let (code, v, stderr) = sv_json(&["check", p(&repo), "--read-data"])?;
             ensure!(code == Some(0) && v["ok"] == true, "{name}: {stderr} {v:#}");
@@ -227,7 +216,7 @@ mod fixtures {
     fn unknown_incompatible_feature_is_refused_at_open() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         let repo = copy_fixture("config2-pack2-manifest2", tmp.path())?;
-        let ids = snapshot_ids(&repo)?;
+        let ids = stackvault_tests::snapshot_ids(&repo)?;
         let mut config = RepoConfig::decode(&fs::read(repo.join("config"))?, "config")?;
         config.features.incompat |= 1 << 9;
         config.features.min_reader = [0, 9, 2];

@@ -172,7 +172,7 @@ mod power {
         if code != Some(0) || v["ok"] != true {
             bail!("check found damage (exit {code:?}): {stderr} {v:#}");
         }
-        for id in listed(repo)? {
+        for id in stackvault_tests::snapshot_ids(repo)? {
             let disk = expected
                 .get(&id)
                 .with_context(|| format!("snapshot {id} was never taken"))?;
@@ -185,17 +185,6 @@ mod power {
             std::fs::remove_file(&out)?;
         }
         Ok(())
-    }
-
-    fn listed(repo: &Path) -> anyhow::Result<Vec<String>> {
-        let (code, list, stderr) = sv_json(&["snapshots", p(repo)])?;
-        ensure!(code == Some(0), "snapshots failed: {stderr}");
-        Ok(list["snapshots"]
-            .as_array()
-            .context("snapshot list")?
-            .iter()
-            .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
-            .collect())
     }
 
     /// Backs `disk` up through the CLI and keeps a copy of it as the snapshot's expectation.
@@ -263,7 +252,7 @@ mod power {
         let dir = f.path("cut-backup-last");
         last.materialize(&dir)?;
         ensure!(
-            listed(&dir)?.contains(&id),
+            stackvault_tests::snapshot_ids(&dir)?.contains(&id),
             "the finished backup did not survive"
         );
 
@@ -305,7 +294,7 @@ mod power {
         let dir = f.path("cut-forget-last");
         cuts.last().context("no cut")?.materialize(&dir)?;
         ensure!(
-            !listed(&dir)?.contains(&first),
+            !stackvault_tests::snapshot_ids(&dir)?.contains(&first),
             "the forget did not survive"
         );
 

@@ -643,6 +643,20 @@ pub fn sv_json(args: &[&str]) -> anyhow::Result<(Option<i32>, serde_json::Value,
     Ok((out.status.code(), v, stderr))
 }
 
+/// Ids of the snapshots `snapshots --json` lists, in its order (oldest first).
+pub fn snapshot_ids(repo: &Path) -> anyhow::Result<Vec<String>> {
+    let (code, list, stderr) = sv_json(&["snapshots", p(repo)])?;
+    if code != Some(0) {
+        bail!("snapshots failed: {stderr}");
+    }
+    Ok(list["snapshots"]
+        .as_array()
+        .context("snapshot list")?
+        .iter()
+        .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
+        .collect())
+}
+
 /// A path as `&str` (test paths are always UTF-8).
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap_or("<non-UTF-8 path>")

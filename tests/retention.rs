@@ -97,16 +97,6 @@ fn backup(repo: &Path, disk: &Path, name: &str) -> anyhow::Result<String> {
         .context("backup report without snapshot_id")
 }
 
-fn snapshot_ids(repo: &Path) -> anyhow::Result<Vec<String>> {
-    let (_, v, _) = sv_json(&["snapshots", p(repo)])?;
-    Ok(v["snapshots"]
-        .as_array()
-        .context("snapshot list")?
-        .iter()
-        .filter_map(|s| s["snapshot_id"].as_str().map(str::to_owned))
-        .collect())
-}
-
 /// `check --read-data` finds no damage; returns the number of orphan packs it lists.
 fn assert_check_clean(repo: &Path, what: &str) -> anyhow::Result<usize> {
     let (code, v, stderr) = sv_json(&["check", p(repo), "--read-data"])?;
@@ -260,7 +250,11 @@ fn retention_forget_by_policy_keeps_the_newest() -> anyhow::Result<()> {
         .collect();
     assert_eq!(keep, [h.gens[2].0.as_str()]);
     assert_eq!(decisions[0]["reasons"][0], "last");
-    assert_eq!(snapshot_ids(&repo)?.len(), 3, "a dry run removes nothing");
+    assert_eq!(
+        stackvault_tests::snapshot_ids(&repo)?.len(),
+        3,
+        "a dry run removes nothing"
+    );
     // No rule at all is refused rather than removing everything.
     let out = sv(&["forget", p(&repo)])?;
     ensure!(!out.status.success());
@@ -269,7 +263,10 @@ fn retention_forget_by_policy_keeps_the_newest() -> anyhow::Result<()> {
     let (code, r, stderr) = sv_json(&["forget", p(&repo), "--keep-last", "1", "--disk", "vm"])?;
     ensure!(code == Some(0), "{stderr}");
     assert_eq!(r["removed"].as_array().map(Vec::len), Some(2), "{r}");
-    assert_eq!(snapshot_ids(&repo)?, [h.gens[2].0.clone()]);
+    assert_eq!(
+        stackvault_tests::snapshot_ids(&repo)?,
+        [h.gens[2].0.clone()]
+    );
     // The survivor was an incremental of a removed snapshot, and restores on its own.
     assert_eq!(
         r["parent_removed"][0]["snapshot_id"],
@@ -396,7 +393,7 @@ fn retention_prune_and_concurrent_backups_never_lose_data() -> anyhow::Result<()
         refused_backups += backups_ok.iter().filter(|ok| !**ok).count();
         refused_prunes += usize::from(!prune_ok);
         ran_together += usize::from(prune_ok && backups_ok.iter().any(|ok| *ok));
-        for id in snapshot_ids(&repo)? {
+        for id in stackvault_tests::snapshot_ids(&repo)? {
             sv_ok(&["verify", p(&repo), &id, "--no-record"])
                 .with_context(|| format!("round {round}: snapshot {id}"))?;
         }
@@ -475,11 +472,14 @@ fn retention_forget_killed_between_row_and_manifest_is_undone_whole() -> anyhow:
     )?;
     assert_eq!(out.status.signal(), Some(9));
     // The manifest is still there, so the snapshot comes back on the next open, whole.
-    ensure!(snapshot_ids(&repo)?.contains(old));
+    ensure!(stackvault_tests::snapshot_ids(&repo)?.contains(old));
     assert_eq!(assert_check_clean(&repo, "forget killed")?, 0);
     assert_restores(&repo, old, &h.gens[0].1, "forget killed")?;
     sv_ok(&["forget", p(&repo), old])?;
-    assert_eq!(snapshot_ids(&repo)?, [h.gens[1].0.clone()]);
+    assert_eq!(
+        stackvault_tests::snapshot_ids(&repo)?,
+        [h.gens[1].0.clone()]
+    );
     assert_eq!(assert_check_clean(&repo, "forget repeated")?, 0);
     Ok(())
 }
