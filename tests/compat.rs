@@ -85,7 +85,7 @@ mod fixtures {
     use std::path::{Path, PathBuf};
 
     use anyhow::{ensure, Context as _};
-    use stackvault::format::config::{Features, RepoConfig};
+    use stackvault::format::config::RepoConfig;
     use stackvault_tests::{p, run_cli, same_bytes, sv, sv_json, sv_ok};
 
     const MIB: usize = 1 << 20;
@@ -96,8 +96,8 @@ mod fixtures {
         // 2), not converted: config 1 with the fastcdc2020 chunker, pack 1 (one zstd frame per
         // chunk), manifest 1; a full and an incremental. `generate` cannot make it.
         ("config1-pack1-manifest1", 1, &[1, 1]),
-        // Written before features were recorded and before manifests were streamed
-        // (commits 538f516..e472501): config 1, pack 2, manifest 1.
+        // Written by a real release of commit 39c680a (the last before manifest format 2):
+        // config 1 with the aligned chunker, pack 2, manifest 1. `generate` cannot make it.
         ("config1-pack2-manifest1", 1, &[1]),
         // The current formats: config 2, pack 2, manifest 2; a full and an incremental.
         ("config2-pack2-manifest2", 2, &[2, 2]),
@@ -273,8 +273,8 @@ mod fixtures {
     fn generate() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         for (name, config_version, manifests) in FIXTURES {
-            if name.contains("-pack1-") {
-                continue; // written by an old release (see FIXTURES and tests/fixtures/README.md)
+            if *config_version == 1 {
+                continue; // written by old releases (see FIXTURES and tests/fixtures/README.md)
             }
             let repo = fixtures_dir().join(name);
             let _ = fs::remove_dir_all(&repo);
@@ -282,24 +282,9 @@ mod fixtures {
             for gen in 0..manifests.len() {
                 let disk = tmp.path().join("disk.img");
                 fs::write(&disk, fixture_disk(gen))?;
-                let (code, v, stderr) =
+                let (code, _, stderr) =
                     sv_json(&["backup", p(&repo), p(&disk), "--disk", "fixture"])?;
                 ensure!(code == Some(0), "{stderr}");
-                let id = v["snapshot_id"].as_str().context("id")?;
-                if manifests[gen] == 1 {
-                    ensure!(manifests.len() == 1, "a parent id would change");
-                    let path = repo.join("snapshots").join(id);
-                    let v1 = super::to_format_1(&fs::read(&path)?)?;
-                    let v1_id = blake3::hash(&v1).to_hex().to_string();
-                    fs::write(repo.join("snapshots").join(v1_id), v1)?;
-                    fs::remove_file(path)?;
-                }
-            }
-            if *config_version == 1 {
-                let mut c = RepoConfig::decode(&fs::read(repo.join("config"))?, "config")?;
-                c.version = 1;
-                c.features = Features::LEGACY;
-                fs::write(repo.join("config"), c.encode())?;
             }
             // Derived state is not part of a fixture: the index is rebuilt on open.
             for entry in fs::read_dir(&repo)? {
