@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use stackvault::format::{short_chunk_id, short_id};
 use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
 use stackvault::{Error, Repo};
 
@@ -57,7 +58,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => stackvault::verify_snapshot(&repo, &snap, &options, &progress),
     }
-    .with_context(|| format!("verify of snapshot {} failed", &snap.id[..12]))?;
+    .with_context(|| format!("verify of snapshot {} failed", short_id(&snap.id)))?;
     if args.json {
         output::json(&report)?;
     } else {
@@ -97,7 +98,7 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
     };
     output::line(format!(
         "verified {against} {} of disk {}: {}",
-        &r.snapshot_id[..12],
+        short_id(&r.snapshot_id),
         r.disk,
         r.outcome.to_uppercase()
     ))?;
@@ -120,7 +121,10 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
                 "    disk offset {} length {} chunk {}: {}",
                 p.offset,
                 p.len,
-                p.chunk.as_deref().map(|c| &c[..16]).unwrap_or("(zero run)"),
+                p.chunk
+                    .as_deref()
+                    .map(short_chunk_id)
+                    .unwrap_or("(zero run)"),
                 p.what
             ))?;
         }
