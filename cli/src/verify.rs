@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use stackvault::format::{short_chunk_id, short_id};
-use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
+use stackvault::verify::{open_target, VerifyMode, VerifyOptions, VerifyReport};
 use stackvault::{Error, Repo};
 
 use crate::output::{self, Context};
@@ -68,7 +68,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     // The exit code says whose fault it is: a target that differs (5) or damaged data (3).
-    let err = if report.mode == "target" {
+    let err = if report.mode == VerifyMode::Target {
         Error::TargetMismatch {
             target: report.target.clone().unwrap_or_default(),
             snapshot: report.snapshot_id.chars().take(12).collect(),
@@ -100,7 +100,7 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
         "verified {against} {} of disk {}: {}",
         short_id(&r.snapshot_id),
         r.disk,
-        r.outcome.to_uppercase()
+        r.outcome.as_str().to_uppercase()
     ))?;
     output::line(format!(
         "  checked {} ({} chunks, {} in zero runs) in {:.2} s, checked at {}",
