@@ -476,3 +476,33 @@ fn lost_pack_is_stored_again_by_a_full_backup() -> anyhow::Result<()> {
     f.assert_restores(&a, &disk)?;
     f.assert_restores(&inc, &disk)
 }
+
+/// Snapshot ids shown to people are cut to 12 characters; an id shorter than that, or one
+/// with a multi-byte character at the cut, comes from a damaged or hostile index and must
+/// be shown as it is instead of panicking the listing or the ambiguous-prefix error.
+#[test]
+fn short_snapshot_ids_from_the_index_are_shown_not_panicked_on() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.repo();
+    let (_, first) = f.backup_new_disk("web01", MIB, 1)?;
+    let (_, second) = f.backup_new_disk("web02", MIB, 2)?;
+    let conn = rusqlite::Connection::open(repo.join("index.sqlite"))?;
+    for (id, short) in [(&first, "ab1"), (&second, "ab2ab2ab2ab\u{e9}cd")] {
+        conn.execute(
+            "UPDATE snapshots SET id = ?1 WHERE id = ?2",
+            [short, id.as_str()],
+        )?;
+    }
+    drop(conn);
+    let listing = sv(&["snapshots", p(&repo)])?;
+    assert_eq!(listing.status.code(), Some(0), "{listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(text.contains("ab1 "), "{text}");
+    assert!(text.contains("ab2ab2ab2ab\u{e9} "), "{text}");
+    let ambiguous = sv(&["verify", p(&repo), "ab"])?;
+    let stderr = String::from_utf8_lossy(&ambiguous.stderr);
+    // Any failure exit but a panic's (101): which one is the error taxonomy's business.
+    assert!(matches!(ambiguous.status.code(), Some(1 | 2)), "{stderr}");
+    assert!(stderr.contains("ab1") && stderr.contains("ab2"), "{stderr}");
+    Ok(())
+}

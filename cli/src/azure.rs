@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use stackvault::azure::{self, BlobOptions, Profile};
+use stackvault::format::short_id;
 
 /// Options of a page blob source or target.
 #[derive(clap::Args, Debug, Default)]
@@ -148,7 +149,7 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
     let b = &r.restore;
     crate::output::line(format!(
         "restored snapshot {} of disk {} to {} (fixed VHD page blob, {} disk, {} blob)",
-        b.snapshot_id.get(..12).unwrap_or(&b.snapshot_id),
+        short_id(&b.snapshot_id),
         b.disk,
         b.target,
         crate::output::bytes(b.virtual_size),

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use stackvault::format::short_id;
 use stackvault::{BackupMode, BackupOptions, ChangeList, Repo, SourceFormat, SourceOptions};
 
 use crate::output::{self, Context};
@@ -121,7 +122,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let s = &report.stats;
     output::line(format!(
         "snapshot {} of disk {} ({}, {} {})",
-        &report.snapshot_id[..12],
+        short_id(&report.snapshot_id),
         report.disk,
         report.kind.as_str(),
         report.source_format,
@@ -130,7 +131,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(parent) = &report.parent {
         output::line(format!(
             "  parent {}, change knowledge: {}",
-            &parent[..12],
+            short_id(parent),
             report.change_source
         ))?;
     }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use stackvault::format::{short_chunk_id, short_id};
 use stackvault::verify::{CheckOptions, CheckReport, ReadData, Subset};
 use stackvault::{Error, Repo};
 
@@ -76,7 +77,7 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
         let chunk = d
             .chunk
             .as_deref()
-            .map(|c| format!(" chunk {}", &c[..16]))
+            .map(|c| format!(" chunk {}", short_chunk_id(c)))
             .unwrap_or_default();
         output::line(format!(
             "DAMAGE {}: {}{at}{chunk}: {}",
@@ -103,7 +104,7 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
         };
         output::line(format!(
             "AFFECTED snapshot {} of disk {}: {what}",
-            &a.snapshot_id[..12.min(a.snapshot_id.len())],
+            short_id(&a.snapshot_id),
             a.disk.as_deref().unwrap_or("?")
         ))?;
         for range in a.ranges.iter().take(10) {
@@ -111,7 +112,7 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
                 "    disk bytes {}..{} (chunk {})",
                 range.offset,
                 range.offset + range.len,
-                &range.chunk[..16]
+                short_chunk_id(&range.chunk)
             ))?;
         }
     }

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use stackvault::format::short_id;
 use stackvault::Repo;
 
 use crate::output::{self, Context};
@@ -39,8 +40,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     output::line(format!(
         "{} -> {}: {} changed in {} ranges ({} segments)",
-        &from.id[..12],
-        &to.id[..12],
+        short_id(&from.id),
+        short_id(&to.id),
         output::bytes(report.changed_bytes),
         report.changed_ranges.len(),
         report.changed_segments

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 
 use stackvault::forget::{self, ForgetReport, RetentionPolicy};
+use stackvault::format::short_id;
 use stackvault::{Error, Repo};
 
 use crate::output::{self, Context};
@@ -117,10 +118,6 @@ fn warn_unknown_disk(repo: &Repo, disk: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn short(id: &str) -> &str {
-    &id[..12.min(id.len())]
-}
-
 fn print(r: &ForgetReport) -> anyhow::Result<()> {
     let verb = if r.dry_run { "would remove" } else { "removed" };
     if let Some(decisions) = &r.decisions {
@@ -133,26 +130,31 @@ fn print(r: &ForgetReport) -> anyhow::Result<()> {
             if d.keep {
                 output::line(format!(
                     "  keep    {}  {}  ({})",
-                    short(&d.id),
+                    short_id(&d.id),
                     d.time,
                     d.reasons.join(", ")
                 ))?;
             } else {
-                output::line(format!("  remove  {}  {}", short(&d.id), d.time))?;
+                output::line(format!("  remove  {}  {}", short_id(&d.id), d.time))?;
             }
         }
     } else {
         for s in &r.removed {
-            output::line(format!("{verb} {}  {}  {}", short(&s.id), s.disk, s.time))?;
+            output::line(format!(
+                "{verb} {}  {}  {}",
+                short_id(&s.id),
+                s.disk,
+                s.time
+            ))?;
         }
     }
     for p in &r.parent_removed {
         output::line(format!(
             "note: {} snapshot {} of disk {}: its parent {} is {}; it still restores on its own",
             p.kind,
-            short(&p.id),
+            short_id(&p.id),
             p.disk,
-            short(&p.parent),
+            short_id(&p.parent),
             if r.dry_run {
                 "to be removed"
             } else {

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use stackvault::format::short_id;
 use stackvault::{OutputFormat, Repo, RestoreOptions};
 
 use crate::output::{self, Context};
@@ -70,7 +71,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
     if let (Some(url), Some(options)) = (crate::azure::blob_url(&output), blob_options) {
         let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
-            .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
+            .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
         return crate::azure::print_restore(&report, args.json);
     }
     let options = RestoreOptions {
@@ -80,7 +81,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         new_id: args.new_id,
     };
     let report = stackvault::restore_to_file(&repo, &snap, &output, &options, &ctx.progress())
-        .with_context(|| format!("restore of snapshot {} failed", &snap.id[..12]))?;
+        .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
     // The output format is known only now when it defaulted to the snapshot's source format.
     if args.exact_size && report.output_format != "vhd-fixed" {
         eprintln!(
@@ -97,7 +98,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     output::line(format!(
         "restored snapshot {} of disk {} to {} ({} {})",
-        &report.snapshot_id[..12],
+        short_id(&report.snapshot_id),
         report.disk,
         report.target,
         report.output_format,

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use stackvault::format::short_id;
 use stackvault::format::verification::VerificationRecord;
 use stackvault::{Repo, SnapshotSummary};
 
@@ -53,15 +54,11 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
         };
         output::line(format!(
             "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}  {last}",
-            &s.id[..12],
+            short_id(&s.id),
             s.meta.disk,
             s.meta.time,
             s.meta.kind.as_str(),
-            s.meta
-                .parent
-                .as_deref()
-                .map(|p| &p[..12.min(p.len())])
-                .unwrap_or("-"),
+            s.meta.parent.as_deref().map(short_id).unwrap_or("-"),
             output::bytes(s.virtual_size),
             output::bytes(s.meta.stats.bytes_added)
         ))?;

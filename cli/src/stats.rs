@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use stackvault::format::short_id;
 use stackvault::{Repo, StatsReport};
 
 use crate::output::{self, Context};
@@ -36,7 +37,7 @@ fn print(r: &StatsReport) -> anyhow::Result<()> {
     for s in &r.snapshots {
         output::line(format!(
             "{:<12}  {:<16}  {:<27}  {:<12}  {:>11}  {:>11}  {:>11}",
-            &s.id[..12.min(s.id.len())],
+            short_id(&s.id),
             s.disk,
             s.time,
             s.kind,

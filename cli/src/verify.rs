@@ -4,7 +4,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
+use stackvault::format::{short_chunk_id, short_id};
+use stackvault::verify::{open_target, VerifyMode, VerifyOptions, VerifyReport};
 use stackvault::{Error, Repo};
 
 use crate::output::{self, Context};
@@ -71,7 +72,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => stackvault::verify_snapshot(&repo, &snap, &options, &progress),
     }
-    .with_context(|| format!("verify of snapshot {} failed", &snap.id[..12]))?;
+    .with_context(|| format!("verify of snapshot {} failed", short_id(&snap.id)))?;
     if args.json {
         output::json(&report)?;
     } else {
@@ -81,7 +82,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     // The exit code says whose fault it is: a target that differs (5) or damaged data (3).
-    let err = if report.mode == "target" {
+    let err = if report.mode == VerifyMode::Target {
         Error::TargetMismatch {
             target: report.target.clone().unwrap_or_default(),
             snapshot: report.snapshot_id.chars().take(12).collect(),
@@ -111,9 +112,9 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
     };
     output::line(format!(
         "verified {against} {} of disk {}: {}",
-        &r.snapshot_id[..12],
+        short_id(&r.snapshot_id),
         r.disk,
-        r.outcome.to_uppercase()
+        r.outcome.as_str().to_uppercase()
     ))?;
     output::line(format!(
         "  checked {} ({} chunks, {} in zero runs) in {:.2} s, checked at {}",
@@ -134,7 +135,10 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
                 "    disk offset {} length {} chunk {}: {}",
                 p.offset,
                 p.len,
-                p.chunk.as_deref().map(|c| &c[..16]).unwrap_or("(zero run)"),
+                p.chunk
+                    .as_deref()
+                    .map(short_chunk_id)
+                    .unwrap_or("(zero run)"),
                 p.what
             ))?;
         }

@@ -432,7 +432,7 @@ fn check_base(list: &ChangeList, parent: &SnapshotSummary, source: &SourceInfo) 
     if recorded == Some(base) && same_blob {
         return Ok(());
     }
-    let short = parent.id.get(..12).unwrap_or(&parent.id);
+    let short = crate::format::short_id(&parent.id);
     let parent_source = match recorded {
         Some(t) if same_blob => format!("was read from blob snapshot {t}"),
         Some(t) => format!(

@@ -266,7 +266,7 @@ impl Repo {
                 prefix: query.to_string(),
                 candidates: matches
                     .into_iter()
-                    .map(|s| s.id[..12].to_string())
+                    .map(|s| crate::format::short_id(&s.id).to_string())
                     .collect(),
             }),
         }

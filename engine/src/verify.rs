@@ -75,16 +75,58 @@ pub struct RangeProblem {
     pub what: String,
 }
 
+/// What a verify run compared the snapshot with; serialised as today's `mode` strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// The snapshot's chunks in the repository, against its manifest.
+    Repository,
+    /// A restored disk, against the snapshot.
+    Target,
+}
+
+impl VerifyMode {
+    /// The name used in JSON, verification records and text output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Repository => "repository",
+            VerifyMode::Target => "target",
+        }
+    }
+}
+
+/// How a verify run ended; serialised as today's `outcome` strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyOutcome {
+    /// Nothing wrong found.
+    Ok,
+    /// Repository mode found damage.
+    Damaged,
+    /// Target mode found the target different from the snapshot.
+    Differs,
+}
+
+impl VerifyOutcome {
+    /// The name used in JSON, verification records and text output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyOutcome::Ok => "ok",
+            VerifyOutcome::Damaged => "damaged",
+            VerifyOutcome::Differs => "differs",
+        }
+    }
+}
+
 /// The outcome of a verify run (`--json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
     pub snapshot_id: String,
     pub disk: String,
-    /// `repository` or `target`.
-    pub mode: String,
+    pub mode: VerifyMode,
     pub target: Option<String>,
-    /// `ok`, `damaged` (repository mode) or `differs` (target mode).
-    pub outcome: String,
+    /// `damaged` only in repository mode, `differs` only in target mode.
+    pub outcome: VerifyOutcome,
     pub ok: bool,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
@@ -201,15 +243,15 @@ pub fn verify_snapshot(
         .map_err(stopped_verify)?;
     progress.finish();
     let outcome = if tally.problem_count == 0 {
-        "ok"
+        VerifyOutcome::Ok
     } else {
-        "damaged"
+        VerifyOutcome::Damaged
     };
     finish(
         repo,
         snapshot,
         &manifest,
-        "repository",
+        VerifyMode::Repository,
         None,
         outcome,
         tally,
@@ -310,15 +352,15 @@ pub fn verify_target(
         tally = tally.merge(extra);
     }
     let outcome = if tally.problem_count == 0 {
-        "ok"
+        VerifyOutcome::Ok
     } else {
-        "differs"
+        VerifyOutcome::Differs
     };
     finish(
         repo,
         snapshot,
         &manifest,
-        "target",
+        VerifyMode::Target,
         Some(target_name.to_string()),
         outcome,
         tally,
@@ -415,9 +457,9 @@ fn finish(
     repo: &Repo,
     snapshot: &SnapshotSummary,
     manifest: &Manifest,
-    mode: &str,
+    mode: VerifyMode,
     target: Option<String>,
-    outcome: &str,
+    outcome: VerifyOutcome,
     tally: Tally,
     started: Instant,
     time: String,
@@ -427,10 +469,10 @@ fn finish(
     let mut report = VerifyReport {
         snapshot_id: snapshot.id.clone(),
         disk: manifest.meta.disk.clone(),
-        mode: mode.into(),
+        mode,
         target,
-        outcome: outcome.into(),
-        ok: outcome == "ok",
+        outcome,
+        ok: outcome == VerifyOutcome::Ok,
         virtual_size: manifest.virtual_size,
         bytes_checked: tally.chunk_bytes + tally.zero_bytes,
         chunk_bytes: tally.chunk_bytes,
@@ -466,9 +508,9 @@ fn record_verification(repo: &Repo, report: &VerifyReport, time: String) -> Resu
         version: VERIFICATION_VERSION,
         snapshot_id: report.snapshot_id.clone(),
         time,
-        mode: report.mode.clone(),
+        mode: report.mode.as_str().into(),
         target: report.target.clone(),
-        outcome: report.outcome.clone(),
+        outcome: report.outcome.as_str().into(),
         bytes_checked: report.bytes_checked,
         chunks_checked: report.chunks_checked,
         duration_ms: report.duration_ms,

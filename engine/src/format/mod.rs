@@ -47,6 +47,33 @@ impl fmt::Display for ChunkId {
     }
 }
 
+/// Characters of a snapshot id shown to people (`snapshots`, reports, errors).
+pub const SHORT_SNAPSHOT_ID_CHARS: usize = 12;
+
+/// Characters of a chunk id shown to people (check and verify damage lists).
+pub const SHORT_CHUNK_ID_CHARS: usize = 16;
+
+/// The first [`SHORT_SNAPSHOT_ID_CHARS`] characters of a snapshot id, for display. Ids come
+/// from disk, manifests and the command line, so a shorter or non-ASCII id is returned as it
+/// is (up to a character boundary) instead of panicking like a byte slice would.
+pub fn short_id(id: &str) -> &str {
+    prefix_chars(id, SHORT_SNAPSHOT_ID_CHARS)
+}
+
+/// The first [`SHORT_CHUNK_ID_CHARS`] characters of a chunk id in hex, for display; never
+/// panics, like [`short_id`].
+pub fn short_chunk_id(id: &str) -> &str {
+    prefix_chars(id, SHORT_CHUNK_ID_CHARS)
+}
+
+/// At most `n` characters from the start of `s`, cut on a character boundary.
+fn prefix_chars(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((end, _)) => s.get(..end).unwrap_or(s),
+        None => s,
+    }
+}
+
 /// Lower-case hex encoding.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -165,6 +192,17 @@ mod tests {
         assert_eq!(unhex("0001ABff").as_deref(), Some(&b[..]));
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn short_ids_never_panic() {
+        let full = "0123456789abcdef0123";
+        assert_eq!(short_id(full), "0123456789ab");
+        assert_eq!(short_chunk_id(full), "0123456789abcdef");
+        assert_eq!(short_id(""), "");
+        assert_eq!(short_id("abc"), "abc");
+        // A multi-byte character across byte 12 would panic a `[..12]` byte slice.
+        assert_eq!(short_id("ab2ab2ab2ab\u{e9}cd"), "ab2ab2ab2ab\u{e9}");
     }
 
     #[test]
