@@ -102,6 +102,24 @@ pub enum Error {
         supported: u32,
     },
 
+    /// A repository object the caller asked for is not in the store (`object` is its key).
+    /// Backends return this, never an I/O error, for a missing object, so that callers can
+    /// tell "absent" from "unreadable" on any store.
+    #[error("object {object} is not in the repository")]
+    NotFound { object: String },
+
+    /// `put` refused to overwrite an object that already exists: stored objects are
+    /// immutable (see [`crate::store::Backend`]).
+    #[error("object {object} already exists in the repository and is never overwritten")]
+    AlreadyExists { object: String },
+
+    /// A conditional `replace` or `delete_if` found the object changed since the caller read
+    /// its version: someone else wrote it meanwhile. Read it again and retry.
+    #[error(
+        "object {object} changed since it was read (another writer?); read it again and retry"
+    )]
+    VersionMismatch { object: String },
+
     /// No snapshot matches an id, prefix or `latest` query.
     #[error("no snapshot matches {query:?}")]
     SnapshotNotFound { query: String },

@@ -217,14 +217,14 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     };
 
     // Everything on storage before we start, so packs we write are never taken for orphans.
-    let listed: HashMap<String, String> = backend
-        .list("packs/")?
-        .into_iter()
-        .filter_map(|k| Some((k.rsplit('/').next()?.to_string(), k)))
-        .collect();
-    let mut sizes: HashMap<String, u64> = HashMap::with_capacity(listed.len());
-    for (name, key) in &listed {
-        sizes.insert(name.clone(), backend.size(key)?);
+    // The listing carries the sizes: no request per pack on a remote store.
+    let mut listed: HashMap<String, String> = HashMap::new();
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    for object in backend.list_with_sizes("packs/")? {
+        if let Some(name) = object.key.rsplit('/').next() {
+            sizes.insert(name.to_string(), object.size);
+            listed.insert(name.to_string(), object.key);
+        }
     }
     report.packs_before = listed.len() as u64;
     report.bytes_before = sizes.values().sum();

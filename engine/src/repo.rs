@@ -369,9 +369,7 @@ fn read_config(path: &Path, backend: &dyn Backend) -> Result<RepoConfig> {
     }
     let bytes = match backend.get(CONFIG_KEY) {
         Ok(b) => b,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(not_repo("it has no config file"))
-        }
+        Err(Error::NotFound { .. }) => return Err(not_repo("it has no config file")),
         Err(e) => return Err(e),
     };
     if !bytes.starts_with(&CONFIG_MAGIC) {

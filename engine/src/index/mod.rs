@@ -755,9 +755,7 @@ pub fn load_manifest<'b>(backend: &'b dyn Backend, id: &str) -> Result<Manifest<
     match Manifest::open(Box::new(object), &key) {
         Ok(m) if crate::format::hex(&m.object_hash()) == id => Ok(m),
         Ok(_) => Err(not_its_name()),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Err(missing_manifest(id))
-        }
+        Err(Error::NotFound { .. }) => Err(missing_manifest(id)),
         // Damaged: say so in the plainest terms when the bytes are not what was stored.
         Err(e) if e.is_corruption() => match object_hash(backend, &key) {
             Ok(h) if crate::format::hex(&h) != id => Err(not_its_name()),
@@ -828,14 +826,13 @@ fn damaged_or_fail(report: &mut RebuildReport, e: Error) -> Result<()> {
 /// (unknown format, I/O) fails the rebuild, naming it.
 pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
-    for key in backend.list("packs/")? {
-        let Some(name) = key.rsplit('/').next() else {
+    for object in backend.list_with_sizes("packs/")? {
+        let Some(name) = object.key.rsplit('/').next() else {
             continue;
         };
         match read_pack_table(backend, name) {
             Ok(table) => {
-                let size = backend.size(&key)?;
-                index.add_pack(name, size, table.version, &table.entries)?;
+                index.add_pack(name, object.size, table.version, &table.entries)?;
                 report.packs += 1;
                 report.chunks += table.entries.len() as u64;
             }

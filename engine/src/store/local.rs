@@ -1,8 +1,10 @@
 //! A repository in a local directory (or a mounted network share).
 //!
 //! `put` writes to a temporary name in the destination directory, fsyncs the file, renames
-//! it over the final name and fsyncs the directory: readers see nothing or everything, and a
-//! completed `put` survives power loss. Streamed objects (`writer`) go the same way, with the
+//! it to the final name (`RENAME_NOREPLACE`, or a hard link where the file system lacks it, so
+//! that an existing object is refused, never overwritten) and fsyncs the directory: readers
+//! see nothing or everything, and a completed `put` survives power loss. Version tags are
+//! content hashes. Streamed objects (`writer`) go the same way, with the
 //! name given at `commit`. Temporary names start with `.tmp-` and are never
 //! listed; a crash can leave them behind, and they are harmless.
 
@@ -12,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{check_key_in, Backend, ObjectWriter};
+use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::error::{Error, Result};
 
 /// A backend rooted at a local directory.
@@ -49,7 +51,7 @@ impl LocalDir {
             return Ok(file);
         }
         let path = self.path(key);
-        let file = Arc::new(File::open(&path).map_err(|e| Error::io("open", &path, e))?);
+        let file = Arc::new(File::open(&path).map_err(|e| io_or_not_found(key, "open", &path, e))?);
         if open.len() >= OPEN_FILES {
             open.remove(0);
         }
@@ -103,23 +105,75 @@ fn random_suffix() -> String {
     crate::format::hex(&b)
 }
 
-impl Backend for LocalDir {
-    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.forget_open(key);
+/// `Error::NotFound` for a missing object, else the I/O error of `op` on `path`.
+fn io_or_not_found(key: &str, op: &'static str, path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == ErrorKind::NotFound {
+        Error::NotFound {
+            object: key.to_string(),
+        }
+    } else {
+        Error::io(op, path, e)
+    }
+}
+
+/// Moves the complete, fsynced temporary file `tmp` to `path` unless something is there
+/// already, in one atomic step: `put` never overwrites, and checking first would leave a
+/// window for another writer.
+fn rename_noreplace(tmp: &Path, path: &Path, key: &str) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    use rustix::io::Errno;
+    let exists = || Error::AlreadyExists {
+        object: key.to_string(),
+    };
+    match renameat_with(CWD, tmp, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => Err(exists()),
+        // A file system without RENAME_NOREPLACE (some network shares): a hard link is just
+        // as atomic about an existing name, and leaves the same inode (so the same fsynced
+        // data) under it.
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => match fs::hard_link(tmp, path) {
+            Ok(()) => {
+                // The object is in place; a temporary name left behind is harmless (never
+                // listed, removed by prune).
+                let _ = fs::remove_file(tmp);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) => Err(Error::io("link into place", path, e)),
+        },
+        Err(e) => Err(Error::io("rename into place", path, e.into())),
+    }
+}
+
+/// The version tag of `data`: a content hash, so that equal tags mean equal contents
+/// whatever happened to the file in between (inode numbers and mtimes can repeat).
+fn content_version(data: &[u8]) -> Version {
+    Version(blake3::hash(data).to_hex().to_string())
+}
+
+impl LocalDir {
+    /// The directory of `key` (created, durably, if missing) and its file name.
+    fn dir_and_name<'k>(&self, key: &'k str) -> Result<(PathBuf, &'k str)> {
+        let bad = || Error::InvalidArgument(format!("bad object key {key}"));
         let path = self.path(key);
-        let dir = path
-            .parent()
-            .ok_or_else(|| Error::InvalidArgument(format!("bad object key {key}")))?;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::InvalidArgument(format!("bad object key {key}")))?;
+        let dir = path.parent().ok_or_else(bad)?.to_path_buf();
+        let name = key
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(bad)?;
         if !dir.exists() {
-            fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+            fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
             if let Some(up) = dir.parent() {
                 sync_dir(up)?;
             }
         }
+        Ok((dir, name))
+    }
+
+    /// Writes `data` to a fresh temporary file in `dir` and fsyncs it; on error nothing is
+    /// left behind.
+    fn write_temp(&self, dir: &Path, name: &str, key: &str, data: &[u8]) -> Result<PathBuf> {
         let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", random_suffix()));
         let result = (|| {
             let mut f = OpenOptions::new()
@@ -136,10 +190,45 @@ impl Backend for LocalDir {
             }
             f.write_all(second)
                 .map_err(|e| Error::io("write", &tmp, e))?;
-            sync_file(&f, &tmp)?;
-            fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
-            sync_dir(dir)
+            sync_file(&f, &tmp)
         })();
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Fails unless `key` is at version `expected`.
+    fn check_version(&self, key: &str, expected: &Version) -> Result<()> {
+        if self.version(key)? == *expected {
+            Ok(())
+        } else {
+            Err(Error::VersionMismatch {
+                object: key.to_string(),
+            })
+        }
+    }
+}
+
+/// LocalDir's conditional `replace` and `delete_if` compare and then act: a POSIX directory
+/// has no compare-and-swap, so two writers of one mutable object must also hold the
+/// repository lock, as every writer of a repository does.
+impl Backend for LocalDir {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.forget_open(key);
+        let (dir, name) = self.dir_and_name(key)?;
+        let path = self.path(key);
+        // Refused before writing anything when it is plain already; the rename decides.
+        if path.exists() {
+            return Err(Error::AlreadyExists {
+                object: key.to_string(),
+            });
+        }
+        let tmp = self.write_temp(&dir, name, key, data)?;
+        let result = rename_noreplace(&tmp, &path, key).and_then(|()| sync_dir(&dir));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -148,7 +237,7 @@ impl Backend for LocalDir {
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key);
-        fs::read(&path).map_err(|e| Error::io("read", &path, e))
+        fs::read(&path).map_err(|e| io_or_not_found(key, "read", &path, e))
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -170,7 +259,7 @@ impl Backend for LocalDir {
         let path = self.path(key);
         fs::metadata(&path)
             .map(|m| m.len())
-            .map_err(|e| Error::io("stat", &path, e))
+            .map_err(|e| io_or_not_found(key, "stat", &path, e))
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
@@ -178,7 +267,7 @@ impl Backend for LocalDir {
         path.try_exists().map_err(|e| Error::io("stat", &path, e))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    fn list_with_sizes(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let mut out = Vec::new();
         let base = self.path(prefix);
         if !base.exists() {
@@ -190,16 +279,23 @@ impl Backend for LocalDir {
             for entry in entries {
                 let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
                 let path = entry.path();
-                let ft = entry.file_type().map_err(|e| Error::io("stat", &path, e))?;
                 let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with(TMP_PREFIX) {
+                if name.to_string_lossy().starts_with(TMP_PREFIX) {
                     continue;
                 }
-                if ft.is_dir() {
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Removed while listing: not an object any more.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("stat", &path, e)),
+                };
+                if meta.is_dir() {
                     stack.push(path);
                 } else if let Ok(rel) = path.strip_prefix(&self.root) {
-                    out.push(rel.to_string_lossy().into_owned());
+                    out.push(ObjectInfo {
+                        key: rel.to_string_lossy().into_owned(),
+                        size: meta.len(),
+                    });
                 }
             }
         }
@@ -237,6 +333,30 @@ impl Backend for LocalDir {
             Some(dir) => sync_dir(dir),
             None => Ok(()),
         }
+    }
+
+    fn version(&self, key: &str) -> Result<Version> {
+        Ok(content_version(&self.get(key)?))
+    }
+
+    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> Result<Version> {
+        self.check_version(key, expected)?;
+        self.forget_open(key);
+        let (dir, name) = self.dir_and_name(key)?;
+        let path = self.path(key);
+        let tmp = self.write_temp(&dir, name, key, data)?;
+        let result = fs::rename(&tmp, &path)
+            .map_err(|e| Error::io("rename into place", &path, e))
+            .and_then(|()| sync_dir(&dir));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| content_version(data))
+    }
+
+    fn delete_if(&self, key: &str, expected: &Version) -> Result<()> {
+        self.check_version(key, expected)?;
+        self.remove(key)
     }
 }
 
@@ -283,7 +403,7 @@ impl ObjectWriter for LocalObject<'_> {
             sync_file(&file, &tmp)?;
             let path = self.backend.path(key);
             self.backend.forget_open(key);
-            fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+            rename_noreplace(&tmp, &path, key)?;
             sync_dir(&self.dir)
         })();
         if result.is_err() {

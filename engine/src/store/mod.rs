@@ -1,13 +1,37 @@
 //! Where repository objects live, and how packs are built and read.
 //!
-//! [`Backend`] is the one seam to storage: a flat namespace of immutable objects (`config`,
-//! `packs/xx/<id>`, `snapshots/<id>`). Objects are written whole and atomically and never
-//! modified, which is what lets a crash at any point leave a repository that opens and
-//! checks clean. [`LocalDir`] implements it on a local directory; object storage can follow
-//! without touching the engine.
+//! [`Backend`] is the one seam to storage: a flat namespace of objects (`config`,
+//! `packs/xx/<id>`, `snapshots/<id>`, `verifications/…`) under `/`-separated keys. Its
+//! contract is what a local directory and a remote object store can both honour, so that
+//! the engine never depends on which one it has:
+//!
+//! - **Whole, atomic, durable writes.** An object is visible complete or not at all, and a
+//!   write that returned `Ok` survives a crash or power loss. This is what lets a crash at any
+//!   point leave a repository that opens and checks clean.
+//! - **Immutable objects.** [`Backend::put`] (and [`ObjectWriter::commit`]) never overwrite:
+//!   an existing key is refused with [`Error::AlreadyExists`](crate::Error::AlreadyExists),
+//!   atomically (no check-then-write window on stores that offer a conditional create).
+//! - **A typed absence.** Reading, sizing or versioning a missing object fails with
+//!   [`Error::NotFound`](crate::Error::NotFound), never with a store-specific I/O error.
+//! - **Listing with sizes.** [`Backend::list_with_sizes`] returns each key with its size in
+//!   one pass, as an object-store listing does, so no caller pays a request per object.
+//! - **Conditional change of the few mutable objects.** An object that must change in place
+//!   is read with [`Backend::version`] and changed with [`Backend::replace`] or
+//!   [`Backend::delete_if`], which fail with
+//!   [`Error::VersionMismatch`](crate::Error::VersionMismatch) when it changed meanwhile
+//!   (an ETag `If-Match` on object storage). Today every object is written once, so only
+//!   tests use them.
+//!
+//! [`LocalDir`] implements the contract on a local directory; the `testing` feature adds
+//! an in-memory backend and fault-injecting wrappers, and one contract test suite runs
+//! against each.
 
 mod local;
 pub(crate) use local::sync_dir;
+#[cfg(any(test, feature = "testing"))]
+mod memory;
+#[cfg(any(test, feature = "testing"))]
+pub use memory::MemoryBackend;
 pub mod pack;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -16,34 +40,73 @@ pub use local::LocalDir;
 
 use crate::error::Result;
 
-/// Storage of immutable repository objects. Keys are `/`-separated relative paths.
+/// An object's key with its size in bytes, as [`Backend::list_with_sizes`] returns them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
+/// An opaque tag of one stored version of an object: equal tags mean the same contents
+/// (an ETag on object storage). Only compared, never interpreted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version(pub(crate) String);
+
+/// Storage of repository objects under the contract in the module doc. Keys are
+/// `/`-separated relative paths.
 pub trait Backend: Send + Sync {
-    /// Stores `data` under `key`. When this returns `Ok`, the object is complete and durable
-    /// (it survives a crash or power loss); until then no reader can see any part of it. On
-    /// error nothing is left under `key`.
+    /// Stores a new object `data` under `key`. When this returns `Ok`, the object is complete
+    /// and durable (it survives a crash or power loss); until then no reader can see any part
+    /// of it. An existing object is never overwritten: that fails with
+    /// [`AlreadyExists`](crate::Error::AlreadyExists) and leaves it as it was. On error
+    /// nothing new is left under `key`.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
 
-    /// Reads a whole object.
+    /// Reads a whole object; [`NotFound`](crate::Error::NotFound) when there is none.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
 
     /// Reads `len` bytes at `offset`; fewer bytes than asked is a [`Corrupt`] error
-    /// (the object is shorter than the caller's metadata says).
+    /// (the object is shorter than the caller's metadata says), a missing object
+    /// [`NotFound`](crate::Error::NotFound).
     ///
     /// [`Corrupt`]: crate::Error::Corrupt
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
 
-    /// Size of an object in bytes.
+    /// Size of an object in bytes; [`NotFound`](crate::Error::NotFound) when there is none.
     fn size(&self, key: &str) -> Result<u64>;
 
     /// Whether an object exists.
     fn exists(&self, key: &str) -> Result<bool>;
 
-    /// Keys of all objects under `prefix` (`packs/`, `snapshots/`), in no particular order.
-    /// Temporary objects of unfinished writes are never listed.
-    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Keys and sizes of all objects under `prefix` (`packs/`, `snapshots/`), in no
+    /// particular order. Temporary objects of unfinished writes are never listed.
+    fn list_with_sizes(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+
+    /// Keys of all objects under `prefix`, as [`Backend::list_with_sizes`] lists them.
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_with_sizes(prefix)?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
 
     /// Deletes an object; deleting a missing object is not an error. Durable on return.
     fn remove(&self, key: &str) -> Result<()>;
+
+    /// The current version of an object; [`NotFound`](crate::Error::NotFound) when there is
+    /// none.
+    fn version(&self, key: &str) -> Result<Version>;
+
+    /// Replaces an existing object with `data` if it is still at version `expected`, as
+    /// atomically and durably as `put`, and returns the new version. A changed object fails
+    /// with [`VersionMismatch`](crate::Error::VersionMismatch), a missing one with
+    /// [`NotFound`](crate::Error::NotFound); either way nothing is written.
+    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> Result<Version>;
+
+    /// Deletes an object if it is still at version `expected`; otherwise as
+    /// [`Backend::replace`]. Durable on return.
+    fn delete_if(&self, key: &str, expected: &Version) -> Result<()>;
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be
     /// stored under a key in `dir` (`snapshots/`) that is known only when it is complete.
@@ -61,8 +124,9 @@ pub trait Backend: Send + Sync {
 /// [`ObjectWriter::commit`]; dropped uncommitted, it leaves nothing behind but, after a
 /// crash, a temporary object that readers ignore.
 pub trait ObjectWriter: std::io::Write + Send {
-    /// Makes the object durable and visible under `key`, as [`Backend::put`] does. `key`
-    /// must be in the directory the writer was started for.
+    /// Makes the object durable and visible under `key`, as [`Backend::put`] does (an
+    /// existing `key` is refused, not overwritten). `key` must be in the directory the writer
+    /// was started for.
     fn commit(self: Box<Self>, key: &str) -> Result<()>;
 }
 
@@ -126,4 +190,113 @@ pub fn pack_key(name: &str) -> String {
 /// Key of a snapshot manifest.
 pub fn snapshot_key(id: &str) -> String {
     format!("snapshots/{id}")
+}
+
+/// The [`Backend`] contract as one test suite, run against every implementation.
+#[cfg(test)]
+mod contract {
+    use std::io::Write;
+
+    use super::*;
+    use crate::error::Error;
+
+    fn is_not_found(r: &Result<impl std::fmt::Debug>, key: &str) -> bool {
+        matches!(r, Err(Error::NotFound { object }) if object == key)
+    }
+
+    /// Every promise of the module doc that a single caller can observe.
+    fn honours_the_contract(b: &dyn Backend) -> Result<()> {
+        let key = "packs/ab/abcd";
+        // A typed absence.
+        assert!(is_not_found(&b.get(key), key));
+        assert!(is_not_found(&b.get_range(key, 0, 1), key));
+        assert!(is_not_found(&b.size(key), key));
+        assert!(is_not_found(&b.version(key), key));
+        assert!(!b.exists(key)?);
+        assert!(b.list_with_sizes("packs/")?.is_empty());
+
+        b.put(key, b"hello")?;
+        assert_eq!(b.get(key)?, b"hello");
+        assert_eq!(b.get_range(key, 1, 3)?, b"ell");
+        assert!(matches!(
+            b.get_range(key, 3, 3),
+            Err(Error::Corrupt { offset: 3, .. })
+        ));
+        assert_eq!(b.size(key)?, 5);
+        assert!(b.exists(key)?);
+
+        // Immutable: a second put is refused and changes nothing, streamed or not.
+        assert!(matches!(
+            b.put(key, b"other"),
+            Err(Error::AlreadyExists { object }) if object == key
+        ));
+        assert_eq!(b.get(key)?, b"hello");
+        b.put("snapshots/s1", b"manifest")?;
+        let mut w = b.writer("snapshots/")?;
+        w.write_all(b"another")
+            .map_err(|e| Error::io("write", "snapshots/", e))?;
+        assert!(matches!(
+            w.commit("snapshots/s1"),
+            Err(Error::AlreadyExists { object }) if object == "snapshots/s1"
+        ));
+        assert_eq!(b.get("snapshots/s1")?, b"manifest");
+
+        // Listing with sizes, by prefix.
+        b.put("packs/cd/cdef", b"")?;
+        let mut listed = b.list_with_sizes("packs/")?;
+        listed.sort_by(|x, y| x.key.cmp(&y.key));
+        let info = |key: &str, size| ObjectInfo {
+            key: key.to_string(),
+            size,
+        };
+        assert_eq!(listed, vec![info(key, 5), info("packs/cd/cdef", 0)]);
+        assert_eq!(b.list("snapshots/")?, vec!["snapshots/s1".to_string()]);
+
+        // Conditional replace and delete by version.
+        let mutable = "verifications/record";
+        b.put(mutable, b"v1")?;
+        let v1 = b.version(mutable)?;
+        let v2 = b.replace(mutable, b"v2", &v1)?;
+        assert_ne!(v1, v2);
+        assert_eq!(b.version(mutable)?, v2);
+        assert_eq!(b.get(mutable)?, b"v2");
+        assert!(matches!(
+            b.replace(mutable, b"v3", &v1),
+            Err(Error::VersionMismatch { object }) if object == mutable
+        ));
+        assert!(matches!(
+            b.delete_if(mutable, &v1),
+            Err(Error::VersionMismatch { .. })
+        ));
+        assert_eq!(b.get(mutable)?, b"v2");
+        assert!(is_not_found(
+            &b.replace("verifications/none", b"x", &v1),
+            "verifications/none"
+        ));
+        b.delete_if(mutable, &v2)?;
+        assert!(!b.exists(mutable)?);
+
+        // Removing is idempotent.
+        b.remove(key)?;
+        b.remove(key)?;
+        assert!(is_not_found(&b.get(key), key));
+        Ok(())
+    }
+
+    #[test]
+    fn local_dir_honours_the_contract() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        honours_the_contract(&LocalDir::new(dir.path()))
+    }
+
+    #[test]
+    fn memory_backend_honours_the_contract() -> Result<()> {
+        honours_the_contract(&MemoryBackend::new())
+    }
+
+    #[cfg(feature = "testing")]
+    #[test]
+    fn fault_injecting_backend_honours_the_contract() -> Result<()> {
+        honours_the_contract(&testing::DiskFullAfter::new(MemoryBackend::new(), u64::MAX))
+    }
 }

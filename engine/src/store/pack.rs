@@ -237,7 +237,7 @@ pub fn with_chunk<R>(
 /// A pack the index names but the backend does not have is damage, not an I/O failure.
 fn missing_pack(e: Error, pack: &str, offset: u64) -> Error {
     match e {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        Error::NotFound { .. } => {
             Error::corrupt(format!("pack {pack}"), offset, "the pack file is missing")
         }
         other => other,

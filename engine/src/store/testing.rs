@@ -1,8 +1,9 @@
-//! Test-only backends: faults that real storage produces rarely and unpredictably.
+//! Test-only backends: faults that real storage produces rarely and unpredictably, and
+//! [`MemoryBackend`](super::MemoryBackend) (in `memory.rs`) for a store without a disk.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::Backend;
+use super::{Backend, ObjectInfo, Version};
 use crate::error::{Error, Result};
 
 /// Wraps a backend and fails every `put` with "no space left on device" once `budget` bytes
@@ -49,11 +50,20 @@ impl<B: Backend> Backend for DiskFullAfter<B> {
     fn exists(&self, key: &str) -> Result<bool> {
         self.inner.exists(key)
     }
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.inner.list(prefix)
+    fn list_with_sizes(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.inner.list_with_sizes(prefix)
     }
     fn remove(&self, key: &str) -> Result<()> {
         self.inner.remove(key)
+    }
+    fn version(&self, key: &str) -> Result<Version> {
+        self.inner.version(key)
+    }
+    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> Result<Version> {
+        self.inner.replace(key, data, expected)
+    }
+    fn delete_if(&self, key: &str, expected: &Version) -> Result<()> {
+        self.inner.delete_if(key, expected)
     }
 }
 
