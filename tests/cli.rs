@@ -780,12 +780,28 @@ fn json_stats() -> Result<()> {
 /// A copy of the scenario's repository, with one stored byte flipped when `damage`.
 fn repo_copy(s: &Scenario, name: &str, damage: bool) -> Result<PathBuf> {
     let copy = s.dir.path().join(name);
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(s.repo())
-        .arg(&copy)
-        .status()?;
-    anyhow::ensure!(status.success(), "cp -a failed");
+    // Other tests read the shared repository meanwhile: their lock files and SQLite's `-shm`
+    // come and go, so a file that vanishes between listing and copying is skipped (`cp -a`
+    // failed on that), and locks are never copied.
+    let mut dirs = vec![std::path::PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        std::fs::create_dir_all(copy.join(&rel))?;
+        for e in std::fs::read_dir(s.repo().join(&rel))? {
+            let e = e?;
+            let rel = rel.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                if rel != std::path::Path::new("locks") {
+                    dirs.push(rel);
+                }
+                continue;
+            }
+            match std::fs::copy(e.path(), copy.join(&rel)) {
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
     if !damage {
         return Ok(copy);
     }
