@@ -513,8 +513,29 @@ pub fn restore_to_file(
             });
         }
     };
-    Ok(RestoreReport {
-        snapshot_id: snapshot.id.clone(),
+    Ok(file_report(
+        &snapshot.id,
+        &manifest,
+        out,
+        format,
+        vhd_current_size,
+        &counts,
+        started,
+    ))
+}
+
+/// The report of a restore into a file or device: its rate is of the bytes written.
+fn file_report(
+    snapshot_id: &str,
+    manifest: &Manifest,
+    out: &Path,
+    format: OutputFormat,
+    vhd_current_size: Option<u64>,
+    counts: &RestoreCounts,
+    started: Instant,
+) -> RestoreReport {
+    RestoreReport {
+        snapshot_id: snapshot_id.to_string(),
         disk: manifest.meta.disk.clone(),
         target: out.display().to_string(),
         output_format: format.as_str().into(),
@@ -528,7 +549,7 @@ pub fn restore_to_file(
             counts.bytes_written,
             started.elapsed(),
         ),
-    })
+    }
 }
 
 /// Restores a snapshot's raw disk onto a block or character device, in place (see the
@@ -586,22 +607,15 @@ fn restore_to_device(
         )),
         e => e,
     })?;
-    Ok(RestoreReport {
-        snapshot_id: snapshot.id.clone(),
-        disk: manifest.meta.disk.clone(),
-        target: out.display().to_string(),
-        output_format: OutputFormat::Raw.as_str().into(),
-        virtual_size: manifest.virtual_size,
-        vhd_current_size: None,
-        bytes_written: counts.bytes_written,
-        zero_bytes: counts.zero_bytes,
-        chunks: counts.chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        throughput_bytes_per_second: crate::progress::bytes_per_second(
-            counts.bytes_written,
-            started.elapsed(),
-        ),
-    })
+    Ok(file_report(
+        &snapshot.id,
+        manifest,
+        out,
+        OutputFormat::Raw,
+        None,
+        &counts,
+        started,
+    ))
 }
 
 #[cfg(test)]
