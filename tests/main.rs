@@ -4,6 +4,7 @@
 mod azure;
 mod cli;
 mod compat;
+mod copy;
 mod crash;
 mod device;
 mod foundation;

@@ -19,6 +19,10 @@ pub struct Args {
     /// zstd compression level for stored chunks (1-22).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
+    /// Take the chunker and zstd level of this existing repository (a new id), so that
+    /// `copy` between the two sends each chunk once and keeps snapshot ids.
+    #[arg(long, value_name = "SRC", conflicts_with_all = ["chunker", "zstd_level"])]
+    like: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -26,12 +30,21 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let (path, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
-    let options = InitOptions {
-        chunker: args.chunker,
-        zstd_level: args.zstd_level,
-    };
-    let repo = Repo::init(&path, &options)
-        .with_context(|| format!("cannot create repository {}", path.display()))?;
+    let repo = match &args.like {
+        Some(like) => {
+            let src = Repo::open(like)
+                .with_context(|| format!("cannot open repository {}", like.display()))?;
+            stackvault::init_like(&path, &src)
+        }
+        None => Repo::init(
+            &path,
+            &InitOptions {
+                chunker: args.chunker,
+                zstd_level: args.zstd_level,
+            },
+        ),
+    }
+    .with_context(|| format!("cannot create repository {}", path.display()))?;
     let c = repo.config();
     if args.json {
         output::json(&InitReport {

@@ -5,6 +5,7 @@ mod args;
 mod azure;
 mod backup;
 mod check;
+mod copy;
 mod diff;
 mod forget;
 mod index;
@@ -95,6 +96,8 @@ enum Command {
     Prune(prune::Args),
     /// Show the space each snapshot and disk takes, and what forgetting it would free.
     Stats(stats::Args),
+    /// Copy snapshots from another repository, sending only the chunks this one lacks.
+    Copy(copy::Args),
     /// Print a shell completion script (e.g. `stackvault completion bash > /etc/bash_completion.d/stackvault`).
     Completion {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
         Command::Forget(a) => forget::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Stats(a) => stats::run(&ctx, a),
+        Command::Copy(a) => copy::run(&ctx, a),
         Command::Completion { shell } => {
             // Rendered into memory first: clap_complete panics when its writer fails, and a
             // closed pipe must end the program quietly like every other command.

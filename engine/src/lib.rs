@@ -10,6 +10,8 @@
 //! ([`restore`]) walks a manifest, verifies every chunk and writes it at its offset.
 //! Retention runs the other way: [`forget`] removes snapshots by policy, [`prune`] deletes
 //! the data no snapshot references any more, and [`stats`] says what each snapshot costs.
+//! [`copy()`] moves snapshots between repositories, sending only the chunks the destination
+//! lacks.
 //!
 //! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
 //! `format` → `error`; `source` and `chunker` know nothing of repositories.
@@ -18,6 +20,7 @@ pub mod azure;
 pub mod backup;
 pub mod changes;
 pub mod chunker;
+pub mod copy;
 pub mod crash;
 pub mod diff;
 pub mod error;
@@ -37,6 +40,7 @@ pub mod verify;
 
 pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;
+pub use copy::{copy, init_like, CopyOptions, CopyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use format::config::{ChunkerParams, RepoConfig};

@@ -1,0 +1,133 @@
+//! `stackvault copy`
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use stackvault::copy::{CopyOptions, CopyOutcome, CopyReport};
+use stackvault::format::short_id;
+use stackvault::Repo;
+
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repository to copy snapshots from (only read; it may be read-only).
+    #[arg(long, value_name = "SRC")]
+    from: PathBuf,
+    /// Repository to copy them into (default: -r REPO or STACKVAULT_REPOSITORY). Create it
+    /// with `init --like SRC` so that chunks deduplicate and snapshot ids stay the same.
+    #[arg(long, value_name = "DST")]
+    to: Option<PathBuf>,
+    /// Only snapshots of this disk (with `latest`: this disk's latest).
+    #[arg(long, value_parser = crate::args::disk_name)]
+    disk: Option<String>,
+    /// Snapshots to copy (ids, unique prefixes or `latest`); default: every snapshot of SRC
+    /// (of `--disk`). Snapshots DST already has are skipped.
+    #[arg(value_name = "SNAPSHOT")]
+    snapshots: Vec<OsString>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    let to = match args.to {
+        Some(to) => {
+            if let Some(flag) = &ctx.repo_flag {
+                return Err(stackvault::Error::Usage(format!(
+                    "the destination is given twice, as -r {} and as --to {}: keep one",
+                    flag.display(),
+                    to.display()
+                ))
+                .into());
+            }
+            to
+        }
+        None => ctx.split_repo([], [])?.0,
+    };
+    let snapshots = args
+        .snapshots
+        .into_iter()
+        .map(|s| crate::args::text(s, "SNAPSHOT"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let src = Repo::open(&args.from)
+        .with_context(|| format!("cannot open the source repository {}", args.from.display()))?;
+    let dst = Repo::open(&to)
+        .with_context(|| format!("cannot open the destination repository {}", to.display()))?;
+    let options = CopyOptions {
+        disk: args.disk,
+        snapshots,
+    };
+    let mut report =
+        stackvault::copy(&src, &dst, &options, &ctx.progress()).with_context(|| {
+            format!(
+                "copy from {} to {} failed",
+                args.from.display(),
+                to.display()
+            )
+        })?;
+    if args.json {
+        output::json(&report)?;
+    } else {
+        print(&report)?;
+    }
+    // The exit code says what went wrong with the first snapshot that failed (3: damage).
+    let first = std::mem::take(&mut report.errors).into_iter().next();
+    match first {
+        None => Ok(()),
+        Some(first) => Err(anyhow::Error::from(first).context(format!(
+            "{} snapshots were not copied (listed above); the others were",
+            report.snapshots_failed
+        ))),
+    }
+}
+
+fn print(r: &CopyReport) -> anyhow::Result<()> {
+    for s in &r.snapshots {
+        let what = match s.outcome {
+            CopyOutcome::Copied => "copied".to_string(),
+            CopyOutcome::Rechunked => format!(
+                "re-chunked as {}",
+                s.destination_snapshot_id.as_deref().map_or("?", short_id)
+            ),
+            CopyOutcome::Skipped => "already there".to_string(),
+            CopyOutcome::Failed => format!("FAILED: {}", s.error.as_deref().unwrap_or("")),
+        };
+        output::line(format!(
+            "  {} {} {}: {what}",
+            short_id(&s.snapshot_id),
+            s.disk,
+            s.time
+        ))?;
+    }
+    output::line(format!(
+        "copied {} snapshots from {} to {}{}, {} already there, {} failed",
+        r.snapshots_copied,
+        r.source,
+        r.destination,
+        if r.rechunked {
+            " (re-chunked: the repositories chunk differently)"
+        } else {
+            ""
+        },
+        r.snapshots_skipped,
+        r.snapshots_failed
+    ))?;
+    output::line(format!(
+        "  sent {} chunks ({} read, {} written in {} packs), {} chunks already there; {:.2} s",
+        r.chunks_sent,
+        output::bytes(r.bytes_read),
+        output::bytes(r.bytes_written),
+        r.packs_written,
+        r.chunks_skipped,
+        r.duration_ms as f64 / 1000.0
+    ))?;
+    if r.packs_adopted > 0 {
+        output::line(format!(
+            "  indexed {} packs an interrupted run had stored",
+            r.packs_adopted
+        ))?;
+    }
+    Ok(())
+}

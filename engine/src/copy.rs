@@ -1,0 +1,854 @@
+//! Copying snapshots from one repository into another (`stackvault copy`), and creating a
+//! repository that chunks like another one (`init --like`).
+//!
+//! Two repositories that cut disks the same way ([`same_chunking`]: chunker, segment size,
+//! zero-run minimum) name every chunk and every manifest the same: a snapshot is copied by
+//! sending the chunks the destination lacks and then its manifest byte for byte, so the
+//! snapshot id is the same on both sides. Chunks are read verified (crc32, decompression,
+//! BLAKE3) from the source, compressed at the destination's zstd level into frames and packs
+//! as a backup would, and written in the backup's order: pack → index → manifest. A manifest
+//! waits for the pack holding its last new chunks, so many small snapshots share packs.
+//!
+//! Between repositories that chunk differently, the snapshot is restored as a stream
+//! ([`SnapshotSource`], a [`DiskSource`] over a snapshot) and backed up into the destination
+//! by the normal [`backup()`](crate::backup::backup); the new snapshot keeps the source's disk
+//! name, time, host and source description, and records where it came from in its
+//! `change_source` (`copy-of:<source snapshot id>`), which is how a rerun knows it is there.
+//!
+//! Resumable: snapshots the destination has (same id, or a `copy-of` record) are skipped,
+//! chunks it has are not sent, and packs stored by an interrupted run are indexed and reused
+//! (a killed run can leave a stored pack that is not indexed yet: [`adopt_stored_packs`]).
+//! A damaged chunk at the source fails the copy of its snapshot only: no manifest is written
+//! for it, and the chunks already sent are valid, indexed data the next run reuses.
+//!
+//! The copy only reads the source (it may be read-only) and only adds objects to the
+//! destination, under a writer lock there.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backup::{backup, BackupMode, BackupOptions};
+use crate::error::{Error, Result};
+use crate::format::config::RepoConfig;
+use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
+use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
+use crate::format::{hex, short_id, ChunkId};
+use crate::index::SnapshotSummary;
+use crate::progress::{checkpoint, Progress};
+use crate::repo::{InitOptions, Repo};
+use crate::source::{DiskSource, ExtentKind, SourceExtent};
+use crate::store::pack::{compress, read_pack_table, FrameCache, PackWriter};
+use crate::store::{pack_key, snapshot_key};
+
+/// The `change_source` prefix of a snapshot made by re-chunking another repository's
+/// snapshot; the source snapshot's id follows.
+pub const COPY_OF: &str = "copy-of:";
+
+/// What to copy.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
+    /// Only snapshots of this disk (and `latest` means this disk's latest).
+    pub disk: Option<String>,
+    /// Snapshot ids, prefixes or `latest` at the source; empty: every snapshot (of `disk`).
+    pub snapshots: Vec<String>,
+}
+
+/// What happened to one source snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyOutcome {
+    /// Manifest copied byte for byte: the same id at the destination.
+    Copied,
+    /// Re-chunked into a new snapshot (the repositories chunk differently).
+    Rechunked,
+    /// The destination already had it.
+    Skipped,
+    /// Not copied; `error` says why.
+    Failed,
+}
+
+/// One source snapshot in a [`CopyReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct CopiedSnapshot {
+    /// The snapshot at the source.
+    pub snapshot_id: String,
+    /// Its copy at the destination (the same id unless re-chunked); `null` when it failed.
+    pub destination_snapshot_id: Option<String>,
+    pub disk: String,
+    pub time: String,
+    pub outcome: CopyOutcome,
+    pub error: Option<String>,
+}
+
+/// The outcome of [`copy`] (`--json` serialises this).
+#[derive(Debug, Serialize)]
+pub struct CopyReport {
+    pub source: String,
+    pub destination: String,
+    /// The repositories chunk differently, so snapshots were re-chunked (new ids).
+    pub rechunked: bool,
+    pub snapshots_copied: u64,
+    pub snapshots_skipped: u64,
+    pub snapshots_failed: u64,
+    /// Distinct chunks stored at the destination.
+    pub chunks_sent: u64,
+    /// Chunk references whose chunk the destination had (or got earlier in this run).
+    pub chunks_skipped: u64,
+    /// Bytes read from the source: chunk data (uncompressed) and manifests.
+    #[serde(rename = "read_bytes")]
+    pub bytes_read: u64,
+    /// Bytes stored at the destination: packs and manifests.
+    #[serde(rename = "written_bytes")]
+    pub bytes_written: u64,
+    pub packs_written: u64,
+    /// Packs an interrupted earlier run stored but did not index, now indexed and reused.
+    pub packs_adopted: u64,
+    pub duration_ms: u64,
+    pub snapshots: Vec<CopiedSnapshot>,
+    /// The error of each failed snapshot, in order (for the caller's exit code).
+    #[serde(skip)]
+    pub errors: Vec<Error>,
+}
+
+/// Whether snapshots of `a` and `b` describe a disk the same way (same chunk cuts, segments
+/// and holes), so that a manifest of one is valid, and deduplicates, in the other. The zstd
+/// level and pack size do not matter: chunks are recompressed.
+pub fn same_chunking(a: &RepoConfig, b: &RepoConfig) -> bool {
+    a.chunker == b.chunker && a.segment_size == b.segment_size && a.zero_run_min == b.zero_run_min
+}
+
+/// Creates a repository at `path` (a new id) that chunks and compresses like `like`, so that
+/// copies between the two send each chunk once and keep snapshot ids.
+pub fn init_like(path: &std::path::Path, like: &Repo) -> Result<Repo> {
+    let src = like.config();
+    let options = InitOptions {
+        chunker: src.chunker,
+        zstd_level: src.zstd_level,
+    };
+    // `init` sets the other parameters to today's defaults: refuse before creating anything
+    // if the source differs in them (no build of stackvault has made such a repository).
+    let probe = RepoConfig::new([0; 16], 0, src.chunker);
+    if !same_chunking(&probe, src) {
+        return Err(Error::unsupported(format!(
+            "{} uses segments of {} bytes and holes of {} bytes, which `init` cannot set; \
+             copy into a repository made with `init --chunker` instead (snapshots are then \
+             re-chunked)",
+            like.root().display(),
+            src.segment_size,
+            src.zero_run_min
+        )));
+    }
+    Repo::init(path, &options)
+}
+
+/// Copies snapshots of `src` into `dst`; see the module doc. Stops at the next segment when
+/// cancelled, after storing what it holds (an interrupted copy resumes where it stopped).
+pub fn copy(
+    src: &Repo,
+    dst: &Repo,
+    options: &CopyOptions,
+    progress: &dyn Progress,
+) -> Result<CopyReport> {
+    let started = Instant::now();
+    let _lock = dst.lock("copy")?;
+    let canonical = |r: &Repo| std::fs::canonicalize(r.root()).ok();
+    if src.config().repository_id == dst.config().repository_id
+        && canonical(src).is_some()
+        && canonical(src) == canonical(dst)
+    {
+        return Err(Error::Usage(format!(
+            "{} and {} are the same repository: copy needs two",
+            src.root().display(),
+            dst.root().display()
+        )));
+    }
+    let wanted = select_snapshots(src, options)?;
+    let rechunk = !same_chunking(src.config(), dst.config());
+    let mut report = CopyReport {
+        source: src.root().display().to_string(),
+        destination: dst.root().display().to_string(),
+        rechunked: rechunk,
+        snapshots_copied: 0,
+        snapshots_skipped: 0,
+        snapshots_failed: 0,
+        chunks_sent: 0,
+        chunks_skipped: 0,
+        bytes_read: 0,
+        bytes_written: 0,
+        packs_written: 0,
+        packs_adopted: adopt_stored_packs(dst)?,
+        duration_ms: 0,
+        snapshots: Vec::new(),
+        errors: Vec::new(),
+    };
+    // What the destination has: snapshot ids, and the sources of re-chunked copies.
+    let mut present: HashMap<String, String> = HashMap::new();
+    for s in dst.snapshots(None)? {
+        if let Some(origin) = s.meta.change_source.strip_prefix(COPY_OF) {
+            present.insert(origin.to_string(), s.id.clone());
+        }
+        present.insert(s.id.clone(), s.id);
+    }
+    let result = if rechunk {
+        copy_rechunked(src, dst, &wanted, &present, &mut report, progress)
+    } else {
+        copy_identical(src, dst, &wanted, &present, &mut report, progress)
+    };
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Err(Error::Cancelled(why)) => Err(Error::Cancelled(format!(
+            "copy stopped ({why}); {} snapshots copied, {} packs stored; run it again to \
+             copy the rest (nothing is sent twice)",
+            report.snapshots_copied, report.packs_written
+        ))),
+        Err(e) => Err(e),
+        Ok(()) => Ok(report),
+    }
+}
+
+/// The source snapshots to copy, oldest first, each once.
+fn select_snapshots(src: &Repo, options: &CopyOptions) -> Result<Vec<SnapshotSummary>> {
+    let disk = options.disk.as_deref();
+    if options.snapshots.is_empty() {
+        let all = src.snapshots(disk)?;
+        if all.is_empty() {
+            if let Some(d) = disk {
+                return Err(Error::SnapshotNotFound {
+                    query: format!("any snapshot of disk {d} in {}", src.root().display()),
+                });
+            }
+        }
+        return Ok(all);
+    }
+    let mut chosen: Vec<SnapshotSummary> = Vec::new();
+    for q in &options.snapshots {
+        let s = src.resolve_snapshot(q, disk)?;
+        if !chosen.iter().any(|c| c.id == s.id) {
+            chosen.push(s);
+        }
+    }
+    chosen.sort_by(|a, b| a.meta.time.cmp(&b.meta.time).then(a.id.cmp(&b.id)));
+    Ok(chosen)
+}
+
+/// Indexes the packs in `dst` that its index does not know: a copy (or backup) killed
+/// between storing a pack and indexing it leaves one, and its chunks are as good as any.
+/// A pack whose table cannot be read is left alone (`check` reports it, `prune` removes
+/// it). Returns how many were indexed.
+pub fn adopt_stored_packs(dst: &Repo) -> Result<u64> {
+    let indexed: HashSet<String> = dst.index().pack_names()?.into_iter().collect();
+    let mut adopted = 0;
+    for object in dst.backend().list_with_sizes("packs/")? {
+        let Some(name) = object.key.rsplit('/').next() else {
+            continue;
+        };
+        if indexed.contains(name) {
+            continue;
+        }
+        match read_pack_table(dst.backend(), name) {
+            Ok(table) => {
+                dst.index()
+                    .add_pack(name, object.size, table.version, &table.entries)?;
+                adopted += 1;
+            }
+            Err(e) if e.is_corruption() => crate::progress::notice(&format!(
+                "pack {name} in {} is not indexed and cannot be read ({e}); left alone",
+                dst.root().display()
+            )),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(adopted)
+}
+
+/// Stores a finished pack in `dst`, then indexes it: never the other way round. Returns its
+/// size (0 when empty: nothing stored).
+// The same steps as the backup's `store_pack`; to become `Repo::commit_pack`.
+fn commit_pack(dst: &Repo, pack: PackWriter) -> Result<u64> {
+    if pack.is_empty() {
+        return Ok(0);
+    }
+    let finished = pack.finish()?;
+    let size = finished.bytes.len() as u64;
+    dst.backend()
+        .put(&pack_key(&finished.name), &finished.bytes)?;
+    crate::crash::point("pack-stored");
+    dst.index()
+        .add_pack(&finished.name, size, PACK_VERSION, &finished.entries)?;
+    crate::crash::point("pack-indexed");
+    Ok(size)
+}
+
+/// Chunks read for one segment, grouped into compressed frames.
+struct SegmentFrames {
+    len: u64,
+    frames: Vec<Frame>,
+    /// Chunk references the destination had when the segment was read.
+    known: u64,
+    bytes_read: u64,
+}
+
+struct Frame {
+    chunks: Vec<(ChunkId, u32)>,
+    compression: Compression,
+    stored: Vec<u8>,
+}
+
+/// The destination side of an identical copy: the open pack, its chunks, and the manifests
+/// that wait for it.
+struct Sender<'d> {
+    dst: &'d Repo,
+    pack: PackWriter,
+    /// Chunks in `pack`, not yet stored or indexed.
+    pending: HashSet<ChunkId>,
+    /// Snapshots whose manifests need `pack` stored first.
+    queued: Vec<SnapshotSummary>,
+}
+
+impl Sender<'_> {
+    /// Stores the open pack, then the manifests that waited for it.
+    fn flush(&mut self, src: &Repo, report: &mut CopyReport) -> Result<()> {
+        let capacity = self.pack_capacity();
+        let pack = std::mem::replace(&mut self.pack, PackWriter::new(capacity));
+        let size = commit_pack(self.dst, pack)?;
+        if size > 0 {
+            report.packs_written += 1;
+            report.bytes_written += size;
+        }
+        self.pending.clear();
+        for snap in std::mem::take(&mut self.queued) {
+            let len = match copy_manifest(src, self.dst, &snap) {
+                Ok(len) => len,
+                Err(e) if e.is_corruption() => {
+                    failed(report, &snap, e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            report.bytes_read += len;
+            report.bytes_written += len;
+            report.snapshots_copied += 1;
+            report.snapshots.push(CopiedSnapshot {
+                destination_snapshot_id: Some(snap.id.clone()),
+                snapshot_id: snap.id,
+                disk: snap.meta.disk,
+                time: snap.meta.time,
+                outcome: CopyOutcome::Copied,
+                error: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn pack_capacity(&self) -> usize {
+        let c = self.dst.config();
+        c.pack_target_size as usize + c.chunker.max_chunk() as usize * 2 + (1 << 20)
+    }
+}
+
+/// Copies snapshots between repositories that chunk alike: chunks the destination lacks,
+/// then manifests byte for byte.
+fn copy_identical(
+    src: &Repo,
+    dst: &Repo,
+    wanted: &[SnapshotSummary],
+    present: &HashMap<String, String>,
+    report: &mut CopyReport,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let c = dst.config();
+    let capacity = c.pack_target_size as usize + c.chunker.max_chunk() as usize * 2 + (1 << 20);
+    let mut sender = Sender {
+        dst,
+        pack: PackWriter::new(capacity),
+        pending: HashSet::new(),
+        queued: Vec::new(),
+    };
+    let mut result = Ok(());
+    for snap in wanted {
+        if let Some(there) = present.get(&snap.id) {
+            report.snapshots_skipped += 1;
+            report.snapshots.push(skipped(snap, there));
+            continue;
+        }
+        match send_chunks(src, &mut sender, snap, report, progress) {
+            Ok(()) => {
+                sender.queued.push(snap.clone());
+                if sender.pending.is_empty() {
+                    result = sender.flush(src, report);
+                }
+            }
+            Err(e) if e.is_corruption() => failed(report, snap, e),
+            Err(e) => {
+                result = Err(e);
+            }
+        }
+        if result.is_err() {
+            break;
+        }
+    }
+    // Also when cancelled: what was read is stored, and the manifests it completes.
+    match result {
+        Ok(()) | Err(Error::Cancelled(_)) => sender.flush(src, report).and(result),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends the chunks of `snap` that the destination lacks into the sender's packs. Segments
+/// are read in parallel in small batches (reading verifies and decompresses, sending
+/// compresses); the sender takes them in disk order.
+fn send_chunks(
+    src: &Repo,
+    sender: &mut Sender<'_>,
+    snap: &SnapshotSummary,
+    report: &mut CopyReport,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let manifest = src.load_manifest(&snap.id)?;
+    let segments = manifest.segment_count();
+    let batch = (rayon::current_num_threads().max(1) * 2) as u64;
+    let target = sender.dst.config().pack_target_size as usize;
+    let level = sender.dst.config().zstd_level;
+    progress.start(&format!("copy {}", short_id(&snap.id)), snap.virtual_size);
+    let mut first = 0;
+    while first < segments {
+        let end = first.saturating_add(batch).min(segments);
+        let pending = &sender.pending;
+        let dst = sender.dst;
+        let read: Vec<Result<SegmentFrames>> = (first..end)
+            .into_par_iter()
+            .map_init(FrameCache::default, |cache, i| {
+                read_segment(src, dst, &manifest, &snap.id, i, pending, level, cache)
+            })
+            .collect();
+        for seg in read {
+            checkpoint(progress, "copy-segment")?;
+            let seg = seg?;
+            report.chunks_skipped += seg.known;
+            report.bytes_read += seg.bytes_read;
+            for f in seg.frames {
+                // A chunk of this frame may have gone into the pack since it was read.
+                let mut fresh = 0;
+                for (id, _) in &f.chunks {
+                    if !sender.pending.contains(id) && !sender.dst.readers().contains(id)? {
+                        fresh += 1;
+                    }
+                }
+                report.chunks_skipped += (f.chunks.len() - fresh) as u64;
+                if fresh == 0 {
+                    continue;
+                }
+                sender.pack.add_frame(&f.chunks, &f.stored, f.compression);
+                sender.pending.extend(f.chunks.iter().map(|c| c.0));
+                report.chunks_sent += fresh as u64;
+                if sender.pack.len() >= target {
+                    sender.flush(src, report)?;
+                }
+            }
+            progress.advance(seg.len);
+        }
+        first = end;
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Reads the chunks of segment `index` that the destination lacks (verified) and compresses
+/// them into frames of consecutive new chunks, as a backup does.
+#[allow(clippy::too_many_arguments)]
+fn read_segment(
+    src: &Repo,
+    dst: &Repo,
+    manifest: &Manifest<'_>,
+    snapshot: &str,
+    index: u64,
+    pending: &HashSet<ChunkId>,
+    level: i32,
+    cache: &mut FrameCache,
+) -> Result<SegmentFrames> {
+    let extents = manifest.segment(index)?;
+    let mut out = SegmentFrames {
+        len: extents.iter().map(|e| u64::from(e.len())).sum(),
+        frames: Vec::new(),
+        known: 0,
+        bytes_read: 0,
+    };
+    let mut taken: HashSet<ChunkId> = HashSet::new();
+    let mut raw: Vec<u8> = Vec::with_capacity(FRAME_TARGET_LEN);
+    let mut chunks: Vec<(ChunkId, u32)> = Vec::new();
+    let mut flush = |raw: &mut Vec<u8>, chunks: &mut Vec<(ChunkId, u32)>| -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (compression, stored) = compress(raw, level)?;
+        out.frames.push(Frame {
+            chunks: std::mem::take(chunks),
+            compression,
+            stored,
+        });
+        raw.clear();
+        Ok(())
+    };
+    let mut known = 0u64;
+    for e in &extents {
+        let Extent::Chunk { id, len } = *e else {
+            continue;
+        };
+        if taken.contains(&id) || pending.contains(&id) || dst.readers().contains(&id)? {
+            known += 1;
+            continue;
+        }
+        taken.insert(id);
+        if !raw.is_empty() && raw.len() + len as usize > FRAME_TARGET_LEN {
+            flush(&mut raw, &mut chunks)?;
+        }
+        match cache.next_chunk(&id, len) {
+            Some(data) => raw.extend_from_slice(data),
+            None => src.with_chunk(&id, snapshot, cache, |data| {
+                raw.extend_from_slice(data);
+                Ok(())
+            })?,
+        }
+        chunks.push((id, len));
+    }
+    flush(&mut raw, &mut chunks)?;
+    out.known = known;
+    out.bytes_read = out
+        .frames
+        .iter()
+        .flat_map(|f| f.chunks.iter())
+        .map(|c| u64::from(c.1))
+        .sum();
+    Ok(out)
+}
+
+/// Copies the manifest of `snap` from `src` to `dst` byte for byte, checking on the way that
+/// the bytes still hash to its id, and catalogues it. Returns its size.
+fn copy_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64> {
+    let key = snapshot_key(&snap.id);
+    let size = src.backend().size(&key)?;
+    let mut out = dst.backend().writer("snapshots/")?;
+    let mut hash = blake3::Hasher::new();
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(1 << 20) as usize;
+        let piece = src.backend().get_range(&key, at, n)?;
+        hash.update(&piece);
+        out.write_all(&piece)
+            .map_err(|e| Error::io("write", "snapshots/ (copied manifest)", e))?;
+        at += n as u64;
+    }
+    if hex(hash.finalize().as_bytes()) != snap.id {
+        return Err(Error::corrupt(
+            format!("{} in {}", key, src.root().display()),
+            0,
+            "manifest does not hash to its name (damaged or altered)",
+        ));
+    }
+    crate::crash::point("before-manifest");
+    match out.commit(&key) {
+        // Another copy got there first: the same bytes, by their name.
+        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    dst.index()
+        .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
+    Ok(size)
+}
+
+/// Records that `snap` was not copied because of `e` (damage at the source).
+fn failed(report: &mut CopyReport, snap: &SnapshotSummary, e: Error) {
+    report.snapshots_failed += 1;
+    report.snapshots.push(CopiedSnapshot {
+        snapshot_id: snap.id.clone(),
+        destination_snapshot_id: None,
+        disk: snap.meta.disk.clone(),
+        time: snap.meta.time.clone(),
+        outcome: CopyOutcome::Failed,
+        error: Some(e.to_string()),
+    });
+    report.errors.push(e);
+}
+
+fn skipped(snap: &SnapshotSummary, there: &str) -> CopiedSnapshot {
+    CopiedSnapshot {
+        snapshot_id: snap.id.clone(),
+        destination_snapshot_id: Some(there.to_string()),
+        disk: snap.meta.disk.clone(),
+        time: snap.meta.time.clone(),
+        outcome: CopyOutcome::Skipped,
+        error: None,
+    }
+}
+
+/// Copies snapshots between repositories that chunk differently: each is read as a disk and
+/// backed up into the destination.
+fn copy_rechunked(
+    src: &Repo,
+    dst: &Repo,
+    wanted: &[SnapshotSummary],
+    present: &HashMap<String, String>,
+    report: &mut CopyReport,
+    progress: &dyn Progress,
+) -> Result<()> {
+    for snap in wanted {
+        if let Some(there) = present.get(&snap.id) {
+            report.snapshots_skipped += 1;
+            report.snapshots.push(skipped(snap, there));
+            continue;
+        }
+        let packs_before = dst.index().pack_names()?.len() as u64;
+        let copied = rechunk_one(src, dst, snap, progress);
+        let packs_after = dst.index().pack_names()?.len() as u64;
+        report.packs_written += packs_after.saturating_sub(packs_before);
+        match copied {
+            Ok((id, stats, manifest_len)) => {
+                report.snapshots_copied += 1;
+                report.chunks_sent += stats.new_chunks;
+                report.chunks_skipped += stats.chunks.saturating_sub(stats.new_chunks);
+                report.bytes_read += stats.bytes_read;
+                report.bytes_written += stats.bytes_added + manifest_len;
+                report.snapshots.push(CopiedSnapshot {
+                    snapshot_id: snap.id.clone(),
+                    destination_snapshot_id: Some(id),
+                    disk: snap.meta.disk.clone(),
+                    time: snap.meta.time.clone(),
+                    outcome: CopyOutcome::Rechunked,
+                    error: None,
+                });
+            }
+            Err(e) if e.is_corruption() => failed(report, snap, e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Backs up the disk of `snap` into `dst`, then rewrites the new snapshot's metadata to
+/// describe the original (disk, time, host, source) and its origin. Returns the new id, the
+/// backup's counters and the manifest size.
+fn rechunk_one(
+    src: &Repo,
+    dst: &Repo,
+    snap: &SnapshotSummary,
+    progress: &dyn Progress,
+) -> Result<(String, crate::format::manifest::BackupStats, u64)> {
+    let manifest = src.load_manifest(&snap.id)?;
+    let source = SnapshotSource::new(src, &snap.id, manifest);
+    let options = BackupOptions {
+        disk: snap.meta.disk.clone(),
+        mode: BackupMode::Full,
+        ..BackupOptions::default()
+    };
+    let made = backup(dst, &source, &options, progress)?;
+    let interim = made.snapshot_id;
+    // The backup's manifest says "backed up now, on this host": write the one that says what
+    // the snapshot is, then remove the interim one (catalogue row first, as forget does).
+    let meta = SnapshotMeta {
+        disk: snap.meta.disk.clone(),
+        time: snap.meta.time.clone(),
+        kind: SnapshotKind::Full,
+        parent: None,
+        hostname: snap.meta.hostname.clone(),
+        source: snap.meta.source.clone(),
+        change_source: format!("{COPY_OF}{}", snap.id),
+        chunker: dst.config().chunker.describe(),
+        stats: made.stats.clone(),
+        root_digest: String::new(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let (id, len) = relabel(dst, &interim, meta)?;
+    if id != interim {
+        dst.index().remove_snapshot(&interim)?;
+        dst.backend().remove(&snapshot_key(&interim))?;
+    }
+    Ok((id, made.stats, len))
+}
+
+/// Writes a manifest with the extents of snapshot `id` of `dst` and the metadata `meta`,
+/// catalogues it, and returns its id and size.
+fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(String, u64)> {
+    let old = dst.load_manifest(id)?;
+    let out = dst.backend().writer("snapshots/")?;
+    let mut writer = ManifestWriter::new(
+        out,
+        "snapshots/ (copied manifest)",
+        old.virtual_size,
+        old.segment_size,
+    )?;
+    for extents in old.segments() {
+        writer.push_segment(&extents?)?;
+    }
+    let finished = writer.finish(&mut meta)?;
+    match finished.out.commit(&snapshot_key(&finished.id)) {
+        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    dst.index()
+        .add_snapshot(&finished.id, &meta, old.virtual_size)?;
+    Ok((finished.id, finished.len))
+}
+
+/// A snapshot read as a disk: the extents of its manifest (zero runs are known zeros) and
+/// bytes from its chunks, each verified (crc32, decompression, BLAKE3) as it is read.
+pub struct SnapshotSource<'r> {
+    repo: &'r Repo,
+    snapshot: String,
+    manifest: Manifest<'r>,
+    /// Recently used segments' extents: a backup asks for a segment's map, then reads it.
+    segments: Mutex<KeptSegments>,
+    /// Frame caches of the reading threads, taken and put back around each read.
+    caches: Mutex<Vec<FrameCache>>,
+}
+
+/// Segments' extents a [`SnapshotSource`] keeps, by segment index.
+type KeptSegments = Vec<(u64, Arc<Vec<Extent>>)>;
+
+/// How many segments' extents a [`SnapshotSource`] keeps.
+const KEPT_SEGMENTS: usize = 16;
+
+impl<'r> SnapshotSource<'r> {
+    pub fn new(repo: &'r Repo, snapshot: &str, manifest: Manifest<'r>) -> Self {
+        SnapshotSource {
+            repo,
+            snapshot: snapshot.to_string(),
+            manifest,
+            segments: Mutex::new(Vec::new()),
+            caches: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn segment(&self, index: u64) -> Result<Arc<Vec<Extent>>> {
+        let kept = self
+            .segments
+            .lock()
+            .ok()
+            .and_then(|k| k.iter().find(|(i, _)| *i == index).map(|(_, e)| e.clone()));
+        if let Some(extents) = kept {
+            return Ok(extents);
+        }
+        let extents = Arc::new(self.manifest.segment(index)?);
+        if let Ok(mut kept) = self.segments.lock() {
+            if kept.len() >= KEPT_SEGMENTS {
+                kept.remove(0);
+            }
+            kept.push((index, extents.clone()));
+        }
+        Ok(extents)
+    }
+
+    /// Calls `f(disk offset, extent)` for each extent overlapping `[offset, offset + len)`,
+    /// in disk order.
+    fn walk(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, &Extent) -> Result<()>,
+    ) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.manifest.virtual_size)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "read of {len} bytes at {offset} is past the end of snapshot {}",
+                    short_id(&self.snapshot)
+                ))
+            })?;
+        let seg = u64::from(self.manifest.segment_size);
+        let mut index = offset / seg;
+        while index.checked_mul(seg).is_some_and(|start| start < end) {
+            let mut at = index * seg;
+            for e in self.segment(index)?.iter() {
+                let e_end = at + u64::from(e.len());
+                if e_end > offset && at < end {
+                    f(at, e)?;
+                }
+                at = e_end;
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+impl DiskSource for SnapshotSource<'_> {
+    fn virtual_size(&self) -> u64 {
+        self.manifest.virtual_size
+    }
+
+    fn info(&self) -> crate::format::manifest::SourceInfo {
+        self.manifest.meta.source.clone()
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
+        let end = offset.saturating_add(len);
+        let mut out: Vec<SourceExtent> = Vec::new();
+        self.walk(offset, len, |at, e| {
+            let kind = match e {
+                Extent::Zero { .. } => ExtentKind::Zero,
+                Extent::Chunk { .. } => ExtentKind::Data,
+            };
+            let s = at.max(offset);
+            let l = (at + u64::from(e.len())).min(end) - s;
+            match out.last_mut() {
+                Some(last) if last.kind == kind => last.len += l,
+                _ => out.push(SourceExtent {
+                    offset: s,
+                    len: l,
+                    kind,
+                }),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        let mut cache = self
+            .caches
+            .lock()
+            .ok()
+            .and_then(|mut c| c.pop())
+            .unwrap_or_default();
+        let result = self.walk(offset, len, |at, e| {
+            // The part of the extent inside the read, relative to the extent and to `buf`.
+            let from = offset.saturating_sub(at);
+            let to = (offset + len - at).min(u64::from(e.len()));
+            let dest_at = (at + from - offset) as usize;
+            let dest = buf
+                .get_mut(dest_at..dest_at + (to - from) as usize)
+                .ok_or_else(|| Error::Internal("snapshot read outside its buffer".into()))?;
+            match *e {
+                Extent::Zero { .. } => dest.fill(0),
+                Extent::Chunk { id, len } => {
+                    let mut put = |data: &[u8]| -> Result<()> {
+                        let piece = data.get(from as usize..to as usize).ok_or_else(|| {
+                            Error::corrupt(
+                                format!("chunk {id}"),
+                                0,
+                                format!("{} bytes where the manifest says {len}", data.len()),
+                            )
+                        })?;
+                        dest.copy_from_slice(piece);
+                        Ok(())
+                    };
+                    match cache.next_chunk(&id, len) {
+                        Some(data) => put(data)?,
+                        None => self.repo.with_chunk(&id, &self.snapshot, &mut cache, put)?,
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Ok(mut c) = self.caches.lock() {
+            c.push(cache);
+        }
+        result
+    }
+}
