@@ -98,7 +98,8 @@ pub fn checkpoint(progress: &dyn Progress, point: &'static str) -> Result<()> {
 /// most a minute) until the operation is cancelled, so that a test's signal lands mid-work
 /// deterministically. The points: `backup-segment` (the writer takes the next segment),
 /// `restore-segment`, `verify-segment`, `prune-pack` (the next pack to rewrite or delete),
-/// `check-pack` (the next pack `check --read-data` reads).
+/// `check-pack` (the next pack `check --read-data` reads), `copy-segment` (`copy` takes the
+/// next segment's chunks).
 #[cfg(feature = "testing")]
 mod pause {
     use std::sync::atomic::{AtomicU64, Ordering};
