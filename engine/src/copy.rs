@@ -852,3 +852,91 @@ impl DiskSource for SnapshotSource<'_> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::source::{fill_from_map, open_source, SourceOptions};
+
+    fn tempdir() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))
+    }
+
+    /// A snapshot read as a disk gives back the disk's bytes at any offset and length, reads
+    /// that start or end inside a chunk and cross segments included, and its map marks the
+    /// disk's holes as zeros.
+    #[test]
+    fn a_snapshot_reads_back_as_its_disk() -> Result<()> {
+        let dir = tempdir()?;
+        let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
+        // 9 MiB + 3 KiB: three segments, data with a 1 MiB hole across the first boundary.
+        let mut disk = vec![0u8; 9 * 1024 * 1024 + 3072];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for (i, b) in disk.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Runs of repeated bytes, so chunks compress and frames hold several chunks.
+            *b = if i % 4096 < 2048 {
+                (x >> 56) as u8
+            } else {
+                (i / 4096) as u8
+            };
+        }
+        disk[(3 << 20)..(4 << 20) + 65536].fill(0);
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, &disk).map_err(|e| Error::io("write", &path, e))?;
+        let source = open_source(&path, &SourceOptions::default())?;
+        let options = BackupOptions {
+            disk: "vm".into(),
+            ..BackupOptions::default()
+        };
+        let id = backup(&repo, source.as_ref(), &options, &NoProgress)?.snapshot_id;
+        let snap = SnapshotSource::new(&repo, &id, repo.load_manifest(&id)?);
+        assert_eq!(snap.virtual_size(), disk.len() as u64);
+
+        let size = disk.len() as u64;
+        for (offset, len) in [
+            (0, size),
+            (1, 1),
+            (5000, 70_000),
+            ((4 << 20) - 10_000, 20_000),
+            ((3 << 20) - 100, (1 << 20) + 65536 + 200),
+            (size - 5000, 5000),
+        ] {
+            let mut buf = vec![0xaau8; len as usize];
+            snap.read_at(offset, &mut buf)?;
+            let want = &disk[offset as usize..(offset + len) as usize];
+            assert!(buf == want, "read of {len} bytes at {offset} differs");
+            // The map covers the range exactly, and filling from it gives the same bytes.
+            let map = snap.extents(offset, len)?;
+            assert_eq!(map.first().map(|e| e.offset), Some(offset));
+            assert_eq!(map.iter().map(|e| e.len).sum::<u64>(), len);
+            let mut filled = vec![0x55u8; len as usize];
+            fill_from_map(&snap, &map, offset, &mut filled)?;
+            assert!(filled == want, "map of {len} bytes at {offset} fills wrong");
+        }
+        // The hole is known: nothing is read for it.
+        let hole = snap.extents(3 << 20, 1 << 20)?;
+        assert_eq!(hole.len(), 1);
+        assert_eq!(hole[0].kind, ExtentKind::Zero);
+        // Past the end is refused, not read.
+        let mut one = [0u8; 1];
+        assert!(snap.read_at(size, &mut one).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn chunking_alike_ignores_compression_and_pack_size() {
+        let a = RepoConfig::new([1; 16], 0, crate::ChunkerParams::DEFAULT);
+        let mut b = RepoConfig::new([2; 16], 5, crate::ChunkerParams::DEFAULT);
+        b.zstd_level = 19;
+        b.pack_target_size *= 2;
+        assert!(same_chunking(&a, &b));
+        b.zero_run_min *= 2;
+        assert!(!same_chunking(&a, &b));
+        let c = RepoConfig::new([3; 16], 0, crate::ChunkerParams::FASTCDC);
+        assert!(!same_chunking(&a, &c));
+    }
+}
