@@ -24,17 +24,14 @@ pub mod copy;
 pub mod crash;
 pub mod diff;
 pub mod error;
-pub mod forget;
 pub mod format;
 pub mod index;
 pub mod lock;
+pub mod maintain;
 pub mod progress;
-pub mod prune;
 pub mod repo;
 pub mod restore;
-pub mod restore_pageblob;
 pub mod source;
-pub mod stats;
 pub mod store;
 pub mod verify;
 
@@ -42,16 +39,22 @@ pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;
 pub use copy::{copy, init_like, CopyOptions, CopyReport};
 pub use error::{Error, ErrorClass, Result};
-pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
 pub use format::ChunkId;
 pub use index::SnapshotSummary;
+pub use maintain::{apply_policy, ForgetReport, RetentionPolicy};
+pub use maintain::{prune, PruneOptions, PruneReport};
+pub use maintain::{stats, StatsReport};
 pub use progress::{Cancel, NoProgress, Progress};
-pub use prune::{prune, PruneOptions, PruneReport};
 pub use repo::{InitOptions, Repo};
+pub use restore::pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
-pub use restore_pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
-pub use stats::{stats, StatsReport};
+// The modules' former paths, so that code written against them keeps compiling.
+#[doc(hidden)]
+pub use maintain::forget;
+#[doc(hidden)]
+pub use restore::pageblob as restore_pageblob;
+
 pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

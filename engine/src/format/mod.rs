@@ -11,6 +11,7 @@ pub mod config;
 pub mod manifest;
 pub mod pack;
 pub mod verification;
+pub mod vhd_footer;
 
 use std::fmt;
 

@@ -24,6 +24,7 @@
 //! [`vhd`] and write their footers last, so an interrupted restore never leaves a file that
 //! looks like a valid VHD, even before the rename.
 
+pub mod pageblob;
 pub mod vhd;
 
 use std::fs::{self, File, OpenOptions};

@@ -17,14 +17,14 @@ use std::path::Path;
 use super::{restore_into, DiskTarget, OutputFormat, RawFileTarget, RestoreCounts, RestoreOptions};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
+use crate::format::vhd_footer::{
+    chs_geometry, parse_uuid, vhd_now, DiskType, Footer, FILE_FORMAT_VERSION, FOOTER_LEN,
+    NO_DATA_OFFSET, SECTOR,
+};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::source::vhd::dynamic::{
     bitmap_len, DynamicHeader, HEADER_LEN, HEADER_VERSION, UNALLOCATED,
-};
-use crate::source::vhd::footer::{
-    chs_geometry, parse_uuid, vhd_now, DiskType, Footer, FILE_FORMAT_VERSION, FOOTER_LEN,
-    NO_DATA_OFFSET, SECTOR,
 };
 
 /// Block size of dynamic VHDs we write: Hyper-V's and qemu's default.

@@ -24,7 +24,7 @@ use crate::azure::{BlobClient, BlobOptions};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
 use crate::format::manifest::{BlobInfo, SourceInfo};
-use crate::source::vhd::footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN};
+use crate::format::vhd_footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN};
 
 /// Gaps between written ranges up to this size are read rather than skipped.
 const MERGE_GAP: u64 = 64 * 1024;

@@ -14,7 +14,7 @@
 //! over [`io::ReadAt`], so the fuzz target drives it from a byte slice.
 
 pub mod dynamic;
-pub mod footer;
+pub use crate::format::vhd_footer as footer;
 pub mod image;
 pub mod io;
 

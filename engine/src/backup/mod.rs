@@ -3,7 +3,7 @@
 //!
 //! Segments are processed in parallel (rayon) in small ordered batches: each worker reads its
 //! segment, splits it, hashes every chunk and compresses only chunks the repository does not
-//! have, grouped into frames of consecutive new chunks (see [`compress_frames`]). One writer
+//! have, grouped into frames of consecutive new chunks (see [`frames`]). One writer
 //! thread receives the batches in disk order, appends new frames to the open pack, stores
 //! full packs and commits them to the index, and collects the disk map. Memory
 //! is bounded by the batch size and the pack target size, never by the disk size.
@@ -12,8 +12,10 @@
 //! written only after every pack it needs is indexed. A crash leaves at worst unreferenced
 //! packs, never a snapshot that points at missing data.
 
+mod dedup;
+mod frames;
+
 use std::collections::BTreeMap;
-use std::collections::HashSet;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -27,15 +29,17 @@ use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
     SnapshotMeta, SourceInfo,
 };
-use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
+use crate::format::pack::PACK_VERSION;
 use crate::format::ChunkId;
 use crate::index::Index;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
 use crate::source::{fill_from_map, DiskSource, ExtentKind, SourceChanges};
-use crate::store::pack::{compress, PackWriter};
+use crate::store::pack::PackWriter;
 use crate::store::{pack_key, snapshot_key, ObjectWriter};
+use dedup::Dedup;
+use frames::{compress_frames, NewFrame, NewPiece};
 
 /// Which parent a backup reads relative to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,15 +87,6 @@ pub struct BackupReport {
     pub throughput_bytes_per_second: u64,
 }
 
-/// Chunks that the repository did not have when their segment was processed, in disk
-/// order, compressed together as one frame.
-struct NewFrame {
-    /// (id, raw length) of each chunk, in frame order.
-    chunks: Vec<(ChunkId, u32)>,
-    compression: Compression,
-    stored: Vec<u8>,
-}
-
 /// What a worker produced for one segment.
 struct SegmentOutput {
     len: u64,
@@ -125,8 +120,7 @@ pub fn backup(
     let reading = plan_reading(repo, source, options, parent.as_ref())?;
     let segments = segment_count(virtual_size, config.segment_size);
     let chunker = Chunker::new(&config);
-    // Ids the writer has accepted but not yet committed to the index.
-    let pending: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
+    let dedup = Dedup::new(repo);
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
@@ -145,7 +139,7 @@ pub fn backup(
         let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
         for _ in 0..workers {
             let tx = tx.clone();
-            let (dispatch, reading, chunker, pending) = (&dispatch, &reading, &chunker, &pending);
+            let (dispatch, reading, chunker, dedup) = (&dispatch, &reading, &chunker, &dedup);
             scope.spawn(move || {
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
@@ -156,19 +150,19 @@ pub fn backup(
                                     repo,
                                     source,
                                     chunker,
-                                    pending,
+                                    dedup,
                                     i,
                                     &parent,
                                     &reading.changed,
                                 )
                             } else {
-                                process_segment(repo, source, chunker, pending, i, &parent)
+                                process_segment(repo, source, chunker, dedup, i, &parent)
                             }
                         }),
                         // A zero segment shorter than a hole is a chunk of zeros when read:
                         // read it, so that the disk map stays a function of the content.
                         SegmentPlan::Zero if len < config.zero_run_min => {
-                            process_segment(repo, source, chunker, pending, i, &[])
+                            process_segment(repo, source, chunker, dedup, i, &[])
                         }
                         plan => reading.without_reading(plan, virtual_size, config.segment_size, i),
                     };
@@ -186,13 +180,13 @@ pub fn backup(
         // Stored packs' buffers come back for reuse: allocating and freeing 16 MiB buffers
         // makes glibc's adaptive mmap threshold churn its heap (measured 2x slower, +50% RSS).
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
-        let pending_ref = &pending;
-        let store = scope.spawn(move || store_loop(repo, pack_rx, pending_ref, spare_tx));
+        let dedup_ref = &dedup;
+        let store = scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, spare_tx));
         let result = write_loop(
             repo,
             rx,
             &dispatch,
-            &pending,
+            &dedup,
             &pack_tx,
             &spare_rx,
             &mut manifest,
@@ -475,7 +469,7 @@ fn process_segment(
     repo: &Repo,
     source: &dyn DiskSource,
     chunker: &Chunker,
-    pending: &Mutex<HashSet<ChunkId>>,
+    dedup: &Dedup,
     index: u64,
     parent: &[Extent],
 ) -> Result<SegmentOutput> {
@@ -509,7 +503,7 @@ fn process_segment(
         let mut pieces = Vec::new();
         chunker.split(&buf, &mut pieces);
         let layout = pieces.into_iter().map(Resplit::New);
-        let (extents, new_frames) = assemble(repo, pending, parent, &buf, layout)?;
+        let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
@@ -529,7 +523,7 @@ fn process_changed_segment(
     repo: &Repo,
     source: &dyn DiskSource,
     chunker: &Chunker,
-    pending: &Mutex<HashSet<ChunkId>>,
+    dedup: &Dedup,
     index: u64,
     parent: &[Extent],
     changed: &[(u64, u64)],
@@ -577,7 +571,7 @@ fn process_changed_segment(
             Ok(())
         };
         let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
-        let (extents, new_frames) = assemble(repo, pending, parent, &buf, layout)?;
+        let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
         Ok(SegmentOutput {
             len: u64::from(len),
             extents,
@@ -589,41 +583,17 @@ fn process_changed_segment(
     })
 }
 
-/// The parent snapshot's chunks of a segment, sorted: chunks it references are in the
-/// repository (backups hold a writer lock, so no prune removes them meanwhile), and most
-/// chunks of an incremental are found here without an index lookup, which costs a SQLite
-/// query behind the reader pool's mutex.
-struct KnownChunks(Vec<ChunkId>);
-
-impl KnownChunks {
-    fn of(parent: &[Extent]) -> Self {
-        let mut ids: Vec<ChunkId> = parent
-            .iter()
-            .filter_map(|e| match *e {
-                Extent::Chunk { id, .. } => Some(id),
-                Extent::Zero { .. } => None,
-            })
-            .collect();
-        ids.sort_unstable();
-        KnownChunks(ids)
-    }
-
-    fn contains(&self, id: &ChunkId) -> bool {
-        self.0.binary_search(id).is_ok()
-    }
-}
-
 /// Turns a segment's layout into its extents, hashing the new pieces of `buf`; chunks the
 /// repository does not have yet are compressed into frames. `parent` is the parent's extents
 /// of the segment: what [`Resplit::Parent`] indexes, and chunks known without a lookup.
 fn assemble(
     repo: &Repo,
-    pending: &Mutex<HashSet<ChunkId>>,
+    dedup: &Dedup,
     parent: &[Extent],
     buf: &[u8],
     layout: impl IntoIterator<Item = Resplit>,
 ) -> Result<(Vec<Extent>, Vec<NewFrame>)> {
-    let known = KnownChunks::of(parent);
+    let mut seen = dedup.segment(parent);
     let mut extents = Vec::new();
     let mut new_chunks: Vec<NewPiece> = Vec::new();
     for part in layout {
@@ -636,11 +606,7 @@ fn assemble(
                     id,
                     len: len as u32,
                 });
-                let have = known.contains(&id)
-                    || new_chunks.iter().any(|c| c.id == id)
-                    || pending.lock().map(|p| p.contains(&id)).unwrap_or(false)
-                    || repo.readers().contains(&id)?;
-                if !have {
+                if seen.is_new(&id)? {
                     new_chunks.push(NewPiece { id, start, len });
                 }
             }
@@ -648,44 +614,6 @@ fn assemble(
     }
     let new_frames = compress_frames(buf, &new_chunks, repo.config().zstd_level)?;
     Ok((extents, new_frames))
-}
-
-/// A chunk of the segment buffer that the repository does not have yet.
-struct NewPiece {
-    id: ChunkId,
-    start: usize,
-    len: usize,
-}
-
-/// The compress step of a segment: groups its new chunks, in disk order, into frames of at
-/// most [`FRAME_TARGET_LEN`] raw bytes (a larger chunk is a frame alone) and compresses each
-/// frame as one zstd frame. Frames never span segments: segments are compressed in parallel.
-fn compress_frames(buf: &[u8], pieces: &[NewPiece], level: i32) -> Result<Vec<NewFrame>> {
-    let mut frames = Vec::new();
-    let mut raw: Vec<u8> = Vec::with_capacity(FRAME_TARGET_LEN);
-    let mut chunks: Vec<(ChunkId, u32)> = Vec::new();
-    let mut flush = |raw: &mut Vec<u8>, chunks: &mut Vec<(ChunkId, u32)>| -> Result<()> {
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        let (compression, stored) = compress(raw, level)?;
-        frames.push(NewFrame {
-            chunks: std::mem::take(chunks),
-            compression,
-            stored,
-        });
-        raw.clear();
-        Ok(())
-    };
-    for p in pieces {
-        if !raw.is_empty() && raw.len() + p.len > FRAME_TARGET_LEN {
-            flush(&mut raw, &mut chunks)?;
-        }
-        raw.extend_from_slice(&buf[p.start..p.start + p.len]);
-        chunks.push((p.id, p.len as u32));
-    }
-    flush(&mut raw, &mut chunks)?;
-    Ok(frames)
 }
 
 /// Hands segment indices to workers, never more than `window` ahead of the writer, so memory
@@ -753,7 +681,7 @@ fn write_loop(
     repo: &Repo,
     rx: Receiver<(u64, Result<SegmentOutput>)>,
     dispatch: &Dispatch,
-    pending: &Mutex<HashSet<ChunkId>>,
+    dedup: &Dedup,
     packs: &SyncSender<PackWriter>,
     spare: &Receiver<Vec<u8>>,
     manifest: &mut ManifestWriter<Box<dyn ObjectWriter + '_>>,
@@ -790,20 +718,12 @@ fn write_loop(
                 // Another segment may have stored some of these chunks meanwhile: the frame
                 // is stored whole unless all of them are known, and the index takes only
                 // the chunks it does not have yet (see `Index::add_pack`).
-                let mut fresh = Vec::with_capacity(f.chunks.len());
-                for &(id, raw_len) in &f.chunks {
-                    let accepted = pending.lock().map(|p| p.contains(&id)).unwrap_or(false);
-                    if !accepted && !repo.readers().contains(&id)? {
-                        fresh.push((id, raw_len));
-                    }
-                }
+                let fresh = dedup.fresh(&f.chunks)?;
                 if fresh.is_empty() {
                     continue;
                 }
                 pack.add_frame(&f.chunks, &f.stored, f.compression);
-                if let Ok(mut p) = pending.lock() {
-                    p.extend(fresh.iter().map(|c| c.0));
-                }
+                dedup.accept(fresh.iter().map(|c| c.0));
                 stats.new_chunks += fresh.len() as u64;
                 stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
                 if pack.len() >= target {
@@ -834,13 +754,13 @@ fn write_loop(
 fn store_loop(
     repo: &Repo,
     packs: Receiver<PackWriter>,
-    pending: &Mutex<HashSet<ChunkId>>,
+    dedup: &Dedup,
     spare: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<(u64, u64)> {
     let mut index = repo.index();
     let (mut stored, mut added) = (0, 0);
     for pack in packs {
-        let buf = store_pack(repo, &mut index, pending, pack)?;
+        let buf = store_pack(repo, &mut index, dedup, pack)?;
         stored += u64::from(!buf.is_empty());
         added += buf.len() as u64;
         // The writer may have finished; then the buffer is simply dropped.
@@ -851,12 +771,7 @@ fn store_loop(
 
 /// Stores a finished pack, then indexes its chunks: never the other way round. Returns the
 /// pack's bytes (empty if nothing was stored), whose buffer can be reused.
-fn store_pack(
-    repo: &Repo,
-    index: &mut Index,
-    pending: &Mutex<HashSet<ChunkId>>,
-    pack: PackWriter,
-) -> Result<Vec<u8>> {
+fn store_pack(repo: &Repo, index: &mut Index, dedup: &Dedup, pack: PackWriter) -> Result<Vec<u8>> {
     if pack.is_empty() {
         return Ok(Vec::new());
     }
@@ -871,10 +786,6 @@ fn store_pack(
         &finished.entries,
     )?;
     crate::crash::point("pack-indexed");
-    if let Ok(mut p) = pending.lock() {
-        for e in &finished.entries {
-            p.remove(&e.id);
-        }
-    }
+    dedup.indexed(finished.entries.iter().map(|e| &e.id));
     Ok(finished.bytes)
 }

@@ -18,7 +18,7 @@
 //! handled on both sides: forget deletes the row once more after the manifest, and the
 //! catalogue sync drops a row it just added when the manifest has gone meanwhile.
 //!
-//! Forgetting never deletes chunk data (that is [`crate::prune`]'s job), and since every
+//! Forgetting never deletes chunk data (that is [`crate::maintain::prune`]'s job), and since every
 //! manifest is a complete disk map, removing a snapshot never breaks another: a remaining
 //! incremental or differential snapshot whose parent goes keeps restoring on its own; its
 //! parent link becomes informational, and the report names it. Forget takes a writer lock

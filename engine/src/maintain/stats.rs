@@ -5,13 +5,13 @@
 //! it references, and its *unique* bytes: what forgetting it and pruning would free.
 //!
 //! Chunks are compressed together in frames, and prune frees a frame only when none of its
-//! chunks is referenced (see [`crate::prune`]). So: the stored bytes of a chunk are its
+//! chunks is referenced (see [`crate::maintain::prune`]). So: the stored bytes of a chunk are its
 //! frame's stored bytes apportioned by raw length (`stored × raw / frame raw`, rounded
 //! down), which is what `stored_bytes` sums; but *unique* and *unreferenced* bytes are whole
 //! frames: the stored bytes of the frames all of whose referenced chunks are referenced by
 //! this snapshot alone (by this disk alone; by nothing), exactly what prune would free (plus
-//! the pack structure: [`crate::prune::FRAME_OVERHEAD`] per frame and
-//! [`crate::prune::CHUNK_OVERHEAD`] per chunk entry of those frames). The same per disk, and for
+//! the pack structure: [`crate::maintain::prune::FRAME_OVERHEAD`] per frame and
+//! [`crate::maintain::prune::CHUNK_OVERHEAD`] per chunk entry of those frames). The same per disk, and for
 //! the repository the dedup ratio (data bytes of all snapshots / raw bytes of the distinct
 //! chunks) and the compression ratio (raw / stored bytes of those chunks).
 //!

@@ -41,11 +41,11 @@ use crate::azure::{
     AZURE_MAX_PAGE_BLOB, MAX_PUT_PAGE,
 };
 use crate::error::{Error, Result};
+use crate::format::vhd_footer::{self as footer, DiskType, Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::restore::{restore_into, DiskTarget, RestoreReport};
-use crate::source::vhd::footer::{self, DiskType, Footer, FOOTER_LEN};
 
 const MIB: u64 = 1 << 20;
 
