@@ -35,10 +35,12 @@ mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemoryBackend;
 pub mod pack;
+pub mod s3;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use local::LocalDir;
+pub use s3::S3Backend;
 
 use crate::error::Result;
 
