@@ -11,6 +11,7 @@ mod frames;
 mod incremental;
 mod interrupt;
 mod locks;
+mod nbd;
 mod readonly;
 mod retention;
 mod vectors;
