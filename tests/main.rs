@@ -12,6 +12,7 @@ mod incremental;
 mod interrupt;
 mod locks;
 mod nbd;
+mod read;
 mod readonly;
 mod retention;
 mod vectors;
