@@ -22,6 +22,10 @@ pub const MAX_REQUEST_LEN: u32 = 32 << 20;
 const PIECE_LEN: u64 = 1 << 20;
 /// Most extents in one block status reply.
 const MAX_DESCRIPTORS: usize = 4096;
+/// A read that starts at most this far after the previous one's end counts as sequential.
+const SEQUENTIAL_GAP: u64 = 64 << 20;
+/// Reads at least this long have their frames decompressed in parallel first.
+const PREFETCH_MIN: u32 = 256 << 10;
 /// Id of the `base:allocation` context on every connection.
 const ALLOCATION_CONTEXT_ID: u32 = 1;
 
@@ -357,7 +361,7 @@ impl<'s, 'r> Session<'s, 'r> {
     fn transmit(&mut self, export: usize) -> io::Result<()> {
         let reader = self.exports[export].reader;
         let size = reader.size();
-        let mut next_sequential = u64::MAX;
+        let mut last_end: Option<u64> = None;
         loop {
             let mut head = [0u8; REQUEST_LEN];
             match self.input.read_exact(&mut head) {
@@ -404,10 +408,17 @@ impl<'s, 'r> Session<'s, 'r> {
                     self.error_reply(handle, EINVAL, "read past the end of the export")?
                 }
                 CMD_READ => {
-                    if offset == next_sequential {
-                        reader.hint_sequential(offset + u64::from(len));
+                    let end = offset + u64::from(len);
+                    // Sequential, allowing for the holes a client skips (it knows them from
+                    // block status) and for a few requests in flight.
+                    if last_end.is_some_and(|e| offset >= e && offset - e <= SEQUENTIAL_GAP) {
+                        reader.hint_sequential(end);
                     }
-                    next_sequential = offset + u64::from(len);
+                    last_end = Some(end);
+                    if len >= PREFETCH_MIN {
+                        // Errors are the read's to report, below.
+                        let _ = reader.prefetch(offset, u64::from(len));
+                    }
                     self.read(export, handle, offset, u64::from(len))?;
                 }
                 CMD_BLOCK_STATUS => {

@@ -16,7 +16,8 @@
 //! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead: a read that starts
 //! where the previous one ended asks [`SnapshotReader::read_ahead_worker`], when one runs, to
 //! load the frames of the next `read_ahead_bytes` into the cache while the client consumes
-//! this answer. Without a worker the requests are dropped; reads stay correct.
+//! this answer. Without a worker the requests are dropped; reads stay correct. A large read
+//! can first [`SnapshotReader::prefetch`] its frames, decompressing them on every core.
 //!
 //! Restore and verify walk manifests with their own per-worker frame caches; they could use
 //! this reader for their chunk reads (one verified path for every reader) once engineer s1's
@@ -323,24 +324,48 @@ impl<'r> SnapshotReader<'r> {
             let Some((start, end)) = request else {
                 continue;
             };
-            let _ = self.for_each_extent(start, end - start, |p, _, _, _| {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(false);
-                }
-                // A newer request (the client moved on) replaces this one.
-                if self.ahead.lock().map(|p| p.is_some()).unwrap_or(true) {
-                    return Ok(false);
-                }
-                if let Extent::Chunk { id, len } = p.extent {
-                    let before = self.frames_decoded.load(Ordering::Relaxed);
-                    self.with_chunk(&id, len, p.offset, |_| Ok(()))?;
-                    if self.frames_decoded.load(Ordering::Relaxed) != before {
-                        self.read_ahead_frames.fetch_add(1, Ordering::Relaxed);
+            let before = self.frames_decoded.load(Ordering::Relaxed);
+            // Errors are left for the real read to report.
+            let _ = self.prefetch(start, end - start);
+            let loaded = self.frames_decoded.load(Ordering::Relaxed) - before;
+            self.read_ahead_frames.fetch_add(loaded, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads the frames that `offset..offset + len` needs into the cache, several at once
+    /// (rayon's pool): a large request then decompresses on every core, as a restore does,
+    /// instead of one frame after another. At most half the cache is loaded, so a request
+    /// larger than the cache does not evict its own first frames.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        use rayon::prelude::*;
+        let len = len.min((self.options.cache_bytes / 2) as u64);
+        let index = self.repo.readers();
+        let mut wanted: Vec<(String, crate::format::pack::RecordLocation)> = Vec::new();
+        self.for_each_extent(offset, len, |p, _, _, _| {
+            if let Extent::Chunk { id, .. } = p.extent {
+                if let Some(loc) = index.lookup(&id)? {
+                    let known = wanted
+                        .iter()
+                        .rev()
+                        .take(8)
+                        .any(|(pack, r)| r.offset == loc.record.offset && *pack == loc.pack);
+                    let cached = self.frames.lock().is_ok_and(|mut c| {
+                        c.get(&FrameKey {
+                            pack: loc.pack.clone(),
+                            offset: loc.record.offset,
+                        })
+                        .is_some()
+                    });
+                    if !known && !cached {
+                        wanted.push((loc.pack, loc.record));
                     }
                 }
-                Ok(true)
-            });
-        }
+            }
+            Ok(true)
+        })?;
+        wanted
+            .par_iter()
+            .try_for_each(|(pack, record)| self.frame(pack, record).map(drop))
     }
 
     /// Verifies chunk `id` (`len` bytes, at disk offset `at`) and hands its bytes to `f`.
