@@ -6,6 +6,7 @@
 set -euo pipefail
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)   # nbdinfo, nbdcopy: NBD clients for the serve tests
 command -v vhdiinfo >/dev/null || need+=(libvhdi-utils)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v losetup >/dev/null || need+=(mount)

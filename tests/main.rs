@@ -13,6 +13,8 @@ mod incremental;
 mod interrupt;
 mod locks;
 mod moto;
+mod nbd;
+mod read;
 mod readonly;
 mod retention;
 mod s3_faults;

@@ -13,6 +13,7 @@ mod init;
 mod output;
 mod prune;
 mod restore;
+mod serve;
 mod snapshots;
 mod stats;
 mod verify;
@@ -85,6 +86,8 @@ enum Command {
     Diff(diff::Args),
     /// Prove a snapshot restores: read back every chunk, or compare a restored disk.
     Verify(verify::Args),
+    /// Serve a snapshot as a read-only NBD disk (qemu, qemu-img, nbdinfo, the kernel) until Ctrl-C.
+    Serve(serve::Args),
     /// Check the repository's structure and, optionally, its stored data.
     Check(check::Args),
     /// Maintain the index (derived state).
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => restore::run(&ctx, a),
         Command::Diff(a) => diff::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
+        Command::Serve(a) => serve::run(&ctx, a),
         Command::Check(a) => check::run(&ctx, a),
         Command::Index(c) => index::run(&ctx, c),
         Command::Forget(a) => forget::run(&ctx, a),

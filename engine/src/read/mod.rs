@@ -1,0 +1,446 @@
+//! Random access to a snapshot's disk: [`SnapshotReader::read_at`] and an allocation map.
+//!
+//! A restore walks a manifest from the first byte to the last; a served disk (`serve --nbd`)
+//! is read wherever a client asks, in any order, by many threads. The reader finds the
+//! extents of the segment that holds an offset (decoded segments are kept in a small cache),
+//! takes each chunk from a bounded cache of decompressed frames or reads and decompresses
+//! its frame, and checks the chunk's BLAKE3 against its id every time it serves bytes of it:
+//! a damaged chunk fails that read with [`Error::Corrupt`] naming the pack and offset, and
+//! never yields wrong data. Zero runs are served without touching any pack, and
+//! [`SnapshotReader::map`] reports them (data or zero) from the manifest alone.
+//!
+//! Memory is bounded: the frame cache holds at most `cache_bytes` of decompressed frames
+//! (plus the frames being decoded by readers at that moment), the segment cache a fixed
+//! number of decoded segments. A frame larger than the whole cache is used and dropped.
+//!
+//! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead: a read that starts
+//! where the previous one ended asks [`SnapshotReader::read_ahead_worker`], when one runs, to
+//! load the frames of the next `read_ahead_bytes` into the cache while the client consumes
+//! this answer. Without a worker the requests are dropped; reads stay correct. A large read
+//! can first [`SnapshotReader::prefetch`] its frames, decompressing them on every core.
+//!
+//! Restore and verify walk manifests with their own per-worker frame caches; they could use
+//! this reader for their chunk reads (one verified path for every reader) once engineer s1's
+//! module move settles.
+
+mod cache;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{Extent, Manifest};
+use crate::format::pack::{chunk_in_frame, decode_frame_into};
+use crate::format::ChunkId;
+use crate::repo::Repo;
+use crate::store::pack_key;
+
+use cache::{FrameKey, FrameLru, SegmentLru};
+
+/// Default size of the decompressed-frame cache: 64 MiB.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// Default read-ahead of a sequential reader: 8 MiB.
+pub const DEFAULT_READ_AHEAD_BYTES: u64 = 8 << 20;
+/// Decoded segments kept (a 4 MiB segment of 16 KiB chunks decodes to ~12 KiB).
+const SEGMENT_SLOTS: usize = 256;
+
+/// How a [`SnapshotReader`] caches.
+#[derive(Clone, Copy, Debug)]
+pub struct ReaderOptions {
+    /// Most bytes of decompressed frames kept.
+    pub cache_bytes: usize,
+    /// Bytes loaded ahead of a sequential reader (0: none).
+    pub read_ahead_bytes: u64,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
+        }
+    }
+}
+
+/// A run of the disk that is either stored data or known zeros, from [`SnapshotReader::map`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapRun {
+    pub offset: u64,
+    pub len: u64,
+    /// True for a zero run of the manifest (never stored, reads as zeros).
+    pub zero: bool,
+}
+
+/// Counters of a reader, for tests and `serve`'s log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Frames read from packs and decompressed.
+    pub frames_decoded: u64,
+    /// Chunk reads served from a cached frame.
+    pub cache_hits: u64,
+    /// Frames loaded by read-ahead.
+    pub read_ahead_frames: u64,
+}
+
+/// One extent of a decoded segment, with its disk offset.
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    offset: u64,
+    extent: Extent,
+}
+
+/// Random, verified, cached reads of one snapshot's disk. Shared by reference between
+/// threads.
+pub struct SnapshotReader<'r> {
+    repo: &'r Repo,
+    snapshot_id: String,
+    manifest: Manifest<'r>,
+    options: ReaderOptions,
+    segments: Mutex<SegmentLru<Arc<Vec<Placed>>>>,
+    frames: Mutex<FrameLru>,
+    /// The pending read-ahead request (start, end), replaced by newer ones.
+    ahead: Mutex<Option<(u64, u64)>>,
+    ahead_ready: Condvar,
+    frames_decoded: AtomicU64,
+    cache_hits: AtomicU64,
+    read_ahead_frames: AtomicU64,
+}
+
+impl std::fmt::Debug for SnapshotReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotReader")
+            .field("snapshot_id", &self.snapshot_id)
+            .field("size", &self.manifest.virtual_size)
+            .finish()
+    }
+}
+
+impl<'r> SnapshotReader<'r> {
+    /// Opens snapshot `snapshot_id` of `repo` (its manifest is read and checked whole).
+    pub fn open(repo: &'r Repo, snapshot_id: &str, options: ReaderOptions) -> Result<Self> {
+        let manifest = repo.load_manifest(snapshot_id)?;
+        Ok(SnapshotReader {
+            repo,
+            snapshot_id: snapshot_id.to_string(),
+            manifest,
+            options,
+            segments: Mutex::new(SegmentLru::new(SEGMENT_SLOTS)),
+            frames: Mutex::new(FrameLru::new(options.cache_bytes)),
+            ahead: Mutex::new(None),
+            ahead_ready: Condvar::new(),
+            frames_decoded: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            read_ahead_frames: AtomicU64::new(0),
+        })
+    }
+
+    /// Size of the disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.manifest.virtual_size
+    }
+
+    pub fn snapshot_id(&self) -> &str {
+        &self.snapshot_id
+    }
+
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            frames_decoded: self.frames_decoded.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            read_ahead_frames: self.read_ahead_frames.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes of decompressed frames the cache holds now (at most `cache_bytes`).
+    pub fn cached_bytes(&self) -> usize {
+        self.frames.lock().map_or(0, |f| f.bytes())
+    }
+
+    /// Checks that `len` bytes at `offset` lie inside the disk.
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "read of {len} bytes at offset {offset} is past the end of the {}-byte disk \
+                 of snapshot {}",
+                self.size(),
+                crate::format::short_id(&self.snapshot_id)
+            ))),
+        }
+    }
+
+    /// The extents of segment `index`, placed at their disk offsets.
+    fn segment(&self, index: u64) -> Result<Arc<Vec<Placed>>> {
+        if let Some(s) = self.segments.lock().ok().and_then(|mut c| c.get(index)) {
+            return Ok(s);
+        }
+        let extents = self.manifest.segment(index)?;
+        let mut offset = index.saturating_mul(u64::from(self.manifest.segment_size));
+        let mut placed = Vec::with_capacity(extents.len());
+        for extent in extents {
+            placed.push(Placed { offset, extent });
+            offset = offset.saturating_add(u64::from(extent.len()));
+        }
+        let placed = Arc::new(placed);
+        if let Ok(mut c) = self.segments.lock() {
+            c.put(index, Arc::clone(&placed));
+        }
+        Ok(placed)
+    }
+
+    /// Calls `f` with each extent that overlaps `offset..offset + len`, in disk order, with
+    /// the overlapping part as (disk offset, offset inside the extent, length).
+    fn for_each_extent(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&Placed, u64, u32, u32) -> Result<bool>,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        let seg_size = u64::from(self.manifest.segment_size);
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let segment = self.segment(at / seg_size)?;
+            // The last extent that starts at or before `at`.
+            let first = segment
+                .partition_point(|p| p.offset <= at)
+                .saturating_sub(1);
+            let mut progressed = false;
+            for p in segment.get(first..).unwrap_or_default() {
+                let extent_end = p.offset + u64::from(p.extent.len());
+                if p.offset >= end {
+                    break;
+                }
+                if extent_end <= at {
+                    continue;
+                }
+                let piece_end = extent_end.min(end);
+                // Both fit in u32: they lie inside one extent.
+                let within = u32::try_from(at - p.offset).unwrap_or(u32::MAX);
+                let piece = u32::try_from(piece_end - at).unwrap_or(u32::MAX);
+                if !f(p, at, within, piece)? {
+                    return Ok(());
+                }
+                at = piece_end;
+                progressed = true;
+            }
+            if !progressed {
+                return Err(Error::corrupt(
+                    format!("snapshot {}", self.snapshot_id),
+                    at,
+                    "the manifest's segment does not cover this offset",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` with the disk's bytes at `offset`. Every chunk is checked against its
+    /// BLAKE3 id first; a damaged or missing one fails the read (the error names the pack and
+    /// offset) and nothing of it is returned as good data.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut filled = 0usize;
+        self.for_each_extent(offset, buf.len() as u64, |p, _at, within, piece| {
+            let dest = buf
+                .get_mut(filled..filled + piece as usize)
+                .ok_or_else(|| Error::Internal("read_at: piece past the buffer".into()))?;
+            match p.extent {
+                Extent::Zero { .. } => dest.fill(0),
+                Extent::Chunk { id, len } => {
+                    self.with_chunk(&id, len, p.offset, |data| {
+                        let src = data
+                            .get(within as usize..within as usize + piece as usize)
+                            .ok_or_else(|| {
+                                Error::corrupt(
+                                    format!("snapshot {}", self.snapshot_id),
+                                    p.offset,
+                                    format!("chunk {id} is shorter than its extent"),
+                                )
+                            })?;
+                        dest.copy_from_slice(src);
+                        Ok(())
+                    })?;
+                }
+            }
+            filled += piece as usize;
+            Ok(true)
+        })
+    }
+
+    /// The disk between `offset` and `offset + len` as runs of data and zeros, adjacent runs
+    /// of one kind merged, straight from the manifest (no pack is read). At most `max_runs`
+    /// runs are returned; the last may then end before `offset + len`.
+    pub fn map(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<MapRun>> {
+        let mut runs: Vec<MapRun> = Vec::new();
+        self.for_each_extent(offset, len, |p, at, _within, piece| {
+            let zero = matches!(p.extent, Extent::Zero { .. });
+            let count = runs.len();
+            match runs.last_mut() {
+                Some(last) if last.zero == zero => last.len += u64::from(piece),
+                _ if count >= max_runs => return Ok(false),
+                _ => runs.push(MapRun {
+                    offset: at,
+                    len: u64::from(piece),
+                    zero,
+                }),
+            }
+            Ok(true)
+        })?;
+        Ok(runs)
+    }
+
+    /// Asks the read-ahead worker to load the frames after a sequential read that ended at
+    /// `end`.
+    pub fn hint_sequential(&self, end: u64) {
+        if self.options.read_ahead_bytes == 0 || end >= self.size() {
+            return;
+        }
+        let stop = end
+            .saturating_add(self.options.read_ahead_bytes)
+            .min(self.size());
+        if let Ok(mut pending) = self.ahead.lock() {
+            *pending = Some((end, stop));
+            self.ahead_ready.notify_one();
+        }
+    }
+
+    /// Loads the frames of read-ahead requests into the cache until `stop` is set. Run it on
+    /// a thread of its own next to the readers; errors are left for the real read to report.
+    pub fn read_ahead_worker(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let request = match self.ahead.lock() {
+                Ok(mut pending) => match pending.take() {
+                    Some(r) => Some(r),
+                    None => self
+                        .ahead_ready
+                        .wait_timeout(pending, Duration::from_millis(100))
+                        .ok()
+                        .and_then(|(mut p, _)| p.take()),
+                },
+                Err(_) => return,
+            };
+            let Some((start, end)) = request else {
+                continue;
+            };
+            let before = self.frames_decoded.load(Ordering::Relaxed);
+            // Errors are left for the real read to report.
+            let _ = self.prefetch(start, end - start);
+            let loaded = self.frames_decoded.load(Ordering::Relaxed) - before;
+            self.read_ahead_frames.fetch_add(loaded, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads the frames that `offset..offset + len` needs into the cache, several at once
+    /// (rayon's pool): a large request then decompresses on every core, as a restore does,
+    /// instead of one frame after another. At most half the cache is loaded, so a request
+    /// larger than the cache does not evict its own first frames.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        use rayon::prelude::*;
+        let len = len.min((self.options.cache_bytes / 2) as u64);
+        let index = self.repo.readers();
+        let mut wanted: Vec<(String, crate::format::pack::RecordLocation)> = Vec::new();
+        self.for_each_extent(offset, len, |p, _, _, _| {
+            if let Extent::Chunk { id, .. } = p.extent {
+                if let Some(loc) = index.lookup(&id)? {
+                    let known = wanted
+                        .iter()
+                        .rev()
+                        .take(8)
+                        .any(|(pack, r)| r.offset == loc.record.offset && *pack == loc.pack);
+                    let cached = self.frames.lock().is_ok_and(|mut c| {
+                        c.get(&FrameKey {
+                            pack: loc.pack.clone(),
+                            offset: loc.record.offset,
+                        })
+                        .is_some()
+                    });
+                    if !known && !cached {
+                        wanted.push((loc.pack, loc.record));
+                    }
+                }
+            }
+            Ok(true)
+        })?;
+        wanted
+            .par_iter()
+            .try_for_each(|(pack, record)| self.frame(pack, record).map(drop))
+    }
+
+    /// Verifies chunk `id` (`len` bytes, at disk offset `at`) and hands its bytes to `f`.
+    fn with_chunk<R>(
+        &self,
+        id: &ChunkId,
+        len: u32,
+        at: u64,
+        f: impl FnOnce(&[u8]) -> Result<R>,
+    ) -> Result<R> {
+        let index = self.repo.readers();
+        let missing = || Error::MissingChunk {
+            id: id.to_hex(),
+            snapshot: self.snapshot_id.clone(),
+        };
+        let loc = index.lookup(id)?.ok_or_else(missing)?;
+        let (loc, frame) = match self.frame(&loc.pack, &loc.record) {
+            Ok(frame) => (loc, frame),
+            // Readers take no lock: prune may have moved the chunk to a new pack and deleted
+            // the old one since the lookup. Look once more before calling it damage.
+            Err(e) if e.is_corruption() => match index.lookup(id)? {
+                Some(again) if again != loc => {
+                    let frame = self.frame(&again.pack, &again.record)?;
+                    (again, frame)
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        let data = chunk_in_frame(&frame, &loc.record, &format!("pack {}", loc.pack))?;
+        if data.len() != len as usize {
+            return Err(Error::corrupt(
+                format!("snapshot {}", self.snapshot_id),
+                at,
+                format!("chunk {id} is {} bytes, manifest says {len}", data.len()),
+            ));
+        }
+        f(data)
+    }
+
+    /// The decompressed frame that holds the chunk at `record` of `pack`, from the cache or
+    /// read, checked (crc32, decompression) and kept.
+    fn frame(
+        &self,
+        pack: &str,
+        record: &crate::format::pack::RecordLocation,
+    ) -> Result<Arc<Vec<u8>>> {
+        let key = FrameKey {
+            pack: pack.to_string(),
+            offset: record.offset,
+        };
+        if let Some(frame) = self.frames.lock().ok().and_then(|mut c| c.get(&key)) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(frame);
+        }
+        let location = format!("pack {pack}");
+        let read_len = usize::try_from(record.read_len())
+            .map_err(|_| Error::corrupt(&location, record.offset, "frame too large"))?;
+        let bytes = self
+            .repo
+            .backend()
+            .get_range(&pack_key(pack), record.offset, read_len)
+            .map_err(|e| match e {
+                Error::NotFound { .. } => {
+                    Error::corrupt(&location, record.offset, "the pack file is missing")
+                }
+                other => other,
+            })?;
+        let mut frame = Vec::new();
+        decode_frame_into(&bytes, record, &location, &mut frame)?;
+        self.frames_decoded.fetch_add(1, Ordering::Relaxed);
+        let frame = Arc::new(frame);
+        if let Ok(mut c) = self.frames.lock() {
+            c.put(key, Arc::clone(&frame));
+        }
+        Ok(frame)
+    }
+}
