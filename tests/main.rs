@@ -2,10 +2,12 @@
 //! temporary repository and sample disks (built from real files of this machine).
 
 mod azure;
+mod azure_store;
 mod cli;
 mod compat;
 mod crash;
 mod device;
+mod faultproxy;
 mod foundation;
 mod frames;
 mod incremental;
