@@ -578,7 +578,7 @@ fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
     };
     let rs = restore_to_page_blob(&repo, &snap, url, &stack, &NoProgress)?;
     ensure!(
-        rs.api_version == "2019-02-02" && rs.put_requests == expected_puts,
+        rs.api_version == "2019-07-07" && rs.put_requests == expected_puts,
         "{rs:?}"
     );
     let blob_s = download(&a)?;
@@ -969,7 +969,7 @@ pub(crate) fn page_blob_head(size: u64) -> Answer {
 #[test]
 fn profiles_send_their_service_versions_and_stack_hub_steps_down() -> Result<()> {
     let stub = serve(|req| match req.header("x-ms-version") {
-        Some("2019-02-02") => Answer::Reply(
+        Some("2019-02-02" | "2019-07-07") => Answer::Reply(
             400,
             vec![("x-ms-error-code".into(), "InvalidHeaderValue".into())],
             b"<?xml version=\"1.0\"?><Error><Code>InvalidHeaderValue</Code><Message>The value \
@@ -1022,14 +1022,14 @@ fn profiles_send_their_service_versions_and_stack_hub_steps_down() -> Result<()>
     );
     ensure!(!format!("{e:?}").contains("SECRET"));
     take(&stub);
-    // Azure Stack Hub: 2019-02-02, then 2017-11-09 once refused, with a note.
+    // Azure Stack Hub: 2019-07-07, then 2017-11-09 once refused, with a note.
     let stack = BlobOptions {
         profile: Profile::AzureStack,
         ..sas_options()
     };
     let c = BlobClient::new(&url, &stack)?;
     ensure!(c.properties()?.is_some_and(|p| p.size == 4096));
-    ensure!(versions(&stub) == ["2019-02-02", "2017-11-09"]);
+    ensure!(versions(&stub) == ["2019-07-07", "2017-11-09"]);
     ensure!(c.api_version() == "2017-11-09" && c.notes().iter().any(|n| n.contains("2017-11-09")));
     c.properties()?;
     ensure!(

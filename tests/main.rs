@@ -2,11 +2,13 @@
 //! temporary repository and sample disks (built from real files of this machine).
 
 mod azure;
+mod azure_store;
 mod cli;
 mod compat;
 mod copy;
 mod crash;
 mod device;
+mod faultproxy;
 mod foundation;
 mod frames;
 mod incremental;

@@ -26,6 +26,7 @@
 //! an in-memory backend and fault-injecting wrappers, and one contract test suite runs
 //! against each.
 
+mod azure;
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
 mod local;
@@ -39,6 +40,10 @@ pub mod s3;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use azure::{
+    AzureBlobBackend, AzureCredential, AzureStoreOptions, BLOCK_SIZE as AZURE_BLOCK_SIZE,
+    PUT_BLOB_MAX as AZURE_PUT_BLOB_MAX,
+};
 pub use local::LocalDir;
 pub use s3::S3Backend;
 

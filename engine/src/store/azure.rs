@@ -1,0 +1,700 @@
+//! A repository in an Azure Blob container: [`AzureBlobBackend`].
+//!
+//! Job: honour the [`Backend`] contract with block blobs in one container, under an optional
+//! prefix (`azure://ACCOUNT/CONTAINER/PREFIX`): object key `K` is blob `PREFIX/K`. Objects up
+//! to [`PUT_BLOB_MAX`] bytes are one Put Blob; larger ones (packs) are staged as blocks of
+//! [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List. The exact
+//! requests and headers are specified in `format-spec/remote.md`, section "Azure Blob".
+//!
+//! Invariants:
+//! - Create-only: every Put Blob and Put Block List that creates an object carries
+//!   `If-None-Match: *`, so of two writers of one key exactly one succeeds and the other gets
+//!   [`Error::AlreadyExists`] (the service answers 409 or 412), and nothing is ever
+//!   overwritten. A commit is atomic on the service: the blob appears whole or not at all;
+//!   staged blocks are invisible to reads and listings and expire on their own.
+//! - A create that had to be retried and then finds the key taken compares the stored bytes
+//!   with its own: equal means the earlier attempt landed (success), different means
+//!   another writer won (`AlreadyExists`).
+//! - Mutable objects change only with `If-Match: <ETag>` ([`Backend::replace`],
+//!   [`Backend::delete_if`]); the ETag is the [`Version`].
+//! - Credentials come from the environment ([`AzureCredential::from_env`]) or the caller,
+//!   never from the location, and appear in no error or listing.
+//! - 404 is "not found" only for a missing blob; a missing container is an error that says so.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+
+use super::{Backend, ObjectInfo, Version};
+use crate::azure::client::{Auth, Client, Method, Request, RequestCounter, RequestKind, Response};
+use crate::azure::error::service_error;
+use crate::azure::sign::SharedKey;
+use crate::azure::{url, Profile, RetryPolicy};
+use crate::error::{Error, Result};
+
+/// Largest object sent as a single Put Blob; larger ones go as blocks.
+pub const PUT_BLOB_MAX: usize = 8 << 20;
+/// Size of one staged block of a large object (the last may be shorter).
+pub const BLOCK_SIZE: usize = 8 << 20;
+/// Blocks of one object uploaded at once.
+pub const DEFAULT_PARALLEL_BLOCKS: usize = 4;
+/// Names per List Blobs page (the service's maximum).
+const LIST_PAGE: &str = "5000";
+
+/// Characters of a blob name sent as they are in the URL path (unreserved and `/`).
+const PATH_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The variable holding the account key (base64) for Shared Key.
+pub const KEY_VARIABLE: &str = "AZURE_STORAGE_KEY";
+/// The variable holding a SAS token (with or without the leading `?`).
+pub const SAS_VARIABLE: &str = "AZURE_STORAGE_SAS_TOKEN";
+
+/// How requests to the container are authorised.
+#[derive(Clone)]
+pub enum AzureCredential {
+    /// The storage account's key (base64), for Shared Key signatures.
+    SharedKey(String),
+    /// A SAS token: the query string, without `?`.
+    Sas(String),
+}
+
+impl std::fmt::Debug for AzureCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AzureCredential::SharedKey(_) => f.write_str("SharedKey(<redacted>)"),
+            AzureCredential::Sas(_) => f.write_str("Sas(<redacted>)"),
+        }
+    }
+}
+
+impl AzureCredential {
+    /// [`KEY_VARIABLE`] if set, else [`SAS_VARIABLE`]; neither is a usage error naming both.
+    pub fn from_env() -> Result<Self> {
+        let var = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|v: &String| !v.trim().is_empty())
+        };
+        if let Some(key) = var(KEY_VARIABLE) {
+            return Ok(AzureCredential::SharedKey(key));
+        }
+        if let Some(sas) = var(SAS_VARIABLE) {
+            return Ok(AzureCredential::Sas(
+                sas.trim().trim_start_matches('?').to_string(),
+            ));
+        }
+        Err(Error::Usage(format!(
+            "no credential: set {KEY_VARIABLE} or {SAS_VARIABLE}"
+        )))
+    }
+}
+
+/// How to reach the container.
+#[derive(Clone, Debug)]
+pub struct AzureStoreOptions {
+    /// Blob endpoint of the account (Azurite and Stack Hub need one); default
+    /// `https://ACCOUNT.blob.core.windows.net`.
+    pub endpoint: Option<String>,
+    pub profile: Profile,
+    /// Service version instead of the profile's.
+    pub api_version: Option<String>,
+    pub credential: AzureCredential,
+    pub retry: RetryPolicy,
+    /// Blocks of one large object uploaded at once (at least 1).
+    pub parallel_blocks: usize,
+}
+
+impl AzureStoreOptions {
+    /// Options with `credential` and defaults for the rest.
+    pub fn new(credential: AzureCredential) -> Self {
+        AzureStoreOptions {
+            endpoint: None,
+            profile: Profile::Azure,
+            api_version: None,
+            credential,
+            retry: RetryPolicy::default(),
+            parallel_blocks: DEFAULT_PARALLEL_BLOCKS,
+        }
+    }
+}
+
+/// Repository objects as block blobs in an Azure container (see the module doc).
+pub struct AzureBlobBackend {
+    client: Client,
+    /// Path of the container as sent (`/CONTAINER`, or `/ACCOUNT/CONTAINER` in path style).
+    container_path: String,
+    /// Blob-name prefix of every object, empty or ending in `/` (decoded).
+    prefix: String,
+    /// The location as it may be shown.
+    shown: String,
+    parallel_blocks: usize,
+}
+
+impl std::fmt::Debug for AzureBlobBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AzureBlobBackend({})", self.shown)
+    }
+}
+
+impl AzureBlobBackend {
+    /// Opens the container named by `location`, `azure://ACCOUNT/CONTAINER[/PREFIX]`, with
+    /// the credential from the environment (see [`AzureCredential::from_env`]).
+    pub fn from_env(location: &str, endpoint: Option<&str>, profile: Profile) -> Result<Self> {
+        let options = AzureStoreOptions {
+            endpoint: endpoint.map(str::to_string),
+            profile,
+            ..AzureStoreOptions::new(AzureCredential::from_env()?)
+        };
+        Self::open(location, &options)
+    }
+
+    /// Opens the container named by `location`, `azure://ACCOUNT/CONTAINER[/PREFIX]`. Sends
+    /// nothing: a missing container or a wrong credential shows at the first request.
+    pub fn open(location: &str, options: &AzureStoreOptions) -> Result<Self> {
+        if !location.starts_with("azure://") {
+            return Err(Error::Usage(format!(
+                "{}: an Azure repository location is azure://ACCOUNT/CONTAINER[/PREFIX]",
+                url::redact(location)
+            )));
+        }
+        let address = url::parse(location, options.endpoint.as_deref(), 0)?;
+        let auth = match &options.credential {
+            AzureCredential::SharedKey(key) => {
+                Auth::SharedKey(SharedKey::new(&address.account, key)?)
+            }
+            AzureCredential::Sas(sas) => Auth::Sas(sas.trim_start_matches('?').to_string()),
+        };
+        let below = address
+            .path
+            .strip_prefix(&address.container_path)
+            .unwrap_or("")
+            .trim_matches('/');
+        let prefix = match percent_encoding::percent_decode_str(below).decode_utf8_lossy() {
+            p if p.is_empty() => String::new(),
+            p => format!("{p}/"),
+        };
+        Ok(AzureBlobBackend {
+            shown: format!("{}{}", address.origin, address.path),
+            client: Client::new(
+                address.origin,
+                auth,
+                options.profile,
+                options.api_version.clone(),
+                options.retry,
+            ),
+            container_path: address.container_path,
+            prefix,
+            parallel_blocks: options.parallel_blocks.max(1),
+        })
+    }
+
+    /// The container and prefix as they may be shown (no credential).
+    pub fn location(&self) -> &str {
+        &self.shown
+    }
+
+    /// Requests sent so far, by kind (for `--json` reports and benches).
+    pub fn requests(&self) -> &RequestCounter {
+        &self.client.counter
+    }
+
+    /// Requests sent so far as a name → count map.
+    pub fn request_counts(&self) -> BTreeMap<&'static str, u64> {
+        self.client.counter.snapshot()
+    }
+
+    /// The service version in use (after any step-down).
+    pub fn api_version(&self) -> String {
+        self.client.api_version()
+    }
+
+    /// Things worth telling the operator (a service version step-down).
+    pub fn notes(&self) -> Vec<String> {
+        self.client.notes()
+    }
+
+    /// Create Container; returns false when it existed already.
+    pub fn create_container(&self) -> Result<bool> {
+        let query = [q("restype", "container")];
+        let request = Request::new(
+            RequestKind::CreateContainer,
+            Method::Put,
+            &self.container_path,
+        )
+        .query(&query)
+        .body(&[])
+        .ok(&[201, 409]);
+        let r = self.client.request(&request)?;
+        Ok(r.status == 201)
+    }
+
+    /// URL path of object `key`.
+    fn path_of(&self, key: &str) -> String {
+        let name = format!("{}{key}", self.prefix);
+        format!(
+            "{}/{}",
+            self.container_path,
+            percent_encoding::utf8_percent_encode(&name, PATH_KEEP)
+        )
+    }
+
+    /// Sends `req` (built with an empty path) to the blob of `key`.
+    fn send(&self, key: &str, req: Request<'_>) -> Result<Response> {
+        let path = self.path_of(key);
+        self.client.request(&Request { path: &path, ..req })
+    }
+
+    /// The error for a 404 answer about `key`: [`Error::NotFound`] for a missing blob, a
+    /// plain error with advice for a missing container.
+    fn missing(&self, r: &Response, key: &str) -> Error {
+        let (code, message) = service_error(r);
+        if code == "ContainerNotFound" {
+            return Error::Http {
+                url: self.shown.clone(),
+                status: 404,
+                code,
+                message,
+            };
+        }
+        Error::NotFound {
+            object: key.to_string(),
+        }
+    }
+
+    /// After a refused create: did an earlier attempt of ours land (same bytes stored), or
+    /// did another writer win?
+    fn resolve_conflict(&self, key: &str, data: &[u8], retried: bool) -> Result<()> {
+        if retried {
+            match self.get(key) {
+                Ok(stored) if stored == data => return Ok(()),
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::AlreadyExists {
+            object: key.to_string(),
+        })
+    }
+
+    fn put_blob(&self, key: &str, data: &[u8]) -> Result<()> {
+        let headers = [
+            h("x-ms-blob-type", "BlockBlob"),
+            h("Content-Type", "application/octet-stream"),
+            h("If-None-Match", "*"),
+        ];
+        let r = self.send(
+            key,
+            Request::new(RequestKind::PutBlob, Method::Put, "")
+                .headers(&headers)
+                .body(data)
+                .ok(&[201, 404, 409, 412]),
+        )?;
+        match r.status {
+            201 => Ok(()),
+            404 => Err(self.missing(&r, key)),
+            _ => self.resolve_conflict(key, data, r.attempts > 1),
+        }
+    }
+
+    /// Stages `data` as blocks (several at once) and commits them with one Put Block List.
+    fn put_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
+        // Block ids are random per upload, so two writers of one key never share a block.
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| Error::Internal(format!("no random numbers for block ids: {e}")))?;
+        let nonce = u64::from_le_bytes(nonce);
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        let ids: Vec<String> = (0..blocks.len())
+            .map(|i| B64.encode(format!("{nonce:016x}-{i:08}")))
+            .collect();
+        let next = AtomicUsize::new(0);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let workers = self.parallel_blocks.min(blocks.len()).max(1);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let (Some(block), Some(id)) = (blocks.get(i), ids.get(i)) else {
+                        break;
+                    };
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let query = [q("comp", "block"), q("blockid", id)];
+                    let headers = [h("Content-Type", "application/octet-stream")];
+                    let request = Request::new(RequestKind::PutBlock, Method::Put, "")
+                        .query(&query)
+                        .headers(&headers)
+                        .body(block)
+                        .ok(&[201, 404]);
+                    let result = self.send(key, request).and_then(|r| match r.status {
+                        201 => Ok(()),
+                        _ => Err(self.missing(&r, key)),
+                    });
+                    if let Err(e) = result {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                });
+            }
+        });
+        let failure = failure
+            .into_inner()
+            .map_err(|_| Error::Internal("a block upload thread panicked".into()))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mut list = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
+        for id in &ids {
+            list.push_str("<Latest>");
+            list.push_str(id);
+            list.push_str("</Latest>");
+        }
+        list.push_str("</BlockList>");
+        let headers = [
+            h("x-ms-blob-content-type", "application/octet-stream"),
+            h("Content-Type", "application/xml"),
+            h("If-None-Match", "*"),
+        ];
+        let query = [q("comp", "blocklist")];
+        let request = Request::new(RequestKind::PutBlockList, Method::Put, "")
+            .query(&query)
+            .headers(&headers)
+            .body(list.as_bytes())
+            .ok(&[201, 400, 404, 409, 412]);
+        let r = self.send(key, request)?;
+        match r.status {
+            201 => Ok(()),
+            404 => Err(self.missing(&r, key)),
+            // Another writer committed first, which drops the blocks we staged; the service
+            // then reports our list as invalid rather than the key as taken.
+            400 if service_error(&r).0 == "InvalidBlockList" && self.exists(key)? => {
+                self.resolve_conflict(key, data, true)
+            }
+            400 => {
+                let (code, message) = service_error(&r);
+                Err(Error::Http {
+                    url: format!("{}/{key}", self.shown),
+                    status: 400,
+                    code,
+                    message,
+                })
+            }
+            _ => self.resolve_conflict(key, data, r.attempts > 1),
+        }
+    }
+
+    /// HEAD of `key`: `None` when there is no such blob.
+    fn head(&self, key: &str) -> Result<Option<Response>> {
+        let r = self.send(
+            key,
+            Request::new(RequestKind::GetBlobProperties, Method::Head, "").ok(&[200, 404]),
+        )?;
+        match r.status {
+            200 => Ok(Some(r)),
+            _ => match self.missing(&r, key) {
+                Error::NotFound { .. } => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// A refused conditional request: the object changed, or it is gone.
+    fn changed_or_gone(&self, key: &str) -> Error {
+        match self.head(key) {
+            Ok(Some(_)) => Error::VersionMismatch {
+                object: key.to_string(),
+            },
+            Ok(None) => Error::NotFound {
+                object: key.to_string(),
+            },
+            Err(e) => e,
+        }
+    }
+}
+
+fn q(k: &str, v: &str) -> (String, String) {
+    (k.to_string(), v.to_string())
+}
+
+fn h(k: &str, v: &str) -> (String, String) {
+    (k.to_string(), v.to_string())
+}
+
+fn etag(r: &Response, key: &str) -> Result<Version> {
+    r.header("etag")
+        .map(|e| Version(e.to_string()))
+        .ok_or_else(|| Error::Http {
+            url: key.to_string(),
+            status: r.status,
+            code: "UnexpectedAnswer".into(),
+            message: "the answer has no ETag".into(),
+        })
+}
+
+impl Backend for AzureBlobBackend {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        if data.len() <= PUT_BLOB_MAX {
+            self.put_blob(key, data)
+        } else {
+            self.put_blocks(key, data)
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let r = self.send(
+            key,
+            Request::new(RequestKind::GetBlob, Method::Get, "").ok(&[200, 404]),
+        )?;
+        match r.status {
+            200 => Ok(r.body),
+            _ => Err(self.missing(&r, key)),
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let short = |got: usize| {
+            Error::corrupt(
+                format!("{}/{key}", self.shown),
+                offset,
+                format!("asked for {len} bytes, the object holds {got} from there"),
+            )
+        };
+        if len == 0 {
+            return match self.size(key)? {
+                size if size >= offset => Ok(Vec::new()),
+                _ => Err(short(0)),
+            };
+        }
+        let last = offset.checked_add(len as u64 - 1).ok_or_else(|| short(0))?;
+        let headers = [h("x-ms-range", &format!("bytes={offset}-{last}"))];
+        let r = self.send(
+            key,
+            Request::new(RequestKind::GetBlob, Method::Get, "")
+                .headers(&headers)
+                .ok(&[200, 206, 404, 416]),
+        )?;
+        match r.status {
+            404 => Err(self.missing(&r, key)),
+            416 => Err(short(0)),
+            _ if r.body.len() < len => Err(short(r.body.len())),
+            // A 200 is the whole blob (a service that ignored the range).
+            200 => {
+                let start = usize::try_from(offset).map_err(|_| short(0))?;
+                r.body
+                    .get(start..)
+                    .and_then(|b| b.get(..len))
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| short(r.body.len().saturating_sub(start)))
+            }
+            _ => Ok(r.body.into_iter().take(len).collect()),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        let r = self.head(key)?.ok_or_else(|| Error::NotFound {
+            object: key.to_string(),
+        })?;
+        r.header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::Http {
+                url: format!("{}/{key}", self.shown),
+                status: r.status,
+                code: "UnexpectedAnswer".into(),
+                message: "HEAD answer without a Content-Length".into(),
+            })
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.head(key)?.is_some())
+    }
+
+    fn list_with_sizes(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let mut query = vec![
+                q("restype", "container"),
+                q("comp", "list"),
+                q("prefix", &full),
+                q("maxresults", LIST_PAGE),
+            ];
+            if let Some(m) = &marker {
+                query.push(q("marker", m));
+            }
+            let request = Request::new(RequestKind::ListBlobs, Method::Get, &self.container_path)
+                .query(&query);
+            let r = self.client.request(&request)?;
+            let next = parse_listing(&r.body, &self.prefix, &self.shown, &mut out)?;
+            match next {
+                Some(m) if marker.as_deref() == Some(m.as_str()) => {
+                    return Err(Error::Http {
+                        url: self.shown.clone(),
+                        status: 200,
+                        code: "UnexpectedAnswer".into(),
+                        message: format!("List Blobs repeats its NextMarker {m}"),
+                    })
+                }
+                Some(m) => marker = Some(m),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let r = self.send(
+            key,
+            Request::new(RequestKind::DeleteBlob, Method::Delete, "").ok(&[202, 404]),
+        )?;
+        match r.status {
+            202 => Ok(()),
+            _ => match self.missing(&r, key) {
+                Error::NotFound { .. } => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    fn version(&self, key: &str) -> Result<Version> {
+        let r = self.head(key)?.ok_or_else(|| Error::NotFound {
+            object: key.to_string(),
+        })?;
+        etag(&r, key)
+    }
+
+    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> Result<Version> {
+        let headers = [
+            h("x-ms-blob-type", "BlockBlob"),
+            h("Content-Type", "application/octet-stream"),
+            h("If-Match", &expected.0),
+        ];
+        let r = self.send(
+            key,
+            Request::new(RequestKind::PutBlob, Method::Put, "")
+                .headers(&headers)
+                .body(data)
+                .ok(&[201, 404, 412]),
+        )?;
+        match r.status {
+            201 => etag(&r, key),
+            404 => Err(self.missing(&r, key)),
+            _ => Err(self.changed_or_gone(key)),
+        }
+    }
+
+    fn delete_if(&self, key: &str, expected: &Version) -> Result<()> {
+        let headers = [h("If-Match", &expected.0)];
+        let request = Request::new(RequestKind::DeleteBlob, Method::Delete, "")
+            .headers(&headers)
+            .ok(&[202, 404, 412]);
+        let r = self.send(key, request)?;
+        match r.status {
+            202 => Ok(()),
+            404 => Err(self.missing(&r, key)),
+            _ => Err(self.changed_or_gone(key)),
+        }
+    }
+}
+
+/// Reads one List Blobs answer into `out` (keys relative to `prefix`, with sizes); returns
+/// the marker of the next page, if any.
+fn parse_listing(
+    body: &[u8],
+    prefix: &str,
+    shown: &str,
+    out: &mut Vec<ObjectInfo>,
+) -> Result<Option<String>> {
+    let bad = |what: String| Error::Http {
+        url: shown.to_string(),
+        status: 200,
+        code: "UnexpectedAnswer".into(),
+        message: what,
+    };
+    let text =
+        std::str::from_utf8(body).map_err(|_| bad("List Blobs answer is not UTF-8".into()))?;
+    let doc = roxmltree::Document::parse(text)
+        .map_err(|e| bad(format!("List Blobs answer is not XML: {e}")))?;
+    let mut next = None;
+    for n in doc.root_element().children().filter(|n| n.is_element()) {
+        match n.tag_name().name() {
+            "NextMarker" => next = n.text().map(str::to_string).filter(|m| !m.is_empty()),
+            "Blobs" => {
+                for blob in n.children().filter(|b| b.has_tag_name("Blob")) {
+                    let child = |name: &str| {
+                        blob.descendants()
+                            .find(|d| d.has_tag_name(name))
+                            .and_then(|d| d.text())
+                    };
+                    let name =
+                        child("Name").ok_or_else(|| bad("a listed blob has no Name".into()))?;
+                    let size = child("Content-Length")
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or_else(|| bad(format!("listed blob {name} has no Content-Length")))?;
+                    if let Some(key) = name.strip_prefix(prefix) {
+                        out.push(ObjectInfo {
+                            key: key.to_string(),
+                            size,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_pages_are_read_with_sizes_and_markers() -> Result<()> {
+        let page = br#"<?xml version="1.0" encoding="utf-8"?>
+<EnumerationResults ContainerName="vault"><Prefix>erp/packs/</Prefix><Blobs>
+<Blob><Name>erp/packs/ab/abcd</Name><Properties><Content-Length>5</Content-Length></Properties></Blob>
+<Blob><Name>erp/packs/cd/cdef</Name><Properties><Content-Length>0</Content-Length></Properties></Blob>
+</Blobs><NextMarker>2!abc</NextMarker></EnumerationResults>"#;
+        let mut out = Vec::new();
+        let next = parse_listing(page, "erp/", "x", &mut out)?;
+        assert_eq!(next.as_deref(), Some("2!abc"));
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].key.as_str(), out[0].size), ("packs/ab/abcd", 5));
+        let last = b"<EnumerationResults><Blobs/><NextMarker/></EnumerationResults>";
+        assert_eq!(parse_listing(last, "", "x", &mut out)?, None);
+        assert!(parse_listing(b"<nope", "", "x", &mut out).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn locations_name_container_and_prefix() -> Result<()> {
+        let options = AzureStoreOptions {
+            endpoint: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            ..AzureStoreOptions::new(AzureCredential::Sas("sv=1&sig=SECRET".into()))
+        };
+        let b = AzureBlobBackend::open("azure://devstoreaccount1/vault/erp/a b", &options)?;
+        assert_eq!(b.container_path, "/devstoreaccount1/vault");
+        assert_eq!(b.prefix, "erp/a b/");
+        assert_eq!(
+            b.path_of("packs/ab/x"),
+            "/devstoreaccount1/vault/erp/a%20b/packs/ab/x"
+        );
+        assert!(!format!("{b:?} {:?}", options.credential).contains("SECRET"));
+        let b = AzureBlobBackend::open("azure://acct/vault", &options)?;
+        assert_eq!(b.prefix, "");
+        assert!(AzureBlobBackend::open("azure://acct", &options).is_err());
+        assert!(AzureBlobBackend::open("s3://bucket/x", &options).is_err());
+        Ok(())
+    }
+}
