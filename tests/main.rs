@@ -13,6 +13,7 @@ mod interrupt;
 mod locks;
 mod readonly;
 mod retention;
+mod shared_repo;
 mod vectors;
 mod verify;
 mod vhd;
