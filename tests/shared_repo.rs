@@ -140,6 +140,12 @@ fn two_hosts_back_up_at_once_and_restore_each_others_snapshots() -> Result<()> {
     for h in [&host_a, &host_b] {
         assert_eq!(h.snapshots(None)?.len(), 2);
     }
+    // A verification one host records is in the other's history after a refresh.
+    let snap = host_a.resolve_snapshot(&b.snapshot_id, None)?;
+    let options = stackvault::verify::VerifyOptions::default();
+    stackvault::verify_snapshot(&host_a, &snap, &options, &NoProgress)?;
+    host_b.refresh()?;
+    assert!(host_b.last_verifications()?.contains_key(&b.snapshot_id));
     // No lock is left behind by either host.
     assert!(store.list("locks/")?.is_empty());
     Ok(())
@@ -232,6 +238,9 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     // needs is found where prune put it.
     host_b.refresh()?;
     assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
+    // The snapshot host a forgot is gone from host b's catalogue too, not reported as damage.
+    let ids: Vec<String> = host_b.snapshots(None)?.into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![kept.snapshot_id.clone()]);
     assert!(restores_to(
         &host_b,
         &kept.snapshot_id,

@@ -300,7 +300,8 @@ impl Repo {
             .then_some(ReadOnly::Requested);
         let (mut index, index_path) = open_index_in(&dir, backend.as_ref())?;
         index::delta::sync(&mut index, backend.as_ref(), read_only.is_none())?;
-        index::sync_snapshots(&index, backend.as_ref())?;
+        index::sync_shared_snapshots(&index, backend.as_ref())?;
+        index::sync_verifications(&index, backend.as_ref())?;
         Ok(Repo {
             root: dir,
             place: Place::Remote {
@@ -317,8 +318,8 @@ impl Repo {
     }
 
     /// Learns what other hosts added since this repository was opened or last refreshed:
-    /// applies the index deltas and catalogues the manifests the index has not seen (one
-    /// listing of each, then only the new objects). Nothing to do for a local repository,
+    /// applies the index deltas and catalogues the manifests and verification records the
+    /// index has not seen (one listing of each, then only the new objects). Nothing to do for a local repository,
     /// whose index every writer keeps current.
     pub fn refresh(&self) -> Result<()> {
         if self.place == Place::Local {
@@ -326,7 +327,8 @@ impl Repo {
         }
         let mut index = self.index();
         index::delta::sync(&mut index, self.backend.as_ref(), self.read_only.is_none())?;
-        index::sync_snapshots(&index, self.backend.as_ref())?;
+        index::sync_shared_snapshots(&index, self.backend.as_ref())?;
+        index::sync_verifications(&index, self.backend.as_ref())?;
         Ok(())
     }
 
@@ -367,6 +369,9 @@ impl Repo {
         &self.config
     }
 
+    /// The repository's objects. On an object store every call is a billed request; the
+    /// requests a command makes are the ones made here. (Hook for request counts in reports:
+    /// when the Azure / S3 backends count requests by kind, a report reads them through this.)
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
     }

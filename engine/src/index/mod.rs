@@ -737,6 +737,18 @@ impl IndexReaders {
 /// row first), so a vanished manifest is damage that `check` and `restore` must show, not
 /// forget.
 pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, false)
+}
+
+/// [`sync_snapshots`] for an index that is one host's cache of a repository shared on an
+/// object store: there, other hosts forget snapshots (removing their rows from their own
+/// caches only), so a catalogued snapshot whose manifest is gone was forgotten, and its row is
+/// dropped instead of reported. Damage to a manifest that is present is still reported.
+pub fn sync_shared_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, true)
+}
+
+fn sync_catalogue(index: &Index, backend: &dyn Backend, shared: bool) -> Result<Vec<Error>> {
     let present: std::collections::HashSet<String> = backend
         .list("snapshots/")?
         .into_iter()
@@ -758,7 +770,34 @@ pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>
         }
     }
     for id in known.difference(&present) {
-        problems.push(missing_manifest(id));
+        if shared {
+            index.remove_snapshot(id)?;
+        } else {
+            problems.push(missing_manifest(id));
+        }
+    }
+    Ok(problems)
+}
+
+/// Caches the verification records in the repository that the index lacks (records other
+/// hosts wrote, on a shared repository). A damaged record is left out and returned.
+pub fn sync_verifications(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    let known: std::collections::HashSet<String> =
+        index.verifications()?.into_iter().map(|(k, _)| k).collect();
+    let mut problems = Vec::new();
+    for key in backend.list(VERIFICATIONS_PREFIX)? {
+        if known.contains(&key) {
+            continue;
+        }
+        let record = backend
+            .get(&key)
+            .and_then(|bytes| VerificationRecord::decode(&bytes, &key));
+        match record {
+            Ok(r) => index.add_verification(&key, &r)?,
+            Err(Error::NotFound { .. }) => {}
+            Err(e) if e.is_corruption() => problems.push(e),
+            Err(e) => return Err(e),
+        }
     }
     Ok(problems)
 }
