@@ -21,6 +21,7 @@ mod readonly;
 mod retention;
 mod s3_faults;
 mod s3_store;
+mod shared_repo;
 mod vectors;
 mod verify;
 mod vhd;

@@ -32,6 +32,8 @@ use crate::progress::notice;
 use crate::repo::{hostname, now_rfc3339};
 use crate::store::sync_dir;
 
+pub mod lease;
+
 /// Directory of locks inside the repository.
 pub const LOCKS_DIR: &str = "locks";
 /// File name of the maintenance lock.
@@ -69,16 +71,41 @@ impl LockInfo {
     }
 }
 
-/// A held repository lock: its file and the file lock on it. Dropping it removes the name
-/// (while still holding the file lock, see the module doc), then releases the file lock.
+/// A held repository lock, released when dropped: a lock file of a local repository, or a
+/// lease object on a remote store ([`lease`]).
 #[derive(Debug)]
-pub struct LockGuard {
+pub struct LockGuard(Held);
+
+#[derive(Debug)]
+enum Held {
+    // Held for its `Drop`, which releases the lock.
+    #[allow(dead_code)]
+    File(FileLock),
+    Lease(lease::Lease),
+}
+
+impl LockGuard {
+    /// Fails when the lock is no longer ours: a lease that could not be refreshed for longer
+    /// than it lasts, or that someone removed. Work that must not outlive its lock (a backup
+    /// before its manifest) asks this before its last step. A lock file is held until dropped.
+    pub fn ensure_held(&self) -> Result<()> {
+        match &self.0 {
+            Held::File(_) => Ok(()),
+            Held::Lease(l) => l.ensure_held(),
+        }
+    }
+}
+
+/// A lock file and the file lock on it. Dropping it removes the name (while still holding
+/// the file lock, see the module doc), then releases the file lock.
+#[derive(Debug)]
+struct FileLock {
     path: PathBuf,
     // Closed after `drop` has removed the name: closing releases the file lock.
     _file: File,
 }
 
-impl Drop for LockGuard {
+impl Drop for FileLock {
     fn drop(&mut self) {
         if fs::remove_file(&self.path).is_ok() {
             if let Some(dir) = self.path.parent() {
@@ -116,7 +143,7 @@ fn lock_err<'a>(op: &'static str, path: &'a Path) -> impl Fn(rustix::io::Errno) 
 
 /// Publishes lock `name` in `dir`: writes `info` to a temporary file, takes its file lock,
 /// syncs it, links it to `name` and syncs the directory. `None` when `name` exists.
-fn publish(dir: &Path, name: &str, info: &LockInfo) -> Result<Option<LockGuard>> {
+fn publish(dir: &Path, name: &str, info: &LockInfo) -> Result<Option<FileLock>> {
     fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
     let tmp = dir.join(format!(".tmp-{name}-{}", random_hex()));
     let body = serde_json::to_vec(info)
@@ -143,7 +170,7 @@ fn publish(dir: &Path, name: &str, info: &LockInfo) -> Result<Option<LockGuard>>
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(file) => {
-            let guard = LockGuard { path, _file: file };
+            let guard = FileLock { path, _file: file };
             sync_dir(dir)?;
             Ok(Some(guard))
         }
@@ -330,7 +357,7 @@ pub fn acquire_writer(root: &Path, kind: &str) -> Result<LockGuard> {
             }
         }
     }
-    Ok(guard)
+    Ok(LockGuard(Held::File(guard)))
 }
 
 /// Takes the exclusive maintenance lock for `purpose` (`index rebuild`, `prune`). Refuses
@@ -374,7 +401,7 @@ pub fn acquire_maintenance(root: &Path, purpose: &str) -> Result<LockGuard> {
             blocking.join("; ")
         )));
     }
-    Ok(guard)
+    Ok(LockGuard(Held::File(guard)))
 }
 
 /// Locks whose holders are provably gone, as (path, why), left in place: `check` reports

@@ -11,6 +11,15 @@
 //! else `$HOME/.cache/...`), made from the repository's index or, when that is missing or
 //! unreadable, rebuilt from its packs and manifests. Operations that must write refuse at
 //! their start ([`Repo::require_writable`]) before they have done anything.
+//!
+//! A repository on an object store ([`RepoLocation`], opened with [`Repo::open_on`]) keeps no
+//! index in the store: each host has its own SQLite index in the per-user cache directory,
+//! `index.sqlite` beside the read-only copies, which is brought up to date from the index
+//! deltas (`index/xx/<pack>`, see [`crate::index::delta`]) it has not applied yet, on open and
+//! whenever [`Repo::refresh`] is called (before a backup's dedup, when a restore looks for a
+//! snapshot or chunk it does not know). Its locks are lease objects
+//! ([`crate::lock::lease`]). Every pack, local or remote, is written with its delta
+//! ([`Repo::commit_pack`]).
 
 use std::fs::{self, File};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -23,8 +32,13 @@ use crate::format::config::{ChunkerParams, RepoConfig, CONFIG_MAGIC};
 use crate::format::manifest::Manifest;
 use crate::format::verification::VerificationRecord;
 use crate::format::ChunkId;
+use crate::index::delta::WithDeltas;
 use crate::index::{self, Index, IndexReaders, SnapshotSummary};
+use crate::store::pack::FinishedPack;
 use crate::store::{self, Backend, LocalDir};
+
+mod location;
+pub use location::RepoLocation;
 
 /// File name of the index inside the repository directory.
 pub const INDEX_FILE: &str = "index.sqlite";
@@ -64,9 +78,24 @@ pub enum ReadOnly {
     NotWritable(String),
 }
 
+/// Where a repository's index and locks live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Place {
+    /// Inside the repository directory: `index.sqlite`, lock files in `locks/`.
+    Local,
+    /// On an object store named `location`: the index in a per-host cache, lease locks of
+    /// `lease` in the store.
+    Remote {
+        location: String,
+        lease: std::time::Duration,
+    },
+}
+
 /// An open repository.
 pub struct Repo {
+    /// The repository directory; for a remote repository, its cache directory on this host.
     root: PathBuf,
+    place: Place,
     backend: Arc<dyn Backend>,
     config: RepoConfig,
     // Declared (and so dropped) before `index`: the writable connection must close last,
@@ -86,12 +115,23 @@ impl std::fmt::Debug for Repo {
 }
 
 impl Repo {
-    /// Creates a repository in `path`, which must not exist or be an empty directory.
+    /// Creates a repository in `path`, which must not exist or be an empty directory; or, when
+    /// `path` is a remote location (`s3://…`, `azure://…`, see [`RepoLocation::parse`]), on
+    /// that store. A string with an unknown scheme is a usage error, never a directory.
     pub fn init(path: &Path, options: &InitOptions) -> Result<Repo> {
         if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
             return Err(Error::Usage(
                 "init creates a repository: run it without --read-only".into(),
             ));
+        }
+        let location = RepoLocation::from_path(path)?;
+        if location.is_remote() {
+            return Repo::init_on(
+                location.connect()?,
+                &cache_root()?,
+                &location.to_string(),
+                options,
+            );
         }
         if path.join(CONFIG_KEY).exists() {
             return Err(Error::InvalidArgument(format!(
@@ -112,18 +152,7 @@ impl Repo {
             }
             Err(e) => return Err(Error::io("read directory", path, e)),
         }
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| {
-            Error::io(
-                "draw a repository id",
-                path,
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut config = RepoConfig::new(id, now, options.chunker);
-        config.zstd_level = options.zstd_level;
-        config.validate().map_err(Error::InvalidArgument)?;
+        let config = new_config(options, &path.display().to_string())?;
         for dir in ["packs", "snapshots", "locks"] {
             let d = path.join(dir);
             fs::create_dir_all(&d).map_err(|e| Error::io("create directory", &d, e))?;
@@ -137,7 +166,12 @@ impl Repo {
 
     /// Opens the repository at `path`: read-only when asked ([`request_read_only`]) or when
     /// this user cannot write it (see the module doc), else read-write.
+    /// A remote location (see [`RepoLocation::parse`]) is opened with [`Repo::open_on`].
     pub fn open(path: &Path) -> Result<Repo> {
+        let location = RepoLocation::from_path(path)?;
+        if location.is_remote() {
+            return Repo::open_on(location.connect()?, &cache_root()?, &location.to_string());
+        }
         let backend = Arc::new(LocalDir::new(path));
         match read_only_reason(path) {
             Some(why) => Self::open_read_only(path, backend, why),
@@ -148,6 +182,7 @@ impl Repo {
     /// Opens the repository at `path` read-only, for the reason `why`: writes nothing into
     /// it. The index is used in place when it is current, else from the per-user cache.
     pub fn open_read_only(path: &Path, backend: Arc<dyn Backend>, why: ReadOnly) -> Result<Repo> {
+        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
         let config = read_config(path, backend.as_ref())?;
         let index_path = path.join(INDEX_FILE);
         // Any failure here (no index, damaged, locked in some odd way) leaves the cache copy,
@@ -170,6 +205,7 @@ impl Repo {
         };
         Ok(Repo {
             root: path.to_path_buf(),
+            place: Place::Local,
             readers,
             backend,
             config,
@@ -182,25 +218,13 @@ impl Repo {
     /// Opens the repository at `path` with objects served by `backend` (the index and locks
     /// stay in `path`). Used with fault-injecting backends in tests.
     pub fn open_with_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
         let config = read_config(path, backend.as_ref())?;
-        let index_path = path.join(INDEX_FILE);
-        if !index_path.exists() {
-            // The index is derived state: rebuild it from packs and manifests, under a
-            // temporary name so that a crash never leaves a partial index behind. Linking
-            // fails if another process got there first; its index is as good as ours.
-            let (tmp, _) = build_index_file(path, backend.as_ref())?;
-            let linked = fs::hard_link(&tmp, &index_path);
-            let _ = fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => store::sync_dir(path)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("link rebuilt index", &index_path, e)),
-            }
-        }
-        let index = Index::open(&index_path)?;
+        let (index, index_path) = open_index_in(path, backend.as_ref())?;
         index::sync_snapshots(&index, backend.as_ref())?;
         Ok(Repo {
             root: path.to_path_buf(),
+            place: Place::Local,
             readers: IndexReaders::new(&index_path),
             backend,
             config,
@@ -208,6 +232,133 @@ impl Repo {
             read_only: None,
             _cache_hold: None,
         })
+    }
+
+    /// Creates a repository on `backend`, a remote store named `location` (for messages),
+    /// which must hold no objects; then opens it as [`Repo::open_on`] does. The config, last,
+    /// records the `index-deltas` feature: hosts find each other's packs through deltas.
+    pub fn init_on(
+        backend: Arc<dyn Backend>,
+        cache_home: &Path,
+        location: &str,
+        options: &InitOptions,
+    ) -> Result<Repo> {
+        if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
+            return Err(Error::Usage(
+                "init creates a repository: run it without --read-only".into(),
+            ));
+        }
+        if backend.exists(CONFIG_KEY)? {
+            return Err(Error::InvalidArgument(format!(
+                "{location} is already a stackvault repository"
+            )));
+        }
+        if !backend.list("")?.is_empty() {
+            return Err(Error::DirectoryNotEmpty {
+                path: PathBuf::from(location),
+            });
+        }
+        let mut config = new_config(options, location)?;
+        let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
+        config.features.incompat |= deltas.bit;
+        backend.put(CONFIG_KEY, &config.encode())?;
+        Repo::open_on(backend, cache_home, location)
+    }
+
+    /// Opens the repository on the remote store `backend`, named `location` in messages. Its
+    /// index is this host's cache in `<cache_home>/stackvault/<repository id>/index.sqlite`
+    /// (made from the deltas, or the packs' tables, when missing), brought up to date from
+    /// the deltas and manifests it has not seen. Read-only when asked
+    /// ([`request_read_only`]): nothing is written into the store then (the cache is ours).
+    pub fn open_on(backend: Arc<dyn Backend>, cache_home: &Path, location: &str) -> Result<Repo> {
+        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
+        let config = read_config_object(location, backend.as_ref())?;
+        let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
+        if config.features.incompat & deltas.bit == 0 {
+            return Err(Error::unsupported(format!(
+                "{location} holds a repository made for a local directory (its config lacks \
+                 the `{}` feature that lets hosts share it); create one on the store with \
+                 `stackvault init` and copy the snapshots into it",
+                deltas.name
+            )));
+        }
+        let dir = cache_home
+            .join("stackvault")
+            .join(crate::format::hex(&config.repository_id));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .create(&dir)
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "the index of {location} is kept in the per-user cache {}, which cannot \
+                     be created ({e}): set XDG_CACHE_HOME to a writable directory",
+                    dir.display()
+                ))
+            })?;
+        let read_only = READ_ONLY_REQUESTED
+            .load(Ordering::Relaxed)
+            .then_some(ReadOnly::Requested);
+        let (mut index, index_path) = open_index_in(&dir, backend.as_ref())?;
+        index::delta::sync(&mut index, backend.as_ref(), read_only.is_none())?;
+        index::sync_shared_snapshots(&index, backend.as_ref())?;
+        index::sync_verifications(&index, backend.as_ref())?;
+        Ok(Repo {
+            root: dir,
+            place: Place::Remote {
+                location: location.to_string(),
+                lease: crate::lock::lease::LEASE,
+            },
+            readers: IndexReaders::new(&index_path),
+            backend,
+            config,
+            index: Mutex::new(index),
+            read_only,
+            _cache_hold: None,
+        })
+    }
+
+    /// Learns what other hosts added since this repository was opened or last refreshed:
+    /// applies the index deltas and catalogues the manifests and verification records the
+    /// index has not seen (one listing of each, then only the new objects). Nothing to do for a local repository,
+    /// whose index every writer keeps current.
+    pub fn refresh(&self) -> Result<()> {
+        if self.place == Place::Local {
+            return Ok(());
+        }
+        let mut index = self.index();
+        index::delta::sync(&mut index, self.backend.as_ref(), self.read_only.is_none())?;
+        index::sync_shared_snapshots(&index, self.backend.as_ref())?;
+        index::sync_verifications(&index, self.backend.as_ref())?;
+        Ok(())
+    }
+
+    /// Whether the repository is on a remote store (its index a per-host cache).
+    pub fn is_remote(&self) -> bool {
+        self.place != Place::Local
+    }
+
+    /// The repository as the user named it: its directory, or its remote location.
+    pub fn location(&self) -> String {
+        match &self.place {
+            Place::Local => self.root.display().to_string(),
+            Place::Remote { location, .. } => location.clone(),
+        }
+    }
+
+    /// Stores a finished pack and indexes its chunks, in that order, never the other way
+    /// round: the pack is durable, then its delta (written by the backend wrapper every
+    /// repository has, see [`WithDeltas`]), then its index row; only then may a manifest name
+    /// its chunks. `index` is the writable index, held by the caller across many packs.
+    pub fn commit_pack(&self, index: &mut Index, pack: &FinishedPack) -> Result<()> {
+        self.backend
+            .put(&store::pack_key(&pack.name), &pack.bytes)?;
+        crate::crash::point("pack-stored");
+        index.add_pack(
+            &pack.name,
+            pack.bytes.len() as u64,
+            crate::format::pack::PACK_VERSION,
+            &pack.entries,
+        )
     }
 
     pub fn root(&self) -> &Path {
@@ -218,6 +369,9 @@ impl Repo {
         &self.config
     }
 
+    /// The repository's objects. On an object store every call is a billed request; the
+    /// requests a command makes are the ones made here. (Hook for request counts in reports:
+    /// when the Azure / S3 backends count requests by kind, a report reads them through this.)
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
     }
@@ -240,7 +394,19 @@ impl Repo {
     }
 
     /// Resolves `latest`, a full id or a unique id prefix.
+    /// On a remote repository, a query that matches nothing is tried again after a
+    /// [`Repo::refresh`]: another host may have just made the snapshot.
     pub fn resolve_snapshot(&self, query: &str, disk: Option<&str>) -> Result<SnapshotSummary> {
+        match self.resolve_known_snapshot(query, disk) {
+            Err(Error::SnapshotNotFound { .. }) if self.is_remote() => {
+                self.refresh()?;
+                self.resolve_known_snapshot(query, disk)
+            }
+            other => other,
+        }
+    }
+
+    fn resolve_known_snapshot(&self, query: &str, disk: Option<&str>) -> Result<SnapshotSummary> {
         let all = self.snapshots(disk)?;
         let not_found = || Error::SnapshotNotFound {
             query: match disk {
@@ -293,13 +459,19 @@ impl Repo {
         cache: &mut store::pack::FrameCache,
         mut f: impl FnMut(&[u8]) -> Result<R>,
     ) -> Result<R> {
-        let loc = self
-            .readers
-            .lookup(id)?
-            .ok_or_else(|| Error::MissingChunk {
-                id: id.to_hex(),
-                snapshot: snapshot.to_string(),
-            })?;
+        let missing = || Error::MissingChunk {
+            id: id.to_hex(),
+            snapshot: snapshot.to_string(),
+        };
+        let loc = match self.readers.lookup(id)? {
+            Some(loc) => loc,
+            // Another host's pack this cache has not learnt of yet.
+            None if self.is_remote() => {
+                self.refresh()?;
+                self.readers.lookup(id)?.ok_or_else(missing)?
+            }
+            None => return Err(missing()),
+        };
         let backend = self.backend.as_ref();
         match store::pack::with_chunk(backend, &loc.pack, &loc.record, cache, &mut f) {
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
@@ -333,14 +505,24 @@ impl Repo {
     /// a read-only repository.
     pub fn lock(&self, kind: &str) -> Result<LockGuard> {
         self.require_writable(kind)?;
-        crate::lock::acquire_writer(&self.root, kind)
+        match &self.place {
+            Place::Local => crate::lock::acquire_writer(&self.root, kind),
+            Place::Remote { lease, .. } => {
+                crate::lock::lease::acquire_writer(&self.backend, kind, *lease)
+            }
+        }
     }
 
     /// Takes the maintenance lock for `purpose` (`prune`); see [`crate::lock`]. Refused on a
     /// read-only repository.
     pub fn lock_maintenance(&self, purpose: &str) -> Result<LockGuard> {
         self.require_writable(purpose)?;
-        crate::lock::acquire_maintenance(&self.root, purpose)
+        match &self.place {
+            Place::Local => crate::lock::acquire_maintenance(&self.root, purpose),
+            Place::Remote { lease, .. } => {
+                crate::lock::lease::acquire_maintenance(&self.backend, purpose, *lease)
+            }
+        }
     }
 
     /// Every verification record of one snapshot, oldest first, with its key.
@@ -356,6 +538,59 @@ impl Repo {
     ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
         self.index().last_verifications()
     }
+}
+
+/// The config of a new repository at `location` (for messages): a random id, now, `options`.
+fn new_config(options: &InitOptions, location: &str) -> Result<RepoConfig> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| {
+        Error::io(
+            "draw a repository id",
+            location,
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut config = RepoConfig::new(id, now, options.chunker);
+    config.zstd_level = options.zstd_level;
+    config.validate().map_err(Error::InvalidArgument)?;
+    Ok(config)
+}
+
+/// Opens the index `index.sqlite` in `dir`, building it from the repository's objects when
+/// it is missing: under a temporary name, so that a crash never leaves a partial index
+/// behind, then linked into place. Linking fails if another process got there first; its
+/// index is as good as ours.
+fn open_index_in(dir: &Path, backend: &dyn Backend) -> Result<(Index, PathBuf)> {
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.exists() {
+        let (tmp, _) = build_index_file(dir, backend)?;
+        let linked = fs::hard_link(&tmp, &index_path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => store::sync_dir(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("link rebuilt index", &index_path, e)),
+        }
+    }
+    Ok((Index::open(&index_path)?, index_path))
+}
+
+/// Reads and checks the config object of the repository named `location` on `backend`.
+fn read_config_object(location: &str, backend: &dyn Backend) -> Result<RepoConfig> {
+    let not_repo = |why: &str| Error::NotARepository {
+        path: PathBuf::from(location),
+        why: why.to_string(),
+    };
+    let bytes = match backend.get(CONFIG_KEY) {
+        Ok(b) => b,
+        Err(Error::NotFound { .. }) => return Err(not_repo("it has no config object")),
+        Err(e) => return Err(e),
+    };
+    if !bytes.starts_with(&CONFIG_MAGIC) {
+        return Err(not_repo("its config object is not a stackvault config"));
+    }
+    RepoConfig::decode(&bytes, &format!("{location}/{CONFIG_KEY}"))
 }
 
 /// Reads and checks the config of the repository at `path`.
@@ -386,7 +621,15 @@ fn read_config(path: &Path, backend: &dyn Backend) -> Result<RepoConfig> {
 /// never a mix. The old write-ahead log is emptied into the old file (when it is readable)
 /// and removed before the rename, because SQLite would replay it against the new file.
 pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
-    let backend = LocalDir::new(path);
+    if let RepoLocation::Azure { .. } | RepoLocation::S3 { .. } = RepoLocation::from_path(path)? {
+        return Err(Error::Usage(format!(
+            "the index of the remote repository {} is a per-host cache, rebuilt from the \
+             repository's objects whenever it is missing: delete $XDG_CACHE_HOME/stackvault/\
+             <repository id>/index.sqlite (and its -wal, -shm files) instead",
+            path.display()
+        )));
+    }
+    let backend = WithDeltas::new(Arc::new(LocalDir::new(path)));
     read_config(path, &backend)?;
     if let Some(why) = read_only_reason(path) {
         return Err(read_only_error(path, "index rebuild", &why));
@@ -515,9 +758,9 @@ fn cache_root() -> Result<PathBuf> {
         .or_else(|| var("HOME").map(|h| h.join(".cache")))
         .ok_or_else(|| {
             Error::InvalidArgument(
-                "the repository is read-only and its index must be copied into a per-user \
-                 cache, but neither XDG_CACHE_HOME nor HOME is set: set XDG_CACHE_HOME to a \
-                 writable directory"
+                "the repository's index must be kept in a per-user cache (the repository is \
+                 remote or read-only), but neither XDG_CACHE_HOME nor HOME is set: set \
+                 XDG_CACHE_HOME to a writable directory"
                     .into(),
             )
         })

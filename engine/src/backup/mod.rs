@@ -29,7 +29,6 @@ use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
     SnapshotMeta, SourceInfo,
 };
-use crate::format::pack::PACK_VERSION;
 use crate::format::ChunkId;
 use crate::index::Index;
 use crate::index::SnapshotSummary;
@@ -37,7 +36,7 @@ use crate::progress::Progress;
 use crate::repo::{hostname, now_rfc3339, Repo};
 use crate::source::{fill_from_map, DiskSource, ExtentKind, SourceChanges};
 use crate::store::pack::PackWriter;
-use crate::store::{pack_key, snapshot_key, ObjectWriter};
+use crate::store::{snapshot_key, ObjectWriter};
 use dedup::Dedup;
 use frames::{compress_frames, NewFrame, NewPiece};
 
@@ -106,7 +105,9 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     validate_disk_name(&options.disk)?;
-    let _lock = repo.lock("backup")?;
+    let lock = repo.lock("backup")?;
+    // Dedup against what other hosts stored too (a remote repository's cache may lag).
+    repo.refresh()?;
     let started = Instant::now();
     let time = now_rfc3339();
     let config = repo.config().clone();
@@ -228,8 +229,10 @@ pub fn backup(
         root_digest: String::new(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
     };
-    // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot.
+    // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot,
+    // but only while the lock still keeps maintenance out (a lease can run out).
     crate::crash::point("before-manifest");
+    lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;
     let id = finished.id;
     finished.out.commit(&snapshot_key(&id))?;
@@ -776,15 +779,7 @@ fn store_pack(repo: &Repo, index: &mut Index, dedup: &Dedup, pack: PackWriter) -
         return Ok(Vec::new());
     }
     let finished = pack.finish()?;
-    repo.backend()
-        .put(&pack_key(&finished.name), &finished.bytes)?;
-    crate::crash::point("pack-stored");
-    index.add_pack(
-        &finished.name,
-        finished.bytes.len() as u64,
-        PACK_VERSION,
-        &finished.entries,
-    )?;
+    repo.commit_pack(index, &finished)?;
     crate::crash::point("pack-indexed");
     dedup.indexed(finished.entries.iter().map(|e| &e.id));
     Ok(finished.bytes)

@@ -64,11 +64,22 @@ pub const FEATURE_ALIGNED_CHUNKER: Feature = Feature {
     since: "0.1.0",
 };
 
+/// Every pack has an index delta (`index/xx/<pack>`, `format-spec/index-deltas.md`) written
+/// before any manifest needs the pack, and deleted before the pack: hosts sharing the
+/// repository on an object store learn each other's packs from them. Set on repositories
+/// created on an object store; a build without it would write packs no other host learns of.
+pub const FEATURE_INDEX_DELTAS: Feature = Feature {
+    bit: 1 << 3,
+    name: "index-deltas",
+    since: "0.1.0",
+};
+
 /// Incompatible features this build knows: a reader must understand each one in use.
 pub const INCOMPAT_FEATURES: &[Feature] = &[
     FEATURE_PACK_V2,
     FEATURE_MANIFEST_V2,
     FEATURE_ALIGNED_CHUNKER,
+    FEATURE_INDEX_DELTAS,
 ];
 /// Compatible features this build knows (none yet): readers may ignore unknown ones.
 pub const COMPAT_FEATURES: &[Feature] = &[];

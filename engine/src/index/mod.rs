@@ -23,7 +23,9 @@ use crate::format::manifest::{Manifest, SnapshotMeta};
 use crate::format::pack::{frames, PackEntry, RecordLocation};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
 use crate::format::ChunkId;
-use crate::store::{pack::read_pack_table, snapshot_key, Backend, StoredObject};
+use crate::store::{snapshot_key, Backend, StoredObject};
+
+pub mod delta;
 
 /// Schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -255,30 +257,27 @@ impl Index {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&err)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO packs (name, size, chunk_count, version) \
-             VALUES (?1, ?2, ?3, ?4)",
-            params![name, size as i64, entries.len() as i64, version],
-        )
-        .map_err(&err)?;
-        let pack_id: i64 = tx
-            .query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))
+        add_pack_in(&tx, &path, name, size, version, entries)?;
+        tx.commit().map_err(&err)
+    }
+
+    /// Replaces every pack and chunk row with the packs `fill` adds (name, size, format
+    /// version, entries), in one transaction: readers see the old rows or the new ones.
+    pub fn replace_packs(
+        &mut self,
+        fill: impl FnOnce(&mut dyn FnMut(&str, u64, u32, &[PackEntry]) -> Result<()>) -> Result<()>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&err)?;
-        {
-            let mut stmt = tx.prepare_cached(INSERT_CHUNK_OR_IGNORE).map_err(&err)?;
-            // In pack order first (the first copy of a chunk wins), then in key order, so
-            // consecutive inserts land on neighbouring B-tree pages.
-            let mut rows: Vec<(&PackEntry, u32)> = Vec::with_capacity(entries.len());
-            for frame in frames(entries) {
-                rows.extend(frame.iter().map(|e| (e, frame.len() as u32)));
-            }
-            let mut seen = std::collections::HashSet::with_capacity(rows.len());
-            rows.retain(|(e, _)| seen.insert(e.id));
-            rows.sort_unstable_by_key(|(e, _)| e.id);
-            for (e, n) in rows {
-                stmt.execute(chunk_params(e, pack_id, n)).map_err(&err)?;
-            }
-        }
+        tx.execute_batch("DELETE FROM chunks; DELETE FROM packs;")
+            .map_err(&err)?;
+        fill(&mut |name, size, version, entries| {
+            add_pack_in(&tx, &path, name, size, version, entries)
+        })?;
         tx.commit().map_err(&err)
     }
 
@@ -544,6 +543,41 @@ pub(crate) const INSERT_CHUNK_OR_REPLACE: &str = "INSERT OR REPLACE INTO chunks 
      (id, pack, offset, raw_len, stored_len, frame_raw_len, in_frame, frame_chunks) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
+/// Records a stored pack and its chunks inside the transaction `tx` (see [`Index::add_pack`]).
+fn add_pack_in(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    name: &str,
+    size: u64,
+    version: u32,
+    entries: &[PackEntry],
+) -> Result<()> {
+    let err = sql_err(path);
+    tx.execute(
+        "INSERT OR IGNORE INTO packs (name, size, chunk_count, version) \
+         VALUES (?1, ?2, ?3, ?4)",
+        params![name, size as i64, entries.len() as i64, version],
+    )
+    .map_err(&err)?;
+    let pack_id: i64 = tx
+        .query_row("SELECT id FROM packs WHERE name = ?1", [name], |r| r.get(0))
+        .map_err(&err)?;
+    let mut stmt = tx.prepare_cached(INSERT_CHUNK_OR_IGNORE).map_err(&err)?;
+    // In pack order first (the first copy of a chunk wins), then in key order, so
+    // consecutive inserts land on neighbouring B-tree pages.
+    let mut rows: Vec<(&PackEntry, u32)> = Vec::with_capacity(entries.len());
+    for frame in frames(entries) {
+        rows.extend(frame.iter().map(|e| (e, frame.len() as u32)));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    rows.retain(|(e, _)| seen.insert(e.id));
+    rows.sort_unstable_by_key(|(e, _)| e.id);
+    for (e, n) in rows {
+        stmt.execute(chunk_params(e, pack_id, n)).map_err(&err)?;
+    }
+    Ok(())
+}
+
 /// Parameters of [`INSERT_CHUNK_OR_IGNORE`] for entry `e` of pack `pack`, whose frame holds
 /// `frame_chunks` chunks.
 pub(crate) fn chunk_params(
@@ -703,6 +737,18 @@ impl IndexReaders {
 /// row first), so a vanished manifest is damage that `check` and `restore` must show, not
 /// forget.
 pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, false)
+}
+
+/// [`sync_snapshots`] for an index that is one host's cache of a repository shared on an
+/// object store: there, other hosts forget snapshots (removing their rows from their own
+/// caches only), so a catalogued snapshot whose manifest is gone was forgotten, and its row is
+/// dropped instead of reported. Damage to a manifest that is present is still reported.
+pub fn sync_shared_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, true)
+}
+
+fn sync_catalogue(index: &Index, backend: &dyn Backend, shared: bool) -> Result<Vec<Error>> {
     let present: std::collections::HashSet<String> = backend
         .list("snapshots/")?
         .into_iter()
@@ -724,7 +770,34 @@ pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>
         }
     }
     for id in known.difference(&present) {
-        problems.push(missing_manifest(id));
+        if shared {
+            index.remove_snapshot(id)?;
+        } else {
+            problems.push(missing_manifest(id));
+        }
+    }
+    Ok(problems)
+}
+
+/// Caches the verification records in the repository that the index lacks (records other
+/// hosts wrote, on a shared repository). A damaged record is left out and returned.
+pub fn sync_verifications(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+    let known: std::collections::HashSet<String> =
+        index.verifications()?.into_iter().map(|(k, _)| k).collect();
+    let mut problems = Vec::new();
+    for key in backend.list(VERIFICATIONS_PREFIX)? {
+        if known.contains(&key) {
+            continue;
+        }
+        let record = backend
+            .get(&key)
+            .and_then(|bytes| VerificationRecord::decode(&bytes, &key));
+        match record {
+            Ok(r) => index.add_verification(&key, &r)?,
+            Err(Error::NotFound { .. }) => {}
+            Err(e) if e.is_corruption() => problems.push(e),
+            Err(e) => return Err(e),
+        }
     }
     Ok(problems)
 }
@@ -821,23 +894,17 @@ fn damaged_or_fail(report: &mut RebuildReport, e: Error) -> Result<()> {
     }
 }
 
-/// Fills an empty index from the packs and manifests in `backend`. Damaged objects are
+/// Fills an empty index from the packs (their deltas, else their tables: see [`delta::reindex`])
+/// and manifests in `backend`. Damaged objects are
 /// listed in the report's `problems`; an object that cannot be read for another reason
 /// (unknown format, I/O) fails the rebuild, naming it.
 pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
-    for object in backend.list_with_sizes("packs/")? {
-        let Some(name) = object.key.rsplit('/').next() else {
-            continue;
-        };
-        match read_pack_table(backend, name) {
-            Ok(table) => {
-                index.add_pack(name, object.size, table.version, &table.entries)?;
-                report.packs += 1;
-                report.chunks += table.entries.len() as u64;
-            }
-            Err(e) => damaged_or_fail(&mut report, e)?,
-        }
+    let packs = delta::reindex(index, backend, false)?;
+    report.packs = packs.packs;
+    report.chunks = packs.chunks;
+    for e in packs.problems {
+        damaged_or_fail(&mut report, e)?;
     }
     for e in sync_snapshots(index, backend)? {
         damaged_or_fail(&mut report, e)?;

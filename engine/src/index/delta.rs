@@ -1,0 +1,491 @@
+//! Index deltas: one small immutable object per pack, `index/xx/<pack name>`, holding the
+//! pack's chunk table, so that any host learns which chunks another host's packs hold
+//! without reading the packs.
+//!
+//! A delta is written after its pack is durable and before the index row of the pack (and so
+//! before any manifest that needs the pack); it is deleted before its pack. Hence every
+//! delta names a pack that exists, and a pack without a delta is one whose backup died
+//! between the two writes (no manifest needs it) or one written by a build without deltas.
+//! A delta carries the pack's table byte for byte, with the footer fields needed to check it,
+//! and its own crc32: decoding reuses the pack table decoder, so a delta and its pack can
+//! never be read differently. The encoding is specified in `format-spec/index-deltas.md`.
+//!
+//! [`sync`] brings an index up to date from the deltas it has not seen (one listing of
+//! `index/`, then one GET per new delta); [`reindex`] rebuilds the pack part of an index
+//! from all deltas, reading the tables of packs that have none.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::format::pack::{
+    decode_footer, decode_table, table_entry_len, PackEntry, PackFooter, PACK_FOOTER_LEN,
+};
+use crate::store::pack::read_pack_table;
+use crate::store::{pack_key, Backend};
+
+use super::Index;
+
+/// Magic of a delta object.
+pub const DELTA_MAGIC: [u8; 8] = *b"SVDELTA\x01";
+/// Format version of the deltas this build writes and reads.
+pub const DELTA_VERSION: u32 = 1;
+/// Length of the fixed part before the table.
+pub const DELTA_HEADER_LEN: usize = 56;
+/// Directory of the deltas.
+pub const DELTAS_PREFIX: &str = "index/";
+
+/// Key of the delta of pack `name`: `index/xx/<name>`, like `packs/xx/<name>`.
+pub fn delta_key(name: &str) -> String {
+    format!("{DELTAS_PREFIX}{}/{name}", name.get(..2).unwrap_or(name))
+}
+
+/// The pack name in a delta key, when the key is one (`index/xx/<32 hex>`, `xx` its first
+/// two digits). Anything else under `index/` is not a delta and is ignored.
+pub fn pack_of_delta_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(DELTAS_PREFIX)?;
+    let (dir, name) = rest.split_once('/')?;
+    let valid = name.len() == 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && name.get(..2) == Some(dir);
+    valid.then_some(name)
+}
+
+/// The name of a pack in a pack key (`packs/xx/<name>`), when the key is one.
+pub fn pack_of_pack_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("packs/")?;
+    let (dir, name) = rest.split_once('/')?;
+    (name.len() == 32 && name.get(..2) == Some(dir)).then_some(name)
+}
+
+/// What a delta says about its pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delta {
+    pub pack: String,
+    pub pack_size: u64,
+    pub pack_version: u32,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Encodes the delta of the complete pack `pack` named `name`, from the pack's own footer
+/// and table (checked on the way: a delta is never made from a damaged pack).
+pub fn encode_delta(name: &str, pack: &[u8]) -> Result<Vec<u8>> {
+    let location = format!("pack {name}");
+    let raw_name = crate::format::unhex(name)
+        .filter(|b| b.len() == 16)
+        .ok_or_else(|| Error::Internal(format!("pack name {name:?} is not 32 hex digits")))?;
+    let size = pack.len() as u64;
+    let footer_at = pack
+        .len()
+        .checked_sub(PACK_FOOTER_LEN)
+        .ok_or_else(|| Error::corrupt(&location, 0, "pack too short to hold a footer"))?;
+    let footer = decode_footer(&pack[footer_at..], size, &location)?;
+    let table = usize::try_from(footer.table_offset)
+        .ok()
+        .and_then(|start| pack.get(start..footer_at))
+        .ok_or_else(|| Error::corrupt(&location, footer.table_offset, "table outside the pack"))?;
+    // Checks the table as a reader of the delta will.
+    decode_table(table, &footer, &location)?;
+    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + table.len() + 4);
+    out.extend_from_slice(&DELTA_MAGIC);
+    out.extend_from_slice(&DELTA_VERSION.to_le_bytes());
+    out.extend_from_slice(&footer.version.to_le_bytes());
+    out.extend_from_slice(&raw_name);
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&footer.table_offset.to_le_bytes());
+    out.extend_from_slice(&footer.chunk_count.to_le_bytes());
+    out.extend_from_slice(&footer.table_crc32.to_le_bytes());
+    out.extend_from_slice(table);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes and checks the delta stored under `key`: its crc, its version, that it names the
+/// pack its key names, and its table as the pack decoder checks a pack's.
+pub fn decode_delta(data: &[u8], key: &str) -> Result<Delta> {
+    let bad = |at: usize, what: &str| Error::corrupt(key, at as u64, what.to_string());
+    let expected = pack_of_delta_key(key).ok_or_else(|| bad(0, "not a delta key"))?;
+    if data.len() < DELTA_HEADER_LEN + 4 {
+        return Err(bad(0, "delta too short"));
+    }
+    if data.get(..8) != Some(&DELTA_MAGIC[..]) {
+        return Err(bad(0, "bad delta magic"));
+    }
+    let body_len = data.len() - 4;
+    let u32_at = |at: usize| -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&data[at..at + 4]);
+        u32::from_le_bytes(b)
+    };
+    let u64_at = |at: usize| -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&data[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    if crc32fast::hash(&data[..body_len]) != u32_at(body_len) {
+        return Err(bad(body_len, "delta checksum mismatch"));
+    }
+    let version = u32_at(8);
+    if version != DELTA_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: format!("index delta {key}"),
+            found: version,
+            supported: DELTA_VERSION,
+        });
+    }
+    let pack = crate::format::hex(&data[16..32]);
+    if pack != expected {
+        return Err(bad(16, "delta names another pack than its key"));
+    }
+    let footer = PackFooter {
+        version: u32_at(12),
+        chunk_count: u32_at(48),
+        table_offset: u64_at(40),
+        table_crc32: u32_at(52),
+    };
+    let pack_size = u64_at(32);
+    let table = &data[DELTA_HEADER_LEN..body_len];
+    let table_end = footer
+        .table_offset
+        .checked_add(table.len() as u64)
+        .and_then(|e| e.checked_add(PACK_FOOTER_LEN as u64));
+    if table_end != Some(pack_size)
+        || footer.version == 0
+        || table.len() as u64
+            != u64::from(footer.chunk_count) * table_entry_len(footer.version) as u64
+    {
+        return Err(bad(32, "delta sizes do not fit together"));
+    }
+    let entries = decode_table(table, &footer, key)?;
+    Ok(Delta {
+        pack,
+        pack_size,
+        pack_version: footer.version,
+        entries,
+    })
+}
+
+/// What [`sync`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Deltas read and applied (packs new to the index).
+    pub applied: u64,
+    /// Whether packs known to the index had vanished (pruned by another host), so that the
+    /// pack part of the index was rebuilt from all deltas.
+    pub reindexed: bool,
+}
+
+/// Brings `index` up to date with the deltas in `backend`: one listing of `index/`, then the
+/// deltas of packs the index does not know. Packs the index knows that have no delta are
+/// looked up in one listing of `packs/`; if some are gone (another host pruned them), the
+/// pack part of the index is rebuilt ([`reindex`]), since chunks of a vanished pack may also
+/// live in packs the index already knows. When `write_missing` is set, a delta found missing
+/// for a pack that exists is written (deterministic contents, create-only), so the next sync
+/// need not look again.
+pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Result<SyncReport> {
+    let listed: HashMap<String, String> = backend
+        .list(DELTAS_PREFIX)?
+        .into_iter()
+        .filter_map(|k| pack_of_delta_key(&k).map(|n| (n.to_string(), k.clone())))
+        .collect();
+    let known: HashSet<String> = index.pack_names()?.into_iter().collect();
+    let without_delta: Vec<&String> = known.iter().filter(|n| !listed.contains_key(*n)).collect();
+    if !without_delta.is_empty() {
+        let packs: HashSet<String> = backend
+            .list("packs/")?
+            .iter()
+            .filter_map(|k| pack_of_pack_key(k).map(str::to_string))
+            .collect();
+        if without_delta.iter().any(|n| !packs.contains(*n)) {
+            let report = reindex(index, backend, write_missing)?;
+            return Ok(SyncReport {
+                applied: report.packs,
+                reindexed: true,
+            });
+        }
+        if write_missing {
+            for name in without_delta {
+                write_delta_of_stored_pack(backend, name)?;
+            }
+        }
+    }
+    let mut report = SyncReport::default();
+    for (name, key) in &listed {
+        if known.contains(name) {
+            continue;
+        }
+        let delta = backend.get(key).and_then(|b| decode_delta(&b, key));
+        match delta {
+            Ok(d) => index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?,
+            // A damaged delta: its pack's own table says the same thing.
+            Err(e) if e.is_corruption() => {
+                let table = read_pack_table(backend, name)?;
+                let size = backend.size(&pack_key(name))?;
+                index.add_pack(name, size, table.version, &table.entries)?;
+            }
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+        report.applied += 1;
+    }
+    Ok(report)
+}
+
+/// Writes the delta of the stored pack `name` if it has none (read from the pack's table;
+/// the contents are a function of the pack, so two hosts doing it at once write the same).
+fn write_delta_of_stored_pack(backend: &dyn Backend, name: &str) -> Result<()> {
+    let bytes = backend.get(&pack_key(name))?;
+    match backend.put(&delta_key(name), &encode_delta(name, &bytes)?) {
+        Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`reindex`] found.
+#[derive(Debug, Default)]
+pub struct ReindexReport {
+    pub packs: u64,
+    pub chunks: u64,
+    /// Damaged packs (their chunks are not indexed).
+    pub problems: Vec<Error>,
+}
+
+/// Replaces the packs and chunks of `index`, in one transaction, with what the repository
+/// holds: each listed pack from its delta, or from its own table when it has none (a backup
+/// killed between the two writes, a build without deltas) or its delta is damaged. A delta
+/// whose pack is gone (a build without deltas pruned it) is ignored. With `write_missing`,
+/// missing deltas are written.
+pub fn reindex(
+    index: &mut Index,
+    backend: &dyn Backend,
+    write_missing: bool,
+) -> Result<ReindexReport> {
+    let deltas: HashMap<String, String> = backend
+        .list(DELTAS_PREFIX)?
+        .into_iter()
+        .filter_map(|k| pack_of_delta_key(&k).map(|n| (n.to_string(), k.clone())))
+        .collect();
+    let mut report = ReindexReport::default();
+    let packs = backend.list_with_sizes("packs/")?;
+    index.replace_packs(|add| {
+        for object in &packs {
+            let Some(name) = pack_of_pack_key(&object.key) else {
+                continue;
+            };
+            let from_delta = match deltas.get(name) {
+                Some(key) => match backend.get(key).and_then(|b| decode_delta(&b, key)) {
+                    Ok(d) if d.pack_size == object.size => Some(d),
+                    Ok(_) => None,
+                    Err(e) if e.is_corruption() || matches!(e, Error::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
+            let (version, entries) = match from_delta {
+                Some(d) => (d.pack_version, d.entries),
+                None => match read_pack_table(backend, name) {
+                    Ok(t) => {
+                        if write_missing && !deltas.contains_key(name) {
+                            write_delta_of_stored_pack(backend, name)?;
+                        }
+                        (t.version, t.entries)
+                    }
+                    Err(e) if e.is_corruption() => {
+                        report.problems.push(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            add(name, object.size, version, &entries)?;
+            report.packs += 1;
+            report.chunks += entries.len() as u64;
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+/// A backend that keeps every pack paired with its delta, whoever writes or deletes the pack
+/// (a backup, prune's repacking, a repair): `put` of a pack writes the pack, then its delta;
+/// `remove` of a pack removes the delta, then the pack. So the ordering rules of the module
+/// doc hold at the one place packs are written and deleted, and callers need not know about
+/// deltas. Everything else passes through.
+pub struct WithDeltas {
+    inner: std::sync::Arc<dyn Backend>,
+}
+
+impl WithDeltas {
+    pub fn new(inner: std::sync::Arc<dyn Backend>) -> Self {
+        WithDeltas { inner }
+    }
+}
+
+impl Backend for WithDeltas {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let Some(name) = pack_of_pack_key(key) else {
+            return self.inner.put(key, data);
+        };
+        // Encoded first: a pack that cannot be described is refused before it is stored.
+        let delta = encode_delta(name, data)?;
+        self.inner.put(key, data)?;
+        match self.inner.put(&delta_key(name), &delta) {
+            // Same pack, same bytes: a repair or another host was first.
+            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.inner.get(key)
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        self.inner.size(key)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(key)
+    }
+
+    fn list_with_sizes(&self, prefix: &str) -> Result<Vec<crate::store::ObjectInfo>> {
+        self.inner.list_with_sizes(prefix)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        if let Some(name) = pack_of_pack_key(key) {
+            self.inner.remove(&delta_key(name))?;
+        }
+        self.inner.remove(key)
+    }
+
+    fn version(&self, key: &str) -> Result<crate::store::Version> {
+        self.inner.version(key)
+    }
+
+    fn replace(
+        &self,
+        key: &str,
+        data: &[u8],
+        expected: &crate::store::Version,
+    ) -> Result<crate::store::Version> {
+        self.inner.replace(key, data, expected)
+    }
+
+    fn delete_if(&self, key: &str, expected: &crate::store::Version) -> Result<()> {
+        self.inner.delete_if(key, expected)
+    }
+
+    fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn crate::store::ObjectWriter + 'a>> {
+        self.inner.writer(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::{Compression, PACK_VERSION};
+    use crate::format::ChunkId;
+    use crate::store::pack::PackWriter;
+
+    fn sample_pack() -> Result<crate::store::pack::FinishedPack> {
+        let mut w = PackWriter::new(1 << 16);
+        let chunks: [&[u8]; 2] = [b"first chunk", b"second chunk, a little longer"];
+        let stored: Vec<u8> = chunks.concat();
+        let list: Vec<(ChunkId, u32)> = chunks
+            .iter()
+            .map(|c| (ChunkId::of(c), c.len() as u32))
+            .collect();
+        w.add_frame(&list, &stored, Compression::None);
+        let third: &[u8] = b"third chunk, alone in its frame";
+        w.add_frame(
+            &[(ChunkId::of(third), third.len() as u32)],
+            third,
+            Compression::None,
+        );
+        w.finish()
+    }
+
+    #[test]
+    fn a_delta_round_trips_and_refuses_damage() -> Result<()> {
+        let pack = sample_pack()?;
+        let key = delta_key(&pack.name);
+        let bytes = encode_delta(&pack.name, &pack.bytes)?;
+        let d = decode_delta(&bytes, &key)?;
+        assert_eq!(d.pack, pack.name);
+        assert_eq!(d.pack_size, pack.bytes.len() as u64);
+        assert_eq!(d.pack_version, PACK_VERSION);
+        assert_eq!(d.entries, pack.entries);
+        for at in [0, 9, 20, 33, 45, 50, DELTA_HEADER_LEN + 3, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            let err = decode_delta(&bad, &key).err();
+            assert!(
+                err.as_ref().is_some_and(Error::is_corruption),
+                "byte {at}: {err:?}"
+            );
+        }
+        for len in [0, 10, DELTA_HEADER_LEN, bytes.len() - 1] {
+            assert!(decode_delta(&bytes[..len], &key).is_err(), "length {len}");
+        }
+        // Filed under another pack's name: refused.
+        let other = delta_key(&format!("{}0", &pack.name[..31]));
+        assert!(decode_delta(&bytes, &other).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn keys_name_packs() {
+        let name = "0123456789abcdef0123456789abcdef";
+        assert_eq!(delta_key(name), format!("index/01/{name}"));
+        assert_eq!(pack_of_delta_key(&delta_key(name)), Some(name));
+        assert_eq!(
+            pack_of_delta_key("index/02/0123456789abcdef0123456789abcdef"),
+            None
+        );
+        assert_eq!(pack_of_delta_key("index/01/.tmp-x"), None);
+        assert_eq!(pack_of_pack_key(&pack_key(name)), Some(name));
+    }
+
+    /// `format-spec/vectors/index-delta.hex` is the delta of the pack vector `pack.hex`
+    /// named `00112233445566778899aabbccddeeff` (regenerated with STACKVAULT_UPDATE_VECTORS).
+    #[test]
+    fn the_vector_is_the_delta_of_the_pack_vector() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../format-spec/vectors");
+        let read_hex = |name: &str| -> Result<Vec<u8>> {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+            let digits: String = text.split_whitespace().collect();
+            crate::format::unhex(&digits)
+                .ok_or_else(|| Error::corrupt(path.display(), 0, "not hex"))
+        };
+        let name = "00112233445566778899aabbccddeeff";
+        let delta = encode_delta(name, &read_hex("pack.hex")?)?;
+        let path = dir.join("index-delta.hex");
+        if std::env::var_os("STACKVAULT_UPDATE_VECTORS").is_some() {
+            let text: String = delta
+                .chunks(32)
+                .map(|l| format!("{}\n", crate::format::hex(l)))
+                .collect();
+            std::fs::write(&path, text).map_err(|e| Error::io("write", &path, e))?;
+        }
+        assert_eq!(
+            delta,
+            read_hex("index-delta.hex")?,
+            "regenerate with STACKVAULT_UPDATE_VECTORS=1"
+        );
+        let d = decode_delta(&delta, &delta_key(name))?;
+        assert_eq!(d.entries.len(), 3);
+        Ok(())
+    }
+}

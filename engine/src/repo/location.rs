@@ -1,0 +1,245 @@
+//! Where a repository is: a local directory, or a container / bucket on an object store.
+//!
+//! [`RepoLocation::parse`] is the one place that decides what a repository string means, so
+//! that `init s3:x` or `init https://…` is a usage error rather than a local directory of
+//! that name. The rule: a string is a URL when it starts with a scheme (a letter, then
+//! letters, digits, `+`, `-`, `.`) followed by `://`, or when that scheme is one a user could
+//! mean as a URL (`azure`, `s3`, `http`, `https`, `file`, …) followed by `:` alone. Every
+//! other string, including anything starting with `/` or `.`, is a local path (a directory
+//! named `backups:2024` stays possible). Of URLs, `azure://ACCOUNT/CONTAINER[/PREFIX]` and
+//! `s3://BUCKET[/PREFIX]` are repositories; any other scheme is refused, saying which forms
+//! are accepted. No credential is ever part of a location: they come from the environment.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::store::Backend;
+
+/// Schemes a user may type meaning a URL even without `//`: `s3:bucket` is a typo of
+/// `s3://bucket`, never a directory name anyone wants.
+const URL_LIKE_SCHEMES: &[&str] = &[
+    "azure", "s3", "http", "https", "file", "gs", "gcs", "ftp", "sftp", "ssh", "b2", "swift",
+];
+
+const ACCEPTED: &str = "a local directory, azure://ACCOUNT/CONTAINER[/PREFIX] or \
+                        s3://BUCKET[/PREFIX]";
+
+/// A repository's place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoLocation {
+    /// A local directory (or a mounted share): the index lives inside it.
+    Local(PathBuf),
+    /// Azure Blob Storage: block blobs under `prefix` in `container` of `account` (the
+    /// endpoint comes from the command line or the environment, never from here).
+    Azure {
+        account: String,
+        container: String,
+        prefix: String,
+    },
+    /// An S3-compatible bucket, objects under `prefix`.
+    S3 { bucket: String, prefix: String },
+}
+
+impl RepoLocation {
+    /// Parses a repository string (see the module doc). Unknown schemes and malformed URLs
+    /// are [`Error::Usage`].
+    pub fn parse(s: &str) -> Result<RepoLocation> {
+        let Some((scheme, rest)) = split_scheme(s) else {
+            return Ok(RepoLocation::Local(PathBuf::from(s)));
+        };
+        let lower = scheme.to_ascii_lowercase();
+        let Some(after) = rest.strip_prefix("//") else {
+            return Err(Error::Usage(format!(
+                "repository {s:?} looks like a URL without `//` after `{scheme}:`; write \
+                 {lower}://{rest} (accepted: {ACCEPTED}; a local directory whose name has a \
+                 colon can be given as ./{s})"
+            )));
+        };
+        let parts = |what: &str| -> Result<(String, String)> {
+            let (first, prefix) = after.split_once('/').unwrap_or((after, ""));
+            if first.is_empty() {
+                return Err(Error::Usage(format!(
+                    "repository {s:?} names no {what}: write {ACCEPTED}"
+                )));
+            }
+            Ok((first.to_string(), prefix.trim_matches('/').to_string()))
+        };
+        match lower.as_str() {
+            "azure" => {
+                let (account, rest) = parts("storage account")?;
+                let (container, prefix) = rest.split_once('/').unwrap_or((&rest, ""));
+                if container.is_empty() {
+                    return Err(Error::Usage(format!(
+                        "repository {s:?} names no container: write \
+                         azure://ACCOUNT/CONTAINER[/PREFIX]"
+                    )));
+                }
+                Ok(RepoLocation::Azure {
+                    account,
+                    container: container.to_string(),
+                    prefix: prefix.to_string(),
+                })
+            }
+            "s3" => {
+                let (bucket, prefix) = parts("bucket")?;
+                Ok(RepoLocation::S3 { bucket, prefix })
+            }
+            "http" | "https" => Err(Error::Usage(format!(
+                "repository {s:?}: a repository is not an {lower}:// URL; for Azure Blob \
+                 Storage write azure://ACCOUNT/CONTAINER[/PREFIX] (and --endpoint for Azure \
+                 Stack Hub), for S3 s3://BUCKET[/PREFIX] (and --endpoint for other services)"
+            ))),
+            _ => Err(Error::Usage(format!(
+                "repository {s:?}: unknown scheme `{scheme}://`; accepted: {ACCEPTED}"
+            ))),
+        }
+    }
+
+    /// Parses a repository given as a path (the CLI's argument type): a path that is not
+    /// UTF-8 is always local.
+    pub fn from_path(path: &Path) -> Result<RepoLocation> {
+        match path.to_str() {
+            Some(s) => RepoLocation::parse(s),
+            None => Ok(RepoLocation::Local(path.to_path_buf())),
+        }
+    }
+
+    /// Whether the repository is on an object store.
+    pub fn is_remote(&self) -> bool {
+        !matches!(self, RepoLocation::Local(_))
+    }
+
+    /// The backend serving a remote location.
+    ///
+    /// Integration hook: the Azure and S3 backends (`store/azure.rs`, `store/s3.rs`) are
+    /// connected here; in a build without them a remote location is refused as unsupported.
+    pub fn connect(&self) -> Result<Arc<dyn Backend>> {
+        match self {
+            RepoLocation::Local(p) => Ok(Arc::new(crate::store::LocalDir::new(p))),
+            remote => Err(Error::unsupported(format!(
+                "repositories on {} are not built into this stackvault; use a local \
+                 directory",
+                remote.scheme()
+            ))),
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            RepoLocation::Local(_) => "a local directory",
+            RepoLocation::Azure { .. } => "azure://",
+            RepoLocation::S3 { .. } => "s3://",
+        }
+    }
+}
+
+impl fmt::Display for RepoLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let with_prefix = |f: &mut fmt::Formatter<'_>, prefix: &str| {
+            if prefix.is_empty() {
+                Ok(())
+            } else {
+                write!(f, "/{prefix}")
+            }
+        };
+        match self {
+            RepoLocation::Local(p) => write!(f, "{}", p.display()),
+            RepoLocation::Azure {
+                account,
+                container,
+                prefix,
+            } => {
+                write!(f, "azure://{account}/{container}")?;
+                with_prefix(f, prefix)
+            }
+            RepoLocation::S3 { bucket, prefix } => {
+                write!(f, "s3://{bucket}")?;
+                with_prefix(f, prefix)
+            }
+        }
+    }
+}
+
+/// `(scheme, rest)` when `s` starts with something that is meant as a URL scheme.
+fn split_scheme(s: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = s.split_once(':')?;
+    let mut bytes = scheme.bytes();
+    let well_formed = bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    let meant = rest.starts_with("//")
+        || URL_LIKE_SCHEMES
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case(scheme));
+    (well_formed && meant).then_some((scheme, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(s: &str) -> bool {
+        matches!(RepoLocation::parse(s), Err(Error::Usage(_)))
+    }
+
+    #[test]
+    fn local_paths_stay_local() -> Result<()> {
+        for s in [
+            "/srv/backups",
+            "repo",
+            "./s3:x",
+            "backups:2024",
+            "rel/dir",
+            "a/b://c",
+        ] {
+            assert_eq!(
+                RepoLocation::parse(s)?,
+                RepoLocation::Local(PathBuf::from(s)),
+                "{s}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn remote_locations_parse() -> Result<()> {
+        assert_eq!(
+            RepoLocation::parse("azure://acct/vault/erp/db")?,
+            RepoLocation::Azure {
+                account: "acct".into(),
+                container: "vault".into(),
+                prefix: "erp/db".into()
+            }
+        );
+        assert_eq!(
+            RepoLocation::parse("S3://bucket")?,
+            RepoLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: String::new()
+            }
+        );
+        let s3 = RepoLocation::parse("s3://bucket/pre/fix/")?;
+        assert_eq!(s3.to_string(), "s3://bucket/pre/fix");
+        assert!(s3.is_remote());
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_and_malformed_urls_are_usage_errors() {
+        for s in [
+            "s3:bucket",
+            "azure:acct/c",
+            "https://acct.blob.core.windows.net/c",
+            "http://x",
+            "foo://bar",
+            "s3://",
+            "s3:///prefix",
+            "azure://acct",
+            "azure://acct/",
+            "file:///srv",
+        ] {
+            assert!(usage(s), "{s}");
+        }
+    }
+}

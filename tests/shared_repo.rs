@@ -1,0 +1,297 @@
+//! One repository on an object store, many hosts: each host is a `Repo` handle with its own
+//! cache directory on one shared in-memory store. Hosts back up at the same time, learn each
+//! other's packs from index deltas (never by reading packs), deduplicate against them, and
+//! restore each other's snapshots byte for byte.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use stackvault::store::{Backend, MemoryBackend, ObjectInfo, ObjectWriter, Version};
+use stackvault::{backup, BackupOptions, BackupReport, InitOptions, NoProgress, Repo};
+use stackvault_tests::{make_disk, restores_to, stackvault_bin};
+
+/// The shared store, counting the reads of pack bytes (what learning through deltas saves).
+#[derive(Default)]
+struct Store {
+    objects: MemoryBackend,
+    pack_reads: AtomicU64,
+}
+
+impl Store {
+    fn pack_reads(&self) -> u64 {
+        self.pack_reads.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, key: &str) {
+        if key.starts_with("packs/") {
+            self.pack_reads.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Backend for Store {
+    fn put(&self, key: &str, data: &[u8]) -> stackvault::Result<()> {
+        self.objects.put(key, data)
+    }
+    fn get(&self, key: &str) -> stackvault::Result<Vec<u8>> {
+        self.count(key);
+        self.objects.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> stackvault::Result<Vec<u8>> {
+        self.count(key);
+        self.objects.get_range(key, offset, len)
+    }
+    fn size(&self, key: &str) -> stackvault::Result<u64> {
+        self.objects.size(key)
+    }
+    fn exists(&self, key: &str) -> stackvault::Result<bool> {
+        self.objects.exists(key)
+    }
+    fn list_with_sizes(&self, prefix: &str) -> stackvault::Result<Vec<ObjectInfo>> {
+        self.objects.list_with_sizes(prefix)
+    }
+    fn remove(&self, key: &str) -> stackvault::Result<()> {
+        self.objects.remove(key)
+    }
+    fn version(&self, key: &str) -> stackvault::Result<Version> {
+        self.objects.version(key)
+    }
+    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> stackvault::Result<Version> {
+        self.objects.replace(key, data, expected)
+    }
+    fn delete_if(&self, key: &str, expected: &Version) -> stackvault::Result<()> {
+        self.objects.delete_if(key, expected)
+    }
+    fn writer<'a>(&'a self, dir: &str) -> stackvault::Result<Box<dyn ObjectWriter + 'a>> {
+        self.objects.writer(dir)
+    }
+}
+
+const LOCATION: &str = "memory://shared";
+
+/// A shared store with a new repository in it, and a temporary directory for caches and disks.
+fn shared_store() -> Result<(tempfile::TempDir, Arc<Store>)> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(Store::default());
+    Repo::init_on(
+        store.clone(),
+        &dir.path().join("cache-init"),
+        LOCATION,
+        &InitOptions::default(),
+    )?;
+    Ok((dir, store))
+}
+
+/// Host `name`: a handle on the shared store with its own cache.
+fn host(dir: &Path, store: &Arc<Store>, name: &str) -> Result<Repo> {
+    Ok(Repo::open_on(
+        store.clone(),
+        &dir.join(format!("cache-{name}")),
+        LOCATION,
+    )?)
+}
+
+fn disk(dir: &Path, name: &str, seed: usize) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.img"));
+    make_disk(&path, 12 << 20, seed)?;
+    Ok(path)
+}
+
+fn backup_disk(repo: &Repo, path: &Path, name: &str) -> Result<BackupReport> {
+    let source = stackvault::open_source(path, &Default::default())?;
+    let options = BackupOptions {
+        disk: name.into(),
+        ..BackupOptions::default()
+    };
+    Ok(backup(repo, source.as_ref(), &options, &NoProgress)?)
+}
+
+#[test]
+fn two_hosts_back_up_at_once_and_restore_each_others_snapshots() -> Result<()> {
+    let (dir, store) = shared_store()?;
+    let d = dir.path();
+    let (disk_a, disk_b) = (disk(d, "a", 1)?, disk(d, "b", 40)?);
+    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| backup_disk(&host_a, &disk_a, "web01"));
+        let b = s.spawn(|| backup_disk(&host_b, &disk_b, "db01"));
+        (a.join(), b.join())
+    });
+    let (Ok(a), Ok(b)) = (a, b) else {
+        anyhow::bail!("a backup thread panicked");
+    };
+    let (a, b) = (a?, b?);
+    // Neither host has read the other's snapshot yet: each finds it on demand.
+    assert!(restores_to(
+        &host_a,
+        &b.snapshot_id,
+        &disk_b,
+        &d.join("b-at-a.img")
+    )?);
+    assert!(restores_to(
+        &host_b,
+        &a.snapshot_id,
+        &disk_a,
+        &d.join("a-at-b.img")
+    )?);
+    for h in [&host_a, &host_b] {
+        assert_eq!(h.snapshots(None)?.len(), 2);
+    }
+    // A verification one host records is in the other's history after a refresh.
+    let snap = host_a.resolve_snapshot(&b.snapshot_id, None)?;
+    let options = stackvault::verify::VerifyOptions::default();
+    stackvault::verify_snapshot(&host_a, &snap, &options, &NoProgress)?;
+    host_b.refresh()?;
+    assert!(host_b.last_verifications()?.contains_key(&b.snapshot_id));
+    // No lock is left behind by either host.
+    assert!(store.list("locks/")?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_host_learns_anothers_packs_from_deltas_and_deduplicates_against_them() -> Result<()> {
+    let (dir, store) = shared_store()?;
+    let d = dir.path();
+    let disk_a = disk(d, "a", 7)?;
+    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
+    let first = backup_disk(&host_a, &disk_a, "web01")?;
+    assert!(first.stats.bytes_added > 0);
+    let packs = store.list("packs/")?.len();
+    assert!(packs > 0);
+    assert_eq!(store.list("index/")?.len(), packs, "one delta per pack");
+
+    let reads = store.pack_reads();
+    host_b.refresh()?;
+    assert_eq!(store.pack_reads(), reads, "learning packs reads no pack");
+    assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
+    // The same disk from the other host: everything is already stored.
+    let again = backup_disk(&host_b, &disk_a, "web01")?;
+    assert_eq!(again.stats.new_chunks, 0, "{:?}", again.stats);
+    assert_eq!(again.stats.bytes_added, 0);
+    assert_eq!(store.list("packs/")?.len(), packs);
+
+    // A third host with an empty cache builds it from deltas alone.
+    let reads = store.pack_reads();
+    let host_c = host(d, &store, "c")?;
+    assert_eq!(store.pack_reads(), reads);
+    assert!(restores_to(
+        &host_c,
+        &first.snapshot_id,
+        &disk_a,
+        &d.join("out.img")
+    )?);
+    Ok(())
+}
+
+#[test]
+fn packs_without_deltas_are_indexed_from_their_tables() -> Result<()> {
+    let (dir, store) = shared_store()?;
+    let d = dir.path();
+    let disk_a = disk(d, "a", 3)?;
+    let first = backup_disk(&host(d, &store, "a")?, &disk_a, "web01")?;
+    // As a backup killed between a pack and its delta leaves it (or a build without deltas).
+    let deltas = store.list("index/")?;
+    assert!(!deltas.is_empty());
+    for key in &deltas {
+        store.remove(key)?;
+    }
+    let fresh = host(d, &store, "fresh")?;
+    assert!(restores_to(
+        &fresh,
+        &first.snapshot_id,
+        &disk_a,
+        &d.join("out.img")
+    )?);
+    // The writable host wrote the missing deltas back: the next host needs no pack.
+    assert_eq!(store.list("index/")?.len(), deltas.len());
+    let reads = store.pack_reads();
+    host(d, &store, "next")?;
+    assert_eq!(store.pack_reads(), reads);
+    Ok(())
+}
+
+#[test]
+fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
+    let (dir, store) = shared_store()?;
+    let d = dir.path();
+    let (disk_a, disk_b) = (disk(d, "a", 11)?, disk(d, "b", 60)?);
+    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
+    let kept = backup_disk(&host_a, &disk_a, "web01")?;
+    let gone = backup_disk(&host_a, &disk_b, "db01")?;
+    host_b.refresh()?;
+    stackvault::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
+    let options = stackvault::PruneOptions {
+        max_unused: 0.0,
+        ..Default::default()
+    };
+    let pruned = stackvault::prune(&host_a, &options, &NoProgress)?;
+    assert!(
+        pruned.packs_deleted + pruned.packs_rewritten > 0,
+        "{pruned:?}"
+    );
+    // Every delta still names a pack: prune's deletions went delta first.
+    assert_eq!(store.list("index/")?.len(), store.list("packs/")?.len());
+    // Host b's cache still lists the deleted packs; a refresh drops them, and what it still
+    // needs is found where prune put it.
+    host_b.refresh()?;
+    assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
+    // The snapshot host a forgot is gone from host b's catalogue too, not reported as damage.
+    let ids: Vec<String> = host_b.snapshots(None)?.into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![kept.snapshot_id.clone()]);
+    assert!(restores_to(
+        &host_b,
+        &kept.snapshot_id,
+        &disk_a,
+        &d.join("out.img")
+    )?);
+    Ok(())
+}
+
+#[test]
+fn a_repository_string_with_an_unknown_scheme_is_a_usage_error_and_creates_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for location in [
+        "s3:bucket",
+        "https://acct.blob.core.windows.net/c",
+        "foo://x/y",
+    ] {
+        let out = Command::new(stackvault_bin())
+            .current_dir(dir.path())
+            .args(["--quiet", "init", location])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{location}: {stderr}");
+        assert!(stderr.contains(location), "{location}: {stderr}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 0, "nothing created");
+    // A local directory whose name has a colon is still possible, spelled as a path.
+    let out = Command::new(stackvault_bin())
+        .current_dir(dir.path())
+        .args(["--quiet", "init", "./backups:2024"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("backups:2024/config").exists());
+    Ok(())
+}
+
+#[test]
+fn a_repository_made_for_a_local_directory_is_not_shared_on_a_store() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let local = dir.path().join("local");
+    Repo::init(&local, &InitOptions::default())?;
+    let store = Arc::new(MemoryBackend::new());
+    store.put("config", &std::fs::read(local.join("config"))?)?;
+    let err = Repo::open_on(store, &dir.path().join("cache"), LOCATION).err();
+    assert!(
+        matches!(&err, Some(stackvault::Error::Unsupported { what }) if what.contains("index-deltas")),
+        "{err:?}"
+    );
+    Ok(())
+}
