@@ -13,6 +13,7 @@ mod interrupt;
 mod locks;
 mod readonly;
 mod retention;
+mod standby;
 mod vectors;
 mod verify;
 mod vhd;

@@ -13,6 +13,7 @@ mod output;
 mod prune;
 mod restore;
 mod snapshots;
+mod standby;
 mod stats;
 mod verify;
 
@@ -95,6 +96,9 @@ enum Command {
     Prune(prune::Args),
     /// Show the space each snapshot and disk takes, and what forgetting it would free.
     Stats(stats::Args),
+    /// Standby disks kept in sync with a disk's latest snapshot, writing only what changed.
+    #[command(subcommand)]
+    Standby(standby::Command),
     /// Print a shell completion script (e.g. `stackvault completion bash > /etc/bash_completion.d/stackvault`).
     Completion {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
         Command::Forget(a) => forget::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Stats(a) => stats::run(&ctx, a),
+        Command::Standby(c) => standby::run(&ctx, c),
         Command::Completion { shell } => {
             // Rendered into memory first: clap_complete panics when its writer fails, and a
             // closed pipe must end the program quietly like every other command.

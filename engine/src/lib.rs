@@ -31,6 +31,7 @@ pub mod repo;
 pub mod restore;
 pub mod restore_pageblob;
 pub mod source;
+pub mod standby;
 pub mod stats;
 pub mod store;
 pub mod verify;

@@ -16,6 +16,7 @@
 //! - Get Page Ranges is asked in windows of [`PAGE_RANGE_WINDOW`] bytes, never relying on
 //!   continuation markers, which older service versions lack.
 
+pub mod metadata;
 pub mod pagewriter;
 pub mod sign;
 
@@ -698,6 +699,13 @@ impl BlobClient {
                     rb = rb.header(k.as_str(), v.as_str());
                 }
                 rb.send(b.unwrap_or(&[]))
+            }
+            ("DELETE", _) => {
+                let mut rb = self.agent.delete(&url);
+                for (k, v) in &all {
+                    rb = rb.header(k.as_str(), v.as_str());
+                }
+                rb.call()
             }
             ("HEAD", _) => {
                 let mut rb = self.agent.head(&url);
