@@ -195,8 +195,14 @@ fn a_standby_file_follows_three_generations_writing_only_changes() -> anyhow::Re
     Ok(())
 }
 
-/// Runs `standby sync` paused at `standby-segment:N` (one worker thread), then SIGKILLs it.
-fn killed_sync(repo: &Path, disk: &str, target: &str, point: &str) -> anyhow::Result<()> {
+/// Starts `standby sync` with the pause hook at `point` (one worker thread) and returns it
+/// once it has paused there.
+fn paused_sync(
+    repo: &Path,
+    disk: &str,
+    target: &str,
+    point: &str,
+) -> anyhow::Result<std::process::Child> {
     let mut child = Command::new(stackvault_bin())
         .args([
             "--quiet",
@@ -224,12 +230,57 @@ fn killed_sync(repo: &Path, disk: &str, target: &str, point: &str) -> anyhow::Re
         }
         seen.push_str(&line);
         if line.starts_with("paused at ") {
-            break;
+            return Ok(child);
         }
     }
+}
+
+/// Runs `standby sync` paused at `point`, then SIGKILLs it.
+fn killed_sync(repo: &Path, disk: &str, target: &str, point: &str) -> anyhow::Result<()> {
+    let mut child = paused_sync(repo, disk, target, point)?;
     child.kill()?;
     let status = child.wait()?;
     anyhow::ensure!(status.code().is_none(), "killed, not exited: {status}");
+    Ok(())
+}
+
+#[test]
+fn a_second_sync_of_the_same_target_refuses_while_one_runs() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.repo();
+    let (disk, _) = f.backup_new_disk("vm", 8 * MIB, 4)?;
+    let target = f.path("standby.img");
+    sync(&repo, "vm", p(&target), &[])?;
+    scribble_disk(&disk, SCRIBBLES, 6)?;
+    let gen1 = f.backup(&disk, "vm")?;
+    let mut running = paused_sync(&repo, "vm", p(&target), "standby-segment:1")?;
+    let st = status(p(&target), &[])?;
+    assert_eq!(
+        (st["state"].as_str(), st["sync_running"].as_bool()),
+        (Some("applying"), Some(true)),
+        "{st:#}"
+    );
+    let out = sv(&[
+        "standby",
+        "sync",
+        "-r",
+        p(&repo),
+        "--disk",
+        "vm",
+        p(&target),
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another standby sync"), "{stderr}");
+    running.kill()?;
+    running.wait()?;
+    let r = sync(&repo, "vm", p(&target), &[])?;
+    assert_eq!(
+        r["completed_interrupted"],
+        serde_json::json!([gen1]),
+        "{r:#}"
+    );
+    assert!(same_bytes(&target, &disk)?);
     Ok(())
 }
 
