@@ -22,6 +22,7 @@ mod retention;
 mod s3_faults;
 mod s3_store;
 mod shared_repo;
+mod standby;
 mod vectors;
 mod verify;
 mod vhd;

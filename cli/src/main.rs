@@ -15,6 +15,7 @@ mod prune;
 mod restore;
 mod serve;
 mod snapshots;
+mod standby;
 mod stats;
 mod verify;
 
@@ -101,6 +102,9 @@ enum Command {
     Stats(stats::Args),
     /// Copy snapshots from another repository, sending only the chunks this one lacks.
     Copy(copy::Args),
+    /// Standby disks kept in sync with a disk's latest snapshot, writing only what changed.
+    #[command(subcommand)]
+    Standby(standby::Command),
     /// Print a shell completion script (e.g. `stackvault completion bash > /etc/bash_completion.d/stackvault`).
     Completion {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Stats(a) => stats::run(&ctx, a),
         Command::Copy(a) => copy::run(&ctx, a),
+        Command::Standby(c) => standby::run(&ctx, c),
         Command::Completion { shell } => {
             // Rendered into memory first: clap_complete panics when its writer fails, and a
             // closed pipe must end the program quietly like every other command.

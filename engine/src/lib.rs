@@ -34,6 +34,7 @@ pub mod read;
 pub mod repo;
 pub mod restore;
 pub mod source;
+pub mod standby;
 pub mod store;
 pub mod verify;
 

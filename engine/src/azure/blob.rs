@@ -18,13 +18,13 @@ use crate::error::{Error, Result};
 /// One blob and how to talk to it. Cheap to share between threads (`&BlobClient` is `Sync`);
 /// connections are pooled.
 pub struct BlobClient {
-    client: Client,
+    pub(super) client: Client,
     /// URL path as sent, starting with `/`.
-    path: String,
+    pub(super) path: String,
     /// Path of the blob's container.
-    container_path: String,
+    pub(super) container_path: String,
     /// Redacted URL, the only form shown to anyone.
-    shown: String,
+    pub(super) shown: String,
 }
 
 impl std::fmt::Debug for BlobClient {
@@ -334,7 +334,7 @@ impl BlobClient {
         Ok(())
     }
 
-    fn protocol(&self, what: &str) -> Error {
+    pub(super) fn protocol(&self, what: &str) -> Error {
         Error::Http {
             url: self.shown.clone(),
             status: 0,
@@ -343,7 +343,7 @@ impl BlobClient {
         }
     }
 
-    fn execute(
+    pub(super) fn execute(
         &self,
         kind: RequestKind,
         method: Method,

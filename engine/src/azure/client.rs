@@ -70,10 +70,13 @@ pub enum RequestKind {
     CreateContainer,
     GetPageRanges,
     PutPage,
+    SetBlobMetadata,
+    SetBlobProperties,
+    SnapshotBlob,
 }
 
 impl RequestKind {
-    const ALL: [RequestKind; 10] = [
+    const ALL: [RequestKind; 13] = [
         RequestKind::GetBlob,
         RequestKind::GetBlobProperties,
         RequestKind::PutBlob,
@@ -84,6 +87,9 @@ impl RequestKind {
         RequestKind::CreateContainer,
         RequestKind::GetPageRanges,
         RequestKind::PutPage,
+        RequestKind::SetBlobMetadata,
+        RequestKind::SetBlobProperties,
+        RequestKind::SnapshotBlob,
     ];
 
     /// The name used in reports (`put_block_list`).
@@ -99,6 +105,9 @@ impl RequestKind {
             RequestKind::CreateContainer => "create_container",
             RequestKind::GetPageRanges => "get_page_ranges",
             RequestKind::PutPage => "put_page",
+            RequestKind::SetBlobMetadata => "set_blob_metadata",
+            RequestKind::SetBlobProperties => "set_blob_properties",
+            RequestKind::SnapshotBlob => "snapshot_blob",
         }
     }
 }

@@ -21,6 +21,7 @@
 mod blob;
 pub(crate) mod client;
 pub(crate) mod error;
+pub mod metadata;
 pub mod pagewriter;
 pub mod retry;
 pub mod sign;

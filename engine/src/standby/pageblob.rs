@@ -1,0 +1,383 @@
+//! Page blob standby targets (Azure, Azure Stack Hub): a fixed VHD in a page blob whose
+//! metadata is the standby record, every update conditional on the ETag read just before.
+//!
+//! The first sync creates the blob (or keeps one of the right size), marks it applying and
+//! runs `restore` onto it with `--existing` semantics (stale pages cleared, footer last).
+//! Later syncs cut each changed range out to whole pages (4 KiB for Stack Hub), fill it with
+//! the snapshot's bytes and hand it to the [`PageWriter`], which sends data pages with Put
+//! Page and clears the zero runs; a disk that grew or shrank resizes the blob first and gets a
+//! new footer (same unique id) at the end. After a clean sync `--keep-blob-snapshots N` takes
+//! a blob snapshot and deletes the oldest of ours beyond N (Stack Hub allows 1,000 per blob).
+
+use std::time::Instant;
+
+use super::changes::{walk, Part};
+use super::record::{self, Record, State};
+use super::{decide, Counts, Plan, StatusReport, SyncOptions, SyncReport};
+use crate::azure::pagewriter::{
+    PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
+};
+use crate::azure::BlobClient;
+use crate::error::{Error, Result};
+use crate::index::SnapshotSummary;
+use crate::progress::Progress;
+use crate::repo::Repo;
+use crate::restore_pageblob::{
+    check_limits, restore_to_page_blob, source_unique_id, PageBlobRestoreOptions,
+};
+use crate::source::vhd::footer::{self, DiskType, Footer, FOOTER_LEN};
+
+const MIB: u64 = 1 << 20;
+/// Most blob snapshots a blob may keep (Azure Stack Hub's limit).
+pub const MAX_BLOB_SNAPSHOTS: u32 = 1000;
+
+pub(crate) fn status(url: &str, options: &SyncOptions) -> Result<StatusReport> {
+    let client = BlobClient::new(url, &options.blob)?;
+    let shown = client.display_url().to_string();
+    let (record, notes) = match client.properties_and_metadata()? {
+        Some((_, m)) => (Record::from_metadata(&m, &shown)?, Vec::new()),
+        None => (None, vec![format!("{shown} does not exist")]),
+    };
+    Ok(super::status_report(
+        &shown,
+        "page-blob",
+        std::path::Path::new("blob metadata"),
+        record,
+        notes,
+    ))
+}
+
+/// Writes `record` as the blob's metadata if the blob is still at `etag`.
+fn set_record(client: &BlobClient, record: &Record, etag: &str) -> Result<String> {
+    client
+        .set_metadata_if_match(&record.to_metadata(), etag)
+        .map_err(|e| match e {
+            Error::VersionMismatch { object } => Error::Locked(format!(
+                "{object} changed while its standby record was being updated: another sync \
+                 of it runs (or ran) at the same time; check `standby status` and try again"
+            )),
+            e => e,
+        })
+}
+
+/// The blob's ETag and record now; fails if the record is no longer the one we wrote.
+fn still_ours(client: &BlobClient, ours: &Record) -> Result<String> {
+    let shown = client.display_url();
+    let (props, m) = client
+        .properties_and_metadata()?
+        .ok_or_else(|| Error::Locked(format!("{shown} disappeared during the sync")))?;
+    let now = Record::from_metadata(&m, shown)?;
+    if now.as_ref() != Some(ours) {
+        return Err(Error::Locked(format!(
+            "the standby record of {shown} changed during the sync: another sync took it over"
+        )));
+    }
+    props
+        .etag
+        .ok_or_else(|| Error::Internal(format!("{shown}: no ETag in its properties")))
+}
+
+pub(crate) fn sync(
+    repo: &Repo,
+    snapshot: &SnapshotSummary,
+    url: &str,
+    options: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<SyncReport> {
+    let started = Instant::now();
+    if options
+        .format
+        .is_some_and(|f| f != crate::restore::OutputFormat::VhdFixed)
+    {
+        return Err(Error::Usage(
+            "a page blob standby is a fixed VHD; drop --format".into(),
+        ));
+    }
+    if options.keep_blob_snapshots > MAX_BLOB_SNAPSHOTS {
+        return Err(Error::Usage(format!(
+            "--keep-blob-snapshots {}: at most {MAX_BLOB_SNAPSHOTS} (Azure Stack Hub's limit \
+             per blob)",
+            options.keep_blob_snapshots
+        )));
+    }
+    let client = BlobClient::new(url, &options.blob)?;
+    let shown = client.display_url().to_string();
+    let manifest = repo.load_manifest(&snapshot.id)?;
+    check_limits(options.blob.profile, manifest.virtual_size, true)?;
+    if !manifest.segment_size.is_multiple_of(4096) {
+        return Err(Error::Unsupported {
+            what: format!(
+                "segment size {} is not a multiple of 4 KiB",
+                manifest.segment_size
+            ),
+        });
+    }
+    let data_size = manifest.virtual_size.div_ceil(MIB) * MIB;
+    let blob_size = data_size + FOOTER_LEN as u64;
+
+    let found = client.properties_and_metadata()?;
+    let old = match &found {
+        Some((p, m)) => {
+            if !p.blob_type.is_empty() && p.blob_type != "PageBlob" {
+                return Err(Error::Usage(format!(
+                    "{shown} is a {}, not a page blob",
+                    p.blob_type
+                )));
+            }
+            Record::from_metadata(m, &shown)?
+        }
+        None => None,
+    };
+    if let Some(r) = old.as_ref().filter(|r| {
+        r.state == State::Applying
+            && r.host == crate::repo::hostname()
+            && record::other_process_alive(r.pid)
+    }) {
+        return Err(Error::Locked(format!(
+            "another standby sync of {shown} is running (pid {} on this host, since {})",
+            r.pid, r.since
+        )));
+    }
+    let plan = decide(
+        repo,
+        old.as_ref(),
+        snapshot,
+        options.full,
+        found.is_some(),
+        &shown,
+    )?;
+    let incremental = matches!(plan, Plan::Incremental { .. });
+    let (old_size, etag) = match &found {
+        Some((p, _)) => (p.size, p.etag.clone()),
+        None => {
+            client.create_page_blob(blob_size)?;
+            let p = client.properties()?.ok_or_else(|| {
+                Error::Internal(format!("{shown} is missing right after its creation"))
+            })?;
+            (p.size, p.etag)
+        }
+    };
+    let etag = etag.ok_or_else(|| Error::Internal(format!("{shown}: no ETag")))?;
+    let applying =
+        super::applying_record(repo, old.as_ref(), incremental, snapshot, "vhd-fixed", "");
+    set_record(&client, &applying, &etag)?;
+    let resized = old_size != blob_size;
+
+    let writer_options = WriterOptions {
+        coalesce_gap: options.coalesce_gap.unwrap_or(DEFAULT_COALESCE_GAP),
+        parallel: if options.parallel == 0 {
+            DEFAULT_PARALLEL
+        } else {
+            options.parallel
+        },
+    };
+    let (counts, uploaded) = match plan {
+        Plan::Full => {
+            if resized {
+                client.resize(blob_size)?;
+            }
+            let r = restore_to_page_blob(
+                repo,
+                snapshot,
+                url,
+                &PageBlobRestoreOptions {
+                    blob: options.blob.clone(),
+                    existing: true,
+                    journal_dir: options.journal_dir.clone(),
+                    parallel: writer_options.parallel,
+                    coalesce_gap: Some(writer_options.coalesce_gap),
+                    ..Default::default()
+                },
+                progress,
+            )
+            .map_err(|e| interrupted(e, &shown))?;
+            let c = Counts {
+                written_bytes: r.restore.bytes_written,
+                written_ranges: r.restore.chunks,
+                zeroed_bytes: r.restore.zero_bytes,
+                zeroed_ranges: 0,
+                requests: r.requests,
+            };
+            (c, r.uploaded_bytes)
+        }
+        Plan::Incremental { olds } => {
+            let old_data = old_size.saturating_sub(FOOTER_LEN as u64);
+            let mut extra_requests = 1;
+            let mut old_footer = [0u8; FOOTER_LEN];
+            let footer = client
+                .read_range(old_data, &mut old_footer, None)
+                .ok()
+                .and_then(|()| Footer::decode(&old_footer, &shown, old_data).ok())
+                .map(|(f, _)| f);
+            // A footer of the right size stays; otherwise (resized, or a sync interrupted
+            // between the resize and the footer) a new one with the same id goes last.
+            let footer_ok =
+                !resized && footer.as_ref().is_some_and(|f| f.current_size == data_size);
+            let unique_id = footer.map(|f| f.unique_id);
+            if resized {
+                client.resize(blob_size)?;
+                extra_requests += 1;
+                if data_size > old_data {
+                    // The old footer now lies inside the data area.
+                    client.clear_pages(old_data, FOOTER_LEN as u64)?;
+                    extra_requests += 1;
+                }
+            }
+            // Every page may hold old data: zero runs inside a changed range are cleared.
+            let writer = PageWriter::new(&client, writer_options, vec![(0, data_size)]);
+            let align = writer.align();
+            let confirm = |_: u64| Ok(());
+            let mut counts = writer
+                .run(&confirm, |submitter| {
+                    super::for_changed_segments(
+                        &manifest,
+                        &olds,
+                        progress,
+                        |frames, extents, base, ranges| {
+                            let mut regions: Vec<(u64, u64)> = Vec::new();
+                            for &(s, e) in ranges {
+                                let (rs, re) = (
+                                    s - s % align,
+                                    e.div_ceil(align).saturating_mul(align).min(data_size),
+                                );
+                                match regions.last_mut() {
+                                    Some(last) if last.1 >= rs => last.1 = last.1.max(re),
+                                    _ => regions.push((rs, re)),
+                                }
+                            }
+                            for (rs, re) in regions {
+                                let len = usize::try_from(re - rs).map_err(|_| {
+                                    Error::Internal("region larger than memory".into())
+                                })?;
+                                let mut buf = vec![0u8; len];
+                                walk(
+                                    repo,
+                                    &snapshot.id,
+                                    frames,
+                                    extents,
+                                    base,
+                                    rs,
+                                    re,
+                                    &mut |part| {
+                                        if let Part::Data { offset, data } = part {
+                                            let at = (offset - rs) as usize;
+                                            buf.get_mut(at..at + data.len())
+                                                .ok_or_else(|| {
+                                                    Error::Internal(format!(
+                                                        "piece at {offset} outside its region"
+                                                    ))
+                                                })?
+                                                .copy_from_slice(data);
+                                        }
+                                        Ok(())
+                                    },
+                                )?;
+                                submitter.submit(Window {
+                                    offset: rs,
+                                    data: buf,
+                                })?;
+                            }
+                            Ok(super::tally(extents, base, ranges))
+                        },
+                    )
+                })
+                .map_err(|e| interrupted(e, &shown))?;
+            if !footer_ok {
+                let id = unique_id
+                    .or_else(|| source_unique_id(repo, &snapshot.id))
+                    .unwrap_or_else(|| {
+                        *blake3::hash(snapshot.id.as_bytes())
+                            .as_bytes()
+                            .first_chunk::<16>()
+                            .unwrap_or(&[0; 16])
+                    });
+                writer.put(data_size, &fixed_footer(data_size, id).encode())?;
+            }
+            let s = writer.stats();
+            counts.requests = s.put_requests + s.clear_requests + extra_requests;
+            (counts, s.put_bytes)
+        }
+    };
+    let mut report = super::report(
+        &shown,
+        "page-blob",
+        "vhd-fixed",
+        snapshot,
+        old.as_ref(),
+        !incremental,
+        resized,
+        counts,
+        started,
+    );
+    report.uploaded_bytes = Some(uploaded);
+    report.notes = client.notes();
+
+    let etag = still_ours(&client, &applying)?;
+    if let Some(share) = options.verify_share {
+        let read = |offset: u64, buf: &mut [u8]| client.read_range(offset, buf, None);
+        match super::check::verify_sample(&manifest, &snapshot.id, &shown, share, &read, progress) {
+            Ok(v) => report.verify = Some(v),
+            Err(e @ Error::TargetMismatch { .. }) => {
+                set_record(
+                    &client,
+                    &super::finished_record(&applying, snapshot, State::Diverged),
+                    &etag,
+                )?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    set_record(
+        &client,
+        &super::finished_record(&applying, snapshot, State::Clean),
+        &etag,
+    )?;
+    if options.keep_blob_snapshots > 0 {
+        report.blob_snapshot = Some(client.snapshot_blob()?);
+        let ours: Vec<_> = client
+            .list_snapshots()?
+            .into_iter()
+            .filter(|s| s.metadata.contains_key("stackvault_standby"))
+            .collect();
+        let excess = ours
+            .len()
+            .saturating_sub(options.keep_blob_snapshots as usize);
+        for s in ours.iter().take(excess) {
+            client.delete_snapshot(&s.snapshot)?;
+            report.blob_snapshots_deleted += 1;
+        }
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The footer of a fixed VHD page blob with `data_size` bytes of disk.
+fn fixed_footer(data_size: u64, unique_id: [u8; 16]) -> Footer {
+    // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
+    Footer {
+        features: 2,
+        version: footer::FILE_FORMAT_VERSION,
+        data_offset: footer::NO_DATA_OFFSET,
+        timestamp: footer::vhd_now(),
+        creator_app: *b"win ",
+        creator_version: 0x000a_0000,
+        creator_host_os: *b"Wi2k",
+        original_size: data_size,
+        current_size: data_size,
+        geometry: footer::chs_geometry(data_size),
+        disk_type: DiskType::Fixed,
+        unique_id,
+        saved_state: 0,
+    }
+}
+
+fn interrupted(e: Error, shown: &str) -> Error {
+    match e {
+        Error::Cancelled(_) => Error::Cancelled(format!(
+            "standby sync stopped; {shown} is marked applying in its metadata: run the sync \
+             again to complete it"
+        )),
+        e => e,
+    }
+}
