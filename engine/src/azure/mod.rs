@@ -23,8 +23,8 @@ use std::io::Read as _;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::changes::{parse_xml_page, ChangeKind, ChangeList, ChangedRange};
 use crate::error::{Error, Result};
+use crate::format::page_list::{self, ChangeKind, ChangedRange};
 use sign::SharedKey;
 
 /// Service version sent to Azure.
@@ -394,7 +394,7 @@ impl BlobClient {
         start: u64,
         end: u64,
         prev_snapshot: Option<&str>,
-    ) -> Result<ChangeList> {
+    ) -> Result<Vec<ChangedRange>> {
         let end = end.div_ceil(512).saturating_mul(512);
         let mut ranges: Vec<ChangedRange> = Vec::new();
         let mut pos = start;
@@ -418,8 +418,8 @@ impl BlobClient {
                 )];
                 let r = self.execute("GET", &query, &headers, None, &[200])?;
                 let text = String::from_utf8_lossy(&r.body);
-                let (list, next) = parse_xml_page(&text, &self.shown)?;
-                for c in list.ranges() {
+                let (list, next) = page_list::parse_page(&text, &self.shown)?;
+                for c in &list {
                     let (s, e) = (c.offset.max(pos), c.end().min(wend));
                     if s >= e {
                         continue;
@@ -448,14 +448,13 @@ impl BlobClient {
             }
             pos = wend;
         }
-        ChangeList::new(None, ranges, &self.shown)
+        page_list::normalize(ranges, None, &self.shown)
     }
 
     /// Written ranges of `[start, end)` as `(start, end)` pairs.
     pub fn written_ranges(&self, start: u64, end: u64) -> Result<Vec<PageRange>> {
         Ok(self
             .page_ranges(start, end, None)?
-            .ranges()
             .iter()
             .filter(|r| r.kind == ChangeKind::Written)
             .map(|r| (r.offset, r.end()))
