@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use stackvault::azure::{self, BlobOptions, Profile};
 use stackvault::format::short_id;
+use stackvault::source::PageBlobSource;
 
 /// Options of a page blob source or target.
 #[derive(clap::Args, Debug, Default)]
@@ -73,20 +74,40 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-/// The argument as a blob URL, when it is one.
-pub fn blob_url(arg: &Path) -> Option<&str> {
-    arg.to_str().filter(|s| azure::is_blob_url(s))
+/// What a disk argument (a backup source, a restore or verify target) names. The one place
+/// that decides between a page blob and a local file or device.
+#[derive(Clone, Copy, Debug)]
+pub enum DiskArg<'a> {
+    /// A page blob, by URL (`https://…?SAS`, `http://…` for Azurite, `azure://…`).
+    Blob(&'a str),
+    /// A file or block device.
+    Local(&'a Path),
 }
 
-/// How an argument is shown: paths as they are, URLs without their query string.
-pub fn shown(arg: &Path) -> String {
-    match blob_url(arg) {
-        Some(url) => azure::redact(url),
-        None => arg.display().to_string(),
+impl<'a> DiskArg<'a> {
+    pub fn of(arg: &'a Path) -> Self {
+        match arg.to_str().filter(|s| azure::is_blob_url(s)) {
+            Some(url) => DiskArg::Blob(url),
+            None => DiskArg::Local(arg),
+        }
+    }
+
+    /// How the argument is shown: paths as they are, URLs without their query string.
+    pub fn shown(&self) -> String {
+        match self {
+            DiskArg::Blob(url) => azure::redact(url),
+            DiskArg::Local(path) => path.display().to_string(),
+        }
     }
 }
 
 impl BlobArgs {
+    /// Opens the page blob at `url` as a disk source; `shown` names it in the error.
+    pub fn open_source(&self, url: &str, shown: &str) -> anyhow::Result<PageBlobSource> {
+        PageBlobSource::open(url, &self.options()?)
+            .with_context(|| format!("cannot open page blob {shown}"))
+    }
+
     pub fn options(&self) -> anyhow::Result<BlobOptions> {
         let account_key = match &self.account_key_env {
             Some(var) => match std::env::var(var) {

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use stackvault::format::short_id;
 use stackvault::{BackupMode, BackupOptions, ChangeList, Repo, SourceFormat, SourceOptions};
 
+use crate::azure::DiskArg;
 use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
@@ -65,30 +66,30 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         ["SOURCE"],
     )?;
     let source_path = PathBuf::from(source);
-    if args.since_snapshot.is_some() && crate::azure::blob_url(&source_path).is_none() {
+    let source_arg = DiskArg::of(&source_path);
+    if args.since_snapshot.is_some() && matches!(source_arg, DiskArg::Local(_)) {
         return Err(stackvault::Error::Usage(
             "--since-snapshot needs a page blob source (a blob URL or azure://...)".into(),
         )
         .into());
     }
     let repo = Repo::open(&repo)?;
-    let shown = crate::azure::shown(&source_path);
+    let shown = source_arg.shown();
     let mut since = None;
-    let source: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(&source_path) {
-        Some(url) => {
-            let blob = stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
-                .with_context(|| format!("cannot open page blob {shown}"))?;
+    let source: Box<dyn stackvault::DiskSource> = match source_arg {
+        DiskArg::Blob(url) => {
+            let blob = args.blob.open_source(url, &shown)?;
             if let Some(t) = &args.since_snapshot {
                 since = Some(blob.changes_since_snapshot(t)?);
             }
             Box::new(blob)
         }
-        None => {
+        DiskArg::Local(path) => {
             let source_options = SourceOptions {
                 format: args.format,
                 parent: args.parent_vhd.clone(),
             };
-            stackvault::open_source(&source_path, &source_options)
+            stackvault::open_source(path, &source_options)
                 .with_context(|| format!("cannot open source {shown}"))?
         }
     };

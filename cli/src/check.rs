@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use stackvault::format::{short_chunk_id, short_id};
 use stackvault::verify::{CheckOptions, CheckReport, ReadData, Subset};
-use stackvault::{Error, Repo};
+use stackvault::Repo;
 
 use crate::output::{self, Context};
 
@@ -38,19 +38,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     } else {
         print(&report)?;
     }
-    match report.damage.first() {
-        None => Ok(()),
-        // Exit code 3: the repository is damaged.
-        Some(d) => Err(Error::corrupt(
-            &d.location,
-            d.offset.unwrap_or(0),
-            format!(
-                "check found {} problems (listed above); the first: {}",
-                report.damage_count, d.what
-            ),
-        )
-        .into()),
-    }
+    // Exit code 3 when the repository is damaged.
+    Ok(report.verdict()?)
 }
 
 /// Damage lines printed before "... and N more".

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use stackvault::format::short_id;
 use stackvault::{OutputFormat, Repo, RestoreOptions};
 
+use crate::azure::DiskArg;
 use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
@@ -55,9 +56,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let output = PathBuf::from(output);
     // Options are checked before anything is opened: a usage error does nothing.
-    let blob_options = match crate::azure::blob_url(&output) {
-        Some(_) => Some(args.blob_restore.options(&args.blob, args.force)?),
-        None if args.blob_restore.any() => {
+    let target = DiskArg::of(&output);
+    let blob_options = match target {
+        DiskArg::Blob(_) => Some(args.blob_restore.options(&args.blob, args.force)?),
+        DiskArg::Local(_) if args.blob_restore.any() => {
             return Err(stackvault::Error::Usage(
                 "--existing, --resume, --journal-dir, --coalesce-gap and --parallel apply to \
                  page blob targets; the target is a file"
@@ -65,11 +67,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             )
             .into())
         }
-        None => None,
+        DiskArg::Local(_) => None,
     };
     let repo = Repo::open(&repo)?;
     let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
-    if let (Some(url), Some(options)) = (crate::azure::blob_url(&output), blob_options) {
+    if let (DiskArg::Blob(url), Some(options)) = (target, blob_options) {
         let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
             .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
         return crate::azure::print_restore(&report, args.json);

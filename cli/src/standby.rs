@@ -123,7 +123,7 @@ fn sync(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     .with_context(|| {
         format!(
             "standby sync of {} to snapshot {} failed",
-            crate::azure::shown(&target),
+            crate::azure::DiskArg::of(&target).shown(),
             short_id(&snap.id)
         )
     })?;

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use stackvault::format::{short_chunk_id, short_id};
-use stackvault::verify::{open_target, VerifyMode, VerifyOptions, VerifyReport};
-use stackvault::{Error, Repo};
+use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
+use stackvault::Repo;
 
+use crate::azure::DiskArg;
 use crate::output::{self, Context};
 
 #[derive(clap::Args, Debug)]
@@ -46,20 +47,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let progress = ctx.progress();
     let report = match &args.target {
         Some(path) => {
-            let shown = crate::azure::shown(path);
-            let target: Box<dyn stackvault::DiskSource> = match crate::azure::blob_url(path) {
-                Some(url) => Box::new(
-                    stackvault::source::PageBlobSource::open(url, &args.blob.options()?)
-                        .with_context(|| format!("cannot open page blob {shown}"))?,
-                ),
+            let target_arg = DiskArg::of(path);
+            let shown = target_arg.shown();
+            let target: Box<dyn stackvault::DiskSource> = match target_arg {
+                DiskArg::Blob(url) => Box::new(args.blob.open_source(url, &shown)?),
                 // A restored VHD that is damaged does not hold the snapshot: the target is
                 // wrong (exit 5), not a backup source (exit 4).
-                None => open_target(path)
+                DiskArg::Local(path) => open_target(path)
                     .map_err(|e| match e {
                         stackvault::Error::SourceDamaged { offset, what, .. } => {
                             stackvault::Error::TargetMismatch {
                                 target: shown.clone(),
-                                snapshot: snap.id.chars().take(12).collect(),
+                                snapshot: short_id(&snap.id).to_string(),
                                 offset,
                                 what,
                             }
@@ -78,31 +77,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     } else {
         print(&report)?;
     }
-    let Some(first) = report.problems.first() else {
-        return Ok(());
-    };
     // The exit code says whose fault it is: a target that differs (5) or damaged data (3).
-    let err = if report.mode == VerifyMode::Target {
-        Error::TargetMismatch {
-            target: report.target.clone().unwrap_or_default(),
-            snapshot: report.snapshot_id.chars().take(12).collect(),
-            offset: first.offset,
-            what: format!("{} differing ranges (listed above)", report.problem_count),
-        }
-    } else {
-        Error::corrupt(
-            format!(
-                "the disk of snapshot {}",
-                report.snapshot_id.chars().take(12).collect::<String>()
-            ),
-            first.offset,
-            format!(
-                "verification found {} damaged ranges (listed above)",
-                report.problem_count
-            ),
-        )
-    };
-    Err(err.into())
+    Ok(report.verdict()?)
 }
 
 fn print(r: &VerifyReport) -> anyhow::Result<()> {

@@ -16,31 +16,8 @@
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-
-/// What happened to a range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// Written since the parent: must be read.
-    Written,
-    /// Cleared since the parent: reads as zeros.
-    Cleared,
-}
-
-/// A changed byte range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChangedRange {
-    pub offset: u64,
-    pub len: u64,
-    pub kind: ChangeKind,
-}
-
-impl ChangedRange {
-    /// End of the range (exclusive). Exact for the ranges of a [`ChangeList`], which were
-    /// checked not to overflow.
-    pub fn end(&self) -> u64 {
-        self.offset.saturating_add(self.len)
-    }
-}
+use crate::format::page_list::{self, damaged};
+pub use crate::format::page_list::{ChangeKind, ChangedRange};
 
 /// A validated change list: ranges sorted by offset, non-empty, never overlapping (adjacent
 /// or overlapping ranges of one kind are merged), every end computed without overflow and
@@ -94,10 +71,6 @@ struct DiffDocument {
     changed_ranges: Vec<JsonRange>,
 }
 
-fn damaged(location: &str, offset: u64, what: String) -> Error {
-    Error::source_damaged(format!("change list {location}"), offset, what)
-}
-
 impl ChangeList {
     /// Validates `ranges` into a change list of a disk of `disk_size` bytes (when known).
     /// `location` names the input in errors.
@@ -106,63 +79,10 @@ impl ChangeList {
         ranges: Vec<ChangedRange>,
         location: &str,
     ) -> Result<ChangeList> {
-        let mut ranges: Vec<ChangedRange> = ranges.into_iter().filter(|r| r.len > 0).collect();
-        for r in &ranges {
-            let Some(end) = r.offset.checked_add(r.len) else {
-                return Err(damaged(
-                    location,
-                    r.offset,
-                    format!(
-                        "the range at offset {} of {} bytes ends past 2^64: the list is damaged",
-                        r.offset, r.len
-                    ),
-                ));
-            };
-            if let Some(size) = disk_size {
-                if end > size {
-                    return Err(damaged(
-                        location,
-                        r.offset,
-                        format!(
-                            "range {}..{end} lies beyond the disk of {size} bytes the list \
-                             describes",
-                            r.offset
-                        ),
-                    ));
-                }
-            }
-        }
-        ranges.sort_by_key(|r| (r.offset, r.end()));
-        let mut merged: Vec<ChangedRange> = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            match merged.last_mut() {
-                Some(last) if r.offset <= last.end() && last.kind == r.kind => {
-                    let end = last.end().max(r.end());
-                    last.len = end - last.offset;
-                }
-                Some(last) if r.offset < last.end() => {
-                    return Err(damaged(
-                        location,
-                        r.offset,
-                        format!(
-                            "{} range {}..{} overlaps {} range {}..{}: the list contradicts \
-                             itself",
-                            kind_name(r.kind),
-                            r.offset,
-                            r.end(),
-                            kind_name(last.kind),
-                            last.offset,
-                            last.end()
-                        ),
-                    ))
-                }
-                _ => merged.push(r),
-            }
-        }
         Ok(ChangeList {
             disk_size,
             base: None,
-            ranges: merged,
+            ranges: page_list::normalize(ranges, disk_size, location)?,
         })
     }
 
@@ -320,13 +240,6 @@ impl ChangeList {
     }
 }
 
-fn kind_name(kind: ChangeKind) -> &'static str {
-    match kind {
-        ChangeKind::Written => "written",
-        ChangeKind::Cleared => "cleared",
-    }
-}
-
 fn json_ranges(ranges: Vec<JsonRange>) -> Vec<ChangedRange> {
     ranges
         .into_iter()
@@ -396,61 +309,10 @@ pub fn parse_xml(text: &str, location: &str) -> Result<ChangeList> {
     }
 }
 
-/// Parses one page of a Get Page Ranges answer: its ranges, and the `NextMarker` to ask
-/// for the next page with (`None` when this page is the last).
+/// Parses one page of a Get Page Ranges answer: its ranges as a change list, and the
+/// `NextMarker` to ask for the next page with (`None` when this page is the last).
 pub fn parse_xml_page(text: &str, location: &str) -> Result<(ChangeList, Option<String>)> {
-    let bad = |why: String| damaged(location, 0, format!("page range XML: {why}"));
-    let text = text.trim_start_matches('\u{feff}').trim_start();
-    let doc = roxmltree::Document::parse(text).map_err(|e| bad(e.to_string()))?;
-    let root = doc.root_element();
-    if root.tag_name().name() != "PageList" {
-        return Err(bad(format!(
-            "root element is <{}>, expected <PageList>",
-            root.tag_name().name()
-        )));
-    }
-    let mut ranges = Vec::new();
-    let mut marker = None;
-    for node in root.children().filter(|n| n.is_element()) {
-        let kind = match node.tag_name().name() {
-            "PageRange" => ChangeKind::Written,
-            "ClearRange" => ChangeKind::Cleared,
-            "NextMarker" => {
-                let m = node.text().map(str::trim).unwrap_or_default();
-                if !m.is_empty() {
-                    marker = Some(m.to_string());
-                }
-                continue;
-            }
-            _ => continue, // future elements
-        };
-        let field = |name: &str| -> Result<u64> {
-            let text = node
-                .children()
-                .find(|c| c.has_tag_name(name))
-                .and_then(|c| c.text())
-                .ok_or_else(|| bad(format!("<{}> without <{name}>", node.tag_name().name())))?;
-            text.trim()
-                .parse::<u64>()
-                .map_err(|_| bad(format!("<{name}>{text}</{name}> is not a byte offset")))
-        };
-        let (start, end) = (field("Start")?, field("End")?);
-        // End is inclusive: the length is end - start + 1, which must not wrap.
-        let len = end
-            .checked_sub(start)
-            .and_then(|l| l.checked_add(1))
-            .ok_or_else(|| {
-                bad(format!(
-                    "range <Start>{start}</Start><End>{end}</End> ends before it starts or \
-                     past 2^64"
-                ))
-            })?;
-        ranges.push(ChangedRange {
-            offset: start,
-            len,
-            kind,
-        });
-    }
+    let (ranges, marker) = page_list::parse_page(text, location)?;
     Ok((ChangeList::new(None, ranges, location)?, marker))
 }
 

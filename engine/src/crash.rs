@@ -23,7 +23,7 @@
 //! - `prune-pack-deleted`: one old pack file has been deleted.
 //!
 //! A malformed value is reported on stderr and ignored. This module must never be used for
-//! anything but tests: without the `testing` feature [`point`] is an empty inline function,
+//! anything but tests: without the `testing` feature `point` is an empty inline function,
 //! so release builds neither read the variable nor can be made to kill themselves by it.
 //! The integration suite builds the CLI with its `testing` feature, which turns this on.
 

@@ -1,20 +1,31 @@
 //! stackvault: incremental block-level backup of virtual-machine disks.
 //!
-//! Data flows one way. A [`DiskSource`] presents the guest disk's address space (raw image
-//! or block device; VHD containers and page blobs plug in behind the same trait). The backup
-//! pipeline ([`backup()`]) cuts it into aligned segments, drops zero runs, cuts the rest into
-//! content-defined chunks ([`chunker`]), names each chunk by its BLAKE3 hash, and stores only
-//! chunks the repository lacks, zstd-compressed, in packs ([`store`]). The SQLite [`index`]
-//! maps chunk ids to pack locations; it is derived state that can be rebuilt. Last, the
-//! snapshot manifest, a complete map of the disk with a root digest, is written. Restore
-//! ([`restore`]) walks a manifest, verifies every chunk and writes it at its offset.
-//! Retention runs the other way: [`forget`] removes snapshots by policy, [`prune`] deletes
-//! the data no snapshot references any more, and [`stats`] says what each snapshot costs.
-//! [`copy()`] moves snapshots between repositories, sending only the chunks the destination
-//! lacks.
+//! Data flows one way, and the module tree follows it. A [`DiskSource`] ([`source`]) presents
+//! the guest disk's address space: raw images and block devices, VHD chains, page blobs over
+//! the Blob REST transport ([`azure`]), with change knowledge ([`changes`]) when it has some.
+//! The backup pipeline ([`backup()`], module [`backup`](mod@backup)) cuts the disk into aligned
+//! segments, drops zero runs, cuts the rest into content-defined chunks ([`chunker`]), names
+//! each chunk by its BLAKE3 hash, keeps only chunks the repository lacks (`backup::dedup`),
+//! compresses them in frames (`backup::frames`) and stores them in packs through the
+//! [`Backend`](store::Backend) seam ([`store`]). The SQLite [`index`] maps chunk ids to pack
+//! locations; it is derived state that can be rebuilt. Last, the snapshot manifest, a complete
+//! map of the disk with a root digest, is written. Every byte stackvault stores is encoded
+//! in [`format`](mod@format), which does no I/O. A [`Repo`] ties config, backend, index and
+//! [`lock`]s together.
 //!
-//! Module dependencies point one way: `backup`/`restore` → `repo` → `store`, `index` →
-//! `format` → `error`; `source` and `chunker` know nothing of repositories.
+//! Restore ([`restore`]) walks a manifest, verifies every chunk and writes it at its offset
+//! into a [`DiskTarget`](restore::DiskTarget): a file, a block device, a VHD, a page blob.
+//! [`verify`] proves that snapshots restore and restored disks match, and checks the whole
+//! repository. Retention runs the other way ([`maintain`]): [`forget`] removes snapshots by
+//! policy, [`prune()`] deletes the data no snapshot references any more, and [`stats()`] says
+//! what each snapshot costs. [`diff`] compares two snapshots. Long operations report through
+//! [`Progress`] and stop at safe points when cancelled.
+//!
+//! Module dependencies point one way: `backup`/`restore`/`verify`/`maintain` → `repo` →
+//! `lock`, `index` → `store` → `format` → `error`; `source` → `azure`, `changes`; `format`,
+//! `source`, `azure`, `chunker` and `changes` know nothing of repositories; `host` and
+//! `progress` are leaves. `docs/design.md` ("Where things live") has the map and the rule of
+//! each seam.
 
 pub mod azure;
 pub mod backup;
@@ -25,6 +36,7 @@ pub mod crash;
 pub mod diff;
 pub mod error;
 pub mod format;
+mod host;
 pub mod index;
 pub mod lock;
 pub mod maintain;

@@ -28,8 +28,8 @@ use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::host::{hostname, now_rfc3339};
 use crate::progress::notice;
-use crate::repo::{hostname, now_rfc3339};
 use crate::store::sync_dir;
 
 pub mod lease;

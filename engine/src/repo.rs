@@ -953,29 +953,6 @@ fn remove_if_present(p: &Path) -> Result<()> {
 
 pub use crate::lock::LockGuard;
 
-/// This machine's host name, or `unknown`.
-pub fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Now, as RFC 3339 UTC with exactly six fractional digits, so that times sort as text.
-pub fn now_rfc3339() -> String {
-    rfc3339(time::OffsetDateTime::now_utc())
-}
-
-/// A time as RFC 3339 UTC with exactly six fractional digits (the form snapshots record).
-pub fn rfc3339(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
-}
+// The host and clock helpers' former home; they live in the leaf module `host` so that
+// `lock` need not import `repo`.
+pub use crate::host::{hostname, now_rfc3339, rfc3339};

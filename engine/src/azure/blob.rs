@@ -12,8 +12,8 @@ use super::client::{Auth, Client, Method, Request, RequestCounter, RequestKind, 
 use super::sign::SharedKey;
 use super::url::{parse, redact};
 use super::{BlobOptions, BlobProperties, PageRange, Profile, MAX_PUT_PAGE, PAGE_RANGE_WINDOW};
-use crate::changes::{parse_xml_page, ChangeKind, ChangeList, ChangedRange};
 use crate::error::{Error, Result};
+use crate::format::page_list::{self, ChangeKind, ChangedRange};
 
 /// One blob and how to talk to it. Cheap to share between threads (`&BlobClient` is `Sync`);
 /// connections are pooled.
@@ -160,7 +160,7 @@ impl BlobClient {
         start: u64,
         end: u64,
         prev_snapshot: Option<&str>,
-    ) -> Result<ChangeList> {
+    ) -> Result<Vec<ChangedRange>> {
         let end = end.div_ceil(512).saturating_mul(512);
         let mut ranges: Vec<ChangedRange> = Vec::new();
         let mut pos = start;
@@ -191,8 +191,8 @@ impl BlobClient {
                     &[200],
                 )?;
                 let text = String::from_utf8_lossy(&r.body);
-                let (list, next) = parse_xml_page(&text, &self.shown)?;
-                for c in list.ranges() {
+                let (list, next) = page_list::parse_page(&text, &self.shown)?;
+                for c in &list {
                     let (s, e) = (c.offset.max(pos), c.end().min(wend));
                     if s >= e {
                         continue;
@@ -221,14 +221,13 @@ impl BlobClient {
             }
             pos = wend;
         }
-        ChangeList::new(None, ranges, &self.shown)
+        page_list::normalize(ranges, None, &self.shown)
     }
 
     /// Written ranges of `[start, end)` as `(start, end)` pairs.
     pub fn written_ranges(&self, start: u64, end: u64) -> Result<Vec<PageRange>> {
         Ok(self
             .page_ranges(start, end, None)?
-            .ranges()
             .iter()
             .filter(|r| r.kind == ChangeKind::Written)
             .map(|r| (r.offset, r.end()))

@@ -3,7 +3,7 @@
 //!
 //! Segments are processed in parallel (rayon) in small ordered batches: each worker reads its
 //! segment, splits it, hashes every chunk and compresses only chunks the repository does not
-//! have, grouped into frames of consecutive new chunks (see [`frames`]). One writer
+//! have, grouped into frames of consecutive new chunks (see `frames`). One writer
 //! thread receives the batches in disk order, appends new frames to the open pack, stores
 //! full packs and commits them to the index, and collects the disk map. Memory
 //! is bounded by the batch size and the pack target size, never by the disk size.
@@ -30,10 +30,11 @@ use crate::format::manifest::{
     SnapshotMeta, SourceInfo,
 };
 use crate::format::ChunkId;
+use crate::host::{hostname, now_rfc3339};
 use crate::index::Index;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
-use crate::repo::{hostname, now_rfc3339, Repo};
+use crate::repo::Repo;
 use crate::source::{fill_from_map, DiskSource, ExtentKind, SourceChanges};
 use crate::store::pack::PackWriter;
 use crate::store::{snapshot_key, ObjectWriter};
@@ -140,31 +141,27 @@ pub fn backup(
         let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
         for _ in 0..workers {
             let tx = tx.clone();
-            let (dispatch, reading, chunker, dedup) = (&dispatch, &reading, &chunker, &dedup);
+            let (dispatch, reading) = (&dispatch, &reading);
+            let work = SegmentWork {
+                repo,
+                source,
+                chunker: &chunker,
+                dedup: &dedup,
+            };
             scope.spawn(move || {
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
                     let out = match reading.plan_of(i) {
                         SegmentPlan::Read => reading.parent_extents(i).and_then(|parent| {
                             if reading.plan.is_some() && reading.parent.is_some() {
-                                process_changed_segment(
-                                    repo,
-                                    source,
-                                    chunker,
-                                    dedup,
-                                    i,
-                                    &parent,
-                                    &reading.changed,
-                                )
+                                work.changed(i, &parent, &reading.changed)
                             } else {
-                                process_segment(repo, source, chunker, dedup, i, &parent)
+                                work.whole(i, &parent)
                             }
                         }),
                         // A zero segment shorter than a hole is a chunk of zeros when read:
                         // read it, so that the disk map stays a function of the content.
-                        SegmentPlan::Zero if len < config.zero_run_min => {
-                            process_segment(repo, source, chunker, dedup, i, &[])
-                        }
+                        SegmentPlan::Zero if len < config.zero_run_min => work.whole(i, &[]),
                         plan => reading.without_reading(plan, virtual_size, config.segment_size, i),
                     };
                     if tx.send((i, out)).is_err() {
@@ -183,16 +180,15 @@ pub fn backup(
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
         let dedup_ref = &dedup;
         let store = scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, spare_tx));
-        let result = write_loop(
+        let writer = Writer {
             repo,
-            rx,
-            &dispatch,
-            &dedup,
-            &pack_tx,
-            &spare_rx,
-            &mut manifest,
+            dispatch: &dispatch,
+            dedup: &dedup,
+            packs: &pack_tx,
+            spare: &spare_rx,
             progress,
-        );
+        };
+        let result = writer.run(rx, &mut manifest);
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
@@ -468,122 +464,136 @@ thread_local! {
     static SEGMENT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn process_segment(
-    repo: &Repo,
-    source: &dyn DiskSource,
-    chunker: &Chunker,
-    dedup: &Dedup,
-    index: u64,
-    parent: &[Extent],
-) -> Result<SegmentOutput> {
-    crate::crash::point("chunk");
-    let config = repo.config();
-    let offset = index * u64::from(config.segment_size);
-    let len = segment_len(source.virtual_size(), config.segment_size, index);
-    let map = source.extents(offset, u64::from(len))?;
-    let unallocated: u64 = map
-        .iter()
-        .filter(|e| e.kind == ExtentKind::Zero)
-        .map(|e| e.len)
-        .sum();
-    // The shortcut must give what the chunker gives for the same bytes, or containers of one
-    // disk would differ: zeros shorter than the zero-run minimum (a short last segment) are
-    // a data chunk whether the source knew them unallocated or not.
-    if unallocated == u64::from(len) && len >= config.zero_run_min {
-        return Ok(SegmentOutput {
-            len: u64::from(len),
-            extents: vec![Extent::Zero { len }],
-            new_frames: Vec::new(),
-            bytes_read: 0,
-            unallocated,
-            skipped: 0,
-        });
-    }
-    SEGMENT_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        buf.resize(len as usize, 0);
-        let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
-        let mut pieces = Vec::new();
-        chunker.split(&buf, &mut pieces);
-        let layout = pieces.into_iter().map(Resplit::New);
-        let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
-        Ok(SegmentOutput {
-            len: u64::from(len),
-            extents,
-            new_frames,
-            bytes_read,
-            unallocated,
-            skipped: 0,
-        })
-    })
+/// What every worker shares: where segments come from, how they are cut, and which chunks
+/// the repository has.
+struct SegmentWork<'a> {
+    repo: &'a Repo,
+    source: &'a dyn DiskSource,
+    chunker: &'a Chunker,
+    dedup: &'a Dedup<'a>,
 }
 
-/// An incremental backup of one segment of which only `changed` (disk offsets, whole 4 KiB
-/// blocks) differs from the parent's `parent` extents: reads and splits only around the
-/// changes (see [`Chunker::resplit`]) and keeps the parent's extents elsewhere.
-#[allow(clippy::too_many_arguments)]
-fn process_changed_segment(
-    repo: &Repo,
-    source: &dyn DiskSource,
-    chunker: &Chunker,
-    dedup: &Dedup,
-    index: u64,
-    parent: &[Extent],
-    changed: &[(u64, u64)],
-) -> Result<SegmentOutput> {
-    crate::crash::point("chunk");
-    let config = repo.config();
-    let offset = index * u64::from(config.segment_size);
-    let len = segment_len(source.virtual_size(), config.segment_size, index);
-    let end = offset + u64::from(len);
-    let mut pieces = Vec::with_capacity(parent.len());
-    let mut pos = 0usize;
-    for e in parent {
-        let l = e.len() as usize;
-        pieces.push(match e {
-            Extent::Zero { .. } => Piece::Zero { start: pos, len: l },
-            Extent::Chunk { .. } => Piece::Data { start: pos, len: l },
-        });
-        pos += l;
+impl SegmentWork<'_> {
+    /// Reads segment `index` whole, splits it and keeps its new chunks; `parent` is the parent's
+    /// extents of the segment (empty without a parent).
+    fn whole(&self, index: u64, parent: &[Extent]) -> Result<SegmentOutput> {
+        let SegmentWork {
+            repo,
+            source,
+            chunker,
+            dedup,
+        } = *self;
+        crate::crash::point("chunk");
+        let config = repo.config();
+        let offset = index * u64::from(config.segment_size);
+        let len = segment_len(source.virtual_size(), config.segment_size, index);
+        let map = source.extents(offset, u64::from(len))?;
+        let unallocated: u64 = map
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Zero)
+            .map(|e| e.len)
+            .sum();
+        // The shortcut must give what the chunker gives for the same bytes, or containers of one
+        // disk would differ: zeros shorter than the zero-run minimum (a short last segment) are
+        // a data chunk whether the source knew them unallocated or not.
+        if unallocated == u64::from(len) && len >= config.zero_run_min {
+            return Ok(SegmentOutput {
+                len: u64::from(len),
+                extents: vec![Extent::Zero { len }],
+                new_frames: Vec::new(),
+                bytes_read: 0,
+                unallocated,
+                skipped: 0,
+            });
+        }
+        SEGMENT_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(len as usize, 0);
+            let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
+            let mut pieces = Vec::new();
+            chunker.split(&buf, &mut pieces);
+            let layout = pieces.into_iter().map(Resplit::New);
+            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
+            Ok(SegmentOutput {
+                len: u64::from(len),
+                extents,
+                new_frames,
+                bytes_read,
+                unallocated,
+                skipped: 0,
+            })
+        })
     }
-    let first = changed.partition_point(|&(_, e)| e <= offset);
-    let relative: Vec<(usize, usize)> = changed[first..]
-        .iter()
-        .take_while(|&&(s, _)| s < end)
-        .map(|&(s, e)| {
-            (
-                (s.max(offset) - offset) as usize,
-                (e.min(end) - offset) as usize,
-            )
+
+    /// An incremental backup of one segment of which only `changed` (disk offsets, whole 4 KiB
+    /// blocks) differs from the parent's `parent` extents: reads and splits only around the
+    /// changes (see [`Chunker::resplit`]) and keeps the parent's extents elsewhere.
+    fn changed(
+        &self,
+        index: u64,
+        parent: &[Extent],
+        changed: &[(u64, u64)],
+    ) -> Result<SegmentOutput> {
+        let SegmentWork {
+            repo,
+            source,
+            chunker,
+            dedup,
+        } = *self;
+        crate::crash::point("chunk");
+        let config = repo.config();
+        let offset = index * u64::from(config.segment_size);
+        let len = segment_len(source.virtual_size(), config.segment_size, index);
+        let end = offset + u64::from(len);
+        let mut pieces = Vec::with_capacity(parent.len());
+        let mut pos = 0usize;
+        for e in parent {
+            let l = e.len() as usize;
+            pieces.push(match e {
+                Extent::Zero { .. } => Piece::Zero { start: pos, len: l },
+                Extent::Chunk { .. } => Piece::Data { start: pos, len: l },
+            });
+            pos += l;
+        }
+        let first = changed.partition_point(|&(_, e)| e <= offset);
+        let relative: Vec<(usize, usize)> = changed[first..]
+            .iter()
+            .take_while(|&&(s, _)| s < end)
+            .map(|&(s, e)| {
+                (
+                    (s.max(offset) - offset) as usize,
+                    (e.min(end) - offset) as usize,
+                )
+            })
+            .collect();
+        SEGMENT_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(len as usize, 0);
+            let (mut bytes_read, mut unallocated, mut loaded) = (0u64, 0u64, 0u64);
+            let mut load = |start: usize, dest: &mut [u8]| -> Result<()> {
+                let at = offset + start as u64;
+                let map = source.extents(at, dest.len() as u64)?;
+                bytes_read += fill_from_map(source, &map, at, dest)?;
+                unallocated += map
+                    .iter()
+                    .filter(|e| e.kind == ExtentKind::Zero)
+                    .map(|e| e.len)
+                    .sum::<u64>();
+                loaded += dest.len() as u64;
+                Ok(())
+            };
+            let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
+            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
+            Ok(SegmentOutput {
+                len: u64::from(len),
+                extents,
+                new_frames,
+                bytes_read,
+                unallocated,
+                skipped: u64::from(len) - loaded,
+            })
         })
-        .collect();
-    SEGMENT_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        buf.resize(len as usize, 0);
-        let (mut bytes_read, mut unallocated, mut loaded) = (0u64, 0u64, 0u64);
-        let mut load = |start: usize, dest: &mut [u8]| -> Result<()> {
-            let at = offset + start as u64;
-            let map = source.extents(at, dest.len() as u64)?;
-            bytes_read += fill_from_map(source, &map, at, dest)?;
-            unallocated += map
-                .iter()
-                .filter(|e| e.kind == ExtentKind::Zero)
-                .map(|e| e.len)
-                .sum::<u64>();
-            loaded += dest.len() as u64;
-            Ok(())
-        };
-        let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
-        let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
-        Ok(SegmentOutput {
-            len: u64::from(len),
-            extents,
-            new_frames,
-            bytes_read,
-            unallocated,
-            skipped: u64::from(len) - loaded,
-        })
-    })
+    }
 }
 
 /// Turns a segment's layout into its extents, hashing the new pieces of `buf`; chunks the
@@ -677,79 +687,96 @@ impl Dispatch {
     }
 }
 
-/// Receives segments in disk order, stores new chunks in packs, and streams each segment's
-/// extents into the manifest.
-#[allow(clippy::too_many_arguments)]
-fn write_loop(
-    repo: &Repo,
-    rx: Receiver<(u64, Result<SegmentOutput>)>,
-    dispatch: &Dispatch,
-    dedup: &Dedup,
-    packs: &SyncSender<PackWriter>,
-    spare: &Receiver<Vec<u8>>,
-    manifest: &mut ManifestWriter<Box<dyn ObjectWriter + '_>>,
-    progress: &dyn Progress,
-) -> Result<BackupStats> {
-    let config = repo.config();
-    let target = config.pack_target_size as usize;
-    let stopped = || Error::InvalidArgument("the pack store stopped".into());
-    // Room for the last chunk past the target and the table, so the buffer never regrows.
-    let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
-    let mut pack = PackWriter::new(capacity);
-    let mut stats = BackupStats::default();
+/// The writer thread's side of a backup: the one place that appends to packs.
+struct Writer<'a> {
+    repo: &'a Repo,
+    /// Told how far the writer got, so workers stay within their window.
+    dispatch: &'a Dispatch,
+    dedup: &'a Dedup<'a>,
+    /// Full packs go to the store thread...
+    packs: &'a SyncSender<PackWriter>,
+    /// ...and their buffers come back from it for reuse.
+    spare: &'a Receiver<Vec<u8>>,
+    progress: &'a dyn Progress,
+}
 
-    // Workers finish out of order; segments are written in disk order.
-    let mut reorder: BTreeMap<u64, Result<SegmentOutput>> = BTreeMap::new();
-    let mut next = 0u64;
-    for (segment, output) in rx {
-        reorder.insert(segment, output);
-        while let Some(seg) = reorder.remove(&next) {
-            crate::progress::checkpoint(progress, "backup-segment")?;
-            let seg = seg?;
-            next += 1;
-            dispatch.written(next);
-            stats.bytes_read += seg.bytes_read;
-            stats.unallocated_bytes += seg.unallocated;
-            stats.skipped_bytes += seg.skipped;
-            for e in &seg.extents {
-                match e {
-                    Extent::Zero { len } => stats.zero_bytes += u64::from(*len),
-                    Extent::Chunk { .. } => stats.chunks += 1,
+impl Writer<'_> {
+    /// Receives segments in disk order, stores new chunks in packs, and streams each segment's
+    /// extents into the manifest.
+    fn run(
+        &self,
+        rx: Receiver<(u64, Result<SegmentOutput>)>,
+        manifest: &mut ManifestWriter<Box<dyn ObjectWriter + '_>>,
+    ) -> Result<BackupStats> {
+        let Writer {
+            repo,
+            dispatch,
+            dedup,
+            packs,
+            spare,
+            progress,
+        } = *self;
+        let config = repo.config();
+        let target = config.pack_target_size as usize;
+        let stopped = || Error::InvalidArgument("the pack store stopped".into());
+        // Room for the last chunk past the target and the table, so the buffer never regrows.
+        let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
+        let mut pack = PackWriter::new(capacity);
+        let mut stats = BackupStats::default();
+
+        // Workers finish out of order; segments are written in disk order.
+        let mut reorder: BTreeMap<u64, Result<SegmentOutput>> = BTreeMap::new();
+        let mut next = 0u64;
+        for (segment, output) in rx {
+            reorder.insert(segment, output);
+            while let Some(seg) = reorder.remove(&next) {
+                crate::progress::checkpoint(progress, "backup-segment")?;
+                let seg = seg?;
+                next += 1;
+                dispatch.written(next);
+                stats.bytes_read += seg.bytes_read;
+                stats.unallocated_bytes += seg.unallocated;
+                stats.skipped_bytes += seg.skipped;
+                for e in &seg.extents {
+                    match e {
+                        Extent::Zero { len } => stats.zero_bytes += u64::from(*len),
+                        Extent::Chunk { .. } => stats.chunks += 1,
+                    }
                 }
+                for f in seg.new_frames {
+                    // Another segment may have stored some of these chunks meanwhile: the frame
+                    // is stored whole unless all of them are known, and the index takes only
+                    // the chunks it does not have yet (see `Index::add_pack`).
+                    let fresh = dedup.fresh(&f.chunks)?;
+                    if fresh.is_empty() {
+                        continue;
+                    }
+                    pack.add_frame(&f.chunks, &f.stored, f.compression);
+                    dedup.accept(fresh.iter().map(|c| c.0));
+                    stats.new_chunks += fresh.len() as u64;
+                    stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
+                    if pack.len() >= target {
+                        let next = match spare.try_recv() {
+                            Ok(buf) => PackWriter::reusing(buf),
+                            Err(_) => PackWriter::new(capacity),
+                        };
+                        let full = std::mem::replace(&mut pack, next);
+                        packs.send(full).map_err(|_| stopped())?;
+                    }
+                }
+                manifest.push_segment(&seg.extents)?;
+                progress.advance(seg.len);
             }
-            for f in seg.new_frames {
-                // Another segment may have stored some of these chunks meanwhile: the frame
-                // is stored whole unless all of them are known, and the index takes only
-                // the chunks it does not have yet (see `Index::add_pack`).
-                let fresh = dedup.fresh(&f.chunks)?;
-                if fresh.is_empty() {
-                    continue;
-                }
-                pack.add_frame(&f.chunks, &f.stored, f.compression);
-                dedup.accept(fresh.iter().map(|c| c.0));
-                stats.new_chunks += fresh.len() as u64;
-                stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
-                if pack.len() >= target {
-                    let next = match spare.try_recv() {
-                        Ok(buf) => PackWriter::reusing(buf),
-                        Err(_) => PackWriter::new(capacity),
-                    };
-                    let full = std::mem::replace(&mut pack, next);
-                    packs.send(full).map_err(|_| stopped())?;
-                }
-            }
-            manifest.push_segment(&seg.extents)?;
-            progress.advance(seg.len);
         }
+        if next != dispatch.total {
+            return Err(Error::InvalidArgument(format!(
+                "backup stopped after {next} of {} segments",
+                dispatch.total
+            )));
+        }
+        packs.send(pack).map_err(|_| stopped())?;
+        Ok(stats)
     }
-    if next != dispatch.total {
-        return Err(Error::InvalidArgument(format!(
-            "backup stopped after {next} of {} segments",
-            dispatch.total
-        )));
-    }
-    packs.send(pack).map_err(|_| stopped())?;
-    Ok(stats)
 }
 
 /// Stores finished packs in the order they come; returns how many packs and bytes it added

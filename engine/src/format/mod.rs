@@ -4,12 +4,13 @@
 //! This module mirrors `format-spec/README.md`; the offsets here are named constants derived
 //! from each other and checked against the spec's tables by tests. Every decoder treats its
 //! input as hostile: lengths are checked before anything is allocated from them, and damage
-//! is reported as [`Error::Corrupt`](crate::Error::Corrupt) with the location and offset.
+//! is reported as [`Error::Corrupt`] with the location and offset.
 //! All integers are little-endian.
 
 pub mod config;
 pub mod manifest;
 pub mod pack;
+pub mod page_list;
 pub mod verification;
 pub mod vhd_footer;
 

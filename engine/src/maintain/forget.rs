@@ -18,10 +18,10 @@
 //! handled on both sides: forget deletes the row once more after the manifest, and the
 //! catalogue sync drops a row it just added when the manifest has gone meanwhile.
 //!
-//! Forgetting never deletes chunk data (that is [`crate::maintain::prune`]'s job), and since every
-//! manifest is a complete disk map, removing a snapshot never breaks another: a remaining
-//! incremental or differential snapshot whose parent goes keeps restoring on its own; its
-//! parent link becomes informational, and the report names it. Forget takes a writer lock
+//! Forgetting never deletes chunk data (that is [`prune`](mod@crate::maintain::prune)'s job),
+//! and since every manifest is a complete disk map, removing a snapshot never breaks another:
+//! a remaining incremental or differential snapshot whose parent goes keeps restoring on its
+//! own; its parent link becomes informational, and the report names it. Forget takes a writer lock
 //! (`forget-…`), so it never runs while prune decides what is referenced.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -486,7 +486,7 @@ mod tests {
     }
 
     fn rfc(t: OffsetDateTime) -> String {
-        crate::repo::rfc3339(t)
+        crate::host::rfc3339(t)
     }
 
     const NOW: &str = "2026-03-01T12:00:00.000000Z";

@@ -1,9 +1,10 @@
 //! Maintenance: what happens to a repository after backups land in it.
 //!
 //! [`forget`] removes snapshots by a retention policy (it never deletes chunk data),
-//! [`prune`] deletes the packs and chunks no snapshot references any more (repacking what is
-//! partly used), and [`stats`] says what each snapshot costs. All three run under the
-//! repository's maintenance lock when they write; `stats` only reads.
+//! [`prune`](mod@prune) deletes the packs and chunks no snapshot references any more
+//! (repacking what is partly used), and [`stats`](mod@stats) says what each snapshot costs.
+//! `forget` takes a writer lock and `prune` the maintenance lock (neither with `--dry-run`),
+//! so prune never decides what is referenced while snapshots come or go; `stats` only reads.
 
 pub mod forget;
 pub mod prune;

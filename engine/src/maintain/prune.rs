@@ -210,24 +210,15 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     } else {
         Some(repo.lock_maintenance("prune")?)
     };
-    let backend = repo.backend();
     let mut report = PruneReport {
         dry_run: options.dry_run,
         ..Default::default()
     };
 
     // Everything on storage before we start, so packs we write are never taken for orphans.
-    // The listing carries the sizes: no request per pack on a remote store.
-    let mut listed: HashMap<String, String> = HashMap::new();
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    for object in backend.list_with_sizes("packs/")? {
-        if let Some(name) = object.key.rsplit('/').next() {
-            sizes.insert(name.to_string(), object.size);
-            listed.insert(name.to_string(), object.key);
-        }
-    }
-    report.packs_before = listed.len() as u64;
-    report.bytes_before = sizes.values().sum();
+    let stored = StoredPacks::list(repo)?;
+    report.packs_before = stored.keys.len() as u64;
+    report.bytes_before = stored.sizes.values().sum();
 
     let mut index = repo.index();
     let snapshots = collect_referenced(repo, &mut index)?;
@@ -235,11 +226,87 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     let path = index.path().to_path_buf();
     let err = sql_err(&path);
     let conn = index.conn_mut();
-    report.referenced_chunks = conn
+    let (referenced, unindexed) = count_referenced(conn, &err)?;
+    report.referenced_chunks = referenced;
+    let mut packs = plan_packs(conn, &err, options.max_unused, &mut report)?;
+    let orphans = find_orphans(&stored, &packs, unindexed, &mut report);
+
+    if options.dry_run {
+        report.leftovers_removed = crate::verify::leftovers(repo)?
+            .iter()
+            .filter(|l| l.removable_by_prune())
+            .count() as u64;
+        plan_estimate(
+            &packs,
+            &orphans,
+            &stored.sizes,
+            repo,
+            &mut report,
+            conn,
+            &err,
+        )?;
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    let written = rewrite_packs(repo, conn, &err, &mut packs, progress, &mut report)?;
+    let doomed: Vec<&PackUse> = packs.iter().filter(|p| p.plan != Plan::Keep).collect();
+    unindex_packs(conn, &err, &doomed, &mut report)?;
+    crate::crash::point("prune-index-updated");
+    delete_packs(repo, &doomed, &orphans, progress, &mut report)?;
+    report.verification_records_removed = remove_stray_verifications(repo, conn, &err, &snapshots)?;
+    drop(index);
+    report.leftovers_removed += remove_leftovers(repo)?;
+
+    report.packs_written = written.len() as u64;
+    let removed: u64 = doomed.iter().map(|p| p.size).sum::<u64>()
+        + orphans
+            .iter()
+            .map(|(n, _)| stored.sizes.get(n).copied().unwrap_or(0))
+            .sum::<u64>();
+    report.bytes_after =
+        report.bytes_before - removed.min(report.bytes_before) + written.iter().sum::<u64>();
+    report.packs_after =
+        report.packs_before + report.packs_written - (doomed.len() + orphans.len()) as u64;
+    report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The pack objects on storage when prune started, by pack name.
+struct StoredPacks {
+    /// Pack name to object key.
+    keys: HashMap<String, String>,
+    /// Pack name to object size.
+    sizes: HashMap<String, u64>,
+}
+
+impl StoredPacks {
+    /// Lists `packs/`. The listing carries the sizes: no request per pack on a remote store.
+    fn list(repo: &Repo) -> Result<StoredPacks> {
+        let mut keys = HashMap::new();
+        let mut sizes = HashMap::new();
+        for object in repo.backend().list_with_sizes("packs/")? {
+            if let Some(name) = object.key.rsplit('/').next() {
+                sizes.insert(name.to_string(), object.size);
+                keys.insert(name.to_string(), object.key);
+            }
+        }
+        Ok(StoredPacks { keys, sizes })
+    }
+}
+
+/// Distinct chunks the snapshots reference (`temp.prune_live`), and how many of them the
+/// index lacks.
+fn count_referenced(
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+) -> Result<(u64, i64)> {
+    let referenced = conn
         .query_row("SELECT count(*) FROM temp.prune_live", [], |r| {
             r.get::<_, i64>(0)
         })
-        .map_err(&err)? as u64;
+        .map_err(err)? as u64;
     let unindexed: i64 = conn
         .query_row(
             "SELECT count(*) FROM temp.prune_live l \
@@ -247,9 +314,18 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
             [],
             |r| r.get(0),
         )
-        .map_err(&err)?;
+        .map_err(err)?;
+    Ok((referenced, unindexed))
+}
 
-    // The plan: every indexed pack with its referenced share.
+/// The plan: every indexed pack with its referenced share, to keep, delete or rewrite.
+/// Counts the unused bytes left in kept packs.
+fn plan_packs(
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    max_unused: f64,
+    report: &mut PruneReport,
+) -> Result<Vec<PackUse>> {
     let mut packs: Vec<PackUse> = {
         let mut stmt = conn
             .prepare(&format!(
@@ -259,7 +335,7 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
                  FROM packs p LEFT JOIN ({FRAMES_SQL}) f ON f.pack = p.id AND f.live > 0 \
                  GROUP BY p.id ORDER BY p.id"
             ))
-            .map_err(&err)?;
+            .map_err(err)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(PackUse {
@@ -275,22 +351,34 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
                     plan: Plan::Keep,
                 })
             })
-            .map_err(&err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(&err)?
+            .map_err(err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(err)?
     };
     for p in &mut packs {
         let unused = p.unused_bytes();
         p.plan = if p.live_chunks == 0 {
             Plan::Delete
-        } else if unused > 0 && unused as f64 > options.max_unused * p.record_bytes() as f64 {
+        } else if unused > 0 && unused as f64 > max_unused * p.record_bytes() as f64 {
             Plan::Rewrite
         } else {
             report.unused_bytes_kept += unused;
             Plan::Keep
         };
     }
+    Ok(packs)
+}
+
+/// Stored packs the index does not know, as `(name, key)` sorted: none while referenced
+/// chunks are missing from the index (then the reason is a problem in the report).
+fn find_orphans(
+    stored: &StoredPacks,
+    packs: &[PackUse],
+    unindexed: i64,
+    report: &mut PruneReport,
+) -> Vec<(String, String)> {
     let indexed: HashSet<&str> = packs.iter().map(|p| p.name.as_str()).collect();
-    let mut orphans: Vec<(String, String)> = listed
+    let mut orphans: Vec<(String, String)> = stored
+        .keys
         .iter()
         .filter(|(name, _)| !indexed.contains(name.as_str()))
         .map(|(n, k)| (n.clone(), k.clone()))
@@ -306,18 +394,20 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         ));
         orphans.clear();
     }
+    orphans
+}
 
-    if options.dry_run {
-        report.leftovers_removed = crate::verify::leftovers(repo)?
-            .iter()
-            .filter(|l| l.removable_by_prune())
-            .count() as u64;
-        plan_estimate(&packs, &orphans, &sizes, repo, &mut report, conn, &err)?;
-        report.duration_ms = started.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
-
-    // (1) + (2): rewrite, one old pack at a time into the open new pack.
+/// Steps (1) and (2): copies the live frames of every pack planned for a rewrite, one old
+/// pack at a time, into new packs, each stored and then indexed. A pack found damaged is
+/// kept as it is (its plan becomes `Keep`). Returns the sizes of the packs written.
+fn rewrite_packs(
+    repo: &Repo,
+    conn: &mut rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    packs: &mut [PackUse],
+    progress: &dyn Progress,
+    report: &mut PruneReport,
+) -> Result<Vec<u64>> {
     let target = repo.config().pack_target_size as usize;
     let capacity = target + repo.config().chunker.max_chunk() as usize * 2;
     let rewrite_total: u64 = packs
@@ -335,11 +425,12 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         // packs stay whole and indexed for the rest: the next prune finishes the job.
         crate::progress::checkpoint(progress, "prune-pack").map_err(|_| {
             Error::Cancelled(format!(
-                "prune stopped before deleting anything; {} new packs stored are kept,                  the next prune finishes the job",
+                "prune stopped before deleting anything; {} new packs stored are kept, \
+                 the next prune finishes the job",
                 written.len()
             ))
         })?;
-        match live_frames(repo, conn, &err, p) {
+        match live_frames(repo, conn, err, p) {
             Ok(frames) => {
                 for f in frames {
                     writer.add_frame(&f.chunks, &f.stored, f.compression);
@@ -349,7 +440,7 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
                     if writer.len() >= target {
                         let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
                         let ids = std::mem::take(&mut moving);
-                        written.push(store_and_index(repo, conn, &err, full, &ids)?);
+                        written.push(store_and_index(repo, conn, err, full, &ids)?);
                     }
                 }
             }
@@ -364,59 +455,74 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         progress.advance(p.size);
     }
     if !writer.is_empty() {
-        written.push(store_and_index(repo, conn, &err, writer, &moving)?);
+        written.push(store_and_index(repo, conn, err, writer, &moving)?);
     }
     progress.finish();
+    Ok(written)
+}
 
-    // (3): the old packs leave the index, in one transaction.
-    let doomed: Vec<&PackUse> = packs.iter().filter(|p| p.plan != Plan::Keep).collect();
-    {
-        // Immediate: this transaction reads, then deletes. A deferred one would fail at once
-        // with "database is locked" (no busy wait) if another connection committed in between,
-        // such as a backup cataloguing a manifest while it opens the index.
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        for p in &doomed {
-            let still_needed: i64 = tx
-                .query_row(
-                    "SELECT count(*) FROM chunks c JOIN temp.prune_live l ON l.id = c.id \
-                     WHERE c.pack = ?1",
-                    [p.key],
-                    |r| r.get(0),
-                )
-                .map_err(&err)?;
-            if still_needed > 0 {
-                // Never reached by construction; rolling back keeps every pack.
-                return Err(Error::InvalidArgument(format!(
-                    "prune stopped: pack {} still holds {still_needed} referenced chunks",
-                    p.name
-                )));
-            }
-            // The rows left are those of the frames not copied.
-            let (frames, bytes): (i64, i64) = tx
-                .query_row(
-                    "SELECT count(*), coalesce(sum(stored), 0) FROM (SELECT \
-                     max(stored_len) AS stored FROM chunks WHERE pack = ?1 GROUP BY offset)",
-                    [p.key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map_err(&err)?;
-            report.frames_removed += frames as u64;
-            report.chunk_bytes_removed += bytes as u64;
-            tx.execute("DELETE FROM chunks WHERE pack = ?1", [p.key])
-                .map_err(&err)?;
-            tx.execute("DELETE FROM packs WHERE id = ?1", [p.key])
-                .map_err(&err)?;
-            // Chunk entries not copied, indexed here or not (a frame stored by two concurrent
-            // backups is indexed only once): removed.
-            report.chunks_removed += p.chunk_count.saturating_sub(p.live_frame_chunks);
+/// Step (3): the packs to delete or rewritten leave the index, in one transaction that first
+/// proves none of them still holds a referenced chunk.
+fn unindex_packs(
+    conn: &mut rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    doomed: &[&PackUse],
+    report: &mut PruneReport,
+) -> Result<()> {
+    // Immediate: this transaction reads, then deletes. A deferred one would fail at once
+    // with "database is locked" (no busy wait) if another connection committed in between,
+    // such as a backup cataloguing a manifest while it opens the index.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(err)?;
+    for p in doomed {
+        let still_needed: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM chunks c JOIN temp.prune_live l ON l.id = c.id \
+                 WHERE c.pack = ?1",
+                [p.key],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if still_needed > 0 {
+            // Never reached by construction; rolling back keeps every pack.
+            return Err(Error::InvalidArgument(format!(
+                "prune stopped: pack {} still holds {still_needed} referenced chunks",
+                p.name
+            )));
         }
-        tx.commit().map_err(&err)?;
+        // The rows left are those of the frames not copied.
+        let (frames, bytes): (i64, i64) = tx
+            .query_row(
+                "SELECT count(*), coalesce(sum(stored), 0) FROM (SELECT \
+                 max(stored_len) AS stored FROM chunks WHERE pack = ?1 GROUP BY offset)",
+                [p.key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)?;
+        report.frames_removed += frames as u64;
+        report.chunk_bytes_removed += bytes as u64;
+        tx.execute("DELETE FROM chunks WHERE pack = ?1", [p.key])
+            .map_err(err)?;
+        tx.execute("DELETE FROM packs WHERE id = ?1", [p.key])
+            .map_err(err)?;
+        // Chunk entries not copied, indexed here or not (a frame stored by two concurrent
+        // backups is indexed only once): removed.
+        report.chunks_removed += p.chunk_count.saturating_sub(p.live_frame_chunks);
     }
-    crate::crash::point("prune-index-updated");
+    tx.commit().map_err(err)
+}
 
-    // (4): the files. A crash from here on leaves orphans only.
+/// Step (4): the pack objects the index no longer names, then the orphans. A crash from
+/// here on leaves orphans only.
+fn delete_packs(
+    repo: &Repo,
+    doomed: &[&PackUse],
+    orphans: &[(String, String)],
+    progress: &dyn Progress,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let backend = repo.backend();
     for (done, p) in doomed.iter().enumerate() {
         // The index no longer names the packs left: stopped here, they are unreferenced
         // packs that `check` lists and the next prune deletes.
@@ -433,37 +539,28 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
             _ => report.packs_rewritten += 1,
         }
     }
-    for (_, key) in &orphans {
+    for (_, key) in orphans {
         backend.remove(key)?;
         report.orphans_deleted += 1;
     }
-    report.verification_records_removed = remove_stray_verifications(repo, conn, &err, &snapshots)?;
-    drop(index);
-    // Stale locks went when the maintenance lock was taken; what is left is temporary objects.
+    Ok(())
+}
+
+/// Removes the temporary objects interrupted runs left (stale locks went when the
+/// maintenance lock was taken); returns how many.
+fn remove_leftovers(repo: &Repo) -> Result<u64> {
+    let mut removed = 0;
     for l in crate::verify::leftovers(repo)? {
         if l.kind == "temporary" && l.removable_by_prune() {
             let path = repo.root().join(&l.path);
             match std::fs::remove_file(&path) {
-                Ok(()) => report.leftovers_removed += 1,
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("remove leftover", &path, e)),
             }
         }
     }
-
-    report.packs_written = written.len() as u64;
-    let removed: u64 = doomed.iter().map(|p| p.size).sum::<u64>()
-        + orphans
-            .iter()
-            .map(|(n, _)| sizes.get(n).copied().unwrap_or(0))
-            .sum::<u64>();
-    report.bytes_after =
-        report.bytes_before - removed.min(report.bytes_before) + written.iter().sum::<u64>();
-    report.packs_after =
-        report.packs_before + report.packs_written - (doomed.len() + orphans.len()) as u64;
-    report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
-    report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok(removed)
 }
 
 /// Syncs the catalogue with the manifests, refuses on any unreadable one, and fills

@@ -6,7 +6,7 @@
 //! file target is created sparse at its full size first. A file target is written under a
 //! temporary name and renamed into place only when complete.
 //!
-//! A block or character device is written in place instead ([`DeviceTarget`]): renaming a
+//! A block or character device is written in place instead (`DeviceTarget`): renaming a
 //! temporary file over `/dev/sdX` would replace the device node with a file in RAM. It needs
 //! `--force`, gets the raw disk, and a block device smaller than the disk is refused before
 //! anything is written. Its zero runs must be written, since the device holds old data:
@@ -18,7 +18,7 @@
 //! partial output is removed, a device keeps what was written and says so.
 //!
 //! While a file restore runs, a thread keeps the kernel writing back what is written (see
-//! [`with_background_writeback`]), so that the final fsync does not wait for it all.
+//! `with_background_writeback`), so that the final fsync does not wait for it all.
 //!
 //! A file target is raw, fixed VHD or dynamic VHD ([`OutputFormat`]); the VHD targets live in
 //! [`vhd`] and write their footers last, so an interrupted restore never leaves a file that

@@ -194,8 +194,10 @@ impl PageBlobSource {
     /// Asks the service which ranges changed since blob snapshot `prev_snapshot` (Get Page
     /// Ranges with `prevsnapshot`), as a change list for an incremental backup.
     pub fn changes_since_snapshot(&self, prev_snapshot: &str) -> Result<ChangeList> {
-        self.client
-            .page_ranges(0, self.blob_size, Some(prev_snapshot))?
+        let ranges = self
+            .client
+            .page_ranges(0, self.blob_size, Some(prev_snapshot))?;
+        ChangeList::new(None, ranges, self.client.display_url())?
             .with_disk_size(self.blob_size, self.client.display_url())
             .map(|l| l.with_base(prev_snapshot))
     }

@@ -197,6 +197,25 @@ pub struct CheckReport {
     pub duration_ms: u64,
 }
 
+impl CheckReport {
+    /// The run's verdict as a result: `Ok` when the repository is sound, else
+    /// [`Error::Corrupt`] at the first piece of damage (exit code 3: the repository is
+    /// damaged). The report lists every piece.
+    pub fn verdict(&self) -> Result<()> {
+        match self.damage.first() {
+            None => Ok(()),
+            Some(d) => Err(Error::corrupt(
+                &d.location,
+                d.offset.unwrap_or(0),
+                format!(
+                    "check found {} problems (listed above); the first: {}",
+                    self.damage_count, d.what
+                ),
+            )),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Findings {
     damage_count: u64,

@@ -36,9 +36,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::format::verification::{VerificationRecord, VERIFICATION_VERSION};
-use crate::format::ChunkId;
+use crate::format::{short_id, ChunkId};
+use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
-use crate::repo::{hostname, Repo};
+use crate::repo::Repo;
 
 /// Ranges listed in a verify report (the first ones by disk offset; all are counted).
 pub const MAX_LISTED_RANGES: usize = 10;
@@ -145,6 +146,34 @@ pub struct VerifyReport {
     pub record: Option<String>,
 }
 
+impl VerifyReport {
+    /// The run's verdict as a result: `Ok` when nothing was found, else the error of whoever
+    /// must act, for the exit code: a target that differs from the snapshot
+    /// ([`Error::TargetMismatch`]) or damaged repository data ([`Error::Corrupt`]), at the
+    /// first range found. The report lists the ranges.
+    pub fn verdict(&self) -> Result<()> {
+        let Some(first) = self.problems.first() else {
+            return Ok(());
+        };
+        Err(match self.mode {
+            VerifyMode::Target => Error::TargetMismatch {
+                target: self.target.clone().unwrap_or_default(),
+                snapshot: short_id(&self.snapshot_id).to_string(),
+                offset: first.offset,
+                what: format!("{} differing ranges (listed above)", self.problem_count),
+            },
+            VerifyMode::Repository => Error::corrupt(
+                format!("the disk of snapshot {}", short_id(&self.snapshot_id)),
+                first.offset,
+                format!(
+                    "verification found {} damaged ranges (listed above)",
+                    self.problem_count
+                ),
+            ),
+        })
+    }
+}
+
 /// Per-segment counters, merged across threads.
 #[derive(Default)]
 struct Tally {
@@ -191,46 +220,76 @@ fn stopped_verify(e: Error) -> Error {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    repo: &Repo,
-    snapshot: &SnapshotSummary,
-    manifest: &Manifest,
-    mode: VerifyMode,
-    target: Option<String>,
-    outcome: VerifyOutcome,
-    tally: Tally,
+/// One verify run of either mode: what both modes share from their start to their report.
+struct VerifyRun<'r> {
+    repo: &'r Repo,
+    snapshot: &'r SnapshotSummary,
+    options: &'r VerifyOptions,
+    manifest: Manifest<'r>,
     started: Instant,
+    /// When the run started, as its record says.
     time: String,
-    options: &VerifyOptions,
-) -> Result<VerifyReport> {
-    let elapsed = started.elapsed();
-    let mut report = VerifyReport {
-        snapshot_id: snapshot.id.clone(),
-        disk: manifest.meta.disk.clone(),
-        mode,
-        target,
-        outcome,
-        ok: outcome == VerifyOutcome::Ok,
-        virtual_size: manifest.virtual_size,
-        bytes_checked: tally.chunk_bytes + tally.zero_bytes,
-        chunk_bytes: tally.chunk_bytes,
-        zero_bytes: tally.zero_bytes,
-        chunks_checked: tally.chunks,
-        root_digest: manifest.meta.root_digest.clone(),
-        duration_ms: elapsed.as_millis() as u64,
-        throughput_bytes_per_second: crate::progress::bytes_per_second(
-            tally.chunk_bytes + tally.zero_bytes,
-            elapsed,
-        ),
-        problem_count: tally.problem_count,
-        problems: tally.problems,
-        record: None,
-    };
-    if options.record {
-        report.record = Some(record_verification(repo, &report, time)?);
+}
+
+impl<'r> VerifyRun<'r> {
+    /// Starts a run: refuses one that could not store its record, then loads the manifest
+    /// (checked whole on load).
+    fn start(
+        repo: &'r Repo,
+        snapshot: &'r SnapshotSummary,
+        options: &'r VerifyOptions,
+    ) -> Result<Self> {
+        require_writable_for_record(repo, options)?;
+        let started = Instant::now();
+        let time = now_rfc3339();
+        let manifest = repo.load_manifest(&snapshot.id)?;
+        Ok(VerifyRun {
+            repo,
+            snapshot,
+            options,
+            manifest,
+            started,
+            time,
+        })
     }
-    Ok(report)
+
+    /// The report of the run, stored as a verification record when the options say so.
+    fn finish(
+        self,
+        mode: VerifyMode,
+        target: Option<String>,
+        outcome: VerifyOutcome,
+        tally: Tally,
+    ) -> Result<VerifyReport> {
+        let elapsed = self.started.elapsed();
+        let manifest = &self.manifest;
+        let mut report = VerifyReport {
+            snapshot_id: self.snapshot.id.clone(),
+            disk: manifest.meta.disk.clone(),
+            mode,
+            target,
+            outcome,
+            ok: outcome == VerifyOutcome::Ok,
+            virtual_size: manifest.virtual_size,
+            bytes_checked: tally.chunk_bytes + tally.zero_bytes,
+            chunk_bytes: tally.chunk_bytes,
+            zero_bytes: tally.zero_bytes,
+            chunks_checked: tally.chunks,
+            root_digest: manifest.meta.root_digest.clone(),
+            duration_ms: elapsed.as_millis() as u64,
+            throughput_bytes_per_second: crate::progress::bytes_per_second(
+                tally.chunk_bytes + tally.zero_bytes,
+                elapsed,
+            ),
+            problem_count: tally.problem_count,
+            problems: tally.problems,
+            record: None,
+        };
+        if self.options.record {
+            report.record = Some(record_verification(self.repo, &report, self.time)?);
+        }
+        Ok(report)
+    }
 }
 
 /// Refuses, before any work, a verify that would store its record in a read-only repository.

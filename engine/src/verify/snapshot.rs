@@ -3,20 +3,18 @@
 //! load, then per chunk crc32, decompression and BLAKE3 id). Its measured time is the user's
 //! evidence of restore time. Damage is counted in the report, never a panic or an `Err`.
 
-use std::time::Instant;
-
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::format::manifest::Extent;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
-use crate::repo::{now_rfc3339, Repo};
+
+use crate::repo::Repo;
 use crate::store::pack::FrameCache;
 
 use super::{
-    finish, require_writable_for_record, stopped_verify, Tally, VerifyMode, VerifyOptions,
-    VerifyOutcome, VerifyReport,
+    stopped_verify, Tally, VerifyMode, VerifyOptions, VerifyOutcome, VerifyReport, VerifyRun,
 };
 
 /// Reads back every chunk of `snapshot` from the repository and checks it end to end.
@@ -28,10 +26,8 @@ pub fn verify_snapshot(
     options: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    require_writable_for_record(repo, options)?;
-    let started = Instant::now();
-    let time = now_rfc3339();
-    let manifest = repo.load_manifest(&snapshot.id)?;
+    let run = VerifyRun::start(repo, snapshot, options)?;
+    let manifest = &run.manifest;
     let seg = u64::from(manifest.segment_size);
     progress.start("verify", manifest.virtual_size);
     let tally = (0..manifest.segment_count())
@@ -82,16 +78,5 @@ pub fn verify_snapshot(
     } else {
         VerifyOutcome::Damaged
     };
-    finish(
-        repo,
-        snapshot,
-        &manifest,
-        VerifyMode::Repository,
-        None,
-        outcome,
-        tally,
-        started,
-        time,
-        options,
-    )
+    run.finish(VerifyMode::Repository, None, outcome, tally)
 }

@@ -4,7 +4,6 @@
 //! packs, and it never writes to the target.
 
 use std::path::Path;
-use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -14,12 +13,12 @@ use crate::format::manifest::Extent;
 use crate::format::ChunkId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
-use crate::repo::{now_rfc3339, Repo};
+
+use crate::repo::Repo;
 use crate::source::{DiskSource, ExtentKind};
 
 use super::{
-    finish, require_writable_for_record, stopped_verify, Tally, VerifyMode, VerifyOptions,
-    VerifyOutcome, VerifyReport,
+    stopped_verify, Tally, VerifyMode, VerifyOptions, VerifyOutcome, VerifyReport, VerifyRun,
 };
 
 /// Opens a restored disk for [`verify_target`]. Whatever container [`crate::open_source`]
@@ -65,10 +64,8 @@ pub fn verify_target(
     options: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    require_writable_for_record(repo, options)?;
-    let started = Instant::now();
-    let time = now_rfc3339();
-    let manifest = repo.load_manifest(&snapshot.id)?;
+    let run = VerifyRun::start(repo, snapshot, options)?;
+    let manifest = &run.manifest;
     let seg = u64::from(manifest.segment_size);
     let target_size = target.virtual_size();
     progress.start("verify", manifest.virtual_size);
@@ -117,17 +114,11 @@ pub fn verify_target(
     } else {
         VerifyOutcome::Differs
     };
-    finish(
-        repo,
-        snapshot,
-        &manifest,
+    run.finish(
         VerifyMode::Target,
         Some(target_name.to_string()),
         outcome,
         tally,
-        started,
-        time,
-        options,
     )
 }
 

@@ -209,7 +209,8 @@ pub struct SnapshotMeta {
     /// The chunker that cut this snapshot, as described by the repository config.
     pub chunker: String,
     pub stats: BackupStats,
-    /// Hex BLAKE3 root digest over the disk map; see [`root_digest`].
+    /// Hex BLAKE3 root digest over the disk map (see `format-spec/README.md`; computed by
+    /// [`ManifestWriter`]).
     pub root_digest: String,
     /// Version of stackvault that wrote the snapshot.
     pub tool_version: String,

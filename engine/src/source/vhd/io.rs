@@ -3,7 +3,7 @@
 //! The VHD parser reads through this small trait so that the same code serves a backup (a
 //! file, read by many threads at once with `pread`) and the fuzz target and unit tests (a
 //! `&[u8]`). A read past the end is `UnexpectedEof`, which the parser turns into a
-//! [`Error::SourceDamaged`](crate::Error::SourceDamaged) naming the structure it was reading.
+//! [`Error::SourceDamaged`] naming the structure it was reading.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
