@@ -23,6 +23,15 @@ pub struct Args {
     /// `copy` between the two sends each chunk once and keeps snapshot ids.
     #[arg(long, value_name = "SRC", conflicts_with_all = ["chunker", "zstd_level"])]
     like: Option<PathBuf>,
+    /// Endpoint of the object store for an `azure://` or `s3://` repository (Azure Stack Hub:
+    /// `https://ACCOUNT.blob.REGION.example`; Azurite: `http://127.0.0.1:10000/devstoreaccount1`;
+    /// MinIO: `http://host:9000`). Remembered on this host for the repository.
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Cloud of an `azure://` repository: `azure`, or `azurestack` (Azure Stack Hub: an older
+    /// service version). Remembered on this host for the repository.
+    #[arg(long = "target-profile", value_name = "PROFILE", value_parser = ["azure", "azurestack"])]
+    target_profile: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -30,6 +39,12 @@ pub struct Args {
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let (path, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    if args.endpoint.is_some() || args.target_profile.is_some() {
+        stackvault::repo::set_store_options(stackvault::repo::StoreOptions {
+            endpoint: args.endpoint.clone(),
+            profile: args.target_profile.clone(),
+        });
+    }
     let repo = match &args.like {
         Some(like) => {
             let src = Repo::open(like)

@@ -67,6 +67,12 @@ struct Cli {
     #[arg(long, global = true)]
     read_only: bool,
 
+    /// Endpoint of a repository on object storage (`azure://…` on Azure Stack Hub or Azurite,
+    /// `s3://…` on MinIO or another S3-compatible service), given before the command. Remembered
+    /// for the repository on this host once given.
+    #[arg(long, env = "STACKVAULT_ENDPOINT", value_name = "URL")]
+    endpoint: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -143,6 +149,12 @@ fn main() -> ExitCode {
     }
     if cli.read_only {
         stackvault::repo::request_read_only();
+    }
+    if cli.endpoint.is_some() {
+        stackvault::repo::set_store_options(stackvault::repo::StoreOptions {
+            endpoint: cli.endpoint.clone(),
+            profile: None,
+        });
     }
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));

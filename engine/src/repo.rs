@@ -38,7 +38,7 @@ use crate::store::pack::FinishedPack;
 use crate::store::{self, Backend, LocalDir};
 
 mod location;
-pub use location::RepoLocation;
+pub use location::{set_store_options, RepoLocation, StoreOptions};
 
 /// File name of the index inside the repository directory.
 pub const INDEX_FILE: &str = "index.sqlite";
@@ -748,7 +748,7 @@ fn catalogue_complete(index: &Index, backend: &dyn Backend) -> Result<bool> {
 }
 
 /// The directory that holds the per-user caches: `$XDG_CACHE_HOME`, else `$HOME/.cache`.
-fn cache_root() -> Result<PathBuf> {
+pub(crate) fn cache_root() -> Result<PathBuf> {
     let var = |name| {
         std::env::var_os(name)
             .map(PathBuf::from)

@@ -14,8 +14,54 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::azure::Profile;
 use crate::error::{Error, Result};
+use crate::store::azure::AzureBlobBackend;
+use crate::store::s3::S3Backend;
 use crate::store::Backend;
+
+/// How this host reaches a remote store: not part of the location, since hosts in different
+/// places reach one container through different endpoints (Azurite, an Azure Stack Hub
+/// region, a MinIO or S3 endpoint). Remembered per host and location in the per-user cache
+/// (`$XDG_CACHE_HOME/stackvault/locations/`) once given, so later commands need only the
+/// location. Holds no secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreOptions {
+    /// Endpoint URL (`https://ACCOUNT.blob.REGION.example`, `http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    /// Azure service profile (`azure`, `azurestack`).
+    pub profile: Option<String>,
+}
+
+static STORE_OPTIONS: Mutex<StoreOptions> = Mutex::new(StoreOptions {
+    endpoint: None,
+    profile: None,
+});
+
+/// Sets the store options the command line gave, for every remote location this process
+/// opens (`--endpoint`, `--target-profile`).
+pub fn set_store_options(options: StoreOptions) {
+    if let Ok(mut o) = STORE_OPTIONS.lock() {
+        *o = options;
+    }
+}
+
+/// Writes `options` to `file` whole (temporary name, then rename).
+fn remember(file: &Path, options: &StoreOptions) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(options).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, file)
+}
 
 /// Schemes a user may type meaning a URL even without `//`: `s3:bucket` is a typo of
 /// `s3://bucket`, never a directory name anyone wants.
@@ -111,27 +157,61 @@ impl RepoLocation {
         !matches!(self, RepoLocation::Local(_))
     }
 
-    /// The backend serving a remote location.
-    ///
-    /// Integration hook: the Azure and S3 backends (`store/azure.rs`, `store/s3.rs`) are
-    /// connected here; in a build without them a remote location is refused as unsupported.
+    /// The backend serving this location. A remote store is reached with the [`StoreOptions`]
+    /// the command line gave ([`set_store_options`]), else those this host remembered for the
+    /// location when they were last given, else the defaults (global Azure, AWS S3);
+    /// credentials come from the environment only.
     pub fn connect(&self) -> Result<Arc<dyn Backend>> {
+        let options = self.store_options()?;
         match self {
             RepoLocation::Local(p) => Ok(Arc::new(crate::store::LocalDir::new(p))),
-            remote => Err(Error::unsupported(format!(
-                "repositories on {} are not built into this stackvault; use a local \
-                 directory",
-                remote.scheme()
-            ))),
+            RepoLocation::Azure { .. } => {
+                let profile = match options.profile.as_deref() {
+                    Some(p) => Profile::parse(p)?,
+                    None => Profile::Azure,
+                };
+                Ok(Arc::new(AzureBlobBackend::from_env(
+                    &self.to_string(),
+                    options.endpoint.as_deref(),
+                    profile,
+                )?))
+            }
+            RepoLocation::S3 { .. } => Ok(Arc::new(S3Backend::open(
+                &self.to_string(),
+                options.endpoint.as_deref(),
+            )?)),
         }
     }
 
-    fn scheme(&self) -> &'static str {
-        match self {
-            RepoLocation::Local(_) => "a local directory",
-            RepoLocation::Azure { .. } => "azure://",
-            RepoLocation::S3 { .. } => "s3://",
+    /// The options to reach this (remote) location: given ones are remembered for next time.
+    fn store_options(&self) -> Result<StoreOptions> {
+        if !self.is_remote() {
+            return Ok(StoreOptions::default());
         }
+        let given = STORE_OPTIONS
+            .lock()
+            .map_err(|_| Error::Internal("store options lock poisoned".into()))?
+            .clone();
+        let file = super::cache_root()?
+            .join("stackvault")
+            .join("locations")
+            .join(format!(
+                "{}.json",
+                &blake3::hash(self.to_string().as_bytes()).to_hex()[..32]
+            ));
+        let remembered: StoreOptions = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let options = StoreOptions {
+            endpoint: given.endpoint.clone().or(remembered.endpoint.clone()),
+            profile: given.profile.clone().or(remembered.profile.clone()),
+        };
+        if options != remembered {
+            // Best effort: a host that cannot remember simply needs the options again.
+            let _ = remember(&file, &options);
+        }
+        Ok(options)
     }
 }
 

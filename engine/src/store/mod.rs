@@ -26,7 +26,7 @@
 //! an in-memory backend and fault-injecting wrappers, and one contract test suite runs
 //! against each.
 
-mod azure;
+pub mod azure;
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
 mod local;
