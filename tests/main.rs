@@ -18,6 +18,7 @@ mod moto;
 mod nbd;
 mod read;
 mod readonly;
+mod remote_repo;
 mod retention;
 mod s3_faults;
 mod s3_store;

@@ -118,7 +118,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let report = stackvault::backup(&repo, source.as_ref(), &options, &ctx.progress())
         .with_context(|| format!("backup of {shown} failed"))?;
     if args.json {
-        return output::json(&report);
+        return output::json_with_requests(&report, output::requests_json(&repo));
     }
     let s = &report.stats;
     output::line(format!(
@@ -154,5 +154,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         "  {:.2} s, read at {}",
         s.duration_ms as f64 / 1000.0,
         output::rate(s.bytes_read, s.duration_ms)
-    ))
+    ))?;
+    match output::requests_line(&repo) {
+        Some(l) => output::line(l),
+        None => Ok(()),
+    }
 }

@@ -68,7 +68,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             )
         })?;
     if args.json {
-        output::json(&report)?;
+        let requests = serde_json::json!({
+            "from": output::requests_json(&src),
+            "to": output::requests_json(&dst),
+        });
+        output::json_with_requests(&report, requests)?;
     } else {
         print(&report)?;
     }

@@ -58,6 +58,58 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     line(serde_json::to_string_pretty(&v)?)
 }
 
+/// Prints a report as [`json`] does, with a `requests` field added: the requests the command
+/// sent to object storage by kind (see [`requests_json`]).
+pub fn json_with_requests<T: Serialize>(
+    value: &T,
+    requests: serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(value)?;
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("requests".into(), requests);
+    }
+    json(&v)
+}
+
+/// The `requests` value of a repository: `null` for a local one, else every kind of its store
+/// with its count (zeros included, so the shape is the same for every run) and a `total` (retries are counted in their kind and once more under `retries`, so they are
+/// left out of the total).
+pub fn requests_json(repo: &stackvault::Repo) -> serde_json::Value {
+    match repo.backend().request_counts() {
+        None => serde_json::Value::Null,
+        Some(counts) => {
+            let total: u64 = counts
+                .iter()
+                .filter(|(k, _)| **k != "retries")
+                .map(|(_, n)| *n)
+                .sum();
+            let mut map: serde_json::Map<String, serde_json::Value> = counts
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n.into()))
+                .collect();
+            map.insert("total".into(), total.into());
+            serde_json::Value::Object(map)
+        }
+    }
+}
+
+/// One line for human output on a remote repository (`requests: 12 (put 3, get 9)`); `None`
+/// for a local one.
+pub fn requests_line(repo: &stackvault::Repo) -> Option<String> {
+    let counts = repo.backend().request_counts()?;
+    let total: u64 = counts
+        .iter()
+        .filter(|(k, _)| **k != "retries")
+        .map(|(_, n)| *n)
+        .sum();
+    let kinds: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{} {n}", k.replace('_', " ")))
+        .collect();
+    Some(format!("  requests: {total} ({})", kinds.join(", ")))
+}
+
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()

@@ -96,7 +96,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         eprintln!("warning: --new-id did nothing: a raw image has no VHD unique id");
     }
     if args.json {
-        return output::json(&report);
+        return output::json_with_requests(&report, output::requests_json(&repo));
     }
     output::line(format!(
         "restored snapshot {} of disk {} to {} ({} {})",
@@ -113,5 +113,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         output::bytes(report.zero_bytes),
         report.duration_ms as f64 / 1000.0,
         output::rate(report.bytes_written, report.duration_ms)
-    ))
+    ))?;
+    match output::requests_line(&repo) {
+        Some(l) => output::line(l),
+        None => Ok(()),
+    }
 }

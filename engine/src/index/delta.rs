@@ -389,6 +389,10 @@ impl Backend for WithDeltas {
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn crate::store::ObjectWriter + 'a>> {
         self.inner.writer(dir)
     }
+
+    fn request_counts(&self) -> Option<std::collections::BTreeMap<&'static str, u64>> {
+        self.inner.request_counts()
+    }
 }
 
 #[cfg(test)]

@@ -605,6 +605,10 @@ impl Backend for AzureBlobBackend {
             _ => Err(self.changed_or_gone(key)),
         }
     }
+
+    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
+        Some(AzureBlobBackend::request_counts(self))
+    }
 }
 
 /// Reads one List Blobs answer into `out` (keys relative to `prefix`, with sizes); returns

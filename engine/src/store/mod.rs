@@ -47,6 +47,8 @@ pub use azure::{
 pub use local::LocalDir;
 pub use s3::S3Backend;
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
 
 /// An object's key with its size in bytes, as [`Backend::list_with_sizes`] returns them.
@@ -116,6 +118,13 @@ pub trait Backend: Send + Sync {
     /// Deletes an object if it is still at version `expected`; otherwise as
     /// [`Backend::replace`]. Durable on return.
     fn delete_if(&self, key: &str, expected: &Version) -> Result<()>;
+
+    /// Requests sent to a remote store so far, by kind (`put`, `get`, `list`, …), for the
+    /// `requests` object of `--json` reports; `None` for stores that are not reached over
+    /// the network (a local directory), where a request count means nothing.
+    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
+        None
+    }
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be
     /// stored under a key in `dir` (`snapshots/`) that is known only when it is complete.

@@ -182,6 +182,24 @@ pub struct RequestCounts {
 }
 
 impl RequestCounts {
+    /// The counts as a name → count map (the shape every backend reports).
+    pub fn to_map(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        [
+            ("put", self.put),
+            ("get", self.get),
+            ("head", self.head),
+            ("list", self.list),
+            ("delete", self.delete),
+            ("create_multipart", self.create_multipart),
+            ("upload_part", self.upload_part),
+            ("complete_multipart", self.complete_multipart),
+            ("abort_multipart", self.abort_multipart),
+            ("retries", self.retries),
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// All requests sent.
     pub fn total(&self) -> u64 {
         self.put
@@ -1066,6 +1084,10 @@ impl Backend for S3Backend {
             },
             _ => Err(self.http_error(Some(&full), &r)),
         }
+    }
+
+    fn request_counts(&self) -> Option<std::collections::BTreeMap<&'static str, u64>> {
+        Some(S3Backend::request_counts(self).to_map())
     }
 
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
