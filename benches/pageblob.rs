@@ -491,7 +491,7 @@ fn main() -> Result<()> {
     let port = azurite.port;
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.raw");
-    stackvault_tests::make_sample_disk(&disk, size_mib << 20, 60, 7)?;
+    stackvault_tests::Disk::filled(size_mib << 20, 60, 7).write(&disk)?;
     let repo = Repo::init(&dir.path().join("seed"), &InitOptions::default())?;
     let options = BackupOptions {
         disk: "bench".into(),

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{BlobClient, BlobOptions, Profile, RetryPolicy};
 use stackvault::source::vhd::footer::{self, DiskType, Footer, FOOTER_COOKIE};
@@ -24,31 +24,12 @@ use stackvault::{
     backup, restore_to_page_blob, BackupOptions, DiskSource, InitOptions, NoProgress,
     PageBlobRestoreOptions, Repo,
 };
-use stackvault_tests::{azurite_bin, make_sample_disk, run_cli, Azurite};
+use stackvault_tests::{outcome, p, sv_as_typed, Azurite, Disk};
 
 const ACCOUNT: &str = "devstoreaccount1";
 const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const MIB: u64 = 1 << 20;
-
-/// Starts Azurite; `None` (after saying why) when it is not installed and this is not CI.
-fn azurite() -> Result<Option<Azurite>> {
-    let bin = azurite_bin();
-    if !bin.exists() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!(
-                "{} missing under CI=true: run .ci/azurite.sh",
-                bin.display()
-            );
-        }
-        eprintln!(
-            "SKIP: Azurite not installed at {}; run .ci/azurite.sh to enable the page blob tests",
-            bin.display()
-        );
-        return Ok(None);
-    }
-    Azurite::start().map(Some)
-}
 
 fn fast_retry() -> RetryPolicy {
     RetryPolicy {
@@ -251,10 +232,12 @@ fn backup_source(
 
 #[test]
 fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let raw = dir.path().join("disk.raw");
-    make_sample_disk(&raw, 20 * MIB + 4096 * 3, 40, 61)?;
+    Disk::filled(20 * MIB + 4096 * 3, 40, 61).write(&raw)?;
     let raw_bytes = std::fs::read(&raw)?;
     let repo = new_repo(dir.path())?;
     let first = backup_source(
@@ -288,23 +271,23 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     // Back up from the blob with Shared Key, through the CLI: same disk, same root digest.
     let repo_path = dir.path().join("repo");
     let key_var = "STACKVAULT_TEST_AZURITE_KEY";
-    let (code, out, err) = run_cli_env(
+    let (code, out, err) = outcome(&sv_as_typed(
         &[
-            "backup".as_ref(),
-            repo_path.as_os_str(),
-            "azure://devstoreaccount1/vhds/a.vhd".as_ref(),
-            "--disk".as_ref(),
-            "web01-os".as_ref(),
-            "--full".as_ref(),
-            "--endpoint".as_ref(),
-            endpoint(az.port).as_ref(),
-            "--account-key-env".as_ref(),
-            key_var.as_ref(),
-            "--json".as_ref(),
+            "backup",
+            p(&repo_path),
+            "azure://devstoreaccount1/vhds/a.vhd",
+            "--disk",
+            "web01-os",
+            "--full",
+            "--endpoint",
+            &endpoint(az.port),
+            "--account-key-env",
+            key_var,
+            "--json",
         ],
-        key_var,
-    )?;
-    ensure!(code == 0, "backup from blob failed: {err}");
+        &[(key_var, KEY)],
+    )?);
+    ensure!(code == Some(0), "backup from blob failed: {err}");
     let second: serde_json::Value = serde_json::from_str(&out)?;
     // The VHD's disk is the raw disk padded to a whole MiB. (Root digests can differ from a
     // backup of the raw file: unwritten pages are known zero and never read, which this
@@ -341,15 +324,18 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     ensure!(second["source_format"] == "vhd-fixed", "{out}");
     ensure!(!out.contains(KEY) && !err.contains(KEY));
     // A SAS URL as source: recorded redacted in the manifest.
-    let (code, out, err) = run_cli([
-        "backup".as_ref(),
-        repo_path.as_os_str(),
-        url_a.as_ref(),
-        "--disk".as_ref(),
-        "web01-os".as_ref(),
-        "--json".as_ref(),
-    ])?;
-    ensure!(code == 0, "backup via SAS failed: {err}");
+    let (code, out, err) = outcome(&sv_as_typed(
+        &[
+            "backup",
+            p(&repo_path),
+            &url_a,
+            "--disk",
+            "web01-os",
+            "--json",
+        ],
+        &[],
+    )?);
+    ensure!(code == Some(0), "backup via SAS failed: {err}");
     let third: serde_json::Value = serde_json::from_str(&out)?;
     let id = third["snapshot_id"].as_str().context("id")?.to_string();
     let manifest = repo.load_manifest(&id)?;
@@ -365,23 +351,23 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     ensure!(!out.contains("sig=") && !err.contains("sig="), "{out}{err}");
 
     // Restore that snapshot with Shared Key to a new blob, through the CLI.
-    let (code, out, err) = run_cli_env(
+    let (code, out, err) = outcome(&sv_as_typed(
         &[
-            "restore".as_ref(),
-            repo_path.as_os_str(),
-            id.as_ref(),
-            "azure://devstoreaccount1/vhds/b.vhd".as_ref(),
-            "--endpoint".as_ref(),
-            endpoint(az.port).as_ref(),
-            "--account-key-env".as_ref(),
-            key_var.as_ref(),
-            "--journal-dir".as_ref(),
-            dir.path().join("journals").as_os_str(),
-            "--json".as_ref(),
+            "restore",
+            p(&repo_path),
+            &id,
+            "azure://devstoreaccount1/vhds/b.vhd",
+            "--endpoint",
+            &endpoint(az.port),
+            "--account-key-env",
+            key_var,
+            "--journal-dir",
+            p(&dir.path().join("journals")),
+            "--json",
         ],
-        key_var,
-    )?;
-    ensure!(code == 0, "restore to blob failed: {err}");
+        &[(key_var, KEY)],
+    )?);
+    ensure!(code == Some(0), "restore to blob failed: {err}");
     let r: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(
         r["api_version"] == "2021-08-06" && r["output_format"] == "vhd-fixed",
@@ -395,22 +381,25 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
     check_vhd(&blob_b, &raw, dir.path(), "b")?;
     ensure!(blob_b[..data_size as usize] == blob_a[..data_size as usize]);
     // verify --target proves the restored blob equals the snapshot, reading it over the API.
-    let (code, out, err) = run_cli_env(
+    let (code, out, err) = outcome(&sv_as_typed(
         &[
-            "verify".as_ref(),
-            repo_path.as_os_str(),
-            id.as_ref(),
-            "--target".as_ref(),
-            "azure://devstoreaccount1/vhds/b.vhd".as_ref(),
-            "--endpoint".as_ref(),
-            endpoint(az.port).as_ref(),
-            "--account-key-env".as_ref(),
-            key_var.as_ref(),
-            "--json".as_ref(),
+            "verify",
+            p(&repo_path),
+            &id,
+            "--target",
+            "azure://devstoreaccount1/vhds/b.vhd",
+            "--endpoint",
+            &endpoint(az.port),
+            "--account-key-env",
+            key_var,
+            "--json",
         ],
-        key_var,
-    )?;
-    ensure!(code == 0, "verify of the restored blob failed: {err}{out}");
+        &[(key_var, KEY)],
+    )?);
+    ensure!(
+        code == Some(0),
+        "verify of the restored blob failed: {err}{out}"
+    );
     let v: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(v["outcome"] == "ok" && v["mode"] == "target", "{out}");
 
@@ -474,7 +463,9 @@ fn shapes_disk(path: &Path) -> Result<u64> {
 
 #[test]
 fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let raw = dir.path().join("shapes.raw");
     let expected_puts = shapes_disk(&raw)?;
@@ -514,27 +505,27 @@ fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
 
     // Through the CLI with a gap of 128 KiB: the 100 KiB gap joins too; the JSON report says
     // so with its byte counts.
-    let (code, out, err) = run_cli_env(
+    let (code, out, err) = outcome(&sv_as_typed(
         &[
-            "restore".as_ref(),
-            dir.path().join("repo").as_os_str(),
-            first.snapshot_id.as_ref(),
-            "azure://devstoreaccount1/shapes/b.vhd".as_ref(),
-            "--endpoint".as_ref(),
-            endpoint(az.port).as_ref(),
-            "--account-key-env".as_ref(),
-            "STACKVAULT_TEST_AZURITE_KEY".as_ref(),
-            "--journal-dir".as_ref(),
-            dir.path().join("journals").as_os_str(),
-            "--coalesce-gap".as_ref(),
-            "128KiB".as_ref(),
-            "--parallel".as_ref(),
-            "3".as_ref(),
-            "--json".as_ref(),
+            "restore",
+            p(&dir.path().join("repo")),
+            &first.snapshot_id,
+            "azure://devstoreaccount1/shapes/b.vhd",
+            "--endpoint",
+            &endpoint(az.port),
+            "--account-key-env",
+            "STACKVAULT_TEST_AZURITE_KEY",
+            "--journal-dir",
+            p(&dir.path().join("journals")),
+            "--coalesce-gap",
+            "128KiB",
+            "--parallel",
+            "3",
+            "--json",
         ],
-        "STACKVAULT_TEST_AZURITE_KEY",
-    )?;
-    ensure!(code == 0, "restore failed: {err}");
+        &[("STACKVAULT_TEST_AZURITE_KEY", KEY)],
+    )?);
+    ensure!(code == Some(0), "restore failed: {err}");
     let j: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(
         j["put_requests"] == expected_puts - 1
@@ -586,18 +577,6 @@ fn page_blob_restore_coalesces_runs_of_every_shape() -> Result<()> {
     check_page_ranges(&a, &blob_s, 4096, 64 * 1024, &rs)?;
     ensure!(a.written_ranges(0, 4096)? == [(0, 4096)]);
     Ok(())
-}
-
-fn run_cli_env(args: &[&std::ffi::OsStr], key_var: &str) -> Result<(i32, String, String)> {
-    let out = Command::new(stackvault_tests::stackvault_bin())
-        .args(args)
-        .env(key_var, KEY)
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -799,10 +778,12 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 #[test]
 fn faults_are_retried_and_an_interrupted_restore_resumes() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let raw = dir.path().join("disk.raw");
-    make_sample_disk(&raw, 24 * MIB, 60, 62)?;
+    Disk::filled(24 * MIB, 60, 62).write(&raw)?;
     let repo = new_repo(dir.path())?;
     let first = backup_source(
         &repo,

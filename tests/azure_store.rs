@@ -10,7 +10,7 @@ use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{Profile, RequestKind, RetryPolicy};
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
 use stackvault::Error;
-use stackvault_tests::{azurite_bin, Azurite};
+use stackvault_tests::Azurite;
 
 use crate::faultproxy::{Fault, FaultProxy};
 
@@ -20,21 +20,6 @@ const KEY: &str =
 /// A well-formed key that is not the account's.
 const WRONG_KEY: &str =
     "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk0MDQ=";
-
-/// Starts Azurite; `None` (after saying why) when it is not installed and this is not CI.
-fn azurite() -> Result<Option<Azurite>> {
-    if !azurite_bin().exists() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!(
-                "{} missing under CI=true: run .ci/azurite.sh",
-                azurite_bin().display()
-            );
-        }
-        eprintln!("SKIP: Azurite not installed; run .ci/azurite.sh to enable these tests");
-        return Ok(None);
-    }
-    Azurite::start().map(Some)
-}
 
 fn endpoint(port: u16) -> String {
     format!("http://127.0.0.1:{port}/{ACCOUNT}")
@@ -73,7 +58,9 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn the_contract_holds_on_a_fresh_container_and_prefix() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let b = backend(az.port, "azure://devstoreaccount1/vault/erp/site1", key())?;
     stackvault::store::contract::honours_the_contract(&b)?;
     // The same container without the prefix sees the objects under it, not beside it.
@@ -111,7 +98,9 @@ fn the_contract_holds_on_a_fresh_container_and_prefix() -> Result<()> {
 
 #[test]
 fn create_only_puts_from_two_threads_let_exactly_one_win() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let b = backend(az.port, "azure://devstoreaccount1/race", key())?;
     let big = stackvault::store::AZURE_PUT_BLOB_MAX + 1000;
     for (i, len) in [10usize, 1000, big].into_iter().enumerate() {
@@ -149,7 +138,9 @@ fn create_only_puts_from_two_threads_let_exactly_one_win() -> Result<()> {
 
 #[test]
 fn a_wrong_key_is_a_clear_403_without_the_key() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     backend(az.port, "azure://devstoreaccount1/locked", key())?;
     let wrong = AzureBlobBackend::open(
         "azure://devstoreaccount1/locked",
@@ -174,7 +165,9 @@ fn a_wrong_key_is_a_clear_403_without_the_key() -> Result<()> {
 
 #[test]
 fn a_missing_container_is_named_not_taken_for_a_missing_object() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let b = AzureBlobBackend::open(
         "azure://devstoreaccount1/nosuch/p",
         &options(az.port, key()),
@@ -200,7 +193,9 @@ fn a_missing_container_is_named_not_taken_for_a_missing_object() -> Result<()> {
 
 #[test]
 fn sas_credentials_work_and_a_read_only_sas_only_reads() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     let signer = SharedKey::new(ACCOUNT, KEY)?;
     let sas = signer.account_sas("racwdl", "2099-01-01T00:00:00Z");
     let b = backend(
@@ -268,7 +263,9 @@ fn no_credential_is_a_usage_error_naming_both_variables() -> Result<()> {
 
 #[test]
 fn stack_hub_sends_2019_07_07_and_steps_down_when_refused() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     backend(az.port, "azure://devstoreaccount1/stack", key())?;
     // A stamp that refuses 2019-07-07 the way old Stack Hub versions do.
     let proxy = FaultProxy::start(az.port, |r| {
@@ -305,7 +302,9 @@ fn stack_hub_sends_2019_07_07_and_steps_down_when_refused() -> Result<()> {
 
 #[test]
 fn transient_faults_are_retried_and_fatal_answers_are_not() -> Result<()> {
-    let Some(az) = azurite()? else { return Ok(()) };
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
     backend(az.port, "azure://devstoreaccount1/faults", key())?;
     let busy = |retry_after| Fault::Status {
         status: 503,

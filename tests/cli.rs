@@ -1,28 +1,26 @@
 //! The real `stackvault` binary: the user's commands, their output and their errors.
 
 use anyhow::Result;
-use stackvault_tests::{make_sample_disk, p, run_cli, same_bytes, sv, sv_env, Fixture};
+use stackvault_tests::{
+    outcome, p, same_bytes, scribble, sv, sv_as_typed, sv_env, sv_json, Disk, Fixture, Scribble,
+};
 
 #[test]
 fn init_backup_snapshots_restore() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 10 << 20, 50, 11)?;
+    Disk::filled(10 << 20, 50, 11).write(&disk)?;
 
-    let (code, out, err) = run_cli(["init".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(&["init", p(&repo)], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("created repository"), "{out}");
 
-    let (code, out, err) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        disk.as_os_str(),
-        "--disk".as_ref(),
-        "web01-os".as_ref(),
-        "--json".as_ref(),
-    ])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(
+        &["backup", p(&repo), p(&disk), "--disk", "web01-os", "--json"],
+        &[],
+    )?);
+    assert_eq!(code, Some(0), "{err}");
     let report: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(report["format_version"], 2);
     assert_eq!(report["disk"], "web01-os");
@@ -37,33 +35,28 @@ fn init_backup_snapshots_restore() -> Result<()> {
     assert!(err.is_empty(), "unexpected stderr: {err}");
 
     // Human summary of a second backup.
-    let (code, out, _) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        disk.as_os_str(),
-        "--disk".as_ref(),
-        "web01-os".as_ref(),
-    ])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(
+        &["backup", p(&repo), p(&disk), "--disk", "web01-os"],
+        &[],
+    )?);
+    assert_eq!(code, Some(0));
     assert!(out.contains("0 new"), "{out}");
     // A binary unit, as the progress bars use (MiB/s or GiB/s, depending on the machine).
     assert!(out.contains("iB/s"), "{out}");
 
-    let (code, out, _) = run_cli(["snapshots".as_ref(), repo.as_os_str(), "--json".as_ref()])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(&["snapshots", p(&repo), "--json"], &[])?);
+    assert_eq!(code, Some(0));
     let list: serde_json::Value = serde_json::from_str(&out)?;
     let snaps = list["snapshots"].as_array().cloned().unwrap_or_default();
     assert_eq!(snaps.len(), 2);
     assert_eq!(snaps[0]["snapshot_id"], id.as_str());
     assert_eq!(snaps[0]["kind"], "full");
     assert_eq!(snaps[0]["virtual_size_bytes"], 10 << 20);
-    let (code, out, _) = run_cli([
-        "snapshots".as_ref(),
-        repo.as_os_str(),
-        "--disk".as_ref(),
-        "web01-os".as_ref(),
-    ])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(
+        &["snapshots", p(&repo), "--disk", "web01-os"],
+        &[],
+    )?);
+    assert_eq!(code, Some(0));
     assert!(
         out.contains(&id[..12]) && out.contains("2 snapshots"),
         "{out}"
@@ -71,39 +64,43 @@ fn init_backup_snapshots_restore() -> Result<()> {
 
     // Restore by short prefix.
     let restored = dir.path().join("restored.img");
-    let (code, out, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        id[..8].as_ref(),
-        restored.as_os_str(),
-    ])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(
+        &["restore", p(&repo), &id[..8], p(&restored)],
+        &[],
+    )?);
+    assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("restored snapshot"), "{out}");
     assert!(same_bytes(&disk, &restored)?);
 
     // The output exists now: refused without --force, accepted with it.
-    let (code, _, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        "latest".as_ref(),
-        restored.as_os_str(),
-        "--disk".as_ref(),
-        "web01-os".as_ref(),
-    ])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &[
+            "restore",
+            p(&repo),
+            "latest",
+            p(&restored),
+            "--disk",
+            "web01-os",
+        ],
+        &[],
+    )?);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("already exists") && err.contains("--force"),
         "{err}"
     );
-    let (code, _, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        "latest".as_ref(),
-        restored.as_os_str(),
-        "--force".as_ref(),
-        "--json".as_ref(),
-    ])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &[
+            "restore",
+            p(&repo),
+            "latest",
+            p(&restored),
+            "--force",
+            "--json",
+        ],
+        &[],
+    )?);
+    assert_eq!(code, Some(0), "{err}");
     assert!(same_bytes(&disk, &restored)?);
     Ok(())
 }
@@ -114,89 +111,76 @@ fn errors_are_clear_and_never_panics() -> Result<()> {
     let repo = dir.path().join("repo");
     let missing = dir.path().join("missing.img");
 
-    let (code, _, err) = run_cli(["snapshots".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(&["snapshots", p(&repo)], &[])?);
+    assert_eq!(code, Some(1));
     assert!(err.contains("is not a stackvault repository"), "{err}");
 
-    let (code, _, _) = run_cli(["init".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 0);
-    let (code, _, err) = run_cli(["init".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 1);
+    let (code, _, _) = outcome(&sv_as_typed(&["init", p(&repo)], &[])?);
+    assert_eq!(code, Some(0));
+    let (code, _, err) = outcome(&sv_as_typed(&["init", p(&repo)], &[])?);
+    assert_eq!(code, Some(1));
     assert!(err.contains("already a stackvault repository"), "{err}");
 
-    let (code, _, err) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        missing.as_os_str(),
-        "--disk".as_ref(),
-        "d".as_ref(),
-    ])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", p(&repo), p(&missing), "--disk", "d"],
+        &[],
+    )?);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("missing.img") && err.contains("No such file"),
         "{err}"
     );
 
-    let (code, _, err) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        dir.path().as_os_str(),
-        "--disk".as_ref(),
-        "d".as_ref(),
-    ])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", p(&repo), p(dir.path()), "--disk", "d"],
+        &[],
+    )?);
+    assert_eq!(code, Some(1));
     assert!(err.contains("is a directory"), "{err}");
 
     let disk = dir.path().join("d.img");
-    make_sample_disk(&disk, 1 << 20, 50, 12)?;
-    let (code, _, err) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        disk.as_os_str(),
-        "--disk".as_ref(),
-        "bad name/with slash".as_ref(),
-    ])?;
-    assert_eq!(code, 2, "a bad disk name is a usage error: {err}");
+    Disk::filled(1 << 20, 50, 12).write(&disk)?;
+    let (code, _, err) = outcome(&sv_as_typed(
+        &[
+            "backup",
+            p(&repo),
+            p(&disk),
+            "--disk",
+            "bad name/with slash",
+        ],
+        &[],
+    )?);
+    assert_eq!(code, Some(2), "a bad disk name is a usage error: {err}");
     assert!(err.contains("disk name"), "{err}");
 
     let out = dir.path().join("o.img");
-    let (code, _, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        "abcdef".as_ref(),
-        out.as_os_str(),
-    ])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["restore", p(&repo), "abcdef", p(&out)],
+        &[],
+    )?);
+    assert_eq!(code, Some(1));
     assert!(err.contains("no snapshot matches"), "{err}");
-    let (code, _, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        "not-hex".as_ref(),
-        out.as_os_str(),
-    ])?;
-    assert_eq!(code, 1);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["restore", p(&repo), "not-hex", p(&out)],
+        &[],
+    )?);
+    assert_eq!(code, Some(1));
     assert!(err.contains("hex snapshot id"), "{err}");
     assert!(!out.exists());
 
-    let (code, _, err) = run_cli([
-        "init".as_ref(),
-        dir.path().join("r2").as_os_str(),
-        "--chunker".as_ref(),
-        "fixed:1000".as_ref(),
-    ])?;
-    assert_eq!(code, 2, "a bad --chunker is a usage error: {err}");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["init", p(&dir.path().join("r2")), "--chunker", "fixed:1000"],
+        &[],
+    )?);
+    assert_eq!(code, Some(2), "a bad --chunker is a usage error: {err}");
     assert!(err.contains("fixed chunk size"), "{err}");
 
     // A damaged manifest: restore fails with the location and the "damaged" exit code.
-    let (code, out, _) = run_cli([
-        "backup".as_ref(),
-        repo.as_os_str(),
-        disk.as_os_str(),
-        "--disk".as_ref(),
-        "d".as_ref(),
-        "--json".as_ref(),
-    ])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(
+        &["backup", p(&repo), p(&disk), "--disk", "d", "--json"],
+        &[],
+    )?);
+    assert_eq!(code, Some(0));
     let id = serde_json::from_str::<serde_json::Value>(&out)?["snapshot_id"]
         .as_str()
         .unwrap_or_default()
@@ -206,13 +190,11 @@ fn errors_are_clear_and_never_panics() -> Result<()> {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&manifest, &bytes)?;
-    let (code, _, err) = run_cli([
-        "restore".as_ref(),
-        repo.as_os_str(),
-        id.as_ref(),
-        out_path(&dir).as_os_str(),
-    ])?;
-    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["restore", p(&repo), &id, p(&out_path(&dir))],
+        &[],
+    )?);
+    assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("corrupt") && err.contains(&id), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     Ok(())
@@ -222,21 +204,12 @@ fn out_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
     dir.path().join("damaged-restore.img")
 }
 
-/// Exit code, stdout and stderr of a run.
-fn outcome(out: &std::process::Output) -> (Option<i32>, String, String) {
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn bad_option_values_are_usage_errors() -> Result<()> {
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 1 << 20, 50, 13)?;
+    Disk::filled(1 << 20, 50, 13).write(&disk)?;
     let r = p(&repo);
     let r2 = f.path("r2");
     // Each: the command, and a word of the message that says what to type instead.
@@ -331,8 +304,8 @@ fn bad_option_values_are_usage_errors() -> Result<()> {
 
 #[test]
 fn help_and_readme_list_the_exit_codes() -> Result<()> {
-    let (code, out, err) = run_cli(["--help"])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(&["--help"], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))?;
     for (n, word) in [
         (1, "failure"),
@@ -377,7 +350,7 @@ fn repository_from_flag_environment_or_position() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     let disk = dir.path().join("d.img");
-    make_sample_disk(&disk, 2 << 20, 50, 14)?;
+    Disk::filled(2 << 20, 50, 14).write(&disk)?;
     let (code, _, err) = outcome(&sv(&["init", "-r", p(&repo)])?);
     assert_eq!(code, Some(0), "{err}");
     // -r before or after the subcommand, --repo, the variable, the old positional form.
@@ -443,18 +416,18 @@ fn completion_scripts_and_man_page() -> Result<()> {
         ("zsh", "#compdef stackvault"),
         ("fish", "complete -c stackvault"),
     ] {
-        let (code, out, err) = run_cli(["completion", shell])?;
-        assert_eq!(code, 0, "{shell}: {err}");
+        let (code, out, err) = outcome(&sv_as_typed(&["completion", shell], &[])?);
+        assert_eq!(code, Some(0), "{shell}: {err}");
         assert!(out.contains(marker), "{shell} completion lacks {marker:?}");
         // Every subcommand and the repository option complete.
         for word in ["backup", "restore", "forget", "repo"] {
             assert!(out.contains(word), "{shell} completion lacks {word}");
         }
     }
-    let (code, _, err) = run_cli(["completion", "tcsh"])?;
-    assert_eq!(code, 2, "{err}");
-    let (code, out, err) = run_cli(["man"])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(&["completion", "tcsh"], &[])?);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(&["man"], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     assert!(out.contains(".TH stackvault 1"), "{out}");
     assert!(
         out.contains("Exit codes") && out.contains("130"),
@@ -627,16 +600,6 @@ fn assert_golden(name: &str, doc: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Runs a command that must print a JSON document; returns it and the exit code.
-fn json_of(args: &[&str]) -> Result<(Option<i32>, Value)> {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (code, out, err) = outcome(&sv(&all)?);
-    let doc = serde_json::from_str(&out)
-        .map_err(|e| anyhow::anyhow!("{args:?} printed no JSON ({e}): {out}{err}"))?;
-    Ok((code, doc))
-}
-
 /// One repository with a history that fills every list of every report: two disks, a full and
 /// an incremental snapshot, a verification, a restore, a target that differs.
 struct Scenario {
@@ -658,25 +621,25 @@ impl Scenario {
         let dir = tempfile::tempdir()?;
         let repo = dir.path().join("repo");
         let r = p(&repo);
-        let (code, init) = json_of(&["init", r])?;
+        let (code, init, _) = sv_json(&["init", r])?;
         anyhow::ensure!(code == Some(0), "init: {init}");
         let disk = dir.path().join("d.img");
-        make_sample_disk(&disk, 3 << 20, 50, 21)?;
-        let (code, first) = json_of(&["backup", r, p(&disk), "--disk", "web01-os"])?;
+        Disk::filled(3 << 20, 50, 21).write(&disk)?;
+        let (code, first, _) = sv_json(&["backup", r, p(&disk), "--disk", "web01-os"])?;
         anyhow::ensure!(code == Some(0), "backup: {first}");
-        stackvault_tests::mutate_disk(&disk, 8, 22)?;
-        let (code, backup) = json_of(&["backup", r, p(&disk), "--disk", "web01-os"])?;
+        scribble(&disk, Scribble::Week, 8, 22)?;
+        let (code, backup, _) = sv_json(&["backup", r, p(&disk), "--disk", "web01-os"])?;
         anyhow::ensure!(code == Some(0), "backup: {backup}");
         let id = |v: &Value| v["snapshot_id"].as_str().unwrap_or_default().to_string();
         let (full, incremental) = (id(&first), id(&backup));
         let out = dir.path().join("restored.vhd");
-        let (code, restore) =
-            json_of(&["restore", r, &full, p(&out), "--output-format", "vhd-fixed"])?;
+        let (code, restore, _) =
+            sv_json(&["restore", r, &full, p(&out), "--output-format", "vhd-fixed"])?;
         anyhow::ensure!(code == Some(0), "restore: {restore}");
-        let (code, verified) = json_of(&["verify", r, &incremental])?;
+        let (code, verified, _) = sv_json(&["verify", r, &incremental])?;
         anyhow::ensure!(code == Some(0), "verify: {verified}");
         // A target that is not the snapshot's disk: the report lists the differing ranges.
-        let (code, verify) = json_of(&["verify", r, &incremental, "--target", p(&out)])?;
+        let (code, verify, _) = sv_json(&["verify", r, &incremental, "--target", p(&out)])?;
         anyhow::ensure!(code == Some(5), "verify --target: {verify}");
         Ok(Scenario {
             dir,
@@ -721,7 +684,7 @@ fn json_verify() -> Result<()> {
 #[test]
 fn json_snapshots() -> Result<()> {
     let s = Scenario::get();
-    let (code, doc) = json_of(&["snapshots", p(&s.repo())])?;
+    let (code, doc, _) = sv_json(&["snapshots", p(&s.repo())])?;
     assert_eq!(code, Some(0), "{doc}");
     // Only the verified incremental's entry has a record: check that one's shape.
     let list = doc["snapshots"].as_array().cloned().unwrap_or_default();
@@ -738,7 +701,7 @@ fn json_snapshots() -> Result<()> {
 #[test]
 fn json_show() -> Result<()> {
     let s = Scenario::get();
-    let (code, doc) = json_of(&["show", p(&s.repo()), &s.incremental])?;
+    let (code, doc, _) = sv_json(&["show", p(&s.repo()), &s.incremental])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("show", &doc)
 }
@@ -746,7 +709,7 @@ fn json_show() -> Result<()> {
 #[test]
 fn json_diff() -> Result<()> {
     let s = Scenario::get();
-    let (code, doc) = json_of(&["diff", p(&s.repo()), &s.full, &s.incremental])?;
+    let (code, doc, _) = sv_json(&["diff", p(&s.repo()), &s.full, &s.incremental])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("diff", &doc)
 }
@@ -756,7 +719,7 @@ fn json_forget() -> Result<()> {
     let s = Scenario::get();
     // Keeping only the incremental removes its parent: decisions, removed and parent_removed
     // all have entries.
-    let (code, doc) = json_of(&["forget", p(&s.repo()), "--keep-last", "1", "--dry-run"])?;
+    let (code, doc, _) = sv_json(&["forget", p(&s.repo()), "--keep-last", "1", "--dry-run"])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("forget", &doc)
 }
@@ -764,7 +727,7 @@ fn json_forget() -> Result<()> {
 #[test]
 fn json_prune() -> Result<()> {
     let s = Scenario::get();
-    let (code, doc) = json_of(&["prune", p(&s.repo()), "--dry-run"])?;
+    let (code, doc, _) = sv_json(&["prune", p(&s.repo()), "--dry-run"])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("prune", &doc)
 }
@@ -772,7 +735,7 @@ fn json_prune() -> Result<()> {
 #[test]
 fn json_stats() -> Result<()> {
     let s = Scenario::get();
-    let (code, doc) = json_of(&["stats", p(&s.repo())])?;
+    let (code, doc, _) = sv_json(&["stats", p(&s.repo())])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("stats", &doc)
 }
@@ -832,7 +795,7 @@ fn repo_copy(s: &Scenario, name: &str, damage: bool) -> Result<PathBuf> {
 fn json_check() -> Result<()> {
     let s = Scenario::get();
     let repo = repo_copy(s, "check-copy", true)?;
-    let (code, doc) = json_of(&["check", p(&repo), "--read-data-subset", "1/1"])?;
+    let (code, doc, _) = sv_json(&["check", p(&repo), "--read-data-subset", "1/1"])?;
     assert_eq!(code, Some(3), "{doc}");
     // Enums are lowercase words, never Rust debug text such as `Slice { n: 1, of: 1 }`.
     assert_eq!(doc["read_data"], "subset", "{doc}");
@@ -845,7 +808,7 @@ fn json_index_rebuild() -> Result<()> {
     let s = Scenario::get();
     let repo = repo_copy(s, "rebuild-copy", false)?;
     std::fs::remove_file(repo.join("index.sqlite"))?;
-    let (code, doc) = json_of(&["index", "rebuild", p(&repo)])?;
+    let (code, doc, _) = sv_json(&["index", "rebuild", p(&repo)])?;
     assert_eq!(code, Some(0), "{doc}");
     assert_golden("index-rebuild", &doc)
 }
@@ -889,7 +852,7 @@ fn json_names_one_thing_one_way() -> Result<()> {
 fn options_that_do_nothing_warn() -> Result<()> {
     let f = Fixture::new()?;
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 1 << 20, 50, 31)?;
+    Disk::filled(1 << 20, 50, 31).write(&disk)?;
     let id = f.backup(&disk, "web01-os")?;
     let repo = f.repo();
     let r = p(&repo);
@@ -943,7 +906,7 @@ fn options_that_do_nothing_warn() -> Result<()> {
 fn summaries_rate_the_bytes_actually_moved() -> Result<()> {
     let f = Fixture::new()?;
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 4 << 20, 50, 32)?;
+    Disk::filled(4 << 20, 50, 32).write(&disk)?;
     f.backup(&disk, "d")?;
     // Nothing changed and the change list says so: nothing is read, so the rate is zero
     // (not the disk size over the run time), in the progress bars' binary unit.

@@ -86,7 +86,7 @@ mod fixtures {
 
     use anyhow::{ensure, Context as _};
     use stackvault::format::config::RepoConfig;
-    use stackvault_tests::{p, run_cli, same_bytes, sv, sv_json, sv_ok};
+    use stackvault_tests::{outcome, p, same_bytes, sv, sv_as_typed, sv_json, sv_ok};
 
     const MIB: usize = 1 << 20;
 
@@ -226,8 +226,8 @@ mod fixtures {
             vec!["snapshots", p(&repo)],
             vec!["restore", p(&repo), &ids[0], p(&out)],
         ] {
-            let (code, _, stderr) = run_cli(&args)?;
-            ensure!(code == 6, "{args:?}: exit {code}: {stderr}");
+            let (code, _, stderr) = outcome(&sv_as_typed(&args, &[])?);
+            ensure!(code == Some(6), "{args:?}: exit {code:?}: {stderr}");
             ensure!(
                 stderr.contains("needs stackvault >= 0.9.2 (features: incompat-bit-9)"),
                 "{args:?}: {stderr}"

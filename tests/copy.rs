@@ -6,54 +6,22 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use stackvault_tests::{
-    make_disk, p, same_bytes, scribble_disk, snapshot_ids, stackvault_bin, sv_env, sv_json, sv_ok,
-    Rng,
+    assert_restores, backup_disk, interrupt_at, make_disk, p, scribble_disk, snapshot_ids, sv_env,
+    sv_json, sv_json_ok, sv_ok, Disk,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// Backs `disk` up into `repo` as `name`; returns the snapshot id.
-fn backup(repo: &Path, disk: &Path, name: &str) -> anyhow::Result<String> {
-    let (code, v, stderr) = sv_json(&["backup", p(repo), p(disk), "--disk", name])?;
-    if code != Some(0) {
-        bail!("backup failed: {stderr}");
-    }
-    v["snapshot_id"]
-        .as_str()
-        .map(str::to_owned)
-        .context("backup report without snapshot_id")
-}
 
 /// Runs `copy --from src --to dst [extra]` with `--json`; fails unless it exits 0.
 fn copy(src: &Path, dst: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
     let mut args = vec!["copy", "--from", p(src), "--to", p(dst)];
     args.extend_from_slice(extra);
-    let (code, v, stderr) = sv_json(&args)?;
-    if code != Some(0) {
-        bail!("copy failed ({code:?}): {stderr} {v:#}");
-    }
-    Ok(v)
-}
-
-/// Restores `snapshot` from `repo` and checks it equals `disk` byte for byte.
-fn assert_restores(repo: &Path, snapshot: &str, disk: &Path) -> anyhow::Result<()> {
-    let out = disk.with_extension(format!("restored-{}", &snapshot[..12]));
-    sv_ok(&["restore", p(repo), snapshot, p(&out), "--force"])?;
-    assert!(
-        same_bytes(&out, disk)?,
-        "snapshot {snapshot} of {} does not restore {}",
-        repo.display(),
-        disk.display()
-    );
-    fs::remove_file(&out)?;
-    Ok(())
+    sv_json_ok(&args)
 }
 
 /// `verify` of `snapshot` in `repo` reads every chunk back and passes.
@@ -69,17 +37,6 @@ fn check(repo: &Path) -> anyhow::Result<serde_json::Value> {
     let (code, v, stderr) = sv_json(&["check", p(repo), "--read-data"])?;
     assert_eq!(code, Some(0), "check {}: {stderr} {v:#}", repo.display());
     Ok(v)
-}
-
-/// A disk of `size` bytes that neither compresses nor deduplicates.
-fn random_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
-    let mut rng = Rng::new(seed);
-    let mut data = vec![0u8; size as usize];
-    for word in data.chunks_exact_mut(8) {
-        word.copy_from_slice(&rng.next_u64().to_le_bytes());
-    }
-    fs::write(path, data)?;
-    Ok(())
 }
 
 fn ids(v: &serde_json::Value, field: &str) -> Vec<String> {
@@ -117,10 +74,10 @@ fn a_copy_into_a_like_repository_keeps_ids_and_a_second_copy_sends_nothing() -> 
     make_disk(&b, 9 * MIB + 4096, 40)?;
     let a0 = dir.path().join("a0.img");
     fs::copy(&a, &a0)?;
-    let a0_id = backup(&src, &a, "a")?;
-    let b_id = backup(&src, &b, "b")?;
+    let a0_id = backup_disk(&src, &a, "a")?;
+    let b_id = backup_disk(&src, &b, "b")?;
     scribble_disk(&a, 10, 5)?;
-    let a1_id = backup(&src, &a, "a")?;
+    let a1_id = backup_disk(&src, &a, "a")?;
 
     let v = copy(&src, &dst, &[])?;
     assert_eq!(v["snapshots_copied"], 3, "{v:#}");
@@ -151,7 +108,7 @@ fn a_copy_into_a_like_repository_keeps_ids_and_a_second_copy_sends_nothing() -> 
 
     // A new snapshot at the source: only it is copied, and only its new chunks are sent.
     scribble_disk(&a, 4, 6)?;
-    let a2_id = backup(&src, &a, "a")?;
+    let a2_id = backup_disk(&src, &a, "a")?;
     let (_, shown, _) = sv_json(&["show", p(&src), &a2_id])?;
     let one = copy(&src, &dst, &["--disk", "a", "latest"])?;
     assert_eq!(one["snapshots_copied"], 1, "{one:#}");
@@ -174,9 +131,9 @@ fn a_copy_between_different_chunkers_rechunks_and_restores_the_same_disks() -> a
     make_disk(&a, 10 * MIB + 512, 7)?;
     let a0 = dir.path().join("a0.img");
     fs::copy(&a, &a0)?;
-    let a0_id = backup(&src, &a, "a")?;
+    let a0_id = backup_disk(&src, &a, "a")?;
     scribble_disk(&a, 6, 2)?;
-    let a1_id = backup(&src, &a, "a")?;
+    let a1_id = backup_disk(&src, &a, "a")?;
 
     let v = copy(&src, &dst, &[])?;
     assert_eq!(v["rechunked"], true, "{v:#}");
@@ -209,42 +166,6 @@ fn a_copy_between_different_chunkers_rechunks_and_restores_the_same_disks() -> a
     Ok(())
 }
 
-/// Runs stackvault with the pause hook armed at `point`, sends SIGINT once it has paused
-/// there, and returns its exit code and stderr.
-fn interrupt_at(args: &[&str], point: &str) -> anyhow::Result<(Option<i32>, String)> {
-    let mut child = Command::new(stackvault_bin())
-        .arg("--quiet")
-        .args(args)
-        .env("STACKVAULT_PAUSE_AT", point)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("run stackvault {args:?}"))?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr pipe")?);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line)? == 0 {
-            let status = child.wait()?;
-            bail!("stackvault {args:?} never paused at {point} ({status}): {seen}");
-        }
-        seen.push_str(&line);
-        if line.starts_with("paused at ") {
-            break;
-        }
-    }
-    let sent = Command::new("kill")
-        .arg("-INT")
-        .arg(child.id().to_string())
-        .status()?;
-    if !sent.success() {
-        bail!("kill -INT failed");
-    }
-    stderr.read_to_string(&mut seen)?;
-    Ok((child.wait()?.code(), seen))
-}
-
 /// A source with one 48 MiB snapshot that neither compresses nor deduplicates (three 16 MiB
 /// packs' worth), an empty destination like it, and the chunk count a complete copy sends.
 fn big_source(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf, String, u64)> {
@@ -252,8 +173,8 @@ fn big_source(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf, String, 
     sv_ok(&["init", p(&src)])?;
     sv_ok(&["init", p(&dst), "--like", p(&src)])?;
     let disk = dir.join("vm.img");
-    random_disk(&disk, 48 * MIB, 11)?;
-    let id = backup(&src, &disk, "vm")?;
+    Disk::random(48 * MIB, 11).write(&disk)?;
+    let id = backup_disk(&src, &disk, "vm")?;
     let total = check(&src)?["chunks"].as_u64().context("chunk count")?;
     Ok((src, dst, disk, id, total))
 }
@@ -266,6 +187,7 @@ fn an_interrupted_copy_resumes_and_sends_only_the_rest() -> anyhow::Result<()> {
     let (code, stderr) = interrupt_at(
         &["copy", "--from", p(&src), "--to", p(&dst)],
         "copy-segment:10",
+        "INT",
     )?;
     assert_eq!(code, Some(130), "{stderr}");
     assert!(stderr.contains("interrupted: copy stopped"), "{stderr}");
@@ -342,11 +264,11 @@ fn a_damaged_chunk_fails_only_its_snapshot() -> anyhow::Result<()> {
         Ok(out)
     };
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    random_disk(&a, 4 * MIB, 1)?;
-    random_disk(&b, 4 * MIB, 2)?;
-    let a_id = backup(&src, &a, "a")?;
+    Disk::random(4 * MIB, 1).write(&a)?;
+    Disk::random(4 * MIB, 2).write(&b)?;
+    let a_id = backup_disk(&src, &a, "a")?;
     let a_packs = packs(&src)?;
-    let b_id = backup(&src, &b, "b")?;
+    let b_id = backup_disk(&src, &b, "b")?;
     // Flip a byte inside the first frame of a's only pack.
     let damaged = a_packs.iter().next().context("a pack of disk a")?;
     let mut bytes = fs::read(damaged)?;

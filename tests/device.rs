@@ -8,84 +8,12 @@
 
 use std::fs;
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use anyhow::{bail, Context as _};
-use stackvault_tests::{p, sv, sv_json, sv_ok, Fixture};
+use anyhow::Context as _;
+use stackvault_tests::{in_ci, loop_device, mknod_like, p, sv, sv_json, sv_ok, Fixture, GARBAGE};
 
 const MIB: u64 = 1 << 20;
-/// What the backing file holds before the restore: old data the zero runs must overwrite.
-const GARBAGE: u8 = 0xa5;
-
-/// A loop device, detached on drop. The tests write through `dev`, a node of the same device
-/// made in the test's directory, never through `/dev/loopN`: a restore that replaced its
-/// target node (as restores did before writing devices in place) then harms nothing shared.
-struct LoopDevice {
-    loop_dev: PathBuf,
-    dev: PathBuf,
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loop_dev)
-            .status();
-    }
-}
-
-/// A loop device over a new sparse file of `size` bytes whose first `garbage` bytes are
-/// [`GARBAGE`]; `None` (after saying why) where loop devices cannot be made outside CI.
-fn loop_device(backing: &Path, size: u64, garbage: u64) -> anyhow::Result<Option<LoopDevice>> {
-    let f = fs::File::create(backing)?;
-    f.set_len(size)?;
-    let block = vec![GARBAGE; MIB as usize];
-    let mut at = 0;
-    while at < garbage {
-        let n = (garbage - at).min(MIB) as usize;
-        f.write_all_at(&block[..n], at)?;
-        at += n as u64;
-    }
-    f.sync_all()?;
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(backing)
-        .output();
-    let why = match out {
-        Ok(o) if o.status.success() => {
-            let loop_dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-            let dev = backing.with_extension("dev");
-            let device = LoopDevice { loop_dev, dev };
-            mknod_like(&device.loop_dev, &device.dev, "b")?;
-            return Ok(Some(device));
-        }
-        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        Err(e) => format!("cannot run losetup: {e}"),
-    };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("cannot make a loop device ({why}); CI must run these tests as root with util-linux");
-    }
-    eprintln!("SKIPPED: cannot make a loop device ({why})");
-    Ok(None)
-}
-
-/// Makes a device node at `node` for the same device as `existing` (`kind` `b` or `c`).
-fn mknod_like(existing: &Path, node: &Path, kind: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = fs::metadata(existing)?.rdev();
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-    let status = Command::new("mknod")
-        .arg(node)
-        .args([kind, &major.to_string(), &minor.to_string()])
-        .status()
-        .context("run mknod")?;
-    if !status.success() {
-        bail!("mknod {} failed", node.display());
-    }
-    Ok(())
-}
 
 fn read_range(path: &Path, offset: u64, len: u64) -> anyhow::Result<Vec<u8>> {
     let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
@@ -183,7 +111,7 @@ fn a_character_device_is_written_in_place_and_gets_the_raw_disk() -> anyhow::Res
     let (_, id) = f.backup_new_disk("vm", 4 * MIB, 2)?;
     let null = f.path("null");
     if let Err(e) = mknod_like(Path::new("/dev/null"), &null, "c") {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        if in_ci() {
             return Err(e);
         }
         eprintln!("SKIPPED: cannot make a device node ({e:#})");

@@ -7,7 +7,7 @@ use stackvault::{
     backup, restore_to_file, BackupOptions, BackupReport, ChunkerParams, Error, InitOptions,
     NoProgress, Repo, RestoreOptions,
 };
-use stackvault_tests::{make_sample_disk, mutate_disk, same_bytes, shared_small_dataset};
+use stackvault_tests::{same_bytes, scribble, shared_small_dataset, Disk, Scribble};
 
 fn init(dir: &Path) -> Result<Repo> {
     Ok(Repo::init(&dir.join("repo"), &InitOptions::default())?)
@@ -42,7 +42,7 @@ fn round_trip_of_odd_sized_real_data_disk() -> Result<()> {
     let repo = init(dir.path())?;
     // Not a multiple of the segment (4 MiB), the sector (512) or the zero block (4 KiB).
     let disk = dir.path().join("odd.img");
-    make_sample_disk(&disk, 21 * (1 << 20) + 12_345, 60, 1)?;
+    Disk::filled(21 * (1 << 20) + 12_345, 60, 1).write(&disk)?;
     let report = backup_file(&repo, &disk, "odd")?;
     assert_eq!(report.virtual_size, 21 * (1 << 20) + 12_345);
     assert!(report.stats.zero_bytes > 0, "sample disk has free space");
@@ -64,7 +64,7 @@ fn restore_is_sparse_where_the_disk_is_zero() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = init(dir.path())?;
     let disk = dir.path().join("mostly-empty.img");
-    make_sample_disk(&disk, 32 << 20, 10, 2)?;
+    Disk::filled(32 << 20, 10, 2).write(&disk)?;
     let r = backup_file(&repo, &disk, "sparse")?;
     let out = dir.path().join("out.img");
     assert_restores(&repo, &r.snapshot_id, &disk, &out)?;
@@ -106,7 +106,7 @@ fn second_backup_adds_nothing_and_generations_share_chunks() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = init(dir.path())?;
     let gen0 = dir.path().join("gen0.img");
-    make_sample_disk(&gen0, 40 << 20, 55, 3)?;
+    Disk::filled(40 << 20, 55, 3).write(&gen0)?;
     let first = backup_file(&repo, &gen0, "web01")?;
     let again = backup_file(&repo, &gen0, "web01")?;
     assert_eq!(again.stats.new_chunks, 0);
@@ -115,7 +115,7 @@ fn second_backup_adds_nothing_and_generations_share_chunks() -> Result<()> {
 
     let gen1 = dir.path().join("gen1.img");
     std::fs::copy(&gen0, &gen1)?;
-    mutate_disk(&gen1, 40, 4)?;
+    scribble(&gen1, Scribble::Week, 40, 4)?;
     let next = backup_file(&repo, &gen1, "web01")?;
     assert_ne!(next.root_digest, first.root_digest);
     assert!(
@@ -140,7 +140,7 @@ fn fixed_chunker_round_trip() -> Result<()> {
     };
     let repo = Repo::init(&dir.path().join("repo"), &options)?;
     let disk = dir.path().join("d.img");
-    make_sample_disk(&disk, 13 << 20, 50, 5)?;
+    Disk::filled(13 << 20, 50, 5).write(&disk)?;
     let r = backup_file(&repo, &disk, "d")?;
     let manifest = repo.load_manifest(&r.snapshot_id)?;
     let mut offset = 0u64;
@@ -252,7 +252,7 @@ fn snapshot_resolution_errors() -> Result<()> {
         Err(Error::SnapshotNotFound { .. })
     ));
     let disk = dir.path().join("d.img");
-    make_sample_disk(&disk, 2 << 20, 50, 6)?;
+    Disk::filled(2 << 20, 50, 6).write(&disk)?;
     let mut ids = Vec::new();
     for i in 0..20 {
         std::fs::OpenOptions::new()
@@ -294,7 +294,7 @@ fn restore_refuses_existing_output_without_force() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = init(dir.path())?;
     let disk = dir.path().join("d.img");
-    make_sample_disk(&disk, 3 << 20, 50, 7)?;
+    Disk::filled(3 << 20, 50, 7).write(&disk)?;
     let r = backup_file(&repo, &disk, "d")?;
     let snap = repo.resolve_snapshot(&r.snapshot_id, None)?;
     let out = dir.path().join("exists.img");

@@ -9,9 +9,7 @@ use anyhow::{ensure, Context as _};
 use stackvault::format::pack::{encode_pack_v1, PACK_VERSION_V1};
 use stackvault::store::pack::{read_chunk, read_pack_table};
 use stackvault::store::{Backend, LocalDir};
-use stackvault_tests::{
-    machine_bytes, make_sample_disk, mutate_disk, p, same_bytes, sv, sv_json, sv_ok, Fixture,
-};
+use stackvault_tests::{machine_bytes, p, scribble, sv, sv_json, sv_ok, Disk, Fixture, Scribble};
 
 const MIB: u64 = 1 << 20;
 
@@ -38,14 +36,6 @@ fn index_rows(repo: &Path) -> anyhow::Result<Vec<String>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-fn restores(f: &Fixture, id: &str, disk: &Path) -> anyhow::Result<()> {
-    let out = f.path("out.img");
-    sv_ok(&["restore", p(&f.repo()), id, p(&out), "--force"])?;
-    ensure!(same_bytes(&out, disk)?, "restore of {id} differs");
-    fs::remove_file(&out)?;
-    Ok(())
-}
-
 fn check_clean(repo: &Path) -> anyhow::Result<()> {
     let (code, v, stderr) = sv_json(&["check", p(repo), "--read-data"])?;
     ensure!(code == Some(0) && v["ok"] == true, "check: {v} {stderr}");
@@ -57,7 +47,7 @@ fn frames_hold_many_chunks_and_round_trip_through_rebuild() -> anyhow::Result<()
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 24 * MIB, 60, 1)?;
+    Disk::filled(24 * MIB, 60, 1).write(&disk)?;
     let id = f.backup(&disk, "d")?;
     let chunks = query_u64(&repo, "SELECT count(*) FROM chunks")?;
     let frames = query_u64(
@@ -77,7 +67,7 @@ fn frames_hold_many_chunks_and_round_trip_through_rebuild() -> anyhow::Result<()
             "SELECT count(*) FROM chunks WHERE frame_raw_len > 262144 AND frame_chunks > 1"
         )? == 0
     );
-    restores(&f, &id, &disk)?;
+    f.assert_restores(&id, &disk)?;
     let (code, v, _) = sv_json(&["verify", p(&repo), &id])?;
     ensure!(code == Some(0) && v["outcome"] == "ok", "{v}");
     check_clean(&repo)?;
@@ -86,7 +76,7 @@ fn frames_hold_many_chunks_and_round_trip_through_rebuild() -> anyhow::Result<()
     let before = index_rows(&repo)?;
     sv_ok(&["index", "rebuild", p(&repo)])?;
     assert_eq!(index_rows(&repo)?, before);
-    restores(&f, &id, &disk)
+    f.assert_restores(&id, &disk)
 }
 
 /// Rewrites every pack of `repo` as a version 1 pack of the same name (one uncompressed
@@ -156,13 +146,13 @@ fn version_1_packs_and_a_schema_2_index_still_work() -> anyhow::Result<()> {
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 16 * MIB, 60, 2)?;
+    Disk::filled(16 * MIB, 60, 2).write(&disk)?;
     let id0 = f.backup(&disk, "d")?;
     downgrade_packs(&repo)?;
     schema_2_index(&repo)?;
 
     // Opening migrates the index in place; every v1 record reads as a frame of one chunk.
-    restores(&f, &id0, &disk)?;
+    f.assert_restores(&id0, &disk)?;
     ensure!(query_u64(&repo, "PRAGMA user_version")? == 3);
     ensure!(query_u64(&repo, "SELECT max(version) FROM packs")? == 1);
     ensure!(query_u64(&repo, "SELECT max(frame_chunks) FROM chunks")? == 1);
@@ -175,18 +165,18 @@ fn version_1_packs_and_a_schema_2_index_still_work() -> anyhow::Result<()> {
     // New data goes to version 2 packs next to the old ones.
     let disk1 = f.path("d1.img");
     fs::copy(&disk, &disk1)?;
-    mutate_disk(&disk1, 300, 7)?;
+    scribble(&disk1, Scribble::Week, 300, 7)?;
     let id1 = f.backup(&disk1, "d")?;
     ensure!(query_u64(&repo, "SELECT count(DISTINCT version) FROM packs")? == 2);
-    restores(&f, &id0, &disk)?;
-    restores(&f, &id1, &disk1)?;
+    f.assert_restores(&id0, &disk)?;
+    f.assert_restores(&id1, &disk1)?;
 
     // Prune rewrites the version 1 packs into version 2 frames, verbatim.
     sv_ok(&["forget", p(&repo), &id0])?;
     let (code, r, stderr) = sv_json(&["prune", p(&repo), "--max-unused", "0%"])?;
     ensure!(code == Some(0), "prune: {stderr}");
     ensure!(r["packs_rewritten"].as_u64() > Some(0), "{r}");
-    restores(&f, &id1, &disk1)?;
+    f.assert_restores(&id1, &disk1)?;
     check_clean(&repo)
 }
 
@@ -195,7 +185,7 @@ fn damage_inside_a_frame_is_reported_for_each_of_its_chunks() -> anyhow::Result<
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk = f.path("d.img");
-    make_sample_disk(&disk, 16 * MIB, 60, 3)?;
+    Disk::filled(16 * MIB, 60, 3).write(&disk)?;
     let id = f.backup(&disk, "d")?;
     let conn = rusqlite::Connection::open(repo.join("index.sqlite"))?;
     let (pack, offset, n, stored): (String, i64, i64, i64) = conn.query_row(
@@ -242,7 +232,7 @@ fn prune_keeps_partly_referenced_frames_and_frees_what_it_predicted() -> anyhow:
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk0 = f.path("d0.img");
-    make_sample_disk(&disk0, 16 * MIB, 60, 4)?;
+    Disk::filled(16 * MIB, 60, 4).write(&disk0)?;
     // 1 MiB that gen1 replaces: several whole frames of gen0 lose every chunk, while the
     // scattered block changes leave frames partly referenced.
     let region = 4 * MIB + 512 * 1024;
@@ -250,7 +240,7 @@ fn prune_keeps_partly_referenced_frames_and_frees_what_it_predicted() -> anyhow:
     let id0 = f.backup(&disk0, "d")?;
     let disk1 = f.path("d1.img");
     fs::copy(&disk0, &disk1)?;
-    mutate_disk(&disk1, 200, 9)?;
+    scribble(&disk1, Scribble::Week, 200, 9)?;
     write_at(&disk1, region, &machine_bytes(MIB as usize, 42))?;
     let id1 = f.backup(&disk1, "d")?;
     sv_ok(&["forget", p(&repo), &id0])?;
@@ -290,6 +280,6 @@ fn prune_keeps_partly_referenced_frames_and_frees_what_it_predicted() -> anyhow:
     );
     let (_, stats, _) = sv_json(&["stats", p(&repo)])?;
     assert_eq!(stats["repository"]["unreferenced_bytes"], 0, "{stats}");
-    restores(&f, &id1, &disk1)?;
+    f.assert_restores(&id1, &disk1)?;
     check_clean(&repo)
 }

@@ -8,7 +8,9 @@ use stackvault::{
     backup, BackupMode, BackupOptions, BackupReport, ChangeList, Error, InitOptions, NoProgress,
     Repo, SnapshotKind,
 };
-use stackvault_tests::{json_change_list, make_sample_disk, mutate_disk, restores_to, run_cli};
+use stackvault_tests::{
+    json_change_list, outcome, p, restores_to, scribble, sv_as_typed, Disk, Scribble,
+};
 
 const SEGMENT: u64 = 4 << 20;
 
@@ -42,11 +44,11 @@ fn change_list_reads_only_touched_segments_and_matches_full() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 64 << 20, 60, 21)?;
+    Disk::filled(64 << 20, 60, 21).write(&disk)?;
     let gen0 = run(&repo, &disk, opts(BackupMode::Auto, None))?;
     assert_eq!(gen0.kind, SnapshotKind::Full);
 
-    let changed = mutate_disk(&disk, 6, 22)?;
+    let changed = scribble(&disk, Scribble::Week, 6, 22)?;
     let list = ChangeList::parse(&json_change_list(&changed), "test")?;
     let inc = run(&repo, &disk, opts(BackupMode::Auto, Some(list)))?;
     assert_eq!(inc.kind, SnapshotKind::Incremental);
@@ -87,9 +89,9 @@ fn incremental_without_change_knowledge_reads_all_and_matches_full() -> Result<(
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 24 << 20, 60, 23)?;
+    Disk::filled(24 << 20, 60, 23).write(&disk)?;
     run(&repo, &disk, opts(BackupMode::Auto, None))?;
-    mutate_disk(&disk, 10, 24)?;
+    scribble(&disk, Scribble::Week, 10, 24)?;
     let inc = run(&repo, &disk, opts(BackupMode::Auto, None))?;
     assert_eq!(inc.kind, SnapshotKind::Incremental);
     assert_eq!(inc.change_source, "full-read");
@@ -105,7 +107,7 @@ fn azure_clear_range_becomes_zeros() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 24 << 20, 90, 25)?;
+    Disk::filled(24 << 20, 90, 25).write(&disk)?;
     let gen0 = run(&repo, &disk, opts(BackupMode::Auto, None))?;
     // Clear segment 2 entirely and half of segment 4; write one page in segment 0.
     let f = std::fs::OpenOptions::new().write(true).open(&disk)?;
@@ -159,7 +161,7 @@ fn change_lists_that_do_not_fit_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 8 << 20, 60, 26)?;
+    Disk::filled(8 << 20, 60, 26).write(&disk)?;
     run(&repo, &disk, opts(BackupMode::Auto, None))?;
 
     // The list describes another disk size.
@@ -217,12 +219,12 @@ fn differential_after_incrementals_and_parents_are_not_needed() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 32 << 20, 60, 27)?;
+    Disk::filled(32 << 20, 60, 27).write(&disk)?;
     let full = run(&repo, &disk, opts(BackupMode::Auto, None))?;
-    let c1 = mutate_disk(&disk, 4, 28)?;
+    let c1 = scribble(&disk, Scribble::Week, 4, 28)?;
     let list1 = ChangeList::parse(&json_change_list(&c1), "1")?;
     let inc1 = run(&repo, &disk, opts(BackupMode::Auto, Some(list1)))?;
-    let c2 = mutate_disk(&disk, 4, 29)?;
+    let c2 = scribble(&disk, Scribble::Week, 4, 29)?;
     let list2 = ChangeList::parse(&json_change_list(&c2), "2")?;
     let inc2 = run(&repo, &disk, opts(BackupMode::Auto, Some(list2)))?;
     assert_eq!(inc2.parent.as_deref(), Some(inc1.snapshot_id.as_str()));
@@ -263,29 +265,21 @@ fn cli_incremental_chain_and_diff() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 16 << 20, 60, 30)?;
-    let sv = |args: &[&std::ffi::OsStr]| run_cli(args.iter().copied());
-    let (code, _, err) = sv(&["init".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 0, "{err}");
+    Disk::filled(16 << 20, 60, 30).write(&disk)?;
+    let (code, _, err) = outcome(&sv_as_typed(&["init", p(&repo)], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     let backup = |extra: &[&str]| -> Result<serde_json::Value> {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "backup".as_ref(),
-            repo.as_os_str(),
-            disk.as_os_str(),
-            "--disk".as_ref(),
-            "web01".as_ref(),
-            "--json".as_ref(),
-        ];
-        args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
-        let (code, out, err) = sv(&args)?;
-        anyhow::ensure!(code == 0, "backup failed: {err}");
+        let mut args = vec!["backup", p(&repo), p(&disk), "--disk", "web01", "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = outcome(&sv_as_typed(&args, &[])?);
+        anyhow::ensure!(code == Some(0), "backup failed: {err}");
         Ok(serde_json::from_str(&out)?)
     };
     let first = backup(&[])?;
     assert_eq!(first["kind"], "full");
     let before = dir.path().join("before.img");
     std::fs::copy(&disk, &before)?;
-    let changed = mutate_disk(&disk, 3, 31)?;
+    let changed = scribble(&disk, Scribble::Week, 3, 31)?;
     let list_path = dir.path().join("ranges.json");
     std::fs::write(&list_path, json_change_list(&changed))?;
     let list_arg = list_path.to_string_lossy().into_owned();
@@ -299,14 +293,8 @@ fn cli_incremental_chain_and_diff() -> Result<()> {
 
     let a = first["snapshot_id"].as_str().unwrap_or_default();
     let b = inc["snapshot_id"].as_str().unwrap_or_default();
-    let (code, out, err) = sv(&[
-        "diff".as_ref(),
-        repo.as_os_str(),
-        a.as_ref(),
-        b.as_ref(),
-        "--json".as_ref(),
-    ])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(&["diff", p(&repo), a, b, "--json"], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     let report: serde_json::Value = serde_json::from_str(&out)?;
     let ranges = report["changed_ranges"]
         .as_array()
@@ -336,12 +324,12 @@ fn cli_incremental_chain_and_diff() -> Result<()> {
     }
     assert!(differing > 0, "the mutation changed nothing");
     assert!(report["changed_bytes"].as_u64().unwrap_or(0) < 16 << 20);
-    let (code, out, _) = sv(&["diff".as_ref(), repo.as_os_str(), a.as_ref(), a.as_ref()])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(&["diff", p(&repo), a, a], &[])?);
+    assert_eq!(code, Some(0));
     assert!(out.contains("0 B changed"), "{out}");
 
-    let (code, out, _) = sv(&["snapshots".as_ref(), repo.as_os_str()])?;
-    assert_eq!(code, 0);
+    let (code, out, _) = outcome(&sv_as_typed(&["snapshots", p(&repo)], &[])?);
+    assert_eq!(code, Some(0));
     assert!(
         out.contains("differential") && out.contains(&a[..12]),
         "{out}"
@@ -368,9 +356,9 @@ fn xml_and_json_lists_of_the_same_ranges_back_up_the_same() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 32 << 20, 60, 41)?;
+    Disk::filled(32 << 20, 60, 41).write(&disk)?;
     let gen0 = run(&repo, &disk, opts(BackupMode::Auto, None))?;
-    let changed = mutate_disk(&disk, 5, 42)?;
+    let changed = scribble(&disk, Scribble::Week, 5, 42)?;
     let mut reports = Vec::new();
     for list in [
         ChangeList::parse(&json_change_list(&changed), "json")?,
@@ -395,12 +383,12 @@ fn change_lists_with_numbers_that_wrap_or_missing_pages_are_refused() -> Result<
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 8 << 20, 60, 43)?;
+    Disk::filled(8 << 20, 60, 43).write(&disk)?;
     let (r, d) = (repo.to_string_lossy(), disk.to_string_lossy());
-    let (code, _, err) = run_cli(["init", &*r])?;
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d"])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(&["init", &*r], &[])?);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(&["backup", &*r, &*d, "--disk", "d"], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     let list = dir.path().join("changes.xml");
     let l = list.to_string_lossy();
     // <End> of 2^64-1: the inclusive length wraps to 0, which read nothing and recorded the
@@ -409,8 +397,11 @@ fn change_lists_with_numbers_that_wrap_or_missing_pages_are_refused() -> Result<
         &list,
         "<PageList><PageRange><Start>0</Start><End>18446744073709551615</End></PageRange></PageList>",
     )?;
-    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l])?;
-    assert_eq!(code, 4, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l],
+        &[],
+    )?);
+    assert_eq!(code, Some(4), "{err}");
     assert!(
         err.contains("18446744073709551615") && err.contains(&*l),
         "{err}"
@@ -421,14 +412,17 @@ fn change_lists_with_numbers_that_wrap_or_missing_pages_are_refused() -> Result<
         "<PageList><PageRange><Start>0</Start><End>4095</End></PageRange>\
          <NextMarker>2!104!MDAwMDQ2IXBhZ2Uy</NextMarker></PageList>",
     )?;
-    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l])?;
-    assert_eq!(code, 4, "{err}");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*l],
+        &[],
+    )?);
+    assert_eq!(code, Some(4), "{err}");
     assert!(
         err.contains("incomplete") && err.contains("2!104!MDAwMDQ2IXBhZ2Uy"),
         "{err}"
     );
     // Nothing was recorded by the refused backups.
-    let (_, out, _) = run_cli(["snapshots", &*r, "--json"])?;
+    let (_, out, _) = outcome(&sv_as_typed(&["snapshots", &*r, "--json"], &[])?);
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(1));
     Ok(())
@@ -439,28 +433,31 @@ fn a_list_naming_its_base_must_name_the_parent_and_diff_json_is_a_list() -> Resu
     let dir = tempfile::tempdir()?;
     let repo = dir.path().join("repo");
     let disk = dir.path().join("disk.img");
-    make_sample_disk(&disk, 16 << 20, 60, 44)?;
+    Disk::filled(16 << 20, 60, 44).write(&disk)?;
     let (r, d) = (repo.to_string_lossy().into_owned(), disk.to_string_lossy());
     let json = |args: &[&str]| -> Result<serde_json::Value> {
-        let (code, out, err) = run_cli(args)?;
-        anyhow::ensure!(code == 0, "stackvault {args:?}: {err}");
+        let (code, out, err) = outcome(&sv_as_typed(args, &[])?);
+        anyhow::ensure!(code == Some(0), "stackvault {args:?}: {err}");
         Ok(serde_json::from_str(&out)?)
     };
     json(&["init", &r, "--json"])?;
     let a = json(&["backup", &r, &d, "--disk", "d", "--json"])?;
     let a_id = a["snapshot_id"].as_str().unwrap_or_default().to_string();
-    mutate_disk(&disk, 4, 45)?;
+    scribble(&disk, Scribble::Week, 4, 45)?;
     let b = json(&["backup", &r, &d, "--disk", "d", "--full", "--json"])?;
     let b_id = b["snapshot_id"].as_str().unwrap_or_default().to_string();
     // What changed from A to B, as `diff --json` says, is a change list relative to A.
     let diff = dir.path().join("diff.json");
-    let (code, out, err) = run_cli(["diff", &*r, &*a_id, &*b_id, "--json"])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(&["diff", &*r, &*a_id, &*b_id, "--json"], &[])?);
+    assert_eq!(code, Some(0), "{err}");
     std::fs::write(&diff, out)?;
     let df = diff.to_string_lossy();
     // The latest snapshot (B) is not its base: refused, naming both.
-    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*df])?;
-    assert_ne!(code, 0);
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*df],
+        &[],
+    )?);
+    assert_ne!(code, Some(0));
     assert!(
         err.contains("relative to") && err.contains(&a_id) && err.contains(&b_id[..12]),
         "{err}"
@@ -505,8 +502,11 @@ fn a_list_naming_its_base_must_name_the_parent_and_diff_json_is_a_list() -> Resu
     let prefix = &a_id[..16];
     std::fs::write(&doc, format!(r#"{{"base": "{prefix}", "ranges": []}}"#))?;
     let dc = doc.to_string_lossy();
-    let (code, _, err) = run_cli(["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*dc])?;
-    assert_ne!(code, 0, "a base that is not the parent was accepted");
+    let (code, _, err) = outcome(&sv_as_typed(
+        &["backup", &*r, &*d, "--disk", "d", "--changed-ranges", &*dc],
+        &[],
+    )?);
+    assert_ne!(code, Some(0), "a base that is not the parent was accepted");
     assert!(err.contains(prefix), "{err}");
     json(&[
         "backup",

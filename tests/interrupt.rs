@@ -8,50 +8,13 @@
 //! stale locks) and `prune` removes it.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context as _};
-use stackvault_tests::{p, stackvault_bin, sv_json, sv_ok, Fixture, Rng};
+use anyhow::Context as _;
+use stackvault_tests::{interrupt_at, p, sv_json, sv_ok, Disk, Fixture};
 
 const MIB: u64 = 1 << 20;
-
-/// Runs stackvault with the pause hook armed at `point`, sends `signal` (`INT`, `TERM`) once
-/// it has paused there, and returns its exit code and stderr.
-fn interrupt_at(args: &[&str], point: &str, signal: &str) -> anyhow::Result<(Option<i32>, String)> {
-    let mut child = Command::new(stackvault_bin())
-        .arg("--quiet")
-        .args(args)
-        .env("STACKVAULT_PAUSE_AT", point)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("run stackvault {args:?}"))?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr pipe")?);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line)? == 0 {
-            let status = child.wait()?;
-            bail!("stackvault {args:?} never paused at {point} ({status}): {seen}");
-        }
-        seen.push_str(&line);
-        if line.starts_with("paused at ") {
-            break;
-        }
-    }
-    let sent = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()?;
-    if !sent.success() {
-        bail!("kill -{signal} failed");
-    }
-    stderr.read_to_string(&mut seen)?;
-    Ok((child.wait()?.code(), seen))
-}
 
 /// Every file under `dir`, relative to it.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -91,25 +54,13 @@ fn assert_clean(repo: &Path, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A disk of `size` bytes that does not compress or deduplicate: every byte stored is a pack
-/// byte.
-fn random_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
-    let mut rng = Rng::new(seed);
-    let mut data = vec![0u8; size as usize];
-    for word in data.chunks_exact_mut(8) {
-        word.copy_from_slice(&rng.next_u64().to_le_bytes());
-    }
-    fs::write(path, data)?;
-    Ok(())
-}
-
 #[test]
 fn an_interrupted_backup_keeps_its_packs_for_the_next() -> anyhow::Result<()> {
     let f = Fixture::new()?;
     let repo = f.repo();
     let disk = f.path("vm.img");
     let size = 48 * MIB;
-    random_disk(&disk, size, 7)?;
+    Disk::random(size, 7).write(&disk)?;
     // Paused before its 10th 4 MiB segment: 36 MiB went to the pack store, two 16 MiB packs.
     let (code, stderr) = interrupt_at(
         &["backup", p(&repo), p(&disk), "--disk", "vm"],
@@ -212,7 +163,7 @@ fn an_interrupted_prune_leaves_what_the_next_prune_finishes() -> anyhow::Result<
     let repo = f.repo();
     let (keep_disk, keep) = f.backup_new_disk("keep", 8 * MIB, 11)?;
     let gone = f.path("gone.img");
-    random_disk(&gone, 40 * MIB, 12)?;
+    Disk::random(40 * MIB, 12).write(&gone)?;
     let gone_id = f.backup(&gone, "gone")?;
     sv_ok(&["forget", p(&repo), &gone_id])?;
     let (code, stderr) = interrupt_at(&["prune", p(&repo)], "prune-pack:2", "TERM")?;

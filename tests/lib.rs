@@ -1,10 +1,16 @@
-//! Helpers shared by the integration suite and benches: sample disks built from real files on
-//! this machine, the `stackvault` binary, temporary repositories.
+//! Helpers shared by the integration suite and benches, so that a test reads as a story:
+//! arrange with a fixture ([`Fixture`], sample disks from the one builder [`Disk`] and its
+//! shorthand [`make_disk`], the next generation of a disk from the one mutator [`scribble`] or
+//! [`scribble_disk`]), act with the one CLI runner family (`sv`, `sv_env`, `sv_ok`, `sv_json`,
+//! `sv_json_ok`, and `sv_as_typed` for a run without `--quiet`; `pause_at`/`interrupt_at` for
+//! runs stopped by the test pause hook), and assert on outcomes. Peers that may be missing
+//! ([`Azurite::start_or_skip`], [`skip_for`], [`loop_device`]) fail under `CI=true` and skip
+//! with a message elsewhere. Sample disks are built from real files of this machine.
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context as _};
@@ -101,87 +107,288 @@ pub fn machine_files() -> &'static [PathBuf] {
     })
 }
 
-/// Writes a sample raw disk of exactly `size` bytes at `path`: real files of this machine laid
-/// out at 4 KiB-aligned offsets with zero gaps between them (like a file system with free
-/// space), about `fill_percent` full. Deterministic for a seed on one machine.
-pub fn make_sample_disk(
-    path: &Path,
-    size: u64,
-    fill_percent: u64,
-    seed: u64,
-) -> anyhow::Result<()> {
-    use std::io::Write;
-    let files = machine_files();
-    anyhow::ensure!(
-        !files.is_empty(),
-        "no files under /usr to build a sample disk from"
-    );
-    let mut rng = Rng::new(seed);
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let target_data = size / 100 * fill_percent;
-    let mut pos = 0u64;
-    let mut data = 0u64;
-    while pos < size {
-        let f = &files[rng.below(files.len() as u64) as usize];
-        let Ok(bytes) = std::fs::read(f) else {
-            continue;
-        };
-        // At most 1 MiB of each file, so the fill level is met closely.
-        let take = (bytes.len() as u64).min(size - pos).min(1 << 20);
-        if data < target_data {
-            out.write_all(&bytes[..take as usize])?;
-            pos += take;
-            data += take;
-        }
-        // A gap of free space (zeros), keeping files 4 KiB aligned as a file system would.
-        let gap = match (data < target_data, rng.below(4)) {
-            (false, _) => size,
-            (true, 0) => (16 + rng.below(240)) * 4096, // 64 KiB to 1 MiB of free space
-            (true, _) => rng.below(16) * 4096,
-        };
-        let aligned = pos.div_ceil(4096) * 4096 + gap;
-        let next = aligned.min(size);
-        let zeros = vec![0u8; 1 << 16];
-        while pos < next {
-            let n = (next - pos).min(zeros.len() as u64);
-            out.write_all(&zeros[..n as usize])?;
-            pos += n;
-        }
-    }
-    out.flush()?;
-    Ok(())
+/// How a sample disk lays real files out: the one builder of the suite, [`Disk`], makes each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// /usr/bin binaries in name order from the `seed`-th, each followed by 256 KiB of
+    /// zeros, as unallocated space on a real disk ([`make_disk`]).
+    Packed,
+    /// Random files of /usr at 4 KiB-aligned offsets with random zero gaps between them (a
+    /// file system with free space), about this percentage full.
+    Filled(u64),
+    /// /usr/bin binaries in name order from the `seed`-th, each followed by a gap of 0..4 MiB
+    /// at odd offsets: some 2 MiB blocks stay empty, most are partial (VHD block allocation).
+    Sparse,
+    /// Pseudo-random bytes from the seed: a disk that neither compresses nor deduplicates,
+    /// so every byte stored is a pack byte.
+    Random,
 }
 
-/// Makes the next generation of a sample disk in place: overwrites `blocks` random 4 KiB
-/// blocks with bytes of other files, and rewrites one region shifted by a few bytes (an
-/// edited file), like a week of VM life. Returns the byte ranges written, `(offset, len)`.
-pub fn mutate_disk(path: &Path, blocks: u64, seed: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+/// A sample disk of exactly `size` bytes built from real files of this machine, which
+/// compress and deduplicate like a VM's disk does. Deterministic for a seed on one machine.
+#[derive(Clone, Copy, Debug)]
+pub struct Disk {
+    pub size: u64,
+    pub seed: u64,
+    pub layout: Layout,
+}
+
+impl Disk {
+    /// [`Layout::Packed`]: what [`make_disk`] writes.
+    pub fn packed(size: u64, seed: u64) -> Disk {
+        Disk {
+            size,
+            seed,
+            layout: Layout::Packed,
+        }
+    }
+
+    /// [`Layout::Filled`] to about `percent` of `size`.
+    pub fn filled(size: u64, percent: u64, seed: u64) -> Disk {
+        Disk {
+            size,
+            seed,
+            layout: Layout::Filled(percent),
+        }
+    }
+
+    /// [`Layout::Sparse`].
+    pub fn sparse(size: u64, seed: u64) -> Disk {
+        Disk {
+            size,
+            seed,
+            layout: Layout::Sparse,
+        }
+    }
+
+    /// [`Layout::Random`].
+    pub fn random(size: u64, seed: u64) -> Disk {
+        Disk {
+            size,
+            seed,
+            layout: Layout::Random,
+        }
+    }
+
+    /// Writes the disk at `path`.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let file = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        self.write_to(&mut out)?;
+        out.into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()
+            .with_context(|| format!("sync {}", path.display()))
+    }
+
+    /// The disk's bytes, in memory.
+    pub fn bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(self.size)?);
+        self.write_to(&mut out)?;
+        Ok(out)
+    }
+
+    fn write_to(&self, out: &mut impl Write) -> anyhow::Result<()> {
+        match self.layout {
+            Layout::Packed => self.write_packed(out),
+            Layout::Filled(percent) => self.write_filled(out, percent),
+            Layout::Sparse => self.write_sparse(out),
+            Layout::Random => self.write_random(out),
+        }
+    }
+
+    fn write_packed(&self, out: &mut impl Write) -> anyhow::Result<()> {
+        let files = usr_bin_files()?;
+        let zeros = vec![0u8; 256 * 1024];
+        let mut written: u64 = 0;
+        let mut i = usize::try_from(self.seed)?;
+        while written < self.size {
+            let data = fs::read(&files[i % files.len()]).unwrap_or_default();
+            i += 1;
+            for part in [&data[..], &zeros[..]] {
+                let n = (part.len() as u64).min(self.size - written) as usize;
+                out.write_all(&part[..n])?;
+                written += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_filled(&self, out: &mut impl Write, fill_percent: u64) -> anyhow::Result<()> {
+        let size = self.size;
+        let files = machine_files();
+        anyhow::ensure!(
+            !files.is_empty(),
+            "no files under /usr to build a sample disk from"
+        );
+        let mut rng = Rng::new(self.seed);
+        let target_data = size / 100 * fill_percent;
+        let mut pos = 0u64;
+        let mut data = 0u64;
+        while pos < size {
+            let f = &files[rng.below(files.len() as u64) as usize];
+            let Ok(bytes) = fs::read(f) else {
+                continue;
+            };
+            // At most 1 MiB of each file, so the fill level is met closely.
+            let take = (bytes.len() as u64).min(size - pos).min(1 << 20);
+            if data < target_data {
+                out.write_all(&bytes[..take as usize])?;
+                pos += take;
+                data += take;
+            }
+            // A gap of free space (zeros), keeping files 4 KiB aligned as a file system would.
+            let gap = match (data < target_data, rng.below(4)) {
+                (false, _) => size,
+                (true, 0) => (16 + rng.below(240)) * 4096, // 64 KiB to 1 MiB of free space
+                (true, _) => rng.below(16) * 4096,
+            };
+            let next = (pos.div_ceil(4096) * 4096 + gap).min(size);
+            let zeros = vec![0u8; 1 << 16];
+            while pos < next {
+                let n = (next - pos).min(zeros.len() as u64);
+                out.write_all(&zeros[..n as usize])?;
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_random(&self, out: &mut impl Write) -> anyhow::Result<()> {
+        let mut rng = Rng::new(self.seed);
+        let mut data = vec![0u8; usize::try_from(self.size)?];
+        for word in data.chunks_exact_mut(8) {
+            word.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        out.write_all(&data)?;
+        Ok(())
+    }
+
+    fn write_sparse(&self, out: &mut impl Write) -> anyhow::Result<()> {
+        let size = usize::try_from(self.size)?;
+        let mut disk = vec![0u8; size];
+        let mut pos = 0usize;
+        let skip = usize::try_from(self.seed)?;
+        for (i, path) in usr_bin_files()?.iter().skip(skip).enumerate() {
+            let Ok(bytes) = fs::read(path) else {
+                continue;
+            };
+            let n = bytes.len().min(size.saturating_sub(pos)).min(1 << 20);
+            disk[pos..pos + n].copy_from_slice(&bytes[..n]);
+            // Gaps of 0..4 MiB at odd offsets: some 2 MiB blocks stay empty, most are partial.
+            pos += n + (i * 1_234_567) % (4 << 20);
+            if pos >= size {
+                break;
+            }
+        }
+        out.write_all(&disk)?;
+        Ok(())
+    }
+}
+
+/// Writes a [`Layout::Packed`] sample disk of exactly `size` bytes at `path` (different seeds
+/// give mostly different content).
+pub fn make_disk(path: &Path, size: u64, seed: usize) -> anyhow::Result<()> {
+    Disk::packed(size, seed as u64).write(path)
+}
+
+/// How [`scribble`] changes a disk: the suite's one mutator makes the next generation of a
+/// disk in one of these ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scribble {
+    /// `count` 64 KiB ranges, evenly spread, overwritten with bytes of one other file
+    /// ([`scribble_disk`]).
+    Spread,
+    /// `count` random 4 KiB blocks overwritten with bytes of other files, and one 256 KiB
+    /// region shifted by 7 bytes (an edited file, which content-defined chunking must
+    /// resynchronise after): like a week of VM life.
+    Week,
+}
+
+/// Changes the disk at `path` in place as `how` says; returns the byte ranges written,
+/// `(offset, len)`. Deterministic for a seed.
+pub fn scribble(
+    path: &Path,
+    how: Scribble,
+    count: u64,
+    seed: u64,
+) -> anyhow::Result<Vec<(u64, u64)>> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)?;
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
     let size = f.metadata()?.len();
-    anyhow::ensure!(size >= 1 << 20, "disk too small to mutate");
-    let files = machine_files();
-    let mut rng = Rng::new(seed);
     let mut written = Vec::new();
-    for _ in 0..blocks {
-        let src = std::fs::read(&files[rng.below(files.len() as u64) as usize])?;
-        let off = rng.below(src.len() as u64 / 4096) * 4096;
-        let block = &src[off as usize..(off as usize + 4096).min(src.len())];
-        let at = rng.below(size / 4096) * 4096;
-        let block = &block[..block.len().min((size - at) as usize)];
-        f.write_all_at(block, at)?;
-        written.push((at, block.len() as u64));
+    match how {
+        Scribble::Spread => {
+            let files = usr_bin_files()?;
+            let donor_at = usize::try_from(seed)?.wrapping_mul(7).wrapping_add(3) % files.len();
+            let donor = fs::read(&files[donor_at]).unwrap_or_default();
+            for k in 0..count {
+                let at = (size / (count + 1)) * (k + 1) / 4096 * 4096;
+                let mut block: Vec<u8> = donor
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .skip(k as usize * 4096)
+                    .take(65536)
+                    .collect();
+                block.resize(65536, 0xa5);
+                let len = 65536u64.min(size - at);
+                f.write_all_at(&block[..len as usize], at)?;
+                written.push((at, len));
+            }
+        }
+        Scribble::Week => {
+            anyhow::ensure!(size >= 1 << 20, "disk too small to mutate");
+            let files = machine_files();
+            let mut rng = Rng::new(seed);
+            for _ in 0..count {
+                let src = fs::read(&files[rng.below(files.len() as u64) as usize])?;
+                let off = rng.below(src.len() as u64 / 4096) * 4096;
+                let block = &src[off as usize..(off as usize + 4096).min(src.len())];
+                let at = rng.below(size / 4096) * 4096;
+                let block = &block[..block.len().min((size - at) as usize)];
+                f.write_all_at(block, at)?;
+                written.push((at, block.len() as u64));
+            }
+            let at = rng.below(size / 2);
+            let mut region = vec![0u8; 256 << 10];
+            f.read_exact_at(&mut region, at)?;
+            f.write_all_at(&region, at + 7)?;
+            written.push((at + 7, region.len() as u64));
+        }
     }
-    // Shift a 256 KiB region by 7 bytes: content-defined chunking must resynchronise.
-    let at = rng.below(size / 2);
-    let mut region = vec![0u8; 256 << 10];
-    f.read_exact_at(&mut region, at)?;
-    f.write_all_at(&region, at + 7)?;
-    written.push((at + 7, region.len() as u64));
+    f.sync_all()?;
     Ok(written)
+}
+
+/// Overwrites `count` evenly spread 64 KiB ranges of the disk at `path` ([`Scribble::Spread`]).
+pub fn scribble_disk(path: &Path, count: u64, seed: usize) -> anyhow::Result<()> {
+    scribble(path, Scribble::Spread, count, seed as u64).map(drop)
+}
+
+/// Regular files of /usr/bin, sorted by name (the raw material of packed and sparse disks).
+fn usr_bin_files() -> anyhow::Result<&'static [PathBuf]> {
+    static FILES: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    let files = FILES.get_or_init(|| {
+        let mut files: Vec<PathBuf> = fs::read_dir("/usr/bin")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    });
+    if files.is_empty() {
+        bail!("no files in /usr/bin to build a sample disk from");
+    }
+    Ok(files)
 }
 
 /// A JSON change list (`[{"offset":N,"length":N}]`) of the given ranges.
@@ -195,7 +402,6 @@ pub fn json_change_list(ranges: &[(u64, u64)]) -> String {
 
 /// Whether two files have the same bytes.
 pub fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    use std::io::Read;
     let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
     if fa.metadata()?.len() != fb.metadata()?.len() {
         return Ok(false);
@@ -227,20 +433,6 @@ pub fn restores_to(
     };
     stackvault::restore_to_file(repo, &snap, out, &options, &stackvault::NoProgress)?;
     same_bytes(expected, out)
-}
-
-/// Runs the CLI with `args`; returns (exit code, stdout, stderr).
-pub fn run_cli<I, S>(args: I) -> anyhow::Result<(i32, String, String)>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let out = Command::new(stackvault_bin()).args(args).output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
 }
 
 /// The shared dataset directory built by `../shared/datasets/make-disks.sh --small`, made on
@@ -351,52 +543,6 @@ pub fn qemu_img(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Runs the `stackvault` binary; returns its output whatever the exit status.
-pub fn stackvault(args: &[&dyn AsRef<std::ffi::OsStr>]) -> anyhow::Result<std::process::Output> {
-    Ok(Command::new(stackvault_bin())
-        .arg("--quiet")
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()?)
-}
-
-/// Runs `stackvault ... --json` and parses its report; fails with stderr if it failed.
-pub fn stackvault_json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> anyhow::Result<serde_json::Value> {
-    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.to_vec();
-    all.push(&"--json");
-    let out = stackvault(&all)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "stackvault failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// A disk image of `size` bytes built from real files of this machine (binaries of
-/// /usr/bin, in name order from `skip`), each followed by a zero gap so the disk has holes.
-pub fn sample_disk(size: usize, skip: usize) -> anyhow::Result<Vec<u8>> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir("/usr/bin")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    names.sort();
-    let mut disk = vec![0u8; size];
-    let mut pos = 0usize;
-    for (i, p) in names.iter().skip(skip).enumerate() {
-        let Ok(bytes) = std::fs::read(p) else {
-            continue;
-        };
-        let n = bytes.len().min(size.saturating_sub(pos)).min(1 << 20);
-        disk[pos..pos + n].copy_from_slice(&bytes[..n]);
-        // Gaps of 0..4 MiB at odd offsets: some 2 MiB blocks stay empty, most are partial.
-        pos += n + (i * 1_234_567) % (4 << 20);
-        if pos >= size {
-            break;
-        }
-    }
-    Ok(disk)
 }
 
 /// The unique id in a VHD's footer (the last 512 bytes).
@@ -536,72 +682,6 @@ pub fn write_differencing_vhd(
     Ok(())
 }
 
-/// Regular files of /usr/bin, sorted by name (the raw material of sample disks).
-fn usr_bin_files() -> &'static [PathBuf] {
-    static FILES: OnceLock<Vec<PathBuf>> = OnceLock::new();
-    FILES.get_or_init(|| {
-        let mut files: Vec<PathBuf> = fs::read_dir("/usr/bin")
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files
-    })
-}
-
-/// Writes a sample disk of exactly `size` bytes at `path`: /usr/bin binaries concatenated
-/// (starting at the `seed`-th file, so different seeds give mostly different content) with a
-/// 256 KiB zero gap after every file, as unallocated space on a real disk. Deterministic.
-pub fn make_disk(path: &Path, size: u64, seed: usize) -> anyhow::Result<()> {
-    let files = usr_bin_files();
-    if files.is_empty() {
-        bail!("no files in /usr/bin to build a sample disk from");
-    }
-    let mut out = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let zeros = vec![0u8; 256 * 1024];
-    let mut written: u64 = 0;
-    let mut i = seed;
-    while written < size {
-        let data = fs::read(&files[i % files.len()]).unwrap_or_default();
-        i += 1;
-        for part in [&data[..], &zeros[..]] {
-            let n = (part.len() as u64).min(size - written) as usize;
-            out.write_all(&part[..n])?;
-            written += n as u64;
-        }
-    }
-    out.sync_all()?;
-    Ok(())
-}
-
-/// Overwrites `count` 64 KiB ranges of the disk at `path` with other real bytes, spread
-/// deterministically: the next generation of a disk.
-pub fn scribble_disk(path: &Path, count: u64, seed: usize) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new().write(true).open(path)?;
-    let size = f.metadata()?.len();
-    let files = usr_bin_files();
-    let donor = fs::read(&files[(seed * 7 + 3) % files.len()]).unwrap_or_default();
-    for k in 0..count {
-        let at = (size / (count + 1)) * (k + 1) / 4096 * 4096;
-        let mut block: Vec<u8> = donor
-            .iter()
-            .copied()
-            .cycle()
-            .skip(k as usize * 4096)
-            .take(65536)
-            .collect();
-        block.resize(65536, 0xa5);
-        f.write_all_at(&block[..(65536u64.min(size - at)) as usize], at)?;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
 /// Runs the CLI (quiet) and returns its output, whatever the exit status.
 pub fn sv(args: &[&str]) -> anyhow::Result<Output> {
     sv_env(args, &[])
@@ -609,13 +689,13 @@ pub fn sv(args: &[&str]) -> anyhow::Result<Output> {
 
 /// Runs the CLI (quiet) with extra environment variables.
 pub fn sv_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
-    let mut cmd = Command::new(stackvault_bin());
-    cmd.arg("--quiet").args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output()
-        .with_context(|| format!("run stackvault {args:?}"))
+    run(args, env, true)
+}
+
+/// Runs the CLI exactly as a user types it, without `--quiet`, so notices and progress
+/// decisions show; returns its output whatever the exit status.
+pub fn sv_as_typed(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
+    run(args, env, false)
 }
 
 /// Runs the CLI and fails unless it exits 0; returns stdout.
@@ -643,12 +723,207 @@ pub fn sv_json(args: &[&str]) -> anyhow::Result<(Option<i32>, serde_json::Value,
     Ok((out.status.code(), v, stderr))
 }
 
+/// Runs the CLI with `--json` appended and fails (with its stderr) unless it exits 0;
+/// returns its report.
+pub fn sv_json_ok(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let (code, v, stderr) = sv_json(args)?;
+    if code != Some(0) {
+        bail!("stackvault {args:?} failed ({code:?}): {stderr} {v:#}");
+    }
+    Ok(v)
+}
+
+/// A finished command's exit code (`None` when a signal ended it), stdout and stderr as text.
+pub fn outcome(out: &Output) -> (Option<i32>, String, String) {
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run(args: &[&str], env: &[(&str, &str)], quiet: bool) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(stackvault_bin());
+    if quiet {
+        cmd.arg("--quiet");
+    }
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .with_context(|| format!("run stackvault {args:?}"))
+}
+
+/// A CLI run (quiet) stopped by the test pause hook: it waits at its pause point until it is
+/// signalled or killed (the hooks exist in binaries built with the `testing` feature).
+pub struct Paused {
+    pub child: std::process::Child,
+    stderr: BufReader<std::process::ChildStderr>,
+    seen: String,
+}
+
+/// Starts the CLI (quiet) with the pause hook armed at `point` and extra environment
+/// variables, and returns it once it says it has paused there.
+pub fn pause_at(args: &[&str], env: &[(&str, &str)], point: &str) -> anyhow::Result<Paused> {
+    let mut cmd = Command::new(stackvault_bin());
+    cmd.arg("--quiet")
+        .args(args)
+        .env("STACKVAULT_PAUSE_AT", point);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run stackvault {args:?}"))?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr pipe")?);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line)? == 0 {
+            let status = child.wait()?;
+            bail!("stackvault {args:?} never paused at {point} ({status}): {seen}");
+        }
+        seen.push_str(&line);
+        if line.starts_with("paused at ") {
+            return Ok(Paused {
+                child,
+                stderr,
+                seen,
+            });
+        }
+    }
+}
+
+impl Paused {
+    /// Sends `signal` (`INT`, `TERM`) and returns the exit code and all of stderr.
+    pub fn signal(mut self, signal: &str) -> anyhow::Result<(Option<i32>, String)> {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !sent.success() {
+            bail!("kill -{signal} failed");
+        }
+        self.stderr.read_to_string(&mut self.seen)?;
+        Ok((self.child.wait()?.code(), self.seen))
+    }
+
+    /// SIGKILLs the run (a crash: no handler runs) and checks that it died of it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.code().is_none(), "killed, not exited: {status}");
+        Ok(())
+    }
+}
+
+/// Runs the CLI (quiet) paused at `point`, sends it `signal` (`INT`, `TERM`), and returns its
+/// exit code and stderr.
+pub fn interrupt_at(
+    args: &[&str],
+    point: &str,
+    signal: &str,
+) -> anyhow::Result<(Option<i32>, String)> {
+    pause_at(args, &[], point)?.signal(signal)
+}
+
+/// Whether the suite runs under CI (`CI=true`), where a missing peer is a failure, never a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether a test must skip because `missing` (what is absent and how to install it) is not
+/// `None`: under CI a missing peer fails the test; elsewhere it prints why and returns true.
+pub fn skip_for(missing: Option<String>) -> bool {
+    let Some(what) = missing else {
+        return false;
+    };
+    assert!(!in_ci(), "missing under CI=true: {what}");
+    eprintln!("SKIPPED: {what}");
+    true
+}
+
+/// What [`loop_device`] writes into the backing file first: old data a restore must overwrite.
+pub const GARBAGE: u8 = 0xa5;
+
+/// A loop device, detached on drop. Tests write through `dev`, a node of the same device made
+/// in the test's directory, never through `/dev/loopN`: a restore that replaced its target
+/// node (as restores did before writing devices in place) then harms nothing shared.
+pub struct LoopDevice {
+    pub loop_dev: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loop_dev)
+            .status();
+    }
+}
+
+/// A loop device over a new sparse file of `size` bytes whose first `garbage` bytes are
+/// [`GARBAGE`]; `None` (after saying why) where loop devices cannot be made outside CI.
+pub fn loop_device(backing: &Path, size: u64, garbage: u64) -> anyhow::Result<Option<LoopDevice>> {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let f = fs::File::create(backing)?;
+    f.set_len(size)?;
+    let block = vec![GARBAGE; MIB as usize];
+    let mut at = 0;
+    while at < garbage {
+        let n = (garbage - at).min(MIB) as usize;
+        f.write_all_at(&block[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()?;
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output();
+    let why = match out {
+        Ok(o) if o.status.success() => {
+            let loop_dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            let dev = backing.with_extension("dev");
+            let device = LoopDevice { loop_dev, dev };
+            mknod_like(&device.loop_dev, &device.dev, "b")?;
+            return Ok(Some(device));
+        }
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("cannot run losetup: {e}"),
+    };
+    if in_ci() {
+        bail!("cannot make a loop device ({why}); CI must run these tests as root with util-linux");
+    }
+    eprintln!("SKIPPED: cannot make a loop device ({why})");
+    Ok(None)
+}
+
+/// Makes `node`, a device node (`kind` `b` or `c`) of the same device as `existing`.
+pub fn mknod_like(existing: &Path, node: &Path, kind: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(existing)?.rdev();
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    let status = Command::new("mknod")
+        .arg(node)
+        .args([kind, &major.to_string(), &minor.to_string()])
+        .status()
+        .context("run mknod")?;
+    if !status.success() {
+        bail!("mknod {} failed", node.display());
+    }
+    Ok(())
+}
+
 /// Ids of the snapshots `snapshots --json` lists, in its order (oldest first).
 pub fn snapshot_ids(repo: &Path) -> anyhow::Result<Vec<String>> {
-    let (code, list, stderr) = sv_json(&["snapshots", p(repo)])?;
-    if code != Some(0) {
-        bail!("snapshots failed: {stderr}");
-    }
+    let list = sv_json_ok(&["snapshots", p(repo)])?;
     Ok(list["snapshots"]
         .as_array()
         .context("snapshot list")?
@@ -698,26 +973,38 @@ impl Fixture {
 
     /// Backs up `disk` as `name`; returns the snapshot id.
     pub fn backup(&self, disk: &Path, name: &str) -> anyhow::Result<String> {
-        let (code, v, stderr) = sv_json(&["backup", p(&self.repo()), p(disk), "--disk", name])?;
-        if code != Some(0) {
-            bail!("backup failed: {stderr}");
-        }
-        v["snapshot_id"]
-            .as_str()
-            .map(str::to_owned)
-            .context("backup report without snapshot_id")
+        backup_disk(&self.repo(), disk, name)
     }
 
     /// Restores `snapshot` and checks the result equals `disk` byte for byte.
     pub fn assert_restores(&self, snapshot: &str, disk: &Path) -> anyhow::Result<()> {
-        let out = self.path(&format!("restored-{}.img", &snapshot[..12]));
-        sv_ok(&["restore", p(&self.repo()), snapshot, p(&out), "--force"])?;
-        if !same_bytes(&out, disk)? {
-            bail!("restore of {snapshot} differs from {}", disk.display());
-        }
-        fs::remove_file(&out)?;
-        Ok(())
+        assert_restores(&self.repo(), snapshot, disk)
     }
+}
+
+/// Backs `disk` up into `repo` as `name`; returns the snapshot id.
+pub fn backup_disk(repo: &Path, disk: &Path, name: &str) -> anyhow::Result<String> {
+    let v = sv_json_ok(&["backup", p(repo), p(disk), "--disk", name])?;
+    v["snapshot_id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("backup report without snapshot_id")
+}
+
+/// Restores `snapshot` from `repo` (next to `disk`) and checks it equals `disk` byte for byte.
+pub fn assert_restores(repo: &Path, snapshot: &str, disk: &Path) -> anyhow::Result<()> {
+    let short = snapshot.get(..12).unwrap_or(snapshot);
+    let out = disk.with_extension(format!("restored-{short}"));
+    sv_ok(&["restore", p(repo), snapshot, p(&out), "--force"])?;
+    if !same_bytes(&out, disk)? {
+        bail!(
+            "snapshot {snapshot} of {} does not restore {}",
+            repo.display(),
+            disk.display()
+        );
+    }
+    fs::remove_file(&out)?;
+    Ok(())
 }
 
 /// Where `.ci/azurite.sh` installs Azurite's blob service.
@@ -739,9 +1026,28 @@ impl Drop for Azurite {
 }
 
 impl Azurite {
+    /// Starts Azurite; `None` (after saying why) when it is not installed and this is not
+    /// CI, where it must be (a missing Azurite fails the test there).
+    pub fn start_or_skip() -> anyhow::Result<Option<Azurite>> {
+        let bin = azurite_bin();
+        if bin.exists() {
+            return Azurite::start().map(Some);
+        }
+        if in_ci() {
+            bail!(
+                "{} missing under CI=true: run .ci/azurite.sh",
+                bin.display()
+            );
+        }
+        eprintln!(
+            "SKIPPED: Azurite not installed at {}; run .ci/azurite.sh to enable these tests",
+            bin.display()
+        );
+        Ok(None)
+    }
+
     /// Starts the Azurite at [`azurite_bin`] and waits for its port.
     pub fn start() -> anyhow::Result<Azurite> {
-        use std::io::BufRead;
         let bin = azurite_bin();
         let mut child = Command::new(&bin)
             .args([

@@ -7,23 +7,14 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use stackvault::read::{ReaderOptions, SnapshotReader};
 use stackvault::Repo;
-use stackvault_tests::{make_disk, p, sv_ok, Fixture, Rng};
+use stackvault_tests::{make_disk, p, sv_json_ok, Fixture, Rng};
 
 const DISK_SIZE: u64 = 12 << 20;
 
 fn backed_up(f: &Fixture) -> anyhow::Result<(Vec<u8>, String, u64)> {
     let disk = f.path("d.img");
     make_disk(&disk, DISK_SIZE, 11)?;
-    let out = sv_ok(&[
-        "-r",
-        p(&f.repo()),
-        "backup",
-        p(&disk),
-        "--disk",
-        "d",
-        "--json",
-    ])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let v = sv_json_ok(&["-r", p(&f.repo()), "backup", p(&disk), "--disk", "d"])?;
     let id = v["snapshot_id"].as_str().context("id")?.to_string();
     let zero = v["stats"]["zero_bytes"].as_u64().context("zero_bytes")?;
     Ok((std::fs::read(&disk)?, id, zero))

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault_tests::{
-    machine_bytes, make_sample_disk, mutate_disk, p, same_bytes, stackvault_bin, sv, sv_env,
-    sv_json, sv_ok,
+    machine_bytes, p, same_bytes, scribble, stackvault_bin, sv, sv_env, sv_json, sv_ok, Disk,
+    Scribble,
 };
 
 const MIB: u64 = 1 << 20;
@@ -66,11 +66,11 @@ impl History {
         let repo = dir.path().join("repo");
         sv_ok(&["init", p(&repo)])?;
         let disk = dir.path().join("vm.img");
-        make_sample_disk(&disk, 16 * MIB, 60, 11)?;
+        Disk::filled(16 * MIB, 60, 11).write(&disk)?;
         let mut gens = Vec::new();
         for g in 0..generations {
             if g > 0 {
-                mutate_disk(&disk, 8, 100 + g)?;
+                scribble(&disk, Scribble::Week, 8, 100 + g)?;
                 let file = machine_bytes(1 << 20, 200 + g);
                 let f = fs::OpenOptions::new().write(true).open(&disk)?;
                 std::os::unix::fs::FileExt::write_all_at(&f, &file, (g % 4) * 4 * MIB + MIB)?;
@@ -284,7 +284,7 @@ fn retention_stats_per_disk_and_dedup() -> anyhow::Result<()> {
     let repo = dir.path().join("repo");
     sv_ok(&["init", p(&repo)])?;
     let disk = dir.path().join("a.img");
-    make_sample_disk(&disk, 8 * MIB, 50, 3)?;
+    Disk::filled(8 * MIB, 50, 3).write(&disk)?;
     backup(&repo, &disk, "a")?;
     backup(&repo, &disk, "b")?;
     let (code, v, _) = sv_json(&["stats", p(&repo)])?;
@@ -344,9 +344,9 @@ fn retention_prune_and_concurrent_backups_never_lose_data() -> anyhow::Result<()
     // chunks are exactly what prune wants to delete.
     let a = dir.path().join("a.img");
     let b = dir.path().join("b.img");
-    make_sample_disk(&a, 16 * MIB, 60, 21)?;
+    Disk::filled(16 * MIB, 60, 21).write(&a)?;
     fs::copy(&a, &b)?;
-    mutate_disk(&b, 300, 5)?;
+    scribble(&b, Scribble::Week, 300, 5)?;
     backup(&repo, &a, "vm")?;
     let (mut refused_backups, mut refused_prunes, mut ran_together) = (0, 0, 0);
     let spawn = |args: &[&str]| {

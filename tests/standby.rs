@@ -6,17 +6,15 @@
 //! changed behind our back (`--verify`), is refused until `--full`.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{BlobClient, BlobOptions};
 use stackvault_tests::{
-    azurite_bin, have_qemu_img, make_disk, p, qemu_img, same_bytes, scribble_disk, stackvault_bin,
-    sv, sv_env, sv_json, sv_ok, Azurite, Fixture,
+    have_qemu_img, in_ci, loop_device, make_disk, p, pause_at, qemu_img, same_bytes, scribble_disk,
+    sv, sv_env, sv_json, sv_ok, Azurite, Fixture, Paused,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,10 +23,6 @@ const SCRIBBLE_LEN: u64 = 64 * 1024;
 /// Largest chunk of the default chunker: a changed range drags in at most one partly equal
 /// chunk at each end.
 const MAX_CHUNK: u64 = 64 * 1024;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 /// `standby sync` with `--json`; fails unless it succeeds.
 fn sync(
@@ -183,7 +177,7 @@ fn a_standby_file_follows_three_generations_writing_only_changes() -> anyhow::Re
     if have_qemu_img() {
         qemu_img(&["compare", "-f", "vpc", "-F", "vpc", p(&vhd), p(&restored)])?;
         qemu_img(&["compare", "-f", "vpc", "-F", "raw", p(&vhd), p(&disk)])?;
-    } else if ci() {
+    } else if in_ci() {
         bail!("qemu-img missing under CI=true");
     } else {
         eprintln!("SKIPPED qemu-img compare: qemu-img not installed");
@@ -197,51 +191,14 @@ fn a_standby_file_follows_three_generations_writing_only_changes() -> anyhow::Re
 
 /// Starts `standby sync` with the pause hook at `point` (one worker thread) and returns it
 /// once it has paused there.
-fn paused_sync(
-    repo: &Path,
-    disk: &str,
-    target: &str,
-    point: &str,
-) -> anyhow::Result<std::process::Child> {
-    let mut child = Command::new(stackvault_bin())
-        .args([
-            "--quiet",
-            "standby",
-            "sync",
-            "-r",
-            p(repo),
-            "--disk",
-            disk,
-            target,
-        ])
-        .env("STACKVAULT_PAUSE_AT", point)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr pipe")?);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line)? == 0 {
-            let status = child.wait()?;
-            bail!("standby sync never paused at {point} ({status}): {seen}");
-        }
-        seen.push_str(&line);
-        if line.starts_with("paused at ") {
-            return Ok(child);
-        }
-    }
+fn paused_sync(repo: &Path, disk: &str, target: &str, point: &str) -> anyhow::Result<Paused> {
+    let args = ["standby", "sync", "-r", p(repo), "--disk", disk, target];
+    pause_at(&args, &[("RAYON_NUM_THREADS", "1")], point)
 }
 
 /// Runs `standby sync` paused at `point`, then SIGKILLs it.
 fn killed_sync(repo: &Path, disk: &str, target: &str, point: &str) -> anyhow::Result<()> {
-    let mut child = paused_sync(repo, disk, target, point)?;
-    child.kill()?;
-    let status = child.wait()?;
-    anyhow::ensure!(status.code().is_none(), "killed, not exited: {status}");
-    Ok(())
+    paused_sync(repo, disk, target, point)?.kill()
 }
 
 #[test]
@@ -253,7 +210,7 @@ fn a_second_sync_of_the_same_target_refuses_while_one_runs() -> anyhow::Result<(
     sync(&repo, "vm", p(&target), &[])?;
     scribble_disk(&disk, SCRIBBLES, 6)?;
     let gen1 = f.backup(&disk, "vm")?;
-    let mut running = paused_sync(&repo, "vm", p(&target), "standby-segment:1")?;
+    let running = paused_sync(&repo, "vm", p(&target), "standby-segment:1")?;
     let st = status(p(&target), &[])?;
     assert_eq!(
         (st["state"].as_str(), st["sync_running"].as_bool()),
@@ -273,7 +230,6 @@ fn a_second_sync_of_the_same_target_refuses_while_one_runs() -> anyhow::Result<(
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("another standby sync"), "{stderr}");
     running.kill()?;
-    running.wait()?;
     let r = sync(&repo, "vm", p(&target), &[])?;
     assert_eq!(
         r["completed_interrupted"],
@@ -427,61 +383,6 @@ fn another_disk_a_foreign_file_and_a_tampered_target_are_refused_until_full() ->
     Ok(())
 }
 
-/// A loop device, detached on drop; written through a node in the test's directory.
-struct LoopDevice {
-    loop_dev: PathBuf,
-    dev: PathBuf,
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loop_dev)
-            .status();
-    }
-}
-
-fn loop_device(backing: &Path, size: u64) -> anyhow::Result<Option<LoopDevice>> {
-    use std::os::unix::fs::MetadataExt;
-    let f = fs::File::create(backing)?;
-    f.set_len(size)?;
-    // Old data everywhere: the sync's zero runs must overwrite it.
-    let junk = vec![0xa5u8; MIB as usize];
-    for i in 0..size / MIB {
-        f.write_all_at(&junk, i * MIB)?;
-    }
-    f.sync_all()?;
-    let why = match Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(backing)
-        .output()
-    {
-        Ok(o) if o.status.success() => {
-            let loop_dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-            let dev = backing.with_extension("dev");
-            let device = LoopDevice { loop_dev, dev };
-            let rdev = fs::metadata(&device.loop_dev)?.rdev();
-            let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-            let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-            let ok = Command::new("mknod")
-                .arg(&device.dev)
-                .args(["b", &major.to_string(), &minor.to_string()])
-                .status()?
-                .success();
-            anyhow::ensure!(ok, "mknod failed");
-            return Ok(Some(device));
-        }
-        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        Err(e) => format!("cannot run losetup: {e}"),
-    };
-    if ci() {
-        bail!("cannot make a loop device ({why}); CI must run these tests as root");
-    }
-    eprintln!("SKIPPED: cannot make a loop device ({why})");
-    Ok(None)
-}
-
 fn read_range(path: &Path, offset: u64, len: u64) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     fs::File::open(path)?.read_exact_at(&mut buf, offset)?;
@@ -495,7 +396,7 @@ fn a_standby_block_device_follows_three_generations() -> anyhow::Result<()> {
     let disk = f.path("vm.img");
     make_disk(&disk, 16 * MIB, 7)?;
     let gen0 = f.backup(&disk, "vm")?;
-    let Some(dev) = loop_device(&f.path("backing"), 24 * MIB)? else {
+    let Some(dev) = loop_device(&f.path("backing"), 24 * MIB, 24 * MIB)? else {
         return Ok(());
     };
     let target = p(&dev.dev).to_string();
@@ -568,14 +469,9 @@ const KEY: &str =
 
 #[test]
 fn a_standby_page_blob_follows_three_generations_with_blob_snapshots() -> anyhow::Result<()> {
-    if !azurite_bin().exists() {
-        if ci() {
-            bail!("Azurite missing under CI=true: run .ci/azurite.sh");
-        }
-        eprintln!("SKIPPED: Azurite not installed; run .ci/azurite.sh");
+    let Some(azurite) = Azurite::start_or_skip()? else {
         return Ok(());
-    }
-    let azurite = Azurite::start()?;
+    };
     let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", azurite.port);
     let key_options = BlobOptions {
         endpoint: Some(endpoint.clone()),
@@ -697,7 +593,7 @@ fn a_standby_page_blob_follows_three_generations_with_blob_snapshots() -> anyhow
         .all(|&b| b == 0));
     if have_qemu_img() {
         qemu_img(&["compare", "-f", "vpc", "-F", "raw", p(&local), p(&disk)])?;
-    } else if ci() {
+    } else if in_ci() {
         bail!("qemu-img missing under CI=true");
     }
 

@@ -7,43 +7,29 @@ use std::path::Path;
 use anyhow::{ensure, Context as _};
 use serde_json::Value;
 use stackvault_tests::{
-    have_qemu_img, qemu_img, run_cli, sample_disk, stackvault, stackvault_json, vhd_unique_id,
-    write_differencing_vhd, Locators,
+    have_qemu_img, outcome, p, qemu_img, skip_for, sv, sv_as_typed, sv_json_ok, vhd_unique_id,
+    write_differencing_vhd, Disk, Fixture, Locators,
 };
 
 /// Not a multiple of 1 MiB, so fixed restores have something to round.
 const DISK_SIZE: usize = (26 << 20) + 3 * 512;
 
-/// Under `CI=true` a missing peer is a failure (.ci/setup.sh installs it), never a skip.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
+/// True (after saying why) when qemu-img is missing outside CI; a failure under CI.
 fn skip_without_qemu() -> bool {
-    if have_qemu_img() {
-        return false;
-    }
-    assert!(
-        !in_ci(),
-        "qemu-img missing under CI=true: .ci/setup.sh installs qemu-utils"
-    );
-    eprintln!("SKIPPED: qemu-img is not installed (apt-get install qemu-utils)");
-    true
+    skip_for((!have_qemu_img()).then(|| {
+        "qemu-img is not installed (apt-get install qemu-utils; .ci/setup.sh installs it)".into()
+    }))
 }
 
+/// Whether `vhdiinfo` runs; outside CI its absence is said, under CI it is a failure.
 fn have_vhdiinfo() -> bool {
     let present = std::process::Command::new("vhdiinfo")
         .arg("-V")
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(
-        present || !in_ci(),
-        "vhdiinfo missing under CI=true: .ci/setup.sh installs libvhdi-utils"
-    );
-    if !present {
-        eprintln!("SKIPPED: vhdiinfo is not installed (apt-get install libvhdi-utils)");
-    }
-    present
+    !skip_for((!present).then(|| {
+        "vhdiinfo is not installed (apt-get install libvhdi-utils; .ci/setup.sh installs it)".into()
+    }))
 }
 
 /// `vhdiinfo`'s "Media size" in bytes.
@@ -61,27 +47,25 @@ fn vhdiinfo_media_size(path: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("vhdiinfo: {line}"))
 }
 
-struct Fixture {
-    dir: tempfile::TempDir,
-}
+/// The suite's [`Fixture`] with this module's steps: the sample disk as raw and VHDs, and
+/// backups and restores that return their JSON reports.
+struct VhdFixture(Fixture);
 
-impl Fixture {
+impl VhdFixture {
     fn new() -> anyhow::Result<Self> {
-        let f = Fixture {
-            dir: tempfile::tempdir()?,
-        };
-        let repo = f.path("repo");
-        stackvault_json(&[&"init", &repo])?;
-        Ok(f)
+        Ok(VhdFixture(Fixture::new()?))
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
+        self.0.path(name)
     }
 
     /// Writes the sample raw disk and qemu-img's fixed and dynamic VHDs of it.
     fn disks(&self) -> anyhow::Result<()> {
-        std::fs::write(self.path("disk.raw"), sample_disk(DISK_SIZE, 0)?)?;
+        std::fs::write(
+            self.path("disk.raw"),
+            Disk::sparse(DISK_SIZE as u64, 0).bytes()?,
+        )?;
         for sub in ["fixed", "dynamic"] {
             qemu_img(&[
                 "convert",
@@ -100,19 +84,16 @@ impl Fixture {
 
     fn backup(&self, source: &str, extra: &[&str]) -> anyhow::Result<Value> {
         let (repo, source) = (self.path("repo"), self.path(source));
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"backup", &repo, &source];
-        let disk = ["--disk", "d1"];
-        args.extend(disk.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
-        args.extend(extra.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
-        stackvault_json(&args)
+        let mut args = vec!["backup", p(&repo), p(&source), "--disk", "d1"];
+        args.extend_from_slice(extra);
+        sv_json_ok(&args)
     }
 
     fn restore(&self, snapshot: &str, out: &str, extra: &[&str]) -> anyhow::Result<Value> {
-        let repo = self.path("repo");
-        let out = self.path(out);
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"restore", &repo, &snapshot, &out];
-        args.extend(extra.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
-        stackvault_json(&args)
+        let (repo, out) = (self.path("repo"), self.path(out));
+        let mut args = vec!["restore", p(&repo), snapshot, p(&out)];
+        args.extend_from_slice(extra);
+        sv_json_ok(&args)
     }
 }
 
@@ -154,7 +135,7 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let raw = f.backup("disk.raw", &[])?;
     let fixed = f.backup("disk.fixed.vhd", &[])?;
@@ -174,14 +155,14 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
     assert!(dynamic["stats"]["unallocated_bytes"].as_u64() > Some(0));
     assert!(dynamic["stats"]["bytes_read"].as_u64() < Some(DISK_SIZE as u64));
     // --format vhd on a raw image is refused as such, --format raw reads a VHD's bytes.
-    let out = stackvault(&[
-        &"backup",
-        &f.path("repo"),
-        &f.path("disk.raw"),
-        &"--disk",
-        &"x",
-        &"--format",
-        &"vhd",
+    let out = sv(&[
+        "backup",
+        p(&f.path("repo")),
+        p(&f.path("disk.raw")),
+        "--disk",
+        "x",
+        "--format",
+        "vhd",
     ])?;
     // Source damage, not repository damage: exit 4.
     assert_eq!(out.status.code(), Some(4));
@@ -192,7 +173,7 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
         Some(DISK_SIZE as u64 + 512)
     );
     // The footer metadata is in the snapshot, shown by `snapshots --json` and `show`.
-    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&dynamic, "snapshot_id")])?;
+    let show = sv_json_ok(&["show", p(&f.path("repo")), s(&dynamic, "snapshot_id")])?;
     let vhd = &show["source"]["vhd"];
     assert_eq!(vhd["disk_type"], "dynamic");
     assert_eq!(vhd["current_size"].as_u64(), Some(DISK_SIZE as u64));
@@ -204,7 +185,7 @@ fn containers_of_one_disk_have_one_digest_and_share_all_chunks() -> anyhow::Resu
         vhd["unique_id"].as_str().map(|u| u.replace('-', "")),
         Some(hex)
     );
-    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    let list = sv_json_ok(&["snapshots", p(&f.path("repo"))])?;
     let with_vhd = list["snapshots"]
         .as_array()
         .map(|a| a.iter().filter(|s| s["source"]["vhd"].is_object()).count());
@@ -217,7 +198,7 @@ fn restore_in_every_format_is_what_qemu_reads() -> anyhow::Result<()> {
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let raw_path = f.path("disk.raw");
     let snap = f.backup("disk.dynamic.vhd", &[])?;
@@ -298,7 +279,7 @@ fn restore_in_every_format_is_what_qemu_reads() -> anyhow::Result<()> {
     );
     compare(&raw_path, &f.path("r1.vhd"))?;
     // Nothing partial is left behind.
-    let leftovers = std::fs::read_dir(f.dir.path())?
+    let leftovers = std::fs::read_dir(f.0.dir.path())?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains("partial"))
         .count();
@@ -309,16 +290,16 @@ fn restore_in_every_format_is_what_qemu_reads() -> anyhow::Result<()> {
 /// Three generations of one disk: gen0 as a qemu-made dynamic VHD, gen1 and gen2 as
 /// differencing VHDs (ours), each naming its parent differently.
 struct Chain {
-    f: Fixture,
+    f: VhdFixture,
     gens: Vec<Vec<u8>>,
 }
 
 fn chain() -> anyhow::Result<Chain> {
-    let f = Fixture::new()?;
-    let gen0 = sample_disk(DISK_SIZE, 0)?;
+    let f = VhdFixture::new()?;
+    let gen0 = Disk::sparse(DISK_SIZE as u64, 0).bytes()?;
     let mut gen1 = gen0.clone();
     // Overwrite a few ranges with other real data, partial sectors and whole blocks.
-    let other = sample_disk(DISK_SIZE, 40)?;
+    let other = Disk::sparse(DISK_SIZE as u64, 40).bytes()?;
     for (at, len) in [(1000, 70_000), (5 << 20, 3 << 20), (20 << 20, 4096)] {
         gen1[at..at + len].copy_from_slice(&other[at..at + len]);
     }
@@ -391,7 +372,7 @@ fn differencing_chain_backs_up_as_its_last_generation() -> anyhow::Result<()> {
     assert_eq!(s(&diff, "source_format"), "vhd-differencing");
     assert_eq!(s(&diff, "root_digest"), s(&raw, "root_digest"));
     assert_eq!(raw["stats"]["new_chunks"].as_u64(), Some(0));
-    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&diff, "snapshot_id")])?;
+    let show = sv_json_ok(&["show", p(&f.path("repo")), s(&diff, "snapshot_id")])?;
     let parents = show["source"]["vhd"]["parents"]
         .as_array()
         .map(|p| p.iter().map(|x| x["disk_type"].clone()).collect::<Vec<_>>());
@@ -415,7 +396,7 @@ fn differencing_parent_missing_wrong_or_cyclic() -> anyhow::Result<()> {
     let repo = f.path("repo");
     // Missing: the child's locators point at a file that is gone.
     std::fs::rename(f.path("vms/child 1.vhd"), f.path("moved.vhd"))?;
-    let out = stackvault(&[&"backup", &repo, &f.path("child2.vhd"), &"--disk", &"d"])?;
+    let out = sv(&["backup", p(&repo), p(&f.path("child2.vhd")), "--disk", "d"])?;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -429,14 +410,14 @@ fn differencing_parent_missing_wrong_or_cyclic() -> anyhow::Result<()> {
     let raw = f.backup("gen2.raw", &[])?;
     assert_eq!(s(&ok, "root_digest"), s(&raw, "root_digest"));
     // The wrong parent: its unique id is not the one the child names.
-    let out = stackvault(&[
-        &"backup",
-        &repo,
-        &f.path("child2.vhd"),
-        &"--disk",
-        &"d",
-        &"--parent-vhd",
-        &f.path("vms/base.vhd"),
+    let out = sv(&[
+        "backup",
+        p(&repo),
+        p(&f.path("child2.vhd")),
+        "--disk",
+        "d",
+        "--parent-vhd",
+        p(&f.path("vms/base.vhd")),
     ])?;
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -463,7 +444,7 @@ fn differencing_parent_missing_wrong_or_cyclic() -> anyhow::Result<()> {
         g0,
         &loc("a.vhd"),
     )?;
-    let out = stackvault(&[&"backup", &repo, &f.path("a.vhd"), &"--disk", &"d"])?;
+    let out = sv(&["backup", p(&repo), p(&f.path("a.vhd")), "--disk", "d"])?;
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cycle"), "{err}");
@@ -475,7 +456,7 @@ fn damaged_vhd_is_reported_with_file_and_offset() -> anyhow::Result<()> {
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     // Point the first allocated BAT entry far past the end of the file.
     let path = f.path("disk.dynamic.vhd");
@@ -487,7 +468,7 @@ fn damaged_vhd_is_reported_with_file_and_offset() -> anyhow::Result<()> {
         .context("no allocated block")?;
     b[entry..entry + 4].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
     std::fs::write(&path, &b)?;
-    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    let out = sv(&["backup", p(&f.path("repo")), p(&path), "--disk", "d"])?;
     // A damaged source is exit 4; 3 is kept for a damaged repository.
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -504,7 +485,7 @@ fn vhdiinfo_reads_our_vhds() -> anyhow::Result<()> {
     if !have_vhdiinfo() || skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let snap = f.backup("disk.dynamic.vhd", &[])?;
     let id = s(&snap, "snapshot_id");
@@ -565,14 +546,14 @@ fn differencing_chain_incremental_reads_only_the_children() -> anyhow::Result<()
     // Relative to a snapshot of another disk (the raw full), the chain's knowledge does not
     // apply: refused, or read in full with --fallback-full.
     let repo = f.path("repo");
-    let out = stackvault(&[
-        &"backup",
-        &repo,
-        &f.path("child2.vhd"),
-        &"--disk",
-        &"d1",
-        &"--parent",
-        &s(&full, "snapshot_id"),
+    let out = sv(&[
+        "backup",
+        p(&repo),
+        p(&f.path("child2.vhd")),
+        "--disk",
+        "d1",
+        "--parent",
+        s(&full, "snapshot_id"),
     ])?;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -594,7 +575,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let snap = f.backup("disk.raw", &[])?;
     let id = s(&snap, "snapshot_id").to_string();
@@ -603,7 +584,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
     // verify against the snapshot by their guest contents.
     for (out, format) in [("fixed.vhd", "vhd-fixed"), ("dyn.vhd", "vhd-dynamic")] {
         f.restore(&id, out, &["--output-format", format])?;
-        let v = stackvault_json(&[&"verify", &repo, &id, &"--target", &f.path(out)])?;
+        let v = sv_json_ok(&["verify", p(&repo), &id, "--target", p(&f.path(out))])?;
         assert_eq!(s(&v, "outcome"), "ok", "{format}: {v}");
     }
     // A byte changed inside the VHD's data is found, at its guest offset.
@@ -612,7 +593,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
     let at = 3 * 1024 * 1024 + 17;
     bytes[at] ^= 0x40;
     std::fs::write(&path, &bytes)?;
-    let out = stackvault(&[&"verify", &repo, &id, &"--target", &path, &"--json"])?;
+    let out = sv(&["verify", p(&repo), &id, "--target", p(&path), "--json"])?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(s(&v, "outcome"), "differs", "{v}");
     let at = at as u64;
@@ -633,7 +614,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
     // The current size field (footer offset 48, 8 bytes big-endian): one bit of it flipped.
     bytes[len - 512 + 48 + 5] ^= 0x01;
     std::fs::write(&path, &bytes)?;
-    let out = stackvault(&[&"verify", &repo, &id, &"--target", &path])?;
+    let out = sv(&["verify", p(&repo), &id, "--target", p(&path)])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("does not match snapshot"), "{err}");
@@ -642,7 +623,7 @@ fn verify_target_reads_restored_vhds() -> anyhow::Result<()> {
 
 /// The fixture's `name` with one bit of byte `at` (from the end when negative) flipped.
 fn flip(
-    f: &Fixture,
+    f: &VhdFixture,
     name: &str,
     out: &str,
     at: i64,
@@ -665,13 +646,13 @@ fn fixed_vhd_whose_footer_disagrees_with_its_file_is_refused() -> anyhow::Result
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let file_len = std::fs::metadata(f.path("disk.fixed.vhd"))?.len();
     // One flipped bit in the current size (footer offset 48, bit 24 of the u64): the disk
     // would be backed up as 10 MiB of its 26 MiB, with only a warning.
     let path = flip(&f, "disk.fixed.vhd", "bitflip.vhd", -512 + 48 + 4, 0x01)?;
-    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    let out = sv(&["backup", p(&f.path("repo")), p(&path), "--disk", "d"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
     let claimed = (DISK_SIZE as u64) ^ (1 << 24);
@@ -694,7 +675,7 @@ fn fixed_vhd_whose_footer_disagrees_with_its_file_is_refused() -> anyhow::Result
         assert_eq!(vhdiinfo_media_size(&path)?, file_len - 512);
     }
     // Nothing was stored.
-    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    let list = sv_json_ok(&["snapshots", p(&f.path("repo"))])?;
     assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(0));
     Ok(())
 }
@@ -704,20 +685,23 @@ fn dynamic_vhd_with_a_damaged_end_footer_is_read_from_its_copy() -> anyhow::Resu
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     // A flipped bit in the trailing footer's size field.
     let path = flip(&f, "disk.dynamic.vhd", "endbad.vhd", -512 + 48 + 4, 0x01)?;
     // Not --quiet: the notice is shown.
-    let (code, out, err) = run_cli([
-        "backup".as_ref(),
-        f.path("repo").as_os_str(),
-        path.as_os_str(),
-        "--disk".as_ref(),
-        "d".as_ref(),
-        "--json".as_ref(),
-    ] as [&std::ffi::OsStr; 6])?;
-    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = outcome(&sv_as_typed(
+        &[
+            "backup",
+            p(&f.path("repo")),
+            p(&path),
+            "--disk",
+            "d",
+            "--json",
+        ],
+        &[],
+    )?);
+    assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("notice:") && err.contains("copy at offset 0"),
         "{err}"
@@ -730,7 +714,7 @@ fn dynamic_vhd_with_a_damaged_end_footer_is_read_from_its_copy() -> anyhow::Resu
     let raw = f.backup("disk.raw", &[])?;
     assert_eq!(s(&report, "root_digest"), s(&raw, "root_digest"));
     // The snapshot's source information says so too.
-    let show = stackvault_json(&[&"show", &f.path("repo"), &s(&report, "snapshot_id")])?;
+    let show = sv_json_ok(&["show", p(&f.path("repo")), s(&report, "snapshot_id")])?;
     let warned = show["source"]["vhd"]["warnings"]
         .as_array()
         .is_some_and(|w| {
@@ -762,7 +746,7 @@ fn truncated_dynamic_vhd_is_refused_not_read_as_raw() -> anyhow::Result<()> {
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let b = std::fs::read(f.path("disk.dynamic.vhd"))?;
     // An export cut short: without its trailing footer, and cut in the middle of a block.
@@ -775,7 +759,7 @@ fn truncated_dynamic_vhd_is_refused_not_read_as_raw() -> anyhow::Result<()> {
     let cut_both = f.path("cut3.vhd");
     std::fs::write(&cut_both, &headless)?;
     for path in [&cut_after, &cut_mid, &cut_both] {
-        let out = stackvault(&[&"backup", &f.path("repo"), path, &"--disk", &"d"])?;
+        let out = sv(&["backup", p(&f.path("repo")), p(path), "--disk", "d"])?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(4), "{}: {err}", path.display());
         assert!(
@@ -783,7 +767,7 @@ fn truncated_dynamic_vhd_is_refused_not_read_as_raw() -> anyhow::Result<()> {
             "{err}"
         );
     }
-    let list = stackvault_json(&[&"snapshots", &f.path("repo")])?;
+    let list = sv_json_ok(&["snapshots", p(&f.path("repo"))])?;
     assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(0));
     Ok(())
 }
@@ -793,7 +777,7 @@ fn vhdx_is_refused_with_the_conversion_command() -> anyhow::Result<()> {
     if skip_without_qemu() {
         return Ok(());
     }
-    let f = Fixture::new()?;
+    let f = VhdFixture::new()?;
     f.disks()?;
     let path = f.path("disk.vhdx");
     qemu_img(&[
@@ -805,7 +789,7 @@ fn vhdx_is_refused_with_the_conversion_command() -> anyhow::Result<()> {
         &f.path("disk.raw").to_string_lossy(),
         &path.to_string_lossy(),
     ])?;
-    let out = stackvault(&[&"backup", &f.path("repo"), &path, &"--disk", &"d"])?;
+    let out = sv(&["backup", p(&f.path("repo")), p(&path), "--disk", "d"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(6), "{err}");
     assert!(
