@@ -26,3 +26,4 @@ mod standby;
 mod vectors;
 mod verify;
 mod vhd;
+mod vm;
