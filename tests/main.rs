@@ -27,3 +27,4 @@ mod standby;
 mod vectors;
 mod verify;
 mod vhd;
+mod vm;

@@ -42,6 +42,10 @@ pub struct Args {
     /// Show what would be kept and removed (with the reasons), change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Forget a named disk snapshot even when it belongs to a VM snapshot (whose record is
+    /// then dropped; its other disks stay as ordinary disk snapshots).
+    #[arg(long)]
+    force: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -89,7 +93,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             args.dry_run,
         )?
     } else {
-        forget::forget(&repo, &snapshots, args.dry_run)?
+        forget::forget_named(&repo, &snapshots, args.dry_run, args.force)?
     };
     if args.json {
         return output::json(&report);
@@ -147,6 +151,9 @@ fn print(r: &ForgetReport) -> anyhow::Result<()> {
                 s.time
             ))?;
         }
+    }
+    for id in &r.vm_snapshots_removed {
+        output::line(format!("{verb} the record of VM snapshot {}", short_id(id)))?;
     }
     for p in &r.parent_removed {
         output::line(format!(

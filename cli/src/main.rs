@@ -18,6 +18,7 @@ mod snapshots;
 mod standby;
 mod stats;
 mod verify;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -108,6 +109,12 @@ enum Command {
     Stats(stats::Args),
     /// Copy snapshots from another repository, sending only the chunks this one lacks.
     Copy(copy::Args),
+    /// Back up every disk of a VM in parallel into one VM snapshot (all or nothing).
+    BackupVm(vm::BackupArgs),
+    /// List the VM snapshots in a repository.
+    VmSnapshots(vm::ListArgs),
+    /// Restore every disk of a VM snapshot into a directory, in parallel.
+    RestoreVm(vm::RestoreArgs),
     /// Standby disks kept in sync with a disk's latest snapshot, writing only what changed.
     #[command(subcommand)]
     Standby(standby::Command),
@@ -175,6 +182,9 @@ fn main() -> ExitCode {
         Command::Stats(a) => stats::run(&ctx, a),
         Command::Copy(a) => copy::run(&ctx, a),
         Command::Standby(c) => standby::run(&ctx, c),
+        Command::BackupVm(a) => vm::backup(&ctx, a),
+        Command::VmSnapshots(a) => vm::list(&ctx, a),
+        Command::RestoreVm(a) => vm::restore(&ctx, a),
         Command::Completion { shell } => {
             // Rendered into memory first: clap_complete panics when its writer fails, and a
             // closed pipe must end the program quietly like every other command.

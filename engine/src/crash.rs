@@ -13,6 +13,8 @@
 //! - `before-manifest`: every pack is indexed, the manifest is not yet written.
 //! - `manifest-write`: the manifest's temporary file is written, not yet fsynced or renamed.
 //! - `manifest-stored`: the manifest is durable, the snapshot is not yet catalogued.
+//! - `vm-disks-stored`: every disk snapshot of a VM backup is stored, its VM snapshot record
+//!   not yet (see `format-spec/vm.md`).
 //!
 //! Retention reaches these (see `format-spec/retention.md`):
 //!
@@ -44,6 +46,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "before-manifest",
     "manifest-write",
     "manifest-stored",
+    "vm-disks-stored",
     "forget-row-removed",
     "prune-pack-stored",
     "prune-pack-indexed",

@@ -49,6 +49,7 @@ pub mod source;
 pub mod standby;
 pub mod store;
 pub mod verify;
+pub mod vm;
 
 pub use backup::{backup, BackupMode, BackupOptions, BackupReport};
 pub use changes::ChangeList;

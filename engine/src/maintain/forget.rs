@@ -23,6 +23,13 @@
 //! a remaining incremental or differential snapshot whose parent goes keeps restoring on its
 //! own; its parent link becomes informational, and the report names it. Forget takes a writer lock
 //! (`forget-…`), so it never runs while prune decides what is referenced.
+//!
+//! A VM snapshot (`crate::vm`, `format-spec/vm.md`) is a unit: without `--disk`, the policy
+//! decides on each VM's snapshots as if the VM were one disk, and its disk snapshots are kept
+//! or removed together (the record first, so a crash leaves ordinary disk snapshots, never a
+//! record naming forgotten ones). With `--disk`, snapshots that belong to a VM snapshot are
+//! kept. Forgetting one named disk snapshot of a VM snapshot is refused unless forced, which
+//! drops the VM snapshot record and leaves its other disks as ordinary disk snapshots.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -31,10 +38,12 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
+use crate::format::short_id;
 use crate::format::verification::VERIFICATIONS_PREFIX;
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
 use crate::store::snapshot_key;
+use crate::vm::VmSnapshot;
 
 /// How many snapshots to keep, per disk. Zero means "this rule keeps nothing".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -303,6 +312,8 @@ pub struct ForgetReport {
     pub parent_removed: Vec<ParentGone>,
     /// Verification records deleted with their snapshots.
     pub verification_records_removed: u64,
+    /// VM snapshot records removed (or, in a dry run, that would be), by id.
+    pub vm_snapshots_removed: Vec<String>,
 }
 
 /// The real clock, for callers of [`forget_by_policy`] outside tests.
@@ -330,8 +341,78 @@ pub fn forget_by_policy(
         Some(repo.lock("forget")?)
     };
     let all = repo.snapshots(disk)?;
-    let candidates: Vec<Candidate> = all.iter().map(Candidate::from).collect();
-    let decisions = apply_policy(&candidates, policy, now);
+    let vms: Vec<VmSnapshot> = crate::vm::vm_snapshots(repo, None)?;
+    let members: BTreeMap<&str, Vec<&VmSnapshot>> = {
+        let mut m: BTreeMap<&str, Vec<&VmSnapshot>> = BTreeMap::new();
+        for v in &vms {
+            for d in &v.record.disks {
+                m.entry(d.snapshot_id.as_str()).or_default().push(v);
+            }
+        }
+        m
+    };
+    let candidates: Vec<Candidate> = all
+        .iter()
+        .filter(|s| !members.contains_key(s.id.as_str()))
+        .map(Candidate::from)
+        .collect();
+    let mut decisions = apply_policy(&candidates, policy, now);
+    let mut vm_gone: BTreeSet<&str> = BTreeSet::new();
+    if disk.is_none() {
+        // Each VM's snapshots are decided as one history; every disk snapshot follows its VM
+        // snapshot's decision.
+        let units: Vec<Candidate> = vms
+            .iter()
+            .map(|v| Candidate {
+                id: v.id.clone(),
+                disk: format!("vm {}", v.record.vm),
+                time: v.record.time.clone(),
+            })
+            .collect();
+        let decided = apply_policy(&units, policy, now);
+        for v in &vms {
+            if decided.iter().any(|d| d.id == v.id && !d.keep) {
+                vm_gone.insert(&v.id);
+            }
+        }
+    }
+    for s in &all {
+        let Some(owners) = members.get(s.id.as_str()) else {
+            continue;
+        };
+        // Kept while any VM snapshot it belongs to is kept.
+        let keep = owners.iter().any(|v| !vm_gone.contains(v.id.as_str()));
+        let reasons = if disk.is_some() {
+            vec![format!(
+                "part of VM snapshot {} of {} (VM snapshots are kept or removed as a unit: \
+                 run forget without --disk)",
+                short_id(&owners[0].id),
+                owners[0].record.vm
+            )]
+        } else if keep {
+            owners
+                .iter()
+                .filter(|v| !vm_gone.contains(v.id.as_str()))
+                .map(|v| format!("VM snapshot {} of {} kept", short_id(&v.id), v.record.vm))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        decisions.push(Decision {
+            id: s.id.clone(),
+            disk: s.meta.disk.clone(),
+            time: s.meta.time.clone(),
+            keep: keep || disk.is_some(),
+            reasons,
+        });
+    }
+    // Grouped by disk again, newest first within a disk, as `apply_policy` returns them.
+    decisions.sort_by(|a, b| {
+        a.disk
+            .cmp(&b.disk)
+            .then_with(|| b.time.cmp(&a.time))
+            .then_with(|| b.id.cmp(&a.id))
+    });
     let remove: Vec<&SnapshotSummary> = {
         let gone: HashSet<&str> = decisions
             .iter()
@@ -342,14 +423,28 @@ pub fn forget_by_policy(
             .filter(|s| gone.contains(s.id.as_str()))
             .collect()
     };
-    let mut report = remove_snapshots(repo, &remove, dry_run)?;
+    let vm_records: Vec<String> = vm_gone.iter().map(|id| id.to_string()).collect();
+    let mut report = remove_snapshots(repo, &vm_records, &remove, dry_run)?;
     report.decisions = Some(decisions);
     drop(lock);
     Ok(report)
 }
 
-/// Forgets the named snapshots (ids, unique prefixes or `latest`).
+/// Forgets the named snapshots (ids, unique prefixes or `latest`). A snapshot that belongs to
+/// a VM snapshot is refused (see [`forget_named`]).
 pub fn forget(repo: &Repo, queries: &[String], dry_run: bool) -> Result<ForgetReport> {
+    forget_named(repo, queries, dry_run, false)
+}
+
+/// Forgets the named snapshots. One that belongs to a VM snapshot is refused unless `force`,
+/// which removes the record of that VM snapshot first (its other disk snapshots stay, as
+/// ordinary disk snapshots).
+pub fn forget_named(
+    repo: &Repo,
+    queries: &[String],
+    dry_run: bool,
+    force: bool,
+) -> Result<ForgetReport> {
     if queries.is_empty() {
         return Err(Error::InvalidArgument("no snapshot named".into()));
     }
@@ -365,20 +460,51 @@ pub fn forget(repo: &Repo, queries: &[String], dry_run: bool) -> Result<ForgetRe
             chosen.push(s);
         }
     }
+    let members = crate::vm::membership(repo)?;
+    let mut vm_records: Vec<String> = Vec::new();
+    for s in &chosen {
+        let Some(owners) = members.get(&s.id) else {
+            continue;
+        };
+        if !force {
+            let (vm_id, vm) = &owners[0];
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {} of disk {} belongs to VM snapshot {} of VM {vm}, whose disks are \
+                 kept or removed together: forget VM snapshots with a --keep-* policy, or pass \
+                 --force to forget this disk snapshot anyway (the VM snapshot {} is then \
+                 dropped, its other disks stay as ordinary disk snapshots)",
+                short_id(&s.id),
+                s.meta.disk,
+                short_id(vm_id),
+                short_id(vm_id)
+            )));
+        }
+        for (vm_id, _) in owners {
+            if !vm_records.contains(vm_id) {
+                vm_records.push(vm_id.clone());
+            }
+        }
+    }
     let refs: Vec<&SnapshotSummary> = chosen.iter().collect();
-    let report = remove_snapshots(repo, &refs, dry_run)?;
+    let report = remove_snapshots(repo, &vm_records, &refs, dry_run)?;
     drop(lock);
     Ok(report)
 }
 
+/// Removes the VM snapshot records `vm_records`, then the disk snapshots `remove`: a crash in
+/// between leaves ordinary disk snapshots, never a record naming forgotten ones.
 fn remove_snapshots(
     repo: &Repo,
+    vm_records: &[String],
     remove: &[&SnapshotSummary],
     dry_run: bool,
 ) -> Result<ForgetReport> {
     let gone: BTreeSet<&str> = remove.iter().map(|s| s.id.as_str()).collect();
     let mut records = 0;
     if !dry_run {
+        for id in vm_records {
+            crate::vm::remove_record(repo, id)?;
+        }
         for s in remove {
             records += remove_one(repo, &s.id)?;
         }
@@ -414,6 +540,7 @@ fn remove_snapshots(
         kept: remaining.len() as u64,
         parent_removed,
         verification_records_removed: records,
+        vm_snapshots_removed: vm_records.to_vec(),
     })
 }
 

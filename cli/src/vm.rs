@@ -1,0 +1,247 @@
+//! `stackvault backup-vm`, `vm-snapshots`, `restore-vm`: the disks of a VM as one unit
+//! (the engine's `vm` module; records in `format-spec/vm.md`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use stackvault::format::short_id;
+use stackvault::vm::{self, VmBackupOptions, VmDiskSource, VmRestoreOptions};
+use stackvault::{BackupMode, Error, OutputFormat, Repo, SourceFormat, SourceOptions};
+
+use crate::azure::DiskArg;
+use crate::output::{self, Context};
+
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// [REPO] (unless given with -r or STACKVAULT_REPOSITORY), then the VM's disks as
+    /// DISK=SOURCE: a disk name within the VM (`os`, `data1`) and a disk image, block device or
+    /// page blob URL, as `backup` takes them. Each disk's snapshots form the history of the
+    /// repository disk `VM:DISK`.
+    #[arg(value_name = "[REPO] DISK=SOURCE", required = true)]
+    positionals: Vec<OsString>,
+    /// Name of the VM (`erp-db01`).
+    #[arg(long)]
+    vm: String,
+    /// Read every disk in full and record no parents.
+    #[arg(long)]
+    full: bool,
+    /// Every source is a page blob snapshot (`?snapshot=` in its URL) and the snapshots were
+    /// taken together (one restore point): record the VM snapshot as crash-consistent across
+    /// disks. Without it, or when a source is not a blob snapshot, it is per-disk consistent.
+    #[arg(long)]
+    blob_snapshots_taken_together: bool,
+    #[command(flatten)]
+    blob: crate::azure::BlobArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
+    /// Only the VM snapshots of this VM.
+    #[arg(long)]
+    vm: Option<String>,
+    /// Print the list as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    #[arg(value_name = "REPO", help = crate::args::REPO_HELP)]
+    repo: Option<PathBuf>,
+    /// VM snapshot id, unique prefix, or `latest`.
+    snapshot: Option<OsString>,
+    /// Directory to restore into (created if missing): one file per disk, `DISK.vhd` (or
+    /// `DISK.img` with `--format raw`).
+    dir: Option<PathBuf>,
+    /// Name of the VM.
+    #[arg(long)]
+    vm: String,
+    /// Container of the restored disks: `vhd` (fixed VHD, rounded up to a whole MiB as Azure
+    /// and Azure Stack Hub require) or `raw`.
+    #[arg(long, default_value = "vhd", value_parser = ["vhd", "raw"])]
+    format: String,
+    /// Overwrite disk files that exist.
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One `DISK=SOURCE` argument.
+fn split_disk(arg: OsString) -> anyhow::Result<(String, PathBuf)> {
+    let text = crate::args::text(arg, "DISK=SOURCE")?;
+    match text.split_once('=') {
+        Some((disk, source)) if !disk.is_empty() && !source.is_empty() => {
+            Ok((disk.to_string(), PathBuf::from(source)))
+        }
+        _ => Err(Error::Usage(format!(
+            "{:?}: give each disk as DISK=SOURCE (e.g. os=/exports/vm-os.vhd)",
+            DiskArg::of(Path::new(&text)).shown()
+        ))
+        .into()),
+    }
+}
+
+pub fn backup(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
+    let (repo, given) = ctx.split_repo_list(args.positionals)?;
+    let disks = given
+        .into_iter()
+        .map(split_disk)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if disks.is_empty() {
+        return Err(Error::Usage("give the VM's disks as DISK=SOURCE".into()).into());
+    }
+    vm::validate_name("VM", &args.vm).map_err(|e| Error::Usage(e.to_string()))?;
+    for (name, _) in &disks {
+        vm::validate_name("disk", name).map_err(|e| Error::Usage(e.to_string()))?;
+    }
+    let repo = Repo::open(&repo)?;
+    let mut sources: Vec<(String, Box<dyn stackvault::DiskSource>)> = Vec::new();
+    for (name, path) in &disks {
+        let arg = DiskArg::of(path);
+        let shown = arg.shown();
+        let source: Box<dyn stackvault::DiskSource> = match arg {
+            DiskArg::Blob(url) => Box::new(args.blob.open_source(url, &shown)?),
+            DiskArg::Local(path) => {
+                let options = SourceOptions {
+                    format: SourceFormat::Auto,
+                    parent: None,
+                };
+                stackvault::open_source(path, &options)
+                    .with_context(|| format!("cannot open disk {name} ({shown})"))?
+            }
+        };
+        sources.push((name.clone(), source));
+    }
+    let options = VmBackupOptions {
+        vm: args.vm.clone(),
+        mode: if args.full {
+            BackupMode::Full
+        } else {
+            BackupMode::Auto
+        },
+        blob_snapshots_taken_together: args.blob_snapshots_taken_together,
+    };
+    let disk_sources = sources
+        .iter()
+        .map(|(name, s)| VmDiskSource {
+            name: name.clone(),
+            source: s.as_ref(),
+            changes: None,
+        })
+        .collect();
+    let report = vm::backup_vm(&repo, disk_sources, &options, &ctx.progress())
+        .with_context(|| format!("backup of VM {} failed", args.vm))?;
+    if args.json {
+        return output::json(&report);
+    }
+    output::line(format!(
+        "VM snapshot {} of {} ({}, disks read within {:.2} s)",
+        short_id(&report.vm_snapshot_id),
+        report.vm,
+        report.consistency.as_str(),
+        report.read_window_ms as f64 / 1000.0
+    ))?;
+    for d in &report.disks {
+        output::line(format!(
+            "  {}  snapshot {} ({}), read {}, added {}",
+            d.disk,
+            short_id(&d.snapshot_id),
+            d.kind.as_str(),
+            output::bytes(d.stats.bytes_read),
+            output::bytes(d.stats.bytes_added)
+        ))?;
+    }
+    Ok(())
+}
+
+pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
+    let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
+    let repo = Repo::open(&repo)?;
+    let all = vm::vm_snapshots(&repo, args.vm.as_deref())?;
+    if args.json {
+        return output::json(&serde_json::json!({ "vm_snapshots": all }));
+    }
+    if all.is_empty() {
+        return output::line("no VM snapshots");
+    }
+    for s in &all {
+        let r = &s.record;
+        output::line(format!(
+            "{}  {}  {}  {}  {} disk(s), read within {:.2} s{}",
+            short_id(&s.id),
+            r.vm,
+            r.time,
+            r.consistency.as_str(),
+            r.disks.len(),
+            r.read_window_ms as f64 / 1000.0,
+            if s.complete {
+                ""
+            } else {
+                "  INCOMPLETE (a disk snapshot was forgotten)"
+            }
+        ))?;
+        for d in &r.disks {
+            output::line(format!(
+                "    {}  {}  {}",
+                d.name,
+                short_id(&d.snapshot_id),
+                output::bytes(d.virtual_size)
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
+    let (repo, [snapshot, dir]) = ctx.split_repo(
+        [
+            args.repo.map(Into::into),
+            args.snapshot,
+            args.dir.map(Into::into),
+        ],
+        ["SNAPSHOT", "DIR"],
+    )?;
+    let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
+    let dir = PathBuf::from(dir);
+    let format = if args.format == "raw" {
+        OutputFormat::Raw
+    } else {
+        OutputFormat::VhdFixed
+    };
+    let repo = Repo::open(&repo)?;
+    let chosen = vm::resolve_vm_snapshot(&repo, &args.vm, &snapshot)?;
+    let options = VmRestoreOptions {
+        format,
+        force: args.force,
+    };
+    let report = vm::restore_vm(&repo, &chosen, &dir, &options, &ctx.progress())
+        .with_context(|| format!("restore of VM {} into {} failed", args.vm, dir.display()))?;
+    if args.json {
+        return output::json(&report);
+    }
+    output::line(format!(
+        "restored VM snapshot {} of {} into {} in {:.2} s",
+        short_id(&report.vm_snapshot_id),
+        report.vm,
+        report.directory.display(),
+        report.duration_ms as f64 / 1000.0
+    ))?;
+    for d in &report.disks {
+        output::line(format!(
+            "  {}  {} ({}, {})",
+            d.disk,
+            d.target,
+            d.output_format,
+            output::bytes(d.virtual_size)
+        ))?;
+    }
+    Ok(())
+}
