@@ -235,3 +235,67 @@ fn kill_before_the_vm_record_leaves_no_vm_snapshot() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn forget_keeps_or_removes_a_vm_snapshot_as_a_unit() -> anyhow::Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.repo();
+    let disks = make_vm(&f)?;
+    let first = backup_vm(&f, &disks)?;
+    // A later, ordinary snapshot of one VM disk: a per-disk policy would keep it and drop
+    // that disk's VM snapshot, breaking the unit.
+    let (_, os) = &disks[2];
+    scribble_disk(os, 2, 9)?;
+    let (code, lone, stderr) = sv_json(&["-r", p(&repo), "backup", p(os), "--disk", "erp:os"])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lone = lone["snapshot_id"].as_str().context("id")?.to_string();
+    for (i, (_, path)) in disks.iter().enumerate() {
+        scribble_disk(path, 2, 70 + i)?;
+    }
+    let second = backup_vm(&f, &disks)?;
+
+    // A disk snapshot of a kept VM snapshot cannot be forgotten alone.
+    let member = snapshot_of(&second, "erp:data1")?;
+    let refused = sv(&["-r", p(&repo), "forget", &member])?;
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("belongs to VM snapshot") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(all_snapshot_ids(&repo)?.len(), 7);
+
+    // keep-last 1 decides per VM: the whole first VM snapshot goes, the second stays whole;
+    // the lone disk snapshot is decided as its disk's own history (kept as its newest).
+    let (code, report, stderr) = sv_json(&["-r", p(&repo), "forget", "--keep-last", "1"])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        report["vm_snapshots_removed"],
+        serde_json::json!([first["vm_snapshot_id"]])
+    );
+    let left = all_snapshot_ids(&repo)?;
+    for (name, _) in &disks {
+        let repo_disk = format!("erp:{name}");
+        assert!(
+            !left.contains(&snapshot_of(&first, &repo_disk)?),
+            "{repo_disk} of the first VM snapshot kept"
+        );
+        assert!(
+            left.contains(&snapshot_of(&second, &repo_disk)?),
+            "{repo_disk} of the second VM snapshot removed"
+        );
+    }
+    assert!(left.contains(&lone));
+    assert_eq!(left.len(), 4);
+    let listed = vm_snapshots(&repo)?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], second["vm_snapshot_id"]);
+
+    // --force forgets the disk snapshot and drops its VM snapshot; the other disks stay.
+    sv_ok(&["-r", p(&repo), "forget", "--force", &member])?;
+    assert!(vm_snapshots(&repo)?.is_empty());
+    let left = all_snapshot_ids(&repo)?;
+    assert_eq!(left.len(), 3);
+    assert!(left.contains(&snapshot_of(&second, "erp:os")?));
+    Ok(())
+}

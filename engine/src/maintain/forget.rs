@@ -446,7 +446,7 @@ pub fn forget_named(
     force: bool,
 ) -> Result<ForgetReport> {
     if queries.is_empty() {
-        return Err(Error::InvalidArgument("no snapshot named".into()));
+        return Err(Error::Usage("no snapshot named".into()));
     }
     let lock = if dry_run {
         None
@@ -468,7 +468,7 @@ pub fn forget_named(
         };
         if !force {
             let (vm_id, vm) = &owners[0];
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "snapshot {} of disk {} belongs to VM snapshot {} of VM {vm}, whose disks are \
                  kept or removed together: forget VM snapshots with a --keep-* policy, or pass \
                  --force to forget this disk snapshot anyway (the VM snapshot {} is then \
