@@ -18,6 +18,8 @@ mod moto;
 mod nbd;
 mod read;
 mod readonly;
+mod remote_errors;
+mod remote_faults;
 mod remote_repo;
 mod retention;
 mod s3_faults;
