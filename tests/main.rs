@@ -21,6 +21,7 @@ mod readonly;
 mod retention;
 mod s3_faults;
 mod s3_store;
+mod shared_prune;
 mod shared_repo;
 mod standby;
 mod vectors;
