@@ -24,6 +24,7 @@ mod remote_repo;
 mod retention;
 mod s3_faults;
 mod s3_store;
+mod shared_prune;
 mod shared_repo;
 mod standby;
 mod vectors;

@@ -18,6 +18,10 @@ pub struct Args {
     /// Show what would be deleted and rewritten, change nothing (takes no lock).
     #[arg(long)]
     dry_run: bool,
+    /// On a shared (remote) store: seconds a condemned pack waits before it is deleted
+    /// (two-phase deletion; default twice the lock lease).
+    #[arg(long, value_name = "SECONDS")]
+    grace: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -27,6 +31,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let options = PruneOptions {
         max_unused: args.max_unused,
         dry_run: args.dry_run,
+        grace: args
+            .grace
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(stackvault::prune::DEFAULT_GRACE),
     };
     let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
     let repo = Repo::open(&repo)?;
@@ -70,6 +78,16 @@ fn print(r: &PruneReport) -> anyhow::Result<()> {
         r.leftovers_removed,
         r.duration_ms as f64 / 1000.0
     ))?;
+    if r.two_phase {
+        output::line(format!(
+            "shared store: {} packs condemned now, {} condemned packs wait for the grace period              ({} s), {} condemned packs used again and kept, {} condemnation records done",
+            r.packs_condemned,
+            r.condemned_waiting,
+            r.grace_secs,
+            r.condemned_reused,
+            r.condemnation_records_removed
+        ))?;
+    }
     for p in &r.problems {
         output::line(format!("note: {p}"))?;
     }

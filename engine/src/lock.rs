@@ -129,7 +129,7 @@ fn our_info(kind: &str, purpose: Option<&str>) -> LockInfo {
     }
 }
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     let mut r = [0u8; 8];
     if getrandom::fill(&mut r).is_err() {
         r = u64::from(std::process::id()).to_le_bytes();

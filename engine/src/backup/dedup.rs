@@ -25,14 +25,64 @@ pub(super) struct Dedup<'r> {
     repo: &'r Repo,
     /// Ids the writer has accepted into a pack but not yet committed to the index.
     pending: Mutex<HashSet<ChunkId>>,
+    /// On a shared store: the packs condemned when the backup started (a chunk the index
+    /// places only there counts as absent), and the packs the backup uses (deduplicated
+    /// against or wrote), for the re-check before the manifest (`maintain::condemn`).
+    shared: Option<Shared>,
+}
+
+struct Shared {
+    condemned: HashSet<String>,
+    used: Mutex<HashSet<String>>,
 }
 
 impl<'r> Dedup<'r> {
-    pub(super) fn new(repo: &'r Repo) -> Self {
-        Dedup {
+    pub(super) fn new(repo: &'r Repo) -> Result<Self> {
+        let shared = if repo.is_remote() {
+            let records = crate::maintain::condemn::read_all(repo.backend())?;
+            Some(Shared {
+                condemned: crate::maintain::condemn::packs_of(&records),
+                used: Mutex::new(HashSet::new()),
+            })
+        } else {
+            None
+        };
+        Ok(Dedup {
             repo,
             pending: Mutex::new(HashSet::new()),
+            shared,
+        })
+    }
+
+    /// Whether the index holds `id` in a pack the backup may use; notes the pack as used.
+    fn indexed(&self, id: &ChunkId) -> Result<bool> {
+        let Some(shared) = &self.shared else {
+            return self.repo.readers().contains(id);
+        };
+        match self.repo.readers().lookup(id)? {
+            Some(loc) if !shared.condemned.contains(&loc.pack) => {
+                if let Ok(mut used) = shared.used.lock() {
+                    used.insert(loc.pack);
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
         }
+    }
+
+    /// The backup stored pack `name`.
+    pub(super) fn wrote_pack(&self, name: &str) {
+        if let Some(shared) = &self.shared {
+            if let Ok(mut used) = shared.used.lock() {
+                used.insert(name.to_string());
+            }
+        }
+    }
+
+    /// The packs the backup uses, on a shared store (`None` on a local repository).
+    pub(super) fn used_packs(&self) -> Option<HashSet<String>> {
+        let shared = self.shared.as_ref()?;
+        Some(shared.used.lock().map(|u| u.clone()).unwrap_or_default())
     }
 
     /// The dedup state of one segment whose parent extents are `parent` (empty without a
@@ -58,7 +108,7 @@ impl<'r> Dedup<'r> {
     pub(super) fn fresh(&self, chunks: &[(ChunkId, u32)]) -> Result<Vec<(ChunkId, u32)>> {
         let mut fresh = Vec::with_capacity(chunks.len());
         for &(id, raw_len) in chunks {
-            if !self.is_pending(&id) && !self.repo.readers().contains(&id)? {
+            if !self.is_pending(&id) && !self.indexed(&id)? {
                 fresh.push((id, raw_len));
             }
         }
@@ -73,7 +123,7 @@ impl<'r> Dedup<'r> {
     }
 
     /// The index now lists these chunks: they need not be remembered here any more.
-    pub(super) fn indexed<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
+    pub(super) fn now_indexed<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
         if let Ok(mut p) = self.pending.lock() {
             for id in ids {
                 p.remove(id);
@@ -100,7 +150,7 @@ impl SegmentDedup<'_, '_> {
         let have = self.known.binary_search(id).is_ok()
             || self.new.contains(id)
             || self.dedup.is_pending(id)
-            || self.dedup.repo.readers().contains(id)?;
+            || self.dedup.indexed(id)?;
         if !have {
             self.new.push(*id);
         }

@@ -122,7 +122,7 @@ pub fn backup(
     let reading = plan_reading(repo, source, options, parent.as_ref())?;
     let segments = segment_count(virtual_size, config.segment_size);
     let chunker = Chunker::new(&config);
-    let dedup = Dedup::new(repo);
+    let dedup = Dedup::new(repo)?;
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
@@ -228,6 +228,10 @@ pub fn backup(
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot,
     // but only while the lock still keeps maintenance out (a lease can run out).
     crate::crash::point("before-manifest");
+    if let Some(mut used) = dedup.used_packs() {
+        // A shared store: no pack this manifest needs may have been condemned meanwhile.
+        crate::maintain::condemn::before_manifest(repo, &mut used, parent_id.as_deref())?;
+    }
     lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;
     let id = finished.id;
@@ -808,6 +812,7 @@ fn store_pack(repo: &Repo, index: &mut Index, dedup: &Dedup, pack: PackWriter) -
     let finished = pack.finish()?;
     repo.commit_pack(index, &finished)?;
     crate::crash::point("pack-indexed");
-    dedup.indexed(finished.entries.iter().map(|e| &e.id));
+    dedup.wrote_pack(&finished.name);
+    dedup.now_indexed(finished.entries.iter().map(|e| &e.id));
     Ok(finished.bytes)
 }

@@ -36,6 +36,10 @@ pub const LOCKS_PREFIX: &str = "locks/";
 pub const MAINTENANCE_KEY: &str = "locks/maintenance";
 /// How long a lock lasts without a refresh.
 pub const LEASE: Duration = Duration::from_secs(300);
+/// Purpose of the maintenance lock a prune on a shared store takes: it deletes only by the
+/// two-phase rule (`format-spec/locks.md`), so it keeps out other maintainers but neither
+/// waits for writers nor keeps them out.
+pub const TWO_PHASE_PRUNE: &str = "prune (two-phase)";
 /// How far hosts' clocks may disagree: a lock counts as expired only this long after the
 /// expiry its holder wrote.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
@@ -293,7 +297,11 @@ pub fn acquire_writer(
     };
     // Our lock is visible: a maintainer starting from now on sees it and backs out.
     if let Some(m) = Found::read(backend.as_ref(), MAINTENANCE_KEY)? {
-        if !m.expired() {
+        let beside_writers = m
+            .info
+            .as_ref()
+            .is_some_and(|i| i.holder.purpose.as_deref() == Some(TWO_PHASE_PRUNE));
+        if !m.expired() && !beside_writers {
             return Err(Error::Locked(format!(
                 "maintenance is running ({}); try again when it has finished",
                 m.describe()
@@ -304,7 +312,8 @@ pub fn acquire_writer(
 }
 
 /// Takes the exclusive maintenance lock for `purpose` lasting `lease`. Refused while another
-/// maintainer or any writer holds an unexpired lock; expired ones are deleted.
+/// maintainer or any writer holds an unexpired lock; expired ones are deleted. With purpose
+/// [`TWO_PHASE_PRUNE`], live writers do not refuse it (nor it them).
 pub fn acquire_maintenance(
     backend: &Arc<dyn Backend>,
     purpose: &str,
@@ -340,7 +349,7 @@ pub fn acquire_maintenance(
         };
         if found.expired() {
             found.remove_expired(backend.as_ref())?;
-        } else {
+        } else if purpose != TWO_PHASE_PRUNE {
             blocking.push(found.describe());
         }
     }
@@ -398,6 +407,18 @@ mod tests {
         assert!(acquire_maintenance(&b, "prune", LEASE).is_err());
         drop(m);
         assert!(b.list(LOCKS_PREFIX)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_two_phase_prune_runs_beside_writers_but_not_beside_maintainers() -> Result<()> {
+        let b = store();
+        let w = acquire_writer(&b, "backup", LEASE)?;
+        let m = acquire_maintenance(&b, TWO_PHASE_PRUNE, LEASE)?;
+        drop(acquire_writer(&b, "backup", LEASE)?);
+        assert!(acquire_maintenance(&b, "prune", LEASE).is_err());
+        assert!(acquire_maintenance(&b, TWO_PHASE_PRUNE, LEASE).is_err());
+        drop((w, m));
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! `forget` takes a writer lock and `prune` the maintenance lock (neither with `--dry-run`),
 //! so prune never decides what is referenced while snapshots come or go; `stats` only reads.
 
+pub mod condemn;
 pub mod forget;
 pub mod prune;
 pub mod stats;

@@ -11,6 +11,11 @@
 //! entries); `--dry-run` and `stats` count the same way. Verification records of
 //! snapshots that no longer exist go too.
 //!
+//! On a shared (remote) store prune runs beside backups and deletes in two phases
+//! (`prune_two_phase`, `maintain::condemn`, `format-spec/locks.md` "Prune on a shared
+//! store"): it condemns unused packs in a record and deletes them in a later run, once the
+//! grace period has passed and no manifest references them. What follows is the local case.
+//!
 //! Exclusion: prune holds the repository's maintenance lock from start to end (see
 //! `format-spec/locks.md` and `format-spec/retention.md`), so no backup can deduplicate
 //! against a chunk while prune decides to delete it, and no forget can change the set of
@@ -31,7 +36,7 @@
 //! be read: it cannot know what that snapshot needs.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -67,13 +72,22 @@ pub struct PruneOptions {
     pub max_unused: f64,
     /// Plan and report, change nothing (takes no lock).
     pub dry_run: bool,
+    /// On a shared (remote) store: how old a condemnation record must be before the packs it
+    /// names are deleted (two-phase deletion, `format-spec/locks.md`).
+    pub grace: Duration,
 }
+
+/// The default grace period: twice the lease, so that a backup that used a pack condemned
+/// under it has either re-checked and copied it or lost its lease (and fails) before the pack
+/// can go.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(2 * crate::lock::lease::LEASE.as_secs());
 
 impl Default for PruneOptions {
     fn default() -> Self {
         PruneOptions {
             max_unused: 0.10,
             dry_run: false,
+            grace: DEFAULT_GRACE,
         }
     }
 }
@@ -135,6 +149,19 @@ pub struct PruneReport {
     /// Leftovers of interrupted or crashed runs removed (temporary objects, stale locks; see
     /// `verify::leftovers`), or that would be with `--dry-run`.
     pub leftovers_removed: u64,
+    /// Whether deletion was two-phase (a shared store): packs found unused are condemned,
+    /// and deleted by a later prune once the grace period has passed.
+    pub two_phase: bool,
+    /// The grace period, in seconds (two-phase only).
+    pub grace_secs: u64,
+    /// Packs this run condemned (named in its new condemnation record).
+    pub packs_condemned: u64,
+    /// Condemned packs still within the grace period, left for a later prune.
+    pub condemned_waiting: u64,
+    /// Condemned packs past the grace period that a snapshot references again: kept.
+    pub condemned_reused: u64,
+    /// Condemnation records deleted (all their packs dealt with).
+    pub condemnation_records_removed: u64,
     /// Things prune left alone, with why (damaged packs, unindexed referenced chunks).
     pub problems: Vec<String>,
     pub duration_ms: u64,
@@ -205,15 +232,27 @@ const FRAMES_SQL: &str = "SELECT c.pack AS pack, c.offset AS offset, \
 /// Prunes `repo`; see the module doc.
 pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport> {
     let started = Instant::now();
+    let two_phase = repo.is_remote();
     let _lock = if options.dry_run {
         None
+    } else if two_phase {
+        Some(repo.lock_maintenance(crate::lock::lease::TWO_PHASE_PRUNE)?)
     } else {
         Some(repo.lock_maintenance("prune")?)
     };
     let mut report = PruneReport {
         dry_run: options.dry_run,
+        two_phase,
+        grace_secs: if two_phase {
+            options.grace.as_secs()
+        } else {
+            0
+        },
         ..Default::default()
     };
+    if two_phase && !options.dry_run {
+        return prune_two_phase(repo, options, progress, report, started);
+    }
 
     // Everything on storage before we start, so packs we write are never taken for orphans.
     let stored = StoredPacks::list(repo)?;
@@ -271,6 +310,279 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
     report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Prune on a shared store (`format-spec/locks.md`, "Prune on a shared store"): backups may
+/// run meanwhile, so nothing is deleted the moment it is found unused. Phase 2 first: the
+/// packs of records older than the grace period that no manifest present references are
+/// deleted (delta, then pack), then the records. Phase 1: the packs found unused now (after
+/// copying the live frames of mostly-unused ones) are named in one new record.
+fn prune_two_phase(
+    repo: &Repo,
+    options: &PruneOptions,
+    progress: &dyn Progress,
+    mut report: PruneReport,
+    started: Instant,
+) -> Result<PruneReport> {
+    // Learn every pack and manifest other hosts wrote; deltas again after the manifests, so
+    // that every manifest seen has its packs indexed (deltas are written before manifests).
+    repo.refresh()?;
+    let stored = StoredPacks::list(repo)?;
+    report.packs_before = stored.keys.len() as u64;
+    report.bytes_before = stored.sizes.values().sum();
+    let records = super::condemn::read_all(repo.backend())?;
+    let mut index = repo.index();
+    let snapshots = collect_referenced(repo, &mut index)?;
+    crate::index::delta::sync(&mut index, repo.backend(), true)?;
+    report.snapshots = snapshots.len() as u64;
+    let path = index.path().to_path_buf();
+    let err = sql_err(&path);
+    let (referenced, mut unindexed) = count_referenced(index.conn_mut(), &err)?;
+    report.referenced_chunks = referenced;
+
+    // Phase 2: delete what was condemned long enough ago and is still unused.
+    let ripe_after = options.grace + crate::lock::lease::CLOCK_SKEW;
+    // A chunk stored twice is indexed at its first location only. A backup that used a pack
+    // condemned under it copied those chunks to new packs; when this index still places
+    // them in a condemned pack, it is rebuilt from the deltas with the condemned packs last,
+    // so that each chunk is found where it will stay (else phase 1 would take the copies for
+    // unused, and phase 2 the condemned pack for used).
+    let condemned = super::condemn::packs_of(&records);
+    let mut looks_live = false;
+    for name in &condemned {
+        looks_live |= live_rows_in(index.conn_mut(), &err, name)? > 0;
+    }
+    if looks_live {
+        reindex_avoiding(&mut index, repo.backend(), &condemned)?;
+        unindexed = count_referenced(index.conn_mut(), &err)?.1;
+    }
+    let mut removed_bytes = 0u64;
+    let mut still_condemned: HashSet<String> = HashSet::new();
+    let mut deleted: HashSet<String> = HashSet::new();
+    for record in &records {
+        if record.age().is_none_or(|a| a < ripe_after) {
+            report.condemned_waiting += record.body.packs.len() as u64;
+            still_condemned.extend(record.body.packs.iter().cloned());
+            continue;
+        }
+        let mut settled = true;
+        for name in &record.body.packs {
+            let Some(key) = stored.keys.get(name) else {
+                continue; // already gone
+            };
+            if live_rows_in(index.conn_mut(), &err, name)? > 0 {
+                report.condemned_reused += 1;
+                continue;
+            }
+            if unindexed > 0 {
+                // A referenced chunk the index lacks might live only in this pack.
+                settled = false;
+                still_condemned.insert(name.clone());
+                continue;
+            }
+            crate::progress::checkpoint(progress, "prune-pack").map_err(|_| {
+                Error::Cancelled(
+                    "prune stopped; condemned packs not yet deleted stay condemned,                      the next prune deletes them"
+                        .into(),
+                )
+            })?;
+            repo.backend().remove(key)?;
+            crate::crash::point("prune-pack-deleted");
+            drop_pack_rows(index.conn_mut(), &err, name)?;
+            deleted.insert(name.clone());
+            removed_bytes += stored.sizes.get(name).copied().unwrap_or(0);
+            report.packs_deleted += 1;
+        }
+        if settled {
+            match repo.backend().remove(&record.key) {
+                Ok(()) | Err(Error::NotFound { .. }) => report.condemnation_records_removed += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if unindexed > 0 {
+        report.problems.push(format!(
+            "{unindexed} referenced chunks are not in the index; condemned packs past the grace              period are kept until they are (run prune again)"
+        ));
+    }
+
+    // Phase 1: condemn what is unused now. Packs already condemned are left as they are.
+    let mut packs = plan_packs(index.conn_mut(), &err, options.max_unused, &mut report)?;
+    for p in &mut packs {
+        if still_condemned.contains(&p.name) {
+            p.plan = Plan::Keep;
+        }
+    }
+    let orphans: Vec<(String, String)> = find_orphans(&stored, &packs, unindexed, &mut report)
+        .into_iter()
+        .filter(|(n, _)| !still_condemned.contains(n) && !deleted.contains(n))
+        .collect();
+    let written = rewrite_packs(
+        repo,
+        index.conn_mut(),
+        &err,
+        &mut packs,
+        progress,
+        &mut report,
+    )?;
+    let mut condemn: Vec<String> = packs
+        .iter()
+        .filter(|p| p.plan != Plan::Keep && stored.keys.contains_key(&p.name))
+        .map(|p| p.name.clone())
+        .chain(orphans.iter().map(|(n, _)| n.clone()))
+        .collect();
+    condemn.sort();
+    condemn.dedup();
+    if !condemn.is_empty() {
+        report.packs_condemned = condemn.len() as u64;
+        super::condemn::write(repo.backend(), condemn)?;
+    }
+    report.packs_rewritten = packs.iter().filter(|p| p.plan == Plan::Rewrite).count() as u64;
+    report.verification_records_removed =
+        remove_stray_verifications(repo, index.conn_mut(), &err, &snapshots)?;
+    drop(index);
+    report.packs_written = written.len() as u64;
+    report.bytes_after =
+        report.bytes_before.saturating_sub(removed_bytes) + written.iter().sum::<u64>();
+    report.packs_after =
+        (report.packs_before + report.packs_written).saturating_sub(report.packs_deleted);
+    report.bytes_freed = report.bytes_before.saturating_sub(report.bytes_after);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Rebuilds the pack and chunk rows of `index` from the deltas in the store (a pack's own
+/// table when its delta is missing or damaged), adding the packs in `last` after all others,
+/// so that a chunk they share with another pack is indexed in the other.
+fn reindex_avoiding(
+    index: &mut Index,
+    backend: &dyn crate::store::Backend,
+    last: &HashSet<String>,
+) -> Result<()> {
+    use crate::index::delta::{decode_delta, pack_of_delta_key, pack_of_pack_key, DELTAS_PREFIX};
+    let deltas: HashMap<String, String> = backend
+        .list(DELTAS_PREFIX)?
+        .into_iter()
+        .filter_map(|k| pack_of_delta_key(&k).map(|n| (n.to_string(), k.clone())))
+        .collect();
+    let mut packs: Vec<(bool, String, u64)> = backend
+        .list_with_sizes("packs/")?
+        .into_iter()
+        .filter_map(|o| pack_of_pack_key(&o.key).map(|n| (last.contains(n), n.to_string(), o.size)))
+        .collect();
+    packs.sort();
+    index.replace_packs(|add| {
+        for (_, name, size) in &packs {
+            let from_delta = match deltas.get(name) {
+                Some(key) => match backend.get(key).and_then(|b| decode_delta(&b, key)) {
+                    Ok(d) if d.pack_size == *size => Some((d.pack_version, d.entries)),
+                    Ok(_) => None,
+                    Err(e) if e.is_corruption() || matches!(e, Error::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
+            let (version, entries) = match from_delta {
+                Some(d) => d,
+                None => match crate::store::pack::read_pack_table(backend, name) {
+                    Ok(t) => (t.version, t.entries),
+                    // Damaged: not indexed, as a rebuild leaves it (check reports it).
+                    Err(e) if e.is_corruption() => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            add(name, *size, version, &entries)?;
+        }
+        Ok(())
+    })
+}
+
+/// Referenced chunks (`temp.prune_live`) the index places in pack `name`.
+fn live_rows_in(
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    name: &str,
+) -> Result<i64> {
+    conn.query_row(
+        "SELECT count(*) FROM chunks c JOIN packs p ON p.id = c.pack          JOIN temp.prune_live l ON l.id = c.id WHERE p.name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+    .map_err(err)
+}
+
+/// Removes pack `name` and its chunk rows from the index.
+fn drop_pack_rows(
+    conn: &rusqlite::Connection,
+    err: &impl Fn(rusqlite::Error) -> Error,
+    name: &str,
+) -> Result<()> {
+    conn.execute(
+        "DELETE FROM chunks WHERE pack IN (SELECT id FROM packs WHERE name = ?1)",
+        [name],
+    )
+    .map_err(err)?;
+    conn.execute("DELETE FROM packs WHERE name = ?1", [name])
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Copies every frame of the stored packs `names` verbatim into new packs, stored with their
+/// deltas and indexed so that the copied chunks' rows point at the copies. A backup uses this
+/// for packs condemned under it (`condemn::before_manifest`). Returns the new packs' names.
+pub(crate) fn copy_packs(repo: &Repo, names: &[String]) -> Result<Vec<String>> {
+    let target = repo.config().pack_target_size as usize;
+    let capacity = target + repo.config().chunker.max_chunk() as usize * 2;
+    let mut index = repo.index();
+    let path = index.path().to_path_buf();
+    let err = sql_err(&path);
+    let conn = index.conn_mut();
+    let mut writer = PackWriter::new(capacity);
+    let mut moving: HashSet<ChunkId> = HashSet::new();
+    let mut written = Vec::new();
+    for name in names {
+        let gone = |e: Error| {
+            match e {
+            Error::NotFound { .. } => Error::Locked(format!(
+                "pack {name}, which this backup uses, was deleted by a prune while the backup                  ran (it outlasted the grace period); nothing was published: run the backup again"
+            )),
+            e => e,
+        }
+        };
+        let table = crate::store::pack::read_pack_table(repo.backend(), name).map_err(gone)?;
+        let bytes = repo.backend().get(&pack_key(name)).map_err(gone)?;
+        let location = format!("pack {name}");
+        let rows: Vec<Row> = table
+            .entries
+            .iter()
+            .map(|e| Row {
+                id: e.id,
+                offset: e.offset,
+                in_frame: e.in_frame,
+                raw_len: e.raw_len,
+                stored_len: e.stored_len,
+                frame_raw_len: e.frame_raw_len,
+                frame_chunks: 0,
+                live: true,
+            })
+            .collect();
+        for frame_rows in rows.chunk_by(|a, b| a.offset == b.offset) {
+            let mut first = frame_rows[0];
+            first.frame_chunks = frame_rows.len() as u32;
+            let f = read_frame(&bytes, table.version, &first, frame_rows, &location)?;
+            writer.add_frame(&f.chunks, &f.stored, f.compression);
+            moving.extend(f.indexed);
+            if writer.len() >= target {
+                let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
+                let ids = std::mem::take(&mut moving);
+                written.push(store_and_index(repo, conn, &err, full, &ids)?.1);
+            }
+        }
+    }
+    if !writer.is_empty() {
+        written.push(store_and_index(repo, conn, &err, writer, &moving)?.1);
+    }
+    Ok(written)
 }
 
 /// The pack objects on storage when prune started, by pack name.
@@ -440,7 +752,7 @@ fn rewrite_packs(
                     if writer.len() >= target {
                         let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
                         let ids = std::mem::take(&mut moving);
-                        written.push(store_and_index(repo, conn, err, full, &ids)?);
+                        written.push(store_and_index(repo, conn, err, full, &ids)?.0);
                     }
                 }
             }
@@ -455,7 +767,7 @@ fn rewrite_packs(
         progress.advance(p.size);
     }
     if !writer.is_empty() {
-        written.push(store_and_index(repo, conn, err, writer, &moving)?);
+        written.push(store_and_index(repo, conn, err, writer, &moving)?.0);
     }
     progress.finish();
     Ok(written)
@@ -567,7 +879,11 @@ fn remove_leftovers(repo: &Repo) -> Result<u64> {
 /// `temp.prune_live` with every chunk id they reference. Returns the snapshot ids.
 fn collect_referenced(repo: &Repo, index: &mut Index) -> Result<HashSet<String>> {
     // A manifest stored by a backup that crashed before cataloguing it is a snapshot too.
-    let problems = index::sync_snapshots(index, repo.backend())?;
+    let problems = if repo.is_remote() {
+        index::sync_shared_snapshots(index, repo.backend())?
+    } else {
+        index::sync_snapshots(index, repo.backend())?
+    };
     if let Some(e) = problems.into_iter().next() {
         return Err(refuse(e));
     }
@@ -630,6 +946,7 @@ struct LiveFrame {
 }
 
 /// An index row of a chunk of pack `p`.
+#[derive(Clone, Copy)]
 struct Row {
     id: ChunkId,
     offset: u64,
@@ -785,14 +1102,14 @@ fn read_frame(
 }
 
 /// Stores a finished replacement pack, then indexes it, pointing the rows of the chunks in
-/// `moving` at it. Returns its size.
+/// `moving` at it. Returns its size and name.
 fn store_and_index(
     repo: &Repo,
     conn: &mut rusqlite::Connection,
     err: &impl Fn(rusqlite::Error) -> Error,
     writer: PackWriter,
     moving: &HashSet<ChunkId>,
-) -> Result<u64> {
+) -> Result<(u64, String)> {
     let pack = writer.finish()?;
     repo.backend().put(&pack_key(&pack.name), &pack.bytes)?;
     crate::crash::point("prune-pack-stored");
@@ -827,7 +1144,7 @@ fn store_and_index(
     }
     tx.commit().map_err(err)?;
     crate::crash::point("prune-pack-indexed");
-    Ok(pack.bytes.len() as u64)
+    Ok((pack.bytes.len() as u64, pack.name))
 }
 
 /// Deletes verification records (objects and rows) whose snapshot no longer exists.
