@@ -222,7 +222,7 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     let kept = backup_disk(&host_a, &disk_a, "web01")?;
     let gone = backup_disk(&host_a, &disk_b, "db01")?;
     host_b.refresh()?;
-    stackvault::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
+    stackvault::maintain::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
     let options = stackvault::PruneOptions {
         max_unused: 0.0,
         ..Default::default()

@@ -114,7 +114,7 @@ pub fn subset(s: &str) -> Result<Subset, String> {
 
 /// `forget --keep-within`.
 pub fn duration(s: &str) -> Result<time::Duration, String> {
-    stackvault::forget::parse_duration(s).map_err(|e| e.to_string())
+    stackvault::maintain::forget::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `prune --max-unused`, as a fraction.

@@ -67,10 +67,4 @@ pub use repo::{InitOptions, Repo};
 pub use restore::pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
-// The modules' former paths, so that code written against them keeps compiling.
-#[doc(hidden)]
-pub use maintain::forget;
-#[doc(hidden)]
-pub use restore::pageblob as restore_pageblob;
-
 pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

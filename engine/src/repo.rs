@@ -952,7 +952,3 @@ fn remove_if_present(p: &Path) -> Result<()> {
 }
 
 pub use crate::lock::LockGuard;
-
-// The host and clock helpers' former home; they live in the leaf module `host` so that
-// `lock` need not import `repo`.
-pub use crate::host::{hostname, now_rfc3339, rfc3339};

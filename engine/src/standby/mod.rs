@@ -324,10 +324,10 @@ pub(crate) fn applying_record(
         snapshot_id: held,
         state: State::Applying,
         applying,
-        since: crate::repo::now_rfc3339(),
+        since: crate::host::now_rfc3339(),
         target_format: target_format.to_string(),
         virtual_size: snapshot.virtual_size,
-        host: crate::repo::hostname(),
+        host: crate::host::hostname(),
         pid: std::process::id(),
         identity: identity.to_string(),
     }
@@ -343,7 +343,7 @@ pub(crate) fn finished_record(
         snapshot_id: Some(snapshot.id.clone()),
         state,
         applying: Vec::new(),
-        since: crate::repo::now_rfc3339(),
+        since: crate::host::now_rfc3339(),
         ..applying.clone()
     }
 }
@@ -461,7 +461,7 @@ pub(crate) fn status_report(
 ) -> StatusReport {
     let running = record.as_ref().is_some_and(|r| {
         r.state == State::Applying
-            && r.host == crate::repo::hostname()
+            && r.host == crate::host::hostname()
             && record::other_process_alive(r.pid)
     });
     StatusReport {
