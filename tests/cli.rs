@@ -174,7 +174,7 @@ fn errors_are_clear_and_never_panics() -> Result<()> {
         "not-hex".as_ref(),
         out.as_os_str(),
     ])?;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a malformed snapshot id is a usage error: {err}");
     assert!(err.contains("hex snapshot id"), "{err}");
     assert!(!out.exists());
 

@@ -239,7 +239,11 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     host_b.refresh()?;
     assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
     // The snapshot host a forgot is gone from host b's catalogue too, not reported as damage.
-    let ids: Vec<String> = host_b.snapshots(None)?.into_iter().map(|s| s.id).collect();
+    let ids: Vec<String> = host_b
+        .snapshots(None)?
+        .into_iter()
+        .map(|s| s.id.to_string())
+        .collect();
     assert_eq!(ids, vec![kept.snapshot_id.clone()]);
     assert!(restores_to(
         &host_b,

@@ -132,6 +132,11 @@ pub fn chunker(s: &str) -> Result<ChunkerParams, String> {
     Ok(params)
 }
 
+/// `--target-profile`: `azure` or `azurestack`.
+pub fn target_profile(s: &str) -> Result<stackvault::azure::Profile, String> {
+    stackvault::azure::Profile::parse(s).map_err(|e| e.to_string())
+}
+
 /// `backup --format`.
 pub fn source_format(s: &str) -> Result<SourceFormat, String> {
     SourceFormat::parse(s).map_err(|e| e.to_string())

@@ -419,7 +419,7 @@ impl Repo {
         }
         let q = query.to_ascii_lowercase();
         if q.is_empty() || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "snapshot {query:?}: expected `latest` or (a prefix of) a hex snapshot id"
             )));
         }

@@ -32,6 +32,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::format::verification::VERIFICATIONS_PREFIX;
+use crate::format::SnapshotId;
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
 use crate::store::snapshot_key;
@@ -78,7 +79,7 @@ impl RetentionPolicy {
 /// Parses a duration such as `7d`, `36h`, `2w` or `1w3d12h` (units: h, d, w).
 pub fn parse_duration(s: &str) -> Result<time::Duration> {
     let bad = || {
-        Error::InvalidArgument(format!(
+        Error::Usage(format!(
             "duration {s:?}: expected numbers with units h, d or w, like 7d, 36h or 1w3d"
         ))
     };
@@ -120,7 +121,7 @@ pub struct Candidate {
 impl From<&SnapshotSummary> for Candidate {
     fn from(s: &SnapshotSummary) -> Self {
         Candidate {
-            id: s.id.clone(),
+            id: s.id.to_string(),
             disk: s.meta.disk.clone(),
             time: s.meta.time.clone(),
         }
@@ -275,7 +276,7 @@ fn human_duration(d: time::Duration) -> String {
 #[derive(Clone, Debug, Serialize)]
 pub struct Removed {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     pub disk: String,
     pub time: String,
 }
@@ -285,7 +286,7 @@ pub struct Removed {
 #[derive(Clone, Debug, Serialize)]
 pub struct ParentGone {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     pub disk: String,
     pub kind: String,
     pub parent: String,
@@ -320,7 +321,7 @@ pub fn forget_by_policy(
     dry_run: bool,
 ) -> Result<ForgetReport> {
     if policy.is_empty() {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Usage(
             "no retention rule given: pass at least one --keep-* option (or name snapshots)".into(),
         ));
     }
@@ -351,7 +352,7 @@ pub fn forget_by_policy(
 /// Forgets the named snapshots (ids, unique prefixes or `latest`).
 pub fn forget(repo: &Repo, queries: &[String], dry_run: bool) -> Result<ForgetReport> {
     if queries.is_empty() {
-        return Err(Error::InvalidArgument("no snapshot named".into()));
+        return Err(Error::Usage("no snapshot named".into()));
     }
     let lock = if dry_run {
         None
