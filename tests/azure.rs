@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{BlobClient, BlobOptions, Profile, RetryPolicy};
-use stackvault::source::vhd::footer::{self, DiskType, Footer, FOOTER_COOKIE};
+use stackvault::format::vhd_footer::{self as footer, DiskType, Footer, FOOTER_COOKIE};
 use stackvault::source::PageBlobSource;
 use stackvault::{
     backup, restore_to_page_blob, BackupOptions, DiskSource, InitOptions, NoProgress,
@@ -1032,7 +1032,7 @@ fn profiles_send_their_service_versions_and_stack_hub_steps_down() -> Result<()>
 
 #[test]
 fn stack_hub_limits_are_checked_before_sending() -> Result<()> {
-    use stackvault::restore_pageblob::check_limits;
+    use stackvault::restore::pageblob::check_limits;
     ensure!(check_limits(Profile::AzureStack, 1023 << 30, true).is_ok());
     let e = check_limits(Profile::AzureStack, 1024 << 30, true);
     ensure!(e.is_err_and(|e| e.to_string().contains("1023 GiB")));

@@ -164,7 +164,11 @@ fn errors_are_clear_and_never_panics() -> Result<()> {
         &["restore", p(&repo), "not-hex", p(&out)],
         &[],
     )?);
-    assert_eq!(code, Some(1));
+    assert_eq!(
+        code,
+        Some(2),
+        "a malformed snapshot id is a usage error: {err}"
+    );
     assert!(err.contains("hex snapshot id"), "{err}");
     assert!(!out.exists());
 

@@ -286,7 +286,7 @@ mod power {
         let rec = PowerCutRecorder::start(&repo)?;
         {
             let r = Repo::open(&repo)?;
-            stackvault::forget::forget(&r, std::slice::from_ref(&first), false)?;
+            stackvault::maintain::forget::forget(&r, std::slice::from_ref(&first), false)?;
         }
         let cuts = rec.finish();
         let n = check_cuts(&f, "forget", &cuts, &expected)?;

@@ -263,7 +263,7 @@ fn snapshot_resolution_errors() -> Result<()> {
     }
     assert!(matches!(
         repo.resolve_snapshot("zzzz", None),
-        Err(Error::InvalidArgument(_))
+        Err(Error::Usage(_))
     ));
     assert!(matches!(
         repo.resolve_snapshot("ffffffff00000000", None),

@@ -530,7 +530,7 @@ fn a_list_naming_its_base_must_name_the_parent_and_diff_json_is_a_list() -> Resu
 mod page_blob {
     use super::*;
     use crate::azure::{page_blob_head, sas_options, serve, Answer, Server};
-    use stackvault::source::vhd::footer::{chs_geometry, DiskType, Footer};
+    use stackvault::format::vhd_footer::{chs_geometry, DiskType, Footer};
     use stackvault::source::PageBlobSource;
 
     pub const SIZE: u64 = 16 << 20;

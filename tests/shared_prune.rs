@@ -114,8 +114,8 @@ fn pack_names(store: &MemoryBackend) -> Result<HashSet<String>> {
 fn age_records(store: &MemoryBackend, secs: u64) -> Result<()> {
     for key in store.list("condemned/")? {
         let mut body: serde_json::Value = serde_json::from_slice(&store.get(&key)?)?;
-        let then = stackvault::forget::now_utc() - std::time::Duration::from_secs(secs);
-        body["time"] = stackvault::repo::rfc3339(then).into();
+        let then = stackvault::maintain::forget::now_utc() - std::time::Duration::from_secs(secs);
+        body["time"] = stackvault::host::rfc3339(then).into();
         store.remove(&key)?;
         store.put(&key, &serde_json::to_vec(&body)?)?;
     }
@@ -147,7 +147,7 @@ fn a_backup_during_a_prune_keeps_its_data_and_a_prune_after_the_grace_period_fre
     let first = backup_disk(&pruner, &disk, "web01")?;
     let first_packs = pack_names(&objects)?;
     assert!(!first_packs.is_empty());
-    stackvault::forget::forget(&pruner, std::slice::from_ref(&first.snapshot_id), false)?;
+    stackvault::maintain::forget::forget(&pruner, std::slice::from_ref(&first.snapshot_id), false)?;
 
     // Another host backs up the same disk: it deduplicates against those packs, and is held
     // right before its manifest while a prune condemns them.

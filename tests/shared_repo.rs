@@ -222,7 +222,7 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     let kept = backup_disk(&host_a, &disk_a, "web01")?;
     let gone = backup_disk(&host_a, &disk_b, "db01")?;
     host_b.refresh()?;
-    stackvault::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
+    stackvault::maintain::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
     let options = stackvault::PruneOptions {
         max_unused: 0.0,
         ..Default::default()
@@ -234,7 +234,8 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     let ago = options.grace + std::time::Duration::from_secs(31);
     for key in store.list("condemned/")? {
         let mut body: serde_json::Value = serde_json::from_slice(&store.get(&key)?)?;
-        body["time"] = stackvault::repo::rfc3339(stackvault::forget::now_utc() - ago).into();
+        body["time"] =
+            stackvault::host::rfc3339(stackvault::maintain::forget::now_utc() - ago).into();
         store.remove(&key)?;
         store.put(&key, &serde_json::to_vec(&body)?)?;
     }
@@ -247,7 +248,11 @@ fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
     host_b.refresh()?;
     assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
     // The snapshot host a forgot is gone from host b's catalogue too, not reported as damage.
-    let ids: Vec<String> = host_b.snapshots(None)?.into_iter().map(|s| s.id).collect();
+    let ids: Vec<String> = host_b
+        .snapshots(None)?
+        .into_iter()
+        .map(|s| s.id.to_string())
+        .collect();
     assert_eq!(ids, vec![kept.snapshot_id.clone()]);
     assert!(restores_to(
         &host_b,

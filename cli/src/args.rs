@@ -114,7 +114,7 @@ pub fn subset(s: &str) -> Result<Subset, String> {
 
 /// `forget --keep-within`.
 pub fn duration(s: &str) -> Result<time::Duration, String> {
-    stackvault::forget::parse_duration(s).map_err(|e| e.to_string())
+    stackvault::maintain::forget::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `prune --max-unused`, as a fraction.
@@ -130,6 +130,11 @@ pub fn chunker(s: &str) -> Result<ChunkerParams, String> {
         .validate()
         .map_err(|why| format!("chunker {s:?}: {why}"))?;
     Ok(params)
+}
+
+/// `--target-profile`: `azure` or `azurestack`.
+pub fn target_profile(s: &str) -> Result<stackvault::azure::Profile, String> {
+    stackvault::azure::Profile::parse(s).map_err(|e| e.to_string())
 }
 
 /// `backup --format`.

@@ -22,8 +22,9 @@ pub struct BlobArgs {
     account_key_env: Option<String>,
     /// Cloud of the blob: `azure`, or `azurestack` (Azure Stack Hub: older service version,
     /// 4 KiB page alignment, its size limits).
-    #[arg(long = "target-profile", alias = "profile", default_value = "azure")]
-    profile: String,
+    #[arg(long = "target-profile", alias = "profile", default_value = "azure",
+          value_parser = crate::args::target_profile)]
+    profile: Profile,
     /// Service version (`x-ms-version`) instead of the profile's.
     #[arg(long, value_name = "VERSION")]
     api_version: Option<String>,
@@ -117,7 +118,7 @@ impl BlobArgs {
             None => None,
         };
         Ok(BlobOptions {
-            profile: Profile::parse(&self.profile)?,
+            profile: self.profile,
             api_version: self.api_version.clone(),
             endpoint: self.endpoint.clone(),
             account_key,

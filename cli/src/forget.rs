@@ -2,8 +2,8 @@
 
 use std::ffi::OsString;
 
-use stackvault::forget::{self, ForgetReport, RetentionPolicy};
 use stackvault::format::short_id;
+use stackvault::maintain::forget::{self, ForgetReport, RetentionPolicy};
 use stackvault::{Error, Repo};
 
 use crate::output::{self, Context};

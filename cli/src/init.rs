@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use stackvault::azure::Profile;
 use stackvault::{ChunkerParams, InitOptions, Repo};
 
 use crate::output::{self, Context};
@@ -30,8 +31,8 @@ pub struct Args {
     endpoint: Option<String>,
     /// Cloud of an `azure://` repository: `azure`, or `azurestack` (Azure Stack Hub: an older
     /// service version). Remembered on this host for the repository.
-    #[arg(long = "target-profile", value_name = "PROFILE", value_parser = ["azure", "azurestack"])]
-    target_profile: Option<String>,
+    #[arg(long = "target-profile", value_name = "PROFILE", value_parser = crate::args::target_profile)]
+    target_profile: Option<Profile>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -42,7 +43,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if args.endpoint.is_some() || args.target_profile.is_some() {
         stackvault::repo::set_store_options(stackvault::repo::StoreOptions {
             endpoint: args.endpoint.clone(),
-            profile: args.target_profile.clone(),
+            profile: args.target_profile,
         });
     }
     let repo = match &args.like {

@@ -85,14 +85,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let report = stackvault::restore_to_file(&repo, &snap, &output, &options, &ctx.progress())
         .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
     // The output format is known only now when it defaulted to the snapshot's source format.
-    if args.exact_size && report.output_format != "vhd-fixed" {
+    if args.exact_size && report.output_format != OutputFormat::VhdFixed {
         eprintln!(
             "warning: --exact-size did nothing: it applies to fixed VHD output, and this \
              output is {} (pass --output-format vhd-fixed for a fixed VHD)",
             report.output_format
         );
     }
-    if args.new_id && report.output_format == "raw" {
+    if args.new_id && report.output_format == OutputFormat::Raw {
         eprintln!("warning: --new-id did nothing: a raw image has no VHD unique id");
     }
     if args.json {

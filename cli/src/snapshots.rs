@@ -32,7 +32,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| Listed {
                 snapshot: s,
-                last_verification: verified.get(&s.id),
+                last_verification: verified.get(s.id.as_str()),
             })
             .collect();
         return output::json(&List { snapshots });
@@ -42,7 +42,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
         "id", "disk", "time", "kind", "parent", "size", "added", "last verified"
     ))?;
     for s in &snaps {
-        let last = match verified.get(&s.id) {
+        let last = match verified.get(s.id.as_str()) {
             Some(v) => format!(
                 "{} {} ({}, {:.1} s)",
                 v.time,

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::format::config::RepoConfig;
 use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
 use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
+use crate::format::SnapshotId;
 use crate::format::{hex, short_id, ChunkId};
 use crate::index::SnapshotSummary;
 use crate::progress::{checkpoint, Progress};
@@ -76,7 +77,7 @@ pub enum CopyOutcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct CopiedSnapshot {
     /// The snapshot at the source.
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     /// Its copy at the destination (the same id unless re-chunked); `null` when it failed.
     pub destination_snapshot_id: Option<String>,
     pub disk: String,
@@ -190,9 +191,9 @@ pub fn copy(
     let mut present: HashMap<String, String> = HashMap::new();
     for s in dst.snapshots(None)? {
         if let Some(origin) = s.meta.change_source.strip_prefix(COPY_OF) {
-            present.insert(origin.to_string(), s.id.clone());
+            present.insert(origin.to_string(), s.id.to_string());
         }
-        present.insert(s.id.clone(), s.id);
+        present.insert(s.id.to_string(), s.id.to_string());
     }
     let result = if rechunk {
         copy_rechunked(src, dst, &wanted, &present, &mut report, progress)
@@ -334,7 +335,7 @@ impl Sender<'_> {
             report.bytes_written += len;
             report.snapshots_copied += 1;
             report.snapshots.push(CopiedSnapshot {
-                destination_snapshot_id: Some(snap.id.clone()),
+                destination_snapshot_id: Some(snap.id.to_string()),
                 snapshot_id: snap.id,
                 disk: snap.meta.disk,
                 time: snap.meta.time,
@@ -371,7 +372,7 @@ fn copy_identical(
     };
     let mut result = Ok(());
     for snap in wanted {
-        if let Some(there) = present.get(&snap.id) {
+        if let Some(there) = present.get(snap.id.as_str()) {
             report.snapshots_skipped += 1;
             report.snapshots.push(skipped(snap, there));
             continue;
@@ -597,7 +598,7 @@ fn copy_rechunked(
     progress: &dyn Progress,
 ) -> Result<()> {
     for snap in wanted {
-        if let Some(there) = present.get(&snap.id) {
+        if let Some(there) = present.get(snap.id.as_str()) {
             report.snapshots_skipped += 1;
             report.snapshots.push(skipped(snap, there));
             continue;

@@ -36,7 +36,7 @@ pub mod crash;
 pub mod diff;
 pub mod error;
 pub mod format;
-mod host;
+pub mod host;
 pub mod index;
 pub mod lock;
 pub mod maintain;
@@ -57,7 +57,7 @@ pub use copy::{copy, init_like, CopyOptions, CopyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
-pub use format::ChunkId;
+pub use format::{ChunkId, SnapshotId};
 pub use index::SnapshotSummary;
 pub use maintain::{apply_policy, ForgetReport, RetentionPolicy};
 pub use maintain::{prune, PruneOptions, PruneReport};
@@ -68,10 +68,4 @@ pub use repo::{InitOptions, Repo};
 pub use restore::pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};
-// The modules' former paths, so that code written against them keeps compiling.
-#[doc(hidden)]
-pub use maintain::forget;
-#[doc(hidden)]
-pub use restore::pageblob as restore_pageblob;
-
 pub use verify::{check, verify_snapshot, verify_target, CheckOptions, CheckReport, VerifyReport};

@@ -419,7 +419,7 @@ impl Repo {
         }
         let q = query.to_ascii_lowercase();
         if q.is_empty() || !q.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "snapshot {query:?}: expected `latest` or (a prefix of) a hex snapshot id"
             )));
         }
@@ -952,7 +952,3 @@ fn remove_if_present(p: &Path) -> Result<()> {
 }
 
 pub use crate::lock::LockGuard;
-
-// The host and clock helpers' former home; they live in the leaf module `host` so that
-// `lock` need not import `repo`.
-pub use crate::host::{hostname, now_rfc3339, rfc3339};

@@ -50,11 +50,14 @@ pub const AZURESTACK_MAX_MANAGED_DISK: u64 = 1023 << 30;
 /// Azure: largest page blob.
 pub const AZURE_MAX_PAGE_BLOB: u64 = 8 << 40;
 
-/// Which cloud the blob lives in; decides the service version and limits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which cloud the blob lives in; decides the service version and limits. Named `azure` and
+/// `azurestack` on the command line and in the per-user cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Profile {
     #[default]
     Azure,
+    #[serde(alias = "azurestackhub")]
     AzureStack,
 }
 

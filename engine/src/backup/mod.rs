@@ -194,7 +194,7 @@ pub fn backup(
         drop(pack_tx);
         let stored = store
             .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("pack store thread panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("pack store thread panicked".into())));
         // A store failure (disk full...) explains a writer failure, not the other way round.
         let (packs_stored, bytes_added) = stored?;
         let mut stats = result.map_err(|e| match e {
@@ -216,7 +216,7 @@ pub fn backup(
         disk: options.disk.clone(),
         time,
         kind,
-        parent: parent_id.clone(),
+        parent: parent_id.as_ref().map(|p| p.to_string()),
         hostname: hostname(),
         source: info.clone(),
         change_source: reading.label.clone(),
@@ -245,7 +245,7 @@ pub fn backup(
         snapshot_id: id,
         disk: options.disk.clone(),
         kind,
-        parent: parent_id,
+        parent: parent_id.map(String::from),
         change_source: reading.label,
         source: info.path,
         source_format: info.format,
@@ -260,7 +260,7 @@ pub fn backup(
 fn select_parent(repo: &Repo, options: &BackupOptions) -> Result<Option<SnapshotSummary>> {
     if options.mode == BackupMode::Full {
         if options.parent.is_some() {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Usage(
                 "a full backup has no parent: drop --parent or --full".into(),
             ));
         }
@@ -458,7 +458,7 @@ pub fn validate_disk_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
+        Err(Error::Usage(format!(
             "disk name {name:?}: use 1 to 128 characters from A-Z a-z 0-9 - _ . : @"
         )))
     }
@@ -722,7 +722,7 @@ impl Writer<'_> {
         } = *self;
         let config = repo.config();
         let target = config.pack_target_size as usize;
-        let stopped = || Error::InvalidArgument("the pack store stopped".into());
+        let stopped = || Error::Internal("the pack store stopped".into());
         // Room for the last chunk past the target and the table, so the buffer never regrows.
         let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
         let mut pack = PackWriter::new(capacity);

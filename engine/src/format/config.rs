@@ -215,7 +215,7 @@ impl ChunkerParams {
     /// Parses `aligned`, `aligned:MIN:AVG:MAX`, `fastcdc`, `fastcdc:MIN:AVG:MAX`, `fixed:SIZE`
     /// (sizes accept K/M suffixes).
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::InvalidArgument(format!("chunker {s:?}: {why}"));
+        let bad = |why: &str| Error::Usage(format!("chunker {s:?}: {why}"));
         let mut parts = s.split(':');
         let params = match parts.next() {
             Some("fastcdc") => {

@@ -11,12 +11,15 @@ pub mod config;
 pub mod manifest;
 pub mod pack;
 pub mod page_list;
+pub mod snapshot_id;
 pub mod verification;
 pub mod vhd_footer;
 
 use std::fmt;
 
 use crate::error::{Error, Result};
+
+pub use snapshot_id::SnapshotId;
 
 /// Length of a chunk id (BLAKE3-256 of the uncompressed chunk).
 pub const CHUNK_ID_LEN: usize = 32;

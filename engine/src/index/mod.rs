@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{Manifest, SnapshotMeta};
 use crate::format::pack::{frames, PackEntry, RecordLocation};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
-use crate::format::ChunkId;
+use crate::format::{ChunkId, SnapshotId};
 use crate::store::{snapshot_key, Backend, StoredObject};
 
 pub mod delta;
@@ -107,7 +107,7 @@ pub struct ChunkLocation {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotSummary {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     #[serde(flatten)]
@@ -362,6 +362,18 @@ impl Index {
                     self.path.display(),
                     0,
                     format!("snapshot {id} metadata in the index: {e}"),
+                )
+            })?;
+            // A malformed id can only come from a damaged index; the manifests hold the truth.
+            let id = SnapshotId::parse(&id).map_err(|_| {
+                Error::corrupt(
+                    self.path.display(),
+                    0,
+                    format!(
+                        "snapshot id {:?} in the index is not a full snapshot id; the index is \
+                         derived state: rebuild it with `stackvault index rebuild`",
+                        crate::format::short_id(&id)
+                    ),
                 )
             })?;
             out.push(SnapshotSummary {

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{our_info, random_hex, Held, LockGuard, LockInfo};
 use crate::error::{Error, Result};
+use crate::host::rfc3339;
 use crate::progress::notice;
-use crate::repo::rfc3339;
 use crate::store::{Backend, Version};
 
 /// Directory of the lock objects.

@@ -40,6 +40,7 @@ use time::OffsetDateTime;
 use crate::error::{Error, Result};
 use crate::format::short_id;
 use crate::format::verification::VERIFICATIONS_PREFIX;
+use crate::format::SnapshotId;
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
 use crate::store::snapshot_key;
@@ -87,7 +88,7 @@ impl RetentionPolicy {
 /// Parses a duration such as `7d`, `36h`, `2w` or `1w3d12h` (units: h, d, w).
 pub fn parse_duration(s: &str) -> Result<time::Duration> {
     let bad = || {
-        Error::InvalidArgument(format!(
+        Error::Usage(format!(
             "duration {s:?}: expected numbers with units h, d or w, like 7d, 36h or 1w3d"
         ))
     };
@@ -129,7 +130,7 @@ pub struct Candidate {
 impl From<&SnapshotSummary> for Candidate {
     fn from(s: &SnapshotSummary) -> Self {
         Candidate {
-            id: s.id.clone(),
+            id: s.id.to_string(),
             disk: s.meta.disk.clone(),
             time: s.meta.time.clone(),
         }
@@ -284,7 +285,7 @@ fn human_duration(d: time::Duration) -> String {
 #[derive(Clone, Debug, Serialize)]
 pub struct Removed {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     pub disk: String,
     pub time: String,
 }
@@ -294,7 +295,7 @@ pub struct Removed {
 #[derive(Clone, Debug, Serialize)]
 pub struct ParentGone {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     pub disk: String,
     pub kind: String,
     pub parent: String,
@@ -331,7 +332,7 @@ pub fn forget_by_policy(
     dry_run: bool,
 ) -> Result<ForgetReport> {
     if policy.is_empty() {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Usage(
             "no retention rule given: pass at least one --keep-* option (or name snapshots)".into(),
         ));
     }
@@ -399,7 +400,7 @@ pub fn forget_by_policy(
             Vec::new()
         };
         decisions.push(Decision {
-            id: s.id.clone(),
+            id: s.id.to_string(),
             disk: s.meta.disk.clone(),
             time: s.meta.time.clone(),
             keep: keep || disk.is_some(),
@@ -463,7 +464,7 @@ pub fn forget_named(
     let members = crate::vm::membership(repo)?;
     let mut vm_records: Vec<String> = Vec::new();
     for s in &chosen {
-        let Some(owners) = members.get(&s.id) else {
+        let Some(owners) = members.get(s.id.as_str()) else {
             continue;
         };
         if !force {

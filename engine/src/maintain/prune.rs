@@ -95,12 +95,12 @@ impl Default for PruneOptions {
 /// Parses `--max-unused`: a percentage like `10%` (or `10`), 0 to 100.
 pub fn parse_max_unused(s: &str) -> Result<f64> {
     let n: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| {
-        Error::InvalidArgument(format!(
+        Error::Usage(format!(
             "--max-unused {s:?}: expected a percentage like 10%"
         ))
     })?;
     if !(0.0..=100.0).contains(&n) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "--max-unused {s:?}: must be between 0% and 100%"
         )));
     }
@@ -798,7 +798,7 @@ fn unindex_packs(
             .map_err(err)?;
         if still_needed > 0 {
             // Never reached by construction; rolling back keeps every pack.
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "prune stopped: pack {} still holds {still_needed} referenced chunks",
                 p.name
             )));
@@ -863,7 +863,7 @@ fn delete_packs(
 fn remove_leftovers(repo: &Repo) -> Result<u64> {
     let mut removed = 0;
     for l in crate::verify::leftovers(repo)? {
-        if l.kind == "temporary" && l.removable_by_prune() {
+        if l.kind == crate::verify::LeftoverKind::Temporary && l.removable_by_prune() {
             let path = repo.root().join(&l.path);
             match std::fs::remove_file(&path) {
                 Ok(()) => removed += 1,

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
+use crate::format::SnapshotId;
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
 
@@ -45,7 +46,7 @@ const FRAMES: &str = "SELECT max(c.stored_len) AS stored, count(r.id) AS refd, \
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: SnapshotId,
     pub disk: String,
     pub time: String,
     pub kind: String,

@@ -34,7 +34,7 @@ pub struct StoreOptions {
     /// Endpoint URL (`https://ACCOUNT.blob.REGION.example`, `http://127.0.0.1:9000`).
     pub endpoint: Option<String>,
     /// Azure service profile (`azure`, `azurestack`).
-    pub profile: Option<String>,
+    pub profile: Option<Profile>,
 }
 
 static STORE_OPTIONS: Mutex<StoreOptions> = Mutex::new(StoreOptions {
@@ -166,10 +166,7 @@ impl RepoLocation {
         match self {
             RepoLocation::Local(p) => Ok(Arc::new(crate::store::LocalDir::new(p))),
             RepoLocation::Azure { .. } => {
-                let profile = match options.profile.as_deref() {
-                    Some(p) => Profile::parse(p)?,
-                    None => Profile::Azure,
-                };
+                let profile = options.profile.unwrap_or_default();
                 Ok(Arc::new(AzureBlobBackend::from_env(
                     &self.to_string(),
                     options.endpoint.as_deref(),
@@ -205,7 +202,7 @@ impl RepoLocation {
             .unwrap_or_default();
         let options = StoreOptions {
             endpoint: given.endpoint.clone().or(remembered.endpoint.clone()),
-            profile: given.profile.clone().or(remembered.profile.clone()),
+            profile: given.profile.or(remembered.profile),
         };
         if options != remembered {
             // Best effort: a host that cannot remember simply needs the options again.

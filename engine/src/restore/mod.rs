@@ -40,6 +40,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest, SnapshotMeta};
+use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -72,8 +73,10 @@ pub trait DiskTarget: Sync {
     }
 }
 
-/// Container format of a restored disk file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Container format of a restored disk file; JSON and the CLI name it as [`Self::as_str`]
+/// does (`raw`, `vhd-fixed`, `vhd-dynamic`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OutputFormat {
     Raw,
     /// Data followed by a 512-byte footer: what Azure and Azure Stack Hub accept.
@@ -89,7 +92,7 @@ impl OutputFormat {
             "raw" => Ok(OutputFormat::Raw),
             "vhd-fixed" => Ok(OutputFormat::VhdFixed),
             "vhd-dynamic" => Ok(OutputFormat::VhdDynamic),
-            other => Err(Error::InvalidArgument(format!(
+            other => Err(Error::Usage(format!(
                 "output format {other:?}: use raw, vhd-fixed or vhd-dynamic"
             ))),
         }
@@ -113,6 +116,12 @@ impl OutputFormat {
     }
 }
 
+impl std::fmt::Display for OutputFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Options of a file restore.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -130,10 +139,10 @@ pub struct RestoreOptions {
 /// The outcome of a restore (`--json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct RestoreReport {
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     pub disk: String,
     pub target: String,
-    pub output_format: String,
+    pub output_format: OutputFormat,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     /// A VHD output's current size (the virtual size after rounding); `null` for raw output.
@@ -398,7 +407,7 @@ fn with_background_writeback<R>(
         done.1.notify_all();
         let flushed = flusher
             .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("writeback thread panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("writeback thread panicked".into())));
         let r = result?;
         flushed?;
         Ok(r)
@@ -527,7 +536,7 @@ pub fn restore_to_file(
 
 /// The report of a restore into a file or device: its rate is of the bytes written.
 fn file_report(
-    snapshot_id: &str,
+    snapshot_id: &SnapshotId,
     manifest: &Manifest,
     out: &Path,
     format: OutputFormat,
@@ -536,10 +545,10 @@ fn file_report(
     started: Instant,
 ) -> RestoreReport {
     RestoreReport {
-        snapshot_id: snapshot_id.to_string(),
+        snapshot_id: snapshot_id.clone(),
         disk: manifest.meta.disk.clone(),
         target: out.display().to_string(),
-        output_format: format.as_str().into(),
+        output_format: format,
         virtual_size: manifest.virtual_size,
         vhd_current_size,
         bytes_written: counts.bytes_written,

@@ -45,7 +45,7 @@ use crate::format::vhd_footer::{self as footer, DiskType, Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::restore::{restore_into, DiskTarget, RestoreReport};
+use crate::restore::{restore_into, DiskTarget, OutputFormat, RestoreReport};
 
 const MIB: u64 = 1 << 20;
 
@@ -303,7 +303,7 @@ pub fn restore_to_page_blob(
             snapshot_id: snapshot.id.clone(),
             disk: manifest.meta.disk.clone(),
             target: shown,
-            output_format: "vhd-fixed".into(),
+            output_format: OutputFormat::VhdFixed,
             virtual_size: manifest.virtual_size,
             bytes_written: counts.bytes_written,
             zero_bytes: counts.zero_bytes,

@@ -185,7 +185,7 @@ pub fn restore_vhd(
             target.write(&footer, 0)?;
             Ok((counts, size))
         }
-        OutputFormat::Raw => Err(Error::InvalidArgument(
+        OutputFormat::Raw => Err(Error::Internal(
             "restore_vhd called for a raw output".into(),
         )),
     }

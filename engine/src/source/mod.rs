@@ -148,7 +148,7 @@ impl SourceFormat {
             "auto" => Ok(SourceFormat::Auto),
             "raw" => Ok(SourceFormat::Raw),
             "vhd" => Ok(SourceFormat::Vhd),
-            other => Err(Error::InvalidArgument(format!(
+            other => Err(Error::Usage(format!(
                 "source format {other:?}: use auto, raw or vhd"
             ))),
         }
@@ -184,7 +184,7 @@ pub fn open_source(path: &Path, options: &SourceOptions) -> Result<Box<dyn DiskS
         return Ok(Box::new(VhdDisk::open(path, options.parent.as_deref())?));
     }
     if options.parent.is_some() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "--parent applies to differencing VHDs; {} is read as raw",
             path.display()
         )));

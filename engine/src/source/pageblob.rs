@@ -324,9 +324,8 @@ impl DiskSource for PageBlobSource {
                 })
                 .collect();
             readers.into_iter().try_for_each(|r| {
-                r.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument("a page blob reader panicked".into()))
-                })
+                r.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("a page blob reader panicked".into())))
             })
         })
     }

@@ -21,12 +21,12 @@ use super::check;
 use super::record::{self, Record, State, SyncLock};
 use super::{decide, Counts, Plan, StatusReport, SyncOptions, SyncReport};
 use crate::error::{Error, Result};
+use crate::format::vhd_footer::{DiskType, Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::restore::vhd::{fixed_size, restored_footer};
 use crate::restore::{restore_to_file, OutputFormat, RestoreOptions};
-use crate::source::vhd::footer::{DiskType, Footer, FOOTER_LEN};
 
 /// Largest pwrite of a sync: consecutive chunk pieces are gathered up to this.
 const RUN_MAX: usize = 1 << 20;

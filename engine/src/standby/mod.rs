@@ -36,6 +36,7 @@ use serde::Serialize;
 use crate::azure::{self, BlobOptions};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
+use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -78,7 +79,7 @@ pub struct SyncReport {
     pub target_format: String,
     pub disk: String,
     /// The snapshot the target now holds.
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     /// The snapshot it held before (clean or not), if any.
     pub previous_snapshot_id: Option<String>,
     /// Snapshots an interrupted sync had been applying, completed by this one.
@@ -233,7 +234,7 @@ pub(crate) fn decide<'r>(
 ) -> Result<Plan<'r>> {
     let mismatch = |what: String| Error::TargetMismatch {
         target: shown.to_string(),
-        snapshot: snapshot.id.clone(),
+        snapshot: snapshot.id.to_string(),
         offset: 0,
         what: format!("{what}; nothing was written: pass --full to overwrite it"),
     };
@@ -284,7 +285,7 @@ pub(crate) fn decide<'r>(
     for id in std::iter::once(held).chain(r.applying.iter()) {
         match repo.resolve_snapshot(id, None) {
             Ok(s) if &s.id == id => olds.push(repo.load_manifest(id)?),
-            Ok(_) | Err(Error::SnapshotNotFound { .. }) | Err(Error::InvalidArgument(_)) => {
+            Ok(_) | Err(Error::SnapshotNotFound { .. }) | Err(Error::Usage(_)) => {
                 return Err(mismatch(format!(
                     "it holds (data of) snapshot {id}, which this repository does not have \
                      (forgotten?)"
@@ -316,7 +317,7 @@ pub(crate) fn applying_record(
         None => (None, Vec::new()),
     };
     applying.retain(|a| a != &snapshot.id && Some(a) != held.as_ref());
-    applying.push(snapshot.id.clone());
+    applying.push(snapshot.id.to_string());
     Record {
         version: RECORD_VERSION,
         repository_id: hex(&repo.config().repository_id),
@@ -324,10 +325,10 @@ pub(crate) fn applying_record(
         snapshot_id: held,
         state: State::Applying,
         applying,
-        since: crate::repo::now_rfc3339(),
+        since: crate::host::now_rfc3339(),
         target_format: target_format.to_string(),
         virtual_size: snapshot.virtual_size,
-        host: crate::repo::hostname(),
+        host: crate::host::hostname(),
         pid: std::process::id(),
         identity: identity.to_string(),
     }
@@ -340,10 +341,10 @@ pub(crate) fn finished_record(
     state: State,
 ) -> Record {
     Record {
-        snapshot_id: Some(snapshot.id.clone()),
+        snapshot_id: Some(snapshot.id.to_string()),
         state,
         applying: Vec::new(),
-        since: crate::repo::now_rfc3339(),
+        since: crate::host::now_rfc3339(),
         ..applying.clone()
     }
 }
@@ -461,7 +462,7 @@ pub(crate) fn status_report(
 ) -> StatusReport {
     let running = record.as_ref().is_some_and(|r| {
         r.state == State::Applying
-            && r.host == crate::repo::hostname()
+            && r.host == crate::host::hostname()
             && record::other_process_alive(r.pid)
     });
     StatusReport {

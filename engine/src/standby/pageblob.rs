@@ -19,13 +19,13 @@ use crate::azure::pagewriter::{
 };
 use crate::azure::BlobClient;
 use crate::error::{Error, Result};
+use crate::format::vhd_footer::{self as footer, DiskType, Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::restore_pageblob::{
+use crate::restore::pageblob::{
     check_limits, restore_to_page_blob, source_unique_id, PageBlobRestoreOptions,
 };
-use crate::source::vhd::footer::{self, DiskType, Footer, FOOTER_LEN};
 
 const MIB: u64 = 1 << 20;
 /// Most blob snapshots a blob may keep (Azure Stack Hub's limit).
@@ -130,7 +130,7 @@ pub(crate) fn sync(
     };
     if let Some(r) = old.as_ref().filter(|r| {
         r.state == State::Applying
-            && r.host == crate::repo::hostname()
+            && r.host == crate::host::hostname()
             && record::other_process_alive(r.pid)
     }) {
         return Err(Error::Locked(format!(

@@ -122,7 +122,7 @@ pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
             *slot = Some((level, c));
         }
         let Some((_, c)) = slot.as_mut() else {
-            return Err(Error::InvalidArgument("zstd context missing".into()));
+            return Err(Error::Internal("zstd context missing".into()));
         };
         let out = c
             .compress(data)

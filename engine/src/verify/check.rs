@@ -76,7 +76,7 @@ impl Subset {
     /// Parses `1/5`, `10%`, `2GiB` (units B, K/KiB, M/MiB, G/GiB, T/TiB; binary).
     pub fn parse(s: &str) -> Result<Subset> {
         let bad = |why: &str| {
-            Error::InvalidArgument(format!(
+            Error::Usage(format!(
                 "read-data subset {s:?}: {why} (expected N/M, P% or a size like 2GiB)"
             ))
         };
@@ -123,12 +123,80 @@ pub struct CheckOptions {
     pub read_data: ReadData,
 }
 
+/// What [`check`] found damaged; the JSON name is the kebab-case variant (`pack-missing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DamageKind {
+    /// The SQLite index failed its integrity check.
+    Index,
+    /// A snapshot manifest is unreadable or damaged.
+    Manifest,
+    /// A chunk a snapshot needs is in no pack the index knows.
+    MissingChunk,
+    /// A pack the index lists is not in the store.
+    PackMissing,
+    /// A pack's stored size differs from the index's.
+    PackSize,
+    /// A pack's header or table is damaged.
+    PackStructure,
+    /// A pack's table and the index disagree about a chunk.
+    IndexMismatch,
+    /// A chunk's bytes do not hash to its id (`--read-data`).
+    ChunkData,
+}
+
+impl DamageKind {
+    /// The name used in JSON and in the text report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DamageKind::Index => "index",
+            DamageKind::Manifest => "manifest",
+            DamageKind::MissingChunk => "missing-chunk",
+            DamageKind::PackMissing => "pack-missing",
+            DamageKind::PackSize => "pack-size",
+            DamageKind::PackStructure => "pack-structure",
+            DamageKind::IndexMismatch => "index-mismatch",
+            DamageKind::ChunkData => "chunk-data",
+        }
+    }
+}
+
+impl std::fmt::Display for DamageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of [`Leftover`] a crashed or interrupted run left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeftoverKind {
+    /// The temporary object of a write that never finished (or of one running now).
+    Temporary,
+    /// A lock whose holder is gone.
+    StaleLock,
+}
+
+impl LeftoverKind {
+    /// The name used in JSON and in the text report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeftoverKind::Temporary => "temporary",
+            LeftoverKind::StaleLock => "stale-lock",
+        }
+    }
+}
+
+impl std::fmt::Display for LeftoverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One piece of damage found by [`check`].
 #[derive(Clone, Debug, Serialize)]
 pub struct Damage {
-    /// `index`, `manifest`, `missing-chunk`, `pack-missing`, `pack-size`, `pack-structure`,
-    /// `index-mismatch` or `chunk-data`.
-    pub kind: String,
+    pub kind: DamageKind,
     /// File, pack or snapshot where it was found.
     pub location: String,
     pub pack: Option<String>,
@@ -225,7 +293,7 @@ struct Findings {
 }
 
 impl Findings {
-    fn add(&mut self, kind: &str, pack: Option<&str>, chunk: Option<&ChunkId>, e: &Error) {
+    fn add(&mut self, kind: DamageKind, pack: Option<&str>, chunk: Option<&ChunkId>, e: &Error) {
         let (location, offset, what) = match e {
             Error::Corrupt {
                 location,
@@ -239,7 +307,7 @@ impl Findings {
             ),
         };
         self.push(Damage {
-            kind: kind.into(),
+            kind,
             location,
             pack: pack.map(str::to_string),
             offset,
@@ -265,7 +333,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
     let index_location = repo.index().path().display().to_string();
     for problem in repo.index().integrity_problems()? {
         f.push(Damage {
-            kind: "index".into(),
+            kind: DamageKind::Index,
             location: index_location.clone(),
             pack: None,
             offset: None,
@@ -319,7 +387,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
             match scanned {
                 Ok(()) => {}
                 Err(e) if e.is_corruption() => {
-                    f.add("manifest", None, None, &e);
+                    f.add(DamageKind::Manifest, None, None, &e);
                     f.damaged_manifests.insert(id.clone());
                 }
                 Err(e) => return Err(e),
@@ -344,7 +412,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
                 snapshot: snapshot.clone(),
             };
             f.push(Damage {
-                kind: "missing-chunk".into(),
+                kind: DamageKind::MissingChunk,
                 location: format!("snapshots/{snapshot}"),
                 pack: None,
                 offset: None,
@@ -489,9 +557,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
 /// Something an interrupted or crashed run left in the repository (see [`leftovers`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct Leftover {
-    /// `temporary`: the temporary object of a write that never finished (or of one running
-    /// now); `stale-lock`: a lock whose holder is gone.
-    pub kind: String,
+    pub kind: LeftoverKind,
     /// Path relative to the repository.
     pub path: String,
     #[serde(rename = "size_bytes")]
@@ -513,7 +579,7 @@ impl Leftover {
     /// can be running, so any temporary object of packs, manifests and index rebuilds is
     /// dead; elsewhere (verify records, lock publishing) only old ones are.
     pub fn removable_by_prune(&self) -> bool {
-        self.kind == "stale-lock"
+        self.kind == LeftoverKind::StaleLock
             || self.path.starts_with("packs/")
             || self.path.starts_with("snapshots/")
             || !self.path.contains('/')
@@ -554,7 +620,7 @@ pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
                 continue;
             }
             out.push(Leftover {
-                kind: "temporary".into(),
+                kind: LeftoverKind::Temporary,
                 path: relative(root, &path),
                 size: meta.len(),
                 age_secs: meta
@@ -568,7 +634,7 @@ pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
     }
     for (path, why) in crate::lock::stale_locks(root)? {
         out.push(Leftover {
-            kind: "stale-lock".into(),
+            kind: LeftoverKind::StaleLock,
             path: relative(root, &path),
             size: std::fs::metadata(&path).map_or(0, |m| m.len()),
             age_secs: 0,
@@ -613,7 +679,7 @@ impl PackChecker<'_> {
         let entries = std::mem::take(&mut self.entries);
         let Some(row) = self.rows.get(&key).copied() else {
             f.push(Damage {
-                kind: "index".into(),
+                kind: DamageKind::Index,
                 location: self.index_location.clone(),
                 pack: None,
                 offset: None,
@@ -631,7 +697,7 @@ impl PackChecker<'_> {
         let location = format!("pack {name}");
         let Some(obj) = self.listed.get(name) else {
             f.push(Damage {
-                kind: "pack-missing".into(),
+                kind: DamageKind::PackMissing,
                 location,
                 pack: Some(name.into()),
                 offset: None,
@@ -648,7 +714,7 @@ impl PackChecker<'_> {
         let size = backend.size(obj)?;
         if size != row.size {
             f.push(Damage {
-                kind: "pack-size".into(),
+                kind: DamageKind::PackSize,
                 location: location.clone(),
                 pack: Some(name.into()),
                 offset: Some(size.min(row.size)),
@@ -662,7 +728,7 @@ impl PackChecker<'_> {
         let table = match read_pack_table(backend, name) {
             Ok(t) => t.entries,
             Err(e) if e.is_corruption() => {
-                f.add("pack-structure", Some(name), None, &e);
+                f.add(DamageKind::PackStructure, Some(name), None, &e);
                 f.damaged_chunks.extend(entries.iter().map(|e| e.id));
                 return Ok(());
             }
@@ -672,7 +738,7 @@ impl PackChecker<'_> {
         if table.len() as u64 != row.chunk_count {
             sound = false;
             f.push(Damage {
-                kind: "index-mismatch".into(),
+                kind: DamageKind::IndexMismatch,
                 location: location.clone(),
                 pack: Some(name.into()),
                 offset: None,
@@ -696,7 +762,7 @@ impl PackChecker<'_> {
             if !agrees {
                 sound = false;
                 f.push(Damage {
-                    kind: "index-mismatch".into(),
+                    kind: DamageKind::IndexMismatch,
                     location: location.clone(),
                     pack: Some(name.into()),
                     offset: Some(e.offset),
@@ -758,7 +824,7 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
         // The pack changed since the structure phase read it.
         Err(e) => {
             let d = Damage {
-                kind: "pack-structure".into(),
+                kind: DamageKind::PackStructure,
                 location: location.clone(),
                 pack: Some(name.into()),
                 offset: None,
@@ -775,7 +841,7 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
         };
         (
             Damage {
-                kind: "chunk-data".into(),
+                kind: DamageKind::ChunkData,
                 location: location.clone(),
                 pack: Some(name.into()),
                 offset: Some(offset),
@@ -929,7 +995,7 @@ fn affected_snapshots(
     let catalogue: HashMap<String, SnapshotSummary> = repo
         .snapshots(None)?
         .into_iter()
-        .map(|s| (s.id.clone(), s))
+        .map(|s| (s.id.to_string(), s))
         .collect();
     let mut out = Vec::new();
     for id in ids {

@@ -23,8 +23,9 @@ mod snapshot;
 mod target;
 
 pub use check::{
-    check, leftovers, AffectedRange, AffectedSnapshot, CheckOptions, CheckReport, Damage, Leftover,
-    Orphan, ReadData, ReadDataKind, Subset, LEFTOVER_MIN_AGE_SECS,
+    check, leftovers, AffectedRange, AffectedSnapshot, CheckOptions, CheckReport, Damage,
+    DamageKind, Leftover, LeftoverKind, Orphan, ReadData, ReadDataKind, Subset,
+    LEFTOVER_MIN_AGE_SECS,
 };
 pub use snapshot::verify_snapshot;
 pub use target::{open_target, verify_target};
@@ -36,6 +37,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::format::verification::{VerificationRecord, VERIFICATION_VERSION};
+use crate::format::SnapshotId;
 use crate::format::{short_id, ChunkId};
 use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
@@ -119,7 +121,7 @@ impl VerifyOutcome {
 /// The outcome of a verify run (`--json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     pub disk: String,
     pub mode: VerifyMode,
     pub target: Option<String>,
@@ -304,7 +306,7 @@ fn require_writable_for_record(repo: &Repo, options: &VerifyOptions) -> Result<(
 fn record_verification(repo: &Repo, report: &VerifyReport, time: String) -> Result<String> {
     let record = VerificationRecord {
         version: VERIFICATION_VERSION,
-        snapshot_id: report.snapshot_id.clone(),
+        snapshot_id: report.snapshot_id.to_string(),
         time,
         mode: report.mode.as_str().into(),
         target: report.target.clone(),

@@ -272,7 +272,11 @@ pub struct VmSnapshot {
 
 /// The VM snapshots of the repository (of `vm`, or all), oldest first.
 pub fn vm_snapshots(repo: &Repo, vm: Option<&str>) -> Result<Vec<VmSnapshot>> {
-    let present: BTreeSet<String> = repo.snapshots(None)?.into_iter().map(|s| s.id).collect();
+    let present: BTreeSet<String> = repo
+        .snapshots(None)?
+        .into_iter()
+        .map(|s| s.id.into())
+        .collect();
     let mut out = Vec::new();
     for key in repo.backend().list(record::VMS_PREFIX)? {
         let Some(id) = record::id_of_key(&key) else {

@@ -5,8 +5,8 @@
 //! Decoding only checks what a single header can tell (cookie, block size, bounds of the
 //! locator fields); where the BAT and blocks lie is checked against the file in `image.rs`.
 
-use super::footer::{be_u32, be_u64, checksum};
 use crate::error::{Error, Result};
+use crate::format::vhd_footer::{be_u32, be_u64, checksum};
 
 /// Length of the dynamic header.
 pub const HEADER_LEN: usize = 1024;

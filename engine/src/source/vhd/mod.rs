@@ -14,13 +14,13 @@
 //! over [`io::ReadAt`], so the fuzz target drives it from a byte slice.
 
 pub mod dynamic;
-pub use crate::format::vhd_footer as footer;
 pub mod image;
 pub mod io;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::format::vhd_footer as footer;
 pub use footer::DiskType;
 pub use image::{has_vhd_cookie, sniff, vhdx_unsupported, Place, Sniffed, VhdImage};
 pub use io::{FileAt, ReadAt};

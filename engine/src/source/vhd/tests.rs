@@ -2,8 +2,10 @@
 //! image must give `Error::SourceDamaged` naming the file and the offset, never a panic.
 
 use super::dynamic::{self, DynamicHeader, HEADER_LEN, HEADER_VERSION, UNALLOCATED};
-use super::footer::{self, chs_geometry, DiskType, Footer, FILE_FORMAT_VERSION, NO_DATA_OFFSET};
 use super::*;
+use crate::format::vhd_footer::{
+    self as footer, chs_geometry, DiskType, Footer, FILE_FORMAT_VERSION, NO_DATA_OFFSET,
+};
 
 const LOC: &str = "mem.vhd";
 const BAT_AT: usize = 1536;
