@@ -443,7 +443,9 @@ mod tests {
             assert!(decode_delta(&bytes[..len], &key).is_err(), "length {len}");
         }
         // Filed under another pack's name: refused.
-        let other = delta_key(&format!("{}0", &pack.name[..31]));
+        // (The pack name is random: change its last digit to one it does not have.)
+        let last = if pack.name.ends_with('0') { '1' } else { '0' };
+        let other = delta_key(&format!("{}{last}", &pack.name[..31]));
         assert!(decode_delta(&bytes, &other).is_err());
         Ok(())
     }
