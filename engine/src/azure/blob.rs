@@ -99,26 +99,7 @@ impl BlobClient {
 
     /// Get Blob Properties; `None` when the blob does not exist.
     pub fn properties(&self) -> Result<Option<BlobProperties>> {
-        let r = self.execute(
-            RequestKind::GetBlobProperties,
-            Method::Head,
-            &[],
-            &[],
-            None,
-            &[200, 404],
-        )?;
-        if r.status == 404 {
-            return Ok(None);
-        }
-        let size = r
-            .header("content-length")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or_else(|| self.protocol("HEAD answer without a Content-Length"))?;
-        Ok(Some(BlobProperties {
-            size,
-            blob_type: r.header("x-ms-blob-type").unwrap_or("").to_string(),
-            etag: r.header("etag").map(str::to_string),
-        }))
+        Ok(self.properties_and_metadata()?.map(|(p, _)| p))
     }
 
     /// Reads `buf.len()` bytes at `offset`; with `if_match`, fails if the blob changed.
