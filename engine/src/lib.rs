@@ -33,6 +33,7 @@ pub mod changes;
 pub mod chunker;
 pub mod copy;
 pub mod crash;
+pub mod crypto;
 pub mod diff;
 pub mod error;
 pub mod format;

@@ -98,6 +98,8 @@ pub struct Repo {
     place: Place,
     backend: Arc<dyn Backend>,
     config: RepoConfig,
+    /// Plain, or the keys unlocked at open (see [`crate::crypto`]).
+    protection: crate::crypto::Protection,
     // Declared (and so dropped) before `index`: the writable connection must close last,
     // so that SQLite checkpoints the write-ahead log into the file and removes it.
     readers: IndexReaders,
@@ -209,6 +211,7 @@ impl Repo {
             readers,
             backend,
             config,
+            protection: crate::crypto::Protection::Plain,
             index: Mutex::new(index),
             read_only: Some(why),
             _cache_hold: hold,
@@ -228,6 +231,7 @@ impl Repo {
             readers: IndexReaders::new(&index_path),
             backend,
             config,
+            protection: crate::crypto::Protection::Plain,
             index: Mutex::new(index),
             read_only: None,
             _cache_hold: None,
@@ -311,6 +315,7 @@ impl Repo {
             readers: IndexReaders::new(&index_path),
             backend,
             config,
+            protection: crate::crypto::Protection::Plain,
             index: Mutex::new(index),
             read_only,
             _cache_hold: None,
@@ -363,6 +368,18 @@ impl Repo {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// How this repository names chunks and seals objects.
+    pub fn protection(&self) -> &crate::crypto::Protection {
+        &self.protection
+    }
+
+    /// Replaces the repository's protection (tests of the sealed object paths, before
+    /// `init --encryption` exists end to end).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn set_protection_for_tests(&mut self, protection: crate::crypto::Protection) {
+        self.protection = protection;
     }
 
     pub fn config(&self) -> &RepoConfig {

@@ -1,0 +1,312 @@
+//! Encryption at rest: the keys of one repository and the sealing of every object it stores.
+//!
+//! A repository is either plain or encrypted ([`Protection`]); every place that names a chunk
+//! or stores an object goes through it, so a plain repository is the same code path with the
+//! identity transform. An encrypted repository has one random [`MasterSecret`], wrapped by one
+//! or more password-derived key objects (`keys/…`, see `format-spec/encryption.md`); from it
+//! [`RepoKeys::derive`] derives one subkey per purpose (chunk ids, the chunker's cut decision,
+//! object data, metadata), so no key serves two purposes.
+//!
+//! Invariants: an object is sealed with a fresh random nonce and associated data that binds it
+//! to its kind and name ([`ObjectAd`]), so a stored object cannot be swapped for another one or
+//! replayed under another name; opening checks the tag before any byte is returned; key bytes
+//! live in [`Zeroizing`] buffers and never reach `Debug`, errors, logs or caches.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::format::ChunkId;
+
+/// Length of the master secret and of every derived subkey.
+pub const KEY_LEN: usize = 32;
+/// Length of the random nonce at the start of a sealed object.
+pub const NONCE_LEN: usize = 24;
+/// Length of the authentication tag at the end of a sealed object.
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed object has beyond its plaintext.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+
+/// Domain separator at the start of every object's associated data.
+const AD_DOMAIN: &[u8] = b"stackvault sealed object v1";
+
+/// The random secret of one encrypted repository. Never stored unwrapped.
+pub struct MasterSecret(Zeroizing<[u8; KEY_LEN]>);
+
+impl MasterSecret {
+    /// A fresh random secret (for `init`).
+    pub fn generate() -> Result<MasterSecret> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(bytes.as_mut())
+            .map_err(|e| Error::Internal(format!("draw a random master secret: {e}")))?;
+        Ok(MasterSecret(bytes))
+    }
+
+    /// A secret from its bytes (unwrapped from a key object, or a test vector).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> MasterSecret {
+        MasterSecret(Zeroizing::new(bytes))
+    }
+
+    /// The secret's bytes, for wrapping it into a key object.
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MasterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterSecret(…)")
+    }
+}
+
+/// What a sealed object is; part of its associated data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectKind {
+    /// One frame of a pack (`name` is the pack's name, `part` the frame's offset in the pack).
+    PackFrame = 1,
+    /// A pack's chunk table (`name` is the pack's name).
+    PackTable = 2,
+    /// A snapshot manifest.
+    Manifest = 3,
+    /// An index delta (`index/xx/<pack>`).
+    IndexDelta = 4,
+    /// A verification record.
+    Verification = 5,
+    /// A VM snapshot record.
+    VmSnapshot = 6,
+}
+
+/// The associated data of one sealed object: what it is and where it belongs.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectAd<'a> {
+    pub kind: ObjectKind,
+    /// The object's name or id as stored (pack name, snapshot id, …).
+    pub name: &'a str,
+    /// A position within the named object (a frame's offset in its pack), 0 otherwise.
+    pub part: u64,
+}
+
+impl ObjectAd<'_> {
+    /// The bytes authenticated with the object: domain, kind, part (u64 LE), name.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut ad = Vec::with_capacity(AD_DOMAIN.len() + 9 + self.name.len());
+        ad.extend_from_slice(AD_DOMAIN);
+        ad.push(self.kind as u8);
+        ad.extend_from_slice(&self.part.to_le_bytes());
+        ad.extend_from_slice(self.name.as_bytes());
+        ad
+    }
+}
+
+/// The subkeys of one encrypted repository, derived from its master secret.
+pub struct RepoKeys {
+    chunk_id: Zeroizing<[u8; KEY_LEN]>,
+    chunker: Zeroizing<[u8; KEY_LEN]>,
+    data: XChaCha20Poly1305,
+    metadata: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for RepoKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepoKeys(…)")
+    }
+}
+
+impl RepoKeys {
+    /// Derives every subkey from the master secret (BLAKE3 `derive_key`, one context per purpose).
+    pub fn derive(master: &MasterSecret) -> RepoKeys {
+        let derive = |context: &str| Zeroizing::new(blake3::derive_key(context, master.expose()));
+        let data = derive("stackvault 2026-11-30 object data key");
+        let metadata = derive("stackvault 2026-11-30 metadata key");
+        RepoKeys {
+            chunk_id: derive("stackvault 2026-11-30 chunk id key"),
+            chunker: derive("stackvault 2026-11-30 chunker key"),
+            data: XChaCha20Poly1305::new(data.as_ref().into()),
+            metadata: XChaCha20Poly1305::new(metadata.as_ref().into()),
+        }
+    }
+
+    fn cipher_for(&self, kind: ObjectKind) -> &XChaCha20Poly1305 {
+        match kind {
+            ObjectKind::PackFrame => &self.data,
+            _ => &self.metadata,
+        }
+    }
+}
+
+/// How a repository names chunks and turns objects into stored bytes.
+#[derive(Debug)]
+pub enum Protection {
+    /// Unencrypted: plain BLAKE3 ids, objects stored as they are.
+    Plain,
+    /// Encrypted: keyed ids, keyed chunker, every object sealed.
+    Encrypted(Box<RepoKeys>),
+}
+
+impl Protection {
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Protection::Encrypted(_))
+    }
+
+    /// The chunk id of `data`: BLAKE3, keyed with the chunk-id subkey when encrypted.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        match self {
+            Protection::Plain => ChunkId(*blake3::hash(data).as_bytes()),
+            Protection::Encrypted(keys) => {
+                ChunkId(*blake3::keyed_hash(&keys.chunk_id, data).as_bytes())
+            }
+        }
+    }
+
+    /// The key of the chunker's cut decision, when encrypted.
+    pub fn chunker_key(&self) -> Option<&[u8; KEY_LEN]> {
+        match self {
+            Protection::Plain => None,
+            Protection::Encrypted(keys) => Some(&keys.chunker),
+        }
+    }
+
+    /// Bytes sealing adds to an object of this repository.
+    pub fn overhead(&self) -> usize {
+        match self {
+            Protection::Plain => 0,
+            Protection::Encrypted(_) => SEAL_OVERHEAD,
+        }
+    }
+
+    /// The stored form of `plaintext`: `nonce ‖ ciphertext ‖ tag` when encrypted, itself when plain.
+    pub fn seal(&self, ad: &ObjectAd<'_>, plaintext: Vec<u8>) -> Result<Vec<u8>> {
+        let Protection::Encrypted(keys) = self else {
+            return Ok(plaintext);
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| Error::Internal(format!("draw a random nonce: {e}")))?;
+        let aad = ad.encode();
+        let sealed = keys
+            .cipher_for(ad.kind)
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| Error::Internal(format!("seal {:?} {}", ad.kind, ad.name)))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The plaintext of a stored object; a wrong tag (any flipped byte, another object's bytes,
+    /// another kind or name) is [`Error::Corrupt`] naming `location` and `offset` (where the
+    /// sealed object starts in it).
+    pub fn open(
+        &self,
+        ad: &ObjectAd<'_>,
+        stored: &[u8],
+        location: &str,
+        offset: u64,
+    ) -> Result<Vec<u8>> {
+        let Protection::Encrypted(keys) = self else {
+            return Ok(stored.to_vec());
+        };
+        let (nonce, sealed) = match stored.split_at_checked(NONCE_LEN) {
+            Some(parts) if parts.1.len() >= TAG_LEN => parts,
+            _ => {
+                return Err(Error::corrupt(
+                    location,
+                    offset,
+                    format!(
+                        "sealed {:?} object of {} bytes is shorter than its nonce and tag",
+                        ad.kind,
+                        stored.len()
+                    ),
+                ))
+            }
+        };
+        let aad = ad.encode();
+        keys.cipher_for(ad.kind)
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                Error::corrupt(
+                    location,
+                    offset,
+                    format!(
+                        "authentication failed for {:?} {} (damaged, or not this object)",
+                        ad.kind, ad.name
+                    ),
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Protection {
+        Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+            [7; KEY_LEN],
+        ))))
+    }
+
+    const AD: ObjectAd<'static> = ObjectAd {
+        kind: ObjectKind::Manifest,
+        name: "abc",
+        part: 0,
+    };
+
+    #[test]
+    fn sealed_objects_open_only_under_their_own_associated_data() -> Result<()> {
+        let p = keys();
+        let sealed = p.seal(&AD, b"hello".to_vec())?;
+        assert_eq!(sealed.len(), 5 + SEAL_OVERHEAD);
+        assert_eq!(p.open(&AD, &sealed, "x", 0)?, b"hello");
+        let other = ObjectAd { name: "abd", ..AD };
+        assert!(p.open(&other, &sealed, "x", 0).is_err());
+        let kind = ObjectAd {
+            kind: ObjectKind::IndexDelta,
+            ..AD
+        };
+        assert!(p.open(&kind, &sealed, "x", 0).is_err());
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(matches!(
+                p.open(&AD, &bad, "x", 0),
+                Err(Error::Corrupt { .. })
+            ));
+        }
+        assert!(p.open(&AD, &sealed[..SEAL_OVERHEAD - 1], "x", 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn keyed_ids_differ_from_plain_ids_and_between_repositories() {
+        let other = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+            [8; KEY_LEN],
+        ))));
+        let plain = Protection::Plain.chunk_id(b"data");
+        assert_eq!(plain, ChunkId(*blake3::hash(b"data").as_bytes()));
+        assert_ne!(keys().chunk_id(b"data"), plain);
+        assert_ne!(keys().chunk_id(b"data"), other.chunk_id(b"data"));
+        assert_eq!(keys().chunk_id(b"data"), keys().chunk_id(b"data"));
+    }
+
+    #[test]
+    fn plain_is_the_identity() -> Result<()> {
+        assert_eq!(Protection::Plain.seal(&AD, b"x".to_vec())?, b"x");
+        assert_eq!(Protection::Plain.open(&AD, b"x", "x", 0)?, b"x");
+        Ok(())
+    }
+}
