@@ -155,6 +155,15 @@ pub enum Error {
     #[error("repository is locked: {0}")]
     Locked(String),
 
+    /// No key object of an encrypted repository opens with the password given. Checked
+    /// before any other work; the password itself appears nowhere.
+    #[error(
+        "wrong password for {repository}: none of its {keys} key(s) opens with it; check \
+         STACKVAULT_PASSWORD, --password-file or --password-command (`stackvault key list` \
+         shows the keys once unlocked)"
+    )]
+    WrongPassword { repository: String, keys: usize },
+
     /// A storage service answered with an error. `url` is redacted (no SAS, no key).
     #[error("{url}: HTTP {status} {code}: {message}")]
     Http {
@@ -227,6 +236,7 @@ impl Error {
             | Error::UnsupportedVersion { .. } => ErrorClass::Unsupported,
             Error::Usage(_) => ErrorClass::Usage,
             Error::Cancelled(_) => ErrorClass::Cancelled,
+            Error::WrongPassword { .. } => ErrorClass::WrongPassword,
             _ => ErrorClass::Failure,
         }
     }
@@ -259,6 +269,8 @@ pub enum ErrorClass {
     TargetMismatch,
     /// A format or feature this build does not handle. Exit 6.
     Unsupported,
+    /// No key of an encrypted repository opens with the password given. Exit 7.
+    WrongPassword,
     /// Interrupted by SIGINT or SIGTERM and stopped cleanly. Exit 130 (128 + SIGINT).
     Cancelled,
 }
@@ -273,6 +285,7 @@ impl ErrorClass {
             ErrorClass::SourceDamaged => 4,
             ErrorClass::TargetMismatch => 5,
             ErrorClass::Unsupported => 6,
+            ErrorClass::WrongPassword => 7,
             ErrorClass::Cancelled => 130,
         }
     }

@@ -20,6 +20,12 @@
 //! snapshot or chunk it does not know). Its locks are lease objects
 //! ([`crate::lock::lease`]). Every pack, local or remote, is written with its delta
 //! ([`Repo::commit_pack`]).
+//!
+//! An encrypted repository (config feature `encryption`, see [`crate::crypto`]) is unlocked
+//! right after its config is read, before the index or anything else is touched: a wrong
+//! password fails first ([`Error::WrongPassword`]). `init` makes encrypted repositories when
+//! asked ([`request_encryption`], the CLI's default), writing the first key object before the
+//! config. Opening a plain one says so once per process (a notice on stderr).
 
 use std::fs::{self, File};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -37,8 +43,14 @@ use crate::index::{self, Index, IndexReaders, SnapshotSummary};
 use crate::store::pack::FinishedPack;
 use crate::store::{self, Backend, LocalDir};
 
+mod keys;
 mod location;
 pub use location::{set_store_options, RepoLocation, StoreOptions};
+
+use zeroize::Zeroizing;
+
+use crate::crypto::unlock::Unlocked;
+use crate::crypto::Protection;
 
 /// File name of the index inside the repository directory.
 pub const INDEX_FILE: &str = "index.sqlite";
@@ -62,6 +74,18 @@ impl Default for InitOptions {
 
 /// Set by [`request_read_only`].
 static READ_ONLY_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Set by [`request_encryption`].
+static ENCRYPTION_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Set once a plain repository has been reported as such in this process.
+static PLAIN_NOTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes `init` (and [`crate::init_like`]) create encrypted repositories from now on, their
+/// first key wrapped under the password of [`crate::crypto::unlock::password`]: the CLI's
+/// default, which `init --encryption none` turns off. Library callers get plain repositories
+/// unless they ask.
+pub fn request_encryption(on: bool) {
+    ENCRYPTION_REQUESTED.store(on, Ordering::Relaxed);
+}
 
 /// Opens every repository of this process read-only from now on, as the user asked (the
 /// CLI's global `--read-only`): commands that must write then fail as usage errors.
@@ -99,7 +123,9 @@ pub struct Repo {
     backend: Arc<dyn Backend>,
     config: RepoConfig,
     /// Plain, or the keys unlocked at open (see [`crate::crypto`]).
-    protection: crate::crypto::Protection,
+    protection: Protection,
+    /// Id of the key object that unlocked an encrypted repository.
+    key_in_use: Option<String>,
     // Declared (and so dropped) before `index`: the writable connection must close last,
     // so that SQLite checkpoints the write-ahead log into the file and removes it.
     readers: IndexReaders,
@@ -141,6 +167,7 @@ impl Repo {
                 path.display()
             )));
         }
+        let password = new_repository_password(&path.display().to_string())?;
         match fs::read_dir(path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -160,10 +187,11 @@ impl Repo {
             fs::create_dir_all(&d).map_err(|e| Error::io("create directory", &d, e))?;
         }
         Index::open(&path.join(INDEX_FILE))?;
-        let backend = LocalDir::new(path);
+        let backend = Arc::new(LocalDir::new(path));
+        let (config, unlocked) = first_key(config, backend.as_ref(), password)?;
         // The config is written last: its presence marks a complete repository.
         backend.put(CONFIG_KEY, &config.encode())?;
-        Repo::open(path)
+        Self::open_local(path, backend, unlocked)
     }
 
     /// Opens the repository at `path`: read-only when asked ([`request_read_only`]) or when
@@ -186,6 +214,7 @@ impl Repo {
     pub fn open_read_only(path: &Path, backend: Arc<dyn Backend>, why: ReadOnly) -> Result<Repo> {
         let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
         let config = read_config(path, backend.as_ref())?;
+        let unlocked = unlock(&config, backend.as_ref(), &path.display().to_string(), None)?;
         let index_path = path.join(INDEX_FILE);
         // Any failure here (no index, damaged, locked in some odd way) leaves the cache copy,
         // which is made from the objects alone if need be.
@@ -211,7 +240,8 @@ impl Repo {
             readers,
             backend,
             config,
-            protection: crate::crypto::Protection::Plain,
+            protection: unlocked.protection,
+            key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only: Some(why),
             _cache_hold: hold,
@@ -221,8 +251,23 @@ impl Repo {
     /// Opens the repository at `path` with objects served by `backend` (the index and locks
     /// stay in `path`). Used with fault-injecting backends in tests.
     pub fn open_with_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+        Self::open_local(path, backend, None)
+    }
+
+    /// [`Repo::open_with_backend`], with the keys already unlocked when `init` just made them.
+    fn open_local(
+        path: &Path,
+        backend: Arc<dyn Backend>,
+        unlocked: Option<Unlocked>,
+    ) -> Result<Repo> {
         let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
         let config = read_config(path, backend.as_ref())?;
+        let unlocked = unlock(
+            &config,
+            backend.as_ref(),
+            &path.display().to_string(),
+            unlocked,
+        )?;
         let (index, index_path) = open_index_in(path, backend.as_ref())?;
         index::sync_snapshots(&index, backend.as_ref())?;
         Ok(Repo {
@@ -231,7 +276,8 @@ impl Repo {
             readers: IndexReaders::new(&index_path),
             backend,
             config,
-            protection: crate::crypto::Protection::Plain,
+            protection: unlocked.protection,
+            key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only: None,
             _cache_hold: None,
@@ -262,11 +308,13 @@ impl Repo {
                 path: PathBuf::from(location),
             });
         }
+        let password = new_repository_password(location)?;
         let mut config = new_config(options, location)?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         config.features.incompat |= deltas.bit;
+        let (config, unlocked) = first_key(config, backend.as_ref(), password)?;
         backend.put(CONFIG_KEY, &config.encode())?;
-        Repo::open_on(backend, cache_home, location)
+        Repo::open_on_with(backend, cache_home, location, unlocked)
     }
 
     /// Opens the repository on the remote store `backend`, named `location` in messages. Its
@@ -275,6 +323,16 @@ impl Repo {
     /// the deltas and manifests it has not seen. Read-only when asked
     /// ([`request_read_only`]): nothing is written into the store then (the cache is ours).
     pub fn open_on(backend: Arc<dyn Backend>, cache_home: &Path, location: &str) -> Result<Repo> {
+        Self::open_on_with(backend, cache_home, location, None)
+    }
+
+    /// [`Repo::open_on`], with the keys already unlocked when `init_on` just made them.
+    fn open_on_with(
+        backend: Arc<dyn Backend>,
+        cache_home: &Path,
+        location: &str,
+        unlocked: Option<Unlocked>,
+    ) -> Result<Repo> {
         let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
         let config = read_config_object(location, backend.as_ref())?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
@@ -286,6 +344,7 @@ impl Repo {
                 deltas.name
             )));
         }
+        let unlocked = unlock(&config, backend.as_ref(), location, unlocked)?;
         let dir = cache_home
             .join("stackvault")
             .join(crate::format::hex(&config.repository_id));
@@ -315,7 +374,8 @@ impl Repo {
             readers: IndexReaders::new(&index_path),
             backend,
             config,
-            protection: crate::crypto::Protection::Plain,
+            protection: unlocked.protection,
+            key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only,
             _cache_hold: None,
@@ -557,6 +617,66 @@ impl Repo {
     }
 }
 
+/// The keys of the repository `location` whose config was just read: plain (said once per
+/// process), the keys `init` has just made, or unlocked with the user's password.
+fn unlock(
+    config: &RepoConfig,
+    backend: &dyn Backend,
+    location: &str,
+    unlocked: Option<Unlocked>,
+) -> Result<Unlocked> {
+    if !config.is_encrypted() {
+        if !PLAIN_NOTED.swap(true, Ordering::Relaxed) {
+            crate::progress::notice(&format!(
+                "{location} is not encrypted (made with `init --encryption none`): whoever can \
+                 read its storage can read the backed-up disks; `stackvault copy` into an \
+                 encrypted repository encrypts them"
+            ));
+        }
+        return Ok(Unlocked {
+            protection: Protection::Plain,
+            key_id: None,
+        });
+    }
+    match unlocked {
+        Some(u) => Ok(u),
+        None => crate::crypto::unlock::unlock(backend, location),
+    }
+}
+
+/// The password of a new repository's first key when encryption is requested
+/// ([`request_encryption`]); asked before anything is created, so that a missing password
+/// leaves nothing behind.
+fn new_repository_password(location: &str) -> Result<Option<Zeroizing<String>>> {
+    if !ENCRYPTION_REQUESTED.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    use crate::crypto::unlock::{password, PasswordUse};
+    password(PasswordUse::NewKey, location).map(Some)
+}
+
+/// For a new repository given the `password` of its first key (none: plain): draws the
+/// master secret, writes the first key object and marks `config` encrypted. Returns the
+/// config and, when encrypted, the unlocked keys.
+fn first_key(
+    mut config: RepoConfig,
+    backend: &dyn Backend,
+    password: Option<Zeroizing<String>>,
+) -> Result<(RepoConfig, Option<Unlocked>)> {
+    let Some(password) = password else {
+        return Ok((config, None));
+    };
+    use crate::crypto::unlock::add_key;
+    let master = crate::crypto::MasterSecret::generate()?;
+    let key = add_key(backend, &master, password.as_bytes(), "")?;
+    config.features.incompat |= crate::format::config::FEATURE_ENCRYPTION.bit;
+    let unlocked = Unlocked {
+        protection: Protection::Encrypted(Box::new(crate::crypto::RepoKeys::derive(&master))),
+        key_id: Some(key.id_hex()),
+    };
+    Ok((config, Some(unlocked)))
+}
+
 /// The config of a new repository at `location` (for messages): a random id, now, `options`.
 fn new_config(options: &InitOptions, location: &str) -> Result<RepoConfig> {
     let mut id = [0u8; 16];
@@ -647,7 +767,9 @@ pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
         )));
     }
     let backend = WithDeltas::new(Arc::new(LocalDir::new(path)));
-    read_config(path, &backend)?;
+    let config = read_config(path, &backend)?;
+    // A wrong password fails here, before the lock and the rebuild.
+    let _keys = unlock(&config, &backend, &path.display().to_string(), None)?;
     if let Some(why) = read_only_reason(path) {
         return Err(read_only_error(path, "index rebuild", &why));
     }

@@ -14,10 +14,13 @@
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use zeroize::Zeroizing;
+pub use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::format::ChunkId;
+
+pub mod keyfile;
+pub mod unlock;
 
 /// Length of the master secret and of every derived subkey.
 pub const KEY_LEN: usize = 32;
@@ -184,21 +187,22 @@ impl Protection {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::Internal(format!("draw a random nonce: {e}")))?;
-        let aad = ad.encode();
-        let sealed = keys
-            .cipher_for(ad.kind)
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::Internal(format!("seal {:?} {}", ad.kind, ad.name)))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        seal_under(keys, ad, &plaintext, nonce)
+    }
+
+    /// [`Protection::seal`] with a given nonce, for the test vectors only: a real seal
+    /// always draws a fresh one.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn seal_with_nonce(
+        &self,
+        ad: &ObjectAd<'_>,
+        plaintext: Vec<u8>,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Vec<u8>> {
+        match self {
+            Protection::Plain => Ok(plaintext),
+            Protection::Encrypted(keys) => seal_under(keys, ad, &plaintext, nonce),
+        }
     }
 
     /// The plaintext of a stored object; a wrong tag (any flipped byte, another object's bytes,
@@ -248,6 +252,30 @@ impl Protection {
                 )
             })
     }
+}
+
+/// `nonce ‖ ciphertext ‖ tag` of `plaintext` under `keys`' subkey for `ad.kind`.
+fn seal_under(
+    keys: &RepoKeys,
+    ad: &ObjectAd<'_>,
+    plaintext: &[u8],
+    nonce: [u8; NONCE_LEN],
+) -> Result<Vec<u8>> {
+    let aad = ad.encode();
+    let sealed = keys
+        .cipher_for(ad.kind)
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| Error::Internal(format!("seal {:?} {}", ad.kind, ad.name)))?;
+    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    Ok(out)
 }
 
 #[cfg(test)]

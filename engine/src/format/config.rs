@@ -74,12 +74,29 @@ pub const FEATURE_INDEX_DELTAS: Feature = Feature {
     since: "0.1.0",
 };
 
+/// Encryption at rest (`format-spec/encryption.md`): keyed chunk ids, a keyed chunker, every
+/// object but the config and the key objects (`keys/…`) sealed. The config's byte 42 names the
+/// object cipher ([`CIPHER_XCHACHA20POLY1305`]) and byte 43 the subkey derivation
+/// ([`SUBKEYS_BLAKE3_V1`]); both are zero (reserved) without the feature.
+pub const FEATURE_ENCRYPTION: Feature = Feature {
+    bit: 1 << 4,
+    name: "encryption",
+    since: "0.1.0",
+};
+
+/// Object cipher code (config byte 42): XChaCha20-Poly1305, random 24-byte nonces.
+pub const CIPHER_XCHACHA20POLY1305: u8 = 1;
+/// Subkey derivation code (config byte 43): BLAKE3 `derive_key` with the contexts of
+/// `format-spec/encryption.md`.
+pub const SUBKEYS_BLAKE3_V1: u8 = 1;
+
 /// Incompatible features this build knows: a reader must understand each one in use.
 pub const INCOMPAT_FEATURES: &[Feature] = &[
     FEATURE_PACK_V2,
     FEATURE_MANIFEST_V2,
     FEATURE_ALIGNED_CHUNKER,
     FEATURE_INDEX_DELTAS,
+    FEATURE_ENCRYPTION,
 ];
 /// Compatible features this build knows (none yet): readers may ignore unknown ones.
 pub const COMPAT_FEATURES: &[Feature] = &[];
@@ -353,6 +370,11 @@ impl RepoConfig {
         }
     }
 
+    /// Whether the repository is encrypted (the [`FEATURE_ENCRYPTION`] feature).
+    pub fn is_encrypted(&self) -> bool {
+        self.features.incompat & FEATURE_ENCRYPTION.bit != 0
+    }
+
     /// Checks that the parameters are usable; `init` and `decode` both call it.
     pub fn validate(&self) -> std::result::Result<(), String> {
         use fastcdc::v2020 as f;
@@ -462,7 +484,11 @@ impl RepoConfig {
         };
         b[40] = variant;
         b[41] = level;
-        // 42..44 reserved
+        // 42..44: cipher and subkey derivation when encrypted, else reserved (zero)
+        if self.is_encrypted() {
+            b[42] = CIPHER_XCHACHA20POLY1305;
+            b[43] = SUBKEYS_BLAKE3_V1;
+        }
         b[44..48].copy_from_slice(&min.to_le_bytes());
         b[48..52].copy_from_slice(&avg.to_le_bytes());
         b[52..56].copy_from_slice(&max.to_le_bytes());
@@ -537,7 +563,19 @@ impl RepoConfig {
         let created_unix = r.i64("created")?;
         let variant = r.u8("chunker variant")?;
         let level = r.u8("normalization level")?;
-        r.u16("reserved")?;
+        let cipher = r.u8("object cipher")?;
+        let subkeys = r.u8("subkey derivation")?;
+        if features.incompat & FEATURE_ENCRYPTION.bit != 0
+            && (cipher, subkeys) != (CIPHER_XCHACHA20POLY1305, SUBKEYS_BLAKE3_V1)
+        {
+            // The checksum matched, so the codes are what a writer meant: a newer scheme.
+            return Err(Error::unsupported(format!(
+                "{location}: object cipher {cipher} / subkey derivation {subkeys} are unknown \
+                 to this stackvault {}; use the stackvault release that wrote this \
+                 repository, or a newer one",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
         let min = r.u32("chunk min")?;
         let avg = r.u32("chunk avg")?;
         let max = r.u32("chunk max")?;
@@ -654,6 +692,30 @@ mod tests {
         let mut chunker = b;
         chunker[40] = 9;
         let err = RepoConfig::decode(&with_crc(chunker), "config").err();
+        assert!(matches!(err, Some(Error::Unsupported { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn encryption_is_a_feature_with_its_codes_and_plain_configs_are_unchanged() {
+        let plain = RepoConfig::new([7; 16], 1_700_000_000, ChunkerParams::DEFAULT);
+        let b = plain.encode();
+        assert_eq!(b[42..44], [0, 0]);
+        assert!(!plain.is_encrypted());
+        let mut enc = plain.clone();
+        enc.features.incompat |= FEATURE_ENCRYPTION.bit;
+        let e = enc.encode();
+        assert_eq!(e[42..44], [1, 1]);
+        assert_eq!(e[80..84], (0b111u32 | 1 << 4).to_le_bytes());
+        let back = RepoConfig::decode(&e, "config");
+        assert!(back.as_ref().is_ok_and(|c| c.is_encrypted()), "{back:?}");
+        assert!(enc.features.names().contains(&"encryption".to_string()));
+        // Only the feature bit and the two codes differ from the plain config.
+        let differing: Vec<usize> = (0..CONFIG_CRC_OFFSET).filter(|&i| b[i] != e[i]).collect();
+        assert_eq!(differing, [42, 43, 80]);
+        // A cipher from the future is refused as such.
+        let mut newer = e;
+        newer[42] = 2;
+        let err = RepoConfig::decode(&with_crc(newer), "config").err();
         assert!(matches!(err, Some(Error::Unsupported { .. })), "{err:?}");
     }
 

@@ -1,0 +1,176 @@
+//! Unlocking a repository with a password, and managing its key objects (`key list|add|remove|passwd`).
+//!
+//! The engine never asks for a password itself: the front end registers a
+//! [`PasswordProvider`] ([`set_password_provider`]: environment, file, command, terminal
+//! prompt), which is called only when an encrypted repository is opened or created, so plain
+//! repositories never prompt. Without one, `STACKVAULT_PASSWORD` is read.
+//!
+//! Invariants: a wrong password is one [`Error::WrongPassword`] before any other work; the
+//! password and the master secret stay in zeroizing buffers and appear in no message; a
+//! repository keeps at least one key object: removal is refused for the last one and
+//! happens under the maintenance lock, so two hosts cannot each remove "the other" key.
+
+use std::sync::{Arc, RwLock};
+
+use zeroize::Zeroizing;
+
+use super::keyfile::{KdfParams, KeyObject, KEYS_PREFIX};
+use super::{MasterSecret, Protection, RepoKeys};
+use crate::error::{Error, Result};
+use crate::store::Backend;
+
+/// Environment variable holding the repository password.
+pub const PASSWORD_ENV: &str = "STACKVAULT_PASSWORD";
+
+/// What a password is asked for; a prompt says so, and asks twice for a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasswordUse {
+    /// To open an existing repository.
+    Unlock,
+    /// For a new key object (`init`, `key add`, `key passwd`).
+    NewKey,
+}
+
+/// Where passwords come from: called with what the password is for and the repository's
+/// name (for a prompt). Returns [`Error::Usage`] when none can be had.
+pub type PasswordProvider =
+    dyn Fn(PasswordUse, &str) -> Result<Zeroizing<String>> + Send + Sync + 'static;
+
+static PROVIDER: RwLock<Option<Arc<PasswordProvider>>> = RwLock::new(None);
+
+/// Sets where this process's passwords come from (the CLI: its password options).
+pub fn set_password_provider(provider: Arc<PasswordProvider>) {
+    let mut slot = PROVIDER.write().unwrap_or_else(|p| p.into_inner());
+    *slot = Some(provider);
+}
+
+/// A password for `purpose` from the registered provider, else from `STACKVAULT_PASSWORD`.
+pub fn password(purpose: PasswordUse, repository: &str) -> Result<Zeroizing<String>> {
+    let provider = PROVIDER.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match provider {
+        Some(p) => p(purpose, repository),
+        None => std::env::var(PASSWORD_ENV)
+            .map(Zeroizing::new)
+            .map_err(|_| {
+                Error::Usage(format!(
+                    "{repository} is encrypted and no password was given: set {PASSWORD_ENV}"
+                ))
+            }),
+    }
+}
+
+/// An unlocked repository's keys: the protection to use, and which key object opened it.
+#[derive(Debug)]
+pub struct Unlocked {
+    pub protection: Protection,
+    /// Id (hex) of the key object the password opened; `None` for a plain repository.
+    pub key_id: Option<String>,
+}
+
+/// Every key object of the repository on `backend`, decoded, oldest first.
+pub fn list_keys(backend: &dyn Backend, location: &str) -> Result<Vec<KeyObject>> {
+    let mut keys = Vec::new();
+    for name in backend.list(KEYS_PREFIX)? {
+        let bytes = backend.get(&name)?;
+        keys.push(KeyObject::decode(&bytes, &format!("{location}/{name}"))?);
+    }
+    keys.sort_by_key(|k| (k.created_unix, k.id));
+    Ok(keys)
+}
+
+/// The master secret `password` unwraps from one of `keys`, with that key's id.
+fn try_keys(
+    keys: &[KeyObject],
+    password: &[u8],
+    location: &str,
+) -> Result<Option<(MasterSecret, String)>> {
+    for key in keys {
+        let name = format!("{location}/{}", key.object_key());
+        if let Some(master) = key.unwrap(password, &name)? {
+            return Ok(Some((master, key.id_hex())));
+        }
+    }
+    Ok(None)
+}
+
+/// Unlocks the encrypted repository on `backend` named `location`: asks for the password
+/// and tries it on every key object. No key object, or none that opens, fails before any
+/// other work.
+pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
+    let keys = list_keys(backend, location)?;
+    if keys.is_empty() {
+        return Err(Error::corrupt(
+            format!("{location}/{KEYS_PREFIX}"),
+            0,
+            "the repository is encrypted but holds no key object: without one it cannot be \
+             opened (restore keys/ from a copy of the repository)",
+        ));
+    }
+    let password = password(PasswordUse::Unlock, location)?;
+    match try_keys(&keys, password.as_bytes(), location)? {
+        Some((master, key_id)) => Ok(Unlocked {
+            protection: Protection::Encrypted(Box::new(RepoKeys::derive(&master))),
+            key_id: Some(key_id),
+        }),
+        None => Err(Error::WrongPassword {
+            repository: location.to_string(),
+            keys: keys.len(),
+        }),
+    }
+}
+
+/// Writes a new key object wrapping `master` under `password` into `backend`; returns it.
+pub fn add_key(
+    backend: &dyn Backend,
+    master: &MasterSecret,
+    password: &[u8],
+    label: &str,
+) -> Result<KeyObject> {
+    if password.is_empty() {
+        return Err(Error::Usage(
+            "an empty password protects nothing: give a non-empty one".into(),
+        ));
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let key = KeyObject::wrap(
+        master,
+        password,
+        KdfParams::for_new_keys(),
+        now,
+        &crate::host::hostname(),
+        label,
+    )?;
+    backend.put(&key.object_key(), &key.encode())?;
+    Ok(key)
+}
+
+/// The master secret of the repository on `backend`, unwrapped again with the password this
+/// process unlocked it with (key management needs the secret itself, which `Repo` does not
+/// keep).
+pub fn master_secret(backend: &dyn Backend, location: &str) -> Result<(MasterSecret, String)> {
+    let keys = list_keys(backend, location)?;
+    let password = password(PasswordUse::Unlock, location)?;
+    try_keys(&keys, password.as_bytes(), location)?.ok_or_else(|| Error::WrongPassword {
+        repository: location.to_string(),
+        keys: keys.len(),
+    })
+}
+
+/// Removes key object `id` (hex, as `key list` shows it) unless it is the last one. The
+/// caller holds the maintenance lock.
+pub fn remove_key(backend: &dyn Backend, location: &str, id: &str) -> Result<KeyObject> {
+    let keys = list_keys(backend, location)?;
+    let Some(key) = keys.iter().find(|k| k.id_hex() == id.to_ascii_lowercase()) else {
+        return Err(Error::Usage(format!(
+            "{location} has no key {id:?}: give the full id as `stackvault key list` shows it"
+        )));
+    };
+    if keys.len() < 2 {
+        return Err(Error::Usage(format!(
+            "key {id} is the last key of {location}: removing it would lock everyone out of \
+             the repository for good; add another with `stackvault key add` first"
+        )));
+    }
+    backend.remove(&key.object_key())?;
+    Ok(key.clone())
+}
