@@ -108,7 +108,7 @@ fn kill_at_random_times() -> anyhow::Result<()> {
     for round in 0..4u32 {
         scribble_disk(&disk, 8, round as usize)?;
         let delay = Duration::from_millis(u64::from((seed >> round) % 400 + 10));
-        let mut child = std::process::Command::new(stackvault_tests::stackvault_bin())
+        let mut child = stackvault_tests::sv_command()
             .args(["--quiet", "backup", p(&f.repo()), p(&disk), "--disk", "vm"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

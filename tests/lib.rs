@@ -19,6 +19,11 @@ use anyhow::{bail, Context as _};
 pub fn stackvault_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // Repositories the CLI made are encrypted under TEST_PASSWORD; tests that open them
+        // in this process get the same password.
+        stackvault::crypto::unlock::set_password_provider(std::sync::Arc::new(|_, _| {
+            Ok(zeroize_string(TEST_PASSWORD))
+        }));
         // target/<profile>/deps/main-xxxx -> target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
         let profile_dir = exe
@@ -682,6 +687,31 @@ pub fn write_differencing_vhd(
     Ok(())
 }
 
+/// The password of every repository the test runners create (unless a test gives another).
+pub const TEST_PASSWORD: &str = "stackvault test password";
+
+fn zeroize_string(s: &str) -> stackvault::crypto::Zeroizing<String> {
+    stackvault::crypto::Zeroizing::new(s.to_string())
+}
+
+/// The environment every CLI run of the suite gets before its own: the default password
+/// ([`TEST_PASSWORD`] in `STACKVAULT_PASSWORD`) and `STACKVAULT_INSECURE_TEST_KDF=1`, the
+/// test-only knob that makes new keys use cheap Argon2id parameters (a second per CLI call
+/// at RFC 9106 strength would add minutes to the suite). A test's own variables win.
+pub fn test_env() -> [(&'static str, &'static str); 2] {
+    [
+        ("STACKVAULT_INSECURE_TEST_KDF", "1"),
+        ("STACKVAULT_PASSWORD", TEST_PASSWORD),
+    ]
+}
+
+/// A command running the CLI binary with [`test_env`] set.
+pub fn sv_command() -> Command {
+    let mut cmd = Command::new(stackvault_bin());
+    cmd.envs(test_env());
+    cmd
+}
+
 /// Runs the CLI (quiet) and returns its output, whatever the exit status.
 pub fn sv(args: &[&str]) -> anyhow::Result<Output> {
     sv_env(args, &[])
@@ -743,7 +773,7 @@ pub fn outcome(out: &Output) -> (Option<i32>, String, String) {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)], quiet: bool) -> anyhow::Result<Output> {
-    let mut cmd = Command::new(stackvault_bin());
+    let mut cmd = sv_command();
     if quiet {
         cmd.arg("--quiet");
     }
@@ -766,7 +796,7 @@ pub struct Paused {
 /// Starts the CLI (quiet) with the pause hook armed at `point` and extra environment
 /// variables, and returns it once it says it has paused there.
 pub fn pause_at(args: &[&str], env: &[(&str, &str)], point: &str) -> anyhow::Result<Paused> {
-    let mut cmd = Command::new(stackvault_bin());
+    let mut cmd = sv_command();
     cmd.arg("--quiet")
         .args(args)
         .env("STACKVAULT_PAUSE_AT", point);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault::lock::{acquire_maintenance, acquire_writer, LOCKS_DIR, MAINTENANCE_LOCK};
-use stackvault_tests::{make_disk, p, stackvault_bin, Fixture};
+use stackvault_tests::{make_disk, p, Fixture};
 
 const ROLE: &str = "STACKVAULT_TEST_LOCK_ROLE";
 const REPO: &str = "STACKVAULT_TEST_LOCK_REPO";
@@ -203,7 +203,7 @@ impl Drop for Holder {
 
 /// Runs the CLI with notices on (no `--quiet`); returns (exit code, stderr).
 fn sv_loud(args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
-    let out = Command::new(stackvault_bin()).args(args).output()?;
+    let out = stackvault_tests::sv_command().args(args).output()?;
     Ok((
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault_tests::{
-    have_qemu_img, p, qemu_img, same_bytes, skip_for, stackvault_bin, sv_json_ok, sv_ok, Fixture,
+    have_qemu_img, p, qemu_img, same_bytes, skip_for, sv_json_ok, sv_ok, Fixture,
 };
 
 const DISK_SIZE: u64 = 20 << 20;
@@ -43,7 +43,7 @@ impl Served {
     /// Serves `snapshot` of the fixture's repository on a unix socket and waits until ready.
     fn start(f: &Fixture, snapshot: &str, extra: &[&str]) -> anyhow::Result<Served> {
         let socket = f.path("sv.sock");
-        let mut child = Command::new(stackvault_bin())
+        let mut child = stackvault_tests::sv_command()
             .args(["-r", p(&f.repo()), "serve", snapshot, "--json", "--nbd"])
             .arg(format!("unix:{}", p(&socket)))
             .args(extra)

@@ -84,7 +84,8 @@ impl Setup {
         } else {
             Command::new(&self.bin)
         };
-        cmd.args(args)
+        cmd.envs(stackvault_tests::test_env())
+            .args(args)
             .env("XDG_CACHE_HOME", self.path("cache"))
             .env("HOME", self.path("home"))
             .current_dir(self.dir.path());
@@ -283,6 +284,7 @@ fn a_missing_or_stale_index_is_rebuilt_in_the_users_cache() -> anyhow::Result<()
             ])
             .arg(&s.bin)
             .args(["snapshots", p(&repo)])
+            .envs(stackvault_tests::test_env())
             .env_remove("XDG_CACHE_HOME")
             .env("HOME", s.path("home"))
             .output()?;

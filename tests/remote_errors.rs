@@ -6,12 +6,12 @@
 //! right exit code, and never show the key, secret or SAS signature.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::{bail, ensure, Context, Result};
 use stackvault::azure::sign::SharedKey;
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
-use stackvault_tests::{azurite_bin, make_disk, p, same_bytes, stackvault_bin, Azurite};
+use stackvault_tests::{azurite_bin, make_disk, p, same_bytes, Azurite};
 
 use crate::moto::Moto;
 
@@ -100,7 +100,7 @@ impl Ran {
 /// Runs the CLI in a cleaned environment (see [`CLEANED`]) with the per-user cache in
 /// `cache` and the variables `env`.
 pub fn run(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Ran> {
-    let mut cmd = Command::new(stackvault_bin());
+    let mut cmd = stackvault_tests::sv_command();
     cmd.arg("--quiet").args(args).env("XDG_CACHE_HOME", cache);
     for v in CLEANED {
         cmd.env_remove(v);

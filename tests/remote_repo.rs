@@ -20,7 +20,7 @@ use serde_json::Value;
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions};
 use stackvault_tests::{
     azurite_bin, have_qemu_img, json_change_list, make_disk, p, qemu_img, same_bytes,
-    scribble_disk, stackvault_bin, Azurite,
+    scribble_disk, Azurite,
 };
 
 use crate::moto::Moto;
@@ -104,7 +104,7 @@ impl Host {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(stackvault_bin());
+        let mut cmd = stackvault_tests::sv_command();
         cmd.arg("--quiet")
             .args(args)
             .env("XDG_CACHE_HOME", self.cache.path())

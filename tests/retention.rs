@@ -5,12 +5,11 @@
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{bail, ensure, Context as _};
 use stackvault_tests::{
-    machine_bytes, p, same_bytes, scribble, stackvault_bin, sv, sv_env, sv_json, sv_ok, Disk,
-    Scribble,
+    machine_bytes, p, same_bytes, scribble, sv, sv_env, sv_json, sv_ok, Disk, Scribble,
 };
 
 const MIB: u64 = 1 << 20;
@@ -350,7 +349,7 @@ fn retention_prune_and_concurrent_backups_never_lose_data() -> anyhow::Result<()
     backup(&repo, &a, "vm")?;
     let (mut refused_backups, mut refused_prunes, mut ran_together) = (0, 0, 0);
     let spawn = |args: &[&str]| {
-        Command::new(stackvault_bin())
+        stackvault_tests::sv_command()
             .arg("--quiet")
             .args(args)
             .stdout(Stdio::null())

@@ -4,14 +4,13 @@
 //! restore each other's snapshots byte for byte.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
 use stackvault::store::{Backend, MemoryBackend, ObjectInfo, ObjectWriter, Version};
 use stackvault::{backup, BackupOptions, BackupReport, InitOptions, NoProgress, Repo};
-use stackvault_tests::{make_disk, restores_to, stackvault_bin};
+use stackvault_tests::{make_disk, restores_to};
 
 /// The shared store, counting the reads of pack bytes (what learning through deltas saves).
 #[derive(Default)]
@@ -271,7 +270,7 @@ fn a_repository_string_with_an_unknown_scheme_is_a_usage_error_and_creates_nothi
         "https://acct.blob.core.windows.net/c",
         "foo://x/y",
     ] {
-        let out = Command::new(stackvault_bin())
+        let out = stackvault_tests::sv_command()
             .current_dir(dir.path())
             .args(["--quiet", "init", location])
             .output()?;
@@ -281,7 +280,7 @@ fn a_repository_string_with_an_unknown_scheme_is_a_usage_error_and_creates_nothi
     }
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 0, "nothing created");
     // A local directory whose name has a colon is still possible, spelled as a path.
-    let out = Command::new(stackvault_bin())
+    let out = stackvault_tests::sv_command()
         .current_dir(dir.path())
         .args(["--quiet", "init", "./backups:2024"])
         .output()?;

@@ -312,7 +312,7 @@ fn concurrent_backups_of_two_disks_both_succeed() -> anyhow::Result<()> {
         .iter()
         .zip(["x", "y"])
         .map(|(d, name)| {
-            std::process::Command::new(stackvault_tests::stackvault_bin())
+            stackvault_tests::sv_command()
                 .args([
                     "--quiet",
                     "backup",
@@ -374,7 +374,7 @@ fn maintenance_lock_excludes_writers_and_stale_locks_are_removed() -> anyhow::Re
     let dead = child.id();
     child.wait()?;
     fs::write(locks.join("backup-dead.lock"), lock(dead))?;
-    let out = std::process::Command::new(stackvault_tests::stackvault_bin())
+    let out = stackvault_tests::sv_command()
         .args(["index", "rebuild", p(&repo)])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);

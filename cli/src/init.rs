@@ -33,6 +33,11 @@ pub struct Args {
     /// service version). Remembered on this host for the repository.
     #[arg(long = "target-profile", value_name = "PROFILE", value_parser = crate::args::target_profile)]
     target_profile: Option<Profile>,
+    /// Encryption at rest: `password` (the default: every object sealed, the key wrapped under
+    /// the password from STACKVAULT_PASSWORD, --password-file, --password-command or a prompt)
+    /// or `none` (plain; every command that opens the repository says so).
+    #[arg(long, value_name = "MODE", default_value = "password", value_parser = ["password", "none"])]
+    encryption: String,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -46,6 +51,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             profile: args.target_profile,
         });
     }
+    stackvault::repo::request_encryption(args.encryption != "none");
     let repo = match &args.like {
         Some(like) => {
             let src = Repo::open(like)
@@ -69,11 +75,18 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             chunker: c.chunker.describe(),
             segment_size_bytes: c.segment_size,
             zstd_level: c.zstd_level,
+            encrypted: c.is_encrypted(),
+            key_id: repo.key_in_use().map(str::to_string),
         })
     } else {
         output::line(format!(
-            "created repository {} (chunker {}, segments {}, zstd {})",
+            "created repository {} ({}, chunker {}, segments {}, zstd {})",
             path.display(),
+            if c.is_encrypted() {
+                "encrypted"
+            } else {
+                "NOT encrypted"
+            },
             c.chunker.describe(),
             output::bytes(u64::from(c.segment_size)),
             c.zstd_level
@@ -89,4 +102,8 @@ struct InitReport {
     chunker: String,
     segment_size_bytes: u32,
     zstd_level: i32,
+    /// Whether the repository is encrypted (`init --encryption`).
+    encrypted: bool,
+    /// Id of its first key object (encrypted repositories), as `key list` shows it.
+    key_id: Option<String>,
 }

@@ -10,7 +10,9 @@ mod diff;
 mod forget;
 mod index;
 mod init;
+mod key;
 mod output;
+mod password;
 mod prune;
 mod restore;
 mod serve;
@@ -35,6 +37,7 @@ Exit codes:
   4    the source disk is damaged or inconsistent (fix or re-export the source)
   5    a restored disk does not match its snapshot (verify --target)
   6    a format or repository feature this build does not support
+  7    wrong password: no key of the encrypted repository opens with it
   130  interrupted (SIGINT, SIGTERM) and stopped cleanly
 
 The repository comes from -r/--repo or $STACKVAULT_REPOSITORY. The older form, the
@@ -74,14 +77,31 @@ struct Cli {
     #[arg(long, env = "STACKVAULT_ENDPOINT", value_name = "URL")]
     endpoint: Option<String>,
 
+    /// Read the repository password from the first line of this file (else
+    /// $STACKVAULT_PASSWORD, else a prompt on a terminal).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        conflicts_with = "password_command"
+    )]
+    password_file: Option<std::path::PathBuf>,
+
+    /// Run this shell command and take the first line it prints as the repository password.
+    #[arg(long, global = true, value_name = "COMMAND")]
+    password_command: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create a new, empty repository.
+    /// Create a new, empty repository (encrypted unless `--encryption none`).
     Init(init::Args),
+    /// Manage the passwords (key objects) of an encrypted repository.
+    #[command(subcommand)]
+    Key(key::Command),
     /// Back up a disk image into a repository.
     Backup(backup::Args),
     /// List the snapshots in a repository.
@@ -166,8 +186,22 @@ fn main() -> ExitCode {
     if !cli.quiet {
         stackvault::progress::set_notice_sink(|m| eprintln!("notice: {m}"));
     }
+    let passwords = password::Provider::new(password::Source::unlock(
+        cli.password_file.clone(),
+        cli.password_command.clone(),
+    ));
+    {
+        let provider = passwords.clone();
+        stackvault::crypto::unlock::set_password_provider(std::sync::Arc::new(
+            move |purpose, repository: &str| provider.password(purpose, repository),
+        ));
+    }
     let result = match cli.command {
-        Command::Init(a) => init::run(&ctx, a),
+        Command::Init(a) => {
+            passwords.for_init();
+            init::run(&ctx, a)
+        }
+        Command::Key(c) => key::run(&ctx, &passwords, c),
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Snapshots(a) => snapshots::list(&ctx, a),
         Command::Show(a) => snapshots::show(&ctx, a),
