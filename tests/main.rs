@@ -9,6 +9,7 @@ mod copy;
 mod crash;
 mod device;
 mod encryption_keys;
+mod encryption_metadata;
 mod faultproxy;
 mod foundation;
 mod frames;

@@ -676,11 +676,12 @@ fn rechunk_one(
 fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(String, u64)> {
     let old = dst.load_manifest(id)?;
     let out = dst.backend().writer("snapshots/")?;
-    let mut writer = ManifestWriter::new(
+    let mut writer = ManifestWriter::with_protection(
         out,
         "snapshots/ (copied manifest)",
         old.virtual_size,
         old.segment_size,
+        dst.protection(),
     )?;
     for extents in old.segments() {
         writer.push_segment(&extents?)?;

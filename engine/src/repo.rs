@@ -120,7 +120,8 @@ pub struct Repo {
     /// The repository directory; for a remote repository, its cache directory on this host.
     root: PathBuf,
     place: Place,
-    backend: Arc<dyn Backend>,
+    /// Every object goes through it; it pairs packs with their (sealed) deltas.
+    backend: Arc<WithDeltas>,
     config: RepoConfig,
     /// Plain, or the keys unlocked at open (see [`crate::crypto`]).
     protection: Protection,
@@ -212,9 +213,11 @@ impl Repo {
     /// Opens the repository at `path` read-only, for the reason `why`: writes nothing into
     /// it. The index is used in place when it is current, else from the per-user cache.
     pub fn open_read_only(path: &Path, backend: Arc<dyn Backend>, why: ReadOnly) -> Result<Repo> {
-        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
+        let backend = Arc::new(WithDeltas::with_protection(backend, Protection::Plain));
         let config = read_config(path, backend.as_ref())?;
         let unlocked = unlock(&config, backend.as_ref(), &path.display().to_string(), None)?;
+        let protection = unlocked.protection.clone();
+        backend.set_protection(protection.clone());
         let index_path = path.join(INDEX_FILE);
         // Any failure here (no index, damaged, locked in some odd way) leaves the cache copy,
         // which is made from the objects alone if need be.
@@ -228,9 +231,9 @@ impl Repo {
         let (index, readers, hold) = match in_place {
             Some(index) => (index, IndexReaders::immutable(&index_path), None),
             None => {
-                let (cached, hold) = cached_index(path, &config, backend.as_ref())?;
+                let (cached, hold) = cached_index(path, &config, backend.as_ref(), &protection)?;
                 let index = Index::open(&cached)?;
-                index::sync_snapshots(&index, backend.as_ref())?;
+                index::sync_snapshots(&index, backend.as_ref(), &protection)?;
                 (index, IndexReaders::new(&cached), Some(hold))
             }
         };
@@ -240,7 +243,7 @@ impl Repo {
             readers,
             backend,
             config,
-            protection: unlocked.protection,
+            protection,
             key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only: Some(why),
@@ -260,7 +263,7 @@ impl Repo {
         backend: Arc<dyn Backend>,
         unlocked: Option<Unlocked>,
     ) -> Result<Repo> {
-        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
+        let backend = Arc::new(WithDeltas::with_protection(backend, Protection::Plain));
         let config = read_config(path, backend.as_ref())?;
         let unlocked = unlock(
             &config,
@@ -268,15 +271,17 @@ impl Repo {
             &path.display().to_string(),
             unlocked,
         )?;
-        let (index, index_path) = open_index_in(path, backend.as_ref())?;
-        index::sync_snapshots(&index, backend.as_ref())?;
+        let protection = unlocked.protection.clone();
+        backend.set_protection(protection.clone());
+        let (index, index_path) = open_index_in(path, backend.as_ref(), &protection)?;
+        index::sync_snapshots(&index, backend.as_ref(), &protection)?;
         Ok(Repo {
             root: path.to_path_buf(),
             place: Place::Local,
             readers: IndexReaders::new(&index_path),
             backend,
             config,
-            protection: unlocked.protection,
+            protection,
             key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only: None,
@@ -333,7 +338,7 @@ impl Repo {
         location: &str,
         unlocked: Option<Unlocked>,
     ) -> Result<Repo> {
-        let backend: Arc<dyn Backend> = Arc::new(WithDeltas::new(backend));
+        let backend = Arc::new(WithDeltas::with_protection(backend, Protection::Plain));
         let config = read_config_object(location, backend.as_ref())?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         if config.features.incompat & deltas.bit == 0 {
@@ -345,6 +350,8 @@ impl Repo {
             )));
         }
         let unlocked = unlock(&config, backend.as_ref(), location, unlocked)?;
+        let protection = unlocked.protection.clone();
+        backend.set_protection(protection.clone());
         let dir = cache_home
             .join("stackvault")
             .join(crate::format::hex(&config.repository_id));
@@ -361,10 +368,11 @@ impl Repo {
         let read_only = READ_ONLY_REQUESTED
             .load(Ordering::Relaxed)
             .then_some(ReadOnly::Requested);
-        let (mut index, index_path) = open_index_in(&dir, backend.as_ref())?;
-        index::delta::sync(&mut index, backend.as_ref(), read_only.is_none())?;
-        index::sync_shared_snapshots(&index, backend.as_ref())?;
-        index::sync_verifications(&index, backend.as_ref())?;
+        let (mut index, index_path) = open_index_in(&dir, backend.as_ref(), &protection)?;
+        let writable = read_only.is_none();
+        index::delta::sync(&mut index, backend.as_ref(), &protection, writable)?;
+        index::sync_shared_snapshots(&index, backend.as_ref(), &protection)?;
+        index::sync_verifications(&index, backend.as_ref(), &protection)?;
         Ok(Repo {
             root: dir,
             place: Place::Remote {
@@ -374,7 +382,7 @@ impl Repo {
             readers: IndexReaders::new(&index_path),
             backend,
             config,
-            protection: unlocked.protection,
+            protection,
             key_in_use: unlocked.key_id,
             index: Mutex::new(index),
             read_only,
@@ -391,9 +399,10 @@ impl Repo {
             return Ok(());
         }
         let mut index = self.index();
-        index::delta::sync(&mut index, self.backend.as_ref(), self.read_only.is_none())?;
-        index::sync_shared_snapshots(&index, self.backend.as_ref())?;
-        index::sync_verifications(&index, self.backend.as_ref())?;
+        let (backend, protection) = (self.backend.as_ref(), &self.protection);
+        index::delta::sync(&mut index, backend, protection, self.read_only.is_none())?;
+        index::sync_shared_snapshots(&index, backend, protection)?;
+        index::sync_verifications(&index, backend, protection)?;
         Ok(())
     }
 
@@ -439,6 +448,7 @@ impl Repo {
     /// `init --encryption` exists end to end).
     #[cfg(any(test, feature = "testing"))]
     pub fn set_protection_for_tests(&mut self, protection: crate::crypto::Protection) {
+        self.backend.set_protection(protection.clone());
         self.protection = protection;
     }
 
@@ -451,6 +461,11 @@ impl Repo {
     /// when the Azure / S3 backends count requests by kind, a report reads them through this.)
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    /// The repository's objects, shared (lease locks keep a handle for their renewals).
+    fn shared_backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
     }
 
     /// The writable index connection.
@@ -517,7 +532,7 @@ impl Repo {
 
     /// Reads and checks a snapshot's manifest.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest<'_>> {
-        index::load_manifest(self.backend.as_ref(), id)
+        index::load_manifest(self.backend.as_ref(), &self.protection, id)
     }
 
     /// Reads a chunk and verifies it (crc32, decompression, BLAKE3).
@@ -585,7 +600,7 @@ impl Repo {
         match &self.place {
             Place::Local => crate::lock::acquire_writer(&self.root, kind),
             Place::Remote { lease, .. } => {
-                crate::lock::lease::acquire_writer(&self.backend, kind, *lease)
+                crate::lock::lease::acquire_writer(&self.shared_backend(), kind, *lease)
             }
         }
     }
@@ -597,7 +612,7 @@ impl Repo {
         match &self.place {
             Place::Local => crate::lock::acquire_maintenance(&self.root, purpose),
             Place::Remote { lease, .. } => {
-                crate::lock::lease::acquire_maintenance(&self.backend, purpose, *lease)
+                crate::lock::lease::acquire_maintenance(&self.shared_backend(), purpose, *lease)
             }
         }
     }
@@ -698,10 +713,14 @@ fn new_config(options: &InitOptions, location: &str) -> Result<RepoConfig> {
 /// it is missing: under a temporary name, so that a crash never leaves a partial index
 /// behind, then linked into place. Linking fails if another process got there first; its
 /// index is as good as ours.
-fn open_index_in(dir: &Path, backend: &dyn Backend) -> Result<(Index, PathBuf)> {
+fn open_index_in(
+    dir: &Path,
+    backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
+) -> Result<(Index, PathBuf)> {
     let index_path = dir.join(INDEX_FILE);
     if !index_path.exists() {
-        let (tmp, _) = build_index_file(dir, backend)?;
+        let (tmp, _) = build_index_file(dir, backend, protection)?;
         let linked = fs::hard_link(&tmp, &index_path);
         let _ = fs::remove_file(&tmp);
         match linked {
@@ -775,7 +794,9 @@ pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
     }
     let _lock = crate::lock::acquire_maintenance(path, "index rebuild")?;
     let live = path.join(INDEX_FILE);
-    let (tmp, report) = build_index_file(path, &backend)?;
+    // An encrypted repository's objects open only with its keys: unlocking belongs here once
+    // `init --encryption` exists (issue 15); until then every local repository is plain.
+    let (tmp, report) = build_index_file(path, &backend, &crate::crypto::Protection::Plain)?;
     if live.exists() {
         // Best effort: a damaged index may not open at all, and then its log is worthless.
         if let Ok(old) = Index::open(&live) {
@@ -799,11 +820,15 @@ fn unique_suffix() -> String {
 
 /// Builds a complete index from the repository's objects in a new file under a temporary
 /// name in `path`, closed (its log emptied into it), and returns that name.
-fn build_index_file(path: &Path, backend: &dyn Backend) -> Result<(PathBuf, index::RebuildReport)> {
+fn build_index_file(
+    path: &Path,
+    backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
+) -> Result<(PathBuf, index::RebuildReport)> {
     let tmp = path.join(format!("{INDEX_FILE}.rebuild-{}", unique_suffix()));
     let result = (|| {
         let mut fresh = Index::open(&tmp)?;
-        let report = index::rebuild(&mut fresh, backend)?;
+        let report = index::rebuild(&mut fresh, backend, protection)?;
         fresh.checkpoint()?;
         Ok(report)
     })();
@@ -916,6 +941,7 @@ fn cached_index(
     root: &Path,
     config: &RepoConfig,
     backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
 ) -> Result<(PathBuf, File)> {
     use rustix::fs::{flock, FlockOperation};
     let dir = cache_root()?
@@ -958,7 +984,7 @@ fn cached_index(
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let tmp = dir.join(format!(".tmp-{}.sqlite", unique_suffix()));
-                let made = fill_cache_copy(&source, &tmp, backend).and_then(|()| {
+                let made = fill_cache_copy(&source, &tmp, backend, protection).and_then(|()| {
                     let file = File::open(&tmp).map_err(|e| Error::io("open", &tmp, e))?;
                     // Held before it appears under its name: no cleaner can take it.
                     hold(&file, &tmp)?;
@@ -1016,7 +1042,12 @@ fn source_stamp(source: &Path, backend: &dyn Backend) -> Result<String> {
 /// Makes a complete index at `tmp`: a copy of the repository's index and log (which opening
 /// the copy replays and migrates), or, when there is none or it cannot be read, one rebuilt
 /// from the repository's objects.
-fn fill_cache_copy(source: &Path, tmp: &Path, backend: &dyn Backend) -> Result<()> {
+fn fill_cache_copy(
+    source: &Path,
+    tmp: &Path,
+    backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
+) -> Result<()> {
     let copied = (|| {
         // `fs::copy` copies the mode too, and the copy must be writable (it is ours).
         let copy_writable = |from: &Path, to: &Path| {
@@ -1051,7 +1082,7 @@ fn fill_cache_copy(source: &Path, tmp: &Path, backend: &dyn Backend) -> Result<(
         remove_if_present(&p)?;
     }
     let mut fresh = Index::open(tmp)?;
-    index::rebuild(&mut fresh, backend)?;
+    index::rebuild(&mut fresh, backend, protection)?;
     fresh.checkpoint()
 }
 

@@ -129,11 +129,12 @@ pub fn backup(
     // The manifest is streamed as segments are done, into a temporary object that becomes
     // the snapshot only once every pack it needs is stored and indexed.
     let object = repo.backend().writer("snapshots/")?;
-    let mut manifest = ManifestWriter::new(
+    let mut manifest = ManifestWriter::with_protection(
         object,
         "snapshots/ (new manifest)",
         virtual_size,
         config.segment_size,
+        repo.protection(),
     )?;
 
     progress.start("backup", virtual_size);

@@ -103,10 +103,14 @@ impl ObjectAd<'_> {
     }
 }
 
-/// The subkeys of one encrypted repository, derived from its master secret.
+/// The subkeys of one encrypted repository, derived from its master secret. A clone holds
+/// its own zeroized copies (a streaming writer that outlives a borrow of the repository).
+#[derive(Clone)]
 pub struct RepoKeys {
     chunk_id: Zeroizing<[u8; KEY_LEN]>,
     chunker: Zeroizing<[u8; KEY_LEN]>,
+    /// Keys the names of objects named after their contents (manifests, VM records).
+    object_id: Zeroizing<[u8; KEY_LEN]>,
     data: XChaCha20Poly1305,
     metadata: XChaCha20Poly1305,
 }
@@ -126,6 +130,7 @@ impl RepoKeys {
         RepoKeys {
             chunk_id: derive("stackvault 2026-11-30 chunk id key"),
             chunker: derive("stackvault 2026-11-30 chunker key"),
+            object_id: derive("stackvault 2026-11-30 object id key"),
             data: XChaCha20Poly1305::new(data.as_ref().into()),
             metadata: XChaCha20Poly1305::new(metadata.as_ref().into()),
         }
@@ -140,7 +145,7 @@ impl RepoKeys {
 }
 
 /// How a repository names chunks and turns objects into stored bytes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Protection {
     /// Unencrypted: plain BLAKE3 ids, objects stored as they are.
     Plain,
@@ -160,6 +165,16 @@ impl Protection {
             Protection::Encrypted(keys) => {
                 ChunkId(*blake3::keyed_hash(&keys.chunk_id, data).as_bytes())
             }
+        }
+    }
+
+    /// The hasher that names an object after its plaintext (a snapshot id, a VM record id):
+    /// plain BLAKE3, keyed with the object-id subkey when encrypted, so that a name is no
+    /// fingerprint of the plaintext.
+    pub fn object_id_hasher(&self) -> blake3::Hasher {
+        match self {
+            Protection::Plain => blake3::Hasher::new(),
+            Protection::Encrypted(keys) => blake3::Hasher::new_keyed(&keys.object_id),
         }
     }
 

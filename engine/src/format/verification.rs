@@ -4,9 +4,14 @@
 //! Each verification run leaves one small immutable UTF-8 JSON object at
 //! `verifications/<snapshot-id>/<time>-<random>.json`. The index caches them, but they are
 //! the authority: `index rebuild` reads them back. Readers ignore fields they do not know.
+//!
+//! In an encrypted repository the stored object is the JSON sealed under
+//! `ObjectAd {Verification, name: <the object's key>, part: 0}` ([`VerificationRecord::seal`],
+//! [`VerificationRecord::open`]): a record moved under another key fails authentication.
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
 
 /// Version of the record document this build writes.
@@ -64,6 +69,23 @@ impl VerificationRecord {
             .map_err(|e| Error::InvalidArgument(format!("cannot encode verification record: {e}")))
     }
 
+    /// The stored form of this record under `key`: its JSON, sealed when `protection` is
+    /// encrypted.
+    pub fn seal(&self, protection: &Protection, key: &str) -> Result<Vec<u8>> {
+        protection.seal(&ad(key), self.encode()?)
+    }
+
+    /// Authenticates (when `protection` is encrypted) and decodes the record stored under
+    /// `key`; see [`VerificationRecord::decode`].
+    pub fn open(protection: &Protection, stored: &[u8], key: &str) -> Result<Self> {
+        // Bounded before anything else is done with it.
+        if stored.len() > MAX_RECORD_LEN + protection.overhead() {
+            return Err(Error::corrupt(key, 0, "verification record over 64 KiB"));
+        }
+        let plain = protection.open(&ad(key), stored, key, 0)?;
+        Self::decode(&plain, key)
+    }
+
     /// Decodes a record read from `location`; refuses oversized or malformed documents and
     /// records whose snapshot id does not match the key.
     pub fn decode(data: &[u8], location: &str) -> Result<Self> {
@@ -98,6 +120,15 @@ impl VerificationRecord {
     }
 }
 
+/// The associated data of the record stored under `key`.
+fn ad(key: &str) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::Verification,
+        name: key,
+        part: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +155,52 @@ mod tests {
         assert_eq!(VerificationRecord::decode(&r.encode()?, &key)?, r);
         assert!(VerificationRecord::decode(&r.encode()?, "verifications/other/x.json").is_err());
         assert!(VerificationRecord::decode(b"{", &key).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_sealed_record_opens_only_under_its_key_and_undamaged() -> Result<()> {
+        use crate::crypto::{MasterSecret, RepoKeys};
+        let p = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+            [3; 32],
+        ))));
+        let r = VerificationRecord {
+            version: 1,
+            snapshot_id: "cd".repeat(32),
+            time: "2026-11-25T01:02:03.000004Z".into(),
+            mode: "repository".into(),
+            target: None,
+            outcome: "ok".into(),
+            bytes_checked: 10,
+            chunks_checked: 1,
+            duration_ms: 5,
+            throughput_mb_s: 0.002,
+            problems: 0,
+            hostname: "backup-host-7".into(),
+            tool_version: "t".into(),
+        };
+        let key = r.key("00ff");
+        let sealed = r.seal(&p, &key)?;
+        assert!(!sealed.windows(13).any(|w| w == b"backup-host-7"));
+        assert_eq!(VerificationRecord::open(&p, &sealed, &key)?, r);
+        // Another record's key of the same snapshot: authentication fails.
+        let other = r.key("0100");
+        assert!(matches!(
+            VerificationRecord::open(&p, &sealed, &other),
+            Err(Error::Corrupt { .. })
+        ));
+        for at in [0, 30, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 0x10;
+            assert!(matches!(
+                VerificationRecord::open(&p, &bad, &key),
+                Err(Error::Corrupt { .. })
+            ));
+        }
+        // A plain record in an encrypted repository is refused too.
+        assert!(VerificationRecord::open(&p, &r.encode()?, &key).is_err());
+        // Plain repositories store the JSON as before.
+        assert_eq!(r.seal(&Protection::Plain, &key)?, r.encode()?);
         Ok(())
     }
 }

@@ -10,12 +10,17 @@
 //! and its own crc32: decoding reuses the pack table decoder, so a delta and its pack can
 //! never be read differently. The encoding is specified in `format-spec/index-deltas.md`.
 //!
+//! In an encrypted repository the stored delta is that encoding sealed under
+//! `ObjectAd {IndexDelta, name: <pack name>, part: 0}` ([`seal_delta`], [`open_delta`]): a
+//! delta filed under another pack's name fails authentication before it is decoded.
+//!
 //! [`sync`] brings an index up to date from the deltas it has not seen (one listing of
 //! `index/`, then one GET per new delta); [`reindex`] rebuilds the pack part of an index
 //! from all deltas, reading the tables of packs that have none.
 
 use std::collections::{HashMap, HashSet};
 
+use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
 use crate::format::pack::{
     decode_footer, decode_table, table_entry_len, PackEntry, PackFooter, PACK_FOOTER_LEN,
@@ -167,6 +172,29 @@ pub fn decode_delta(data: &[u8], key: &str) -> Result<Delta> {
     })
 }
 
+/// The associated data of the delta of pack `name`.
+fn delta_ad(name: &str) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::IndexDelta,
+        name,
+        part: 0,
+    }
+}
+
+/// The stored form of the delta of the complete pack `pack` named `name`: [`encode_delta`],
+/// sealed when `protection` is encrypted.
+pub fn seal_delta(protection: &Protection, name: &str, pack: &[u8]) -> Result<Vec<u8>> {
+    protection.seal(&delta_ad(name), encode_delta(name, pack)?)
+}
+
+/// Authenticates (when `protection` is encrypted) and decodes the delta stored under `key`;
+/// see [`decode_delta`]. A key that is not a delta's is refused before anything else.
+pub fn open_delta(protection: &Protection, stored: &[u8], key: &str) -> Result<Delta> {
+    let name = pack_of_delta_key(key).ok_or_else(|| Error::corrupt(key, 0, "not a delta key"))?;
+    let plain = protection.open(&delta_ad(name), stored, key, 0)?;
+    decode_delta(&plain, key)
+}
+
 /// What [`sync`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -184,7 +212,12 @@ pub struct SyncReport {
 /// live in packs the index already knows. When `write_missing` is set, a delta found missing
 /// for a pack that exists is written (deterministic contents, create-only), so the next sync
 /// need not look again.
-pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Result<SyncReport> {
+pub fn sync(
+    index: &mut Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+    write_missing: bool,
+) -> Result<SyncReport> {
     let listed: HashMap<String, String> = backend
         .list(DELTAS_PREFIX)?
         .into_iter()
@@ -199,7 +232,7 @@ pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Re
             .filter_map(|k| pack_of_pack_key(k).map(str::to_string))
             .collect();
         if without_delta.iter().any(|n| !packs.contains(*n)) {
-            let report = reindex(index, backend, write_missing)?;
+            let report = reindex(index, backend, protection, write_missing)?;
             return Ok(SyncReport {
                 applied: report.packs,
                 reindexed: true,
@@ -207,7 +240,7 @@ pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Re
         }
         if write_missing {
             for name in without_delta {
-                write_delta_of_stored_pack(backend, name)?;
+                write_delta_of_stored_pack(backend, protection, name)?;
             }
         }
     }
@@ -216,7 +249,9 @@ pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Re
         if known.contains(name) {
             continue;
         }
-        let delta = backend.get(key).and_then(|b| decode_delta(&b, key));
+        let delta = backend
+            .get(key)
+            .and_then(|b| open_delta(protection, &b, key));
         match delta {
             Ok(d) => index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?,
             // A damaged delta: its pack's own table says the same thing.
@@ -235,9 +270,13 @@ pub fn sync(index: &mut Index, backend: &dyn Backend, write_missing: bool) -> Re
 
 /// Writes the delta of the stored pack `name` if it has none (read from the pack's table;
 /// the contents are a function of the pack, so two hosts doing it at once write the same).
-fn write_delta_of_stored_pack(backend: &dyn Backend, name: &str) -> Result<()> {
+fn write_delta_of_stored_pack(
+    backend: &dyn Backend,
+    protection: &Protection,
+    name: &str,
+) -> Result<()> {
     let bytes = backend.get(&pack_key(name))?;
-    match backend.put(&delta_key(name), &encode_delta(name, &bytes)?) {
+    match backend.put(&delta_key(name), &seal_delta(protection, name, &bytes)?) {
         Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
     }
@@ -260,6 +299,7 @@ pub struct ReindexReport {
 pub fn reindex(
     index: &mut Index,
     backend: &dyn Backend,
+    protection: &Protection,
     write_missing: bool,
 ) -> Result<ReindexReport> {
     let deltas: HashMap<String, String> = backend
@@ -275,7 +315,10 @@ pub fn reindex(
                 continue;
             };
             let from_delta = match deltas.get(name) {
-                Some(key) => match backend.get(key).and_then(|b| decode_delta(&b, key)) {
+                Some(key) => match backend
+                    .get(key)
+                    .and_then(|b| open_delta(protection, &b, key))
+                {
                     Ok(d) if d.pack_size == object.size => Some(d),
                     Ok(_) => None,
                     Err(e) if e.is_corruption() || matches!(e, Error::NotFound { .. }) => None,
@@ -288,7 +331,7 @@ pub fn reindex(
                 None => match read_pack_table(backend, name) {
                     Ok(t) => {
                         if write_missing && !deltas.contains_key(name) {
-                            write_delta_of_stored_pack(backend, name)?;
+                            write_delta_of_stored_pack(backend, protection, name)?;
                         }
                         (t.version, t.entries)
                     }
@@ -312,14 +355,30 @@ pub fn reindex(
 /// (a backup, prune's repacking, a repair): `put` of a pack writes the pack, then its delta;
 /// `remove` of a pack removes the delta, then the pack. So the ordering rules of the module
 /// doc hold at the one place packs are written and deleted, and callers need not know about
-/// deltas. Everything else passes through.
+/// deltas. Everything else passes through. Deltas are sealed with the repository's
+/// protection, which the repository hands over once it has unlocked its keys.
 pub struct WithDeltas {
     inner: std::sync::Arc<dyn Backend>,
+    protection: std::sync::RwLock<Protection>,
 }
 
 impl WithDeltas {
+    /// A plain repository's backend (deltas stored as encoded).
     pub fn new(inner: std::sync::Arc<dyn Backend>) -> Self {
-        WithDeltas { inner }
+        Self::with_protection(inner, Protection::Plain)
+    }
+
+    /// A backend whose deltas are sealed with `protection`.
+    pub fn with_protection(inner: std::sync::Arc<dyn Backend>, protection: Protection) -> Self {
+        WithDeltas {
+            inner,
+            protection: std::sync::RwLock::new(protection),
+        }
+    }
+
+    /// Seals the deltas written from now on with `protection`.
+    pub fn set_protection(&self, protection: Protection) {
+        *self.protection.write().unwrap_or_else(|p| p.into_inner()) = protection;
     }
 }
 
@@ -329,7 +388,11 @@ impl Backend for WithDeltas {
             return self.inner.put(key, data);
         };
         // Encoded first: a pack that cannot be described is refused before it is stored.
-        let delta = encode_delta(name, data)?;
+        let delta = seal_delta(
+            &self.protection.read().unwrap_or_else(|p| p.into_inner()),
+            name,
+            data,
+        )?;
         self.inner.put(key, data)?;
         match self.inner.put(&delta_key(name), &delta) {
             // Same pack, same bytes: a repair or another host was first.
@@ -447,6 +510,48 @@ mod tests {
         let last = if pack.name.ends_with('0') { '1' } else { '0' };
         let other = delta_key(&format!("{}{last}", &pack.name[..31]));
         assert!(decode_delta(&bytes, &other).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_sealed_delta_opens_only_as_the_delta_of_its_pack() -> Result<()> {
+        use crate::crypto::{MasterSecret, RepoKeys};
+        let p = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+            [9; 32],
+        ))));
+        let pack = sample_pack()?;
+        let key = delta_key(&pack.name);
+        let sealed = seal_delta(&p, &pack.name, &pack.bytes)?;
+        assert_eq!(open_delta(&p, &sealed, &key)?.entries, pack.entries);
+        // No chunk id and no table bytes in the clear.
+        let plain = encode_delta(&pack.name, &pack.bytes)?;
+        for e in &pack.entries {
+            assert!(!sealed.windows(32).any(|w| w == e.id.0));
+        }
+        assert!(!sealed
+            .windows(16)
+            .any(|w| w == &plain[DELTA_HEADER_LEN..][..16]));
+        for at in [0, 23, 24, 60, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 2;
+            assert!(matches!(
+                open_delta(&p, &bad, &key),
+                Err(Error::Corrupt { location, offset: 0, .. }) if location == key
+            ));
+        }
+        // The same delta filed under another pack's name: authentication fails.
+        let last = if pack.name.ends_with('0') { '1' } else { '0' };
+        let other = delta_key(&format!("{}{last}", &pack.name[..31]));
+        assert!(matches!(
+            open_delta(&p, &sealed, &other),
+            Err(Error::Corrupt { .. })
+        ));
+        // Plain repositories keep the plain encoding.
+        assert_eq!(
+            seal_delta(&Protection::Plain, &pack.name, &pack.bytes)?,
+            plain
+        );
+        assert!(open_delta(&p, &plain, &key).is_err());
         Ok(())
     }
 

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use crate::crypto::Protection;
 use crate::error::{Error, Result};
+use crate::format::manifest::SealedObject;
 use crate::format::manifest::{Manifest, SnapshotMeta};
 use crate::format::pack::{frames, PackEntry, RecordLocation};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
@@ -748,19 +750,32 @@ impl IndexReaders {
 /// kept and reported: manifests are never deleted behind the index's back (forget removes the
 /// row first), so a vanished manifest is damage that `check` and `restore` must show, not
 /// forget.
-pub fn sync_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
-    sync_catalogue(index, backend, false)
+pub fn sync_snapshots(
+    index: &Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, protection, false)
 }
 
 /// [`sync_snapshots`] for an index that is one host's cache of a repository shared on an
 /// object store: there, other hosts forget snapshots (removing their rows from their own
 /// caches only), so a catalogued snapshot whose manifest is gone was forgotten, and its row is
 /// dropped instead of reported. Damage to a manifest that is present is still reported.
-pub fn sync_shared_snapshots(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
-    sync_catalogue(index, backend, true)
+pub fn sync_shared_snapshots(
+    index: &Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+) -> Result<Vec<Error>> {
+    sync_catalogue(index, backend, protection, true)
 }
 
-fn sync_catalogue(index: &Index, backend: &dyn Backend, shared: bool) -> Result<Vec<Error>> {
+fn sync_catalogue(
+    index: &Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+    shared: bool,
+) -> Result<Vec<Error>> {
     let present: std::collections::HashSet<String> = backend
         .list("snapshots/")?
         .into_iter()
@@ -769,7 +784,7 @@ fn sync_catalogue(index: &Index, backend: &dyn Backend, shared: bool) -> Result<
     let known: std::collections::HashSet<String> = index.snapshot_ids()?.into_iter().collect();
     let mut problems = Vec::new();
     for id in present.difference(&known) {
-        match load_manifest(backend, id) {
+        match load_manifest(backend, protection, id) {
             Ok(m) => {
                 index.add_snapshot(id, &m.meta, m.virtual_size)?;
                 // `forget` may have removed the manifest since we read it (it drops the row
@@ -793,7 +808,11 @@ fn sync_catalogue(index: &Index, backend: &dyn Backend, shared: bool) -> Result<
 
 /// Caches the verification records in the repository that the index lacks (records other
 /// hosts wrote, on a shared repository). A damaged record is left out and returned.
-pub fn sync_verifications(index: &Index, backend: &dyn Backend) -> Result<Vec<Error>> {
+pub fn sync_verifications(
+    index: &Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+) -> Result<Vec<Error>> {
     let known: std::collections::HashSet<String> =
         index.verifications()?.into_iter().map(|(k, _)| k).collect();
     let mut problems = Vec::new();
@@ -803,7 +822,7 @@ pub fn sync_verifications(index: &Index, backend: &dyn Backend) -> Result<Vec<Er
         }
         let record = backend
             .get(&key)
-            .and_then(|bytes| VerificationRecord::decode(&bytes, &key));
+            .and_then(|bytes| VerificationRecord::open(protection, &bytes, &key));
         match record {
             Ok(r) => index.add_verification(&key, &r)?,
             Err(Error::NotFound { .. }) => {}
@@ -823,13 +842,36 @@ fn missing_manifest(id: &str) -> Error {
 }
 
 /// Opens a manifest and checks that it hashes to its id (see [`Manifest::open`]: one pass
-/// over it; its segments are read again when asked for).
-pub fn load_manifest<'b>(backend: &'b dyn Backend, id: &str) -> Result<Manifest<'b>> {
+/// over it; its segments are read again when asked for). In an encrypted repository the
+/// manifest is sealed ([`SealedObject`]): its footer must authenticate as the footer of `id`
+/// before a byte is parsed, each block is authenticated before it is read, and the keyed
+/// hash of the plaintext must be `id`.
+pub fn load_manifest<'b>(
+    backend: &'b dyn Backend,
+    protection: &'b Protection,
+    id: &str,
+) -> Result<Manifest<'b>> {
     let key = snapshot_key(id);
     let object = StoredObject {
         backend,
         key: key.clone(),
     };
+    if protection.is_encrypted() {
+        let opened =
+            SealedObject::open(Box::new(object), protection, id, &key).and_then(|sealed| {
+                Manifest::open_hashed(Box::new(sealed), &key, protection.object_id_hasher())
+            });
+        return match opened {
+            Ok(m) if crate::format::hex(&m.object_hash()) == id => Ok(m),
+            Ok(_) => Err(Error::corrupt(
+                &key,
+                0,
+                "manifest does not hash to its name (damaged or altered)",
+            )),
+            Err(Error::NotFound { .. }) => Err(missing_manifest(id)),
+            Err(e) => Err(e),
+        };
+    }
     let not_its_name = || {
         Error::corrupt(
             &key,
@@ -910,22 +952,26 @@ fn damaged_or_fail(report: &mut RebuildReport, e: Error) -> Result<()> {
 /// and manifests in `backend`. Damaged objects are
 /// listed in the report's `problems`; an object that cannot be read for another reason
 /// (unknown format, I/O) fails the rebuild, naming it.
-pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport> {
+pub fn rebuild(
+    index: &mut Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
-    let packs = delta::reindex(index, backend, false)?;
+    let packs = delta::reindex(index, backend, protection, false)?;
     report.packs = packs.packs;
     report.chunks = packs.chunks;
     for e in packs.problems {
         damaged_or_fail(&mut report, e)?;
     }
-    for e in sync_snapshots(index, backend)? {
+    for e in sync_snapshots(index, backend, protection)? {
         damaged_or_fail(&mut report, e)?;
     }
     report.snapshots = index.snapshot_ids()?.len() as u64;
     for key in backend.list(VERIFICATIONS_PREFIX)? {
         let record = backend
             .get(&key)
-            .and_then(|bytes| VerificationRecord::decode(&bytes, &key));
+            .and_then(|bytes| VerificationRecord::open(protection, &bytes, &key));
         match record {
             Ok(r) => {
                 index.add_verification(&key, &r)?;

@@ -333,7 +333,7 @@ fn prune_two_phase(
     let records = super::condemn::read_all(repo.backend())?;
     let mut index = repo.index();
     let snapshots = collect_referenced(repo, &mut index)?;
-    crate::index::delta::sync(&mut index, repo.backend(), true)?;
+    crate::index::delta::sync(&mut index, repo.backend(), repo.protection(), true)?;
     report.snapshots = snapshots.len() as u64;
     let path = index.path().to_path_buf();
     let err = sql_err(&path);
@@ -353,7 +353,7 @@ fn prune_two_phase(
         looks_live |= live_rows_in(index.conn_mut(), &err, name)? > 0;
     }
     if looks_live {
-        reindex_avoiding(&mut index, repo.backend(), &condemned)?;
+        reindex_avoiding(&mut index, repo.backend(), repo.protection(), &condemned)?;
         unindexed = count_referenced(index.conn_mut(), &err)?.1;
     }
     let mut removed_bytes = 0u64;
@@ -457,9 +457,10 @@ fn prune_two_phase(
 fn reindex_avoiding(
     index: &mut Index,
     backend: &dyn crate::store::Backend,
+    protection: &crate::crypto::Protection,
     last: &HashSet<String>,
 ) -> Result<()> {
-    use crate::index::delta::{decode_delta, pack_of_delta_key, pack_of_pack_key, DELTAS_PREFIX};
+    use crate::index::delta::{open_delta, pack_of_delta_key, pack_of_pack_key, DELTAS_PREFIX};
     let deltas: HashMap<String, String> = backend
         .list(DELTAS_PREFIX)?
         .into_iter()
@@ -474,7 +475,10 @@ fn reindex_avoiding(
     index.replace_packs(|add| {
         for (_, name, size) in &packs {
             let from_delta = match deltas.get(name) {
-                Some(key) => match backend.get(key).and_then(|b| decode_delta(&b, key)) {
+                Some(key) => match backend
+                    .get(key)
+                    .and_then(|b| open_delta(protection, &b, key))
+                {
                     Ok(d) if d.pack_size == *size => Some((d.pack_version, d.entries)),
                     Ok(_) => None,
                     Err(e) if e.is_corruption() || matches!(e, Error::NotFound { .. }) => None,
@@ -880,9 +884,9 @@ fn remove_leftovers(repo: &Repo) -> Result<u64> {
 fn collect_referenced(repo: &Repo, index: &mut Index) -> Result<HashSet<String>> {
     // A manifest stored by a backup that crashed before cataloguing it is a snapshot too.
     let problems = if repo.is_remote() {
-        index::sync_shared_snapshots(index, repo.backend())?
+        index::sync_shared_snapshots(index, repo.backend(), repo.protection())?
     } else {
-        index::sync_snapshots(index, repo.backend())?
+        index::sync_snapshots(index, repo.backend(), repo.protection())?
     };
     if let Some(e) = problems.into_iter().next() {
         return Err(refuse(e));

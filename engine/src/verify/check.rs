@@ -1,4 +1,5 @@
-//! [`check`]: the repository's structure (manifests, index, pack footers and tables), and
+//! [`check`]: the repository's structure (manifests, index, pack footers and tables, index
+//! deltas, verification and VM snapshot records), and
 //! optionally every stored chunk or a subset of packs read back; orphan packs listed; every
 //! piece of damage mapped to the snapshots and disk byte ranges it affects. Also
 //! [`leftovers`]: what interrupted or crashed runs left behind (temporary objects, stale
@@ -143,6 +144,12 @@ pub enum DamageKind {
     IndexMismatch,
     /// A chunk's bytes do not hash to its id (`--read-data`).
     ChunkData,
+    /// An index delta fails authentication or decoding (readers use its pack's table).
+    IndexDelta,
+    /// A verification record fails authentication or decoding.
+    VerificationRecord,
+    /// A VM snapshot record fails authentication, its checksum or decoding.
+    VmRecord,
 }
 
 impl DamageKind {
@@ -157,6 +164,9 @@ impl DamageKind {
             DamageKind::PackStructure => "pack-structure",
             DamageKind::IndexMismatch => "index-mismatch",
             DamageKind::ChunkData => "chunk-data",
+            DamageKind::IndexDelta => "index-delta",
+            DamageKind::VerificationRecord => "verification-record",
+            DamageKind::VmRecord => "vm-record",
         }
     }
 }
@@ -497,6 +507,11 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         (valid, orphans, chunks, rows.len() as u64)
     };
     let (mut valid, orphans, chunks, packs) = packs_found;
+
+    // Records: deltas, verification and VM snapshot records authenticate and decode.
+    for (kind, e) in super::records::damaged_records(repo)? {
+        f.add(kind, None, None, &e);
+    }
 
     // Data: crc32 first, then decompression and BLAKE3, pack by pack in parallel.
     valid.sort();

@@ -19,6 +19,7 @@
 //! never as a panic or silently; errors that stop a run (I/O, a missing target) are `Err`.
 
 mod check;
+mod records;
 mod snapshot;
 mod target;
 
@@ -325,7 +326,8 @@ fn record_verification(repo: &Repo, report: &VerifyReport, time: String) -> Resu
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
     let key = record.key(&crate::format::hex(&r));
-    repo.backend().put(&key, &record.encode()?)?;
+    repo.backend()
+        .put(&key, &record.seal(repo.protection(), &key)?)?;
     repo.index().add_verification(&key, &record)?;
     Ok(key)
 }

@@ -243,7 +243,7 @@ pub fn backup_vm(
         disks: vm_disks,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let (bytes, id) = record::encode(&rec)?;
+    let (bytes, id) = record::encode(&rec, repo.protection())?;
     repo.backend().put(&record::key(&id), &bytes)?;
     drop(lock);
     Ok(VmBackupReport {
@@ -288,7 +288,7 @@ pub fn vm_snapshots(repo: &Repo, vm: Option<&str>) -> Result<Vec<VmSnapshot>> {
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        let rec = record::decode(id, &bytes)?;
+        let rec = record::decode(id, &bytes, repo.protection())?;
         if vm.is_some_and(|v| v != rec.vm) {
             continue;
         }

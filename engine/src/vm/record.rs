@@ -5,9 +5,15 @@
 //! is the checksum: a record whose bytes do not hash to its name is damage, reported as
 //! [`Error::Corrupt`]. A record is written only after every disk manifest it names is
 //! durable, so a record never names a snapshot that was not stored. This module does no I/O.
+//!
+//! In an encrypted repository the name is the BLAKE3 of the JSON keyed with the object-id
+//! subkey ([`Protection::object_id_hasher`], so no fingerprint of the record), and the stored
+//! object is the JSON sealed under `ObjectAd {VmSnapshot, name: <id>, part: 0}`: bytes stored
+//! under another record's name fail authentication before they are parsed.
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
 
 /// Folder of VM snapshot records in the repository.
@@ -78,12 +84,28 @@ pub struct VmRecord {
     pub tool_version: String,
 }
 
-/// Encodes a record; returns its bytes and its id (the hex BLAKE3 of the bytes).
-pub fn encode(record: &VmRecord) -> Result<(Vec<u8>, String)> {
+/// Encodes a record for a repository with `protection`; returns its stored bytes (the JSON,
+/// sealed when encrypted) and its id (the hex BLAKE3 of the JSON, keyed when encrypted).
+pub fn encode(record: &VmRecord, protection: &Protection) -> Result<(Vec<u8>, String)> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode VM snapshot record: {e}")))?;
-    let id = blake3::hash(&bytes).to_hex().to_string();
-    Ok((bytes, id))
+    let id = protection
+        .object_id_hasher()
+        .update(&bytes)
+        .finalize()
+        .to_hex()
+        .to_string();
+    let stored = protection.seal(&ad(&id), bytes)?;
+    Ok((stored, id))
+}
+
+/// The associated data of record `id`.
+fn ad(id: &str) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::VmSnapshot,
+        name: id,
+        part: 0,
+    }
 }
 
 /// Object key of record `id`.
@@ -98,17 +120,20 @@ pub fn id_of_key(key: &str) -> Option<&str> {
         .then_some(id)
 }
 
-/// Decodes record `id` from its object bytes, checking that they hash to the id.
-pub fn decode(id: &str, bytes: &[u8]) -> Result<VmRecord> {
+/// Decodes record `id` from its stored bytes in a repository with `protection`: authenticates
+/// them first when encrypted, then checks that the JSON hashes to the id.
+pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<VmRecord> {
     let location = key(id);
-    if blake3::hash(bytes).to_hex().as_str() != id {
+    let bytes = protection.open(&ad(id), stored, &location, 0)?;
+    let hash = protection.object_id_hasher().update(&bytes).finalize();
+    if hash.to_hex().as_str() != id {
         return Err(Error::corrupt(
             &location,
             0,
             "VM snapshot record does not match its checksum (the BLAKE3 hash in its name)",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes)
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::corrupt(&location, 0, format!("VM snapshot record: {e}")))?;
     let version = value.get("format_version").and_then(|v| v.as_u64());
     if version != Some(u64::from(VM_RECORD_VERSION)) {
@@ -160,31 +185,75 @@ mod tests {
         let vector: serde_json::Value = serde_json::from_str(VECTOR).expect("vector is JSON");
         let bytes = vector["bytes"].as_str().expect("bytes").as_bytes();
         let id = vector["id"].as_str().expect("id");
-        let (encoded, encoded_id) = encode(&vector_record()).expect("encode");
+        let (encoded, encoded_id) = encode(&vector_record(), &Protection::Plain).expect("encode");
         assert_eq!(
             String::from_utf8_lossy(&encoded),
             String::from_utf8_lossy(bytes),
             "format-spec/vectors/vm-record-v1.json is stale or the encoding changed"
         );
         assert_eq!(encoded_id, id);
-        assert_eq!(decode(id, bytes).expect("decode"), vector_record());
+        assert_eq!(
+            decode(id, bytes, &Protection::Plain).expect("decode"),
+            vector_record()
+        );
         assert_eq!(id_of_key(&key(id)), Some(id));
     }
 
     #[test]
     fn damage_and_new_versions_are_refused() {
-        let (bytes, id) = encode(&vector_record()).expect("encode");
+        let plain = &Protection::Plain;
+        let (bytes, id) = encode(&vector_record(), plain).expect("encode");
         let mut flipped = bytes.clone();
         flipped[10] ^= 1;
-        assert!(decode(&id, &flipped).is_err_and(|e| e.is_corruption()));
+        assert!(decode(&id, &flipped, plain).is_err_and(|e| e.is_corruption()));
         let newer = String::from_utf8(bytes)
             .expect("utf-8")
             .replace("\"format_version\":1", "\"format_version\":2");
         let newer_id = blake3::hash(newer.as_bytes()).to_hex().to_string();
         assert!(matches!(
-            decode(&newer_id, newer.as_bytes()),
+            decode(&newer_id, newer.as_bytes(), plain),
             Err(Error::Unsupported { .. })
         ));
         assert_eq!(id_of_key("vms/abc"), None);
+    }
+
+    #[test]
+    fn a_sealed_record_is_keyed_authenticated_and_bound_to_its_name() {
+        use crate::crypto::{MasterSecret, RepoKeys};
+        let keys = |b| {
+            Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+                [b; 32],
+            ))))
+        };
+        let p = keys(5);
+        let (stored, id) = encode(&vector_record(), &p).expect("encode");
+        let (plain_bytes, plain_id) = encode(&vector_record(), &Protection::Plain).expect("plain");
+        // The id is no fingerprint: not the plain hash, and another repository's differs.
+        assert_ne!(id, plain_id);
+        assert_ne!(id, encode(&vector_record(), &keys(6)).expect("other").1);
+        assert_eq!(id_of_key(&key(&id)), Some(id.as_str()));
+        // Nothing of the JSON is readable.
+        assert!(!stored.windows(8).any(|w| w == b"erp-db01"));
+        assert!(!stored
+            .windows(plain_bytes.len().min(16))
+            .any(|w| w == &plain_bytes[..16]));
+        assert_eq!(decode(&id, &stored, &p).expect("decode"), vector_record());
+        for at in [0, 24, stored.len() / 2, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[at] ^= 0x80;
+            let err = decode(&id, &bad, &p).err();
+            assert!(
+                matches!(&err, Some(Error::Corrupt { location, .. }) if location.contains(&id)),
+                "{err:?}"
+            );
+        }
+        // Another record's bytes under this name (a swap) fail authentication.
+        let mut other = vector_record();
+        other.vm = "erp-db02".into();
+        let (other_stored, other_id) = encode(&other, &p).expect("encode other");
+        assert_ne!(other_id, id);
+        assert!(decode(&id, &other_stored, &p).is_err_and(|e| e.is_corruption()));
+        // The plain record is refused in an encrypted repository.
+        assert!(decode(&plain_id, &plain_bytes, &p).is_err_and(|e| e.is_corruption()));
     }
 }

@@ -14,10 +14,12 @@
 //! extents that are never in memory at once.
 
 mod reader;
+pub mod sealed;
 mod writer;
 
 pub use reader::{Manifest, ObjectRead, Segments};
-pub use writer::{encode, FinishedManifest, ManifestWriter};
+pub use sealed::SealedObject;
+pub use writer::{encode, encode_with, FinishedManifest, ManifestWriter};
 
 use serde::{Deserialize, Serialize};
 

@@ -80,7 +80,7 @@ struct Stream<'o> {
 }
 
 impl<'o> Stream<'o> {
-    fn new(object: &'o dyn ObjectRead, location: &'o str, size: u64) -> Self {
+    fn new(object: &'o dyn ObjectRead, location: &'o str, size: u64, hash: blake3::Hasher) -> Self {
         Stream {
             object,
             location,
@@ -90,7 +90,7 @@ impl<'o> Stream<'o> {
             fetched: 0,
             limit: size,
             size,
-            hash: blake3::Hasher::new(),
+            hash,
         }
     }
 
@@ -186,6 +186,16 @@ impl<'a> Manifest<'a> {
     /// metadata against the extents, and the BLAKE3 of the whole object (see
     /// [`Manifest::object_hash`]). Keeps 12 bytes per segment.
     pub fn open(object: Box<dyn ObjectRead + 'a>, location: &str) -> Result<Manifest<'a>> {
+        Manifest::open_hashed(object, location, blake3::Hasher::new())
+    }
+
+    /// [`Manifest::open`], with [`Manifest::object_hash`] taken by `hasher` (keyed in an
+    /// encrypted repository, where `object` is the plaintext of a [`super::SealedObject`]).
+    pub fn open_hashed(
+        object: Box<dyn ObjectRead + 'a>,
+        location: &str,
+        hasher: blake3::Hasher,
+    ) -> Result<Manifest<'a>> {
         let size = object.size()?;
         let corrupt = |offset: u64, what: &str| Error::corrupt(location, offset, what);
         if size < MANIFEST_HEADER_LEN as u64 {
@@ -269,7 +279,7 @@ impl<'a> Manifest<'a> {
         let mut offsets = Vec::with_capacity(count as usize + 1);
         let mut crcs = Vec::with_capacity(count as usize);
         let mut root = root_hasher(virtual_size, segment_size);
-        let mut stream = Stream::new(object.as_ref(), location, size);
+        let mut stream = Stream::new(object.as_ref(), location, size, hasher);
         stream.take(extents_at as usize, "manifest header and metadata")?;
         stream.limit = extents_end;
         let mut seg = Vec::new();

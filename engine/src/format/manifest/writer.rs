@@ -5,11 +5,13 @@
 
 use std::io::Write;
 
+use super::sealed::BlockSealer;
 use super::{
     root_hasher, segment_count, segment_len, Extent, SnapshotMeta, MANIFEST_END_MAGIC,
     MANIFEST_HEADER_LEN, MANIFEST_MAGIC, MANIFEST_TRAILER_LEN, MANIFEST_VERSION, MAX_META_LEN,
     TAG_CHUNK, TAG_ZERO,
 };
+use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::hex;
 
@@ -35,10 +37,15 @@ fn encode_segment(extents: &[Extent], out: &mut Vec<u8>) {
 /// disk order as they come, then the metadata with the root digest of what was written.
 /// Memory stays constant however large the disk. The snapshot id (BLAKE3 of every byte
 /// written) is known at [`ManifestWriter::finish`]; the caller names the object after it.
+/// In an encrypted repository ([`ManifestWriter::with_protection`]) the bytes are sealed in
+/// blocks as they come and the id is a keyed hash (see [`super::sealed`]).
 pub struct ManifestWriter<W: Write> {
     out: W,
     location: String,
+    /// Names the manifest: BLAKE3 of its plaintext, keyed when the repository is encrypted.
     object_hash: blake3::Hasher,
+    /// Seals the plaintext on its way to `out`, in an encrypted repository.
+    sealer: Option<BlockSealer>,
     root: blake3::Hasher,
     virtual_size: u64,
     segment_size: u32,
@@ -52,7 +59,7 @@ pub struct FinishedManifest<W> {
     pub out: W,
     /// Snapshot id: hex BLAKE3 of the manifest's bytes.
     pub id: String,
-    /// Bytes written.
+    /// Bytes written (stored: sealed bytes in an encrypted repository).
     pub len: u64,
 }
 
@@ -60,6 +67,24 @@ impl<W: Write> ManifestWriter<W> {
     /// Starts a manifest of a disk of `virtual_size` bytes in segments of `segment_size`.
     /// `location` names the output in errors.
     pub fn new(out: W, location: &str, virtual_size: u64, segment_size: u32) -> Result<Self> {
+        Self::with_protection(
+            out,
+            location,
+            virtual_size,
+            segment_size,
+            &Protection::Plain,
+        )
+    }
+
+    /// As [`ManifestWriter::new`], for a repository with `protection`: when it is encrypted,
+    /// the manifest is sealed block by block as it is written and named by a keyed hash.
+    pub fn with_protection(
+        out: W,
+        location: &str,
+        virtual_size: u64,
+        segment_size: u32,
+        protection: &Protection,
+    ) -> Result<Self> {
         if !segment_size.is_power_of_two() || segment_size < 4096 {
             return Err(Error::InvalidArgument(format!(
                 "segment size {segment_size} is not a power of two >= 4096"
@@ -68,7 +93,11 @@ impl<W: Write> ManifestWriter<W> {
         let mut w = ManifestWriter {
             out,
             location: location.to_string(),
-            object_hash: blake3::Hasher::new(),
+            object_hash: protection.object_id_hasher(),
+            sealer: match protection {
+                Protection::Plain => None,
+                Protection::Encrypted(_) => Some(BlockSealer::new(protection.clone())?),
+            },
             root: root_hasher(virtual_size, segment_size),
             virtual_size,
             segment_size,
@@ -89,9 +118,13 @@ impl<W: Write> ManifestWriter<W> {
 
     fn emit(&mut self, bytes: &[u8]) -> Result<()> {
         self.object_hash.update(bytes);
-        self.out
-            .write_all(bytes)
-            .map_err(|e| Error::io("write", &self.location, e))
+        match &mut self.sealer {
+            Some(sealer) => sealer.write(&mut self.out, bytes, &self.location),
+            None => self
+                .out
+                .write_all(bytes)
+                .map_err(|e| Error::io("write", &self.location, e)),
+        }
     }
 
     /// Appends the next segment's extents; they must cover the segment exactly.
@@ -145,13 +178,17 @@ impl<W: Write> ManifestWriter<W> {
         trailer.extend_from_slice(&0u32.to_le_bytes());
         trailer.extend_from_slice(&MANIFEST_END_MAGIC);
         self.emit(&trailer)?;
+        let id = hex(self.object_hash.finalize().as_bytes());
+        let len = match self.sealer.take() {
+            Some(sealer) => sealer.finish(&mut self.out, &id, &self.location)?,
+            None => self.object_hash.count(),
+        };
         self.out
             .flush()
             .map_err(|e| Error::io("write", &self.location, e))?;
-        let len = self.object_hash.count();
         Ok(FinishedManifest {
             out: self.out,
-            id: hex(self.object_hash.finalize().as_bytes()),
+            id,
             len,
         })
     }
@@ -164,7 +201,30 @@ pub fn encode(
     segment_size: u32,
     segments: &[Vec<Extent>],
 ) -> Result<FinishedManifest<Vec<u8>>> {
-    let mut w = ManifestWriter::new(Vec::new(), "manifest", virtual_size, segment_size)?;
+    encode_with(
+        meta,
+        virtual_size,
+        segment_size,
+        segments,
+        &Protection::Plain,
+    )
+}
+
+/// [`encode`] for a repository with `protection` (sealed when it is encrypted).
+pub fn encode_with(
+    meta: &mut SnapshotMeta,
+    virtual_size: u64,
+    segment_size: u32,
+    segments: &[Vec<Extent>],
+    protection: &Protection,
+) -> Result<FinishedManifest<Vec<u8>>> {
+    let mut w = ManifestWriter::with_protection(
+        Vec::new(),
+        "manifest",
+        virtual_size,
+        segment_size,
+        protection,
+    )?;
     for s in segments {
         w.push_segment(s)?;
     }
