@@ -788,15 +788,14 @@ pub fn rebuild_index(path: &Path) -> Result<index::RebuildReport> {
     let backend = WithDeltas::new(Arc::new(LocalDir::new(path)));
     let config = read_config(path, &backend)?;
     // A wrong password fails here, before the lock and the rebuild.
-    let _keys = unlock(&config, &backend, &path.display().to_string(), None)?;
+    let protection = unlock(&config, &backend, &path.display().to_string(), None)?.protection;
+    backend.set_protection(protection.clone());
     if let Some(why) = read_only_reason(path) {
         return Err(read_only_error(path, "index rebuild", &why));
     }
     let _lock = crate::lock::acquire_maintenance(path, "index rebuild")?;
     let live = path.join(INDEX_FILE);
-    // An encrypted repository's objects open only with its keys: unlocking belongs here once
-    // `init --encryption` exists (issue 15); until then every local repository is plain.
-    let (tmp, report) = build_index_file(path, &backend, &crate::crypto::Protection::Plain)?;
+    let (tmp, report) = build_index_file(path, &backend, &protection)?;
     if live.exists() {
         // Best effort: a damaged index may not open at all, and then its log is worthless.
         if let Ok(old) = Index::open(&live) {
