@@ -303,7 +303,9 @@ impl Repo {
             .load(Ordering::Relaxed)
             .then_some(ReadOnly::Requested);
         let (mut index, index_path) = open_index_in(&dir, backend.as_ref())?;
-        index::delta::sync(&mut index, backend.as_ref(), read_only.is_none())?;
+        // Before any key is unlocked: the key work passes the unlocked protection here.
+        let plain = crate::crypto::Protection::Plain;
+        index::delta::sync(&mut index, backend.as_ref(), &plain, read_only.is_none())?;
         index::sync_shared_snapshots(&index, backend.as_ref())?;
         index::sync_verifications(&index, backend.as_ref())?;
         Ok(Repo {
@@ -331,7 +333,12 @@ impl Repo {
             return Ok(());
         }
         let mut index = self.index();
-        index::delta::sync(&mut index, self.backend.as_ref(), self.read_only.is_none())?;
+        index::delta::sync(
+            &mut index,
+            self.backend.as_ref(),
+            &self.protection,
+            self.read_only.is_none(),
+        )?;
         index::sync_shared_snapshots(&index, self.backend.as_ref())?;
         index::sync_verifications(&index, self.backend.as_ref())?;
         Ok(())
@@ -361,7 +368,7 @@ impl Repo {
         index.add_pack(
             &pack.name,
             pack.bytes.len() as u64,
-            crate::format::pack::PACK_VERSION,
+            pack.version,
             &pack.entries,
         )
     }
@@ -490,12 +497,13 @@ impl Repo {
             None => return Err(missing()),
         };
         let backend = self.backend.as_ref();
-        match store::pack::with_chunk(backend, &loc.pack, &loc.record, cache, &mut f) {
+        let keys = &self.protection;
+        match store::pack::with_chunk(backend, keys, &loc.pack, &loc.record, cache, &mut f) {
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
             // the old one since the lookup. Look once more before calling it damage.
             Err(e) if e.is_corruption() => match self.readers.lookup(id)? {
                 Some(again) if again != loc => {
-                    store::pack::with_chunk(backend, &again.pack, &again.record, cache, f)
+                    store::pack::with_chunk(backend, keys, &again.pack, &again.record, cache, f)
                 }
                 _ => Err(e),
             },

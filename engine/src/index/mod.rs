@@ -911,8 +911,19 @@ fn damaged_or_fail(report: &mut RebuildReport, e: Error) -> Result<()> {
 /// listed in the report's `problems`; an object that cannot be read for another reason
 /// (unknown format, I/O) fails the rebuild, naming it.
 pub fn rebuild(index: &mut Index, backend: &dyn Backend) -> Result<RebuildReport> {
+    // Opening a repository rebuilds before any key is unlocked (encryption lands with the
+    // key work, which passes the unlocked protection through `rebuild_with`).
+    rebuild_with(index, backend, &crate::crypto::Protection::Plain)
+}
+
+/// [`rebuild`] of a repository with `protection` (sealed pack tables are opened with it).
+pub fn rebuild_with(
+    index: &mut Index,
+    backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
+) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
-    let packs = delta::reindex(index, backend, false)?;
+    let packs = delta::reindex(index, backend, protection, false)?;
     report.packs = packs.packs;
     report.chunks = packs.chunks;
     for e in packs.problems {
