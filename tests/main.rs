@@ -8,6 +8,7 @@ mod compat;
 mod copy;
 mod crash;
 mod device;
+mod encryption_data;
 mod faultproxy;
 mod foundation;
 mod frames;
