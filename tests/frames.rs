@@ -6,6 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{ensure, Context as _};
+use stackvault::crypto::Protection;
 use stackvault::format::pack::{encode_pack_v1, PACK_VERSION_V1};
 use stackvault::store::pack::{read_chunk, read_pack_table};
 use stackvault::store::{Backend, LocalDir};
@@ -85,10 +86,15 @@ fn downgrade_packs(repo: &Path) -> anyhow::Result<()> {
     let backend = LocalDir::new(repo);
     for key in backend.list("packs/")? {
         let name = key.rsplit('/').next().context("pack name")?.to_string();
-        let table = read_pack_table(&backend, &name)?;
+        let table = read_pack_table(&backend, &Protection::Plain, &name)?;
         let mut chunks = Vec::new();
         for e in &table.entries {
-            chunks.push(read_chunk(&backend, &name, &e.location(table.version))?);
+            chunks.push(read_chunk(
+                &backend,
+                &Protection::Plain,
+                &name,
+                &e.location(table.version),
+            )?);
         }
         let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
         // Packs are immutable to the engine; the test rewrites one in place on purpose.
@@ -123,7 +129,7 @@ fn schema_2_index(repo: &Path) -> anyhow::Result<()> {
     )?;
     for key in backend.list("packs/")? {
         let name = key.rsplit('/').next().context("pack name")?.to_string();
-        let table = read_pack_table(&backend, &name)?;
+        let table = read_pack_table(&backend, &Protection::Plain, &name)?;
         ensure!(table.version == PACK_VERSION_V1);
         conn.execute(
             "INSERT INTO packs (name, size, chunk_count) VALUES (?1, ?2, ?3)",

@@ -10,6 +10,7 @@ mod crash;
 mod device;
 mod encryption_keys;
 mod encryption_metadata;
+mod encryption_data;
 mod faultproxy;
 mod foundation;
 mod frames;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use stackvault::chunker::{Chunker, Piece};
+use stackvault::crypto::Protection;
 use stackvault::format::config::{ChunkerParams, Features, RepoConfig};
 use stackvault::format::hex;
 use stackvault::format::manifest::{
@@ -81,19 +82,25 @@ const PACK_CHUNKS: [&[u8]; 3] = [
 /// A version 2 pack: a frame of the first two chunks, a frame of the third, uncompressed
 /// (zstd's output may change between zstd versions; the frame layout is what is pinned).
 fn sample_pack() -> Result<Vec<u8>> {
-    let mut w = PackWriter::new(1 << 16);
+    let mut w = PackWriter::new(1 << 16, &Protection::Plain)?;
     let list = |cs: &[&[u8]]| -> Vec<(ChunkId, u32)> {
         cs.iter()
             .map(|c| (ChunkId::of(c), c.len() as u32))
             .collect()
     };
     w.add_frame(
+        &Protection::Plain,
         &list(&PACK_CHUNKS[..2]),
         &PACK_CHUNKS[..2].concat(),
         Compression::None,
-    );
-    w.add_frame(&list(&PACK_CHUNKS[2..]), PACK_CHUNKS[2], Compression::None);
-    Ok(w.finish()?.bytes)
+    )?;
+    w.add_frame(
+        &Protection::Plain,
+        &list(&PACK_CHUNKS[2..]),
+        PACK_CHUNKS[2],
+        Compression::None,
+    )?;
+    Ok(w.finish(&Protection::Plain)?.bytes)
 }
 
 /// Decodes a vector file back to bytes.
@@ -111,7 +118,13 @@ fn read_all(pack: &[u8]) -> Result<(u32, Vec<Vec<u8>>)> {
     let version = decode_header(&pack[..16], "vector")?;
     let at = pack.len() - PACK_FOOTER_LEN;
     let footer = decode_footer(&pack[at..], pack.len() as u64, "vector")?;
-    let table = decode_table(&pack[footer.table_offset as usize..at], &footer, "vector")?;
+    let table = decode_table(
+        &pack[footer.table_offset as usize..at],
+        &footer,
+        &Protection::Plain,
+        "vector",
+        "vector",
+    )?;
     let mut out = Vec::new();
     for e in &table {
         let loc = e.location(version);
@@ -119,6 +132,8 @@ fn read_all(pack: &[u8]) -> Result<(u32, Vec<Vec<u8>>)> {
         out.push(decode_record(
             &pack[start..start + loc.read_len() as usize],
             &loc,
+            &Protection::Plain,
+            "vector",
             "vector",
         )?);
     }

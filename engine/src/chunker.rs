@@ -7,9 +7,20 @@
 //! chunker (block-aligned CDC, FastCDC 2020 or fixed size); a hole and a segment boundary
 //! always cut.
 //!
-//! Invariant: the pieces depend only on the segment's bytes and the repository config, so the
-//! same disk content always gives the same pieces, whichever container or parent it came
-//! from. This module knows nothing of repositories or I/O.
+//! Invariant: the pieces depend only on the segment's bytes and the repository config (and,
+//! in an encrypted repository, its chunker key), so the same disk content always gives the
+//! same pieces, whichever container or parent it came from. This module knows nothing of
+//! repositories or I/O.
+//!
+//! Keyed cuts (encrypted repositories, [`Chunker::keyed`]): the aligned chunker's decision
+//! for a block is read from `PRF(k_cut, block_hash(block))` instead of the block hash itself,
+//! with the PRF keyed BLAKE3 over the hash's 8 little-endian bytes, so whoever knows a file
+//! but not the key cannot predict where its chunks end (the fix of Truong et al., "Breaking
+//! and Fixing Content-Defined Chunking", 2025: a PRF applied to the per-position hash before
+//! the cut decision). One PRF evaluation per 4 KiB block, only for blocks past the minimum
+//! chunk size. Fixed-size chunks depend on offsets only and leak nothing about content, so
+//! they need no key. FastCDC decides per byte from a gear table; keying it (a secret seed or
+//! table) is what the paper breaks, so an encrypted repository refuses it.
 
 use fastcdc::v2020::{FastCDC, Normalization};
 
@@ -63,14 +74,51 @@ pub enum Resplit {
 pub struct Chunker {
     params: ChunkerParams,
     zero_run_min: usize,
+    /// The key of the cut decision (encrypted repositories), see the module doc.
+    cut_key: Option<CutKey>,
+}
+
+/// The chunker's cut key; never printed.
+#[derive(Clone)]
+struct CutKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for CutKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CutKey(…)")
+    }
 }
 
 impl Chunker {
+    /// The unkeyed chunker of a plain repository.
     pub fn new(config: &RepoConfig) -> Self {
         Chunker {
             params: config.chunker,
             zero_run_min: config.zero_run_min as usize,
+            cut_key: None,
         }
+    }
+
+    /// The chunker of a repository whose cut key is `key` (`Protection::chunker_key`): the
+    /// unkeyed one when `None`. FastCDC with a key is refused (see the module doc).
+    pub fn keyed(config: &RepoConfig, key: Option<&[u8; 32]>) -> Result<Self> {
+        let mut chunker = Chunker::new(config);
+        if let Some(key) = key {
+            if let ChunkerParams::FastCdc2020 { .. } = config.chunker {
+                return Err(Error::unsupported(format!(
+                    "the {} chunker cannot be used in an encrypted repository: its cut points \
+                     fingerprint known files whatever its seed; encrypted repositories use the \
+                     aligned chunker (the default) or fixed-size chunks",
+                    config.chunker.describe()
+                )));
+            }
+            chunker.cut_key = Some(CutKey(zeroize::Zeroizing::new(*key)));
+        }
+        Ok(chunker)
+    }
+
+    /// Whether cut decisions are keyed.
+    pub fn is_keyed(&self) -> bool {
+        self.cut_key.is_some()
     }
 
     /// Splits one segment. `data` is the whole segment (disk offset a multiple of 4 KiB).
@@ -301,7 +349,10 @@ impl Chunker {
                     let cut = block_end == end
                         || len >= max
                         || (len >= min && {
-                            let h = block_hash(&data[pos..block_end], seed);
+                            let mut h = block_hash(&data[pos..block_end], seed);
+                            if let Some(key) = &self.cut_key {
+                                h = keyed_cut_bits(&key.0, h);
+                            }
                             let mask = if len < avg {
                                 ALIGNED_MASK_SMALL
                             } else {
@@ -377,6 +428,16 @@ pub fn block_hash(block: &[u8], seed: u64) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
     h ^ (h >> 31)
+}
+
+/// The keyed cut bits of a block whose [`block_hash`] is `h`: the first 8 bytes (little
+/// endian) of keyed BLAKE3 of `h`'s 8 little-endian bytes. A PRF of the hash, so the top bits
+/// the cut decision reads are unpredictable without the key.
+pub fn keyed_cut_bits(key: &[u8; 32], h: u64) -> u64 {
+    let out = blake3::keyed_hash(key, &h.to_le_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&out.as_bytes()[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// True when every byte is zero. Folds in blocks so the compiler can vectorise.
@@ -509,6 +570,64 @@ mod tests {
             "{shared} of {} shared",
             pieces.len()
         );
+    }
+
+    fn cuts(c: &Chunker, d: &[u8]) -> Vec<usize> {
+        let mut pieces = Vec::new();
+        c.split(d, &mut pieces);
+        pieces.iter().map(Piece::end).collect()
+    }
+
+    #[test]
+    fn keyed_cuts_differ_per_key_and_keep_the_size_distribution() -> Result<()> {
+        let cfg = config(ChunkerParams::DEFAULT);
+        let d = pseudo_random(16 << 20, 11);
+        let plain = Chunker::new(&cfg);
+        let (ka, kb) = (
+            Chunker::keyed(&cfg, Some(&[1; 32]))?,
+            Chunker::keyed(&cfg, Some(&[2; 32]))?,
+        );
+        assert!(ka.is_keyed() && !plain.is_keyed());
+        assert_eq!(cuts(&Chunker::keyed(&cfg, None)?, &d), cuts(&plain, &d));
+        let (p, a, b) = (cuts(&plain, &d), cuts(&ka, &d), cuts(&kb, &d));
+        assert_eq!(a, cuts(&ka, &d), "keyed cuts are deterministic");
+        // Cut points are unrelated: only the forced ones (64 KiB maxima, the end) and chance
+        // coincidences are shared.
+        let shared = |x: &[usize], y: &[usize]| {
+            let y: std::collections::HashSet<_> = y.iter().collect();
+            x.iter().filter(|c| y.contains(c)).count()
+        };
+        for (x, y) in [(&p, &a), (&a, &b), (&p, &b)] {
+            assert!(
+                shared(x, y) * 3 < x.len(),
+                "{} of {} cuts shared",
+                shared(x, y),
+                x.len()
+            );
+        }
+        for c in [&a, &b] {
+            let avg = d.len() / c.len();
+            assert!((12 << 10..=20 << 10).contains(&avg), "avg chunk {avg}");
+            let mut prev = 0;
+            for &end in c.iter() {
+                assert!(end % 4096 == 0 && end - prev <= 64 << 10 && end - prev >= 4096);
+                prev = end;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fastcdc_is_refused_with_a_key_and_fixed_ignores_it() -> Result<()> {
+        let err = Chunker::keyed(&config(ChunkerParams::FASTCDC), Some(&[1; 32])).err();
+        assert!(matches!(err, Some(Error::Unsupported { .. })), "{err:?}");
+        let fixed = config(ChunkerParams::Fixed { size: 65536 });
+        let d = pseudo_random(1 << 20, 3);
+        assert_eq!(
+            cuts(&Chunker::keyed(&fixed, Some(&[1; 32]))?, &d),
+            cuts(&Chunker::new(&fixed), &d)
+        );
+        Ok(())
     }
 
     #[test]
@@ -645,17 +764,18 @@ mod tests {
             tail in 0usize..4096,
             seed in any::<u64>(),
             edits in proptest::collection::vec((0usize..160, 1usize..24, 0u8..5), 0..5),
-            chunker in 0usize..3,
+            chunker in 0usize..4,
             zero_min_blocks in 1u32..24,
         ) {
             let params = match chunker {
                 0 => ChunkerParams::parse("fastcdc:4K:8K:32K").expect("fastcdc"),
-                1 => ChunkerParams::parse("aligned:4K:8K:32K").expect("aligned"),
+                1 | 3 => ChunkerParams::parse("aligned:4K:8K:32K").expect("aligned"),
                 _ => ChunkerParams::Fixed { size: 16384 },
             };
             let mut cfg = config(params);
             cfg.zero_run_min = zero_min_blocks * 4096;
-            let c = Chunker::new(&cfg);
+            let key = (chunker == 3).then_some([9u8; 32]);
+            let c = Chunker::keyed(&cfg, key.as_ref()).expect("keyed");
             let old = blocks_of(&kinds, seed, tail);
             let mut new = old.clone();
             let mut changed: Vec<(usize, usize)> = Vec::new();

@@ -15,6 +15,14 @@
 //! name, time, host and source description, and records where it came from in its
 //! `change_source` (`copy-of:<source snapshot id>`), which is how a rerun knows it is there.
 //!
+//! Into an encrypted repository (from a plain one, or from one with other keys) the copy always
+//! re-chunks ([`same_chunk_naming`]): the destination's chunker cut is keyed, so keeping the
+//! source's boundaries would carry the source's (plain, fingerprintable) cut points and need a
+//! second naming; re-chunking through the normal backup gives chunks cut and named with the
+//! destination's keys only, so its next backups deduplicate against the copy. Such a copy is
+//! then verified at the destination: every chunk of the new snapshot is read back, opened and
+//! checked against its keyed id, before the copy counts as done.
+//!
 //! Resumable: snapshots the destination has (same id, or a `copy-of` record) are skipped,
 //! chunks it has are not sent, and packs stored by an interrupted run are indexed and reused
 //! (a killed run can leave a stored pack that is not indexed yet: [`adopt_stored_packs`]).
@@ -33,10 +41,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backup::{backup, BackupMode, BackupOptions};
+use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::config::RepoConfig;
 use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
-use crate::format::pack::{Compression, FRAME_TARGET_LEN, PACK_VERSION};
+use crate::format::pack::{Compression, FRAME_TARGET_LEN};
 use crate::format::SnapshotId;
 use crate::format::{hex, short_id, ChunkId};
 use crate::index::SnapshotSummary;
@@ -123,6 +132,17 @@ pub fn same_chunking(a: &RepoConfig, b: &RepoConfig) -> bool {
     a.chunker == b.chunker && a.segment_size == b.segment_size && a.zero_run_min == b.zero_run_min
 }
 
+/// Whether two repositories name and cut chunks alike: both plain, or both encrypted with the
+/// same chunk-id and chunker keys (checked on a probe, without comparing keys). Otherwise a
+/// copy re-chunks: the destination's keyed chunker cuts the disk and its keyed ids name the
+/// chunks, so nothing of the source's naming (plain BLAKE3 ids, unkeyed cut points, another
+/// key's ids) reaches an encrypted destination, and its next backups deduplicate against the
+/// copy.
+pub fn same_chunk_naming(a: &Protection, b: &Protection) -> bool {
+    const PROBE: &[u8] = b"stackvault chunk naming probe";
+    a.chunk_id(PROBE) == b.chunk_id(PROBE) && a.chunker_key() == b.chunker_key()
+}
+
 /// Creates a repository at `path` (a new id) that chunks and compresses like `like`, so that
 /// copies between the two send each chunk once and keep snapshot ids.
 pub fn init_like(path: &std::path::Path, like: &Repo) -> Result<Repo> {
@@ -169,7 +189,8 @@ pub fn copy(
         )));
     }
     let wanted = select_snapshots(src, options)?;
-    let rechunk = !same_chunking(src.config(), dst.config());
+    let rechunk = !same_chunking(src.config(), dst.config())
+        || !same_chunk_naming(src.protection(), dst.protection());
     let mut report = CopyReport {
         source: src.root().display().to_string(),
         destination: dst.root().display().to_string(),
@@ -251,7 +272,7 @@ pub fn adopt_stored_packs(dst: &Repo) -> Result<u64> {
         if indexed.contains(name) {
             continue;
         }
-        match read_pack_table(dst.backend(), name) {
+        match read_pack_table(dst.backend(), dst.protection(), name) {
             Ok(table) => {
                 dst.index()
                     .add_pack(name, object.size, table.version, &table.entries)?;
@@ -274,13 +295,13 @@ fn commit_pack(dst: &Repo, pack: PackWriter) -> Result<u64> {
     if pack.is_empty() {
         return Ok(0);
     }
-    let finished = pack.finish()?;
+    let finished = pack.finish(dst.protection())?;
     let size = finished.bytes.len() as u64;
     dst.backend()
         .put(&pack_key(&finished.name), &finished.bytes)?;
     crate::crash::point("pack-stored");
     dst.index()
-        .add_pack(&finished.name, size, PACK_VERSION, &finished.entries)?;
+        .add_pack(&finished.name, size, finished.version, &finished.entries)?;
     crate::crash::point("pack-indexed");
     Ok(size)
 }
@@ -315,7 +336,8 @@ impl Sender<'_> {
     /// Stores the open pack, then the manifests that waited for it.
     fn flush(&mut self, src: &Repo, report: &mut CopyReport) -> Result<()> {
         let capacity = self.pack_capacity();
-        let pack = std::mem::replace(&mut self.pack, PackWriter::new(capacity));
+        let fresh = PackWriter::new(capacity, self.dst.protection())?;
+        let pack = std::mem::replace(&mut self.pack, fresh);
         let size = commit_pack(self.dst, pack)?;
         if size > 0 {
             report.packs_written += 1;
@@ -366,7 +388,7 @@ fn copy_identical(
     let capacity = c.pack_target_size as usize + c.chunker.max_chunk() as usize * 2 + (1 << 20);
     let mut sender = Sender {
         dst,
-        pack: PackWriter::new(capacity),
+        pack: PackWriter::new(capacity, dst.protection())?,
         pending: HashSet::new(),
         queued: Vec::new(),
     };
@@ -444,7 +466,9 @@ fn send_chunks(
                 if fresh == 0 {
                     continue;
                 }
-                sender.pack.add_frame(&f.chunks, &f.stored, f.compression);
+                sender
+                    .pack
+                    .add_frame(dst.protection(), &f.chunks, &f.stored, f.compression)?;
                 sender.pending.extend(f.chunks.iter().map(|c| c.0));
                 report.chunks_sent += fresh as u64;
                 if sender.pack.len() >= target {
@@ -508,7 +532,7 @@ fn read_segment(
         if !raw.is_empty() && raw.len() + len as usize > FRAME_TARGET_LEN {
             flush(&mut raw, &mut chunks)?;
         }
-        match cache.next_chunk(&id, len) {
+        match cache.next_chunk(&id, len, src.protection()) {
             Some(data) => raw.extend_from_slice(data),
             None => src.with_chunk(&id, snapshot, cache, |data| {
                 raw.extend_from_slice(data);
@@ -604,7 +628,12 @@ fn copy_rechunked(
             continue;
         }
         let packs_before = dst.index().pack_names()?.len() as u64;
-        let copied = rechunk_one(src, dst, snap, progress);
+        let copied = rechunk_one(src, dst, snap, progress).and_then(|done| {
+            if !same_chunk_naming(src.protection(), dst.protection()) {
+                verify_copy(dst, &done.0)?;
+            }
+            Ok(done)
+        });
         let packs_after = dst.index().pack_names()?.len() as u64;
         report.packs_written += packs_after.saturating_sub(packs_before);
         match copied {
@@ -628,6 +657,27 @@ fn copy_rechunked(
         }
     }
     Ok(())
+}
+
+/// Reads back every chunk of the copied snapshot `id` of `dst` (authenticated, keyed id
+/// checked); damage there fails the copy of the snapshot.
+fn verify_copy(dst: &Repo, id: &str) -> Result<()> {
+    let summary = dst.resolve_snapshot(id, None)?;
+    let options = crate::verify::VerifyOptions { record: false };
+    let report =
+        crate::verify::verify_snapshot(dst, &summary, &options, &crate::progress::NoProgress)?;
+    match report.problems.first() {
+        None => Ok(()),
+        Some(p) => Err(Error::corrupt(
+            format!("snapshot {id} (copied)"),
+            p.offset,
+            format!(
+                "the copy does not read back: {} ({} problems); run `stackvault check \
+                 --read-data` on the destination",
+                p.what, report.problem_count
+            ),
+        )),
+    }
 }
 
 /// Backs up the disk of `snap` into `dst`, then rewrites the new snapshot's metadata to
@@ -840,7 +890,7 @@ impl DiskSource for SnapshotSource<'_> {
                         dest.copy_from_slice(piece);
                         Ok(())
                     };
-                    match cache.next_chunk(&id, len) {
+                    match cache.next_chunk(&id, len, self.repo.protection()) {
                         Some(data) => put(data)?,
                         None => self.repo.with_chunk(&id, &self.snapshot, &mut cache, put)?,
                     }

@@ -430,7 +430,7 @@ impl Repo {
         index.add_pack(
             &pack.name,
             pack.bytes.len() as u64,
-            crate::format::pack::PACK_VERSION,
+            pack.version,
             &pack.entries,
         )
     }
@@ -565,12 +565,13 @@ impl Repo {
             None => return Err(missing()),
         };
         let backend = self.backend.as_ref();
-        match store::pack::with_chunk(backend, &loc.pack, &loc.record, cache, &mut f) {
+        let keys = &self.protection;
+        match store::pack::with_chunk(backend, keys, &loc.pack, &loc.record, cache, &mut f) {
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
             // the old one since the lookup. Look once more before calling it damage.
             Err(e) if e.is_corruption() => match self.readers.lookup(id)? {
                 Some(again) if again != loc => {
-                    store::pack::with_chunk(backend, &again.pack, &again.record, cache, f)
+                    store::pack::with_chunk(backend, keys, &again.pack, &again.record, cache, f)
                 }
                 _ => Err(e),
             },

@@ -29,7 +29,6 @@ use crate::format::manifest::{
     segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
     SnapshotMeta, SourceInfo,
 };
-use crate::format::ChunkId;
 use crate::host::{hostname, now_rfc3339};
 use crate::index::Index;
 use crate::index::SnapshotSummary;
@@ -121,7 +120,7 @@ pub fn backup(
     };
     let reading = plan_reading(repo, source, options, parent.as_ref())?;
     let segments = segment_count(virtual_size, config.segment_size);
-    let chunker = Chunker::new(&config);
+    let chunker = Chunker::keyed(&config, repo.protection().chunker_key())?;
     let dedup = Dedup::new(repo)?;
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
@@ -619,7 +618,7 @@ fn assemble(
             Resplit::Parent(i) => extents.push(parent[i]),
             Resplit::New(Piece::Zero { len, .. }) => extents.push(Extent::Zero { len: len as u32 }),
             Resplit::New(Piece::Data { start, len }) => {
-                let id = ChunkId::of(&buf[start..start + len]);
+                let id = repo.protection().chunk_id(&buf[start..start + len]);
                 extents.push(Extent::Chunk {
                     id,
                     len: len as u32,
@@ -726,7 +725,8 @@ impl Writer<'_> {
         let stopped = || Error::Internal("the pack store stopped".into());
         // Room for the last chunk past the target and the table, so the buffer never regrows.
         let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
-        let mut pack = PackWriter::new(capacity);
+        let protection = repo.protection();
+        let mut pack = PackWriter::new(capacity, protection)?;
         let mut stats = BackupStats::default();
 
         // Workers finish out of order; segments are written in disk order.
@@ -756,14 +756,14 @@ impl Writer<'_> {
                     if fresh.is_empty() {
                         continue;
                     }
-                    pack.add_frame(&f.chunks, &f.stored, f.compression);
+                    pack.add_frame(protection, &f.chunks, &f.stored, f.compression)?;
                     dedup.accept(fresh.iter().map(|c| c.0));
                     stats.new_chunks += fresh.len() as u64;
                     stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
                     if pack.len() >= target {
                         let next = match spare.try_recv() {
-                            Ok(buf) => PackWriter::reusing(buf),
-                            Err(_) => PackWriter::new(capacity),
+                            Ok(buf) => PackWriter::reusing(buf, protection)?,
+                            Err(_) => PackWriter::new(capacity, protection)?,
                         };
                         let full = std::mem::replace(&mut pack, next);
                         packs.send(full).map_err(|_| stopped())?;
@@ -810,7 +810,7 @@ fn store_pack(repo: &Repo, index: &mut Index, dedup: &Dedup, pack: PackWriter) -
     if pack.is_empty() {
         return Ok(Vec::new());
     }
-    let finished = pack.finish()?;
+    let finished = pack.finish(repo.protection())?;
     repo.commit_pack(index, &finished)?;
     crate::crash::point("pack-indexed");
     dedup.wrote_pack(&finished.name);

@@ -10,16 +10,29 @@
 //! in disk order, compressed together as one zstd frame of up to [`FRAME_TARGET_LEN`] raw
 //! bytes. Version 1 (read only) has one record per chunk; a reader treats a version 1 record
 //! as a frame of one chunk. See `format-spec/README.md`, "Packs".
+//!
+//! Version 3 (sealed, written by encrypted repositories) is version 2 with each frame record
+//! and the table sealed ([`Protection::seal`]): a frame under `ObjectKind::PackFrame`, the
+//! pack's name and the frame's offset, the table under `ObjectKind::PackTable` and the pack's
+//! name. A frame is still one ranged read, and it is authenticated before a byte of it is
+//! decompressed. In a version 3 table, `stored_len` is the sealed frame's length (what a
+//! reader fetches); the plain frame header inside has the compressed length. A repository
+//! reads only the version it writes: a plain pack in an encrypted repository (or a sealed
+//! one in a plain repository) is damage, never silently trusted.
 
 use super::{ChunkId, Reader, CHUNK_ID_LEN};
+use crate::crypto::{ObjectAd, ObjectKind, Protection, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 
 /// Magic at offset 0 of a pack.
 pub const PACK_MAGIC: [u8; 8] = *b"SVPACK\0\x01";
 /// Magic at the start of the pack footer.
 pub const PACK_FOOTER_MAGIC: [u8; 8] = *b"SVPKEND\x01";
-/// The pack format version this build writes and the newest it reads.
+/// The pack format version this build writes into a plain repository.
 pub const PACK_VERSION: u32 = 2;
+/// The sealed pack format version this build writes into an encrypted repository; the newest
+/// it reads.
+pub const PACK_VERSION_SEALED: u32 = 3;
 /// The legacy version (one record per chunk) that is still read.
 pub const PACK_VERSION_V1: u32 = 1;
 
@@ -51,6 +64,50 @@ pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
 /// 16 KiB chunk, and a reader of one chunk decompresses at most this much.
 pub const FRAME_TARGET_LEN: usize = 256 * 1024;
 
+/// Largest sealed frame (version 3 `stored_len`): a frame of [`MAX_CHUNK_LEN`] raw bytes, its
+/// header, a chunk list of at most one entry per 4 KiB and the seal.
+pub const MAX_SEALED_FRAME_LEN: u32 = MAX_CHUNK_LEN
+    + 1024
+    + FRAME_HEADER_LEN as u32
+    + (MAX_CHUNK_LEN / 4096) * FRAME_LIST_ENTRY_LEN as u32
+    + SEAL_OVERHEAD as u32;
+
+/// The pack version a repository with `protection` writes.
+pub fn pack_version_for(protection: &Protection) -> u32 {
+    if protection.is_encrypted() {
+        PACK_VERSION_SEALED
+    } else {
+        PACK_VERSION
+    }
+}
+
+/// Refuses a pack whose version does not match the repository's protection (see the module
+/// doc): a plain pack cannot be trusted in an encrypted repository, and a sealed one cannot
+/// be read without keys.
+pub fn check_protection(
+    version: u32,
+    protection: &Protection,
+    location: &str,
+    offset: u64,
+) -> Result<()> {
+    match (protection.is_encrypted(), version == PACK_VERSION_SEALED) {
+        (true, false) => Err(Error::corrupt(
+            location,
+            offset,
+            format!(
+                "plain pack (format {version}) in an encrypted repository: not written with \
+                 this repository's keys"
+            ),
+        )),
+        (false, true) => Err(Error::corrupt(
+            location,
+            offset,
+            "sealed pack (format 3) in an unencrypted repository: not written by it",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes of the table entry of a chunk in a pack of `version`.
 pub fn table_entry_len(version: u32) -> usize {
     if version == PACK_VERSION_V1 {
@@ -63,7 +120,10 @@ pub fn table_entry_len(version: u32) -> usize {
 /// Bytes a frame of `chunks` chunks and `stored_len` stored bytes occupies in a pack of
 /// `version` (a version 1 record is a frame of one chunk).
 pub fn frame_record_len(version: u32, stored_len: u32, chunks: u32) -> u64 {
-    if version == PACK_VERSION_V1 {
+    if version == PACK_VERSION_SEALED {
+        // The sealed record is everything: header and list are inside.
+        u64::from(stored_len)
+    } else if version == PACK_VERSION_V1 {
         RECORD_HEADER_LEN as u64 + u64::from(stored_len)
     } else {
         FRAME_HEADER_LEN as u64
@@ -151,7 +211,9 @@ impl RecordLocation {
     }
 
     fn header_len(&self) -> u64 {
-        if self.version == PACK_VERSION_V1 {
+        if self.version == PACK_VERSION_SEALED {
+            0
+        } else if self.version == PACK_VERSION_V1 {
             RECORD_HEADER_LEN as u64
         } else {
             FRAME_HEADER_LEN as u64
@@ -159,9 +221,14 @@ impl RecordLocation {
     }
 }
 
-/// The pack header.
+/// The pack header of a plain pack.
 pub fn encode_header() -> [u8; PACK_HEADER_LEN] {
     encode_header_version(PACK_VERSION)
+}
+
+/// The pack header of a pack of `version` (2 plain, 3 sealed).
+pub fn encode_header_for(version: u32) -> [u8; PACK_HEADER_LEN] {
+    encode_header_version(version)
 }
 
 fn encode_header_version(version: u32) -> [u8; PACK_HEADER_LEN] {
@@ -183,11 +250,11 @@ pub fn decode_header(data: &[u8], location: &str) -> Result<u32> {
 }
 
 fn check_version(version: u32, location: &str) -> Result<()> {
-    if version == 0 || version > PACK_VERSION {
+    if version == 0 || version > PACK_VERSION_SEALED {
         return Err(Error::UnsupportedVersion {
             what: format!("pack {location}"),
             found: version,
-            supported: PACK_VERSION,
+            supported: PACK_VERSION_SEALED,
         });
     }
     Ok(())
@@ -268,7 +335,14 @@ pub fn decode_frame_header(data: &[u8], offset: u64, location: &str) -> Result<F
             format!("frame of {chunk_count} chunks and {raw_len} raw bytes"),
         ));
     }
-    check_lengths(raw_len, stored_len, compression, offset, location)?;
+    check_lengths(
+        PACK_VERSION,
+        raw_len,
+        stored_len,
+        compression,
+        offset,
+        location,
+    )?;
     Ok(FrameHeader {
         chunk_count,
         raw_len,
@@ -347,7 +421,14 @@ pub fn decode_record_header_v1(data: &[u8], offset: u64, location: &str) -> Resu
     let crc32 = r.u32("record crc32")?;
     let compression = Compression::from_code(code)
         .ok_or_else(|| unknown_compression(code, location, offset + 40))?;
-    check_lengths(raw_len, stored_len, compression, offset, location)?;
+    check_lengths(
+        PACK_VERSION_V1,
+        raw_len,
+        stored_len,
+        compression,
+        offset,
+        location,
+    )?;
     Ok(PackEntry {
         id,
         offset,
@@ -361,12 +442,28 @@ pub fn decode_record_header_v1(data: &[u8], offset: u64, location: &str) -> Resu
 }
 
 fn check_lengths(
+    version: u32,
     raw_len: u32,
     stored_len: u32,
     compression: Compression,
     offset: u64,
     location: &str,
 ) -> Result<()> {
+    if version == PACK_VERSION_SEALED {
+        // `stored_len` is the sealed record's length.
+        let least = (SEAL_OVERHEAD + FRAME_HEADER_LEN + FRAME_LIST_ENTRY_LEN) as u32;
+        if raw_len == 0
+            || raw_len > MAX_CHUNK_LEN
+            || !(least..=MAX_SEALED_FRAME_LEN).contains(&stored_len)
+        {
+            return Err(Error::corrupt(
+                location,
+                offset,
+                format!("sealed frame lengths out of range: raw {raw_len} sealed {stored_len}"),
+            ));
+        }
+        return Ok(());
+    }
     if raw_len == 0 || raw_len > MAX_CHUNK_LEN || stored_len > MAX_CHUNK_LEN + 1024 {
         return Err(Error::corrupt(
             location,
@@ -387,6 +484,91 @@ fn check_lengths(
 /// Encodes the version 2 chunk table followed by the footer. `table_offset` is where the
 /// table starts.
 pub fn encode_table_and_footer(entries: &[PackEntry], table_offset: u64) -> Vec<u8> {
+    let mut out = encode_table_entries(entries);
+    let table_crc = crc32fast::hash(&out);
+    let footer = encode_footer_version(PACK_VERSION, entries.len() as u32, table_offset, table_crc);
+    out.extend_from_slice(&footer);
+    out
+}
+
+/// Encodes the version 3 table of the pack `pack` (sealed) followed by the footer.
+pub fn encode_sealed_table_and_footer(
+    entries: &[PackEntry],
+    table_offset: u64,
+    protection: &Protection,
+    pack: &str,
+) -> Result<Vec<u8>> {
+    let mut out = protection.seal(&table_ad(pack), encode_table_entries(entries))?;
+    let table_crc = crc32fast::hash(&out);
+    let footer = encode_footer_version(
+        PACK_VERSION_SEALED,
+        entries.len() as u32,
+        table_offset,
+        table_crc,
+    );
+    out.extend_from_slice(&footer);
+    Ok(out)
+}
+
+fn table_ad(pack: &str) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::PackTable,
+        name: pack,
+        part: 0,
+    }
+}
+
+fn frame_ad(pack: &str, offset: u64) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::PackFrame,
+        name: pack,
+        part: offset,
+    }
+}
+
+/// Seals a version 2 frame record (`plain`, as [`encode_frame`] writes it) as the frame at
+/// `offset` of the pack `pack`.
+pub fn seal_frame(
+    protection: &Protection,
+    pack: &str,
+    offset: u64,
+    plain: Vec<u8>,
+) -> Result<Vec<u8>> {
+    protection.seal(&frame_ad(pack, offset), plain)
+}
+
+/// Opens the sealed frame record at `offset` of the pack `pack` and checks that the plain
+/// record inside (a version 2 frame: header, stored bytes, chunk list) is whole. Returns the
+/// plain record and its header.
+pub fn open_sealed_frame(
+    protection: &Protection,
+    pack: &str,
+    offset: u64,
+    sealed: &[u8],
+    location: &str,
+) -> Result<(Vec<u8>, FrameHeader)> {
+    let plain = protection.open(&frame_ad(pack, offset), sealed, location, offset)?;
+    let header = plain
+        .get(..FRAME_HEADER_LEN)
+        .ok_or_else(|| Error::corrupt(location, offset, "sealed frame holds no frame header"))?;
+    let h = decode_frame_header(header, offset, location)?;
+    let whole = FRAME_HEADER_LEN as u64
+        + u64::from(h.stored_len)
+        + u64::from(h.chunk_count) * FRAME_LIST_ENTRY_LEN as u64;
+    if plain.len() as u64 != whole {
+        return Err(Error::corrupt(
+            location,
+            offset,
+            format!(
+                "sealed frame holds {} bytes, its header describes {whole}",
+                plain.len()
+            ),
+        ));
+    }
+    Ok((plain, h))
+}
+
+fn encode_table_entries(entries: &[PackEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * TABLE_ENTRY_LEN + PACK_FOOTER_LEN);
     for e in entries {
         out.extend_from_slice(&e.id.0);
@@ -399,9 +581,6 @@ pub fn encode_table_and_footer(entries: &[PackEntry], table_offset: u64) -> Vec<
         out.extend_from_slice(&[0; 3]);
         out.extend_from_slice(&e.crc32.to_le_bytes());
     }
-    let table_crc = crc32fast::hash(&out);
-    let footer = encode_footer_version(PACK_VERSION, entries.len() as u32, table_offset, table_crc);
-    out.extend_from_slice(&footer);
     out
 }
 
@@ -459,7 +638,12 @@ pub struct PackFooter {
 impl PackFooter {
     /// Length of the chunk table.
     pub fn table_len(&self) -> u64 {
-        u64::from(self.chunk_count) * table_entry_len(self.version) as u64
+        let entries = u64::from(self.chunk_count) * table_entry_len(self.version) as u64;
+        if self.version == PACK_VERSION_SEALED {
+            entries + SEAL_OVERHEAD as u64
+        } else {
+            entries
+        }
     }
 }
 
@@ -541,10 +725,40 @@ pub fn decode_footer(data: &[u8], pack_len: u64, location: &str) -> Result<PackF
     Ok(footer)
 }
 
+/// Checks what can be checked of a sealed (version 3) table without keys: its length and
+/// crc32 against the footer.
+pub fn check_sealed_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<()> {
+    if footer.version != PACK_VERSION_SEALED || data.len() as u64 != footer.table_len() {
+        return Err(Error::corrupt(
+            location,
+            footer.table_offset,
+            "sealed chunk table length does not match the footer",
+        ));
+    }
+    if crc32fast::hash(data) != footer.table_crc32 {
+        return Err(Error::corrupt(
+            location,
+            footer.table_offset,
+            "chunk table checksum mismatch",
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes the chunk table; checks its crc, that the entries of one frame are consecutive
 /// and agree on the frame, that the chunks tile their frame, and that every frame lies inside
 /// the data area in increasing order without overlap.
-pub fn decode_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<Vec<PackEntry>> {
+///
+/// A version 3 table is opened first (with the pack's name `pack` as its associated data);
+/// the pack's version must match `protection` ([`check_protection`]).
+pub fn decode_table(
+    data: &[u8],
+    footer: &PackFooter,
+    protection: &Protection,
+    pack: &str,
+    location: &str,
+) -> Result<Vec<PackEntry>> {
+    check_protection(footer.version, protection, location, footer.table_offset)?;
     if data.len() as u64 != footer.table_len() {
         return Err(Error::corrupt(
             location,
@@ -559,6 +773,13 @@ pub fn decode_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<
             "chunk table checksum mismatch",
         ));
     }
+    let opened;
+    let data = if footer.version == PACK_VERSION_SEALED {
+        opened = protection.open(&table_ad(pack), data, location, footer.table_offset)?;
+        &opened[..]
+    } else {
+        data
+    };
     let v1 = footer.version == PACK_VERSION_V1;
     let mut r = Reader::new(data, footer.table_offset, location);
     let mut entries: Vec<PackEntry> = Vec::with_capacity(footer.chunk_count as usize);
@@ -588,7 +809,14 @@ pub fn decode_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<
         let crc32 = r.u32("table crc32")?;
         let compression = Compression::from_code(code)
             .ok_or_else(|| unknown_compression(code, location, code_at))?;
-        check_lengths(frame_raw_len, stored_len, compression, at, location)?;
+        check_lengths(
+            footer.version,
+            frame_raw_len,
+            stored_len,
+            compression,
+            at,
+            location,
+        )?;
         let e = PackEntry {
             id,
             offset,
@@ -662,9 +890,16 @@ pub fn frames(entries: &[PackEntry]) -> impl Iterator<Item = &[PackEntry]> {
 /// Checks the start of a frame record (header and stored bytes, as [`RecordLocation::read_len`]
 /// fetches them) against what the index or table expects, verifies the crc32 and
 /// decompresses. Returns the frame's raw bytes.
-pub fn decode_frame(record: &[u8], expected: &RecordLocation, location: &str) -> Result<Vec<u8>> {
+/// A sealed frame (version 3) of the pack `pack` is opened (authenticated) first.
+pub fn decode_frame(
+    record: &[u8],
+    expected: &RecordLocation,
+    protection: &Protection,
+    pack: &str,
+    location: &str,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    decode_frame_into(record, expected, location, &mut out)?;
+    decode_frame_into(record, expected, protection, pack, location, &mut out)?;
     Ok(out)
 }
 
@@ -672,16 +907,31 @@ pub fn decode_frame(record: &[u8], expected: &RecordLocation, location: &str) ->
 pub fn decode_frame_into(
     record: &[u8],
     expected: &RecordLocation,
+    protection: &Protection,
+    pack: &str,
     location: &str,
     out: &mut Vec<u8>,
 ) -> Result<()> {
     out.clear();
+    check_protection(expected.version, protection, location, expected.offset)?;
     if record.len() as u64 != expected.read_len() {
         return Err(Error::corrupt(
             location,
             expected.offset,
             "frame shorter than its expected length (truncated pack?)",
         ));
+    }
+    if expected.version == PACK_VERSION_SEALED {
+        let (plain, h) = open_sealed_frame(protection, pack, expected.offset, record, location)?;
+        if h.raw_len != expected.frame_raw_len {
+            return Err(Error::corrupt(
+                location,
+                expected.offset,
+                format!("frame header does not match chunk {}", expected.id),
+            ));
+        }
+        let stored = &plain[FRAME_HEADER_LEN..FRAME_HEADER_LEN + h.stored_len as usize];
+        return unpack_stored(stored, h.compression, h.crc32, expected, location, out);
     }
     let header_len = expected.header_len() as usize;
     let (compression, crc32) = if expected.version == PACK_VERSION_V1 {
@@ -708,8 +958,26 @@ pub fn decode_frame_into(
         }
         (h.compression, h.crc32)
     };
-    let stored = &record[header_len..];
-    let data_offset = expected.offset + header_len as u64;
+    unpack_stored(
+        &record[header_len..],
+        compression,
+        crc32,
+        expected,
+        location,
+        out,
+    )
+}
+
+/// Checks a frame's stored bytes against their crc32 and decompresses them into `out`.
+fn unpack_stored(
+    stored: &[u8],
+    compression: Compression,
+    crc32: u32,
+    expected: &RecordLocation,
+    location: &str,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let data_offset = expected.offset + expected.header_len();
     if crc32fast::hash(stored) != crc32 {
         return Err(Error::corrupt(
             location,
@@ -727,16 +995,18 @@ pub fn decode_frame_into(
     }
 }
 
-/// Cuts a chunk out of its decompressed frame and checks its BLAKE3 id.
+/// Cuts a chunk out of its decompressed frame and checks its id (`protection`'s: keyed in an
+/// encrypted repository).
 pub fn chunk_in_frame<'a>(
     frame: &'a [u8],
     expected: &RecordLocation,
+    protection: &Protection,
     location: &str,
 ) -> Result<&'a [u8]> {
     let start = expected.in_frame as usize;
     let data = frame
         .get(start..start.saturating_add(expected.raw_len as usize))
-        .filter(|d| d.len() == expected.raw_len as usize && ChunkId::of(d) == expected.id);
+        .filter(|d| d.len() == expected.raw_len as usize && protection.chunk_id(d) == expected.id);
     data.ok_or_else(|| {
         Error::corrupt(
             location,
@@ -747,15 +1017,26 @@ pub fn chunk_in_frame<'a>(
 }
 
 /// [`chunk_in_frame`], copied out.
-pub fn chunk_of_frame(frame: &[u8], expected: &RecordLocation, location: &str) -> Result<Vec<u8>> {
-    chunk_in_frame(frame, expected, location).map(<[u8]>::to_vec)
+pub fn chunk_of_frame(
+    frame: &[u8],
+    expected: &RecordLocation,
+    protection: &Protection,
+    location: &str,
+) -> Result<Vec<u8>> {
+    chunk_in_frame(frame, expected, protection, location).map(<[u8]>::to_vec)
 }
 
-/// Checks a frame read from a pack (see [`decode_frame`]) and returns the expected chunk,
-/// checked against its BLAKE3 id.
-pub fn decode_record(record: &[u8], expected: &RecordLocation, location: &str) -> Result<Vec<u8>> {
-    let frame = decode_frame(record, expected, location)?;
-    chunk_of_frame(&frame, expected, location)
+/// Checks a frame read from the pack `pack` (see [`decode_frame`]) and returns the expected
+/// chunk, checked against its id.
+pub fn decode_record(
+    record: &[u8],
+    expected: &RecordLocation,
+    protection: &Protection,
+    pack: &str,
+    location: &str,
+) -> Result<Vec<u8>> {
+    let frame = decode_frame(record, expected, protection, pack, location)?;
+    chunk_of_frame(&frame, expected, protection, location)
 }
 
 thread_local! {
@@ -840,7 +1121,7 @@ mod tests {
         let loc = e.location(version);
         let start = loc.offset as usize;
         let rec = &pack[start..start + loc.read_len() as usize];
-        decode_record(rec, &loc, "p")
+        decode_record(rec, &loc, &Protection::Plain, "p", "p")
     }
 
     #[test]
@@ -856,6 +1137,8 @@ mod tests {
         let table = decode_table(
             &pack[footer.table_offset as usize..pack.len() - PACK_FOOTER_LEN],
             &footer,
+            &Protection::Plain,
+            "p",
             "p",
         )?;
         assert_eq!(table, entries);
@@ -904,6 +1187,8 @@ mod tests {
         let table = decode_table(
             &pack[footer.table_offset as usize..pack.len() - PACK_FOOTER_LEN],
             &footer,
+            &Protection::Plain,
+            "p",
             "p",
         )?;
         assert_eq!(table[1].offset, 16 + 48 + 7);
@@ -936,7 +1221,7 @@ mod tests {
         let footer = decode_footer(footer_bytes, len, "p")?;
         let mut table = pack[footer.table_offset as usize..pack.len() - PACK_FOOTER_LEN].to_vec();
         table[40] ^= 1;
-        assert!(decode_table(&table, &footer, "p").is_err());
+        assert!(decode_table(&table, &footer, &Protection::Plain, "p", "p").is_err());
         Ok(())
     }
 }

@@ -22,9 +22,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
-use crate::format::pack::{
-    decode_footer, decode_table, table_entry_len, PackEntry, PackFooter, PACK_FOOTER_LEN,
-};
+use crate::format::pack::{check_sealed_table, PACK_VERSION_SEALED};
+use crate::format::pack::{decode_footer, decode_table, PackEntry, PackFooter, PACK_FOOTER_LEN};
 use crate::store::pack::read_pack_table;
 use crate::store::{pack_key, Backend};
 
@@ -90,8 +89,14 @@ pub fn encode_delta(name: &str, pack: &[u8]) -> Result<Vec<u8>> {
         .ok()
         .and_then(|start| pack.get(start..footer_at))
         .ok_or_else(|| Error::corrupt(&location, footer.table_offset, "table outside the pack"))?;
-    // Checks the table as a reader of the delta will.
-    decode_table(table, &footer, &location)?;
+    // Checks the table as a reader of the delta will; a sealed table (format 3) is copied
+    // sealed, bound to its pack's name, and opened by the reader with the repository's keys:
+    // here only its length and crc are checked (no keys needed to describe a pack).
+    if footer.version == PACK_VERSION_SEALED {
+        check_sealed_table(table, &footer, &location)?;
+    } else {
+        decode_table(table, &footer, &Protection::Plain, name, &location)?;
+    }
     let mut out = Vec::with_capacity(DELTA_HEADER_LEN + table.len() + 4);
     out.extend_from_slice(&DELTA_MAGIC);
     out.extend_from_slice(&DELTA_VERSION.to_le_bytes());
@@ -109,7 +114,7 @@ pub fn encode_delta(name: &str, pack: &[u8]) -> Result<Vec<u8>> {
 
 /// Decodes and checks the delta stored under `key`: its crc, its version, that it names the
 /// pack its key names, and its table as the pack decoder checks a pack's.
-pub fn decode_delta(data: &[u8], key: &str) -> Result<Delta> {
+pub fn decode_delta(data: &[u8], key: &str, protection: &Protection) -> Result<Delta> {
     let bad = |at: usize, what: &str| Error::corrupt(key, at as u64, what.to_string());
     let expected = pack_of_delta_key(key).ok_or_else(|| bad(0, "not a delta key"))?;
     if data.len() < DELTA_HEADER_LEN + 4 {
@@ -158,12 +163,11 @@ pub fn decode_delta(data: &[u8], key: &str) -> Result<Delta> {
         .and_then(|e| e.checked_add(PACK_FOOTER_LEN as u64));
     if table_end != Some(pack_size)
         || footer.version == 0
-        || table.len() as u64
-            != u64::from(footer.chunk_count) * table_entry_len(footer.version) as u64
+        || table.len() as u64 != footer.table_len()
     {
         return Err(bad(32, "delta sizes do not fit together"));
     }
-    let entries = decode_table(table, &footer, key)?;
+    let entries = decode_table(table, &footer, protection, &pack, key)?;
     Ok(Delta {
         pack,
         pack_size,
@@ -192,7 +196,7 @@ pub fn seal_delta(protection: &Protection, name: &str, pack: &[u8]) -> Result<Ve
 pub fn open_delta(protection: &Protection, stored: &[u8], key: &str) -> Result<Delta> {
     let name = pack_of_delta_key(key).ok_or_else(|| Error::corrupt(key, 0, "not a delta key"))?;
     let plain = protection.open(&delta_ad(name), stored, key, 0)?;
-    decode_delta(&plain, key)
+    decode_delta(&plain, key, protection)
 }
 
 /// What [`sync`] did.
@@ -256,7 +260,7 @@ pub fn sync(
             Ok(d) => index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?,
             // A damaged delta: its pack's own table says the same thing.
             Err(e) if e.is_corruption() => {
-                let table = read_pack_table(backend, name)?;
+                let table = read_pack_table(backend, protection, name)?;
                 let size = backend.size(&pack_key(name))?;
                 index.add_pack(name, size, table.version, &table.entries)?;
             }
@@ -328,7 +332,7 @@ pub fn reindex(
             };
             let (version, entries) = match from_delta {
                 Some(d) => (d.pack_version, d.entries),
-                None => match read_pack_table(backend, name) {
+                None => match read_pack_table(backend, protection, name) {
                     Ok(t) => {
                         if write_missing && !deltas.contains_key(name) {
                             write_delta_of_stored_pack(backend, protection, name)?;
@@ -466,21 +470,22 @@ mod tests {
     use crate::store::pack::PackWriter;
 
     fn sample_pack() -> Result<crate::store::pack::FinishedPack> {
-        let mut w = PackWriter::new(1 << 16);
+        let mut w = PackWriter::new(1 << 16, &Protection::Plain)?;
         let chunks: [&[u8]; 2] = [b"first chunk", b"second chunk, a little longer"];
         let stored: Vec<u8> = chunks.concat();
         let list: Vec<(ChunkId, u32)> = chunks
             .iter()
             .map(|c| (ChunkId::of(c), c.len() as u32))
             .collect();
-        w.add_frame(&list, &stored, Compression::None);
+        w.add_frame(&Protection::Plain, &list, &stored, Compression::None)?;
         let third: &[u8] = b"third chunk, alone in its frame";
         w.add_frame(
+            &Protection::Plain,
             &[(ChunkId::of(third), third.len() as u32)],
             third,
             Compression::None,
-        );
-        w.finish()
+        )?;
+        w.finish(&Protection::Plain)
     }
 
     #[test]
@@ -488,7 +493,7 @@ mod tests {
         let pack = sample_pack()?;
         let key = delta_key(&pack.name);
         let bytes = encode_delta(&pack.name, &pack.bytes)?;
-        let d = decode_delta(&bytes, &key)?;
+        let d = decode_delta(&bytes, &key, &Protection::Plain)?;
         assert_eq!(d.pack, pack.name);
         assert_eq!(d.pack_size, pack.bytes.len() as u64);
         assert_eq!(d.pack_version, PACK_VERSION);
@@ -496,20 +501,23 @@ mod tests {
         for at in [0, 9, 20, 33, 45, 50, DELTA_HEADER_LEN + 3, bytes.len() - 1] {
             let mut bad = bytes.clone();
             bad[at] ^= 0x40;
-            let err = decode_delta(&bad, &key).err();
+            let err = decode_delta(&bad, &key, &Protection::Plain).err();
             assert!(
                 err.as_ref().is_some_and(Error::is_corruption),
                 "byte {at}: {err:?}"
             );
         }
         for len in [0, 10, DELTA_HEADER_LEN, bytes.len() - 1] {
-            assert!(decode_delta(&bytes[..len], &key).is_err(), "length {len}");
+            assert!(
+                decode_delta(&bytes[..len], &key, &Protection::Plain).is_err(),
+                "length {len}"
+            );
         }
         // Filed under another pack's name: refused.
         // (The pack name is random: change its last digit to one it does not have.)
         let last = if pack.name.ends_with('0') { '1' } else { '0' };
         let other = delta_key(&format!("{}{last}", &pack.name[..31]));
-        assert!(decode_delta(&bytes, &other).is_err());
+        assert!(decode_delta(&bytes, &other, &Protection::Plain).is_err());
         Ok(())
     }
 
@@ -595,7 +603,7 @@ mod tests {
             read_hex("index-delta.hex")?,
             "regenerate with STACKVAULT_UPDATE_VECTORS=1"
         );
-        let d = decode_delta(&delta, &delta_key(name))?;
+        let d = decode_delta(&delta, &delta_key(name), &Protection::Plain)?;
         assert_eq!(d.entries.len(), 3);
         Ok(())
     }

@@ -44,9 +44,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
 use crate::format::pack::{
-    decode_frame_header, decode_frame_list, decode_record_header_v1, frame_record_len,
-    table_entry_len, Compression, FRAME_HEADER_LEN, FRAME_LIST_ENTRY_LEN, PACK_FOOTER_LEN,
-    PACK_HEADER_LEN, PACK_VERSION, PACK_VERSION_V1, RECORD_HEADER_LEN, TABLE_ENTRY_LEN,
+    check_protection, decode_frame_header, decode_frame_list, decode_record_header_v1,
+    frame_record_len, open_sealed_frame, pack_version_for, table_entry_len, Compression,
+    FRAME_HEADER_LEN, FRAME_LIST_ENTRY_LEN, PACK_FOOTER_LEN, PACK_HEADER_LEN, PACK_VERSION_SEALED,
+    PACK_VERSION_V1, RECORD_HEADER_LEN, TABLE_ENTRY_LEN,
 };
 use crate::format::verification::VERIFICATIONS_PREFIX;
 use crate::format::ChunkId;
@@ -215,7 +216,10 @@ impl PackUse {
 /// Bytes `frames` frames of `stored` stored bytes and `chunks` chunks in all take in a pack of
 /// `version`: their records and their table entries.
 fn frames_bytes(version: u32, frames: u64, stored: u64, chunks: u64) -> u64 {
-    let records = if version == PACK_VERSION_V1 {
+    let records = if version == PACK_VERSION_SEALED {
+        // A sealed frame's stored length is its whole record.
+        stored
+    } else if version == PACK_VERSION_V1 {
         frames * RECORD_HEADER_LEN as u64 + stored
     } else {
         frames * FRAME_HEADER_LEN as u64 + stored + chunks * FRAME_LIST_ENTRY_LEN as u64
@@ -488,7 +492,7 @@ fn reindex_avoiding(
             };
             let (version, entries) = match from_delta {
                 Some(d) => d,
-                None => match crate::store::pack::read_pack_table(backend, name) {
+                None => match crate::store::pack::read_pack_table(backend, protection, name) {
                     Ok(t) => (t.version, t.entries),
                     // Damaged: not indexed, as a rebuild leaves it (check reports it).
                     Err(e) if e.is_corruption() => continue,
@@ -541,7 +545,8 @@ pub(crate) fn copy_packs(repo: &Repo, names: &[String]) -> Result<Vec<String>> {
     let path = index.path().to_path_buf();
     let err = sql_err(&path);
     let conn = index.conn_mut();
-    let mut writer = PackWriter::new(capacity);
+    let keys = repo.protection();
+    let mut writer = PackWriter::new(capacity, keys)?;
     let mut moving: HashSet<ChunkId> = HashSet::new();
     let mut written = Vec::new();
     for name in names {
@@ -553,9 +558,9 @@ pub(crate) fn copy_packs(repo: &Repo, names: &[String]) -> Result<Vec<String>> {
             e => e,
         }
         };
-        let table = crate::store::pack::read_pack_table(repo.backend(), name).map_err(gone)?;
+        let table =
+            crate::store::pack::read_pack_table(repo.backend(), keys, name).map_err(gone)?;
         let bytes = repo.backend().get(&pack_key(name)).map_err(gone)?;
-        let location = format!("pack {name}");
         let rows: Vec<Row> = table
             .entries
             .iter()
@@ -573,11 +578,11 @@ pub(crate) fn copy_packs(repo: &Repo, names: &[String]) -> Result<Vec<String>> {
         for frame_rows in rows.chunk_by(|a, b| a.offset == b.offset) {
             let mut first = frame_rows[0];
             first.frame_chunks = frame_rows.len() as u32;
-            let f = read_frame(&bytes, table.version, &first, frame_rows, &location)?;
-            writer.add_frame(&f.chunks, &f.stored, f.compression);
+            let f = read_frame(&bytes, table.version, &first, frame_rows, keys, name)?;
+            writer.add_frame(keys, &f.chunks, &f.stored, f.compression)?;
             moving.extend(f.indexed);
             if writer.len() >= target {
-                let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
+                let full = std::mem::replace(&mut writer, PackWriter::new(capacity, keys)?);
                 let ids = std::mem::take(&mut moving);
                 written.push(store_and_index(repo, conn, &err, full, &ids)?.1);
             }
@@ -732,7 +737,8 @@ fn rewrite_packs(
         .map(|p| p.size)
         .sum();
     progress.start("prune", rewrite_total);
-    let mut writer = PackWriter::new(capacity);
+    let keys = repo.protection();
+    let mut writer = PackWriter::new(capacity, keys)?;
     // Chunks of the open pack whose index rows move to it.
     let mut moving: HashSet<ChunkId> = HashSet::new();
     let mut written: Vec<u64> = Vec::new();
@@ -749,12 +755,13 @@ fn rewrite_packs(
         match live_frames(repo, conn, err, p) {
             Ok(frames) => {
                 for f in frames {
-                    writer.add_frame(&f.chunks, &f.stored, f.compression);
+                    writer.add_frame(keys, &f.chunks, &f.stored, f.compression)?;
                     moving.extend(f.indexed);
                     report.frames_moved += 1;
                     report.chunks_moved += f.chunks.len() as u64;
                     if writer.len() >= target {
-                        let full = std::mem::replace(&mut writer, PackWriter::new(capacity));
+                        let fresh = PackWriter::new(capacity, keys)?;
+                        let full = std::mem::replace(&mut writer, fresh);
                         let ids = std::mem::take(&mut moving);
                         written.push(store_and_index(repo, conn, err, full, &ids)?.0);
                     }
@@ -1020,19 +1027,30 @@ fn live_frames(
             continue;
         }
         let first = &frame_rows[0];
-        out.push(read_frame(&bytes, p.version, first, frame_rows, &location)?);
+        out.push(read_frame(
+            &bytes,
+            p.version,
+            first,
+            frame_rows,
+            repo.protection(),
+            &p.name,
+        )?);
     }
     Ok(out)
 }
 
-/// Decodes the frame of `rows` (all at `first.offset`) out of a whole pack of `version`.
+/// Decodes the frame of `rows` (all at `first.offset`) out of the whole pack `pack` of
+/// `version` (opening it when sealed).
 fn read_frame(
     bytes: &[u8],
     version: u32,
     first: &Row,
     rows: &[Row],
-    location: &str,
+    protection: &crate::crypto::Protection,
+    pack: &str,
 ) -> Result<LiveFrame> {
+    let location = &format!("pack {pack}");
+    check_protection(version, protection, location, first.offset)?;
     let offset = first.offset;
     let start = usize::try_from(offset).unwrap_or(usize::MAX);
     let beyond = || Error::corrupt(location, offset, "frame lies beyond the pack's end");
@@ -1053,7 +1071,14 @@ fn read_frame(
         .get(start..start.saturating_add(len))
         .filter(|r| r.len() == len)
         .ok_or_else(beyond)?;
-    let (chunks, compression, crc32, header_len) = if version == PACK_VERSION_V1 {
+    let opened;
+    let (record, sealed) = if version == PACK_VERSION_SEALED {
+        opened = open_sealed_frame(protection, pack, offset, record, location)?.0;
+        (&opened[..], true)
+    } else {
+        (record, false)
+    };
+    let (chunks, compression, crc32, header_len, stored_len) = if version == PACK_VERSION_V1 {
         let h = decode_record_header_v1(&record[..RECORD_HEADER_LEN], offset, location)?;
         if rows.len() != 1 || h.id != first.id || h.stored_len != first.stored_len {
             return Err(disagrees());
@@ -1063,10 +1088,12 @@ fn read_frame(
             h.compression,
             h.crc32,
             RECORD_HEADER_LEN,
+            h.stored_len,
         )
     } else {
         let h = decode_frame_header(&record[..FRAME_HEADER_LEN], offset, location)?;
-        if h.stored_len != first.stored_len
+        // A sealed frame's index row has the sealed length; the header inside is authentic.
+        if (!sealed && h.stored_len != first.stored_len)
             || h.raw_len != first.frame_raw_len
             || h.chunk_count != first.frame_chunks
         {
@@ -1074,7 +1101,7 @@ fn read_frame(
         }
         let list_at = FRAME_HEADER_LEN + h.stored_len as usize;
         let list = decode_frame_list(&record[list_at..], &h, offset + list_at as u64, location)?;
-        (list, h.compression, h.crc32, FRAME_HEADER_LEN)
+        (list, h.compression, h.crc32, FRAME_HEADER_LEN, h.stored_len)
     };
     // Every indexed chunk must be where its row says.
     let mut at = 0u32;
@@ -1089,7 +1116,7 @@ fn read_frame(
     {
         return Err(disagrees());
     }
-    let stored = &record[header_len..header_len + first.stored_len as usize];
+    let stored = &record[header_len..header_len + stored_len as usize];
     if crc32fast::hash(stored) != crc32 {
         return Err(Error::corrupt(
             location,
@@ -1114,7 +1141,7 @@ fn store_and_index(
     writer: PackWriter,
     moving: &HashSet<ChunkId>,
 ) -> Result<(u64, String)> {
-    let pack = writer.finish()?;
+    let pack = writer.finish(repo.protection())?;
     repo.backend().put(&pack_key(&pack.name), &pack.bytes)?;
     crate::crash::point("prune-pack-stored");
     let tx = conn
@@ -1126,7 +1153,7 @@ fn store_and_index(
             pack.name,
             pack.bytes.len() as i64,
             pack.entries.len() as i64,
-            PACK_VERSION
+            pack.version
         ],
     )
     .map_err(err)?;
@@ -1221,7 +1248,7 @@ fn plan_estimate(
         report.chunks_moved += p.live_frame_chunks;
         // Copied frames are written in the current format.
         moved_bytes += frames_bytes(
-            PACK_VERSION,
+            pack_version_for(repo.protection()),
             p.live_frames,
             p.live_stored,
             p.live_frame_chunks,

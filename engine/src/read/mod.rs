@@ -395,7 +395,8 @@ impl<'r> SnapshotReader<'r> {
             },
             Err(e) => return Err(e),
         };
-        let data = chunk_in_frame(&frame, &loc.record, &format!("pack {}", loc.pack))?;
+        let location = format!("pack {}", loc.pack);
+        let data = chunk_in_frame(&frame, &loc.record, self.repo.protection(), &location)?;
         if data.len() != len as usize {
             return Err(Error::corrupt(
                 format!("snapshot {}", self.snapshot_id),
@@ -435,7 +436,14 @@ impl<'r> SnapshotReader<'r> {
                 other => other,
             })?;
         let mut frame = Vec::new();
-        decode_frame_into(&bytes, record, &location, &mut frame)?;
+        decode_frame_into(
+            &bytes,
+            record,
+            self.repo.protection(),
+            pack,
+            &location,
+            &mut frame,
+        )?;
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(frame);
         if let Ok(mut c) = self.frames.lock() {

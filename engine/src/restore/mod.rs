@@ -231,7 +231,7 @@ pub fn restore_into(
                                 run.extend_from_slice(data);
                                 Ok(())
                             };
-                            match frames.next_chunk(&id, len) {
+                            match frames.next_chunk(&id, len, repo.protection()) {
                                 Some(data) => append(data)?,
                                 None => repo.with_chunk(&id, snapshot_id, frames, append)?,
                             }

@@ -144,7 +144,7 @@ pub fn walk(
                             data: piece,
                         })
                     };
-                    match frames.next_chunk(&id, len) {
+                    match frames.next_chunk(&id, len, repo.protection()) {
                         Some(data) => hand(data)?,
                         None => repo.with_chunk(&id, snapshot_id, frames, hand)?,
                     }

@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::ChunkId;
 use crate::progress::Progress;
 
 /// What a sampled verification covered.
@@ -42,6 +41,7 @@ fn sampled(seed: &[u8; 8], index: u64, share: f64) -> bool {
 
 /// Checks the sample; the first difference is [`Error::TargetMismatch`] with its offset.
 pub fn verify_sample(
+    protection: &crate::crypto::Protection,
     manifest: &Manifest<'_>,
     snapshot_id: &str,
     shown: &str,
@@ -94,7 +94,7 @@ pub fn verify_sample(
                         }
                     }
                     Extent::Chunk { id, .. } => {
-                        if ChunkId::of(part) != id {
+                        if protection.chunk_id(part) != id {
                             return Err(mismatch(
                                 base + at as u64,
                                 format!("the {n} bytes here are not chunk {id}"),

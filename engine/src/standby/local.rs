@@ -243,7 +243,15 @@ pub(crate) fn sync(
                 file.read_exact_at(buf, offset)
                     .map_err(|e| Error::io("read", path, e))
             };
-            match check::verify_sample(&manifest, &snapshot.id, &shown, share, &read, progress) {
+            match check::verify_sample(
+                repo.protection(),
+                &manifest,
+                &snapshot.id,
+                &shown,
+                share,
+                &read,
+                progress,
+            ) {
                 Ok(v) => Some(v),
                 Err(e @ Error::TargetMismatch { .. }) => {
                     super::finished_record(&applying, snapshot, State::Diverged)

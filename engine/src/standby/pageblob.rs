@@ -315,7 +315,15 @@ pub(crate) fn sync(
     let etag = still_ours(&client, &applying)?;
     if let Some(share) = options.verify_share {
         let read = |offset: u64, buf: &mut [u8]| client.read_range(offset, buf, None);
-        match super::check::verify_sample(&manifest, &snapshot.id, &shown, share, &read, progress) {
+        match super::check::verify_sample(
+            repo.protection(),
+            &manifest,
+            &snapshot.id,
+            &shown,
+            share,
+            &read,
+            progress,
+        ) {
             Ok(v) => report.verify = Some(v),
             Err(e @ Error::TargetMismatch { .. }) => {
                 set_record(

@@ -491,7 +491,7 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
             .collect();
         unindexed.sort();
         for (name, key) in unindexed {
-            let why = match read_pack_table(backend, name) {
+            let why = match read_pack_table(backend, repo.protection(), name) {
                 Ok(t) => format!("not in the index ({} chunks)", t.entries.len()),
                 Err(e) => format!("not in the index, and unreadable: {e}"),
             };
@@ -740,7 +740,7 @@ impl PackChecker<'_> {
                 ),
             });
         }
-        let table = match read_pack_table(backend, name) {
+        let table = match read_pack_table(backend, self.repo.protection(), name) {
             Ok(t) => t.entries,
             Err(e) if e.is_corruption() => {
                 f.add(DamageKind::PackStructure, Some(name), None, &e);
@@ -814,6 +814,7 @@ impl PackChecker<'_> {
 /// its chunk list, decompression (once per frame) and the BLAKE3 id of every chunk.
 fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
     let location = format!("pack {name}");
+    let keys = repo.protection();
     let bytes = repo.backend().get(&pack_key(name))?;
     let len = bytes.len() as u64;
     let mut damage = Vec::new();
@@ -832,7 +833,7 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
                 ));
             }
             let start = footer.table_offset as usize;
-            decode_table(&bytes[start..at], &footer, &location).map(|t| (version, t))
+            decode_table(&bytes[start..at], &footer, keys, name, &location).map(|t| (version, t))
         });
     let (version, table) = match table {
         Ok(t) => t,
@@ -871,12 +872,12 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
         // decode_table guarantees every frame lies inside the pack.
         let start = first.offset as usize;
         let record = &bytes[start..start + first.read_len() as usize];
-        let decoded = check_frame_list(&bytes, version, frame, &location)
-            .and_then(|()| decode_frame(record, &first, &location));
+        let decoded = check_frame_list(&bytes, version, frame, keys, name, &location)
+            .and_then(|()| decode_frame(record, &first, keys, name, &location));
         match decoded {
             Ok(raw) => {
                 for e in frame {
-                    if let Err(err) = chunk_of_frame(&raw, &e.location(version), &location) {
+                    if let Err(err) = chunk_of_frame(&raw, &e.location(version), keys, &location) {
                         damage.push(chunk_damage(&err, e));
                     }
                 }
@@ -894,6 +895,8 @@ fn check_frame_list(
     bytes: &[u8],
     version: u32,
     frame: &[crate::format::pack::PackEntry],
+    protection: &crate::crypto::Protection,
+    pack: &str,
     location: &str,
 ) -> Result<()> {
     if version == PACK_VERSION_V1 {
@@ -901,6 +904,27 @@ fn check_frame_list(
     }
     let first = &frame[0];
     let start = first.offset as usize;
+    if version == crate::format::pack::PACK_VERSION_SEALED {
+        // The list is inside the seal: open it (decode_table placed the frame in the pack).
+        let record = &bytes[start..start + first.stored_len as usize];
+        let (plain, header) = crate::format::pack::open_sealed_frame(
+            protection,
+            pack,
+            first.offset,
+            record,
+            location,
+        )?;
+        let list = &plain[FRAME_HEADER_LEN + header.stored_len as usize..];
+        if header.chunk_count as usize != frame.len() {
+            return Err(Error::corrupt(
+                location,
+                first.offset,
+                "frame header disagrees with the pack table",
+            ));
+        }
+        let list = decode_frame_list(list, &header, first.offset, location)?;
+        return same_chunks(&list, frame, first.offset, location);
+    }
     let header = decode_frame_header(
         &bytes[start..start + FRAME_HEADER_LEN],
         first.offset,
@@ -919,6 +943,16 @@ fn check_frame_list(
         ));
     }
     let list = decode_frame_list(list, &header, list_at as u64, location)?;
+    same_chunks(&list, frame, list_at as u64, location)
+}
+
+/// Checks that a frame's chunk list names the table's chunks of the frame.
+fn same_chunks(
+    list: &[(ChunkId, u32)],
+    frame: &[crate::format::pack::PackEntry],
+    list_at: u64,
+    location: &str,
+) -> Result<()> {
     if list
         .iter()
         .zip(frame)
@@ -926,7 +960,7 @@ fn check_frame_list(
     {
         return Err(Error::corrupt(
             location,
-            list_at as u64,
+            list_at,
             "frame chunk list disagrees with the pack table",
         ));
     }

@@ -46,7 +46,7 @@ pub fn verify_snapshot(
                     Extent::Chunk { id, len } => {
                         t.chunks += 1;
                         t.chunk_bytes += u64::from(len);
-                        let read = match frames.next_chunk(&id, len) {
+                        let read = match frames.next_chunk(&id, len, repo.protection()) {
                             Some(d) => Ok(d.len()),
                             None => repo.with_chunk(&id, &snapshot.id, frames, |d| Ok(d.len())),
                         };

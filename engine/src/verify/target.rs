@@ -10,7 +10,6 @@ use rayon::prelude::*;
 use crate::chunker::is_zero;
 use crate::error::Result;
 use crate::format::manifest::Extent;
-use crate::format::ChunkId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 
@@ -78,7 +77,7 @@ pub fn verify_target(
             let seg_len: u64 = extents.iter().map(|e| u64::from(e.len())).sum();
             let t = TARGET_BUF.with(|cell| {
                 let mut buf = cell.borrow_mut();
-                compare_segment(target, start, seg_len, &extents, &mut buf)
+                compare_segment(repo, target, start, seg_len, &extents, &mut buf)
             })?;
             progress.advance(seg_len);
             Ok(t)
@@ -124,6 +123,7 @@ pub fn verify_target(
 
 /// Compares one segment of the target with the manifest's extents for it.
 fn compare_segment(
+    repo: &Repo,
     target: &dyn DiskSource,
     start: u64,
     seg_len: u64,
@@ -165,7 +165,7 @@ fn compare_segment(
             let bytes = &buf[from..from + len as usize];
             match e {
                 Extent::Chunk { id, .. } => {
-                    if ChunkId::of(bytes) != *id {
+                    if repo.protection().chunk_id(bytes) != *id {
                         t.problem(
                             offset,
                             len,
