@@ -16,6 +16,7 @@ mod interrupt;
 mod locks;
 mod moto;
 mod nbd;
+mod plans;
 mod read;
 mod readonly;
 mod remote_errors;

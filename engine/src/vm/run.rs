@@ -71,7 +71,6 @@ pub struct HookRun {
     pub ok: bool,
     pub exit_code: Option<i32>,
     /// The last lines of its stderr, when it failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub stderr_tail: Option<String>,
     pub duration_ms: u64,
 }
@@ -83,7 +82,6 @@ pub struct StandbyRun {
     pub target: String,
     pub ok: bool,
     pub written_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -99,15 +97,11 @@ pub struct VmRunReport {
     pub last_good: Option<String>,
     pub rpo_ms: u64,
     pub due_margin_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_snapshot_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub started: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     pub hooks: Vec<HookRun>,
     pub standby: Vec<StandbyRun>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -141,12 +135,10 @@ pub struct PlanRunReport {
     pub dry_run: bool,
     pub shard: Option<Shard>,
     /// Set when another run of this plan (and shard) held the run lock: nothing was done.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub already_running: Option<String>,
     pub due_rule: String,
     pub vms: Vec<VmRunReport>,
     pub retention: Vec<RetentionRun>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyRun>,
     /// VM backups, hooks, standby syncs, retention or copy steps that failed.
     pub failures: u64,

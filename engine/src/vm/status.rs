@@ -40,7 +40,6 @@ pub struct Warning {
     /// Stable code (see the module doc).
     pub code: String,
     pub application: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     pub message: String,
 }
@@ -52,7 +51,6 @@ pub struct StandbyStatus {
     pub target: String,
     pub held_snapshot_id: Option<String>,
     pub lag_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
