@@ -556,3 +556,46 @@ fn a_malformed_plan_is_refused_naming_the_line_and_key() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_drill_into_a_page_blob_container_is_verified_and_recorded() -> Result<()> {
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    sv_ok(&["init", p(&dir.join("repo"))])?;
+    blob_client(az.port, "drills", "x")?.create_container()?;
+    let drill = format!(
+        "[drill]\nto = \"azure://{ACCOUNT}/drills\"\nendpoint = \"{}\"\naccount_key_env = \"{KEY_VAR}\"\n\n",
+        endpoint(az.port)
+    );
+    let plan = dir.join("blob-drill.toml");
+    std::fs::write(&plan, format!("{drill}{}", small_plan(dir, &["db03"], "")?))?;
+    json_ok(&["plan", "run", p(&plan)])?;
+    let report = json_ok(&["drill", p(&plan), "--vm", "db03"])?;
+    ensure!(report["outcome"] == "passed", "{report:#}");
+    ensure!(report["target_kind"] == "page-blob", "{report:#}");
+    ensure!(report["disks"][0]["verified_bytes"] == MIB, "{report:#}");
+    let left = report["left_in_place"][0]
+        .as_str()
+        .context("left_in_place")?;
+    let blob = left.rsplit('/').next().context("blob name")?;
+    ensure!(
+        blob_client(az.port, "drills", blob)?
+            .properties()?
+            .is_some(),
+        "the restored page blob {left} is not there"
+    );
+    ensure!(
+        !report.to_string().contains(KEY),
+        "a secret leaked: {report:#}"
+    );
+    let status = json_ok(&["plan", "status", p(&plan)])?;
+    let vm = vm_status(&status, "db03")?;
+    ensure!(
+        vm["mttr_ms"] == report["recovery_ms"] && vm["drills"] == 1,
+        "{vm:#}"
+    );
+    Ok(())
+}
