@@ -13,6 +13,7 @@ mod init;
 mod key;
 mod output;
 mod password;
+mod plan;
 mod prune;
 mod restore;
 mod serve;
@@ -135,6 +136,11 @@ enum Command {
     VmSnapshots(vm::ListArgs),
     /// Restore every disk of a VM snapshot into a directory, in parallel.
     RestoreVm(vm::RestoreArgs),
+    /// Protection plans: back up what is due (`plan run`), check objectives (`plan status`).
+    #[command(subcommand)]
+    Plan(plan::Command),
+    /// Restore and verify every disk of a VM of a plan to scratch, timed; record the drill.
+    Drill(plan::DrillArgs),
     /// Standby disks kept in sync with a disk's latest snapshot, writing only what changed.
     #[command(subcommand)]
     Standby(standby::Command),
@@ -219,6 +225,8 @@ fn main() -> ExitCode {
         Command::BackupVm(a) => vm::backup(&ctx, a),
         Command::VmSnapshots(a) => vm::list(&ctx, a),
         Command::RestoreVm(a) => vm::restore(&ctx, a),
+        Command::Plan(c) => plan::run(&ctx, c),
+        Command::Drill(a) => plan::drill(&ctx, a),
         Command::Completion { shell } => {
             // Rendered into memory first: clap_complete panics when its writer fails, and a
             // closed pipe must end the program quietly like every other command.

@@ -79,6 +79,8 @@ pub enum ObjectKind {
     Verification = 5,
     /// A VM snapshot record.
     VmSnapshot = 6,
+    /// A drill record (`drills/<id>`).
+    Drill = 7,
 }
 
 /// The associated data of one sealed object: what it is and where it belongs.

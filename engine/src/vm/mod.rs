@@ -12,7 +12,11 @@
 //! so nothing about VM snapshots needs rebuilding. Retention treats a VM snapshot as a unit
 //! (`maintain::forget`). [`restore_vm`] restores every disk of one, in parallel.
 
+pub mod drill;
+pub mod plan;
 pub mod record;
+pub mod run;
+pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
