@@ -470,22 +470,27 @@ mod tests {
     use crate::store::pack::PackWriter;
 
     fn sample_pack() -> Result<crate::store::pack::FinishedPack> {
-        let mut w = PackWriter::new(1 << 16, &Protection::Plain)?;
+        sample_pack_in(&Protection::Plain)
+    }
+
+    /// A pack of three chunks in two frames, written for a repository with `p`.
+    fn sample_pack_in(p: &Protection) -> Result<crate::store::pack::FinishedPack> {
+        let mut w = PackWriter::new(1 << 16, p)?;
         let chunks: [&[u8]; 2] = [b"first chunk", b"second chunk, a little longer"];
         let stored: Vec<u8> = chunks.concat();
         let list: Vec<(ChunkId, u32)> = chunks
             .iter()
-            .map(|c| (ChunkId::of(c), c.len() as u32))
+            .map(|c| (p.chunk_id(c), c.len() as u32))
             .collect();
-        w.add_frame(&Protection::Plain, &list, &stored, Compression::None)?;
+        w.add_frame(p, &list, &stored, Compression::None)?;
         let third: &[u8] = b"third chunk, alone in its frame";
         w.add_frame(
-            &Protection::Plain,
-            &[(ChunkId::of(third), third.len() as u32)],
+            p,
+            &[(p.chunk_id(third), third.len() as u32)],
             third,
             Compression::None,
         )?;
-        w.finish(&Protection::Plain)
+        w.finish(p)
     }
 
     #[test]
@@ -527,7 +532,7 @@ mod tests {
         let p = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
             [9; 32],
         ))));
-        let pack = sample_pack()?;
+        let pack = sample_pack_in(&p)?;
         let key = delta_key(&pack.name);
         let sealed = seal_delta(&p, &pack.name, &pack.bytes)?;
         assert_eq!(open_delta(&p, &sealed, &key)?.entries, pack.entries);
