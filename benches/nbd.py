@@ -6,12 +6,15 @@ file, alternating, each repeated; the ratio of their throughputs is the figure t
 machine is shared). Random: 4 KiB reads at random offsets through a small NBD client in this
 file (simple replies, one request in flight), first on a fresh server (cold: every read
 decompresses its frame), then the same offsets again (warm: from the frame cache); latency
-percentiles per read. The server's peak RSS is read from /proc.
+percentiles per read. Memory: for each `--mem-caches` size, a fresh server and one `convert`;
+the server's peak RSS (VmHWM of /proc/PID/status) above its idle peak, against the cache
+size, and the peak its memory budget charged (from its `--json` stopped line).
 
-Usage: python3 benches/nbd.py [--bin target/debug/stackvault] [--size-mib 512] [--reps 3]
-                              [--reads 2000] [--cache-mib 512]
-Needs qemu-img. The disk is real files of this machine with zero gaps (as tests/lib.rs's
-make_disk), so it deduplicates and compresses like a root disk.
+Usage: python3 benches/nbd.py [--bin target/debug/stackvault] [--size-mib 512 | --disk PATH]
+                              [--reps 3] [--reads 2000] [--cache-mib 512] [--mem-caches 8,64]
+Needs qemu-img. Without --disk, the disk is real files of this machine with zero gaps (as
+tests/lib.rs's make_disk), so it deduplicates and compresses like a root disk; --disk takes
+an existing raw image (the 4 GiB gen2 of ../shared/datasets/make-disks.sh).
 """
 
 import argparse
@@ -60,7 +63,7 @@ def start_server(bin_, repo, snap, sock, cache_mib):
     p = subprocess.Popen(
         [bin_, "--quiet", "-r", repo, "serve", snap, "--json", "--nbd", "unix:" + sock,
          "--cache-mib", str(cache_mib)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ready = json.loads(p.stdout.readline())
     return p, ready["exports"][0]["uri"]
 
@@ -74,8 +77,17 @@ def peak_rss_mib(pid):
 
 
 def stop(p):
+    """SIGINT; returns the server's stopped line (a dict, empty if it printed none)."""
     p.send_signal(2)
-    p.wait(timeout=20)
+    out, _ = p.communicate(timeout=60)
+    for line in out.splitlines():
+        try:
+            v = json.loads(line)
+        except ValueError:
+            continue
+        if v.get("event") == "stopped":
+            return v
+    return {}
 
 
 class Client:
@@ -124,15 +136,21 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reads", type=int, default=2000)
     ap.add_argument("--cache-mib", type=int, default=512)
+    ap.add_argument("--disk", help="an existing raw disk image to back up and serve")
+    ap.add_argument("--mem-caches", default="8,64", help="cache sizes (MiB) of the memory runs")
     a = ap.parse_args()
     bin_ = os.path.abspath(a.bin)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as t:
         disk, repo, sock = f"{t}/disk.img", f"{t}/repo", f"{t}/sv.sock"
-        make_disk(disk, a.size_mib << 20)
+        if a.disk:
+            disk = a.disk
+            a.size_mib = os.path.getsize(disk) >> 20
+        else:
+            make_disk(disk, a.size_mib << 20)
         run([bin_, "--quiet", "init", repo])
         snap = json.loads(run([bin_, "--quiet", "-r", repo, "backup", disk, "--disk", "bench",
                                "--json"]).stdout)["snapshot_id"]
-        size = a.size_mib << 20
+        size = os.path.getsize(disk)
         seq = {"restore": [], "nbd": []}
         rss = []
         for _ in range(a.reps):
@@ -158,6 +176,24 @@ def main():
             print(f"| {label} | {med[k]:.2f} | {a.size_mib / med[k]:.0f} |")
         print(f"NBD / restore throughput: {med['restore'] / med['nbd']:.2f}; "
               f"server peak RSS {max(rss):.0f} MiB")
+
+        print()
+        print("| cache MiB | idle peak RSS MiB | peak RSS MiB | growth over idle MiB "
+              "| growth / cache | budget peak MiB | convert s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for cache in [int(c) for c in a.mem_caches.split(",") if c]:
+            out = f"{t}/out.img"
+            p, uri = start_server(bin_, repo, snap, sock, cache)
+            idle = peak_rss_mib(p.pid)
+            t0 = time.monotonic()
+            run(["qemu-img", "convert", "-O", "raw", uri, out])
+            took = time.monotonic() - t0
+            peak = peak_rss_mib(p.pid)
+            stopped = stop(p)
+            os.remove(out)
+            budget = stopped.get("memory", {}).get("peak_bytes", float("nan")) / 2**20
+            print(f"| {cache} | {idle:.1f} | {peak:.1f} | {peak - idle:.1f} "
+                  f"| {(peak - idle) / cache:.2f} | {budget:.1f} | {took:.2f} |")
 
         rng = random.Random(7)
         offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(a.reads)]

@@ -7,11 +7,20 @@
 //! `base:allocation`; `NBD_CMD_READ`, `FLUSH`, `DISC`, `BLOCK_STATUS`. Writes, trims and
 //! write-zeroes are refused with `EPERM`, requests past the end with `EINVAL`.
 //!
-//! Each connection has a thread; at most [`ServeOptions::max_connections`] run at once, and a
-//! connection beyond that is closed at once. A client has [`ServeOptions::handshake_timeout`]
-//! to finish its handshake, so idle sockets cannot hold every slot. A client that breaks the
-//! protocol loses its connection and nothing else: every length it sends is bounded before
-//! anything is allocated for it (see [`session`]).
+//! Each connection has a thread; at most [`ServeOptions::max_connections`] run at once. A
+//! connection beyond that, or one the memory budget has no room for, is turned away with the
+//! protocol's error (`NBD_REP_ERR_POLICY` and a message, see [`session::refuse`]) by one of
+//! at most [`MAX_REFUSING`] short-lived threads; past those it is closed at once. A client
+//! has [`ServeOptions::handshake_timeout`] to finish its handshake and
+//! [`ServeOptions::stall_timeout`] to take each reply, so idle or stalled sockets cannot hold
+//! every slot. A client that breaks the protocol loses its connection and nothing else: every
+//! length it sends is bounded before anything is allocated for it (see [`session`]).
+//!
+//! Memory: the exports' readers share one [`MemoryBudget`] (the `--cache-mib`), which every
+//! decoded frame is charged to (cached, in flight, or being copied from), and every open
+//! connection is charged [`CONNECTION_BYTES`] (its buffers) against it; connections may take
+//! at most half of it. So the server's decoded data and buffers together stay within the
+//! budget, whatever the number or the speed of its clients.
 //!
 //! [`Server::serve`] returns when `cancel` is set (SIGINT/SIGTERM in the CLI): it stops
 //! accepting, shuts every open connection down, waits for their threads and removes its unix
@@ -19,6 +28,7 @@
 
 pub mod proto;
 mod session;
+pub mod vm;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -33,9 +43,15 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::progress::Cancel;
-use crate::read::SnapshotReader;
+use crate::read::{BudgetStats, MemoryBudget, SnapshotReader};
 
-pub use session::{MAX_OPTION_LEN, MAX_REQUEST_LEN};
+/// Most connections being turned away with an error reply at once; beyond, they are closed.
+pub const MAX_REFUSING: usize = 8;
+/// How long a refused client has to read its error and send its next option.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub use session::{CONNECTION_BYTES, MAX_OPTION_LEN, MAX_REQUEST_LEN};
+pub use vm::{vm_export_disks, VmExportDisk};
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +102,9 @@ pub struct Export<'r> {
 pub struct ServeOptions {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// How long a write of a reply may block (the client not reading) before the connection
+    /// is dropped.
+    pub stall_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -93,6 +112,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_connections: 32,
             handshake_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -101,12 +121,17 @@ impl Default for ServeOptions {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ServeReport {
     pub connections: u64,
-    /// Connections closed at once because `max_connections` were open.
+    /// Connections turned away: `max_connections` were open, or the memory budget had no
+    /// room for their buffers.
     pub refused_connections: u64,
     pub requests: u64,
     pub read_bytes: u64,
     /// Requests answered with an error.
     pub errors: u64,
+    /// The memory budget shared by the exports: capacity, peak of what was charged.
+    pub memory: BudgetStats,
+    /// Peak resident memory of this process (VmHWM of /proc/self/status), when known.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// A connected client.
@@ -128,6 +153,13 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
         }
     }
 
@@ -244,20 +276,27 @@ impl Server {
     }
 
     /// Serves `exports` until `cancel` is set, then closes every connection and returns
-    /// what was done. Each export's reader gets a read-ahead thread.
+    /// what was done. Each export's reader gets a read-ahead thread. The exports' readers
+    /// should share one [`MemoryBudget`] (`SnapshotReader::open_with_budget`): connections
+    /// are charged to the first export's.
     pub fn serve(
         &self,
         exports: &[Export<'_>],
         options: &ServeOptions,
         cancel: &Cancel,
     ) -> Result<ServeReport> {
+        let budget: &MemoryBudget = exports
+            .first()
+            .map(|e| e.reader.budget().as_ref())
+            .ok_or_else(|| Error::Usage("nothing to serve: no export".into()))?;
         self.set_nonblocking(true)
             .map_err(|e| Error::io("configure listener", "nbd", e))?;
+        return_freed_frames_to_the_system();
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
+        let refusing = AtomicUsize::new(0);
         let open: Mutex<Vec<(u64, Stream)>> = Mutex::new(Vec::new());
         let totals = Totals::default();
-        let mut refused = 0u64;
         let mut connections = 0u64;
         std::thread::scope(|scope| {
             for e in exports {
@@ -279,8 +318,17 @@ impl Server {
                     }
                 };
                 if active.load(Ordering::SeqCst) >= options.max_connections {
-                    refused += 1;
-                    stream.shutdown();
+                    refuse(
+                        scope,
+                        &refusing,
+                        &totals,
+                        stream,
+                        format!(
+                            "too many connections: this server takes {} at once; try again \
+                             later",
+                            options.max_connections
+                        ),
+                    );
                     continue;
                 }
                 let (Ok(()), Ok(kept)) = (set_blocking(&stream), stream.try_clone()) else {
@@ -294,11 +342,32 @@ impl Server {
                 active.fetch_add(1, Ordering::SeqCst);
                 let (active, open, totals, stopping) = (&active, &open, &totals, &stopping);
                 scope.spawn(move || {
-                    if let Ok(mut session) = session::Session::new(stream, exports, stopping) {
-                        // A session's error is its client's: the connection ends, the server
-                        // goes on.
-                        let _ = session.run(options.handshake_timeout);
-                        totals.add(&session.counts);
+                    // The connection's buffers, charged for as long as it is open.
+                    match budget.try_reserve_fixed(CONNECTION_BYTES) {
+                        Some(_charge) => {
+                            if let Ok(mut session) =
+                                session::Session::new(stream, exports, stopping)
+                            {
+                                // A session's error is its client's: the connection ends, the
+                                // server goes on.
+                                let _ =
+                                    session.run(options.handshake_timeout, options.stall_timeout);
+                                totals.add(&session.counts);
+                            }
+                        }
+                        None => {
+                            // On this connection's own thread (its slot is taken until the
+                            // refusal ends), before its socket is shut down below.
+                            totals.refused.fetch_add(1, Ordering::Relaxed);
+                            let reason = format!(
+                                "the server's memory budget ({} MiB) has no room for another \
+                                 connection; try again later, or restart it with a larger \
+                                 --cache-mib",
+                                budget.capacity() >> 20
+                            );
+                            // The client may hang up or misbehave; it is turned away anyway.
+                            let _ = session::refuse(stream, &reason, REFUSAL_TIMEOUT);
+                        }
                     }
                     if let Ok(mut o) = open.lock() {
                         if let Some(i) = o.iter().position(|(k, _)| *k == id) {
@@ -317,12 +386,78 @@ impl Server {
         });
         Ok(ServeReport {
             connections,
-            refused_connections: refused,
+            refused_connections: totals.refused.load(Ordering::Relaxed),
             requests: totals.requests.load(Ordering::Relaxed),
             read_bytes: totals.bytes.load(Ordering::Relaxed),
             errors: totals.errors.load(Ordering::Relaxed),
+            memory: budget.stats(),
+            peak_rss_bytes: peak_rss(),
         })
     }
+}
+
+/// Turns `stream` away with `reason` on a thread of `scope`, or closes it at once when
+/// [`MAX_REFUSING`] refusals are under way.
+fn refuse<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    refusing: &'scope AtomicUsize,
+    totals: &Totals,
+    stream: Stream,
+    reason: String,
+) {
+    totals.refused.fetch_add(1, Ordering::Relaxed);
+    if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::SeqCst);
+        stream.shutdown();
+        return;
+    }
+    scope.spawn(move || {
+        if set_blocking(&stream).is_ok() {
+            // The client may hang up or misbehave; it is being turned away anyway.
+            let _ = session::refuse(stream, &reason, REFUSAL_TIMEOUT);
+        }
+        refusing.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// Makes the allocator give every large block (a frame, a pack read, a connection's buffer)
+/// back to the system when it is freed, so that the process's resident memory follows what
+/// the budget charges.
+///
+/// glibc serves blocks over its mmap threshold with their own mappings, unmapped when freed,
+/// but raises the threshold as such blocks are freed, after which frames come from its
+/// per-thread arenas and their freed space stays resident, fragmented across arenas: with
+/// six readers and a 4 MiB budget that slack was 10 MiB and more. Setting the threshold turns
+/// the raising off. Measured by `tests/nbd_memory.rs` and `benches/nbd.py`.
+#[allow(unsafe_code)]
+fn return_freed_frames_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        /// `M_MMAP_THRESHOLD` of glibc's malloc.h.
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        /// glibc's default threshold; blocks at or over it are mapped on their own.
+        const THRESHOLD: std::ffi::c_int = 128 * 1024;
+        // SAFETY: mallopt only changes an allocator setting; glibc takes its own lock, and it
+        // may be called at any time from any thread. A failure (0) leaves the default.
+        let _ = unsafe { mallopt(M_MMAP_THRESHOLD, THRESHOLD) };
+    }
+}
+
+/// VmHWM of /proc/self/status in bytes (None where there is no /proc).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 fn set_blocking(s: &Stream) -> io::Result<()> {
@@ -334,6 +469,7 @@ fn set_blocking(s: &Stream) -> io::Result<()> {
 
 #[derive(Default)]
 struct Totals {
+    refused: AtomicU64,
     requests: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,

@@ -18,8 +18,18 @@ use crate::read::MapRun;
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest read or block status request, also announced as the maximum block size.
 pub const MAX_REQUEST_LEN: u32 = 32 << 20;
-/// Bytes read from the snapshot and sent at a time.
-const PIECE_LEN: u64 = 1 << 20;
+/// Bytes read from the snapshot and sent at a time: a connection's data buffer. A frame is
+/// copied out of and dropped before the piece is written, so a slow client pins this buffer,
+/// never a frame.
+const PIECE_LEN: u64 = 256 << 10;
+/// What a connection is charged against the server's memory budget for as long as it is
+/// open: its data buffer, the socket buffers of its reader and writer, option data (at most
+/// [`MAX_OPTION_LEN`]) and the part of its thread's stack it touches.
+pub const CONNECTION_BYTES: usize = PIECE_LEN as usize + 2 * BUFFER_LEN + 64 * 1024;
+/// Capacity of a connection's buffered reader and writer (the standard library's default).
+const BUFFER_LEN: usize = 8 * 1024;
+/// Options a refused client may send before it is disconnected.
+const REFUSED_OPTIONS: usize = 8;
 /// Most extents in one block status reply.
 const MAX_DESCRIPTORS: usize = 4096;
 /// A read that starts at most this far after the previous one's end counts as sequential.
@@ -85,8 +95,8 @@ impl<'s, 'r> Session<'s, 'r> {
     ) -> io::Result<Self> {
         let out = stream.try_clone()?;
         Ok(Session {
-            input: BufReader::new(stream),
-            output: BufWriter::new(out),
+            input: BufReader::with_capacity(BUFFER_LEN, stream),
+            output: BufWriter::with_capacity(BUFFER_LEN, out),
             exports,
             structured: false,
             no_zeroes: false,
@@ -97,11 +107,21 @@ impl<'s, 'r> Session<'s, 'r> {
     }
 
     /// Runs the connection to its end. Errors are the connection's (closed, timed out,
-    /// protocol broken); they end only this session.
-    pub fn run(&mut self, handshake_timeout: std::time::Duration) -> io::Result<()> {
+    /// protocol broken, a reply left unread for `stall_timeout`); they end only this
+    /// session.
+    pub fn run(
+        &mut self,
+        handshake_timeout: std::time::Duration,
+        stall_timeout: std::time::Duration,
+    ) -> io::Result<()> {
         self.input
             .get_ref()
             .set_read_timeout(Some(handshake_timeout))?;
+        // A client that leaves a reply unread this long is gone or hostile: the blocked
+        // write fails and the connection (its slot, its buffer) is given back.
+        self.output
+            .get_ref()
+            .set_write_timeout(Some(stall_timeout))?;
         match self.handshake()? {
             Negotiated::Close => Ok(()),
             Negotiated::Transmit(export) => {
@@ -556,4 +576,55 @@ fn log_read_error(export: &str, at: u64, e: &Error) {
     crate::progress::notice(&format!(
         "export {export:?}: read at disk offset {at} failed: {e}"
     ));
+}
+
+/// Turns a client away during the handshake with the protocol's error: the greeting, then
+/// `NBD_REP_ERR_POLICY` and `reason` for each option it sends (an `NBD_OPT_ABORT` is
+/// acknowledged), until it gives up, sends [`REFUSED_OPTIONS`] options, breaks the protocol
+/// or is silent for `timeout`. `NBD_OPT_EXPORT_NAME` has no error reply: the connection is
+/// closed. Nothing longer than a fixed buffer is read.
+pub fn refuse(stream: Stream, reason: &str, timeout: std::time::Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let out = stream.try_clone()?;
+    let mut input = BufReader::with_capacity(BUFFER_LEN, stream);
+    let mut output = BufWriter::with_capacity(BUFFER_LEN, out);
+    output.write_all(&NBDMAGIC.to_be_bytes())?;
+    output.write_all(&IHAVEOPT.to_be_bytes())?;
+    output.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    output.flush()?;
+    let mut flags = [0u8; 4];
+    input.read_exact(&mut flags)?;
+    for _ in 0..REFUSED_OPTIONS {
+        let mut head = [0u8; 16];
+        input.read_exact(&mut head)?;
+        let (Some(magic), Some(option), Some(len)) =
+            (be_u64(&head, 0), be_u32(&head, 8), be_u32(&head, 12))
+        else {
+            return Ok(());
+        };
+        if magic != IHAVEOPT || len > MAX_OPTION_LEN || option == OPT_EXPORT_NAME {
+            return Ok(());
+        }
+        io::copy(&mut (&mut input).take(u64::from(len)), &mut io::sink())?;
+        let (kind, message) = if option == OPT_ABORT {
+            (REP_ACK, "")
+        } else {
+            (REP_ERR_POLICY, reason)
+        };
+        let message = message.as_bytes();
+        let message = message
+            .get(..message.len().min(MAX_STRING))
+            .unwrap_or_default();
+        output.write_all(&OPTION_REPLY_MAGIC.to_be_bytes())?;
+        output.write_all(&option.to_be_bytes())?;
+        output.write_all(&kind.to_be_bytes())?;
+        output.write_all(&(message.len() as u32).to_be_bytes())?;
+        output.write_all(message)?;
+        output.flush()?;
+        if option == OPT_ABORT {
+            return Ok(());
+        }
+    }
+    Ok(())
 }

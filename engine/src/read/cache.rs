@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::budget::Frame;
+
 /// Where a frame is: packs are immutable and never renamed, so an entry never goes stale.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct FrameKey {
@@ -19,7 +21,7 @@ pub(super) struct FrameLru {
     capacity: usize,
     bytes: usize,
     tick: u64,
-    entries: HashMap<FrameKey, (u64, Arc<Vec<u8>>)>,
+    entries: HashMap<FrameKey, (u64, Arc<Frame>)>,
 }
 
 impl FrameLru {
@@ -36,7 +38,7 @@ impl FrameLru {
         self.bytes
     }
 
-    pub fn get(&mut self, key: &FrameKey) -> Option<Arc<Vec<u8>>> {
+    pub fn get(&mut self, key: &FrameKey) -> Option<Arc<Frame>> {
         self.tick += 1;
         let tick = self.tick;
         self.entries.get_mut(key).map(|(used, frame)| {
@@ -47,7 +49,7 @@ impl FrameLru {
 
     /// Keeps `frame`, evicting the least recently used frames to make room; a frame larger
     /// than the whole cache is not kept.
-    pub fn put(&mut self, key: FrameKey, frame: Arc<Vec<u8>>) {
+    pub fn put(&mut self, key: FrameKey, frame: Arc<Frame>) {
         let size = frame.len();
         if size > self.capacity || self.entries.contains_key(&key) {
             return;
@@ -70,6 +72,18 @@ impl FrameLru {
         self.tick += 1;
         self.bytes += size;
         self.entries.insert(key, (self.tick, frame));
+    }
+
+    /// Removes and returns the least recently used frame (None when empty).
+    pub fn pop_oldest(&mut self) -> Option<Arc<Frame>> {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, (used, _))| *used)
+            .map(|(k, _)| k.clone())?;
+        let (_, f) = self.entries.remove(&oldest)?;
+        self.bytes -= f.len();
+        Some(f)
     }
 }
 
@@ -126,19 +140,24 @@ mod tests {
         }
     }
 
+    fn frame_of(len: usize) -> Arc<Frame> {
+        let budget = super::super::budget::MemoryBudget::new(1 << 20);
+        Arc::new(Frame::new(vec![0; len], budget.reserve(len)))
+    }
+
     #[test]
     fn frame_cache_stays_within_its_bytes_and_evicts_least_recent() {
         let mut c = FrameLru::new(300);
         for i in 0..3 {
-            c.put(key(i), Arc::new(vec![0; 100]));
+            c.put(key(i), frame_of(100));
         }
         assert_eq!(c.bytes(), 300);
         assert!(c.get(&key(0)).is_some()); // 1 is now the least recent
-        c.put(key(3), Arc::new(vec![0; 100]));
+        c.put(key(3), frame_of(100));
         assert_eq!(c.bytes(), 300);
         assert!(c.get(&key(1)).is_none());
         assert!(c.get(&key(0)).is_some());
-        c.put(key(4), Arc::new(vec![0; 301]));
+        c.put(key(4), frame_of(301));
         assert!(
             c.get(&key(4)).is_none(),
             "a frame larger than the cache is not kept"

@@ -9,9 +9,10 @@
 //! never yields wrong data. Zero runs are served without touching any pack, and
 //! [`SnapshotReader::map`] reports them (data or zero) from the manifest alone.
 //!
-//! Memory is bounded: the frame cache holds at most `cache_bytes` of decompressed frames
-//! (plus the frames being decoded by readers at that moment), the segment cache a fixed
-//! number of decoded segments. A frame larger than the whole cache is used and dropped.
+//! Memory is bounded by one [`MemoryBudget`] of `cache_bytes` ([`budget`]): every decoded
+//! frame, whether cached, being decoded (its compressed bytes too) or being copied from by a
+//! reader, is charged to it until dropped, and the readers of a served VM share one. The
+//! segment cache keeps a fixed number of decoded segments besides.
 //!
 //! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead: a read that starts
 //! where the previous one ended asks [`SnapshotReader::read_ahead_worker`], when one runs, to
@@ -23,6 +24,7 @@
 //! this reader for their chunk reads (one verified path for every reader) once engineer s1's
 //! module move settles.
 
+pub mod budget;
 mod cache;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +38,9 @@ use crate::format::ChunkId;
 use crate::repo::Repo;
 use crate::store::pack_key;
 
-use cache::{FrameKey, FrameLru, SegmentLru};
+use budget::Frame;
+pub use budget::{BudgetStats, MemoryBudget};
+use cache::{FrameKey, SegmentLru};
 
 /// Default size of the decompressed-frame cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -98,7 +102,7 @@ pub struct SnapshotReader<'r> {
     manifest: Manifest<'r>,
     options: ReaderOptions,
     segments: Mutex<SegmentLru<Arc<Vec<Placed>>>>,
-    frames: Mutex<FrameLru>,
+    frames: Arc<MemoryBudget>,
     /// The pending read-ahead request (start, end), replaced by newer ones.
     ahead: Mutex<Option<(u64, u64)>>,
     ahead_ready: Condvar,
@@ -119,6 +123,22 @@ impl std::fmt::Debug for SnapshotReader<'_> {
 impl<'r> SnapshotReader<'r> {
     /// Opens snapshot `snapshot_id` of `repo` (its manifest is read and checked whole).
     pub fn open(repo: &'r Repo, snapshot_id: &str, options: ReaderOptions) -> Result<Self> {
+        Self::open_with_budget(
+            repo,
+            snapshot_id,
+            options,
+            MemoryBudget::new(options.cache_bytes),
+        )
+    }
+
+    /// [`SnapshotReader::open`] with a budget (and frame cache) shared with other readers of
+    /// the same repository; `options.cache_bytes` should be its capacity.
+    pub fn open_with_budget(
+        repo: &'r Repo,
+        snapshot_id: &str,
+        options: ReaderOptions,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self> {
         let manifest = repo.load_manifest(snapshot_id)?;
         Ok(SnapshotReader {
             repo,
@@ -126,7 +146,7 @@ impl<'r> SnapshotReader<'r> {
             manifest,
             options,
             segments: Mutex::new(SegmentLru::new(SEGMENT_SLOTS)),
-            frames: Mutex::new(FrameLru::new(options.cache_bytes)),
+            frames: budget,
             ahead: Mutex::new(None),
             ahead_ready: Condvar::new(),
             frames_decoded: AtomicU64::new(0),
@@ -154,7 +174,12 @@ impl<'r> SnapshotReader<'r> {
 
     /// Bytes of decompressed frames the cache holds now (at most `cache_bytes`).
     pub fn cached_bytes(&self) -> usize {
-        self.frames.lock().map_or(0, |f| f.bytes())
+        self.frames.stats().cached_bytes
+    }
+
+    /// The memory budget (and frame cache) of this reader.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.frames
     }
 
     /// Checks that `len` bytes at `offset` lie inside the disk.
@@ -349,13 +374,13 @@ impl<'r> SnapshotReader<'r> {
                         .rev()
                         .take(8)
                         .any(|(pack, r)| r.offset == loc.record.offset && *pack == loc.pack);
-                    let cached = self.frames.lock().is_ok_and(|mut c| {
-                        c.get(&FrameKey {
+                    let cached = self
+                        .frames
+                        .cached(&FrameKey {
                             pack: loc.pack.clone(),
                             offset: loc.record.offset,
                         })
-                        .is_some()
-                    });
+                        .is_some();
                     if !known && !cached {
                         wanted.push((loc.pack, loc.record));
                     }
@@ -413,18 +438,22 @@ impl<'r> SnapshotReader<'r> {
         &self,
         pack: &str,
         record: &crate::format::pack::RecordLocation,
-    ) -> Result<Arc<Vec<u8>>> {
+    ) -> Result<Arc<Frame>> {
         let key = FrameKey {
             pack: pack.to_string(),
             offset: record.offset,
         };
-        if let Some(frame) = self.frames.lock().ok().and_then(|mut c| c.get(&key)) {
+        if let Some(frame) = self.frames.cached(&key) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(frame);
         }
         let location = format!("pack {pack}");
         let read_len = usize::try_from(record.read_len())
             .map_err(|_| Error::corrupt(&location, record.offset, "frame too large"))?;
+        // The compressed and the decompressed bytes, charged before either exists.
+        let charge = self
+            .frames
+            .reserve(read_len.saturating_add(record.frame_raw_len as usize));
         let bytes = self
             .repo
             .backend()
@@ -444,11 +473,10 @@ impl<'r> SnapshotReader<'r> {
             &location,
             &mut frame,
         )?;
+        drop(bytes);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(frame);
-        if let Ok(mut c) = self.frames.lock() {
-            c.put(key, Arc::clone(&frame));
-        }
+        let frame = Arc::new(Frame::new(frame, charge));
+        self.frames.keep(key, Arc::clone(&frame));
         Ok(frame)
     }
 }

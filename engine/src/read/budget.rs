@@ -1,0 +1,325 @@
+//! One memory budget for everything a reader decodes: the frames its cache keeps, the frames
+//! being fetched and decompressed (by a read, the read-ahead worker or a parallel prefetch),
+//! and fixed per-user charges such as a served connection's buffers.
+//!
+//! Every decoded frame is a [`Frame`] that carries a [`Charge`] from the moment its bytes are
+//! reserved (before the pack is read: the compressed bytes count too, until they are
+//! decompressed) until its last holder drops it, whether the cache still keeps it or a reader
+//! copies from it after eviction. So the sum of live charges, `used`, is the decoded memory
+//! of the readers, and [`MemoryBudget::reserve`] keeps it at most `capacity`: it evicts the
+//! least recently used cached frames, and when the cache is empty and in-flight frames hold
+//! the rest, it waits for them to be dropped.
+//!
+//! Invariants that keep waiting finite:
+//! - nobody holds a frame while reserving another (reads copy out of a frame, then drop it);
+//! - fixed charges ([`MemoryBudget::try_reserve_fixed`]) take at most half the capacity, and
+//!   are refused rather than waited for;
+//! - a reservation proceeds whenever no frame charge is live at all, even if it alone is
+//!   larger than what is left (a frame larger than the whole budget is then decoded alone).
+//!
+//! Several readers (the disks of a served VM) share one budget and one frame cache: frames are
+//! keyed by pack and offset, and packs are immutable, so readers of one repository can share
+//! frames as well as memory.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::cache::{FrameKey, FrameLru};
+
+/// A decoded frame, charged to its budget until dropped.
+#[derive(Debug)]
+pub struct Frame {
+    data: Vec<u8>,
+    _charge: Charge,
+}
+
+impl Frame {
+    /// `data`, charged with `charge` (shrunk to the data's length).
+    pub(super) fn new(data: Vec<u8>, mut charge: Charge) -> Frame {
+        charge.shrink_to(data.capacity());
+        Frame {
+            data,
+            _charge: charge,
+        }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Bytes of all live charges.
+    used: usize,
+    /// Of `used`, the bytes of fixed charges.
+    fixed: usize,
+    /// Highest `used` seen.
+    peak: usize,
+}
+
+#[derive(Debug, Default)]
+struct Accounts {
+    ledger: Mutex<Ledger>,
+    freed: Condvar,
+}
+
+impl Accounts {
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // A poisoned ledger is still a ledger: the counts were updated under the lock.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bytes taken from a budget, given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    accounts: Arc<Accounts>,
+    bytes: usize,
+    fixed: bool,
+}
+
+impl Charge {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Gives back what is above `bytes` (a frame whose compressed bytes are gone).
+    fn shrink_to(&mut self, bytes: usize) {
+        if bytes >= self.bytes {
+            return;
+        }
+        let back = self.bytes - bytes;
+        let mut l = self.accounts.lock();
+        l.used = l.used.saturating_sub(back);
+        if self.fixed {
+            l.fixed = l.fixed.saturating_sub(back);
+        }
+        self.bytes = bytes;
+        drop(l);
+        self.accounts.freed.notify_all();
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut l = self.accounts.lock();
+        l.used = l.used.saturating_sub(self.bytes);
+        if self.fixed {
+            l.fixed = l.fixed.saturating_sub(self.bytes);
+        }
+        drop(l);
+        self.accounts.freed.notify_all();
+    }
+}
+
+/// The memory budget and frame cache shared by one or more [`super::SnapshotReader`]s.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    capacity: usize,
+    accounts: Arc<Accounts>,
+    frames: Mutex<FrameLru>,
+}
+
+/// Counters of a budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BudgetStats {
+    pub capacity_bytes: usize,
+    /// Bytes charged now: live frames and fixed charges.
+    pub used_bytes: usize,
+    /// Highest `used_bytes` since the budget was made.
+    pub peak_bytes: usize,
+    /// Of `used_bytes`, frames the cache keeps.
+    pub cached_bytes: usize,
+    /// Of `used_bytes`, fixed charges (connection buffers).
+    pub fixed_bytes: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(capacity: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            capacity,
+            accounts: Arc::new(Accounts::default()),
+            frames: Mutex::new(FrameLru::new(capacity)),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn stats(&self) -> BudgetStats {
+        let cached_bytes = self.frames().bytes();
+        let l = self.accounts.lock();
+        BudgetStats {
+            capacity_bytes: self.capacity,
+            used_bytes: l.used,
+            peak_bytes: l.peak,
+            cached_bytes,
+            fixed_bytes: l.fixed,
+        }
+    }
+
+    fn frames(&self) -> MutexGuard<'_, FrameLru> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached frame at `key`, if kept.
+    pub(super) fn cached(&self, key: &FrameKey) -> Option<Arc<Frame>> {
+        self.frames().get(key)
+    }
+
+    /// Keeps `frame` in the cache (it is charged already).
+    pub(super) fn keep(&self, key: FrameKey, frame: Arc<Frame>) {
+        self.frames().put(key, frame);
+    }
+
+    /// Takes `bytes` for a frame about to be fetched and decoded, evicting cached frames and
+    /// then waiting for in-flight ones as needed.
+    pub fn reserve(&self, bytes: usize) -> Charge {
+        loop {
+            if let Some(c) = self.take(bytes, false) {
+                return c;
+            }
+            // Evict the least recently used frame; when the cache is empty, what holds the
+            // budget is frames in use, which their readers drop shortly.
+            let evicted = self.frames().pop_oldest();
+            if evicted.is_none() {
+                let l = self.accounts.lock();
+                if !self.fits(&l, bytes, false) {
+                    // A timeout, not only the notification: an eviction whose frame was still
+                    // held frees its bytes later, from another thread, without this lock.
+                    let _ = self
+                        .accounts
+                        .freed
+                        .wait_timeout(l, Duration::from_millis(20));
+                }
+            }
+            drop(evicted);
+        }
+    }
+
+    /// Takes `bytes` for as long as a user (a connection) lives, or None when fixed charges
+    /// would pass half the budget. Cached frames are evicted to make room; in-flight frames
+    /// are waited for.
+    pub fn try_reserve_fixed(&self, bytes: usize) -> Option<Charge> {
+        loop {
+            {
+                let l = self.accounts.lock();
+                if l.fixed.saturating_add(bytes) > self.capacity / 2 {
+                    return None;
+                }
+            }
+            if let Some(c) = self.take(bytes, true) {
+                return Some(c);
+            }
+            let evicted = self.frames().pop_oldest();
+            if evicted.is_none() {
+                let l = self.accounts.lock();
+                if !self.fits(&l, bytes, true) {
+                    let _ = self
+                        .accounts
+                        .freed
+                        .wait_timeout(l, Duration::from_millis(20));
+                }
+            }
+            drop(evicted);
+        }
+    }
+
+    fn fits(&self, l: &Ledger, bytes: usize, fixed: bool) -> bool {
+        let frames_live = l.used.saturating_sub(l.fixed);
+        l.used.saturating_add(bytes) <= self.capacity || (!fixed && frames_live == 0)
+    }
+
+    fn take(&self, bytes: usize, fixed: bool) -> Option<Charge> {
+        let mut l = self.accounts.lock();
+        if !self.fits(&l, bytes, fixed) {
+            return None;
+        }
+        l.used = l.used.saturating_add(bytes);
+        if fixed {
+            l.fixed = l.fixed.saturating_add(bytes);
+        }
+        l.peak = l.peak.max(l.used);
+        Some(Charge {
+            accounts: Arc::clone(&self.accounts),
+            bytes,
+            fixed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(offset: u64) -> FrameKey {
+        FrameKey {
+            pack: "p".into(),
+            offset,
+        }
+    }
+
+    fn frame(budget: &MemoryBudget, len: usize) -> Arc<Frame> {
+        let charge = budget.reserve(len);
+        Arc::new(Frame::new(vec![7; len], charge))
+    }
+
+    #[test]
+    fn frames_in_use_and_cached_count_against_one_capacity() {
+        let budget = MemoryBudget::new(1000);
+        for i in 0..3 {
+            budget.keep(key(i), frame(&budget, 300));
+        }
+        assert_eq!(budget.stats().used_bytes, 900);
+        // A frame held by a reader stays charged after eviction, until it is dropped.
+        let held = budget.cached(&key(0)).expect("cached");
+        let f = frame(&budget, 300); // evicts 1 (the least recent), keeps 0 (just used)
+        assert!(budget.cached(&key(1)).is_none());
+        assert_eq!(budget.stats().used_bytes, 900);
+        budget.keep(key(3), f);
+        let _g = frame(&budget, 300); // evicts 2, then 0 leaves the cache but is held
+        let s = budget.stats();
+        assert!(s.used_bytes <= 1000, "{s:?}");
+        drop(held);
+        assert!(budget.stats().peak_bytes <= 1000);
+    }
+
+    #[test]
+    fn fixed_charges_take_at_most_half_and_are_given_back() {
+        let budget = MemoryBudget::new(1000);
+        let a = budget.try_reserve_fixed(400).expect("first");
+        assert!(budget.try_reserve_fixed(200).is_none(), "past half");
+        drop(a);
+        let b = budget.try_reserve_fixed(500).expect("after release");
+        assert_eq!(budget.stats().fixed_bytes, 500);
+        // Frames fill the rest; one more frame waits for a reader to drop one.
+        let f1 = frame(&budget, 500);
+        let waiting = std::thread::scope(|s| {
+            let h = s.spawn(|| frame(&budget, 400).len());
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!h.is_finished(), "a reservation past the budget must wait");
+            drop(f1);
+            h.join().expect("join")
+        });
+        assert_eq!(waiting, 400);
+        drop(b);
+        assert!(budget.stats().peak_bytes <= 1000);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_budget_is_decoded_alone() {
+        let budget = MemoryBudget::new(100);
+        budget.keep(key(1), frame(&budget, 60));
+        let big = frame(&budget, 500);
+        assert_eq!(big.len(), 500);
+        assert!(
+            budget.cached(&key(1)).is_none(),
+            "the cache was emptied first"
+        );
+    }
+}
