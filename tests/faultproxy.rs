@@ -5,6 +5,11 @@
 //! number, method and target whether that request is faulted. Requests not faulted are
 //! forwarded unchanged and their answers passed back unchanged.
 //!
+//! Faults are picked by a rule ([`FaultProxy::start`], [`FaultProxy::at`]) or scripted one at a
+//! time ([`FaultProxy::inject`]: the next request with that method gets the fault, each
+//! scripted fault fires once, in order). The Azure tests, the S3 backend tests
+//! (`s3_faults.rs`) and the remote repository tests share this one proxy.
+//!
 //! One request per client connection (the proxy answers with `Connection: close`), so a
 //! fault never leaks into the next request. Plain HTTP with `Content-Length` bodies, which
 //! is what the clients under test send.
@@ -32,6 +37,9 @@ pub enum Fault {
     ResetMidUpload,
     /// Forward, then pass back the answer's head and only half its body, and close.
     TruncateBody,
+    /// Forward, then pass back half the answer's body with a `Content-Length` that matches
+    /// it: a consistent-looking but short answer.
+    ShortBody,
     /// Forward, then close the connection without answering: the request took effect but
     /// the client never hears so.
     DropAnswer,
@@ -75,7 +83,18 @@ type Rule = dyn Fn(&Incoming<'_>) -> Option<Fault> + Send + Sync;
 pub struct FaultProxy {
     pub port: u16,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Scripted faults still to fire: (HTTP method, fault).
+    script: Arc<Mutex<Vec<(String, Fault)>>>,
     stop: Arc<AtomicBool>,
+}
+
+/// `503 SlowDown` with `Retry-After: secs` (S3's "reduce your request rate").
+pub fn slow_down(secs: u64) -> Fault {
+    Fault::Status {
+        status: 503,
+        code: "SlowDown",
+        retry_after: Some(secs),
+    }
 }
 
 impl Drop for FaultProxy {
@@ -87,7 +106,8 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    /// Forwards to `127.0.0.1:upstream`, faulting the requests `rule` picks.
+    /// Forwards to `127.0.0.1:upstream`, faulting the requests `rule` picks; a request the
+    /// rule leaves alone gets the next scripted fault for its method ([`Self::inject`]).
     pub fn start(
         upstream: u16,
         rule: impl Fn(&Incoming<'_>) -> Option<Fault> + Send + Sync + 'static,
@@ -96,7 +116,15 @@ impl FaultProxy {
         let port = listener.local_addr()?.port();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let rule: Arc<Rule> = Arc::new(rule);
+        let script: Arc<Mutex<Vec<(String, Fault)>>> = Arc::default();
+        let scripted = script.clone();
+        let rule: Arc<Rule> = Arc::new(move |r: &Incoming<'_>| {
+            rule(r).or_else(|| {
+                let mut script = scripted.lock().ok()?;
+                let i = script.iter().position(|(m, _)| m == r.method)?;
+                Some(script.remove(i).1)
+            })
+        });
         let counter = Arc::new(AtomicU64::new(0));
         let (s, st) = (seen.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -111,7 +139,34 @@ impl FaultProxy {
                 });
             }
         });
-        Ok(FaultProxy { port, seen, stop })
+        Ok(FaultProxy {
+            port,
+            seen,
+            script,
+            stop,
+        })
+    }
+
+    /// Forwards to `127.0.0.1:upstream`, faulting only what [`Self::inject`] scripts.
+    pub fn scripted(upstream: u16) -> Result<FaultProxy> {
+        Self::start(upstream, |_| None)
+    }
+
+    /// Scripts `fault` for the next request with `method` not yet faulted.
+    pub fn inject(&self, method: &str, fault: Fault) {
+        if let Ok(mut s) = self.script.lock() {
+            s.push((method.to_string(), fault));
+        }
+    }
+
+    /// Scripted faults that have not fired yet.
+    pub fn pending(&self) -> usize {
+        self.script.lock().map(|s| s.len()).unwrap_or(usize::MAX)
+    }
+
+    /// `http://127.0.0.1:PORT`, the endpoint to give a client.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Faults exactly the listed request numbers.
@@ -146,6 +201,20 @@ fn content_length(head: &str) -> usize {
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// An answer head whose `Content-Length` says `length`.
+fn with_length(head: &str, length: usize) -> String {
+    let mut out = String::new();
+    for line in head.trim_end().split("\r\n") {
+        let name = line.split(':').next().unwrap_or("").trim();
+        if !name.eq_ignore_ascii_case("content-length") {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str(&format!("Content-Length: {length}\r\n\r\n"));
+    out
 }
 
 fn handle(
@@ -255,6 +324,13 @@ fn handle(
         conn.write_all(&answer[..cut])?;
         conn.flush()?;
         let _ = conn.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    if let (Some(Fault::ShortBody), Some(e)) = (&fault, head_end(&answer)) {
+        let ahead = String::from_utf8_lossy(&answer[..e]);
+        let half = &answer[e..e + (answer.len() - e) / 2];
+        conn.write_all(with_length(&ahead, half.len()).as_bytes())?;
+        conn.write_all(half)?;
         return Ok(());
     }
     conn.write_all(&answer)?;

@@ -50,7 +50,10 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             let target_arg = DiskArg::of(path);
             let shown = target_arg.shown();
             let target: Box<dyn stackvault::DiskSource> = match target_arg {
-                DiskArg::Blob(url) => Box::new(args.blob.open_source(url, &shown)?),
+                DiskArg::Blob(url) => Box::new(
+                    stackvault::verify::open_page_blob_target(url, &args.blob.options()?)
+                        .with_context(|| format!("cannot open page blob {shown}"))?,
+                ),
                 // A restored VHD that is damaged does not hold the snapshot: the target is
                 // wrong (exit 5), not a backup source (exit 4).
                 DiskArg::Local(path) => open_target(path)

@@ -25,6 +25,8 @@ pub struct BlobClient {
     pub(super) container_path: String,
     /// Redacted URL, the only form shown to anyone.
     pub(super) shown: String,
+    /// The lease this client holds on the blob (see `lease.rs`): sent with every write.
+    pub(super) lease: std::sync::RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for BlobClient {
@@ -65,6 +67,7 @@ impl BlobClient {
             path: address.path,
             container_path: address.container_path,
             shown,
+            lease: std::sync::RwLock::new(None),
         })
     }
 
@@ -332,6 +335,27 @@ impl BlobClient {
         body: Option<&[u8]>,
         ok: &[u16],
     ) -> Result<Response> {
+        // A leased blob refuses writes that do not name its lease; a blob snapshot has no
+        // lease of its own and refuses one.
+        let on_snapshot = query.iter().any(|(k, _)| k == "snapshot");
+        let lease = match method {
+            Method::Put | Method::Delete if !on_snapshot => {
+                self.lease.read().ok().and_then(|l| l.clone())
+            }
+            _ => None,
+        };
+        let with_lease: Vec<(String, String)>;
+        let headers = match lease {
+            Some(id) => {
+                with_lease = headers
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once(("x-ms-lease-id".to_string(), id)))
+                    .collect();
+                &with_lease[..]
+            }
+            None => headers,
+        };
         self.client.request(&Request {
             kind,
             method,

@@ -73,10 +73,11 @@ pub enum RequestKind {
     SetBlobMetadata,
     SetBlobProperties,
     SnapshotBlob,
+    LeaseBlob,
 }
 
 impl RequestKind {
-    const ALL: [RequestKind; 13] = [
+    const ALL: [RequestKind; 14] = [
         RequestKind::GetBlob,
         RequestKind::GetBlobProperties,
         RequestKind::PutBlob,
@@ -90,6 +91,7 @@ impl RequestKind {
         RequestKind::SetBlobMetadata,
         RequestKind::SetBlobProperties,
         RequestKind::SnapshotBlob,
+        RequestKind::LeaseBlob,
     ];
 
     /// The name used in reports (`put_block_list`).
@@ -108,6 +110,7 @@ impl RequestKind {
             RequestKind::SetBlobMetadata => "set_blob_metadata",
             RequestKind::SetBlobProperties => "set_blob_properties",
             RequestKind::SnapshotBlob => "snapshot_blob",
+            RequestKind::LeaseBlob => "lease_blob",
         }
     }
 }

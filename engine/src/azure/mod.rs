@@ -7,8 +7,8 @@
 //! - [`retry`]: which outcomes are retried and how long to wait (`Retry-After` honoured);
 //! - `client`: the blocking HTTP client on `ureq` (auth, service version, step-down, request
 //!   counts), with one generic `request` method every REST call goes through;
-//! - [`BlobClient`] (page blobs, for disk sources and restore targets) and [`pagewriter`]
-//!   on top of it; the block-blob repository backend lives in `store::azure`.
+//! - [`BlobClient`] (page blobs, for disk sources and restore targets), [`pagewriter`],
+//!   [`pagereader`] and [`lease`] (one writer per blob) on top of it; the block-blob repository backend lives in `store::azure`.
 //!
 //! Invariants:
 //! - Secrets never leave the request: URLs shown anywhere (errors, reports, manifests) carry
@@ -21,7 +21,9 @@
 mod blob;
 pub(crate) mod client;
 pub(crate) mod error;
+pub mod lease;
 pub mod metadata;
+pub mod pagereader;
 pub mod pagewriter;
 pub mod retry;
 pub mod sign;

@@ -126,6 +126,25 @@ pub fn plan_window(
     Ok(out)
 }
 
+/// Changed byte ranges (sorted, end exclusive) cut out to whole pages of `align` bytes and
+/// merged where the rounding makes them touch, clipped at `end`: the windows a partial update
+/// of a page blob (a standby sync) hands to [`Submitter::submit`].
+pub fn page_regions(ranges: &[(u64, u64)], align: u64, end: u64) -> Vec<(u64, u64)> {
+    let align = align.max(1);
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in ranges {
+        let (rs, re) = (
+            s - s % align,
+            e.div_ceil(align).saturating_mul(align).min(end),
+        );
+        match regions.last_mut() {
+            Some(last) if last.1 >= rs => last.1 = last.1.max(re),
+            _ => regions.push((rs, re)),
+        }
+    }
+    regions
+}
+
 /// Parts of `ranges` (sorted, end exclusive) inside `[start, end)`.
 pub fn overlaps(ranges: &[PageRange], start: u64, end: u64) -> Vec<PageRange> {
     let first = ranges.partition_point(|&(_, e)| e <= start);
@@ -425,6 +444,18 @@ fn has_failed(failed: &Mutex<Option<Error>>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_ranges_become_whole_merged_pages() {
+        let ranges = [(100, 200), (4000, 4100), (9000, 9001), (20_000, 20_480)];
+        // Pages that touch merge: one region up to 12 KiB, one for the last page.
+        assert_eq!(
+            page_regions(&ranges, 4096, 20_480),
+            vec![(0, 12_288), (16_384, 20_480)]
+        );
+        assert_eq!(page_regions(&[(513, 514)], 512, 1 << 20), vec![(512, 1024)]);
+        assert!(page_regions(&[], 4096, 1 << 20).is_empty());
+    }
 
     const K: usize = 1024;
 

@@ -274,7 +274,8 @@ impl DiskTarget for RawFileTarget<'_> {
     }
 }
 
-/// A block or character device restored in place (see the module doc).
+/// A block or character device restored in place (see the module doc); standby syncs write
+/// and zero files and devices through it too.
 pub(crate) struct DeviceTarget<'a> {
     file: &'a File,
     path: &'a Path,
@@ -294,7 +295,7 @@ const ZERO_WRITE: u8 = 2;
 const ZERO_ALIGN: u64 = 4096;
 
 impl<'a> DeviceTarget<'a> {
-    fn new(file: &'a File, path: &'a Path) -> Self {
+    pub(crate) fn new(file: &'a File, path: &'a Path) -> Self {
         DeviceTarget {
             file,
             path,

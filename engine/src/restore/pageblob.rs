@@ -162,9 +162,22 @@ pub fn restore_to_page_blob(
     options: &PageBlobRestoreOptions,
     progress: &dyn Progress,
 ) -> Result<PageBlobRestoreReport> {
+    let client = BlobClient::new(url, &options.blob)?;
+    restore_with_client(repo, snapshot, &client, options, progress)
+}
+
+/// [`restore_to_page_blob`] through a client the caller made (one holding the blob's lease,
+/// for a standby sync); `options.blob` is not used.
+pub fn restore_with_client(
+    repo: &Repo,
+    snapshot: &SnapshotSummary,
+    client: &BlobClient,
+    options: &PageBlobRestoreOptions,
+    progress: &dyn Progress,
+) -> Result<PageBlobRestoreReport> {
     let started = Instant::now();
     let manifest = repo.load_manifest(&snapshot.id)?;
-    let profile = options.blob.profile;
+    let profile = client.profile();
     let on_existing = options.existing || options.resume;
     check_limits(profile, manifest.virtual_size, on_existing)?;
     if !manifest.segment_size.is_multiple_of(4096) {
@@ -175,7 +188,6 @@ pub fn restore_to_page_blob(
     }
     let data_size = manifest.virtual_size.div_ceil(MIB) * MIB;
     let blob_size = data_size + FOOTER_LEN as u64;
-    let client = BlobClient::new(url, &options.blob)?;
     let shown = client.display_url().to_string();
     let unique_id = match options
         .unique_id
@@ -257,7 +269,7 @@ pub fn restore_to_page_blob(
             options.parallel
         },
     };
-    let writer = PageWriter::new(&client, writer_options, target_ranges);
+    let writer = PageWriter::new(client, writer_options, target_ranges);
     let counts = writer.run(&confirm, |submitter| {
         let target = PageBlobTarget {
             submitter,
@@ -276,24 +288,7 @@ pub fn restore_to_page_blob(
         }
         Ok(counts)
     })?;
-    // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
-    let vhd_footer = Footer {
-        features: 2,
-        version: 0x0001_0000,
-        data_offset: u64::MAX,
-        timestamp: footer::vhd_now(),
-        creator_app: *b"win ",
-        creator_version: 0x000a_0000,
-        creator_host_os: *b"Wi2k",
-        original_size: data_size,
-        current_size: data_size,
-        geometry: footer::chs_geometry(data_size),
-        disk_type: DiskType::Fixed,
-        unique_id,
-        saved_state: 0,
-    }
-    .encode();
-    writer.put(data_size, &vhd_footer)?;
+    writer.put(data_size, &page_blob_footer(data_size, unique_id).encode())?;
     let _ = fs::remove_file(&journal);
 
     let s = writer.stats();
@@ -332,6 +327,27 @@ pub fn restore_to_page_blob(
         windows_uploaded: s.windows,
         notes: client.notes(),
     })
+}
+
+/// The footer of a fixed VHD page blob with `data_size` bytes of disk (a whole number of
+/// MiB), written last by a restore and by a standby sync that resized the blob.
+pub(crate) fn page_blob_footer(data_size: u64, unique_id: [u8; 16]) -> Footer {
+    // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
+    Footer {
+        features: 2,
+        version: footer::FILE_FORMAT_VERSION,
+        data_offset: footer::NO_DATA_OFFSET,
+        timestamp: footer::vhd_now(),
+        creator_app: *b"win ",
+        creator_version: 0x000a_0000,
+        creator_host_os: *b"Wi2k",
+        original_size: data_size,
+        current_size: data_size,
+        geometry: footer::chs_geometry(data_size),
+        disk_type: DiskType::Fixed,
+        unique_id,
+        saved_state: 0,
+    }
 }
 
 /// Reads the windows a journal confirms; a journal of another restore confirms nothing.

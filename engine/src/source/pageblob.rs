@@ -17,10 +17,8 @@
 //! [`READ_PIECE`], [`READ_CONCURRENCY`] at a time, because across regions each request waits a
 //! round trip before its data flows.
 
-use std::sync::Mutex;
-
 use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
-use crate::azure::{BlobClient, BlobOptions};
+use crate::azure::{BlobClient, BlobOptions, BlobProperties};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
 use crate::format::manifest::{BlobInfo, SourceInfo};
@@ -84,6 +82,81 @@ impl PageBlobSource {
 
     /// Opens the blob `client` addresses.
     pub fn with_client(client: BlobClient) -> Result<Self> {
+        let BlobLayout {
+            props,
+            footer: footer_found,
+            vhd,
+            virtual_size,
+        } = BlobLayout::read(&client)?;
+        let blob_size = props.size;
+        let mut written: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in client.written_ranges(0, virtual_size)? {
+            let e = e.min(virtual_size);
+            if s >= e {
+                continue;
+            }
+            match written.last_mut() {
+                Some(last) if s <= last.1 + MERGE_GAP => last.1 = last.1.max(e),
+                _ => written.push((s, e)),
+            }
+        }
+        Ok(PageBlobSource {
+            client,
+            blob_size,
+            virtual_size,
+            etag: props.etag,
+            footer: footer_found,
+            vhd,
+            written,
+            snapshot: None,
+        })
+    }
+
+    /// The VHD footer, when the blob has one.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// Size of the blob (disk and footer).
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+
+    /// Bytes of the disk in written page ranges (after merging small gaps).
+    pub fn written_bytes(&self) -> u64 {
+        self.written.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The client, for its notes and service version.
+    pub fn client(&self) -> &BlobClient {
+        &self.client
+    }
+
+    /// Asks the service which ranges changed since blob snapshot `prev_snapshot` (Get Page
+    /// Ranges with `prevsnapshot`), as a change list for an incremental backup.
+    pub fn changes_since_snapshot(&self, prev_snapshot: &str) -> Result<ChangeList> {
+        let ranges = self
+            .client
+            .page_ranges(0, self.blob_size, Some(prev_snapshot))?;
+        ChangeList::new(None, ranges, self.client.display_url())?
+            .with_disk_size(self.blob_size, self.client.display_url())
+            .map(|l| l.with_base(prev_snapshot))
+    }
+}
+
+/// The layout of a page blob disk: its properties, its VHD footer if it has one, and the size
+/// of the disk in it. Shared by backup sources and `verify --target`.
+pub struct BlobLayout {
+    pub props: BlobProperties,
+    pub footer: Option<Footer>,
+    /// The footer's metadata, as a snapshot records it.
+    pub vhd: Option<crate::format::manifest::VhdInfo>,
+    pub virtual_size: u64,
+}
+
+impl BlobLayout {
+    /// Reads the properties and the footer of `client`'s blob, and checks them.
+    pub fn read(client: &BlobClient) -> Result<BlobLayout> {
         let shown = client.display_url().to_string();
         let props = client.properties()?.ok_or_else(|| Error::Http {
             url: shown.clone(),
@@ -148,58 +221,12 @@ impl PageBlobSource {
         let virtual_size = footer_found
             .as_ref()
             .map_or(blob_size, |f: &Footer| f.current_size);
-        let mut written: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in client.written_ranges(0, virtual_size)? {
-            let e = e.min(virtual_size);
-            if s >= e {
-                continue;
-            }
-            match written.last_mut() {
-                Some(last) if s <= last.1 + MERGE_GAP => last.1 = last.1.max(e),
-                _ => written.push((s, e)),
-            }
-        }
-        Ok(PageBlobSource {
-            client,
-            blob_size,
-            virtual_size,
-            etag: props.etag,
+        Ok(BlobLayout {
+            props,
             footer: footer_found,
             vhd,
-            written,
-            snapshot: None,
+            virtual_size,
         })
-    }
-
-    /// The VHD footer, when the blob has one.
-    pub fn footer(&self) -> Option<&Footer> {
-        self.footer.as_ref()
-    }
-
-    /// Size of the blob (disk and footer).
-    pub fn blob_size(&self) -> u64 {
-        self.blob_size
-    }
-
-    /// Bytes of the disk in written page ranges (after merging small gaps).
-    pub fn written_bytes(&self) -> u64 {
-        self.written.iter().map(|(s, e)| e - s).sum()
-    }
-
-    /// The client, for its notes and service version.
-    pub fn client(&self) -> &BlobClient {
-        &self.client
-    }
-
-    /// Asks the service which ranges changed since blob snapshot `prev_snapshot` (Get Page
-    /// Ranges with `prevsnapshot`), as a change list for an incremental backup.
-    pub fn changes_since_snapshot(&self, prev_snapshot: &str) -> Result<ChangeList> {
-        let ranges = self
-            .client
-            .page_ranges(0, self.blob_size, Some(prev_snapshot))?;
-        ChangeList::new(None, ranges, self.client.display_url())?
-            .with_disk_size(self.blob_size, self.client.display_url())
-            .map(|l| l.with_base(prev_snapshot))
     }
 }
 
@@ -288,46 +315,8 @@ impl DiskSource for PageBlobSource {
     }
 
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<()> {
-        let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
-        for (offset, buf) in reads.iter_mut() {
-            let mut at = *offset;
-            for piece in buf.chunks_mut(READ_PIECE) {
-                at += piece.len() as u64;
-                pieces.push((at - piece.len() as u64, piece));
-            }
-        }
-        if pieces.len() <= 1 {
-            return pieces
-                .into_iter()
-                .try_for_each(|(at, b)| self.read_at(at, b));
-        }
-        let threads = READ_CONCURRENCY.min(pieces.len());
-        let queue = Mutex::new(pieces.into_iter());
-        std::thread::scope(|scope| {
-            let readers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| -> Result<()> {
-                        loop {
-                            let next = queue.lock().ok().and_then(|mut q| q.next());
-                            let Some((at, buf)) = next else {
-                                return Ok(());
-                            };
-                            if let Err(e) = self.read_at(at, buf) {
-                                // Leave nothing for the other readers: the read has failed.
-                                if let Ok(mut q) = queue.lock() {
-                                    q.by_ref().for_each(drop);
-                                }
-                                return Err(e);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            readers.into_iter().try_for_each(|r| {
-                r.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("a page blob reader panicked".into())))
-            })
-        })
+        let reads = reads.iter_mut().map(|(at, b)| (*at, &mut **b)).collect();
+        crate::azure::pagereader::fetch(&self.client, self.etag.as_deref(), READ_CONCURRENCY, reads)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

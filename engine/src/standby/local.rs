@@ -13,7 +13,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use super::changes::{walk, Part};
@@ -26,14 +25,10 @@ use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::restore::vhd::{fixed_size, restored_footer};
-use crate::restore::{restore_to_file, OutputFormat, RestoreOptions};
+use crate::restore::{restore_to_file, DeviceTarget, DiskTarget, OutputFormat, RestoreOptions};
 
 /// Largest pwrite of a sync: consecutive chunk pieces are gathered up to this.
 const RUN_MAX: usize = 1 << 20;
-const ZERO_ALIGN: u64 = 4096;
-const ZERO_DEALLOCATE: u8 = 0;
-const ZERO_OFFLOAD: u8 = 1;
-const ZERO_WRITE: u8 = 2;
 
 /// Where a local target's record is, and what binds it to the target.
 fn record_location(
@@ -56,6 +51,30 @@ fn record_location(
         };
         Ok((record::state_path(path), identity))
     }
+}
+
+/// Why the device record `record` does not describe the device at `path` (its size and
+/// signature, [`record::DeviceSignature`]), if it does not.
+fn device_mismatch(record: Option<&Record>, path: &Path) -> Result<Option<String>> {
+    match record {
+        Some(r) => Ok(record::DeviceSignature::of(path)?.mismatch(r)),
+        None => Ok(None),
+    }
+}
+
+/// A device record as a sync leaves it: bound to the device's size and, once the sync is
+/// over, to the signature of what it wrote. File records pass unchanged.
+fn signed(record: Record, path: &Path, device: bool) -> Result<Record> {
+    if !device {
+        return Ok(record);
+    }
+    let sig = record::DeviceSignature::of(path)?;
+    let done = record.state != State::Applying;
+    Ok(Record {
+        device_size: Some(sig.size),
+        signature: done.then_some(sig.signature),
+        ..record
+    })
 }
 
 /// A record whose identity is not the target's describes something else: it is ignored,
@@ -91,7 +110,15 @@ pub(crate) fn status(
     let mut notes = Vec::new();
     let raw = Record::read_file(&location)?;
     let had_record = raw.is_some();
-    let record = bound_record(raw, identity.as_deref(), &shown, &mut notes);
+    let mut record = bound_record(raw, identity.as_deref(), &shown, &mut notes);
+    if device.is_some() {
+        if let Some(why) = device_mismatch(record.as_ref(), path)? {
+            notes.push(format!(
+                "the device record does not describe {shown}: {why}"
+            ));
+            record = None;
+        }
+    }
     let kind = if device.is_some() { "device" } else { "file" };
     let mut report = super::status_report(&shown, kind, &location, record, notes);
     if had_record && report.record.is_none() {
@@ -119,6 +146,23 @@ pub(crate) fn sync(
         &shown,
         &mut notes,
     );
+    if device.is_some() {
+        if let Some(why) = device_mismatch(old.as_ref(), path)? {
+            if !options.full {
+                return Err(Error::TargetMismatch {
+                    target: shown.clone(),
+                    snapshot: snapshot.id.to_string(),
+                    offset: 0,
+                    what: format!(
+                        "its standby record ({}) does not describe this device: {why}; \
+                         nothing was written: pass --full to rewrite it",
+                        location.display()
+                    ),
+                });
+            }
+            notes.push(format!("rewritten in full: {why}"));
+        }
+    }
     let format = match (device, options.format) {
         (Some(_), Some(OutputFormat::Raw) | None) => OutputFormat::Raw,
         (Some(_), Some(f)) => {
@@ -179,6 +223,7 @@ pub(crate) fn sync(
         format.as_str(),
         identity.as_deref().unwrap_or(""),
     );
+    let applying = signed(applying, path, device.is_some())?;
     applying.write_file(&location)?;
 
     let (counts, resized) = match plan {
@@ -254,8 +299,8 @@ pub(crate) fn sync(
             ) {
                 Ok(v) => Some(v),
                 Err(e @ Error::TargetMismatch { .. }) => {
-                    super::finished_record(&applying, snapshot, State::Diverged)
-                        .write_file(&location)?;
+                    let diverged = super::finished_record(&applying, snapshot, State::Diverged);
+                    signed(diverged, path, device.is_some())?.write_file(&location)?;
                     return Err(e);
                 }
                 Err(e) => return Err(e),
@@ -263,7 +308,8 @@ pub(crate) fn sync(
         }
         None => None,
     };
-    super::finished_record(&applying, snapshot, State::Clean).write_file(&location)?;
+    let clean = super::finished_record(&applying, snapshot, State::Clean);
+    signed(clean, path, device.is_some())?.write_file(&location)?;
     report.verify = verified;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -318,11 +364,9 @@ fn apply(
         (len, manifest.virtual_size)
     };
     let resized = cur_end != new_end && !device;
-    let sink = Sink {
-        file: &file,
-        path,
-        zeroing: AtomicU8::new(ZERO_DEALLOCATE),
-    };
+    // Restore's device target writes and zeroes files just as well (holes punched where the
+    // file system guarantees zeros).
+    let sink = DeviceTarget::new(&file, path);
     let footer = if vhd {
         let mut bytes = [0u8; FOOTER_LEN];
         file.read_exact_at(&mut bytes, cur_end)
@@ -339,7 +383,7 @@ fn apply(
     if resized {
         if vhd {
             // The old footer would lie inside the new data area: it goes first.
-            sink.zero(cur_end, FOOTER_LEN as u64)?;
+            sink.zero_at(cur_end, FOOTER_LEN as u64)?;
             set_len(&file, path, new_end + FOOTER_LEN as u64)?;
         } else {
             set_len(&file, path, new_end)?;
@@ -365,11 +409,11 @@ fn apply(
                         match part {
                             Part::Zero { offset, len } => {
                                 if !run.is_empty() {
-                                    sink.write(run_start, &run)?;
+                                    sink.write_at(run_start, &run)?;
                                     requests += 1;
                                     run.clear();
                                 }
-                                sink.zero(offset, len)?;
+                                sink.zero_at(offset, len)?;
                                 requests += 1;
                             }
                             Part::Data { offset, data } => {
@@ -377,7 +421,7 @@ fn apply(
                                 if !run.is_empty()
                                     && (!contiguous || run.len() + data.len() > RUN_MAX)
                                 {
-                                    sink.write(run_start, &run)?;
+                                    sink.write_at(run_start, &run)?;
                                     requests += 1;
                                     run.clear();
                                 }
@@ -392,7 +436,7 @@ fn apply(
                 )?;
             }
             if !run.is_empty() {
-                sink.write(run_start, &run)?;
+                sink.write_at(run_start, &run)?;
                 requests += 1;
             }
             c.requests = requests;
@@ -409,7 +453,7 @@ fn apply(
             footer.unique_id = id;
         }
         file.sync_data().map_err(|e| Error::io("fsync", path, e))?;
-        sink.write(new_end, &footer.encode())?;
+        sink.write_at(new_end, &footer.encode())?;
     }
     file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
     Ok((counts, resized))
@@ -417,76 +461,4 @@ fn apply(
 
 fn set_len(file: &File, path: &Path, len: u64) -> Result<()> {
     file.set_len(len).map_err(|e| Error::io("resize", path, e))
-}
-
-/// Writes and zeroes a file or device.
-struct Sink<'a> {
-    file: &'a File,
-    path: &'a Path,
-    /// How zero runs are made: one of the `ZERO_*` ways, moving on when one is refused.
-    zeroing: AtomicU8,
-}
-
-impl Sink<'_> {
-    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io("write", self.path, e))
-    }
-
-    fn write_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        let end = offset.saturating_add(len);
-        while offset < end {
-            let n = (end - offset).min(ZEROS.len() as u64) as usize;
-            self.write(offset, &ZEROS[..n])?;
-            offset += n as u64;
-        }
-        Ok(())
-    }
-
-    fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.checked_add(len).ok_or_else(|| {
-            Error::Internal(format!("zero range at {offset} of {len} bytes overflows"))
-        })?;
-        let first_page = offset.next_multiple_of(ZERO_ALIGN).min(end);
-        let last_page = (end - end % ZERO_ALIGN).max(first_page);
-        self.write_zeros(offset, first_page - offset)?;
-        if last_page > first_page {
-            self.zero_aligned(first_page, last_page - first_page)?;
-        }
-        self.write_zeros(last_page, end - last_page)
-    }
-
-    fn zero_aligned(&self, offset: u64, len: u64) -> Result<()> {
-        use rustix::fs::FallocateFlags as F;
-        loop {
-            let way = self.zeroing.load(Ordering::Relaxed);
-            let flags = match way {
-                ZERO_DEALLOCATE => F::PUNCH_HOLE | F::KEEP_SIZE,
-                ZERO_OFFLOAD => F::ZERO_RANGE | F::KEEP_SIZE,
-                _ => return self.write_zeros(offset, len),
-            };
-            match rustix::fs::fallocate(self.file, flags, offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e)
-                    if [
-                        rustix::io::Errno::OPNOTSUPP,
-                        rustix::io::Errno::NODEV,
-                        rustix::io::Errno::NOSYS,
-                        rustix::io::Errno::INVAL,
-                    ]
-                    .contains(&e) =>
-                {
-                    let _ = self.zeroing.compare_exchange(
-                        way,
-                        (way + 1).min(ZERO_WRITE),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
-                Err(e) => return Err(Error::io("zero", self.path, e.into())),
-            }
-        }
-    }
 }

@@ -17,8 +17,9 @@
 //!   no longer has, or found changed behind our back by `--verify` is refused unless `--full`;
 //!   so is an existing target without a record.
 //! - Two syncs of one target never run at once: file and device targets hold an OS lock beside
-//!   their record; a page blob's record is updated only with `If-Match` on its ETag, and a
-//!   live sync of the same host is recognised by its pid.
+//!   their record; a page blob sync holds the blob's lease, renewed while it runs, and
+//!   updates its record only with `If-Match` on its ETag; a lease left by a sync that died
+//!   on this host is broken by the next sync, any other is waited out.
 //! - The pause hook point is `standby-segment` (before each segment of an incremental sync).
 
 pub mod changes;
@@ -331,6 +332,8 @@ pub(crate) fn applying_record(
         host: crate::host::hostname(),
         pid: std::process::id(),
         identity: identity.to_string(),
+        device_size: None,
+        signature: None,
     }
 }
 

@@ -1,6 +1,11 @@
 //! Page blob standby targets (Azure, Azure Stack Hub): a fixed VHD in a page blob whose
 //! metadata is the standby record, every update conditional on the ETag read just before.
 //!
+//! A sync holds the blob's lease ([`crate::azure::lease`]) from before its first write to
+//! after its last, so no other writer can interleave with it. A lease left by a sync that
+//! died on this host (the record says `applying`, by this host and a pid that is gone) is
+//! broken and taken over; any other holder is waited out (`format-spec/standby.md`, "Leases").
+//!
 //! The first sync creates the blob (or keeps one of the right size), marks it applying and
 //! runs `restore` onto it with `--existing` semantics (stale pages cleared, footer last).
 //! Later syncs cut each changed range out to whole pages (4 KiB for Stack Hub), fill it with
@@ -9,22 +14,26 @@
 //! new footer (same unique id) at the end. After a clean sync `--keep-blob-snapshots N` takes
 //! a blob snapshot and deletes the oldest of ours beyond N (Stack Hub allows 1,000 per blob).
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use super::changes::{walk, Part};
 use super::record::{self, Record, State};
 use super::{decide, Counts, Plan, StatusReport, SyncOptions, SyncReport};
+use crate::azure::lease::{HeldLease, LEASE_SECONDS};
+use crate::azure::pagereader::{PageReader, DEFAULT_READ_PARALLEL};
 use crate::azure::pagewriter::{
-    PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
+    page_regions, PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
 };
 use crate::azure::BlobClient;
 use crate::error::{Error, Result};
-use crate::format::vhd_footer::{self as footer, DiskType, Footer, FOOTER_LEN};
+use crate::format::manifest::Manifest;
+use crate::format::vhd_footer::{Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::restore::pageblob::{
-    check_limits, restore_to_page_blob, source_unique_id, PageBlobRestoreOptions,
+    check_limits, page_blob_footer, restore_with_client, source_unique_id, PageBlobRestoreOptions,
 };
 
 const MIB: u64 = 1 << 20;
@@ -146,21 +155,133 @@ pub(crate) fn sync(
         found.is_some(),
         &shown,
     )?;
-    let incremental = matches!(plan, Plan::Incremental { .. });
-    let (old_size, etag) = match &found {
-        Some((p, _)) => (p.size, p.etag.clone()),
-        None => {
-            client.create_page_blob(blob_size)?;
-            let p = client.properties()?.ok_or_else(|| {
-                Error::Internal(format!("{shown} is missing right after its creation"))
-            })?;
-            (p.size, p.etag)
+    if found.is_none() {
+        client.create_page_blob(blob_size)?;
+    }
+    let mut notes = take_lease(&client, old.as_ref(), &shown)?;
+    let renewal_failure = Mutex::new(None);
+    let result = std::thread::scope(|scope| {
+        let lease = HeldLease::keep(scope, &client, &renewal_failure);
+        let synced = sync_leased(
+            repo,
+            snapshot,
+            &client,
+            Leased {
+                old: old.as_ref(),
+                plan,
+                manifest,
+                blob_size,
+                started,
+            },
+            options,
+            progress,
+        );
+        (synced, lease.release(&client))
+    });
+    match result {
+        (Ok(mut report), released) => {
+            if let Err(e) = released {
+                notes.push(format!("the lease was not released cleanly: {e}"));
+            }
+            report.notes.splice(0..0, notes);
+            Ok(report)
         }
-    };
-    let etag = etag.ok_or_else(|| Error::Internal(format!("{shown}: no ETag")))?;
-    let applying =
-        super::applying_record(repo, old.as_ref(), incremental, snapshot, "vhd-fixed", "");
-    set_record(&client, &applying, &etag)?;
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Takes the blob's lease for this sync (see `format-spec/standby.md`, "Leases"): a lease
+/// left by a sync that died on this host (the record says `applying` and names this host and
+/// a process that is gone) is broken and taken over; any other holder makes the sync refuse
+/// until its lease lapses. Returns notes for the report.
+fn take_lease(client: &BlobClient, old: Option<&Record>, shown: &str) -> Result<Vec<String>> {
+    if client.acquire_lease()? {
+        return Ok(Vec::new());
+    }
+    // Only an `applying` record says whose lease it is: a sync takes the lease before it
+    // writes `applying`, and releases it only after `clean`.
+    let dead_here = old.filter(|r| {
+        r.state == State::Applying
+            && r.host == crate::host::hostname()
+            && r.pid != 0
+            && !record::other_process_alive(r.pid)
+    });
+    match dead_here {
+        Some(r) => {
+            client.break_lease()?;
+            if !client.acquire_lease()? {
+                return Err(Error::Locked(format!(
+                    "{shown}: another writer leased the blob the moment the lease of the dead \
+                     sync was broken; check `standby status` and try again"
+                )));
+            }
+            Ok(vec![format!(
+                "broke the lease left on the blob by a sync that died (pid {} on this host, \
+                 {} since {})",
+                r.pid,
+                r.state.as_str(),
+                r.since
+            )])
+        }
+        None => Err(Error::Locked(format!(
+            "{shown} is leased by another writer ({}); a sync that died releases it within \
+             {LEASE_SECONDS} s of its last renewal: try again then",
+            match old {
+                Some(r) => format!(
+                    "its record was last set by host {} pid {} at {}",
+                    r.host, r.pid, r.since
+                ),
+                None => "it holds no standby record".into(),
+            }
+        ))),
+    }
+}
+
+/// What [`sync`] decided before it took the lease.
+struct Leased<'a, 'r> {
+    old: Option<&'a Record>,
+    plan: Plan<'r>,
+    manifest: Manifest<'r>,
+    blob_size: u64,
+    started: Instant,
+}
+
+/// The sync under the blob's lease: record `applying`, write, record `clean`.
+fn sync_leased(
+    repo: &Repo,
+    snapshot: &SnapshotSummary,
+    client: &BlobClient,
+    leased: Leased<'_, '_>,
+    options: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<SyncReport> {
+    let Leased {
+        old,
+        plan,
+        manifest,
+        blob_size,
+        started,
+    } = leased;
+    let shown = client.display_url().to_string();
+    let data_size = blob_size - FOOTER_LEN as u64;
+    // Read again under the lease: a sync that ran between our first look and the lease has
+    // changed the record, and what we decided from it no longer holds.
+    let (props, m) = client
+        .properties_and_metadata()?
+        .ok_or_else(|| Error::Locked(format!("{shown} disappeared before the sync began")))?;
+    if Record::from_metadata(&m, &shown)?.as_ref() != old {
+        return Err(Error::Locked(format!(
+            "the standby record of {shown} changed while this sync took the blob's lease: \
+             another sync ran meanwhile; run this one again"
+        )));
+    }
+    let old_size = props.size;
+    let etag = props
+        .etag
+        .ok_or_else(|| Error::Internal(format!("{shown}: no ETag")))?;
+    let incremental = matches!(plan, Plan::Incremental { .. });
+    let applying = super::applying_record(repo, old, incremental, snapshot, "vhd-fixed", "");
+    set_record(client, &applying, &etag)?;
     let resized = old_size != blob_size;
 
     let writer_options = WriterOptions {
@@ -176,10 +297,10 @@ pub(crate) fn sync(
             if resized {
                 client.resize(blob_size)?;
             }
-            let r = restore_to_page_blob(
+            let r = restore_with_client(
                 repo,
                 snapshot,
-                url,
+                client,
                 &PageBlobRestoreOptions {
                     blob: options.blob.clone(),
                     existing: true,
@@ -224,7 +345,7 @@ pub(crate) fn sync(
                 }
             }
             // Every page may hold old data: zero runs inside a changed range are cleared.
-            let writer = PageWriter::new(&client, writer_options, vec![(0, data_size)]);
+            let writer = PageWriter::new(client, writer_options, vec![(0, data_size)]);
             let align = writer.align();
             let confirm = |_: u64| Ok(());
             let mut counts = writer
@@ -234,18 +355,7 @@ pub(crate) fn sync(
                         &olds,
                         progress,
                         |frames, extents, base, ranges| {
-                            let mut regions: Vec<(u64, u64)> = Vec::new();
-                            for &(s, e) in ranges {
-                                let (rs, re) = (
-                                    s - s % align,
-                                    e.div_ceil(align).saturating_mul(align).min(data_size),
-                                );
-                                match regions.last_mut() {
-                                    Some(last) if last.1 >= rs => last.1 = last.1.max(re),
-                                    _ => regions.push((rs, re)),
-                                }
-                            }
-                            for (rs, re) in regions {
+                            for (rs, re) in page_regions(ranges, align, data_size) {
                                 let len = usize::try_from(re - rs).map_err(|_| {
                                     Error::Internal("region larger than memory".into())
                                 })?;
@@ -291,7 +401,7 @@ pub(crate) fn sync(
                             .first_chunk::<16>()
                             .unwrap_or(&[0; 16])
                     });
-                writer.put(data_size, &fixed_footer(data_size, id).encode())?;
+                writer.put(data_size, &page_blob_footer(data_size, id).encode())?;
             }
             let s = writer.stats();
             counts.requests = s.put_requests + s.clear_requests + extra_requests;
@@ -303,7 +413,7 @@ pub(crate) fn sync(
         "page-blob",
         "vhd-fixed",
         snapshot,
-        old.as_ref(),
+        old,
         !incremental,
         resized,
         counts,
@@ -312,9 +422,11 @@ pub(crate) fn sync(
     report.uploaded_bytes = Some(uploaded);
     report.notes = client.notes();
 
-    let etag = still_ours(&client, &applying)?;
+    let etag = still_ours(client, &applying)?;
     if let Some(share) = options.verify_share {
-        let read = |offset: u64, buf: &mut [u8]| client.read_range(offset, buf, None);
+        // The shared page reader: only written pages are fetched, several GETs in flight.
+        let reader = PageReader::new(client, None, DEFAULT_READ_PARALLEL);
+        let read = |offset: u64, buf: &mut [u8]| reader.read(offset, buf).map(drop);
         match super::check::verify_sample(
             repo.protection(),
             &manifest,
@@ -327,7 +439,7 @@ pub(crate) fn sync(
             Ok(v) => report.verify = Some(v),
             Err(e @ Error::TargetMismatch { .. }) => {
                 set_record(
-                    &client,
+                    client,
                     &super::finished_record(&applying, snapshot, State::Diverged),
                     &etag,
                 )?;
@@ -337,7 +449,7 @@ pub(crate) fn sync(
         }
     }
     set_record(
-        &client,
+        client,
         &super::finished_record(&applying, snapshot, State::Clean),
         &etag,
     )?;
@@ -358,26 +470,6 @@ pub(crate) fn sync(
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
-}
-
-/// The footer of a fixed VHD page blob with `data_size` bytes of disk.
-fn fixed_footer(data_size: u64, unique_id: [u8; 16]) -> Footer {
-    // "win " (Hyper-V) as creator: readers such as qemu then take the size from the footer.
-    Footer {
-        features: 2,
-        version: footer::FILE_FORMAT_VERSION,
-        data_offset: footer::NO_DATA_OFFSET,
-        timestamp: footer::vhd_now(),
-        creator_app: *b"win ",
-        creator_version: 0x000a_0000,
-        creator_host_os: *b"Wi2k",
-        original_size: data_size,
-        current_size: data_size,
-        geometry: footer::chs_geometry(data_size),
-        disk_type: DiskType::Fixed,
-        unique_id,
-        saved_state: 0,
-    }
 }
 
 fn interrupted(e: Error, shown: &str) -> Error {

@@ -84,6 +84,13 @@ pub struct Record {
     /// What the record is bound to: `inode:DEV:INO` for a file, the device's identity for a
     /// device, empty for a page blob (the record lives on the blob itself).
     pub identity: String,
+    /// Devices: the device's size in bytes ([`DeviceSignature`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_size: Option<u64>,
+    /// Devices, once a sync finished: `blake3:<hex>` of the device's first MiB as that sync
+    /// left it ([`DeviceSignature`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl Record {
@@ -150,6 +157,8 @@ impl Record {
             host: get("stackvault_host"),
             pid: get("stackvault_pid").parse().unwrap_or(0),
             identity: String::new(),
+            device_size: None,
+            signature: None,
         }))
     }
 
@@ -247,9 +256,12 @@ pub fn file_identity(path: &Path) -> Result<String> {
     Ok(format!("inode:{}:{}", m.dev(), m.ino()))
 }
 
-/// The identity of a block or character device: its device-mapper UUID, WWID or serial, or
-/// for a loop device its backing file, as the kernel reports them in sysfs; else its device
-/// number. Stable across reboots for every kind but the last.
+/// The identity of a block or character device, stable across reboots where the system
+/// offers a stable name (`format-spec/standby.md`, "Block device"): the device-mapper UUID,
+/// WWID or serial the kernel reports in sysfs (for a partition: its disk's, with the
+/// partition number), a udev `/dev/disk/by-id` name, or a loop device's backing file; else
+/// the device number, which a reboot may give to another device: records bound to it are
+/// guarded by [`DeviceSignature`].
 pub fn device_identity(path: &Path) -> Result<String> {
     let m = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
     let rdev = m.rdev();
@@ -259,22 +271,129 @@ pub fn device_identity(path: &Path) -> Result<String> {
         return Ok(format!("chardev:{major}:{minor}"));
     }
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    for (file, kind) in [
-        ("dm/uuid", "dm-uuid"),
-        ("wwid", "wwid"),
-        ("device/wwid", "wwid"),
-        ("serial", "serial"),
-        ("device/serial", "serial"),
-        ("loop/backing_file", "loop-backing-file"),
-    ] {
-        if let Ok(v) = fs::read_to_string(sys.join(file)) {
-            let v = v.trim();
-            if !v.is_empty() {
-                return Ok(format!("{kind}:{v}"));
-            }
-        }
+    if let Some(id) = sysfs_identity(&sys, &["dm/uuid", "wwid", "device/wwid", "serial"]) {
+        return Ok(id);
+    }
+    if let Some(id) = by_id_name(Path::new("/dev/disk/by-id"), rdev) {
+        return Ok(id);
+    }
+    if let Some(id) = sysfs_identity(&sys, &["loop/backing_file"]) {
+        return Ok(id);
     }
     Ok(format!("devno:{major}:{minor}"))
+}
+
+/// The first of `files` (sysfs attributes, relative to a block device's directory) that is
+/// set, as `KIND:VALUE`; for a partition (a `partition` attribute), the attribute of its disk
+/// (the parent directory) with `:partN` appended.
+pub fn sysfs_identity(dir: &Path, files: &[&str]) -> Option<String> {
+    let read = |p: PathBuf| {
+        fs::read_to_string(p)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    fn kind(file: &str) -> &str {
+        match file {
+            "dm/uuid" => "dm-uuid",
+            "wwid" | "device/wwid" => "wwid",
+            "serial" | "device/serial" => "serial",
+            "loop/backing_file" => "loop-backing-file",
+            other => other,
+        }
+    }
+    let wanted = files.iter().flat_map(|f| {
+        // `wwid` and `serial` may sit on the device or on its `device/` link.
+        let alt = match *f {
+            "wwid" => Some("device/wwid"),
+            "serial" => Some("device/serial"),
+            _ => None,
+        };
+        std::iter::once(*f).chain(alt)
+    });
+    let (base, suffix) = match read(dir.join("partition")) {
+        Some(n) => {
+            // /sys/dev/block/M:m links into .../block/sda/sda1: the disk is the parent.
+            let real = fs::canonicalize(dir).ok()?;
+            (real.parent()?.to_path_buf(), format!(":part{n}"))
+        }
+        None => (dir.to_path_buf(), String::new()),
+    };
+    wanted
+        .into_iter()
+        .find_map(|f| read(base.join(f)).map(|v| format!("{}:{v}{suffix}", kind(f))))
+}
+
+/// The udev name of the device `rdev` in `by_id` (`/dev/disk/by-id`): the first in name
+/// order, as `by-id:NAME`; these names come from the hardware (model and serial, WWN, NVMe
+/// EUI), not from the order devices were found.
+pub fn by_id_name(by_id: &Path, rdev: u64) -> Option<String> {
+    let mut names: Vec<String> = fs::read_dir(by_id)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            fs::metadata(e.path())
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+        })
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.into_iter().next().map(|n| format!("by-id:{n}"))
+}
+
+/// Bytes of a device's start that its signature covers.
+pub const SIGNATURE_BYTES: u64 = 1 << 20;
+
+/// What a device record checks before trusting that the device is the one it describes:
+/// the device's size, and the BLAKE3 of its first [`SIGNATURE_BYTES`] as the last sync left
+/// them (a partition table, a boot sector, a file system's superblock: what tells disks
+/// apart). A device number reused by another device after a reboot, or a device rewritten
+/// behind our back, fails the check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSignature {
+    pub size: u64,
+    pub signature: String,
+}
+
+impl DeviceSignature {
+    /// Reads the signature of the device at `path`.
+    pub fn of(path: &Path) -> Result<DeviceSignature> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = File::open(path).map_err(|e| Error::io("open device", path, e))?;
+        let size = f
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("size device", path, e))?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io("seek device", path, e))?;
+        let mut head = Vec::new();
+        f.take(SIGNATURE_BYTES.min(size))
+            .read_to_end(&mut head)
+            .map_err(|e| Error::io("read device", path, e))?;
+        Ok(DeviceSignature {
+            size,
+            signature: format!("blake3:{}", blake3::hash(&head).to_hex()),
+        })
+    }
+
+    /// Why `record` does not describe a device with this signature, if it does not. Only the
+    /// size is checked while a sync is applying (its first MiB may be half written).
+    pub fn mismatch(&self, record: &Record) -> Option<String> {
+        if let Some(recorded) = record.device_size.filter(|&s| s != self.size) {
+            return Some(format!(
+                "the record describes a device of {recorded} bytes and this one has {} bytes",
+                self.size
+            ));
+        }
+        match &record.signature {
+            Some(sig) if record.state != State::Applying && *sig != self.signature => Some(
+                "the device's first MiB is not what the last sync left there: another device \
+                 took this one's name (after a reboot), or it was written behind \
+                 stackvault's back"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// An exclusive lock on `<record>.lock`, held for the whole sync: a second sync of the same
@@ -342,6 +461,8 @@ mod tests {
             host: "dr1".into(),
             pid: 42,
             identity: String::new(),
+            device_size: None,
+            signature: None,
         }
     }
 
@@ -368,6 +489,37 @@ mod tests {
         let r = sample();
         r.write_file(&path)?;
         assert_eq!(Record::read_file(&path)?, Some(r));
+        // A device record carries its signature; a record without one still reads.
+        let dev = Record {
+            device_size: Some(1 << 30),
+            signature: Some("blake3:00".into()),
+            ..sample()
+        };
+        dev.write_file(&path)?;
+        assert_eq!(Record::read_file(&path)?, Some(dev));
+        Ok(())
+    }
+
+    #[test]
+    fn a_partition_is_named_by_its_disk_and_number() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        let disk = dir.path().join("block/sda");
+        let part = disk.join("sda1");
+        fs::create_dir_all(part.clone()).map_err(|e| Error::io("mkdir", &part, e))?;
+        fs::create_dir_all(disk.join("device")).map_err(|e| Error::io("mkdir", &disk, e))?;
+        let write = |p: PathBuf, v: &str| fs::write(&p, v).map_err(|e| Error::io("write", &p, e));
+        write(disk.join("device/wwid"), "naa.5000c500a1b2c3d4\n")?;
+        write(part.join("partition"), "1\n")?;
+        let files = ["dm/uuid", "wwid", "serial"];
+        assert_eq!(
+            sysfs_identity(&disk, &files).as_deref(),
+            Some("wwid:naa.5000c500a1b2c3d4")
+        );
+        assert_eq!(
+            sysfs_identity(&part, &files).as_deref(),
+            Some("wwid:naa.5000c500a1b2c3d4:part1")
+        );
+        assert_eq!(sysfs_identity(&part, &["loop/backing_file"]), None);
         Ok(())
     }
 }

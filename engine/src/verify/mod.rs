@@ -29,7 +29,7 @@ pub use check::{
     LEFTOVER_MIN_AGE_SECS,
 };
 pub use snapshot::verify_snapshot;
-pub use target::{open_target, verify_target};
+pub use target::{open_page_blob_target, open_target, verify_target, PageBlobTarget};
 
 use std::time::Instant;
 
