@@ -1,8 +1,8 @@
 //! `check` and `prune` on remote repositories (moto, Azurite), through the command line:
 //! check compares the index deltas with the packs (a delta missing for a pack a snapshot needs,
-//! a delta that disagrees with its pack: damage, exit 3), and `prune --dry-run` prints the
-//! two-phase plan. (Deltas without a pack are not tested here: opening the repository fails on
-//! one before check or prune runs, see `index::delta::sync`.) And a backup SIGKILLed
+//! a delta that disagrees with its pack: damage, exit 3; a delta without a pack: listed, a
+//! warning once older than the grace period); prune condemns and later deletes deltas without
+//! a pack like packs, and `prune --dry-run` prints the two-phase plan. And a backup SIGKILLed
 //! midway: it leaves only unreferenced objects, the next backup works beside them, `check`
 //! passes (the orphans within the grace period are normal), and two prunes a grace period
 //! apart remove them.
@@ -151,7 +151,7 @@ fn kinds(check: &Value) -> Vec<String> {
 }
 
 #[test]
-fn check_compares_deltas_with_packs() -> Result<()> {
+fn check_compares_deltas_with_packs_and_prune_removes_orphan_deltas() -> Result<()> {
     let Some(moto) = moto() else { return Ok(()) };
     let r = Remote::s3(&moto, "deltas")?;
     let dir = tempfile::tempdir()?;
@@ -212,6 +212,69 @@ fn check_compares_deltas_with_packs() -> Result<()> {
         "the rewritten delta differs"
     );
 
+    // A (damaged) delta without a pack: listed, not damage; a warning once older than the
+    // grace period.
+    let orphan = "index/ab/ab0123456789abcdef0123456789abcd".to_string();
+    r.objects.put(&orphan, b"a delta whose pack is gone")?;
+    let young = r.json(&["check"])?;
+    ensure!(young["ok"] == true, "{young}");
+    ensure!(
+        young["orphan_deltas"][0]["key"] == orphan.as_str(),
+        "{young}"
+    );
+    ensure!(young["orphan_deltas"][0]["overdue"] == false, "{young}");
+    ensure!(
+        young["warnings"].as_array().is_some_and(Vec::is_empty),
+        "{young}"
+    );
+    let old = r.json(&["check", "--grace", "0"])?;
+    ensure!(
+        old["ok"] == true && old["orphan_deltas"][0]["overdue"] == true,
+        "{old}"
+    );
+    ensure!(
+        old["warnings"].to_string().contains("prune` removes it"),
+        "{old}"
+    );
+
+    // Prune: the dry run plans its condemnation, the first prune condemns it, the dry run
+    // then says when it becomes deletable, and a prune after the grace period deletes it.
+    let plan = r.json(&["prune", "--dry-run", "--grace", "0"])?;
+    ensure!(
+        plan["plan"]["condemn"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["why"] == "orphan-delta")),
+        "{plan}"
+    );
+    ensure!(r.keys("condemned/")?.is_empty(), "a dry run wrote a record");
+    let first_prune = r.json(&["prune", "--grace", "0"])?;
+    ensure!(first_prune["orphan_deltas_condemned"] == 1, "{first_prune}");
+    ensure!(r.objects.exists(&orphan)?, "condemned is not deleted");
+    let waiting = r.json(&["prune", "--dry-run"])?;
+    let w = &waiting["plan"]["waiting"];
+    ensure!(
+        w.as_array().is_some_and(|w| w.len() == 1) && w[0]["deletable_after"].is_string(),
+        "{waiting}"
+    );
+    r.age_records()?;
+    let ripe = r.json(&["prune", "--dry-run", "--grace", "0"])?;
+    ensure!(ripe["plan"]["delete_now"][0]["object"] == "delta", "{ripe}");
+    ensure!(r.objects.exists(&orphan)?, "a dry run deleted");
+    let second_prune = r.json(&["prune", "--grace", "0"])?;
+    ensure!(second_prune["orphan_deltas_deleted"] == 1, "{second_prune}");
+    ensure!(
+        !r.objects.exists(&orphan)?,
+        "the orphan delta is still there"
+    );
+    ensure!(
+        r.keys("condemned/")?.is_empty(),
+        "the record was not removed"
+    );
+    let after = r.json(&["check", "--grace", "0"])?;
+    ensure!(
+        after["ok"] == true && after["orphan_deltas"] == serde_json::json!([]),
+        "{after}"
+    );
     Ok(())
 }
 
