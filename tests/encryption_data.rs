@@ -168,6 +168,7 @@ fn an_encrypted_repository_backs_up_restores_reads_verifies_and_checks() -> anyh
         &e.repo,
         &CheckOptions {
             read_data: ReadData::All,
+            ..Default::default()
         },
         &NoProgress,
     )?;
@@ -320,6 +321,7 @@ fn a_flipped_byte_in_a_sealed_frame_is_damage_at_its_pack_and_offset() -> anyhow
         &e.repo,
         &CheckOptions {
             read_data: ReadData::All,
+            ..Default::default()
         },
         &NoProgress,
     )?;

@@ -19,6 +19,11 @@ pub struct Args {
     /// `P%` or a size like `2GiB` (a random choice of packs).
     #[arg(long, value_name = "SUBSET", value_parser = crate::args::subset)]
     read_data_subset: Option<Subset>,
+    /// Seconds after which orphans (packs no snapshot needs, index deltas without a pack) are
+    /// a warning; younger ones may belong to a backup in flight (default: prune's grace
+    /// period, twice the lock lease).
+    #[arg(long, value_name = "SECONDS")]
+    grace: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -32,7 +37,11 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
     let repo = Repo::open(&repo)?;
-    let report = stackvault::check(&repo, &CheckOptions { read_data }, &ctx.progress())?;
+    let options = CheckOptions {
+        read_data,
+        grace: args.grace.map(std::time::Duration::from_secs),
+    };
+    let report = stackvault::check(&repo, &options, &ctx.progress())?;
     if args.json {
         output::json(&report)?;
     } else {
@@ -120,6 +129,19 @@ fn print(r: &CheckReport) -> anyhow::Result<()> {
             output::bytes(o.size),
             o.why
         ))?;
+    }
+    for o in &r.orphan_deltas {
+        let age = o
+            .age_secs
+            .map(|a| format!("{a} s old"))
+            .unwrap_or_else(|| "age unknown".into());
+        output::line(format!(
+            "orphan index delta {} ({age}): its pack is not in the store",
+            o.key
+        ))?;
+    }
+    for w in &r.warnings {
+        output::line(format!("WARNING: {w}"))?;
     }
     for l in &r.leftovers {
         let why = if l.why.is_empty() {

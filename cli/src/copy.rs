@@ -19,6 +19,13 @@ pub struct Args {
     /// with `init --like SRC` so that chunks deduplicate and snapshot ids stay the same.
     #[arg(long, value_name = "DST")]
     to: Option<PathBuf>,
+    /// Endpoint of the source when it is on an object store (remembered for that location);
+    /// with two remote locations each takes its own, and `--endpoint` is refused.
+    #[arg(long, value_name = "URL")]
+    from_endpoint: Option<String>,
+    /// Endpoint of the destination when it is on an object store (remembered for it).
+    #[arg(long, value_name = "URL")]
+    to_endpoint: Option<String>,
     /// Only snapshots of this disk (with `latest`: this disk's latest).
     #[arg(long, value_parser = crate::args::disk_name)]
     disk: Option<String>,
@@ -51,6 +58,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         .into_iter()
         .map(|s| crate::args::text(s, "SNAPSHOT"))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    endpoints(&args.from, args.from_endpoint, &to, args.to_endpoint)?;
     let src = Repo::open(&args.from)
         .with_context(|| format!("cannot open the source repository {}", args.from.display()))?;
     let dst = Repo::open(&to)
@@ -132,6 +140,49 @@ fn print(r: &CopyReport) -> anyhow::Result<()> {
             "  indexed {} packs an interrupted run had stored",
             r.packs_adopted
         ))?;
+    }
+    Ok(())
+}
+
+/// Gives each remote location of the copy its own endpoint. The rule: `--from-endpoint` and
+/// `--to-endpoint` name the source's and the destination's; a plain `--endpoint` names the
+/// only remote location there is, and is refused when both are remote (it would silently
+/// send one of them to the wrong service).
+fn endpoints(
+    from: &std::path::Path,
+    from_endpoint: Option<String>,
+    to: &std::path::Path,
+    to_endpoint: Option<String>,
+) -> anyhow::Result<()> {
+    use stackvault::repo::{RepoLocation, StoreOptions};
+    let from = RepoLocation::from_path(from)?;
+    let to = RepoLocation::from_path(to)?;
+    let global = stackvault::repo::given_store_options();
+    if from.is_remote() && to.is_remote() && global.endpoint.is_some() {
+        return Err(stackvault::Error::Usage(format!(
+            "copy from {from} to {to}: --endpoint would apply to both stores; give each its \
+             own with --from-endpoint and --to-endpoint (each is remembered for its location)"
+        ))
+        .into());
+    }
+    for (location, endpoint, flag) in [
+        (&from, from_endpoint, "--from-endpoint"),
+        (&to, to_endpoint, "--to-endpoint"),
+    ] {
+        let Some(endpoint) = endpoint else { continue };
+        if !location.is_remote() {
+            return Err(stackvault::Error::Usage(format!(
+                "{flag} {endpoint}: {location} is a local directory, which has no endpoint"
+            ))
+            .into());
+        }
+        stackvault::repo::set_store_options_for(
+            location,
+            StoreOptions {
+                endpoint: Some(endpoint),
+                profile: global.profile,
+            },
+        );
     }
     Ok(())
 }

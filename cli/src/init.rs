@@ -65,8 +65,17 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 zstd_level: args.zstd_level,
             },
         ),
-    }
-    .with_context(|| format!("cannot create repository {}", path.display()))?;
+    };
+    let repo = match repo {
+        Ok(repo) => repo,
+        // A store's answer already names the URL and says what to do (create the bucket or
+        // container, fix the credential): one line, not that line under a generic one.
+        Err(e @ stackvault::Error::Http { .. }) => return Err(e.into()),
+        Err(e) => {
+            return Err(anyhow::Error::from(e)
+                .context(format!("cannot create repository {}", path.display())))
+        }
+    };
     let c = repo.config();
     if args.json {
         output::json(&InitReport {

@@ -88,8 +88,55 @@ fn print(r: &PruneReport) -> anyhow::Result<()> {
             r.condemnation_records_removed
         ))?;
     }
+    if r.orphan_deltas_condemned + r.orphan_deltas_deleted > 0 {
+        output::line(format!(
+            "index deltas without a pack: {} {would}condemned now, {} {would}deleted",
+            r.orphan_deltas_condemned, r.orphan_deltas_deleted
+        ))?;
+    }
+    if let Some(plan) = &r.plan {
+        print_plan(plan)?;
+    }
     for p in &r.problems {
         output::line(format!("note: {p}"))?;
+    }
+    Ok(())
+}
+
+/// The two-phase plan of `--dry-run` on a shared store, phase 2 first as prune runs it.
+fn print_plan(plan: &stackvault::prune::TwoPhasePlan) -> anyhow::Result<()> {
+    for d in &plan.delete_now {
+        let what = match d.object {
+            stackvault::prune::Deleted::Pack => "pack and its delta",
+            stackvault::prune::Deleted::Delta => "delta (its pack is gone)",
+        };
+        output::line(format!(
+            "delete now: {} ({what}; condemned by {}, past the grace period)",
+            d.pack, d.record
+        ))?;
+    }
+    for w in &plan.waiting {
+        output::line(format!(
+            "waiting: {} (condemned by {}; deletable after {})",
+            w.pack,
+            w.record,
+            w.deletable_after
+                .as_deref()
+                .unwrap_or("never: unreadable record time")
+        ))?;
+    }
+    for c in &plan.condemn {
+        output::line(format!(
+            "condemn: {} ({})",
+            c.pack,
+            serde_json::to_value(c.why)?.as_str().unwrap_or("?")
+        ))?;
+    }
+    if !plan.condemn.is_empty() {
+        output::line(format!(
+            "what this run condemns becomes deletable after {} (a prune run then deletes it)",
+            plan.condemned_now_deletable_after
+        ))?;
     }
     Ok(())
 }

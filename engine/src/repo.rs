@@ -45,7 +45,10 @@ use crate::store::{self, Backend, LocalDir};
 
 mod keys;
 mod location;
-pub use location::{set_store_options, RepoLocation, StoreOptions};
+mod manifest_cache;
+pub use location::{
+    given_store_options, set_store_options, set_store_options_for, RepoLocation, StoreOptions,
+};
 
 use zeroize::Zeroizing;
 
@@ -532,6 +535,15 @@ impl Repo {
 
     /// Reads and checks a snapshot's manifest.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest<'_>> {
+        // A remote manifest is read from this host's copy: its requests are paid once.
+        if self.is_remote() {
+            let dir = self.root.join("manifests");
+            if let Some(m) =
+                manifest_cache::load(self.backend.as_ref(), &self.protection, &dir, id)?
+            {
+                return Ok(m);
+            }
+        }
         index::load_manifest(self.backend.as_ref(), &self.protection, id)
     }
 
@@ -589,7 +601,8 @@ impl Repo {
     pub fn require_writable(&self, what: &str) -> Result<()> {
         match &self.read_only {
             None => Ok(()),
-            Some(why) => Err(read_only_error(&self.root, what, why)),
+            // The location the user named, never this host's cache of a remote one.
+            Some(why) => Err(read_only_error(Path::new(&self.location()), what, why)),
         }
     }
 
@@ -741,7 +754,13 @@ fn read_config_object(location: &str, backend: &dyn Backend) -> Result<RepoConfi
     };
     let bytes = match backend.get(CONFIG_KEY) {
         Ok(b) => b,
-        Err(Error::NotFound { .. }) => return Err(not_repo("it has no config object")),
+        Err(Error::NotFound { .. }) => {
+            return Err(not_repo(
+                "it has no config object: check the location's prefix (the path after the \
+                 bucket or container names the repository's folder), or create a repository \
+                 there with `stackvault init`",
+            ))
+        }
         Err(e) => return Err(e),
     };
     if !bytes.starts_with(&CONFIG_MAGIC) {

@@ -71,6 +71,11 @@ pub(crate) fn service_error(r: &Response) -> (String, String) {
         message.push_str("<redacted>");
     }
     let hint = match (r.status, code.as_str()) {
+        (403, "AuthorizationPermissionMismatch") => Some(
+            "the credential may not do this: a SAS for backup, init, prune and forget must \
+             grant create (c), write (w) and delete (d) besides read (r) and list (l); with a \
+             read+list SAS only reading commands work",
+        ),
         (403, _) => Some(
             "check the credential (AZURE_STORAGE_KEY must be the account's key; a SAS must \
              grant the needed permissions and not have expired)",

@@ -260,6 +260,12 @@ pub fn sync(
             Ok(d) => index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?,
             // A damaged delta: its pack's own table says the same thing.
             Err(e) if e.is_corruption() => {
+                // A damaged delta whose pack is gone names nothing a manifest can need
+                // (deltas are written after their packs): skip it; `check` lists it and
+                // `prune` removes it.
+                if !backend.exists(&pack_key(name))? {
+                    continue;
+                }
                 let table = read_pack_table(backend, protection, name)?;
                 let size = backend.size(&pack_key(name))?;
                 index.add_pack(name, size, table.version, &table.entries)?;

@@ -10,6 +10,7 @@ pub mod condemn;
 pub mod forget;
 pub mod prune;
 pub mod stats;
+pub mod two_phase_plan;
 
 pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use prune::{prune, PruneOptions, PruneReport};

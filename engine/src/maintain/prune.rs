@@ -57,6 +57,10 @@ use crate::repo::Repo;
 use crate::store::pack::PackWriter;
 use crate::store::pack_key;
 
+pub use super::two_phase_plan::{
+    CondemnWhy, Deleted, PlannedCondemnation, PlannedDeletion, TwoPhasePlan, Waiting,
+};
+
 /// Bytes of a pack that are not records: header and footer.
 pub const PACK_FIXED_OVERHEAD: u64 = (PACK_HEADER_LEN + PACK_FOOTER_LEN) as u64;
 /// Bytes a chunk costs in a (version 2) pack beyond its frame's stored bytes: its entry in
@@ -163,6 +167,15 @@ pub struct PruneReport {
     pub condemned_reused: u64,
     /// Condemnation records deleted (all their packs dealt with).
     pub condemnation_records_removed: u64,
+    /// Index deltas without a pack (left by a crash between prune's two deletions, or by a
+    /// build without deltas) this run condemned, and those condemned long enough ago that it
+    /// deleted (two-phase, like packs).
+    pub orphan_deltas_condemned: u64,
+    pub orphan_deltas_deleted: u64,
+    /// With `--dry-run` on a shared store: the two-phase plan (what would be condemned, what
+    /// would be deleted now, when the rest becomes deletable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<super::two_phase_plan::TwoPhasePlan>,
     /// Things prune left alone, with why (damaged packs, unindexed referenced chunks).
     pub problems: Vec<String>,
     pub duration_ms: u64,
@@ -254,7 +267,7 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
         },
         ..Default::default()
     };
-    if two_phase && !options.dry_run {
+    if two_phase {
         return prune_two_phase(repo, options, progress, report, started);
     }
 
@@ -320,7 +333,9 @@ pub fn prune(repo: &Repo, options: &PruneOptions, progress: &dyn Progress) -> Re
 /// run meanwhile, so nothing is deleted the moment it is found unused. Phase 2 first: the
 /// packs of records older than the grace period that no manifest present references are
 /// deleted (delta, then pack), then the records. Phase 1: the packs found unused now (after
-/// copying the live frames of mostly-unused ones) are named in one new record.
+/// copying the live frames of mostly-unused ones) are named in one new record, with the
+/// deltas found without a pack. With `dry_run` nothing is written to the store (only this
+/// host's cache of the index is brought up to date) and the report carries the plan.
 fn prune_two_phase(
     repo: &Repo,
     options: &PruneOptions,
@@ -328,16 +343,30 @@ fn prune_two_phase(
     mut report: PruneReport,
     started: Instant,
 ) -> Result<PruneReport> {
+    use super::two_phase_plan::{
+        deletable_after, from_now, CondemnWhy, Deleted, PlannedCondemnation, PlannedDeletion,
+        Waiting,
+    };
+    let dry = options.dry_run;
+    let mut plan = super::two_phase_plan::TwoPhasePlan::default();
     // Learn every pack and manifest other hosts wrote; deltas again after the manifests, so
     // that every manifest seen has its packs indexed (deltas are written before manifests).
     repo.refresh()?;
+    // Deltas listed before packs: a pack is stored before its delta, so a delta this listing
+    // shows whose pack the next one lacks has truly lost its pack (not a backup in flight).
+    let deltas: HashMap<String, String> = repo
+        .backend()
+        .list(crate::index::delta::DELTAS_PREFIX)?
+        .into_iter()
+        .filter_map(|k| Some((crate::index::delta::pack_of_delta_key(&k)?.to_string(), k)))
+        .collect();
     let stored = StoredPacks::list(repo)?;
     report.packs_before = stored.keys.len() as u64;
     report.bytes_before = stored.sizes.values().sum();
     let records = super::condemn::read_all(repo.backend())?;
     let mut index = repo.index();
     let snapshots = collect_referenced(repo, &mut index)?;
-    crate::index::delta::sync(&mut index, repo.backend(), repo.protection(), true)?;
+    crate::index::delta::sync(&mut index, repo.backend(), repo.protection(), !dry)?;
     report.snapshots = snapshots.len() as u64;
     let path = index.path().to_path_buf();
     let err = sql_err(&path);
@@ -367,12 +396,36 @@ fn prune_two_phase(
         if record.age().is_none_or(|a| a < ripe_after) {
             report.condemned_waiting += record.body.packs.len() as u64;
             still_condemned.extend(record.body.packs.iter().cloned());
+            let after = deletable_after(&record.body.time, ripe_after);
+            plan.waiting
+                .extend(record.body.packs.iter().map(|name| Waiting {
+                    pack: name.clone(),
+                    record: record.key.clone(),
+                    deletable_after: after.clone(),
+                }));
             continue;
         }
         let mut settled = true;
         for name in &record.body.packs {
             let Some(key) = stored.keys.get(name) else {
-                continue; // already gone
+                // The pack is gone; a delta left without it goes now (it names nothing a
+                // manifest can need: the pack was listed absent after the delta).
+                if let Some(delta) = deltas.get(name) {
+                    if dry {
+                        plan.delete_now.push(PlannedDeletion {
+                            pack: name.clone(),
+                            object: Deleted::Delta,
+                            record: record.key.clone(),
+                        });
+                    } else {
+                        match repo.backend().remove(delta) {
+                            Ok(()) | Err(Error::NotFound { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    report.orphan_deltas_deleted += 1;
+                }
+                continue;
             };
             if live_rows_in(index.conn_mut(), &err, name)? > 0 {
                 report.condemned_reused += 1;
@@ -390,14 +443,22 @@ fn prune_two_phase(
                         .into(),
                 )
             })?;
-            repo.backend().remove(key)?;
-            crate::crash::point("prune-pack-deleted");
-            drop_pack_rows(index.conn_mut(), &err, name)?;
+            if dry {
+                plan.delete_now.push(PlannedDeletion {
+                    pack: name.clone(),
+                    object: Deleted::Pack,
+                    record: record.key.clone(),
+                });
+            } else {
+                repo.backend().remove(key)?;
+                crate::crash::point("prune-pack-deleted");
+                drop_pack_rows(index.conn_mut(), &err, name)?;
+            }
             deleted.insert(name.clone());
             removed_bytes += stored.sizes.get(name).copied().unwrap_or(0);
             report.packs_deleted += 1;
         }
-        if settled {
+        if settled && !dry {
             match repo.backend().remove(&record.key) {
                 Ok(()) | Err(Error::NotFound { .. }) => report.condemnation_records_removed += 1,
                 Err(e) => return Err(e),
@@ -421,30 +482,79 @@ fn prune_two_phase(
         .into_iter()
         .filter(|(n, _)| !still_condemned.contains(n) && !deleted.contains(n))
         .collect();
-    let written = rewrite_packs(
-        repo,
-        index.conn_mut(),
-        &err,
-        &mut packs,
-        progress,
-        &mut report,
-    )?;
-    let mut condemn: Vec<String> = packs
-        .iter()
-        .filter(|p| p.plan != Plan::Keep && stored.keys.contains_key(&p.name))
-        .map(|p| p.name.clone())
-        .chain(orphans.iter().map(|(n, _)| n.clone()))
+    let written = if dry {
+        Vec::new()
+    } else {
+        rewrite_packs(
+            repo,
+            index.conn_mut(),
+            &err,
+            &mut packs,
+            progress,
+            &mut report,
+        )?
+    };
+    // Deltas whose pack is not in the store and that no record names yet.
+    let mut orphan_deltas: Vec<String> = deltas
+        .keys()
+        .filter(|n| {
+            !stored.keys.contains_key(*n)
+                && !still_condemned.contains(*n)
+                && !deleted.contains(*n)
+                && !condemned.contains(*n)
+        })
+        .cloned()
         .collect();
-    condemn.sort();
-    condemn.dedup();
-    if !condemn.is_empty() {
-        report.packs_condemned = condemn.len() as u64;
-        super::condemn::write(repo.backend(), condemn)?;
+    orphan_deltas.sort();
+    let mut condemn: Vec<(String, CondemnWhy)> = packs
+        .iter()
+        // (A dry run keeps the rows of what phase 2 would delete: not condemned again.)
+        .filter(|p| {
+            p.plan != Plan::Keep && stored.keys.contains_key(&p.name) && !deleted.contains(&p.name)
+        })
+        .map(|p| {
+            let why = match p.plan {
+                Plan::Rewrite => CondemnWhy::Rewritten,
+                _ => CondemnWhy::Unused,
+            };
+            (p.name.clone(), why)
+        })
+        .chain(
+            orphans
+                .iter()
+                .map(|(n, _)| (n.clone(), CondemnWhy::OrphanPack)),
+        )
+        .chain(
+            orphan_deltas
+                .iter()
+                .map(|n| (n.clone(), CondemnWhy::OrphanDelta)),
+        )
+        .collect();
+    condemn.sort_by(|a, b| a.0.cmp(&b.0));
+    condemn.dedup_by(|a, b| a.0 == b.0);
+    report.orphan_deltas_condemned = orphan_deltas.len() as u64;
+    report.packs_condemned = (condemn.len() - orphan_deltas.len()) as u64;
+    if dry {
+        plan.condemned_now_deletable_after = from_now(ripe_after);
+        plan.condemn = condemn
+            .into_iter()
+            .map(|(pack, why)| PlannedCondemnation { pack, why })
+            .collect();
+    } else if !condemn.is_empty() {
+        super::condemn::write(
+            repo.backend(),
+            condemn.into_iter().map(|(n, _)| n).collect(),
+        )?;
     }
     report.packs_rewritten = packs.iter().filter(|p| p.plan == Plan::Rewrite).count() as u64;
-    report.verification_records_removed =
-        remove_stray_verifications(repo, index.conn_mut(), &err, &snapshots)?;
+    if !dry {
+        report.verification_records_removed =
+            remove_stray_verifications(repo, index.conn_mut(), &err, &snapshots)?;
+    }
     drop(index);
+    if dry {
+        report.plan = Some(plan);
+    }
     report.packs_written = written.len() as u64;
     report.bytes_after =
         report.bytes_before.saturating_sub(removed_bytes) + written.iter().sum::<u64>();

@@ -42,11 +42,31 @@ static STORE_OPTIONS: Mutex<StoreOptions> = Mutex::new(StoreOptions {
     profile: None,
 });
 
+/// Options given for one location (`copy --from-endpoint`, `--to-endpoint`), by the
+/// location's canonical string; they take the place of [`STORE_OPTIONS`] for it.
+static LOCATION_OPTIONS: Mutex<Vec<(String, StoreOptions)>> = Mutex::new(Vec::new());
+
 /// Sets the store options the command line gave, for every remote location this process
 /// opens (`--endpoint`, `--target-profile`).
 pub fn set_store_options(options: StoreOptions) {
     if let Ok(mut o) = STORE_OPTIONS.lock() {
         *o = options;
+    }
+}
+
+/// The store options the command line gave for every location ([`set_store_options`]).
+pub fn given_store_options() -> StoreOptions {
+    STORE_OPTIONS.lock().map(|o| o.clone()).unwrap_or_default()
+}
+
+/// Sets the store options given for `location` alone: a command that opens two remote
+/// locations (`copy`) reaches each through its own endpoint. They replace, for that location,
+/// the options given for all ([`set_store_options`]), and are remembered for it like those.
+pub fn set_store_options_for(location: &RepoLocation, options: StoreOptions) {
+    if let Ok(mut all) = LOCATION_OPTIONS.lock() {
+        let key = location.to_string();
+        all.retain(|(k, _)| *k != key);
+        all.push((key, options));
     }
 }
 
@@ -185,10 +205,20 @@ impl RepoLocation {
         if !self.is_remote() {
             return Ok(StoreOptions::default());
         }
-        let given = STORE_OPTIONS
+        let key = self.to_string();
+        let for_this = LOCATION_OPTIONS
             .lock()
             .map_err(|_| Error::Internal("store options lock poisoned".into()))?
-            .clone();
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, o)| o.clone());
+        let given = match for_this {
+            Some(o) => o,
+            None => STORE_OPTIONS
+                .lock()
+                .map_err(|_| Error::Internal("store options lock poisoned".into()))?
+                .clone(),
+        };
         let file = super::cache_root()?
             .join("stackvault")
             .join("locations")

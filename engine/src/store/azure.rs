@@ -645,10 +645,14 @@ fn parse_listing(
                     let size = child("Content-Length")
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .ok_or_else(|| bad(format!("listed blob {name} has no Content-Length")))?;
+                    // RFC 1123, as every Azure date; absent or odd, the age is unknown.
+                    let modified = child("Last-Modified")
+                        .and_then(|t| httpdate::parse_http_date(t.trim()).ok());
                     if let Some(key) = name.strip_prefix(prefix) {
                         out.push(ObjectInfo {
                             key: key.to_string(),
                             size,
+                            modified,
                         });
                     }
                 }
@@ -667,7 +671,7 @@ mod tests {
     fn listing_pages_are_read_with_sizes_and_markers() -> Result<()> {
         let page = br#"<?xml version="1.0" encoding="utf-8"?>
 <EnumerationResults ContainerName="vault"><Prefix>erp/packs/</Prefix><Blobs>
-<Blob><Name>erp/packs/ab/abcd</Name><Properties><Content-Length>5</Content-Length></Properties></Blob>
+<Blob><Name>erp/packs/ab/abcd</Name><Properties><Last-Modified>Mon, 30 Nov 2026 03:45:47 GMT</Last-Modified><Content-Length>5</Content-Length></Properties></Blob>
 <Blob><Name>erp/packs/cd/cdef</Name><Properties><Content-Length>0</Content-Length></Properties></Blob>
 </Blobs><NextMarker>2!abc</NextMarker></EnumerationResults>"#;
         let mut out = Vec::new();
@@ -675,6 +679,8 @@ mod tests {
         assert_eq!(next.as_deref(), Some("2!abc"));
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].key.as_str(), out[0].size), ("packs/ab/abcd", 5));
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_010_347);
+        assert_eq!((out[0].modified, out[1].modified), (Some(when), None));
         let last = b"<EnumerationResults><Blobs/><NextMarker/></EnumerationResults>";
         assert_eq!(parse_listing(last, "", "x", &mut out)?, None);
         assert!(parse_listing(b"<nope", "", "x", &mut out).is_err());

@@ -57,9 +57,14 @@ pub fn honours_the_contract(b: &dyn Backend) -> Result<()> {
     b.put("packs/cd/cdef", b"")?;
     let mut listed = b.list_with_sizes("packs/")?;
     listed.sort_by(|x, y| x.key.cmp(&y.key));
+    // The modification time is whatever the store says; the contract is key and size.
+    for o in &mut listed {
+        o.modified = None;
+    }
     let info = |key: &str, size| ObjectInfo {
         key: key.to_string(),
         size,
+        modified: None,
     };
     assert_eq!(listed, vec![info(key, 5), info("packs/cd/cdef", 0)]);
     assert_eq!(b.list("snapshots/")?, vec!["snapshots/s1".to_string()]);

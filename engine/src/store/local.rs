@@ -295,6 +295,7 @@ impl Backend for LocalDir {
                     out.push(ObjectInfo {
                         key: rel.to_string_lossy().into_owned(),
                         size: meta.len(),
+                        modified: meta.modified().ok(),
                     });
                 }
             }

@@ -123,6 +123,7 @@ impl Backend for MemoryBackend {
             .map(|(k, s)| ObjectInfo {
                 key: k.clone(),
                 size: s.data.len() as u64,
+                modified: None,
             })
             .collect())
     }

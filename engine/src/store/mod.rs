@@ -56,6 +56,19 @@ use crate::error::Result;
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    /// When the object was written, as the store reports it in the listing (`None` when it
+    /// does not). Only an age for reports and grace rules that tolerate its absence.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl ObjectInfo {
+    /// How long ago the object was written, by this host's clock (`None` when unknown or in
+    /// the future).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        std::time::SystemTime::now()
+            .duration_since(self.modified?)
+            .ok()
+    }
 }
 
 /// An opaque tag of one stored version of an object: equal tags mean the same contents

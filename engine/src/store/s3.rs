@@ -1018,12 +1018,17 @@ impl Backend for S3Backend {
             }
             let page = parse_list(&r.body)
                 .map_err(|why| self.protocol(None, &format!("ListObjectsV2 answer: {why}")))?;
-            out.extend(page.objects.into_iter().filter_map(|(key, size)| {
-                Some(ObjectInfo {
-                    key: key.strip_prefix(&self.prefix)?.to_string(),
-                    size,
-                })
-            }));
+            out.extend(
+                page.objects
+                    .into_iter()
+                    .filter_map(|(key, size, modified)| {
+                        Some(ObjectInfo {
+                            key: key.strip_prefix(&self.prefix)?.to_string(),
+                            size,
+                            modified,
+                        })
+                    }),
+            );
             match page.next {
                 Some(next) if token.as_deref() == Some(next.as_str()) => {
                     return Err(self.protocol(None, "ListObjectsV2 repeated its continuation token"))
@@ -1263,8 +1268,10 @@ fn retry_after(r: &Response) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+#[derive(Debug)]
 struct ListPage {
-    objects: Vec<(String, u64)>,
+    /// Key, size and last modification of each object.
+    objects: Vec<(String, u64, Option<std::time::SystemTime>)>,
     next: Option<String>,
 }
 
@@ -1289,7 +1296,13 @@ fn parse_list(body: &[u8]) -> std::result::Result<ListPage, String> {
         let size = child_text(c, "Size")
             .and_then(|s| s.trim().parse::<u64>().ok())
             .ok_or_else(|| format!("entry {key} without a valid Size"))?;
-        objects.push((key, size));
+        // ISO 8601 (`2026-11-30T03:45:47.000Z`); absent or odd, the age is unknown.
+        let modified = child_text(c, "LastModified").and_then(|t| {
+            time::OffsetDateTime::parse(t.trim(), &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(std::time::SystemTime::from)
+        });
+        objects.push((key, size, modified));
     }
     let truncated = child_text(root, "IsTruncated").is_some_and(|t| t.trim() == "true");
     let next = child_text(root, "NextContinuationToken").filter(|t| !t.is_empty());
@@ -1439,13 +1452,16 @@ mod tests {
         assert_eq!(content_range("bytes x-9/5"), None);
         let page = parse_list(
             b"<ListBucketResult><IsTruncated>true</IsTruncated>\
-              <Contents><Key>p/a</Key><Size>5</Size></Contents>\
+              <Contents><Key>p/a</Key><Size>5</Size>\
+              <LastModified>2026-11-30T03:45:47.000Z</LastModified></Contents>\
               <NextContinuationToken>t1</NextContinuationToken></ListBucketResult>",
         );
         let page = page.map_err(|e| e.to_string());
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_010_347);
         assert!(
-            matches!(&page, Ok(p) if p.objects == vec![("p/a".to_string(), 5)]
-            && p.next.as_deref() == Some("t1"))
+            matches!(&page, Ok(p) if p.objects == vec![("p/a".to_string(), 5, Some(when))]
+            && p.next.as_deref() == Some("t1")),
+            "{page:?}"
         );
         assert!(parse_list(
             b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>"

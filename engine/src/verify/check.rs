@@ -27,6 +27,7 @@ use crate::repo::Repo;
 use crate::store::pack::read_pack_table;
 use crate::store::pack_key;
 
+use super::deltas::OrphanDelta;
 use super::{MAX_LISTED_AFFECTED, MAX_LISTED_DAMAGE};
 
 /// Which stored chunks `check` reads back.
@@ -122,6 +123,9 @@ impl Subset {
 #[derive(Clone, Debug, Default)]
 pub struct CheckOptions {
     pub read_data: ReadData,
+    /// Age after which orphans (packs no snapshot needs, deltas without a pack) are a
+    /// warning rather than a run in flight; `None`: prune's default grace period.
+    pub grace: Option<std::time::Duration>,
 }
 
 /// What [`check`] found damaged; the JSON name is the kebab-case variant (`pack-missing`).
@@ -150,6 +154,11 @@ pub enum DamageKind {
     VerificationRecord,
     /// A VM snapshot record fails authentication, its checksum or decoding.
     VmRecord,
+    /// A pack a snapshot needs has no index delta (a remote repository: other hosts cannot
+    /// learn it).
+    DeltaMissing,
+    /// An index delta is damaged or disagrees with its pack's size, version or table.
+    DeltaMismatch,
 }
 
 impl DamageKind {
@@ -167,6 +176,8 @@ impl DamageKind {
             DamageKind::IndexDelta => "index-delta",
             DamageKind::VerificationRecord => "verification-record",
             DamageKind::VmRecord => "vm-record",
+            DamageKind::DeltaMissing => "delta-missing",
+            DamageKind::DeltaMismatch => "delta-mismatch",
         }
     }
 }
@@ -269,6 +280,13 @@ pub struct CheckReport {
     /// The first [`MAX_LISTED_DAMAGE`] pieces of damage.
     pub damage: Vec<Damage>,
     pub orphans: Vec<Orphan>,
+    /// Index deltas in the store.
+    pub deltas: u64,
+    /// Index deltas whose pack is not in the store (not damage; see `verify::deltas`).
+    pub orphan_deltas: Vec<OrphanDelta>,
+    /// Not damage, but worth acting on: orphans older than the grace period, packs without
+    /// deltas in a local repository.
+    pub warnings: Vec<String>,
     /// What interrupted or crashed runs left behind (not damage; `prune` removes it).
     pub leftovers: Vec<Leftover>,
     pub affected: Vec<AffectedSnapshot>,
@@ -295,7 +313,7 @@ impl CheckReport {
 }
 
 #[derive(Default)]
-struct Findings {
+pub(super) struct Findings {
     damage_count: u64,
     damage: Vec<Damage>,
     damaged_chunks: HashSet<ChunkId>,
@@ -326,7 +344,7 @@ impl Findings {
         });
     }
 
-    fn push(&mut self, d: Damage) {
+    pub(super) fn push(&mut self, d: Damage) {
         self.damage_count += 1;
         if self.damage.len() < MAX_LISTED_DAMAGE {
             self.damage.push(d);
@@ -504,9 +522,18 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         let valid = std::mem::take(&mut pc.valid);
         let chunks = pc.chunks;
         drop(pc);
-        (valid, orphans, chunks, rows.len() as u64)
+        let referenced: HashSet<String> = rows
+            .iter()
+            .filter(|r| referenced_packs.contains(&r.key))
+            .map(|r| r.name.clone())
+            .collect();
+        (valid, orphans, chunks, rows.len() as u64, referenced)
     };
-    let (mut valid, orphans, chunks, packs) = packs_found;
+    let (mut valid, orphans, chunks, packs, referenced) = packs_found;
+    let grace = options
+        .grace
+        .unwrap_or(crate::maintain::prune::DEFAULT_GRACE);
+    let deltas = super::deltas::compare(repo, &referenced, grace, &mut f)?;
 
     // Records: deltas, verification and VM snapshot records authenticate and decode.
     for (kind, e) in super::records::damaged_records(repo)? {
@@ -563,6 +590,9 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
         damage_count: f.damage_count,
         damage: f.damage,
         orphans,
+        deltas: deltas.deltas,
+        orphan_deltas: deltas.orphan_deltas,
+        warnings: deltas.warnings,
         leftovers,
         affected,
         duration_ms: started.elapsed().as_millis() as u64,

@@ -19,6 +19,7 @@
 //! never as a panic or silently; errors that stop a run (I/O, a missing target) are `Err`.
 
 mod check;
+mod deltas;
 mod records;
 mod snapshot;
 mod target;
@@ -28,6 +29,7 @@ pub use check::{
     DamageKind, Leftover, LeftoverKind, Orphan, ReadData, ReadDataKind, Subset,
     LEFTOVER_MIN_AGE_SECS,
 };
+pub use deltas::OrphanDelta;
 pub use snapshot::verify_snapshot;
 pub use target::{open_page_blob_target, open_target, verify_target, PageBlobTarget};
 
