@@ -11,6 +11,7 @@ mod device;
 mod encryption_data;
 mod encryption_keys;
 mod encryption_metadata;
+mod encryption_repo;
 mod faultproxy;
 mod foundation;
 mod frames;
