@@ -29,7 +29,7 @@ fn to_format_1(v2: &[u8]) -> anyhow::Result<Vec<u8>> {
 
 #[test]
 fn format_1_snapshots_restore_and_parent_new_backups() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let disk = f.path("vm.img");
     make_disk(&disk, 12 * MIB, 3)?;
@@ -278,7 +278,7 @@ mod fixtures {
             }
             let repo = fixtures_dir().join(name);
             let _ = fs::remove_dir_all(&repo);
-            sv_ok(&["init", p(&repo)])?;
+            sv_ok(&["init", p(&repo), "--encryption", "none"])?;
             for gen in 0..manifests.len() {
                 let disk = tmp.path().join("disk.img");
                 fs::write(&disk, fixture_disk(gen))?;

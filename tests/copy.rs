@@ -60,10 +60,21 @@ fn a_copy_into_a_like_repository_keeps_ids_and_a_second_copy_sends_nothing() -> 
         "fastcdc:8K:32K:128K",
         "--zstd-level",
         "7",
+        // Plain: `init --like` of an encrypted repository makes new keys, so ids differ.
+        "--encryption",
+        "none",
     ])?;
-    let (code, like, stderr) = sv_json(&["init", p(&dst), "--like", p(&src)])?;
+    let (code, like, stderr) =
+        sv_json(&["init", p(&dst), "--like", p(&src), "--encryption", "none"])?;
     assert_eq!(code, Some(0), "{stderr}");
-    let (_, src_info, _) = sv_json(&["init", p(&dir.path().join("probe")), "--like", p(&src)])?;
+    let (_, src_info, _) = sv_json(&[
+        "init",
+        p(&dir.path().join("probe")),
+        "--like",
+        p(&src),
+        "--encryption",
+        "none",
+    ])?;
     assert_eq!(like["chunker"], "fastcdc2020 8K/32K/128K level 1 seed 0");
     assert_eq!(like["zstd_level"], 7);
     assert_eq!(like["chunker"], src_info["chunker"]);
@@ -126,7 +137,14 @@ fn a_copy_between_different_chunkers_rechunks_and_restores_the_same_disks() -> a
     let dir = tempfile::tempdir()?;
     let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
     sv_ok(&["init", p(&src)])?;
-    sv_ok(&["init", p(&dst), "--chunker", "fastcdc"])?;
+    sv_ok(&[
+        "init",
+        p(&dst),
+        "--chunker",
+        "fastcdc",
+        "--encryption",
+        "none",
+    ])?;
     let a = dir.path().join("a.img");
     make_disk(&a, 10 * MIB + 512, 7)?;
     let a0 = dir.path().join("a0.img");
@@ -170,8 +188,8 @@ fn a_copy_between_different_chunkers_rechunks_and_restores_the_same_disks() -> a
 /// packs' worth), an empty destination like it, and the chunk count a complete copy sends.
 fn big_source(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf, String, u64)> {
     let (src, dst) = (dir.join("src"), dir.join("dst"));
-    sv_ok(&["init", p(&src)])?;
-    sv_ok(&["init", p(&dst), "--like", p(&src)])?;
+    sv_ok(&["init", p(&src), "--encryption", "none"])?;
+    sv_ok(&["init", p(&dst), "--like", p(&src), "--encryption", "none"])?;
     let disk = dir.join("vm.img");
     Disk::random(48 * MIB, 11).write(&disk)?;
     let id = backup_disk(&src, &disk, "vm")?;
@@ -252,8 +270,8 @@ fn a_killed_copy_indexes_the_pack_it_stored_and_resumes() -> anyhow::Result<()> 
 fn a_damaged_chunk_fails_only_its_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-    sv_ok(&["init", p(&src)])?;
-    sv_ok(&["init", p(&dst), "--like", p(&src)])?;
+    sv_ok(&["init", p(&src), "--encryption", "none"])?;
+    sv_ok(&["init", p(&dst), "--like", p(&src), "--encryption", "none"])?;
     let packs = |repo: &Path| -> anyhow::Result<BTreeSet<PathBuf>> {
         let mut out = BTreeSet::new();
         for sub in fs::read_dir(repo.join("packs"))? {

@@ -88,6 +88,7 @@ fn scan(root: &Path, needles: &[Vec<u8>]) -> anyhow::Result<(usize, usize)> {
 /// A repository made by the CLI with `init_args`, holding a disk snapshot, a verification
 /// record and a VM snapshot of the same disk; returns the needles of its chunks.
 fn filled(dir: &Path, init_args: &[&str]) -> anyhow::Result<(PathBuf, Vec<Vec<u8>>)> {
+    std::fs::create_dir_all(dir)?;
     let repo = dir.join("repo");
     let disk = dir.join("web01-os.img");
     make_disk(&disk, DISK_SIZE, 41)?;

@@ -45,7 +45,7 @@ fn check_clean(repo: &Path) -> anyhow::Result<()> {
 
 #[test]
 fn frames_hold_many_chunks_and_round_trip_through_rebuild() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let disk = f.path("d.img");
     Disk::filled(24 * MIB, 60, 1).write(&disk)?;
@@ -149,7 +149,7 @@ fn schema_2_index(repo: &Path) -> anyhow::Result<()> {
 
 #[test]
 fn version_1_packs_and_a_schema_2_index_still_work() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let disk = f.path("d.img");
     Disk::filled(16 * MIB, 60, 2).write(&disk)?;
@@ -188,7 +188,7 @@ fn version_1_packs_and_a_schema_2_index_still_work() -> anyhow::Result<()> {
 
 #[test]
 fn damage_inside_a_frame_is_reported_for_each_of_its_chunks() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let disk = f.path("d.img");
     Disk::filled(16 * MIB, 60, 3).write(&disk)?;
@@ -235,7 +235,7 @@ fn damage_inside_a_frame_is_reported_for_each_of_its_chunks() -> anyhow::Result<
 
 #[test]
 fn prune_keeps_partly_referenced_frames_and_frees_what_it_predicted() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let disk0 = f.path("d0.img");
     Disk::filled(16 * MIB, 60, 4).write(&disk0)?;

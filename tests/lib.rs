@@ -980,6 +980,15 @@ impl Fixture {
         Ok(f)
     }
 
+    /// A fixture whose repository is made with `--encryption none`: for tests of the plain
+    /// formats' bytes (offsets in packs, format versions, hand-made old objects).
+    pub fn plain() -> anyhow::Result<Fixture> {
+        let dir = tempfile::tempdir()?;
+        let f = Fixture { dir };
+        sv_ok(&["init", p(&f.repo()), "--encryption", "none"])?;
+        Ok(f)
+    }
+
     pub fn repo(&self) -> PathBuf {
         self.dir.path().join("repo")
     }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use stackvault_tests::{have_qemu_img, p, skip_for, stackvault_bin};
+use stackvault_tests::{have_qemu_img, p, skip_for};
 
 /// True (after saying why) when qemu-img or nbdinfo is missing outside CI; a failure under CI.
 pub fn skip_without_clients() -> bool {
@@ -36,7 +36,7 @@ pub struct Served {
 impl Served {
     /// Runs `stackvault -r REPO serve ARGS… --json --nbd unix:SOCKET` and waits until ready.
     pub fn start(repo: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<Served> {
-        let mut child = Command::new(stackvault_bin())
+        let mut child = stackvault_tests::sv_command()
             .args(["-r", p(repo), "serve"])
             .args(args)
             .args(["--json", "--nbd"])

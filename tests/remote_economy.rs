@@ -81,7 +81,7 @@ fn copy_between_two_stores_takes_an_endpoint_for_each() -> Result<()> {
     // A host that has never reached either store: nothing remembered.
     let host = tempfile::tempdir()?;
     let cmd = |args: &[&str]| {
-        let mut c = std::process::Command::new(stackvault_tests::stackvault_bin());
+        let mut c = stackvault_tests::sv_command();
         c.arg("--quiet")
             .args(args)
             .env("XDG_CACHE_HOME", host.path())

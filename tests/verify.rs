@@ -146,7 +146,7 @@ fn verify_target_names_differing_ranges() -> anyhow::Result<()> {
 
 #[test]
 fn flipped_bit_in_a_pack_is_found_and_located() -> anyhow::Result<()> {
-    let f = Fixture::new()?;
+    let f = Fixture::plain()?;
     let repo = f.repo();
     let (_, a) = f.backup_new_disk("a", 16 * MIB, 100)?;
     let packs_a = files_under(&repo.join("packs"));

@@ -2,13 +2,14 @@
 //! verification record and VM snapshot record must authenticate (in an encrypted repository)
 //! and decode. Each damaged one is reported with its key and offset; none stops the check.
 //!
-//! A delta whose pack is gone is not damage (a build without deltas may have pruned the pack)
-//! but a delta that fails authentication or decoding is, even though readers fall back on the
-//! pack's own table: it says that something altered the store.
+//! A delta that fails authentication or decoding is damage, even though readers fall back on
+//! the pack's own table: it says that something altered the store. A delta whose pack is gone
+//! is not read here: it is an orphan, listed (and aged) by the delta comparison
+//! (`deltas.rs`), and removed by `prune`, whatever its bytes.
 
 use crate::error::{Error, Result};
 use crate::format::verification::{VerificationRecord, VERIFICATIONS_PREFIX};
-use crate::index::delta::{open_delta, pack_of_delta_key, DELTAS_PREFIX};
+use crate::index::delta::{open_delta, pack_of_delta_key, pack_of_pack_key, DELTAS_PREFIX};
 use crate::repo::Repo;
 use crate::vm::record;
 
@@ -27,8 +28,13 @@ pub(super) fn damaged_records(repo: &Repo) -> Result<Vec<(DamageKind, Error)>> {
         }
         Err(e) => Err(e),
     };
+    let packs: std::collections::HashSet<String> = backend
+        .list("packs/")?
+        .iter()
+        .filter_map(|k| pack_of_pack_key(k).map(str::to_string))
+        .collect();
     for key in backend.list(DELTAS_PREFIX)? {
-        if pack_of_delta_key(&key).is_none() {
+        if !pack_of_delta_key(&key).is_some_and(|pack| packs.contains(pack)) {
             continue;
         }
         let read = backend

@@ -22,7 +22,7 @@
 //!   copy never holds a record naming a snapshot it lacks.
 //! - `--dry-run` writes nothing and runs no hook.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -504,6 +504,9 @@ fn copy_offsite(
         .into_iter()
         .map(|s| s.meta.disk)
         .collect();
+    // Source snapshot id → its copy's id: a copy into a repository that names chunks
+    // differently (other keys, another chunker) is re-chunked and so renamed.
+    let mut renamed: BTreeMap<String, String> = BTreeMap::new();
     for planned in vms {
         for d in &planned.vm.disks {
             let disk = super::disk_name(planned.name(), d.name());
@@ -516,6 +519,10 @@ fn copy_offsite(
             };
             match crate::copy::copy(src, dst, &options, progress) {
                 Ok(r) => {
+                    renamed.extend(r.snapshots.iter().filter_map(|c| {
+                        let there = c.destination_snapshot_id.clone()?;
+                        Some((c.snapshot_id.to_string(), there))
+                    }));
                     run.snapshots_copied += r.snapshots_copied;
                     run.snapshots_skipped += r.snapshots_skipped;
                     run.bytes_written += r.bytes_written;
@@ -526,10 +533,10 @@ fn copy_offsite(
             }
         }
     }
-    let at_destination: BTreeSet<String> = dst
+    let at_destination: BTreeMap<String, String> = dst
         .snapshots(None)?
         .into_iter()
-        .map(|s| s.id.into())
+        .map(|s| (s.id.to_string(), s.meta.root_digest))
         .collect();
     let records_there: BTreeSet<String> = dst
         .backend()
@@ -538,27 +545,45 @@ fn copy_offsite(
         .collect();
     let names: BTreeSet<&str> = vms.iter().map(|v| v.name()).collect();
     for s in super::vm_snapshots(src, None)? {
-        let key = record::key(&s.id);
-        if !names.contains(s.record.vm.as_str()) || !s.complete || records_there.contains(&key) {
+        if !names.contains(s.record.vm.as_str()) || !s.complete {
             continue;
         }
-        if !s
-            .record
-            .disks
-            .iter()
-            .all(|d| at_destination.contains(&d.snapshot_id))
-        {
+        // The record at the destination names the destination's disk snapshots (and their
+        // root digests), and is encoded (sealed, named) with the destination's keys.
+        let mut copied = s.record.clone();
+        let mut missing = false;
+        for d in &mut copied.disks {
+            let there = renamed
+                .get(&d.snapshot_id)
+                .cloned()
+                .unwrap_or_else(|| d.snapshot_id.clone());
+            match at_destination.get(&there) {
+                Some(root_digest) => {
+                    d.snapshot_id = there;
+                    d.root_digest = root_digest.clone();
+                }
+                None => missing = true,
+            }
+        }
+        if missing {
             run.errors.push(format!(
-                "VM snapshot {} of {}: not every disk snapshot arrived with its id (the \
-                 repositories chunk differently, or a disk failed); its record was not copied",
+                "VM snapshot {} of {}: not every disk snapshot arrived at the destination (a \
+                 disk's copy failed); its record was not copied",
                 short_id(&s.id),
                 s.record.vm
             ));
             continue;
         }
-        let bytes = src.backend().get(&key)?;
-        dst.backend().put(&key, &bytes)?;
-        run.vm_records_copied += 1;
+        let (bytes, id) = record::encode(&copied, dst.protection())?;
+        let key = record::key(&id);
+        if records_there.contains(&key) {
+            continue;
+        }
+        match dst.backend().put(&key, &bytes) {
+            Ok(()) => run.vm_records_copied += 1,
+            Err(Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(run)
 }
