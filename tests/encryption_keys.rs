@@ -515,3 +515,35 @@ fn encryption_vectors_match_the_code() -> Result<()> {
         .is_none());
     Ok(())
 }
+
+#[test]
+fn a_damaged_key_object_does_not_lock_out_the_other_passwords() -> Result<()> {
+    let f = Fixture::new()?;
+    let repo_dir = f.path("r");
+    let repo = p(&repo_dir);
+    sv_ok(&["init", "-r", repo])?;
+    let second = f.path("second.pw");
+    std::fs::write(&second, "second password\n")?;
+    let added = sv_json_ok(&["key", "add", "-r", repo, "--new-password-file", p(&second)])?;
+    let added_id = added["id"].as_str().context("id")?;
+    let damaged = key_files(&repo_dir)?
+        .into_iter()
+        .find(|k| {
+            k.file_name()
+                .is_some_and(|n| n.to_string_lossy() == added_id)
+        })
+        .context("the added key's object")?;
+    let mut bytes = std::fs::read(&damaged)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, &bytes)?;
+
+    // The suite's password still opens the repository, and the damage is said.
+    let out = sv_as_typed(&["snapshots", "-r", repo], &[])?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(stderr(&out).contains(added_id), "{}", stderr(&out));
+    // The damaged key's own password: the damage is the error (exit 3), not "wrong password".
+    let out = sv(&["--password-file", p(&second), "snapshots", "-r", repo])?;
+    ensure!(code(&out) == Some(3), "{}", stderr(&out));
+    Ok(())
+}

@@ -100,6 +100,8 @@ fn downgrade_packs(repo: &Path) -> anyhow::Result<()> {
         // Packs are immutable to the engine; the test rewrites one in place on purpose.
         let version = backend.version(&key)?;
         backend.replace(&key, &encode_pack_v1(&slices), &version)?;
+        // Builds that wrote version 1 packs wrote no index deltas either.
+        fs::remove_file(repo.join("index").join(&name[..2]).join(&name))?;
     }
     Ok(())
 }

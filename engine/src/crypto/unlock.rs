@@ -69,25 +69,43 @@ pub struct Unlocked {
 
 /// Every key object of the repository on `backend`, decoded, oldest first.
 pub fn list_keys(backend: &dyn Backend, location: &str) -> Result<Vec<KeyObject>> {
-    let mut keys = Vec::new();
-    for name in backend.list(KEYS_PREFIX)? {
-        let bytes = backend.get(&name)?;
-        keys.push(KeyObject::decode(&bytes, &format!("{location}/{name}"))?);
+    let (keys, mut damaged) = read_keys(backend, location)?;
+    match damaged.is_empty() {
+        true => Ok(keys),
+        false => Err(damaged.swap_remove(0)),
     }
-    keys.sort_by_key(|k| (k.created_unix, k.id));
-    Ok(keys)
 }
 
-/// The master secret `password` unwraps from one of `keys`, with that key's id.
+/// The key objects that decode, oldest first, and the damage of those that do not.
+fn read_keys(backend: &dyn Backend, location: &str) -> Result<(Vec<KeyObject>, Vec<Error>)> {
+    let (mut keys, mut damaged) = (Vec::new(), Vec::new());
+    for name in backend.list(KEYS_PREFIX)? {
+        let bytes = backend.get(&name)?;
+        match KeyObject::decode(&bytes, &format!("{location}/{name}")) {
+            Ok(key) => keys.push(key),
+            Err(e) if e.is_corruption() => damaged.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    keys.sort_by_key(|k| (k.created_unix, k.id));
+    Ok((keys, damaged))
+}
+
+/// The master secret `password` unwraps from one of `keys`, with that key's id; key objects
+/// found damaged on the way are added to `damaged`.
 fn try_keys(
     keys: &[KeyObject],
     password: &[u8],
     location: &str,
+    damaged: &mut Vec<Error>,
 ) -> Result<Option<(MasterSecret, String)>> {
     for key in keys {
         let name = format!("{location}/{}", key.object_key());
-        if let Some(master) = key.unwrap(password, &name)? {
-            return Ok(Some((master, key.id_hex())));
+        match key.unwrap(password, &name) {
+            Ok(Some(master)) => return Ok(Some((master, key.id_hex()))),
+            Ok(None) => {}
+            Err(e) if e.is_corruption() => damaged.push(e),
+            Err(e) => return Err(e),
         }
     }
     Ok(None)
@@ -95,10 +113,12 @@ fn try_keys(
 
 /// Unlocks the encrypted repository on `backend` named `location`: asks for the password
 /// and tries it on every key object. No key object, or none that opens, fails before any
-/// other work.
+/// other work. A damaged key object does not stop another from opening the repository (it
+/// is said once on stderr); when none opens and some are damaged, the damage is the error,
+/// since the password may be the damaged key's.
 pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
-    let keys = list_keys(backend, location)?;
-    if keys.is_empty() {
+    let (keys, mut damaged) = read_keys(backend, location)?;
+    if keys.is_empty() && damaged.is_empty() {
         return Err(Error::corrupt(
             format!("{location}/{KEYS_PREFIX}"),
             0,
@@ -107,11 +127,21 @@ pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
         ));
     }
     let password = password(PasswordUse::Unlock, location)?;
-    match try_keys(&keys, password.as_bytes(), location)? {
-        Some((master, key_id)) => Ok(Unlocked {
-            protection: Protection::Encrypted(Box::new(RepoKeys::derive(&master))),
-            key_id: Some(key_id),
-        }),
+    let opened = try_keys(&keys, password.as_bytes(), location, &mut damaged)?;
+    match opened {
+        Some((master, key_id)) => {
+            for e in &damaged {
+                crate::progress::notice(&format!(
+                    "{e}; another key opened the repository: add a replacement for the \
+                     password it held with `stackvault key add`"
+                ));
+            }
+            Ok(Unlocked {
+                protection: Protection::Encrypted(Box::new(RepoKeys::derive(&master))),
+                key_id: Some(key_id),
+            })
+        }
+        None if !damaged.is_empty() => Err(damaged.swap_remove(0)),
         None => Err(Error::WrongPassword {
             repository: location.to_string(),
             keys: keys.len(),
@@ -148,11 +178,14 @@ pub fn add_key(
 /// process unlocked it with (key management needs the secret itself, which `Repo` does not
 /// keep).
 pub fn master_secret(backend: &dyn Backend, location: &str) -> Result<(MasterSecret, String)> {
-    let keys = list_keys(backend, location)?;
+    // A damaged key object must not keep `key add` from making a replacement.
+    let (keys, mut damaged) = read_keys(backend, location)?;
     let password = password(PasswordUse::Unlock, location)?;
-    try_keys(&keys, password.as_bytes(), location)?.ok_or_else(|| Error::WrongPassword {
-        repository: location.to_string(),
-        keys: keys.len(),
+    try_keys(&keys, password.as_bytes(), location, &mut damaged)?.ok_or_else(|| {
+        Error::WrongPassword {
+            repository: location.to_string(),
+            keys: keys.len(),
+        }
     })
 }
 
