@@ -547,3 +547,30 @@ fn a_damaged_key_object_does_not_lock_out_the_other_passwords() -> Result<()> {
     ensure!(code(&out) == Some(3), "{}", stderr(&out));
     Ok(())
 }
+
+#[test]
+fn an_encrypted_repository_refuses_fastcdc_at_init_before_asking_anything() -> Result<()> {
+    let f = Fixture::new()?;
+    let repo = f.path("r");
+    let out = sv(&["init", "-r", p(&repo), "--chunker", "fastcdc"])?;
+    ensure!(code(&out) == Some(2), "{}", stderr(&out));
+    ensure!(
+        stderr(&out).contains("--encryption none"),
+        "{}",
+        stderr(&out)
+    );
+    ensure!(
+        !repo.join("config").exists(),
+        "init left a repository behind"
+    );
+    sv_ok(&[
+        "init",
+        "-r",
+        p(&repo),
+        "--chunker",
+        "fastcdc",
+        "--encryption",
+        "none",
+    ])?;
+    Ok(())
+}

@@ -171,7 +171,7 @@ impl Repo {
                 path.display()
             )));
         }
-        let password = new_repository_password(&path.display().to_string())?;
+        let password = new_repository_password(&path.display().to_string(), options)?;
         match fs::read_dir(path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -316,7 +316,7 @@ impl Repo {
                 path: PathBuf::from(location),
             });
         }
-        let password = new_repository_password(location)?;
+        let password = new_repository_password(location, options)?;
         let mut config = new_config(options, location)?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         config.features.incompat |= deltas.bit;
@@ -675,10 +675,20 @@ fn unlock(
 
 /// The password of a new repository's first key when encryption is requested
 /// ([`request_encryption`]); asked before anything is created, so that a missing password
-/// leaves nothing behind.
-fn new_repository_password(location: &str) -> Result<Option<Zeroizing<String>>> {
+/// leaves nothing behind. A chunker an encrypted repository cannot use is refused first.
+fn new_repository_password(
+    location: &str,
+    options: &InitOptions,
+) -> Result<Option<Zeroizing<String>>> {
     if !ENCRYPTION_REQUESTED.load(Ordering::Relaxed) {
         return Ok(None);
+    }
+    if let crate::format::config::ChunkerParams::FastCdc2020 { .. } = options.chunker {
+        return Err(Error::Usage(format!(
+            "the {} chunker cannot be used in an encrypted repository (its cut points would \
+             fingerprint known files): use the default aligned chunker, or `--encryption none`",
+            options.chunker.describe()
+        )));
     }
     use crate::crypto::unlock::{password, PasswordUse};
     password(PasswordUse::NewKey, location).map(Some)
