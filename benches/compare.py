@@ -134,7 +134,10 @@ class Stackvault(Tool):
 
     def backup(self, path, extra=()):
         r = run([self.binary, "backup", self.repo, path, "--disk", "bench", "--json", *extra])
-        r["report"] = json.loads(r["out"])
+        report = json.loads(r["out"])
+        # The counters sit under "stats" in the backup report (docs/json.md).
+        report.update(report.get("stats", {}))
+        r["report"] = report
         return r
 
     def restore(self, target_dir):

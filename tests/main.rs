@@ -45,3 +45,4 @@ mod vectors;
 mod verify;
 mod vhd;
 mod vm;
+mod vm_blobs;

@@ -57,7 +57,8 @@ pub struct RestoreArgs {
     /// VM snapshot id, unique prefix, or `latest`.
     snapshot: Option<OsString>,
     /// Directory to restore into (created if missing): one file per disk, `DISK.vhd` (or
-    /// `DISK.img` with `--format raw`).
+    /// `DISK.img` with `--format raw`); or a blob container URL (`https://…/CONTAINER?SAS`,
+    /// `azure://ACCOUNT/CONTAINER`): one page blob per disk, `VM-DISK.vhd`, Azure-ready.
     dir: Option<PathBuf>,
     /// Name of the VM.
     #[arg(long)]
@@ -66,9 +67,13 @@ pub struct RestoreArgs {
     /// and Azure Stack Hub require) or `raw`.
     #[arg(long, default_value = "vhd", value_parser = ["vhd", "raw"])]
     format: String,
-    /// Overwrite disk files that exist.
+    /// Overwrite disk files (or page blobs) that exist.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    blob: crate::azure::BlobArgs,
+    #[command(flatten)]
+    blob_restore: crate::azure::BlobRestoreArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -211,6 +216,50 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     )?;
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let dir = PathBuf::from(dir);
+    if let DiskArg::Blob(container) = DiskArg::of(&dir) {
+        if args.format == "raw" {
+            return Err(Error::Usage(
+                "a page blob holds an Azure-ready fixed VHD: drop --format raw to restore into \
+                 a container"
+                    .into(),
+            )
+            .into());
+        }
+        let options = args.blob_restore.options(&args.blob, args.force)?;
+        let repo = Repo::open(&repo)?;
+        let chosen = vm::resolve_vm_snapshot(&repo, &args.vm, &snapshot)?;
+        let shown = DiskArg::Blob(container).shown();
+        let report =
+            vm::restore_vm_to_container(&repo, &chosen, container, &options, &ctx.progress())
+                .with_context(|| format!("restore of VM {} into {shown} failed", args.vm))?;
+        if args.json {
+            return output::json(&report);
+        }
+        output::line(format!(
+            "restored VM snapshot {} of {} into {} in {:.2} s",
+            short_id(&report.vm_snapshot_id),
+            report.vm,
+            report.container,
+            report.duration_ms as f64 / 1000.0
+        ))?;
+        for d in &report.disks {
+            output::line(format!(
+                "  {}  {} ({})",
+                d.restore.disk,
+                d.restore.target,
+                output::bytes(d.restore.virtual_size)
+            ))?;
+        }
+        return Ok(());
+    }
+    if args.blob_restore.any() {
+        return Err(Error::Usage(
+            "--existing, --resume, --journal-dir, --coalesce-gap and --parallel apply to a \
+             container target; the target is a directory"
+                .into(),
+        )
+        .into());
+    }
     let format = if args.format == "raw" {
         OutputFormat::Raw
     } else {

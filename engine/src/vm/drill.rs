@@ -21,7 +21,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{blob_access, Plan};
-use super::{restore_path, VmSnapshot};
+use super::{blob_in, restore_path, VmSnapshot};
 use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
 use crate::format::short_id;
@@ -261,14 +261,6 @@ fn target_of(plan: &Plan, options: &DrillOptions) -> Result<DrillTarget> {
             Ok(DrillTarget::Container { url, blob })
         }
         Some(t) => Ok(DrillTarget::Directory(PathBuf::from(t))),
-    }
-}
-
-/// `https://…/container?sas` + `blob` → `https://…/container/blob?sas`.
-fn blob_in(container: &str, blob: &str) -> String {
-    match container.split_once('?') {
-        Some((base, query)) => format!("{base}/{blob}?{query}"),
-        None => format!("{container}/{blob}"),
     }
 }
 
