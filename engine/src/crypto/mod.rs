@@ -180,6 +180,58 @@ impl Protection {
         }
     }
 
+    /// A small record named by its content (VM snapshot and drill records): its id is the
+    /// hex [`Protection::object_id_hasher`] hash of `plaintext`, and its stored bytes are
+    /// `plaintext` sealed as `kind` under that id.
+    pub fn seal_named(&self, kind: ObjectKind, plaintext: Vec<u8>) -> Result<(Vec<u8>, String)> {
+        let id = self
+            .object_id_hasher()
+            .update(&plaintext)
+            .finalize()
+            .to_hex()
+            .to_string();
+        let stored = self.seal(
+            &ObjectAd {
+                kind,
+                name: &id,
+                part: 0,
+            },
+            plaintext,
+        )?;
+        Ok((stored, id))
+    }
+
+    /// The plaintext of record `id` stored by [`Protection::seal_named`] at `location`:
+    /// authenticated first, then checked to hash to its id; `what` names the record in errors.
+    pub fn open_named(
+        &self,
+        kind: ObjectKind,
+        id: &str,
+        stored: &[u8],
+        location: &str,
+        what: &str,
+    ) -> Result<Vec<u8>> {
+        let plaintext = self.open(
+            &ObjectAd {
+                kind,
+                name: id,
+                part: 0,
+            },
+            stored,
+            location,
+            0,
+        )?;
+        let hash = self.object_id_hasher().update(&plaintext).finalize();
+        if hash.to_hex().as_str() != id {
+            return Err(Error::corrupt(
+                location,
+                0,
+                format!("{what} does not match its checksum (the BLAKE3 hash in its name)"),
+            ));
+        }
+        Ok(plaintext)
+    }
+
     /// The key of the chunker's cut decision, when encrypted.
     pub fn chunker_key(&self) -> Option<&[u8; KEY_LEN]> {
         match self {

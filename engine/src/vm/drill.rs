@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::plan::{blob_access, Plan};
 use super::{blob_in, restore_path, VmSnapshot};
-use crate::crypto::{ObjectAd, ObjectKind, Protection};
+use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
 use crate::format::short_id;
 use crate::host::{hostname, now_rfc3339};
@@ -104,23 +104,7 @@ pub struct DrillRecord {
 pub fn encode(record: &DrillRecord, protection: &Protection) -> Result<(Vec<u8>, String)> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode drill record: {e}")))?;
-    let id = protection
-        .object_id_hasher()
-        .update(&bytes)
-        .finalize()
-        .to_hex()
-        .to_string();
-    let stored = protection.seal(&ad(&id), bytes)?;
-    Ok((stored, id))
-}
-
-/// The associated data of drill record `id`.
-fn ad(id: &str) -> ObjectAd<'_> {
-    ObjectAd {
-        kind: ObjectKind::Drill,
-        name: id,
-        part: 0,
-    }
+    protection.seal_named(ObjectKind::Drill, bytes)
 }
 
 /// Object key of drill record `id`.
@@ -138,22 +122,8 @@ pub fn id_of_key(key: &str) -> Option<&str> {
 /// them first when encrypted, then checks that the JSON hashes to the id.
 pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<DrillRecord> {
     let location = key(id);
-    let plain = protection.open(&ad(id), stored, &location, 0)?;
+    let plain = protection.open_named(ObjectKind::Drill, id, stored, &location, "drill record")?;
     let bytes = plain.as_slice();
-    if protection
-        .object_id_hasher()
-        .update(bytes)
-        .finalize()
-        .to_hex()
-        .as_str()
-        != id
-    {
-        return Err(Error::corrupt(
-            &location,
-            0,
-            "drill record does not match its checksum (the BLAKE3 hash in its name)",
-        ));
-    }
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::corrupt(&location, 0, format!("drill record: {e}")))?;
     let version = value.get("format_version").and_then(|v| v.as_u64());

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{ObjectAd, ObjectKind, Protection};
+use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
 
 /// Folder of VM snapshot records in the repository.
@@ -89,23 +89,7 @@ pub struct VmRecord {
 pub fn encode(record: &VmRecord, protection: &Protection) -> Result<(Vec<u8>, String)> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode VM snapshot record: {e}")))?;
-    let id = protection
-        .object_id_hasher()
-        .update(&bytes)
-        .finalize()
-        .to_hex()
-        .to_string();
-    let stored = protection.seal(&ad(&id), bytes)?;
-    Ok((stored, id))
-}
-
-/// The associated data of record `id`.
-fn ad(id: &str) -> ObjectAd<'_> {
-    ObjectAd {
-        kind: ObjectKind::VmSnapshot,
-        name: id,
-        part: 0,
-    }
+    protection.seal_named(ObjectKind::VmSnapshot, bytes)
 }
 
 /// Object key of record `id`.
@@ -124,15 +108,13 @@ pub fn id_of_key(key: &str) -> Option<&str> {
 /// them first when encrypted, then checks that the JSON hashes to the id.
 pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<VmRecord> {
     let location = key(id);
-    let bytes = protection.open(&ad(id), stored, &location, 0)?;
-    let hash = protection.object_id_hasher().update(&bytes).finalize();
-    if hash.to_hex().as_str() != id {
-        return Err(Error::corrupt(
-            &location,
-            0,
-            "VM snapshot record does not match its checksum (the BLAKE3 hash in its name)",
-        ));
-    }
+    let bytes = protection.open_named(
+        ObjectKind::VmSnapshot,
+        id,
+        stored,
+        &location,
+        "VM snapshot record",
+    )?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::corrupt(&location, 0, format!("VM snapshot record: {e}")))?;
     let version = value.get("format_version").and_then(|v| v.as_u64());
