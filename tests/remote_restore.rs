@@ -1,6 +1,6 @@
 //! Restores from object storage read packs in coalesced ranged GETs, not a GET per frame:
 //! a snapshot spread over several packs restores byte-identical from moto and Azurite with a
-//! GET count bounded by the packs touched and the spans of at most 8 MiB, far below its
+//! GET count bounded by the packs touched and the spans of at most 4 MiB, far below its
 //! frame count; a damaged frame still fails the restore with exit 3, naming the pack and the
 //! offset of the frame; and the restore's peak memory stays within the 128 MiB
 //! budget on a disk larger than that budget.
@@ -18,7 +18,7 @@ const MIB: u64 = 1 << 20;
 /// compress, so a disk of random bytes has at least its size / this many frames.
 const FRAME_MAX: u64 = 256 * 1024;
 /// The restore's largest ranged GET (`FetchLimits::default().max_span`).
-const MAX_SPAN: u64 = 8 * MIB;
+const MAX_SPAN: u64 = 4 * MIB;
 
 /// GETs of a report: `get` on S3, `get_blob` on Azure.
 fn gets(report: &Value) -> Result<u64> {
@@ -61,7 +61,7 @@ fn restores_in_few_gets(r: &Remote, size: u64) -> Result<()> {
     let get = gets(&report)?;
     let frames = size.div_ceil(FRAME_MAX);
     eprintln!("{get} GETs for {packs} packs and at least {frames} frames");
-    // Per pack touched, a span per 8 MiB and one more where a 32 MiB window cuts a pack;
+    // Per pack touched, a span per 4 MiB and one more where a 32 MiB window cuts a pack;
     // a few GETs for the repository's own objects.
     let bound = 2 * packs + size.div_ceil(MAX_SPAN) + 6;
     ensure!(
@@ -69,7 +69,7 @@ fn restores_in_few_gets(r: &Remote, size: u64) -> Result<()> {
         "{get} GETs to restore {size} bytes in {packs} packs (at most {bound}): {report:#}"
     );
     ensure!(
-        get * 8 <= frames,
+        get * 5 <= frames,
         "{get} GETs for at least {frames} frames: not coalesced: {report:#}"
     );
     Ok(())

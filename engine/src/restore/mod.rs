@@ -256,8 +256,8 @@ fn restore_direct(
 /// Disk bytes planned at once by [`restore_planned`], and the decoded frame bytes a window
 /// may need before it stops taking segments (it always takes one): the frames are fetched
 /// together, so this bounds the decoded frames held (plus the spans in flight, see
-/// [`FetchLimits`]); 32 MiB of disk usually lies in two or three 16 MiB packs, a handful of
-/// requests.
+/// [`FetchLimits`]); 32 MiB of disk usually lies in two or three 16 MiB packs, eight to ten
+/// spans of 4 MiB: enough to keep every request in flight busy.
 const PLAN_WINDOW: u64 = 32 * 1024 * 1024;
 
 /// Restores window by window ([`PLAN_WINDOW`] of disk, in disk order): looks up every chunk
