@@ -216,6 +216,9 @@ def run_tool(tool, binary, gens, proxy, rtt, work):
     endpoint = f"http://127.0.0.1:{proxy.port}"
     env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET,
                AWS_REGION="us-east-1", RESTIC_PASSWORD="bench",
+               # Both repositories encrypted (stackvault's default since issue 15), each
+               # tool's key derivation at its own default strength.
+               STACKVAULT_PASSWORD="bench",
                XDG_CACHE_HOME=os.path.join(work, f"cache-{bucket}"))
     # The bucket, made directly on moto (not counted).
     subprocess.run(["curl", "-sf", "-X", "PUT", f"http://127.0.0.1:{proxy.upstream}/{bucket}"],

@@ -33,6 +33,7 @@ mod remote_errors;
 mod remote_faults;
 mod remote_maintain;
 mod remote_repo;
+mod remote_restore;
 mod retention;
 mod s3_faults;
 mod s3_store;

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
-use stackvault_tests::{azurite_bin, in_ci, p, same_bytes, Azurite, Disk};
+use stackvault_tests::{azurite_bin, in_ci, p, same_bytes, sv_command, Azurite, Disk};
 
 use crate::moto::Moto;
 
@@ -68,7 +68,8 @@ impl Remote {
     }
 
     pub(crate) fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = stackvault_tests::sv_command();
+        // The suite's password and cheap test KDF: repositories are encrypted by default.
+        let mut cmd = sv_command();
         cmd.arg("--quiet")
             .arg("--endpoint")
             .arg(&self.endpoint)

@@ -547,6 +547,18 @@ impl Repo {
         index::load_manifest(self.backend.as_ref(), &self.protection, id)
     }
 
+    /// Where the index says chunk `id` is; a remote repository's index is brought up to date
+    /// once when it does not know the chunk (another host's pack). `None`: no such chunk.
+    pub fn locate_chunk(&self, id: &ChunkId) -> Result<Option<crate::index::ChunkLocation>> {
+        match self.readers.lookup(id)? {
+            None if self.is_remote() => {
+                self.refresh()?;
+                self.readers.lookup(id)
+            }
+            found => Ok(found),
+        }
+    }
+
     /// Reads a chunk and verifies it (crc32, decompression, BLAKE3).
     pub fn read_chunk(&self, id: &ChunkId, snapshot: &str) -> Result<Vec<u8>> {
         let mut cache = store::pack::FrameCache::default();

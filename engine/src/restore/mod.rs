@@ -24,9 +24,11 @@
 //! [`vhd`] and write their footers last, so an interrupted restore never leaves a file that
 //! looks like a valid VHD, even before the rename.
 
+pub mod fetch;
 pub mod pageblob;
 pub mod vhd;
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -40,11 +42,14 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest, SnapshotMeta};
+use crate::format::pack::chunk_in_frame;
+use crate::format::ChunkId;
 use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::store::pack::FrameCache;
+use fetch::{fetch_frames, plan_spans, FetchLimits};
 
 /// Where restored bytes go. Writes arrive from many threads, at distinct offsets.
 pub trait DiskTarget: Sync {
@@ -171,6 +176,9 @@ pub struct RestoreCounts {
 const RUN_MAX: usize = 128 * 1024;
 
 /// Writes every chunk of `manifest` into `target` (holes are skipped).
+///
+/// A local repository reads each frame where it is (a `pread` is cheap), segments in
+/// parallel. A remote one plans its reads: see [`restore_planned`].
 pub fn restore_into(
     repo: &Repo,
     snapshot_id: &str,
@@ -178,9 +186,41 @@ pub fn restore_into(
     target: &dyn DiskTarget,
     progress: &dyn Progress,
 ) -> Result<RestoreCounts> {
-    let seg = u64::from(manifest.segment_size);
     progress.start("restore", manifest.virtual_size);
-    let counts = (0..manifest.segment_count())
+    let counts = if repo.is_remote() {
+        restore_planned(
+            repo,
+            snapshot_id,
+            manifest,
+            target,
+            progress,
+            &FetchLimits::default(),
+        )?
+    } else {
+        restore_direct(repo, snapshot_id, manifest, target, progress)?
+    };
+    progress.finish();
+    Ok(counts)
+}
+
+fn add_counts(a: RestoreCounts, b: RestoreCounts) -> Result<RestoreCounts> {
+    Ok(RestoreCounts {
+        bytes_written: a.bytes_written + b.bytes_written,
+        zero_bytes: a.zero_bytes + b.zero_bytes,
+        chunks: a.chunks + b.chunks,
+    })
+}
+
+/// Every segment in parallel, each chunk read (one frame at a time) when it is reached.
+fn restore_direct(
+    repo: &Repo,
+    snapshot_id: &str,
+    manifest: &Manifest,
+    target: &dyn DiskTarget,
+    progress: &dyn Progress,
+) -> Result<RestoreCounts> {
+    let seg = u64::from(manifest.segment_size);
+    (0..manifest.segment_count())
         .into_par_iter()
         // Per worker: a frame cache (the chunks of a frame are read in order, so each frame
         // is decompressed once) and a buffer that gathers a run of chunks into one write:
@@ -196,68 +236,188 @@ pub fn restore_into(
                     return Ok(RestoreCounts::default());
                 }
                 let extents = manifest.segment(i)?;
-                let mut offset = start;
-                let mut run_start = start;
-                run.clear();
-                let mut c = RestoreCounts::default();
-                for e in &extents {
-                    match *e {
-                        Extent::Zero { len } => {
-                            c.zero_bytes += u64::from(len);
-                            if !run.is_empty() {
-                                target.write_at(run_start, run)?;
-                                run.clear();
-                            }
-                            target.zero_at(offset, u64::from(len))?;
-                            run_start = offset + u64::from(len);
-                        }
-                        Extent::Chunk { id, len } => {
-                            let mut append = |data: &[u8]| {
-                                if data.len() != len as usize {
-                                    return Err(Error::corrupt(
-                                        format!("snapshot {snapshot_id}"),
-                                        offset,
-                                        format!(
-                                            "chunk {id} is {} bytes, manifest says {len}",
-                                            data.len()
-                                        ),
-                                    ));
-                                }
-                                if run.len() + data.len() > RUN_MAX {
-                                    target.write_at(run_start, run)?;
-                                    run_start += run.len() as u64;
-                                    run.clear();
-                                }
-                                run.extend_from_slice(data);
-                                Ok(())
-                            };
-                            match frames.next_chunk(&id, len, repo.protection()) {
-                                Some(data) => append(data)?,
-                                None => repo.with_chunk(&id, snapshot_id, frames, append)?,
-                            }
-                            c.bytes_written += u64::from(len);
-                            c.chunks += 1;
-                        }
-                    }
-                    offset += u64::from(e.len());
-                }
-                if !run.is_empty() {
-                    target.write_at(run_start, run)?;
-                }
-                target.segment_done(start, offset - start)?;
-                progress.advance(offset - start);
-                Ok(c)
+                write_segment(
+                    snapshot_id,
+                    target,
+                    progress,
+                    start,
+                    &extents,
+                    run,
+                    |_, id, len, append| match frames.next_chunk(id, len, repo.protection()) {
+                        Some(data) => append(data),
+                        None => repo.with_chunk(id, snapshot_id, frames, append),
+                    },
+                )
             },
         )
-        .try_reduce(RestoreCounts::default, |a, b| {
-            Ok(RestoreCounts {
-                bytes_written: a.bytes_written + b.bytes_written,
-                zero_bytes: a.zero_bytes + b.zero_bytes,
-                chunks: a.chunks + b.chunks,
-            })
-        })?;
-    progress.finish();
-    Ok(counts)
+        .try_reduce(RestoreCounts::default, add_counts)
+}
+
+/// Disk bytes planned at once by [`restore_planned`], and the decoded frame bytes a window
+/// may need before it stops taking segments (it always takes one): the frames are fetched
+/// together, so this bounds the decoded frames held (plus the spans in flight, see
+/// [`FetchLimits`]); 32 MiB of disk usually lies in two or three 16 MiB packs, eight to ten
+/// spans of 4 MiB: enough to keep every request in flight busy.
+const PLAN_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// Restores window by window ([`PLAN_WINDOW`] of disk, in disk order): looks up every chunk
+/// of the window, fetches the frames they need as coalesced spans of their packs (see
+/// [`fetch`]), several requests in flight, then writes the window's segments in parallel
+/// from the decoded frames, checking each chunk's id. A chunk whose frame is not among them
+/// (damage, a pack prune replaced) is read on its own, which names the damage.
+pub fn restore_planned(
+    repo: &Repo,
+    snapshot_id: &str,
+    manifest: &Manifest,
+    target: &dyn DiskTarget,
+    progress: &dyn Progress,
+    limits: &FetchLimits,
+) -> Result<RestoreCounts> {
+    let seg = u64::from(manifest.segment_size);
+    let per_window = (PLAN_WINDOW / seg.max(1)).max(1);
+    let count = manifest.segment_count();
+    let mut total = RestoreCounts::default();
+    let mut first = 0;
+    while first < count {
+        crate::progress::checkpoint(progress, "restore-segment")?;
+        let mut window = Vec::new();
+        // Raw bytes of the distinct frames the window needs: chunks deduplicated against
+        // many older frames can need far more than the window's own size.
+        let mut frames_wanted = HashSet::new();
+        let mut frame_bytes = 0u64;
+        let mut last = first;
+        while last < count && (last - first < per_window) && frame_bytes < PLAN_WINDOW {
+            let i = last;
+            last += 1;
+            let start = i * seg;
+            if target.has_segment(start) {
+                progress.advance(seg.min(manifest.virtual_size.saturating_sub(start)));
+                continue;
+            }
+            let extents = manifest.segment(i)?;
+            let mut located = Vec::with_capacity(extents.len());
+            for e in &extents {
+                let found = match e {
+                    Extent::Chunk { id, .. } => repo.locate_chunk(id)?,
+                    Extent::Zero { .. } => None,
+                };
+                if let Some(l) = &found {
+                    if frames_wanted.insert((l.pack.clone(), l.record.offset)) {
+                        frame_bytes += u64::from(l.record.frame_raw_len);
+                    }
+                }
+                located.push(found);
+            }
+            window.push((start, extents, located));
+        }
+        let spans = plan_spans(
+            window
+                .iter()
+                .flat_map(|(_, _, located)| located.iter().flatten())
+                .map(|l| (l.pack.as_str(), &l.record)),
+            limits,
+        );
+        let frames = fetch_frames(repo.backend(), repo.protection(), &spans, limits)?;
+        let protection = repo.protection();
+        let counts = window
+            .par_iter()
+            .map_init(
+                || (FrameCache::default(), Vec::new()),
+                |(cache, run), (start, extents, located)| {
+                    write_segment(
+                        snapshot_id,
+                        target,
+                        progress,
+                        *start,
+                        extents,
+                        run,
+                        |k, id, _, append| {
+                            let held = located
+                                .get(k)
+                                .and_then(Option::as_ref)
+                                .and_then(|l| Some((l, frames.get(&l.pack, l.record.offset)?)));
+                            if let Some((l, frame)) = held {
+                                let location = format!("pack {}", l.pack);
+                                match chunk_in_frame(frame, &l.record, protection, &location) {
+                                    Ok(data) => return append(data),
+                                    // Not what the index said: read it alone, which looks
+                                    // it up again (prune may have moved it) or names the
+                                    // damage.
+                                    Err(e) if e.is_corruption() => {}
+                                    Err(e) => return Err(e),
+                                }
+                            }
+                            repo.with_chunk(id, snapshot_id, cache, append)
+                        },
+                    )
+                },
+            )
+            .try_reduce(RestoreCounts::default, add_counts)?;
+        total = add_counts(total, counts)?;
+        first = last;
+    }
+    Ok(total)
+}
+
+/// Writes the chunks of one segment (`extents`, starting at `start` of the disk) into
+/// `target`, gathering consecutive chunks into writes of up to [`RUN_MAX`] bytes in `run`.
+/// `read(k, id, len, append)` hands the bytes of chunk `id` (the segment's `k`th extent) to
+/// `append`.
+#[allow(clippy::too_many_arguments)]
+fn write_segment(
+    snapshot_id: &str,
+    target: &dyn DiskTarget,
+    progress: &dyn Progress,
+    start: u64,
+    extents: &[Extent],
+    run: &mut Vec<u8>,
+    mut read: impl FnMut(usize, &ChunkId, u32, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+) -> Result<RestoreCounts> {
+    let mut offset = start;
+    let mut run_start = start;
+    run.clear();
+    let mut c = RestoreCounts::default();
+    for (k, e) in extents.iter().enumerate() {
+        match *e {
+            Extent::Zero { len } => {
+                c.zero_bytes += u64::from(len);
+                if !run.is_empty() {
+                    target.write_at(run_start, run)?;
+                    run.clear();
+                }
+                target.zero_at(offset, u64::from(len))?;
+                run_start = offset + u64::from(len);
+            }
+            Extent::Chunk { id, len } => {
+                let mut append = |data: &[u8]| {
+                    if data.len() != len as usize {
+                        return Err(Error::corrupt(
+                            format!("snapshot {snapshot_id}"),
+                            offset,
+                            format!("chunk {id} is {} bytes, manifest says {len}", data.len()),
+                        ));
+                    }
+                    if run.len() + data.len() > RUN_MAX {
+                        target.write_at(run_start, run)?;
+                        run_start += run.len() as u64;
+                        run.clear();
+                    }
+                    run.extend_from_slice(data);
+                    Ok(())
+                };
+                read(k, &id, len, &mut append)?;
+                c.bytes_written += u64::from(len);
+                c.chunks += 1;
+            }
+        }
+        offset += u64::from(e.len());
+    }
+    if !run.is_empty() {
+        target.write_at(run_start, run)?;
+    }
+    target.segment_done(start, offset - start)?;
+    progress.advance(offset - start);
+    Ok(c)
 }
 
 /// A raw image file (or the data area of a fixed VHD) being restored.
