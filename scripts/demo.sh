@@ -10,6 +10,9 @@ WORK=${1:-$(mktemp -d -t stackvault-demo.XXXXXX)}
 mkdir -p "$WORK"
 DISK=$WORK/disk.img REPO=$WORK/repo
 echo "== work directory: $WORK"
+# Repositories are encrypted: every command reads the password from STACKVAULT_PASSWORD (or
+# --password-file / --password-command, or asks on a terminal). The demo uses a fixed one.
+export STACKVAULT_PASSWORD=${STACKVAULT_PASSWORD:-stackvault demo password}
 
 # A 256 MiB sparse disk with real binaries and text laid out like files on a file system,
 # and free (zero) space in between.
