@@ -39,7 +39,7 @@ struct Shared {
 impl<'r> Dedup<'r> {
     pub(super) fn new(repo: &'r Repo) -> Result<Self> {
         let shared = if repo.is_remote() {
-            let records = crate::maintain::condemn::read_all(repo.backend())?;
+            let records = crate::maintain::condemn::read_all(repo.backend(), repo.protection())?;
             Some(Shared {
                 condemned: crate::maintain::condemn::packs_of(&records),
                 used: Mutex::new(HashSet::new()),

@@ -81,6 +81,8 @@ pub enum ObjectKind {
     VmSnapshot = 6,
     /// A drill record (`drills/<id>`).
     Drill = 7,
+    /// A prune's condemnation record (`condemned/<time>-<hex>`; `name` is its whole key).
+    Condemned = 8,
 }
 
 /// The associated data of one sealed object: what it is and where it belongs.

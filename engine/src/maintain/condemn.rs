@@ -11,13 +11,16 @@
 //! format is specified there too.
 //!
 //! Invariant: a record is written once, create-only, and never changed; it is deleted only by
-//! the prune that has dealt with every pack it names.
+//! the prune that has dealt with every pack it names. In an encrypted repository it is sealed
+//! (kind `Condemned`, bound to its key), like every other object with metadata: its host name
+//! and times are nobody else's business.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
 use crate::format::ChunkId;
 use crate::repo::Repo;
@@ -67,7 +70,7 @@ fn is_record_key(key: &str) -> bool {
 /// Reads every condemnation record in the repository (one listing, one GET each). A record
 /// that cannot be read is damage: nobody can know which packs it condemns, so backups and
 /// prune stop rather than guess.
-pub fn read_all(backend: &dyn Backend) -> Result<Vec<Record>> {
+pub fn read_all(backend: &dyn Backend, protection: &Protection) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     for key in backend.list(CONDEMNED_PREFIX)? {
         if !is_record_key(&key) {
@@ -79,6 +82,7 @@ pub fn read_all(backend: &dyn Backend) -> Result<Vec<Record>> {
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
+        let bytes = protection.open(&ad(&key), &bytes, &key, 0)?;
         let body: RecordBody = serde_json::from_slice(&bytes).map_err(|e| {
             Error::corrupt(
                 &key,
@@ -94,6 +98,15 @@ pub fn read_all(backend: &dyn Backend) -> Result<Vec<Record>> {
     Ok(out)
 }
 
+/// The associated data of the record stored under `key`.
+fn ad(key: &str) -> ObjectAd<'_> {
+    ObjectAd {
+        kind: ObjectKind::Condemned,
+        name: key,
+        part: 0,
+    }
+}
+
 /// The packs named by `records`.
 pub fn packs_of(records: &[Record]) -> HashSet<String> {
     records
@@ -103,7 +116,7 @@ pub fn packs_of(records: &[Record]) -> HashSet<String> {
 }
 
 /// Writes a new record condemning `packs` (create-only); returns it.
-pub fn write(backend: &dyn Backend, packs: Vec<String>) -> Result<Record> {
+pub fn write(backend: &dyn Backend, protection: &Protection, packs: Vec<String>) -> Result<Record> {
     let now = time::OffsetDateTime::now_utc();
     let stamp = format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
@@ -122,7 +135,7 @@ pub fn write(backend: &dyn Backend, packs: Vec<String>) -> Result<Record> {
     };
     let bytes = serde_json::to_vec(&body)
         .map_err(|e| Error::Internal(format!("cannot encode a condemnation record: {e}")))?;
-    backend.put(&key, &bytes)?;
+    backend.put(&key, &protection.seal(&ad(&key), bytes)?)?;
     Ok(Record { key, body })
 }
 
@@ -142,7 +155,7 @@ pub fn before_manifest(
 ) -> Result<u64> {
     let mut copied = 0;
     for _ in 0..RESCUE_ATTEMPTS {
-        let condemned = packs_of(&read_all(repo.backend())?);
+        let condemned = packs_of(&read_all(repo.backend(), repo.protection())?);
         if condemned.is_empty() {
             return Ok(copied);
         }
@@ -232,15 +245,39 @@ mod tests {
     #[test]
     fn records_round_trip_and_age() -> Result<()> {
         let b = MemoryBackend::new();
-        assert!(read_all(&b)?.is_empty());
-        let r = write(&b, vec!["00112233445566778899aabbccddeeff".into()])?;
+        let plain = &Protection::Plain;
+        assert!(read_all(&b, plain)?.is_empty());
+        let r = write(&b, plain, vec!["00112233445566778899aabbccddeeff".into()])?;
         assert!(is_record_key(&r.key), "{}", r.key);
-        let all = read_all(&b)?;
+        let all = read_all(&b, plain)?;
         assert_eq!(all, vec![r.clone()]);
         assert!(r.age().is_some_and(|a| a < Duration::from_secs(60)));
         assert_eq!(packs_of(&all).len(), 1);
         b.put("condemned/x-1", b"not json")?;
-        assert!(read_all(&b).err().is_some_and(|e| e.is_corruption()));
+        assert!(read_all(&b, plain).err().is_some_and(|e| e.is_corruption()));
+        Ok(())
+    }
+
+    #[test]
+    fn sealed_records_hide_their_host_and_fail_when_touched_or_moved() -> Result<()> {
+        use crate::crypto::{MasterSecret, RepoKeys};
+        let keys = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+            [3; 32],
+        ))));
+        let b = MemoryBackend::new();
+        let pack = "00112233445566778899aabbccddeeff";
+        let r = write(&b, &keys, vec![pack.into()])?;
+        let stored = b.get(&r.key)?;
+        for secret in [r.body.host.as_bytes(), pack.as_bytes()] {
+            assert!(!stored.windows(secret.len()).any(|w| w == secret));
+        }
+        assert_eq!(read_all(&b, &keys)?, vec![r.clone()]);
+        // Plain readers (no keys) cannot take it for a record.
+        assert!(read_all(&b, &Protection::Plain).is_err());
+        // Under another key name, or with a flipped byte: damage.
+        b.put("condemned/20260101T000000Z-0000000000000000", &stored)?;
+        b.remove(&r.key)?;
+        assert!(read_all(&b, &keys).err().is_some_and(|e| e.is_corruption()));
         Ok(())
     }
 }

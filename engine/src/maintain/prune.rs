@@ -363,7 +363,7 @@ fn prune_two_phase(
     let stored = StoredPacks::list(repo)?;
     report.packs_before = stored.keys.len() as u64;
     report.bytes_before = stored.sizes.values().sum();
-    let records = super::condemn::read_all(repo.backend())?;
+    let records = super::condemn::read_all(repo.backend(), repo.protection())?;
     let mut index = repo.index();
     let snapshots = collect_referenced(repo, &mut index)?;
     crate::index::delta::sync(&mut index, repo.backend(), repo.protection(), !dry)?;
@@ -543,6 +543,7 @@ fn prune_two_phase(
     } else if !condemn.is_empty() {
         super::condemn::write(
             repo.backend(),
+            repo.protection(),
             condemn.into_iter().map(|(n, _)| n).collect(),
         )?;
     }
