@@ -841,6 +841,22 @@ fn missing_manifest(id: &str) -> Error {
     )
 }
 
+/// Opens the manifest of snapshot `id` from `object` (its bytes as stored under `key`): plain,
+/// or in an encrypted repository authenticated block by block ([`SealedObject`]) and hashed
+/// with the keyed object-id hash. The caller compares [`Manifest::object_hash`] with `id`.
+pub(crate) fn open_manifest<'b>(
+    object: Box<dyn crate::format::manifest::ObjectRead + 'b>,
+    protection: &'b Protection,
+    id: &str,
+    key: &str,
+) -> Result<Manifest<'b>> {
+    if !protection.is_encrypted() {
+        return Manifest::open(object, key);
+    }
+    let sealed = SealedObject::open(object, protection, id, key)?;
+    Manifest::open_hashed(Box::new(sealed), key, protection.object_id_hasher())
+}
+
 /// Opens a manifest and checks that it hashes to its id (see [`Manifest::open`]: one pass
 /// over it; its segments are read again when asked for). In an encrypted repository the
 /// manifest is sealed ([`SealedObject`]): its footer must authenticate as the footer of `id`
@@ -857,11 +873,7 @@ pub fn load_manifest<'b>(
         key: key.clone(),
     };
     if protection.is_encrypted() {
-        let opened =
-            SealedObject::open(Box::new(object), protection, id, &key).and_then(|sealed| {
-                Manifest::open_hashed(Box::new(sealed), &key, protection.object_id_hasher())
-            });
-        return match opened {
+        return match open_manifest(Box::new(object), protection, id, &key) {
             Ok(m) if crate::format::hex(&m.object_hash()) == id => Ok(m),
             Ok(_) => Err(Error::corrupt(
                 &key,

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
-use crate::format::manifest::sealed::SealedObject;
 use crate::format::manifest::{Manifest, ObjectRead};
 use crate::store::{snapshot_key, Backend};
 
@@ -107,15 +106,8 @@ pub(crate) fn load<'p>(
         path: path.clone(),
     };
     // An encrypted repository's copy is the sealed object: it is authenticated as it is read,
-    // exactly as the stored one would be, and named by the keyed hash of its plaintext.
-    let opened = if protection.is_encrypted() {
-        SealedObject::open(Box::new(object), protection, id, &key).and_then(|sealed| {
-            Manifest::open_hashed(Box::new(sealed), &key, protection.object_id_hasher())
-        })
-    } else {
-        Manifest::open(Box::new(object), &key)
-    };
-    match opened {
+    // exactly as the stored one would be.
+    match crate::index::open_manifest(Box::new(object), protection, id, &key) {
         Ok(m) if crate::format::hex(&m.object_hash()) == id => Ok(Some(m)),
         // Not the stored bytes (a damaged cache file, or a damaged object): forget the copy.
         Ok(_) => forget(&path),
