@@ -15,7 +15,9 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context as _};
 
-/// Path of the `stackvault` binary of this build, building it first if needed.
+/// Path of the `stackvault` binary the suite runs: this package's `stackvault-under-test`
+/// (the CLI library's entry point), which `cargo test` builds beside the test executable before
+/// any test starts.
 pub fn stackvault_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -24,35 +26,19 @@ pub fn stackvault_bin() -> &'static Path {
         stackvault::crypto::unlock::set_password_provider(std::sync::Arc::new(|_, _| {
             Ok(zeroize_string(TEST_PASSWORD))
         }));
-        // target/<profile>/deps/main-xxxx -> target/<profile>
+        // target/<profile>/deps/main-xxxx -> target/<profile>/stackvault-under-test
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
+        let bin = exe
             .parent()
             .and_then(Path::parent)
             .expect("target profile directory")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "stackvault-cli",
-            "--bin",
-            "stackvault",
-            // Test hooks (crash and pause points), which only this feature compiles in.
-            "--features",
-            "testing",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("run cargo build for the stackvault binary");
-        assert!(status.success(), "building the stackvault binary failed");
-        profile_dir.join("stackvault")
+            .join("stackvault-under-test");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run the suite through `cargo test`, which builds it",
+            bin.display()
+        );
+        bin
     })
 }
 
