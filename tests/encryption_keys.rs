@@ -12,7 +12,7 @@ use std::process::Output;
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use stackvault::crypto::keyfile::{KdfParams, KeyObject};
-use stackvault::crypto::{MasterSecret, ObjectAd, ObjectKind, Protection, RepoKeys};
+use stackvault::crypto::{MasterSecret, ObjectAd, ObjectKind, Protection, RepoKeys, RepoSecrets};
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
 use stackvault_tests::{
     azurite_bin, in_ci, make_disk, p, sv, sv_as_typed, sv_command, sv_env, sv_json_ok, sv_ok,
@@ -298,17 +298,20 @@ fn key_objects_hold_neither_the_password_nor_the_master_secret() -> Result<()> {
     let keys = key_files(&f.path("r"))?;
     let bytes = std::fs::read(&keys[0])?;
     let key = KeyObject::decode(&bytes, "key")?;
-    let master = key
+    let secrets = key
         .unwrap(TEST_PASSWORD.as_bytes(), "key")?
         .context("the suite's password opens the key")?;
-    let secret = master.expose();
+    let (naming, sealing) = (secrets.naming(), secrets.sealing());
     for file in files(&f.path("r"))? {
         let data = std::fs::read(&file)?;
         for needle in [
             TEST_PASSWORD.as_bytes(),
-            &secret[..],
-            &secret[..16],
-            &secret[16..],
+            &naming[..],
+            &naming[..16],
+            &naming[16..],
+            &sealing[..],
+            &sealing[..16],
+            &sealing[16..],
         ] {
             ensure!(
                 !data.windows(needle.len()).any(|w| w == needle),
@@ -449,8 +452,11 @@ fn generate() -> Result<Vec<(&'static str, String)>> {
     let keys = vector_keys();
     let sealed = keys.seal_with_nonce(&VECTOR_AD, VECTOR_PLAINTEXT.to_vec(), vector_nonce())?;
     let id = keys.chunk_id(VECTOR_PLAINTEXT);
+    // A version 1 key object (one master secret), as `init` wrote them before the naming and
+    // sealing secrets were split: it must keep opening.
     let key = KeyObject::wrap_with(
-        &MasterSecret::from_bytes(VECTOR_MASTER),
+        &RepoSecrets::from_master(&MasterSecret::from_bytes(VECTOR_MASTER)),
+        [0; 16],
         b"correct horse battery staple",
         KdfParams::INSECURE_TEST,
         [0xa5; 16],
@@ -509,7 +515,8 @@ fn encryption_vectors_match_the_code() -> Result<()> {
     let master = key
         .unwrap(b"correct horse battery staple", "vector")?
         .context("the vector password opens the vector key")?;
-    ensure!(*master.expose() == VECTOR_MASTER);
+    ensure!(master.is_single() && *master.naming() == VECTOR_MASTER);
+    ensure!(*master.sealing() == VECTOR_MASTER);
     ensure!(key
         .unwrap(b"Correct horse battery staple", "vector")?
         .is_none());

@@ -10,6 +10,7 @@ mod crash;
 mod device;
 mod encryption_data;
 mod encryption_keys;
+mod encryption_like;
 mod encryption_metadata;
 mod encryption_repo;
 mod faultproxy;

@@ -183,6 +183,84 @@ fn wrap_hex(bytes: &[u8]) -> String {
         .concat()
 }
 
+/// The keys of the sealed pack vector: the master secret of `encryption.md`'s vectors.
+fn sealed_pack_keys() -> Protection {
+    use stackvault::crypto::{MasterSecret, RepoKeys};
+    Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+        [0x42; 32],
+    ))))
+}
+
+/// The sealed pack vector's name (every seal is bound to it).
+const SEALED_PACK_NAME: &str = "00112233445566778899aabbccddeeff";
+
+/// A version 3 pack built from the specification (`format-spec/README.md`, "Version 3"), not
+/// by `PackWriter`: the frames of `sample_pack` with keyed ids, each frame record sealed under
+/// {kind 1, pack name, its offset} with nonce 24 × 0x10 and 24 × 0x11, the table under
+/// {kind 2, pack name, 0} with nonce 24 × 0x12, header and footer with version 3.
+fn sealed_pack() -> Result<Vec<u8>> {
+    use stackvault::crypto::{ObjectAd, ObjectKind};
+    let keys = sealed_pack_keys();
+    let mut pack = b"SVPACK\0\x01".to_vec();
+    pack.extend_from_slice(&3u32.to_le_bytes());
+    pack.extend_from_slice(&[0; 4]);
+    let mut table = Vec::new();
+    for (frame, nonce) in [(&PACK_CHUNKS[..2], 0x10u8), (&PACK_CHUNKS[2..], 0x11)] {
+        let stored = frame.concat();
+        let mut list = Vec::new();
+        for c in frame {
+            list.extend_from_slice(&keys.chunk_id(c).0);
+            list.extend_from_slice(&(c.len() as u32).to_le_bytes());
+        }
+        let mut record = Vec::new();
+        record.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        record.extend_from_slice(&(stored.len() as u32).to_le_bytes()); // raw length
+        record.extend_from_slice(&(stored.len() as u32).to_le_bytes()); // stored length
+        record.extend_from_slice(&[0, 0, 0, 0]); // no compression, reserved
+        record.extend_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+        record.extend_from_slice(&crc32fast::hash(&list).to_le_bytes());
+        record.extend_from_slice(&stored);
+        record.extend_from_slice(&list);
+        let offset = pack.len() as u64;
+        let ad = ObjectAd {
+            kind: ObjectKind::PackFrame,
+            name: SEALED_PACK_NAME,
+            part: offset,
+        };
+        let sealed = keys.seal_with_nonce(&ad, record, [nonce; 24])?;
+        let mut in_frame = 0u32;
+        for c in frame {
+            table.extend_from_slice(&keys.chunk_id(c).0);
+            table.extend_from_slice(&offset.to_le_bytes());
+            table.extend_from_slice(&in_frame.to_le_bytes());
+            table.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            table.extend_from_slice(&(sealed.len() as u32).to_le_bytes()); // sealed length
+            table.extend_from_slice(&(stored.len() as u32).to_le_bytes()); // frame raw length
+            table.extend_from_slice(&[0, 0, 0, 0]); // no compression, reserved
+            table.extend_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+            in_frame += c.len() as u32;
+        }
+        pack.extend_from_slice(&sealed);
+    }
+    let table_offset = pack.len() as u64;
+    let ad = ObjectAd {
+        kind: ObjectKind::PackTable,
+        name: SEALED_PACK_NAME,
+        part: 0,
+    };
+    let sealed_table = keys.seal_with_nonce(&ad, table, [0x12; 24])?;
+    let mut footer = b"SVPKEND\x01".to_vec();
+    footer.extend_from_slice(&3u32.to_le_bytes());
+    footer.extend_from_slice(&(PACK_CHUNKS.len() as u32).to_le_bytes());
+    footer.extend_from_slice(&table_offset.to_le_bytes());
+    footer.extend_from_slice(&crc32fast::hash(&sealed_table).to_le_bytes());
+    let footer_crc = crc32fast::hash(&footer);
+    footer.extend_from_slice(&footer_crc.to_le_bytes());
+    pack.extend_from_slice(&sealed_table);
+    pack.extend_from_slice(&footer);
+    Ok(pack)
+}
+
 fn generate() -> Result<Vec<(&'static str, String)>> {
     let config = RepoConfig::new([0x11; 16], 1_764_028_800, ChunkerParams::DEFAULT);
     let (manifest_id, manifest) = sample_manifest()?;
@@ -206,6 +284,14 @@ fn generate() -> Result<Vec<(&'static str, String)>> {
             wrap_hex(&encode_footer(3, 4096, 0xdead_beef)),
         ),
         ("pack.hex", wrap_hex(&sample_pack()?)),
+        (
+            "pack-sealed.hex",
+            format!(
+                "# version 3 pack {SEALED_PACK_NAME}: master secret 32 x 42, frame nonces 24 x 10 \
+                 and 24 x 11, table nonce 24 x 12\n{}",
+                wrap_hex(&sealed_pack()?)
+            ),
+        ),
         // The legacy format, still read: these are the bytes version 1 writers produced.
         ("pack-v1.hex", wrap_hex(&encode_pack_v1(&PACK_CHUNKS[..2]))),
         (
@@ -298,5 +384,52 @@ fn decoders_accept_the_vectors() -> Result<()> {
         read_all(&v1)?,
         (1, PACK_CHUNKS[..2].iter().map(|c| c.to_vec()).collect())
     );
+    Ok(())
+}
+
+/// The committed sealed pack opens with the vector keys through the engine's reader (table,
+/// then each chunk by its keyed id), is as long as a pack `PackWriter` seals from the same
+/// frames, and fails to open under any other key.
+#[test]
+fn the_sealed_pack_vector_reads_back() -> Result<()> {
+    use stackvault::store::pack::{read_chunk, read_pack_table};
+    use stackvault::store::{pack_key, Backend, MemoryBackend};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors");
+    let bytes = unwrap_hex(&std::fs::read_to_string(dir.join("pack-sealed.hex"))?);
+    let keys = sealed_pack_keys();
+    let store = MemoryBackend::default();
+    store.put(&pack_key(SEALED_PACK_NAME), &bytes)?;
+    let table = read_pack_table(&store, &keys, SEALED_PACK_NAME)?;
+    assert_eq!(table.version, 3);
+    let ids: Vec<ChunkId> = PACK_CHUNKS.iter().map(|c| keys.chunk_id(c)).collect();
+    assert_eq!(table.entries.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    for (e, want) in table.entries.iter().zip(PACK_CHUNKS) {
+        let got = read_chunk(&store, &keys, SEALED_PACK_NAME, &e.location(3))?;
+        assert_eq!(got, want);
+    }
+    // Neither chunk bytes nor ids in the clear.
+    for needle in PACK_CHUNKS
+        .iter()
+        .map(|c| &c[..8])
+        .chain(ids.iter().map(|i| &i.0[..8]))
+    {
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+    }
+    // PackWriter's sealed packs have this layout: same length for the same frames.
+    let mut w = PackWriter::new(1 << 16, &keys)?;
+    let list = |cs: &[&[u8]]| -> Vec<(ChunkId, u32)> {
+        cs.iter()
+            .map(|c| (keys.chunk_id(c), c.len() as u32))
+            .collect()
+    };
+    let (a, b) = PACK_CHUNKS.split_at(2);
+    w.add_frame(&keys, &list(a), &a.concat(), Compression::None)?;
+    w.add_frame(&keys, &list(b), &b.concat(), Compression::None)?;
+    assert_eq!(w.finish(&keys)?.bytes.len(), bytes.len());
+    // Another repository's keys open nothing of it.
+    let other = Protection::Encrypted(Box::new(stackvault::crypto::RepoKeys::derive(
+        &stackvault::crypto::MasterSecret::from_bytes([0x43; 32]),
+    )));
+    assert!(read_pack_table(&store, &other, SEALED_PACK_NAME).is_err());
     Ok(())
 }

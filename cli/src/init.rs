@@ -21,7 +21,10 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
     /// Take the chunker and zstd level of this existing repository (a new id), so that
-    /// `copy` between the two sends each chunk once and keeps snapshot ids.
+    /// `copy` between the two sends each chunk once and keeps snapshot ids. When both are
+    /// encrypted, the new one shares SRC's naming keys (chunk and snapshot ids) and seals with
+    /// its own; SRC is opened with the password as any repository is, and the new one's
+    /// password is asked for as by any `init`.
     #[arg(long, value_name = "SRC", conflicts_with_all = ["chunker", "zstd_level"])]
     like: Option<PathBuf>,
     /// Endpoint of the object store for an `azure://` or `s3://` repository (Azure Stack Hub:
@@ -52,11 +55,20 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         });
     }
     stackvault::repo::request_encryption(args.encryption != "none");
+    let mut shares_naming_with = None;
     let repo = match &args.like {
         Some(like) => {
             let src = Repo::open(like)
                 .with_context(|| format!("cannot open repository {}", like.display()))?;
-            stackvault::init_like(&path, &src)
+            let made = stackvault::init_like(&path, &src);
+            if let Ok(repo) = &made {
+                if repo.protection().is_encrypted()
+                    && repo.protection().same_naming(src.protection())
+                {
+                    shares_naming_with = Some(src.location());
+                }
+            }
+            made
         }
         None => Repo::init(
             &path,
@@ -86,6 +98,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             zstd_level: c.zstd_level,
             encrypted: c.is_encrypted(),
             key_id: repo.key_in_use().map(str::to_string),
+            shares_naming_with,
         })
     } else {
         output::line(format!(
@@ -99,7 +112,14 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             c.chunker.describe(),
             output::bytes(u64::from(c.segment_size)),
             c.zstd_level
-        ))
+        ))?;
+        match &shares_naming_with {
+            Some(like) => output::line(format!(
+                "shares its naming keys with {like}: copies between the two keep chunk and \
+                 snapshot ids; each seals its data with its own keys"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -115,4 +135,7 @@ struct InitReport {
     encrypted: bool,
     /// Id of its first key object (encrypted repositories), as `key list` shows it.
     key_id: Option<String>,
+    /// `init --like` of an encrypted repository: the repository whose naming keys (chunk,
+    /// chunker, object ids) this one shares.
+    shares_naming_with: Option<String>,
 }

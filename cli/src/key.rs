@@ -16,7 +16,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Add a password: a new key object wrapping the same master secret (no data is rewritten).
+    /// Add a password: a new key object wrapping the same secrets (no data is rewritten).
     Add {
         /// A name for the key, shown by `key list` (not secret; at most 255 bytes).
         #[arg(long, default_value = "")]

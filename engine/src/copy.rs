@@ -15,9 +15,17 @@
 //! name, time, host and source description, and records where it came from in its
 //! `change_source` (`copy-of:<source snapshot id>`), which is how a rerun knows it is there.
 //!
-//! Into an encrypted repository (from a plain one, or from one with other keys) the copy always
-//! re-chunks ([`same_chunk_naming`]): the destination's chunker cut is keyed, so keeping the
-//! source's boundaries would carry the source's (plain, fingerprintable) cut points and need a
+//! Between two encrypted repositories that share their naming secret (`init --like`,
+//! [`same_chunk_naming`]) chunk ids, cut points and snapshot ids are the same on both sides, so
+//! the copy keeps them and sends only what the destination lacks: each frame holding a
+//! missing chunk is fetched whole, opened with the source's data key and sealed again with
+//! the destination's ([`crate::store::reseal`]: no decompression, no recompression, no
+//! re-chunking), and each manifest is opened block by block and sealed again under the same
+//! id. VM records keep their ids too (`plan run`'s off-site copy seals the same plaintext).
+//!
+//! Into an encrypted repository from a plain one, or from one with other naming keys, the
+//! copy re-chunks ([`same_chunk_naming`]): the destination's chunker cut is keyed, so keeping
+//! the source's boundaries would carry the source's (plain, fingerprintable) cut points and need a
 //! second naming; re-chunking through the normal backup gives chunks cut and named with the
 //! destination's keys only, so its next backups deduplicate against the copy. Such a copy is
 //! then verified at the destination: every chunk of the new snapshot is read back, opened and
@@ -44,7 +52,9 @@ use crate::backup::{backup, BackupMode, BackupOptions};
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::config::RepoConfig;
+use crate::format::manifest::sealed::BlockSealer;
 use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
+use crate::format::manifest::{ObjectRead, SealedObject};
 use crate::format::pack::{Compression, FRAME_TARGET_LEN};
 use crate::format::SnapshotId;
 use crate::format::{hex, short_id, ChunkId};
@@ -53,7 +63,8 @@ use crate::progress::{checkpoint, Progress};
 use crate::repo::{InitOptions, Repo};
 use crate::source::{DiskSource, ExtentKind, SourceExtent};
 use crate::store::pack::{compress, read_pack_table, FrameCache, PackWriter};
-use crate::store::{pack_key, snapshot_key};
+use crate::store::reseal::open_frame;
+use crate::store::{pack_key, snapshot_key, StoredObject};
 
 /// The `change_source` prefix of a snapshot made by re-chunking another repository's
 /// snapshot; the source snapshot's id follows.
@@ -133,18 +144,22 @@ pub fn same_chunking(a: &RepoConfig, b: &RepoConfig) -> bool {
 }
 
 /// Whether two repositories name and cut chunks alike: both plain, or both encrypted with the
-/// same chunk-id and chunker keys (checked on a probe, without comparing keys). Otherwise a
-/// copy re-chunks: the destination's keyed chunker cuts the disk and its keyed ids name the
-/// chunks, so nothing of the source's naming (plain BLAKE3 ids, unkeyed cut points, another
-/// key's ids) reaches an encrypted destination, and its next backups deduplicate against the
-/// copy.
+/// same naming secret (`init --like`; compared through a keyed fingerprint, never the secret).
+/// Otherwise a copy re-chunks: the destination's keyed chunker cuts the disk and its keyed ids
+/// name the chunks, so nothing of the source's naming (plain BLAKE3 ids, unkeyed cut points,
+/// another key's ids) reaches an encrypted destination, and its next backups deduplicate
+/// against the copy.
 pub fn same_chunk_naming(a: &Protection, b: &Protection) -> bool {
-    const PROBE: &[u8] = b"stackvault chunk naming probe";
-    a.chunk_id(PROBE) == b.chunk_id(PROBE) && a.chunker_key() == b.chunker_key()
+    a.same_naming(b)
 }
 
 /// Creates a repository at `path` (a new id) that chunks and compresses like `like`, so that
-/// copies between the two send each chunk once and keep snapshot ids.
+/// copies between the two send each chunk once and keep snapshot ids. When both are
+/// encrypted, the new repository shares `like`'s naming secret (chunk ids, chunker, object
+/// ids) and draws its own sealing secret, under its own key object: see
+/// `format-spec/encryption.md`, "Shared naming". Between a plain and an encrypted repository
+/// (either way round), or from one whose key objects are version 1, ids cannot be shared: the
+/// repository is still made, and a notice says that copies into it re-chunk.
 pub fn init_like(path: &std::path::Path, like: &Repo) -> Result<Repo> {
     let src = like.config();
     let options = InitOptions {
@@ -164,7 +179,36 @@ pub fn init_like(path: &std::path::Path, like: &Repo) -> Result<Repo> {
             src.zero_run_min
         )));
     }
-    Repo::init(path, &options)
+    let encrypt = crate::repo::encryption_requested();
+    let secrets = match (like.protection().is_encrypted(), encrypt) {
+        (true, true) => Some(like.secrets()?),
+        _ => None,
+    };
+    let naming = secrets.as_ref().filter(|s| !s.is_single());
+    let repo = Repo::init_naming_like(path, &options, naming)?;
+    let (from, to) = (like.location(), repo.location());
+    let rechunks = "`copy` between the two re-chunks every snapshot (new snapshot ids)";
+    match (
+        like.protection().is_encrypted(),
+        repo.protection().is_encrypted(),
+    ) {
+        (true, true) if naming.is_none() => crate::progress::notice(&format!(
+            "{to} cannot share the chunk ids of {from}: its key objects are version 1 (one \
+             secret for naming and sealing, which {to} must not hold), so {rechunks}; to share \
+             ids, copy {from} into a new repository once and make further copies `--like` \
+             that one"
+        )),
+        (false, true) => crate::progress::notice(&format!(
+            "{from} is not encrypted, so {to} (encrypted) cannot share its chunk ids: plain ids \
+             would fingerprint the data; {rechunks}"
+        )),
+        (true, false) => crate::progress::notice(&format!(
+            "{to} is not encrypted, so it cannot share the chunk ids of {from} (keyed, and the \
+             keys stay in encrypted repositories); {rechunks}"
+        )),
+        _ => {}
+    }
+    Ok(repo)
 }
 
 /// Copies snapshots of `src` into `dst`; see the module doc. Stops at the next segment when
@@ -191,6 +235,8 @@ pub fn copy(
     let wanted = select_snapshots(src, options)?;
     let rechunk = !same_chunking(src.config(), dst.config())
         || !same_chunk_naming(src.protection(), dst.protection());
+    // Same naming and both encrypted: frames and manifests are sealed again, not rebuilt.
+    let reseal = !rechunk && src.protection().is_encrypted();
     let mut report = CopyReport {
         source: src.root().display().to_string(),
         destination: dst.root().display().to_string(),
@@ -219,7 +265,7 @@ pub fn copy(
     let result = if rechunk {
         copy_rechunked(src, dst, &wanted, &present, &mut report, progress)
     } else {
-        copy_identical(src, dst, &wanted, &present, &mut report, progress)
+        copy_identical(src, dst, reseal, &wanted, &present, &mut report, progress)
     };
     report.duration_ms = started.elapsed().as_millis() as u64;
     match result {
@@ -325,6 +371,9 @@ struct Frame {
 /// that wait for it.
 struct Sender<'d> {
     dst: &'d Repo,
+    /// Both repositories encrypted with the same naming keys: frames and manifests are
+    /// opened with the source's keys and sealed with the destination's.
+    reseal: bool,
     pack: PackWriter,
     /// Chunks in `pack`, not yet stored or indexed.
     pending: HashSet<ChunkId>,
@@ -345,7 +394,11 @@ impl Sender<'_> {
         }
         self.pending.clear();
         for snap in std::mem::take(&mut self.queued) {
-            let len = match copy_manifest(src, self.dst, &snap) {
+            let copied = match self.reseal {
+                true => reseal_manifest(src, self.dst, &snap),
+                false => copy_manifest(src, self.dst, &snap),
+            };
+            let len = match copied {
                 Ok(len) => len,
                 Err(e) if e.is_corruption() => {
                     failed(report, &snap, e);
@@ -379,6 +432,7 @@ impl Sender<'_> {
 fn copy_identical(
     src: &Repo,
     dst: &Repo,
+    reseal: bool,
     wanted: &[SnapshotSummary],
     present: &HashMap<String, String>,
     report: &mut CopyReport,
@@ -388,6 +442,7 @@ fn copy_identical(
     let capacity = c.pack_target_size as usize + c.chunker.max_chunk() as usize * 2 + (1 << 20);
     let mut sender = Sender {
         dst,
+        reseal,
         pack: PackWriter::new(capacity, dst.protection())?,
         pending: HashSet::new(),
         queued: Vec::new(),
@@ -443,10 +498,12 @@ fn send_chunks(
         let end = first.saturating_add(batch).min(segments);
         let pending = &sender.pending;
         let dst = sender.dst;
+        let reseal = sender.reseal;
         let read: Vec<Result<SegmentFrames>> = (first..end)
             .into_par_iter()
-            .map_init(FrameCache::default, |cache, i| {
-                read_segment(src, dst, &manifest, &snap.id, i, pending, level, cache)
+            .map_init(FrameCache::default, |cache, i| match reseal {
+                true => take_segment_frames(src, dst, &manifest, &snap.id, i, pending),
+                false => read_segment(src, dst, &manifest, &snap.id, i, pending, level, cache),
             })
             .collect();
         for seg in read {
@@ -550,6 +607,129 @@ fn read_segment(
         .map(|c| u64::from(c.1))
         .sum();
     Ok(out)
+}
+
+/// Takes the frames of `src` that hold the chunks of segment `index` the destination lacks,
+/// opened and ready to be sealed again (both repositories encrypted, same naming keys): each
+/// frame whole, once, without decompressing it.
+fn take_segment_frames(
+    src: &Repo,
+    dst: &Repo,
+    manifest: &Manifest<'_>,
+    snapshot: &str,
+    index: u64,
+    pending: &HashSet<ChunkId>,
+) -> Result<SegmentFrames> {
+    let extents = manifest.segment(index)?;
+    let mut out = SegmentFrames {
+        len: extents.iter().map(|e| u64::from(e.len())).sum(),
+        frames: Vec::new(),
+        known: 0,
+        bytes_read: 0,
+    };
+    // Chunks of the frames taken so far: a frame often holds several chunks of a segment.
+    let mut taken: HashSet<ChunkId> = HashSet::new();
+    for e in &extents {
+        let Extent::Chunk { id, .. } = *e else {
+            continue;
+        };
+        if taken.contains(&id) || pending.contains(&id) || dst.readers().contains(&id)? {
+            out.known += 1;
+            continue;
+        }
+        let loc = src.locate_chunk(&id)?.ok_or_else(|| Error::MissingChunk {
+            id: id.to_hex(),
+            snapshot: snapshot.to_string(),
+        })?;
+        let frame = open_frame(src.backend(), src.protection(), &loc.pack, &loc.record)?;
+        taken.extend(frame.chunks.iter().map(|c| c.0));
+        out.bytes_read += u64::from(frame.raw_len);
+        out.frames.push(Frame {
+            chunks: frame.chunks,
+            compression: frame.compression,
+            stored: frame.stored,
+        });
+    }
+    Ok(out)
+}
+
+/// Copies the sealed manifest of `snap` from `src` to `dst`, both encrypted with the same
+/// naming keys: each block is opened with the source's keys and the plaintext sealed again
+/// with the destination's, under the same id (the keyed hash of the plaintext, checked on
+/// the way); then catalogues it. Returns its stored size at the destination.
+fn reseal_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64> {
+    let key = snapshot_key(&snap.id);
+    let location = format!("{key} in {}", src.location());
+    let object = StoredObject {
+        backend: src.backend(),
+        key: key.clone(),
+    };
+    let plain = SealedObject::open(Box::new(object), src.protection(), &snap.id, &location)?;
+    let size = plain.size()?;
+    let mut out = dst.backend().writer("snapshots/")?;
+    let target = "snapshots/ (copied manifest)";
+    let mut sealer = BlockSealer::new(dst.protection().clone())?;
+    let mut hash = dst.protection().object_id_hasher();
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(1 << 20) as usize;
+        let piece = plain.read_at(at, n)?;
+        hash.update(&piece);
+        sealer.write(&mut out, &piece, target)?;
+        at += n as u64;
+    }
+    if hex(hash.finalize().as_bytes()) != snap.id {
+        return Err(Error::corrupt(
+            location,
+            0,
+            "manifest does not hash to its name under the shared naming key (damaged, or the \
+             repositories do not share their naming keys)",
+        ));
+    }
+    let len = sealer.finish(&mut out, &snap.id, target)?;
+    crate::crash::point("before-manifest");
+    match out.commit(&key) {
+        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    dst.index()
+        .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
+    Ok(len)
+}
+
+/// The stored bytes, for `dst`, of the record `id` of `kind` that `src` stores under
+/// `<prefix><id>` by [`Protection::seal_named`] (a VM snapshot record): its plaintext opened
+/// with `src`'s keys and sealed with `dst`'s under the same id. `None` when the two do not
+/// name alike (the id would differ: the caller encodes the record for `dst`).
+pub fn reseal_named(
+    src: &Repo,
+    dst: &Repo,
+    kind: crate::crypto::ObjectKind,
+    id: &str,
+) -> Result<Option<Vec<u8>>> {
+    if !same_chunk_naming(src.protection(), dst.protection()) {
+        return Ok(None);
+    }
+    let key = match kind {
+        crate::crypto::ObjectKind::VmSnapshot => crate::vm::record::key(id),
+        other => {
+            return Err(Error::Internal(format!(
+                "{other:?} objects are not named by their content"
+            )))
+        }
+    };
+    let stored = src.backend().get(&key)?;
+    let location = format!("{key} in {}", src.location());
+    let plain = src
+        .protection()
+        .open_named(kind, id, &stored, &location, "record")?;
+    let (bytes, again) = dst.protection().seal_named(kind, plain)?;
+    if again != id {
+        return Err(Error::Internal(format!(
+            "{location}: named {again} at the destination although the naming keys are shared"
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 /// Copies the manifest of `snap` from `src` to `dst` byte for byte, checking on the way that

@@ -90,6 +90,11 @@ pub fn request_encryption(on: bool) {
     ENCRYPTION_REQUESTED.store(on, Ordering::Relaxed);
 }
 
+/// Whether `init` makes encrypted repositories ([`request_encryption`]).
+pub fn encryption_requested() -> bool {
+    ENCRYPTION_REQUESTED.load(Ordering::Relaxed)
+}
+
 /// Opens every repository of this process read-only from now on, as the user asked (the
 /// CLI's global `--read-only`): commands that must write then fail as usage errors.
 pub fn request_read_only() {
@@ -151,6 +156,16 @@ impl Repo {
     /// `path` is a remote location (`s3://…`, `azure://…`, see [`RepoLocation::parse`]), on
     /// that store. A string with an unknown scheme is a usage error, never a directory.
     pub fn init(path: &Path, options: &InitOptions) -> Result<Repo> {
+        Self::init_naming_like(path, options, None)
+    }
+
+    /// [`Repo::init`]; when encrypted and `naming` is given, the new repository shares its
+    /// naming secret (a fresh sealing secret of its own): `init --like`.
+    pub(crate) fn init_naming_like(
+        path: &Path,
+        options: &InitOptions,
+        naming: Option<&crate::crypto::RepoSecrets>,
+    ) -> Result<Repo> {
         if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
             return Err(Error::Usage(
                 "init creates a repository: run it without --read-only".into(),
@@ -158,11 +173,12 @@ impl Repo {
         }
         let location = RepoLocation::from_path(path)?;
         if location.is_remote() {
-            return Repo::init_on(
+            return Repo::init_on_naming_like(
                 location.connect()?,
                 &cache_root()?,
                 &location.to_string(),
                 options,
+                naming,
             );
         }
         if path.join(CONFIG_KEY).exists() {
@@ -192,7 +208,7 @@ impl Repo {
         }
         Index::open(&path.join(INDEX_FILE))?;
         let backend = Arc::new(LocalDir::new(path));
-        let (config, unlocked) = first_key(config, backend.as_ref(), password)?;
+        let (config, unlocked) = first_key(config, backend.as_ref(), password, naming)?;
         // The config is written last: its presence marks a complete repository.
         backend.put(CONFIG_KEY, &config.encode())?;
         Self::open_local(path, backend, unlocked)
@@ -301,6 +317,17 @@ impl Repo {
         location: &str,
         options: &InitOptions,
     ) -> Result<Repo> {
+        Self::init_on_naming_like(backend, cache_home, location, options, None)
+    }
+
+    /// [`Repo::init_on`], sharing `naming` as [`Repo::init_naming_like`] does.
+    fn init_on_naming_like(
+        backend: Arc<dyn Backend>,
+        cache_home: &Path,
+        location: &str,
+        options: &InitOptions,
+        naming: Option<&crate::crypto::RepoSecrets>,
+    ) -> Result<Repo> {
         if READ_ONLY_REQUESTED.load(Ordering::Relaxed) {
             return Err(Error::Usage(
                 "init creates a repository: run it without --read-only".into(),
@@ -320,7 +347,7 @@ impl Repo {
         let mut config = new_config(options, location)?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         config.features.incompat |= deltas.bit;
-        let (config, unlocked) = first_key(config, backend.as_ref(), password)?;
+        let (config, unlocked) = first_key(config, backend.as_ref(), password, naming)?;
         backend.put(CONFIG_KEY, &config.encode())?;
         Repo::open_on_with(backend, cache_home, location, unlocked)
     }
@@ -681,7 +708,7 @@ fn unlock(
     }
     match unlocked {
         Some(u) => Ok(u),
-        None => crate::crypto::unlock::unlock(backend, location),
+        None => crate::crypto::unlock::unlock(backend, location, &config.repository_id),
     }
 }
 
@@ -706,23 +733,36 @@ fn new_repository_password(
     password(PasswordUse::NewKey, location).map(Some)
 }
 
-/// For a new repository given the `password` of its first key (none: plain): draws the
-/// master secret, writes the first key object and marks `config` encrypted. Returns the
-/// config and, when encrypted, the unlocked keys.
+/// For a new repository given the `password` of its first key (none: plain): draws its
+/// secrets (the naming secret of `naming` when given), writes the first key object and marks
+/// `config` encrypted. Returns the config and, when encrypted, the unlocked keys.
 fn first_key(
     mut config: RepoConfig,
     backend: &dyn Backend,
     password: Option<Zeroizing<String>>,
+    naming: Option<&crate::crypto::RepoSecrets>,
 ) -> Result<(RepoConfig, Option<Unlocked>)> {
     let Some(password) = password else {
         return Ok((config, None));
     };
     use crate::crypto::unlock::add_key;
-    let master = crate::crypto::MasterSecret::generate()?;
-    let key = add_key(backend, &master, password.as_bytes(), "")?;
+    use crate::crypto::RepoSecrets;
+    let secrets = match naming {
+        Some(like) => RepoSecrets::sharing_naming_of(like)?,
+        None => RepoSecrets::generate()?,
+    };
+    let key = add_key(
+        backend,
+        &secrets,
+        config.repository_id,
+        password.as_bytes(),
+        "",
+    )?;
     config.features.incompat |= crate::format::config::FEATURE_ENCRYPTION.bit;
     let unlocked = Unlocked {
-        protection: Protection::Encrypted(Box::new(crate::crypto::RepoKeys::derive(&master))),
+        protection: Protection::Encrypted(Box::new(crate::crypto::RepoKeys::from_secrets(
+            &secrets,
+        ))),
         key_id: Some(key.id_hex()),
     };
     Ok((config, Some(unlocked)))

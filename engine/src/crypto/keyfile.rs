@@ -1,10 +1,15 @@
-//! Key objects (`keys/<id>`): the repository's master secret wrapped under one password.
+//! Key objects (`keys/<id>`): the repository's secrets wrapped under one password.
 //!
-//! A key object holds the Argon2id parameters and salt it was made with, the master secret
-//! sealed (XChaCha20-Poly1305) under the key Argon2id derives from the password, and, in the
-//! clear, its id, creation time, the host that made it and a label the user chose. Nothing in
-//! it is secret; without the password it tells nothing about the master secret. The layout is
-//! `format-spec/encryption.md`, "Key objects" (little-endian, crc32 at the end).
+//! A key object holds the Argon2id parameters and salt it was made with, the repository's
+//! secrets sealed (XChaCha20-Poly1305) under the key Argon2id derives from the password, and,
+//! in the clear, its id, creation time, the host that made it and a label the user chose.
+//! Nothing in it is secret; without the password it tells nothing about the secrets. The
+//! layout is `format-spec/encryption.md`, "Key objects" (little-endian, crc32 at the end).
+//! Version 1 wraps one master secret (both naming and sealing secret); version 2 wraps the
+//! naming and the sealing secret and names the repository it belongs to, so a key object
+//! copied into another repository is recognised as foreign instead of failing later on
+//! every object. A repository's key objects all have one version: the one its secrets need
+//! ([`RepoSecrets::is_single`]), so `key add` on an old repository writes an old key.
 //!
 //! Invariants: everything before the nonce is the wrapping's associated data, so a changed
 //! parameter, salt, id or label makes the password fail as a wrong one would, instead of
@@ -18,13 +23,17 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
-use super::{MasterSecret, KEY_LEN, NONCE_LEN, TAG_LEN};
+use super::{MasterSecret, RepoSecrets, KEY_LEN, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
 /// Magic at offset 0 of a key object.
 pub const KEY_MAGIC: [u8; 8] = *b"SVKEYOBJ";
-/// The key object version this build writes and reads.
-pub const KEY_VERSION: u32 = 1;
+/// The newest key object version this build writes and reads (it reads 1 and 2).
+pub const KEY_VERSION: u32 = 2;
+/// Version 1: one master secret, both naming and sealing secret.
+pub const KEY_VERSION_SINGLE: u32 = 1;
+/// Length of a repository id (the config's), as a version 2 key object records it.
+pub const REPOSITORY_ID_LEN: usize = 16;
 /// KDF code: Argon2id, version 0x13 (RFC 9106).
 pub const KDF_ARGON2ID: u8 = 1;
 /// Wrapping AEAD code: XChaCha20-Poly1305.
@@ -35,10 +44,35 @@ pub const SALT_LEN: usize = 16;
 pub const KEY_ID_LEN: usize = 16;
 /// Longest host name or label a key object holds, in bytes.
 pub const MAX_TEXT_LEN: usize = 255;
-/// Offset of the host name: everything before it is fixed.
-const FIXED_LEN: usize = 76;
-/// Bytes after the label: nonce, wrapped secret with its tag, crc32.
-const TAIL_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN + 4;
+/// Offset of the host name in a version 1 key object: everything before it is fixed.
+const FIXED_LEN_V1: usize = 76;
+/// Offset of the host name in a version 2 key object (the repository id comes first).
+const FIXED_LEN_V2: usize = FIXED_LEN_V1 + REPOSITORY_ID_LEN;
+/// Offset of the repository id in a version 2 key object.
+pub const REPOSITORY_ID_OFFSET: u64 = FIXED_LEN_V1 as u64;
+
+/// Bytes of the fixed fields of a key object of `version` (before the host name).
+fn fixed_len(version: u32) -> usize {
+    if version == KEY_VERSION_SINGLE {
+        FIXED_LEN_V1
+    } else {
+        FIXED_LEN_V2
+    }
+}
+
+/// Bytes of the wrapped secrets of a key object of `version`, tag included.
+fn wrapped_len(version: u32) -> usize {
+    if version == KEY_VERSION_SINGLE {
+        KEY_LEN + TAG_LEN
+    } else {
+        2 * KEY_LEN + TAG_LEN
+    }
+}
+
+/// Bytes after the label: nonce, wrapped secrets with their tag, crc32.
+fn tail_len(version: u32) -> usize {
+    NONCE_LEN + wrapped_len(version) + 4
+}
 /// Prefix of every key object's name.
 pub const KEYS_PREFIX: &str = "keys/";
 
@@ -125,9 +159,13 @@ impl KdfParams {
     }
 }
 
-/// One decoded key object; its fields are public metadata, the wrapped secret opaque.
+/// One decoded key object; its fields are public metadata, the wrapped secrets opaque.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyObject {
+    /// Format version: 1 (one master secret) or 2 (naming and sealing secret).
+    pub version: u32,
+    /// The repository (config id) the key belongs to; version 1 keys do not say.
+    pub repository: Option<[u8; REPOSITORY_ID_LEN]>,
     /// Its id, also its name under `keys/` in hex.
     pub id: [u8; KEY_ID_LEN],
     pub kdf: KdfParams,
@@ -139,7 +177,8 @@ pub struct KeyObject {
     /// What the user called it (`--label`), possibly empty.
     pub label: String,
     nonce: [u8; NONCE_LEN],
-    wrapped: [u8; KEY_LEN + TAG_LEN],
+    /// The secrets' ciphertext and tag: [`wrapped_len`] bytes.
+    wrapped: Vec<u8>,
 }
 
 impl KeyObject {
@@ -153,9 +192,11 @@ impl KeyObject {
         crate::format::hex(&self.id)
     }
 
-    /// Wraps `master` under `password` with fresh random id, salt and nonce.
+    /// Wraps the secrets of repository `repository` under `password` with fresh random id,
+    /// salt and nonce: version 1 for a single master secret, else version 2.
     pub fn wrap(
-        master: &MasterSecret,
+        secrets: &RepoSecrets,
+        repository: [u8; REPOSITORY_ID_LEN],
         password: &[u8],
         kdf: KdfParams,
         created_unix: i64,
@@ -169,7 +210,8 @@ impl KeyObject {
             getrandom::fill(buf).map_err(|e| Error::Internal(format!("draw random bytes: {e}")))?;
         }
         Self::wrap_parts(
-            master,
+            secrets,
+            repository,
             password,
             kdf,
             id,
@@ -186,7 +228,8 @@ impl KeyObject {
     #[allow(clippy::too_many_arguments)]
     #[cfg(any(test, feature = "testing"))]
     pub fn wrap_with(
-        master: &MasterSecret,
+        secrets: &RepoSecrets,
+        repository: [u8; REPOSITORY_ID_LEN],
         password: &[u8],
         kdf: KdfParams,
         id: [u8; KEY_ID_LEN],
@@ -197,7 +240,8 @@ impl KeyObject {
         label: &str,
     ) -> Result<KeyObject> {
         Self::wrap_parts(
-            master,
+            secrets,
+            repository,
             password,
             kdf,
             id,
@@ -211,7 +255,8 @@ impl KeyObject {
 
     #[allow(clippy::too_many_arguments)]
     fn wrap_parts(
-        master: &MasterSecret,
+        secrets: &RepoSecrets,
+        repository: [u8; REPOSITORY_ID_LEN],
         password: &[u8],
         kdf: KdfParams,
         id: [u8; KEY_ID_LEN],
@@ -229,7 +274,14 @@ impl KeyObject {
                 )));
             }
         }
+        let single = secrets.is_single();
         let mut key = KeyObject {
+            version: if single {
+                KEY_VERSION_SINGLE
+            } else {
+                KEY_VERSION
+            },
+            repository: (!single).then_some(repository),
             id,
             kdf,
             salt,
@@ -237,29 +289,33 @@ impl KeyObject {
             host: host.to_string(),
             label: label.to_string(),
             nonce,
-            wrapped: [0; KEY_LEN + TAG_LEN],
+            wrapped: Vec::new(),
         };
+        let mut plain = Zeroizing::new(Vec::with_capacity(2 * KEY_LEN));
+        plain.extend_from_slice(secrets.naming());
+        if !single {
+            plain.extend_from_slice(secrets.sealing());
+        }
         let wrapping = kdf.derive(password, &salt)?;
         let aad = key.encode_head();
-        let sealed = XChaCha20Poly1305::new(wrapping.as_ref().into())
+        key.wrapped = XChaCha20Poly1305::new(wrapping.as_ref().into())
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: master.expose(),
+                    msg: &plain,
                     aad: &aad,
                 },
             )
-            .map_err(|_| Error::Internal("wrap the master secret".into()))?;
-        key.wrapped = sealed
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Internal("wrapped master secret has an odd length".into()))?;
+            .map_err(|_| Error::Internal("wrap the repository secrets".into()))?;
+        if key.wrapped.len() != wrapped_len(key.version) {
+            return Err(Error::Internal("wrapped secrets have an odd length".into()));
+        }
         Ok(key)
     }
 
-    /// The master secret, when `password` is this key's; `None` when it is not (or when
-    /// the object's metadata was altered: the two cannot be told apart, by design).
-    pub fn unwrap(&self, password: &[u8], location: &str) -> Result<Option<MasterSecret>> {
+    /// The repository's secrets, when `password` is this key's; `None` when it is not (or
+    /// when the object's metadata was altered: the two cannot be told apart, by design).
+    pub fn unwrap(&self, password: &[u8], location: &str) -> Result<Option<RepoSecrets>> {
         let wrapping = self.kdf.derive(password, &self.salt).map_err(|e| match e {
             Error::InvalidArgument(why) => Error::corrupt(location, 16, why),
             other => other,
@@ -276,18 +332,30 @@ impl KeyObject {
             return Ok(None);
         };
         let plain = Zeroizing::new(plain);
-        let bytes: [u8; KEY_LEN] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::corrupt(location, 0, "wrapped master secret has a wrong length"))?;
-        Ok(Some(MasterSecret::from_bytes(bytes)))
+        let wrong = || Error::corrupt(location, 0, "wrapped secrets have a wrong length");
+        let secret = |at: usize| -> Result<[u8; KEY_LEN]> {
+            plain
+                .get(at..at + KEY_LEN)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(wrong)
+        };
+        if plain.len() != wrapped_len(self.version) - TAG_LEN {
+            return Err(wrong());
+        }
+        if self.version == KEY_VERSION_SINGLE {
+            let master = MasterSecret::from_bytes(secret(0)?);
+            return Ok(Some(RepoSecrets::from_master(&master)));
+        }
+        Ok(Some(RepoSecrets::from_parts(secret(0)?, secret(KEY_LEN)?)))
     }
 
     /// Everything before the nonce: the wrapping's associated data.
     fn encode_head(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(FIXED_LEN + self.host.len() + self.label.len() + TAIL_LEN);
+        let mut b = Vec::with_capacity(
+            fixed_len(self.version) + self.host.len() + self.label.len() + tail_len(self.version),
+        );
         b.extend_from_slice(&KEY_MAGIC);
-        b.extend_from_slice(&KEY_VERSION.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
         b.push(KDF_ARGON2ID);
         b.push(WRAP_XCHACHA20POLY1305);
         b.extend_from_slice(&[0, 0]);
@@ -301,6 +369,9 @@ impl KeyObject {
         // Lengths are checked at wrap and decode (<= 255), so the casts are exact.
         b.extend_from_slice(&(self.host.len() as u16).to_le_bytes());
         b.extend_from_slice(&(self.label.len() as u16).to_le_bytes());
+        if let Some(repository) = &self.repository {
+            b.extend_from_slice(repository);
+        }
         b.extend_from_slice(self.host.as_bytes());
         b.extend_from_slice(self.label.as_bytes());
         b
@@ -319,7 +390,7 @@ impl KeyObject {
     /// Decodes and checks a stored key object; `location` names it in errors.
     pub fn decode(data: &[u8], location: &str) -> Result<KeyObject> {
         let bad = |offset: usize, what: String| Error::corrupt(location, offset as u64, what);
-        if data.len() < FIXED_LEN + TAIL_LEN {
+        if data.len() < FIXED_LEN_V1 + tail_len(KEY_VERSION_SINGLE) {
             return Err(bad(
                 0,
                 format!(
@@ -333,7 +404,7 @@ impl KeyObject {
             return Err(bad(0, "bad magic: not a stackvault key object".into()));
         }
         let version = r.u32("key object version")?;
-        if version != KEY_VERSION {
+        if version != KEY_VERSION && version != KEY_VERSION_SINGLE {
             return Err(Error::UnsupportedVersion {
                 what: format!("key object {location}"),
                 found: version,
@@ -372,7 +443,8 @@ impl KeyObject {
                 format!("host/label lengths {host_len}/{label_len} exceed {MAX_TEXT_LEN}"),
             ));
         }
-        let expected = FIXED_LEN + host_len + label_len + TAIL_LEN;
+        let fixed = fixed_len(version);
+        let expected = fixed + host_len + label_len + tail_len(version);
         if data.len() != expected {
             return Err(bad(
                 0,
@@ -386,14 +458,23 @@ impl KeyObject {
             let bytes = data.get(from..from + len).unwrap_or_default();
             String::from_utf8(bytes.to_vec()).map_err(|_| bad(from, format!("{what} is not UTF-8")))
         };
-        let host = text(FIXED_LEN, host_len, "host name")?;
-        let label = text(FIXED_LEN + host_len, label_len, "label")?;
-        let tail = FIXED_LEN + host_len + label_len;
+        let repository = match version {
+            KEY_VERSION_SINGLE => None,
+            _ => Some(r.array::<REPOSITORY_ID_LEN>("repository id")?),
+        };
+        let host = text(fixed, host_len, "host name")?;
+        let label = text(fixed + host_len, label_len, "label")?;
+        let tail = fixed + host_len + label_len;
         let mut t =
             crate::format::Reader::new(data.get(tail..).unwrap_or_default(), tail as u64, location);
         let nonce = t.array::<NONCE_LEN>("nonce")?;
-        let wrapped = t.array::<{ KEY_LEN + TAG_LEN }>("wrapped master secret")?;
+        let wrapped = data
+            .get(tail + NONCE_LEN..tail + NONCE_LEN + wrapped_len(version))
+            .ok_or_else(|| bad(tail + NONCE_LEN, "wrapped secrets truncated".into()))?
+            .to_vec();
         Ok(KeyObject {
+            version,
+            repository,
             id,
             kdf,
             salt,
@@ -410,9 +491,10 @@ impl KeyObject {
 mod tests {
     use super::*;
 
-    fn sample(password: &[u8]) -> Result<KeyObject> {
+    fn sample_of(secrets: &RepoSecrets, password: &[u8]) -> Result<KeyObject> {
         KeyObject::wrap(
-            &MasterSecret::from_bytes([9; KEY_LEN]),
+            secrets,
+            [0x77; REPOSITORY_ID_LEN],
             password,
             KdfParams::INSECURE_TEST,
             1_700_000_000,
@@ -421,31 +503,74 @@ mod tests {
         )
     }
 
+    /// A version 2 key (naming and sealing secret).
+    fn sample(password: &[u8]) -> Result<KeyObject> {
+        sample_of(
+            &RepoSecrets::from_parts([9; KEY_LEN], [5; KEY_LEN]),
+            password,
+        )
+    }
+
+    /// A version 1 key (one master secret).
+    fn sample_v1(password: &[u8]) -> Result<KeyObject> {
+        let master = MasterSecret::from_bytes([9; KEY_LEN]);
+        sample_of(&RepoSecrets::from_master(&master), password)
+    }
+
     #[test]
     fn wraps_and_unwraps_only_with_its_password() -> Result<()> {
-        let key = sample(b"pw")?;
-        let bytes = key.encode();
-        let back = KeyObject::decode(&bytes, "k")?;
-        assert_eq!(back, key);
-        let master = back.unwrap(b"pw", "k")?.map(|m| *m.expose());
-        assert_eq!(master, Some([9; KEY_LEN]));
-        assert!(back.unwrap(b"pW", "k")?.is_none());
+        for (key, version, sealing) in [
+            (sample(b"pw")?, KEY_VERSION, [5; KEY_LEN]),
+            (sample_v1(b"pw")?, KEY_VERSION_SINGLE, [9; KEY_LEN]),
+        ] {
+            assert_eq!(key.version, version);
+            let bytes = key.encode();
+            assert_eq!(
+                bytes.len(),
+                fixed_len(version) + "host-a".len() + "laptop".len() + tail_len(version)
+            );
+            let back = KeyObject::decode(&bytes, "k")?;
+            assert_eq!(back, key);
+            let secrets = back.unwrap(b"pw", "k")?;
+            let secrets = secrets.as_ref().map(|s| (*s.naming(), *s.sealing()));
+            assert_eq!(secrets, Some(([9; KEY_LEN], sealing)));
+            assert!(back.unwrap(b"pW", "k")?.is_none());
+        }
+        assert_eq!(sample(b"pw")?.repository, Some([0x77; REPOSITORY_ID_LEN]));
+        assert_eq!(sample_v1(b"pw")?.repository, None);
+        Ok(())
+    }
+
+    #[test]
+    fn newer_versions_are_refused_as_unsupported() -> Result<()> {
+        let mut bytes = sample(b"pw")?.encode();
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            KeyObject::decode(&bytes, "k"),
+            Err(Error::UnsupportedVersion {
+                found: 3,
+                supported: KEY_VERSION,
+                ..
+            })
+        ));
         Ok(())
     }
 
     #[test]
     fn any_flipped_byte_is_refused_or_fails_to_unwrap() -> Result<()> {
-        let bytes = sample(b"pw")?.encode();
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x10;
-            match KeyObject::decode(&bad, "k") {
-                Err(_) => {}
-                Ok(k) => assert!(k.unwrap(b"pw", "k")?.is_none(), "byte {i}"),
+        for key in [sample(b"pw")?, sample_v1(b"pw")?] {
+            let bytes = key.encode();
+            for i in 0..bytes.len() {
+                let mut bad = bytes.clone();
+                bad[i] ^= 0x10;
+                match KeyObject::decode(&bad, "k") {
+                    Err(_) => {}
+                    Ok(k) => assert!(k.unwrap(b"pw", "k")?.is_none(), "byte {i}"),
+                }
             }
-        }
-        for len in 0..bytes.len() {
-            assert!(KeyObject::decode(&bytes[..len], "k").is_err());
+            for len in 0..bytes.len() {
+                assert!(KeyObject::decode(&bytes[..len], "k").is_err());
+            }
         }
         Ok(())
     }
@@ -454,6 +579,9 @@ mod tests {
     fn altered_metadata_with_a_fixed_crc_does_not_unwrap() -> Result<()> {
         let mut key = sample(b"pw")?;
         key.label = "other".into();
+        assert!(key.unwrap(b"pw", "k")?.is_none());
+        let mut key = sample(b"pw")?;
+        key.repository = Some([0x78; REPOSITORY_ID_LEN]);
         assert!(key.unwrap(b"pw", "k")?.is_none());
         Ok(())
     }

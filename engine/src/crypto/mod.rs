@@ -2,10 +2,14 @@
 //!
 //! A repository is either plain or encrypted ([`Protection`]); every place that names a chunk
 //! or stores an object goes through it, so a plain repository is the same code path with the
-//! identity transform. An encrypted repository has one random [`MasterSecret`], wrapped by one
-//! or more password-derived key objects (`keys/…`, see `format-spec/encryption.md`); from it
-//! [`RepoKeys::derive`] derives one subkey per purpose (chunk ids, the chunker's cut decision,
-//! object data, metadata), so no key serves two purposes.
+//! identity transform. An encrypted repository has two random secrets ([`RepoSecrets`]),
+//! wrapped by one or more password-derived key objects (`keys/…`, see
+//! `format-spec/encryption.md`): the **naming secret**, from which the keys that name things
+//! derive (chunk ids, the chunker's cut decision, object ids), and the **sealing secret**,
+//! from which the keys that seal objects derive (object data, metadata). So no key serves two
+//! purposes, and two repositories can share their naming (`init --like`: a copy keeps chunk
+//! and snapshot ids) while each seals with its own keys. Key objects of version 1 hold one
+//! [`MasterSecret`] that is both secrets: they derive exactly the keys they always did.
 //!
 //! Invariants: an object is sealed with a fresh random nonce and associated data that binds it
 //! to its kind and name ([`ObjectAd`]), so a stored object cannot be swapped for another one or
@@ -22,7 +26,7 @@ use crate::format::ChunkId;
 pub mod keyfile;
 pub mod unlock;
 
-/// Length of the master secret and of every derived subkey.
+/// Length of each secret and of every derived subkey.
 pub const KEY_LEN: usize = 32;
 /// Length of the random nonce at the start of a sealed object.
 pub const NONCE_LEN: usize = 24;
@@ -34,7 +38,18 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 /// Domain separator at the start of every object's associated data.
 const AD_DOMAIN: &[u8] = b"stackvault sealed object v1";
 
-/// The random secret of one encrypted repository. Never stored unwrapped.
+/// BLAKE3 `derive_key` contexts, one per subkey (`format-spec/encryption.md`, "Secrets").
+const CONTEXT_CHUNK_ID: &str = "stackvault 2026-11-30 chunk id key";
+const CONTEXT_CHUNKER: &str = "stackvault 2026-11-30 chunker key";
+const CONTEXT_OBJECT_ID: &str = "stackvault 2026-11-30 object id key";
+const CONTEXT_DATA: &str = "stackvault 2026-11-30 object data key";
+const CONTEXT_METADATA: &str = "stackvault 2026-11-30 metadata key";
+/// Context of the naming fingerprint: compared between two unlocked repositories, never stored
+/// or shown.
+const CONTEXT_NAMING_FINGERPRINT: &str = "stackvault 2026-12-01 naming fingerprint";
+
+/// The one random secret of a repository whose key objects are version 1: it is both the
+/// naming and the sealing secret ([`RepoSecrets::from_master`]). Never stored unwrapped.
 pub struct MasterSecret(Zeroizing<[u8; KEY_LEN]>);
 
 impl MasterSecret {
@@ -61,6 +76,91 @@ impl std::fmt::Debug for MasterSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterSecret(…)")
     }
+}
+
+/// The secrets of one encrypted repository, as its key objects wrap them: the naming secret
+/// (chunk ids, the chunker, object ids) and the sealing secret (the AEAD keys). Never stored
+/// unwrapped, never shown.
+pub struct RepoSecrets {
+    naming: Zeroizing<[u8; KEY_LEN]>,
+    sealing: Zeroizing<[u8; KEY_LEN]>,
+    /// One master secret serves as both (key object version 1).
+    single: bool,
+}
+
+impl RepoSecrets {
+    /// Two fresh random secrets (for `init`).
+    pub fn generate() -> Result<RepoSecrets> {
+        Ok(RepoSecrets {
+            naming: random_secret("naming")?,
+            sealing: random_secret("sealing")?,
+            single: false,
+        })
+    }
+
+    /// `other`'s naming secret with a fresh sealing secret (for `init --like`). A version 1
+    /// secret cannot be shared: it is also `other`'s sealing secret, which would give the
+    /// holders of the new repository's passwords the keys of every object of `other`.
+    pub fn sharing_naming_of(other: &RepoSecrets) -> Result<RepoSecrets> {
+        if other.single {
+            return Err(Error::unsupported(
+                "its key objects are version 1 (one secret for both naming and sealing), so \
+                 its naming keys cannot be shared without handing over its data keys",
+            ));
+        }
+        Ok(RepoSecrets {
+            naming: Zeroizing::new(*other.naming),
+            sealing: random_secret("sealing")?,
+            single: false,
+        })
+    }
+
+    /// The secrets of a version 1 key object: its master secret is both.
+    pub fn from_master(master: &MasterSecret) -> RepoSecrets {
+        RepoSecrets {
+            naming: Zeroizing::new(*master.expose()),
+            sealing: Zeroizing::new(*master.expose()),
+            single: true,
+        }
+    }
+
+    /// Two separate secrets from their bytes (unwrapped from a version 2 key object, or a
+    /// test vector).
+    pub fn from_parts(naming: [u8; KEY_LEN], sealing: [u8; KEY_LEN]) -> RepoSecrets {
+        RepoSecrets {
+            naming: Zeroizing::new(naming),
+            sealing: Zeroizing::new(sealing),
+            single: false,
+        }
+    }
+
+    /// Whether one master secret is both secrets (wrapped in key objects of version 1).
+    pub fn is_single(&self) -> bool {
+        self.single
+    }
+
+    /// The naming secret's bytes, for wrapping it into a key object.
+    pub fn naming(&self) -> &[u8; KEY_LEN] {
+        &self.naming
+    }
+
+    /// The sealing secret's bytes, for wrapping it into a key object.
+    pub fn sealing(&self) -> &[u8; KEY_LEN] {
+        &self.sealing
+    }
+}
+
+impl std::fmt::Debug for RepoSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepoSecrets(…)")
+    }
+}
+
+fn random_secret(what: &str) -> Result<Zeroizing<[u8; KEY_LEN]>> {
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    getrandom::fill(bytes.as_mut())
+        .map_err(|e| Error::Internal(format!("draw a random {what} secret: {e}")))?;
+    Ok(bytes)
 }
 
 /// What a sealed object is; part of its associated data.
@@ -107,14 +207,17 @@ impl ObjectAd<'_> {
     }
 }
 
-/// The subkeys of one encrypted repository, derived from its master secret. A clone holds
-/// its own zeroized copies (a streaming writer that outlives a borrow of the repository).
+/// The subkeys of one encrypted repository, derived from its secrets. A clone holds its own
+/// zeroized copies (a streaming writer that outlives a borrow of the repository).
 #[derive(Clone)]
 pub struct RepoKeys {
     chunk_id: Zeroizing<[u8; KEY_LEN]>,
     chunker: Zeroizing<[u8; KEY_LEN]>,
     /// Keys the names of objects named after their contents (manifests, VM records).
     object_id: Zeroizing<[u8; KEY_LEN]>,
+    /// A one-way function of the naming secret: equal in two repositories exactly when they
+    /// name alike. Compared, never stored or shown.
+    naming_fingerprint: Zeroizing<[u8; KEY_LEN]>,
     data: XChaCha20Poly1305,
     metadata: XChaCha20Poly1305,
 }
@@ -126,15 +229,25 @@ impl std::fmt::Debug for RepoKeys {
 }
 
 impl RepoKeys {
-    /// Derives every subkey from the master secret (BLAKE3 `derive_key`, one context per purpose).
+    /// Derives every subkey from a version 1 master secret: [`RepoKeys::from_secrets`] with
+    /// the master as both secrets, so the keys are the ones it has always given.
     pub fn derive(master: &MasterSecret) -> RepoKeys {
-        let derive = |context: &str| Zeroizing::new(blake3::derive_key(context, master.expose()));
-        let data = derive("stackvault 2026-11-30 object data key");
-        let metadata = derive("stackvault 2026-11-30 metadata key");
+        RepoKeys::from_secrets(&RepoSecrets::from_master(master))
+    }
+
+    /// Derives every subkey (BLAKE3 `derive_key`, one context per purpose): the naming keys
+    /// from the naming secret, the sealing keys from the sealing secret.
+    pub fn from_secrets(secrets: &RepoSecrets) -> RepoKeys {
+        let naming = |context: &str| Zeroizing::new(blake3::derive_key(context, secrets.naming()));
+        let sealing =
+            |context: &str| Zeroizing::new(blake3::derive_key(context, secrets.sealing()));
+        let data = sealing(CONTEXT_DATA);
+        let metadata = sealing(CONTEXT_METADATA);
         RepoKeys {
-            chunk_id: derive("stackvault 2026-11-30 chunk id key"),
-            chunker: derive("stackvault 2026-11-30 chunker key"),
-            object_id: derive("stackvault 2026-11-30 object id key"),
+            chunk_id: naming(CONTEXT_CHUNK_ID),
+            chunker: naming(CONTEXT_CHUNKER),
+            object_id: naming(CONTEXT_OBJECT_ID),
+            naming_fingerprint: naming(CONTEXT_NAMING_FINGERPRINT),
             data: XChaCha20Poly1305::new(data.as_ref().into()),
             metadata: XChaCha20Poly1305::new(metadata.as_ref().into()),
         }
@@ -160,6 +273,25 @@ pub enum Protection {
 impl Protection {
     pub fn is_encrypted(&self) -> bool {
         matches!(self, Protection::Encrypted(_))
+    }
+
+    /// Whether `self` and `other` name chunks and objects alike: both plain, or both
+    /// encrypted with the same naming secret (compared through its keyed fingerprint, never
+    /// the secret itself). Then a chunk, a manifest or a record has the same id in both.
+    pub fn same_naming(&self, other: &Protection) -> bool {
+        match (self, other) {
+            (Protection::Plain, Protection::Plain) => true,
+            (Protection::Encrypted(a), Protection::Encrypted(b)) => {
+                // Not secret (a one-way function of the naming secret), but compared in
+                // constant time anyway: nothing about it should leak through timing.
+                let mut diff = 0u8;
+                for (x, y) in a.naming_fingerprint.iter().zip(b.naming_fingerprint.iter()) {
+                    diff |= x ^ y;
+                }
+                diff == 0
+            }
+            _ => false,
+        }
     }
 
     /// The chunk id of `data`: BLAKE3, keyed with the chunk-id subkey when encrypted.
@@ -406,6 +538,47 @@ mod tests {
     fn plain_is_the_identity() -> Result<()> {
         assert_eq!(Protection::Plain.seal(&AD, b"x".to_vec())?, b"x");
         assert_eq!(Protection::Plain.open(&AD, b"x", "x", 0)?, b"x");
+        Ok(())
+    }
+
+    /// Version 1 secrets derive the keys they always did: the master is both secrets.
+    #[test]
+    fn a_master_secret_is_both_secrets() {
+        let master = MasterSecret::from_bytes([7; KEY_LEN]);
+        let split = Protection::Encrypted(Box::new(RepoKeys::from_secrets(
+            &RepoSecrets::from_parts([7; KEY_LEN], [7; KEY_LEN]),
+        )));
+        assert_eq!(split.chunk_id(b"data"), keys().chunk_id(b"data"));
+        assert_eq!(split.chunker_key(), keys().chunker_key());
+        assert!(RepoSecrets::from_master(&master).is_single());
+        assert!(RepoSecrets::sharing_naming_of(&RepoSecrets::from_master(&master)).is_err());
+    }
+
+    /// Shared naming: the same ids and cut decisions, but one's seals do not open with the
+    /// other's keys.
+    #[test]
+    fn shared_naming_keeps_ids_but_not_seals() -> Result<()> {
+        let src = RepoSecrets::generate()?;
+        let dst = RepoSecrets::sharing_naming_of(&src)?;
+        let (a, b) = (
+            Protection::Encrypted(Box::new(RepoKeys::from_secrets(&src))),
+            Protection::Encrypted(Box::new(RepoKeys::from_secrets(&dst))),
+        );
+        assert!(a.same_naming(&b) && b.same_naming(&a));
+        assert_eq!(a.chunk_id(b"data"), b.chunk_id(b"data"));
+        assert_eq!(a.chunker_key(), b.chunker_key());
+        let id = |p: &Protection| p.object_id_hasher().update(b"m").finalize();
+        assert_eq!(id(&a), id(&b));
+        let sealed = a.seal(&AD, b"hello".to_vec())?;
+        assert!(matches!(
+            b.open(&AD, &sealed, "x", 0),
+            Err(Error::Corrupt { .. })
+        ));
+        let other =
+            Protection::Encrypted(Box::new(RepoKeys::from_secrets(&RepoSecrets::generate()?)));
+        assert!(!a.same_naming(&other));
+        assert!(!a.same_naming(&Protection::Plain));
+        assert!(Protection::Plain.same_naming(&Protection::Plain));
         Ok(())
     }
 }

@@ -6,7 +6,8 @@
 //! repositories never prompt. Without one, `STACKVAULT_PASSWORD` is read.
 //!
 //! Invariants: a wrong password is one [`Error::WrongPassword`] before any other work; the
-//! password and the master secret stay in zeroizing buffers and appear in no message; a
+//! password and the secrets stay in zeroizing buffers and appear in no message; a key object
+//! that names another repository (copied from it) never unlocks this one; a
 //! repository keeps at least one key object: removal is refused for the last one and
 //! happens under the maintenance lock, so two hosts cannot each remove "the other" key.
 
@@ -14,8 +15,8 @@ use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroizing;
 
-use super::keyfile::{KdfParams, KeyObject, KEYS_PREFIX};
-use super::{MasterSecret, Protection, RepoKeys};
+use super::keyfile::{KdfParams, KeyObject, KEYS_PREFIX, REPOSITORY_ID_LEN, REPOSITORY_ID_OFFSET};
+use super::{Protection, RepoKeys, RepoSecrets};
 use crate::error::{Error, Result};
 use crate::store::Backend;
 
@@ -91,18 +92,35 @@ fn read_keys(backend: &dyn Backend, location: &str) -> Result<(Vec<KeyObject>, V
     Ok((keys, damaged))
 }
 
-/// The master secret `password` unwraps from one of `keys`, with that key's id; key objects
-/// found damaged on the way are added to `damaged`.
+/// The secrets `password` unwraps from one of `keys` of repository `repository`, with that
+/// key's id; key objects found damaged (or belonging to another repository) on the way are
+/// added to `damaged`.
 fn try_keys(
     keys: &[KeyObject],
     password: &[u8],
     location: &str,
+    repository: &[u8; REPOSITORY_ID_LEN],
     damaged: &mut Vec<Error>,
-) -> Result<Option<(MasterSecret, String)>> {
+) -> Result<Option<(RepoSecrets, String)>> {
     for key in keys {
         let name = format!("{location}/{}", key.object_key());
         match key.unwrap(password, &name) {
-            Ok(Some(master)) => return Ok(Some((master, key.id_hex()))),
+            Ok(Some(_)) if key.repository.is_some_and(|r| r != *repository) => {
+                damaged.push(Error::corrupt(
+                    &name,
+                    REPOSITORY_ID_OFFSET,
+                    format!(
+                        "key {} opens with this password but belongs to repository {}, not to \
+                         this one ({}): it was copied from another repository and cannot open \
+                         this one's data; remove it with `stackvault key remove {}`",
+                        key.id_hex(),
+                        crate::format::hex(&key.repository.unwrap_or_default()),
+                        crate::format::hex(repository),
+                        key.id_hex()
+                    ),
+                ));
+            }
+            Ok(Some(secrets)) => return Ok(Some((secrets, key.id_hex()))),
             Ok(None) => {}
             Err(e) if e.is_corruption() => damaged.push(e),
             Err(e) => return Err(e),
@@ -111,12 +129,16 @@ fn try_keys(
     Ok(None)
 }
 
-/// Unlocks the encrypted repository on `backend` named `location`: asks for the password
-/// and tries it on every key object. No key object, or none that opens, fails before any
-/// other work. A damaged key object does not stop another from opening the repository (it
-/// is said once on stderr); when none opens and some are damaged, the damage is the error,
-/// since the password may be the damaged key's.
-pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
+/// Unlocks the encrypted repository on `backend` named `location` whose config id is
+/// `repository`: asks for the password and tries it on every key object. No key object, or
+/// none that opens, fails before any other work. A damaged key object does not stop another
+/// from opening the repository (it is said once on stderr); when none opens and some are
+/// damaged, the damage is the error, since the password may be the damaged key's.
+pub fn unlock(
+    backend: &dyn Backend,
+    location: &str,
+    repository: &[u8; REPOSITORY_ID_LEN],
+) -> Result<Unlocked> {
     let (keys, mut damaged) = read_keys(backend, location)?;
     if keys.is_empty() && damaged.is_empty() {
         return Err(Error::corrupt(
@@ -127,9 +149,15 @@ pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
         ));
     }
     let password = password(PasswordUse::Unlock, location)?;
-    let opened = try_keys(&keys, password.as_bytes(), location, &mut damaged)?;
+    let opened = try_keys(
+        &keys,
+        password.as_bytes(),
+        location,
+        repository,
+        &mut damaged,
+    )?;
     match opened {
-        Some((master, key_id)) => {
+        Some((secrets, key_id)) => {
             for e in &damaged {
                 crate::progress::notice(&format!(
                     "{e}; another key opened the repository: add a replacement for the \
@@ -137,7 +165,7 @@ pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
                 ));
             }
             Ok(Unlocked {
-                protection: Protection::Encrypted(Box::new(RepoKeys::derive(&master))),
+                protection: Protection::Encrypted(Box::new(RepoKeys::from_secrets(&secrets))),
                 key_id: Some(key_id),
             })
         }
@@ -149,10 +177,12 @@ pub fn unlock(backend: &dyn Backend, location: &str) -> Result<Unlocked> {
     }
 }
 
-/// Writes a new key object wrapping `master` under `password` into `backend`; returns it.
+/// Writes a new key object wrapping `secrets` of repository `repository` under `password`
+/// into `backend`; returns it.
 pub fn add_key(
     backend: &dyn Backend,
-    master: &MasterSecret,
+    secrets: &RepoSecrets,
+    repository: [u8; REPOSITORY_ID_LEN],
     password: &[u8],
     label: &str,
 ) -> Result<KeyObject> {
@@ -163,7 +193,8 @@ pub fn add_key(
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let key = KeyObject::wrap(
-        master,
+        secrets,
+        repository,
         password,
         KdfParams::for_new_keys(),
         now,
@@ -174,19 +205,31 @@ pub fn add_key(
     Ok(key)
 }
 
-/// The master secret of the repository on `backend`, unwrapped again with the password this
-/// process unlocked it with (key management needs the secret itself, which `Repo` does not
-/// keep).
-pub fn master_secret(backend: &dyn Backend, location: &str) -> Result<(MasterSecret, String)> {
+/// The secrets of the repository on `backend` (config id `repository`), unwrapped again with
+/// the password this process unlocked it with (key management and `init --like` need the
+/// secrets themselves, which `Repo` does not keep).
+pub fn secrets(
+    backend: &dyn Backend,
+    location: &str,
+    repository: &[u8; REPOSITORY_ID_LEN],
+) -> Result<(RepoSecrets, String)> {
     // A damaged key object must not keep `key add` from making a replacement.
     let (keys, mut damaged) = read_keys(backend, location)?;
     let password = password(PasswordUse::Unlock, location)?;
-    try_keys(&keys, password.as_bytes(), location, &mut damaged)?.ok_or_else(|| {
-        Error::WrongPassword {
+    match try_keys(
+        &keys,
+        password.as_bytes(),
+        location,
+        repository,
+        &mut damaged,
+    )? {
+        Some(found) => Ok(found),
+        None if !damaged.is_empty() => Err(damaged.swap_remove(0)),
+        None => Err(Error::WrongPassword {
             repository: location.to_string(),
             keys: keys.len(),
-        }
-    })
+        }),
+    }
 }
 
 /// Removes key object `id` (hex, as `key list` shows it) unless it is the last one. The

@@ -1,8 +1,9 @@
 //! Key management of an open repository (`key list|add|remove|passwd`): the key objects that
-//! wrap its master secret under users' passwords (see [`crate::crypto::keyfile`]).
+//! wrap its secrets under users' passwords (see [`crate::crypto::keyfile`]).
 //!
-//! Invariants: no data object is ever rewritten (a key wraps the master secret, which never
-//! changes); a new key is durable before an old one is removed; the last key is never
+//! Invariants: no data object is ever rewritten (a key wraps the secrets, which never
+//! change; a new key has the version of the others, see [`crate::crypto::keyfile`]); a new
+//! key is durable before an old one is removed; the last key is never
 //! removed. Adding takes a writer lock; removing and changing a password take the maintenance
 //! lock, so two hosts cannot each remove one of the last two keys.
 
@@ -24,6 +25,14 @@ impl Repo {
         self.key_in_use.as_deref()
     }
 
+    /// The secrets of this (encrypted) repository, unwrapped again with the password that
+    /// opened it: for `init --like`, which shares the naming secret.
+    pub(crate) fn secrets(&self) -> Result<crate::crypto::RepoSecrets> {
+        self.require_encrypted("share its naming keys")?;
+        let id = self.config().repository_id;
+        Ok(unlock::secrets(self.backend(), &self.location(), &id)?.0)
+    }
+
     fn require_encrypted(&self, what: &str) -> Result<()> {
         if self.config().is_encrypted() {
             return Ok(());
@@ -40,9 +49,10 @@ impl Repo {
         self.require_encrypted("add a key")?;
         let _lock = self.lock("key add")?;
         let location = self.location();
-        let (master, _) = unlock::master_secret(self.backend(), &location)?;
+        let id = self.config().repository_id;
+        let (secrets, _) = unlock::secrets(self.backend(), &location, &id)?;
         let password = unlock::password(PasswordUse::NewKey, &location)?;
-        unlock::add_key(self.backend(), &master, password.as_bytes(), label)
+        unlock::add_key(self.backend(), &secrets, id, password.as_bytes(), label)
     }
 
     /// Removes the key object `id` (as [`Repo::keys`] shows it), unless it is the last one.
@@ -58,13 +68,20 @@ impl Repo {
         self.require_encrypted("change a password")?;
         let _lock = self.lock_maintenance("key passwd")?;
         let location = self.location();
-        let (master, old_id) = unlock::master_secret(self.backend(), &location)?;
+        let id = self.config().repository_id;
+        let (secrets, old_id) = unlock::secrets(self.backend(), &location, &id)?;
         let old = unlock::list_keys(self.backend(), &location)?
             .into_iter()
             .find(|k| k.id_hex() == old_id)
             .ok_or_else(|| Error::Internal(format!("key {old_id} vanished while in use")))?;
         let password = unlock::password(PasswordUse::NewKey, &location)?;
-        let new = unlock::add_key(self.backend(), &master, password.as_bytes(), &old.label)?;
+        let new = unlock::add_key(
+            self.backend(),
+            &secrets,
+            id,
+            password.as_bytes(),
+            &old.label,
+        )?;
         self.backend().remove(&old.object_key())?;
         Ok((old, new))
     }

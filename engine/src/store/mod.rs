@@ -36,6 +36,7 @@ mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemoryBackend;
 pub mod pack;
+pub mod reseal;
 pub mod s3;
 #[cfg(feature = "testing")]
 pub mod testing;

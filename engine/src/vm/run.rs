@@ -574,7 +574,16 @@ fn copy_offsite(
             ));
             continue;
         }
-        let (bytes, id) = record::encode(&copied, dst.protection())?;
+        // Same naming keys (`init --like`) and so the same snapshot ids: the record keeps its
+        // id, its plaintext sealed again as it is, not re-encoded.
+        const VM_RECORD: crate::crypto::ObjectKind = crate::crypto::ObjectKind::VmSnapshot;
+        let (bytes, id) = match copied == s.record {
+            true => match crate::copy::reseal_named(src, dst, VM_RECORD, &s.id)? {
+                Some(bytes) => (bytes, s.id.clone()),
+                None => record::encode(&copied, dst.protection())?,
+            },
+            false => record::encode(&copied, dst.protection())?,
+        };
         let key = record::key(&id);
         if records_there.contains(&key) {
             continue;
