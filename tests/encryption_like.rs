@@ -6,6 +6,7 @@
 //! says that ids cannot be shared; key objects of version 1 keep opening to the keys they
 //! always gave, and version 2 ones (naming and sealing secret) have a known-answer vector.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ use stackvault::crypto::keyfile::{KdfParams, KeyObject, KEY_VERSION};
 use stackvault::crypto::{ObjectAd, ObjectKind, Protection, RepoKeys, RepoSecrets};
 use stackvault_tests::{
     assert_restores, backup_disk, make_disk, outcome, p, scribble_disk, snapshot_ids, sv_as_typed,
-    sv_json, sv_json_ok, sv_ok,
+    sv_json, sv_json_ok, sv_ok, Disk,
 };
 
 const MIB: u64 = 1 << 20;
@@ -173,6 +174,49 @@ fn like_between_plain_and_encrypted_says_ids_cannot_be_shared() -> Result<()> {
         let c = copy(from, &to, &[&id])?;
         ensure!(c["rechunked"] == true, "{c:#}");
     }
+    Ok(())
+}
+
+/// A frame of the source that fails authentication fails the copy of its snapshot only (exit
+/// 3): the copy opens every frame it seals again, it does not pass sealed bytes along blindly.
+#[test]
+fn a_damaged_frame_of_the_source_fails_only_its_snapshot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    sv_ok(&["init", p(&src)])?;
+    sv_ok(&["init", p(&dst), "--like", p(&src)])?;
+    let packs = |repo: &Path| -> Result<BTreeSet<PathBuf>> {
+        let mut out = BTreeSet::new();
+        for sub in fs::read_dir(repo.join("packs"))? {
+            for f in fs::read_dir(sub?.path())? {
+                out.insert(f?.path());
+            }
+        }
+        Ok(out)
+    };
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    Disk::random(4 * MIB, 1).write(&a)?;
+    Disk::random(4 * MIB, 2).write(&b)?;
+    let a_id = backup_disk(&src, &a, "a")?;
+    let a_packs = packs(&src)?;
+    let b_id = backup_disk(&src, &b, "b")?;
+    // Flip a byte inside the first sealed frame of a's only pack.
+    let damaged = a_packs.iter().next().context("a pack of disk a")?;
+    let mut bytes = fs::read(damaged)?;
+    bytes[1000] ^= 0x55;
+    fs::write(damaged, bytes)?;
+
+    let (code, v, stderr) = sv_json(&["copy", "--from", p(&src), "--to", p(&dst)])?;
+    ensure!(code == Some(3), "damage is exit 3: {stderr} {v:#}");
+    ensure!(stderr.contains("authentication failed"), "{stderr}");
+    ensure!(v["rechunked"] == false, "{v:#}");
+    ensure!(
+        v["snapshots_failed"] == 1 && v["snapshots_copied"] == 1,
+        "{v:#}"
+    );
+    ensure!(snapshot_ids(&dst)? == vec![b_id.clone()]);
+    ensure!(!snapshot_ids(&dst)?.contains(&a_id));
+    assert_restores(&dst, &b_id, &b)?;
     Ok(())
 }
 

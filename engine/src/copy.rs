@@ -641,7 +641,18 @@ fn take_segment_frames(
             id: id.to_hex(),
             snapshot: snapshot.to_string(),
         })?;
-        let frame = open_frame(src.backend(), src.protection(), &loc.pack, &loc.record)?;
+        let frame = match open_frame(src.backend(), src.protection(), &loc.pack, &loc.record) {
+            Ok(frame) => frame,
+            // A prune at the source may have moved the chunk since the lookup (readers take no
+            // lock): look once more before calling it damage, as every chunk read does.
+            Err(e) if e.is_corruption() => match src.locate_chunk(&id)? {
+                Some(moved) if moved != loc => {
+                    open_frame(src.backend(), src.protection(), &moved.pack, &moved.record)?
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
         taken.extend(frame.chunks.iter().map(|c| c.0));
         out.bytes_read += u64::from(frame.raw_len);
         out.frames.push(Frame {

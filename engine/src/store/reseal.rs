@@ -18,7 +18,7 @@ use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::pack::{
     check_protection, decode_frame_list, open_sealed_frame, Compression, RecordLocation,
-    FRAME_HEADER_LEN,
+    FRAME_HEADER_LEN, MAX_SEALED_FRAME_LEN,
 };
 use crate::format::ChunkId;
 
@@ -50,6 +50,16 @@ pub fn open_frame(
         return Err(Error::Internal(format!(
             "{location}: only sealed frames are taken whole"
         )));
+    }
+    if loc.stored_len > MAX_SEALED_FRAME_LEN {
+        return Err(Error::corrupt(
+            &location,
+            offset,
+            format!(
+                "sealed frame of {} bytes is larger than any frame (rebuild the index)",
+                loc.stored_len
+            ),
+        ));
     }
     let len = usize::try_from(loc.read_len())
         .map_err(|_| Error::corrupt(&location, offset, "frame too large"))?;
