@@ -177,6 +177,42 @@ fn like_between_plain_and_encrypted_says_ids_cannot_be_shared() -> Result<()> {
     Ok(())
 }
 
+/// `init --like` onto an object store (S3, Moto): the new remote repository shares the local
+/// one's naming keys, a copy into it keeps the snapshot id and restores byte for byte.
+#[test]
+fn a_like_repository_on_s3_shares_naming_and_keeps_ids() -> Result<()> {
+    let Some(moto) = crate::remote_maintain::moto() else {
+        return Ok(());
+    };
+    let s3 = crate::remote_maintain::Remote::s3(&moto, "like")?;
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("src");
+    sv_ok(&["init", p(&src)])?;
+    let disk = dir.path().join("d.img");
+    make_disk(&disk, 6 * MIB, 12)?;
+    let id = backup_disk(&src, &disk, "d")?;
+    let like = s3.json(&["init", "--like", p(&src)])?;
+    ensure!(like["shares_naming_with"] == p(&src), "{like:#}");
+    let out = s3
+        .command(&["copy", "--from", p(&src), "--to", &s3.location, "--json"])
+        .output()?;
+    let (code, stdout, stderr) = outcome(&out);
+    ensure!(code == Some(0), "{stdout} {stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout)?;
+    ensure!(
+        v["rechunked"] == false && v["snapshots_copied"] == 1,
+        "{v:#}"
+    );
+    ensure!(
+        ids(&v, "destination_snapshot_id") == vec![id.clone()],
+        "{v:#}"
+    );
+    let restored = dir.path().join("restored.img");
+    s3.json(&["restore", &id, p(&restored), "--force"])?;
+    ensure!(stackvault_tests::same_bytes(&restored, &disk)?);
+    Ok(())
+}
+
 /// A frame of the source that fails authentication fails the copy of its snapshot only (exit
 /// 3): the copy opens every frame it seals again, it does not pass sealed bytes along blindly.
 #[test]
