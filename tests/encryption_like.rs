@@ -1,10 +1,12 @@
 //! Shared naming keys between encrypted repositories (`init --like`, issue 15): the copy
 //! shares the source's naming secret and seals with its own, so `copy` keeps snapshot and
 //! chunk ids, sends only what is missing (a second copy sends nothing), restores byte for
-//! byte, and the next backup into the copy deduplicates against it; a key object of the
-//! source opens nothing of the copy; between a plain and an encrypted repository `--like`
-//! says that ids cannot be shared; key objects of version 1 keep opening to the keys they
-//! always gave, and version 2 ones (naming and sealing secret) have a known-answer vector.
+//! byte, and the next backup into the copy deduplicates against it, locally and onto S3; a
+//! damaged source frame fails its snapshot only; `plan run`'s off-site copy keeps VM snapshot
+//! ids; a key object of the source opens nothing of the copy; between a plain and an
+//! encrypted repository `--like` says that ids cannot be shared; key objects of version 1
+//! keep opening to the keys they always gave, and version 2 ones (naming and sealing secret)
+//! have a known-answer vector.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -57,6 +59,10 @@ fn a_copy_into_an_encrypted_like_repository_keeps_ids_and_sends_only_what_is_mis
     let src_keys = sv_json_ok(&["key", "list", "-r", p(&src)])?;
     let dst_keys = sv_json_ok(&["key", "list", "-r", p(&dst)])?;
     ensure!(src_keys != dst_keys, "{src_keys:#} {dst_keys:#}");
+    ensure!(
+        dst_keys["keys"][0]["key_object_version"] == 2,
+        "{dst_keys:#}"
+    );
 
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     make_disk(&a, 12 * MIB, 3)?;

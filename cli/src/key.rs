@@ -74,6 +74,9 @@ struct KeyJson {
     argon2_t: u32,
     argon2_p: u32,
     in_use: bool,
+    /// Key object version: 1 (one master secret: its naming keys cannot be shared by
+    /// `init --like`) or 2 (naming and sealing secret).
+    key_object_version: u32,
 }
 
 fn key_json(k: &KeyObject, in_use: Option<&str>) -> KeyJson {
@@ -87,6 +90,7 @@ fn key_json(k: &KeyObject, in_use: Option<&str>) -> KeyJson {
         argon2_t: k.kdf.t,
         argon2_p: k.kdf.p,
         in_use: in_use == Some(k.id_hex().as_str()),
+        key_object_version: k.version,
     }
 }
 
