@@ -19,8 +19,13 @@
 //! Each backup and restore runs in a child process under `/usr/bin/time` for its peak RSS.
 //!
 //! `cargo bench --bench pageblob [-- --size-mib N --reps N --rtt-ms 0,20,50
-//! --direction backup|restore|both --sweep-rtt-ms 20]`. Skips with a message when Azurite or
-//! `/usr/bin/time` is missing; fails when the Python SDK cannot be installed.
+//! --direction backup|restore|both --sweep-rtt-ms 20 --no-sweep --disk RAW --work DIR
+//! --azurite-location DIR]`. `--disk` takes an existing raw disk (the 4 GiB gen0 of the
+//! dataset) instead of a generated one; `--work` is where the repository and the fixed VHD go;
+//! `--azurite-location` keeps Azurite's blobs on disk there instead of in memory (a fresh
+//! Azurite, and directory, for every round trip, so the space of one round trip's blobs is
+//! given back before the next). Skips with a message when Azurite or `/usr/bin/time` is
+//! missing; fails when the Python SDK cannot be installed.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -105,6 +110,96 @@ impl DiskSource for OneReadPerCore {
     }
     fn changes_since(&self, parent: &SourceInfo) -> stackvault::Result<SourceChanges> {
         self.0.changes_since(parent)
+    }
+}
+
+/// Azurite for the bench: `stackvault_tests::Azurite` (in memory), or one keeping its blobs in
+/// a directory (removed when dropped).
+enum Blobs {
+    InMemory(stackvault_tests::Azurite),
+    OnDisk {
+        child: std::process::Child,
+        port: u16,
+        location: std::path::PathBuf,
+    },
+}
+
+impl Blobs {
+    fn start(location: Option<&Path>) -> Result<Blobs> {
+        let Some(location) = location else {
+            return Ok(Blobs::InMemory(stackvault_tests::Azurite::start()?));
+        };
+        let _ = std::fs::remove_dir_all(location);
+        std::fs::create_dir_all(location)?;
+        let mut child = Command::new(stackvault_tests::azurite_bin())
+            .args(["--blobHost", "127.0.0.1", "--blobPort", "0", "--location"])
+            .arg(location)
+            .args(["--skipApiVersionCheck", "--loose", "--disableTelemetry"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start Azurite")?;
+        let stdout = child.stdout.take().context("azurite stdout")?;
+        let (tx, rx) = channel();
+        // Keep reading its output: Azurite dies of SIGPIPE when nobody does.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                if let Some(rest) = line.split("listens on http://127.0.0.1:").nth(1) {
+                    let _ = tx.send(rest.trim().parse::<u16>().ok());
+                }
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(port)) => port,
+            _ => {
+                let _ = child.kill();
+                bail!("Azurite did not say which port it listens on")
+            }
+        };
+        Ok(Blobs::OnDisk {
+            child,
+            port,
+            location: location.to_path_buf(),
+        })
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Blobs::InMemory(a) => a.port,
+            Blobs::OnDisk { port, .. } => *port,
+        }
+    }
+
+    /// A fresh Azurite with the bench's container.
+    fn start_with_container(location: Option<&Path>) -> Result<Blobs> {
+        let blobs = Blobs::start(location)?;
+        BlobClient::new(
+            &format!("azure://{ACCOUNT}/vhds/x"),
+            &BlobOptions {
+                endpoint: Some(format!("http://127.0.0.1:{}/{ACCOUNT}", blobs.port())),
+                account_key: Some(KEY.to_string()),
+                ..Default::default()
+            },
+        )?
+        .create_container()?;
+        Ok(blobs)
+    }
+}
+
+impl Drop for Blobs {
+    fn drop(&mut self) {
+        if let Blobs::OnDisk {
+            child, location, ..
+        } = self
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(location);
+        }
     }
 }
 
@@ -266,14 +361,17 @@ endpoint, key, path = sys.argv[1], sys.argv[2], sys.argv[3]
 conn = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;"
         "BlobEndpoint=%s;" % (key, endpoint))
 blob = BlobServiceClient.from_connection_string(conn).get_blob_client("vhds", "sdk.vhd")
-answers = [0]
+answers, sent = [0], [0]
 def count(response):
     answers[0] += 1
+    request = response.http_request
+    if request.method == "PUT" and "comp=page" in request.url:
+        sent[0] += int(request.headers.get("Content-Length") or 0)
 started = time.monotonic()
 with open(path, "rb") as f:
     blob.upload_blob(f, blob_type="PageBlob", max_concurrency=8, overwrite=True,
                      raw_response_hook=count)
-print(time.monotonic() - started, answers[0])
+print(time.monotonic() - started, answers[0], sent[0])
 "#;
 
 /// A virtualenv with `azure-storage-blob`, made once under `target/`.
@@ -309,15 +407,16 @@ fn ensure_ok(status: std::process::ExitStatus, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// One SDK upload: (upload s, HTTP answers, peak RSS MiB).
-fn run_sdk(python: &Path, endpoint: &str, vhd: &Path, work: &Path) -> Result<(f64, u64, f64)> {
+/// One SDK upload: (upload s, HTTP answers, bytes sent with Put Page, peak RSS MiB).
+fn run_sdk(python: &Path, endpoint: &str, vhd: &Path, work: &Path) -> Result<(f64, u64, u64, f64)> {
     let mut cmd = Command::new(python);
     cmd.args(["-c", SDK_UPLOAD, endpoint, KEY]).arg(vhd);
     let (_, out, rss) = timed(cmd, &work.join("sdk.rss"))?;
     let mut it = out.split_whitespace();
     let secs: f64 = it.next().context("no time")?.parse()?;
     let answers: u64 = it.next().context("no count")?.parse()?;
-    Ok((secs, answers, rss))
+    let sent: u64 = it.next().context("no byte count")?.parse()?;
+    Ok((secs, answers, sent, rss))
 }
 
 /// Bytes in 512-byte pages of the file at `path` that hold a non-zero byte: the data.
@@ -354,7 +453,7 @@ fn endpoint_at(port: u16, rtt: u64) -> Result<String> {
 
 /// The restore direction: ours against the SDK at every round trip, then the sweeps.
 fn bench_restore(
-    port: u16,
+    location: Option<&Path>,
     repo: &Path,
     snapshot: &stackvault::SnapshotSummary,
     data_bytes: u64,
@@ -388,18 +487,23 @@ fn bench_restore(
          of data | peak RSS MiB | ours / SDK |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let mut blobs = None;
     for &rtt in rtts {
-        let endpoint = endpoint_at(port, rtt)?;
+        // The previous round trip's Azurite (and its blobs) goes before the next starts.
+        drop(blobs.take());
+        let fresh = Blobs::start_with_container(location)?;
+        let endpoint = endpoint_at(fresh.port(), rtt)?;
+        blobs = Some(fresh);
         let (mut ours, mut sdk) = (Vec::new(), Vec::new());
         let (mut ours_rss, mut sdk_rss) = (0f64, 0f64);
-        let (mut ours_req, mut ours_bytes, mut sdk_req) = (0, 0, 0);
+        let (mut ours_req, mut ours_bytes, mut sdk_req, mut sdk_bytes) = (0, 0, 0, 0);
         for rep in 0..reps {
             for sdk_first in [[true, false], [false, true]][rep % 2] {
                 if sdk_first {
-                    let (t, n, rss) = run_sdk(&python, &endpoint, &vhd, dir)?;
+                    let (t, n, b, rss) = run_sdk(&python, &endpoint, &vhd, dir)?;
                     sdk.push(t);
                     sdk_rss = sdk_rss.max(rss);
-                    sdk_req = n;
+                    (sdk_req, sdk_bytes) = (n, b);
                 } else {
                     let (t, n, b, _, rss) = run_restore_child(
                         &endpoint,
@@ -425,13 +529,18 @@ fn bench_restore(
         println!(
             "| {rtt} ms | SDK upload_blob(max_concurrency=8) | {s:.2} | {sdk_req} | {:.0} | {:.2} | \
              {sdk_rss:.0} | |",
-            mib(vhd_len),
+            mib(sdk_bytes),
             sdk_req as f64 / mib(data_bytes)
         );
     }
 
+    if std::env::args().any(|a| a == "--no-sweep") {
+        return Ok(());
+    }
+    drop(blobs.take());
+    let blobs = Blobs::start_with_container(location)?;
     let sweep_rtt: u64 = arg("--sweep-rtt-ms", "20").parse()?;
-    let endpoint = endpoint_at(port, sweep_rtt)?;
+    let endpoint = endpoint_at(blobs.port(), sweep_rtt)?;
     println!("\ncoalescing gap at {sweep_rtt} ms round trip, default in flight:");
     println!(
         "| gap | wall s | requests | MiB sent | of them zeros MiB | service bound s \
@@ -487,11 +596,24 @@ fn main() -> Result<()> {
         .collect::<std::result::Result<_, _>>()?;
     let direction = arg("--direction", "both");
 
-    let azurite = stackvault_tests::Azurite::start()?;
-    let port = azurite.port;
-    let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("disk.raw");
-    stackvault_tests::Disk::filled(size_mib << 20, 60, 7).write(&disk)?;
+    let location = Some(arg("--azurite-location", ""))
+        .filter(|l| !l.is_empty())
+        .map(std::path::PathBuf::from);
+    let work = arg("--work", "");
+    let dir = if work.is_empty() {
+        tempfile::tempdir()?
+    } else {
+        std::fs::create_dir_all(&work)?;
+        tempfile::tempdir_in(&work)?
+    };
+    let given = arg("--disk", "");
+    let disk = if given.is_empty() {
+        let disk = dir.path().join("disk.raw");
+        stackvault_tests::Disk::filled(size_mib << 20, 60, 7).write(&disk)?;
+        disk
+    } else {
+        std::path::PathBuf::from(given)
+    };
     let repo = Repo::init(&dir.path().join("seed"), &InitOptions::default())?;
     let options = BackupOptions {
         disk: "bench".into(),
@@ -504,13 +626,10 @@ fn main() -> Result<()> {
         account_key: Some(KEY.to_string()),
         ..Default::default()
     };
-    let direct = format!("http://127.0.0.1:{port}/{ACCOUNT}");
-    let url = format!("azure://{ACCOUNT}/vhds/disk.vhd");
-    BlobClient::new(&url, &key_options(direct.clone()))?.create_container()?;
     let snapshot = repo.resolve_snapshot(&first.snapshot_id, None)?;
     if direction == "restore" || direction == "both" {
         bench_restore(
-            port,
+            location.as_deref(),
             &dir.path().join("seed"),
             &snapshot,
             nonzero_page_bytes(&disk)?,
@@ -522,6 +641,11 @@ fn main() -> Result<()> {
     if direction == "restore" {
         return Ok(());
     }
+    let azurite = Blobs::start(location.as_deref())?;
+    let port = azurite.port();
+    let direct = format!("http://127.0.0.1:{port}/{ACCOUNT}");
+    let url = format!("azure://{ACCOUNT}/vhds/disk.vhd");
+    BlobClient::new(&url, &key_options(direct.clone()))?.create_container()?;
     restore_to_page_blob(
         &repo,
         &snapshot,

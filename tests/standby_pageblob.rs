@@ -18,7 +18,7 @@ const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// A container on Azurite and the ways to reach a blob in it.
-struct Standby {
+pub(crate) struct Standby {
     _azurite: Azurite,
     endpoint: String,
     sas: String,
@@ -26,7 +26,7 @@ struct Standby {
 }
 
 impl Standby {
-    fn start() -> anyhow::Result<Option<Standby>> {
+    pub(crate) fn start() -> anyhow::Result<Option<Standby>> {
         let Some(azurite) = Azurite::start_or_skip()? else {
             return Ok(None);
         };
@@ -48,12 +48,12 @@ impl Standby {
     }
 
     /// The SAS URL of blob `name` (what an operator passes).
-    fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         format!("{}/standby/{name}?{}", self.endpoint, self.sas)
     }
 
     /// A Shared Key client of blob `name` that holds no lease (someone else).
-    fn client(&self, name: &str) -> anyhow::Result<BlobClient> {
+    pub(crate) fn client(&self, name: &str) -> anyhow::Result<BlobClient> {
         Ok(BlobClient::new(
             &format!("azure://{ACCOUNT}/standby/{name}"),
             &self.key_options,
@@ -61,7 +61,7 @@ impl Standby {
     }
 }
 
-fn sync(repo: &str, target: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn sync(repo: &str, target: &str) -> anyhow::Result<serde_json::Value> {
     let (code, v, stderr) = sv_json(&["standby", "sync", "-r", repo, "--disk", "vm", target])?;
     if code != Some(0) {
         bail!("standby sync failed ({code:?}): {stderr}");
@@ -69,7 +69,7 @@ fn sync(repo: &str, target: &str) -> anyhow::Result<serde_json::Value> {
     Ok(v)
 }
 
-fn status(target: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn status(target: &str) -> anyhow::Result<serde_json::Value> {
     let (code, v, stderr) = sv_json(&["standby", "status", target])?;
     anyhow::ensure!(code == Some(0), "standby status failed: {stderr}");
     Ok(v)
@@ -82,7 +82,7 @@ fn paused_sync(repo: &str, target: &str, point: &str) -> anyhow::Result<Paused> 
 }
 
 /// `verify --target` of the blob against `snapshot` passes.
-fn verify_target(repo: &str, snapshot: &str, target: &str) -> anyhow::Result<()> {
+pub(crate) fn verify_target(repo: &str, snapshot: &str, target: &str) -> anyhow::Result<()> {
     let (code, v, stderr) = sv_json(&["verify", repo, snapshot, "--target", target])?;
     anyhow::ensure!(
         code == Some(0) && v["outcome"] == "ok",
@@ -93,7 +93,11 @@ fn verify_target(repo: &str, snapshot: &str, target: &str) -> anyhow::Result<()>
 
 /// A repository with two snapshots of disk `vm` (`size` bytes), the first of them synced to
 /// blob `vm.vhd`: the fixture, gen0 and gen1.
-fn gen0_synced(az: &Standby, size: u64, seed: usize) -> anyhow::Result<(Fixture, String, String)> {
+pub(crate) fn gen0_synced(
+    az: &Standby,
+    size: u64,
+    seed: usize,
+) -> anyhow::Result<(Fixture, String, String)> {
     let f = Fixture::new()?;
     let disk = f.path("vm.img");
     make_disk(&disk, size, seed)?;

@@ -201,6 +201,9 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
     for note in &report.notes {
         output::line(format!("note: {note}"))?;
     }
+    if let Some(lease) = &report.lease {
+        output::line(lease_line(&report.target, lease))?;
+    }
     match (&report.state[..], &report.disk) {
         ("none", _) | ("unknown", _) | (_, None) => output::line(format!(
             "{}: no standby record ({}): not a standby disk, or not one stackvault can vouch for",
@@ -236,4 +239,31 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             ))
         }
     }
+}
+
+/// `TARGET: lease leased (locked, fixed), held by a sync that is no longer running (pid …)`.
+fn lease_line(target: &str, lease: &standby::LeaseReport) -> String {
+    let state = lease.state.as_deref().unwrap_or("not reported");
+    let details: Vec<&str> = [lease.status.as_deref(), lease.duration.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let details = if details.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", details.join(", "))
+    };
+    let sync = format!(
+        "pid {} on host {}",
+        lease.pid.unwrap_or(0),
+        lease.host.as_deref().unwrap_or("?")
+    );
+    let holder = match lease.holder.as_deref() {
+        Some("running-sync") => format!(", held by the sync running now ({sync})"),
+        Some("dead-sync") => format!(", held by a sync that is no longer running ({sync})"),
+        Some("remote-sync") => format!(", held by a sync on another host ({sync})"),
+        Some(_) => ", held by a writer that is not a standby sync".to_string(),
+        None => String::new(),
+    };
+    format!("{target}: lease {state}{details}{holder}")
 }

@@ -95,8 +95,9 @@ pub fn checkpoint(progress: &dyn Progress, point: &'static str) -> Result<()> {
 ///
 /// `STACKVAULT_PAUSE_AT=<point>[:<n>]` makes the process stop the `n`-th time (default 1) it
 /// reaches [`checkpoint`] `point`, print `paused at <point>` on stderr, and wait there (at
-/// most a minute) until the operation is cancelled, so that a test's signal lands mid-work
-/// deterministically. The points: `backup-segment` (the writer takes the next segment),
+/// most a minute, or `STACKVAULT_PAUSE_SECONDS`) until the operation is cancelled, so that a
+/// test's signal lands mid-work deterministically; a test that wants the work to go on after
+/// a while sets the seconds and never signals. The points: `backup-segment` (the writer takes the next segment),
 /// `restore-segment`, `verify-segment`, `prune-pack` (the next pack to rewrite or delete),
 /// `check-pack` (the next pack `check --read-data` reads), `copy-segment` (`copy` takes the
 /// next segment's chunks).
@@ -127,8 +128,12 @@ mod pause {
             return;
         }
         eprintln!("paused at {point}");
+        let most = std::env::var("STACKVAULT_PAUSE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(Duration::from_secs(60), Duration::from_secs);
         let started = Instant::now();
-        while !progress.is_cancelled() && started.elapsed() < Duration::from_secs(60) {
+        while !progress.is_cancelled() && started.elapsed() < most {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -1,6 +1,6 @@
 //! Blob leases: one writer of a blob at a time, enforced by the service.
 //!
-//! Job: acquire a lease of [`LEASE_SECONDS`] on a blob, keep it alive from a background thread
+//! Job: acquire a lease of [`lease_seconds`] (normally [`LEASE_SECONDS`]) on a blob, keep it alive from a background thread
 //! while the work runs ([`HeldLease`]), and release it at the end. While a [`BlobClient`] holds
 //! a lease, every write it sends (Put Page, Set Blob Metadata, Set Blob Properties, Snapshot
 //! Blob, Delete) carries `x-ms-lease-id`; the service refuses writes to a leased blob that do
@@ -10,10 +10,16 @@
 //! - A lease is never infinite: a writer that dies (SIGKILL, power loss) leaves a lease that
 //!   lapses [`LEASE_SECONDS`] after its last renewal, so nothing stays locked for ever. Who
 //!   may break a lease early is the caller's rule (`standby` documents its own).
-//! - Renewals run every [`RENEW_EVERY`], a third of the lease, so two lost renewals in a row
+//! - Renewals run every [`renew_every`], a third of the lease, so two lost renewals in a row
 //!   still leave the lease alive; a renewal that fails is reported by [`HeldLease::release`],
 //!   and the writes after it fail on their own (412), never silently land unleased.
 //! - The lease id is random per acquisition and never shown (it is a write capability).
+//! - Builds with the `testing` feature read [`TEST_LEASE_ENV`] (15 to 60 seconds) instead of
+//!   [`LEASE_SECONDS`], so a test can outlast a lease in seconds rather than minutes; release
+//!   builds ignore it.
+//!
+//! [`LeaseState`] is what Get Blob Properties says of a blob's lease
+//! ([`super::BlobProperties::lease`]), shown by `standby status`.
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Mutex;
@@ -26,8 +32,48 @@ use crate::error::{Error, Result};
 
 /// Duration of the leases we take (the service accepts 15 to 60 seconds, or infinite).
 pub const LEASE_SECONDS: u32 = 60;
-/// How often a held lease is renewed.
-pub const RENEW_EVERY: Duration = Duration::from_secs(LEASE_SECONDS as u64 / 3);
+/// Shortest finite lease the service grants.
+pub const MIN_LEASE_SECONDS: u32 = 15;
+/// `testing` builds only: the lease duration in seconds (15 to 60) instead of
+/// [`LEASE_SECONDS`].
+pub const TEST_LEASE_ENV: &str = "STACKVAULT_TEST_LEASE_SECONDS";
+
+/// Duration of the leases this process takes: [`LEASE_SECONDS`], or in `testing` builds the
+/// value of [`TEST_LEASE_ENV`] when it is a duration the service accepts.
+pub fn lease_seconds() -> u32 {
+    #[cfg(feature = "testing")]
+    if let Some(s) = std::env::var(TEST_LEASE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|s| (MIN_LEASE_SECONDS..=LEASE_SECONDS).contains(s))
+    {
+        return s;
+    }
+    LEASE_SECONDS
+}
+
+/// How often a held lease is renewed: a third of [`lease_seconds`].
+pub fn renew_every() -> Duration {
+    Duration::from_secs(u64::from(lease_seconds()) / 3)
+}
+
+/// What Get Blob Properties says of a blob's lease (`x-ms-lease-*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseState {
+    /// `available`, `leased`, `expired`, `breaking` or `broken`.
+    pub state: Option<String>,
+    /// `locked` or `unlocked`.
+    pub status: Option<String>,
+    /// `fixed` or `infinite`; only while the blob is leased.
+    pub duration: Option<String>,
+}
+
+impl LeaseState {
+    /// A lease is active: writes that do not name it are refused.
+    pub fn is_held(&self) -> bool {
+        matches!(self.state.as_deref(), Some("leased" | "breaking"))
+    }
+}
 
 impl BlobClient {
     fn lease_request(&self, headers: &[(String, String)], ok: &[u16]) -> Result<u16> {
@@ -45,7 +91,7 @@ impl BlobClient {
         Ok(r.status)
     }
 
-    /// Acquire Lease for [`LEASE_SECONDS`]. `Ok(false)` when another lease is active (409);
+    /// Acquire Lease for [`lease_seconds`]. `Ok(false)` when another lease is active (409);
     /// on success this client sends the lease with every write until [`Self::release_lease`].
     pub fn acquire_lease(&self) -> Result<bool> {
         let mut id = [0u8; 16];
@@ -54,7 +100,10 @@ impl BlobClient {
         let id = crate::format::vhd_footer::format_uuid(&id);
         let headers = [
             ("x-ms-lease-action".to_string(), "acquire".to_string()),
-            ("x-ms-lease-duration".to_string(), LEASE_SECONDS.to_string()),
+            (
+                "x-ms-lease-duration".to_string(),
+                lease_seconds().to_string(),
+            ),
             ("x-ms-proposed-lease-id".to_string(), id.clone()),
         ];
         if self.lease_request(&headers, &[201, 409])? == 409 {
@@ -124,8 +173,9 @@ impl<'scope> HeldLease<'scope> {
         failure: &'scope Mutex<Option<Error>>,
     ) -> HeldLease<'scope> {
         let (stop, stopped) = channel::<()>();
+        let every = renew_every();
         let renewer = scope.spawn(move || loop {
-            match stopped.recv_timeout(RENEW_EVERY) {
+            match stopped.recv_timeout(every) {
                 Err(RecvTimeoutError::Timeout) => {
                     if let Err(e) = client.renew_lease() {
                         if let Ok(mut f) = failure.lock() {

@@ -56,6 +56,11 @@ impl BlobClient {
                 size,
                 blob_type: r.header("x-ms-blob-type").unwrap_or("").to_string(),
                 etag: r.header("etag").map(str::to_string),
+                lease: super::lease::LeaseState {
+                    state: r.header("x-ms-lease-state").map(str::to_string),
+                    status: r.header("x-ms-lease-status").map(str::to_string),
+                    duration: r.header("x-ms-lease-duration").map(str::to_string),
+                },
             },
             metadata,
         )))

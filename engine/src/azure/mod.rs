@@ -133,6 +133,8 @@ pub struct BlobProperties {
     pub size: u64,
     pub blob_type: String,
     pub etag: Option<String>,
+    /// The blob's lease as the service reports it.
+    pub lease: lease::LeaseState,
 }
 
 /// A written (or cleared) byte range of a page blob, end exclusive.

@@ -131,8 +131,32 @@ pub struct StatusReport {
     pub target_format: Option<String>,
     /// A sync of this target is running now (its process is alive on this host).
     pub sync_running: bool,
+    /// Page blobs: the blob's lease and who holds it; `None` for files and devices.
+    pub lease: Option<LeaseReport>,
     pub record: Option<Record>,
     pub notes: Vec<String>,
+}
+
+/// A page blob's lease as Get Blob Properties reports it, and whose it is as far as the
+/// standby record tells (a sync takes the lease before it records `applying` and releases it
+/// after `clean`, so only an `applying` record names the lease's holder).
+#[derive(Clone, Debug, Serialize)]
+pub struct LeaseReport {
+    /// `available`, `leased`, `expired`, `breaking` or `broken` (`x-ms-lease-state`).
+    pub state: Option<String>,
+    /// `locked` or `unlocked` (`x-ms-lease-status`).
+    pub status: Option<String>,
+    /// `fixed` or `infinite` while leased (`x-ms-lease-duration`).
+    pub duration: Option<String>,
+    /// Who holds an active lease: `running-sync` (a sync running on this host),
+    /// `dead-sync` (the record names a sync on this host whose process is gone), `remote-sync`
+    /// (the record names a sync on another host: whether it still runs cannot be told from
+    /// here), `other` (the record is not `applying`: not a sync of ours); `None` when no
+    /// lease is active.
+    pub holder: Option<String>,
+    /// Host and process of the sync the record names, when `holder` is a sync.
+    pub host: Option<String>,
+    pub pid: Option<u32>,
 }
 
 /// Counters of a sync.
@@ -486,6 +510,7 @@ pub(crate) fn status_report(
         virtual_size: record.as_ref().map(|r| r.virtual_size),
         target_format: record.as_ref().map(|r| r.target_format.clone()),
         sync_running: running,
+        lease: None,
         record,
         notes,
     }

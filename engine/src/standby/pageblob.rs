@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use super::changes::{walk, Part};
 use super::record::{self, Record, State};
-use super::{decide, Counts, Plan, StatusReport, SyncOptions, SyncReport};
-use crate::azure::lease::{HeldLease, LEASE_SECONDS};
+use super::{decide, Counts, LeaseReport, Plan, StatusReport, SyncOptions, SyncReport};
+use crate::azure::lease::{lease_seconds, HeldLease, LeaseState};
 use crate::azure::pagereader::{PageReader, DEFAULT_READ_PARALLEL};
 use crate::azure::pagewriter::{
     page_regions, PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
@@ -43,17 +43,78 @@ pub const MAX_BLOB_SNAPSHOTS: u32 = 1000;
 pub(crate) fn status(url: &str, options: &SyncOptions) -> Result<StatusReport> {
     let client = BlobClient::new(url, &options.blob)?;
     let shown = client.display_url().to_string();
-    let (record, notes) = match client.properties_and_metadata()? {
-        Some((_, m)) => (Record::from_metadata(&m, &shown)?, Vec::new()),
-        None => (None, vec![format!("{shown} does not exist")]),
+    let (record, lease, mut notes) = match client.properties_and_metadata()? {
+        Some((p, m)) => (
+            Record::from_metadata(&m, &shown)?,
+            Some(p.lease),
+            Vec::new(),
+        ),
+        None => (None, None, vec![format!("{shown} does not exist")]),
     };
-    Ok(super::status_report(
+    let lease = lease.map(|l| lease_report(l, record.as_ref()));
+    if let Some(note) = lease.as_ref().and_then(lease_note) {
+        notes.push(note);
+    }
+    let mut report = super::status_report(
         &shown,
         "page-blob",
         std::path::Path::new("blob metadata"),
         record,
         notes,
-    ))
+    );
+    report.lease = lease;
+    Ok(report)
+}
+
+/// Whose the blob's lease is, from its standby record (see [`LeaseReport::holder`]).
+fn lease_report(lease: LeaseState, record: Option<&Record>) -> LeaseReport {
+    let sync = record.filter(|r| r.state == State::Applying && lease.is_held());
+    let holder = if !lease.is_held() {
+        None
+    } else {
+        Some(match sync {
+            Some(r) if r.host != crate::host::hostname() => "remote-sync",
+            Some(r) if record::other_process_alive(r.pid) => "running-sync",
+            Some(_) => "dead-sync",
+            None => "other",
+        })
+    };
+    LeaseReport {
+        holder: holder.map(str::to_string),
+        host: sync.map(|r| r.host.clone()),
+        pid: sync.map(|r| r.pid),
+        state: lease.state,
+        status: lease.status,
+        duration: lease.duration,
+    }
+}
+
+/// What an operator should know of a lease that is not a running sync's.
+fn lease_note(l: &LeaseReport) -> Option<String> {
+    let who = format!(
+        "pid {} on host {}",
+        l.pid.unwrap_or(0),
+        l.host.as_deref().unwrap_or("?")
+    );
+    let lapse = format!(
+        "a lease lapses at most {} s after its last renewal",
+        crate::azure::lease::LEASE_SECONDS
+    );
+    match l.holder.as_deref()? {
+        "dead-sync" => Some(format!(
+            "the blob is leased by a sync that is no longer running ({who}); the next sync \
+             on this host breaks that lease and completes the blob ({lapse})"
+        )),
+        "remote-sync" => Some(format!(
+            "the blob is leased by a sync on another host ({who}); whether it still runs \
+             cannot be told from here: if it died, {lapse}, and the next sync completes it"
+        )),
+        "other" => Some(format!(
+            "the blob is leased by a writer that is not a running standby sync; syncs refuse \
+             until it releases the lease ({lapse} unless it is infinite)"
+        )),
+        _ => None,
+    }
 }
 
 /// Writes `record` as the blob's metadata if the blob is still at `etag`.
@@ -225,14 +286,15 @@ fn take_lease(client: &BlobClient, old: Option<&Record>, shown: &str) -> Result<
         }
         None => Err(Error::Locked(format!(
             "{shown} is leased by another writer ({}); a sync that died releases it within \
-             {LEASE_SECONDS} s of its last renewal: try again then",
+             {} s of its last renewal: try again then",
             match old {
                 Some(r) => format!(
                     "its record was last set by host {} pid {} at {}",
                     r.host, r.pid, r.since
                 ),
                 None => "it holds no standby record".into(),
-            }
+            },
+            lease_seconds()
         ))),
     }
 }

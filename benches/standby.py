@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Benchmark of `stackvault standby sync` against a full `restore` of the same snapshot.
+
+Three generations of a disk (gen0, gen1, gen2: raw images, the 4 GiB dataset of
+../shared/datasets/make-disks.sh) are backed up into a fresh (encrypted) repository. Then, for
+a file target and for an Azurite page blob: the first sync (gen0, a full restore), and for
+gen0 -> gen1 and gen1 -> gen2 the incremental sync against a full restore of the same
+snapshot to a fresh target, in the same run, each a child process under /usr/bin/time (wall,
+peak RSS). Bytes written are the sync's report (`written_bytes`, `zeroed_bytes`,
+`uploaded_bytes`); the changed extents are `stackvault diff`'s `changed_bytes` between the two
+snapshots (chunk granularity, what a sync must write) and, as ground truth, the 4 KiB blocks
+that differ between the two raw images. At the end the file standby is compared with gen2 byte
+for byte, and the blob standby checked with `verify --target`.
+
+Usage: python3 benches/standby.py --bin target/release/stackvault --data DIR --work DIR
+           [--azurite .ci/azurite/node_modules/.bin/azurite-blob] [--python VENV_PYTHON]
+           [--no-blob]
+The page blob part needs Azurite (.ci/azurite.sh) and a Python with azure-storage-blob (the
+virtualenv `cargo bench --bench pageblob` makes in target/bench-venv) to create the container
+and the SAS. Azurite keeps its blobs on disk under --work (4 GiB blobs do not belong in the
+memory of a shared machine).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+MIB = 1 << 20
+
+SAS_SCRIPT = r"""
+import sys, datetime
+from azure.storage.blob import (BlobServiceClient, generate_account_sas, ResourceTypes,
+                                AccountSasPermissions)
+endpoint, key, action = sys.argv[1], sys.argv[2], sys.argv[3]
+conn = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;"
+        "BlobEndpoint=%s;" % (key, endpoint))
+service = BlobServiceClient.from_connection_string(conn)
+if action == "setup":
+    service.create_container("standby")
+    print(generate_account_sas("devstoreaccount1", key,
+          ResourceTypes(service=True, container=True, object=True),
+          AccountSasPermissions(read=True, write=True, delete=True, list=True, add=True,
+                                create=True),
+          datetime.datetime.utcnow() + datetime.timedelta(days=1)))
+else:
+    service.get_blob_client("standby", action).delete_blob(delete_snapshots="include")
+"""
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(cmd, env, rss_file):
+    """Runs cmd under /usr/bin/time; returns (wall s, stdout, peak RSS MiB)."""
+    started = time.monotonic()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file] + cmd, env=env,
+                       capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    with open(rss_file) as f:
+        rss = int(f.read().split()[-1]) / 1024
+    return wall, p.stdout, rss
+
+
+def changed_4k(a, b):
+    """Bytes in 4 KiB blocks that differ between the files a and b (same size)."""
+    changed = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(MIB), fb.read(MIB)
+            if not x and not y:
+                return changed
+            if x != y:
+                for i in range(0, max(len(x), len(y)), 4096):
+                    if x[i:i + 4096] != y[i:i + 4096]:
+                        changed += 4096
+    return changed
+
+
+def start_azurite(binary, location):
+    shutil.rmtree(location, ignore_errors=True)
+    os.makedirs(location)
+    p = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--location",
+                          location, "--skipApiVersionCheck", "--loose", "--disableTelemetry"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        m = re.search(r"listens on http://127.0.0.1:(\d+)", line)
+        if m:
+            # Keep draining its output: Azurite dies of SIGPIPE when nobody reads it.
+            import threading
+            threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+            return p, int(m.group(1))
+    raise SystemExit("Azurite did not start")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/release/stackvault")
+    ap.add_argument("--data", default="/var/tmp/bench4/data")
+    ap.add_argument("--work", default="/var/tmp/standby-bench")
+    ap.add_argument("--azurite", default=".ci/azurite/node_modules/.bin/azurite-blob")
+    ap.add_argument("--python", default="target/bench-venv/bin/python")
+    ap.add_argument("--no-blob", action="store_true")
+    a = ap.parse_args()
+    binary = os.path.abspath(a.bin)
+    env = dict(os.environ, STACKVAULT_PASSWORD="standby-bench-password")
+    shutil.rmtree(a.work, ignore_errors=True)
+    os.makedirs(a.work)
+    repo = os.path.join(a.work, "repo")
+    rss = os.path.join(a.work, "rss")
+    gens = [os.path.join(a.data, f"gen{g}.raw") for g in range(3)]
+
+    def sv(*args):
+        return timed([binary, "--quiet"] + list(args), env, rss)
+
+    sv("init", repo)
+    snaps = []
+    for g, path in enumerate(gens):
+        wall, out, peak = sv("backup", repo, path, "--disk", "vm", "--json")
+        snaps.append(json.loads(out)["snapshot_id"])
+        log(f"backup gen{g}: {wall:.1f} s, {peak:.0f} MiB")
+    changes = []
+    for i in (1, 2):
+        _, out, _ = sv("diff", repo, snaps[i - 1], snaps[i], "--json")
+        d = json.loads(out)
+        raw = changed_4k(gens[i - 1], gens[i])
+        changes.append((d["changed_bytes"], raw))
+        log(f"gen{i - 1} -> gen{i}: diff {d['changed_bytes']} bytes, 4 KiB blocks {raw} bytes")
+    fixed_wall, _, fixed_rss = sv("snapshots", repo, "--json")
+
+    rows = []
+
+    def run_target(kind, target_of, full_target_of, after_full, check):
+        wall, out, peak = sv("standby", "sync", "-r", repo, "--disk", "vm", "--snapshot",
+                             snaps[0], target_of(), "--json")
+        r = json.loads(out)
+        rows.append((kind, "gen0 first sync (full)", wall, r, None, peak, None, None))
+        log(f"{kind}: first sync {wall:.1f} s")
+        for i in (1, 2):
+            wall, out, peak = sv("standby", "sync", "-r", repo, "--disk", "vm", "--snapshot",
+                                 snaps[i], target_of(), "--json")
+            r = json.loads(out)
+            assert r["mode"] == "incremental", r
+            fwall, fout, fpeak = sv("restore", repo, snaps[i], full_target_of(i), "--json")
+            after_full(i)
+            rows.append((kind, f"gen{i - 1} -> gen{i}", wall, r, fwall, peak, fpeak,
+                         changes[i - 1]))
+            log(f"{kind}: gen{i - 1} -> gen{i}: sync {wall:.1f} s ({peak:.0f} MiB), full "
+                f"restore {fwall:.1f} s ({fpeak:.0f} MiB)")
+        check()
+
+    standby_file = os.path.join(a.work, "standby.raw")
+    full_file = os.path.join(a.work, "full.raw")
+
+    def file_check():
+        same = subprocess.run(["cmp", "-s", standby_file, gens[2]]).returncode == 0
+        log(f"file standby equals gen2: {same}")
+        if not same:
+            raise SystemExit("the file standby differs from gen2")
+
+    run_target("file", lambda: standby_file, lambda i: full_file,
+               lambda i: os.remove(full_file), file_check)
+    os.remove(standby_file)
+
+    if not a.no_blob:
+        azurite, port = start_azurite(os.path.abspath(a.azurite),
+                                      os.path.join(a.work, "azurite"))
+        try:
+            endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
+            sas = subprocess.run([a.python, "-c", SAS_SCRIPT, endpoint, KEY, "setup"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+            url = lambda name: f"{endpoint}/standby/{name}?{sas}"
+
+            def drop_blob(i):
+                subprocess.run([a.python, "-c", SAS_SCRIPT, endpoint, KEY, f"full{i}.vhd"],
+                               check=True, capture_output=True)
+
+            def blob_check():
+                wall, out, _ = sv("verify", repo, snaps[2], "--target", url("standby.vhd"),
+                                  "--json")
+                outcome = json.loads(out).get("outcome")
+                log(f"blob standby verify --target gen2: {outcome} ({wall:.1f} s)")
+                if outcome != "ok":
+                    raise SystemExit("the blob standby differs from gen2")
+
+            run_target("page blob", lambda: url("standby.vhd"), lambda i: url(f"full{i}.vhd"),
+                       drop_blob, blob_check)
+        finally:
+            azurite.kill()
+            azurite.wait()
+            shutil.rmtree(os.path.join(a.work, "azurite"), ignore_errors=True)
+
+    print(f"\nper-command fixed cost (open the repository, unlock its key: `snapshots`): "
+          f"{fixed_wall:.2f} s, {fixed_rss:.0f} MiB peak")
+    print("| target | step | sync s | full restore s | sync / full | written MiB | zeroed MiB "
+          "| uploaded MiB | requests | diff changed MiB | 4 KiB blocks changed MiB "
+          "| written / diff | sync peak RSS MiB | restore peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    mib = lambda b: (b or 0) / MIB
+    for kind, step, wall, r, fwall, peak, fpeak, ch in rows:
+        up = r.get("uploaded_bytes")
+        print(f"| {kind} | {step} | {wall:.2f} | "
+              f"{'' if fwall is None else f'{fwall:.2f}'} | "
+              f"{'' if fwall is None else f'{wall / fwall:.2f}'} | "
+              f"{mib(r['written_bytes']):.1f} | {mib(r['zeroed_bytes']):.1f} | "
+              f"{'' if up is None else f'{mib(up):.1f}'} | {r['requests']} | "
+              f"{'' if ch is None else f'{mib(ch[0]):.1f}'} | "
+              f"{'' if ch is None else f'{mib(ch[1]):.1f}'} | "
+              f"{'' if ch is None else '%.2f' % (r['written_bytes'] / max(ch[0], 1))} | "
+              f"{peak:.0f} | {'' if fpeak is None else f'{fpeak:.0f}'} |")
+    shutil.rmtree(a.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
