@@ -2,9 +2,13 @@
 # Installs moto's S3 server (moto_server) for the S3 backend tests, idempotently and quietly,
 # into a project-local virtualenv: .ci/moto/bin/moto_server. Needs python3 with venv and pip
 # (Debian: python3-venv); installs that with apt-get when run as root without it.
+# 5.2.5, not older: with IAM enforced, 5.2.1 checked a listing's signature over the query string
+# as werkzeug had decoded it (`prefix=a%2Fb` read as `prefix=a/b`), refusing every correctly
+# signed ListObjectsV2 of a repository (moto issue 5948); 5.2.5 checks the query as sent, so the
+# read-only principal test (tests/s3_readonly.rs) runs against enforced IAM policies.
 set -euo pipefail
 cd "$(dirname "$0")"
-version=5.2.1
+version=5.2.5
 venv=moto
 bin=$venv/bin/moto_server
 if [ -x "$bin" ] && [ "$("$venv/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" = "$version" ]; then

@@ -7,9 +7,14 @@
 //! moto to verify every request. Every S3 request a test makes is thereby checked by an
 //! independent SigV4 implementation (botocore's), and a wrong secret gets a real 403.
 //!
-//! Except listings: moto 5.2.1 verifies a signature over the *decoded* query string, so a
-//! ListObjectsV2 `prefix` holding `/` (every repository listing) fails its check even when
-//! boto3 signs it. Tests that list use [`Moto::start_unchecked`], which leaves checking off.
+//! Listings are checked too since moto 5.2.5 (pinned in `.ci/moto.sh`): 5.2.1 verified a
+//! signature over the query string as werkzeug had *decoded* it, so a ListObjectsV2 `prefix`
+//! holding `/` (every repository listing) failed its check even when boto3 signed it (moto
+//! issue 5948). [`Moto::start_unchecked`] remains for tests that want no IAM at all.
+//!
+//! [`Moto::start_with_users`] also creates users with policies of the test's choosing (a
+//! read-only principal: `s3:GetObject` and `s3:ListBucket`), before checking starts: moto
+//! then refuses what their policies do not allow with a real 403 `AccessDenied`.
 //!
 //! Under `CI=true` a missing moto is a test failure; elsewhere [`Moto::start`] says why it
 //! skips and returns `None`.
@@ -36,6 +41,8 @@ pub struct Moto {
     /// An access key moto accepts (of a user allowed everything).
     pub access_key_id: String,
     pub secret_access_key: String,
+    /// Users made by [`Moto::start_with_users`]: name, access key id, secret.
+    users: Vec<(String, String, String)>,
 }
 
 impl Drop for Moto {
@@ -64,15 +71,30 @@ impl Moto {
     /// Starts moto checking every signature; `None` (after saying why) when it is not
     /// installed and this is not CI.
     pub fn start() -> Option<Moto> {
-        Self::launch(true)
+        Self::launch(true, &[])
     }
 
-    /// Starts moto without signature checks (for tests that list; see the module doc).
+    /// Starts moto without signature checks or IAM policies.
     pub fn start_unchecked() -> Option<Moto> {
-        Self::launch(false)
+        Self::launch(false, &[])
     }
 
-    fn launch(check_signatures: bool) -> Option<Moto> {
+    /// Starts moto checking every signature, with one more user per `(name, actions)`, each
+    /// allowed exactly `actions` on every resource; their keys are in [`Moto::users`].
+    pub fn start_with_users(users: &[(&str, &[&str])]) -> Option<Moto> {
+        Self::launch(true, users)
+    }
+
+    /// The access key id and secret of the user `name` made by [`Moto::start_with_users`].
+    pub fn user(&self, name: &str) -> anyhow::Result<(String, String)> {
+        self.users
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, id, secret)| (id.clone(), secret.clone()))
+            .with_context(|| format!("moto has no user {name}"))
+    }
+
+    fn launch(check_signatures: bool, users: &[(&str, &[&str])]) -> Option<Moto> {
         let Some(bin) = find_moto() else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!(
@@ -83,13 +105,17 @@ impl Moto {
             eprintln!("skipping: moto_server not found (run .ci/moto.sh or set MOTO_SERVER)");
             return None;
         };
-        match Self::start_at(&bin, check_signatures) {
+        match Self::start_at(&bin, check_signatures, users) {
             Ok(m) => Some(m),
             Err(e) => panic!("starting {}: {e:#}", bin.display()),
         }
     }
 
-    fn start_at(bin: &Path, check_signatures: bool) -> anyhow::Result<Moto> {
+    fn start_at(
+        bin: &Path,
+        check_signatures: bool,
+        users: &[(&str, &[&str])],
+    ) -> anyhow::Result<Moto> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -103,6 +129,7 @@ impl Moto {
             port,
             access_key_id: String::new(),
             secret_access_key: String::new(),
+            users: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -117,7 +144,13 @@ impl Moto {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        moto.create_user()?;
+        let (id, secret) = moto.create_user("stackvault", &["*"])?;
+        moto.access_key_id = id;
+        moto.secret_access_key = secret;
+        for (name, actions) in users {
+            let (id, secret) = moto.create_user(name, actions)?;
+            moto.users.push((name.to_string(), id, secret));
+        }
         if check_signatures {
             let (status, body) = moto.request("POST", "/moto-api/reset-auth", "", "0")?;
             if status != 200 {
@@ -155,8 +188,9 @@ impl Moto {
         Ok(b)
     }
 
-    /// Creates an IAM user allowed everything, with an access key.
-    fn create_user(&mut self) -> anyhow::Result<()> {
+    /// Creates the IAM user `name` allowed `actions` on every resource, with an access key;
+    /// returns its id and secret.
+    fn create_user(&self, name: &str, actions: &[&str]) -> anyhow::Result<(String, String)> {
         let iam = |params: &str| -> anyhow::Result<String> {
             let (status, body) = self.request(
                 "POST",
@@ -171,13 +205,16 @@ impl Moto {
             }
             Ok(body)
         };
-        iam("Action=CreateUser&UserName=stackvault")?;
-        iam(
-            "Action=PutUserPolicy&UserName=stackvault&PolicyName=all&PolicyDocument=\
-             %7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A\
-             %22Allow%22%2C%22Action%22%3A%22%2A%22%2C%22Resource%22%3A%22%2A%22%7D%5D%7D",
-        )?;
-        let key = iam("Action=CreateAccessKey&UserName=stackvault")?;
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
+        });
+        let policy = form_encode(&policy.to_string());
+        iam(&format!("Action=CreateUser&UserName={name}"))?;
+        iam(&format!(
+            "Action=PutUserPolicy&UserName={name}&PolicyName=policy&PolicyDocument={policy}"
+        ))?;
+        let key = iam(&format!("Action=CreateAccessKey&UserName={name}"))?;
         let between = |tag: &str| -> anyhow::Result<String> {
             let open = format!("<{tag}>");
             let start = key.find(&open).context("no access key in moto's answer")? + open.len();
@@ -186,9 +223,7 @@ impl Moto {
                 .context("no access key in moto's answer")?;
             Ok(key[start..start + len].to_string())
         };
-        self.access_key_id = between("AccessKeyId")?;
-        self.secret_access_key = between("SecretAccessKey")?;
-        Ok(())
+        Ok((between("AccessKeyId")?, between("SecretAccessKey")?))
     }
 
     /// A plain HTTP/1.1 request to moto (setup only); returns status and body.
@@ -231,4 +266,17 @@ impl Moto {
             .to_string();
         Ok((status, body))
     }
+}
+
+/// `s` percent-encoded for a form body (every byte but unreserved ones).
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -27,6 +27,11 @@ pub struct Args {
     /// password is asked for as by any `init`.
     #[arg(long, value_name = "SRC", conflicts_with_all = ["chunker", "zstd_level"])]
     like: Option<PathBuf>,
+    /// Endpoint of the `--like` repository when it is on an object store (remembered for that
+    /// location); with two remote locations each takes its own (`--endpoint` then names the
+    /// new repository's), and a single `--endpoint` is refused.
+    #[arg(long, value_name = "URL", requires = "like")]
+    like_endpoint: Option<String>,
     /// Endpoint of the object store for an `azure://` or `s3://` repository (Azure Stack Hub:
     /// `https://ACCOUNT.blob.REGION.example`; Azurite: `http://127.0.0.1:10000/devstoreaccount1`;
     /// MinIO: `http://host:9000`). Remembered on this host for the repository.
@@ -53,6 +58,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             endpoint: args.endpoint.clone(),
             profile: args.target_profile,
         });
+    }
+    if let Some(like) = &args.like {
+        like_endpoint(like, args.like_endpoint.clone(), &path)?;
     }
     stackvault::repo::request_encryption(args.encryption != "none");
     let mut shares_naming_with = None;
@@ -121,6 +129,49 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             None => Ok(()),
         }
     }
+}
+
+/// Gives the `--like` repository its own endpoint, as `copy --from-endpoint` does: with
+/// `--like-endpoint` it is reached there (and the endpoint given for all, `--endpoint`, names
+/// only the new repository's); without it, an `--endpoint` given while both locations are
+/// remote is refused, since it would silently send one of them to the wrong service.
+fn like_endpoint(
+    like: &std::path::Path,
+    endpoint: Option<String>,
+    new: &std::path::Path,
+) -> anyhow::Result<()> {
+    use stackvault::repo::{RepoLocation, StoreOptions};
+    let like = RepoLocation::from_path(like)?;
+    let new = RepoLocation::from_path(new)?;
+    let given = stackvault::repo::given_store_options();
+    match endpoint {
+        Some(endpoint) => {
+            if !like.is_remote() {
+                return Err(stackvault::Error::Usage(format!(
+                    "--like-endpoint {endpoint}: {like} is a local directory, which has no \
+                     endpoint"
+                ))
+                .into());
+            }
+            stackvault::repo::set_store_options_for(
+                &like,
+                StoreOptions {
+                    endpoint: Some(endpoint),
+                    profile: None,
+                },
+            );
+        }
+        None if like.is_remote() && new.is_remote() && given.endpoint.is_some() => {
+            return Err(stackvault::Error::Usage(format!(
+                "init {new} --like {like}: --endpoint would apply to both stores; give the \
+                 source its own with --like-endpoint (--endpoint then names the new \
+                 repository's; each is remembered for its location)"
+            ))
+            .into());
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 /// `init --json`.

@@ -586,6 +586,30 @@ impl Repo {
         }
     }
 
+    /// The error for chunk `id`, which snapshot `snapshot` needs and the index does not know:
+    /// damage naming the pack that held it when an orphan delta says so (a pack deleted
+    /// behind the repository's back: the sync learns nothing from its delta, see
+    /// [`index::delta::sync`]), else [`Error::MissingChunk`]. Costs a listing and the orphan
+    /// deltas' GETs: only for error paths.
+    pub fn missing_chunk(&self, id: &ChunkId, snapshot: &str) -> Error {
+        match index::delta::gone_pack_holding(self.backend.as_ref(), &self.protection, id) {
+            Ok(Some(pack)) => Error::corrupt(
+                format!("pack {pack}"),
+                0,
+                format!(
+                    "chunk {} needed by snapshot {snapshot} was in pack {pack}, which is not in \
+                     the store (its index delta remains); copy the snapshot from another \
+                     repository, or forget it; a new backup stores the data again",
+                    id.to_hex()
+                ),
+            ),
+            _ => Error::MissingChunk {
+                id: id.to_hex(),
+                snapshot: snapshot.to_string(),
+            },
+        }
+    }
+
     /// Reads a chunk and verifies it (crc32, decompression, BLAKE3).
     pub fn read_chunk(&self, id: &ChunkId, snapshot: &str) -> Result<Vec<u8>> {
         let mut cache = store::pack::FrameCache::default();
@@ -611,7 +635,10 @@ impl Repo {
             // Another host's pack this cache has not learnt of yet.
             None if self.is_remote() => {
                 self.refresh()?;
-                self.readers.lookup(id)?.ok_or_else(missing)?
+                match self.readers.lookup(id)? {
+                    Some(loc) => loc,
+                    None => return Err(self.missing_chunk(id, snapshot)),
+                }
             }
             None => return Err(missing()),
         };

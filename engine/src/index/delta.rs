@@ -15,7 +15,8 @@
 //! delta filed under another pack's name fails authentication before it is decoded.
 //!
 //! [`sync`] brings an index up to date from the deltas it has not seen (one listing of
-//! `index/`, then one GET per new delta); [`reindex`] rebuilds the pack part of an index
+//! `index/` and one of `packs/`, then one GET per new delta whose pack exists: a delta whose
+//! pack is gone teaches nothing); [`reindex`] rebuilds the pack part of an index
 //! from all deltas, reading the tables of packs that have none.
 
 use std::collections::{HashMap, HashSet};
@@ -209,13 +210,20 @@ pub struct SyncReport {
     pub reindexed: bool,
 }
 
-/// Brings `index` up to date with the deltas in `backend`: one listing of `index/`, then the
-/// deltas of packs the index does not know. Packs the index knows that have no delta are
-/// looked up in one listing of `packs/`; if some are gone (another host pruned them), the
-/// pack part of the index is rebuilt ([`reindex`]), since chunks of a vanished pack may also
-/// live in packs the index already knows. When `write_missing` is set, a delta found missing
-/// for a pack that exists is written (deterministic contents, create-only), so the next sync
-/// need not look again.
+/// Brings `index` up to date with the deltas in `backend`: one listing of `index/`, then one
+/// of `packs/` (in that order: a delta is written after its pack, so a delta listed first
+/// whose pack the later listing lacks names a pack that is gone, never one in flight), then
+/// the deltas of packs the index does not know.
+///
+/// - A delta whose pack is not in the store is an orphan (its pack was deleted, by hand or by
+///   a build without deltas): the index learns nothing from it, since a backup must never
+///   deduplicate against a pack that is gone. `check` lists it, `prune` removes it, and a
+///   snapshot that needs its chunks fails as damage naming the pack ([`gone_pack_holding`]).
+/// - A pack the index knows that is gone from the store (pruned by another host, deleted
+///   behind the repository's back) makes the pack part of the index be rebuilt ([`reindex`]),
+///   since its chunks may also live in packs the index already knows.
+/// - When `write_missing` is set, a delta found missing for a pack that exists is written
+///   (deterministic contents, create-only), so the next sync need not look again.
 pub fn sync(
     index: &mut Index,
     backend: &dyn Backend,
@@ -227,25 +235,22 @@ pub fn sync(
         .into_iter()
         .filter_map(|k| pack_of_delta_key(&k).map(|n| (n.to_string(), k.clone())))
         .collect();
+    let packs: HashMap<String, u64> = backend
+        .list_with_sizes("packs/")?
+        .into_iter()
+        .filter_map(|o| pack_of_pack_key(&o.key).map(|n| (n.to_string(), o.size)))
+        .collect();
     let known: HashSet<String> = index.pack_names()?.into_iter().collect();
-    let without_delta: Vec<&String> = known.iter().filter(|n| !listed.contains_key(*n)).collect();
-    if !without_delta.is_empty() {
-        let packs: HashSet<String> = backend
-            .list("packs/")?
-            .iter()
-            .filter_map(|k| pack_of_pack_key(k).map(str::to_string))
-            .collect();
-        if without_delta.iter().any(|n| !packs.contains(*n)) {
-            let report = reindex(index, backend, protection, write_missing)?;
-            return Ok(SyncReport {
-                applied: report.packs,
-                reindexed: true,
-            });
-        }
-        if write_missing {
-            for name in without_delta {
-                write_delta_of_stored_pack(backend, protection, name)?;
-            }
+    if known.iter().any(|n| !packs.contains_key(n)) {
+        let report = reindex(index, backend, protection, write_missing)?;
+        return Ok(SyncReport {
+            applied: report.packs,
+            reindexed: true,
+        });
+    }
+    if write_missing {
+        for name in known.iter().filter(|n| !listed.contains_key(*n)) {
+            write_delta_of_stored_pack(backend, protection, name)?;
         }
     }
     let mut report = SyncReport::default();
@@ -253,29 +258,87 @@ pub fn sync(
         if known.contains(name) {
             continue;
         }
+        // An orphan delta: see the doc above.
+        let Some(&size) = packs.get(name) else {
+            continue;
+        };
         let delta = backend
             .get(key)
             .and_then(|b| open_delta(protection, &b, key));
         match delta {
-            Ok(d) => index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?,
-            // A damaged delta: its pack's own table says the same thing.
-            Err(e) if e.is_corruption() => {
-                // A damaged delta whose pack is gone names nothing a manifest can need
-                // (deltas are written after their packs): skip it; `check` lists it and
-                // `prune` removes it.
-                if !backend.exists(&pack_key(name))? {
-                    continue;
-                }
-                let table = read_pack_table(backend, protection, name)?;
-                let size = backend.size(&pack_key(name))?;
-                index.add_pack(name, size, table.version, &table.entries)?;
+            Ok(d) if d.pack_size == size => {
+                index.add_pack(&d.pack, d.pack_size, d.pack_version, &d.entries)?
             }
+            // A damaged delta, or one that disagrees with its pack's size: the pack's own
+            // table says what the pack holds.
+            Ok(_) => add_from_table(index, backend, protection, name, size)?,
+            Err(e) if e.is_corruption() => add_from_table(index, backend, protection, name, size)?,
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         }
         report.applied += 1;
     }
     Ok(report)
+}
+
+/// Indexes the stored pack `name` of `size` bytes from its own table.
+fn add_from_table(
+    index: &mut Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+    name: &str,
+    size: u64,
+) -> Result<()> {
+    let table = read_pack_table(backend, protection, name)?;
+    index.add_pack(name, size, table.version, &table.entries)
+}
+
+/// The pack that held chunk `id` and is gone from the store, as its orphan delta says (a
+/// delta whose pack is not listed): what names the missing pack when a snapshot needs a chunk
+/// the index does not know. One listing of `index/` and of `packs/`, then a GET of each orphan
+/// delta; only for error paths. `None` when no orphan delta holds the chunk.
+pub fn gone_pack_holding(
+    backend: &dyn Backend,
+    protection: &Protection,
+    id: &crate::format::ChunkId,
+) -> Result<Option<String>> {
+    Ok(gone_packs(backend, protection)?
+        .into_iter()
+        .find(|(_, ids)| ids.contains(id))
+        .map(|(pack, _)| pack))
+}
+
+/// The packs gone from the store whose deltas remain, with the chunks each delta lists
+/// (damaged orphan deltas are skipped: `check` reports them).
+pub fn gone_packs(
+    backend: &dyn Backend,
+    protection: &Protection,
+) -> Result<Vec<(String, HashSet<crate::format::ChunkId>)>> {
+    let deltas: Vec<(String, String)> = backend
+        .list(DELTAS_PREFIX)?
+        .into_iter()
+        .filter_map(|k| pack_of_delta_key(&k).map(|n| (n.to_string(), k.clone())))
+        .collect();
+    let packs: HashSet<String> = backend
+        .list("packs/")?
+        .iter()
+        .filter_map(|k| pack_of_pack_key(k).map(str::to_string))
+        .collect();
+    let mut out = Vec::new();
+    for (name, key) in deltas {
+        if packs.contains(&name) {
+            continue;
+        }
+        match backend
+            .get(&key)
+            .and_then(|b| open_delta(protection, &b, &key))
+        {
+            Ok(d) => out.push((name, d.entries.iter().map(|e| e.id).collect())),
+            Err(e) if e.is_corruption() || matches!(e, Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the delta of the stored pack `name` if it has none (read from the pack's table;
@@ -461,6 +524,14 @@ impl Backend for WithDeltas {
 
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn crate::store::ObjectWriter + 'a>> {
         self.inner.writer(dir)
+    }
+
+    fn unfinished_uploads(&self) -> Result<Vec<crate::store::UnfinishedUpload>> {
+        self.inner.unfinished_uploads()
+    }
+
+    fn discard_upload(&self, upload: &crate::store::UnfinishedUpload) -> Result<()> {
+        self.inner.discard_upload(upload)
     }
 
     fn request_counts(&self) -> Option<std::collections::BTreeMap<&'static str, u64>> {

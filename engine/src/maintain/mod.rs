@@ -11,6 +11,7 @@ pub mod forget;
 pub mod prune;
 pub mod stats;
 pub mod two_phase_plan;
+mod uploads;
 
 pub use forget::{apply_policy, ForgetReport, RetentionPolicy};
 pub use prune::{prune, PruneOptions, PruneReport};

@@ -553,6 +553,7 @@ fn prune_two_phase(
             remove_stray_verifications(repo, index.conn_mut(), &err, &snapshots)?;
     }
     drop(index);
+    report.leftovers_removed = super::uploads::discard_old(repo, options.grace, dry)?;
     if dry {
         report.plan = Some(plan);
     }

@@ -72,6 +72,30 @@ impl ObjectInfo {
     }
 }
 
+/// An upload a remote store holds that was started and never completed nor aborted (an S3
+/// multipart upload of a process killed mid-write): never listed by
+/// [`Backend::list_with_sizes`] and never visible to readers, but stored (and billed) until
+/// it is discarded. See [`Backend::unfinished_uploads`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnfinishedUpload {
+    /// The key the upload would have completed as, relative to the repository.
+    pub key: String,
+    /// The store's id of the upload (an S3 `UploadId`); not a secret.
+    pub id: String,
+    /// When it was started, as the store says (`None` when it does not).
+    pub started: Option<std::time::SystemTime>,
+}
+
+impl UnfinishedUpload {
+    /// How long ago it was started, by this host's clock (`None` when unknown or in the
+    /// future).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        std::time::SystemTime::now()
+            .duration_since(self.started?)
+            .ok()
+    }
+}
+
 /// An opaque tag of one stored version of an object: equal tags mean the same contents
 /// (an ETag on object storage). Only compared, never interpreted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +162,20 @@ pub trait Backend: Send + Sync {
     /// the network (a local directory), where a request count means nothing.
     fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
         None
+    }
+
+    /// The unfinished uploads under the repository ([`UnfinishedUpload`]): what a writer
+    /// killed mid-upload left that only the store can see. Stores that have none (a local
+    /// directory, whose temporary files are found by walking it) return nothing.
+    fn unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>> {
+        Ok(Vec::new())
+    }
+
+    /// Discards an unfinished upload (an S3 AbortMultipartUpload); one already gone is not an
+    /// error. The caller makes sure no live writer owns it (by its age).
+    fn discard_upload(&self, upload: &UnfinishedUpload) -> Result<()> {
+        let _ = upload;
+        Ok(())
     }
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be

@@ -31,6 +31,8 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use sha2::Digest as _;
 
+mod uploads;
+
 use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
@@ -676,6 +678,13 @@ impl S3Backend {
     fn http_error(&self, key: Option<&str>, r: &Response) -> Error {
         let (code, message) = service_error(r);
         let hint = match (r.status, code.as_str()) {
+            // The key is good but its policy does not allow the request (a 403 without a body,
+            // the answer to a HEAD, says nothing of why).
+            (403, "AccessDenied") if xml_text(&r.body, "Code").is_some() => {
+                " (this key's policy does not allow it: backup, init, prune, forget and copy \
+                 into the repository need s3:PutObject and s3:DeleteObject besides s3:GetObject \
+                 and s3:ListBucket; with only those two, reading commands work)"
+            }
             (403, _) => {
                 " (check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, and that \
                  this key may use the bucket)"
@@ -1094,6 +1103,14 @@ impl Backend for S3Backend {
             },
             _ => Err(self.http_error(Some(&full), &r)),
         }
+    }
+
+    fn unfinished_uploads(&self) -> Result<Vec<super::UnfinishedUpload>> {
+        self.list_uploads()
+    }
+
+    fn discard_upload(&self, upload: &super::UnfinishedUpload) -> Result<()> {
+        self.abort_upload(upload)
     }
 
     fn request_counts(&self) -> Option<std::collections::BTreeMap<&'static str, u64>> {

@@ -196,6 +196,9 @@ pub enum LeftoverKind {
     Temporary,
     /// A lock whose holder is gone.
     StaleLock,
+    /// An upload a remote store holds uncommitted (an S3 multipart upload never completed):
+    /// invisible to readers, but stored until discarded.
+    UnfinishedUpload,
 }
 
 impl LeftoverKind {
@@ -204,6 +207,7 @@ impl LeftoverKind {
         match self {
             LeftoverKind::Temporary => "temporary",
             LeftoverKind::StaleLock => "stale-lock",
+            LeftoverKind::UnfinishedUpload => "unfinished-upload",
         }
     }
 }
@@ -429,26 +433,15 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
             )
             .map_err(&err)?;
         let mut rows = missing.query([]).map_err(&err)?;
+        let mut lost: Vec<(ChunkId, String)> = Vec::new();
         while let Some(row) = rows.next().map_err(&err)? {
             let chunk: Vec<u8> = row.get(0).map_err(&err)?;
             let snapshot: String = row.get(1).map_err(&err)?;
-            let Ok(chunk) = <[u8; 32]>::try_from(chunk.as_slice()).map(ChunkId) else {
-                continue;
-            };
-            let err = Error::MissingChunk {
-                id: chunk.to_hex(),
-                snapshot: snapshot.clone(),
-            };
-            f.push(Damage {
-                kind: DamageKind::MissingChunk,
-                location: format!("snapshots/{snapshot}"),
-                pack: None,
-                offset: None,
-                chunk: Some(chunk.to_hex()),
-                what: err.to_string(),
-            });
-            f.damaged_chunks.insert(chunk);
+            if let Ok(chunk) = <[u8; 32]>::try_from(chunk.as_slice()).map(ChunkId) {
+                lost.push((chunk, snapshot));
+            }
         }
+        report_lost_chunks(repo, lost, &mut f)?;
         drop(rows);
         drop(missing);
         // Packs the index takes a referenced chunk from: the others are orphans.
@@ -599,6 +592,60 @@ pub fn check(repo: &Repo, options: &CheckOptions, progress: &dyn Progress) -> Re
     })
 }
 
+/// Reports chunks snapshots need that the index does not know. On a remote repository, one
+/// `pack-missing` per pack that held some of them and is gone from the store while its delta
+/// remains (deleted behind the repository's back: the index sync learns nothing from such a
+/// delta), naming the pack; a `missing-chunk` for each other one. A local repository's index
+/// is its own record (no sync), so there each is a `missing-chunk`, as ever.
+fn report_lost_chunks(repo: &Repo, lost: Vec<(ChunkId, String)>, f: &mut Findings) -> Result<()> {
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let gone = if repo.is_remote() {
+        crate::index::delta::gone_packs(repo.backend(), repo.protection())?
+    } else {
+        Vec::new()
+    };
+    // pack name -> (chunks of it snapshots need, a snapshot needing one)
+    let mut by_pack: std::collections::BTreeMap<&str, (u64, &str)> = Default::default();
+    for (chunk, snapshot) in &lost {
+        f.damaged_chunks.insert(*chunk);
+        if let Some((pack, _)) = gone.iter().find(|(_, ids)| ids.contains(chunk)) {
+            let entry = by_pack
+                .entry(pack.as_str())
+                .or_insert((0, snapshot.as_str()));
+            entry.0 += 1;
+            continue;
+        }
+        let err = Error::MissingChunk {
+            id: chunk.to_hex(),
+            snapshot: snapshot.clone(),
+        };
+        f.push(Damage {
+            kind: DamageKind::MissingChunk,
+            location: format!("snapshots/{snapshot}"),
+            pack: None,
+            offset: None,
+            chunk: Some(chunk.to_hex()),
+            what: err.to_string(),
+        });
+    }
+    for (pack, (chunks, snapshot)) in by_pack {
+        f.push(Damage {
+            kind: DamageKind::PackMissing,
+            location: format!("pack {pack}"),
+            pack: Some(pack.to_string()),
+            offset: None,
+            chunk: None,
+            what: format!(
+                "pack {pack} is not in the store, but its index delta remains: {chunks} chunks \
+                 that snapshots need (snapshot {snapshot} among them) were in it"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Something an interrupted or crashed run left in the repository (see [`leftovers`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct Leftover {
@@ -613,6 +660,9 @@ pub struct Leftover {
     /// Why a lock is stale; empty for temporary objects.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub why: String,
+    /// The store's id of an unfinished upload (not a secret), for discarding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
 }
 
 /// Temporary objects younger than this in directories that writers do not lock (verification
@@ -624,6 +674,10 @@ impl Leftover {
     /// can be running, so any temporary object of packs, manifests and index rebuilds is
     /// dead; elsewhere (verify records, lock publishing) only old ones are.
     pub fn removable_by_prune(&self) -> bool {
+        if self.kind == LeftoverKind::UnfinishedUpload {
+            // Prune on a shared store runs beside writers: see `maintain::uploads`.
+            return self.age_secs >= LEFTOVER_MIN_AGE_SECS;
+        }
         self.kind == LeftoverKind::StaleLock
             || self.path.starts_with("packs/")
             || self.path.starts_with("snapshots/")
@@ -632,9 +686,17 @@ impl Leftover {
     }
 }
 
-/// Lists the leftovers of interrupted or crashed runs: temporary objects (`.tmp-` names in
-/// any directory, an index rebuild's `<index>.rebuild-*` files) and stale locks. Reading only.
+/// Lists the leftovers of interrupted or crashed runs. In a local repository: temporary
+/// objects (`.tmp-` names in any directory, an index rebuild's `<index>.rebuild-*` files) and
+/// stale locks, found by walking its directory. In a repository on an object store, whose
+/// writes are atomic: what the store holds uncommitted ([`Backend::unfinished_uploads`]),
+/// never anything of this host's cache directory, which is not the repository. Reading only.
+///
+/// [`Backend::unfinished_uploads`]: crate::store::Backend::unfinished_uploads
 pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
+    if repo.is_remote() {
+        return remote_leftovers(repo);
+    }
     let root = repo.root();
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -674,6 +736,7 @@ pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
                     .and_then(|m| now.duration_since(m).ok())
                     .map_or(0, |d| d.as_secs()),
                 why: String::new(),
+                upload_id: None,
             });
         }
     }
@@ -684,8 +747,29 @@ pub fn leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
             size: std::fs::metadata(&path).map_or(0, |m| m.len()),
             age_secs: 0,
             why,
+            upload_id: None,
         });
     }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// [`leftovers`] of a repository on an object store.
+fn remote_leftovers(repo: &Repo) -> Result<Vec<Leftover>> {
+    let mut out: Vec<Leftover> = repo
+        .backend()
+        .unfinished_uploads()?
+        .into_iter()
+        .map(|u| Leftover {
+            kind: LeftoverKind::UnfinishedUpload,
+            size: 0,
+            // Unknown: never old enough to be removed.
+            age_secs: u.age().map_or(0, |a| a.as_secs()),
+            why: String::new(),
+            path: u.key,
+            upload_id: Some(u.id),
+        })
+        .collect();
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
