@@ -32,6 +32,7 @@ mod remote_economy;
 mod remote_errors;
 mod remote_faults;
 mod remote_maintain;
+mod remote_pipeline;
 mod remote_repo;
 mod remote_restore;
 mod retention;

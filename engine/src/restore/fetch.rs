@@ -17,9 +17,8 @@
 //!
 //! Not tied to restore: the snapshot reader (`read/`) can plan its read-ahead with it.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
@@ -37,6 +36,9 @@ pub struct FetchLimits {
     pub max_span: u64,
     /// Requests in flight at once.
     pub in_flight: usize,
+    /// Raw bytes of decoded frames that [`fetch_pipelined`] may hold for windows planned and
+    /// not yet consumed (the one being consumed included): how far reading runs ahead.
+    pub ahead: u64,
 }
 
 /// Why these numbers: a request costs one round trip, which on a link of 100 MiB/s with
@@ -54,7 +56,38 @@ impl Default for FetchLimits {
             gap: 1024 * 1024,
             max_span: 4 * 1024 * 1024,
             in_flight: 8,
+            ahead: 48 * 1024 * 1024,
         }
+    }
+}
+
+/// The environment variable that sets [`FetchLimits::in_flight`] of a remote restore (1 to
+/// [`MAX_IN_FLIGHT`]); each request in flight holds up to [`FetchLimits::max_span`] bytes.
+pub const IN_FLIGHT_ENV: &str = "STACKVAULT_RESTORE_GETS_IN_FLIGHT";
+
+/// Most requests in flight [`IN_FLIGHT_ENV`] may ask for: 32 spans of 4 MiB already hold as
+/// much as the windows read ahead.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+impl FetchLimits {
+    /// The defaults, with the requests in flight [`IN_FLIGHT_ENV`] asks for, if set.
+    pub fn from_env() -> Result<Self> {
+        let mut limits = FetchLimits::default();
+        if let Ok(value) = std::env::var(IN_FLIGHT_ENV) {
+            limits.in_flight = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_IN_FLIGHT).contains(n))
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{IN_FLIGHT_ENV}={value:?}: give a number of requests from 1 to \
+                         {MAX_IN_FLIGHT}, or unset it for the default ({})",
+                        limits.in_flight
+                    ))
+                })?;
+        }
+        Ok(limits)
     }
 }
 
@@ -150,45 +183,261 @@ pub fn fetch_frames(
     spans: &[Span],
     limits: &FetchLimits,
 ) -> Result<DecodedFrames> {
-    let next = AtomicUsize::new(0);
-    let out = Mutex::new(DecodedFrames::default());
-    let workers = limits.in_flight.clamp(1, spans.len().max(1));
+    let mut once = Some(Planned {
+        work: (),
+        spans: spans.to_vec(),
+        frame_bytes: 0,
+    });
+    let mut out = DecodedFrames::default();
+    let requests = fetch_pipelined(
+        backend,
+        protection,
+        limits,
+        || Ok(once.take()),
+        |(), frames| {
+            out = frames;
+            Ok(())
+        },
+    )?;
+    out.requests = requests;
+    Ok(out)
+}
+
+/// One window of a pipelined read ([`fetch_pipelined`]): what its consumer needs to use it,
+/// the spans holding its frames, and what holding its decoded frames costs.
+#[derive(Debug)]
+pub struct Planned<W> {
+    pub work: W,
+    pub spans: Vec<Span>,
+    /// Raw bytes of the distinct frames its spans decode to.
+    pub frame_bytes: u64,
+}
+
+/// Reads windows planned one after the other by `plan` (on a thread of its own, until it
+/// returns `None`) and hands each to `consume` (on the calling thread) in plan order, with
+/// its decoded frames, once all of its spans are fetched. The spans of every planned window
+/// go into one queue that `limits.in_flight` fetchers work through, so the fetches of the
+/// next windows run while a window is consumed and a window's slowest span never leaves the
+/// other connections idle. `plan` runs ahead of `consume` only while the frames of the
+/// windows planned and not yet consumed (the one being consumed included) stay within
+/// `limits.ahead` (one window is always admitted), so memory is bounded by `limits.ahead`
+/// plus the spans in flight, whatever the disk size. Returns the ranged GETs sent.
+///
+/// The first failure (of `plan`, a fetch or `consume`) stops everything and is returned;
+/// frames lost to damage are simply absent (see the module doc).
+pub fn fetch_pipelined<W: Send>(
+    backend: &dyn Backend,
+    protection: &Protection,
+    limits: &FetchLimits,
+    mut plan: impl FnMut() -> Result<Option<Planned<W>>> + Send,
+    mut consume: impl FnMut(W, DecodedFrames) -> Result<()>,
+) -> Result<u64> {
+    let shared = Pipeline {
+        state: Mutex::new(PipelineState {
+            queue: VecDeque::new(),
+            windows: VecDeque::new(),
+            first_window: 0,
+            held: 0,
+            planned_all: false,
+            failure: None,
+            requests: 0,
+        }),
+        moved: Condvar::new(),
+    };
+    let shared = &shared;
+    let ahead = limits.ahead;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(span) = spans.get(i) else {
-                            return Ok(());
-                        };
-                        let decoded = match fetch_span(backend, protection, span) {
-                            Ok(d) => d,
-                            Err(Error::NotFound { .. }) => Vec::new(),
-                            Err(e) if e.is_corruption() => Vec::new(),
-                            Err(e) => return Err(e),
-                        };
-                        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-                        out.requests += 1;
-                        for (offset, frame) in decoded {
-                            out.frames.insert((span.pack.clone(), offset), frame);
+        let mut threads = Vec::with_capacity(limits.in_flight.max(1) + 1);
+        threads.push(scope.spawn(move || {
+            let _stop = StopOnPanic(shared);
+            let mut sequence = 0u64;
+            loop {
+                if shared.lock().failure.is_some() {
+                    return;
+                }
+                let planned = match plan() {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => return shared.fail(e),
+                };
+                let mut s = shared.lock();
+                while s.failure.is_none() && s.held > 0 && s.held + planned.frame_bytes > ahead {
+                    s = shared.wait(s);
+                }
+                if s.failure.is_some() {
+                    return;
+                }
+                s.held += planned.frame_bytes;
+                s.windows.push_back(WindowSlot {
+                    work: Some(planned.work),
+                    frame_bytes: planned.frame_bytes,
+                    pending: planned.spans.len(),
+                    frames: DecodedFrames::default(),
+                });
+                s.queue
+                    .extend(planned.spans.into_iter().map(|span| (sequence, span)));
+                sequence += 1;
+                shared.moved.notify_all();
+            }
+            shared.lock().planned_all = true;
+            shared.moved.notify_all();
+        }));
+        for _ in 0..limits.in_flight.max(1) {
+            threads.push(scope.spawn(move || {
+                let _stop = StopOnPanic(shared);
+                loop {
+                    let (window, span) = {
+                        let mut s = shared.lock();
+                        loop {
+                            if s.failure.is_some() {
+                                return;
+                            }
+                            if let Some(next) = s.queue.pop_front() {
+                                break next;
+                            }
+                            if s.planned_all {
+                                return;
+                            }
+                            s = shared.wait(s);
                         }
+                    };
+                    let decoded = match fetch_span(backend, protection, &span) {
+                        Ok(d) => d,
+                        Err(Error::NotFound { .. }) => Vec::new(),
+                        Err(e) if e.is_corruption() => Vec::new(),
+                        Err(e) => return shared.fail(e),
+                    };
+                    let mut s = shared.lock();
+                    s.requests += 1;
+                    let first = s.first_window;
+                    let Some(slot) = window
+                        .checked_sub(first)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .and_then(|i| s.windows.get_mut(i))
+                    else {
+                        drop(s);
+                        return shared.fail(Error::Internal(format!(
+                            "span of window {window} fetched after the window was consumed"
+                        )));
+                    };
+                    for (offset, frame) in decoded {
+                        slot.frames
+                            .frames
+                            .insert((span.pack.clone(), offset), frame);
                     }
-                })
-            })
-            .collect();
-        let mut first = Ok(());
-        for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::Internal("a frame fetcher panicked".into())));
-            if first.is_ok() {
-                first = r;
+                    slot.pending = slot.pending.saturating_sub(1);
+                    shared.moved.notify_all();
+                }
+            }));
+        }
+        let consumed = (|| -> Result<()> {
+            loop {
+                let (work, frames, frame_bytes) = {
+                    let mut s = shared.lock();
+                    loop {
+                        if s.failure.is_some() {
+                            // Stopped: the failure is returned below.
+                            return Ok(());
+                        }
+                        if s.windows.front().is_some_and(|w| w.pending == 0) {
+                            break;
+                        }
+                        if s.windows.is_empty() && s.planned_all {
+                            return Ok(());
+                        }
+                        s = shared.wait(s);
+                    }
+                    let Some(mut slot) = s.windows.pop_front() else {
+                        return Err(Error::Internal("planned window vanished".into()));
+                    };
+                    s.first_window += 1;
+                    let Some(work) = slot.work.take() else {
+                        return Err(Error::Internal("planned window consumed twice".into()));
+                    };
+                    (work, std::mem::take(&mut slot.frames), slot.frame_bytes)
+                };
+                consume(work, frames)?;
+                let mut s = shared.lock();
+                s.held = s.held.saturating_sub(frame_bytes);
+                shared.moved.notify_all();
+            }
+        })();
+        if let Err(e) = consumed {
+            shared.fail(e);
+        }
+        for t in threads {
+            if t.join().is_err() {
+                shared.fail(Error::Internal("a frame fetcher panicked".into()));
             }
         }
-        first
-    })?;
-    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
+    });
+    let mut s = shared.lock();
+    match s.failure.take() {
+        Some(e) => Err(e),
+        None => Ok(s.requests),
+    }
+}
+
+/// The state [`fetch_pipelined`]'s planner, fetchers and consumer share.
+struct Pipeline<W> {
+    state: Mutex<PipelineState<W>>,
+    /// Notified whenever anything in the state moves.
+    moved: Condvar,
+}
+
+struct PipelineState<W> {
+    /// Spans not yet taken by a fetcher, with the sequence number of their window.
+    queue: VecDeque<(u64, Span)>,
+    /// Windows planned and not yet consumed, in plan order; the first has sequence number
+    /// `first_window`.
+    windows: VecDeque<WindowSlot<W>>,
+    first_window: u64,
+    /// Frame bytes of `windows` and of the window being consumed.
+    held: u64,
+    /// The planner is done: no more windows come.
+    planned_all: bool,
+    /// The first failure; once set, every thread stops.
+    failure: Option<Error>,
+    requests: u64,
+}
+
+/// Stops the pipeline when its thread unwinds, so that no one waits for it forever.
+struct StopOnPanic<'a, W>(&'a Pipeline<W>);
+
+impl<W> Drop for StopOnPanic<'_, W> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail(Error::Internal("a frame fetcher panicked".into()));
+        }
+    }
+}
+
+struct WindowSlot<W> {
+    work: Option<W>,
+    frame_bytes: u64,
+    /// Spans of the window not yet fetched.
+    pending: usize,
+    frames: DecodedFrames,
+}
+
+impl<W> Pipeline<W> {
+    fn lock(&self) -> MutexGuard<'_, PipelineState<W>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, PipelineState<W>>,
+    ) -> MutexGuard<'a, PipelineState<W>> {
+        self.moved.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `e` unless a failure came first, and wakes everyone to stop.
+    fn fail(&self, e: Error) {
+        self.lock().failure.get_or_insert(e);
+        self.moved.notify_all();
+    }
 }
 
 /// One span's GET, and its frames decoded; a frame that does not decode is left out.
@@ -254,6 +503,7 @@ mod tests {
             gap: 100,
             max_span: 1000,
             in_flight: 2,
+            ahead: 0,
         };
         let (a, b, c, d, e) = (
             frame(10, 100),
