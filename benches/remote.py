@@ -328,10 +328,11 @@ def make_disks(work, size_mib):
     return gens, "generated (55 % of /usr files, 5 % of 4 KiB blocks rewritten per generation)"
 
 
-def run_tool(tool, binary, gens, store, proxy, work, sweep=()):
+def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda name, m: None):
     """One repetition of one tool: gen0..gen2 backups and a gen2 restore, in a fresh bucket
     or container of `store`; for stackvault, then a gen2 restore with each number of GETs in
-    flight of `sweep` (steps `restore@N`)."""
+    flight of `sweep` (steps `restore@N`). `on_step` gets each step's measurements as soon as
+    they are taken, so a run stopped midway keeps them."""
     place = store.new_place()
     env = dict(os.environ, RESTIC_PASSWORD="bench",
                # Both repositories encrypted (stackvault's default since issue 15), each
@@ -369,6 +370,7 @@ def run_tool(tool, binary, gens, store, proxy, work, sweep=()):
         out[name] = dict(proxy.reset(), wall=wall, rss=rss)
         if name == "gen2":
             out[name]["stored"] = store.stored_bytes(place)
+        on_step(name, out[name])
     shutil.rmtree(restored, ignore_errors=True)
     return out
 
@@ -429,14 +431,15 @@ def main():
                 try:
                     proxy = Proxy(store.port, rtt_ms / 1000)
                     log(f"rtt {rtt_ms} ms, rep {rep + 1}: {tool} on {store_name}")
-                    r = run_tool(tool, args.bin, gens, store, proxy, work, sweep)
+                    def keep(step, m, key=(rtt_ms, tool, store_name)):
+                        results.setdefault(key + (step,), []).append(m)
+                        with open(os.path.join(work, "raw.json"), "w") as f:
+                            json.dump({"|".join(map(str, k)): v for k, v in results.items()},
+                                      f, indent=1)
+
+                    run_tool(tool, args.bin, gens, store, proxy, work, sweep, keep)
                 finally:
                     store.stop()
-                for step, m in r.items():
-                    results.setdefault((rtt_ms, tool, store_name, step), []).append(m)
-                with open(os.path.join(work, "raw.json"), "w") as f:
-                    json.dump({"|".join(map(str, k)): v for k, v in results.items()}, f,
-                              indent=1)
     load_after = os.getloadavg()
     header = (f"`benches/remote.py --reps {args.reps} --rtt {args.rtt} --stores {args.stores}"
               f"{' --data ' + args.data if args.data else ''}`; disks: {origin}, {size_mib} MiB;"
