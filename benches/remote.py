@@ -1,25 +1,36 @@
 #!/usr/bin/env python3
-"""Object storage benchmark: stackvault against restic on the same moto S3 server.
+"""Object storage benchmark: stackvault against restic on the same moto S3 server, and
+stackvault into Azurite.
 
-For each injected round trip (default 0 and 20 ms) and each repetition, both tools (in
-alternating order) back up gen0, gen1 and gen2 of one disk into a fresh bucket, then restore
-gen2. Every request goes through a latency proxy in this script, which delays each answer by
-the round trip and counts requests and the bytes sent to the server (request lines, headers
-and bodies), so both tools are measured by the same instrument. Wall time and peak RSS come
-from /usr/bin/time. Figures are medians over repetitions, each with its ratio to restic
-measured in the same run. restic is Debian's (`apt-get install restic`, installed here when
-missing and allowed); moto comes from `.ci/moto.sh`.
+For each injected round trip (default 0 and 20 ms), each store and each repetition, each tool
+(in alternating order) backs up gen0, gen1 and gen2 of one disk into a fresh bucket (or
+container), then restores gen2. Every request goes through a latency proxy in this script,
+which counts requests (by method) and the bytes each way, so every tool is measured by the
+same instrument. The proxy passes requests on at once and holds back each piece (up to
+64 KiB) of an answer by the round trip before reading the next, so a connection carries at
+most 64 KiB of answer per round trip (3.2 MiB/s at 20 ms): a link whose TCP window does not
+grow, where a tool's download speed is its requests in flight. Wall time and peak RSS come
+from /usr/bin/time; the repository's size after gen2 from the store (a listing of the bucket;
+Azurite's blob files on disk). Figures are medians over repetitions, each with its ratio to
+restic on moto measured in the same run (restic 0.14 cannot be pointed at Azurite). restic is
+Debian's (`apt-get install restic`, installed here when missing and allowed); moto comes
+from `.ci/moto.sh`, Azurite from `.ci/azurite.sh`.
 
-Disks: ../shared/datasets/make-disks.sh --small (256 MiB, real files, a week of changes per
+Disks: `--data DIR` (gen0.raw, gen1.raw, gen2.raw, e.g. the 4 GiB dataset), else
+../shared/datasets/make-disks.sh --small (256 MiB, real files, a week of changes per
 generation) when present, else generated here (256 MiB, 55 % real files of /usr, 5 % of the
 blocks rewritten per generation).
 
-Usage: python3 benches/remote.py [--bin target/debug/stackvault] [--size-mib 256]
-                                 [--reps 3] [--rtt 0,20] [--results benches/RESULTS.md]
+Usage: python3 benches/remote.py [--bin target/release/stackvault] [--size-mib 256]
+                                 [--data DIR] [--reps 3] [--rtt 0,20] [--stores moto,azurite]
+                                 [--results benches/RESULTS.md]
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -35,7 +46,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAKE_DISKS = os.path.join(ROOT, "..", "shared", "datasets", "make-disks.sh")
 MOTO = os.path.join(ROOT, ".ci", "moto", "bin", "moto_server")
+MOTO_PYTHON = os.path.join(ROOT, ".ci", "moto", "bin", "python")
+AZURITE = os.path.join(ROOT, ".ci", "azurite", "node_modules", ".bin", "azurite-blob")
 KEY_ID, SECRET = "benchkey", "benchsecret"
+# Azurite's published development account and key (not a secret).
+AZ_ACCOUNT = "devstoreaccount1"
+AZ_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+          "KBHBeksoGMGw==")
 
 
 def log(msg):
@@ -49,15 +66,18 @@ def free_port():
 
 
 class Proxy:
-    """A TCP proxy to 127.0.0.1:upstream that delays every piece of an answer by `rtt` and
-    counts the HTTP requests and the bytes clients send (parsing request heads for their
-    Content-Length, so keep-alive connections count right)."""
+    """A TCP proxy to 127.0.0.1:upstream that holds back every piece of an answer by `rtt`
+    (see the module doc) and counts the HTTP requests by method and the bytes each way
+    (parsing request heads for their Content-Length, so keep-alive connections count
+    right)."""
 
     def __init__(self, upstream, rtt):
         self.upstream, self.rtt = upstream, rtt
         self.lock = threading.Lock()
         self.requests = 0
+        self.methods = {}
         self.sent = 0
+        self.received = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -67,8 +87,10 @@ class Proxy:
 
     def reset(self):
         with self.lock:
-            counts = (self.requests, self.sent)
-            self.requests = self.sent = 0
+            counts = {"requests": self.requests, "sent": self.sent,
+                      "received": self.received, "puts": self.methods.get("PUT", 0)}
+            self.requests = self.sent = self.received = 0
+            self.methods = {}
         return counts
 
     def accept(self):
@@ -102,12 +124,14 @@ class Proxy:
                     if end < 0:
                         break
                     length = 0
+                    method = head[:end].split(b" ", 1)[0].decode("latin-1")
                     for line in head[:end].split(b"\r\n")[1:]:
                         name, _, value = line.partition(b":")
                         if name.strip().lower() == b"content-length":
                             length = int(value.strip() or 0)
                     with self.lock:
                         self.requests += 1
+                        self.methods[method] = self.methods.get(method, 0) + 1
                     rest, head, body_left = head[end + 4:], b"", length
                 dst.sendall(data)
         except OSError:
@@ -120,12 +144,14 @@ class Proxy:
                     pass
 
     def download(self, src, dst):
-        # Pieces leave no earlier than rtt after they arrived, in order.
+        # Each piece is held for rtt before it is passed on and the next one is read.
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
+                with self.lock:
+                    self.received += len(data)
                 if self.rtt:
                     time.sleep(self.rtt)
                 dst.sendall(data)
@@ -139,19 +165,111 @@ class Proxy:
                     pass
 
 
-def start_moto():
-    port = free_port()
-    proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def wait_port(port, proc, what):
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, port
+                return
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("moto_server did not start")
+    raise RuntimeError(f"{what} did not start")
+
+
+class Moto:
+    """A moto S3 server of its own (in memory), one bucket per run."""
+    name = "moto"
+
+    def __init__(self, work):
+        self.port = free_port()
+        self.proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc, "moto_server")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def new_place(self):
+        bucket = f"b{random.randrange(1 << 40):x}"
+        # Made directly on moto (not counted).
+        subprocess.run(["curl", "-sf", "-X", "PUT", f"http://127.0.0.1:{self.port}/{bucket}"],
+                       check=True, stdout=subprocess.DEVNULL)
+        return bucket
+
+    def env(self):
+        return {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+                "AWS_REGION": "us-east-1"}
+
+    def locations(self, bucket, proxy):
+        endpoint = f"http://127.0.0.1:{proxy.port}"
+        return f"s3://{bucket}/repo", endpoint, f"s3:{endpoint}/{bucket}/repo"
+
+    def stored_bytes(self, bucket):
+        code = ("import boto3, sys\n"
+                f"c = boto3.client('s3', endpoint_url='http://127.0.0.1:{self.port}',"
+                f" aws_access_key_id='{KEY_ID}', aws_secret_access_key='{SECRET}',"
+                " region_name='us-east-1')\n"
+                "total = 0\n"
+                "for page in c.get_paginator('list_objects_v2').paginate("
+                f"Bucket='{bucket}'):\n"
+                "    total += sum(o['Size'] for o in page.get('Contents', []))\n"
+                "print(total)\n")
+        out = subprocess.run([MOTO_PYTHON, "-c", code], capture_output=True, text=True)
+        return int(out.stdout.strip()) if out.returncode == 0 else float("nan")
+
+
+class Azurite:
+    """An Azurite blob service of its own, keeping blobs in files under `work` (4 GiB of
+    packs would not fit its in-memory store), one container per run."""
+    name = "azurite"
+
+    def __init__(self, work):
+        self.dir = tempfile.mkdtemp(prefix="azurite-", dir=work)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location",
+             self.dir, "--skipApiVersionCheck", "--loose", "--disableTelemetry"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc, "azurite-blob")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_place(self):
+        container = f"c{random.randrange(1 << 40):x}"
+        # Put Container with Shared Key, made directly on Azurite (not counted).
+        date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        version = "2019-07-07"
+        to_sign = "\n".join(["PUT"] + [""] * 11 + [
+            f"x-ms-date:{date}", f"x-ms-version:{version}",
+            f"/{AZ_ACCOUNT}/{AZ_ACCOUNT}/{container}\nrestype:container"])
+        sig = base64.b64encode(hmac.new(base64.b64decode(AZ_KEY), to_sign.encode(),
+                                        hashlib.sha256).digest()).decode()
+        subprocess.run(["curl", "-sf", "-X", "PUT", "-H", f"x-ms-date: {date}", "-H",
+                        f"x-ms-version: {version}", "-H", "Content-Length: 0", "-H",
+                        f"Authorization: SharedKey {AZ_ACCOUNT}:{sig}",
+                        f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}/{container}"
+                        "?restype=container"], check=True, stdout=subprocess.DEVNULL)
+        return container
+
+    def env(self):
+        return {"AZURE_STORAGE_KEY": AZ_KEY}
+
+    def locations(self, container, proxy):
+        return (f"azure://{AZ_ACCOUNT}/{container}/repo",
+                f"http://127.0.0.1:{proxy.port}/{AZ_ACCOUNT}", None)
+
+    def stored_bytes(self, container):
+        # Blob bodies live in extent files; committed blocks are all this run wrote.
+        total = 0
+        for d, _, names in os.walk(self.dir):
+            if "__blobstorage__" in d:
+                total += sum(os.path.getsize(os.path.join(d, n)) for n in names)
+        return total
 
 
 def timed(cmd, env):
@@ -210,36 +328,34 @@ def make_disks(work, size_mib):
     return gens, "generated (55 % of /usr files, 5 % of 4 KiB blocks rewritten per generation)"
 
 
-def run_tool(tool, binary, gens, proxy, rtt, work):
-    """One repetition of one tool: gen0..gen2 backups and a gen2 restore, in a fresh bucket."""
-    bucket = f"b{random.randrange(1 << 40):x}"
-    endpoint = f"http://127.0.0.1:{proxy.port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET,
-               AWS_REGION="us-east-1", RESTIC_PASSWORD="bench",
+def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda name, m: None):
+    """One repetition of one tool: gen0..gen2 backups and a gen2 restore, in a fresh bucket
+    or container of `store`; for stackvault, then a gen2 restore with each number of GETs in
+    flight of `sweep` (steps `restore@N`). `on_step` gets each step's measurements as soon as
+    they are taken, so a run stopped midway keeps them."""
+    place = store.new_place()
+    env = dict(os.environ, RESTIC_PASSWORD="bench",
                # Both repositories encrypted (stackvault's default since issue 15), each
                # tool's key derivation at its own default strength.
                STACKVAULT_PASSWORD="bench",
-               XDG_CACHE_HOME=os.path.join(work, f"cache-{bucket}"))
-    # The bucket, made directly on moto (not counted).
-    subprocess.run(["curl", "-sf", "-X", "PUT", f"http://127.0.0.1:{proxy.upstream}/{bucket}"],
-                   check=True, stdout=subprocess.DEVNULL)
+               XDG_CACHE_HOME=os.path.join(work, f"cache-{place}"), **store.env())
     out = {}
     restored = os.path.join(work, "restored")
+    sv_repo, endpoint, restic_repo = store.locations(place, proxy)
     if tool == "stackvault":
-        repo = f"s3://{bucket}/repo"
-        subprocess.run([binary, "--quiet", "--endpoint", endpoint, "init", repo], env=env,
+        subprocess.run([binary, "--quiet", "--endpoint", endpoint, "init", sv_repo], env=env,
                        check=True, stdout=subprocess.DEVNULL)
-        steps = [(f"gen{g}", [binary, "--quiet", "backup", repo, gens[g], "--disk", "d"])
+        steps = [(f"gen{g}", [binary, "--quiet", "backup", sv_repo, gens[g], "--disk", "d"])
                  for g in range(3)]
-        steps.append(("restore", [binary, "--quiet", "restore", repo, "latest",
+        steps.append(("restore", [binary, "--quiet", "restore", sv_repo, "latest",
                                   os.path.join(restored, "gen2.raw"), "--force"]))
+        steps += [(f"restore@{n}", steps[-1][1]) for n in sweep]
     else:
-        repo = f"s3:{endpoint}/{bucket}/repo"
-        subprocess.run(["restic", "-q", "-r", repo, "init"], env=env, check=True,
+        subprocess.run(["restic", "-q", "-r", restic_repo, "init"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-        steps = [(f"gen{g}", ["restic", "-q", "-r", repo, "backup", "--stdin",
+        steps = [(f"gen{g}", ["restic", "-q", "-r", restic_repo, "backup", "--stdin",
                               "--stdin-filename", "d.raw"]) for g in range(3)]
-        steps.append(("restore", ["restic", "-q", "-r", repo, "restore", "latest",
+        steps.append(("restore", ["restic", "-q", "-r", restic_repo, "restore", "latest",
                                   "--target", restored]))
     os.makedirs(restored, exist_ok=True)
     for g, (name, cmd) in enumerate(steps):
@@ -247,80 +363,164 @@ def run_tool(tool, binary, gens, proxy, rtt, work):
         if tool == "restic" and name != "restore":
             # restic reads a single disk file from stdin (it would otherwise back up a tree).
             cmd = ["sh", "-c", " ".join(cmd) + f" < {gens[g]}"]
-        wall, rss, _ = timed(cmd, env)
-        requests, sent = proxy.reset()
-        out[name] = {"wall": wall, "rss": rss, "requests": requests, "sent": sent}
+        step_env = env
+        if "@" in name:
+            step_env = dict(env, STACKVAULT_RESTORE_GETS_IN_FLIGHT=name.split("@")[1])
+        wall, rss, _ = timed(cmd, step_env)
+        out[name] = dict(proxy.reset(), wall=wall, rss=rss)
+        if name == "gen2":
+            out[name]["stored"] = store.stored_bytes(place)
+        on_step(name, out[name])
     shutil.rmtree(restored, ignore_errors=True)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "stackvault"))
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "stackvault"))
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--data", default=None, help="directory with gen0.raw, gen1.raw, gen2.raw")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rtt", default="0,20")
+    ap.add_argument("--stores", default="moto,azurite")
     ap.add_argument("--work", default=None)
     ap.add_argument("--results", default=os.path.join(ROOT, "benches", "RESULTS.md"))
+    ap.add_argument("--sweep-in-flight", default="",
+                    help="also restore with each of these numbers of GETs in flight (N,N,…)")
+    ap.add_argument("--tools", default="stackvault,restic")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render the table from --work's raw.json (a partial run)")
     args = ap.parse_args()
+    if args.report_only:
+        size = os.path.getsize(os.path.join(args.data, "gen0.raw")) if args.data else \
+            args.size_mib << 20
+        return report_only(args.work, args.stores.split(","),
+                           [int(x) for x in args.rtt.split(",")], size / (1 << 30), args.reps)
     if shutil.which("restic") is None:
         log("restic missing: installing Debian's (apt-get install restic)")
         subprocess.run(["apt-get", "install", "-y", "restic"], check=True,
                        stdout=subprocess.DEVNULL)
     if not os.path.exists(MOTO):
         sys.exit(f"{MOTO} missing: run bash .ci/moto.sh")
+    stores = args.stores.split(",")
+    if "azurite" in stores and not os.path.exists(AZURITE):
+        sys.exit(f"{AZURITE} missing: run bash .ci/azurite.sh")
     work = args.work or tempfile.mkdtemp(prefix="sv-remote-bench-")
-    gens, origin = make_disks(work, args.size_mib)
+    if args.data:
+        gens = [os.path.join(args.data, f"gen{g}.raw") for g in range(3)]
+        origin = f"{args.data}"
+    else:
+        gens, origin = make_disks(work, args.size_mib)
+    size_mib = os.path.getsize(gens[0]) >> 20
     gib = os.path.getsize(gens[0]) / (1 << 30)
     load_before = os.getloadavg()
     version = subprocess.run(["restic", "version"], capture_output=True, text=True).stdout
+    rtts = [int(x) for x in args.rtt.split(",")]
+    # (tool, store) pairs: restic only on moto.
+    tools = args.tools.split(",")
+    runs = ([("stackvault", st) for st in stores] if "stackvault" in tools else []) + \
+        ([("restic", "moto")] if "restic" in tools else [])
+    sweep = [int(n) for n in args.sweep_in_flight.split(",") if n]
     results = {}
-    for rtt_ms in [int(x) for x in args.rtt.split(",")]:
+    started = time.time()
+    for rtt_ms in rtts:
         for rep in range(args.reps):
-            order = ["stackvault", "restic"] if rep % 2 == 0 else ["restic", "stackvault"]
-            for tool in order:
-                moto, port = start_moto()
+            order = runs if rep % 2 == 0 else list(reversed(runs))
+            for tool, store_name in order:
+                store = (Moto if store_name == "moto" else Azurite)(work)
                 try:
-                    proxy = Proxy(port, rtt_ms / 1000)
-                    log(f"rtt {rtt_ms} ms, rep {rep + 1}: {tool}")
-                    r = run_tool(tool, args.bin, gens, proxy, rtt_ms, work)
+                    proxy = Proxy(store.port, rtt_ms / 1000)
+                    log(f"rtt {rtt_ms} ms, rep {rep + 1}: {tool} on {store_name}")
+                    def keep(step, m, key=(rtt_ms, tool, store_name)):
+                        results.setdefault(key + (step,), []).append(m)
+                        with open(os.path.join(work, "raw.json"), "w") as f:
+                            json.dump({"|".join(map(str, k)): v for k, v in results.items()},
+                                      f, indent=1)
+
+                    run_tool(tool, args.bin, gens, store, proxy, work, sweep, keep)
                 finally:
-                    moto.kill()
-                    moto.wait()
-                for step, m in r.items():
-                    results.setdefault((rtt_ms, tool, step), []).append(m)
+                    store.stop()
     load_after = os.getloadavg()
-
-    def med(rtt, tool, step, key):
-        return statistics.median(m[key] for m in results[(rtt, tool, step)])
-
-    lines = [f"## Object storage: stackvault vs restic on moto S3 ({datetime.date.today()})", "",
-             f"`benches/remote.py --size-mib {args.size_mib} --reps {args.reps} --rtt {args.rtt}`"
-             f"; disks: {origin}, {args.size_mib} MiB; binary {args.bin} (debug profile: deps at "
-             f"-O3, stackvault's crates at -O1);"
-             f" {version.strip()}. Load average before/after: "
-             f"{load_before[0]:.1f} / {load_after[0]:.1f} (2 cores shared with other builds: "
-             "ratios only, absolute times are not the tools' speed). Medians of "
-             f"{args.reps}; requests and bytes sent counted by the proxy; ratio = restic's "
-             "wall time / stackvault's (above 1: stackvault faster).", "",
-             "| rtt | step | sv wall s | restic wall s | speed ratio | sv req/GiB | restic req/GiB"
-             " | sv MiB sent | restic MiB sent | sv RSS MiB | restic RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rtt in [int(x) for x in args.rtt.split(",")]:
-        for step in ("gen0", "gen1", "gen2", "restore"):
-            sv = {k: med(rtt, "stackvault", step, k) for k in ("wall", "rss", "requests", "sent")}
-            rs = {k: med(rtt, "restic", step, k) for k in ("wall", "rss", "requests", "sent")}
-            lines.append(
-                f"| {rtt} ms | {step} | {sv['wall']:.2f} | {rs['wall']:.2f} | "
-                f"{rs['wall'] / max(sv['wall'], 1e-3):.2f}× | {sv['requests'] / gib:.0f} | "
-                f"{rs['requests'] / gib:.0f} | {sv['sent'] / 2**20:.1f} | {rs['sent'] / 2**20:.1f}"
-                f" | {sv['rss']:.0f} | {rs['rss']:.0f} |")
-    text = "\n".join(lines) + "\n"
+    header = (f"`benches/remote.py --reps {args.reps} --rtt {args.rtt} --stores {args.stores}"
+              f"{' --data ' + args.data if args.data else ''}`; disks: {origin}, {size_mib} MiB;"
+              f" binary {args.bin} ({'release' if 'release' in args.bin else 'debug'} profile);"
+              f" {version.strip()}. Load average before/after: {load_before[0]:.1f} / "
+              f"{load_after[0]:.1f} (2 cores shared with other builds: ratios only); "
+              f"{(time.time() - started) / 60:.0f} min.")
+    text = table(results, stores, rtts, gib, args.reps, header)
     print(text)
-    with open(args.results, "a") as f:
-        f.write("\n" + text)
-    with open(os.path.join(work, "raw.json"), "w") as f:
-        json.dump({"|".join(map(str, k)): v for k, v in results.items()}, f, indent=1)
+    with open(os.path.join(work, "table.md"), "w") as f:
+        f.write(text)
+    log(f"table and raw figures in {work}; add the table to {args.results} by hand "
+        "(newest first)")
+
+
+def table(results, stores, rtts, gib, reps, header):
+    """The Markdown table of `results` ((rtt, tool, store, step) → measurements); a
+    combination not measured (a run stopped early) shows as a dash."""
+
+    def med(rtt, tool, store, step, key):
+        runs = [m[key] for m in results.get((rtt, tool, store, step), []) if key in m]
+        return statistics.median(runs) if runs else None
+
+    def fmt(v, spec, scale=1.0):
+        return "–" if v is None else format(v / scale, spec)
+
+    lines = [f"## Object storage: stackvault vs restic, moto S3 and Azurite "
+             f"({datetime.date.today()})", "",
+             header + f" Medians of up to {reps}; requests, PUTs and bytes counted by the proxy"
+             " (a connection carries at most 64 KiB of answer per round trip); ratio = restic's"
+             " wall time on moto / stackvault's (above 1: stackvault faster).", "",
+             "| store | rtt | step | sv wall s | restic wall s | speed ratio | sv req/GiB | "
+             "restic req/GiB | sv PUTs | sv MiB sent | restic MiB sent | sv MiB recv | "
+             "restic MiB recv | sv RSS MiB | restic RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = ("wall", "rss", "requests", "sent", "received", "puts")
+    mib = 2 ** 20
+    sweeps = sorted({k[3] for k in results if "@" in k[3]}, key=lambda s: int(s.split("@")[1]))
+    for store in stores:
+        for rtt in rtts:
+            for step in ["gen0", "gen1", "gen2", "restore"] + sweeps:
+                sv = {k: med(rtt, "stackvault", store, step, k) for k in keys}
+                rs = {k: med(rtt, "restic", "moto", step.split("@")[0], k) for k in keys}
+                if sv["wall"] is None and rs["wall"] is None:
+                    continue
+                ratio = (None if sv["wall"] is None or rs["wall"] is None
+                         else rs["wall"] / max(sv["wall"], 1e-3))
+                lines.append(
+                    f"| {store} | {rtt} ms | {step} | {fmt(sv['wall'], '.2f')} | "
+                    f"{fmt(rs['wall'], '.2f')} | {fmt(ratio, '.2f')}× | "
+                    f"{fmt(sv['requests'], '.0f', gib)} | {fmt(rs['requests'], '.0f', gib)} | "
+                    f"{fmt(sv['puts'], '.0f')} | {fmt(sv['sent'], '.1f', mib)} | "
+                    f"{fmt(rs['sent'], '.1f', mib)} | {fmt(sv['received'], '.1f', mib)} | "
+                    f"{fmt(rs['received'], '.1f', mib)} | {fmt(sv['rss'], '.0f')} | "
+                    f"{fmt(rs['rss'], '.0f')} |")
+    lines.append("")
+    for store in stores:
+        for rtt in rtts:
+            sv = med(rtt, "stackvault", store, "gen2", "stored")
+            rs = med(rtt, "restic", "moto", "gen2", "stored")
+            sent = med(rtt, "stackvault", store, "gen0", "sent")
+            puts = med(rtt, "stackvault", store, "gen0", "puts")
+            if sv is None or sent is None:
+                continue
+            lines.append(
+                f"- {store}, {rtt} ms: repository after gen2 {sv / mib:.1f} MiB, restic's "
+                f"{fmt(rs, '.1f', mib)} MiB (×{fmt(None if rs is None else sv / rs, '.2f')}); "
+                f"gen0: {puts:.0f} PUTs for {sent / mib:.1f} MiB sent = one PUT per "
+                f"{sent / mib / max(puts, 1):.1f} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def report_only(work, stores, rtts, gib, reps):
+    """Re-renders the table from a (possibly partial) raw.json of an earlier run."""
+    with open(os.path.join(work, "raw.json")) as f:
+        raw = json.load(f)
+    results = {}
+    for k, v in raw.items():
+        rtt, tool, store, step = k.split("|")
+        results[(int(rtt), tool, store, step)] = v
+    print(table(results, stores, rtts, gib, reps, f"(re-rendered from {work}/raw.json)"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ mod remote_errors;
 mod remote_faults;
 mod remote_leftovers;
 mod remote_maintain;
+mod remote_pipeline;
 mod remote_repo;
 mod remote_restore;
 mod retention;

@@ -452,12 +452,12 @@ impl Repo {
     /// Stores a finished pack and indexes its chunks, in that order, never the other way
     /// round: the pack is durable, then its delta (written by the backend wrapper every
     /// repository has, see [`WithDeltas`]), then its index row; only then may a manifest name
-    /// its chunks. `index` is the writable index, held by the caller across many packs.
-    pub fn commit_pack(&self, index: &mut Index, pack: &FinishedPack) -> Result<()> {
+    /// its chunks. The index is locked only for the row, so several packs upload at once.
+    pub fn commit_pack(&self, pack: &FinishedPack) -> Result<()> {
         self.backend
             .put(&store::pack_key(&pack.name), &pack.bytes)?;
         crate::crash::point("pack-stored");
-        index.add_pack(
+        self.index().add_pack(
             &pack.name,
             pack.bytes.len() as u64,
             pack.version,

@@ -49,7 +49,7 @@ use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::store::pack::FrameCache;
-use fetch::{fetch_frames, plan_spans, FetchLimits};
+use fetch::{fetch_pipelined, plan_spans, DecodedFrames, FetchLimits, Planned};
 
 /// Where restored bytes go. Writes arrive from many threads, at distinct offsets.
 pub trait DiskTarget: Sync {
@@ -194,7 +194,7 @@ pub fn restore_into(
             manifest,
             target,
             progress,
-            &FetchLimits::default(),
+            &FetchLimits::from_env()?,
         )?
     } else {
         restore_direct(repo, snapshot_id, manifest, target, progress)?
@@ -253,18 +253,22 @@ fn restore_direct(
         .try_reduce(RestoreCounts::default, add_counts)
 }
 
-/// Disk bytes planned at once by [`restore_planned`], and the decoded frame bytes a window
-/// may need before it stops taking segments (it always takes one): the frames are fetched
-/// together, so this bounds the decoded frames held (plus the spans in flight, see
-/// [`FetchLimits`]); 32 MiB of disk usually lies in two or three 16 MiB packs, eight to ten
-/// spans of 4 MiB: enough to keep every request in flight busy.
-const PLAN_WINDOW: u64 = 32 * 1024 * 1024;
+/// Disk bytes of one window of [`restore_planned`], and the decoded frame bytes a window may
+/// need before it stops taking segments (it always takes one): 16 MiB of disk usually lies
+/// in one or two 16 MiB packs, four to six spans of 4 MiB. Windows are fetched ahead of the
+/// one being written within [`FetchLimits::ahead`], so the GETs in flight are fed from
+/// several windows; a small window keeps the decoded frames held per window small.
+const PLAN_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// A window's segments: (start on the disk, extents, where each extent's chunk is).
+type WindowSegments = Vec<(u64, Vec<Extent>, Vec<Option<crate::index::ChunkLocation>>)>;
 
 /// Restores window by window ([`PLAN_WINDOW`] of disk, in disk order): looks up every chunk
-/// of the window, fetches the frames they need as coalesced spans of their packs (see
-/// [`fetch`]), several requests in flight, then writes the window's segments in parallel
-/// from the decoded frames, checking each chunk's id. A chunk whose frame is not among them
-/// (damage, a pack prune replaced) is read on its own, which names the damage.
+/// of a window and plans the frames they need as coalesced spans of their packs (see
+/// [`fetch`]); the spans of this and the next windows are fetched by one pool of requests in
+/// flight ([`fetch::fetch_pipelined`]) while the window before is written, its segments in
+/// parallel, from the decoded frames, checking each chunk's id. A chunk whose frame is not
+/// among them (damage, a pack prune replaced) is read on its own, which names the damage.
 pub fn restore_planned(
     repo: &Repo,
     snapshot_id: &str,
@@ -278,7 +282,10 @@ pub fn restore_planned(
     let count = manifest.segment_count();
     let mut total = RestoreCounts::default();
     let mut first = 0;
-    while first < count {
+    let plan = || -> Result<Option<Planned<WindowSegments>>> {
+        if first >= count {
+            return Ok(None);
+        }
         crate::progress::checkpoint(progress, "restore-segment")?;
         let mut window = Vec::new();
         // Raw bytes of the distinct frames the window needs: chunks deduplicated against
@@ -310,6 +317,7 @@ pub fn restore_planned(
             }
             window.push((start, extents, located));
         }
+        first = last;
         let spans = plan_spans(
             window
                 .iter()
@@ -317,8 +325,15 @@ pub fn restore_planned(
                 .map(|l| (l.pack.as_str(), &l.record)),
             limits,
         );
-        let frames = fetch_frames(repo.backend(), repo.protection(), &spans, limits)?;
-        let protection = repo.protection();
+        Ok(Some(Planned {
+            work: window,
+            spans,
+            frame_bytes,
+        }))
+    };
+    let protection = repo.protection();
+    let write_window = |window: WindowSegments, frames: DecodedFrames| -> Result<()> {
+        crate::progress::checkpoint(progress, "restore-segment")?;
         let counts = window
             .par_iter()
             .map_init(
@@ -354,8 +369,15 @@ pub fn restore_planned(
             )
             .try_reduce(RestoreCounts::default, add_counts)?;
         total = add_counts(total, counts)?;
-        first = last;
-    }
+        Ok(())
+    };
+    fetch_pipelined(
+        repo.backend(),
+        repo.protection(),
+        limits,
+        plan,
+        write_window,
+    )?;
     Ok(total)
 }
 
