@@ -27,6 +27,7 @@ mod nbd_vm;
 mod pageblob_verify;
 mod plans;
 mod read;
+mod read_hits;
 mod readonly;
 mod remote_economy;
 mod remote_errors;
