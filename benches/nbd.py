@@ -12,6 +12,12 @@ size, and the peak its memory budget charged (from its `--json` stopped line).
 
 Usage: python3 benches/nbd.py [--bin target/debug/stackvault] [--size-mib 512 | --disk PATH]
                               [--reps 3] [--reads 2000] [--cache-mib 512] [--mem-caches 8,64]
+                              [--repo KEPT_REPO] [--parts seq,mem,random] [--warm-passes 1]
+                              [--bins BEFORE,AFTER --rounds 2] [--inproc READ_LATENCY_BIN]
+--bins runs the random part with each binary in turn (same offsets, fresh server each), so
+that a change is measured against its parent in one run; --inproc adds the same reads in
+process (benches/read_latency.rs), without socket or client. The load average is printed
+with each part: the machine is shared.
 Needs qemu-img. Without --disk, the disk is real files of this machine with zero gaps (as
 tests/lib.rs's make_disk), so it deduplicates and compresses like a root disk; --disk takes
 an existing raw image (the 4 GiB gen2 of ../shared/datasets/make-disks.sh).
@@ -129,17 +135,50 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def load():
+    return "%.1f" % os.getloadavg()[0]
+
+
+def random_reads(bin_, repo, sock, cache_mib, offsets, warm_passes, want):
+    """Cold pass then `warm_passes` passes over `offsets` on a fresh server; latencies in ms."""
+    p, _ = start_server(bin_, repo, "latest", sock, cache_mib)
+    c = Client(sock)
+    lat = {"cold": [], "warm": []}
+    for i in range(1 + warm_passes):
+        xs = lat["cold" if i == 0 else "warm"]
+        for o in offsets:
+            t0 = time.perf_counter()
+            data = c.read(o, 4096)
+            xs.append((time.perf_counter() - t0) * 1000)
+            if o in want and data != want[o]:
+                sys.exit(f"wrong data at {o}")
+    r = peak_rss_mib(p.pid)
+    stop(p)
+    return lat, r
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default="target/debug/stackvault")
+    ap.add_argument("--bin", default="target/debug/stackvault",
+                    help="binary of every part; --bins adds others to the random part")
+    ap.add_argument("--bins", default="",
+                    help="comma-separated binaries compared in the random part (e.g. before,after)")
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reads", type=int, default=2000)
+    ap.add_argument("--warm-passes", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the random part per binary")
     ap.add_argument("--cache-mib", type=int, default=512)
     ap.add_argument("--disk", help="an existing raw disk image to back up and serve")
+    ap.add_argument("--repo", help="a repository to keep between runs: backed up into once, "
+                    "its latest snapshot served")
+    ap.add_argument("--parts", default="seq,mem,random")
+    ap.add_argument("--inproc", help="the read_latency bench binary: the same random reads "
+                    "in process, without NBD")
     ap.add_argument("--mem-caches", default="8,64", help="cache sizes (MiB) of the memory runs")
     a = ap.parse_args()
     bin_ = os.path.abspath(a.bin)
+    parts = set(a.parts.split(","))
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as t:
         disk, repo, sock = f"{t}/disk.img", f"{t}/repo", f"{t}/sv.sock"
         if a.disk:
@@ -147,80 +186,113 @@ def main():
             a.size_mib = os.path.getsize(disk) >> 20
         else:
             make_disk(disk, a.size_mib << 20)
-        run([bin_, "--quiet", "init", repo])
-        snap = json.loads(run([bin_, "--quiet", "-r", repo, "backup", disk, "--disk", "bench",
-                               "--json"]).stdout)["snapshot_id"]
+        if a.repo:
+            repo = os.path.abspath(a.repo)
+        if not (a.repo and os.path.exists(repo)):
+            run([bin_, "--quiet", "init", repo])
+            run([bin_, "--quiet", "-r", repo, "backup", disk, "--disk", "bench", "--json"])
+        snap = "latest"
         size = os.path.getsize(disk)
-        seq = {"restore": [], "nbd": []}
-        rss = []
-        for _ in range(a.reps):
-            out = f"{t}/out.img"
-            if os.path.exists(out):
-                os.remove(out)
-            t0 = time.monotonic()
-            run([bin_, "--quiet", "-r", repo, "restore", snap, out])
-            seq["restore"].append(time.monotonic() - t0)
-            os.remove(out)
-            p, uri = start_server(bin_, repo, snap, sock, 64)
-            t0 = time.monotonic()
-            run(["qemu-img", "convert", "-O", "raw", uri, out])
-            seq["nbd"].append(time.monotonic() - t0)
-            rss.append(peak_rss_mib(p.pid))
-            stop(p)
-            os.remove(out)
-        med = {k: sorted(v)[len(v) // 2] for k, v in seq.items()}
-        print(f"| sequential, {a.size_mib} MiB disk | wall s (median of {a.reps}) | MiB/s |")
-        print("|---|---:|---:|")
-        for k, label in (("restore", "stackvault restore to a file"),
-                         ("nbd", "qemu-img convert from serve --nbd (cache 64 MiB)")):
-            print(f"| {label} | {med[k]:.2f} | {a.size_mib / med[k]:.0f} |")
-        print(f"NBD / restore throughput: {med['restore'] / med['nbd']:.2f}; "
-              f"server peak RSS {max(rss):.0f} MiB")
+        print(f"load average at start: {load()}")
+        if "seq" in parts:
+            sequential(a, bin_, repo, snap, sock, t)
+        if "mem" in parts:
+            memory(a, bin_, repo, snap, sock, t)
+        if "random" in parts:
+            random_part(a, bin_, repo, sock, t, disk, size)
 
-        print()
-        print("| cache MiB | idle peak RSS MiB | peak RSS MiB | growth over idle MiB "
-              "| growth / cache | budget peak MiB | convert s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for cache in [int(c) for c in a.mem_caches.split(",") if c]:
-            out = f"{t}/out.img"
-            p, uri = start_server(bin_, repo, snap, sock, cache)
-            idle = peak_rss_mib(p.pid)
-            t0 = time.monotonic()
-            run(["qemu-img", "convert", "-O", "raw", uri, out])
-            took = time.monotonic() - t0
-            peak = peak_rss_mib(p.pid)
-            stopped = stop(p)
-            os.remove(out)
-            budget = stopped.get("memory", {}).get("peak_bytes", float("nan")) / 2**20
-            print(f"| {cache} | {idle:.1f} | {peak:.1f} | {peak - idle:.1f} "
-                  f"| {(peak - idle) / cache:.2f} | {budget:.1f} | {took:.2f} |")
 
-        rng = random.Random(7)
-        offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(a.reads)]
-        p, _ = start_server(bin_, repo, snap, sock, a.cache_mib)
-        c = Client(sock)
-        with open(disk, "rb") as f:
-            want = {o: (f.seek(o), f.read(4096))[1] for o in offsets[:50]}
-        lat = {}
-        for phase in ("cold", "warm"):
-            xs = []
-            for o in offsets:
-                t0 = time.perf_counter()
-                data = c.read(o, 4096)
-                xs.append((time.perf_counter() - t0) * 1000)
-                if o in want and data != want[o]:
-                    sys.exit(f"wrong data at {o}")
-            lat[phase] = xs
-        r = peak_rss_mib(p.pid)
+def sequential(a, bin_, repo, snap, sock, t):
+    seq = {"restore": [], "nbd": []}
+    rss = []
+    loads = [load()]
+    for _ in range(a.reps):
+        out = f"{t}/out.img"
+        if os.path.exists(out):
+            os.remove(out)
+        t0 = time.monotonic()
+        run([bin_, "--quiet", "-r", repo, "restore", snap, out])
+        seq["restore"].append(time.monotonic() - t0)
+        os.remove(out)
+        p, uri = start_server(bin_, repo, snap, sock, 64)
+        t0 = time.monotonic()
+        run(["qemu-img", "convert", "-O", "raw", uri, out])
+        seq["nbd"].append(time.monotonic() - t0)
+        rss.append(peak_rss_mib(p.pid))
         stop(p)
-        print()
-        print(f"| random 4 KiB reads ({a.reads}, cache {a.cache_mib} MiB) | p50 ms | p90 ms "
-              f"| p99 ms | max ms |")
-        print("|---|---:|---:|---:|---:|")
+        os.remove(out)
+        loads.append(load())
+    med = {k: sorted(v)[len(v) // 2] for k, v in seq.items()}
+    print(f"| sequential, {a.size_mib} MiB disk | wall s (median of {a.reps}) | all | MiB/s |")
+    print("|---|---:|---|---:|")
+    for k, label in (("restore", "stackvault restore to a file"),
+                     ("nbd", "qemu-img convert from serve --nbd (cache 64 MiB)")):
+        runs = " ".join(f"{x:.2f}" for x in seq[k])
+        print(f"| {label} | {med[k]:.2f} | {runs} | {a.size_mib / med[k]:.0f} |")
+    print(f"NBD / restore throughput: {med['restore'] / med['nbd']:.2f}; "
+          f"server peak RSS {max(rss):.0f} MiB; load average {' '.join(loads)}")
+
+
+def memory(a, bin_, repo, snap, sock, t):
+    print()
+    print("| cache MiB | idle peak RSS MiB | peak RSS MiB | growth over idle MiB "
+          "| growth - cache MiB | budget peak MiB | SQLite peak MiB | convert s | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for cache in [int(c) for c in a.mem_caches.split(",") if c]:
+        out = f"{t}/out.img"
+        p, uri = start_server(bin_, repo, snap, sock, cache)
+        idle = peak_rss_mib(p.pid)
+        t0 = time.monotonic()
+        run(["qemu-img", "convert", "-O", "raw", uri, out])
+        took = time.monotonic() - t0
+        peak = peak_rss_mib(p.pid)
+        stopped = stop(p)
+        os.remove(out)
+        mem = stopped.get("memory", {})
+        budget = mem.get("peak_bytes", float("nan")) / 2**20
+        sqlite = stopped.get("sqlite_peak_bytes", float("nan")) / 2**20
+        print(f"| {cache} | {idle:.1f} | {peak:.1f} | {peak - idle:.1f} "
+              f"| {peak - idle - cache:.1f} | {budget:.1f} | {sqlite:.1f} | {took:.2f} "
+              f"| {load()} |")
+
+
+def random_part(a, bin_, repo, sock, t, disk, size):
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(a.reads)]
+    with open(disk, "rb") as f:
+        want = {o: (f.seek(o), f.read(4096))[1] for o in offsets[:50]}
+    bins = [os.path.abspath(b) for b in a.bins.split(",") if b] or [bin_]
+    rows = []
+    for r in range(a.rounds):
+        for b in bins:
+            before = load()
+            lat, rss = random_reads(b, repo, sock, a.cache_mib, offsets, a.warm_passes, want)
+            rows.append((os.path.basename(b), r, lat, rss, f"{before}-{load()}"))
+    print()
+    print(f"| random 4 KiB reads ({a.reads} offsets, cache {a.cache_mib} MiB, "
+          f"{a.warm_passes} warm passes) | binary | reads | p50 ms | p90 ms | p99 ms "
+          f"| p99.9 ms | max ms | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, r, lat, rss, loads in rows:
         for phase, xs in lat.items():
-            print(f"| {phase} | {pct(xs, .5):.3f} | {pct(xs, .9):.3f} | {pct(xs, .99):.3f} "
-                  f"| {max(xs):.3f} |")
-        print(f"server peak RSS {r:.0f} MiB")
+            print(f"| NBD {phase}, round {r + 1} | {name} | {len(xs)} | {pct(xs, .5):.3f} "
+                  f"| {pct(xs, .9):.3f} | {pct(xs, .99):.3f} | {pct(xs, .999):.3f} "
+                  f"| {max(xs):.3f} | {loads} |")
+    if a.inproc:
+        path = f"{t}/offsets.txt"
+        with open(path, "w") as f:
+            f.write("\n".join(map(str, offsets)))
+        before = load()
+        v = json.loads(run([os.path.abspath(a.inproc), repo, "latest", path, "4096",
+                            str(a.cache_mib), str(a.warm_passes)]).stdout)
+        loads = f"{before}-{load()}"
+        for phase in ("cold", "warm"):
+            s = v[phase]
+            print(f"| in process {phase} | read_latency | {s['reads']} | {s['p50_ms']:.3f} "
+                  f"| {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | {s['p999_ms']:.3f} "
+                  f"| {s['max_ms']:.3f} | {loads} |")
+        print(f"in process, warm passes: {v['warm_index_lookups']} index lookups, "
+              f"{v['warm_frames_decoded']} frames decoded")
 
 
 if __name__ == "__main__":

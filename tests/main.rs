@@ -31,6 +31,7 @@ mod pageblob_requests;
 mod pageblob_verify;
 mod plans;
 mod read;
+mod read_hits;
 mod readonly;
 mod remote_economy;
 mod remote_errors;

@@ -69,6 +69,11 @@ fn several_sequential_readers_stay_within_the_memory_budget() -> anyhow::Result<
     // What the allocator and the rest of the process may add on top of the budget.
     const MARGIN: u64 = 8 * MIB;
     let growth = peak.saturating_sub(idle);
+    eprintln!(
+        "peak RSS grew by {:.1} MiB over idle with a {budget_mib} MiB budget; SQLite peak {:.1} MiB",
+        growth as f64 / MIB as f64,
+        stopped["sqlite_peak_bytes"].as_u64().unwrap_or(0) as f64 / MIB as f64
+    );
     assert!(
         growth <= capacity + MARGIN,
         "peak RSS grew by {} MiB over idle ({} MiB) with a {budget_mib} MiB budget",

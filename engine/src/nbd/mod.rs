@@ -132,6 +132,9 @@ pub struct ServeReport {
     pub memory: BudgetStats,
     /// Peak resident memory of this process (VmHWM of /proc/self/status), when known.
     pub peak_rss_bytes: Option<u64>,
+    /// Most heap SQLite held at once since the process started (every connection's page
+    /// cache and statements; the index lookups of frames not cached), outside the budget.
+    pub sqlite_peak_bytes: u64,
 }
 
 /// A connected client.
@@ -292,6 +295,7 @@ impl Server {
         self.set_nonblocking(true)
             .map_err(|e| Error::io("configure listener", "nbd", e))?;
         return_freed_frames_to_the_system();
+        let sqlite_limit_before = hold_sqlite_page_caches(None);
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
         let refusing = AtomicUsize::new(0);
@@ -384,6 +388,7 @@ impl Server {
                 }
             }
         });
+        hold_sqlite_page_caches(Some(sqlite_limit_before));
         Ok(ServeReport {
             connections,
             refused_connections: totals.refused.load(Ordering::Relaxed),
@@ -392,6 +397,7 @@ impl Server {
             errors: totals.errors.load(Ordering::Relaxed),
             memory: budget.stats(),
             peak_rss_bytes: peak_rss(),
+            sqlite_peak_bytes: sqlite_peak_bytes(),
         })
     }
 }
@@ -444,6 +450,43 @@ fn return_freed_frames_to_the_system() {
         // may be called at any time from any thread. A failure (0) leaves the default.
         let _ = unsafe { mallopt(M_MMAP_THRESHOLD, THRESHOLD) };
     }
+}
+
+/// What SQLite may hold above its use when the server starts.
+pub const SQLITE_HEAP_ALLOWANCE: i64 = 1 << 20;
+
+/// Keeps SQLite's heap within its use at start plus [`SQLITE_HEAP_ALLOWANCE`], so that the
+/// index's page caches do not grow with the clients outside the budget.
+///
+/// A lookup of a chunk not yet cached runs on a pooled index connection, one per thread
+/// looking up at once (each client's thread, each export's read-ahead), and each connection's
+/// page cache grows to SQLite's default 2 MiB: on the 4 GiB dataset that was 4.3 MiB of the
+/// server's heap with one client (`benches/RESULTS.md`). Past the soft heap limit SQLite's
+/// page cache recycles its least recently used pages instead of allocating more; lookups stay
+/// correct and read the pages again from the file (the OS's page cache). The limit is the
+/// whole process's and the server makes no other use of SQLite while it runs; `restore`
+/// (the limit returned by the first call) puts the previous limit back when it stops.
+#[allow(unsafe_code)]
+fn hold_sqlite_page_caches(restore: Option<i64>) -> i64 {
+    // SAFETY: both calls take SQLite's own memory mutex and may be made at any time from any
+    // thread (sqlite3_soft_heap_limit64 is documented as such); no pointer is passed.
+    unsafe {
+        let limit = match restore {
+            Some(previous) => previous,
+            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(SQLITE_HEAP_ALLOWANCE),
+        };
+        rusqlite::ffi::sqlite3_soft_heap_limit64(limit)
+    }
+}
+
+/// The most heap SQLite has held at once in this process (its own counter, kept by the
+/// bundled build's default `SQLITE_DEFAULT_MEMSTATUS=1`).
+#[allow(unsafe_code)]
+pub fn sqlite_peak_bytes() -> u64 {
+    // SAFETY: reads SQLite's memory counter under its own mutex; callable at any time from
+    // any thread, before or after any connection exists. 0 means: do not reset the mark.
+    let peak = unsafe { rusqlite::ffi::sqlite3_memory_highwater(0) };
+    u64::try_from(peak).unwrap_or(0)
 }
 
 /// VmHWM of /proc/self/status in bytes (None where there is no /proc).

@@ -25,7 +25,15 @@ const PIECE_LEN: u64 = 256 << 10;
 /// What a connection is charged against the server's memory budget for as long as it is
 /// open: its data buffer, the socket buffers of its reader and writer, option data (at most
 /// [`MAX_OPTION_LEN`]) and the part of its thread's stack it touches.
-pub const CONNECTION_BYTES: usize = PIECE_LEN as usize + 2 * BUFFER_LEN + 64 * 1024;
+pub const CONNECTION_BYTES: usize = PIECE_LEN as usize + HEADER_ROOM + 2 * BUFFER_LEN + 64 * 1024;
+/// Room before a piece's data in the connection's buffer for the longest header that
+/// precedes data (a structured chunk header and the piece's offset), so that a reply piece
+/// goes out in one write, not a header write and a data write.
+const HEADER_ROOM: usize = STRUCTURED_HEADER_LEN + 8;
+/// Length of a structured reply chunk header.
+const STRUCTURED_HEADER_LEN: usize = 20;
+/// Length of a simple reply header.
+const SIMPLE_HEADER_LEN: usize = 16;
 /// Capacity of a connection's buffered reader and writer (the standard library's default).
 const BUFFER_LEN: usize = 8 * 1024;
 /// Options a refused client may send before it is disconnected.
@@ -56,6 +64,11 @@ pub struct Session<'s, 'r> {
     /// The export `base:allocation` was selected for.
     allocation_for: Option<usize>,
     shutting_down: &'s std::sync::atomic::AtomicBool,
+    /// The data buffer of reads ([`HEADER_ROOM`] and at most [`PIECE_LEN`]), kept from one
+    /// request to the next.
+    data: Vec<u8>,
+    /// The runs of a structured read's current span, kept likewise.
+    runs: Vec<MapRun>,
     pub counts: SessionCounts,
 }
 
@@ -102,6 +115,8 @@ impl<'s, 'r> Session<'s, 'r> {
             no_zeroes: false,
             allocation_for: None,
             shutting_down,
+            data: Vec::new(),
+            runs: Vec::new(),
             counts: SessionCounts::default(),
         })
     }
@@ -353,13 +368,8 @@ impl<'s, 'r> Session<'s, 'r> {
     }
 
     fn chunk_header(&mut self, flags: u16, kind: u16, handle: u64, len: usize) -> io::Result<()> {
-        let len = u32::try_from(len).map_err(|_| io::Error::other("chunk too long"))?;
-        self.output
-            .write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-        self.output.write_all(&flags.to_be_bytes())?;
-        self.output.write_all(&kind.to_be_bytes())?;
-        self.output.write_all(&handle.to_be_bytes())?;
-        self.output.write_all(&len.to_be_bytes())
+        let header = structured_header(flags, kind, handle, len)?;
+        self.output.write_all(&header)
     }
 
     /// An error reply: a simple reply, or a structured error chunk that ends the request.
@@ -487,38 +497,66 @@ impl<'s, 'r> Session<'s, 'r> {
     /// before the reply header so that an early error is an error reply, and a later one
     /// (after data was promised) ends the connection, as the protocol requires.
     fn read(&mut self, export: usize, handle: u64, offset: u64, len: u64) -> io::Result<()> {
+        // The connection's buffer, taken for the request (and put back) so that `self`'s
+        // writers can be used while it is filled.
+        let mut buf = std::mem::take(&mut self.data);
+        let mut runs = std::mem::take(&mut self.runs);
+        let answered = self.read_into(&mut buf, &mut runs, export, handle, offset, len);
+        self.data = buf;
+        self.runs = runs;
+        answered
+    }
+
+    /// [`Session::read`] with the connection's buffer. Each data piece is read into `buf`
+    /// after [`HEADER_ROOM`] bytes, its header put just before it, and both written at once.
+    fn read_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        runs: &mut Vec<MapRun>,
+        export: usize,
+        handle: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let reader = self.exports[export].reader;
         let end = offset + len;
-        let mut buf = Vec::new();
         let mut at = offset;
         if !self.structured {
             let mut header_sent = false;
             while at < end || !header_sent {
                 let piece = (end - at).min(PIECE_LEN) as usize;
-                buf.resize(piece, 0);
-                if let Err(e) = reader.read_at(at, &mut buf) {
+                buf.resize(HEADER_ROOM + piece, 0);
+                let (head, data) = buf.split_at_mut(HEADER_ROOM);
+                if let Err(e) = reader.read_at(at, data) {
                     log_read_error(&self.exports[export].name, at, &e);
                     if header_sent {
                         return Err(io::Error::other("read failed after its reply began"));
                     }
                     return self.error_reply(handle, EIO, "");
                 }
+                let mut start = HEADER_ROOM;
                 if !header_sent {
-                    self.simple_reply(handle, 0)?;
+                    start -= SIMPLE_HEADER_LEN;
+                    let header = head
+                        .get_mut(start..)
+                        .ok_or_else(|| io::Error::other("header room"))?;
+                    header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                    header[4..8].copy_from_slice(&0u32.to_be_bytes());
+                    header[8..16].copy_from_slice(&handle.to_be_bytes());
                     header_sent = true;
                 }
-                self.output.write_all(&buf)?;
+                self.output
+                    .write_all(buf.get(start..).unwrap_or_default())?;
                 self.counts.bytes_read += piece as u64;
                 at += piece as u64;
             }
             return self.output.flush();
         }
         while at < end {
-            let runs = match reader.map(at, (end - at).min(PIECE_LEN * 4), 64) {
-                Ok(r) => r,
-                Err(e) => return self.read_error(export, handle, at, &e),
-            };
-            for run in runs {
+            if let Err(e) = reader.map_into(at, (end - at).min(PIECE_LEN * 4), 64, runs) {
+                return self.read_error(export, handle, at, &e);
+            }
+            for run in runs.iter() {
                 let mut pos = run.offset;
                 let run_end = run.offset + run.len;
                 if run.zero {
@@ -530,13 +568,15 @@ impl<'s, 'r> Session<'s, 'r> {
                 }
                 while pos < run_end {
                     let piece = (run_end - pos).min(PIECE_LEN) as usize;
-                    buf.resize(piece, 0);
-                    if let Err(e) = reader.read_at(pos, &mut buf) {
+                    buf.resize(HEADER_ROOM + piece, 0);
+                    let (head, data) = buf.split_at_mut(HEADER_ROOM);
+                    if let Err(e) = reader.read_at(pos, data) {
                         return self.read_error(export, handle, pos, &e);
                     }
-                    self.chunk_header(0, REPLY_TYPE_OFFSET_DATA, handle, 8 + piece)?;
-                    self.output.write_all(&pos.to_be_bytes())?;
-                    self.output.write_all(&buf)?;
+                    let header = structured_header(0, REPLY_TYPE_OFFSET_DATA, handle, 8 + piece)?;
+                    head[..STRUCTURED_HEADER_LEN].copy_from_slice(&header);
+                    head[STRUCTURED_HEADER_LEN..].copy_from_slice(&pos.to_be_bytes());
+                    self.output.write_all(buf)?;
                     self.counts.bytes_read += piece as u64;
                     pos += piece as u64;
                 }
@@ -565,6 +605,23 @@ impl<'s, 'r> Session<'s, 'r> {
         self.output.write_all(&at.to_be_bytes())?;
         self.output.flush()
     }
+}
+
+/// A structured reply chunk header for a payload of `len` bytes.
+fn structured_header(
+    flags: u16,
+    kind: u16,
+    handle: u64,
+    len: usize,
+) -> io::Result<[u8; STRUCTURED_HEADER_LEN]> {
+    let len = u32::try_from(len).map_err(|_| io::Error::other("chunk too long"))?;
+    let mut h = [0u8; STRUCTURED_HEADER_LEN];
+    h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&handle.to_be_bytes());
+    h[16..].copy_from_slice(&len.to_be_bytes());
+    Ok(h)
 }
 
 fn transmission_flags() -> u16 {

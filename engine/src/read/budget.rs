@@ -14,6 +14,9 @@
 //! - nobody holds a frame while reserving another (reads copy out of a frame, then drop it);
 //! - fixed charges ([`MemoryBudget::try_reserve_fixed`]) take at most half the capacity, and
 //!   are refused rather than waited for;
+//! - decoded manifest segments ([`MemoryBudget::try_take_segment`]) take at most an eighth,
+//!   only when it is free at once, and are never waited for either: a segment that does not
+//!   fit is used and dropped instead of cached;
 //! - a reservation proceeds whenever no frame charge is live at all, even if it alone is
 //!   larger than what is left (a frame larger than the whole budget is then decoded alone).
 //!
@@ -24,7 +27,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::cache::{FrameKey, FrameLru};
+use super::cache::{Evicted, FrameKey, FrameLru, FrameNo, CHUNK_ENTRY_BYTES};
+use crate::format::ChunkId;
 
 /// A decoded frame, charged to its budget until dropped.
 #[derive(Debug)]
@@ -57,6 +61,8 @@ struct Ledger {
     used: usize,
     /// Of `used`, the bytes of fixed charges.
     fixed: usize,
+    /// Of `used`, the bytes of cached manifest segments.
+    segments: usize,
     /// Highest `used` seen.
     peak: usize,
 }
@@ -79,12 +85,52 @@ impl Accounts {
 pub struct Charge {
     accounts: Arc<Accounts>,
     bytes: usize,
-    fixed: bool,
+    kind: Kind,
+}
+
+/// What a charge pays for; frames are what a reservation may wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A frame, or an entry that lives and dies with a cached frame.
+    Frame,
+    /// A connection's buffers.
+    Fixed,
+    /// A cached manifest segment.
+    Segment,
+}
+
+impl Ledger {
+    fn give_back(&mut self, kind: Kind, bytes: usize) {
+        self.used = self.used.saturating_sub(bytes);
+        match kind {
+            Kind::Frame => {}
+            Kind::Fixed => self.fixed = self.fixed.saturating_sub(bytes),
+            Kind::Segment => self.segments = self.segments.saturating_sub(bytes),
+        }
+    }
+
+    /// Bytes of frames (and their entries) alive: what a waiting reservation waits for.
+    fn frames_live(&self) -> usize {
+        self.used
+            .saturating_sub(self.fixed)
+            .saturating_sub(self.segments)
+    }
 }
 
 impl Charge {
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Adds `other`'s bytes to this charge (both are given back together).
+    pub(super) fn absorb(&mut self, mut other: Charge) {
+        if other.kind != self.kind {
+            // Only entries are absorbed, into entries; anything else is given back at once
+            // (dropped here) rather than counted in the wrong column.
+            return;
+        }
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        other.bytes = 0;
     }
 
     /// Gives back what is above `bytes` (a frame whose compressed bytes are gone).
@@ -94,10 +140,7 @@ impl Charge {
         }
         let back = self.bytes - bytes;
         let mut l = self.accounts.lock();
-        l.used = l.used.saturating_sub(back);
-        if self.fixed {
-            l.fixed = l.fixed.saturating_sub(back);
-        }
+        l.give_back(self.kind, back);
         self.bytes = bytes;
         drop(l);
         self.accounts.freed.notify_all();
@@ -107,10 +150,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         let mut l = self.accounts.lock();
-        l.used = l.used.saturating_sub(self.bytes);
-        if self.fixed {
-            l.fixed = l.fixed.saturating_sub(self.bytes);
-        }
+        l.give_back(self.kind, self.bytes);
         drop(l);
         self.accounts.freed.notify_all();
     }
@@ -136,6 +176,8 @@ pub struct BudgetStats {
     pub cached_bytes: usize,
     /// Of `used_bytes`, fixed charges (connection buffers).
     pub fixed_bytes: usize,
+    /// Of `used_bytes`, decoded manifest segments kept by the readers.
+    pub segment_bytes: usize,
 }
 
 impl MemoryBudget {
@@ -160,6 +202,7 @@ impl MemoryBudget {
             peak_bytes: l.peak,
             cached_bytes,
             fixed_bytes: l.fixed,
+            segment_bytes: l.segments,
         }
     }
 
@@ -167,14 +210,49 @@ impl MemoryBudget {
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached frame at `key`, if kept.
-    pub(super) fn cached(&self, key: &FrameKey) -> Option<Arc<Frame>> {
+    /// The cached frame at `key`, if kept, and its number in the cache.
+    pub(super) fn cached(&self, key: &FrameKey) -> Option<(FrameNo, Arc<Frame>)> {
         self.frames().get(key)
     }
 
-    /// Keeps `frame` in the cache (it is charged already).
-    pub(super) fn keep(&self, key: FrameKey, frame: Arc<Frame>) {
-        self.frames().put(key, frame);
+    /// Keeps `frame` in the cache (it is charged already); its number when it was kept.
+    pub(super) fn keep(&self, key: FrameKey, frame: Arc<Frame>) -> Option<FrameNo> {
+        let (kept, evicted) = self.frames().put(key, frame);
+        // Frames are given back (and their charges) outside the cache's lock.
+        drop(evicted);
+        kept
+    }
+
+    /// The checked chunk `id` of a kept frame: the frame, and where the chunk lies in it.
+    /// Takes the cache's lock for two map lookups; nothing is read or hashed.
+    pub(super) fn checked_chunk(&self, id: &ChunkId) -> Option<(Arc<Frame>, usize, usize)> {
+        self.frames().chunk(id)
+    }
+
+    /// Whether chunk `id` is known checked in a kept frame.
+    pub(super) fn has_checked_chunk(&self, id: &ChunkId) -> bool {
+        self.frames().has_chunk(id)
+    }
+
+    /// Remembers that chunk `id`, at `start..start + len` of `frame` (kept as number `no`),
+    /// hashed to its id, so that reads of it need neither the index nor a hash again. The
+    /// entry is charged to the budget; when the budget has no room for it at once, or the
+    /// frame has left the cache, nothing is remembered (reads stay correct, only slower).
+    pub(super) fn remember_checked(
+        &self,
+        no: FrameNo,
+        frame: &Arc<Frame>,
+        id: ChunkId,
+        start: u32,
+        len: u32,
+    ) {
+        let mut frames = self.frames();
+        if !frames.wants_chunk(no, frame, &id) {
+            return;
+        }
+        if let Some(charge) = self.try_take(CHUNK_ENTRY_BYTES) {
+            frames.add_chunk(no, id, start, len, charge);
+        }
     }
 
     /// Takes `bytes` for a frame about to be fetched and decoded, evicting cached frames and
@@ -186,7 +264,7 @@ impl MemoryBudget {
             }
             // Evict the least recently used frame; when the cache is empty, what holds the
             // budget is frames in use, which their readers drop shortly.
-            let evicted = self.frames().pop_oldest();
+            let evicted: Option<Evicted> = self.frames().pop_oldest();
             if evicted.is_none() {
                 let l = self.accounts.lock();
                 if !self.fits(&l, bytes, false) {
@@ -230,9 +308,44 @@ impl MemoryBudget {
         }
     }
 
+    /// Takes `bytes` for an entry of a cached frame only if they fit now, without evicting
+    /// or waiting.
+    pub(super) fn try_take(&self, bytes: usize) -> Option<Charge> {
+        self.take_now(bytes, Kind::Frame)
+    }
+
+    /// Takes `bytes` for a decoded manifest segment to be cached, only if they fit now and
+    /// segments stay within an eighth of the capacity; None otherwise (the caller evicts one
+    /// of its own segments, or does not cache).
+    pub fn try_take_segment(&self, bytes: usize) -> Option<Charge> {
+        {
+            let l = self.accounts.lock();
+            if l.segments.saturating_add(bytes) > self.capacity / 8 {
+                return None;
+            }
+        }
+        self.take_now(bytes, Kind::Segment)
+    }
+
+    fn take_now(&self, bytes: usize, kind: Kind) -> Option<Charge> {
+        let mut l = self.accounts.lock();
+        if l.used.saturating_add(bytes) > self.capacity {
+            return None;
+        }
+        l.used = l.used.saturating_add(bytes);
+        if kind == Kind::Segment {
+            l.segments = l.segments.saturating_add(bytes);
+        }
+        l.peak = l.peak.max(l.used);
+        Some(Charge {
+            accounts: Arc::clone(&self.accounts),
+            bytes,
+            kind,
+        })
+    }
+
     fn fits(&self, l: &Ledger, bytes: usize, fixed: bool) -> bool {
-        let frames_live = l.used.saturating_sub(l.fixed);
-        l.used.saturating_add(bytes) <= self.capacity || (!fixed && frames_live == 0)
+        l.used.saturating_add(bytes) <= self.capacity || (!fixed && l.frames_live() == 0)
     }
 
     fn take(&self, bytes: usize, fixed: bool) -> Option<Charge> {
@@ -248,7 +361,7 @@ impl MemoryBudget {
         Some(Charge {
             accounts: Arc::clone(&self.accounts),
             bytes,
-            fixed,
+            kind: if fixed { Kind::Fixed } else { Kind::Frame },
         })
     }
 }

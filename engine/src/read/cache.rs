@@ -2,11 +2,19 @@
 //! total size, decoded manifest segments bounded by count. Both evict the least recently
 //! used entry. Entries are shared (`Arc`), so an entry evicted while a reader still uses it
 //! lives until that reader is done; the bound holds for what the cache keeps.
+//!
+//! Frames are found two ways. By place (pack and offset), which is what the index tells a
+//! reader that has looked a chunk up. And by chunk id, for chunks already checked against
+//! their id in a kept frame: a read of such a chunk (every read of warm data) needs neither
+//! the index nor a hash, only the manifest segment and this map. A chunk is remembered only
+//! in the frame object it was checked in, and forgotten with that frame, so the map never
+//! points at bytes nobody hashed, nor at a frame that is gone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::budget::Frame;
+use super::budget::{Charge, Frame};
+use crate::format::ChunkId;
 
 /// Where a frame is: packs are immutable and never renamed, so an entry never goes stale.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -15,14 +23,50 @@ pub(super) struct FrameKey {
     pub offset: u64,
 }
 
-/// Decompressed frames, at most `capacity` bytes of them.
+/// The number a kept frame has in the cache, for as long as it is kept.
+pub(super) type FrameNo = u64;
+
+/// A checked chunk: bytes `start..start + len` of cached frame `frame`.
+#[derive(Clone, Copy, Debug)]
+struct ChunkSpan {
+    frame: FrameNo,
+    start: u32,
+    len: u32,
+}
+
+/// A kept frame.
+#[derive(Debug)]
+struct Cached {
+    used: u64,
+    key: FrameKey,
+    frame: Arc<Frame>,
+    /// The chunks checked in this frame (keys of `FrameLru::chunks`).
+    chunks: Vec<ChunkId>,
+    /// What those chunks' entries cost, charged to the budget (None until the first).
+    chunks_charge: Option<Charge>,
+}
+
+/// A frame the cache let go, and the charge of its chunk entries; drop it outside the lock.
+pub(super) struct Evicted {
+    _frame: Arc<Frame>,
+    _chunks_charge: Option<Charge>,
+}
+
+/// Decompressed frames, at most `capacity` bytes of them, and the checked chunks in them.
 #[derive(Debug)]
 pub(super) struct FrameLru {
     capacity: usize,
     bytes: usize,
     tick: u64,
-    entries: HashMap<FrameKey, (u64, Arc<Frame>)>,
+    next: FrameNo,
+    places: HashMap<FrameKey, FrameNo>,
+    frames: HashMap<FrameNo, Cached>,
+    chunks: HashMap<ChunkId, ChunkSpan>,
 }
+
+/// Memory one checked chunk's entry takes (its slot in the id map at the map's lowest load,
+/// and its id in its frame's list); charged to the budget.
+pub(super) const CHUNK_ENTRY_BYTES: usize = 160;
 
 impl FrameLru {
     pub fn new(capacity: usize) -> Self {
@@ -30,60 +74,133 @@ impl FrameLru {
             capacity,
             bytes: 0,
             tick: 0,
-            entries: HashMap::new(),
+            next: 0,
+            places: HashMap::new(),
+            frames: HashMap::new(),
+            chunks: HashMap::new(),
         }
     }
 
+    /// Bytes of the frames kept.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
-    pub fn get(&mut self, key: &FrameKey) -> Option<Arc<Frame>> {
+    fn touch(&mut self, no: FrameNo) -> Option<&Cached> {
         self.tick += 1;
         let tick = self.tick;
-        self.entries.get_mut(key).map(|(used, frame)| {
-            *used = tick;
-            Arc::clone(frame)
-        })
+        let c = self.frames.get_mut(&no)?;
+        c.used = tick;
+        Some(c)
+    }
+
+    /// The frame kept at `key`, and its number.
+    pub fn get(&mut self, key: &FrameKey) -> Option<(FrameNo, Arc<Frame>)> {
+        let no = *self.places.get(key)?;
+        self.touch(no).map(|c| (no, Arc::clone(&c.frame)))
+    }
+
+    /// The checked chunk `id`: its frame and where it lies in it.
+    pub fn chunk(&mut self, id: &ChunkId) -> Option<(Arc<Frame>, usize, usize)> {
+        let span = *self.chunks.get(id)?;
+        let c = self.touch(span.frame)?;
+        Some((Arc::clone(&c.frame), span.start as usize, span.len as usize))
+    }
+
+    /// Whether chunk `id` is known checked in a kept frame.
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    /// Whether [`FrameLru::add_chunk`] would take `id` for frame `no` holding `frame`: the
+    /// frame is still kept (the very object the chunk was checked in) and `id` is new.
+    pub fn wants_chunk(&self, no: FrameNo, frame: &Arc<Frame>, id: &ChunkId) -> bool {
+        !self.chunks.contains_key(id)
+            && self
+                .frames
+                .get(&no)
+                .is_some_and(|c| Arc::ptr_eq(&c.frame, frame))
+    }
+
+    /// Remembers chunk `id` as checked at `start..start + len` of frame `no`, its entry paid
+    /// by `charge` (see [`FrameLru::wants_chunk`]; otherwise nothing is remembered).
+    pub fn add_chunk(&mut self, no: FrameNo, id: ChunkId, start: u32, len: u32, charge: Charge) {
+        if self.chunks.contains_key(&id) {
+            return;
+        }
+        let Some(c) = self.frames.get_mut(&no) else {
+            return;
+        };
+        c.chunks.push(id);
+        match &mut c.chunks_charge {
+            Some(total) => total.absorb(charge),
+            None => c.chunks_charge = Some(charge),
+        }
+        self.chunks.insert(
+            id,
+            ChunkSpan {
+                frame: no,
+                start,
+                len,
+            },
+        );
     }
 
     /// Keeps `frame`, evicting the least recently used frames to make room; a frame larger
-    /// than the whole cache is not kept.
-    pub fn put(&mut self, key: FrameKey, frame: Arc<Frame>) {
+    /// than the whole cache is not kept. Returns its number when it was kept (not when the
+    /// cache holds that place already). The evicted frames are returned to be dropped
+    /// outside the caller's lock.
+    pub fn put(&mut self, key: FrameKey, frame: Arc<Frame>) -> (Option<FrameNo>, Vec<Evicted>) {
         let size = frame.len();
-        if size > self.capacity || self.entries.contains_key(&key) {
-            return;
+        let mut evicted = Vec::new();
+        if size > self.capacity || self.places.contains_key(&key) {
+            return (None, evicted);
         }
         while self.bytes + size > self.capacity {
-            // A linear scan: a cache of 64 MiB of ~256 KiB frames has a few hundred entries,
-            // and an eviction costs far less than the decompression that caused it.
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (used, _))| *used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some((_, f)) = self.entries.remove(&oldest) {
-                self.bytes -= f.len();
+            match self.pop_oldest() {
+                Some(e) => evicted.push(e),
+                None => break,
             }
         }
         self.tick += 1;
+        self.next += 1;
+        let no = self.next;
         self.bytes += size;
-        self.entries.insert(key, (self.tick, frame));
+        self.places.insert(key.clone(), no);
+        self.frames.insert(
+            no,
+            Cached {
+                used: self.tick,
+                key,
+                frame,
+                chunks: Vec::new(),
+                chunks_charge: None,
+            },
+        );
+        (Some(no), evicted)
     }
 
-    /// Removes and returns the least recently used frame (None when empty).
-    pub fn pop_oldest(&mut self) -> Option<Arc<Frame>> {
+    /// Removes and returns the least recently used frame (None when empty), with its chunks.
+    pub fn pop_oldest(&mut self) -> Option<Evicted> {
+        // A linear scan: a cache of 64 MiB of ~256 KiB frames has a few hundred entries, and
+        // an eviction costs far less than the decompression that caused it.
         let oldest = self
-            .entries
+            .frames
             .iter()
-            .min_by_key(|(_, (used, _))| *used)
-            .map(|(k, _)| k.clone())?;
-        let (_, f) = self.entries.remove(&oldest)?;
-        self.bytes -= f.len();
-        Some(f)
+            .min_by_key(|(_, c)| c.used)
+            .map(|(no, _)| *no)?;
+        let c = self.frames.remove(&oldest)?;
+        self.places.remove(&c.key);
+        for id in &c.chunks {
+            if self.chunks.get(id).is_some_and(|s| s.frame == oldest) {
+                self.chunks.remove(id);
+            }
+        }
+        self.bytes -= c.frame.len();
+        Some(Evicted {
+            _frame: c.frame,
+            _chunks_charge: c.chunks_charge,
+        })
     }
 }
 
@@ -126,6 +243,16 @@ impl<T: Clone> SegmentLru<T> {
         }
         self.tick += 1;
         self.entries.insert(index, (self.tick, value));
+    }
+
+    /// Removes and returns the least recently used entry.
+    pub fn pop_oldest(&mut self) -> Option<T> {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, (used, _))| *used)
+            .map(|(k, _)| *k)?;
+        self.entries.remove(&oldest).map(|(_, v)| v)
     }
 }
 
@@ -175,5 +302,38 @@ mod tests {
         assert_eq!(c.get(2), None);
         assert_eq!(c.get(1), Some('a'));
         assert_eq!(c.get(3), Some('c'));
+    }
+
+    #[test]
+    fn checked_chunks_are_found_by_id_and_forgotten_with_their_frame() {
+        let budget = super::super::budget::MemoryBudget::new(1 << 20);
+        let entry = || {
+            budget
+                .try_take(CHUNK_ENTRY_BYTES)
+                .expect("room for an entry")
+        };
+        let mut c = FrameLru::new(200);
+        let f0 = frame_of(100);
+        let no = c.put(key(0), Arc::clone(&f0)).0.expect("kept");
+        let id = ChunkId([1; 32]);
+        assert!(c.wants_chunk(no, &f0, &id));
+        c.add_chunk(no, id, 10, 20, entry());
+        assert_eq!(budget.stats().used_bytes, CHUNK_ENTRY_BYTES);
+        let (f, start, len) = c.chunk(&id).expect("found by id");
+        assert!(Arc::ptr_eq(&f, &f0) && start == 10 && len == 20);
+        drop(f);
+        // Bytes of another object at the same place were not checked: not taken.
+        assert!(!c.wants_chunk(no, &frame_of(100), &ChunkId([2; 32])));
+        assert!(!c.wants_chunk(no, &f0, &id), "known already");
+        c.put(key(1), frame_of(100));
+        let (_, evicted) = c.put(key(2), frame_of(100));
+        assert_eq!(evicted.len(), 1, "frame 0, the least recent, made room");
+        assert!(c.chunk(&id).is_none() && !c.has_chunk(&id));
+        drop(evicted);
+        assert_eq!(
+            budget.stats().used_bytes,
+            0,
+            "the entry's charge went with its frame"
+        );
     }
 }

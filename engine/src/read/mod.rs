@@ -3,16 +3,23 @@
 //! A restore walks a manifest from the first byte to the last; a served disk (`serve --nbd`)
 //! is read wherever a client asks, in any order, by many threads. The reader finds the
 //! extents of the segment that holds an offset (decoded segments are kept in a small cache),
-//! takes each chunk from a bounded cache of decompressed frames or reads and decompresses
-//! its frame, and checks the chunk's BLAKE3 against its id every time it serves bytes of it:
-//! a damaged chunk fails that read with [`Error::Corrupt`] naming the pack and offset, and
-//! never yields wrong data. Zero runs are served without touching any pack, and
-//! [`SnapshotReader::map`] reports them (data or zero) from the manifest alone.
+//! looks each chunk up in the index, takes its frame from a bounded cache of decompressed
+//! frames or reads and decompresses it, and checks the chunk's BLAKE3 against its id before
+//! it serves any byte of it: a damaged chunk fails that read with [`Error::Corrupt`] naming
+//! the pack and offset, and never yields wrong data. Zero runs are served without touching
+//! any pack, and [`SnapshotReader::map`] reports them (data or zero) from the manifest alone.
+//!
+//! A chunk that passed its check is remembered, by id, with the cached frame it lies in
+//! (until that frame is evicted): a later read of it, the warm path, is the segment from the
+//! segment cache, one lookup in that map under the cache's lock, and a copy after the lock is
+//! released. No index lookup (SQLite), no hash, no I/O, no allocation. The check is not
+//! repeated on bytes that have not left memory since they passed it.
 //!
 //! Memory is bounded by one [`MemoryBudget`] of `cache_bytes` ([`budget`]): every decoded
 //! frame, whether cached, being decoded (its compressed bytes too) or being copied from by a
-//! reader, is charged to it until dropped, and the readers of a served VM share one. The
-//! segment cache keeps a fixed number of decoded segments besides.
+//! reader, is charged to it until dropped, and so is each remembered chunk's entry; the
+//! readers of a served VM share one. The segment cache keeps a fixed number of decoded
+//! segments besides.
 //!
 //! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead: a read that starts
 //! where the previous one ended asks [`SnapshotReader::read_ahead_worker`], when one runs, to
@@ -40,14 +47,17 @@ use crate::store::pack_key;
 
 use budget::Frame;
 pub use budget::{BudgetStats, MemoryBudget};
-use cache::{FrameKey, SegmentLru};
+use cache::{FrameKey, FrameNo, SegmentLru};
 
 /// Default size of the decompressed-frame cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// Default read-ahead of a sequential reader: 8 MiB.
 pub const DEFAULT_READ_AHEAD_BYTES: u64 = 8 << 20;
-/// Decoded segments kept (a 4 MiB segment of 16 KiB chunks decodes to ~12 KiB).
+/// Decoded segments kept at most (a 4 MiB segment of 16 KiB chunks decodes to ~12 KiB); the
+/// budget may allow fewer.
 const SEGMENT_SLOTS: usize = 256;
+/// What a cached segment costs besides its extents: its `Arc`, its slot in the cache's map.
+const SEGMENT_OVERHEAD: usize = 128;
 
 /// How a [`SnapshotReader`] caches.
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +95,23 @@ pub struct ReaderStats {
     pub cache_hits: u64,
     /// Frames loaded by read-ahead.
     pub read_ahead_frames: u64,
+    /// Chunks looked up in the repository's index (a chunk not yet checked in a cached
+    /// frame); reads of cached chunks make none.
+    pub index_lookups: u64,
+}
+
+/// A decoded segment: its extents at their disk offsets, and what keeping it costs the
+/// budget (None when it was decoded for one read and not cached).
+struct Segment {
+    placed: Vec<Placed>,
+    _charge: Option<budget::Charge>,
+}
+
+impl std::ops::Deref for Segment {
+    type Target = [Placed];
+    fn deref(&self) -> &[Placed] {
+        &self.placed
+    }
 }
 
 /// One extent of a decoded segment, with its disk offset.
@@ -101,7 +128,7 @@ pub struct SnapshotReader<'r> {
     snapshot_id: String,
     manifest: Manifest<'r>,
     options: ReaderOptions,
-    segments: Mutex<SegmentLru<Arc<Vec<Placed>>>>,
+    segments: Mutex<SegmentLru<Arc<Segment>>>,
     frames: Arc<MemoryBudget>,
     /// The pending read-ahead request (start, end), replaced by newer ones.
     ahead: Mutex<Option<(u64, u64)>>,
@@ -109,6 +136,7 @@ pub struct SnapshotReader<'r> {
     frames_decoded: AtomicU64,
     cache_hits: AtomicU64,
     read_ahead_frames: AtomicU64,
+    index_lookups: AtomicU64,
 }
 
 impl std::fmt::Debug for SnapshotReader<'_> {
@@ -152,6 +180,7 @@ impl<'r> SnapshotReader<'r> {
             frames_decoded: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             read_ahead_frames: AtomicU64::new(0),
+            index_lookups: AtomicU64::new(0),
         })
     }
 
@@ -169,6 +198,7 @@ impl<'r> SnapshotReader<'r> {
             frames_decoded: self.frames_decoded.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             read_ahead_frames: self.read_ahead_frames.load(Ordering::Relaxed),
+            index_lookups: self.index_lookups.load(Ordering::Relaxed),
         }
     }
 
@@ -195,8 +225,10 @@ impl<'r> SnapshotReader<'r> {
         }
     }
 
-    /// The extents of segment `index`, placed at their disk offsets.
-    fn segment(&self, index: u64) -> Result<Arc<Vec<Placed>>> {
+    /// The extents of segment `index`, placed at their disk offsets. Decoded segments are
+    /// kept (at most [`SEGMENT_SLOTS`]) while the budget has room for them: they are charged
+    /// to it, within an eighth of it ([`MemoryBudget::try_take_segment`]).
+    fn segment(&self, index: u64) -> Result<Arc<Segment>> {
         if let Some(s) = self.segments.lock().ok().and_then(|mut c| c.get(index)) {
             return Ok(s);
         }
@@ -207,11 +239,33 @@ impl<'r> SnapshotReader<'r> {
             placed.push(Placed { offset, extent });
             offset = offset.saturating_add(u64::from(extent.len()));
         }
-        let placed = Arc::new(placed);
-        if let Ok(mut c) = self.segments.lock() {
-            c.put(index, Arc::clone(&placed));
+        let bytes = placed
+            .capacity()
+            .saturating_mul(std::mem::size_of::<Placed>())
+            .saturating_add(SEGMENT_OVERHEAD);
+        let Ok(mut cache) = self.segments.lock() else {
+            return Ok(Arc::new(Segment {
+                placed,
+                _charge: None,
+            }));
+        };
+        let mut charge = self.frames.try_take_segment(bytes);
+        if charge.is_none() {
+            // Make room from this reader's own segments (another reader's are its own).
+            if let Some(oldest) = cache.pop_oldest() {
+                drop(oldest);
+                charge = self.frames.try_take_segment(bytes);
+            }
         }
-        Ok(placed)
+        let kept = charge.is_some();
+        let segment = Arc::new(Segment {
+            placed,
+            _charge: charge,
+        });
+        if kept {
+            cache.put(index, Arc::clone(&segment));
+        }
+        Ok(segment)
     }
 
     /// Calls `f` with each extent that overlaps `offset..offset + len`, in disk order, with
@@ -298,7 +352,21 @@ impl<'r> SnapshotReader<'r> {
     /// of one kind merged, straight from the manifest (no pack is read). At most `max_runs`
     /// runs are returned; the last may then end before `offset + len`.
     pub fn map(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<MapRun>> {
-        let mut runs: Vec<MapRun> = Vec::new();
+        let mut runs = Vec::new();
+        self.map_into(offset, len, max_runs, &mut runs)?;
+        Ok(runs)
+    }
+
+    /// [`SnapshotReader::map`] into `runs` (cleared first), so that a caller can keep one
+    /// vector for every request.
+    pub fn map_into(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+        runs: &mut Vec<MapRun>,
+    ) -> Result<()> {
+        runs.clear();
         self.for_each_extent(offset, len, |p, at, _within, piece| {
             let zero = matches!(p.extent, Extent::Zero { .. });
             let count = runs.len();
@@ -312,8 +380,7 @@ impl<'r> SnapshotReader<'r> {
                 }),
             }
             Ok(true)
-        })?;
-        Ok(runs)
+        })
     }
 
     /// Asks the read-ahead worker to load the frames after a sequential read that ended at
@@ -368,6 +435,11 @@ impl<'r> SnapshotReader<'r> {
         let mut wanted: Vec<(String, crate::format::pack::RecordLocation)> = Vec::new();
         self.for_each_extent(offset, len, |p, _, _, _| {
             if let Extent::Chunk { id, .. } = p.extent {
+                // A chunk checked in a cached frame needs nothing, not even a lookup.
+                if self.frames.has_checked_chunk(&id) {
+                    return Ok(true);
+                }
+                self.index_lookups.fetch_add(1, Ordering::Relaxed);
                 if let Some(loc) = index.lookup(&id)? {
                     let known = wanted
                         .iter()
@@ -394,6 +466,11 @@ impl<'r> SnapshotReader<'r> {
     }
 
     /// Verifies chunk `id` (`len` bytes, at disk offset `at`) and hands its bytes to `f`.
+    ///
+    /// A chunk already checked in a cached frame is served from it: no index lookup, no
+    /// hash, and the cache's lock only for the map lookups (the copy happens outside it).
+    /// Otherwise the index says where its frame is, the frame comes from the cache by place
+    /// or is read and decoded, the chunk is hashed against its id, and remembered as checked.
     fn with_chunk<R>(
         &self,
         id: &ChunkId,
@@ -401,51 +478,73 @@ impl<'r> SnapshotReader<'r> {
         at: u64,
         f: impl FnOnce(&[u8]) -> Result<R>,
     ) -> Result<R> {
+        let short = || {
+            Error::corrupt(
+                format!("snapshot {}", self.snapshot_id),
+                at,
+                format!("chunk {id} is not {len} bytes long, as the manifest says"),
+            )
+        };
+        if let Some((frame, start, chunk_len)) = self.frames.checked_chunk(id) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            if chunk_len != len as usize {
+                return Err(short());
+            }
+            let data = frame
+                .get(start..start.saturating_add(chunk_len))
+                .ok_or_else(|| Error::Internal(format!("checked chunk {id} outside its frame")))?;
+            return f(data);
+        }
         let index = self.repo.readers();
         let missing = || Error::MissingChunk {
             id: id.to_hex(),
             snapshot: self.snapshot_id.clone(),
         };
+        self.index_lookups.fetch_add(1, Ordering::Relaxed);
         let loc = index.lookup(id)?.ok_or_else(missing)?;
-        let (loc, frame) = match self.frame(&loc.pack, &loc.record) {
-            Ok(frame) => (loc, frame),
+        let (loc, (no, frame)) = match self.frame(&loc.pack, &loc.record) {
+            Ok(found) => (loc, found),
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
             // the old one since the lookup. Look once more before calling it damage.
-            Err(e) if e.is_corruption() => match index.lookup(id)? {
-                Some(again) if again != loc => {
-                    let frame = self.frame(&again.pack, &again.record)?;
-                    (again, frame)
+            Err(e) if e.is_corruption() => {
+                self.index_lookups.fetch_add(1, Ordering::Relaxed);
+                match index.lookup(id)? {
+                    Some(again) if again != loc => {
+                        let found = self.frame(&again.pack, &again.record)?;
+                        (again, found)
+                    }
+                    _ => return Err(e),
                 }
-                _ => return Err(e),
-            },
+            }
             Err(e) => return Err(e),
         };
         let location = format!("pack {}", loc.pack);
         let data = chunk_in_frame(&frame, &loc.record, self.repo.protection(), &location)?;
         if data.len() != len as usize {
-            return Err(Error::corrupt(
-                format!("snapshot {}", self.snapshot_id),
-                at,
-                format!("chunk {id} is {} bytes, manifest says {len}", data.len()),
-            ));
+            return Err(short());
+        }
+        if let Some(no) = no {
+            self.frames
+                .remember_checked(no, &frame, *id, loc.record.in_frame, loc.record.raw_len);
         }
         f(data)
     }
 
     /// The decompressed frame that holds the chunk at `record` of `pack`, from the cache or
-    /// read, checked (crc32, decompression) and kept.
+    /// read, checked (crc32, decompression) and kept; with its number in the cache when it
+    /// is kept there.
     fn frame(
         &self,
         pack: &str,
         record: &crate::format::pack::RecordLocation,
-    ) -> Result<Arc<Frame>> {
+    ) -> Result<(Option<FrameNo>, Arc<Frame>)> {
         let key = FrameKey {
             pack: pack.to_string(),
             offset: record.offset,
         };
-        if let Some(frame) = self.frames.cached(&key) {
+        if let Some((no, frame)) = self.frames.cached(&key) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(frame);
+            return Ok((Some(no), frame));
         }
         let location = format!("pack {pack}");
         let read_len = usize::try_from(record.read_len())
@@ -476,7 +575,7 @@ impl<'r> SnapshotReader<'r> {
         drop(bytes);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(Frame::new(frame, charge));
-        self.frames.keep(key, Arc::clone(&frame));
-        Ok(frame)
+        let no = self.frames.keep(key, Arc::clone(&frame));
+        Ok((no, frame))
     }
 }
