@@ -65,8 +65,8 @@ pub struct RestoreArgs {
     vm: String,
     /// Container of the restored disks: `vhd` (fixed VHD, rounded up to a whole MiB as Azure
     /// and Azure Stack Hub require) or `raw`.
-    #[arg(long, default_value = "vhd", value_parser = ["vhd", "raw"])]
-    format: String,
+    #[arg(long, value_enum, default_value_t = DiskContainer::Vhd)]
+    format: DiskContainer,
     /// Overwrite disk files (or page blobs) that exist.
     #[arg(long)]
     force: bool,
@@ -205,6 +205,15 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `restore-vm --format`: the container of each restored disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskContainer {
+    // A fixed VHD (Azure-ready).
+    Vhd,
+    // The raw disk bytes.
+    Raw,
+}
+
 pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     let (repo, [snapshot, dir]) = ctx.split_repo(
         [
@@ -217,7 +226,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let dir = PathBuf::from(dir);
     if let DiskArg::Blob(container) = DiskArg::of(&dir) {
-        if args.format == "raw" {
+        if args.format == DiskContainer::Raw {
             return Err(Error::Usage(
                 "a page blob holds an Azure-ready fixed VHD: drop --format raw to restore into \
                  a container"
@@ -260,10 +269,9 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let format = if args.format == "raw" {
-        OutputFormat::Raw
-    } else {
-        OutputFormat::VhdFixed
+    let format = match args.format {
+        DiskContainer::Raw => OutputFormat::Raw,
+        DiskContainer::Vhd => OutputFormat::VhdFixed,
     };
     let repo = Repo::open(&repo)?;
     let chosen = vm::resolve_vm_snapshot(&repo, &args.vm, &snapshot)?;

@@ -44,7 +44,9 @@ use crate::backup::{backup, BackupMode, BackupOptions};
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::config::RepoConfig;
-use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
+use crate::format::manifest::{
+    ChangeSource, Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta,
+};
 use crate::format::pack::{Compression, FRAME_TARGET_LEN};
 use crate::format::SnapshotId;
 use crate::format::{hex, short_id, ChunkId};
@@ -54,10 +56,6 @@ use crate::repo::{InitOptions, Repo};
 use crate::source::{DiskSource, ExtentKind, SourceExtent};
 use crate::store::pack::{compress, read_pack_table, FrameCache, PackWriter};
 use crate::store::{pack_key, snapshot_key};
-
-/// The `change_source` prefix of a snapshot made by re-chunking another repository's
-/// snapshot; the source snapshot's id follows.
-pub const COPY_OF: &str = "copy-of:";
 
 /// What to copy.
 #[derive(Clone, Debug, Default)]
@@ -211,7 +209,7 @@ pub fn copy(
     // What the destination has: snapshot ids, and the sources of re-chunked copies.
     let mut present: HashMap<String, String> = HashMap::new();
     for s in dst.snapshots(None)? {
-        if let Some(origin) = s.meta.change_source.strip_prefix(COPY_OF) {
+        if let Some(origin) = s.meta.change_source.copied_from() {
             present.insert(origin.to_string(), s.id.to_string());
         }
         present.insert(s.id.to_string(), s.id.to_string());
@@ -707,7 +705,7 @@ fn rechunk_one(
         parent: None,
         hostname: snap.meta.hostname.clone(),
         source: snap.meta.source.clone(),
-        change_source: format!("{COPY_OF}{}", snap.id),
+        change_source: ChangeSource::copy_of(&snap.id),
         chunker: dst.config().chunker.describe(),
         stats: made.stats.clone(),
         root_digest: String::new(),
