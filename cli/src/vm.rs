@@ -205,6 +205,20 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first line of `restore-vm`'s summary, into a directory or a container alike.
+fn restored_header(
+    vm_snapshot_id: &str,
+    vm: &str,
+    place: impl std::fmt::Display,
+    duration_ms: u64,
+) -> anyhow::Result<()> {
+    output::line(format!(
+        "restored VM snapshot {} of {vm} into {place} in {:.2} s",
+        short_id(vm_snapshot_id),
+        duration_ms as f64 / 1000.0
+    ))
+}
+
 /// `restore-vm --format`: the container of each restored disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DiskContainer {
@@ -244,13 +258,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
         if args.json {
             return output::json(&report);
         }
-        output::line(format!(
-            "restored VM snapshot {} of {} into {} in {:.2} s",
-            short_id(&report.vm_snapshot_id),
-            report.vm,
-            report.container,
-            report.duration_ms as f64 / 1000.0
-        ))?;
+        restored_header(
+            &report.vm_snapshot_id,
+            &report.vm,
+            &report.container,
+            report.duration_ms,
+        )?;
         for d in &report.disks {
             output::line(format!(
                 "  {}  {} ({})",
@@ -284,13 +297,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     if args.json {
         return output::json(&report);
     }
-    output::line(format!(
-        "restored VM snapshot {} of {} into {} in {:.2} s",
-        short_id(&report.vm_snapshot_id),
-        report.vm,
+    restored_header(
+        &report.vm_snapshot_id,
+        &report.vm,
         report.directory.display(),
-        report.duration_ms as f64 / 1000.0
-    ))?;
+        report.duration_ms,
+    )?;
     for d in &report.disks {
         output::line(format!(
             "  {}  {} ({}, {})",
