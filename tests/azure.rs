@@ -315,7 +315,7 @@ fn page_blob_round_trip_with_sas_and_shared_key() -> Result<()> {
         .vhd
         .as_ref()
         .context("blob snapshot lacks VHD metadata")?;
-    ensure!(vhd.disk_type == "fixed" && vhd.current_size == data_size);
+    ensure!(vhd.disk_type == DiskType::Fixed && vhd.current_size == data_size);
     ensure!(
         restored[..raw_bytes.len()] == raw_bytes[..],
         "backup from the blob differs"
@@ -1080,7 +1080,7 @@ fn since_snapshot_diff_from_a_recorded_answer() -> Result<()> {
     })?;
     let url = format!("http://127.0.0.1:{}/acct/c/b.vhd?sig=S", stub.port);
     let src = PageBlobSource::open(&url, &sas_options())?;
-    ensure!(src.virtual_size() == size && src.info().format == "vhd-fixed");
+    ensure!(src.virtual_size() == size && src.info().format.as_str() == "vhd-fixed");
     ensure!(src.written_bytes() == 4096);
     let list = src.changes_since_snapshot("2026-01-01T00:00:00.0000000Z")?;
     ensure!(
@@ -1151,7 +1151,7 @@ fn a_segment_is_read_in_concurrent_pieces_and_a_failed_piece_fails_it() -> Resul
     let url = format!("http://127.0.0.1:{}/acct/c/raw.img?sig=S", stub.port);
     // No footer cookie in the last 512 bytes: a raw disk of the blob's size.
     let src = PageBlobSource::open(&url, &sas_options())?;
-    ensure!(src.virtual_size() == size && src.info().format == "raw");
+    ensure!(src.virtual_size() == size && src.info().format.as_str() == "raw");
 
     let mut buf = vec![0u8; size as usize];
     let (head, tail) = buf.split_at_mut(3 * MIB as usize);

@@ -53,7 +53,7 @@ fn change_list_reads_only_touched_segments_and_matches_full() -> Result<()> {
     let inc = run(&repo, &disk, opts(BackupMode::Auto, Some(list)))?;
     assert_eq!(inc.kind, SnapshotKind::Incremental);
     assert_eq!(inc.parent.as_deref(), Some(gen0.snapshot_id.as_str()));
-    assert_eq!(inc.change_source, "changed-ranges");
+    assert_eq!(inc.change_source.to_string(), "changed-ranges");
     let touched = touched_segments(&changed);
     assert!(
         touched < 16,
@@ -94,7 +94,7 @@ fn incremental_without_change_knowledge_reads_all_and_matches_full() -> Result<(
     scribble(&disk, Scribble::Week, 10, 24)?;
     let inc = run(&repo, &disk, opts(BackupMode::Auto, None))?;
     assert_eq!(inc.kind, SnapshotKind::Incremental);
-    assert_eq!(inc.change_source, "full-read");
+    assert_eq!(inc.change_source.to_string(), "full-read");
     assert_eq!(inc.stats.skipped_bytes, 0);
     let full = run(&repo, &disk, opts(BackupMode::Full, None))?;
     assert_eq!(inc.root_digest, full.root_digest);
@@ -190,7 +190,7 @@ fn change_lists_that_do_not_fit_are_refused() -> Result<()> {
     o.fallback_full = true;
     let r = run(&repo, &disk, o)?;
     assert!(
-        r.change_source.starts_with("full-read"),
+        r.change_source.to_string().starts_with("full-read ("),
         "{}",
         r.change_source
     );
@@ -636,7 +636,7 @@ fn page_blob_backups_record_their_blob_snapshot_and_diff_from_it() -> Result<()>
     // The next backup, of a later blob snapshot, asks only for the pages changed since T1.
     let second = open(&stub, Some("2026-01-02T00%3A00%3A00.0000000Z"))?;
     let b = backup_of(&second, opts(BackupMode::Auto, None))?;
-    assert_eq!(b.change_source, "blob-snapshot-diff");
+    assert_eq!(b.change_source.to_string(), "blob-snapshot-diff");
     assert_eq!(b.parent.as_deref(), Some(a.snapshot_id.as_str()));
     assert!(b.stats.skipped_bytes >= 8 << 20, "{:?}", b.stats);
     assert_eq!(b.root_digest, a.root_digest);
@@ -660,7 +660,7 @@ fn page_blob_backups_record_their_blob_snapshot_and_diff_from_it() -> Result<()>
     o.fallback_full = true;
     let c = backup_of(&second, o)?;
     assert!(
-        c.change_source.starts_with("full-read"),
+        c.change_source.to_string().starts_with("full-read"),
         "{}",
         c.change_source
     );

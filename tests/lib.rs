@@ -475,7 +475,7 @@ impl stackvault::DiskSource for MemDisk {
     fn info(&self) -> stackvault::format::manifest::SourceInfo {
         stackvault::format::manifest::SourceInfo {
             path: "memory".into(),
-            format: "raw".into(),
+            format: stackvault::format::manifest::ContainerFormat::Raw,
             vhd: None,
             blob: None,
         }

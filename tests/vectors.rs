@@ -150,11 +150,11 @@ fn sample_manifest() -> Result<(String, Vec<u8>)> {
         hostname: "vector-host".into(),
         source: SourceInfo {
             path: "disk.img".into(),
-            format: "raw".into(),
+            format: stackvault::format::manifest::ContainerFormat::Raw,
             vhd: None,
             blob: None,
         },
-        change_source: "full-read".into(),
+        change_source: stackvault::format::manifest::ChangeSource::full_read(),
         chunker: ChunkerParams::DEFAULT.describe(),
         stats: BackupStats::default(),
         root_digest: String::new(),

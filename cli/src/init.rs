@@ -44,11 +44,20 @@ pub struct Args {
     /// Encryption at rest: `password` (the default: every object sealed, the key wrapped under
     /// the password from STACKVAULT_PASSWORD, --password-file, --password-command or a prompt)
     /// or `none` (plain; every command that opens the repository says so).
-    #[arg(long, value_name = "MODE", default_value = "password", value_parser = ["password", "none"])]
-    encryption: String,
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = EncryptionMode::Password)]
+    encryption: EncryptionMode,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `init --encryption`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncryptionMode {
+    // Every object sealed under keys wrapped by a password.
+    Password,
+    // Plain objects.
+    None,
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
@@ -62,7 +71,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     if let Some(like) = &args.like {
         like_endpoint(like, args.like_endpoint.clone(), &path)?;
     }
-    stackvault::repo::request_encryption(args.encryption != "none");
+    stackvault::repo::request_encryption(args.encryption == EncryptionMode::Password);
     let mut shares_naming_with = None;
     let repo = match &args.like {
         Some(like) => {

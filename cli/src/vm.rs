@@ -65,8 +65,8 @@ pub struct RestoreArgs {
     vm: String,
     /// Container of the restored disks: `vhd` (fixed VHD, rounded up to a whole MiB as Azure
     /// and Azure Stack Hub require) or `raw`.
-    #[arg(long, default_value = "vhd", value_parser = ["vhd", "raw"])]
-    format: String,
+    #[arg(long, value_enum, default_value_t = DiskContainer::Vhd)]
+    format: DiskContainer,
     /// Overwrite disk files (or page blobs) that exist.
     #[arg(long)]
     force: bool,
@@ -205,6 +205,29 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first line of `restore-vm`'s summary, into a directory or a container alike.
+fn restored_header(
+    vm_snapshot_id: &str,
+    vm: &str,
+    place: impl std::fmt::Display,
+    duration_ms: u64,
+) -> anyhow::Result<()> {
+    output::line(format!(
+        "restored VM snapshot {} of {vm} into {place} in {:.2} s",
+        short_id(vm_snapshot_id),
+        duration_ms as f64 / 1000.0
+    ))
+}
+
+/// `restore-vm --format`: the container of each restored disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskContainer {
+    // A fixed VHD (Azure-ready).
+    Vhd,
+    // The raw disk bytes.
+    Raw,
+}
+
 pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     let (repo, [snapshot, dir]) = ctx.split_repo(
         [
@@ -217,7 +240,7 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;
     let dir = PathBuf::from(dir);
     if let DiskArg::Blob(container) = DiskArg::of(&dir) {
-        if args.format == "raw" {
+        if args.format == DiskContainer::Raw {
             return Err(Error::Usage(
                 "a page blob holds an Azure-ready fixed VHD: drop --format raw to restore into \
                  a container"
@@ -235,13 +258,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
         if args.json {
             return output::json(&report);
         }
-        output::line(format!(
-            "restored VM snapshot {} of {} into {} in {:.2} s",
-            short_id(&report.vm_snapshot_id),
-            report.vm,
-            report.container,
-            report.duration_ms as f64 / 1000.0
-        ))?;
+        restored_header(
+            &report.vm_snapshot_id,
+            &report.vm,
+            &report.container,
+            report.duration_ms,
+        )?;
         for d in &report.disks {
             output::line(format!(
                 "  {}  {} ({})",
@@ -260,10 +282,9 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let format = if args.format == "raw" {
-        OutputFormat::Raw
-    } else {
-        OutputFormat::VhdFixed
+    let format = match args.format {
+        DiskContainer::Raw => OutputFormat::Raw,
+        DiskContainer::Vhd => OutputFormat::VhdFixed,
     };
     let repo = Repo::open(&repo)?;
     let chosen = vm::resolve_vm_snapshot(&repo, &args.vm, &snapshot)?;
@@ -276,13 +297,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<()> {
     if args.json {
         return output::json(&report);
     }
-    output::line(format!(
-        "restored VM snapshot {} of {} into {} in {:.2} s",
-        short_id(&report.vm_snapshot_id),
-        report.vm,
+    restored_header(
+        &report.vm_snapshot_id,
+        &report.vm,
         report.directory.display(),
-        report.duration_ms as f64 / 1000.0
-    ))?;
+        report.duration_ms,
+    )?;
     for d in &report.disks {
         output::line(format!(
             "  {}  {} ({}, {})",

@@ -53,7 +53,9 @@ use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::config::RepoConfig;
 use crate::format::manifest::sealed::BlockSealer;
-use crate::format::manifest::{Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta};
+use crate::format::manifest::{
+    ChangeSource, Extent, Manifest, ManifestWriter, SnapshotKind, SnapshotMeta,
+};
 use crate::format::manifest::{ObjectRead, SealedObject};
 use crate::format::pack::{Compression, FRAME_TARGET_LEN};
 use crate::format::SnapshotId;
@@ -65,10 +67,6 @@ use crate::source::{DiskSource, ExtentKind, SourceExtent};
 use crate::store::pack::{compress, read_pack_table, FrameCache, PackWriter};
 use crate::store::reseal::open_frame;
 use crate::store::{pack_key, snapshot_key, StoredObject};
-
-/// The `change_source` prefix of a snapshot made by re-chunking another repository's
-/// snapshot; the source snapshot's id follows.
-pub const COPY_OF: &str = "copy-of:";
 
 /// What to copy.
 #[derive(Clone, Debug, Default)]
@@ -257,7 +255,7 @@ pub fn copy(
     // What the destination has: snapshot ids, and the sources of re-chunked copies.
     let mut present: HashMap<String, String> = HashMap::new();
     for s in dst.snapshots(None)? {
-        if let Some(origin) = s.meta.change_source.strip_prefix(COPY_OF) {
+        if let Some(origin) = s.meta.change_source.copied_from() {
             present.insert(origin.to_string(), s.id.to_string());
         }
         present.insert(s.id.to_string(), s.id.to_string());
@@ -898,7 +896,7 @@ fn rechunk_one(
         parent: None,
         hostname: snap.meta.hostname.clone(),
         source: snap.meta.source.clone(),
-        change_source: format!("{COPY_OF}{}", snap.id),
+        change_source: ChangeSource::copy_of(&snap.id),
         chunker: dst.config().chunker.describe(),
         stats: made.stats.clone(),
         root_digest: String::new(),

@@ -38,6 +38,7 @@ pub mod diff;
 pub mod error;
 pub mod format;
 pub mod host;
+pub mod http_error;
 pub mod index;
 pub mod lock;
 pub mod maintain;

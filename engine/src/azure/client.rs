@@ -23,10 +23,11 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::error::{classify, service_error, Attempt};
-use super::retry::{is_transient, retry_after, RetryPolicy};
+use super::retry::{retry_after, RetryPolicy};
 use super::sign::{self, SharedKey};
 use super::{Profile, AZURESTACK_FALLBACK_VERSION};
 use crate::error::{Error, Result};
+use crate::http_error::is_transient;
 
 /// How requests are authorised.
 pub(crate) enum Auth {

@@ -1,7 +1,8 @@
 //! When to try a request again, and how long to wait first.
 //!
 //! Job: sort every outcome of one attempt into "done", "try again" or "fatal", and choose the
-//! pause before the next attempt. Retried: 408, 429, 500, 502, 503, 504, and attempts that got
+//! pause before the next attempt. Retried: the statuses [`crate::http_error::is_transient`]
+//! names (408, 429, 500, 502, 503, 504), and attempts that got
 //! no whole answer (connection refused, reset, timed out, a body cut short). Every other
 //! status is reported at once as what it is (a 403 is "access denied", never "no answer after
 //! N tries"). The pause is exponential backoff with full jitter, except that a `Retry-After`
@@ -34,11 +35,6 @@ impl Default for RetryPolicy {
             timeout: Duration::from_secs(120),
         }
     }
-}
-
-/// True for the statuses that say "not now" rather than "no": worth another attempt.
-pub fn is_transient(status: u16) -> bool {
-    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
 /// The pause a `Retry-After` header asks for: delta-seconds or an HTTP date, capped at
@@ -110,6 +106,5 @@ mod tests {
         assert!(p.delay(1, None) <= Duration::from_millis(10));
         let asked = Some(Duration::from_secs(2));
         assert_eq!(p.delay(1, asked), Duration::from_secs(2));
-        assert!(is_transient(503) && is_transient(429) && !is_transient(403));
     }
 }

@@ -27,8 +27,8 @@ use crate::changes::{ChangeList, SegmentPlan};
 use crate::chunker::{Chunker, Piece, Resplit};
 use crate::error::{Error, Result};
 use crate::format::manifest::{
-    segment_count, segment_len, BackupStats, Extent, Manifest, ManifestWriter, SnapshotKind,
-    SnapshotMeta, SourceInfo,
+    segment_count, segment_len, BackupStats, ChangeSource, ContainerFormat, Extent, Manifest,
+    ManifestWriter, SnapshotKind, SnapshotMeta, SourceInfo,
 };
 use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
@@ -74,9 +74,9 @@ pub struct BackupReport {
     pub kind: SnapshotKind,
     pub parent: Option<String>,
     /// Where the knowledge of what changed came from (`full-read` when everything was read).
-    pub change_source: String,
+    pub change_source: ChangeSource,
     pub source: String,
-    pub source_format: String,
+    pub source_format: ContainerFormat,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     pub root_digest: String,
@@ -287,11 +287,11 @@ struct ReadingPlan<'r> {
     /// Changed bytes (disk offsets, whole 4 KiB blocks, sorted, merged) when `plan` is set.
     changed: Vec<(u64, u64)>,
     parent: Option<Manifest<'r>>,
-    label: String,
+    label: ChangeSource,
 }
 
 impl<'r> ReadingPlan<'r> {
-    fn full_read(label: String, parent: Option<Manifest<'r>>) -> Self {
+    fn full_read(label: ChangeSource, parent: Option<Manifest<'r>>) -> Self {
         ReadingPlan {
             plan: None,
             changed: Vec::new(),
@@ -362,22 +362,22 @@ fn plan_reading<'r>(
                 options.disk
             )));
         }
-        return Ok(ReadingPlan::full_read("full-read".into(), None));
+        return Ok(ReadingPlan::full_read(ChangeSource::full_read(), None));
     };
     let parent_manifest = repo.load_manifest(&parent.id)?;
     let (list, label) = match &options.changes {
-        Some(list) => (list.clone(), "changed-ranges".to_string()),
+        Some(list) => (list.clone(), ChangeSource::ChangedRanges),
         None => match source.changes_since(&parent.meta.source)? {
             SourceChanges::Unknown => {
                 return Ok(ReadingPlan::full_read(
-                    "full-read".into(),
+                    ChangeSource::full_read(),
                     Some(parent_manifest),
                 ))
             }
             SourceChanges::Changes(list) => (list, source.changes_label()),
             SourceChanges::Mismatch(why) if options.fallback_full => {
                 return Ok(ReadingPlan::full_read(
-                    format!("full-read ({why})"),
+                    ChangeSource::full_read_because(why),
                     Some(parent_manifest),
                 ))
             }
@@ -399,7 +399,7 @@ fn plan_reading<'r>(
             label,
         }),
         Err(e) if options.fallback_full => Ok(ReadingPlan::full_read(
-            format!("full-read ({e})"),
+            ChangeSource::full_read_because(e),
             Some(parent_manifest),
         )),
         Err(Error::InvalidArgument(why)) => Err(Error::InvalidArgument(format!(

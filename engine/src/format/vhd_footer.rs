@@ -44,8 +44,9 @@ pub mod off {
     pub const SAVED_STATE: usize = 84;
 }
 
-/// Kind of a VHD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Kind of a VHD; stored in manifests by its [`DiskType::as_str`] name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskType {
     Fixed,
     Dynamic,
@@ -67,6 +68,12 @@ impl DiskType {
             DiskType::Dynamic => "dynamic",
             DiskType::Differencing => "differencing",
         }
+    }
+}
+
+impl std::fmt::Display for DiskType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 

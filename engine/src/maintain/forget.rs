@@ -38,6 +38,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
+use crate::format::manifest::SnapshotKind;
 use crate::format::short_id;
 use crate::format::verification::VERIFICATIONS_PREFIX;
 use crate::format::SnapshotId;
@@ -297,7 +298,7 @@ pub struct ParentGone {
     #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub disk: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     pub parent: String,
 }
 
@@ -522,7 +523,7 @@ fn remove_snapshots(
             gone.contains(parent).then(|| ParentGone {
                 id: s.id.clone(),
                 disk: s.meta.disk.clone(),
-                kind: s.meta.kind.as_str().to_string(),
+                kind: s.meta.kind,
                 parent: parent.to_string(),
             })
         })

@@ -26,7 +26,7 @@ use rusqlite::params;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::manifest::Extent;
+use crate::format::manifest::{Extent, SnapshotKind};
 use crate::format::SnapshotId;
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
@@ -49,7 +49,7 @@ pub struct SnapshotStats {
     pub id: SnapshotId,
     pub disk: String,
     pub time: String,
-    pub kind: String,
+    pub kind: SnapshotKind,
     /// The virtual disk size.
     pub logical_bytes: u64,
     /// Bytes of the disk covered by chunks (the rest is zero runs).
@@ -243,7 +243,7 @@ fn snapshot_stats(
         id: s.id.clone(),
         disk: s.meta.disk.clone(),
         time: s.meta.time.clone(),
-        kind: s.meta.kind.as_str().to_string(),
+        kind: s.meta.kind,
         logical_bytes: manifest.virtual_size,
         data_bytes,
         chunks,

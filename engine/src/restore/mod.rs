@@ -41,8 +41,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::manifest::{Extent, Manifest, SnapshotMeta};
+use crate::format::manifest::{ContainerFormat, Extent, Manifest, SnapshotMeta};
 use crate::format::pack::chunk_in_frame;
+use crate::format::vhd_footer::DiskType;
 use crate::format::ChunkId;
 use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
@@ -113,10 +114,12 @@ impl OutputFormat {
 
     /// The format a snapshot came from; a differencing VHD comes back whole, as dynamic.
     pub fn of_source(meta: &SnapshotMeta) -> Self {
-        match meta.source.format.as_str() {
-            "vhd-fixed" => OutputFormat::VhdFixed,
-            "vhd-dynamic" | "vhd-differencing" => OutputFormat::VhdDynamic,
-            _ => OutputFormat::Raw,
+        match meta.source.format {
+            ContainerFormat::Vhd(DiskType::Fixed) => OutputFormat::VhdFixed,
+            ContainerFormat::Vhd(DiskType::Dynamic | DiskType::Differencing) => {
+                OutputFormat::VhdDynamic
+            }
+            ContainerFormat::Raw | ContainerFormat::Other(_) => OutputFormat::Raw,
         }
     }
 }

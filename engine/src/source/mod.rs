@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::format::manifest::SourceInfo;
+use crate::format::manifest::{ChangeSource, SourceInfo};
 
 /// What a source itself knows about changes since the disk a parent snapshot was taken from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,8 +84,8 @@ pub trait DiskSource: Send + Sync {
 
     /// How the snapshot names change knowledge from [`DiskSource::changes_since`] (its
     /// `change_source`).
-    fn changes_label(&self) -> String {
-        format!("{}-chain", self.info().format)
+    fn changes_label(&self) -> ChangeSource {
+        ChangeSource::Chain(self.info().format)
     }
 }
 
@@ -206,7 +206,7 @@ mod tests {
         fn info(&self) -> SourceInfo {
             SourceInfo {
                 path: "counting".into(),
-                format: "raw".into(),
+                format: crate::format::manifest::ContainerFormat::Raw,
                 vhd: None,
                 blob: None,
             }

@@ -21,7 +21,7 @@ use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
 use crate::azure::{BlobClient, BlobOptions, BlobProperties};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::format::manifest::{BlobInfo, SourceInfo};
+use crate::format::manifest::{BlobInfo, ChangeSource, ContainerFormat, SourceInfo};
 use crate::format::vhd_footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_LEN};
 
 /// Gaps between written ranges up to this size are read rather than skipped.
@@ -239,9 +239,9 @@ impl DiskSource for PageBlobSource {
         SourceInfo {
             path: self.client.display_url().to_string(),
             format: if self.footer.is_some() {
-                "vhd-fixed".into()
+                ContainerFormat::Vhd(DiskType::Fixed)
             } else {
-                "raw".into()
+                ContainerFormat::Raw
             },
             vhd: self.vhd.clone(),
             blob: Some(BlobInfo {
@@ -276,8 +276,8 @@ impl DiskSource for PageBlobSource {
         }
     }
 
-    fn changes_label(&self) -> String {
-        "blob-snapshot-diff".into()
+    fn changes_label(&self) -> ChangeSource {
+        ChangeSource::BlobSnapshotDiff
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::{DiskSource, ExtentKind, SourceExtent};
 use crate::error::{Error, Result};
-use crate::format::manifest::SourceInfo;
+use crate::format::manifest::{ContainerFormat, SourceInfo};
 
 /// A raw image file or block device.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ impl DiskSource for RawFile {
     fn info(&self) -> SourceInfo {
         SourceInfo {
             path: self.path.display().to_string(),
-            format: "raw".into(),
+            format: ContainerFormat::Raw,
             vhd: None,
             blob: None,
         }

@@ -36,6 +36,7 @@ mod uploads;
 use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
+use crate::http_error::{self, is_transient, NoAnswer};
 
 /// Size of each part of a multipart upload (the last may be smaller).
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
@@ -543,7 +544,7 @@ impl S3Backend {
             let last = attempt >= self.options.retry.tries;
             let mut wait = None;
             match self.attempt(call, &url, &payload_sha256, range_start)? {
-                Attempt::Answer(mut r) if matches!(r.status, 408 | 429 | 500 | 502 | 503 | 504) => {
+                Attempt::Answer(mut r) if is_transient(r.status) => {
                     if last {
                         r.ambiguous = ambiguous;
                         let mut e = self.http_error(call.key, &r);
@@ -1338,17 +1339,9 @@ fn parse_list(body: &[u8]) -> std::result::Result<ListPage, String> {
 }
 
 /// The service's error code and first message line (a HEAD answer has neither: the status
-/// stands in).
+/// stands in for the code, as S3 names it).
 fn service_error(r: &Response) -> (String, String) {
-    let code = xml_text(&r.body, "Code").unwrap_or_default();
-    let message = xml_text(&r.body, "Message")
-        .and_then(|m| m.lines().next().map(|l| l.trim().to_string()))
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| match r.status {
-            403 => "access denied".into(),
-            404 => "not found".into(),
-            s => format!("HTTP status {s}"),
-        });
+    let (code, message) = http_error::error_body(r.status, &r.body);
     let code = if code.is_empty() {
         match r.status {
             403 => "AccessDenied".into(),
@@ -1364,14 +1357,9 @@ fn service_error(r: &Response) -> (String, String) {
 
 /// Sorts a ureq failure into retryable (no answer) or not; the message carries no URL.
 fn classify(e: ureq::Error) -> Attempt {
-    match e {
-        ureq::Error::Io(_)
-        | ureq::Error::Timeout(_)
-        | ureq::Error::ConnectionFailed
-        | ureq::Error::Protocol(_)
-        | ureq::Error::HostNotFound => Attempt::Failed(e.to_string()),
-        ureq::Error::BadUri(_) => Attempt::Fatal("malformed URL".into()),
-        other => Attempt::Fatal(other.to_string()),
+    match http_error::classify(e) {
+        NoAnswer::Retry(why) => Attempt::Failed(why),
+        NoAnswer::Fatal(why) => Attempt::Fatal(why),
     }
 }
 

@@ -13,7 +13,8 @@ use crate::azure::pagereader::{PageReader, DEFAULT_READ_PARALLEL};
 use crate::azure::{BlobClient, BlobOptions};
 use crate::chunker::is_zero;
 use crate::error::Result;
-use crate::format::manifest::{Extent, SourceInfo};
+use crate::format::manifest::{ContainerFormat, Extent, SourceInfo};
+use crate::format::vhd_footer::DiskType;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 
@@ -88,9 +89,9 @@ impl DiskSource for PageBlobTarget {
         SourceInfo {
             path: self.client.display_url().to_string(),
             format: if self.layout.footer.is_some() {
-                "vhd-fixed".into()
+                ContainerFormat::Vhd(DiskType::Fixed)
             } else {
-                "raw".into()
+                ContainerFormat::Raw
             },
             vhd: self.layout.vhd.clone(),
             blob: None,

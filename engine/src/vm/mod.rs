@@ -13,6 +13,7 @@
 //! (`maintain::forget`). [`restore_vm`] restores every disk of one, in parallel.
 
 pub mod drill;
+mod per_disk;
 pub mod plan;
 pub mod record;
 pub mod run;
@@ -409,25 +410,10 @@ pub fn restore_vm(
         exact_size: false,
         new_id: false,
     };
-    let results: Vec<Result<RestoreReport>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = summaries
-            .iter()
-            .map(|(name, s)| {
-                let out = restore_path(dir, name, options.format);
-                let quiet = &quiet;
-                let restore_options = &restore_options;
-                scope.spawn(move || restore_to_file(repo, s, &out, restore_options, quiet))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Internal("a disk restore panicked".into())))
-            })
-            .collect()
-    });
-    let disks = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let disks = per_disk::restore_each_disk(&summaries, |name, s| {
+        let out = restore_path(dir, name, options.format);
+        restore_to_file(repo, s, &out, &restore_options, &quiet)
+    })?;
     Ok(VmRestoreReport {
         vm_snapshot_id: snapshot.id.clone(),
         vm: snapshot.record.vm.clone(),
@@ -512,29 +498,10 @@ pub fn restore_vm_to_container(
     let summaries = disk_summaries(repo, snapshot)?;
     let quiet = CancelOnly(progress);
     let vm = snapshot.record.vm.as_str();
-    let results: Vec<Result<crate::restore::pageblob::PageBlobRestoreReport>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = summaries
-                .iter()
-                .map(|(name, s)| {
-                    let url = blob_in(container, &restore_blob_name(vm, name));
-                    let quiet = &quiet;
-                    scope.spawn(move || {
-                        crate::restore::pageblob::restore_to_page_blob(
-                            repo, s, &url, options, quiet,
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Internal("a disk restore panicked".into())))
-                })
-                .collect()
-        });
-    let disks = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let disks = per_disk::restore_each_disk(&summaries, |name, s| {
+        let url = blob_in(container, &restore_blob_name(vm, name));
+        crate::restore::pageblob::restore_to_page_blob(repo, s, &url, options, &quiet)
+    })?;
     Ok(VmBlobRestoreReport {
         vm_snapshot_id: snapshot.id.clone(),
         vm: vm.to_string(),

@@ -13,16 +13,19 @@
 //! extents are read again when asked for. A 1 TiB disk has ~67 M chunks at 16 KiB: 2.5 GB of
 //! extents that are never in memory at once.
 
+mod provenance;
 mod reader;
 pub mod sealed;
 mod writer;
 
+pub use provenance::{ChangeSource, ContainerFormat};
 pub use reader::{Manifest, ObjectRead, Segments};
 pub use sealed::SealedObject;
 pub use writer::{encode, encode_with, FinishedManifest, ManifestWriter};
 
 use serde::{Deserialize, Serialize};
 
+use super::vhd_footer::DiskType;
 use super::ChunkId;
 
 /// Magic at offset 0 of a manifest.
@@ -87,6 +90,12 @@ impl SnapshotKind {
     }
 }
 
+impl std::fmt::Display for SnapshotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// Counters of one backup run, stored in the snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupStats {
@@ -119,7 +128,7 @@ pub struct SourceInfo {
     /// Path or (redacted) URL of the source.
     pub path: String,
     /// Detected container format: `raw`, `vhd-fixed`, `vhd-dynamic`, `vhd-differencing`.
-    pub format: String,
+    pub format: ContainerFormat,
     /// The VHD footer's metadata when the source was a VHD (see `format-spec/vhd.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhd: Option<VhdInfo>,
@@ -146,7 +155,7 @@ pub struct BlobInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VhdInfo {
     /// `fixed`, `dynamic` or `differencing`.
-    pub disk_type: String,
+    pub disk_type: DiskType,
     /// The footer's unique id, as a hyphenated UUID of its 16 bytes in file order.
     pub unique_id: String,
     /// Creator application, four characters (`win `, `qem2`, `vpc `...), non-printable
@@ -191,7 +200,7 @@ pub struct VhdParentInfo {
     pub path: String,
     pub unique_id: String,
     /// `fixed`, `dynamic` or `differencing`.
-    pub disk_type: String,
+    pub disk_type: DiskType,
 }
 
 /// The metadata document of a manifest (UTF-8 JSON). Readers ignore fields they do not know.
@@ -207,7 +216,7 @@ pub struct SnapshotMeta {
     pub hostname: String,
     pub source: SourceInfo,
     /// Where the knowledge of what changed came from (`full-read` when everything was read).
-    pub change_source: String,
+    pub change_source: ChangeSource,
     /// The chunker that cut this snapshot, as described by the repository config.
     pub chunker: String,
     pub stats: BackupStats,
@@ -255,11 +264,11 @@ pub(crate) mod tests_support {
             hostname: "host".into(),
             source: SourceInfo {
                 path: "disk.img".into(),
-                format: "raw".into(),
+                format: ContainerFormat::Raw,
                 vhd: None,
                 blob: None,
             },
-            change_source: "full-read".into(),
+            change_source: ChangeSource::full_read(),
             chunker: "fixed 4K".into(),
             stats: BackupStats::default(),
             root_digest: String::new(),

@@ -28,7 +28,7 @@ pub use io::{FileAt, ReadAt};
 use super::{DiskSource, ExtentKind, SourceChanges, SourceExtent};
 use crate::changes::{ChangeKind, ChangeList, ChangedRange};
 use crate::error::{Error, Result};
-use crate::format::manifest::{SourceInfo, VhdInfo, VhdParentInfo};
+use crate::format::manifest::{ContainerFormat, SourceInfo, VhdInfo, VhdParentInfo};
 use footer::{format_uuid, fourcc, vhd_time};
 
 /// Longest parent chain followed.
@@ -126,7 +126,7 @@ impl<R: ReadAt> VhdDisk<R> {
                 .map(|l| VhdParentInfo {
                     path: l.location.clone(),
                     unique_id: format_uuid(&l.footer.unique_id),
-                    disk_type: l.footer.disk_type.as_str().into(),
+                    disk_type: l.footer.disk_type,
                 })
                 .collect(),
             ..footer_info(&top.footer, self.warnings())
@@ -230,7 +230,7 @@ fn push_piece(out: &mut Vec<Piece>, n: u64, src: Option<(usize, u64)>) {
 /// What a footer alone says about a disk, as kept in snapshots.
 fn footer_info(f: &footer::Footer, warnings: Vec<String>) -> VhdInfo {
     VhdInfo {
-        disk_type: f.disk_type.as_str().into(),
+        disk_type: f.disk_type,
         unique_id: format_uuid(&f.unique_id),
         creator_application: fourcc(&f.creator_app),
         creator_version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xffff),
@@ -365,7 +365,7 @@ impl<R: ReadAt> DiskSource for VhdDisk<R> {
     fn info(&self) -> SourceInfo {
         SourceInfo {
             path: self.top().location.clone(),
-            format: format!("vhd-{}", self.top().footer.disk_type.as_str()),
+            format: ContainerFormat::Vhd(self.top().footer.disk_type),
             vhd: Some(self.vhd_info()),
             blob: None,
         }

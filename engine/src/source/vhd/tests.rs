@@ -184,8 +184,8 @@ fn fixed_dynamic_and_raw_read_the_same() -> Result<()> {
     let dy = build(&data, 1 << 20, None, 2, &nonzero_sectors(&data));
     let dd = open(&dy)?;
     assert_eq!(read_all(&dd)?, data);
-    assert_eq!(dd.info().format, "vhd-dynamic");
-    assert_eq!(fd.info().vhd.map(|v| v.disk_type), Some("fixed".into()));
+    assert_eq!(dd.info().format.as_str(), "vhd-dynamic");
+    assert_eq!(fd.info().vhd.map(|v| v.disk_type), Some(DiskType::Fixed));
     // Zero sectors were left out of the bitmap: they are holes, never read.
     let ext = dd.extents(0, data.len() as u64)?;
     assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), data.len() as u64);
@@ -254,7 +254,7 @@ fn differencing_chain_merges_and_checks_parent_id() -> Result<()> {
     ])?;
     assert_eq!(read_all(&d)?, child);
     let info = d.vhd_info();
-    assert_eq!(info.disk_type, "differencing");
+    assert_eq!(info.disk_type, DiskType::Differencing);
     assert_eq!(info.parents.len(), 1);
     // The wrong parent.
     let other = build(&base, 1 << 20, None, 9, &|_| true);
