@@ -15,9 +15,15 @@ does memory stay flat when the disk map is 16 times larger?; skipped when the wo
 file system lacks the room). Floors: `zstd -T0 -3` over gen0.raw, and the zstd -3 size of the
 4 KiB blocks that changed.
 
+Encryption: stackvault runs twice, encrypted (its default) and `--encryption none`, in the
+same repetitions. Every command on an encrypted repository first unlocks its key (Argon2id, a
+fixed cost per command, not per byte): it is measured on its own, as the median of
+`snapshots` on the encrypted repository minus the same on the plain one, and the encryption
+cost is given with and without it.
+
 Usage: benches/compare.sh [--size 4G] [--fs ext4] [--reps 3] [--data DIR] [--work DIR]
                           [--results benches/RESULTS.md] [--skip-sparse] [--skip-dense]
-                          [--skip-borg]
+                          [--skip-borg] [--bin target/release/stackvault]
 """
 
 import argparse
@@ -226,7 +232,13 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--data", help="existing make-disks.sh output to reuse")
     ap.add_argument("--work", help="scratch directory (default: a temporary one)")
-    ap.add_argument("--results", help="append the table to this markdown file")
+    ap.add_argument("--results", help="add the table to this markdown file (newest first: "
+                    "before its first section)")
+    ap.add_argument("--skip-extras", action="store_true",
+                    help="only the comparison rows: no floors, no change-list incrementals, no "
+                    "scaling rows (for a large disk on a loaded machine)")
+    ap.add_argument("--bin", help="a stackvault binary to use instead of building "
+                    "target/release/stackvault")
     ap.add_argument("--skip-sparse", action="store_true")
     ap.add_argument("--skip-borg", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
@@ -250,8 +262,13 @@ def main():
             log(f"building {args.size} {args.fs} dataset in {data} ...")
             subprocess.run(["bash", MAKE_DISKS, "-s", args.size, "-f", args.fs, "-o", data],
                            check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "stackvault-cli"], cwd=ROOT, check=True)
-    sv_bin = os.path.join(ROOT, "target", "release", "stackvault")
+    if args.bin:
+        sv_bin = os.path.abspath(args.bin)
+    else:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "stackvault-cli"], cwd=ROOT,
+                       check=True)
+        sv_bin = os.path.join(ROOT, "target", "release", "stackvault")
+    load_before = os.getloadavg()
     gens = [os.path.join(data, f"gen{g}.raw") for g in range(3)]
     virtual = os.path.getsize(gens[0])
     # One stable path that every tool backs up, hard-linked to each generation in turn.
@@ -264,22 +281,25 @@ def main():
             os.unlink(src)
         os.link(gen_path, src)
 
-    log("computing change lists and floors ...")
     floors, lists = {}, {}
-    for g in (1, 2):
+    if not args.skip_extras:
+        log("computing change lists and floors ...")
+    for g in ((1, 2) if not args.skip_extras else ()):
         runs, blocks = changed_blocks(gens[g - 1], gens[g])
         lists[g] = os.path.join(work, f"gen{g}.changes.json")
         with open(lists[g], "w") as f:
             json.dump({"disk_size": virtual, "ranges": [{"offset": o, "length": n} for o, n in runs]}, f)
         size, secs = zstd_size(blocks)
         floors[g] = {"changed_raw": len(blocks), "changed_zstd": size, "changed_zstd_wall": secs}
-    zstd_gen0 = run(["zstd", "-T0", "-3", "-q", "-f", gens[0], "-o", os.path.join(work, "gen0.zst")])
-    floors[0] = {"zstd_wall": zstd_gen0["wall"], "zstd_size": os.path.getsize(os.path.join(work, "gen0.zst"))}
-    os.unlink(os.path.join(work, "gen0.zst"))
+    if not args.skip_extras:
+        zstd_gen0 = run(["zstd", "-T0", "-3", "-q", "-f", gens[0], "-o", os.path.join(work, "gen0.zst")])
+        floors[0] = {"zstd_wall": zstd_gen0["wall"],
+                     "zstd_size": os.path.getsize(os.path.join(work, "gen0.zst"))}
+        os.unlink(os.path.join(work, "gen0.zst"))
 
     tools = [Stackvault(work, sv_bin), StackvaultPlain(work, sv_bin), Restic(work)] + \
         ([] if args.skip_borg else [Borg(work)])
-    results = {t.name: {k: [] for k in ["gen0", "gen1", "gen2", "restore"]} for t in tools}
+    results = {t.name: {k: [] for k in ["gen0", "gen1", "gen2", "restore", "open"]} for t in tools}
     extra = {k: [] for k in ["gen1_changes", "gen2_changes", "gen0_again"]}
     for rep in range(args.reps):
         order = tools[rep % len(tools):] + tools[:rep % len(tools)]
@@ -301,7 +321,12 @@ def main():
             r["allocated"] = os.stat(out).st_blocks * 512
             results[tool.name]["restore"].append(r)
             shutil.rmtree(restore_dir, ignore_errors=True)
-            if type(tool) is Stackvault:
+            if isinstance(tool, Stackvault):
+                # Opening the repository and listing its three snapshots: almost all of it is
+                # the unlock when encrypted (see the module doc).
+                for _ in range(3):
+                    results[tool.name]["open"].append(run([sv_bin, "snapshots", tool.repo, "--json"]))
+            if type(tool) is Stackvault and not args.skip_extras:
                 # Re-backup of an unchanged disk, then incrementals with change lists.
                 stage(gens[2])
                 extra["gen0_again"].append(tool.backup(src))
@@ -366,38 +391,45 @@ def main():
     # Change-list incrementals of growing size: gen0 with a random share of gen1's changed
     # ranges applied, backed up with the matching list (does the cost follow the change?).
     scaling_rows = []
-    with open(lists[1]) as f:
-        gen1_ranges = json.load(f)["ranges"]
-    sv.fresh()
-    sv.backup(gens[0])
-    base_repo = sv.repo + "-base"
-    shutil.rmtree(base_repo, ignore_errors=True)
-    shutil.copytree(sv.repo, base_repo)
-    rng = random.Random(7)
-    scaled = os.path.join(work, "scaled.raw")
-    for share in (0.1, 0.3, 1.0):
-        subset = [r for r in gen1_ranges if share >= 1.0 or rng.random() < share]
-        subprocess.run(["cp", "--sparse=always", gens[0], scaled], check=True)
-        with open(gens[1], "rb") as g1, open(scaled, "r+b") as out:
-            for r in subset:
-                g1.seek(r["offset"])
-                out.seek(r["offset"])
-                out.write(g1.read(r["length"]))
-        listed = os.path.join(work, "scaled.changes.json")
-        with open(listed, "w") as f:
-            json.dump({"disk_size": virtual, "ranges": subset}, f)
-        best = None
-        for _ in range(max(1, args.reps)):
-            shutil.rmtree(sv.repo, ignore_errors=True)
-            shutil.copytree(base_repo, sv.repo)
-            r = sv.backup(scaled, ["--changed-ranges", listed])
-            if best is None or r["wall"] < best["wall"]:
-                best = r
-        scaling_rows.append((share, len(subset), sum(r["length"] for r in subset), best))
-    shutil.rmtree(base_repo, ignore_errors=True)
-    os.unlink(scaled)
+    if not args.skip_extras:
+        with open(lists[1]) as f:
+            gen1_ranges = json.load(f)["ranges"]
+        sv.fresh()
+        sv.backup(gens[0])
+        base_repo = sv.repo + "-base"
+        shutil.rmtree(base_repo, ignore_errors=True)
+        shutil.copytree(sv.repo, base_repo)
+        rng = random.Random(7)
+        scaled = os.path.join(work, "scaled.raw")
+        for share in (0.1, 0.3, 1.0):
+            subset = [r for r in gen1_ranges if share >= 1.0 or rng.random() < share]
+            subprocess.run(["cp", "--sparse=always", gens[0], scaled], check=True)
+            with open(gens[1], "rb") as g1, open(scaled, "r+b") as out:
+                for r in subset:
+                    g1.seek(r["offset"])
+                    out.seek(r["offset"])
+                    out.write(g1.read(r["length"]))
+            listed = os.path.join(work, "scaled.changes.json")
+            with open(listed, "w") as f:
+                json.dump({"disk_size": virtual, "ranges": subset}, f)
+            best = None
+            for _ in range(max(1, args.reps)):
+                shutil.rmtree(sv.repo, ignore_errors=True)
+                shutil.copytree(base_repo, sv.repo)
+                r = sv.backup(scaled, ["--changed-ranges", listed])
+                if best is None or r["wall"] < best["wall"]:
+                    best = r
+            scaling_rows.append((share, len(subset), sum(r["length"] for r in subset), best))
+        shutil.rmtree(base_repo, ignore_errors=True)
+        os.unlink(scaled)
+
+    # The raw measurements, should the report need redoing.
+    with open(os.path.join(work, "raw-results.json"), "w") as f:
+        json.dump({"results": results, "extra": extra, "floors": floors, "load_before": load_before,
+                   "load_after": os.getloadavg()}, f, default=str)
 
     # ---- report ----
+    load_after = os.getloadavg()
     mb = virtual / 1e6
     rs = results["restic"]
     lines = []
@@ -412,7 +444,9 @@ def main():
     lines.append(f"## {now}: {size_label} {args.fs} disk, {args.reps} repetitions\n")
     lines.append(f"Machine: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}. "
                  f"Tools: {tool_version([sv_bin, '--version'])}, {tool_version(['restic', 'version'])}, "
-                 f"{tool_version(['borg', '--version'])}, {tool_version(['zstd', '--version'])}.\n")
+                 f"{tool_version(['borg', '--version'])}, {tool_version(['zstd', '--version'])}. "
+                 f"Load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} "
+                 f"on {os.cpu_count()} cores: compare ratios within this run only.\n")
     lines.append(f"Command: `benches/compare.sh {' '.join(sys.argv[1:])}`. "
                  "Medians; (×N) = ratio to restic in the same run (time: restic/tool, so >1 is faster; "
                  "bytes and RSS: tool/restic, so <1 is smaller). restic 0.14 with repository v2 "
@@ -438,9 +472,10 @@ def main():
                        ("restore", "restore gen2")]:
         for t in tools:
             row(label, t.name, results[t.name][key], None if t.name == "restic" else rs[key])
-    row("re-backup unchanged gen2", "stackvault", extra["gen0_again"], rs["gen2"])
-    row("gen1 with change list", "stackvault", extra["gen1_changes"], rs["gen1"])
-    row("gen2 with change list", "stackvault", extra["gen2_changes"], rs["gen2"])
+    if not args.skip_extras:
+        row("re-backup unchanged gen2", "stackvault", extra["gen0_again"], rs["gen2"])
+        row("gen1 with change list", "stackvault", extra["gen1_changes"], rs["gen1"])
+        row("gen2 with change list", "stackvault", extra["gen2_changes"], rs["gen2"])
     for label, r in vhd_rows:
         row(label, "stackvault", [r], None)
     for label, r, size in sparse_rows:
@@ -470,13 +505,27 @@ def main():
         plain_w = median([x["wall"] for x in plain[key]])
         costs.append(f"{key} {100 * (enc_w / plain_w - 1):+.1f} %")
     lines.append("- Encryption's cost (encrypted wall / plain wall - 1, same run): " + ", ".join(costs))
-    for g in (1, 2):
+    opens = {n: median([x["wall"] for x in results[n]["open"]]) for n in ("stackvault", "stackvault-plain")}
+    unlock = max(0.0, opens["stackvault"] - opens["stackvault-plain"])
+    open_cpu = {n: median([x["cpu"] for x in results[n]["open"]]) for n in opens}
+    lines.append(f"- Unlock, once per command (`snapshots` on the encrypted repository minus the plain "
+                 f"one, medians of {len(results['stackvault']['open'])}): {unlock:.2f} s wall "
+                 f"({opens['stackvault']:.2f} s against {opens['stackvault-plain']:.2f} s), "
+                 f"{max(0.0, open_cpu['stackvault'] - open_cpu['stackvault-plain']):.2f} s CPU")
+    data_costs = []
+    for key in ("gen0", "gen1", "gen2", "restore"):
+        enc_w = median([x["wall"] for x in results["stackvault"][key]])
+        plain_w = median([x["wall"] for x in plain[key]])
+        data_costs.append(f"{key} {100 * ((enc_w - unlock) / plain_w - 1):+.1f} %")
+    lines.append("- Encryption's cost on the data path (encrypted wall minus the unlock, / plain wall "
+                 "- 1): " + ", ".join(data_costs))
+    for g in [g for g in (1, 2) if g in floors]:
         fl = floors[g]
         added = median([x["added"] for x in results["stackvault"][f"gen{g}"]])
         lines.append(f"- gen{g}: {fl['changed_raw'] / 2**20:.1f} MiB of 4 KiB blocks changed, "
                      f"{fl['changed_zstd'] / 2**20:.1f} MiB after zstd -3 (floor); stackvault added "
                      f"{added / 2**20:.1f} MiB = ×{added / max(1, fl['changed_zstd']):.2f} the floor")
-    for g in (1, 2):
+    for g in [g for g in (1, 2) if extra[f"gen{g}_changes"]]:
         with_list = extra[f"gen{g}_changes"]
         wl = median([x["wall"] for x in with_list])
         full_read = median([x["wall"] for x in results["stackvault"][f"gen{g}"]])
@@ -499,17 +548,23 @@ def main():
                          f"{r['report']['new_bytes'] / 2**20:.1f} | {r['wall']:.2f} |")
         lines.append("")
     sv0 = median([x["wall"] for x in results["stackvault"]["gen0"]])
-    lines.append(f"- `zstd -T0 -3` over gen0.raw: {floors[0]['zstd_wall']:.2f} s "
-                 f"({floors[0]['zstd_size'] / 2**20:.1f} MiB); stackvault gen0 takes "
-                 f"×{sv0 / floors[0]['zstd_wall']:.2f} of that time")
+    if 0 in floors:
+        lines.append(f"- `zstd -T0 -3` over gen0.raw: {floors[0]['zstd_wall']:.2f} s "
+                     f"({floors[0]['zstd_size'] / 2**20:.1f} MiB); stackvault gen0 takes "
+                     f"×{sv0 / floors[0]['zstd_wall']:.2f} of that time")
     restore_alloc = median([x["allocated"] for x in results["stackvault"]["restore"]])
     lines.append(f"- stackvault's restored gen2 allocates {restore_alloc / 2**20:.0f} MiB of "
                  f"{virtual / 2**20:.0f} MiB (sparse)")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+        # Newest first: before the file's first section (appended when it has none).
+        with open(args.results) as f:
+            old = f.read()
+        at = old.find("\n## ")
+        new = old + "\n" + text if at < 0 else old[:at + 1] + text + "\n" + old[at + 1:]
+        with open(args.results, "w") as f:
+            f.write(new)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

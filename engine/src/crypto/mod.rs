@@ -23,6 +23,7 @@ pub use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::format::ChunkId;
 
+mod in_place;
 pub mod keyfile;
 pub mod unlock;
 

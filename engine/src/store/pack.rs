@@ -2,9 +2,11 @@
 //!
 //! A pack is assembled in memory up to the repository's target size (bounded memory), then
 //! handed to the backend whole, so it is either completely stored or absent. In an encrypted
-//! repository each frame is sealed as it is added, under the pack's name (drawn when the
-//! writer starts) and its offset, and the table when the pack is finished (format version 3,
-//! see `format::pack`). Chunk reads fetch exactly one frame and check it end to end
+//! repository each frame is sealed under the pack's name (drawn when the writer starts) and
+//! its offset, and the table after them (format version 3, see `format::pack`). A frame is
+//! encoded into the pack where it will stay, between room for its nonce and its tag, and
+//! every frame is sealed in place when the pack is finished, on rayon's threads: the backup's
+//! single writer thread only copies frames, as it does for a plain pack. Chunk reads fetch exactly one frame and check it end to end
 //! (authentication when sealed, crc32, decompression, the chunk id) before returning bytes:
 //! restore never sees unverified data. A [`FrameCache`] keeps the last decompressed
 //! frames of one reader, so reading the chunks of a frame in order decompresses it once.
@@ -14,10 +16,13 @@ use std::cell::RefCell;
 use super::{pack_key, Backend};
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+use crate::crypto::{NONCE_LEN, TAG_LEN};
 use crate::format::pack::{
-    chunk_in_frame, decode_footer, decode_frame_into, decode_table, encode_frame,
+    chunk_in_frame, decode_footer, decode_frame_in_place, decode_table, encode_frame,
     encode_header_for, encode_sealed_table_and_footer, encode_table_and_footer, pack_version_for,
-    seal_frame, Compression, PackEntry, RecordLocation, PACK_FOOTER_LEN, PACK_HEADER_LEN,
+    seal_frame_in_place, Compression, PackEntry, RecordLocation, PACK_FOOTER_LEN, PACK_HEADER_LEN,
     PACK_VERSION_SEALED,
 };
 use crate::format::{hex, ChunkId};
@@ -31,8 +36,9 @@ pub struct PackWriter {
     name: String,
     /// The pack's format version: 3 (sealed) when the repository is encrypted.
     version: u32,
-    /// A sealed frame's plain record, reused.
-    scratch: Vec<u8>,
+    /// Sealed packs: the frames encoded into `buf` but not sealed yet, as (offset, length of
+    /// the sealed frame); [`PackWriter::finish`] seals them.
+    unsealed: Vec<(usize, usize)>,
 }
 
 /// A finished pack, ready to be stored.
@@ -76,7 +82,7 @@ impl PackWriter {
             entries: Vec::new(),
             name: random_pack_name()?,
             version,
-            scratch: Vec::new(),
+            unsealed: Vec::new(),
         })
     }
 
@@ -96,8 +102,9 @@ impl PackWriter {
     }
 
     /// Appends a frame: `chunks` (id, raw length) in frame order, whose concatenation is
-    /// `stored` encoded as `compression` says, sealed when `protection` (the one the writer
-    /// was made with) is encrypted. Returns the table entries of its chunks.
+    /// `stored` encoded as `compression` says, to be sealed by [`PackWriter::finish`] when
+    /// `protection` (the one the writer was made with) is encrypted. Returns the table
+    /// entries of its chunks.
     pub fn add_frame(
         &mut self,
         protection: &Protection,
@@ -108,14 +115,16 @@ impl PackWriter {
         self.same_protection(protection)?;
         let offset = self.buf.len() as u64;
         let (h, stored_len) = if self.version == PACK_VERSION_SEALED {
-            let mut plain = std::mem::take(&mut self.scratch);
-            plain.clear();
-            let h = encode_frame(chunks, stored, compression, &mut plain);
-            let sealed = seal_frame(protection, &self.name, offset, plain)?;
-            let len = u32::try_from(sealed.len())
+            // Encoded in place between room for its nonce and its tag, sealed in `finish`:
+            // one copy of the frame, as in a plain pack, and the sealing leaves this thread.
+            let start = self.buf.len();
+            self.buf.resize(start + NONCE_LEN, 0);
+            let h = encode_frame(chunks, stored, compression, &mut self.buf);
+            self.buf.resize(self.buf.len() + TAG_LEN, 0);
+            let len = self.buf.len() - start;
+            self.unsealed.push((start, len));
+            let len = u32::try_from(len)
                 .map_err(|_| Error::Internal("sealed frame larger than 4 GiB".into()))?;
-            self.buf.extend_from_slice(&sealed);
-            self.scratch = sealed;
             (h, len)
         } else {
             let h = encode_frame(chunks, stored, compression, &mut self.buf);
@@ -148,9 +157,11 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Appends table (sealed when the pack is) and footer.
+    /// Seals the frames of a sealed pack (in parallel), then appends table (sealed when the
+    /// pack is) and footer.
     pub fn finish(mut self, protection: &Protection) -> Result<FinishedPack> {
         self.same_protection(protection)?;
+        self.seal_frames(protection)?;
         let table_offset = self.buf.len() as u64;
         let tail = if self.version == PACK_VERSION_SEALED {
             encode_sealed_table_and_footer(&self.entries, table_offset, protection, &self.name)?
@@ -164,6 +175,39 @@ impl PackWriter {
             bytes: self.buf,
             entries: self.entries,
         })
+    }
+}
+
+impl PackWriter {
+    /// Seals every frame added since the pack started, each where it lies, on rayon's
+    /// threads: the frames are disjoint slices of the pack, each bound to its own offset.
+    fn seal_frames(&mut self, protection: &Protection) -> Result<()> {
+        let mut frames = Vec::with_capacity(self.unsealed.len());
+        let mut rest: &mut [u8] = &mut self.buf;
+        let mut at = 0usize;
+        for &(start, len) in &self.unsealed {
+            // Frames were recorded in pack order, each after the last: an internal invariant.
+            let tail = std::mem::take(&mut rest);
+            let skip = start
+                .checked_sub(at)
+                .filter(|skip| skip.checked_add(len).is_some_and(|end| end <= tail.len()));
+            let Some(skip) = skip else {
+                return Err(Error::Internal(format!(
+                    "pack {}: frame at {start} of {len} bytes lies outside the pack",
+                    self.name
+                )));
+            };
+            let (frame, tail) = tail[skip..].split_at_mut(len);
+            frames.push((start as u64, frame));
+            rest = tail;
+            at = start + len;
+        }
+        let name = &self.name;
+        frames
+            .into_par_iter()
+            .try_for_each(|(offset, frame)| seal_frame_in_place(protection, name, offset, frame))?;
+        self.unsealed.clear();
+        Ok(())
     }
 }
 
@@ -293,12 +337,13 @@ pub fn with_chunk<R>(
     }
     let len = usize::try_from(entry.read_len())
         .map_err(|_| Error::corrupt(&location, entry.offset, "frame too large"))?;
-    let record = backend
+    let mut record = backend
         .get_range(&pack_key(pack), entry.offset, len)
         .map_err(|e| missing_pack(e, pack, entry.offset))?;
-    // Decompress into a reused buffer: fresh 256 KiB buffers cost page faults.
+    // Decompress into a reused buffer: fresh 256 KiB buffers cost page faults. The record is
+    // ours: a sealed one is opened where it lies.
     let mut frame = std::mem::take(&mut cache.spare);
-    decode_frame_into(&record, entry, protection, pack, &location, &mut frame)?;
+    decode_frame_in_place(&mut record, entry, protection, pack, &location, &mut frame)?;
     cache.decoded += 1;
     // A chunk alone in its frame is never read again by the same pass.
     if entry.frame_raw_len == entry.raw_len {

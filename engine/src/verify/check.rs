@@ -16,8 +16,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
 use crate::format::pack::{
-    chunk_of_frame, decode_footer, decode_frame, decode_frame_header, decode_frame_list,
-    decode_header, decode_table, frames, FRAME_HEADER_LEN, PACK_FOOTER_LEN, PACK_HEADER_LEN,
+    chunk_in_frame, decode_footer, decode_frame_header, decode_frame_into, decode_frame_list,
+    decode_header, decode_table, frames, open_sealed_frame_in_place, unpack_opened_frame,
+    RecordLocation, FRAME_HEADER_LEN, PACK_FOOTER_LEN, PACK_HEADER_LEN, PACK_VERSION_SEALED,
     PACK_VERSION_V1,
 };
 use crate::format::ChunkId;
@@ -929,7 +930,7 @@ impl PackChecker<'_> {
 fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
     let location = format!("pack {name}");
     let keys = repo.protection();
-    let bytes = repo.backend().get(&pack_key(name))?;
+    let mut bytes = repo.backend().get(&pack_key(name))?;
     let len = bytes.len() as u64;
     let mut damage = Vec::new();
     let table = bytes
@@ -981,17 +982,34 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
             Some(e.id),
         )
     };
+    // Each frame is decompressed into the same buffer; chunks are checked where they lie.
+    let mut raw = Vec::new();
     for frame in frames(&table) {
         let first = frame[0].location(version);
-        // decode_table guarantees every frame lies inside the pack.
         let start = first.offset as usize;
-        let record = &bytes[start..start + first.read_len() as usize];
-        let decoded = check_frame_list(&bytes, version, frame, keys, name, &location)
-            .and_then(|()| decode_frame(record, &first, keys, name, &location));
+        let end = start.saturating_add(first.read_len() as usize);
+        let decoded = if version == PACK_VERSION_SEALED {
+            // Opened once, where it lies in the pack's bytes (this pass owns them).
+            match bytes.get_mut(start..end) {
+                Some(record) => {
+                    scrub_sealed_frame(record, frame, &first, keys, name, &location, &mut raw)
+                }
+                None => Err(outside(&location, first.offset)),
+            }
+        } else {
+            match bytes.get(start..end) {
+                Some(record) => {
+                    check_frame_list(&bytes, version, frame, &location).and_then(|()| {
+                        decode_frame_into(record, &first, keys, name, &location, &mut raw)
+                    })
+                }
+                None => Err(outside(&location, first.offset)),
+            }
+        };
         match decoded {
-            Ok(raw) => {
+            Ok(()) => {
                 for e in frame {
-                    if let Err(err) = chunk_of_frame(&raw, &e.location(version), keys, &location) {
+                    if let Err(err) = chunk_in_frame(&raw, &e.location(version), keys, &location) {
                         damage.push(chunk_damage(&err, e));
                     }
                 }
@@ -1003,14 +1021,47 @@ fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
     Ok((table.len() as u64, len, damage))
 }
 
-/// Checks that a version 2 frame's own chunk list (after its stored bytes) agrees with the
-/// table entries of the frame.
+/// A frame the pack's table places past the pack's end (decode_table refuses such tables, so
+/// only a pack that changed under the check gets here).
+fn outside(location: &str, offset: u64) -> Error {
+    Error::corrupt(location, offset, "frame lies past the end of the pack")
+}
+
+/// A sealed frame, opened once where it lies: its chunk list (inside the seal) checked
+/// against the table's entries of the frame, then its stored bytes decompressed into `raw`.
+fn scrub_sealed_frame(
+    record: &mut [u8],
+    frame: &[crate::format::pack::PackEntry],
+    first: &RecordLocation,
+    protection: &crate::crypto::Protection,
+    pack: &str,
+    location: &str,
+    raw: &mut Vec<u8>,
+) -> Result<()> {
+    let (plain, header) =
+        open_sealed_frame_in_place(protection, pack, first.offset, record, location)?;
+    if header.chunk_count as usize != frame.len() {
+        return Err(Error::corrupt(
+            location,
+            first.offset,
+            "frame header disagrees with the pack table",
+        ));
+    }
+    // open_sealed_frame_in_place checked that the record is header, stored bytes and list.
+    let list = plain
+        .get(FRAME_HEADER_LEN + header.stored_len as usize..)
+        .unwrap_or_default();
+    let list = decode_frame_list(list, &header, first.offset, location)?;
+    same_chunks(&list, frame, first.offset, location)?;
+    unpack_opened_frame(plain, &header, first, location, raw)
+}
+
+/// Checks that a plain version 2 frame's own chunk list (after its stored bytes) agrees with
+/// the table entries of the frame.
 fn check_frame_list(
     bytes: &[u8],
     version: u32,
     frame: &[crate::format::pack::PackEntry],
-    protection: &crate::crypto::Protection,
-    pack: &str,
     location: &str,
 ) -> Result<()> {
     if version == PACK_VERSION_V1 {
@@ -1018,29 +1069,10 @@ fn check_frame_list(
     }
     let first = &frame[0];
     let start = first.offset as usize;
-    if version == crate::format::pack::PACK_VERSION_SEALED {
-        // The list is inside the seal: open it (decode_table placed the frame in the pack).
-        let record = &bytes[start..start + first.stored_len as usize];
-        let (plain, header) = crate::format::pack::open_sealed_frame(
-            protection,
-            pack,
-            first.offset,
-            record,
-            location,
-        )?;
-        let list = &plain[FRAME_HEADER_LEN + header.stored_len as usize..];
-        if header.chunk_count as usize != frame.len() {
-            return Err(Error::corrupt(
-                location,
-                first.offset,
-                "frame header disagrees with the pack table",
-            ));
-        }
-        let list = decode_frame_list(list, &header, first.offset, location)?;
-        return same_chunks(&list, frame, first.offset, location);
-    }
     let header = decode_frame_header(
-        &bytes[start..start + FRAME_HEADER_LEN],
+        bytes
+            .get(start..start + FRAME_HEADER_LEN)
+            .ok_or_else(|| outside(location, first.offset))?,
         first.offset,
         location,
     )?;
