@@ -15,6 +15,8 @@ use stackvault_tests::{make_disk, p, sv_json_ok, sv_ok};
 const DISK_SIZE: u64 = 8 << 20;
 /// Bytes per needle: long enough that a match is never chance.
 const NEEDLE: usize = 24;
+/// Distinct byte values a plaintext needle needs (see [`needles`]).
+const MIN_DISTINCT_BYTES: usize = 12;
 
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -34,7 +36,7 @@ fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// For every chunk of every snapshot in `repo`: its plain BLAKE3 id (raw and hex) and
-/// `NEEDLE` bytes of its plaintext taken from `disk`, where they are not a run of one byte.
+/// `NEEDLE` bytes of its plaintext taken from `disk`, where they are varied enough.
 fn needles(repo: &Path, disk: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
     let repo = Repo::open(repo)?;
     let mut out = Vec::new();
@@ -54,7 +56,12 @@ fn needles(repo: &Path, disk: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
                     out.push(plain.to_hex().as_bytes()[..NEEDLE].to_vec());
                     let middle = bytes.len() / 2;
                     if let Some(window) = bytes.get(middle..middle + NEEDLE) {
-                        if window.iter().any(|b| *b != window[0]) {
+                        // Only varied bytes make a needle: a window of a few distinct values
+                        // (structure padding, a database header) also occurs in the SQLite
+                        // index by chance, and which windows are picked depends on the keyed
+                        // cut points, so such needles made this test fail at random.
+                        let distinct: HashSet<u8> = window.iter().copied().collect();
+                        if distinct.len() >= MIN_DISTINCT_BYTES {
                             out.push(window.to_vec());
                         }
                     }
