@@ -51,6 +51,7 @@ mod standby;
 mod standby_device;
 mod standby_lease;
 mod standby_pageblob;
+mod standby_requests;
 mod vectors;
 mod verify;
 mod vhd;

@@ -56,7 +56,7 @@ pub struct BlobRestoreArgs {
 }
 
 /// `65536`, `64KiB`, `64K`, `4MiB`, `4M`: a size in bytes, at most 4 MiB.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(digits);

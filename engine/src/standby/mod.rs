@@ -24,6 +24,7 @@
 
 pub mod changes;
 pub mod check;
+pub mod coalesce;
 pub mod local;
 pub mod pageblob;
 pub mod record;
@@ -102,6 +103,10 @@ pub struct SyncReport {
     /// Page blobs: bytes sent with Put Page (data rounded out to pages, coalesced zeros,
     /// footer).
     pub uploaded_bytes: Option<u64>,
+    /// Page blobs: unchanged bytes between nearby changed ranges, rewritten (with the new
+    /// snapshot's bytes, equal to the target's) so that the changes go out in fewer requests;
+    /// part of `uploaded_bytes`, not of `written_bytes` (see [`coalesce`]).
+    pub gap_bytes: u64,
     pub duration_ms: u64,
     /// `clean`, or `diverged` when `--verify` found a difference.
     pub state: String,
@@ -167,6 +172,8 @@ pub struct Counts {
     pub zeroed_bytes: u64,
     pub zeroed_ranges: u64,
     pub requests: u64,
+    /// Unchanged bytes rewritten to merge nearby changes (page blobs).
+    pub gap_bytes: u64,
 }
 
 impl std::ops::Add for Counts {
@@ -178,6 +185,7 @@ impl std::ops::Add for Counts {
             zeroed_bytes: self.zeroed_bytes + b.zeroed_bytes,
             zeroed_ranges: self.zeroed_ranges + b.zeroed_ranges,
             requests: self.requests + b.requests,
+            gap_bytes: self.gap_bytes + b.gap_bytes,
         }
     }
 }
@@ -470,6 +478,7 @@ pub(crate) fn report(
         zeroed_ranges: counts.zeroed_ranges,
         requests: counts.requests,
         uploaded_bytes: None,
+        gap_bytes: counts.gap_bytes,
         duration_ms: started.elapsed().as_millis() as u64,
         state: State::Clean.as_str().into(),
         blob_snapshot: None,

@@ -8,8 +8,10 @@
 //!
 //! The first sync creates the blob (or keeps one of the right size), marks it applying and
 //! runs `restore` onto it with `--existing` semantics (stale pages cleared, footer last).
-//! Later syncs cut each changed range out to whole pages (4 KiB for Stack Hub), fill it with
-//! the snapshot's bytes and hand it to the [`PageWriter`], which sends data pages with Put
+//! Later syncs cut each changed range out to whole pages (4 KiB for Stack Hub), merge the
+//! regions of a segment that lie within the coalescing gap of each other (up to 4 MiB, see
+//! [`super::coalesce`]), fill them with the snapshot's bytes (the unchanged bytes between
+//! merged changes included) and hand them to the [`PageWriter`], which sends data pages with Put
 //! Page and clears the zero runs; a disk that grew or shrank resizes the blob first and gets a
 //! new footer (same unique id) at the end. After a clean sync `--keep-blob-snapshots N` takes
 //! a blob snapshot and deletes the oldest of ours beyond N (Stack Hub allows 1,000 per blob).
@@ -18,6 +20,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use super::changes::{walk, Part};
+use super::coalesce::merge_near;
 use super::record::{self, Record, State};
 use super::{decide, Counts, LeaseReport, Plan, StatusReport, SyncOptions, SyncReport};
 use crate::azure::lease::{lease_seconds, HeldLease, LeaseState};
@@ -25,7 +28,7 @@ use crate::azure::pagereader::{PageReader, DEFAULT_READ_PARALLEL};
 use crate::azure::pagewriter::{
     page_regions, PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
 };
-use crate::azure::BlobClient;
+use crate::azure::{BlobClient, MAX_PUT_PAGE};
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::format::vhd_footer::{Footer, FOOTER_LEN};
@@ -380,6 +383,7 @@ fn sync_leased(
                 zeroed_bytes: r.restore.zero_bytes,
                 zeroed_ranges: 0,
                 requests: r.requests,
+                gap_bytes: 0,
             };
             (c, r.uploaded_bytes)
         }
@@ -417,7 +421,14 @@ fn sync_leased(
                         &olds,
                         progress,
                         |frames, extents, base, ranges| {
-                            for (rs, re) in page_regions(ranges, align, data_size) {
+                            // Nearby changes go out as one region: each request costs about
+                            // as much service time as 120 KiB of body.
+                            let (regions, gap_bytes) = merge_near(
+                                &page_regions(ranges, align, data_size),
+                                writer_options.coalesce_gap,
+                                MAX_PUT_PAGE as u64,
+                            );
+                            for (rs, re) in regions {
                                 let len = usize::try_from(re - rs).map_err(|_| {
                                     Error::Internal("region larger than memory".into())
                                 })?;
@@ -449,7 +460,10 @@ fn sync_leased(
                                     data: buf,
                                 })?;
                             }
-                            Ok(super::tally(extents, base, ranges))
+                            Ok(Counts {
+                                gap_bytes,
+                                ..super::tally(extents, base, ranges)
+                            })
                         },
                     )
                 })
