@@ -16,6 +16,7 @@ mod encryption_repo;
 mod faultproxy;
 mod foundation;
 mod frames;
+mod fuzz_corpus;
 mod gone_pack;
 mod incremental;
 mod init_like_stores;

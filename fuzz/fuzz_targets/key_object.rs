@@ -4,14 +4,9 @@
 //! cheap test parameters are skipped so that the fuzzer spends its time on parsing.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use stackvault::crypto::keyfile::{KdfParams, KeyObject};
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(key) = KeyObject::decode(data, "fuzz") {
-        assert_eq!(key.encode(), data);
-        let cheap = KdfParams::INSECURE_TEST;
-        if key.kdf.m_kib <= cheap.m_kib && key.kdf.t <= cheap.t && key.kdf.p <= cheap.p {
-            let _ = key.unwrap(b"password", "fuzz");
-        }
-    }
-});
+#[path = "../checks.rs"]
+#[allow(dead_code)]
+mod checks;
+
+fuzz_target!(|data: &[u8]| checks::key_object(data));

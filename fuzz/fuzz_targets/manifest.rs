@@ -3,10 +3,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(m) = stackvault::format::manifest::Manifest::from_bytes(data, "fuzz") {
-        for s in m.segments() {
-            let _ = s;
-        }
-    }
-});
+#[path = "../checks.rs"]
+#[allow(dead_code)]
+mod checks;
+
+fuzz_target!(|data: &[u8]| checks::manifest(data));
