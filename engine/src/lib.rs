@@ -26,6 +26,12 @@
 //! `source`, `azure`, `chunker` and `changes` know nothing of repositories; `host` and
 //! `progress` are leaves. `docs/design.md` ("Where things live") has the map and the rule of
 //! each seam.
+//!
+//! The remote backends are cargo features ([`features`]), both on by default: `azure` (the
+//! Blob REST transport in [`azure`] beyond its URL and option types, page blob sources and
+//! targets, block-blob repositories) and `s3` (S3-compatible repositories). Without them the
+//! engine has no HTTP or TLS crate, and reaching such a store or blob is
+//! [`Error::Unsupported`] naming the feature to rebuild with.
 
 pub mod azure;
 pub mod backup;
@@ -36,8 +42,10 @@ pub mod crash;
 pub mod crypto;
 pub mod diff;
 pub mod error;
+pub mod features;
 pub mod format;
 pub mod host;
+#[cfg(any(feature = "azure", feature = "s3"))]
 pub mod http_error;
 pub mod index;
 pub mod lock;
@@ -67,6 +75,7 @@ pub use maintain::{stats, StatsReport};
 pub use progress::{Cancel, NoProgress, Progress};
 pub use read::{ReaderOptions, SnapshotReader};
 pub use repo::{InitOptions, Repo};
+#[cfg(feature = "azure")]
 pub use restore::pageblob::{restore_to_page_blob, PageBlobRestoreOptions, PageBlobRestoreReport};
 pub use restore::{restore_to_file, OutputFormat, RestoreOptions, RestoreReport};
 pub use source::{open_source, DiskSource, SourceFormat, SourceOptions};

@@ -10,6 +10,10 @@
 //! - [`BlobClient`] (page blobs, for disk sources and restore targets), [`pagewriter`],
 //!   [`pagereader`] and [`lease`] (one writer per blob) on top of it; the block-blob repository backend lives in `store::azure`.
 //!
+//! Without the `azure` feature (see [`crate::features`]) only what parsing a URL, a plan or a
+//! command line needs is built: [`url`], the [`RetryPolicy`], [`Profile`], [`BlobOptions`] and
+//! the service limits; nothing here then speaks HTTP.
+//!
 //! Invariants:
 //! - Secrets never leave the request: URLs shown anywhere (errors, reports, manifests) carry
 //!   no query string; service error bodies are reduced to their `Code` and `Message`, with any
@@ -18,18 +22,30 @@
 //!   (2019-07-07 unless overridden). On Stack Hub, a `400 InvalidHeaderValue` naming
 //!   `x-ms-version` steps down once to 2017-11-09 and records a note saying so.
 
+#[cfg(feature = "azure")]
 mod blob;
+#[cfg(feature = "azure")]
 pub(crate) mod client;
+#[cfg(feature = "azure")]
 pub(crate) mod error;
+#[cfg(feature = "azure")]
 pub mod lease;
+#[cfg(feature = "azure")]
 pub mod metadata;
+#[cfg(feature = "azure")]
 pub mod pagereader;
+#[cfg(feature = "azure")]
 pub mod pagewriter;
 pub mod retry;
+#[cfg(feature = "azure")]
 pub mod sign;
+// Without `azure`, only the address helpers shown to users are needed of it.
+#[cfg_attr(not(feature = "azure"), allow(dead_code))]
 pub mod url;
 
+#[cfg(feature = "azure")]
 pub use blob::BlobClient;
+#[cfg(feature = "azure")]
 pub use client::{RequestCounter, RequestKind};
 pub use retry::RetryPolicy;
 pub use url::{is_blob_url, redact, without_query};
@@ -128,6 +144,7 @@ impl std::fmt::Debug for BlobOptions {
 }
 
 /// What Get Blob Properties said.
+#[cfg(feature = "azure")]
 #[derive(Clone, Debug)]
 pub struct BlobProperties {
     pub size: u64,
@@ -141,11 +158,12 @@ pub struct BlobProperties {
 pub type PageRange = (u64, u64);
 
 /// An RFC 1123 date (`Sun, 06 Nov 1994 08:49:37 GMT`).
+#[cfg(feature = "azure")]
 pub fn http_date(t: std::time::SystemTime) -> String {
     httpdate::fmt_http_date(t)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "azure"))]
 mod tests {
     use super::*;
     use std::time::{Duration, SystemTime};

@@ -8,7 +8,7 @@
 //! N tries"). The pause is exponential backoff with full jitter, except that a `Retry-After`
 //! from the service (seconds or an HTTP date) is honoured, up to [`RETRY_AFTER_CAP`].
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The longest `Retry-After` obeyed; a longer one is taken as this (the service asked for a
 /// pause, not for the backup to hang).
@@ -39,7 +39,8 @@ impl Default for RetryPolicy {
 
 /// The pause a `Retry-After` header asks for: delta-seconds or an HTTP date, capped at
 /// [`RETRY_AFTER_CAP`]; `None` when absent or unreadable.
-pub fn retry_after(value: Option<&str>, now: SystemTime) -> Option<Duration> {
+#[cfg(feature = "azure")]
+pub fn retry_after(value: Option<&str>, now: std::time::SystemTime) -> Option<Duration> {
     let value = value?.trim();
     let wait = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
@@ -77,7 +78,9 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "azure")]
     fn retry_after_reads_seconds_and_dates() {
+        use std::time::SystemTime;
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
         assert_eq!(retry_after(Some("3"), now), Some(Duration::from_secs(3)));
         assert_eq!(

@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::azure::Profile;
 use crate::error::{Error, Result};
-use crate::store::azure::AzureBlobBackend;
-use crate::store::s3::S3Backend;
 use crate::store::Backend;
 
 /// How this host reaches a remote store: not part of the location, since hosts in different
@@ -71,6 +69,7 @@ pub fn set_store_options_for(location: &RepoLocation, options: StoreOptions) {
 }
 
 /// Writes `options` to `file` whole (temporary name, then rename).
+#[cfg_attr(not(any(feature = "azure", feature = "s3")), allow(dead_code))]
 fn remember(file: &Path, options: &StoreOptions) -> std::io::Result<()> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
@@ -182,25 +181,36 @@ impl RepoLocation {
     /// location when they were last given, else the defaults (global Azure, AWS S3);
     /// credentials come from the environment only.
     pub fn connect(&self) -> Result<Arc<dyn Backend>> {
-        let options = self.store_options()?;
         match self {
             RepoLocation::Local(p) => Ok(Arc::new(crate::store::LocalDir::new(p))),
+            #[cfg(feature = "azure")]
             RepoLocation::Azure { .. } => {
+                let options = self.store_options()?;
                 let profile = options.profile.unwrap_or_default();
-                Ok(Arc::new(AzureBlobBackend::from_env(
+                Ok(Arc::new(crate::store::AzureBlobBackend::from_env(
                     &self.to_string(),
                     options.endpoint.as_deref(),
                     profile,
                 )?))
             }
-            RepoLocation::S3 { .. } => Ok(Arc::new(S3Backend::open(
-                &self.to_string(),
-                options.endpoint.as_deref(),
-            )?)),
+            #[cfg(feature = "s3")]
+            RepoLocation::S3 { .. } => {
+                let options = self.store_options()?;
+                Ok(Arc::new(crate::store::S3Backend::open(
+                    &self.to_string(),
+                    options.endpoint.as_deref(),
+                )?))
+            }
+            // Refused before any option is remembered or credential read.
+            #[cfg(not(feature = "azure"))]
+            RepoLocation::Azure { .. } => Err(crate::features::Feature::Azure.missing()),
+            #[cfg(not(feature = "s3"))]
+            RepoLocation::S3 { .. } => Err(crate::features::Feature::S3.missing()),
         }
     }
 
     /// The options to reach this (remote) location: given ones are remembered for next time.
+    #[cfg_attr(not(any(feature = "azure", feature = "s3")), allow(dead_code))]
     fn store_options(&self) -> Result<StoreOptions> {
         if !self.is_remote() {
             return Ok(StoreOptions::default());

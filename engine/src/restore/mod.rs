@@ -25,6 +25,7 @@
 //! looks like a valid VHD, even before the rename.
 
 pub mod fetch;
+#[cfg(feature = "azure")]
 pub mod pageblob;
 pub mod vhd;
 

@@ -6,10 +6,12 @@
 //! so different containers of the same disk deduplicate completely. Known-zero ranges are
 //! never read. Sources know nothing of repositories.
 
+#[cfg(feature = "azure")]
 pub mod pageblob;
 mod raw;
 pub mod vhd;
 
+#[cfg(feature = "azure")]
 pub use pageblob::PageBlobSource;
 pub use raw::RawFile;
 pub use vhd::VhdDisk;
@@ -190,6 +192,20 @@ pub fn open_source(path: &Path, options: &SourceOptions) -> Result<Box<dyn DiskS
         )));
     }
     Ok(Box::new(RawFile::open(path)?))
+}
+
+/// Opens the page blob at `url` as a backup source; a build without the `azure` feature says
+/// so ([`Feature::missing`](crate::features::Feature::missing)).
+pub fn open_page_blob(
+    url: &str,
+    options: &crate::azure::BlobOptions,
+) -> Result<Box<dyn DiskSource>> {
+    #[cfg(feature = "azure")]
+    return Ok(Box::new(PageBlobSource::open(url, options)?));
+    #[cfg(not(feature = "azure"))]
+    let _unused = (url, options);
+    #[cfg(not(feature = "azure"))]
+    return Err(crate::features::Feature::Azure.missing());
 }
 
 #[cfg(test)]

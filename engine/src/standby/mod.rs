@@ -26,6 +26,7 @@ pub mod changes;
 pub mod check;
 pub mod coalesce;
 pub mod local;
+#[cfg(feature = "azure")]
 pub mod pageblob;
 pub mod record;
 
@@ -229,7 +230,10 @@ pub fn sync(
         }
     }
     match TargetKind::of(target) {
+        #[cfg(feature = "azure")]
         TargetKind::Blob(url) => pageblob::sync(repo, snapshot, &url, options, progress),
+        #[cfg(not(feature = "azure"))]
+        TargetKind::Blob(_) => Err(crate::features::Feature::Azure.missing()),
         TargetKind::File(path) => local::sync(repo, snapshot, &path, None, options, progress),
         TargetKind::Device { path, block } => {
             local::sync(repo, snapshot, &path, Some(block), options, progress)
@@ -240,7 +244,10 @@ pub fn sync(
 /// Reads the record of `target` (see [`StatusReport`]).
 pub fn status(target: &str, options: &SyncOptions) -> Result<StatusReport> {
     match TargetKind::of(target) {
+        #[cfg(feature = "azure")]
         TargetKind::Blob(url) => pageblob::status(&url, options),
+        #[cfg(not(feature = "azure"))]
+        TargetKind::Blob(_) => Err(crate::features::Feature::Azure.missing()),
         TargetKind::File(path) => local::status(&path, None, options),
         TargetKind::Device { path, .. } => local::status(&path, Some(()), options),
     }

@@ -26,6 +26,7 @@
 //! an in-memory backend and fault-injecting wrappers, and one contract test suite runs
 //! against each.
 
+#[cfg(feature = "azure")]
 pub mod azure;
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
@@ -37,15 +38,18 @@ mod memory;
 pub use memory::MemoryBackend;
 pub mod pack;
 pub mod reseal;
+#[cfg(feature = "s3")]
 pub mod s3;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "azure")]
 pub use azure::{
     AzureBlobBackend, AzureCredential, AzureStoreOptions, BLOCK_SIZE as AZURE_BLOCK_SIZE,
     PUT_BLOB_MAX as AZURE_PUT_BLOB_MAX,
 };
 pub use local::LocalDir;
+#[cfg(feature = "s3")]
 pub use s3::S3Backend;
 
 use std::collections::BTreeMap;

@@ -20,6 +20,8 @@
 
 mod check;
 mod deltas;
+#[cfg(feature = "azure")]
+mod pageblob;
 mod records;
 mod snapshot;
 mod target;
@@ -30,8 +32,10 @@ pub use check::{
     LEFTOVER_MIN_AGE_SECS,
 };
 pub use deltas::OrphanDelta;
+#[cfg(feature = "azure")]
+pub use pageblob::{open_page_blob_target, PageBlobTarget, READ_PARALLEL};
 pub use snapshot::verify_snapshot;
-pub use target::{open_page_blob_target, open_target, verify_target, PageBlobTarget};
+pub use target::{open_target, verify_target};
 
 use std::time::Instant;
 

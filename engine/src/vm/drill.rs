@@ -21,7 +21,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{blob_access, Plan};
-use super::{blob_in, restore_path, VmSnapshot};
+use super::{restore_path, VmSnapshot};
 use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
 use crate::format::short_id;
@@ -245,6 +245,8 @@ struct Scratch<'a> {
 }
 
 /// Restores and verifies one disk; returns its drill entry and where it went.
+// Without `azure`, a container target is refused and its naming parts go unused.
+#[cfg_attr(not(feature = "azure"), allow(unused_variables))]
 fn drill_disk(
     repo: &Repo,
     name: &str,
@@ -287,8 +289,9 @@ fn drill_disk(
                     (ms, v, s)
                 })
             }
+            #[cfg(feature = "azure")]
             DrillTarget::Container { url, blob } => {
-                let blob_url = blob_in(url, &format!("drill-{vm}-{name}-{stamp}.vhd"));
+                let blob_url = super::blob_in(url, &format!("drill-{vm}-{name}-{stamp}.vhd"));
                 let shown = crate::azure::redact(&blob_url);
                 let options = crate::restore::pageblob::PageBlobRestoreOptions {
                     blob: blob.clone(),
@@ -304,6 +307,8 @@ fn drill_disk(
                 entry.restored_bytes = r.restore.bytes_written;
                 Ok((restore_ms, v, shown))
             }
+            #[cfg(not(feature = "azure"))]
+            DrillTarget::Container { .. } => Err(crate::features::Feature::Azure.missing()),
         }
     })();
     let shown = match result {
@@ -565,7 +570,7 @@ mod tests {
         ));
         assert_eq!(id_of_key("drills/abc"), None);
         assert_eq!(
-            blob_in("https://a/c?sv=1", "b.vhd"),
+            crate::vm::blob_in("https://a/c?sv=1", "b.vhd"),
             "https://a/c/b.vhd?sv=1"
         );
     }

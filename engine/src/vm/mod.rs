@@ -455,6 +455,7 @@ fn disk_summaries(
 }
 
 /// `https://…/container?sas` + `blob` → `https://…/container/blob?sas`.
+#[cfg(any(test, feature = "azure"))]
 pub(crate) fn blob_in(container: &str, blob: &str) -> String {
     let (base, query) = match container.split_once('?') {
         Some((base, query)) => (base, Some(query)),
@@ -473,6 +474,7 @@ pub fn restore_blob_name(vm: &str, disk: &str) -> String {
 }
 
 /// The outcome of [`restore_vm_to_container`].
+#[cfg(feature = "azure")]
 #[derive(Clone, Debug, Serialize)]
 pub struct VmBlobRestoreReport {
     pub vm_snapshot_id: String,
@@ -487,6 +489,7 @@ pub struct VmBlobRestoreReport {
 /// `container` (a SAS, if any, in its query), named [`restore_blob_name`], in parallel; each
 /// as `restore` into a page blob does (fixed VHD, Azure-ready, footer last, every chunk
 /// verified), with `options` for each.
+#[cfg(feature = "azure")]
 pub fn restore_vm_to_container(
     repo: &Repo,
     snapshot: &VmSnapshot,

@@ -639,9 +639,7 @@ impl DiskPlan {
             self.profile,
             &what,
         )?;
-        Ok(Box::new(crate::source::PageBlobSource::open(
-            &url, &options,
-        )?))
+        crate::source::open_page_blob(&url, &options)
     }
 }
 
