@@ -8,9 +8,6 @@
 //! produce: same cipher, same associated data, same layout (`format-spec/encryption.md`).
 //! In a plain repository the nonce and tag take no room and both are the identity.
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{Tag, XNonce};
-
 use super::{ObjectAd, Protection, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
@@ -42,17 +39,19 @@ impl Protection {
         let (nonce_room, plaintext) = head.split_at_mut(NONCE_LEN);
         let tag = keys
             .cipher_for(ad.kind)
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &ad.encode(), plaintext)
+            .encrypt_in_place_detached(&nonce, &ad.encode(), plaintext)
             .map_err(|_| Error::Internal(format!("seal {:?} {}", ad.kind, ad.name)))?;
         nonce_room.copy_from_slice(&nonce);
         tail.copy_from_slice(&tag);
         Ok(())
     }
 
-    /// Opens in place a stored object (`nonce ‖ ciphertext ‖ tag`, as read): checks the tag
-    /// first, then decrypts where it lies and returns the plaintext, a part of `stored`. Errors
+    /// Opens in place a stored object (`nonce ‖ ciphertext ‖ tag`, as read): decrypts and
+    /// authenticates it where it lies and returns the plaintext, a part of `stored`, only if
+    /// the tag verifies. Errors
     /// as [`Protection::open`] (a wrong tag is [`Error::Corrupt`] at `location`, `offset`); on
-    /// an error `stored` is left as it was. Plain: `stored` itself.
+    /// an error the ciphertext in `stored` is zeroed, so no unauthenticated plaintext is ever
+    /// left there. Plain: `stored` itself.
     pub fn open_in_place<'s>(
         &self,
         ad: &ObjectAd<'_>,
@@ -64,7 +63,10 @@ impl Protection {
             return Ok(stored);
         };
         let len = stored.len();
-        let Some(sealed_end) = len.checked_sub(TAG_LEN).filter(|&end| end >= NONCE_LEN) else {
+        let Some((nonce, (ciphertext, tag))) = stored
+            .split_first_chunk_mut::<NONCE_LEN>()
+            .and_then(|(nonce, rest)| Some((nonce, rest.split_last_chunk_mut::<TAG_LEN>()?)))
+        else {
             return Err(Error::corrupt(
                 location,
                 offset,
@@ -74,15 +76,8 @@ impl Protection {
                 ),
             ));
         };
-        let (head, tag) = stored.split_at_mut(sealed_end);
-        let (nonce, ciphertext) = head.split_at_mut(NONCE_LEN);
         keys.cipher_for(ad.kind)
-            .decrypt_in_place_detached(
-                XNonce::from_slice(nonce),
-                &ad.encode(),
-                ciphertext,
-                Tag::from_slice(tag),
-            )
+            .decrypt_in_place_detached(nonce, &ad.encode(), ciphertext, tag)
             .map_err(|_| {
                 Error::corrupt(
                     location,
@@ -142,18 +137,17 @@ mod tests {
     }
 
     #[test]
-    fn open_in_place_refuses_damage_and_leaves_the_bytes() -> Result<()> {
+    fn open_in_place_refuses_damage_and_leaves_no_plaintext() -> Result<()> {
         let p = keys();
         let sealed = p.seal(&AD, b"hello".to_vec())?;
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
-            let before = bad.clone();
             assert!(matches!(
                 p.open_in_place(&AD, &mut bad, "x", 9),
                 Err(Error::Corrupt { offset: 9, .. })
             ));
-            assert_eq!(bad, before);
+            assert!(!bad.windows(5).any(|w| w == b"hello"));
         }
         let other = ObjectAd { part: 17, ..AD };
         assert!(p

@@ -503,6 +503,33 @@ mod tests {
         )
     }
 
+    /// Argon2id with several lanes gives the reference implementation's bytes (libargon2's
+    /// `argon2id_hash_raw`, the values below), whether the lanes are computed one after the
+    /// other or in parallel: the format's vectors use p = 1, and every default key p = 4.
+    #[test]
+    fn argon2id_with_four_lanes_matches_the_reference() -> Result<()> {
+        let password = b"correct horse battery staple";
+        let salt = [3u8; SALT_LEN];
+        for (params, expected) in [
+            (
+                KdfParams {
+                    m_kib: 1024,
+                    t: 2,
+                    p: 4,
+                },
+                "84ca6a53170658402bdef26c49d258b9f01cb7ec0263bd188dd3934bbb5dea49",
+            ),
+            (
+                KdfParams::DEFAULT,
+                "8c9d68f093cb3be59052be89c4a52ced026e20b85c4857b9c645df3e7eb842ac",
+            ),
+        ] {
+            let key = params.derive(password, &salt)?;
+            assert_eq!(crate::format::hex(key.as_ref()), expected, "{params:?}");
+        }
+        Ok(())
+    }
+
     /// A version 2 key (naming and sealing secret).
     fn sample(password: &[u8]) -> Result<KeyObject> {
         sample_of(

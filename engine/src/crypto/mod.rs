@@ -16,16 +16,16 @@
 //! replayed under another name; opening checks the tag before any byte is returned; key bytes
 //! live in [`Zeroizing`] buffers and never reach `Debug`, errors, logs or caches.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 pub use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::format::ChunkId;
+use xchacha::XChaCha20Poly1305;
 
 mod in_place;
 pub mod keyfile;
 pub mod unlock;
+pub mod xchacha;
 
 /// Length of each secret and of every derived subkey.
 pub const KEY_LEN: usize = 32;
@@ -249,8 +249,8 @@ impl RepoKeys {
             chunker: naming(CONTEXT_CHUNKER),
             object_id: naming(CONTEXT_OBJECT_ID),
             naming_fingerprint: naming(CONTEXT_NAMING_FINGERPRINT),
-            data: XChaCha20Poly1305::new(data.as_ref().into()),
-            metadata: XChaCha20Poly1305::new(metadata.as_ref().into()),
+            data: XChaCha20Poly1305::new(&data),
+            metadata: XChaCha20Poly1305::new(&metadata),
         }
     }
 
@@ -422,7 +422,7 @@ impl Protection {
         let Protection::Encrypted(keys) = self else {
             return Ok(stored.to_vec());
         };
-        let (nonce, sealed) = match stored.split_at_checked(NONCE_LEN) {
+        let (nonce, sealed) = match stored.split_first_chunk::<NONCE_LEN>() {
             Some(parts) if parts.1.len() >= TAG_LEN => parts,
             _ => {
                 return Err(Error::corrupt(
@@ -438,13 +438,7 @@ impl Protection {
         };
         let aad = ad.encode();
         keys.cipher_for(ad.kind)
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad,
-                },
-            )
+            .decrypt(nonce, &aad, sealed)
             .map_err(|_| {
                 Error::corrupt(
                     location,
@@ -468,13 +462,7 @@ fn seal_under(
     let aad = ad.encode();
     let sealed = keys
         .cipher_for(ad.kind)
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad: &aad,
-            },
-        )
+        .encrypt(&nonce, &aad, plaintext)
         .map_err(|_| Error::Internal(format!("seal {:?} {}", ad.kind, ad.name)))?;
     let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
     out.extend_from_slice(&nonce);
