@@ -21,9 +21,22 @@ Disks: `--data DIR` (gen0.raw, gen1.raw, gen2.raw, e.g. the 4 GiB dataset), else
 generation) when present, else generated here (256 MiB, 55 % real files of /usr, 5 % of the
 blocks rewritten per generation).
 
+Only some steps: `--steps restore` measures the gen2 restore alone. Each tool then fills one
+repository per store and repetition with gen0..gen2 at 0 ms (not measured), and restores it at
+every round trip of `--rtt`; `--base-bin OLD` restores the same repository with a second
+stackvault binary too, alternating with `--bin` (rows `restore [base]`), so a before/after
+comparison shares the repository, the server and the load. `--sweep-in-flight N,N` and
+`--sweep-gap-kib K,K` add restores with `STACKVAULT_RESTORE_GETS_IN_FLIGHT=N` (rows
+`restore@N`) and `STACKVAULT_RESTORE_GAP_BYTES=K*1024` (rows `restore gap=K`).
+
 Usage: python3 benches/remote.py [--bin target/release/stackvault] [--size-mib 256]
                                  [--data DIR] [--reps 3] [--rtt 0,20] [--stores moto,azurite]
+                                 [--steps gen0,gen1,gen2,restore] [--base-bin OLD]
                                  [--results benches/RESULTS.md]
+
+The lead's restore-only run of the 4 GiB dataset (restore rows only, before/after):
+  python3 benches/remote.py --bin NEW --base-bin OLD --data /var/tmp/bench4/data --reps 1 \
+      --rtt 20,0 --stores moto,azurite --steps restore
 """
 
 import argparse
@@ -328,7 +341,61 @@ def make_disks(work, size_mib):
     return gens, "generated (55 % of /usr files, 5 % of 4 KiB blocks rewritten per generation)"
 
 
-def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda name, m: None):
+def sweep_steps(sweep, gaps):
+    """Extra restore steps: (name, extra environment)."""
+    return ([(f"restore@{n}", {"STACKVAULT_RESTORE_GETS_IN_FLIGHT": str(n)}) for n in sweep] +
+            [(f"restore gap={k}", {"STACKVAULT_RESTORE_GAP_BYTES": str(k * 1024)})
+             for k in gaps])
+
+
+def restore_only(tool, bins, gens, store, proxy, work, rtts, rep, extra, on_step):
+    """`--steps restore`: fills a fresh place of `store` with gen0..gen2 at 0 ms (not
+    measured), then restores gen2 at each round trip of `rtts` (ms), with every binary of
+    `bins` ((label, path), alternating their order by repetition) for stackvault. `on_step`
+    gets (rtt, label, step, measurements)."""
+    place = store.new_place()
+    env = dict(os.environ, RESTIC_PASSWORD="bench", STACKVAULT_PASSWORD="bench",
+               XDG_CACHE_HOME=os.path.join(work, f"cache-{place}"), **store.env())
+    restored = os.path.join(work, "restored")
+    os.makedirs(restored, exist_ok=True)
+    sv_repo, endpoint, restic_repo = store.locations(place, proxy)
+    proxy.rtt = 0
+    if tool == "stackvault":
+        binary = bins[0][1]
+        subprocess.run([binary, "--quiet", "--endpoint", endpoint, "init", sv_repo], env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+        for g in range(3):
+            timed([binary, "--quiet", "backup", sv_repo, gens[g], "--disk", "d"], env)
+    else:
+        subprocess.run(["restic", "-q", "-r", restic_repo, "init"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        for g in range(3):
+            timed(["sh", "-c", f"restic -q -r {restic_repo} backup --stdin --stdin-filename "
+                   f"d.raw < {gens[g]}"], env)
+    for rtt_ms in rtts:
+        proxy.rtt = rtt_ms / 1000
+        if tool == "stackvault":
+            order = bins if rep % 2 == 0 else list(reversed(bins))
+            runs = [(label, binary, "restore", {}) for label, binary in order]
+            runs += [(bins[0][0], bins[0][1], name, more) for name, more in extra]
+            for label, binary, step, more in runs:
+                proxy.reset()
+                wall, rss, _ = timed([binary, "--quiet", "restore", sv_repo, "latest",
+                                      os.path.join(restored, "gen2.raw"), "--force"],
+                                     dict(env, **more))
+                on_step(rtt_ms, label, step, dict(proxy.reset(), wall=wall, rss=rss))
+        else:
+            proxy.reset()
+            wall, rss, _ = timed(["restic", "-q", "-r", restic_repo, "restore", "latest",
+                                  "--target", restored], env)
+            on_step(rtt_ms, "restic", "restore", dict(proxy.reset(), wall=wall, rss=rss))
+        shutil.rmtree(restored, ignore_errors=True)
+        os.makedirs(restored, exist_ok=True)
+    shutil.rmtree(restored, ignore_errors=True)
+
+
+def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda name, m: None,
+             measured=("gen0", "gen1", "gen2", "restore")):
     """One repetition of one tool: gen0..gen2 backups and a gen2 restore, in a fresh bucket
     or container of `store`; for stackvault, then a gen2 restore with each number of GETs in
     flight of `sweep` (steps `restore@N`). `on_step` gets each step's measurements as soon as
@@ -349,7 +416,7 @@ def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda na
                  for g in range(3)]
         steps.append(("restore", [binary, "--quiet", "restore", sv_repo, "latest",
                                   os.path.join(restored, "gen2.raw"), "--force"]))
-        steps += [(f"restore@{n}", steps[-1][1]) for n in sweep]
+        steps += [(name, steps[-1][1]) for name, _ in sweep]
     else:
         subprocess.run(["restic", "-q", "-r", restic_repo, "init"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
@@ -358,19 +425,22 @@ def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda na
         steps.append(("restore", ["restic", "-q", "-r", restic_repo, "restore", "latest",
                                   "--target", restored]))
     os.makedirs(restored, exist_ok=True)
+    rtt = proxy.rtt
     for g, (name, cmd) in enumerate(steps):
+        # A step not measured (--steps) runs at 0 ms and is not recorded.
+        proxy.rtt = rtt if name.split("@")[0].split(" ")[0] in measured else 0
         proxy.reset()
         if tool == "restic" and name != "restore":
             # restic reads a single disk file from stdin (it would otherwise back up a tree).
             cmd = ["sh", "-c", " ".join(cmd) + f" < {gens[g]}"]
-        step_env = env
-        if "@" in name:
-            step_env = dict(env, STACKVAULT_RESTORE_GETS_IN_FLIGHT=name.split("@")[1])
+        step_env = dict(env, **dict(sweep).get(name, {}))
         wall, rss, _ = timed(cmd, step_env)
         out[name] = dict(proxy.reset(), wall=wall, rss=rss)
         if name == "gen2":
             out[name]["stored"] = store.stored_bytes(place)
-        on_step(name, out[name])
+        if proxy.rtt == rtt:
+            on_step(name, out[name])
+    proxy.rtt = rtt
     shutil.rmtree(restored, ignore_errors=True)
     return out
 
@@ -387,6 +457,14 @@ def main():
     ap.add_argument("--results", default=os.path.join(ROOT, "benches", "RESULTS.md"))
     ap.add_argument("--sweep-in-flight", default="",
                     help="also restore with each of these numbers of GETs in flight (N,N,…)")
+    ap.add_argument("--sweep-gap-kib", default="",
+                    help="also restore with each of these read-through gaps in KiB (K,K,…)")
+    ap.add_argument("--steps", default="gen0,gen1,gen2,restore",
+                    help="steps to measure; `restore` alone fills each repository at 0 ms "
+                         "unmeasured and restores it at every --rtt")
+    ap.add_argument("--base-bin", default=None,
+                    help="with --steps restore: a second stackvault binary restoring the same "
+                         "repository, alternated with --bin (rows `restore [base]`)")
     ap.add_argument("--tools", default="stackvault,restic")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the table from --work's raw.json (a partial run)")
@@ -420,10 +498,35 @@ def main():
     tools = args.tools.split(",")
     runs = ([("stackvault", st) for st in stores] if "stackvault" in tools else []) + \
         ([("restic", "moto")] if "restic" in tools else [])
-    sweep = [int(n) for n in args.sweep_in_flight.split(",") if n]
+    sweep = sweep_steps([int(n) for n in args.sweep_in_flight.split(",") if n],
+                        [int(k) for k in args.sweep_gap_kib.split(",") if k])
+    steps = args.steps.split(",")
     results = {}
     started = time.time()
-    for rtt_ms in rtts:
+
+    def save():
+        with open(os.path.join(work, "raw.json"), "w") as f:
+            json.dump({"|".join(map(str, k)): v for k, v in results.items()}, f, indent=1)
+
+    if steps == ["restore"]:
+        bins = [("stackvault", args.bin)] + ([("stackvault-base", args.base_bin)]
+                                             if args.base_bin else [])
+        for rep in range(args.reps):
+            order = runs if rep % 2 == 0 else list(reversed(runs))
+            for tool, store_name in order:
+                store = (Moto if store_name == "moto" else Azurite)(work)
+                try:
+                    proxy = Proxy(store.port, 0)
+                    log(f"rep {rep + 1}: {tool} on {store_name}, restores at {rtts} ms")
+
+                    def keep(rtt_ms, label, step, m, store_name=store_name):
+                        results.setdefault((rtt_ms, label, store_name, step), []).append(m)
+                        save()
+
+                    restore_only(tool, bins, gens, store, proxy, work, rtts, rep, sweep, keep)
+                finally:
+                    store.stop()
+    for rtt_ms in (rtts if steps != ["restore"] else []):
         for rep in range(args.reps):
             order = runs if rep % 2 == 0 else list(reversed(runs))
             for tool, store_name in order:
@@ -437,11 +540,12 @@ def main():
                             json.dump({"|".join(map(str, k)): v for k, v in results.items()},
                                       f, indent=1)
 
-                    run_tool(tool, args.bin, gens, store, proxy, work, sweep, keep)
+                    run_tool(tool, args.bin, gens, store, proxy, work, sweep, keep, steps)
                 finally:
                     store.stop()
     load_after = os.getloadavg()
     header = (f"`benches/remote.py --reps {args.reps} --rtt {args.rtt} --stores {args.stores}"
+              f" --steps {args.steps}{' --base-bin ' + args.base_bin if args.base_bin else ''}"
               f"{' --data ' + args.data if args.data else ''}`; disks: {origin}, {size_mib} MiB;"
               f" binary {args.bin} ({'release' if 'release' in args.bin else 'debug'} profile);"
               f" {version.strip()}. Load average before/after: {load_before[0]:.1f} / "
@@ -477,18 +581,29 @@ def table(results, stores, rtts, gib, reps, header):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = ("wall", "rss", "requests", "sent", "received", "puts")
     mib = 2 ** 20
-    sweeps = sorted({k[3] for k in results if "@" in k[3]}, key=lambda s: int(s.split("@")[1]))
+    base_steps = ["gen0", "gen1", "gen2", "restore"]
+
+    def sweep_order(step):
+        # `restore@4` before `restore@16`, then `restore gap=0` … by number.
+        return (step.rstrip("0123456789"), int("".join(c for c in step if c.isdigit()) or 0))
+
+    sweeps = sorted({k[3] for k in results if k[3] not in base_steps}, key=sweep_order)
+    rows = [(step, "stackvault", step) for step in base_steps[:3]]
+    rows += [("restore", "stackvault", "restore"),
+             ("restore", "stackvault-base", "restore [base]")]
+    rows += [(step, "stackvault", step) for step in sweeps]
     for store in stores:
         for rtt in rtts:
-            for step in ["gen0", "gen1", "gen2", "restore"] + sweeps:
-                sv = {k: med(rtt, "stackvault", store, step, k) for k in keys}
-                rs = {k: med(rtt, "restic", "moto", step.split("@")[0], k) for k in keys}
-                if sv["wall"] is None and rs["wall"] is None:
+            for step, tool, shown in rows:
+                sv = {k: med(rtt, tool, store, step, k) for k in keys}
+                rs = {k: med(rtt, "restic", "moto", step.split("@")[0].split(" ")[0], k)
+                      for k in keys}
+                if sv["wall"] is None and (rs["wall"] is None or tool != "stackvault"):
                     continue
                 ratio = (None if sv["wall"] is None or rs["wall"] is None
                          else rs["wall"] / max(sv["wall"], 1e-3))
                 lines.append(
-                    f"| {store} | {rtt} ms | {step} | {fmt(sv['wall'], '.2f')} | "
+                    f"| {store} | {rtt} ms | {shown} | {fmt(sv['wall'], '.2f')} | "
                     f"{fmt(rs['wall'], '.2f')} | {fmt(ratio, '.2f')}× | "
                     f"{fmt(sv['requests'], '.0f', gib)} | {fmt(rs['requests'], '.0f', gib)} | "
                     f"{fmt(sv['puts'], '.0f')} | {fmt(sv['sent'], '.1f', mib)} | "

@@ -42,6 +42,7 @@ mod remote_maintain;
 mod remote_pipeline;
 mod remote_repo;
 mod remote_restore;
+mod remote_restore_by_pack;
 mod retention;
 mod s3_faults;
 mod s3_readonly;

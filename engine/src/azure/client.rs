@@ -282,6 +282,13 @@ impl Client {
     /// Runs `req` with retries (see [`super::retry`]); an answer with a status in `req.ok` is
     /// returned, any other is an [`Error::Http`] with the service's code and message.
     pub fn request(&self, req: &Request<'_>) -> Result<Response> {
+        self.request_into(req, &mut Vec::new())
+    }
+
+    /// [`Client::request`], reading the answer's body into `body`'s allocation (taken from
+    /// it; the answer's `body` holds it), so that a caller reading many ranges reuses one
+    /// buffer.
+    pub fn request_into(&self, req: &Request<'_>, body: &mut Vec<u8>) -> Result<Response> {
         let shown = format!("{}{}", self.origin, req.path);
         let mut attempt = 0u32;
         loop {
@@ -291,7 +298,7 @@ impl Client {
             if attempt > 1 {
                 self.counter.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let asked = match self.attempt(req, &version) {
+            let asked = match self.attempt(req, &version, std::mem::take(body)) {
                 Attempt::Answer(mut r) if req.ok.contains(&r.status) => {
                     r.attempts = attempt;
                     return Ok(r);
@@ -362,7 +369,7 @@ impl Client {
         !body.contains("<headername>") || body.contains("<headername>x-ms-version</headername>")
     }
 
-    fn attempt(&self, req: &Request<'_>, version: &str) -> Attempt {
+    fn attempt(&self, req: &Request<'_>, version: &str, mut body: Vec<u8>) -> Attempt {
         let method = req.method.as_str();
         let mut all: Vec<(String, String)> = req.headers.to_vec();
         all.push(("x-ms-version".into(), version.to_string()));
@@ -417,7 +424,7 @@ impl Client {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        let mut body = Vec::new();
+        body.clear();
         if req.method != Method::Head {
             let expected = resp
                 .headers()

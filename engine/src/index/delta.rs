@@ -482,6 +482,10 @@ impl Backend for WithDeltas {
         self.inner.get_range(key, offset, len)
     }
 
+    fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
+        self.inner.get_range_into(key, offset, len, buf)
+    }
+
     fn size(&self, key: &str) -> Result<u64> {
         self.inner.size(key)
     }

@@ -18,7 +18,9 @@
 //! the damage and looks the chunk up once more in case prune moved it; any other failure
 //! (the store unreachable after its retries, cancellation) stops the whole read.
 //!
-//! Not tied to restore: the snapshot reader (`read/`) can plan its read-ahead with it.
+//! A remote restore plans its spans with [`plan_spans`] and fetches them itself, in pack order
+//! ([`super::by_pack`]); [`fetch_pipelined`] serves readers that must consume frames in disk
+//! order. Not tied to restore: the snapshot reader (`read/`) can plan its read-ahead with it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -71,9 +73,16 @@ impl Default for FetchLimits {
 /// [`MAX_IN_FLIGHT`]); each request in flight holds up to [`FetchLimits::max_span`] bytes.
 pub const IN_FLIGHT_ENV: &str = "STACKVAULT_RESTORE_GETS_IN_FLIGHT";
 
-/// Most requests in flight [`IN_FLIGHT_ENV`] may ask for: 32 spans of 4 MiB already hold as
-/// much as the windows read ahead.
+/// Most requests in flight [`IN_FLIGHT_ENV`] may ask for: each holds a span buffer of up to
+/// [`FetchLimits::max_span`] bytes, so 32 of 4 MiB are the whole 128 MiB budget.
 pub const MAX_IN_FLIGHT: usize = 32;
+
+/// The environment variable that sets [`FetchLimits::gap`] of a remote restore, in bytes (0
+/// to [`MAX_GAP`]): for measuring, see `benches/remote.py --sweep-gap-kib`.
+pub const GAP_ENV: &str = "STACKVAULT_RESTORE_GAP_BYTES";
+
+/// Largest gap [`GAP_ENV`] may ask for: a span never exceeds [`FetchLimits::max_span`] anyway.
+pub const MAX_GAP: u64 = 4 * 1024 * 1024;
 
 impl FetchLimits {
     /// The defaults, with the requests in flight [`IN_FLIGHT_ENV`] asks for, if set.
@@ -90,6 +99,20 @@ impl FetchLimits {
                         "{IN_FLIGHT_ENV}={value:?}: give a number of requests from 1 to \
                          {MAX_IN_FLIGHT}, or unset it for the default ({})",
                         limits.in_flight
+                    ))
+                })?;
+        }
+        if let Ok(value) = std::env::var(GAP_ENV) {
+            limits.gap = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n <= MAX_GAP)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{GAP_ENV}={value:?}: give a number of bytes from 0 to {MAX_GAP}, or \
+                         unset it for the default ({})",
+                        limits.gap
                     ))
                 })?;
         }

@@ -24,12 +24,12 @@
 //! [`vhd`] and write their footers last, so an interrupted restore never leaves a file that
 //! looks like a valid VHD, even before the rename.
 
+pub mod by_pack;
 pub mod fetch;
 #[cfg(feature = "azure")]
 pub mod pageblob;
 pub mod vhd;
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -43,7 +43,6 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{ContainerFormat, Extent, Manifest, SnapshotMeta};
-use crate::format::pack::chunk_in_frame;
 use crate::format::vhd_footer::DiskType;
 use crate::format::ChunkId;
 use crate::format::SnapshotId;
@@ -51,7 +50,7 @@ use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::store::pack::FrameCache;
-use fetch::{fetch_pipelined, plan_spans, DecodedFrames, FetchLimits, Planned};
+use fetch::FetchLimits;
 
 /// Where restored bytes go. Writes arrive from many threads, at distinct offsets.
 pub trait DiskTarget: Sync {
@@ -77,6 +76,13 @@ pub trait DiskTarget: Sync {
     fn has_segment(&self, offset: u64) -> bool {
         let _ = offset;
         false
+    }
+
+    /// How many bytes of the disk a restore that writes out of disk order (from a remote
+    /// repository, pack by pack) may have in progress at once, per batch of segments: a target
+    /// that assembles segments in memory bounds it. Unbounded by default.
+    fn reorder_limit(&self) -> u64 {
+        u64::MAX
     }
 }
 
@@ -257,22 +263,11 @@ fn restore_direct(
         .try_reduce(RestoreCounts::default, add_counts)
 }
 
-/// Disk bytes of one window of [`restore_planned`], and the decoded frame bytes a window may
-/// need before it stops taking segments (it always takes one): 16 MiB of disk usually lies
-/// in one or two 16 MiB packs, four to six spans of 4 MiB. Windows are fetched ahead of the
-/// one being written within [`FetchLimits::ahead`], so the GETs in flight are fed from
-/// several windows; a small window keeps the decoded frames held per window small.
-const PLAN_WINDOW: u64 = 16 * 1024 * 1024;
-
-/// A window's segments: (start on the disk, extents, where each extent's chunk is).
-type WindowSegments = Vec<(u64, Vec<Extent>, Vec<Option<crate::index::ChunkLocation>>)>;
-
-/// Restores window by window ([`PLAN_WINDOW`] of disk, in disk order): looks up every chunk
-/// of a window and plans the frames they need as coalesced spans of their packs (see
-/// [`fetch`]); the spans of this and the next windows are fetched by one pool of requests in
-/// flight ([`fetch::fetch_pipelined`]) while the window before is written, its segments in
-/// parallel, from the decoded frames, checking each chunk's id. A chunk whose frame is not
-/// among them (damage, a pack prune replaced) is read on its own, which names the damage.
+/// Restores in pack order, region by region (see [`by_pack`]): every chunk of a region is
+/// looked up, the frames holding them are coalesced into spans of their packs (see [`fetch`]),
+/// and `limits.in_flight` fetchers each fetch a span, decode its frames and write each chunk
+/// to every place of the region that holds it. A chunk whose frame is not usable (damage, a
+/// pack prune replaced) is read on its own, which names the damage.
 pub fn restore_planned(
     repo: &Repo,
     snapshot_id: &str,
@@ -281,108 +276,8 @@ pub fn restore_planned(
     progress: &dyn Progress,
     limits: &FetchLimits,
 ) -> Result<RestoreCounts> {
-    let seg = u64::from(manifest.segment_size);
-    let per_window = (PLAN_WINDOW / seg.max(1)).max(1);
-    let count = manifest.segment_count();
-    let mut total = RestoreCounts::default();
-    let mut first = 0;
-    let plan = || -> Result<Option<Planned<WindowSegments>>> {
-        if first >= count {
-            return Ok(None);
-        }
-        crate::progress::checkpoint(progress, "restore-segment")?;
-        let mut window = Vec::new();
-        // Raw bytes of the distinct frames the window needs: chunks deduplicated against
-        // many older frames can need far more than the window's own size.
-        let mut frames_wanted = HashSet::new();
-        let mut frame_bytes = 0u64;
-        let mut last = first;
-        while last < count && (last - first < per_window) && frame_bytes < PLAN_WINDOW {
-            let i = last;
-            last += 1;
-            let start = i * seg;
-            if target.has_segment(start) {
-                progress.advance(seg.min(manifest.virtual_size.saturating_sub(start)));
-                continue;
-            }
-            let extents = manifest.segment(i)?;
-            let mut located = Vec::with_capacity(extents.len());
-            for e in &extents {
-                let found = match e {
-                    Extent::Chunk { id, .. } => repo.locate_chunk(id)?,
-                    Extent::Zero { .. } => None,
-                };
-                if let Some(l) = &found {
-                    if frames_wanted.insert((l.pack.clone(), l.record.offset)) {
-                        frame_bytes += u64::from(l.record.frame_raw_len);
-                    }
-                }
-                located.push(found);
-            }
-            window.push((start, extents, located));
-        }
-        first = last;
-        let spans = plan_spans(
-            window
-                .iter()
-                .flat_map(|(_, _, located)| located.iter().flatten())
-                .map(|l| (l.pack.as_str(), &l.record)),
-            limits,
-        );
-        Ok(Some(Planned {
-            work: window,
-            spans,
-            frame_bytes,
-        }))
-    };
-    let protection = repo.protection();
-    let write_window = |window: WindowSegments, frames: DecodedFrames| -> Result<()> {
-        crate::progress::checkpoint(progress, "restore-segment")?;
-        let counts = window
-            .par_iter()
-            .map_init(
-                || (FrameCache::default(), Vec::new()),
-                |(cache, run), (start, extents, located)| {
-                    write_segment(
-                        snapshot_id,
-                        target,
-                        progress,
-                        *start,
-                        extents,
-                        run,
-                        |k, id, _, append| {
-                            let held = located
-                                .get(k)
-                                .and_then(Option::as_ref)
-                                .and_then(|l| Some((l, frames.get(&l.pack, l.record.offset)?)));
-                            if let Some((l, frame)) = held {
-                                let location = format!("pack {}", l.pack);
-                                match chunk_in_frame(frame, &l.record, protection, &location) {
-                                    Ok(data) => return append(data),
-                                    // Not what the index said: read it alone, which looks
-                                    // it up again (prune may have moved it) or names the
-                                    // damage.
-                                    Err(e) if e.is_corruption() => {}
-                                    Err(e) => return Err(e),
-                                }
-                            }
-                            repo.with_chunk(id, snapshot_id, cache, append)
-                        },
-                    )
-                },
-            )
-            .try_reduce(RestoreCounts::default, add_counts)?;
-        total = add_counts(total, counts)?;
-        Ok(())
-    };
-    fetch_pipelined(
-        repo.backend(),
-        repo.protection(),
-        limits,
-        plan,
-        write_window,
-    )?;
-    Ok(total)
+    by_pack::restore_by_pack(repo, snapshot_id, manifest, target, progress, limits)
+        .map(|(counts, _)| counts)
 }
 
 /// Writes the chunks of one segment (`extents`, starting at `start` of the disk) into

@@ -478,6 +478,12 @@ impl DiskTarget for PageBlobTarget<'_, '_, '_> {
     fn has_segment(&self, offset: u64) -> bool {
         self.confirmed.contains(&self.window_of(offset))
     }
+
+    /// A restore from a remote repository writes out of disk order: windows stay assembled
+    /// until their last chunk comes, so at most a few windows' worth is in progress.
+    fn reorder_limit(&self) -> u64 {
+        4 * self.window
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@ use crate::azure::sign::SharedKey;
 use crate::azure::{url, Profile, RetryPolicy};
 use crate::error::{Error, Result};
 
+/// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
+const RESERVE_MAX: usize = 64 << 20;
+
 /// Largest object sent as a single Put Blob; larger ones go as blocks.
 pub const PUT_BLOB_MAX: usize = 8 << 20;
 /// Size of one staged block of a large object (the last may be shorter).
@@ -463,6 +466,12 @@ impl Backend for AzureBlobBackend {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        self.get_range_into(key, offset, len, &mut body)?;
+        Ok(body)
+    }
+
+    fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
         let short = |got: usize| {
             Error::corrupt(
                 format!("{}/{key}", self.shown),
@@ -471,18 +480,24 @@ impl Backend for AzureBlobBackend {
             )
         };
         if len == 0 {
+            buf.clear();
             return match self.size(key)? {
-                size if size >= offset => Ok(Vec::new()),
+                size if size >= offset => Ok(()),
                 _ => Err(short(0)),
             };
         }
         let last = offset.checked_add(len as u64 - 1).ok_or_else(|| short(0))?;
         let headers = [h("x-ms-range", &format!("bytes={offset}-{last}"))];
-        let r = self.send(
-            key,
-            Request::new(RequestKind::GetBlob, Method::Get, "")
+        let path = self.path_of(key);
+        // The answer is read into the caller's buffer, grown once to the range's size (the
+        // caller's own number, not the service's).
+        buf.clear();
+        buf.reserve(len.min(RESERVE_MAX));
+        let r = self.client.request_into(
+            &Request::new(RequestKind::GetBlob, Method::Get, &path)
                 .headers(&headers)
                 .ok(&[200, 206, 404, 416]),
+            buf,
         )?;
         match r.status {
             404 => Err(self.missing(&r, key)),
@@ -491,13 +506,21 @@ impl Backend for AzureBlobBackend {
             // A 200 is the whole blob (a service that ignored the range).
             200 => {
                 let start = usize::try_from(offset).map_err(|_| short(0))?;
-                r.body
+                let part = r
+                    .body
                     .get(start..)
                     .and_then(|b| b.get(..len))
-                    .map(<[u8]>::to_vec)
-                    .ok_or_else(|| short(r.body.len().saturating_sub(start)))
+                    .ok_or_else(|| short(r.body.len().saturating_sub(start)))?;
+                buf.clear();
+                buf.extend_from_slice(part);
+                Ok(())
             }
-            _ => Ok(r.body.into_iter().take(len).collect()),
+            // The body itself, not a copy: restores read spans of megabytes.
+            _ => {
+                *buf = r.body;
+                buf.truncate(len);
+                Ok(())
+            }
         }
     }
 

@@ -125,6 +125,14 @@ pub trait Backend: Send + Sync {
     /// [`Corrupt`]: crate::Error::Corrupt
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
 
+    /// [`Backend::get_range`] into `buf`, replacing what it held: a reader of many ranges
+    /// (a restore's span fetchers) keeps one allocation instead of one per range, which the
+    /// allocator may not give back. Stores that read answers off the network override it.
+    fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get_range(key, offset, len)?;
+        Ok(())
+    }
+
     /// Size of an object in bytes; [`NotFound`](crate::Error::NotFound) when there is none.
     fn size(&self, key: &str) -> Result<u64>;
 

@@ -38,6 +38,9 @@ use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
 use crate::http_error::{self, is_transient, NoAnswer};
 
+/// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
+const RESERVE_MAX: usize = 64 << 20;
+
 /// Size of each part of a multipart upload (the last may be smaller).
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 /// Objects larger than this go up in parts; smaller ones in one PUT.
@@ -524,13 +527,19 @@ impl S3Backend {
     /// Runs `call` with retries. Returns the answer for any status that is not retried (the
     /// caller decides what it means); retried statuses and failures that persist are errors.
     fn execute(&self, call: &Call<'_>) -> Result<Response> {
-        self.execute_checked(call, None)
+        self.execute_checked(call, None, &mut Vec::new())
     }
 
     /// [`S3Backend::execute`] for a ranged read starting at `range_start`: a 206 answer whose
     /// body is shorter than its `Content-Range` is retried, and reported as [`Error::Corrupt`]
-    /// when it stays short.
-    fn execute_checked(&self, call: &Call<'_>, range_start: Option<u64>) -> Result<Response> {
+    /// when it stays short. The answer's body is read into `body`'s allocation (taken from
+    /// it), so that a caller reading many ranges reuses one buffer.
+    fn execute_checked(
+        &self,
+        call: &Call<'_>,
+        range_start: Option<u64>,
+        body: &mut Vec<u8>,
+    ) -> Result<Response> {
         let url = self.url(call);
         let payload_sha256 = hex(&sha2::Sha256::digest(call.body));
         let mut attempt = 0u32;
@@ -543,7 +552,13 @@ impl S3Backend {
             }
             let last = attempt >= self.options.retry.tries;
             let mut wait = None;
-            match self.attempt(call, &url, &payload_sha256, range_start)? {
+            match self.attempt(
+                call,
+                &url,
+                &payload_sha256,
+                range_start,
+                std::mem::take(body),
+            )? {
                 Attempt::Answer(mut r) if is_transient(r.status) => {
                     if last {
                         r.ambiguous = ambiguous;
@@ -611,6 +626,7 @@ impl S3Backend {
         url: &str,
         payload_sha256: &str,
         range_start: Option<u64>,
+        mut body: Vec<u8>,
     ) -> Result<Attempt> {
         let mut headers = call.headers.clone();
         headers.extend(self.signature_headers(call.method, url, &call.headers, payload_sha256)?);
@@ -640,7 +656,7 @@ impl S3Backend {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        let mut body = Vec::new();
+        body.clear();
         if call.method != "HEAD" {
             if let Err(e) = resp.body_mut().as_reader().read_to_end(&mut body) {
                 return Ok(Attempt::Failed(format!("reading the answer: {e}")));
@@ -936,6 +952,12 @@ impl Backend for S3Backend {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        self.get_range_into(key, offset, len, &mut body)?;
+        Ok(body)
+    }
+
+    fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
         let short = |size: u64| {
             Error::corrupt(
                 key,
@@ -952,8 +974,9 @@ impl Backend for S3Backend {
         let Some(last) = last else {
             // Nothing to read; the object must still exist and reach `offset`.
             let size = self.size(key)?;
+            buf.clear();
             return if offset <= size {
-                Ok(Vec::new())
+                Ok(())
             } else {
                 Err(short(size))
             };
@@ -962,13 +985,17 @@ impl Backend for S3Backend {
         let mut call = Call::new(Kind::Get, "GET", Some(&full));
         call.headers
             .push(("range", format!("bytes={offset}-{last}")));
-        let r = self.execute_checked(&call, Some(offset))?;
+        // The answer is read into the caller's buffer, grown once to the range's size (the
+        // caller's own number, not the server's).
+        buf.clear();
+        buf.reserve(len.min(RESERVE_MAX));
+        let r = self.execute_checked(&call, Some(offset), buf)?;
         match r.status {
             // The body itself, not a copy: restores read spans of megabytes.
             206 if r.body.len() >= len => {
-                let mut body = r.body;
-                body.truncate(len);
-                Ok(body)
+                *buf = r.body;
+                buf.truncate(len);
+                Ok(())
             }
             206 => {
                 let size = r
@@ -979,11 +1006,15 @@ impl Backend for S3Backend {
                 Err(short(size))
             }
             // A server that ignores Range sends the whole object.
-            200 => usize::try_from(offset)
-                .ok()
-                .and_then(|s| r.body.get(s..s.checked_add(len)?))
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| short(r.body.len() as u64)),
+            200 => {
+                let part = usize::try_from(offset)
+                    .ok()
+                    .and_then(|s| r.body.get(s..s.checked_add(len)?))
+                    .ok_or_else(|| short(r.body.len() as u64))?;
+                buf.clear();
+                buf.extend_from_slice(part);
+                Ok(())
+            }
             416 => {
                 let size = self.size(key)?;
                 Err(short(size))

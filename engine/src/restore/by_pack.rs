@@ -1,0 +1,493 @@
+//! Restore from object storage in pack order: the disk is cut into regions (up to
+//! [`REGION_BYTES`] of disk, at most [`REGION_CHUNKS`] chunks, whole segments); for each
+//! region every chunk is looked up once, the frames holding them are grouped by pack and
+//! coalesced into spans ([`plan_spans`]), and each span, one ranged GET, is fetched by one of
+//! [`FetchLimits::in_flight`] fetchers, which decodes its frames and writes every chunk of
+//! them to every place of the region that holds it, at once. A pack is thus read once per
+//! region however its chunks are scattered over the disk (gen2's packs hold the changes of the
+//! whole disk), a frame is decoded once per region however many chunks of it the region needs
+//! (deduplicated chunks included), and nothing decoded is held after its chunks are written.
+//!
+//! Memory, bounded by construction and independent of the disk's size: each fetcher owns one
+//! span buffer (at most [`FetchLimits::max_span`] bytes, or one frame larger than that), one
+//! decoded frame (at most 256 KiB raw) and one write run ([`RUN_MAX`]), all reused from span
+//! to span; the planner holds the chunk map of the region it plans, and the fetchers that of
+//! the region before (a region's jobs wait in a queue of at most `in_flight` jobs, so planning
+//! runs at most one region ahead of fetching). A region's map is about 80 bytes per chunk.
+//!
+//! Writes reach the target out of disk order, so the target must accept writes anywhere
+//! ([`DiskTarget::write_at`] from many threads at distinct offsets): a target that assembles
+//! segments in memory (a page blob) bounds how much of the disk may be in progress at once
+//! with [`DiskTarget::reorder_limit`], which caps the region. A segment is finished
+//! ([`DiskTarget::segment_done`], progress advanced) when the last of its chunks is written.
+//!
+//! Damage: a frame that does not decode, a chunk that does not hash to its id, or a span whose
+//! pack is missing or short is read again chunk by chunk through [`Repo::with_chunk`], which
+//! looks the chunk up once more (prune may have moved it) and otherwise fails naming the pack
+//! and offset. Any other failure (the store unreachable after its retries, a write error,
+//! cancellation) stops every fetcher and is returned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use super::fetch::{plan_spans, FetchLimits, Span};
+use super::{DiskTarget, RestoreCounts, RUN_MAX};
+use crate::error::{Error, Result};
+use crate::format::manifest::{Extent, Manifest};
+use crate::format::pack::{chunk_in_frame, decode_frame_into, RecordLocation};
+use crate::progress::Progress;
+use crate::repo::Repo;
+use crate::store::pack::FrameCache;
+use crate::store::pack_key;
+
+/// Disk bytes of a region at most. A pack whose chunks are spread over the whole disk is read
+/// in one span (or a few) per region: larger regions mean fewer requests, and a larger chunk
+/// map held (two regions at most).
+pub const REGION_BYTES: u64 = 1 << 30;
+
+/// Chunks of a region at most, whatever the region's size: the map of 65,536 chunks is about
+/// 5 MiB (a 1 GiB region of 16 KiB chunks).
+pub const REGION_CHUNKS: usize = 65_536;
+
+/// One place a chunk goes: `len` bytes at `disk`, in segment `segment` of its region, found
+/// in its frame as `record` says.
+#[derive(Clone, Debug)]
+struct Use {
+    disk: u64,
+    len: u32,
+    segment: u32,
+    record: RecordLocation,
+}
+
+/// A segment of a region and the chunks of it not yet written.
+#[derive(Debug)]
+struct Segment {
+    start: u64,
+    len: u64,
+    pending: AtomicU32,
+}
+
+/// The segments of one region, shared by the jobs that write into them.
+#[derive(Debug)]
+struct Region {
+    segments: Vec<Segment>,
+}
+
+/// A fetcher's work: a span and, for each of its frames (in order), the places its chunks go;
+/// `span: None` for chunks read on their own (a frame the planner could not place in a span).
+struct Job {
+    region: Arc<Region>,
+    pack: String,
+    span: Option<Span>,
+    uses: Vec<Vec<Use>>,
+}
+
+/// What the planner and the fetchers share.
+struct Shared<'a> {
+    repo: &'a Repo,
+    snapshot_id: &'a str,
+    target: &'a dyn DiskTarget,
+    progress: &'a dyn Progress,
+    stop: AtomicBool,
+    failure: Mutex<Option<Error>>,
+    /// Ranged GETs of packs sent.
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl Shared<'_> {
+    /// Records `e` unless a failure came first, and tells everyone to stop.
+    fn fail(&self, e: Error) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(e);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Segment `index` of `region` has one chunk more written; the last one finishes it.
+    fn chunk_written(&self, region: &Region, index: u32) -> Result<()> {
+        let Some(s) = region.segments.get(index as usize) else {
+            return Err(Error::Internal(format!(
+                "chunk written into segment {index} of a region of {}",
+                region.segments.len()
+            )));
+        };
+        if s.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.target.segment_done(s.start, s.len)?;
+            self.progress.advance(s.len);
+        }
+        Ok(())
+    }
+}
+
+/// Restores `manifest` into `target` in pack order, region by region (see the module doc).
+/// Returns the counts and the ranged GETs of packs it sent.
+pub fn restore_by_pack(
+    repo: &Repo,
+    snapshot_id: &str,
+    manifest: &Manifest,
+    target: &dyn DiskTarget,
+    progress: &dyn Progress,
+    limits: &FetchLimits,
+) -> Result<(RestoreCounts, u64)> {
+    let shared = Shared {
+        repo,
+        snapshot_id,
+        target,
+        progress,
+        stop: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        requests: std::sync::atomic::AtomicU64::new(0),
+    };
+    let fetchers = limits.in_flight.max(1);
+    let (jobs, queue) = sync_channel::<Job>(fetchers);
+    let queue = Mutex::new(queue);
+    let counts = std::thread::scope(|scope| {
+        let (shared, queue) = (&shared, &queue);
+        let threads: Vec<_> = (0..fetchers)
+            .map(|_| scope.spawn(move || fetcher(shared, queue)))
+            .collect();
+        let planned = plan_regions(shared, manifest, limits, jobs);
+        if planned.is_err() {
+            // The fetchers stop after their current job instead of finishing the queue.
+            shared.stop.store(true, Ordering::SeqCst);
+        }
+        let mut panicked = false;
+        for t in threads {
+            panicked |= t.join().is_err();
+        }
+        if panicked {
+            shared.fail(Error::Internal("a restore fetcher panicked".into()));
+        }
+        planned
+    });
+    let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
+    match (failure, counts) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(c)) => Ok((c, shared.requests.load(Ordering::Relaxed))),
+    }
+}
+
+/// The planner (on the calling thread): region after region, looks every chunk up, zeroes the
+/// zero runs, and queues the region's spans. Dropping `jobs` at the end lets the fetchers
+/// finish. Returns the counts of everything planned.
+fn plan_regions(
+    shared: &Shared<'_>,
+    manifest: &Manifest,
+    limits: &FetchLimits,
+    jobs: SyncSender<Job>,
+) -> Result<RestoreCounts> {
+    let seg = u64::from(manifest.segment_size).max(1);
+    let count = manifest.segment_count();
+    let region_bytes = REGION_BYTES.min(shared.target.reorder_limit()).max(seg);
+    let mut counts = RestoreCounts::default();
+    let mut next = 0u64;
+    while next < count {
+        let mut segments = Vec::new();
+        // Frames by (pack, record offset), each with the places its chunks go, in disk order.
+        let mut frames: HashMap<(String, u64), Vec<Use>> = HashMap::new();
+        let mut region_len = 0u64;
+        let mut chunks = 0usize;
+        while next < count && region_len < region_bytes && chunks < REGION_CHUNKS {
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok(counts);
+            }
+            crate::progress::checkpoint(shared.progress, "restore-segment")?;
+            let start = next * seg;
+            let index = next;
+            next += 1;
+            region_len += seg;
+            if shared.target.has_segment(start) {
+                shared
+                    .progress
+                    .advance(seg.min(manifest.virtual_size.saturating_sub(start)));
+                continue;
+            }
+            let number = u32::try_from(segments.len())
+                .map_err(|_| Error::Internal("too many segments in a region".into()))?;
+            let mut offset = start;
+            let mut pending = 0u32;
+            for e in manifest.segment(index)? {
+                match e {
+                    Extent::Zero { len } => {
+                        counts.zero_bytes += u64::from(len);
+                        shared.target.zero_at(offset, u64::from(len))?;
+                    }
+                    Extent::Chunk { id, len } => {
+                        let found = shared
+                            .repo
+                            .locate_chunk(&id)?
+                            .ok_or_else(|| shared.repo.missing_chunk(&id, shared.snapshot_id))?;
+                        frames
+                            .entry((found.pack, found.record.offset))
+                            .or_default()
+                            .push(Use {
+                                disk: offset,
+                                len,
+                                segment: number,
+                                record: found.record,
+                            });
+                        pending += 1;
+                        chunks += 1;
+                        counts.chunks += 1;
+                        counts.bytes_written += u64::from(len);
+                    }
+                }
+                offset += u64::from(e.len());
+            }
+            if pending == 0 {
+                shared.target.segment_done(start, offset - start)?;
+                shared.progress.advance(offset - start);
+            }
+            segments.push(Segment {
+                start,
+                len: offset - start,
+                pending: AtomicU32::new(pending),
+            });
+        }
+        let region = Arc::new(Region { segments });
+        let spans = plan_spans(
+            frames
+                .iter()
+                .filter_map(|((pack, _), uses)| Some((pack.as_str(), &uses.first()?.record))),
+            limits,
+        );
+        for span in spans {
+            let uses = span
+                .frames
+                .iter()
+                .map(|r| {
+                    frames
+                        .remove(&(span.pack.clone(), r.offset))
+                        .unwrap_or_default()
+                })
+                .collect();
+            let job = Job {
+                region: region.clone(),
+                pack: span.pack.clone(),
+                span: Some(span),
+                uses,
+            };
+            if !queue_job(shared, &jobs, job) {
+                return Ok(counts);
+            }
+        }
+        // Frames no span could hold (a length the index got wrong): read chunk by chunk.
+        for ((pack, _), uses) in frames.drain() {
+            let job = Job {
+                region: region.clone(),
+                pack,
+                span: None,
+                uses: vec![uses],
+            };
+            if !queue_job(shared, &jobs, job) {
+                return Ok(counts);
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Queues `job`; false when the restore is stopping (nobody takes jobs any more).
+fn queue_job(shared: &Shared<'_>, jobs: &SyncSender<Job>, job: Job) -> bool {
+    !shared.stop.load(Ordering::SeqCst) && jobs.send(job).is_ok()
+}
+
+/// A fetcher: takes jobs until the planner is done, or the restore stops.
+fn fetcher(shared: &Shared<'_>, queue: &Mutex<Receiver<Job>>) {
+    let _drain = DrainOnExit { shared, queue };
+    let mut buffers = Buffers::default();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let Ok(job) = lock(queue).recv() else {
+            // The planner is done and the queue empty.
+            return;
+        };
+        if let Err(e) = run_job(shared, job, &mut buffers) {
+            shared.fail(e);
+        }
+    }
+}
+
+/// A poisoned queue is still a queue: a fetcher that panicked never held it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whenever a fetcher leaves (stopped, failed or panicking), it takes every job still queued
+/// until the planner has stopped, so that a planner waiting to queue one is never left
+/// waiting; a panic stops the restore.
+struct DrainOnExit<'a, 'b> {
+    shared: &'a Shared<'b>,
+    queue: &'a Mutex<Receiver<Job>>,
+}
+
+impl Drop for DrainOnExit<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared
+                .fail(Error::Internal("a restore fetcher panicked".into()));
+        }
+        if self.shared.stop.load(Ordering::SeqCst) {
+            let q = lock(self.queue);
+            while q.recv().is_ok() {}
+        }
+    }
+}
+
+/// What a fetcher reuses from job to job.
+#[derive(Default)]
+struct Buffers {
+    span: Vec<u8>,
+    frame: Vec<u8>,
+    run: Vec<u8>,
+    cache: FrameCache,
+}
+
+/// Fetches a job's span, decodes its frames and writes their chunks; what cannot be taken
+/// from the span is read chunk by chunk (see the module doc).
+fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
+    crate::progress::checkpoint(shared.progress, "restore-segment")?;
+    let Job {
+        region,
+        pack,
+        span,
+        uses,
+    } = job;
+    let protection = shared.repo.protection();
+    let location = format!("pack {pack}");
+    let Buffers {
+        span: body,
+        frame,
+        run,
+        cache,
+    } = buffers;
+    let mut runs = Runs {
+        shared,
+        region: &region,
+        start: 0,
+        run,
+        segments: Vec::new(),
+    };
+    runs.run.clear();
+    let mut alone: Vec<Use> = Vec::new();
+    let fetched = match &span {
+        None => false,
+        Some(span) => {
+            let len = usize::try_from(span.len)
+                .map_err(|_| Error::corrupt(&location, span.offset, "span too large"))?;
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            match shared
+                .repo
+                .backend()
+                .get_range_into(&pack_key(&pack), span.offset, len, body)
+            {
+                Ok(()) => true,
+                // Read again chunk by chunk, which names the damage or finds a moved chunk.
+                Err(Error::NotFound { .. }) => false,
+                Err(e) if e.is_corruption() => false,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match span {
+        Some(span) if fetched => {
+            for (record, uses) in span.frames.iter().zip(uses) {
+                let record_bytes = record
+                    .offset
+                    .checked_sub(span.offset)
+                    .and_then(|from| usize::try_from(from).ok())
+                    .and_then(|from| {
+                        let to = from.checked_add(usize::try_from(record.read_len()).ok()?)?;
+                        body.get(from..to)
+                    });
+                let decoded = match record_bytes {
+                    Some(bytes) => {
+                        match decode_frame_into(bytes, record, protection, &pack, &location, frame)
+                        {
+                            Ok(()) => true,
+                            Err(e) if e.is_corruption() => false,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    None => false,
+                };
+                if !decoded {
+                    alone.extend(uses);
+                    continue;
+                }
+                for u in uses {
+                    match chunk_in_frame(frame, &u.record, protection, &location) {
+                        Ok(data) => runs.put(shared.snapshot_id, &u, data)?,
+                        Err(e) if e.is_corruption() => alone.push(u),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        _ => alone.extend(uses.into_iter().flatten()),
+    }
+    for u in alone {
+        shared
+            .repo
+            .with_chunk(&u.record.id, shared.snapshot_id, cache, |data| {
+                runs.put(shared.snapshot_id, &u, data)
+            })?;
+    }
+    runs.flush()
+}
+
+/// Gathers chunks that follow each other on the disk, within one segment, into writes of up
+/// to [`RUN_MAX`] bytes (a write per 16 KiB chunk makes the writers wait on the file's
+/// lock), and finishes a chunk's segment only once the write holding it is done.
+struct Runs<'a, 'b> {
+    shared: &'a Shared<'b>,
+    region: &'a Region,
+    start: u64,
+    run: &'a mut Vec<u8>,
+    /// The segment of each chunk in `run`.
+    segments: Vec<u32>,
+}
+
+impl Runs<'_, '_> {
+    fn put(&mut self, snapshot_id: &str, u: &Use, data: &[u8]) -> Result<()> {
+        if data.len() != u.len as usize {
+            return Err(Error::corrupt(
+                format!("snapshot {snapshot_id}"),
+                u.disk,
+                format!(
+                    "chunk {} is {} bytes, manifest says {}",
+                    u.record.id,
+                    data.len(),
+                    u.len
+                ),
+            ));
+        }
+        let joins = !self.run.is_empty()
+            && self.segments.last() == Some(&u.segment)
+            && self.start.checked_add(self.run.len() as u64) == Some(u.disk)
+            && self.run.len() + data.len() <= RUN_MAX;
+        if !joins {
+            self.flush()?;
+            self.start = u.disk;
+        }
+        self.run.extend_from_slice(data);
+        self.segments.push(u.segment);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.run.is_empty() {
+            self.shared.target.write_at(self.start, self.run)?;
+            self.run.clear();
+        }
+        let segments = std::mem::take(&mut self.segments);
+        for &s in &segments {
+            self.shared.chunk_written(self.region, s)?;
+        }
+        // The allocation is kept for the next run.
+        self.segments = segments;
+        self.segments.clear();
+        Ok(())
+    }
+}
