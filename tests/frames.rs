@@ -8,7 +8,8 @@ use std::path::Path;
 use anyhow::{ensure, Context as _};
 use stackvault::crypto::Protection;
 use stackvault::format::pack::{encode_pack_v1, PACK_VERSION_V1};
-use stackvault::store::pack::{read_chunk, read_pack_table};
+use stackvault::read::verified::read_chunk;
+use stackvault::store::pack::read_pack_table;
 use stackvault::store::{Backend, LocalDir};
 use stackvault_tests::{machine_bytes, p, scribble, sv, sv_json, sv_ok, Disk, Fixture, Scribble};
 

@@ -33,6 +33,7 @@ mod pageblob_verify;
 mod plans;
 mod read;
 mod read_hits;
+mod read_walk;
 mod readonly;
 mod remote_economy;
 mod remote_errors;

@@ -392,7 +392,8 @@ fn decoders_accept_the_vectors() -> Result<()> {
 /// frames, and fails to open under any other key.
 #[test]
 fn the_sealed_pack_vector_reads_back() -> Result<()> {
-    use stackvault::store::pack::{read_chunk, read_pack_table};
+    use stackvault::read::verified::read_chunk;
+    use stackvault::store::pack::read_pack_table;
     use stackvault::store::{pack_key, Backend, MemoryBackend};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors");
     let bytes = unwrap_hex(&std::fs::read_to_string(dir.join("pack-sealed.hex"))?);

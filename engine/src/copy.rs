@@ -62,9 +62,10 @@ use crate::format::SnapshotId;
 use crate::format::{hex, short_id, ChunkId};
 use crate::index::SnapshotSummary;
 use crate::progress::{checkpoint, Progress};
+use crate::read::FrameCache;
 use crate::repo::{InitOptions, Repo};
 use crate::source::{DiskSource, ExtentKind, SourceExtent};
-use crate::store::pack::{compress, read_pack_table, FrameCache, PackWriter};
+use crate::store::pack::{compress, read_pack_table, PackWriter};
 use crate::store::reseal::open_frame;
 use crate::store::{pack_key, snapshot_key, StoredObject};
 
@@ -575,7 +576,13 @@ fn read_segment(
         Ok(())
     };
     let mut known = 0u64;
-    for e in &extents {
+    let base = index.saturating_mul(u64::from(manifest.segment_size));
+    let starts = extents.iter().scan(base, |pos, e| {
+        let at = *pos;
+        *pos = at.saturating_add(u64::from(e.len()));
+        Some(at)
+    });
+    for (e, at) in extents.iter().zip(starts) {
         let Extent::Chunk { id, len } = *e else {
             continue;
         };
@@ -587,13 +594,10 @@ fn read_segment(
         if !raw.is_empty() && raw.len() + len as usize > FRAME_TARGET_LEN {
             flush(&mut raw, &mut chunks)?;
         }
-        match cache.next_chunk(&id, len, src.protection()) {
-            Some(data) => raw.extend_from_slice(data),
-            None => src.with_chunk(&id, snapshot, cache, |data| {
-                raw.extend_from_slice(data);
-                Ok(())
-            })?,
-        }
+        crate::read::verified::with_chunk(src, snapshot, cache, &id, len, at, |data| {
+            raw.extend_from_slice(data);
+            Ok(())
+        })?;
         chunks.push((id, len));
     }
     flush(&mut raw, &mut chunks)?;
@@ -1068,7 +1072,7 @@ impl DiskSource for SnapshotSource<'_> {
             match *e {
                 Extent::Zero { .. } => dest.fill(0),
                 Extent::Chunk { id, len } => {
-                    let mut put = |data: &[u8]| -> Result<()> {
+                    let put = |data: &[u8]| -> Result<()> {
                         let piece = data.get(from as usize..to as usize).ok_or_else(|| {
                             Error::corrupt(
                                 format!("chunk {id}"),
@@ -1079,10 +1083,10 @@ impl DiskSource for SnapshotSource<'_> {
                         dest.copy_from_slice(piece);
                         Ok(())
                     };
-                    match cache.next_chunk(&id, len, self.repo.protection()) {
-                        Some(data) => put(data)?,
-                        None => self.repo.with_chunk(&id, &self.snapshot, &mut cache, put)?,
-                    }
+                    let (repo, snapshot) = (self.repo, self.snapshot.as_str());
+                    crate::read::verified::with_chunk(
+                        repo, snapshot, &mut cache, &id, len, at, put,
+                    )?;
                 }
             }
             Ok(())

@@ -610,53 +610,6 @@ impl Repo {
         }
     }
 
-    /// Reads a chunk and verifies it (crc32, decompression, BLAKE3).
-    pub fn read_chunk(&self, id: &ChunkId, snapshot: &str) -> Result<Vec<u8>> {
-        let mut cache = store::pack::FrameCache::default();
-        self.with_chunk(id, snapshot, &mut cache, |d| Ok(d.to_vec()))
-    }
-
-    /// Reads a chunk, verifies it (crc32, decompression, BLAKE3) and hands it to `f`. The
-    /// chunk's frame comes from `cache` when it holds it, else is decompressed into it: a
-    /// reader that goes through chunks in disk order decompresses each frame once.
-    pub fn with_chunk<R>(
-        &self,
-        id: &ChunkId,
-        snapshot: &str,
-        cache: &mut store::pack::FrameCache,
-        mut f: impl FnMut(&[u8]) -> Result<R>,
-    ) -> Result<R> {
-        let missing = || Error::MissingChunk {
-            id: id.to_hex(),
-            snapshot: snapshot.to_string(),
-        };
-        let loc = match self.readers.lookup(id)? {
-            Some(loc) => loc,
-            // Another host's pack this cache has not learnt of yet.
-            None if self.is_remote() => {
-                self.refresh()?;
-                match self.readers.lookup(id)? {
-                    Some(loc) => loc,
-                    None => return Err(self.missing_chunk(id, snapshot)),
-                }
-            }
-            None => return Err(missing()),
-        };
-        let backend = self.backend.as_ref();
-        let keys = &self.protection;
-        match store::pack::with_chunk(backend, keys, &loc.pack, &loc.record, cache, &mut f) {
-            // Readers take no lock: prune may have moved the chunk to a new pack and deleted
-            // the old one since the lookup. Look once more before calling it damage.
-            Err(e) if e.is_corruption() => match self.readers.lookup(id)? {
-                Some(again) if again != loc => {
-                    store::pack::with_chunk(backend, keys, &again.pack, &again.record, cache, f)
-                }
-                _ => Err(e),
-            },
-            other => other,
-        }
-    }
-
     /// Why the repository is open read-only, if it is.
     pub fn read_only(&self) -> Option<&ReadOnly> {
         self.read_only.as_ref()

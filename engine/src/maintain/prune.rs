@@ -20,7 +20,7 @@
 //! `format-spec/locks.md` and `format-spec/retention.md`), so no backup can deduplicate
 //! against a chunk while prune decides to delete it, and no forget can change the set of
 //! manifests under it. Readers (restore, verify) take no lock; one that looked up a chunk in
-//! a pack that prune then deletes retries its lookup once (see `Repo::read_chunk`).
+//! a pack that prune then deletes retries its lookup once (see `read::verified::with_located`).
 //!
 //! Memory: the set of referenced chunk ids lives in a temporary SQLite table of the index
 //! connection (`temp.prune_live`), not in a Rust set, so it spills to disk like any SQLite

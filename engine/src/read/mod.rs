@@ -27,12 +27,16 @@
 //! this answer. Without a worker the requests are dropped; reads stay correct. A large read
 //! can first [`SnapshotReader::prefetch`] its frames, decompressing them on every core.
 //!
-//! Restore and verify walk manifests with their own per-worker frame caches; they could use
-//! this reader for their chunk reads (one verified path for every reader) once engineer s1's
-//! module move settles.
+//! Every reader takes chunk bytes from one place, [`verified`]: the frame fetch and decode,
+//! the index lookup (learning another host's packs, looking again after a prune), and the
+//! check of each chunk against its id before a byte of it is used. This reader caches what
+//! it verified for random access; sequential readers (restore, verify, standby, copy) use a
+//! [`ChunkWalker`] per worker ([`walk`]), whose frame cache is its own and takes no lock.
 
 pub mod budget;
 mod cache;
+pub mod verified;
+pub mod walk;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -40,14 +44,14 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::pack::{chunk_in_frame, decode_frame_into};
 use crate::format::ChunkId;
 use crate::repo::Repo;
-use crate::store::pack_key;
 
 use budget::Frame;
 pub use budget::{BudgetStats, MemoryBudget};
 use cache::{FrameKey, FrameNo, SegmentLru};
+pub use verified::FrameCache;
+pub use walk::{ChunkWalker, Piece};
 
 /// Default size of the decompressed-frame cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -495,37 +499,29 @@ impl<'r> SnapshotReader<'r> {
                 .ok_or_else(|| Error::Internal(format!("checked chunk {id} outside its frame")))?;
             return f(data);
         }
-        let index = self.repo.readers();
-        let missing = || Error::MissingChunk {
-            id: id.to_hex(),
-            snapshot: self.snapshot_id.clone(),
-        };
-        self.index_lookups.fetch_add(1, Ordering::Relaxed);
-        let loc = index.lookup(id)?.ok_or_else(missing)?;
-        let (loc, (no, frame)) = match self.frame(&loc.pack, &loc.record) {
-            Ok(found) => (loc, found),
-            // Readers take no lock: prune may have moved the chunk to a new pack and deleted
-            // the old one since the lookup. Look once more before calling it damage.
-            Err(e) if e.is_corruption() => {
-                self.index_lookups.fetch_add(1, Ordering::Relaxed);
-                match index.lookup(id)? {
-                    Some(again) if again != loc => {
-                        let found = self.frame(&again.pack, &again.record)?;
-                        (again, found)
-                    }
-                    _ => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        let location = format!("pack {}", loc.pack);
-        let data = chunk_in_frame(&frame, &loc.record, self.repo.protection(), &location)?;
+        // The frame of the chunk's location, from the cache or fetched, and the chunk checked
+        // in it (see `verified`); its bytes are that checked range of the frame.
+        let (record, no, frame) = verified::with_located(
+            self.repo,
+            id,
+            &self.snapshot_id,
+            Some(&self.index_lookups),
+            |loc| {
+                let (no, frame) = self.frame(&loc.pack, &loc.record)?;
+                verified::verified_chunk(&frame, &loc.record, self.repo.protection(), &loc.pack)?;
+                Ok((loc.record, no, frame))
+            },
+        )?;
+        let data = frame
+            .get(record.in_frame as usize..)
+            .and_then(|d| d.get(..record.raw_len as usize))
+            .ok_or_else(|| Error::Internal(format!("checked chunk {id} outside its frame")))?;
         if data.len() != len as usize {
             return Err(short());
         }
         if let Some(no) = no {
             self.frames
-                .remember_checked(no, &frame, *id, loc.record.in_frame, loc.record.raw_len);
+                .remember_checked(no, &frame, *id, record.in_frame, record.raw_len);
         }
         f(data)
     }
@@ -546,33 +542,20 @@ impl<'r> SnapshotReader<'r> {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok((Some(no), frame));
         }
-        let location = format!("pack {pack}");
-        let read_len = usize::try_from(record.read_len())
-            .map_err(|_| Error::corrupt(&location, record.offset, "frame too large"))?;
         // The compressed and the decompressed bytes, charged before either exists.
-        let charge = self
-            .frames
-            .reserve(read_len.saturating_add(record.frame_raw_len as usize));
-        let bytes = self
-            .repo
-            .backend()
-            .get_range(&pack_key(pack), record.offset, read_len)
-            .map_err(|e| match e {
-                Error::NotFound { .. } => {
-                    Error::corrupt(&location, record.offset, "the pack file is missing")
-                }
-                other => other,
-            })?;
+        let charge = self.frames.reserve(
+            usize::try_from(record.read_len())
+                .unwrap_or(usize::MAX)
+                .saturating_add(record.frame_raw_len as usize),
+        );
         let mut frame = Vec::new();
-        decode_frame_into(
-            &bytes,
-            record,
+        verified::fetch_frame(
+            self.repo.backend(),
             self.repo.protection(),
             pack,
-            &location,
+            record,
             &mut frame,
         )?;
-        drop(bytes);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(Frame::new(frame, charge));
         let no = self.frames.keep(key, Arc::clone(&frame));

@@ -22,7 +22,7 @@
 //! ([`DiskTarget::segment_done`], progress advanced) when the last of its chunks is written.
 //!
 //! Damage: a frame that does not decode, a chunk that does not hash to its id, or a span whose
-//! pack is missing or short is read again chunk by chunk through [`Repo::with_chunk`], which
+//! pack is missing or short is read again chunk by chunk through [`with_chunk`], which
 //! looks the chunk up once more (prune may have moved it) and otherwise fails naming the pack
 //! and offset. Any other failure (the store unreachable after its retries, a write error,
 //! cancellation) stops every fetcher and is returned.
@@ -36,10 +36,10 @@ use super::fetch::{plan_spans, FetchLimits, Span};
 use super::{DiskTarget, RestoreCounts, RUN_MAX};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::pack::{chunk_in_frame, decode_frame_into, RecordLocation};
+use crate::format::pack::{decode_frame_into, RecordLocation};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::store::pack::FrameCache;
+use crate::read::verified::{verified_chunk, with_chunk, FrameCache};
 use crate::store::pack_key;
 
 /// Disk bytes of a region at most. A pack whose chunks are spread over the whole disk is read
@@ -417,7 +417,7 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
                     continue;
                 }
                 for u in uses {
-                    match chunk_in_frame(frame, &u.record, protection, &location) {
+                    match verified_chunk(frame, &u.record, protection, &pack) {
                         Ok(data) => runs.put(shared.snapshot_id, &u, data)?,
                         Err(e) if e.is_corruption() => alone.push(u),
                         Err(e) => return Err(e),
@@ -428,11 +428,15 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
         _ => alone.extend(uses.into_iter().flatten()),
     }
     for u in alone {
-        shared
-            .repo
-            .with_chunk(&u.record.id, shared.snapshot_id, cache, |data| {
-                runs.put(shared.snapshot_id, &u, data)
-            })?;
+        with_chunk(
+            shared.repo,
+            shared.snapshot_id,
+            cache,
+            &u.record.id,
+            u.len,
+            u.disk,
+            |data| runs.put(shared.snapshot_id, &u, data),
+        )?;
     }
     runs.flush()
 }

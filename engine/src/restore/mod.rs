@@ -1,10 +1,11 @@
 //! Restore: write a snapshot's virtual disk to a target.
 //!
 //! Segments are restored in parallel; every chunk is verified (crc32, decompression, BLAKE3)
-//! before its bytes reach the target, so a damaged repository makes a restore fail loudly
-//! with the location instead of writing wrong data. Zero runs are never written to a file: a
-//! file target is created sparse at its full size first. A file target is written under a
-//! temporary name and renamed into place only when complete.
+//! before its bytes reach the target (a [`ChunkWalker`] per worker reads them, through the
+//! one verified chunk path of [`crate::read`]), so a damaged repository makes a restore fail
+//! loudly with the location instead of writing wrong data. Zero runs are never written to a
+//! file: a file target is created sparse at its full size first. A file target is written
+//! under a temporary name and renamed into place only when complete.
 //!
 //! A block or character device is written in place instead (`DeviceTarget`): renaming a
 //! temporary file over `/dev/sdX` would replace the device node with a file in RAM. It needs
@@ -42,14 +43,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::manifest::{ContainerFormat, Extent, Manifest, SnapshotMeta};
+use crate::format::manifest::{ContainerFormat, Manifest, SnapshotMeta};
 use crate::format::vhd_footer::DiskType;
-use crate::format::ChunkId;
 use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
+use crate::read::{ChunkWalker, Piece};
 use crate::repo::Repo;
-use crate::store::pack::FrameCache;
 use fetch::FetchLimits;
 
 /// Where restored bytes go. Writes arrive from many threads, at distinct offsets.
@@ -230,15 +230,20 @@ fn restore_direct(
     progress: &dyn Progress,
 ) -> Result<RestoreCounts> {
     let seg = u64::from(manifest.segment_size);
+    let writer = SegmentWriter {
+        target,
+        progress,
+        snapshot_id,
+    };
     (0..manifest.segment_count())
         .into_par_iter()
-        // Per worker: a frame cache (the chunks of a frame are read in order, so each frame
-        // is decompressed once) and a buffer that gathers a run of chunks into one write:
-        // writes to one file from many threads serialise on its inode lock, so a write per
-        // 16 KiB chunk made restores wait on each other.
+        // Per worker: a chunk walker (its frame cache decompresses each frame once for the
+        // chunks read from it in order) and a buffer that gathers a run of chunks into one
+        // write: writes to one file from many threads serialise on its inode lock, so a
+        // write per 16 KiB chunk made restores wait on each other.
         .map_init(
-            || (FrameCache::default(), Vec::new()),
-            |(frames, run), i| {
+            || (ChunkWalker::new(repo, snapshot_id), Vec::new()),
+            |(walker, run), i| {
                 crate::progress::checkpoint(progress, "restore-segment")?;
                 let start = i * seg;
                 if target.has_segment(start) {
@@ -246,18 +251,11 @@ fn restore_direct(
                     return Ok(RestoreCounts::default());
                 }
                 let extents = manifest.segment(i)?;
-                write_segment(
-                    snapshot_id,
-                    target,
-                    progress,
-                    start,
-                    &extents,
-                    run,
-                    |_, id, len, append| match frames.next_chunk(id, len, repo.protection()) {
-                        Some(data) => append(data),
-                        None => repo.with_chunk(id, snapshot_id, frames, append),
-                    },
-                )
+                let mut segment = writer.begin(start, run);
+                walker.walk(&extents, start, start..u64::MAX, &mut |piece| {
+                    segment.put(piece)
+                })?;
+                segment.finish()
             },
         )
         .try_reduce(RestoreCounts::default, add_counts)
@@ -280,65 +278,91 @@ pub fn restore_planned(
         .map(|(counts, _)| counts)
 }
 
-/// Writes the chunks of one segment (`extents`, starting at `start` of the disk) into
-/// `target`, gathering consecutive chunks into writes of up to [`RUN_MAX`] bytes in `run`.
-/// `read(k, id, len, append)` hands the bytes of chunk `id` (the segment's `k`th extent) to
-/// `append`.
-#[allow(clippy::too_many_arguments)]
-fn write_segment(
-    snapshot_id: &str,
-    target: &dyn DiskTarget,
-    progress: &dyn Progress,
+/// What every segment of one restore is written with: the target, the progress to advance,
+/// the snapshot (named in errors).
+struct SegmentWriter<'a> {
+    target: &'a dyn DiskTarget,
+    progress: &'a dyn Progress,
+    snapshot_id: &'a str,
+}
+
+impl<'a> SegmentWriter<'a> {
+    /// Starts writing the segment at disk offset `start`, gathering consecutive chunk bytes
+    /// in `run` (a worker's buffer) into writes of up to [`RUN_MAX`] bytes.
+    fn begin<'w>(&'w self, start: u64, run: &'w mut Vec<u8>) -> SegmentWrite<'w, 'a> {
+        run.clear();
+        SegmentWrite {
+            writer: self,
+            start,
+            end: start,
+            run_start: start,
+            run,
+            counts: RestoreCounts::default(),
+        }
+    }
+}
+
+/// One segment being written: pieces arrive in disk order, without gaps.
+struct SegmentWrite<'w, 'a> {
+    writer: &'w SegmentWriter<'a>,
     start: u64,
-    extents: &[Extent],
-    run: &mut Vec<u8>,
-    mut read: impl FnMut(usize, &ChunkId, u32, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
-) -> Result<RestoreCounts> {
-    let mut offset = start;
-    let mut run_start = start;
-    run.clear();
-    let mut c = RestoreCounts::default();
-    for (k, e) in extents.iter().enumerate() {
-        match *e {
-            Extent::Zero { len } => {
-                c.zero_bytes += u64::from(len);
-                if !run.is_empty() {
-                    target.write_at(run_start, run)?;
-                    run.clear();
+    /// Where the next piece must start.
+    end: u64,
+    /// Disk offset of `run`'s first byte.
+    run_start: u64,
+    run: &'w mut Vec<u8>,
+    counts: RestoreCounts,
+}
+
+impl SegmentWrite<'_, '_> {
+    /// Writes (or gathers) one piece of the segment.
+    fn put(&mut self, piece: Piece<'_>) -> Result<()> {
+        let (offset, len) = match piece {
+            Piece::Zero { offset, len } => (offset, len),
+            Piece::Data { offset, data } => (offset, data.len() as u64),
+        };
+        if offset != self.end {
+            return Err(Error::Internal(format!(
+                "restore of snapshot {}: a piece at {offset} where {} was next",
+                self.writer.snapshot_id, self.end
+            )));
+        }
+        let target = self.writer.target;
+        match piece {
+            Piece::Zero { offset, len } => {
+                self.counts.zero_bytes += len;
+                if !self.run.is_empty() {
+                    target.write_at(self.run_start, self.run)?;
+                    self.run.clear();
                 }
-                target.zero_at(offset, u64::from(len))?;
-                run_start = offset + u64::from(len);
+                target.zero_at(offset, len)?;
+                self.run_start = offset + len;
             }
-            Extent::Chunk { id, len } => {
-                let mut append = |data: &[u8]| {
-                    if data.len() != len as usize {
-                        return Err(Error::corrupt(
-                            format!("snapshot {snapshot_id}"),
-                            offset,
-                            format!("chunk {id} is {} bytes, manifest says {len}", data.len()),
-                        ));
-                    }
-                    if run.len() + data.len() > RUN_MAX {
-                        target.write_at(run_start, run)?;
-                        run_start += run.len() as u64;
-                        run.clear();
-                    }
-                    run.extend_from_slice(data);
-                    Ok(())
-                };
-                read(k, &id, len, &mut append)?;
-                c.bytes_written += u64::from(len);
-                c.chunks += 1;
+            Piece::Data { data, .. } => {
+                if self.run.len() + data.len() > RUN_MAX {
+                    target.write_at(self.run_start, self.run)?;
+                    self.run_start += self.run.len() as u64;
+                    self.run.clear();
+                }
+                self.run.extend_from_slice(data);
+                self.counts.bytes_written += len;
+                self.counts.chunks += 1;
             }
         }
-        offset += u64::from(e.len());
+        self.end = offset + len;
+        Ok(())
     }
-    if !run.is_empty() {
-        target.write_at(run_start, run)?;
+
+    /// Writes what is gathered, tells the target the segment is done, advances progress.
+    fn finish(self) -> Result<RestoreCounts> {
+        let target = self.writer.target;
+        if !self.run.is_empty() {
+            target.write_at(self.run_start, self.run)?;
+        }
+        target.segment_done(self.start, self.end - self.start)?;
+        self.writer.progress.advance(self.end - self.start);
+        Ok(self.counts)
     }
-    target.segment_done(start, offset - start)?;
-    progress.advance(offset - start);
-    Ok(c)
 }
 
 /// A raw image file (or the data area of a fixed VHD) being restored.

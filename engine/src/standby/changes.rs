@@ -11,8 +11,8 @@
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
 use crate::format::ChunkId;
+use crate::read::FrameCache;
 use crate::repo::Repo;
-use crate::store::pack::FrameCache;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Key {
@@ -130,7 +130,7 @@ pub fn walk(
                 })?,
                 Extent::Chunk { id, len } => {
                     let (from, to) = ((s - pos) as usize, (t - pos) as usize);
-                    let mut hand = |data: &[u8]| -> Result<()> {
+                    let hand = |data: &[u8]| -> Result<()> {
                         let piece = data.get(from..to).filter(|_| data.len() == len as usize);
                         let piece = piece.ok_or_else(|| {
                             Error::corrupt(
@@ -144,10 +144,15 @@ pub fn walk(
                             data: piece,
                         })
                     };
-                    match frames.next_chunk(&id, len, repo.protection()) {
-                        Some(data) => hand(data)?,
-                        None => repo.with_chunk(&id, snapshot_id, frames, hand)?,
-                    }
+                    crate::read::verified::with_chunk(
+                        repo,
+                        snapshot_id,
+                        frames,
+                        &id,
+                        len,
+                        pos,
+                        hand,
+                    )?;
                 }
             }
         }

@@ -42,9 +42,9 @@ use crate::format::manifest::{Extent, Manifest};
 use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
+use crate::read::FrameCache;
 use crate::repo::Repo;
 use crate::restore::OutputFormat;
-use crate::store::pack::FrameCache;
 use record::{Record, State, MAX_APPLYING, RECORD_VERSION};
 
 /// Options of `standby sync`.

@@ -6,10 +6,9 @@
 //! its offset, and the table after them (format version 3, see `format::pack`). A frame is
 //! encoded into the pack where it will stay, between room for its nonce and its tag, and
 //! every frame is sealed in place when the pack is finished, on rayon's threads: the backup's
-//! single writer thread only copies frames, as it does for a plain pack. Chunk reads fetch exactly one frame and check it end to end
-//! (authentication when sealed, crc32, decompression, the chunk id) before returning bytes:
-//! restore never sees unverified data. A [`FrameCache`] keeps the last decompressed
-//! frames of one reader, so reading the chunks of a frame in order decompresses it once.
+//! single writer thread only copies frames, as it does for a plain pack. Reading chunks back
+//! (one frame fetched and checked end to end before any byte is used) is `read::verified`'s
+//! job, the one verified chunk path; this module only reads a pack's table.
 
 use std::cell::RefCell;
 
@@ -20,10 +19,9 @@ use rayon::prelude::*;
 
 use crate::crypto::{NONCE_LEN, TAG_LEN};
 use crate::format::pack::{
-    chunk_in_frame, decode_footer, decode_frame_in_place, decode_table, encode_frame,
-    encode_header_for, encode_sealed_table_and_footer, encode_table_and_footer, pack_version_for,
-    seal_frame_in_place, Compression, PackEntry, RecordLocation, PACK_FOOTER_LEN, PACK_HEADER_LEN,
-    PACK_VERSION_SEALED,
+    decode_footer, decode_table, encode_frame, encode_header_for, encode_sealed_table_and_footer,
+    encode_table_and_footer, pack_version_for, seal_frame_in_place, Compression, PackEntry,
+    PACK_FOOTER_LEN, PACK_HEADER_LEN, PACK_VERSION_SEALED,
 };
 use crate::format::{hex, ChunkId};
 
@@ -240,130 +238,8 @@ pub fn compress(data: &[u8], level: i32) -> Result<(Compression, Vec<u8>)> {
     })
 }
 
-/// The last few decompressed (and crc-checked) frames of one reader, by (pack, offset).
-/// Packs are immutable and never renamed, so an entry never goes stale; a cache lives as long
-/// as one reader's pass (a segment of a restore or verify), so damage done to a pack later is
-/// seen by the next pass.
-#[derive(Debug, Default)]
-pub struct FrameCache {
-    frames: Vec<(String, u64, Vec<u8>)>,
-    /// A buffer to decompress the next frame into (an evicted frame's).
-    spare: Vec<u8>,
-    /// Frames decompressed (cache misses), for tests and profiles.
-    pub decoded: u64,
-    /// Where the last chunk served from a kept frame ended: (slot, offset in the frame). A
-    /// sequential read's next chunk usually starts there (see [`FrameCache::next_chunk`]).
-    next: Option<(usize, usize)>,
-}
-
-/// Frames a [`FrameCache`] keeps: chunks of one segment's frames are read in order, so one
-/// would do; a few more catch chunks deduplicated against recently read frames.
-const FRAME_CACHE_SLOTS: usize = 4;
-
-impl FrameCache {
-    fn position(&self, pack: &str, offset: u64) -> Option<usize> {
-        self.frames
-            .iter()
-            .position(|(p, o, _)| *o == offset && p == pack)
-    }
-
-    /// Keeps `frame`, evicting the oldest into `spare`; returns its slot.
-    fn put(&mut self, pack: &str, offset: u64, frame: Vec<u8>) -> usize {
-        if self.frames.len() >= FRAME_CACHE_SLOTS {
-            self.spare = self.frames.remove(0).2;
-            self.next = match self.next {
-                Some((slot, end)) if slot > 0 => Some((slot - 1, end)),
-                _ => None,
-            };
-        }
-        self.frames.push((pack.to_string(), offset, frame));
-        self.frames.len() - 1
-    }
-
-    /// The chunk `id` of `len` bytes if it directly follows the last chunk served from a kept
-    /// frame, found without an index lookup: consecutive new chunks of a backup share frames
-    /// in disk order, so a restore's next chunk is mostly there. The bytes are checked
-    /// against `id` (`protection`'s id) like every chunk read; on a mismatch the caller
-    /// looks it up.
-    pub fn next_chunk(&mut self, id: &ChunkId, len: u32, protection: &Protection) -> Option<&[u8]> {
-        let (slot, end) = self.next?;
-        let range = end..end.checked_add(len as usize)?;
-        let data = self.frames.get(slot)?.2.get(range.clone())?;
-        if protection.chunk_id(data) != *id {
-            return None;
-        }
-        self.next = Some((slot, range.end));
-        self.frames.get(slot).map(|f| &f.2[range])
-    }
-}
-
-/// Reads one chunk from a pack and verifies it.
-pub fn read_chunk(
-    backend: &dyn Backend,
-    protection: &Protection,
-    pack: &str,
-    entry: &RecordLocation,
-) -> Result<Vec<u8>> {
-    with_chunk(
-        backend,
-        protection,
-        pack,
-        entry,
-        &mut FrameCache::default(),
-        |d| Ok(d.to_vec()),
-    )
-}
-
-/// Reads one chunk from a pack, verifies it and hands it to `f`, decompressing its frame
-/// only if `cache` does not hold it already.
-pub fn with_chunk<R>(
-    backend: &dyn Backend,
-    protection: &Protection,
-    pack: &str,
-    entry: &RecordLocation,
-    cache: &mut FrameCache,
-    f: impl FnOnce(&[u8]) -> Result<R>,
-) -> Result<R> {
-    let location = format!("pack {pack}");
-    let end = entry.in_frame as usize + entry.raw_len as usize;
-    if let Some(i) = cache.position(pack, entry.offset) {
-        cache.next = Some((i, end));
-        return f(chunk_in_frame(
-            &cache.frames[i].2,
-            entry,
-            protection,
-            &location,
-        )?);
-    }
-    let len = usize::try_from(entry.read_len())
-        .map_err(|_| Error::corrupt(&location, entry.offset, "frame too large"))?;
-    let mut record = backend
-        .get_range(&pack_key(pack), entry.offset, len)
-        .map_err(|e| missing_pack(e, pack, entry.offset))?;
-    // Decompress into a reused buffer: fresh 256 KiB buffers cost page faults. The record is
-    // ours: a sealed one is opened where it lies.
-    let mut frame = std::mem::take(&mut cache.spare);
-    decode_frame_in_place(&mut record, entry, protection, pack, &location, &mut frame)?;
-    cache.decoded += 1;
-    // A chunk alone in its frame is never read again by the same pass.
-    if entry.frame_raw_len == entry.raw_len {
-        let result = chunk_in_frame(&frame, entry, protection, &location).and_then(f);
-        cache.spare = frame;
-        cache.next = None;
-        return result;
-    }
-    let slot = cache.put(pack, entry.offset, frame);
-    cache.next = Some((slot, end));
-    f(chunk_in_frame(
-        &cache.frames[slot].2,
-        entry,
-        protection,
-        &location,
-    )?)
-}
-
 /// A pack the index names but the backend does not have is damage, not an I/O failure.
-fn missing_pack(e: Error, pack: &str, offset: u64) -> Error {
+pub(crate) fn missing_pack(e: Error, pack: &str, offset: u64) -> Error {
     match e {
         Error::NotFound { .. } => {
             Error::corrupt(format!("pack {pack}"), offset, "the pack file is missing")
@@ -421,6 +297,7 @@ mod tests {
     use super::*;
     use crate::crypto::{MasterSecret, RepoKeys};
     use crate::format::pack::{frame_record_len, PACK_VERSION};
+    use crate::read::verified::{read_chunk, with_cached_chunk as with_chunk, FrameCache};
     use crate::store::LocalDir;
 
     fn encrypted(seed: u8) -> Protection {

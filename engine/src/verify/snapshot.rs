@@ -10,8 +10,8 @@ use crate::format::manifest::Extent;
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
 
+use crate::read::ChunkWalker;
 use crate::repo::Repo;
-use crate::store::pack::FrameCache;
 
 use super::{
     stopped_verify, Tally, VerifyMode, VerifyOptions, VerifyOutcome, VerifyReport, VerifyRun,
@@ -32,44 +32,38 @@ pub fn verify_snapshot(
     progress.start("verify", manifest.virtual_size);
     let tally = (0..manifest.segment_count())
         .into_par_iter()
-        // One frame cache per worker: each frame is decompressed once, and the chunks that
-        // follow one another in a frame are found without an index lookup.
-        .map_init(FrameCache::default, |frames, i| {
-            crate::progress::checkpoint(progress, "verify-segment")?;
-            let extents = manifest.segment(i)?;
-            let start = i * seg;
-            let mut t = Tally::default();
-            let mut offset = start;
-            for e in &extents {
-                match *e {
-                    Extent::Zero { len } => t.zero_bytes += u64::from(len),
-                    Extent::Chunk { id, len } => {
-                        t.chunks += 1;
-                        t.chunk_bytes += u64::from(len);
-                        let read = match frames.next_chunk(&id, len, repo.protection()) {
-                            Some(d) => Ok(d.len()),
-                            None => repo.with_chunk(&id, &snapshot.id, frames, |d| Ok(d.len())),
-                        };
-                        match read {
-                            Ok(n) if n == len as usize => {}
-                            Ok(n) => t.problem(
-                                offset,
-                                u64::from(len),
-                                Some(&id),
-                                format!("chunk is {n} bytes, the manifest says {len}"),
-                            ),
-                            Err(e) if e.is_corruption() => {
-                                t.problem(offset, u64::from(len), Some(&id), e.to_string())
+        // One chunk walker per worker, as a restore reads: each frame is decompressed once,
+        // and the chunks that follow one another in a frame are found without an index lookup.
+        .map_init(
+            || ChunkWalker::new(repo, &snapshot.id),
+            |walker, i| {
+                crate::progress::checkpoint(progress, "verify-segment")?;
+                let extents = manifest.segment(i)?;
+                let start = i * seg;
+                let mut t = Tally::default();
+                let mut offset = start;
+                for e in &extents {
+                    match *e {
+                        Extent::Zero { len } => t.zero_bytes += u64::from(len),
+                        Extent::Chunk { id, len } => {
+                            t.chunks += 1;
+                            t.chunk_bytes += u64::from(len);
+                            // Damage (a chunk of another length too) is counted, not fatal.
+                            match walker.chunk(&id, len, offset, |_| Ok(())) {
+                                Ok(()) => {}
+                                Err(e) if e.is_corruption() => {
+                                    t.problem(offset, u64::from(len), Some(&id), e.to_string())
+                                }
+                                Err(e) => return Err(e),
                             }
-                            Err(e) => return Err(e),
                         }
                     }
+                    offset += u64::from(e.len());
                 }
-                offset += u64::from(e.len());
-            }
-            progress.advance(offset - start);
-            Ok(t)
-        })
+                progress.advance(offset - start);
+                Ok(t)
+            },
+        )
         .try_reduce(Tally::default, |a, b| Ok(a.merge(b)))
         .map_err(stopped_verify)?;
     progress.finish();
