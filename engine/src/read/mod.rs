@@ -496,12 +496,13 @@ impl<'r> SnapshotReader<'r> {
             return f(data);
         }
         let index = self.repo.readers();
-        let missing = || Error::MissingChunk {
-            id: id.to_hex(),
-            snapshot: self.snapshot_id.clone(),
-        };
         self.index_lookups.fetch_add(1, Ordering::Relaxed);
-        let loc = index.lookup(id)?.ok_or_else(missing)?;
+        // Unknown to the index: names the pack that held it if its delta remains (a pack
+        // deleted behind the repository's back), as restore and check do.
+        let loc = match index.lookup(id)? {
+            Some(loc) => loc,
+            None => return Err(self.repo.missing_chunk(id, &self.snapshot_id)),
+        };
         let (loc, (no, frame)) = match self.frame(&loc.pack, &loc.record) {
             Ok(found) => (loc, found),
             // Readers take no lock: prune may have moved the chunk to a new pack and deleted
