@@ -33,6 +33,12 @@ Usage: python3 benches/remote.py [--bin target/release/stackvault] [--size-mib 2
                                  [--data DIR] [--reps 3] [--rtt 0,20] [--stores moto,azurite]
                                  [--steps gen0,gen1,gen2,restore] [--base-bin OLD]
                                  [--results benches/RESULTS.md]
+                                 [--variant LABEL=BIN[:VAR=VALUE…] …] [--gen0-only]
+
+A/B of binaries or settings: each `--variant` is one more stackvault run (binary, and
+environment variables separated by `:`), taking turns with the others and restic in every
+repetition (the order reversed every other one), and reported in a table of its own with each
+variant's ratio to restic. `--gen0-only` stops each run after the gen0 backup.
 
 The lead's restore-only run of the 4 GiB dataset (restore rows only, before/after):
   python3 benches/remote.py --bin NEW --base-bin OLD --data /var/tmp/bench4/data --reps 1 \
@@ -395,7 +401,7 @@ def restore_only(tool, bins, gens, store, proxy, work, rtts, rep, extra, on_step
 
 
 def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda name, m: None,
-             measured=("gen0", "gen1", "gen2", "restore")):
+             measured=("gen0", "gen1", "gen2", "restore"), extra_env=None, gen0_only=False):
     """One repetition of one tool: gen0..gen2 backups and a gen2 restore, in a fresh bucket
     or container of `store`; for stackvault, then a gen2 restore with each number of GETs in
     flight of `sweep` (steps `restore@N`). `on_step` gets each step's measurements as soon as
@@ -406,10 +412,11 @@ def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda na
                # tool's key derivation at its own default strength.
                STACKVAULT_PASSWORD="bench",
                XDG_CACHE_HOME=os.path.join(work, f"cache-{place}"), **store.env())
+    env.update(extra_env or {})
     out = {}
     restored = os.path.join(work, "restored")
     sv_repo, endpoint, restic_repo = store.locations(place, proxy)
-    if tool == "stackvault":
+    if tool == "stackvault" or tool.startswith("sv:"):
         subprocess.run([binary, "--quiet", "--endpoint", endpoint, "init", sv_repo], env=env,
                        check=True, stdout=subprocess.DEVNULL)
         steps = [(f"gen{g}", [binary, "--quiet", "backup", sv_repo, gens[g], "--disk", "d"])
@@ -424,6 +431,8 @@ def run_tool(tool, binary, gens, store, proxy, work, sweep=(), on_step=lambda na
                               "--stdin-filename", "d.raw"]) for g in range(3)]
         steps.append(("restore", ["restic", "-q", "-r", restic_repo, "restore", "latest",
                                   "--target", restored]))
+    if gen0_only:
+        steps = steps[:1]
     os.makedirs(restored, exist_ok=True)
     rtt = proxy.rtt
     for g, (name, cmd) in enumerate(steps):
@@ -466,6 +475,9 @@ def main():
                     help="with --steps restore: a second stackvault binary restoring the same "
                          "repository, alternated with --bin (rows `restore [base]`)")
     ap.add_argument("--tools", default="stackvault,restic")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="LABEL=BIN[:VAR=VALUE…]: one more stackvault run (see the module doc)")
+    ap.add_argument("--gen0-only", action="store_true", help="only the gen0 backup")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the table from --work's raw.json (a partial run)")
     args = ap.parse_args()
@@ -496,7 +508,13 @@ def main():
     rtts = [int(x) for x in args.rtt.split(",")]
     # (tool, store) pairs: restic only on moto.
     tools = args.tools.split(",")
-    runs = ([("stackvault", st) for st in stores] if "stackvault" in tools else []) + \
+    variants = {}
+    for v in args.variant:
+        label, _, spec = v.partition("=")
+        binary, *assignments = spec.split(":")
+        variants["sv:" + label] = (binary, dict(a.split("=", 1) for a in assignments))
+    runs = ([("stackvault", st) for st in stores] if "stackvault" in tools and not variants
+            else []) + [(t, st) for t in variants for st in stores] + \
         ([("restic", "moto")] if "restic" in tools else [])
     sweep = sweep_steps([int(n) for n in args.sweep_in_flight.split(",") if n],
                         [int(k) for k in args.sweep_gap_kib.split(",") if k])
@@ -540,7 +558,9 @@ def main():
                             json.dump({"|".join(map(str, k)): v for k, v in results.items()},
                                       f, indent=1)
 
-                    run_tool(tool, args.bin, gens, store, proxy, work, sweep, keep, steps)
+                    binary, extra = variants.get(tool, (args.bin, {}))
+                    run_tool(tool, binary, gens, store, proxy, work, sweep, keep, steps, extra,
+                             args.gen0_only)
                 finally:
                     store.stop()
     load_after = os.getloadavg()
@@ -551,7 +571,13 @@ def main():
               f" {version.strip()}. Load average before/after: {load_before[0]:.1f} / "
               f"{load_after[0]:.1f} (2 cores shared with other builds: ratios only); "
               f"{(time.time() - started) / 60:.0f} min.")
-    text = table(results, stores, rtts, gib, args.reps, header)
+    if variants:
+        header += " Variants: " + "; ".join(
+            f"{t[3:]} = {b} {' '.join(f'{k}={v}' for k, v in e.items())}".strip()
+            for t, (b, e) in variants.items()) + "."
+        text = variant_table(results, stores, rtts, list(variants), args.reps, header)
+    else:
+        text = table(results, stores, rtts, gib, args.reps, header)
     print(text)
     with open(os.path.join(work, "table.md"), "w") as f:
         f.write(text)
@@ -624,6 +650,38 @@ def table(results, stores, rtts, gib, reps, header):
                 f"{fmt(rs, '.1f', mib)} MiB (×{fmt(None if rs is None else sv / rs, '.2f')}); "
                 f"gen0: {puts:.0f} PUTs for {sent / mib:.1f} MiB sent = one PUT per "
                 f"{sent / mib / max(puts, 1):.1f} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def variant_table(results, stores, rtts, variants, reps, header):
+    """The Markdown table of an A/B run: each variant's medians and ratio to restic on moto."""
+    def med(rtt, tool, store, step, key):
+        runs = [m[key] for m in results.get((rtt, tool, store, step), []) if key in m]
+        return statistics.median(runs) if runs else None
+
+    mib = 2 ** 20
+    lines = [f"## Object storage A/B: stackvault variants vs restic ({datetime.date.today()})",
+             "", header + f" Medians of up to {reps}; ratio = restic's wall time on moto / the"
+             " variant's (above 1: faster than restic).", "",
+             "| store | rtt | step | variant | wall s (runs) | restic wall s | ratio | PUTs |"
+             " MiB sent | MiB per PUT | RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for store in stores:
+        for rtt in rtts:
+            for step in ["gen0", "gen1", "gen2", "restore"]:
+                rs = med(rtt, "restic", "moto", step, "wall")
+                for v in variants:
+                    runs = [m["wall"] for m in results.get((rtt, v, store, step), [])]
+                    if not runs:
+                        continue
+                    wall = statistics.median(runs)
+                    puts, sent = med(rtt, v, store, step, "puts"), med(rtt, v, store, step, "sent")
+                    lines.append(
+                        f"| {store} | {rtt} ms | {step} | {v[3:]} | {wall:.2f} "
+                        f"({', '.join(f'{w:.1f}' for w in runs)}) | "
+                        f"{'–' if rs is None else format(rs, '.2f')} | "
+                        f"{'–' if rs is None else format(rs / max(wall, 1e-3), '.2f')}× | "
+                        f"{puts:.0f} | {sent / mib:.1f} | {sent / mib / max(puts, 1):.1f} | "
+                        f"{med(rtt, v, store, step, 'rss'):.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 //! temporary repository and sample disks (built from real files of this machine).
 
 mod azure;
+mod azure_puts;
 mod azure_store;
 mod cli;
 mod compat;
@@ -48,6 +49,7 @@ mod retention;
 mod s3_faults;
 mod s3_readonly;
 mod s3_store;
+mod serve_gone_pack;
 mod shared_prune;
 mod shared_repo;
 mod standby;

@@ -14,6 +14,8 @@
 
 mod dedup;
 mod frames;
+mod uploads;
+pub use uploads::{DEFAULT_REMOTE_UPLOADS, UPLOADS_ENV};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -784,14 +786,7 @@ impl Writer<'_> {
     }
 }
 
-/// Packs a backup into a remote repository uploads at once. One PUT at a time left the link
-/// idle for a round trip per pack and its index delta, and the writer waiting behind it
-/// (benches/remote.py); each upload holds its pack's buffer, so memory grows by a pack target
-/// size per upload in flight. A local repository stores one pack at a time: its writes are
-/// bounded by the disk, not by round trips.
-const REMOTE_UPLOADS: usize = 2;
-
-/// Stores finished packs as they come, [`REMOTE_UPLOADS`] at once on a remote store; returns
+/// Stores finished packs as they come, several at once on a remote store (`uploads.rs`); returns
 /// how many packs and bytes it added to the repository. Each pack is stored, then indexed,
 /// by one uploader; packs finish in any order, and the manifest waits for all of them.
 fn store_loop(
@@ -800,7 +795,7 @@ fn store_loop(
     dedup: &Dedup,
     spare: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<(u64, u64)> {
-    let uploads = if repo.is_remote() { REMOTE_UPLOADS } else { 1 };
+    let uploads = uploads::uploads_in_flight(repo.is_remote())?;
     let packs = Mutex::new(packs);
     let failed = AtomicBool::new(false);
     let upload = || -> Result<(u64, u64)> {

@@ -2,9 +2,12 @@
 //!
 //! Job: honour the [`Backend`] contract with block blobs in one container, under an optional
 //! prefix (`azure://ACCOUNT/CONTAINER/PREFIX`): object key `K` is blob `PREFIX/K`. Objects up
-//! to [`PUT_BLOB_MAX`] bytes are one Put Blob; larger ones (packs) are staged as blocks of
-//! [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List. The exact
-//! requests and headers are specified in `format-spec/remote.md`, section "Azure Blob".
+//! to [`PUT_BLOB_MAX`] bytes (every pack of the default 16 MiB target, every delta and
+//! manifest) are one Put Blob: one request per object, as on S3. Larger ones are staged as
+//! blocks of [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List;
+//! a writer killed between the two leaves uncommitted blocks, which the service drops after a
+//! week. The exact requests and headers are specified in
+//! `format-spec/remote.md`, section "Azure Blob".
 //!
 //! Invariants:
 //! - Create-only: every Put Blob and Put Block List that creates an object carries
@@ -38,10 +41,14 @@ use crate::error::{Error, Result};
 /// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
 const RESERVE_MAX: usize = 64 << 20;
 
-/// Largest object sent as a single Put Blob; larger ones go as blocks.
-pub const PUT_BLOB_MAX: usize = 8 << 20;
-/// Size of one staged block of a large object (the last may be shorter).
-pub const BLOCK_SIZE: usize = 8 << 20;
+/// Largest object sent as a single Put Blob by default; larger ones go as blocks. Four packs
+/// of the default target size: a pack is one request (issue 14: at most one PUT per 8 MiB of
+/// packed data), while a failed attempt resends at most 64 MiB. The service's own limit,
+/// [`put_blob_limit`], is higher for every service version this client sends.
+pub const PUT_BLOB_MAX: usize = 64 << 20;
+/// Size of one staged block of a large object (the last may be shorter): at most 100 MiB from
+/// service version 2016-05-31 on.
+pub const BLOCK_SIZE: usize = 16 << 20;
 /// Blocks of one object uploaded at once.
 pub const DEFAULT_PARALLEL_BLOCKS: usize = 4;
 /// Names per List Blobs page (the service's maximum).
@@ -113,6 +120,9 @@ pub struct AzureStoreOptions {
     pub retry: RetryPolicy,
     /// Blocks of one large object uploaded at once (at least 1).
     pub parallel_blocks: usize,
+    /// Largest object sent as one Put Blob ([`PUT_BLOB_MAX`]); never more than the service
+    /// version in use allows ([`put_blob_limit`]).
+    pub put_blob_max: usize,
 }
 
 impl AzureStoreOptions {
@@ -125,7 +135,19 @@ impl AzureStoreOptions {
             credential,
             retry: RetryPolicy::default(),
             parallel_blocks: DEFAULT_PARALLEL_BLOCKS,
+            put_blob_max: PUT_BLOB_MAX,
         }
+    }
+}
+
+/// The largest block blob one Put Blob may create under service version `version`
+/// (`YYYY-MM-DD`, compared as text): 64 MiB before 2016-05-31, 256 MiB from then (so also for
+/// the azurestack profile's 2019-07-07 and its 2017-11-09 fallback), 5000 MiB from 2019-12-12.
+pub fn put_blob_limit(version: &str) -> usize {
+    match version {
+        v if v < "2016-05-31" => 64 << 20,
+        v if v < "2019-12-12" => 256 << 20,
+        _ => 5000 << 20,
     }
 }
 
@@ -139,6 +161,7 @@ pub struct AzureBlobBackend {
     /// The location as it may be shown.
     shown: String,
     parallel_blocks: usize,
+    put_blob_max: usize,
 }
 
 impl std::fmt::Debug for AzureBlobBackend {
@@ -196,6 +219,7 @@ impl AzureBlobBackend {
             container_path: address.container_path,
             prefix,
             parallel_blocks: options.parallel_blocks.max(1),
+            put_blob_max: options.put_blob_max,
         })
     }
 
@@ -309,6 +333,14 @@ impl AzureBlobBackend {
 
     /// Stages `data` as blocks (several at once) and commits them with one Put Block List.
     fn put_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
+        let ids = self.stage_blocks(key, data)?;
+        self.commit_blocks(key, data, &ids)
+    }
+
+    /// Put Block of every [`BLOCK_SIZE`] piece of `data`, [`AzureStoreOptions::parallel_blocks`]
+    /// at once; returns the block ids in order. Until they are committed the blocks are an
+    /// uncommitted blob: invisible to reads and plain listings.
+    fn stage_blocks(&self, key: &str, data: &[u8]) -> Result<Vec<String>> {
         // Block ids are random per upload, so two writers of one key never share a block.
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce)
@@ -357,8 +389,13 @@ impl AzureBlobBackend {
         if let Some(e) = failure {
             return Err(e);
         }
+        Ok(ids)
+    }
+
+    /// Put Block List of the staged blocks `ids` (of `data`), create-only.
+    fn commit_blocks(&self, key: &str, data: &[u8], ids: &[String]) -> Result<()> {
         let mut list = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
-        for id in &ids {
+        for id in ids {
             list.push_str("<Latest>");
             list.push_str(id);
             list.push_str("</Latest>");
@@ -447,7 +484,11 @@ fn etag(r: &Response, key: &str) -> Result<Version> {
 
 impl Backend for AzureBlobBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        if data.len() <= PUT_BLOB_MAX {
+        // The version can step down while running (Stack Hub): ask for the one in use.
+        let single = self
+            .put_blob_max
+            .min(put_blob_limit(&self.client.api_version()));
+        if data.len() <= single {
             self.put_blob(key, data)
         } else {
             self.put_blocks(key, data)
@@ -708,6 +749,20 @@ mod tests {
         assert_eq!(parse_listing(last, "", "x", &mut out)?, None);
         assert!(parse_listing(b"<nope", "", "x", &mut out).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn one_put_blob_holds_a_pack_under_every_version_sent() {
+        // Global Azure, the azurestack profile and its fallback, and an old override.
+        assert_eq!(put_blob_limit("2021-08-06"), 5000 << 20);
+        assert_eq!(put_blob_limit("2019-07-07"), 256 << 20);
+        assert_eq!(put_blob_limit("2017-11-09"), 256 << 20);
+        assert_eq!(put_blob_limit("2016-05-31"), 256 << 20);
+        assert_eq!(put_blob_limit("2015-12-11"), 64 << 20);
+        for v in ["2021-08-06", "2019-07-07", "2017-11-09", "2009-09-19", ""] {
+            assert!(PUT_BLOB_MAX <= put_blob_limit(v), "{v}");
+        }
+        const { assert!(BLOCK_SIZE <= 100 << 20) };
     }
 
     #[test]
