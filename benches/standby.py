@@ -14,7 +14,13 @@ for byte, and the blob standby checked with `verify --target`.
 
 Usage: python3 benches/standby.py --bin target/release/stackvault --data DIR --work DIR
            [--azurite .ci/azurite/node_modules/.bin/azurite-blob] [--python VENV_PYTHON]
-           [--no-blob]
+           [--no-blob] [--no-file] [--variant 'LABEL|BIN|EXTRA SYNC ARGS' ...]
+Each row also gives the client's CPU seconds (user + system of the sync process), the server's
+(Azurite's node process, from /proc) during the sync, and the load average after it. With
+--variant, every incremental step is measured once more per variant (another binary, or
+`--parallel 32`, ...), the target synced back to the step's start (unmeasured) in between, so
+before/after binaries alternate in one run. Numbers to read: sync / full (target <= 0.2),
+uploaded / diff and written / diff (target <= 1.1), sync peak RSS at 1 GiB against 4 GiB.
 The page blob part needs Azurite (.ci/azurite.sh) and a Python with azure-storage-blob (the
 virtualenv `cargo bench --bench pageblob` makes in target/bench-venv) to create the container
 and the SAS. Azurite keeps its blobs on disk under --work (4 GiB blobs do not belong in the
@@ -58,17 +64,38 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+CPU = {}
+
+
 def timed(cmd, env, rss_file):
-    """Runs cmd under /usr/bin/time; returns (wall s, stdout, peak RSS MiB)."""
+    """Runs cmd under /usr/bin/time; returns (wall s, stdout, peak RSS MiB). The child's CPU
+    seconds (user + system) are left in CPU["last"]."""
     started = time.monotonic()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file] + cmd, env=env,
+    p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file] + cmd, env=env,
                        capture_output=True, text=True)
     wall = time.monotonic() - started
     if p.returncode != 0:
         raise SystemExit(f"{cmd} failed ({p.returncode}): {p.stderr}{p.stdout}")
     with open(rss_file) as f:
-        rss = int(f.read().split()[-1]) / 1024
-    return wall, p.stdout, rss
+        rss_kib, user, system = f.read().split()[-3:]
+    CPU["last"] = float(user) + float(system)
+    return wall, p.stdout, int(rss_kib) / 1024
+
+
+def process_cpu(pid):
+    """CPU seconds (user + system) process pid has used so far, or None without it."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load():
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def changed_4k(a, b):
@@ -110,17 +137,27 @@ def main():
     ap.add_argument("--azurite", default=".ci/azurite/node_modules/.bin/azurite-blob")
     ap.add_argument("--python", default="target/bench-venv/bin/python")
     ap.add_argument("--no-blob", action="store_true")
+    ap.add_argument("--no-file", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL|BIN|ARGS",
+                    help="measure each incremental step with this binary and these extra "
+                         "`standby sync` arguments too (repeatable; the target is synced back "
+                         "to the step's start, unmeasured, before each variant)")
     a = ap.parse_args()
     binary = os.path.abspath(a.bin)
+    variants = [("sync", binary, [])]
+    for v in a.variant:
+        label, vbin, vargs = (v.split("|") + ["", ""])[:3]
+        variants.append((label, os.path.abspath(vbin or a.bin), vargs.split()))
     env = dict(os.environ, STACKVAULT_PASSWORD="standby-bench-password")
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
     repo = os.path.join(a.work, "repo")
     rss = os.path.join(a.work, "rss")
     gens = [os.path.join(a.data, f"gen{g}.raw") for g in range(3)]
+    log(f"load average at the start: {load()}")
 
-    def sv(*args):
-        return timed([binary, "--quiet"] + list(args), env, rss)
+    def sv(*args, bin=binary):
+        return timed([bin, "--quiet"] + list(args), env, rss)
 
     sv("init", repo)
     snaps = []
@@ -139,23 +176,36 @@ def main():
 
     rows = []
 
-    def run_target(kind, target_of, full_target_of, after_full, check):
-        wall, out, peak = sv("standby", "sync", "-r", repo, "--disk", "vm", "--snapshot",
-                             snaps[0], target_of(), "--json")
-        r = json.loads(out)
-        rows.append((kind, "gen0 first sync (full)", wall, r, None, peak, None, None))
-        log(f"{kind}: first sync {wall:.1f} s")
-        for i in (1, 2):
+    def run_target(kind, target_of, full_target_of, after_full, check, server_pid=None):
+        def sync(snap, bin=binary, extra=()):
+            before = process_cpu(server_pid)
             wall, out, peak = sv("standby", "sync", "-r", repo, "--disk", "vm", "--snapshot",
-                                 snaps[i], target_of(), "--json")
-            r = json.loads(out)
-            assert r["mode"] == "incremental", r
+                                 snap, target_of(), "--json", *extra, bin=bin)
+            after = process_cpu(server_pid)
+            server = None if before is None or after is None else after - before
+            return wall, json.loads(out), peak, CPU["last"], server
+
+        wall, r, peak, cpu, server = sync(snaps[0])
+        rows.append(("sync", kind, "gen0 first sync (full)", wall, r, None, peak, None, None,
+                     cpu, server, load()))
+        log(f"{kind}: first sync {wall:.1f} s")
+        held = snaps[0]
+        for i in (1, 2):
+            for label, vbin, vargs in variants:
+                if held != snaps[i - 1]:
+                    sync(snaps[i - 1])
+                wall, r, peak, cpu, server = sync(snaps[i], vbin, vargs)
+                held = snaps[i]
+                assert r["mode"] == "incremental", r
+                rows.append([label, kind, f"gen{i - 1} -> gen{i}", wall, r, None, peak, None,
+                             changes[i - 1], cpu, server, load()])
+                log(f"{kind} {label}: gen{i - 1} -> gen{i}: sync {wall:.2f} s ({peak:.0f} MiB, "
+                    f"client CPU {cpu:.2f} s, server CPU {server or 0:.2f} s)")
             fwall, fout, fpeak = sv("restore", repo, snaps[i], full_target_of(i), "--json")
             after_full(i)
-            rows.append((kind, f"gen{i - 1} -> gen{i}", wall, r, fwall, peak, fpeak,
-                         changes[i - 1]))
-            log(f"{kind}: gen{i - 1} -> gen{i}: sync {wall:.1f} s ({peak:.0f} MiB), full "
-                f"restore {fwall:.1f} s ({fpeak:.0f} MiB)")
+            for row in rows[-len(variants):]:
+                row[5], row[7] = fwall, fpeak
+            log(f"{kind}: gen{i}: full restore {fwall:.1f} s ({fpeak:.0f} MiB)")
         check()
 
     standby_file = os.path.join(a.work, "standby.raw")
@@ -167,9 +217,10 @@ def main():
         if not same:
             raise SystemExit("the file standby differs from gen2")
 
-    run_target("file", lambda: standby_file, lambda i: full_file,
-               lambda i: os.remove(full_file), file_check)
-    os.remove(standby_file)
+    if not a.no_file:
+        run_target("file", lambda: standby_file, lambda i: full_file,
+                   lambda i: os.remove(full_file), file_check)
+        os.remove(standby_file)
 
     if not a.no_blob:
         azurite, port = start_azurite(os.path.abspath(a.azurite),
@@ -193,30 +244,37 @@ def main():
                     raise SystemExit("the blob standby differs from gen2")
 
             run_target("page blob", lambda: url("standby.vhd"), lambda i: url(f"full{i}.vhd"),
-                       drop_blob, blob_check)
+                       drop_blob, blob_check, azurite.pid)
         finally:
             azurite.kill()
             azurite.wait()
             shutil.rmtree(os.path.join(a.work, "azurite"), ignore_errors=True)
 
-    print(f"\nper-command fixed cost (open the repository, unlock its key: `snapshots`): "
-          f"{fixed_wall:.2f} s, {fixed_rss:.0f} MiB peak")
-    print("| target | step | sync s | full restore s | sync / full | written MiB | zeroed MiB "
-          "| uploaded MiB | requests | diff changed MiB | 4 KiB blocks changed MiB "
-          "| written / diff | sync peak RSS MiB | restore peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    size = os.path.getsize(gens[0])
+    print(f"\n{size / MIB:.0f} MiB disk ({a.data}); per-command fixed cost (open the "
+          f"repository, unlock its key: `snapshots`): {fixed_wall:.2f} s, {fixed_rss:.0f} MiB "
+          f"peak; load average at the end {load()}")
+    print("| variant | target | step | sync s | full restore s | **sync / full** | written MiB "
+          "| zeroed MiB | uploaded MiB | gap MiB | requests | diff changed MiB "
+          "| 4 KiB blocks changed MiB | **written / diff** | **uploaded / diff** "
+          "| sync CPU s | server CPU s | **sync peak RSS MiB** | restore peak RSS MiB | load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+          "|---:|---:|---|")
     mib = lambda b: (b or 0) / MIB
-    for kind, step, wall, r, fwall, peak, fpeak, ch in rows:
+    opt = lambda x, f: "" if x is None else f(x)
+    for label, kind, step, wall, r, fwall, peak, fpeak, ch, cpu, server, ld in rows:
         up = r.get("uploaded_bytes")
-        print(f"| {kind} | {step} | {wall:.2f} | "
-              f"{'' if fwall is None else f'{fwall:.2f}'} | "
+        diff = None if ch is None else max(ch[0], 1)
+        print(f"| {label} | {kind} | {step} | {wall:.2f} | {opt(fwall, '{:.2f}'.format)} | "
               f"{'' if fwall is None else f'{wall / fwall:.2f}'} | "
               f"{mib(r['written_bytes']):.1f} | {mib(r['zeroed_bytes']):.1f} | "
-              f"{'' if up is None else f'{mib(up):.1f}'} | {r['requests']} | "
-              f"{'' if ch is None else f'{mib(ch[0]):.1f}'} | "
-              f"{'' if ch is None else f'{mib(ch[1]):.1f}'} | "
-              f"{'' if ch is None else '%.2f' % (r['written_bytes'] / max(ch[0], 1))} | "
-              f"{peak:.0f} | {'' if fpeak is None else f'{fpeak:.0f}'} |")
+              f"{opt(up, lambda u: f'{mib(u):.1f}')} | {mib(r.get('gap_bytes')):.1f} | "
+              f"{r['requests']} | {opt(ch, lambda c: f'{mib(c[0]):.1f}')} | "
+              f"{opt(ch, lambda c: f'{mib(c[1]):.1f}')} | "
+              f"{opt(diff, lambda d: '%.2f' % (r['written_bytes'] / d))} | "
+              f"{'' if diff is None or up is None else '%.2f' % (up / diff)} | "
+              f"{cpu:.2f} | {opt(server, '{:.2f}'.format)} | "
+              f"{peak:.0f} | {opt(fpeak, '{:.0f}'.format)} | {ld} |")
     shutil.rmtree(a.work, ignore_errors=True)
 
 

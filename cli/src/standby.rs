@@ -56,7 +56,9 @@ pub struct SyncArgs {
     state_dir: Option<PathBuf>,
     /// Page blobs: changed ranges up to SIZE apart are sent in one Put Page request (up to
     /// 4 MiB), the unchanged bytes between them rewritten with the same content, instead of
-    /// one request each (default 64KiB; 0 sends changed pages only). Bytes, or with KiB/MiB.
+    /// one request each (default: chosen per sync, at most 64KiB, so that the rewritten bytes
+    /// stay within 10% of the changed bytes; 0 sends changed pages only). Bytes, or with
+    /// KiB/MiB.
     #[arg(long, value_name = "SIZE", value_parser = crate::azure::parse_size)]
     coalesce_gap: Option<u64>,
     /// Page blobs: Put Page requests in flight (default 16; memory about N × 4 MiB).

@@ -105,19 +105,23 @@ pub enum Part<'d> {
     Data { offset: u64, data: &'d [u8] },
 }
 
+/// Where [`walk`] reads chunks: the repository, and the snapshot named in its errors.
+pub struct ChunkSource<'a> {
+    pub repo: &'a Repo,
+    pub snapshot_id: &'a str,
+}
+
 /// Walks the new segment's extents (`base` its offset) over `[start, end)`, handing each part
 /// to `f`: zero runs as ranges, chunk bytes read and verified from the repository.
-#[allow(clippy::too_many_arguments)]
 pub fn walk(
-    repo: &Repo,
-    snapshot_id: &str,
+    source: &ChunkSource<'_>,
     frames: &mut FrameCache,
     extents: &[Extent],
     base: u64,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     f: &mut dyn FnMut(Part<'_>) -> Result<()>,
 ) -> Result<()> {
+    let ChunkSource { repo, snapshot_id } = *source;
     let mut pos = base;
     for e in extents {
         let e_end = pos + u64::from(e.len());

@@ -1,5 +1,5 @@
-//! Merging the nearby changed regions of one segment of an incremental page blob sync, so
-//! that many small changes a few KiB apart go out in few Put Page requests.
+//! Merging the nearby changed regions of an incremental page blob sync, so that many small
+//! changes a few KiB apart go out in few Put Page requests (the gap: [`super::regions`]).
 //!
 //! A page blob takes about 500 requests/s, so a sync of many small scattered changes is
 //! bound by its request count, not its bytes. Two changed regions at most the coalescing gap

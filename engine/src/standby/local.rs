@@ -15,11 +15,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use super::changes::{walk, Part};
+use super::changes::{walk, ChunkSource, Part};
 use super::check;
 use super::record::{self, Record, State, SyncLock};
 use super::{decide, Counts, Plan, StatusReport, SyncOptions, SyncReport};
 use crate::error::{Error, Result};
+use crate::format::manifest::Manifest;
 use crate::format::vhd_footer::{DiskType, Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
@@ -249,13 +250,15 @@ pub(crate) fn sync(
             (c, false)
         }
         Plan::Incremental { olds } => apply(
-            repo,
-            snapshot,
-            &manifest,
-            &olds,
-            path,
-            device.is_some(),
-            format,
+            Incremental {
+                repo,
+                snapshot,
+                manifest: &manifest,
+                olds: &olds,
+                path,
+                device: device.is_some(),
+                format,
+            },
             progress,
         )
         .map_err(|e| interrupted(e, &shown))?,
@@ -270,13 +273,15 @@ pub(crate) fn sync(
         ..applying
     };
     let mut report = super::report(
-        &shown,
-        if device.is_some() { "device" } else { "file" },
-        format.as_str(),
-        snapshot,
-        old.as_ref(),
-        !incremental,
-        resized,
+        &super::ReportBase {
+            shown: &shown,
+            kind: if device.is_some() { "device" } else { "file" },
+            format: format.as_str(),
+            snapshot,
+            old: old.as_ref(),
+            full: !incremental,
+            resized,
+        },
         counts,
         started,
     );
@@ -331,18 +336,32 @@ fn device_size(path: &Path) -> Result<u64> {
         .map_err(|e| Error::io("size device", path, e))
 }
 
-/// The incremental sync of a file or device: resize, write the changed ranges, footer.
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    repo: &Repo,
-    snapshot: &SnapshotSummary,
-    manifest: &crate::format::manifest::Manifest<'_>,
-    olds: &[crate::format::manifest::Manifest<'_>],
-    path: &Path,
+/// What an incremental sync of a file or device applies, and where.
+struct Incremental<'a, 'r> {
+    repo: &'r Repo,
+    snapshot: &'a SnapshotSummary,
+    manifest: &'a Manifest<'r>,
+    olds: &'a [Manifest<'r>],
+    path: &'a Path,
     device: bool,
     format: OutputFormat,
-    progress: &dyn Progress,
-) -> Result<(Counts, bool)> {
+}
+
+/// The incremental sync of a file or device: resize, write the changed ranges, footer.
+fn apply(job: Incremental<'_, '_>, progress: &dyn Progress) -> Result<(Counts, bool)> {
+    let Incremental {
+        repo,
+        snapshot,
+        manifest,
+        olds,
+        path,
+        device,
+        format,
+    } = job;
+    let source = ChunkSource {
+        repo,
+        snapshot_id: &snapshot.id,
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -397,43 +416,33 @@ fn apply(
             let mut run_start = 0u64;
             let mut requests = 0u64;
             for &(start, end) in ranges {
-                walk(
-                    repo,
-                    &snapshot.id,
-                    frames,
-                    extents,
-                    base,
-                    start,
-                    end,
-                    &mut |part| {
-                        match part {
-                            Part::Zero { offset, len } => {
-                                if !run.is_empty() {
-                                    sink.write_at(run_start, &run)?;
-                                    requests += 1;
-                                    run.clear();
-                                }
-                                sink.zero_at(offset, len)?;
+                walk(&source, frames, extents, base, (start, end), &mut |part| {
+                    match part {
+                        Part::Zero { offset, len } => {
+                            if !run.is_empty() {
+                                sink.write_at(run_start, &run)?;
                                 requests += 1;
+                                run.clear();
                             }
-                            Part::Data { offset, data } => {
-                                let contiguous = run_start + run.len() as u64 == offset;
-                                if !run.is_empty()
-                                    && (!contiguous || run.len() + data.len() > RUN_MAX)
-                                {
-                                    sink.write_at(run_start, &run)?;
-                                    requests += 1;
-                                    run.clear();
-                                }
-                                if run.is_empty() {
-                                    run_start = offset;
-                                }
-                                run.extend_from_slice(data);
-                            }
+                            sink.zero_at(offset, len)?;
+                            requests += 1;
                         }
-                        Ok(())
-                    },
-                )?;
+                        Part::Data { offset, data } => {
+                            let contiguous = run_start + run.len() as u64 == offset;
+                            if !run.is_empty() && (!contiguous || run.len() + data.len() > RUN_MAX)
+                            {
+                                sink.write_at(run_start, &run)?;
+                                requests += 1;
+                                run.clear();
+                            }
+                            if run.is_empty() {
+                                run_start = offset;
+                            }
+                            run.extend_from_slice(data);
+                        }
+                    }
+                    Ok(())
+                })?;
             }
             if !run.is_empty() {
                 sink.write_at(run_start, &run)?;

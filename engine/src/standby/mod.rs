@@ -29,6 +29,7 @@ pub mod local;
 #[cfg(feature = "azure")]
 pub mod pageblob;
 pub mod record;
+pub mod regions;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -108,6 +109,10 @@ pub struct SyncReport {
     /// snapshot's bytes, equal to the target's) so that the changes go out in fewer requests;
     /// part of `uploaded_bytes`, not of `written_bytes` (see [`coalesce`]).
     pub gap_bytes: u64,
+    /// Page blob incremental syncs: the coalescing gap used, chosen so that `gap_bytes` plus
+    /// the page rounding stay within 10 % of the changed bytes unless `--coalesce-gap` gave
+    /// it (see [`regions`]).
+    pub coalesce_gap_bytes: Option<u64>,
     pub duration_ms: u64,
     /// `clean`, or `diverged` when `--verify` found a difference.
     pub state: String,
@@ -452,19 +457,32 @@ pub(crate) fn tally(extents: &[Extent], base: u64, ranges: &[(u64, u64)]) -> Cou
     c
 }
 
+/// What every sync report says about the target and the sync, whatever the target.
+pub(crate) struct ReportBase<'a> {
+    /// The target as it may be shown.
+    pub shown: &'a str,
+    /// `file`, `device` or `page-blob`.
+    pub kind: &'a str,
+    /// `raw` or `vhd-fixed`.
+    pub format: &'a str,
+    pub snapshot: &'a SnapshotSummary,
+    /// The record the target had before the sync.
+    pub old: Option<&'a Record>,
+    pub full: bool,
+    pub resized: bool,
+}
+
 /// A report's common part.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn report(
-    shown: &str,
-    kind: &str,
-    format: &str,
-    snapshot: &SnapshotSummary,
-    old: Option<&Record>,
-    full: bool,
-    resized: bool,
-    counts: Counts,
-    started: Instant,
-) -> SyncReport {
+pub(crate) fn report(base: &ReportBase<'_>, counts: Counts, started: Instant) -> SyncReport {
+    let ReportBase {
+        shown,
+        kind,
+        format,
+        snapshot,
+        old,
+        full,
+        resized,
+    } = *base;
     SyncReport {
         target: shown.to_string(),
         target_kind: kind.into(),
@@ -486,6 +504,7 @@ pub(crate) fn report(
         requests: counts.requests,
         uploaded_bytes: None,
         gap_bytes: counts.gap_bytes,
+        coalesce_gap_bytes: None,
         duration_ms: started.elapsed().as_millis() as u64,
         state: State::Clean.as_str().into(),
         blob_snapshot: None,

@@ -9,9 +9,11 @@
 //! The first sync creates the blob (or keeps one of the right size), marks it applying and
 //! runs `restore` onto it with `--existing` semantics (stale pages cleared, footer last).
 //! Later syncs cut each changed range out to whole pages (4 KiB for Stack Hub), merge the
-//! regions of a segment that lie within the coalescing gap of each other (up to 4 MiB, see
-//! [`super::coalesce`]), fill them with the snapshot's bytes (the unchanged bytes between
-//! merged changes included) and hand them to the [`PageWriter`], which sends data pages with Put
+//! regions that lie within the coalescing gap of each other (up to 4 MiB, across segments;
+//! the gap chosen per sync to keep the rewritten bytes within budget, see
+//! [`super::regions`]), fill them with the snapshot's bytes (the unchanged bytes between
+//! merged changes included), a few regions in parallel, and hand them to the [`PageWriter`],
+//! which sends data pages with Put
 //! Page and clears the zero runs; a disk that grew or shrank resizes the blob first and gets a
 //! new footer (same unique id) at the end. After a clean sync `--keep-blob-snapshots N` takes
 //! a blob snapshot and deletes the oldest of ours beyond N (Stack Hub allows 1,000 per blob).
@@ -19,16 +21,16 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::changes::{walk, Part};
-use super::coalesce::merge_near;
+use super::changes::{walk, ChunkSource, Part};
 use super::record::{self, Record, State};
+use super::regions::RegionSource;
 use super::{decide, Counts, LeaseReport, Plan, StatusReport, SyncOptions, SyncReport};
 use crate::azure::lease::{lease_seconds, HeldLease, LeaseState};
 use crate::azure::pagereader::{PageReader, DEFAULT_READ_PARALLEL};
 use crate::azure::pagewriter::{
-    page_regions, PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
+    PageWriter, Window, WriterOptions, DEFAULT_COALESCE_GAP, DEFAULT_PARALLEL,
 };
-use crate::azure::{BlobClient, MAX_PUT_PAGE};
+use crate::azure::BlobClient;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::format::vhd_footer::{Footer, FOOTER_LEN};
@@ -38,6 +40,7 @@ use crate::repo::Repo;
 use crate::restore::pageblob::{
     check_limits, page_blob_footer, restore_with_client, source_unique_id, PageBlobRestoreOptions,
 };
+use crate::store::pack::FrameCache;
 
 const MIB: u64 = 1 << 20;
 /// Most blob snapshots a blob may keep (Azure Stack Hub's limit).
@@ -357,6 +360,7 @@ fn sync_leased(
             options.parallel
         },
     };
+    let mut coalesce_gap = None;
     let (counts, uploaded) = match plan {
         Plan::Full => {
             if resized {
@@ -412,60 +416,32 @@ fn sync_leased(
             }
             // Every page may hold old data: zero runs inside a changed range are cleared.
             let writer = PageWriter::new(client, writer_options, vec![(0, data_size)]);
-            let align = writer.align();
+            let source = RegionSource {
+                new: &manifest,
+                olds: &olds,
+                align: writer.align(),
+                data_size,
+            };
+            // Nearby changes go out as one region; the gap between them is chosen so that
+            // the unchanged bytes rewritten stay within the budget, unless given.
+            let gap = match options.coalesce_gap {
+                Some(g) => g,
+                None => source.choose_gap(progress)?.gap,
+            };
+            coalesce_gap = Some(gap);
             let confirm = |_: u64| Ok(());
             let mut counts = writer
                 .run(&confirm, |submitter| {
-                    super::for_changed_segments(
-                        &manifest,
-                        &olds,
-                        progress,
-                        |frames, extents, base, ranges| {
-                            // Nearby changes go out as one region: each request costs about
-                            // as much service time as 120 KiB of body.
-                            let (regions, gap_bytes) = merge_near(
-                                &page_regions(ranges, align, data_size),
-                                writer_options.coalesce_gap,
-                                MAX_PUT_PAGE as u64,
-                            );
-                            for (rs, re) in regions {
-                                let len = usize::try_from(re - rs).map_err(|_| {
-                                    Error::Internal("region larger than memory".into())
-                                })?;
-                                let mut buf = vec![0u8; len];
-                                walk(
-                                    repo,
-                                    &snapshot.id,
-                                    frames,
-                                    extents,
-                                    base,
-                                    rs,
-                                    re,
-                                    &mut |part| {
-                                        if let Part::Data { offset, data } = part {
-                                            let at = (offset - rs) as usize;
-                                            buf.get_mut(at..at + data.len())
-                                                .ok_or_else(|| {
-                                                    Error::Internal(format!(
-                                                        "piece at {offset} outside its region"
-                                                    ))
-                                                })?
-                                                .copy_from_slice(data);
-                                        }
-                                        Ok(())
-                                    },
-                                )?;
-                                submitter.submit(Window {
-                                    offset: rs,
-                                    data: buf,
-                                })?;
-                            }
-                            Ok(Counts {
-                                gap_bytes,
-                                ..super::tally(extents, base, ranges)
-                            })
-                        },
-                    )
+                    source.write_merged(gap, progress, |frames, (rs, re)| {
+                        let len = usize::try_from(re - rs)
+                            .map_err(|_| Error::Internal("region larger than memory".into()))?;
+                        let mut buf = vec![0u8; len];
+                        fill(repo, &snapshot.id, &manifest, frames, rs, &mut buf)?;
+                        submitter.submit(Window {
+                            offset: rs,
+                            data: buf,
+                        })
+                    })
                 })
                 .map_err(|e| interrupted(e, &shown))?;
             if !footer_ok {
@@ -485,17 +461,20 @@ fn sync_leased(
         }
     };
     let mut report = super::report(
-        &shown,
-        "page-blob",
-        "vhd-fixed",
-        snapshot,
-        old,
-        !incremental,
-        resized,
+        &super::ReportBase {
+            shown: &shown,
+            kind: "page-blob",
+            format: "vhd-fixed",
+            snapshot,
+            old,
+            full: !incremental,
+            resized,
+        },
         counts,
         started,
     );
     report.uploaded_bytes = Some(uploaded);
+    report.coalesce_gap_bytes = coalesce_gap;
     report.notes = client.notes();
 
     let etag = still_ours(client, &applying)?;
@@ -546,6 +525,40 @@ fn sync_leased(
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Fills `buf` with the snapshot's bytes at disk offset `start`, over as many segments as it
+/// spans; zero extents stay as the (zeroed) buffer has them.
+fn fill(
+    repo: &Repo,
+    snapshot_id: &str,
+    manifest: &Manifest<'_>,
+    frames: &mut FrameCache,
+    start: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let seg = u64::from(manifest.segment_size);
+    let end = start + buf.len() as u64;
+    let source = ChunkSource { repo, snapshot_id };
+    let mut index = start / seg;
+    while index * seg < end {
+        let extents = manifest.segment(index)?;
+        let base = index * seg;
+        let range = (start.max(base), end.min(base + seg));
+        walk(&source, frames, &extents, base, range, &mut |part| {
+            if let Part::Data { offset, data } = part {
+                let at = (offset - start) as usize;
+                buf.get_mut(at..at + data.len())
+                    .ok_or_else(|| {
+                        Error::Internal(format!("piece at {offset} outside its region"))
+                    })?
+                    .copy_from_slice(data);
+            }
+            Ok(())
+        })?;
+        index += 1;
+    }
+    Ok(())
 }
 
 fn interrupted(e: Error, shown: &str) -> Error {
