@@ -40,7 +40,7 @@ use crate::repo::Repo;
 use crate::restore::pageblob::{
     check_limits, page_blob_footer, restore_with_client, source_unique_id, PageBlobRestoreOptions,
 };
-use crate::store::pack::FrameCache;
+use crate::read::FrameCache;
 
 const MIB: u64 = 1 << 20;
 /// Most blob snapshots a blob may keep (Azure Stack Hub's limit).

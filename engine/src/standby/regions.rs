@@ -32,7 +32,7 @@ use crate::azure::MAX_PUT_PAGE;
 use crate::error::Result;
 use crate::format::manifest::Manifest;
 use crate::progress::Progress;
-use crate::store::pack::FrameCache;
+use crate::read::FrameCache;
 
 /// Share of the changed bytes that rewritten unchanged bytes (gaps and page rounding) may add
 /// to what a sync sends: issue 16's "bytes written ≤ 1.1× the changed extents".
