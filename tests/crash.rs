@@ -244,7 +244,7 @@ mod power {
             stackvault::backup(&r, source.as_ref(), &options, &NoProgress)?.snapshot_id
         };
         let backup_cuts = rec.finish();
-        expected.insert(id.clone(), copy);
+        expected.insert(id.to_string(), copy);
         let n = check_cuts(&f, "backup", &backup_cuts, &expected)?;
         eprintln!("backup: {n} distinct power-cut states checked");
         // A completed backup is durable: the state after its last step lists it.
@@ -252,7 +252,7 @@ mod power {
         let dir = f.path("cut-backup-last");
         last.materialize(&dir)?;
         ensure!(
-            stackvault_tests::snapshot_ids(&dir)?.contains(&id),
+            stackvault_tests::snapshot_ids(&dir)?.contains(&id.to_string()),
             "the finished backup did not survive"
         );
 

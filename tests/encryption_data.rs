@@ -51,7 +51,7 @@ fn backup(repo: &Repo, disk: &Path) -> anyhow::Result<String> {
         },
         &NoProgress,
     )?;
-    Ok(report.snapshot_id)
+    Ok(report.snapshot_id.into())
 }
 
 fn restore(repo: &Repo, id: &str, out: &Path) -> stackvault::Result<()> {

@@ -51,7 +51,7 @@ fn backup_disk(repo: &Repo, source: &MemDisk, disk: &str) -> Result<String> {
         },
         &NoProgress,
     )?;
-    Ok(report.snapshot_id)
+    Ok(report.snapshot_id.into())
 }
 
 /// Every file under `dir/repo/<sub>`.

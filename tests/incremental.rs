@@ -239,7 +239,7 @@ fn differential_after_incrementals_and_parents_are_not_needed() -> Result<()> {
 
     // Deleting the parents breaks no child: every snapshot is complete.
     for id in [&full.snapshot_id, &inc1.snapshot_id] {
-        std::fs::remove_file(dir.path().join("repo/snapshots").join(id))?;
+        std::fs::remove_file(dir.path().join("repo/snapshots").join(id.as_str()))?;
         repo.index().remove_snapshot(id)?;
     }
     drop(repo);
@@ -365,7 +365,7 @@ fn xml_and_json_lists_of_the_same_ranges_back_up_the_same() -> Result<()> {
         ChangeList::parse(&xml_change_list(&changed), "xml")?,
     ] {
         let mut o = opts(BackupMode::Auto, Some(list));
-        o.parent = Some(gen0.snapshot_id.clone());
+        o.parent = Some(gen0.snapshot_id.to_string());
         reports.push(run(&repo, &disk, o)?);
     }
     let (j, x) = (&reports[0], &reports[1]);
@@ -670,7 +670,7 @@ fn page_blob_backups_record_their_blob_snapshot_and_diff_from_it() -> Result<()>
         BackupMode::Auto,
         Some(second.changes_since_snapshot("2026-01-02T00:00:00.0000000Z")?),
     );
-    o.parent = Some(c.snapshot_id.clone());
+    o.parent = Some(c.snapshot_id.to_string());
     let d = backup_of(&second, o)?;
     assert_eq!(d.root_digest, a.root_digest);
     Ok(())

@@ -144,7 +144,9 @@ fn two_hosts_back_up_at_once_and_restore_each_others_snapshots() -> Result<()> {
     let options = stackvault::verify::VerifyOptions::default();
     stackvault::verify_snapshot(&host_a, &snap, &options, &NoProgress)?;
     host_b.refresh()?;
-    assert!(host_b.last_verifications()?.contains_key(&b.snapshot_id));
+    assert!(host_b
+        .last_verifications()?
+        .contains_key(b.snapshot_id.as_str()));
     // No lock is left behind by either host.
     assert!(store.list("locks/")?.is_empty());
     Ok(())

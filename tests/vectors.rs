@@ -162,7 +162,7 @@ fn sample_manifest() -> Result<(String, Vec<u8>)> {
     };
     let segments = sample_segments(a);
     let f = encode(&mut meta, (64 << 10) + 11, 65536, &segments)?;
-    Ok((f.id, f.out))
+    Ok((f.id.to_string(), f.out))
 }
 
 fn sample_segments(a: ChunkId) -> Vec<Vec<Extent>> {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use stackvault::azure::{self, BlobOptions, Profile};
-use stackvault::format::short_id;
 use stackvault::source::PageBlobSource;
 
 /// Options of a page blob source or target.
@@ -171,7 +170,7 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
     let b = &r.restore;
     crate::output::line(format!(
         "restored snapshot {} of disk {} to {} (fixed VHD page blob, {} disk, {} blob)",
-        short_id(&b.snapshot_id),
+        b.snapshot_id.short(),
         b.disk,
         b.target,
         crate::output::bytes(b.virtual_size),

@@ -123,7 +123,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let s = &report.stats;
     output::line(format!(
         "snapshot {} of disk {} ({}, {} {})",
-        short_id(&report.snapshot_id),
+        report.snapshot_id.short(),
         report.disk,
         report.kind.as_str(),
         report.source_format,

@@ -108,7 +108,7 @@ fn print(r: &CopyReport) -> anyhow::Result<()> {
         };
         output::line(format!(
             "  {} {} {}: {what}",
-            short_id(&s.snapshot_id),
+            s.snapshot_id.short(),
             s.disk,
             s.time
         ))?;

@@ -3,7 +3,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use stackvault::format::short_id;
 use stackvault::Repo;
 
 use crate::output::{self, Context};
@@ -40,8 +39,8 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     output::line(format!(
         "{} -> {}: {} changed in {} ranges ({} segments)",
-        short_id(&from.id),
-        short_id(&to.id),
+        from.id.short(),
+        to.id.short(),
         output::bytes(report.changed_bytes),
         report.changed_ranges.len(),
         report.changed_segments

@@ -144,12 +144,7 @@ fn print(r: &ForgetReport) -> anyhow::Result<()> {
         }
     } else {
         for s in &r.removed {
-            output::line(format!(
-                "{verb} {}  {}  {}",
-                short_id(&s.id),
-                s.disk,
-                s.time
-            ))?;
+            output::line(format!("{verb} {}  {}  {}", s.id.short(), s.disk, s.time))?;
         }
     }
     for id in &r.vm_snapshots_removed {
@@ -159,9 +154,9 @@ fn print(r: &ForgetReport) -> anyhow::Result<()> {
         output::line(format!(
             "note: {} snapshot {} of disk {}: its parent {} is {}; it still restores on its own",
             p.kind,
-            short_id(&p.id),
+            p.id.short(),
             p.disk,
-            short_id(&p.parent),
+            p.parent.short(),
             if r.dry_run {
                 "to be removed"
             } else {

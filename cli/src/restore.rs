@@ -4,7 +4,6 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::format::short_id;
 use stackvault::{OutputFormat, Repo, RestoreOptions};
 
 use crate::azure::DiskArg;
@@ -73,7 +72,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     let snap = repo.resolve_snapshot(&snapshot, args.disk.as_deref())?;
     if let (DiskArg::Blob(url), Some(options)) = (target, blob_options) {
         let report = stackvault::restore_to_page_blob(&repo, &snap, url, &options, &ctx.progress())
-            .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
+            .with_context(|| format!("restore of snapshot {} failed", snap.id.short()))?;
         return crate::azure::print_restore(&report, args.json);
     }
     let options = RestoreOptions {
@@ -83,7 +82,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         new_id: args.new_id,
     };
     let report = stackvault::restore_to_file(&repo, &snap, &output, &options, &ctx.progress())
-        .with_context(|| format!("restore of snapshot {} failed", short_id(&snap.id)))?;
+        .with_context(|| format!("restore of snapshot {} failed", snap.id.short()))?;
     // The output format is known only now when it defaulted to the snapshot's source format.
     if args.exact_size && report.output_format != OutputFormat::VhdFixed {
         eprintln!(
@@ -100,7 +99,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     }
     output::line(format!(
         "restored snapshot {} of disk {} to {} ({} {})",
-        short_id(&report.snapshot_id),
+        report.snapshot_id.short(),
         report.disk,
         report.target,
         report.output_format,

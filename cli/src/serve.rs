@@ -93,7 +93,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                         "stackvault VM snapshot {} of {vm}, disk {} (snapshot {}, {})",
                         short_id(&chosen.id),
                         d.name,
-                        short_id(&d.snapshot.id),
+                        d.snapshot.id.short(),
                         chosen.record.time
                     ),
                     name: d.name,
@@ -107,7 +107,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 name: snap.meta.disk.clone(),
                 description: format!(
                     "stackvault snapshot {} of disk {} ({})",
-                    short_id(&snap.id),
+                    snap.id.short(),
                     snap.meta.disk,
                     snap.meta.time
                 ),

@@ -54,7 +54,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
         };
         output::line(format!(
             "{:<12}  {:<16}  {:<27}  {:<12}  {:<12}  {:>11}  {:>11}  {last}",
-            short_id(&s.id),
+            s.id.short(),
             s.meta.disk,
             s.meta.time,
             s.meta.kind.as_str(),

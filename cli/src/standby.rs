@@ -136,7 +136,7 @@ fn sync(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
         format!(
             "standby sync of {} to snapshot {} failed",
             crate::azure::DiskArg::of(&target).shown(),
-            short_id(&snap.id)
+            snap.id.short()
         )
     })?;
     if args.json {
@@ -148,7 +148,7 @@ fn sync(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
     output::line(format!(
         "{} now holds snapshot {} of disk {} ({} {}, {} sync{}{})",
         report.target,
-        short_id(&report.snapshot_id),
+        report.snapshot_id.short(),
         report.disk,
         report.target_format,
         output::bytes(report.virtual_size),

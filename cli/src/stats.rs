@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use stackvault::format::short_id;
 use stackvault::{Repo, StatsReport};
 
 use crate::output::{self, Context};
@@ -37,7 +36,7 @@ fn print(r: &StatsReport) -> anyhow::Result<()> {
     for s in &r.snapshots {
         output::line(format!(
             "{:<12}  {:<16}  {:<27}  {:<12}  {:>11}  {:>11}  {:>11}",
-            short_id(&s.id),
+            s.id.short(),
             s.disk,
             s.time,
             s.kind,

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::format::{short_chunk_id, short_id};
+use stackvault::format::short_chunk_id;
 use stackvault::verify::{open_target, VerifyOptions, VerifyReport};
 use stackvault::Repo;
 
@@ -61,7 +61,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                         stackvault::Error::SourceDamaged { offset, what, .. } => {
                             stackvault::Error::TargetMismatch {
                                 target: shown.clone(),
-                                snapshot: short_id(&snap.id).to_string(),
+                                snapshot: snap.id.short().to_string(),
                                 offset,
                                 what,
                             }
@@ -74,7 +74,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         }
         None => stackvault::verify_snapshot(&repo, &snap, &options, &progress),
     }
-    .with_context(|| format!("verify of snapshot {} failed", short_id(&snap.id)))?;
+    .with_context(|| format!("verify of snapshot {} failed", snap.id.short()))?;
     if args.json {
         output::json(&report)?;
     } else {
@@ -91,7 +91,7 @@ fn print(r: &VerifyReport) -> anyhow::Result<()> {
     };
     output::line(format!(
         "verified {against} {} of disk {}: {}",
-        short_id(&r.snapshot_id),
+        r.snapshot_id.short(),
         r.disk,
         r.outcome.as_str().to_uppercase()
     ))?;

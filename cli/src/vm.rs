@@ -158,7 +158,7 @@ pub fn backup(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
         output::line(format!(
             "  {}  snapshot {} ({}), read {}, added {}",
             d.disk,
-            short_id(&d.snapshot_id),
+            d.snapshot_id.short(),
             d.kind.as_str(),
             output::bytes(d.stats.bytes_read),
             output::bytes(d.stats.bytes_added)
@@ -197,7 +197,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
             output::line(format!(
                 "    {}  {}  {}",
                 d.name,
-                short_id(&d.snapshot_id),
+                d.snapshot_id.short(),
                 output::bytes(d.virtual_size)
             ))?;
         }

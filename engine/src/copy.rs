@@ -59,7 +59,7 @@ use crate::format::manifest::{
 use crate::format::manifest::{ObjectRead, SealedObject};
 use crate::format::pack::{Compression, FRAME_TARGET_LEN};
 use crate::format::SnapshotId;
-use crate::format::{hex, short_id, ChunkId};
+use crate::format::{hex, ChunkId};
 use crate::index::SnapshotSummary;
 use crate::progress::{checkpoint, Progress};
 use crate::read::FrameCache;
@@ -98,7 +98,7 @@ pub struct CopiedSnapshot {
     /// The snapshot at the source.
     pub snapshot_id: SnapshotId,
     /// Its copy at the destination (the same id unless re-chunked); `null` when it failed.
-    pub destination_snapshot_id: Option<String>,
+    pub destination_snapshot_id: Option<SnapshotId>,
     pub disk: String,
     pub time: String,
     pub outcome: CopyOutcome,
@@ -254,12 +254,12 @@ pub fn copy(
         errors: Vec::new(),
     };
     // What the destination has: snapshot ids, and the sources of re-chunked copies.
-    let mut present: HashMap<String, String> = HashMap::new();
+    let mut present: HashMap<String, SnapshotId> = HashMap::new();
     for s in dst.snapshots(None)? {
         if let Some(origin) = s.meta.change_source.copied_from() {
-            present.insert(origin.to_string(), s.id.to_string());
+            present.insert(origin.to_string(), s.id.clone());
         }
-        present.insert(s.id.to_string(), s.id.to_string());
+        present.insert(s.id.to_string(), s.id.clone());
     }
     let result = if rechunk {
         copy_rechunked(src, dst, &wanted, &present, &mut report, progress)
@@ -409,7 +409,7 @@ impl Sender<'_> {
             report.bytes_written += len;
             report.snapshots_copied += 1;
             report.snapshots.push(CopiedSnapshot {
-                destination_snapshot_id: Some(snap.id.to_string()),
+                destination_snapshot_id: Some(snap.id.clone()),
                 snapshot_id: snap.id,
                 disk: snap.meta.disk,
                 time: snap.meta.time,
@@ -433,7 +433,7 @@ fn copy_identical(
     dst: &Repo,
     reseal: bool,
     wanted: &[SnapshotSummary],
-    present: &HashMap<String, String>,
+    present: &HashMap<String, SnapshotId>,
     report: &mut CopyReport,
     progress: &dyn Progress,
 ) -> Result<()> {
@@ -491,7 +491,7 @@ fn send_chunks(
     let batch = (rayon::current_num_threads().max(1) * 2) as u64;
     let target = sender.dst.config().pack_target_size as usize;
     let level = sender.dst.config().zstd_level;
-    progress.start(&format!("copy {}", short_id(&snap.id)), snap.virtual_size);
+    progress.start(&format!("copy {}", snap.id.short()), snap.virtual_size);
     let mut first = 0;
     while first < segments {
         let end = first.saturating_add(batch).min(segments);
@@ -793,10 +793,10 @@ fn failed(report: &mut CopyReport, snap: &SnapshotSummary, e: Error) {
     report.errors.push(e);
 }
 
-fn skipped(snap: &SnapshotSummary, there: &str) -> CopiedSnapshot {
+fn skipped(snap: &SnapshotSummary, there: &SnapshotId) -> CopiedSnapshot {
     CopiedSnapshot {
         snapshot_id: snap.id.clone(),
-        destination_snapshot_id: Some(there.to_string()),
+        destination_snapshot_id: Some(there.clone()),
         disk: snap.meta.disk.clone(),
         time: snap.meta.time.clone(),
         outcome: CopyOutcome::Skipped,
@@ -810,7 +810,7 @@ fn copy_rechunked(
     src: &Repo,
     dst: &Repo,
     wanted: &[SnapshotSummary],
-    present: &HashMap<String, String>,
+    present: &HashMap<String, SnapshotId>,
     report: &mut CopyReport,
     progress: &dyn Progress,
 ) -> Result<()> {
@@ -881,7 +881,7 @@ fn rechunk_one(
     dst: &Repo,
     snap: &SnapshotSummary,
     progress: &dyn Progress,
-) -> Result<(String, crate::format::manifest::BackupStats, u64)> {
+) -> Result<(SnapshotId, crate::format::manifest::BackupStats, u64)> {
     let manifest = src.load_manifest(&snap.id)?;
     let source = SnapshotSource::new(src, &snap.id, manifest);
     let options = BackupOptions {
@@ -916,7 +916,7 @@ fn rechunk_one(
 
 /// Writes a manifest with the extents of snapshot `id` of `dst` and the metadata `meta`,
 /// catalogues it, and returns its id and size.
-fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(String, u64)> {
+fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(SnapshotId, u64)> {
     let old = dst.load_manifest(id)?;
     let out = dst.backend().writer("snapshots/")?;
     let mut writer = ManifestWriter::with_protection(
@@ -943,7 +943,7 @@ fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(String, u64)
 /// bytes from its chunks, each verified (crc32, decompression, BLAKE3) as it is read.
 pub struct SnapshotSource<'r> {
     repo: &'r Repo,
-    snapshot: String,
+    snapshot: SnapshotId,
     manifest: Manifest<'r>,
     /// Recently used segments' extents: a backup asks for a segment's map, then reads it.
     segments: Mutex<KeptSegments>,
@@ -958,10 +958,10 @@ type KeptSegments = Vec<(u64, Arc<Vec<Extent>>)>;
 const KEPT_SEGMENTS: usize = 16;
 
 impl<'r> SnapshotSource<'r> {
-    pub fn new(repo: &'r Repo, snapshot: &str, manifest: Manifest<'r>) -> Self {
+    pub fn new(repo: &'r Repo, snapshot: &SnapshotId, manifest: Manifest<'r>) -> Self {
         SnapshotSource {
             repo,
-            snapshot: snapshot.to_string(),
+            snapshot: snapshot.clone(),
             manifest,
             segments: Mutex::new(Vec::new()),
             caches: Mutex::new(Vec::new()),
@@ -1001,7 +1001,7 @@ impl<'r> SnapshotSource<'r> {
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "read of {len} bytes at {offset} is past the end of snapshot {}",
-                    short_id(&self.snapshot)
+                    self.snapshot.short()
                 ))
             })?;
         let seg = u64::from(self.manifest.segment_size);

@@ -554,7 +554,7 @@ impl Repo {
                 prefix: query.to_string(),
                 candidates: matches
                     .into_iter()
-                    .map(|s| crate::format::short_id(&s.id).to_string())
+                    .map(|s| s.id.short().to_string())
                     .collect(),
             }),
         }

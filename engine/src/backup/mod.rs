@@ -32,6 +32,7 @@ use crate::format::manifest::{
     segment_count, segment_len, BackupStats, ChangeSource, ContainerFormat, Extent, Manifest,
     ManifestWriter, SnapshotKind, SnapshotMeta, SourceInfo,
 };
+use crate::format::SnapshotId;
 use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
@@ -71,10 +72,10 @@ pub struct BackupOptions {
 /// The outcome of a backup, as printed by the CLI (`--json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct BackupReport {
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     pub disk: String,
     pub kind: SnapshotKind,
-    pub parent: Option<String>,
+    pub parent: Option<SnapshotId>,
     /// Where the knowledge of what changed came from (`full-read` when everything was read).
     pub change_source: ChangeSource,
     pub source: String,
@@ -218,7 +219,7 @@ pub fn backup(
         disk: options.disk.clone(),
         time,
         kind,
-        parent: parent_id.as_ref().map(|p| p.to_string()),
+        parent: parent_id.clone(),
         hostname: hostname(),
         source: info.clone(),
         change_source: reading.label.clone(),
@@ -247,7 +248,7 @@ pub fn backup(
         snapshot_id: id,
         disk: options.disk.clone(),
         kind,
-        parent: parent_id.map(String::from),
+        parent: parent_id,
         change_source: reading.label,
         source: info.path,
         source_format: info.format,
@@ -431,7 +432,7 @@ fn check_base(list: &ChangeList, parent: &SnapshotSummary, source: &SourceInfo) 
     if recorded == Some(base) && same_blob {
         return Ok(());
     }
-    let short = crate::format::short_id(&parent.id);
+    let short = parent.id.short();
     let parent_source = match recorded {
         Some(t) if same_blob => format!("was read from blob snapshot {t}"),
         Some(t) => format!(

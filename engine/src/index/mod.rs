@@ -298,7 +298,7 @@ impl Index {
                     m.disk,
                     m.time,
                     m.kind.as_str(),
-                    m.parent,
+                    m.parent.as_deref(),
                     virtual_size as i64,
                     m.stats.bytes_added as i64,
                     meta_json

@@ -299,7 +299,7 @@ pub struct ParentGone {
     pub id: SnapshotId,
     pub disk: String,
     pub kind: SnapshotKind,
-    pub parent: String,
+    pub parent: SnapshotId,
 }
 
 /// The outcome of `forget`.
@@ -434,7 +434,7 @@ pub fn forget_by_policy(
 
 /// Forgets the named snapshots (ids, unique prefixes or `latest`). A snapshot that belongs to
 /// a VM snapshot is refused (see [`forget_named`]).
-pub fn forget(repo: &Repo, queries: &[String], dry_run: bool) -> Result<ForgetReport> {
+pub fn forget(repo: &Repo, queries: &[impl AsRef<str>], dry_run: bool) -> Result<ForgetReport> {
     forget_named(repo, queries, dry_run, false)
 }
 
@@ -443,7 +443,7 @@ pub fn forget(repo: &Repo, queries: &[String], dry_run: bool) -> Result<ForgetRe
 /// ordinary disk snapshots).
 pub fn forget_named(
     repo: &Repo,
-    queries: &[String],
+    queries: &[impl AsRef<str>],
     dry_run: bool,
     force: bool,
 ) -> Result<ForgetReport> {
@@ -457,7 +457,7 @@ pub fn forget_named(
     };
     let mut chosen: Vec<SnapshotSummary> = Vec::new();
     for q in queries {
-        let s = repo.resolve_snapshot(q, None)?;
+        let s = repo.resolve_snapshot(q.as_ref(), None)?;
         if !chosen.iter().any(|c| c.id == s.id) {
             chosen.push(s);
         }
@@ -475,7 +475,7 @@ pub fn forget_named(
                  kept or removed together: forget VM snapshots with a --keep-* policy, or pass \
                  --force to forget this disk snapshot anyway (the VM snapshot {} is then \
                  dropped, its other disks stay as ordinary disk snapshots)",
-                short_id(&s.id),
+                s.id.short(),
                 s.meta.disk,
                 short_id(vm_id),
                 short_id(vm_id)
@@ -519,12 +519,12 @@ fn remove_snapshots(
     let parent_removed = remaining
         .iter()
         .filter_map(|s| {
-            let parent = s.meta.parent.as_deref()?;
-            gone.contains(parent).then(|| ParentGone {
+            let parent = s.meta.parent.as_ref()?;
+            gone.contains(parent.as_str()).then(|| ParentGone {
                 id: s.id.clone(),
                 disk: s.meta.disk.clone(),
                 kind: s.meta.kind,
-                parent: parent.to_string(),
+                parent: parent.clone(),
             })
         })
         .collect();

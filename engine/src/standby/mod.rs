@@ -305,7 +305,7 @@ pub(crate) fn decide<'r>(
         return Err(mismatch(format!(
             "it holds disk {:?}, and snapshot {} is of disk {:?}",
             r.disk,
-            crate::format::short_id(&snapshot.id),
+            snapshot.id.short(),
             snapshot.meta.disk
         )));
     }

@@ -44,8 +44,8 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::format::verification::{VerificationRecord, VERIFICATION_VERSION};
+use crate::format::ChunkId;
 use crate::format::SnapshotId;
-use crate::format::{short_id, ChunkId};
 use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
 use crate::repo::Repo;
@@ -167,12 +167,12 @@ impl VerifyReport {
         Err(match self.mode {
             VerifyMode::Target => Error::TargetMismatch {
                 target: self.target.clone().unwrap_or_default(),
-                snapshot: short_id(&self.snapshot_id).to_string(),
+                snapshot: self.snapshot_id.short().to_string(),
                 offset: first.offset,
                 what: format!("{} differing ranges (listed above)", self.problem_count),
             },
             VerifyMode::Repository => Error::corrupt(
-                format!("the disk of snapshot {}", short_id(&self.snapshot_id)),
+                format!("the disk of snapshot {}", self.snapshot_id.short()),
                 first.offset,
                 format!(
                     "verification found {} damaged ranges (listed above)",

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::backup::{backup, validate_disk_name, BackupMode, BackupOptions, BackupReport};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::format::short_id;
+use crate::format::{short_id, SnapshotId};
 use crate::host::{hostname, now_rfc3339};
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -181,7 +181,7 @@ pub fn backup_vm(
     if let Some((name, e)) = first_error {
         let kept: Vec<String> = done
             .iter()
-            .map(|(n, (r, ..))| format!("{n} {}", short_id(&r.snapshot_id)))
+            .map(|(n, (r, ..))| format!("{n} {}", r.snapshot_id.short()))
             .collect();
         crate::progress::notice(&format!(
             "VM {}: no VM snapshot written; disk {name} failed; {}",
@@ -277,11 +277,7 @@ pub struct VmSnapshot {
 
 /// The VM snapshots of the repository (of `vm`, or all), oldest first.
 pub fn vm_snapshots(repo: &Repo, vm: Option<&str>) -> Result<Vec<VmSnapshot>> {
-    let present: BTreeSet<String> = repo
-        .snapshots(None)?
-        .into_iter()
-        .map(|s| s.id.into())
-        .collect();
+    let present: BTreeSet<SnapshotId> = repo.snapshots(None)?.into_iter().map(|s| s.id).collect();
     let mut out = Vec::new();
     for key in repo.backend().list(record::VMS_PREFIX)? {
         let Some(id) = record::id_of_key(&key) else {
@@ -343,8 +339,8 @@ pub fn resolve_vm_snapshot(repo: &Repo, vm: &str, query: &str) -> Result<VmSnaps
 }
 
 /// Which VM snapshots each disk snapshot belongs to: snapshot id → (VM snapshot id, VM).
-pub fn membership(repo: &Repo) -> Result<BTreeMap<String, Vec<(String, String)>>> {
-    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+pub fn membership(repo: &Repo) -> Result<BTreeMap<SnapshotId, Vec<(String, String)>>> {
+    let mut out: BTreeMap<SnapshotId, Vec<(String, String)>> = BTreeMap::new();
     for s in vm_snapshots(repo, None)? {
         for d in &s.record.disks {
             out.entry(d.snapshot_id.clone())

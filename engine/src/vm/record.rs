@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
+use crate::format::SnapshotId;
 
 /// Folder of VM snapshot records in the repository.
 pub const VMS_PREFIX: &str = "vms/";
@@ -51,7 +52,7 @@ pub struct VmDisk {
     pub name: String,
     /// The repository disk its snapshots belong to (`<vm>:<name>`).
     pub disk: String,
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     /// Root digest of the disk snapshot's manifest.
     pub root_digest: String,
     pub virtual_size: u64,
@@ -150,7 +151,7 @@ mod tests {
             disks: vec![VmDisk {
                 name: "os".into(),
                 disk: "erp-db01:os".into(),
-                snapshot_id: "a".repeat(64),
+                snapshot_id: SnapshotId::parse(&"a".repeat(64)).expect("a valid id"),
                 root_digest: "b".repeat(64),
                 virtual_size: 1_073_741_824,
                 source: "/exports/erp-db01-os.vhd".into(),

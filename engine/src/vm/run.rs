@@ -36,7 +36,7 @@ use super::{backup_vm, record, VmBackupOptions, VmDiskSource, VmSnapshot};
 use crate::backup::BackupMode;
 use crate::copy::CopyOptions;
 use crate::error::{Error, Result};
-use crate::format::short_id;
+use crate::format::{short_id, SnapshotId};
 use crate::host::now_rfc3339;
 use crate::maintain::forget::{apply_policy, forget_named, Candidate};
 use crate::progress::Progress;
@@ -376,7 +376,7 @@ fn sync_standby(
     vm: &str,
     d: &super::plan::DiskPlan,
     target: &str,
-    snapshot: Option<String>,
+    snapshot: Option<SnapshotId>,
     progress: &dyn Progress,
 ) -> StandbyRun {
     let result = (|| -> Result<u64> {
@@ -470,11 +470,7 @@ pub fn apply_vm_retention(
             );
         }
     }
-    let present: BTreeSet<String> = repo
-        .snapshots(None)?
-        .into_iter()
-        .map(|s| s.id.into())
-        .collect();
+    let present: BTreeSet<SnapshotId> = repo.snapshots(None)?.into_iter().map(|s| s.id).collect();
     disk_snapshots.retain(|id| present.contains(id));
     if !disk_snapshots.is_empty() {
         let r = forget_named(repo, &disk_snapshots, false, false)?;
@@ -506,7 +502,7 @@ fn copy_offsite(
         .collect();
     // Source snapshot id → its copy's id: a copy into a repository that names chunks
     // differently (other keys, another chunker) is re-chunked and so renamed.
-    let mut renamed: BTreeMap<String, String> = BTreeMap::new();
+    let mut renamed: BTreeMap<SnapshotId, SnapshotId> = BTreeMap::new();
     for planned in vms {
         for d in &planned.vm.disks {
             let disk = super::disk_name(planned.name(), d.name());
@@ -521,7 +517,7 @@ fn copy_offsite(
                 Ok(r) => {
                     renamed.extend(r.snapshots.iter().filter_map(|c| {
                         let there = c.destination_snapshot_id.clone()?;
-                        Some((c.snapshot_id.to_string(), there))
+                        Some((c.snapshot_id.clone(), there))
                     }));
                     run.snapshots_copied += r.snapshots_copied;
                     run.snapshots_skipped += r.snapshots_skipped;
@@ -533,10 +529,10 @@ fn copy_offsite(
             }
         }
     }
-    let at_destination: BTreeMap<String, String> = dst
+    let at_destination: BTreeMap<SnapshotId, String> = dst
         .snapshots(None)?
         .into_iter()
-        .map(|s| (s.id.to_string(), s.meta.root_digest))
+        .map(|s| (s.id, s.meta.root_digest))
         .collect();
     let records_there: BTreeSet<String> = dst
         .backend()

@@ -26,7 +26,7 @@ pub use writer::{encode, encode_with, FinishedManifest, ManifestWriter};
 use serde::{Deserialize, Serialize};
 
 use super::vhd_footer::DiskType;
-use super::ChunkId;
+use super::{ChunkId, SnapshotId};
 
 /// Magic at offset 0 of a manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"SVSNAP\0\x01";
@@ -212,7 +212,7 @@ pub struct SnapshotMeta {
     pub kind: SnapshotKind,
     /// Id of the parent snapshot (informational: every snapshot is complete on its own).
     #[serde(default)]
-    pub parent: Option<String>,
+    pub parent: Option<SnapshotId>,
     pub hostname: String,
     pub source: SourceInfo,
     /// Where the knowledge of what changed came from (`full-read` when everything was read).
@@ -289,6 +289,21 @@ mod tests {
         let old: SourceInfo = serde_json::from_str(r#"{"path":"d.img","format":"raw"}"#)?;
         assert_eq!(old.vhd, None);
         assert!(!serde_json::to_string(&old)?.contains("vhd"));
+        Ok(())
+    }
+
+    /// The parent is a typed id stored as its hex, byte for byte as when it was a string;
+    /// a parent that is no snapshot id is refused, never carried along.
+    #[test]
+    fn parent_is_a_snapshot_id_stored_as_hex() -> serde_json::Result<()> {
+        let mut meta = sample_meta();
+        let parent = "0a".repeat(32);
+        meta.parent = SnapshotId::parse(&parent).ok();
+        let json = serde_json::to_string(&meta)?;
+        assert!(json.contains(&format!(r#""parent":"{parent}""#)), "{json}");
+        assert_eq!(serde_json::from_str::<SnapshotMeta>(&json)?, meta);
+        let short = json.replace(&parent, &parent[..12]);
+        assert!(serde_json::from_str::<SnapshotMeta>(&short).is_err());
         Ok(())
     }
 

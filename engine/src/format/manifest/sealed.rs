@@ -330,7 +330,7 @@ mod tests {
     use crate::crypto::{MasterSecret, RepoKeys};
     use crate::format::manifest::tests_support::meta;
     use crate::format::manifest::{encode_with, Extent, Manifest};
-    use crate::format::ChunkId;
+    use crate::format::{ChunkId, SnapshotId};
 
     fn keys(byte: u8) -> Protection {
         Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
@@ -340,7 +340,11 @@ mod tests {
 
     /// A manifest whose plaintext spans several sealed blocks: `n` segments of 4 KiB, each a
     /// distinct chunk.
-    fn sample(p: &Protection, n: u64, disk: &str) -> Result<(Vec<u8>, String, Vec<Vec<Extent>>)> {
+    fn sample(
+        p: &Protection,
+        n: u64,
+        disk: &str,
+    ) -> Result<(Vec<u8>, SnapshotId, Vec<Vec<Extent>>)> {
         let segments: Vec<Vec<Extent>> = (0..n)
             .map(|i| {
                 vec![

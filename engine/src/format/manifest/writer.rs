@@ -13,7 +13,7 @@ use super::{
 };
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
-use crate::format::hex;
+use crate::format::{hex, SnapshotId};
 
 /// Appends one segment's encoding (extent count, then the extents) to `out`.
 fn encode_segment(extents: &[Extent], out: &mut Vec<u8>) {
@@ -57,8 +57,8 @@ pub struct ManifestWriter<W: Write> {
 #[derive(Debug)]
 pub struct FinishedManifest<W> {
     pub out: W,
-    /// Snapshot id: hex BLAKE3 of the manifest's bytes.
-    pub id: String,
+    /// Snapshot id: hex BLAKE3 of the manifest's bytes (keyed when encrypted).
+    pub id: SnapshotId,
     /// Bytes written (stored: sealed bytes in an encrypted repository).
     pub len: u64,
 }
@@ -178,7 +178,7 @@ impl<W: Write> ManifestWriter<W> {
         trailer.extend_from_slice(&0u32.to_le_bytes());
         trailer.extend_from_slice(&MANIFEST_END_MAGIC);
         self.emit(&trailer)?;
-        let id = hex(self.object_hash.finalize().as_bytes());
+        let id = SnapshotId::from_digest(&self.object_hash.finalize());
         let len = match self.sealer.take() {
             Some(sealer) => sealer.finish(&mut self.out, &id, &self.location)?,
             None => self.object_hash.count(),
