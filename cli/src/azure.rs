@@ -189,7 +189,7 @@ pub fn print_restore(r: &stackvault::PageBlobRestoreReport, json: bool) -> anyho
         crate::output::bytes(r.coalesce_gap_bytes),
         r.windows_resumed,
         r.api_version,
-        r.profile,
+        r.profile.as_str(),
         b.duration_ms as f64 / 1000.0,
         crate::output::rate(r.uploaded_bytes, b.duration_ms)
     ))

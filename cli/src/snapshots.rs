@@ -179,7 +179,7 @@ fn print_snapshot(s: &SnapshotSummary, verifications: &[VerificationRecord]) -> 
     for v in verifications {
         let against = match &v.target {
             Some(t) => format!("target {t}"),
-            None => v.mode.clone(),
+            None => v.mode.to_string(),
         };
         let problems = if v.problems > 0 {
             format!(", {} problem ranges", v.problems)
@@ -189,7 +189,7 @@ fn print_snapshot(s: &SnapshotSummary, verifications: &[VerificationRecord]) -> 
         output::line(format!(
             "    {}  {:<8} {against}: {} in {:.2} s{problems}",
             v.time,
-            v.outcome.to_uppercase(),
+            v.outcome.as_str().to_uppercase(),
             output::bytes(v.bytes_checked),
             v.duration_ms as f64 / 1000.0
         ))?;

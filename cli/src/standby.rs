@@ -220,7 +220,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
     if let Some(lease) = &report.lease {
         output::line(lease_line(&report.target, lease))?;
     }
-    match (&report.state[..], &report.disk) {
+    match (report.state.as_str(), &report.disk) {
         ("none", _) | ("unknown", _) | (_, None) => output::line(format!(
             "{}: no standby record ({}): not a standby disk, or not one stackvault can vouch for",
             report.target, report.record_location

@@ -495,14 +495,21 @@ fn send_chunks(
     let mut first = 0;
     while first < segments {
         let end = first.saturating_add(batch).min(segments);
-        let pending = &sender.pending;
         let dst = sender.dst;
+        let reading = SegmentReading {
+            src,
+            dst,
+            manifest: &manifest,
+            snapshot: &snap.id,
+            pending: &sender.pending,
+            level,
+        };
         let reseal = sender.reseal;
         let read: Vec<Result<SegmentFrames>> = (first..end)
             .into_par_iter()
             .map_init(FrameCache::default, |cache, i| match reseal {
-                true => take_segment_frames(src, dst, &manifest, &snap.id, i, pending),
-                false => read_segment(src, dst, &manifest, &snap.id, i, pending, level, cache),
+                true => take_segment_frames(&reading, i),
+                false => read_segment(&reading, i, cache),
             })
             .collect();
         for seg in read {
@@ -539,19 +546,34 @@ fn send_chunks(
     Ok(())
 }
 
+/// What the reading threads of [`send_chunks`] share: one snapshot's manifest at the source,
+/// the destination, and the chunks already on their way into the destination's pack.
+struct SegmentReading<'a> {
+    src: &'a Repo,
+    dst: &'a Repo,
+    manifest: &'a Manifest<'a>,
+    snapshot: &'a SnapshotId,
+    /// Chunks in the sender's open pack (not yet in the destination's index).
+    pending: &'a HashSet<ChunkId>,
+    /// The destination's zstd level.
+    level: i32,
+}
+
 /// Reads the chunks of segment `index` that the destination lacks (verified) and compresses
 /// them into frames of consecutive new chunks, as a backup does.
-#[allow(clippy::too_many_arguments)]
 fn read_segment(
-    src: &Repo,
-    dst: &Repo,
-    manifest: &Manifest<'_>,
-    snapshot: &str,
+    r: &SegmentReading<'_>,
     index: u64,
-    pending: &HashSet<ChunkId>,
-    level: i32,
     cache: &mut FrameCache,
 ) -> Result<SegmentFrames> {
+    let SegmentReading {
+        src,
+        dst,
+        manifest,
+        snapshot,
+        pending,
+        level,
+    } = *r;
     let extents = manifest.segment(index)?;
     let mut out = SegmentFrames {
         len: extents.iter().map(|e| u64::from(e.len())).sum(),
@@ -614,14 +636,15 @@ fn read_segment(
 /// Takes the frames of `src` that hold the chunks of segment `index` the destination lacks,
 /// opened and ready to be sealed again (both repositories encrypted, same naming keys): each
 /// frame whole, once, without decompressing it.
-fn take_segment_frames(
-    src: &Repo,
-    dst: &Repo,
-    manifest: &Manifest<'_>,
-    snapshot: &str,
-    index: u64,
-    pending: &HashSet<ChunkId>,
-) -> Result<SegmentFrames> {
+fn take_segment_frames(r: &SegmentReading<'_>, index: u64) -> Result<SegmentFrames> {
+    let SegmentReading {
+        src,
+        dst,
+        manifest,
+        snapshot,
+        pending,
+        ..
+    } = *r;
     let extents = manifest.segment(index)?;
     let mut out = SegmentFrames {
         len: extents.iter().map(|e| u64::from(e.len())).sum(),

@@ -44,11 +44,23 @@ pub const MAINTENANCE_LOCK: &str = "maintenance.lock";
 const HELD_RETRIES: u32 = 3;
 const HELD_PAUSE: Duration = Duration::from_millis(20);
 
+crate::stored_name_enum! {
+    /// What a lock is held for, as its file (or lease object) names it: the operation of a
+    /// writer lock, or `maintenance`. A name this build does not know (a newer writer's
+    /// operation) is kept as read and still counts as a lock.
+    pub enum LockKind {
+        Backup => "backup",
+        Forget => "forget",
+        Copy => "copy",
+        KeyAdd => "key add",
+        Maintenance => "maintenance",
+    }
+}
+
 /// The contents of a lock file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
-    /// `backup`, `forget`, `maintenance`.
-    pub kind: String,
+    pub kind: LockKind,
     /// What the holder is doing (`index rebuild`); informational.
     #[serde(default)]
     pub purpose: Option<String>,
@@ -60,7 +72,7 @@ pub struct LockInfo {
 
 impl LockInfo {
     fn describe(&self) -> String {
-        let what = self.purpose.as_deref().unwrap_or(&self.kind);
+        let what = self.purpose.as_deref().unwrap_or(self.kind.as_str());
         let age = lock_age(&self.time)
             .map(|s| format!(", {} ago", human_secs(s)))
             .unwrap_or_default();
@@ -121,7 +133,7 @@ fn locks_dir(root: &Path) -> PathBuf {
 
 fn our_info(kind: &str, purpose: Option<&str>) -> LockInfo {
     LockInfo {
-        kind: kind.to_string(),
+        kind: LockKind::from(kind),
         purpose: purpose.map(str::to_string),
         host: hostname(),
         pid: std::process::id(),

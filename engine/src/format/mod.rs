@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod pack;
 pub mod page_list;
 pub mod snapshot_id;
+pub mod stored_name;
 pub mod verification;
 pub mod vhd_footer;
 

@@ -152,7 +152,10 @@ mod tests {
 
     #[test]
     fn report_names_serialise_as_their_name() -> serde_json::Result<()> {
-        assert_eq!(serde_json::to_string(&Shape::RoundedBox)?, "\"rounded-box\"");
+        assert_eq!(
+            serde_json::to_string(&Shape::RoundedBox)?,
+            "\"rounded-box\""
+        );
         assert_eq!(format!("{:>7}", Shape::Square), " square");
         Ok(())
     }

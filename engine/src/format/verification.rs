@@ -13,6 +13,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{ObjectAd, ObjectKind, Protection};
 use crate::error::{Error, Result};
+use crate::format::SnapshotId;
+
+crate::stored_name_enum! {
+    /// What a verification run compared, as stored in its record.
+    pub enum RecordMode {
+        /// Every chunk read back from the packs.
+        Repository => "repository",
+        /// A restored disk compared with the snapshot.
+        Target => "target",
+    }
+}
+
+crate::stored_name_enum! {
+    /// How a verification run ended, as stored in its record.
+    pub enum RecordOutcome {
+        Ok => "ok",
+        /// The repository could not deliver the data.
+        Damaged => "damaged",
+        /// The target is not the snapshot's disk.
+        Differs => "differs",
+    }
+}
 
 /// Version of the record document this build writes.
 pub const VERIFICATION_VERSION: u32 = 1;
@@ -25,18 +47,18 @@ pub const VERIFICATIONS_PREFIX: &str = "verifications/";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VerificationRecord {
     pub version: u32,
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     /// When the run started, RFC 3339 UTC.
     pub time: String,
     /// `repository` (every chunk read back from the packs) or `target` (a restored disk
-    /// compared with the snapshot).
-    pub mode: String,
+    /// compared with the snapshot); a name this build does not know is kept as read.
+    pub mode: RecordMode,
     /// The target that was compared (mode `target`).
     #[serde(default)]
     pub target: Option<String>,
     /// `ok`, `damaged` (the repository could not deliver the data) or `differs` (the target
-    /// is not the snapshot's disk).
-    pub outcome: String,
+    /// is not the snapshot's disk); a name this build does not know is kept as read.
+    pub outcome: RecordOutcome,
     /// Bytes of the virtual disk checked (chunk and zero bytes).
     pub bytes_checked: u64,
     pub chunks_checked: u64,
@@ -137,11 +159,11 @@ mod tests {
     fn round_trip_and_key() -> Result<()> {
         let r = VerificationRecord {
             version: 1,
-            snapshot_id: "ab".repeat(32),
+            snapshot_id: SnapshotId::parse(&"ab".repeat(32))?,
             time: "2026-11-25T01:02:03.000004Z".into(),
-            mode: "repository".into(),
+            mode: RecordMode::Repository,
             target: None,
-            outcome: "ok".into(),
+            outcome: RecordOutcome::Ok,
             bytes_checked: 10,
             chunks_checked: 1,
             duration_ms: 5,
@@ -158,6 +180,38 @@ mod tests {
         Ok(())
     }
 
+    /// Mode and outcome are typed; a newer writer's names are kept as read and written back
+    /// unchanged, and the stored document stays byte for byte what the strings made.
+    #[test]
+    fn unknown_mode_and_outcome_are_kept_as_read() -> Result<()> {
+        let id = "ef".repeat(32);
+        let stored = format!(
+            r#"{{"version":1,"snapshot_id":"{id}","time":"t","mode":"sampled","target":null,"outcome":"partial","bytes_checked":1,"chunks_checked":1,"duration_ms":1,"throughput_mb_s":0.5,"problems":0,"hostname":"h","tool_version":"t"}}"#
+        );
+        let key = format!("{VERIFICATIONS_PREFIX}{id}/x.json");
+        let r = VerificationRecord::decode(stored.as_bytes(), &key)?;
+        assert_eq!(r.mode, RecordMode::Other("sampled".into()));
+        assert_eq!(r.outcome, RecordOutcome::Other("partial".into()));
+        let again = serde_json::to_string(&r).map_err(|e| Error::Internal(e.to_string()))?;
+        assert_eq!(again, stored);
+        let known = stored
+            .replace("sampled", "target")
+            .replace("partial", "differs");
+        let r = VerificationRecord::decode(known.as_bytes(), &key)?;
+        assert_eq!(
+            (r.mode, r.outcome),
+            (RecordMode::Target, RecordOutcome::Differs)
+        );
+        // A record naming no snapshot id is damage, whatever its key.
+        let bad_key = format!("{VERIFICATIONS_PREFIX}abc/x.json");
+        let bad = stored.replace(&id, "abc");
+        assert!(matches!(
+            VerificationRecord::decode(bad.as_bytes(), &bad_key),
+            Err(Error::Corrupt { .. })
+        ));
+        Ok(())
+    }
+
     #[test]
     fn a_sealed_record_opens_only_under_its_key_and_undamaged() -> Result<()> {
         use crate::crypto::{MasterSecret, RepoKeys};
@@ -166,11 +220,11 @@ mod tests {
         ))));
         let r = VerificationRecord {
             version: 1,
-            snapshot_id: "cd".repeat(32),
+            snapshot_id: SnapshotId::parse(&"cd".repeat(32))?,
             time: "2026-11-25T01:02:03.000004Z".into(),
-            mode: "repository".into(),
+            mode: RecordMode::Repository,
             target: None,
-            outcome: "ok".into(),
+            outcome: RecordOutcome::Ok,
             bytes_checked: 10,
             chunks_checked: 1,
             duration_ms: 5,

@@ -412,9 +412,9 @@ impl Index {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     key,
-                    record.snapshot_id,
+                    record.snapshot_id.as_str(),
                     record.time,
-                    record.outcome,
+                    record.outcome.as_str(),
                     record.duration_ms as i64,
                     json
                 ],
@@ -439,7 +439,7 @@ impl Index {
         for row in rows {
             let (key, json) = row.map_err(&err)?;
             let record = VerificationRecord::decode(json.as_bytes(), &key)?;
-            out.insert(record.snapshot_id.clone(), record);
+            out.insert(record.snapshot_id.to_string(), record);
         }
         Ok(out)
     }

@@ -77,7 +77,7 @@ pub struct PageBlobRestoreOptions {
 pub struct PageBlobRestoreReport {
     #[serde(flatten)]
     pub restore: RestoreReport,
-    pub profile: String,
+    pub profile: Profile,
     pub api_version: String,
     /// Size of the blob: the disk rounded up to a MiB, plus the footer.
     #[serde(rename = "blob_size_bytes")]
@@ -310,7 +310,7 @@ pub fn restore_with_client(
             ),
             vhd_current_size: Some(data_size),
         },
-        profile: profile.as_str().into(),
+        profile,
         api_version: client.api_version(),
         blob_size,
         vhd_current_size: data_size,

@@ -72,13 +72,43 @@ pub struct SyncOptions {
     pub journal_dir: Option<PathBuf>,
 }
 
+crate::stored_name_enum! {
+    /// What kind of standby target a report is about (the name of a [`TargetKind`]).
+    pub enum TargetKindName {
+        File => "file",
+        Device => "device",
+        PageBlob => "page-blob",
+    }
+}
+
+crate::name_enum! {
+    /// Whether a sync wrote the whole disk or the snapshots' differences.
+    pub enum SyncMode {
+        Full => "full",
+        Incremental => "incremental",
+    }
+}
+
+crate::stored_name_enum! {
+    /// A target's state as a report gives it: its record's [`State`], or what stands in
+    /// for a record.
+    pub enum ReportState {
+        /// No record.
+        None => "none",
+        Clean => "clean",
+        Applying => "applying",
+        Diverged => "diverged",
+        /// A record of another file or device.
+        Unknown => "unknown",
+    }
+}
+
 /// What one sync did (`--json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct SyncReport {
     /// The target as it may be shown (URL without query).
     pub target: String,
-    /// `file`, `device` or `page-blob`.
-    pub target_kind: String,
+    pub target_kind: TargetKindName,
     /// `raw` or `vhd-fixed`.
     pub target_format: String,
     pub disk: String,
@@ -88,8 +118,7 @@ pub struct SyncReport {
     pub previous_snapshot_id: Option<String>,
     /// Snapshots an interrupted sync had been applying, completed by this one.
     pub completed_interrupted: Vec<String>,
-    /// `full` or `incremental`.
-    pub mode: String,
+    pub mode: SyncMode,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
     /// The target was resized first (the disk grew or shrank).
@@ -115,7 +144,7 @@ pub struct SyncReport {
     pub coalesce_gap_bytes: Option<u64>,
     pub duration_ms: u64,
     /// `clean`, or `diverged` when `--verify` found a difference.
-    pub state: String,
+    pub state: ReportState,
     /// Page blobs: the blob snapshot taken after this sync.
     pub blob_snapshot: Option<String>,
     pub blob_snapshots_deleted: u64,
@@ -127,12 +156,12 @@ pub struct SyncReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct StatusReport {
     pub target: String,
-    pub target_kind: String,
+    pub target_kind: TargetKindName,
     /// Where the record is: the state file, the device record, or `blob metadata`.
     pub record_location: String,
     /// `none` (no record), `clean`, `applying`, `diverged`, or `unknown` (a record of another
     /// file or device).
-    pub state: String,
+    pub state: ReportState,
     pub disk: Option<String>,
     pub snapshot_id: Option<String>,
     pub applying: Vec<String>,
@@ -494,7 +523,11 @@ pub(crate) fn report(base: &ReportBase<'_>, counts: Counts, started: Instant) ->
             .filter(|r| r.state == State::Applying)
             .map(|r| r.applying.clone())
             .unwrap_or_default(),
-        mode: if full { "full" } else { "incremental" }.into(),
+        mode: if full {
+            SyncMode::Full
+        } else {
+            SyncMode::Incremental
+        },
         virtual_size: snapshot.virtual_size,
         resized,
         written_bytes: counts.written_bytes,
@@ -506,7 +539,7 @@ pub(crate) fn report(base: &ReportBase<'_>, counts: Counts, started: Instant) ->
         gap_bytes: counts.gap_bytes,
         coalesce_gap_bytes: None,
         duration_ms: started.elapsed().as_millis() as u64,
-        state: State::Clean.as_str().into(),
+        state: ReportState::Clean,
         blob_snapshot: None,
         blob_snapshots_deleted: 0,
         verify: None,
@@ -531,10 +564,7 @@ pub(crate) fn status_report(
         target: shown.to_string(),
         target_kind: kind.into(),
         record_location: location.display().to_string(),
-        state: record
-            .as_ref()
-            .map_or("none", |r| r.state.as_str())
-            .to_string(),
+        state: record.as_ref().map_or("none", |r| r.state.as_str()).into(),
         disk: record.as_ref().map(|r| r.disk.clone()),
         snapshot_id: record.as_ref().and_then(|r| r.snapshot_id.clone()),
         applying: record

@@ -313,7 +313,7 @@ fn require_writable_for_record(repo: &Repo, options: &VerifyOptions) -> Result<(
 fn record_verification(repo: &Repo, report: &VerifyReport, time: String) -> Result<String> {
     let record = VerificationRecord {
         version: VERIFICATION_VERSION,
-        snapshot_id: report.snapshot_id.to_string(),
+        snapshot_id: report.snapshot_id.clone(),
         time,
         mode: report.mode.as_str().into(),
         target: report.target.clone(),

@@ -75,6 +75,16 @@ pub struct DrillDisk {
     pub error: Option<String>,
 }
 
+crate::stored_name_enum! {
+    /// Where a drill restored to, as its record names it.
+    pub enum DrillTargetKind {
+        /// Files in a scratch directory.
+        Directory => "directory",
+        /// Page blobs in a scratch container.
+        PageBlob => "page-blob",
+    }
+}
+
 /// A drill record, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillRecord {
@@ -85,8 +95,7 @@ pub struct DrillRecord {
     pub started: String,
     pub finished: String,
     pub hostname: String,
-    /// `directory` or `page-blob`.
-    pub target_kind: String,
+    pub target_kind: DrillTargetKind,
     /// The scratch directory or container, without any SAS.
     pub target: String,
     /// Milliseconds from the start until every disk was restored and verified: the measured
@@ -361,12 +370,12 @@ pub fn drill(
             let dir = base.join(format!("stackvault-drill-{vm}-{stamp}"));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
             let shown = base.display().to_string();
-            (dir, shown, "directory")
+            (dir, shown, DrillTargetKind::Directory)
         }
         DrillTarget::Container { url, .. } => {
             let dir = std::env::temp_dir().join(format!("stackvault-drill-{vm}-{stamp}"));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-            (dir, crate::azure::redact(url), "page-blob")
+            (dir, crate::azure::redact(url), DrillTargetKind::PageBlob)
         }
     };
     let quiet = super::CancelOnly(progress);
@@ -434,7 +443,7 @@ pub fn drill(
         started: started_at,
         finished: now_rfc3339(),
         hostname: hostname(),
-        target_kind: kind.to_string(),
+        target_kind: kind,
         target: shown_target,
         recovery_ms,
         outcome,
@@ -495,7 +504,7 @@ mod tests {
             started: "2026-01-03T04:00:00.000000Z".into(),
             finished: "2026-01-03T04:02:30.250000Z".into(),
             hostname: "drill01".into(),
-            target_kind: "directory".into(),
+            target_kind: DrillTargetKind::Directory,
             target: "/var/tmp/drills".into(),
             recovery_ms: 150_250,
             outcome: DrillOutcome::Passed,

@@ -63,10 +63,19 @@ pub enum VmAction {
     Failed,
 }
 
+crate::name_enum! {
+    /// When a plan's hook runs.
+    pub enum HookPhase {
+        Before => "before",
+        After => "after",
+        OnFailure => "on-failure",
+    }
+}
+
 /// One hook that ran.
 #[derive(Clone, Debug, Serialize)]
 pub struct HookRun {
-    pub phase: String,
+    pub phase: HookPhase,
     pub command: String,
     pub ok: bool,
     pub exit_code: Option<i32>,
@@ -253,14 +262,14 @@ impl Slots {
 }
 
 /// Runs a hook with `sh -c`.
-fn run_hook(phase: &str, command: &str, app: &str, vm: &str) -> HookRun {
+fn run_hook(phase: HookPhase, command: &str, app: &str, vm: &str) -> HookRun {
     let started = Instant::now();
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(command)
         .env("STACKVAULT_APPLICATION", app)
         .env("STACKVAULT_VM", vm)
-        .env("STACKVAULT_PHASE", phase)
+        .env("STACKVAULT_PHASE", phase.as_str())
         .stdin(std::process::Stdio::null())
         .output();
     let (ok, exit_code, stderr_tail) = match out {
@@ -277,7 +286,7 @@ fn run_hook(phase: &str, command: &str, app: &str, vm: &str) -> HookRun {
         Err(e) => (false, None, Some(format!("cannot start sh: {e}"))),
     };
     HookRun {
-        phase: phase.to_string(),
+        phase,
         command: command.to_string(),
         ok,
         exit_code,
@@ -302,11 +311,13 @@ fn back_up_vm(
         report.action = VmAction::Failed;
         report.error = Some(error);
         if let Some(cmd) = &hooks.on_failure {
-            report.hooks.push(run_hook("on-failure", cmd, app, vm));
+            report
+                .hooks
+                .push(run_hook(HookPhase::OnFailure, cmd, app, vm));
         }
     };
     if let Some(cmd) = &hooks.before {
-        let h = run_hook("before", cmd, app, vm);
+        let h = run_hook(HookPhase::Before, cmd, app, vm);
         let ok = h.ok;
         report.hooks.push(h);
         if !ok {
@@ -351,7 +362,7 @@ fn back_up_vm(
             report.action = VmAction::BackedUp;
             report.vm_snapshot_id = Some(done.vm_snapshot_id.clone());
             if let Some(cmd) = &hooks.after {
-                report.hooks.push(run_hook("after", cmd, app, vm));
+                report.hooks.push(run_hook(HookPhase::After, cmd, app, vm));
             }
             for d in &planned.vm.disks {
                 let Some(target) = &d.standby else {
