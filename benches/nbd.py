@@ -14,8 +14,10 @@ Usage: python3 benches/nbd.py [--bin target/debug/stackvault] [--size-mib 512 | 
                               [--reps 3] [--reads 2000] [--cache-mib 512] [--mem-caches 8,64]
                               [--repo KEPT_REPO] [--parts seq,mem,random] [--warm-passes 1]
                               [--bins BEFORE,AFTER --rounds 2] [--inproc READ_LATENCY_BIN]
---bins runs the random part with each binary in turn (same offsets, fresh server each), so
-that a change is measured against its parent in one run; --inproc adds the same reads in
+                              [--seq-cache-mib 64]
+An encrypted --repo needs its password in STACKVAULT_PASSWORD.
+--bins runs the NBD side of every part with each binary in turn (fresh server each; random:
+the same offsets), so that a change is measured against its parent in one run; --inproc adds the same reads in
 process (benches/read_latency.rs), without socket or client. The load average is printed
 with each part: the machine is shared.
 Needs qemu-img. Without --disk, the disk is real files of this machine with zero gaps (as
@@ -162,7 +164,8 @@ def main():
     ap.add_argument("--bin", default="target/debug/stackvault",
                     help="binary of every part; --bins adds others to the random part")
     ap.add_argument("--bins", default="",
-                    help="comma-separated binaries compared in the random part (e.g. before,after)")
+                    help="comma-separated binaries compared (e.g. before,after), each in turn "
+                    "on a fresh server; restore always runs --bin")
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reads", type=int, default=2000)
@@ -176,6 +179,8 @@ def main():
     ap.add_argument("--inproc", help="the read_latency bench binary: the same random reads "
                     "in process, without NBD")
     ap.add_argument("--mem-caches", default="8,64", help="cache sizes (MiB) of the memory runs")
+    ap.add_argument("--seq-cache-mib", type=int, default=64,
+                    help="the server's cache in the sequential part")
     a = ap.parse_args()
     bin_ = os.path.abspath(a.bin)
     parts = set(a.parts.split(","))
@@ -202,58 +207,75 @@ def main():
             random_part(a, bin_, repo, sock, t, disk, size)
 
 
+def bins_of(a, bin_):
+    """The binaries compared: --bins (e.g. before,after), else --bin."""
+    return [os.path.abspath(b) for b in a.bins.split(",") if b] or [bin_]
+
+
 def sequential(a, bin_, repo, snap, sock, t):
-    seq = {"restore": [], "nbd": []}
-    rss = []
+    """restore (with --bin) and `qemu-img convert` from each of --bins, alternated per rep."""
+    bins = bins_of(a, bin_)
+    seq = {"restore": []}
+    seq.update({b: [] for b in bins})
+    rss = {b: [] for b in bins}
     loads = [load()]
+    out = f"{t}/out.img"
     for _ in range(a.reps):
-        out = f"{t}/out.img"
         if os.path.exists(out):
             os.remove(out)
         t0 = time.monotonic()
         run([bin_, "--quiet", "-r", repo, "restore", snap, out])
         seq["restore"].append(time.monotonic() - t0)
         os.remove(out)
-        p, uri = start_server(bin_, repo, snap, sock, 64)
-        t0 = time.monotonic()
-        run(["qemu-img", "convert", "-O", "raw", uri, out])
-        seq["nbd"].append(time.monotonic() - t0)
-        rss.append(peak_rss_mib(p.pid))
-        stop(p)
-        os.remove(out)
+        for b in bins:
+            p, uri = start_server(b, repo, snap, sock, a.seq_cache_mib)
+            t0 = time.monotonic()
+            run(["qemu-img", "convert", "-O", "raw", uri, out])
+            seq[b].append(time.monotonic() - t0)
+            rss[b].append(peak_rss_mib(p.pid))
+            stop(p)
+            os.remove(out)
         loads.append(load())
     med = {k: sorted(v)[len(v) // 2] for k, v in seq.items()}
-    print(f"| sequential, {a.size_mib} MiB disk | wall s (median of {a.reps}) | all | MiB/s |")
-    print("|---|---:|---|---:|")
-    for k, label in (("restore", "stackvault restore to a file"),
-                     ("nbd", "qemu-img convert from serve --nbd (cache 64 MiB)")):
-        runs = " ".join(f"{x:.2f}" for x in seq[k])
-        print(f"| {label} | {med[k]:.2f} | {runs} | {a.size_mib / med[k]:.0f} |")
-    print(f"NBD / restore throughput: {med['restore'] / med['nbd']:.2f}; "
-          f"server peak RSS {max(rss):.0f} MiB; load average {' '.join(loads)}")
+    print(f"| sequential, {a.size_mib} MiB disk | binary | wall s (median of {a.reps}) | all "
+          f"| MiB/s | NBD / restore | server peak RSS MiB |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    runs = " ".join(f"{x:.2f}" for x in seq["restore"])
+    print(f"| stackvault restore to a file | {os.path.basename(bin_)} | {med['restore']:.2f} "
+          f"| {runs} | {a.size_mib / med['restore']:.0f} | | |")
+    for b in bins:
+        runs = " ".join(f"{x:.2f}" for x in seq[b])
+        print(f"| qemu-img convert from serve --nbd (cache {a.seq_cache_mib} MiB) "
+              f"| {os.path.basename(b)} | {med[b]:.2f} | {runs} | {a.size_mib / med[b]:.0f} "
+              f"| {med['restore'] / med[b]:.2f} | {max(rss[b]):.0f} |")
+    for b in bins:
+        print(f"NBD / restore throughput ({os.path.basename(b)}): "
+              f"{med['restore'] / med[b]:.2f}")
+    print(f"load average {' '.join(loads)}")
 
 
 def memory(a, bin_, repo, snap, sock, t):
     print()
-    print("| cache MiB | idle peak RSS MiB | peak RSS MiB | growth over idle MiB "
+    print("| cache MiB | binary | idle peak RSS MiB | peak RSS MiB | growth over idle MiB "
           "| growth - cache MiB | budget peak MiB | SQLite peak MiB | convert s | load |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cache in [int(c) for c in a.mem_caches.split(",") if c]:
-        out = f"{t}/out.img"
-        p, uri = start_server(bin_, repo, snap, sock, cache)
-        idle = peak_rss_mib(p.pid)
-        t0 = time.monotonic()
-        run(["qemu-img", "convert", "-O", "raw", uri, out])
-        took = time.monotonic() - t0
-        peak = peak_rss_mib(p.pid)
-        stopped = stop(p)
-        os.remove(out)
-        mem = stopped.get("memory", {})
-        budget = mem.get("peak_bytes", float("nan")) / 2**20
-        sqlite = stopped.get("sqlite_peak_bytes", float("nan")) / 2**20
-        print(f"| {cache} | {idle:.1f} | {peak:.1f} | {peak - idle:.1f} "
-              f"| {peak - idle - cache:.1f} | {budget:.1f} | {sqlite:.1f} | {took:.2f} "
-              f"| {load()} |")
+        for b in bins_of(a, bin_):
+            out = f"{t}/out.img"
+            p, uri = start_server(b, repo, snap, sock, cache)
+            idle = peak_rss_mib(p.pid)
+            t0 = time.monotonic()
+            run(["qemu-img", "convert", "-O", "raw", uri, out])
+            took = time.monotonic() - t0
+            peak = peak_rss_mib(p.pid)
+            stopped = stop(p)
+            os.remove(out)
+            mem = stopped.get("memory", {})
+            budget = mem.get("peak_bytes", float("nan")) / 2**20
+            sqlite = stopped.get("sqlite_peak_bytes", float("nan")) / 2**20
+            print(f"| {cache} | {os.path.basename(b)} | {idle:.1f} | {peak:.1f} "
+                  f"| {peak - idle:.1f} | {peak - idle - cache:.1f} | {budget:.1f} "
+                  f"| {sqlite:.1f} | {took:.2f} | {load()} |")
 
 
 def random_part(a, bin_, repo, sock, t, disk, size):
@@ -261,7 +283,7 @@ def random_part(a, bin_, repo, sock, t, disk, size):
     offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(a.reads)]
     with open(disk, "rb") as f:
         want = {o: (f.seek(o), f.read(4096))[1] for o in offsets[:50]}
-    bins = [os.path.abspath(b) for b in a.bins.split(",") if b] or [bin_]
+    bins = bins_of(a, bin_)
     rows = []
     for r in range(a.rounds):
         for b in bins:

@@ -76,7 +76,10 @@ fn every_fuzz_target_has_a_check_and_a_corpus() {
     let targets = targets();
     assert_eq!(targets.len(), 6, "fuzz targets found: {targets:?}");
     for t in &targets {
-        assert!(check_for(t).is_some(), "fuzz target {t} has no check in fuzz/checks.rs");
+        assert!(
+            check_for(t).is_some(),
+            "fuzz target {t} has no check in fuzz/checks.rs"
+        );
         let inputs = std::fs::read_dir(fuzz_dir().join("corpus").join(t))
             .unwrap_or_else(|e| panic!("fuzz/corpus/{t}: {e}"))
             .count();

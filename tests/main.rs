@@ -27,6 +27,7 @@ mod moto;
 mod nbd;
 mod nbd_hostile;
 mod nbd_memory;
+mod nbd_readahead;
 mod nbd_support;
 mod nbd_vm;
 mod pageblob_requests;

@@ -43,7 +43,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::progress::Cancel;
-use crate::read::{BudgetStats, MemoryBudget, SnapshotReader};
+use crate::read::{BudgetStats, MemoryBudget, ReaderStats, SnapshotReader};
 
 /// Most connections being turned away with an error reply at once; beyond, they are closed.
 pub const MAX_REFUSING: usize = 8;
@@ -132,6 +132,9 @@ pub struct ServeReport {
     pub memory: BudgetStats,
     /// Peak resident memory of this process (VmHWM of /proc/self/status), when known.
     pub peak_rss_bytes: Option<u64>,
+    /// The exports' readers' counters, summed: frames decoded, cache hits, index lookups,
+    /// read-ahead work.
+    pub reader: ReaderStats,
     /// Most heap SQLite held at once since the process started (every connection's page
     /// cache and statements; the index lookups of frames not cached), outside the budget.
     pub sqlite_peak_bytes: u64,
@@ -396,6 +399,9 @@ impl Server {
             read_bytes: totals.bytes.load(Ordering::Relaxed),
             errors: totals.errors.load(Ordering::Relaxed),
             memory: budget.stats(),
+            reader: exports
+                .iter()
+                .fold(ReaderStats::default(), |sum, e| sum.plus(&e.reader.stats())),
             peak_rss_bytes: peak_rss(),
             sqlite_peak_bytes: sqlite_peak_bytes(),
         })

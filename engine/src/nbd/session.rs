@@ -12,7 +12,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use super::proto::*;
 use super::{Export, Stream};
 use crate::error::Error;
-use crate::read::MapRun;
+use crate::read::{MapRun, SequentialReads};
 
 /// Longest option data read; longer options end the connection after `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
@@ -40,8 +40,6 @@ const BUFFER_LEN: usize = 8 * 1024;
 const REFUSED_OPTIONS: usize = 8;
 /// Most extents in one block status reply.
 const MAX_DESCRIPTORS: usize = 4096;
-/// A read that starts at most this far after the previous one's end counts as sequential.
-const SEQUENTIAL_GAP: u64 = 64 << 20;
 /// Reads at least this long have their frames decompressed in parallel first.
 const PREFETCH_MIN: u32 = 256 << 10;
 /// Id of the `base:allocation` context on every connection.
@@ -391,7 +389,7 @@ impl<'s, 'r> Session<'s, 'r> {
     fn transmit(&mut self, export: usize) -> io::Result<()> {
         let reader = self.exports[export].reader;
         let size = reader.size();
-        let mut last_end: Option<u64> = None;
+        let mut stream = SequentialReads::default();
         loop {
             let mut head = [0u8; REQUEST_LEN];
             match self.input.read_exact(&mut head) {
@@ -438,13 +436,11 @@ impl<'s, 'r> Session<'s, 'r> {
                     self.error_reply(handle, EINVAL, "read past the end of the export")?
                 }
                 CMD_READ => {
-                    let end = offset + u64::from(len);
-                    // Sequential, allowing for the holes a client skips (it knows them from
-                    // block status) and for a few requests in flight.
-                    if last_end.is_some_and(|e| offset >= e && offset - e <= SEQUENTIAL_GAP) {
-                        reader.hint_sequential(end);
+                    // Read-ahead once this client reads a stream, not on one random read
+                    // that happens to land after the last.
+                    if stream.note(offset, u64::from(len)) {
+                        reader.hint_sequential(offset + u64::from(len));
                     }
-                    last_end = Some(end);
                     if len >= PREFETCH_MIN {
                         // Errors are the read's to report, below.
                         let _ = reader.prefetch(offset, u64::from(len));

@@ -20,10 +20,16 @@
 //! - a reservation proceeds whenever no frame charge is live at all, even if it alone is
 //!   larger than what is left (a frame larger than the whole budget is then decoded alone).
 //!
+//! A frame is loaded by one thread at a time ([`MemoryBudget::cached_or_claim`]): a read that
+//! wants a frame the read-ahead is decoding waits for it rather than decoding it again on
+//! another core. A waiter holds no frame, and a loader never waits for a claim while it holds
+//! one, so claims add no cycle to the waits above.
+//!
 //! Several readers (the disks of a served VM) share one budget and one frame cache: frames are
 //! keyed by pack and offset, and packs are immutable, so readers of one repository can share
 //! frames as well as memory.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -162,6 +168,29 @@ pub struct MemoryBudget {
     capacity: usize,
     accounts: Arc<Accounts>,
     frames: Mutex<FrameLru>,
+    /// Frames being loaded, each by the thread that claimed it.
+    loading: Mutex<HashSet<FrameKey>>,
+    loaded: Condvar,
+}
+
+/// A frame found in the cache, or the claim to load it.
+pub(super) enum Claim<'b> {
+    Cached(FrameNo, Arc<Frame>),
+    Load(LoadClaim<'b>),
+}
+
+/// The right to load one frame; others that want it wait until this is dropped (the frame
+/// kept, or the load failed).
+pub(super) struct LoadClaim<'b> {
+    budget: &'b MemoryBudget,
+    key: FrameKey,
+}
+
+impl Drop for LoadClaim<'_> {
+    fn drop(&mut self) {
+        self.budget.loading().remove(&self.key);
+        self.budget.loaded.notify_all();
+    }
 }
 
 /// Counters of a budget.
@@ -186,6 +215,8 @@ impl MemoryBudget {
             capacity,
             accounts: Arc::new(Accounts::default()),
             frames: Mutex::new(FrameLru::new(capacity)),
+            loading: Mutex::new(HashSet::new()),
+            loaded: Condvar::new(),
         })
     }
 
@@ -208,6 +239,37 @@ impl MemoryBudget {
 
     fn frames(&self) -> MutexGuard<'_, FrameLru> {
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn loading(&self) -> MutexGuard<'_, HashSet<FrameKey>> {
+        self.loading.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached frame at `key`, or the claim to load it; while another thread loads it,
+    /// waits for that load to end. The caller must hold no frame (see the module's
+    /// invariants) and keep the loaded frame before dropping the claim.
+    pub(super) fn cached_or_claim(&self, key: &FrameKey) -> Claim<'_> {
+        loop {
+            if let Some((no, frame)) = self.cached(key) {
+                return Claim::Cached(no, frame);
+            }
+            let mut loading = self.loading();
+            if loading.insert(key.clone()) {
+                drop(loading);
+                let claim = LoadClaim {
+                    budget: self,
+                    key: key.clone(),
+                };
+                // Kept by a loader that finished between the look above and the claim.
+                if let Some((no, frame)) = self.cached(key) {
+                    return Claim::Cached(no, frame);
+                }
+                return Claim::Load(claim);
+            }
+            // A timeout as well: a loader whose frame was not kept (no room) ends without
+            // it, and this thread then loads it itself.
+            let _ = self.loaded.wait_timeout(loading, Duration::from_millis(50));
+        }
     }
 
     /// The cached frame at `key`, if kept, and its number in the cache.
@@ -236,8 +298,10 @@ impl MemoryBudget {
 
     /// Remembers that chunk `id`, at `start..start + len` of `frame` (kept as number `no`),
     /// hashed to its id, so that reads of it need neither the index nor a hash again. The
-    /// entry is charged to the budget; when the budget has no room for it at once, or the
-    /// frame has left the cache, nothing is remembered (reads stay correct, only slower).
+    /// entry is charged to the budget. A full budget (the steady state of a sequential
+    /// reader: the cache fills it) makes room by evicting its least recently used frame once;
+    /// when there is still no room, or the frame has left the cache, nothing is remembered
+    /// (reads stay correct, only slower: they look the chunk up and hash it again).
     pub(super) fn remember_checked(
         &self,
         no: FrameNo,
@@ -246,12 +310,22 @@ impl MemoryBudget {
         start: u32,
         len: u32,
     ) {
-        let mut frames = self.frames();
-        if !frames.wants_chunk(no, frame, &id) {
-            return;
-        }
-        if let Some(charge) = self.try_take(CHUNK_ENTRY_BYTES) {
-            frames.add_chunk(no, id, start, len, charge);
+        for attempt in 0..2 {
+            let mut frames = self.frames();
+            if !frames.wants_chunk(no, frame, &id) {
+                return;
+            }
+            if let Some(charge) = self.try_take(CHUNK_ENTRY_BYTES) {
+                frames.add_chunk(no, id, start, len, charge);
+                return;
+            }
+            if attempt > 0 {
+                return;
+            }
+            let evicted = frames.pop_oldest();
+            // Given back outside the cache's lock.
+            drop(frames);
+            drop(evicted);
         }
     }
 

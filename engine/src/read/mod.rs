@@ -21,11 +21,22 @@
 //! readers of a served VM share one. The segment cache keeps a fixed number of decoded
 //! segments besides.
 //!
-//! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead: a read that starts
-//! where the previous one ended asks [`SnapshotReader::read_ahead_worker`], when one runs, to
-//! load the frames of the next `read_ahead_bytes` into the cache while the client consumes
-//! this answer. Without a worker the requests are dropped; reads stay correct. A large read
-//! can first [`SnapshotReader::prefetch`] its frames, decompressing them on every core.
+//! Sequential readers (a `qemu-img convert`, a VM booting) get read-ahead. A client's reads
+//! go through a [`SequentialReads`]: once two reads in a row each started where the one before
+//! ended (or a little after: a client skips the holes it knows of), it asks
+//! [`SnapshotReader::read_ahead_worker`], when one runs, to keep the next
+//! [`SnapshotReader::read_ahead_window`] bytes loaded while the client consumes this answer.
+//! One lucky random read that lands just after the previous one starts nothing. The worker
+//! keeps a frontier (how far it has loaded) and loads only what lies past it, in batches of
+//! half a window, so each chunk of a stream is looked up, decoded and hashed once. Without a
+//! worker the requests are dropped; reads stay correct.
+//!
+//! [`SnapshotReader::prefetch`] (the read-ahead's work, and a large read's first step) does a
+//! range's work on every core (rayon's pool): the index lookups of the chunks not yet
+//! checked, then per frame the read, the decompression and the BLAKE3 check of each chunk
+//! wanted from it, which it remembers as checked. A read that follows finds every chunk
+//! checked: it only copies. A frame is loaded by one thread at a time; another that wants it
+//! meanwhile waits for it instead of decoding it a second time ([`budget`]).
 //!
 //! Every reader takes chunk bytes from one place, [`verified`]: the frame fetch and decode,
 //! the index lookup (learning another host's packs, looking again after a prune), and the
@@ -55,8 +66,12 @@ pub use walk::{ChunkWalker, Piece};
 
 /// Default size of the decompressed-frame cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-/// Default read-ahead of a sequential reader: 8 MiB.
-pub const DEFAULT_READ_AHEAD_BYTES: u64 = 8 << 20;
+/// Default read-ahead of a sequential reader: 32 MiB, and at most a quarter of the cache
+/// ([`SnapshotReader::read_ahead_window`]).
+pub const DEFAULT_READ_AHEAD_BYTES: u64 = 32 << 20;
+/// A read that starts at most this far after the previous one's end continues a sequential
+/// stream: a client copying a disk skips the holes block status showed it.
+pub const SEQUENTIAL_GAP: u64 = 64 << 20;
 /// Decoded segments kept at most (a 4 MiB segment of 16 KiB chunks decodes to ~12 KiB); the
 /// budget may allow fewer.
 const SEGMENT_SLOTS: usize = 256;
@@ -91,7 +106,7 @@ pub struct MapRun {
 }
 
 /// Counters of a reader, for tests and `serve`'s log.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReaderStats {
     /// Frames read from packs and decompressed.
     pub frames_decoded: u64,
@@ -99,9 +114,28 @@ pub struct ReaderStats {
     pub cache_hits: u64,
     /// Frames loaded by read-ahead.
     pub read_ahead_frames: u64,
+    /// Read-ahead batches the worker loaded (each up to half a window).
+    pub read_ahead_batches: u64,
     /// Chunks looked up in the repository's index (a chunk not yet checked in a cached
     /// frame); reads of cached chunks make none.
     pub index_lookups: u64,
+}
+
+impl ReaderStats {
+    /// These counters and `other`'s, added (the readers of a served VM).
+    pub fn plus(&self, other: &ReaderStats) -> ReaderStats {
+        ReaderStats {
+            frames_decoded: self.frames_decoded.saturating_add(other.frames_decoded),
+            cache_hits: self.cache_hits.saturating_add(other.cache_hits),
+            read_ahead_frames: self
+                .read_ahead_frames
+                .saturating_add(other.read_ahead_frames),
+            read_ahead_batches: self
+                .read_ahead_batches
+                .saturating_add(other.read_ahead_batches),
+            index_lookups: self.index_lookups.saturating_add(other.index_lookups),
+        }
+    }
 }
 
 /// A decoded segment: its extents at their disk offsets, and what keeping it costs the
@@ -134,13 +168,51 @@ pub struct SnapshotReader<'r> {
     options: ReaderOptions,
     segments: Mutex<SegmentLru<Arc<Segment>>>,
     frames: Arc<MemoryBudget>,
-    /// The pending read-ahead request (start, end), replaced by newer ones.
-    ahead: Mutex<Option<(u64, u64)>>,
+    /// The read-ahead's pending request and frontier.
+    ahead: Mutex<Ahead>,
     ahead_ready: Condvar,
     frames_decoded: AtomicU64,
     cache_hits: AtomicU64,
     read_ahead_frames: AtomicU64,
+    read_ahead_batches: AtomicU64,
     index_lookups: AtomicU64,
+}
+
+/// What the read-ahead worker is asked to do and has done.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// The range to load next (start, end), replaced or extended by newer hints.
+    pending: Option<(u64, u64)>,
+    /// The range loaded or queued since the stream's last jump (start, end): a hint whose end
+    /// lies inside it asks only for what lies past `end`.
+    frontier: Option<(u64, u64)>,
+}
+
+/// Tells a sequential stream of reads from random ones, for one client: feed it every read;
+/// it says when to hint the reader's read-ahead.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SequentialReads {
+    last_end: Option<u64>,
+    /// Reads in a row that continued the one before.
+    streak: u32,
+}
+
+impl SequentialReads {
+    /// Notes a read of `len` bytes at `offset`; true when it is the second (or later) read in
+    /// a row to continue the one before, within [`SEQUENTIAL_GAP`]: then read-ahead pays.
+    /// A single random read that happens to land just after the previous one is no stream.
+    pub fn note(&mut self, offset: u64, len: u64) -> bool {
+        let continues = self
+            .last_end
+            .is_some_and(|e| offset >= e && offset - e <= SEQUENTIAL_GAP);
+        self.streak = if continues {
+            self.streak.saturating_add(1)
+        } else {
+            0
+        };
+        self.last_end = Some(offset.saturating_add(len));
+        self.streak >= 2
+    }
 }
 
 impl std::fmt::Debug for SnapshotReader<'_> {
@@ -179,11 +251,12 @@ impl<'r> SnapshotReader<'r> {
             options,
             segments: Mutex::new(SegmentLru::new(SEGMENT_SLOTS)),
             frames: budget,
-            ahead: Mutex::new(None),
+            ahead: Mutex::new(Ahead::default()),
             ahead_ready: Condvar::new(),
             frames_decoded: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             read_ahead_frames: AtomicU64::new(0),
+            read_ahead_batches: AtomicU64::new(0),
             index_lookups: AtomicU64::new(0),
         })
     }
@@ -202,6 +275,7 @@ impl<'r> SnapshotReader<'r> {
             frames_decoded: self.frames_decoded.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             read_ahead_frames: self.read_ahead_frames.load(Ordering::Relaxed),
+            read_ahead_batches: self.read_ahead_batches.load(Ordering::Relaxed),
             index_lookups: self.index_lookups.load(Ordering::Relaxed),
         }
     }
@@ -387,86 +461,169 @@ impl<'r> SnapshotReader<'r> {
         })
     }
 
-    /// Asks the read-ahead worker to load the frames after a sequential read that ended at
-    /// `end`.
-    pub fn hint_sequential(&self, end: u64) {
-        if self.options.read_ahead_bytes == 0 || end >= self.size() {
-            return;
-        }
-        let stop = end
-            .saturating_add(self.options.read_ahead_bytes)
-            .min(self.size());
-        if let Ok(mut pending) = self.ahead.lock() {
-            *pending = Some((end, stop));
-            self.ahead_ready.notify_one();
-        }
+    /// Bytes kept loaded ahead of a sequential reader: `read_ahead_bytes`, at most a quarter
+    /// of the cache, so that what is loaded ahead is not evicted before it is read (frames
+    /// hold more than the stream's bytes where the snapshot shares chunks with older ones).
+    pub fn read_ahead_window(&self) -> u64 {
+        self.options
+            .read_ahead_bytes
+            .min((self.options.cache_bytes / 4) as u64)
     }
 
-    /// Loads the frames of read-ahead requests into the cache until `stop` is set. Run it on
-    /// a thread of its own next to the readers; errors are left for the real read to report.
+    /// Asks the read-ahead worker to keep the `read_ahead_window` bytes after `end` (where a
+    /// sequential read ended) loaded. What it has loaded or been asked for already is not
+    /// asked again; it is asked for more once less than half a window lies ahead.
+    pub fn hint_sequential(&self, end: u64) {
+        let window = self.read_ahead_window();
+        if window == 0 || end >= self.size() {
+            return;
+        }
+        let target = end.saturating_add(window).min(self.size());
+        let Ok(mut ahead) = self.ahead.lock() else {
+            return;
+        };
+        let from = match ahead.frontier {
+            // Inside what is loaded (or queued): only past its end, once it runs short.
+            Some((start, loaded)) if start <= end && end <= loaded => {
+                if loaded.saturating_sub(end) >= window / 2 || loaded >= target {
+                    return;
+                }
+                ahead.frontier = Some((start, target));
+                loaded
+            }
+            // A jump (or the first hint): start over at `end`.
+            _ => {
+                ahead.frontier = Some((end, target));
+                end
+            }
+        };
+        ahead.pending = match ahead.pending {
+            // Not taken yet and contiguous: one larger batch.
+            Some((start, stop)) if start <= from && from <= stop => Some((start, target)),
+            _ => Some((from, target)),
+        };
+        drop(ahead);
+        self.ahead_ready.notify_one();
+    }
+
+    /// Loads the frames of read-ahead requests into the cache, and checks their chunks,
+    /// until `stop` is set. Run it on a thread of its own next to the readers; errors are
+    /// left for the real read to report.
     pub fn read_ahead_worker(&self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             let request = match self.ahead.lock() {
-                Ok(mut pending) => match pending.take() {
+                Ok(mut ahead) => match ahead.pending.take() {
                     Some(r) => Some(r),
                     None => self
                         .ahead_ready
-                        .wait_timeout(pending, Duration::from_millis(100))
+                        .wait_timeout(ahead, Duration::from_millis(100))
                         .ok()
-                        .and_then(|(mut p, _)| p.take()),
+                        .and_then(|(mut a, _)| a.pending.take()),
                 },
                 Err(_) => return,
             };
             let Some((start, end)) = request else {
                 continue;
             };
+            self.read_ahead_batches.fetch_add(1, Ordering::Relaxed);
             let before = self.frames_decoded.load(Ordering::Relaxed);
             // Errors are left for the real read to report.
-            let _ = self.prefetch(start, end - start);
-            let loaded = self.frames_decoded.load(Ordering::Relaxed) - before;
+            let _ = self.prefetch(start, end.saturating_sub(start));
+            let loaded = self
+                .frames_decoded
+                .load(Ordering::Relaxed)
+                .saturating_sub(before);
             self.read_ahead_frames.fetch_add(loaded, Ordering::Relaxed);
         }
     }
 
-    /// Loads the frames that `offset..offset + len` needs into the cache, several at once
-    /// (rayon's pool): a large request then decompresses on every core, as a restore does,
-    /// instead of one frame after another. At most half the cache is loaded, so a request
-    /// larger than the cache does not evict its own first frames.
+    /// Does the work of reading `offset..offset + len` ahead of the read, on every core
+    /// (rayon's pool): looks up the chunks not yet checked, loads their frames (from the
+    /// cache, or read and decompressed), checks each chunk against its id and remembers it
+    /// as checked, so that the read itself only copies. At most half the cache is loaded, so
+    /// a request larger than the cache does not evict its own first frames. Errors (a missing
+    /// or damaged chunk) are left for the read, which reports them with their place.
     pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         use rayon::prelude::*;
         let len = len.min((self.options.cache_bytes / 2) as u64);
-        let index = self.repo.readers();
-        let mut wanted: Vec<(String, crate::format::pack::RecordLocation)> = Vec::new();
+        // The chunks wanted, in disk order, each once.
+        let mut wanted: Vec<ChunkId> = Vec::new();
+        let mut seen: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
         self.for_each_extent(offset, len, |p, _, _, _| {
             if let Extent::Chunk { id, .. } = p.extent {
                 // A chunk checked in a cached frame needs nothing, not even a lookup.
-                if self.frames.has_checked_chunk(&id) {
-                    return Ok(true);
-                }
-                self.index_lookups.fetch_add(1, Ordering::Relaxed);
-                if let Some(loc) = index.lookup(&id)? {
-                    let known = wanted
-                        .iter()
-                        .rev()
-                        .take(8)
-                        .any(|(pack, r)| r.offset == loc.record.offset && *pack == loc.pack);
-                    let cached = self
-                        .frames
-                        .cached(&FrameKey {
-                            pack: loc.pack.clone(),
-                            offset: loc.record.offset,
-                        })
-                        .is_some();
-                    if !known && !cached {
-                        wanted.push((loc.pack, loc.record));
-                    }
+                if !self.frames.has_checked_chunk(&id) && seen.insert(id) {
+                    wanted.push(id);
                 }
             }
             Ok(true)
         })?;
-        wanted
+        drop(seen);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // Lookups on every core: each thread takes its own pooled index connection.
+        let index = self.repo.readers();
+        self.index_lookups
+            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        let located: Vec<crate::index::ChunkLocation> = wanted
             .par_iter()
-            .try_for_each(|(pack, record)| self.frame(pack, record).map(drop))
+            .with_min_len(32)
+            .filter_map(|id| index.lookup(id).ok().flatten())
+            .collect();
+        drop(wanted);
+        // Grouped by frame, in the order met (packs are written in disk order, so a group's
+        // chunks mostly sit next to each other).
+        let mut groups: Vec<Vec<crate::index::ChunkLocation>> = Vec::new();
+        let mut group_of: std::collections::HashMap<(String, u64), usize> =
+            std::collections::HashMap::new();
+        for loc in located {
+            let key = (loc.pack.clone(), loc.record.offset);
+            match group_of.get(&key) {
+                Some(&g) => {
+                    if let Some(group) = groups.get_mut(g) {
+                        group.push(loc);
+                    }
+                }
+                None => {
+                    group_of.insert(key, groups.len());
+                    groups.push(vec![loc]);
+                }
+            }
+        }
+        drop(group_of);
+        groups.par_iter().for_each(|group| {
+            // Errors are the read's to report, with the chunk's place on the disk.
+            let _ = self.check_group(group);
+        });
+        Ok(())
+    }
+
+    /// Loads the frame that holds `group` (chunks of one frame), checks each chunk against
+    /// its id and remembers it as checked in the cached frame.
+    fn check_group(&self, group: &[crate::index::ChunkLocation]) -> Result<()> {
+        let Some(first) = group.first() else {
+            return Ok(());
+        };
+        let (no, frame) = self.frame(&first.pack, &first.record)?;
+        let Some(no) = no else {
+            // Not kept (no room): nothing to remember; the read decodes it again.
+            return Ok(());
+        };
+        for loc in group {
+            if self.frames.has_checked_chunk(&loc.record.id) {
+                continue;
+            }
+            verified::verified_chunk(&frame, &loc.record, self.repo.protection(), &loc.pack)?;
+            self.frames.remember_checked(
+                no,
+                &frame,
+                loc.record.id,
+                loc.record.in_frame,
+                loc.record.raw_len,
+            );
+        }
+        Ok(())
     }
 
     /// Verifies chunk `id` (`len` bytes, at disk offset `at`) and hands its bytes to `f`.
@@ -538,10 +695,13 @@ impl<'r> SnapshotReader<'r> {
             pack: pack.to_string(),
             offset: record.offset,
         };
-        if let Some((no, frame)) = self.frames.cached(&key) {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok((Some(no), frame));
-        }
+        let claim = match self.frames.cached_or_claim(&key) {
+            budget::Claim::Cached(no, frame) => {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok((Some(no), frame));
+            }
+            budget::Claim::Load(claim) => claim,
+        };
         // The compressed and the decompressed bytes, charged before either exists.
         let charge = self.frames.reserve(
             usize::try_from(record.read_len())
@@ -559,6 +719,7 @@ impl<'r> SnapshotReader<'r> {
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(Frame::new(frame, charge));
         let no = self.frames.keep(key, Arc::clone(&frame));
+        drop(claim);
         Ok((no, frame))
     }
 }

@@ -38,8 +38,8 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
 use crate::format::pack::{decode_frame_into, RecordLocation};
 use crate::progress::Progress;
-use crate::repo::Repo;
 use crate::read::verified::{verified_chunk, with_chunk, FrameCache};
+use crate::repo::Repo;
 use crate::store::pack_key;
 
 /// Disk bytes of a region at most. A pack whose chunks are spread over the whole disk is read

@@ -36,11 +36,11 @@ use crate::format::manifest::Manifest;
 use crate::format::vhd_footer::{Footer, FOOTER_LEN};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
+use crate::read::FrameCache;
 use crate::repo::Repo;
 use crate::restore::pageblob::{
     check_limits, page_blob_footer, restore_with_client, source_unique_id, PageBlobRestoreOptions,
 };
-use crate::read::FrameCache;
 
 const MIB: u64 = 1 << 20;
 /// Most blob snapshots a blob may keep (Azure Stack Hub's limit).
