@@ -29,6 +29,7 @@ pub mod local;
 #[cfg(feature = "azure")]
 pub mod pageblob;
 pub mod record;
+#[cfg(feature = "azure")]
 pub mod regions;
 
 use std::path::{Path, PathBuf};
