@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context as _, Result};
-use stackvault::crypto::keyfile::{KdfParams, KeyObject, KEY_VERSION};
+use stackvault::crypto::keyfile::{KdfParams, KeyObject, KeyParts, KEY_VERSION};
 use stackvault::crypto::{ObjectAd, ObjectKind, Protection, RepoKeys, RepoSecrets};
 use stackvault_tests::{
     assert_restores, backup_disk, make_disk, outcome, p, scribble_disk, snapshot_ids, sv_as_typed,
@@ -338,13 +338,15 @@ fn key_vector_v2() -> Result<KeyObject> {
         &RepoSecrets::from_parts([0x42; 32], [0x24; 32]),
         [0x11; 16],
         PASSWORD,
-        KdfParams::INSECURE_TEST,
-        [0xa5; 16],
-        [0x5a; 16],
-        [0x3c; 24],
-        1_764_460_800,
-        "vector-host",
-        "vector",
+        &KeyParts {
+            kdf: KdfParams::INSECURE_TEST,
+            id: [0xa5; 16],
+            salt: [0x5a; 16],
+            nonce: [0x3c; 24],
+            created_unix: 1_764_460_800,
+            host: "vector-host",
+            label: "vector",
+        },
     )?)
 }
 

@@ -181,6 +181,19 @@ pub struct KeyObject {
     wrapped: Vec<u8>,
 }
 
+/// What a key object records besides the secrets it wraps: its KDF parameters, its random
+/// id, salt and nonce, and when, where and for whom it was made.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyParts<'a> {
+    pub kdf: KdfParams,
+    pub id: [u8; KEY_ID_LEN],
+    pub salt: [u8; SALT_LEN],
+    pub nonce: [u8; NONCE_LEN],
+    pub created_unix: i64,
+    pub host: &'a str,
+    pub label: &'a str,
+}
+
 impl KeyObject {
     /// The object's key in the repository: `keys/<id in hex>`.
     pub fn object_key(&self) -> String {
@@ -213,36 +226,37 @@ impl KeyObject {
             secrets,
             repository,
             password,
-            kdf,
-            id,
-            salt,
-            nonce,
-            created_unix,
-            host,
-            label,
+            &KeyParts {
+                kdf,
+                id,
+                salt,
+                nonce,
+                created_unix,
+                host,
+                label,
+            },
         )
     }
 
     /// [`KeyObject::wrap`] with the random parts given: for the test vectors only (a real
     /// key always draws fresh ones).
-    #[allow(clippy::too_many_arguments)]
     #[cfg(any(test, feature = "testing"))]
     pub fn wrap_with(
         secrets: &RepoSecrets,
         repository: [u8; REPOSITORY_ID_LEN],
         password: &[u8],
-        kdf: KdfParams,
-        id: [u8; KEY_ID_LEN],
-        salt: [u8; SALT_LEN],
-        nonce: [u8; NONCE_LEN],
-        created_unix: i64,
-        host: &str,
-        label: &str,
+        parts: &KeyParts<'_>,
     ) -> Result<KeyObject> {
-        Self::wrap_parts(
-            secrets,
-            repository,
-            password,
+        Self::wrap_parts(secrets, repository, password, parts)
+    }
+
+    fn wrap_parts(
+        secrets: &RepoSecrets,
+        repository: [u8; REPOSITORY_ID_LEN],
+        password: &[u8],
+        parts: &KeyParts<'_>,
+    ) -> Result<KeyObject> {
+        let KeyParts {
             kdf,
             id,
             salt,
@@ -250,22 +264,7 @@ impl KeyObject {
             created_unix,
             host,
             label,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn wrap_parts(
-        secrets: &RepoSecrets,
-        repository: [u8; REPOSITORY_ID_LEN],
-        password: &[u8],
-        kdf: KdfParams,
-        id: [u8; KEY_ID_LEN],
-        salt: [u8; SALT_LEN],
-        nonce: [u8; NONCE_LEN],
-        created_unix: i64,
-        host: &str,
-        label: &str,
-    ) -> Result<KeyObject> {
+        } = *parts;
         for (what, text) in [("host name", host), ("label", label)] {
             if text.len() > MAX_TEXT_LEN {
                 return Err(Error::Usage(format!(
