@@ -135,7 +135,7 @@ fn a_damaged_frame_read_in_a_span_fails_naming_pack_and_offset() -> Result<()> {
 }
 
 /// Peak resident memory (KiB) of `cmd` run under `/usr/bin/time`, and its output.
-fn peak_rss_kib(cmd: &Command) -> Result<(u64, String)> {
+pub(crate) fn peak_rss_kib(cmd: &Command) -> Result<(u64, String)> {
     let mut timed = Command::new("/usr/bin/time");
     timed
         .arg("-f")

@@ -9,7 +9,6 @@
 //! GET in flight, not windows of decoded frames.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -17,6 +16,7 @@ use stackvault_tests::{in_ci, p, same_bytes, scribble_disk, Disk};
 
 use crate::faultproxy::FaultProxy;
 use crate::remote_maintain::{moto, Remote};
+use crate::remote_restore::peak_rss_kib;
 
 const MIB: u64 = 1 << 20;
 /// The restore's largest ranged GET (`FetchLimits::default().max_span`).
@@ -98,32 +98,6 @@ fn a_pack_scattered_over_the_disk_is_read_in_as_few_gets_as_its_size_allows() ->
         failures.join("; ")
     );
     Ok(())
-}
-
-/// Peak resident memory (KiB) of `cmd` run under `/usr/bin/time`, and its output.
-fn peak_rss_kib(cmd: &Command) -> Result<(u64, String)> {
-    let mut timed = Command::new("/usr/bin/time");
-    timed
-        .arg("-f")
-        .arg("peak-rss-kib %M")
-        .arg(cmd.get_program());
-    timed.args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => timed.env(k, v),
-            None => timed.env_remove(k),
-        };
-    }
-    let out = timed.output().context("run /usr/bin/time")?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(out.status.success(), "restore failed: {stderr}");
-    let kib = stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("peak-rss-kib "))
-        .next_back()
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("no peak RSS in: {stderr}"))?;
-    Ok((kib, stderr))
 }
 
 /// The restore's peak RSS bound in this test: 8 GETs in flight each hold a span (4 MiB) and a
