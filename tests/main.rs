@@ -2,6 +2,7 @@
 //! temporary repository and sample disks (built from real files of this machine).
 
 mod azure;
+mod azure_leftovers;
 mod azure_puts;
 mod azure_store;
 mod cli;

@@ -16,7 +16,7 @@ use crate::remote_maintain::{moto, Remote};
 const MIB: u64 = 1 << 20;
 
 /// The leftovers `check --json` lists, as (kind, path).
-fn leftovers(check: &Value) -> Vec<(String, String)> {
+pub(crate) fn leftovers(check: &Value) -> Vec<(String, String)> {
     check["leftovers"]
         .as_array()
         .map(|a| {
@@ -71,20 +71,7 @@ fn check_lists_the_stores_unfinished_uploads_and_prune_aborts_the_old_ones() -> 
 
     // moto answers every upload's start time with a fixed date of 2010, so every upload is
     // old here: that a young one is left is pinned by `maintain::uploads`' unit test.
-    let dry = r.json(&["prune", "--grace", "0", "--dry-run"])?;
-    ensure!(dry["leftovers_removed"] == 1, "{dry:#}");
-    ensure!(
-        store.unfinished_uploads()?.len() == 1,
-        "a dry run aborted the upload"
-    );
-    let pruned = r.json(&["prune", "--grace", "0"])?;
-    ensure!(pruned["leftovers_removed"] == 1, "{pruned:#}");
-    ensure!(
-        store.unfinished_uploads()?.is_empty(),
-        "prune left the upload"
-    );
-    let after = r.json(&["check"])?;
-    ensure!(leftovers(&after).is_empty(), "{after:#}");
+    prune_removes_the_one_upload(&r, &store)?;
     ensure!(!cache_dirs.is_empty(), "no cache directory found");
     ensure!(
         cache_dirs
@@ -94,5 +81,25 @@ fn check_lists_the_stores_unfinished_uploads_and_prune_aborts_the_old_ones() -> 
             .exists(),
         "prune removed a file of this host's cache"
     );
+    Ok(())
+}
+
+/// A dry-run prune counts the one old unfinished upload `store` holds and keeps it; a prune
+/// removes it; `check` then finds no leftover.
+pub(crate) fn prune_removes_the_one_upload(r: &Remote, store: &dyn Backend) -> Result<()> {
+    let dry = r.json(&["prune", "--grace", "0", "--dry-run"])?;
+    ensure!(dry["leftovers_removed"] == 1, "{dry:#}");
+    ensure!(
+        store.unfinished_uploads()?.len() == 1,
+        "a dry run discarded the upload"
+    );
+    let pruned = r.json(&["prune", "--grace", "0"])?;
+    ensure!(pruned["leftovers_removed"] == 1, "{pruned:#}");
+    ensure!(
+        store.unfinished_uploads()?.is_empty(),
+        "prune left the upload"
+    );
+    let after = r.json(&["check"])?;
+    ensure!(leftovers(&after).is_empty(), "{after:#}");
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! to [`PUT_BLOB_MAX`] bytes (every pack of the default 16 MiB target, every delta and
 //! manifest) are one Put Blob: one request per object, as on S3. Larger ones are staged as
 //! blocks of [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List;
-//! a writer killed between the two leaves uncommitted blocks, which the service drops after a
-//! week. The exact requests and headers are specified in
+//! a writer killed between the two leaves uncommitted blocks, which `uploads.rs` lists and
+//! discards as unfinished uploads. The exact requests and headers are specified in
 //! `format-spec/remote.md`, section "Azure Blob".
 //!
 //! Invariants:
@@ -37,6 +37,8 @@ use crate::azure::error::service_error;
 use crate::azure::sign::SharedKey;
 use crate::azure::{url, Profile, RetryPolicy};
 use crate::error::{Error, Result};
+
+mod uploads;
 
 /// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
 const RESERVE_MAX: usize = 64 << 20;
@@ -312,23 +314,29 @@ impl AzureBlobBackend {
     }
 
     fn put_blob(&self, key: &str, data: &[u8]) -> Result<()> {
-        let headers = [
-            h("x-ms-blob-type", "BlockBlob"),
-            h("Content-Type", "application/octet-stream"),
-            h("If-None-Match", "*"),
-        ];
-        let r = self.send(
-            key,
-            Request::new(RequestKind::PutBlob, Method::Put, "")
-                .headers(&headers)
-                .body(data)
-                .ok(&[201, 404, 409, 412]),
-        )?;
+        let r = self.put_blob_if_absent(key, data)?;
         match r.status {
             201 => Ok(()),
             404 => Err(self.missing(&r, key)),
             _ => self.resolve_conflict(key, data, r.attempts > 1),
         }
+    }
+
+    /// One create-only (`If-None-Match: *`) Put Blob of `data`; the answer is 201 (created),
+    /// 404 (no container), or 409/412 (the name exists).
+    fn put_blob_if_absent(&self, key: &str, data: &[u8]) -> Result<Response> {
+        let headers = [
+            h("x-ms-blob-type", "BlockBlob"),
+            h("Content-Type", "application/octet-stream"),
+            h("If-None-Match", "*"),
+        ];
+        self.send(
+            key,
+            Request::new(RequestKind::PutBlob, Method::Put, "")
+                .headers(&headers)
+                .body(data)
+                .ok(&[201, 404, 409, 412]),
+        )
     }
 
     /// Stages `data` as blocks (several at once) and commits them with one Put Block List.
@@ -339,7 +347,7 @@ impl AzureBlobBackend {
 
     /// Put Block of every [`BLOCK_SIZE`] piece of `data`, [`AzureStoreOptions::parallel_blocks`]
     /// at once; returns the block ids in order. Until they are committed the blocks are an
-    /// uncommitted blob: invisible to reads and plain listings.
+    /// uncommitted blob: invisible to reads and plain listings (see `uploads.rs`).
     fn stage_blocks(&self, key: &str, data: &[u8]) -> Result<Vec<String>> {
         // Block ids are random per upload, so two writers of one key never share a block.
         let mut nonce = [0u8; 8];
@@ -435,6 +443,42 @@ impl AzureBlobBackend {
     }
 
     /// HEAD of `key`: `None` when there is no such blob.
+    /// Runs List Blobs over the container with `query` (beside the listing's own parameters)
+    /// page by page; `page` reads one answer and returns its `NextMarker`, if any.
+    fn list_pages(
+        &self,
+        query: &[(String, String)],
+        mut page: impl FnMut(&[u8]) -> Result<Option<String>>,
+    ) -> Result<()> {
+        let mut marker: Option<String> = None;
+        loop {
+            let mut all = vec![
+                q("restype", "container"),
+                q("comp", "list"),
+                q("maxresults", LIST_PAGE),
+            ];
+            all.extend_from_slice(query);
+            if let Some(m) = &marker {
+                all.push(q("marker", m));
+            }
+            let request =
+                Request::new(RequestKind::ListBlobs, Method::Get, &self.container_path).query(&all);
+            let r = self.client.request(&request)?;
+            match page(&r.body)? {
+                Some(m) if marker.as_deref() == Some(m.as_str()) => {
+                    return Err(Error::Http {
+                        url: self.shown.clone(),
+                        status: 200,
+                        code: "UnexpectedAnswer".into(),
+                        message: format!("List Blobs repeats its NextMarker {m}"),
+                    })
+                }
+                Some(m) => marker = Some(m),
+                None => return Ok(()),
+            }
+        }
+    }
+
     fn head(&self, key: &str) -> Result<Option<Response>> {
         let r = self.send(
             key,
@@ -586,34 +630,10 @@ impl Backend for AzureBlobBackend {
     fn list_with_sizes(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let full = format!("{}{prefix}", self.prefix);
         let mut out = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
-            let mut query = vec![
-                q("restype", "container"),
-                q("comp", "list"),
-                q("prefix", &full),
-                q("maxresults", LIST_PAGE),
-            ];
-            if let Some(m) = &marker {
-                query.push(q("marker", m));
-            }
-            let request = Request::new(RequestKind::ListBlobs, Method::Get, &self.container_path)
-                .query(&query);
-            let r = self.client.request(&request)?;
-            let next = parse_listing(&r.body, &self.prefix, &self.shown, &mut out)?;
-            match next {
-                Some(m) if marker.as_deref() == Some(m.as_str()) => {
-                    return Err(Error::Http {
-                        url: self.shown.clone(),
-                        status: 200,
-                        code: "UnexpectedAnswer".into(),
-                        message: format!("List Blobs repeats its NextMarker {m}"),
-                    })
-                }
-                Some(m) => marker = Some(m),
-                None => return Ok(out),
-            }
-        }
+        self.list_pages(&[q("prefix", &full)], |body| {
+            parse_listing(body, &self.prefix, &self.shown, &mut out)
+        })?;
+        Ok(out)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
@@ -672,6 +692,14 @@ impl Backend for AzureBlobBackend {
 
     fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
         Some(AzureBlobBackend::request_counts(self))
+    }
+
+    fn unfinished_uploads(&self) -> Result<Vec<super::UnfinishedUpload>> {
+        self.list_uncommitted()
+    }
+
+    fn discard_upload(&self, upload: &super::UnfinishedUpload) -> Result<()> {
+        self.discard_uncommitted(upload)
     }
 }
 
