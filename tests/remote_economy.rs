@@ -7,6 +7,7 @@
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use stackvault::store::Backend;
 use stackvault_tests::{json_change_list, p, same_bytes, Disk};
 
 use crate::remote_maintain::{azurite, moto, Remote};
@@ -303,6 +304,75 @@ fn a_read_and_list_sas_serves_and_copies_and_backup_names_the_missing_permission
     ensure!(
         reader.keys("")? == before,
         "a read-only run changed the store"
+    );
+    Ok(())
+}
+
+/// The manifests under this host's cache of remote repositories (`<cache>/<repo>/manifests/`).
+fn cached_manifests(r: &Remote) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for repo in std::fs::read_dir(r.cache.path().join("stackvault"))? {
+        let dir = repo?.path().join("manifests");
+        if dir.is_dir() {
+            for m in std::fs::read_dir(dir)? {
+                let path = m?.path();
+                if !path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_backup_keeps_its_manifest_so_the_next_incremental_downloads_no_parent() -> Result<()> {
+    let Some(moto) = moto() else { return Ok(()) };
+    let r = Remote::s3(&moto, "tee")?;
+    r.json(&["init"])?;
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("d.img");
+    Disk::random(8 * MIB, 23).write(&disk)?;
+    let changes = dir.path().join("changes.json");
+    std::fs::write(&changes, json_change_list(&[(MIB, 65536)]))?;
+    let incremental = || -> Result<Value> {
+        r.json(&[
+            "backup",
+            p(&disk),
+            "--disk",
+            "d",
+            "--changed-ranges",
+            p(&changes),
+        ])
+    };
+    let full = r.json(&["backup", p(&disk), "--disk", "d"])?;
+    let id = full["snapshot_id"].as_str().context("no snapshot id")?;
+    // The copy is the stored object, byte for byte, kept without reading it back.
+    let cached = cached_manifests(&r)?;
+    ensure!(cached.len() == 1, "cached after one backup: {cached:?}");
+    ensure!(
+        cached[0].file_name().is_some_and(|n| n == id),
+        "{cached:?} is not {id}"
+    );
+    let stored = moto.backend(&r.location)?.get(&format!("snapshots/{id}"))?;
+    ensure!(std::fs::read(&cached[0])? == stored, "the copy differs");
+
+    // An incremental whose parent's copy is gone downloads it; one whose parent was just
+    // written by this host does not.
+    std::fs::remove_file(&cached[0])?;
+    let downloading = incremental()?;
+    let kept = incremental()?;
+    ensure!(
+        count(&kept, "get") < count(&downloading, "get"),
+        "the parent written by this host was downloaded again: {kept:#} against {downloading:#}"
+    );
+    ensure!(
+        cached_manifests(&r)?.len() == 3,
+        "{:?}",
+        cached_manifests(&r)?
     );
     Ok(())
 }

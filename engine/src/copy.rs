@@ -702,7 +702,7 @@ fn reseal_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64
     };
     let plain = SealedObject::open(Box::new(object), src.protection(), &snap.id, &location)?;
     let size = plain.size()?;
-    let mut out = dst.backend().writer("snapshots/")?;
+    let mut out = dst.manifest_writer()?;
     let target = "snapshots/ (copied manifest)";
     let mut sealer = BlockSealer::new(dst.protection().clone())?;
     let mut hash = dst.protection().object_id_hasher();
@@ -773,7 +773,7 @@ pub fn reseal_named(
 fn copy_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64> {
     let key = snapshot_key(&snap.id);
     let size = src.backend().size(&key)?;
-    let mut out = dst.backend().writer("snapshots/")?;
+    let mut out = dst.manifest_writer()?;
     let mut hash = blake3::Hasher::new();
     let mut at = 0u64;
     while at < size {
@@ -941,7 +941,7 @@ fn rechunk_one(
 /// catalogues it, and returns its id and size.
 fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(SnapshotId, u64)> {
     let old = dst.load_manifest(id)?;
-    let out = dst.backend().writer("snapshots/")?;
+    let out = dst.manifest_writer()?;
     let mut writer = ManifestWriter::with_protection(
         out,
         "snapshots/ (copied manifest)",

@@ -560,6 +560,19 @@ impl Repo {
         }
     }
 
+    /// A writer for a new manifest (committed under `snapshots/<id>`); a remote repository's
+    /// is also copied into this host's cache, so reading it back costs no download.
+    pub(crate) fn manifest_writer(&self) -> Result<Box<dyn crate::store::ObjectWriter + '_>> {
+        let object = self.backend.writer("snapshots/")?;
+        if self.is_remote() {
+            return Ok(Box::new(manifest_cache::TeeToCache::new(
+                object,
+                &self.root.join("manifests"),
+            )));
+        }
+        Ok(object)
+    }
+
     /// Reads and checks a snapshot's manifest.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest<'_>> {
         // A remote manifest is read from this host's copy: its requests are paid once.

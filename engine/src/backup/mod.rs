@@ -130,7 +130,7 @@ pub fn backup(
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
     // The manifest is streamed as segments are done, into a temporary object that becomes
     // the snapshot only once every pack it needs is stored and indexed.
-    let object = repo.backend().writer("snapshots/")?;
+    let object = repo.manifest_writer()?;
     let mut manifest = ManifestWriter::with_protection(
         object,
         "snapshots/ (new manifest)",

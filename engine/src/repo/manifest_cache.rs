@@ -13,6 +13,11 @@
 //! manifest open does. A copy that fails that check is deleted, and the caller reads the
 //! store directly, so a damaged cache file is never reported as repository damage. Memory
 //! stays at one piece whatever the manifest's size.
+//!
+//! A manifest this host stores is copied into the cache as it is written ([`TeeToCache`]), so
+//! the next backup's parent, or a restore of the new snapshot, costs no download. The copy is
+//! best effort (a write that fails drops it, never the backup) and is only renamed into place
+//! once the store has committed the object; it is checked at open like any other copy.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
 use crate::format::manifest::{Manifest, ObjectRead};
-use crate::store::{snapshot_key, Backend};
+use crate::store::{snapshot_key, Backend, ObjectWriter};
 
 /// Bytes asked for in one request when a manifest is downloaded.
 pub const PIECE: usize = 16 << 20;
@@ -148,4 +153,157 @@ fn download(backend: &dyn Backend, dir: &Path, id: &str, path: &Path) -> Result<
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// An [`ObjectWriter`] for a manifest that also writes its bytes into this host's copy: a
+/// temporary file in the cache directory, renamed to `<dir>/<snapshot id>` after the store's
+/// commit (see the module doc).
+pub(crate) struct TeeToCache<'a> {
+    inner: Box<dyn ObjectWriter + 'a>,
+    dir: PathBuf,
+    /// The copy being written and its temporary path; `None` once a write to it failed.
+    copy: Option<(File, PathBuf)>,
+}
+
+impl<'a> TeeToCache<'a> {
+    pub(crate) fn new(inner: Box<dyn ObjectWriter + 'a>, dir: &Path) -> TeeToCache<'a> {
+        let tmp = dir.join(format!(".tmp-new-{}", crate::lock::random_hex()));
+        let copy = std::fs::create_dir_all(dir)
+            .and_then(|()| File::create(&tmp))
+            .ok()
+            .map(|file| (file, tmp));
+        TeeToCache {
+            inner,
+            dir: dir.to_path_buf(),
+            copy,
+        }
+    }
+
+    fn drop_copy(&mut self) {
+        if let Some((_, tmp)) = self.copy.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+impl Write for TeeToCache<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let copied = match &mut self.copy {
+            Some((file, _)) => buf.get(..n).is_some_and(|b| file.write_all(b).is_ok()),
+            None => true,
+        };
+        if !copied {
+            self.drop_copy();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ObjectWriter for TeeToCache<'_> {
+    fn commit(mut self: Box<Self>, key: &str) -> Result<()> {
+        let copy = self.copy.take();
+        let dir = std::mem::take(&mut self.dir);
+        let inner = std::mem::replace(&mut self.inner, Box::new(Discard));
+        let committed = inner.commit(key);
+        if let Some((file, tmp)) = copy {
+            let id = key
+                .strip_prefix("snapshots/")
+                .filter(|id| is_snapshot_id(id));
+            match (&committed, id) {
+                (Ok(()), Some(id)) => {
+                    drop(file);
+                    if std::fs::rename(&tmp, dir.join(id)).is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+        committed
+    }
+}
+
+impl Drop for TeeToCache<'_> {
+    fn drop(&mut self) {
+        self.drop_copy();
+    }
+}
+
+/// What [`TeeToCache::commit`] leaves in place of the writer it committed.
+struct Discard;
+
+impl Write for Discard {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for Discard {
+    fn commit(self: Box<Self>, _key: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalDir;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_copy_appears_only_once_the_store_committed_the_manifest() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        let store = LocalDir::new(tmp.path().join("store"));
+        std::fs::create_dir_all(tmp.path().join("store/snapshots"))
+            .map_err(|e| Error::io("mkdir", "store", e))?;
+        let cache = tmp.path().join("manifests");
+        let id = "ab".repeat(32);
+        let write = |w: &mut TeeToCache<'_>, data: &[u8]| {
+            w.write_all(data).map_err(|e| Error::io("write", "tee", e))
+        };
+
+        // Dropped before its commit (a failed backup): neither copy nor temporary file.
+        let mut w = TeeToCache::new(store.writer("snapshots/")?, &cache);
+        write(&mut w, b"partial")?;
+        drop(w);
+        assert!(names(&cache).is_empty(), "{:?}", names(&cache));
+
+        // A commit the store refuses (a key outside the directory): no copy either.
+        let mut w = TeeToCache::new(store.writer("snapshots/")?, &cache);
+        write(&mut w, b"refused")?;
+        assert!(Box::new(w).commit(&format!("packs/{id}")).is_err());
+        assert!(names(&cache).is_empty(), "{:?}", names(&cache));
+
+        // Committed: the copy is the stored object, under the snapshot id.
+        let mut w = TeeToCache::new(store.writer("snapshots/")?, &cache);
+        write(&mut w, b"manifest ")?;
+        write(&mut w, b"bytes")?;
+        Box::new(w).commit(&format!("snapshots/{id}"))?;
+        assert_eq!(names(&cache), [id.clone()]);
+        let copy = std::fs::read(cache.join(&id)).map_err(|e| Error::io("read", "copy", e))?;
+        assert_eq!(copy, store.get(&format!("snapshots/{id}"))?);
+        Ok(())
+    }
 }
