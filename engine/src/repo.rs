@@ -660,7 +660,7 @@ impl Repo {
     /// The latest verification of every snapshot that has one, by snapshot id.
     pub fn last_verifications(
         &self,
-    ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
+    ) -> Result<std::collections::HashMap<crate::format::SnapshotId, VerificationRecord>> {
         self.index().last_verifications()
     }
 }
