@@ -581,4 +581,23 @@ mod tests {
             "https://a/c/b.vhd?sv=1"
         );
     }
+
+    /// A record that names a malformed VM snapshot or disk snapshot id is damage when it is
+    /// read, even when its bytes hash to its name: the id is never carried on to be sliced.
+    #[test]
+    fn a_record_naming_a_malformed_id_is_damage() {
+        let (bytes, _) = encode(&vector_record(), &Protection::Plain).expect("encode");
+        let json = String::from_utf8(bytes).expect("utf-8");
+        for (good, bad) in [("c".repeat(64), "ccc"), ("a".repeat(64), "a\\u00e9")] {
+            let damaged = json.replace(&good, bad);
+            assert_ne!(damaged, json);
+            let id = DrillId::from_computed(blake3::hash(damaged.as_bytes()).to_hex().to_string())
+                .expect("a hash");
+            let err = decode(&id, damaged.as_bytes(), &Protection::Plain).err();
+            assert!(
+                err.as_ref().is_some_and(|e| e.is_corruption()),
+                "{bad}: {err:?}"
+            );
+        }
+    }
 }
