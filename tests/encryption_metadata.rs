@@ -301,7 +301,7 @@ fn vm_snapshot_records_are_sealed_and_keyed() -> Result<()> {
     let listed = vm_snapshots(&repo, Some("payroll"))?;
     assert_eq!(listed.len(), 1);
     assert!(listed[0].complete);
-    let path = repo.root().join("vms").join(&id);
+    let path = repo.root().join("vms").join(id.as_str());
     let stored = std::fs::read(&path)?;
     assert!(!contains(&stored, b"payroll"));
     assert_ne!(blake3::hash(&stored).to_hex().as_str(), id);

@@ -996,6 +996,17 @@ impl Fixture {
         Ok((disk, id))
     }
 
+    /// Builds a disk and backs it up; returns (the disk's bytes, snapshot id).
+    pub fn backup_new_disk_bytes(
+        &self,
+        name: &str,
+        size: u64,
+        seed: usize,
+    ) -> anyhow::Result<(Vec<u8>, String)> {
+        let (disk, id) = self.backup_new_disk(name, size, seed)?;
+        Ok((fs::read(&disk)?, id))
+    }
+
     /// Backs up `disk` as `name`; returns the snapshot id.
     pub fn backup(&self, disk: &Path, name: &str) -> anyhow::Result<String> {
         backup_disk(&self.repo(), disk, name)
@@ -1109,4 +1120,173 @@ impl Azurite {
         }
         Ok(guard)
     }
+}
+
+/// A repository on one object store that several hosts share: each [`SharedStore::host`] is
+/// a handle with its own index cache, as another machine would have; the temporary directory
+/// holds those caches and any disk a test writes.
+pub struct SharedStore<B> {
+    dir: tempfile::TempDir,
+    pub store: std::sync::Arc<B>,
+    location: &'static str,
+}
+
+impl<B: stackvault::store::Backend + 'static> SharedStore<B> {
+    /// `store` with a new repository (default options) initialised in it as `location`.
+    pub fn init(store: B, location: &'static str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store = std::sync::Arc::new(store);
+        stackvault::Repo::init_on(
+            store.clone(),
+            &dir.path().join("cache-init"),
+            location,
+            &stackvault::InitOptions::default(),
+        )?;
+        Ok(SharedStore {
+            dir,
+            store,
+            location,
+        })
+    }
+
+    /// The temporary directory (caches `cache-<host>`, and room for disks).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Host `name`: a handle on the shared store with its own cache.
+    pub fn host(&self, name: &str) -> anyhow::Result<stackvault::Repo> {
+        self.host_via(self.store.clone(), name)
+    }
+
+    /// Host `name` reaching the same objects through `backend` (a wrapper that gates, counts
+    /// or fails requests in front of [`SharedStore::store`]).
+    pub fn host_via(
+        &self,
+        backend: std::sync::Arc<dyn stackvault::store::Backend>,
+        name: &str,
+    ) -> anyhow::Result<stackvault::Repo> {
+        Ok(stackvault::Repo::open_on(
+            backend,
+            &self.path().join(format!("cache-{name}")),
+            self.location,
+        )?)
+    }
+}
+
+/// A reader of snapshot `id` keeping at most `cache_bytes` of frames and loading nothing
+/// ahead, so that its counters say exactly what the test's own reads cost.
+pub fn reader_without_read_ahead<'r>(
+    repo: &'r stackvault::Repo,
+    id: &str,
+    cache_bytes: usize,
+) -> anyhow::Result<stackvault::read::SnapshotReader<'r>> {
+    let options = stackvault::read::ReaderOptions {
+        cache_bytes,
+        read_ahead_bytes: 0,
+    };
+    Ok(stackvault::read::SnapshotReader::open(repo, id, options)?)
+}
+
+/// What a test watches on a [`Watched`] store: told before each read and each listing, it may
+/// count them or hold one back; every request then goes through to the objects unchanged.
+pub trait Watcher: Send + Sync {
+    /// Before a `get` or `get_range` of `key`.
+    fn reading(&self, _key: &str) {}
+    /// Before a listing of `prefix`.
+    fn listing(&self, _prefix: &str) {}
+}
+
+/// A handle on shared in-memory objects that tells its [`Watcher`] about reads and listings.
+pub struct Watched<W> {
+    pub objects: std::sync::Arc<stackvault::store::MemoryBackend>,
+    pub watcher: W,
+}
+
+impl<W: Watcher> stackvault::store::Backend for Watched<W> {
+    fn put(&self, key: &str, data: &[u8]) -> stackvault::Result<()> {
+        self.objects.put(key, data)
+    }
+    fn get(&self, key: &str) -> stackvault::Result<Vec<u8>> {
+        self.watcher.reading(key);
+        self.objects.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> stackvault::Result<Vec<u8>> {
+        self.watcher.reading(key);
+        self.objects.get_range(key, offset, len)
+    }
+    fn size(&self, key: &str) -> stackvault::Result<u64> {
+        self.objects.size(key)
+    }
+    fn exists(&self, key: &str) -> stackvault::Result<bool> {
+        self.objects.exists(key)
+    }
+    fn list_with_sizes(
+        &self,
+        prefix: &str,
+    ) -> stackvault::Result<Vec<stackvault::store::ObjectInfo>> {
+        self.watcher.listing(prefix);
+        self.objects.list_with_sizes(prefix)
+    }
+    fn remove(&self, key: &str) -> stackvault::Result<()> {
+        self.objects.remove(key)
+    }
+    fn version(&self, key: &str) -> stackvault::Result<stackvault::store::Version> {
+        self.objects.version(key)
+    }
+    fn replace(
+        &self,
+        key: &str,
+        data: &[u8],
+        expected: &stackvault::store::Version,
+    ) -> stackvault::Result<stackvault::store::Version> {
+        self.objects.replace(key, data, expected)
+    }
+    fn delete_if(
+        &self,
+        key: &str,
+        expected: &stackvault::store::Version,
+    ) -> stackvault::Result<()> {
+        self.objects.delete_if(key, expected)
+    }
+    fn writer<'a>(
+        &'a self,
+        dir: &str,
+    ) -> stackvault::Result<Box<dyn stackvault::store::ObjectWriter + 'a>> {
+        self.objects.writer(dir)
+    }
+}
+
+/// Backs up the disk image at `path` as disk `disk` of `repo` through the engine, in this
+/// process (no CLI), as a host of a [`SharedStore`] does.
+pub fn backup_with_engine(
+    repo: &stackvault::Repo,
+    path: &Path,
+    disk: &str,
+) -> anyhow::Result<stackvault::BackupReport> {
+    let source = stackvault::open_source(path, &Default::default())?;
+    let options = stackvault::BackupOptions {
+        disk: disk.into(),
+        ..stackvault::BackupOptions::default()
+    };
+    Ok(stackvault::backup(
+        repo,
+        source.as_ref(),
+        &options,
+        &stackvault::NoProgress,
+    )?)
+}
+
+/// The NBD URI of the first export of a `serve --json` child, read from the "ready" line it
+/// prints on its stdout (piped) before it serves.
+pub fn served_uri(child: &mut std::process::Child) -> anyhow::Result<String> {
+    let mut stdout = BufReader::new(child.stdout.take().context("serve stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let ready: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("serve not ready: {line}"))?;
+    Ok(ready["exports"][0]["uri"]
+        .as_str()
+        .context("export uri")?
+        .to_string())
 }

@@ -59,6 +59,7 @@ mod standby_device;
 mod standby_lease;
 mod standby_pageblob;
 mod standby_requests;
+mod typed_ids;
 mod vectors;
 mod verify;
 mod vhd;

@@ -5,9 +5,8 @@
 //! after it makes no index lookup and decodes no frame.
 
 use anyhow::Context as _;
-use stackvault::read::{ReaderOptions, SnapshotReader};
 use stackvault::Repo;
-use stackvault_tests::{make_disk, p, sv_json_ok, Fixture, Rng};
+use stackvault_tests::{reader_without_read_ahead, Fixture, Rng};
 
 use crate::nbd_support::{skip_without_clients, Raw, Served};
 
@@ -15,11 +14,7 @@ const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 48 * MIB;
 
 fn backed_up(f: &Fixture) -> anyhow::Result<(Vec<u8>, String)> {
-    let disk = f.path("d.img");
-    make_disk(&disk, DISK_SIZE, 29)?;
-    let v = sv_json_ok(&["-r", p(&f.repo()), "backup", p(&disk), "--disk", "d"])?;
-    let id = v["snapshot_id"].as_str().context("id")?.to_string();
-    Ok((std::fs::read(&disk)?, id))
+    f.backup_new_disk_bytes("d", DISK_SIZE, 29)
 }
 
 /// Serves `id`, reads `reads` (offset, length) through one client, checks the bytes, and
@@ -99,14 +94,7 @@ fn a_prefetched_range_is_read_without_lookups_or_decoding() -> anyhow::Result<()
     let f = Fixture::new()?;
     let (disk, id) = backed_up(&f)?;
     let repo = Repo::open(&f.repo())?;
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: 64 << 20,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, 64 << 20)?;
     let (at, len) = (3 * MIB + 777, 5 * MIB);
     reader.prefetch(at, len)?;
     let prefetched = reader.stats();

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use stackvault::read::{ReaderOptions, SnapshotReader};
 use stackvault::Repo;
-use stackvault_tests::{make_disk, p, sv_json_ok, Fixture, Rng};
+use stackvault_tests::{make_disk, p, reader_without_read_ahead, sv_json_ok, Fixture, Rng};
 
 const DISK_SIZE: u64 = 12 << 20;
 
@@ -26,14 +26,7 @@ fn random_reads_equal_the_disk_within_a_bounded_cache() -> anyhow::Result<()> {
     let (disk, id, zero_bytes) = backed_up(&f)?;
     let repo = Repo::open(&f.repo())?;
     let cache = 1 << 20;
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: cache,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, cache)?;
     assert_eq!(reader.size(), DISK_SIZE);
     let mut rng = Rng::new(5);
     for _ in 0..400 {

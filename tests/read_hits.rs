@@ -3,19 +3,13 @@
 //! a decode, and the entries that remember checked chunks are charged to the memory budget
 //! like the frames they point into.
 
-use anyhow::Context as _;
-use stackvault::read::{ReaderOptions, SnapshotReader};
 use stackvault::Repo;
-use stackvault_tests::{make_disk, p, sv_json_ok, Fixture, Rng};
+use stackvault_tests::{reader_without_read_ahead, Fixture, Rng};
 
 const DISK_SIZE: u64 = 12 << 20;
 
 fn backed_up(f: &Fixture) -> anyhow::Result<(Vec<u8>, String)> {
-    let disk = f.path("d.img");
-    make_disk(&disk, DISK_SIZE, 23)?;
-    let v = sv_json_ok(&["-r", p(&f.repo()), "backup", p(&disk), "--disk", "d"])?;
-    let id = v["snapshot_id"].as_str().context("id")?.to_string();
-    Ok((std::fs::read(&disk)?, id))
+    f.backup_new_disk_bytes("d", DISK_SIZE, 23)
 }
 
 fn random_offsets(count: usize, len: u64, seed: u64) -> Vec<u64> {
@@ -29,14 +23,7 @@ fn warm_reads_need_no_index_lookup_and_no_decode() -> anyhow::Result<()> {
     let (disk, id) = backed_up(&f)?;
     let repo = Repo::open(&f.repo())?;
     // The whole disk's frames fit: every chunk read twice is a hit the second time.
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: 64 << 20,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, 64 << 20)?;
     let offsets = random_offsets(300, 4096, 3);
     let mut buf = vec![0u8; 4096];
     let read_all = |buf: &mut Vec<u8>| -> anyhow::Result<()> {
@@ -82,14 +69,7 @@ fn remembered_chunks_are_charged_to_the_budget() -> anyhow::Result<()> {
     let (disk, id) = backed_up(&f)?;
     let repo = Repo::open(&f.repo())?;
     let capacity = 1 << 20;
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: capacity,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, capacity)?;
     let mut buf = vec![0u8; 64 << 10];
     for at in random_offsets(400, buf.len() as u64, 9) {
         reader.read_at(at, &mut buf)?;

@@ -4,37 +4,20 @@
 //! other reader does, including a chunk another host stored after this handle opened.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{ensure, Context as _, Result};
 use stackvault::read::{ChunkWalker, Piece, ReaderOptions, SnapshotReader};
 use stackvault::store::{Backend, MemoryBackend};
-use stackvault::{backup, BackupOptions, InitOptions, NoProgress, Repo};
-use stackvault_tests::Disk;
+use stackvault::Repo;
+use stackvault_tests::{backup_with_engine, Disk, SharedStore};
 
 const LOCATION: &str = "memory://walk";
 const DISK_SIZE: u64 = 12 << 20;
 
 /// A repository on a shared in-memory object store (a remote repository: each host has its
 /// own index cache), and a directory for caches and disks.
-fn shared_store() -> Result<(tempfile::TempDir, Arc<MemoryBackend>)> {
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(MemoryBackend::default());
-    Repo::init_on(
-        store.clone(),
-        &dir.path().join("cache-init"),
-        LOCATION,
-        &InitOptions::default(),
-    )?;
-    Ok((dir, store))
-}
-
-fn host(dir: &Path, store: &Arc<MemoryBackend>, name: &str) -> Result<Repo> {
-    Ok(Repo::open_on(
-        store.clone(),
-        &dir.join(format!("cache-{name}")),
-        LOCATION,
-    )?)
+fn shared_store() -> Result<SharedStore<MemoryBackend>> {
+    SharedStore::init(MemoryBackend::default(), LOCATION)
 }
 
 /// Backs up a sample disk with zero gaps (`Layout::Filled`) through `repo`; its bytes and id.
@@ -42,12 +25,7 @@ fn backed_up(repo: &Repo, dir: &Path, seed: u64) -> Result<(Vec<u8>, String)> {
     let disk = Disk::filled(DISK_SIZE, 60, seed);
     let path = dir.join(format!("disk-{seed}.img"));
     disk.write(&path)?;
-    let source = stackvault::open_source(&path, &Default::default())?;
-    let options = BackupOptions {
-        disk: "d".into(),
-        ..BackupOptions::default()
-    };
-    let report = backup(repo, source.as_ref(), &options, &NoProgress)?;
+    let report = backup_with_engine(repo, &path, "d")?;
     Ok((std::fs::read(&path)?, report.snapshot_id.to_string()))
 }
 
@@ -75,9 +53,9 @@ fn walk(repo: &Repo, id: &str, range: std::ops::Range<u64>) -> Result<Walked> {
 
 #[test]
 fn a_walk_yields_the_disk_as_verified_bytes_and_the_manifests_zero_runs() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let repo = host(dir.path(), &store, "a")?;
-    let (disk, id) = backed_up(&repo, dir.path(), 5)?;
+    let shared = shared_store()?;
+    let repo = shared.host("a")?;
+    let (disk, id) = backed_up(&repo, shared.path(), 5)?;
     let pieces = walk(&repo, &id, 0..DISK_SIZE)?;
     // In disk order, without gaps, and byte for byte the disk.
     let mut at = 0u64;
@@ -131,20 +109,21 @@ fn a_walk_yields_the_disk_as_verified_bytes_and_the_manifests_zero_runs() -> Res
 
 #[test]
 fn a_damaged_frame_ends_the_walk_naming_its_pack() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let repo = host(dir.path(), &store, "a")?;
-    let (_, id) = backed_up(&repo, dir.path(), 6)?;
+    let shared = shared_store()?;
+    let repo = shared.host("a")?;
+    let (_, id) = backed_up(&repo, shared.path(), 6)?;
     // One byte in the middle of the (first) pack, inside some frame.
-    let pack = store
+    let pack = shared
+        .store
         .list_with_sizes("packs/")?
         .into_iter()
         .next()
         .context("no pack")?;
-    let mut bytes = store.get(&pack.key)?;
+    let mut bytes = shared.store.get(&pack.key)?;
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
-    store.remove(&pack.key)?;
-    store.put(&pack.key, &bytes)?;
+    shared.store.remove(&pack.key)?;
+    shared.store.put(&pack.key, &bytes)?;
     let err = walk(&repo, &id, 0..DISK_SIZE)
         .err()
         .context("a walk over a damaged pack succeeded")?;
@@ -160,11 +139,11 @@ fn a_damaged_frame_ends_the_walk_naming_its_pack() -> Result<()> {
 
 #[test]
 fn a_reader_finds_chunks_another_host_stored_after_it_opened() -> Result<()> {
-    let (dir, store) = shared_store()?;
+    let shared = shared_store()?;
     // Host A opens the repository first; host B then backs up a disk A has never seen.
-    let host_a = host(dir.path(), &store, "a")?;
-    let host_b = host(dir.path(), &store, "b")?;
-    let (disk, id) = backed_up(&host_b, dir.path(), 7)?;
+    let host_a = shared.host("a")?;
+    let host_b = shared.host("b")?;
+    let (disk, id) = backed_up(&host_b, shared.path(), 7)?;
     // A serves B's snapshot by id (as `serve --nbd` would): its index cache learns B's packs
     // on the first chunk it does not know, as a restore's lookups do.
     let reader = SnapshotReader::open(&host_a, &id, ReaderOptions::default())?;

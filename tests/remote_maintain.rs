@@ -104,6 +104,31 @@ impl Remote {
         Ok(doc)
     }
 
+    /// Backs up `disk` as disk `d`; returns the snapshot id.
+    pub(crate) fn backup(&self, disk: &std::path::Path) -> Result<String> {
+        let report = self.json(&["backup", stackvault_tests::p(disk), "--disk", "d"])?;
+        Ok(report["snapshot_id"]
+            .as_str()
+            .context("no snapshot id")?
+            .to_string())
+    }
+
+    /// Restores snapshot `id` into `dir` and checks the restore is `disk` byte for byte.
+    pub(crate) fn assert_restores(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        disk: &std::path::Path,
+    ) -> Result<()> {
+        let out = dir.join("r.img");
+        self.json(&["restore", id, stackvault_tests::p(&out), "--force"])?;
+        ensure!(
+            stackvault_tests::same_bytes(&out, disk)?,
+            "the restore differs from the disk"
+        );
+        Ok(())
+    }
+
     pub(crate) fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         let mut keys = self.objects.list(prefix)?;
         keys.sort();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use stackvault_tests::{p, same_bytes, Disk};
+use stackvault_tests::Disk;
 
 use crate::faultproxy::{Fault, FaultProxy};
 use crate::remote_maintain::{moto, Remote};
@@ -40,11 +40,7 @@ fn a_remote_restore_fetches_later_windows_while_an_earlier_span_is_slow() -> Res
     let disk = dir.path().join("d.img");
     first_window_small(&disk)?;
     r.json(&["init"])?;
-    let backup = r.json(&["backup", p(&disk), "--disk", "d"])?;
-    let id = backup["snapshot_id"]
-        .as_str()
-        .context("no snapshot id")?
-        .to_string();
+    let id = r.backup(&disk)?;
 
     // Arrival time and target of every ranged GET of a pack; the first one is held back.
     let arrivals: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
@@ -63,12 +59,7 @@ fn a_remote_restore_fetches_later_windows_while_an_earlier_span_is_slow() -> Res
     })?;
     r.endpoint = proxy.endpoint();
 
-    let out = dir.path().join("r.img");
-    r.json(&["restore", &id, p(&out), "--force"])?;
-    ensure!(
-        same_bytes(&out, &disk)?,
-        "the restore differs from the disk"
-    );
+    r.assert_restores(&id, dir.path(), &disk)?;
 
     let arrivals = arrivals
         .lock()

@@ -11,7 +11,6 @@
 //! moto runs with signature checks off ([`Moto::start_unchecked`]): repositories list their
 //! objects, and moto 5.2.1 checks listing signatures wrongly (see tests/moto.rs).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
@@ -20,7 +19,7 @@ use serde_json::Value;
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions};
 use stackvault_tests::{
     azurite_bin, have_qemu_img, json_change_list, make_disk, p, qemu_img, same_bytes,
-    scribble_disk, Azurite,
+    scribble_disk, served_uri, Azurite,
 };
 
 use crate::moto::Moto;
@@ -324,14 +323,9 @@ fn serve_through_nbd(host: &Host, repo: &str, id: &str, disk: &Path, work: &Path
         .stderr(Stdio::piped())
         .spawn()?;
     let result = (|| -> Result<()> {
-        let mut stdout = BufReader::new(child.stdout.take().context("serve stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let ready: Value =
-            serde_json::from_str(&line).with_context(|| format!("serve not ready: {line}"))?;
-        let uri = ready["exports"][0]["uri"].as_str().context("export uri")?;
+        let uri = served_uri(&mut child)?;
         let out = work.join("served.img");
-        qemu_img(&["convert", "-f", "raw", "-O", "raw", uri, p(&out)])?;
+        qemu_img(&["convert", "-f", "raw", "-O", "raw", &uri, p(&out)])?;
         ensure!(
             same_bytes(&out, disk)?,
             "the disk served from {repo} differs"

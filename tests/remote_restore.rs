@@ -35,11 +35,7 @@ fn backed_up(r: &Remote, dir: &std::path::Path, size: u64) -> Result<(std::path:
     let disk = dir.join("d.img");
     Disk::random(size, 14).write(&disk)?;
     r.json(&["init"])?;
-    let backup = r.json(&["backup", p(&disk), "--disk", "d"])?;
-    let id = backup["snapshot_id"]
-        .as_str()
-        .context("no snapshot id")?
-        .to_string();
+    let id = r.backup(&disk)?;
     Ok((disk, id))
 }
 
@@ -134,6 +130,34 @@ fn a_damaged_frame_read_in_a_span_fails_naming_pack_and_offset() -> Result<()> {
     Ok(())
 }
 
+/// Whether `/usr/bin/time` is there to measure peak memory: a failure without it under CI,
+/// a skip (said why) elsewhere.
+pub(crate) fn have_usr_bin_time() -> Result<bool> {
+    if std::path::Path::new("/usr/bin/time").exists() {
+        return Ok(true);
+    }
+    if in_ci() {
+        bail!("/usr/bin/time is missing (apt-get install time)");
+    }
+    eprintln!("skipped: /usr/bin/time is missing");
+    Ok(false)
+}
+
+/// Restores snapshot `id` of `r` into `dir` under `/usr/bin/time`, checks that the restore is
+/// `disk` byte for byte, and returns its peak resident memory (KiB) and output.
+pub(crate) fn restore_peak_rss_kib(
+    r: &Remote,
+    id: &str,
+    dir: &std::path::Path,
+    disk: &std::path::Path,
+) -> Result<(u64, String)> {
+    let out = dir.join("r.img");
+    let cmd = r.command(&["restore", &r.location, id, p(&out), "--force"]);
+    let (kib, text) = peak_rss_kib(&cmd)?;
+    ensure!(same_bytes(&out, disk)?, "the restore differs from the disk");
+    Ok((kib, text))
+}
+
 /// Peak resident memory (KiB) of `cmd` run under `/usr/bin/time`, and its output.
 pub(crate) fn peak_rss_kib(cmd: &Command) -> Result<(u64, String)> {
     let mut timed = Command::new("/usr/bin/time");
@@ -162,11 +186,7 @@ pub(crate) fn peak_rss_kib(cmd: &Command) -> Result<(u64, String)> {
 
 #[test]
 fn a_remote_restore_larger_than_the_memory_budget_stays_within_it() -> Result<()> {
-    if !std::path::Path::new("/usr/bin/time").exists() {
-        if in_ci() {
-            bail!("/usr/bin/time is missing (apt-get install time)");
-        }
-        eprintln!("skipped: /usr/bin/time is missing");
+    if !have_usr_bin_time()? {
         return Ok(());
     }
     let Some(moto) = moto() else { return Ok(()) };
@@ -175,13 +195,7 @@ fn a_remote_restore_larger_than_the_memory_budget_stays_within_it() -> Result<()
     // Larger than the budget, so holding the disk's packs or frames would break it.
     let size = 160 * MIB;
     let (disk, id) = backed_up(&r, dir.path(), size)?;
-    let out = dir.path().join("r.img");
-    let cmd = r.command(&["restore", &r.location, &id, p(&out), "--force"]);
-    let (kib, text) = peak_rss_kib(&cmd)?;
-    ensure!(
-        same_bytes(&out, &disk)?,
-        "the restore differs from the disk"
-    );
+    let (kib, text) = restore_peak_rss_kib(&r, &id, dir.path(), &disk)?;
     ensure!(
         kib * 1024 <= 128 * MIB,
         "peak RSS {} MiB restoring a {} MiB disk (budget 128 MiB): {text}",

@@ -11,12 +11,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, ensure, Context, Result};
-use stackvault_tests::{in_ci, p, same_bytes, scribble_disk, Disk};
+use anyhow::{ensure, Result};
+use stackvault_tests::{scribble_disk, Disk};
 
 use crate::faultproxy::FaultProxy;
 use crate::remote_maintain::{moto, Remote};
-use crate::remote_restore::peak_rss_kib;
+use crate::remote_restore::{have_usr_bin_time, restore_peak_rss_kib};
 
 const MIB: u64 = 1 << 20;
 /// The restore's largest ranged GET (`FetchLimits::default().max_span`).
@@ -32,13 +32,9 @@ fn two_generations(
     let disk = dir.join("d.img");
     Disk::random(size, 41).write(&disk)?;
     r.json(&["init"])?;
-    r.json(&["backup", p(&disk), "--disk", "d"])?;
+    r.backup(&disk)?;
     scribble_disk(&disk, 48, 5)?;
-    let gen1 = r.json(&["backup", p(&disk), "--disk", "d"])?;
-    let id = gen1["snapshot_id"]
-        .as_str()
-        .context("no snapshot id")?
-        .to_string();
+    let id = r.backup(&disk)?;
     Ok((disk, id))
 }
 
@@ -63,12 +59,7 @@ fn a_pack_scattered_over_the_disk_is_read_in_as_few_gets_as_its_size_allows() ->
         None
     })?;
     r.endpoint = proxy.endpoint();
-    let out = dir.path().join("r.img");
-    r.json(&["restore", &id, p(&out), "--force"])?;
-    ensure!(
-        same_bytes(&out, &disk)?,
-        "the restore differs from the disk"
-    );
+    r.assert_restores(&id, dir.path(), &disk)?;
 
     let gets = gets
         .lock()
@@ -106,11 +97,7 @@ const RSS_BOUND: u64 = 80 * MIB;
 
 #[test]
 fn a_remote_restore_of_scattered_chunks_holds_spans_in_flight_not_windows() -> Result<()> {
-    if !std::path::Path::new("/usr/bin/time").exists() {
-        if in_ci() {
-            bail!("/usr/bin/time is missing (apt-get install time)");
-        }
-        eprintln!("skipped: /usr/bin/time is missing");
+    if !have_usr_bin_time()? {
         return Ok(());
     }
     let Some(moto) = moto() else { return Ok(()) };
@@ -119,13 +106,7 @@ fn a_remote_restore_of_scattered_chunks_holds_spans_in_flight_not_windows() -> R
     // Larger than the budget, so holding the disk's packs or frames would break it.
     let size = 192 * MIB;
     let (disk, id) = two_generations(&r, dir.path(), size)?;
-    let out = dir.path().join("r.img");
-    let cmd = r.command(&["restore", &r.location, &id, p(&out), "--force"]);
-    let (kib, text) = peak_rss_kib(&cmd)?;
-    ensure!(
-        same_bytes(&out, &disk)?,
-        "the restore differs from the disk"
-    );
+    let (kib, text) = restore_peak_rss_kib(&r, &id, dir.path(), &disk)?;
     eprintln!("peak RSS {} MiB restoring {} MiB", kib / 1024, size / MIB);
     ensure!(
         kib * 1024 <= RSS_BOUND,

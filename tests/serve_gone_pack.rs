@@ -3,16 +3,14 @@
 //! offset, as `restore` and `check` do (tests/gone_pack.rs), so that an operator reading the
 //! log knows which object is gone without running `check`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::Stdio;
 
-use anyhow::{ensure, Context, Result};
-use serde_json::Value;
-use stackvault_tests::{have_qemu_img, in_ci, p, sv_command, Disk};
+use anyhow::{ensure, Result};
+use stackvault_tests::{have_qemu_img, in_ci, p, served_uri, sv_command};
 
+use crate::gone_pack::backed_up_then_a_pack_deleted;
 use crate::remote_maintain::{moto, Remote};
-
-const MIB: u64 = 1 << 20;
 
 #[test]
 fn serve_logs_the_gone_pack_and_offset_of_a_failed_read() -> Result<()> {
@@ -24,15 +22,8 @@ fn serve_logs_the_gone_pack_and_offset_of_a_failed_read() -> Result<()> {
     let Some(moto) = moto() else { return Ok(()) };
     let r = Remote::s3(&moto, "servegone")?;
     let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("d.img");
-    // Random data: two packs at least, and nothing in one pack is also in another.
-    Disk::random(24 * MIB, 73).write(&disk)?;
-    r.json(&["init"])?;
-    let backup = r.json(&["backup", p(&disk), "--disk", "d"])?;
-    let id = backup["snapshot_id"].as_str().context("no snapshot id")?;
-    let pack_key = r.keys("packs/")?.first().context("no pack")?.clone();
-    let pack = pack_key.rsplit('/').next().unwrap_or(&pack_key).to_string();
-    r.objects.remove(&pack_key)?;
+    let gone = backed_up_then_a_pack_deleted(&r, dir.path(), 73)?;
+    let (id, pack) = (gone.id.as_str(), gone.pack.as_str());
 
     // Not --quiet (Remote::command's default): the log is what this test reads.
     let socket = dir.path().join("sv.sock");
@@ -48,15 +39,10 @@ fn serve_logs_the_gone_pack_and_offset_of_a_failed_read() -> Result<()> {
     }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let result = (|| -> Result<String> {
-        let mut stdout = BufReader::new(child.stdout.take().context("serve stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let ready: Value =
-            serde_json::from_str(&line).with_context(|| format!("serve not ready: {line}"))?;
-        let uri = ready["exports"][0]["uri"].as_str().context("export uri")?;
+        let uri = served_uri(&mut child)?;
         let out = dir.path().join("served.img");
         let copy = std::process::Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", uri, p(&out)])
+            .args(["convert", "-f", "raw", "-O", "raw", &uri, p(&out)])
             .output()?;
         ensure!(
             !copy.status.success(),
@@ -73,7 +59,7 @@ fn serve_logs_the_gone_pack_and_offset_of_a_failed_read() -> Result<()> {
     let client = result?;
     let named = log
         .lines()
-        .any(|l| l.contains(&pack) && l.contains("offset") && l.to_lowercase().contains("read"));
+        .any(|l| l.contains(pack) && l.contains("offset") && l.to_lowercase().contains("read"));
     ensure!(
         named,
         "the serve log does not name the gone pack {pack} and the offset:\n{log}\n\

@@ -8,89 +8,39 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use stackvault::store::{Backend, MemoryBackend, ObjectInfo, ObjectWriter, Version};
-use stackvault::{backup, BackupOptions, BackupReport, InitOptions, NoProgress, Repo};
-use stackvault_tests::{make_disk, restores_to};
+use stackvault::store::{Backend, MemoryBackend};
+use stackvault::{InitOptions, NoProgress, Repo};
+use stackvault_tests::{backup_with_engine, make_disk, restores_to, SharedStore, Watched, Watcher};
 
-/// The shared store, counting the reads of pack bytes (what learning through deltas saves).
+/// Counts the reads of pack bytes (what learning through deltas saves).
 #[derive(Default)]
-struct Store {
-    objects: MemoryBackend,
-    pack_reads: AtomicU64,
-}
+struct PackReads(AtomicU64);
 
-impl Store {
-    fn pack_reads(&self) -> u64 {
-        self.pack_reads.load(Ordering::Relaxed)
-    }
-
-    fn count(&self, key: &str) {
+impl Watcher for PackReads {
+    fn reading(&self, key: &str) {
         if key.starts_with("packs/") {
-            self.pack_reads.fetch_add(1, Ordering::Relaxed);
+            self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-impl Backend for Store {
-    fn put(&self, key: &str, data: &[u8]) -> stackvault::Result<()> {
-        self.objects.put(key, data)
-    }
-    fn get(&self, key: &str) -> stackvault::Result<Vec<u8>> {
-        self.count(key);
-        self.objects.get(key)
-    }
-    fn get_range(&self, key: &str, offset: u64, len: usize) -> stackvault::Result<Vec<u8>> {
-        self.count(key);
-        self.objects.get_range(key, offset, len)
-    }
-    fn size(&self, key: &str) -> stackvault::Result<u64> {
-        self.objects.size(key)
-    }
-    fn exists(&self, key: &str) -> stackvault::Result<bool> {
-        self.objects.exists(key)
-    }
-    fn list_with_sizes(&self, prefix: &str) -> stackvault::Result<Vec<ObjectInfo>> {
-        self.objects.list_with_sizes(prefix)
-    }
-    fn remove(&self, key: &str) -> stackvault::Result<()> {
-        self.objects.remove(key)
-    }
-    fn version(&self, key: &str) -> stackvault::Result<Version> {
-        self.objects.version(key)
-    }
-    fn replace(&self, key: &str, data: &[u8], expected: &Version) -> stackvault::Result<Version> {
-        self.objects.replace(key, data, expected)
-    }
-    fn delete_if(&self, key: &str, expected: &Version) -> stackvault::Result<()> {
-        self.objects.delete_if(key, expected)
-    }
-    fn writer<'a>(&'a self, dir: &str) -> stackvault::Result<Box<dyn ObjectWriter + 'a>> {
-        self.objects.writer(dir)
-    }
+/// The shared store, counting the reads of pack bytes.
+type Store = Watched<PackReads>;
+
+fn pack_reads(store: &Store) -> u64 {
+    store.watcher.0.load(Ordering::Relaxed)
 }
 
 const LOCATION: &str = "memory://shared";
 
-/// A shared store with a new repository in it, and a temporary directory for caches and disks.
-fn shared_store() -> Result<(tempfile::TempDir, Arc<Store>)> {
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(Store::default());
-    Repo::init_on(
-        store.clone(),
-        &dir.path().join("cache-init"),
-        LOCATION,
-        &InitOptions::default(),
-    )?;
-    Ok((dir, store))
-}
-
-/// Host `name`: a handle on the shared store with its own cache.
-fn host(dir: &Path, store: &Arc<Store>, name: &str) -> Result<Repo> {
-    Ok(Repo::open_on(
-        store.clone(),
-        &dir.join(format!("cache-{name}")),
-        LOCATION,
-    )?)
+/// A shared store (counting pack reads) with a new repository in it, and a temporary
+/// directory for caches and disks.
+fn shared_store() -> Result<SharedStore<Store>> {
+    let store = Watched {
+        objects: Arc::default(),
+        watcher: PackReads::default(),
+    };
+    SharedStore::init(store, LOCATION)
 }
 
 fn disk(dir: &Path, name: &str, seed: usize) -> Result<PathBuf> {
@@ -99,24 +49,15 @@ fn disk(dir: &Path, name: &str, seed: usize) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn backup_disk(repo: &Repo, path: &Path, name: &str) -> Result<BackupReport> {
-    let source = stackvault::open_source(path, &Default::default())?;
-    let options = BackupOptions {
-        disk: name.into(),
-        ..BackupOptions::default()
-    };
-    Ok(backup(repo, source.as_ref(), &options, &NoProgress)?)
-}
-
 #[test]
 fn two_hosts_back_up_at_once_and_restore_each_others_snapshots() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let d = dir.path();
+    let shared = shared_store()?;
+    let (d, store) = (shared.path(), &shared.store);
     let (disk_a, disk_b) = (disk(d, "a", 1)?, disk(d, "b", 40)?);
-    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
+    let (host_a, host_b) = (shared.host("a")?, shared.host("b")?);
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| backup_disk(&host_a, &disk_a, "web01"));
-        let b = s.spawn(|| backup_disk(&host_b, &disk_b, "db01"));
+        let a = s.spawn(|| backup_with_engine(&host_a, &disk_a, "web01"));
+        let b = s.spawn(|| backup_with_engine(&host_b, &disk_b, "db01"));
         (a.join(), b.join())
     });
     let (Ok(a), Ok(b)) = (a, b) else {
@@ -154,30 +95,30 @@ fn two_hosts_back_up_at_once_and_restore_each_others_snapshots() -> Result<()> {
 
 #[test]
 fn a_host_learns_anothers_packs_from_deltas_and_deduplicates_against_them() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let d = dir.path();
+    let shared = shared_store()?;
+    let (d, store) = (shared.path(), &shared.store);
     let disk_a = disk(d, "a", 7)?;
-    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
-    let first = backup_disk(&host_a, &disk_a, "web01")?;
+    let (host_a, host_b) = (shared.host("a")?, shared.host("b")?);
+    let first = backup_with_engine(&host_a, &disk_a, "web01")?;
     assert!(first.stats.bytes_added > 0);
     let packs = store.list("packs/")?.len();
     assert!(packs > 0);
     assert_eq!(store.list("index/")?.len(), packs, "one delta per pack");
 
-    let reads = store.pack_reads();
+    let reads = pack_reads(store);
     host_b.refresh()?;
-    assert_eq!(store.pack_reads(), reads, "learning packs reads no pack");
+    assert_eq!(pack_reads(store), reads, "learning packs reads no pack");
     assert_eq!(host_b.index().counts()?, host_a.index().counts()?);
     // The same disk from the other host: everything is already stored.
-    let again = backup_disk(&host_b, &disk_a, "web01")?;
+    let again = backup_with_engine(&host_b, &disk_a, "web01")?;
     assert_eq!(again.stats.new_chunks, 0, "{:?}", again.stats);
     assert_eq!(again.stats.bytes_added, 0);
     assert_eq!(store.list("packs/")?.len(), packs);
 
     // A third host with an empty cache builds it from deltas alone.
-    let reads = store.pack_reads();
-    let host_c = host(d, &store, "c")?;
-    assert_eq!(store.pack_reads(), reads);
+    let reads = pack_reads(store);
+    let host_c = shared.host("c")?;
+    assert_eq!(pack_reads(store), reads);
     assert!(restores_to(
         &host_c,
         &first.snapshot_id,
@@ -189,17 +130,17 @@ fn a_host_learns_anothers_packs_from_deltas_and_deduplicates_against_them() -> R
 
 #[test]
 fn packs_without_deltas_are_indexed_from_their_tables() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let d = dir.path();
+    let shared = shared_store()?;
+    let (d, store) = (shared.path(), &shared.store);
     let disk_a = disk(d, "a", 3)?;
-    let first = backup_disk(&host(d, &store, "a")?, &disk_a, "web01")?;
+    let first = backup_with_engine(&shared.host("a")?, &disk_a, "web01")?;
     // As a backup killed between a pack and its delta leaves it (or a build without deltas).
     let deltas = store.list("index/")?;
     assert!(!deltas.is_empty());
     for key in &deltas {
         store.remove(key)?;
     }
-    let fresh = host(d, &store, "fresh")?;
+    let fresh = shared.host("fresh")?;
     assert!(restores_to(
         &fresh,
         &first.snapshot_id,
@@ -208,20 +149,20 @@ fn packs_without_deltas_are_indexed_from_their_tables() -> Result<()> {
     )?);
     // The writable host wrote the missing deltas back: the next host needs no pack.
     assert_eq!(store.list("index/")?.len(), deltas.len());
-    let reads = store.pack_reads();
-    host(d, &store, "next")?;
-    assert_eq!(store.pack_reads(), reads);
+    let reads = pack_reads(store);
+    shared.host("next")?;
+    assert_eq!(pack_reads(store), reads);
     Ok(())
 }
 
 #[test]
 fn a_host_forgets_packs_another_host_pruned() -> Result<()> {
-    let (dir, store) = shared_store()?;
-    let d = dir.path();
+    let shared = shared_store()?;
+    let (d, store) = (shared.path(), &shared.store);
     let (disk_a, disk_b) = (disk(d, "a", 11)?, disk(d, "b", 60)?);
-    let (host_a, host_b) = (host(d, &store, "a")?, host(d, &store, "b")?);
-    let kept = backup_disk(&host_a, &disk_a, "web01")?;
-    let gone = backup_disk(&host_a, &disk_b, "db01")?;
+    let (host_a, host_b) = (shared.host("a")?, shared.host("b")?);
+    let kept = backup_with_engine(&host_a, &disk_a, "web01")?;
+    let gone = backup_with_engine(&host_a, &disk_b, "db01")?;
     host_b.refresh()?;
     stackvault::maintain::forget::forget(&host_a, std::slice::from_ref(&gone.snapshot_id), false)?;
     let options = stackvault::PruneOptions {

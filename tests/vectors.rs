@@ -399,7 +399,7 @@ fn the_sealed_pack_vector_reads_back() -> Result<()> {
     let bytes = unwrap_hex(&std::fs::read_to_string(dir.join("pack-sealed.hex"))?);
     let keys = sealed_pack_keys();
     let store = MemoryBackend::default();
-    store.put(&pack_key(SEALED_PACK_NAME), &bytes)?;
+    store.put(&pack_key(SEALED_PACK_NAME)?, &bytes)?;
     let table = read_pack_table(&store, &keys, SEALED_PACK_NAME)?;
     assert_eq!(table.version, 3);
     let ids: Vec<ChunkId> = PACK_CHUNKS.iter().map(|c| keys.chunk_id(c)).collect();

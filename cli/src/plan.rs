@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::format::short_id;
 use stackvault::vm::drill::{self, DrillOptions, DrillOutcome};
 use stackvault::vm::plan::{Plan, Shard, Span};
 use stackvault::vm::run::{self, RunOptions, VmAction};
@@ -113,7 +112,7 @@ fn plan_run(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
             let what = match v.action {
                 VmAction::BackedUp => format!(
                     "backed up: VM snapshot {} in {}",
-                    v.vm_snapshot_id.as_deref().map_or("-", short_id),
+                    v.vm_snapshot_id.as_ref().map_or("-", |id| id.short()),
                     secs(v.duration_ms)
                 ),
                 VmAction::WouldBackUp => "would back up".into(),
@@ -244,9 +243,9 @@ pub fn drill(ctx: &Context, args: DrillArgs) -> anyhow::Result<()> {
     } else {
         output::line(format!(
             "drill {} of VM {} (VM snapshot {}): {}; time to recover {:.2} s",
-            short_id(&report.drill_id),
+            report.drill_id.short(),
             report.record.vm,
-            short_id(&report.record.vm_snapshot_id),
+            report.record.vm_snapshot_id.short(),
             report.record.outcome.as_str(),
             report.record.recovery_ms as f64 / 1000.0
         ))?;
@@ -272,7 +271,7 @@ pub fn drill(ctx: &Context, args: DrillArgs) -> anyhow::Result<()> {
         DrillOutcome::Passed => Ok(()),
         DrillOutcome::Differs => Err(stackvault::Error::TargetMismatch {
             target: report.record.target.clone(),
-            snapshot: short_id(&report.record.vm_snapshot_id).to_string(),
+            snapshot: report.record.vm_snapshot_id.short().to_string(),
             offset: 0,
             what: "a restored disk differs from its snapshot; the drill is recorded as failed"
                 .into(),
@@ -280,7 +279,7 @@ pub fn drill(ctx: &Context, args: DrillArgs) -> anyhow::Result<()> {
         .into()),
         DrillOutcome::Failed => anyhow::bail!(
             "drill {} of VM {} failed (recorded): a disk could not be restored or verified",
-            short_id(&report.drill_id),
+            report.drill_id.short(),
             report.record.vm
         ),
     }

@@ -91,7 +91,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
                 .map(|d| Planned {
                     description: format!(
                         "stackvault VM snapshot {} of {vm}, disk {} (snapshot {}, {})",
-                        short_id(&chosen.id),
+                        chosen.id.short(),
                         d.name,
                         d.snapshot.id.short(),
                         chosen.record.time
@@ -158,7 +158,7 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             "exports": ready,
         });
         if let (Some(id), Some(map)) = (&vm_snapshot_id, line.as_object_mut()) {
-            map.insert("vm_snapshot_id".into(), id.clone().into());
+            map.insert("vm_snapshot_id".into(), id.as_str().into());
         }
         output::line(serde_json::to_string(&line)?)?;
     } else {

@@ -5,7 +5,6 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use stackvault::format::short_id;
 use stackvault::standby::{self, SyncOptions};
 use stackvault::{OutputFormat, Repo};
 
@@ -155,8 +154,8 @@ fn sync(ctx: &Context, args: SyncArgs) -> anyhow::Result<()> {
         report.mode,
         report
             .previous_snapshot_id
-            .as_deref()
-            .map(|p| format!(" from {}", short_id(p)))
+            .as_ref()
+            .map(|p| format!(" from {}", p.short()))
             .unwrap_or_default(),
         if report.completed_interrupted.is_empty() {
             String::new()
@@ -228,8 +227,8 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         (state, Some(disk)) => {
             let held = report
                 .snapshot_id
-                .as_deref()
-                .map_or_else(|| "nothing yet".to_string(), |s| short_id(s).to_string());
+                .as_ref()
+                .map_or_else(|| "nothing yet".to_string(), |s| s.short().to_string());
             output::line(format!(
                 "{}: disk {disk}, holds snapshot {held}, {state} since {}{}{}",
                 report.target,
@@ -242,7 +241,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
                         report
                             .applying
                             .iter()
-                            .map(|s| short_id(s).to_string())
+                            .map(|s| s.short())
                             .collect::<Vec<_>>()
                             .join(", ")
                     )

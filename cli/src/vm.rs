@@ -5,8 +5,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use stackvault::format::short_id;
 use stackvault::vm::{self, VmBackupOptions, VmDiskSource, VmRestoreOptions};
+use stackvault::VmSnapshotId;
 use stackvault::{BackupMode, Error, OutputFormat, Repo, SourceFormat, SourceOptions};
 
 use crate::azure::DiskArg;
@@ -149,7 +149,7 @@ pub fn backup(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
     }
     output::line(format!(
         "VM snapshot {} of {} ({}, disks read within {:.2} s)",
-        short_id(&report.vm_snapshot_id),
+        report.vm_snapshot_id.short(),
         report.vm,
         report.consistency.as_str(),
         report.read_window_ms as f64 / 1000.0
@@ -181,7 +181,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
         let r = &s.record;
         output::line(format!(
             "{}  {}  {}  {}  {} disk(s), read within {:.2} s{}",
-            short_id(&s.id),
+            s.id.short(),
             r.vm,
             r.time,
             r.consistency.as_str(),
@@ -207,14 +207,14 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<()> {
 
 /// The first line of `restore-vm`'s summary, into a directory or a container alike.
 fn restored_header(
-    vm_snapshot_id: &str,
+    vm_snapshot_id: &VmSnapshotId,
     vm: &str,
     place: impl std::fmt::Display,
     duration_ms: u64,
 ) -> anyhow::Result<()> {
     output::line(format!(
         "restored VM snapshot {} of {vm} into {place} in {:.2} s",
-        short_id(vm_snapshot_id),
+        vm_snapshot_id.short(),
         duration_ms as f64 / 1000.0
     ))
 }

@@ -343,7 +343,7 @@ fn commit_pack(dst: &Repo, pack: PackWriter) -> Result<u64> {
     let finished = pack.finish(dst.protection())?;
     let size = finished.bytes.len() as u64;
     dst.backend()
-        .put(&pack_key(&finished.name), &finished.bytes)?;
+        .put(&pack_key(&finished.name)?, &finished.bytes)?;
     crate::crash::point("pack-stored");
     dst.index()
         .add_pack(&finished.name, size, finished.version, &finished.entries)?;

@@ -67,7 +67,7 @@ pub use copy::{copy, init_like, CopyOptions, CopyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use format::config::{ChunkerParams, RepoConfig};
 pub use format::manifest::{Manifest, SnapshotKind, SnapshotMeta};
-pub use format::{ChunkId, SnapshotId};
+pub use format::{ChunkId, DrillId, SnapshotId, VmSnapshotId};
 pub use index::SnapshotSummary;
 pub use maintain::{apply_policy, ForgetReport, RetentionPolicy};
 pub use maintain::{prune, PruneOptions, PruneReport};

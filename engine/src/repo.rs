@@ -455,7 +455,7 @@ impl Repo {
     /// its chunks. The index is locked only for the row, so several packs upload at once.
     pub fn commit_pack(&self, pack: &FinishedPack) -> Result<()> {
         self.backend
-            .put(&store::pack_key(&pack.name), &pack.bytes)?;
+            .put(&store::pack_key(&pack.name)?, &pack.bytes)?;
         crate::crash::point("pack-stored");
         self.index().add_pack(
             &pack.name,
@@ -673,7 +673,7 @@ impl Repo {
     /// The latest verification of every snapshot that has one, by snapshot id.
     pub fn last_verifications(
         &self,
-    ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
+    ) -> Result<std::collections::HashMap<crate::format::SnapshotId, VerificationRecord>> {
         self.index().last_verifications()
     }
 }
@@ -987,18 +987,20 @@ fn catalogue_complete(index: &Index, backend: &dyn Backend) -> Result<bool> {
 
 /// The directory that holds the per-user caches: `$XDG_CACHE_HOME`, else `$HOME/.cache`.
 pub(crate) fn cache_root() -> Result<PathBuf> {
-    let var = |name| {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
+    cache_root_in(|name| std::env::var_os(name))
+}
+
+/// [`cache_root`] with the environment read through `env` (tests pass their own, since the
+/// process environment is shared by every test thread).
+fn cache_root_in(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+    let var = |name| env(name).map(PathBuf::from).filter(|p| p.is_absolute());
     var("XDG_CACHE_HOME")
         .or_else(|| var("HOME").map(|h| h.join(".cache")))
         .ok_or_else(|| {
-            Error::InvalidArgument(
+            Error::Usage(
                 "the repository's index must be kept in a per-user cache (the repository is \
-                 remote or read-only), but neither XDG_CACHE_HOME nor HOME is set: set \
-                 XDG_CACHE_HOME to a writable directory"
+                 remote or read-only), but neither XDG_CACHE_HOME nor HOME is set to an \
+                 absolute path: set XDG_CACHE_HOME to a writable directory"
                     .into(),
             )
         })
@@ -1196,3 +1198,27 @@ fn remove_if_present(p: &Path) -> Result<()> {
 }
 
 pub use crate::lock::LockGuard;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_cache_directory_the_user_is_told_what_to_set() {
+        let unset = cache_root_in(|_| None);
+        assert!(
+            matches!(&unset, Err(Error::Usage(m)) if m.contains("set XDG_CACHE_HOME")),
+            "{unset:?}"
+        );
+        assert_eq!(unset.err().map(|e| e.class().exit_code()), Some(2));
+        // A relative value is no place for a cache either.
+        assert!(matches!(
+            cache_root_in(|_| Some("relative".into())),
+            Err(Error::Usage(_))
+        ));
+        let home = cache_root_in(|name| (name == "HOME").then(|| "/home/op".into()));
+        assert_eq!(home.ok(), Some(PathBuf::from("/home/op/.cache")));
+        let xdg = cache_root_in(|name| Some(format!("/c/{name}").into()));
+        assert_eq!(xdg.ok(), Some(PathBuf::from("/c/XDG_CACHE_HOME")));
+    }
+}

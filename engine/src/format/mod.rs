@@ -8,6 +8,7 @@
 //! All integers are little-endian.
 
 pub mod config;
+pub mod hex_id;
 pub mod manifest;
 pub mod pack;
 pub mod page_list;
@@ -20,7 +21,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 
-pub use snapshot_id::SnapshotId;
+pub use snapshot_id::{DrillId, SnapshotId, VmSnapshotId};
 
 /// Length of a chunk id (BLAKE3-256 of the uncompressed chunk).
 pub const CHUNK_ID_LEN: usize = 32;
@@ -43,7 +44,7 @@ impl ChunkId {
 
 impl fmt::Debug for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkId({})", &self.to_hex()[..16])
+        write!(f, "ChunkId({})", short_chunk_id(&self.to_hex()))
     }
 }
 

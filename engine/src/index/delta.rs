@@ -348,7 +348,7 @@ fn write_delta_of_stored_pack(
     protection: &Protection,
     name: &str,
 ) -> Result<()> {
-    let bytes = backend.get(&pack_key(name))?;
+    let bytes = backend.get(&pack_key(name)?)?;
     match backend.put(&delta_key(name), &seal_delta(protection, name, &bytes)?) {
         Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
@@ -659,7 +659,10 @@ mod tests {
             None
         );
         assert_eq!(pack_of_delta_key("index/01/.tmp-x"), None);
-        assert_eq!(pack_of_pack_key(&pack_key(name)), Some(name));
+        assert_eq!(
+            pack_of_pack_key(&pack_key(name).expect("a pack name")),
+            Some(name)
+        );
     }
 
     /// `format-spec/vectors/index-delta.hex` is the delta of the pack vector `pack.hex`

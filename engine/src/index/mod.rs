@@ -426,7 +426,7 @@ impl Index {
     /// The latest verification of every snapshot that has one, by snapshot id.
     pub fn last_verifications(
         &self,
-    ) -> Result<std::collections::HashMap<String, VerificationRecord>> {
+    ) -> Result<std::collections::HashMap<SnapshotId, VerificationRecord>> {
         let err = sql_err(&self.path);
         let mut stmt = self
             .conn
@@ -439,7 +439,7 @@ impl Index {
         for row in rows {
             let (key, json) = row.map_err(&err)?;
             let record = VerificationRecord::decode(json.as_bytes(), &key)?;
-            out.insert(record.snapshot_id.to_string(), record);
+            out.insert(record.snapshot_id.clone(), record);
         }
         Ok(out)
     }

@@ -39,9 +39,8 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::SnapshotKind;
-use crate::format::short_id;
 use crate::format::verification::VERIFICATIONS_PREFIX;
-use crate::format::SnapshotId;
+use crate::format::{SnapshotId, VmSnapshotId};
 use crate::index::{sql_err, SnapshotSummary};
 use crate::repo::Repo;
 use crate::store::snapshot_key;
@@ -119,10 +118,11 @@ pub fn parse_duration(s: &str) -> Result<time::Duration> {
     Ok(time::Duration::seconds(total))
 }
 
-/// What the policy needs to know of a snapshot.
+/// What the policy needs to know of a snapshot: a disk snapshot (`Id` = [`SnapshotId`]), or
+/// a VM snapshot decided as one unit (`Id` = [`VmSnapshotId`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub id: String,
+pub struct Candidate<Id = SnapshotId> {
+    pub id: Id,
     pub disk: String,
     /// RFC 3339 UTC, as in the manifest.
     pub time: String,
@@ -131,7 +131,7 @@ pub struct Candidate {
 impl From<&SnapshotSummary> for Candidate {
     fn from(s: &SnapshotSummary) -> Self {
         Candidate {
-            id: s.id.to_string(),
+            id: s.id.clone(),
             disk: s.meta.disk.clone(),
             time: s.meta.time.clone(),
         }
@@ -140,9 +140,9 @@ impl From<&SnapshotSummary> for Candidate {
 
 /// The policy's verdict on one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Decision {
+pub struct Decision<Id = SnapshotId> {
     #[serde(rename = "snapshot_id")]
-    pub id: String,
+    pub id: Id,
     pub disk: String,
     pub time: String,
     pub keep: bool,
@@ -161,12 +161,12 @@ struct Bucket {
 
 /// Applies `policy` to each disk's snapshots separately. Returns one decision per snapshot,
 /// grouped by disk (disks in name order), newest first within a disk.
-pub fn apply_policy(
-    snapshots: &[Candidate],
+pub fn apply_policy<Id: Clone + Ord>(
+    snapshots: &[Candidate<Id>],
     policy: &RetentionPolicy,
     now: OffsetDateTime,
-) -> Vec<Decision> {
-    let mut by_disk: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
+) -> Vec<Decision<Id>> {
+    let mut by_disk: BTreeMap<&str, Vec<&Candidate<Id>>> = BTreeMap::new();
     for s in snapshots {
         by_disk.entry(s.disk.as_str()).or_default().push(s);
     }
@@ -180,11 +180,11 @@ pub fn apply_policy(
     out
 }
 
-fn decide_disk(
-    group: &[&Candidate],
+fn decide_disk<Id: Clone>(
+    group: &[&Candidate<Id>],
     policy: &RetentionPolicy,
     now: OffsetDateTime,
-) -> Vec<Decision> {
+) -> Vec<Decision<Id>> {
     let mut buckets = [
         Bucket {
             name: "hourly",
@@ -315,7 +315,7 @@ pub struct ForgetReport {
     /// Verification records deleted with their snapshots.
     pub verification_records_removed: u64,
     /// VM snapshot records removed (or, in a dry run, that would be), by id.
-    pub vm_snapshots_removed: Vec<String>,
+    pub vm_snapshots_removed: Vec<VmSnapshotId>,
 }
 
 /// The real clock, for callers of [`forget_by_policy`] outside tests.
@@ -359,11 +359,11 @@ pub fn forget_by_policy(
         .map(Candidate::from)
         .collect();
     let mut decisions = apply_policy(&candidates, policy, now);
-    let mut vm_gone: BTreeSet<&str> = BTreeSet::new();
+    let mut vm_gone: BTreeSet<&VmSnapshotId> = BTreeSet::new();
     if disk.is_none() {
         // Each VM's snapshots are decided as one history; every disk snapshot follows its VM
         // snapshot's decision.
-        let units: Vec<Candidate> = vms
+        let units: Vec<Candidate<VmSnapshotId>> = vms
             .iter()
             .map(|v| Candidate {
                 id: v.id.clone(),
@@ -383,25 +383,25 @@ pub fn forget_by_policy(
             continue;
         };
         // Kept while any VM snapshot it belongs to is kept.
-        let keep = owners.iter().any(|v| !vm_gone.contains(v.id.as_str()));
+        let keep = owners.iter().any(|v| !vm_gone.contains(&v.id));
         let reasons = if disk.is_some() {
             vec![format!(
                 "part of VM snapshot {} of {} (VM snapshots are kept or removed as a unit: \
                  run forget without --disk)",
-                short_id(&owners[0].id),
+                owners[0].id.short(),
                 owners[0].record.vm
             )]
         } else if keep {
             owners
                 .iter()
-                .filter(|v| !vm_gone.contains(v.id.as_str()))
-                .map(|v| format!("VM snapshot {} of {} kept", short_id(&v.id), v.record.vm))
+                .filter(|v| !vm_gone.contains(&v.id))
+                .map(|v| format!("VM snapshot {} of {} kept", v.id.short(), v.record.vm))
                 .collect()
         } else {
             Vec::new()
         };
         decisions.push(Decision {
-            id: s.id.to_string(),
+            id: s.id.clone(),
             disk: s.meta.disk.clone(),
             time: s.meta.time.clone(),
             keep: keep || disk.is_some(),
@@ -425,7 +425,7 @@ pub fn forget_by_policy(
             .filter(|s| gone.contains(s.id.as_str()))
             .collect()
     };
-    let vm_records: Vec<String> = vm_gone.iter().map(|id| id.to_string()).collect();
+    let vm_records: Vec<VmSnapshotId> = vm_gone.into_iter().cloned().collect();
     let mut report = remove_snapshots(repo, &vm_records, &remove, dry_run)?;
     report.decisions = Some(decisions);
     drop(lock);
@@ -463,7 +463,7 @@ pub fn forget_named(
         }
     }
     let members = crate::vm::membership(repo)?;
-    let mut vm_records: Vec<String> = Vec::new();
+    let mut vm_records: Vec<VmSnapshotId> = Vec::new();
     for s in &chosen {
         let Some(owners) = members.get(s.id.as_str()) else {
             continue;
@@ -477,8 +477,8 @@ pub fn forget_named(
                  dropped, its other disks stay as ordinary disk snapshots)",
                 s.id.short(),
                 s.meta.disk,
-                short_id(vm_id),
-                short_id(vm_id)
+                vm_id.short(),
+                vm_id.short()
             )));
         }
         for (vm_id, _) in owners {
@@ -497,7 +497,7 @@ pub fn forget_named(
 /// between leaves ordinary disk snapshots, never a record naming forgotten ones.
 fn remove_snapshots(
     repo: &Repo,
-    vm_records: &[String],
+    vm_records: &[VmSnapshotId],
     remove: &[&SnapshotSummary],
     dry_run: bool,
 ) -> Result<ForgetReport> {
@@ -582,7 +582,8 @@ mod tests {
         OffsetDateTime::parse(s, &Rfc3339).unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
-    fn snap(id: &str, disk: &str, time: &str) -> Candidate {
+    // Short names stand for ids here: the policy only orders and compares them.
+    fn snap(id: &str, disk: &str, time: &str) -> Candidate<String> {
         Candidate {
             id: id.into(),
             disk: disk.into(),
@@ -591,11 +592,11 @@ mod tests {
     }
 
     /// Ids kept, in decision order.
-    fn kept(d: &[Decision]) -> Vec<&str> {
+    fn kept(d: &[Decision<String>]) -> Vec<&str> {
         d.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect()
     }
 
-    fn reasons<'a>(d: &'a [Decision], id: &str) -> Vec<&'a str> {
+    fn reasons<'a>(d: &'a [Decision<String>], id: &str) -> Vec<&'a str> {
         d.iter()
             .find(|d| d.id == id)
             .map(|d| d.reasons.iter().map(String::as_str).collect())
@@ -604,7 +605,7 @@ mod tests {
 
     /// One snapshot per `step_hours`, `n` of them, ids `s00`.. in time order, ending at
     /// `end` (a UTC time).
-    fn series(n: u32, step_hours: i64, end: &str) -> Vec<Candidate> {
+    fn series(n: u32, step_hours: i64, end: &str) -> Vec<Candidate<String>> {
         let end = at(end);
         (0..n)
             .map(|i| {
@@ -637,7 +638,7 @@ mod tests {
     #[test]
     fn hourly_and_daily_keep_the_newest_of_each_period() {
         // Every 20 minutes from 09:00 to 12:40 on one day, plus two the day before.
-        let mut snaps: Vec<Candidate> = (0..12)
+        let mut snaps: Vec<Candidate<String>> = (0..12)
             .map(|i| {
                 let t = at("2026-02-10T09:00:00.000000Z") + time::Duration::minutes(20 * i);
                 snap(&format!("a{i:02}"), "vm", &rfc(t))
@@ -697,7 +698,7 @@ mod tests {
             ..Default::default()
         };
         let d = apply_policy(&snaps, &policy, at(NOW));
-        let keep: Vec<&Decision> = d.iter().filter(|d| d.keep).collect();
+        let keep: Vec<&Decision<String>> = d.iter().filter(|d| d.keep).collect();
         let months: Vec<&str> = keep
             .iter()
             .flat_map(|d| &d.reasons)

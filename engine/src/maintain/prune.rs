@@ -672,7 +672,7 @@ pub(crate) fn copy_packs(repo: &Repo, names: &[String]) -> Result<Vec<String>> {
         };
         let table =
             crate::store::pack::read_pack_table(repo.backend(), keys, name).map_err(gone)?;
-        let bytes = repo.backend().get(&pack_key(name)).map_err(gone)?;
+        let bytes = repo.backend().get(&pack_key(name)?).map_err(gone)?;
         let rows: Vec<Row> = table
             .entries
             .iter()
@@ -967,7 +967,7 @@ fn delete_packs(
                 doomed.len()
             ))
         })?;
-        backend.remove(&pack_key(&p.name))?;
+        backend.remove(&pack_key(&p.name)?)?;
         crate::crash::point("prune-pack-deleted");
         match p.plan {
             Plan::Delete => report.packs_deleted += 1,
@@ -1090,7 +1090,7 @@ fn live_frames(
     p: &PackUse,
 ) -> Result<Vec<LiveFrame>> {
     let location = format!("pack {}", p.name);
-    let bytes = repo.backend().get(&pack_key(&p.name))?;
+    let bytes = repo.backend().get(&pack_key(&p.name)?)?;
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.id, c.offset, c.in_frame, c.raw_len, c.stored_len, c.frame_raw_len, \
@@ -1254,7 +1254,7 @@ fn store_and_index(
     moving: &HashSet<ChunkId>,
 ) -> Result<(u64, String)> {
     let pack = writer.finish(repo.protection())?;
-    repo.backend().put(&pack_key(&pack.name), &pack.bytes)?;
+    repo.backend().put(&pack_key(&pack.name)?, &pack.bytes)?;
     crate::crash::point("prune-pack-stored");
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)

@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::ChunkId;
+use crate::format::{ChunkId, SnapshotId};
 use crate::repo::Repo;
 
 use budget::Frame;
@@ -163,7 +163,7 @@ struct Placed {
 /// threads.
 pub struct SnapshotReader<'r> {
     repo: &'r Repo,
-    snapshot_id: String,
+    snapshot_id: SnapshotId,
     manifest: Manifest<'r>,
     options: ReaderOptions,
     segments: Mutex<SegmentLru<Arc<Segment>>>,
@@ -243,10 +243,11 @@ impl<'r> SnapshotReader<'r> {
         options: ReaderOptions,
         budget: Arc<MemoryBudget>,
     ) -> Result<Self> {
-        let manifest = repo.load_manifest(snapshot_id)?;
+        let snapshot_id = SnapshotId::parse(snapshot_id)?;
+        let manifest = repo.load_manifest(&snapshot_id)?;
         Ok(SnapshotReader {
             repo,
-            snapshot_id: snapshot_id.to_string(),
+            snapshot_id,
             manifest,
             options,
             segments: Mutex::new(SegmentLru::new(SEGMENT_SLOTS)),
@@ -298,7 +299,7 @@ impl<'r> SnapshotReader<'r> {
                 "read of {len} bytes at offset {offset} is past the end of the {}-byte disk \
                  of snapshot {}",
                 self.size(),
-                crate::format::short_id(&self.snapshot_id)
+                self.snapshot_id.short()
             ))),
         }
     }

@@ -98,7 +98,7 @@ pub fn fetch_frame(
     let len = usize::try_from(record.read_len())
         .map_err(|_| Error::corrupt(location(), record.offset, "frame too large"))?;
     let mut bytes = backend
-        .get_range(&pack_key(pack), record.offset, len)
+        .get_range(&pack_key(pack)?, record.offset, len)
         .map_err(|e| missing_pack(e, pack, record.offset))?;
     // The record is ours: a sealed one is opened where it lies, without a copy.
     decode_frame_in_place(&mut bytes, record, protection, pack, &location(), out)

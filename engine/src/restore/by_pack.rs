@@ -380,7 +380,7 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
             match shared
                 .repo
                 .backend()
-                .get_range_into(&pack_key(&pack), span.offset, len, body)
+                .get_range_into(&pack_key(&pack)?, span.offset, len, body)
             {
                 Ok(()) => true,
                 // Read again chunk by chunk, which names the damage or finds a moved chunk.

@@ -116,9 +116,9 @@ pub struct SyncReport {
     /// The snapshot the target now holds.
     pub snapshot_id: SnapshotId,
     /// The snapshot it held before (clean or not), if any.
-    pub previous_snapshot_id: Option<String>,
+    pub previous_snapshot_id: Option<SnapshotId>,
     /// Snapshots an interrupted sync had been applying, completed by this one.
-    pub completed_interrupted: Vec<String>,
+    pub completed_interrupted: Vec<SnapshotId>,
     pub mode: SyncMode,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: u64,
@@ -164,8 +164,8 @@ pub struct StatusReport {
     /// file or device).
     pub state: ReportState,
     pub disk: Option<String>,
-    pub snapshot_id: Option<String>,
-    pub applying: Vec<String>,
+    pub snapshot_id: Option<SnapshotId>,
+    pub applying: Vec<SnapshotId>,
     pub since: Option<String>,
     #[serde(rename = "virtual_size_bytes")]
     pub virtual_size: Option<u64>,
@@ -392,7 +392,7 @@ pub(crate) fn applying_record(
         None => (None, Vec::new()),
     };
     applying.retain(|a| a != &snapshot.id && Some(a) != held.as_ref());
-    applying.push(snapshot.id.to_string());
+    applying.push(snapshot.id.clone());
     Record {
         version: RECORD_VERSION,
         repository_id: hex(&repo.config().repository_id),
@@ -418,7 +418,7 @@ pub(crate) fn finished_record(
     state: State,
 ) -> Record {
     Record {
-        snapshot_id: Some(snapshot.id.to_string()),
+        snapshot_id: Some(snapshot.id.clone()),
         state,
         applying: Vec::new(),
         since: crate::host::now_rfc3339(),

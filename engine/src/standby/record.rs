@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::format::SnapshotId;
 
 /// Version of the record this build writes and reads.
 pub const RECORD_VERSION: u32 = 1;
@@ -68,10 +69,10 @@ pub struct Record {
     pub disk: String,
     /// The snapshot the target holds (clean) or held before the sync started; `None` while a
     /// first (full) sync is applying.
-    pub snapshot_id: Option<String>,
+    pub snapshot_id: Option<SnapshotId>,
     pub state: State,
     /// While applying: snapshots whose data may be partly on the target, oldest first.
-    pub applying: Vec<String>,
+    pub applying: Vec<SnapshotId>,
     /// When the state last changed (RFC 3339, UTC).
     pub since: String,
     /// `raw` or `vhd-fixed`.
@@ -102,10 +103,14 @@ impl Record {
         m.insert("stackvault_disk".into(), self.disk.clone());
         m.insert(
             "stackvault_snapshot".into(),
-            self.snapshot_id.clone().unwrap_or_default(),
+            self.snapshot_id
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         );
         m.insert("stackvault_state".into(), self.state.as_str().into());
-        m.insert("stackvault_applying".into(), self.applying.join(","));
+        let applying: Vec<&str> = self.applying.iter().map(|id| id.as_str()).collect();
+        m.insert("stackvault_applying".into(), applying.join(","));
         m.insert("stackvault_since".into(), self.since.clone());
         m.insert("stackvault_format".into(), self.target_format.clone());
         m.insert("stackvault_size".into(), self.virtual_size.to_string());
@@ -135,20 +140,20 @@ impl Record {
             });
         }
         let get = |k: &str| m.get(k).cloned().unwrap_or_default();
-        let list = |s: String| -> Vec<String> {
-            s.split(',')
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect()
-        };
+        let id = |s: &str| SnapshotId::parse(s).map_err(|_| bad("names no snapshot id"));
+        let applying = get("stackvault_applying")
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(id)
+            .collect::<Result<Vec<_>>>()?;
         let snapshot = get("stackvault_snapshot");
         Ok(Some(Record {
             version,
             repository_id: get("stackvault_repository"),
             disk: get("stackvault_disk"),
-            snapshot_id: (!snapshot.is_empty()).then_some(snapshot),
+            snapshot_id: (!snapshot.is_empty()).then(|| id(&snapshot)).transpose()?,
             state: State::parse(&get("stackvault_state")).ok_or_else(|| bad("state unknown"))?,
-            applying: list(get("stackvault_applying")),
+            applying,
             since: get("stackvault_since"),
             target_format: get("stackvault_format"),
             virtual_size: get("stackvault_size")
@@ -447,14 +452,18 @@ pub fn other_process_alive(pid: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn id(pair: &str) -> SnapshotId {
+        SnapshotId::parse(&pair.repeat(32)).expect("a valid id")
+    }
+
     fn sample() -> Record {
         Record {
             version: RECORD_VERSION,
             repository_id: "00112233445566778899aabbccddeeff".into(),
             disk: "web01-os".into(),
-            snapshot_id: Some("ab".repeat(32)),
+            snapshot_id: Some(id("ab")),
             state: State::Applying,
-            applying: vec!["cd".repeat(32), "ef".repeat(32)],
+            applying: vec![id("cd"), id("ef")],
             since: "2026-11-30T00:00:00Z".into(),
             target_format: "vhd-fixed".into(),
             virtual_size: 1 << 30,
@@ -478,6 +487,22 @@ mod tests {
             Record::from_metadata(&m, "blob"),
             Err(Error::UnsupportedVersion { found: 9, .. })
         ));
+        // A malformed id in the metadata is refused where it is read, never sliced later.
+        for (name, value) in [
+            ("stackvault_snapshot", "abc"),
+            ("stackvault_applying", "\u{e9}\u{e9}"),
+            ("stackvault_applying", &format!("{},xyz", "cd".repeat(32))),
+        ] {
+            let mut m = sample().to_metadata();
+            m.insert(name.into(), value.to_string());
+            assert!(
+                matches!(
+                    Record::from_metadata(&m, "blob"),
+                    Err(Error::Unsupported { .. })
+                ),
+                "{name}={value}"
+            );
+        }
         Ok(())
     }
 
@@ -497,6 +522,14 @@ mod tests {
         };
         dev.write_file(&path)?;
         assert_eq!(Record::read_file(&path)?, Some(dev));
+        // A state file whose held snapshot is no snapshot id is damaged: refused on reading.
+        let text = fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+        let bad = text.replace(&"ab".repeat(32), "ab");
+        fs::write(&path, bad).map_err(|e| Error::io("write", &path, e))?;
+        assert!(matches!(
+            Record::read_file(&path),
+            Err(Error::Unsupported { .. })
+        ));
         Ok(())
     }
 

@@ -264,12 +264,39 @@ impl crate::format::manifest::ObjectRead for StoredObject<'_> {
     }
 }
 
-/// Key of a pack object.
-pub fn pack_key(name: &str) -> String {
-    format!("packs/{}/{name}", &name[..2.min(name.len())])
+/// Key of a pack object: `packs/<first two digits>/<name>`. Pack names come from the index
+/// and from listings, so a name that is not lower-case hex (at least the two digits of its
+/// folder) is refused as damage instead of being sliced.
+pub fn pack_key(name: &str) -> Result<String> {
+    let hex = name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    match name.get(..2) {
+        Some(dir) if hex => Ok(format!("packs/{dir}/{name}")),
+        _ => Err(crate::error::Error::corrupt(
+            format!("pack {name:?}"),
+            0,
+            "not a pack name (lower-case hex digits): rebuild the index with `stackvault \
+             index rebuild`, then run `stackvault check`",
+        )),
+    }
 }
 
 /// Key of a snapshot manifest.
 pub fn snapshot_key(id: &str) -> String {
     format!("snapshots/{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pack_key_is_made_from_hex_names_only() {
+        let name = "0123456789abcdef0123456789abcdef";
+        assert_eq!(pack_key(name).ok(), Some(format!("packs/01/{name}")));
+        // A name from a damaged index: a multi-byte character across byte 2 once panicked
+        // the byte slice that named the folder.
+        for bad in ["", "a", "a\u{e9}bc", "../etc", "0123ABCD", "01/x"] {
+            assert!(pack_key(bad).is_err_and(|e| e.is_corruption()), "{bad:?}");
+        }
+    }
 }

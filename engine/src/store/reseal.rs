@@ -64,7 +64,7 @@ pub fn open_frame(
     let len = usize::try_from(loc.read_len())
         .map_err(|_| Error::corrupt(&location, offset, "frame too large"))?;
     let sealed = backend
-        .get_range(&pack_key(pack), offset, len)
+        .get_range(&pack_key(pack)?, offset, len)
         .map_err(|e| match e {
             Error::NotFound { .. } => Error::corrupt(&location, offset, "the pack file is missing"),
             other => other,

@@ -56,7 +56,7 @@ pub(super) fn damaged_records(repo: &Repo) -> Result<Vec<(DamageKind, Error)>> {
         };
         let read = backend
             .get(&key)
-            .and_then(|b| record::decode(id, &b, protection))
+            .and_then(|b| record::decode(&id, &b, protection))
             .map(drop);
         note(DamageKind::VmRecord, read)?;
     }

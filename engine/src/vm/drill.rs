@@ -24,7 +24,7 @@ use super::plan::{blob_access, Plan};
 use super::{restore_path, VmSnapshot};
 use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
-use crate::format::short_id;
+use crate::format::{DrillId, SnapshotId, VmSnapshotId};
 use crate::host::{hostname, now_rfc3339};
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -62,7 +62,7 @@ impl DrillOutcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillDisk {
     pub name: String,
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     pub virtual_size: u64,
     /// Chunk bytes written by the restore.
     pub restored_bytes: u64,
@@ -90,7 +90,7 @@ crate::stored_name_enum! {
 pub struct DrillRecord {
     pub format_version: u32,
     pub vm: String,
-    pub vm_snapshot_id: String,
+    pub vm_snapshot_id: VmSnapshotId,
     /// When the drill started and ended (RFC 3339 UTC, six fractional digits).
     pub started: String,
     pub finished: String,
@@ -110,10 +110,11 @@ pub struct DrillRecord {
 /// Encodes a record for a repository with `protection`; returns its stored bytes (the JSON,
 /// sealed when encrypted) and its id (the hex BLAKE3 of the JSON, keyed when encrypted), as
 /// for VM snapshot records.
-pub fn encode(record: &DrillRecord, protection: &Protection) -> Result<(Vec<u8>, String)> {
+pub fn encode(record: &DrillRecord, protection: &Protection) -> Result<(Vec<u8>, DrillId)> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode drill record: {e}")))?;
-    protection.seal_named(ObjectKind::Drill, bytes)
+    let (stored, id) = protection.seal_named(ObjectKind::Drill, bytes)?;
+    Ok((stored, DrillId::from_computed(id)?))
 }
 
 /// Object key of drill record `id`.
@@ -122,14 +123,13 @@ pub fn key(id: &str) -> String {
 }
 
 /// The id in a key under [`DRILLS_PREFIX`], if the key is a record's.
-pub fn id_of_key(key: &str) -> Option<&str> {
-    let id = key.strip_prefix(DRILLS_PREFIX)?;
-    (id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(id)
+pub fn id_of_key(key: &str) -> Option<DrillId> {
+    DrillId::from_key(key, DRILLS_PREFIX)
 }
 
 /// Decodes record `id` from its stored bytes in a repository with `protection`: authenticates
 /// them first when encrypted, then checks that the JSON hashes to the id.
-pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<DrillRecord> {
+pub fn decode(id: &DrillId, stored: &[u8], protection: &Protection) -> Result<DrillRecord> {
     let location = key(id);
     let plain = protection.open_named(ObjectKind::Drill, id, stored, &location, "drill record")?;
     let bytes = plain.as_slice();
@@ -152,7 +152,7 @@ pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<DrillR
 /// A stored drill record with its id.
 #[derive(Clone, Debug, Serialize)]
 pub struct StoredDrill {
-    pub id: String,
+    pub id: DrillId,
     #[serde(flatten)]
     pub record: DrillRecord,
 }
@@ -169,14 +169,11 @@ pub fn drills(repo: &Repo, vm: Option<&str>) -> Result<Vec<StoredDrill>> {
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        let record = decode(id, &bytes, repo.protection())?;
+        let record = decode(&id, &bytes, repo.protection())?;
         if vm.is_some_and(|v| v != record.vm) {
             continue;
         }
-        out.push(StoredDrill {
-            id: id.to_string(),
-            record,
-        });
+        out.push(StoredDrill { id, record });
     }
     out.sort_by(|a, b| (&a.record.started, &a.id).cmp(&(&b.record.started, &b.id)));
     Ok(out)
@@ -208,7 +205,7 @@ pub struct DrillOptions {
 /// The outcome of [`drill`] (`drill --json` serialises it).
 #[derive(Clone, Debug, Serialize)]
 pub struct DrillReport {
-    pub drill_id: String,
+    pub drill_id: DrillId,
     #[serde(flatten)]
     pub record: DrillRecord,
     /// The restored disks left in place (page blobs, or files with `--keep`).
@@ -266,7 +263,7 @@ fn drill_disk(
     let (target, scratch, stamp, vm) = (place.target, place.dir, place.stamp, place.vm);
     let mut entry = DrillDisk {
         name: name.to_string(),
-        snapshot_id: summary.id.to_string(),
+        snapshot_id: summary.id.clone(),
         virtual_size: summary.virtual_size,
         restored_bytes: 0,
         verified_bytes: 0,
@@ -401,7 +398,7 @@ pub fn drill(
                     (
                         DrillDisk {
                             name: name.clone(),
-                            snapshot_id: s.id.to_string(),
+                            snapshot_id: s.id.clone(),
                             virtual_size: s.virtual_size,
                             restored_bytes: 0,
                             verified_bytes: 0,
@@ -467,7 +464,7 @@ pub fn drill(
             if let Err(e) = std::fs::remove_dir_all(&scratch) {
                 crate::progress::notice(&format!(
                     "drill {}: cannot remove the scratch directory {}: {e}",
-                    short_id(&id),
+                    id.short(),
                     scratch.display()
                 ));
             }
@@ -500,7 +497,7 @@ mod tests {
         DrillRecord {
             format_version: 1,
             vm: "erp-db01".into(),
-            vm_snapshot_id: "c".repeat(64),
+            vm_snapshot_id: VmSnapshotId::parse(&"c".repeat(64)).expect("a valid id"),
             started: "2026-01-03T04:00:00.000000Z".into(),
             finished: "2026-01-03T04:02:30.250000Z".into(),
             hostname: "drill01".into(),
@@ -510,7 +507,7 @@ mod tests {
             outcome: DrillOutcome::Passed,
             disks: vec![DrillDisk {
                 name: "os".into(),
-                snapshot_id: "a".repeat(64),
+                snapshot_id: SnapshotId::parse(&"a".repeat(64)).expect("a valid id"),
                 virtual_size: 1_073_741_824,
                 restored_bytes: 536_870_912,
                 verified_bytes: 1_073_741_824,
@@ -527,7 +524,7 @@ mod tests {
     fn test_vector_encodes_and_decodes() {
         let vector: serde_json::Value = serde_json::from_str(VECTOR).expect("vector is JSON");
         let bytes = vector["bytes"].as_str().expect("bytes").as_bytes();
-        let id = vector["id"].as_str().expect("id");
+        let id = DrillId::parse(vector["id"].as_str().expect("id")).expect("a valid id");
         let (encoded, encoded_id) = encode(&vector_record(), &Protection::Plain).expect("encode");
         assert_eq!(
             String::from_utf8_lossy(&encoded),
@@ -536,10 +533,10 @@ mod tests {
         );
         assert_eq!(encoded_id, id);
         assert_eq!(
-            decode(id, bytes, &Protection::Plain).expect("decode"),
+            decode(&id, bytes, &Protection::Plain).expect("decode"),
             vector_record()
         );
-        assert_eq!(id_of_key(&key(id)), Some(id));
+        assert_eq!(id_of_key(&key(&id)), Some(id));
     }
 
     #[test]
@@ -572,7 +569,8 @@ mod tests {
         let newer = String::from_utf8(bytes)
             .expect("utf-8")
             .replace("\"format_version\":1", "\"format_version\":2");
-        let newer_id = blake3::hash(newer.as_bytes()).to_hex().to_string();
+        let newer_id = DrillId::from_computed(blake3::hash(newer.as_bytes()).to_hex().to_string())
+            .expect("a hash");
         assert!(matches!(
             decode(&newer_id, newer.as_bytes(), &Protection::Plain),
             Err(Error::Unsupported { .. })
@@ -582,5 +580,24 @@ mod tests {
             crate::vm::blob_in("https://a/c?sv=1", "b.vhd"),
             "https://a/c/b.vhd?sv=1"
         );
+    }
+
+    /// A record that names a malformed VM snapshot or disk snapshot id is damage when it is
+    /// read, even when its bytes hash to its name: the id is never carried on to be sliced.
+    #[test]
+    fn a_record_naming_a_malformed_id_is_damage() {
+        let (bytes, _) = encode(&vector_record(), &Protection::Plain).expect("encode");
+        let json = String::from_utf8(bytes).expect("utf-8");
+        for (good, bad) in [("c".repeat(64), "ccc"), ("a".repeat(64), "a\\u00e9")] {
+            let damaged = json.replace(&good, bad);
+            assert_ne!(damaged, json);
+            let id = DrillId::from_computed(blake3::hash(damaged.as_bytes()).to_hex().to_string())
+                .expect("a hash");
+            let err = decode(&id, damaged.as_bytes(), &Protection::Plain).err();
+            assert!(
+                err.as_ref().is_some_and(|e| e.is_corruption()),
+                "{bad}: {err:?}"
+            );
+        }
     }
 }

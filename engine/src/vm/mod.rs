@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::backup::{backup, validate_disk_name, BackupMode, BackupOptions, BackupReport};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
-use crate::format::{short_id, SnapshotId};
+use crate::format::{SnapshotId, VmSnapshotId};
 use crate::host::{hostname, now_rfc3339};
 use crate::progress::Progress;
 use crate::repo::Repo;
@@ -83,7 +83,7 @@ pub struct VmBackupOptions {
 /// The outcome of [`backup_vm`] (`backup-vm --json` serialises this).
 #[derive(Clone, Debug, Serialize)]
 pub struct VmBackupReport {
-    pub vm_snapshot_id: String,
+    pub vm_snapshot_id: VmSnapshotId,
     pub vm: String,
     pub consistency: Consistency,
     pub read_window_ms: u64,
@@ -268,7 +268,7 @@ fn millis(since: Instant) -> u64 {
 /// A VM snapshot as listed: its record, and whether every disk snapshot it names still exists.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmSnapshot {
-    pub id: String,
+    pub id: VmSnapshotId,
     #[serde(flatten)]
     pub record: VmRecord,
     /// False when a disk snapshot it names was forgotten with `--force`.
@@ -289,13 +289,13 @@ pub fn vm_snapshots(repo: &Repo, vm: Option<&str>) -> Result<Vec<VmSnapshot>> {
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        let rec = record::decode(id, &bytes, repo.protection())?;
+        let rec = record::decode(&id, &bytes, repo.protection())?;
         if vm.is_some_and(|v| v != rec.vm) {
             continue;
         }
         let complete = rec.disks.iter().all(|d| present.contains(&d.snapshot_id));
         out.push(VmSnapshot {
-            id: id.to_string(),
+            id,
             record: rec,
             complete,
         });
@@ -333,14 +333,14 @@ pub fn resolve_vm_snapshot(repo: &Repo, vm: &str, query: &str) -> Result<VmSnaps
         }),
         Err(found) => Err(Error::AmbiguousSnapshot {
             prefix: query.to_string(),
-            candidates: found.iter().map(|s| short_id(&s.id).to_string()).collect(),
+            candidates: found.iter().map(|s| s.id.short().to_string()).collect(),
         }),
     }
 }
 
 /// Which VM snapshots each disk snapshot belongs to: snapshot id → (VM snapshot id, VM).
-pub fn membership(repo: &Repo) -> Result<BTreeMap<SnapshotId, Vec<(String, String)>>> {
-    let mut out: BTreeMap<SnapshotId, Vec<(String, String)>> = BTreeMap::new();
+pub fn membership(repo: &Repo) -> Result<BTreeMap<SnapshotId, Vec<(VmSnapshotId, String)>>> {
+    let mut out: BTreeMap<SnapshotId, Vec<(VmSnapshotId, String)>> = BTreeMap::new();
     for s in vm_snapshots(repo, None)? {
         for d in &s.record.disks {
             out.entry(d.snapshot_id.clone())
@@ -352,7 +352,7 @@ pub fn membership(repo: &Repo) -> Result<BTreeMap<SnapshotId, Vec<(String, Strin
 }
 
 /// Removes VM snapshot record `id` (its disk snapshots stay).
-pub fn remove_record(repo: &Repo, id: &str) -> Result<()> {
+pub fn remove_record(repo: &Repo, id: &VmSnapshotId) -> Result<()> {
     match repo.backend().remove(&record::key(id)) {
         Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(e),
@@ -371,7 +371,7 @@ pub struct VmRestoreOptions {
 /// The outcome of [`restore_vm`].
 #[derive(Clone, Debug, Serialize)]
 pub struct VmRestoreReport {
-    pub vm_snapshot_id: String,
+    pub vm_snapshot_id: VmSnapshotId,
     pub vm: String,
     pub directory: PathBuf,
     pub disks: Vec<RestoreReport>,
@@ -429,7 +429,7 @@ fn disk_summaries(
         return Err(Error::InvalidArgument(format!(
             "VM snapshot {} is incomplete (a disk snapshot of it was forgotten); restore its \
              remaining disks one by one with `stackvault restore`",
-            short_id(&snapshot.id)
+            snapshot.id.short()
         )));
     }
     let mut summaries = Vec::with_capacity(snapshot.record.disks.len());
@@ -473,7 +473,7 @@ pub fn restore_blob_name(vm: &str, disk: &str) -> String {
 #[cfg(feature = "azure")]
 #[derive(Clone, Debug, Serialize)]
 pub struct VmBlobRestoreReport {
-    pub vm_snapshot_id: String,
+    pub vm_snapshot_id: VmSnapshotId,
     pub vm: String,
     /// The container, without its query (no SAS).
     pub container: String,

@@ -15,14 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{ObjectKind, Protection};
 use crate::error::{Error, Result};
-use crate::format::SnapshotId;
+use crate::format::{SnapshotId, VmSnapshotId};
 
 /// Folder of VM snapshot records in the repository.
 pub const VMS_PREFIX: &str = "vms/";
 /// Version of the record encoding this build writes and reads.
 pub const VM_RECORD_VERSION: u32 = 1;
-/// Length of a record id: hex BLAKE3.
-pub const VM_ID_LEN: usize = 64;
 
 /// What consistency across disks a VM snapshot can honestly claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,10 +85,11 @@ pub struct VmRecord {
 
 /// Encodes a record for a repository with `protection`; returns its stored bytes (the JSON,
 /// sealed when encrypted) and its id (the hex BLAKE3 of the JSON, keyed when encrypted).
-pub fn encode(record: &VmRecord, protection: &Protection) -> Result<(Vec<u8>, String)> {
+pub fn encode(record: &VmRecord, protection: &Protection) -> Result<(Vec<u8>, VmSnapshotId)> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| Error::Internal(format!("encode VM snapshot record: {e}")))?;
-    protection.seal_named(ObjectKind::VmSnapshot, bytes)
+    let (stored, id) = protection.seal_named(ObjectKind::VmSnapshot, bytes)?;
+    Ok((stored, VmSnapshotId::from_computed(id)?))
 }
 
 /// Object key of record `id`.
@@ -99,15 +98,13 @@ pub fn key(id: &str) -> String {
 }
 
 /// The id in a key under [`VMS_PREFIX`], if the key is a record's.
-pub fn id_of_key(key: &str) -> Option<&str> {
-    let id = key.strip_prefix(VMS_PREFIX)?;
-    (id.len() == VM_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .then_some(id)
+pub fn id_of_key(key: &str) -> Option<VmSnapshotId> {
+    VmSnapshotId::from_key(key, VMS_PREFIX)
 }
 
 /// Decodes record `id` from its stored bytes in a repository with `protection`: authenticates
 /// them first when encrypted, then checks that the JSON hashes to the id.
-pub fn decode(id: &str, stored: &[u8], protection: &Protection) -> Result<VmRecord> {
+pub fn decode(id: &VmSnapshotId, stored: &[u8], protection: &Protection) -> Result<VmRecord> {
     let location = key(id);
     let bytes = protection.open_named(
         ObjectKind::VmSnapshot,
@@ -167,7 +164,7 @@ mod tests {
     fn test_vector_encodes_and_decodes() {
         let vector: serde_json::Value = serde_json::from_str(VECTOR).expect("vector is JSON");
         let bytes = vector["bytes"].as_str().expect("bytes").as_bytes();
-        let id = vector["id"].as_str().expect("id");
+        let id = VmSnapshotId::parse(vector["id"].as_str().expect("id")).expect("a valid id");
         let (encoded, encoded_id) = encode(&vector_record(), &Protection::Plain).expect("encode");
         assert_eq!(
             String::from_utf8_lossy(&encoded),
@@ -176,10 +173,10 @@ mod tests {
         );
         assert_eq!(encoded_id, id);
         assert_eq!(
-            decode(id, bytes, &Protection::Plain).expect("decode"),
+            decode(&id, bytes, &Protection::Plain).expect("decode"),
             vector_record()
         );
-        assert_eq!(id_of_key(&key(id)), Some(id));
+        assert_eq!(id_of_key(&key(&id)), Some(id));
     }
 
     #[test]
@@ -192,7 +189,9 @@ mod tests {
         let newer = String::from_utf8(bytes)
             .expect("utf-8")
             .replace("\"format_version\":1", "\"format_version\":2");
-        let newer_id = blake3::hash(newer.as_bytes()).to_hex().to_string();
+        let newer_id =
+            VmSnapshotId::from_computed(blake3::hash(newer.as_bytes()).to_hex().to_string())
+                .expect("a hash");
         assert!(matches!(
             decode(&newer_id, newer.as_bytes(), plain),
             Err(Error::Unsupported { .. })
@@ -214,7 +213,7 @@ mod tests {
         // The id is no fingerprint: not the plain hash, and another repository's differs.
         assert_ne!(id, plain_id);
         assert_ne!(id, encode(&vector_record(), &keys(6)).expect("other").1);
-        assert_eq!(id_of_key(&key(&id)), Some(id.as_str()));
+        assert_eq!(id_of_key(&key(&id)), Some(id.clone()));
         // Nothing of the JSON is readable.
         assert!(!stored.windows(8).any(|w| w == b"erp-db01"));
         assert!(!stored
@@ -226,7 +225,7 @@ mod tests {
             bad[at] ^= 0x80;
             let err = decode(&id, &bad, &p).err();
             assert!(
-                matches!(&err, Some(Error::Corrupt { location, .. }) if location.contains(&id)),
+                matches!(&err, Some(Error::Corrupt { location, .. }) if location.contains(id.as_str())),
                 "{err:?}"
             );
         }

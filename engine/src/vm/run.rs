@@ -36,7 +36,7 @@ use super::{backup_vm, record, VmBackupOptions, VmDiskSource, VmSnapshot};
 use crate::backup::BackupMode;
 use crate::copy::CopyOptions;
 use crate::error::{Error, Result};
-use crate::format::{short_id, SnapshotId};
+use crate::format::{SnapshotId, VmSnapshotId};
 use crate::host::now_rfc3339;
 use crate::maintain::forget::{apply_policy, forget_named, Candidate};
 use crate::progress::Progress;
@@ -106,7 +106,7 @@ pub struct VmRunReport {
     pub last_good: Option<String>,
     pub rpo_ms: u64,
     pub due_margin_ms: u64,
-    pub vm_snapshot_id: Option<String>,
+    pub vm_snapshot_id: Option<VmSnapshotId>,
     pub started: Option<String>,
     pub duration_ms: Option<u64>,
     pub hooks: Vec<HookRun>,
@@ -121,7 +121,7 @@ pub struct RetentionRun {
     pub repository: String,
     pub vm: String,
     /// VM snapshots the policy drops (removed, or that a dry run would remove).
-    pub vm_snapshots_removed: Vec<String>,
+    pub vm_snapshots_removed: Vec<VmSnapshotId>,
     pub disk_snapshots_removed: u64,
     pub kept: u64,
 }
@@ -436,7 +436,7 @@ pub fn apply_vm_retention(
     dry_run: bool,
 ) -> Result<RetentionRun> {
     let all = super::vm_snapshots(repo, None)?;
-    let units: Vec<Candidate> = all
+    let units: Vec<Candidate<VmSnapshotId>> = all
         .iter()
         .filter(|s| s.record.vm == vm)
         .map(|s| Candidate {
@@ -446,15 +446,15 @@ pub fn apply_vm_retention(
         })
         .collect();
     let decisions = apply_policy(&units, &retention.policy(), now);
-    let gone: BTreeSet<&str> = decisions
+    let gone: BTreeSet<&VmSnapshotId> = decisions
         .iter()
         .filter(|d| !d.keep)
-        .map(|d| d.id.as_str())
+        .map(|d| &d.id)
         .collect();
     let mut run = RetentionRun {
         repository: which.to_string(),
         vm: vm.to_string(),
-        vm_snapshots_removed: gone.iter().map(|s| s.to_string()).collect(),
+        vm_snapshots_removed: gone.iter().map(|&s| s.clone()).collect(),
         disk_snapshots_removed: 0,
         kept: u64::try_from(decisions.len().saturating_sub(gone.len())).unwrap_or(u64::MAX),
     };
@@ -464,13 +464,13 @@ pub fn apply_vm_retention(
     // Disk snapshots still named by a VM snapshot that stays (of any VM) are not forgotten.
     let still_named: BTreeSet<&str> = all
         .iter()
-        .filter(|s| !gone.contains(s.id.as_str()))
+        .filter(|s| !gone.contains(&s.id))
         .flat_map(|s| s.record.disks.iter().map(|d| d.snapshot_id.as_str()))
         .collect();
     let mut disk_snapshots = Vec::new();
     {
         let _lock = repo.lock("forget")?;
-        for s in all.iter().filter(|s| gone.contains(s.id.as_str())) {
+        for s in all.iter().filter(|s| gone.contains(&s.id)) {
             super::remove_record(repo, &s.id)?;
             disk_snapshots.extend(
                 s.record
@@ -576,7 +576,7 @@ fn copy_offsite(
             run.errors.push(format!(
                 "VM snapshot {} of {}: not every disk snapshot arrived at the destination (a \
                  disk's copy failed); its record was not copied",
-                short_id(&s.id),
+                s.id.short(),
                 s.record.vm
             ));
             continue;

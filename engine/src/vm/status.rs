@@ -49,7 +49,7 @@ pub struct Warning {
 pub struct StandbyStatus {
     pub disk: String,
     pub target: String,
-    pub held_snapshot_id: Option<String>,
+    pub held_snapshot_id: Option<crate::format::SnapshotId>,
     pub lag_ms: Option<u64>,
     pub error: Option<String>,
 }
@@ -59,7 +59,7 @@ pub struct StandbyStatus {
 pub struct VmStatus {
     pub vm: String,
     pub last_good: Option<String>,
-    pub last_good_id: Option<String>,
+    pub last_good_id: Option<crate::format::VmSnapshotId>,
     pub achieved_rpo_ms: Option<u64>,
     pub rpo_ms: u64,
     pub rpo_met: bool,
@@ -297,7 +297,7 @@ pub fn status(plan: &Plan, plan_path: &Path, now: OffsetDateTime) -> Result<Plan
                          see `plan status --json` and the drill record {}",
                         d.record.started,
                         d.record.outcome.as_str(),
-                        crate::format::short_id(&d.id)
+                        d.id.short()
                     ),
                 ));
             }
@@ -442,7 +442,7 @@ fn standby_status(
     now: OffsetDateTime,
 ) -> StandbyStatus {
     let shown = crate::azure::redact(target);
-    let result = (|| -> Result<(Option<String>, Option<u64>)> {
+    let result = (|| -> Result<(Option<crate::format::SnapshotId>, Option<u64>)> {
         let (_, blob) = super::plan::blob_access(
             target,
             d.standby_endpoint.as_deref(),

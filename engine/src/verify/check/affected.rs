@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::error::Result;
 use crate::format::manifest::Extent;
+use crate::format::SnapshotId;
 use crate::index::SnapshotSummary;
 use crate::repo::Repo;
 use crate::verify::MAX_LISTED_AFFECTED;
@@ -16,16 +17,16 @@ use super::{AffectedRange, AffectedSnapshot, Findings};
 /// Maps damaged chunks and manifests to the snapshots and disk ranges they make unrestorable.
 pub(super) fn affected_snapshots(
     repo: &Repo,
-    ids: &BTreeSet<String>,
+    ids: &BTreeSet<SnapshotId>,
     f: &Findings,
 ) -> Result<Vec<AffectedSnapshot>> {
     if f.damaged_chunks.is_empty() && f.damaged_manifests.is_empty() {
         return Ok(Vec::new());
     }
-    let catalogue: HashMap<String, SnapshotSummary> = repo
+    let catalogue: HashMap<SnapshotId, SnapshotSummary> = repo
         .snapshots(None)?
         .into_iter()
-        .map(|s| (s.id.to_string(), s))
+        .map(|s| (s.id.clone(), s))
         .collect();
     let mut out = Vec::new();
     for id in ids {

@@ -14,7 +14,7 @@ use rusqlite::{params, Connection};
 
 use crate::error::{Error, Result};
 use crate::format::manifest::Extent;
-use crate::format::ChunkId;
+use crate::format::{ChunkId, SnapshotId};
 use crate::index::sql_err;
 use crate::repo::Repo;
 
@@ -23,7 +23,7 @@ use super::{CheckRun, Damage, DamageKind, Findings};
 /// What the manifest stage learnt.
 pub(super) struct References {
     /// Every snapshot id, from the store and from the index.
-    pub(super) ids: BTreeSet<String>,
+    pub(super) ids: BTreeSet<SnapshotId>,
     /// Manifests that loaded.
     pub(super) snapshots: u64,
     /// Index keys of the packs the index takes a referenced chunk from.
@@ -49,13 +49,35 @@ pub(super) fn index_integrity(run: &mut CheckRun<'_>) -> Result<()> {
 /// Loads every manifest and checks that the index knows every chunk it names.
 pub(super) fn scan_manifests(run: &mut CheckRun<'_>) -> Result<References> {
     let repo = run.repo;
-    let mut ids: BTreeSet<String> = repo
+    let mut names: BTreeSet<String> = repo
         .backend()
         .list("snapshots/")?
         .into_iter()
         .filter_map(|k| k.strip_prefix("snapshots/").map(str::to_owned))
         .collect();
-    ids.extend(repo.index().snapshot_ids()?);
+    names.extend(repo.index().snapshot_ids()?);
+    // A name that is no snapshot id names no snapshot to restore: damage, said once here.
+    let mut ids = BTreeSet::new();
+    for name in names {
+        match SnapshotId::parse(&name) {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(_) => run.findings.add(
+                DamageKind::Manifest,
+                None,
+                None,
+                &Error::corrupt(
+                    format!("snapshots/{name}"),
+                    0,
+                    format!(
+                        "not a snapshot id ({} hex digits); remove the object if nothing                          else needs it",
+                        SnapshotId::HEX_LEN
+                    ),
+                ),
+            ),
+        }
+    }
     let mut index = repo.index();
     let path = index.path().to_path_buf();
     let conn = index.conn_mut();
@@ -76,7 +98,7 @@ fn record_references(
     repo: &Repo,
     conn: &mut Connection,
     path: &Path,
-    ids: &BTreeSet<String>,
+    ids: &BTreeSet<SnapshotId>,
     f: &mut Findings,
 ) -> Result<u64> {
     let err = sql_err(path);
@@ -101,7 +123,9 @@ fn record_references(
             for extents in manifest.segments() {
                 for e in extents? {
                     if let Extent::Chunk { id: chunk, .. } = e {
-                        insert.execute(params![&chunk.0[..], id]).map_err(&err)?;
+                        insert
+                            .execute(params![&chunk.0[..], id.as_str()])
+                            .map_err(&err)?;
                     }
                 }
             }

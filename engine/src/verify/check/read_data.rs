@@ -71,7 +71,7 @@ pub(super) fn read_data(run: &mut CheckRun<'_>, mut sound: Vec<(String, u64)>) -
 fn scrub_pack(repo: &Repo, name: &str) -> Result<Scrubbed> {
     let location = format!("pack {name}");
     let keys = repo.protection();
-    let mut bytes = repo.backend().get(&pack_key(name))?;
+    let mut bytes = repo.backend().get(&pack_key(name)?)?;
     let len = bytes.len() as u64;
     let mut damage = Vec::new();
     let table = bytes

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::ChunkId;
+use crate::format::{ChunkId, SnapshotId};
 use crate::verify::deltas::OrphanDelta;
 use crate::verify::MAX_LISTED_DAMAGE;
 
@@ -109,7 +109,7 @@ pub struct AffectedRange {
 /// A snapshot that damage makes unrestorable, in whole or in part.
 #[derive(Clone, Debug, Serialize)]
 pub struct AffectedSnapshot {
-    pub snapshot_id: String,
+    pub snapshot_id: SnapshotId,
     pub disk: Option<String>,
     pub time: Option<String>,
     /// The manifest itself is damaged: nothing of this snapshot can be restored.
@@ -182,7 +182,7 @@ pub(in crate::verify) struct Findings {
     pub(super) damage_count: u64,
     pub(super) damage: Vec<Damage>,
     pub(super) damaged_chunks: HashSet<ChunkId>,
-    pub(super) damaged_manifests: BTreeSet<String>,
+    pub(super) damaged_manifests: BTreeSet<SnapshotId>,
 }
 
 impl Findings {
