@@ -301,7 +301,7 @@ mod tests {
         write(&mut w, b"manifest ")?;
         write(&mut w, b"bytes")?;
         Box::new(w).commit(&format!("snapshots/{id}"))?;
-        assert_eq!(names(&cache), [id.clone()]);
+        assert_eq!(names(&cache), std::slice::from_ref(&id));
         let copy = std::fs::read(cache.join(&id)).map_err(|e| Error::io("read", "copy", e))?;
         assert_eq!(copy, store.get(&format!("snapshots/{id}"))?);
         Ok(())
