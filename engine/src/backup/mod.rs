@@ -632,7 +632,7 @@ fn assemble(
             }
         }
     }
-    let new_frames = compress_frames(buf, &new_chunks, repo.config().zstd_level)?;
+    let new_frames = compress_frames(buf, &new_chunks, repo.config().zstd_level, seen.since)?;
     Ok((extents, new_frames))
 }
 
@@ -755,7 +755,7 @@ impl Writer<'_> {
                     // Another segment may have stored some of these chunks meanwhile: the frame
                     // is stored whole unless all of them are known, and the index takes only
                     // the chunks it does not have yet (see `Index::add_pack`).
-                    let fresh = dedup.fresh(&f.chunks)?;
+                    let fresh = dedup.fresh(&f.chunks, f.since)?;
                     if fresh.is_empty() {
                         continue;
                     }
@@ -764,12 +764,15 @@ impl Writer<'_> {
                     stats.new_chunks += fresh.len() as u64;
                     stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
                     if pack.len() >= target {
-                        let next = match spare.try_recv() {
+                        // Hand the full pack over first: the uploader that takes it has sent
+                        // back the buffer of the pack it stored before, so the next pack
+                        // reuses that (asked before the hand-over, a busy uploader meant a
+                        // fresh 17 MiB buffer whose every page faulted in: profiled).
+                        packs.send(pack).map_err(|_| stopped())?;
+                        pack = match spare.try_recv() {
                             Ok(buf) => PackWriter::reusing(buf, protection)?,
                             Err(_) => PackWriter::new(capacity, protection)?,
                         };
-                        let full = std::mem::replace(&mut pack, next);
-                        packs.send(full).map_err(|_| stopped())?;
                     }
                 }
                 manifest.push_segment(&seg.extents)?;

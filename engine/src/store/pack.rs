@@ -5,8 +5,10 @@
 //! repository each frame is sealed under the pack's name (drawn when the writer starts) and
 //! its offset, and the table after them (format version 3, see `format::pack`). A frame is
 //! encoded into the pack where it will stay, between room for its nonce and its tag, and
-//! every frame is sealed in place when the pack is finished, on rayon's threads: the backup's
-//! single writer thread only copies frames, as it does for a plain pack. Reading chunks back
+//! sealed there as soon as it is added, while its bytes are still in the writer's cache: one
+//! copy per frame, as for a plain pack, and one cipher pass. (Sealing whole packs later on
+//! rayon's threads, as before, read every frame back from memory and woke two more threads
+//! per pack to compete with the compressing workers.) Reading chunks back
 //! (one frame fetched and checked end to end before any byte is used) is `read::verified`'s
 //! job, the one verified chunk path; this module only reads a pack's table.
 
@@ -15,7 +17,6 @@ use std::cell::RefCell;
 use super::{pack_key, Backend};
 use crate::crypto::Protection;
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 
 use crate::crypto::{NONCE_LEN, TAG_LEN};
 use crate::format::pack::{
@@ -34,9 +35,6 @@ pub struct PackWriter {
     name: String,
     /// The pack's format version: 3 (sealed) when the repository is encrypted.
     version: u32,
-    /// Sealed packs: the frames encoded into `buf` but not sealed yet, as (offset, length of
-    /// the sealed frame); [`PackWriter::finish`] seals them.
-    unsealed: Vec<(usize, usize)>,
 }
 
 /// A finished pack, ready to be stored.
@@ -80,7 +78,6 @@ impl PackWriter {
             entries: Vec::new(),
             name: random_pack_name()?,
             version,
-            unsealed: Vec::new(),
         })
     }
 
@@ -100,9 +97,8 @@ impl PackWriter {
     }
 
     /// Appends a frame: `chunks` (id, raw length) in frame order, whose concatenation is
-    /// `stored` encoded as `compression` says, to be sealed by [`PackWriter::finish`] when
-    /// `protection` (the one the writer was made with) is encrypted. Returns the table
-    /// entries of its chunks.
+    /// `stored` encoded as `compression` says, sealed at once when `protection` (the one the
+    /// writer was made with) is encrypted. Returns the table entries of its chunks.
     pub fn add_frame(
         &mut self,
         protection: &Protection,
@@ -113,15 +109,17 @@ impl PackWriter {
         self.same_protection(protection)?;
         let offset = self.buf.len() as u64;
         let (h, stored_len) = if self.version == PACK_VERSION_SEALED {
-            // Encoded in place between room for its nonce and its tag, sealed in `finish`:
-            // one copy of the frame, as in a plain pack, and the sealing leaves this thread.
+            // Encoded in place between room for its nonce and its tag, and sealed there at
+            // once, while the frame is still in this core's cache: one copy of the frame, as
+            // in a plain pack, and one pass of the cipher over bytes just written.
             let start = self.buf.len();
             self.buf.resize(start + NONCE_LEN, 0);
             let h = encode_frame(chunks, stored, compression, &mut self.buf);
             self.buf.resize(self.buf.len() + TAG_LEN, 0);
-            let len = self.buf.len() - start;
-            self.unsealed.push((start, len));
-            let len = u32::try_from(len)
+            // `start` was the length before this frame: the slice is the frame just encoded.
+            let sealed = &mut self.buf[start..];
+            seal_frame_in_place(protection, &self.name, offset, sealed)?;
+            let len = u32::try_from(sealed.len())
                 .map_err(|_| Error::Internal("sealed frame larger than 4 GiB".into()))?;
             (h, len)
         } else {
@@ -155,11 +153,9 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Seals the frames of a sealed pack (in parallel), then appends table (sealed when the
-    /// pack is) and footer.
+    /// Appends the table (sealed when the pack is) and the footer.
     pub fn finish(mut self, protection: &Protection) -> Result<FinishedPack> {
         self.same_protection(protection)?;
-        self.seal_frames(protection)?;
         let table_offset = self.buf.len() as u64;
         let tail = if self.version == PACK_VERSION_SEALED {
             encode_sealed_table_and_footer(&self.entries, table_offset, protection, &self.name)?
@@ -173,39 +169,6 @@ impl PackWriter {
             bytes: self.buf,
             entries: self.entries,
         })
-    }
-}
-
-impl PackWriter {
-    /// Seals every frame added since the pack started, each where it lies, on rayon's
-    /// threads: the frames are disjoint slices of the pack, each bound to its own offset.
-    fn seal_frames(&mut self, protection: &Protection) -> Result<()> {
-        let mut frames = Vec::with_capacity(self.unsealed.len());
-        let mut rest: &mut [u8] = &mut self.buf;
-        let mut at = 0usize;
-        for &(start, len) in &self.unsealed {
-            // Frames were recorded in pack order, each after the last: an internal invariant.
-            let tail = std::mem::take(&mut rest);
-            let skip = start
-                .checked_sub(at)
-                .filter(|skip| skip.checked_add(len).is_some_and(|end| end <= tail.len()));
-            let Some(skip) = skip else {
-                return Err(Error::Internal(format!(
-                    "pack {}: frame at {start} of {len} bytes lies outside the pack",
-                    self.name
-                )));
-            };
-            let (frame, tail) = tail[skip..].split_at_mut(len);
-            frames.push((start as u64, frame));
-            rest = tail;
-            at = start + len;
-        }
-        let name = &self.name;
-        frames
-            .into_par_iter()
-            .try_for_each(|(offset, frame)| seal_frame_in_place(protection, name, offset, frame))?;
-        self.unsealed.clear();
-        Ok(())
     }
 }
 
