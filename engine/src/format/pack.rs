@@ -555,7 +555,8 @@ pub fn open_sealed_frame(
 /// [`seal_frame`] where the frame lies: `stored` is `[room for the nonce][plain record, as
 /// encode_frame writes it][room for the tag]` ([`Protection::overhead`] bytes of room in all)
 /// and becomes the sealed frame, the same bytes [`seal_frame`] returns. Lets a pack writer
-/// encode frames into the pack and seal them later, in parallel, without a copy.
+/// seal each frame as it adds it to the pack, while its bytes are still in cache, without a
+/// copy.
 pub fn seal_frame_in_place(
     protection: &Protection,
     pack: &str,
