@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import socket
 import struct
 import subprocess
@@ -82,6 +83,13 @@ def peak_rss_mib(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a running process (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(p):
@@ -218,14 +226,20 @@ def sequential(a, bin_, repo, snap, sock, t):
     seq = {"restore": []}
     seq.update({b: [] for b in bins})
     rss = {b: [] for b in bins}
+    cpu = {"restore": []}
+    cpu.update({b: [] for b in bins})
+    lookups = {b: [] for b in bins}
     loads = [load()]
     out = f"{t}/out.img"
     for _ in range(a.reps):
         if os.path.exists(out):
             os.remove(out)
         t0 = time.monotonic()
+        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         run([bin_, "--quiet", "-r", repo, "restore", snap, out])
         seq["restore"].append(time.monotonic() - t0)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu["restore"].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
         os.remove(out)
         for b in bins:
             p, uri = start_server(b, repo, snap, sock, a.seq_cache_mib)
@@ -233,23 +247,27 @@ def sequential(a, bin_, repo, snap, sock, t):
             run(["qemu-img", "convert", "-O", "raw", uri, out])
             seq[b].append(time.monotonic() - t0)
             rss[b].append(peak_rss_mib(p.pid))
-            stop(p)
+            cpu[b].append(cpu_s(p.pid))
+            lookups[b].append(stop(p).get("reader", {}).get("index_lookups", -1))
             os.remove(out)
         loads.append(load())
     med = {k: sorted(v)[len(v) // 2] for k, v in seq.items()}
+    mcpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
     print(f"| sequential, {a.size_mib} MiB disk | binary | wall s (median of {a.reps}) | all "
-          f"| MiB/s | NBD / restore | server peak RSS MiB |")
-    print("|---|---|---:|---|---:|---:|---:|")
+          f"| MiB/s | NBD / restore | CPU s (restore; server) | index lookups "
+          f"| server peak RSS MiB |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     runs = " ".join(f"{x:.2f}" for x in seq["restore"])
     print(f"| stackvault restore to a file | {os.path.basename(bin_)} | {med['restore']:.2f} "
-          f"| {runs} | {a.size_mib / med['restore']:.0f} | | |")
+          f"| {runs} | {a.size_mib / med['restore']:.0f} | | {mcpu['restore']:.2f} | | |")
     for b in bins:
         runs = " ".join(f"{x:.2f}" for x in seq[b])
         print(f"| qemu-img convert from serve --nbd (cache {a.seq_cache_mib} MiB) "
-              f"| {os.path.basename(b)} | {med[b]:.2f} | {runs} | {a.size_mib / med[b]:.0f} "
-              f"| {med['restore'] / med[b]:.2f} | {max(rss[b]):.0f} |")
+              f"| {b} | {med[b]:.2f} | {runs} | {a.size_mib / med[b]:.0f} "
+              f"| {med['restore'] / med[b]:.2f} | {mcpu[b]:.2f} | {max(lookups[b])} "
+              f"| {max(rss[b]):.0f} |")
     for b in bins:
-        print(f"NBD / restore throughput ({os.path.basename(b)}): "
+        print(f"NBD / restore throughput ({b}): "
               f"{med['restore'] / med[b]:.2f}")
     print(f"load average {' '.join(loads)}")
 
@@ -273,7 +291,7 @@ def memory(a, bin_, repo, snap, sock, t):
             mem = stopped.get("memory", {})
             budget = mem.get("peak_bytes", float("nan")) / 2**20
             sqlite = stopped.get("sqlite_peak_bytes", float("nan")) / 2**20
-            print(f"| {cache} | {os.path.basename(b)} | {idle:.1f} | {peak:.1f} "
+            print(f"| {cache} | {b} | {idle:.1f} | {peak:.1f} "
                   f"| {peak - idle:.1f} | {peak - idle - cache:.1f} | {budget:.1f} "
                   f"| {sqlite:.1f} | {took:.2f} | {load()} |")
 

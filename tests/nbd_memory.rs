@@ -2,9 +2,9 @@
 //! every connection's buffers share one budget. Several `qemu-img convert` clients at once
 //! read a disk many times the budget; the server's own ledger never passes the budget, and
 //! its peak resident memory (VmHWM of /proc/PID/status) stays within its idle peak plus the
-//! budget plus a margin for the allocator. The margin is generous, but the server before
-//! the budget (1 MiB per-connection buffers, prefetched frames decoded outside the cache)
-//! went past it.
+//! budget plus a margin for the allocator: 4 MiB, which the server with glibc's default arena
+//! per thread went past (and the server before the budget, with 1 MiB per-connection buffers
+//! and prefetched frames decoded outside the cache, went far past).
 
 use anyhow::Context as _;
 use stackvault_tests::{make_disk, p, qemu_img, same_bytes, sv_json_ok, Fixture};
@@ -66,8 +66,11 @@ fn several_sequential_readers_stay_within_the_memory_budget() -> anyhow::Result<
         ledger_peak >= capacity / 2,
         "the readers used little of the budget ({ledger_peak}); the test reads too little"
     );
-    // What the allocator and the rest of the process may add on top of the budget.
-    const MARGIN: u64 = 8 * MIB;
+    // What the allocator and the rest of the process may add on top of the budget: thread
+    // stacks, zstd contexts, SQLite within its limit. With one malloc arena (S39) this
+    // configuration grew by the budget + 2.9 MiB; with an arena per thread it grew by the
+    // budget + 4.5 to 5.4 MiB (benches/RESULTS.md), past this margin.
+    const MARGIN: u64 = 4 * MIB;
     let growth = peak.saturating_sub(idle);
     eprintln!(
         "peak RSS grew by {:.1} MiB over idle with a {budget_mib} MiB budget; SQLite peak {:.1} MiB",

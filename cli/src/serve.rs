@@ -62,6 +62,8 @@ struct Planned {
 }
 
 pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
+    // Before any thread (rayon's, the unlock's) allocates: see the function.
+    stackvault::nbd::return_freed_frames_to_the_system();
     let (repo, [snapshot]) =
         ctx.split_repo([args.repo.map(Into::into), args.snapshot], ["SNAPSHOT"])?;
     let snapshot = crate::args::text(snapshot, "SNAPSHOT")?;

@@ -33,8 +33,9 @@
 //!
 //! [`SnapshotReader::prefetch`] (the read-ahead's work, and a large read's first step) does a
 //! range's work on every core (rayon's pool): the index lookups of the chunks not yet
-//! checked, then per frame the read, the decompression and the BLAKE3 check of each chunk
-//! wanted from it, which it remembers as checked. A read that follows finds every chunk
+//! checked (only the first of each frame: the rest are placed after it and hashed, as a
+//! restore does, see `prefetch.rs`), then per frame the read, the decompression and the
+//! BLAKE3 check of each chunk wanted from it, which it remembers as checked. A read that follows finds every chunk
 //! checked: it only copies. A frame is loaded by one thread at a time; another that wants it
 //! meanwhile waits for it instead of decoding it a second time ([`budget`]).
 //!
@@ -46,6 +47,7 @@
 
 pub mod budget;
 mod cache;
+mod prefetch;
 pub mod verified;
 pub mod walk;
 
@@ -536,95 +538,6 @@ impl<'r> SnapshotReader<'r> {
                 .saturating_sub(before);
             self.read_ahead_frames.fetch_add(loaded, Ordering::Relaxed);
         }
-    }
-
-    /// Does the work of reading `offset..offset + len` ahead of the read, on every core
-    /// (rayon's pool): looks up the chunks not yet checked, loads their frames (from the
-    /// cache, or read and decompressed), checks each chunk against its id and remembers it
-    /// as checked, so that the read itself only copies. At most half the cache is loaded, so
-    /// a request larger than the cache does not evict its own first frames. Errors (a missing
-    /// or damaged chunk) are left for the read, which reports them with their place.
-    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
-        use rayon::prelude::*;
-        let len = len.min((self.options.cache_bytes / 2) as u64);
-        // The chunks wanted, in disk order, each once.
-        let mut wanted: Vec<ChunkId> = Vec::new();
-        let mut seen: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
-        self.for_each_extent(offset, len, |p, _, _, _| {
-            if let Extent::Chunk { id, .. } = p.extent {
-                // A chunk checked in a cached frame needs nothing, not even a lookup.
-                if !self.frames.has_checked_chunk(&id) && seen.insert(id) {
-                    wanted.push(id);
-                }
-            }
-            Ok(true)
-        })?;
-        drop(seen);
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        // Lookups on every core: each thread takes its own pooled index connection.
-        let index = self.repo.readers();
-        self.index_lookups
-            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
-        let located: Vec<crate::index::ChunkLocation> = wanted
-            .par_iter()
-            .with_min_len(32)
-            .filter_map(|id| index.lookup(id).ok().flatten())
-            .collect();
-        drop(wanted);
-        // Grouped by frame, in the order met (packs are written in disk order, so a group's
-        // chunks mostly sit next to each other).
-        let mut groups: Vec<Vec<crate::index::ChunkLocation>> = Vec::new();
-        let mut group_of: std::collections::HashMap<(String, u64), usize> =
-            std::collections::HashMap::new();
-        for loc in located {
-            let key = (loc.pack.clone(), loc.record.offset);
-            match group_of.get(&key) {
-                Some(&g) => {
-                    if let Some(group) = groups.get_mut(g) {
-                        group.push(loc);
-                    }
-                }
-                None => {
-                    group_of.insert(key, groups.len());
-                    groups.push(vec![loc]);
-                }
-            }
-        }
-        drop(group_of);
-        groups.par_iter().for_each(|group| {
-            // Errors are the read's to report, with the chunk's place on the disk.
-            let _ = self.check_group(group);
-        });
-        Ok(())
-    }
-
-    /// Loads the frame that holds `group` (chunks of one frame), checks each chunk against
-    /// its id and remembers it as checked in the cached frame.
-    fn check_group(&self, group: &[crate::index::ChunkLocation]) -> Result<()> {
-        let Some(first) = group.first() else {
-            return Ok(());
-        };
-        let (no, frame) = self.frame(&first.pack, &first.record)?;
-        let Some(no) = no else {
-            // Not kept (no room): nothing to remember; the read decodes it again.
-            return Ok(());
-        };
-        for loc in group {
-            if self.frames.has_checked_chunk(&loc.record.id) {
-                continue;
-            }
-            verified::verified_chunk(&frame, &loc.record, self.repo.protection(), &loc.pack)?;
-            self.frames.remember_checked(
-                no,
-                &frame,
-                loc.record.id,
-                loc.record.in_frame,
-                loc.record.raw_len,
-            );
-        }
-        Ok(())
     }
 
     /// Verifies chunk `id` (`len` bytes, at disk offset `at`) and hands its bytes to `f`.
