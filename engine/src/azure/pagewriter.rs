@@ -14,7 +14,9 @@
 //! sending a shorter gap is cheaper than another request. The zeros sent count as written
 //! pages (billed, and reported by Get Page Ranges), hence the default of 64 KiB, below the
 //! break-even, and the option. Zero runs the blob has written (stale pages) are cleared, one
-//! clear per zero run, which leaves the window byte-identical to the bytes given.
+//! clear per zero run, which leaves the window byte-identical to the bytes given; a stale zero
+//! run at the window's edge no longer than the gap is sent as zeros inside its neighbouring
+//! Put Page instead (one request fewer for at most the gap in bytes).
 //!
 //! Invariants:
 //! - Requests never cross a window and are aligned to the profile's page size.
@@ -101,6 +103,27 @@ pub fn plan_window(
         };
     }
     puts.extend(open);
+    // A zero run at the window's edge that the blob has written must be made zero too: up to
+    // the gap long, it goes inside the neighbouring Put Page (as zeros) rather than in a
+    // clear request of its own. A standby sync's regions start and end on changed chunks
+    // whose first or last pages are often zero: 640 of 2,170 requests of a 4 GiB sync were
+    // such clears, of 3.4 KiB each on average.
+    let needs_clear = |from: usize, to: usize| {
+        from < to && !overlaps(stale, offset + from as u64, offset + to as u64).is_empty()
+    };
+    if let Some(first) = puts.first_mut() {
+        if first.0 <= gap && first.1 <= max && needs_clear(0, first.0) {
+            first.2 += first.0 as u64;
+            first.0 = 0;
+        }
+    }
+    if let Some(last) = puts.last_mut() {
+        let tail = buf.len() - last.1;
+        if tail <= gap && buf.len() - last.0 <= max && needs_clear(last.1, buf.len()) {
+            last.2 += tail as u64;
+            last.1 = buf.len();
+        }
+    }
 
     let mut out = Vec::with_capacity(puts.len() + 1);
     let mut zero_from = 0usize;
@@ -646,6 +669,36 @@ mod tests {
         // Larger than the limit: goes when nothing else is held.
         budget.take(40)?;
         assert_eq!(budget.peak(), 40);
+        Ok(())
+    }
+
+    #[test]
+    fn stale_zero_edges_within_the_gap_ride_in_the_put() -> Result<()> {
+        // Zeros, data, zeros: 8 KiB at each edge.
+        let b = window(64 * K, &[(8 * K, 56 * K)]);
+        let whole = [(0u64, 1u64 << 30)];
+        // The blob has written everything: the edges go out inside the one Put Page.
+        let plan = plan_window(&b, 0, 512, 64 * 1024, MAX_PUT_PAGE, &whole)?;
+        assert_eq!(
+            plan,
+            vec![PageRequest::Put {
+                start: 0,
+                end: 64 * K,
+                zero_bytes: 16 * K as u64
+            }]
+        );
+        // Edges longer than the gap are cleared.
+        let plan = plan_window(&b, 0, 512, 4 * 1024, MAX_PUT_PAGE, &whole)?;
+        assert_eq!(plan.len(), 3, "{plan:?}");
+        // A fresh blob: nothing to clear, the zeros are not sent.
+        let plan = plan_window(&b, 0, 512, 64 * 1024, MAX_PUT_PAGE, &[])?;
+        assert_eq!(puts(&plan), vec![(8 * K, 56 * K, 0)]);
+        // The maximum request size holds.
+        let plan = plan_window(&b, 0, 512, 64 * 1024, 50 * K, &whole)?;
+        assert!(
+            puts(&plan).iter().all(|&(s, e, _)| e - s <= 50 * K),
+            "{plan:?}"
+        );
         Ok(())
     }
 
