@@ -15,6 +15,7 @@ for byte, and the blob standby checked with `verify --target`.
 Usage: python3 benches/standby.py --bin target/release/stackvault --data DIR --work DIR
            [--azurite .ci/azurite/node_modules/.bin/azurite-blob] [--python VENV_PYTHON]
            [--no-blob] [--no-file] [--variant 'LABEL|BIN|EXTRA SYNC ARGS' ...]
+       python3 benches/standby.py --put-cost --work DIR [--python VENV_PYTHON]
 Each row also gives the client's CPU seconds (user + system of the sync process), the server's
 (Azurite's node process, from /proc) during the sync, and the load average after it. With
 --variant, every incremental step is measured once more per variant (another binary, or
@@ -57,6 +58,21 @@ if action == "setup":
           datetime.datetime.utcnow() + datetime.timedelta(days=1)))
 else:
     service.get_blob_client("standby", action).delete_blob(delete_snapshots="include")
+"""
+
+# Put Page cost: COUNT requests of SIZE bytes each into a fresh page blob, THREADS at a time.
+PUT_SCRIPT = r"""
+import sys, os, concurrent.futures
+from azure.storage.blob import BlobServiceClient
+endpoint, key, name, count, size, threads = sys.argv[1:7]
+count, size, threads = int(count), int(size), int(threads)
+conn = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=%s;"
+        "BlobEndpoint=%s;" % (key, endpoint))
+blob = BlobServiceClient.from_connection_string(conn).get_blob_client("standby", name)
+blob.create_page_blob(count * size)
+body = os.urandom(size)
+with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(lambda i: blob.upload_page(body, offset=i * size, length=size), range(count)))
 """
 
 
@@ -138,6 +154,10 @@ def main():
     ap.add_argument("--python", default="target/bench-venv/bin/python")
     ap.add_argument("--no-blob", action="store_true")
     ap.add_argument("--no-file", action="store_true")
+    ap.add_argument("--put-cost", action="store_true",
+                    help="only measure Azurite's CPU per Put Page: 1,000 requests of 64 KiB "
+                         "against 250 of 256 KiB (and 16 of 4 MiB), the same 64 MiB, "
+                         "alternated 3 times")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL|BIN|ARGS",
                     help="measure each incremental step with this binary and these extra "
                          "`standby sync` arguments too (repeatable; the target is synced back "
@@ -151,6 +171,8 @@ def main():
     env = dict(os.environ, STACKVAULT_PASSWORD="standby-bench-password")
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
+    if a.put_cost:
+        return put_cost(a)
     repo = os.path.join(a.work, "repo")
     rss = os.path.join(a.work, "rss")
     gens = [os.path.join(a.data, f"gen{g}.raw") for g in range(3)]
@@ -275,6 +297,53 @@ def main():
               f"{'' if diff is None or up is None else '%.2f' % (up / diff)} | "
               f"{cpu:.2f} | {opt(server, '{:.2f}'.format)} | "
               f"{peak:.0f} | {opt(fpeak, '{:.0f}'.format)} | {ld} |")
+    shutil.rmtree(a.work, ignore_errors=True)
+
+
+def put_cost(a):
+    """Is Azurite's cost per request or per byte? The same 64 MiB as 1,000 Put Pages of
+    64 KiB, 250 of 256 KiB and 16 of 4 MiB, 8 in flight, alternated; Azurite's CPU seconds
+    (from /proc) and the wall time of each, and the CPU per request and per MiB a least-squares
+    fit of cpu = a * requests + b * MiB gives."""
+    azurite, port = start_azurite(os.path.abspath(a.azurite), os.path.join(a.work, "azurite"))
+    shapes = [(1000, 64 << 10), (250, 256 << 10), (16, 4 << 20)]
+    rows = []
+    try:
+        endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
+        subprocess.run([a.python, "-c", SAS_SCRIPT, endpoint, KEY, "setup"], check=True,
+                       capture_output=True)
+        for rep in range(3):
+            for count, size in shapes:
+                name = f"put-{rep}-{count}.vhd"
+                before, started = process_cpu(azurite.pid), time.monotonic()
+                subprocess.run([a.python, "-c", PUT_SCRIPT, endpoint, KEY, name, str(count),
+                                str(size), "8"], check=True)
+                wall, cpu = time.monotonic() - started, process_cpu(azurite.pid) - before
+                subprocess.run([a.python, "-c", SAS_SCRIPT, endpoint, KEY, name], check=True)
+                rows.append((count, size, wall, cpu, load()))
+                log(f"{count} x {size >> 10} KiB: Azurite CPU {cpu:.2f} s, wall {wall:.2f} s")
+    finally:
+        azurite.kill()
+        azurite.wait()
+        shutil.rmtree(os.path.join(a.work, "azurite"), ignore_errors=True)
+    print("| requests | KiB each | MiB | wall s | Azurite CPU s | CPU ms / request | load |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for count, size, wall, cpu, ld in rows:
+        print(f"| {count} | {size >> 10} | {count * size / MIB:.0f} | {wall:.2f} | {cpu:.2f} | "
+              f"{1000 * cpu / count:.2f} | {ld} |")
+    # Least squares of cpu = a * requests + b * MiB over the rows.
+    xs = [(c, c * s / MIB, cpu) for c, s, _, cpu, _ in rows]
+    srr = sum(r * r for r, _, _ in xs)
+    srm = sum(r * m for r, m, _ in xs)
+    smm = sum(m * m for _, m, _ in xs)
+    src = sum(r * y for r, _, y in xs)
+    smc = sum(m * y for _, m, y in xs)
+    det = srr * smm - srm * srm
+    if det:
+        per_req = (src * smm - smc * srm) / det
+        per_mib = (srr * smc - srm * src) / det
+        print(f"\nfit: Azurite CPU = {1000 * per_req:.2f} ms per request + "
+              f"{1000 * per_mib:.2f} ms per MiB")
     shutil.rmtree(a.work, ignore_errors=True)
 
 

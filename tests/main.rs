@@ -57,6 +57,7 @@ mod shared_repo;
 mod standby;
 mod standby_device;
 mod standby_lease;
+mod standby_memory;
 mod standby_pageblob;
 mod standby_requests;
 mod typed_ids;

@@ -6,8 +6,11 @@
 //! between them, over two segment boundaries: merged, the runs go out in a few requests (5 and 8
 //! measured; the unmerged sync of the same change, `--coalesce-gap 0`, sent 5,356), the
 //! rewritten unchanged bytes are reported apart and stay within the budget. gen2 flips one
-//! byte every 40 KiB; for both, the sync sends at most 1.1× the changed bytes. Each time the
-//! blob equals the snapshot (`--verify 100%` and `verify --target`).
+//! byte every 40 KiB; gen3 one byte every 72 KiB, so most unchanged stretches between the
+//! changed chunks are just under 64 KiB: the fixed 64 KiB gap of before merges them and sent
+//! 1.28× the changed bytes, the gap chosen per sync stays within the budget. For
+//! every generation the sync sends at most 1.1× the changed bytes. Each time the blob equals
+//! the snapshot (`--verify 100%` and `verify --target`).
 
 use std::os::unix::fs::FileExt;
 
@@ -26,6 +29,11 @@ const RUNS: u64 = 12;
 /// gen2: changes of one byte each, this far apart.
 const STRIDE: u64 = 40 * KIB;
 const CHANGES: u64 = 100;
+/// gen3: changes of one byte each, far enough apart that the unchanged bytes between their
+/// chunks are mostly just under the fixed gap of before (64 KiB), so merging at that gap
+/// rewrites far more than 10 % of the changed bytes.
+const SPARSE_STRIDE: u64 = 72 * KIB;
+const SPARSE_CHANGES: u64 = 120;
 
 fn sync(repo: &str, target: &str, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
     let mut args = vec!["standby", "sync", "-r", repo, "--disk", "vm", target];
@@ -142,5 +150,18 @@ fn nearby_changes_go_out_in_few_put_page_requests_within_the_byte_budget() -> an
     sync_both(repo, &merged, &apart)?;
     verify_target(repo, &gen2, &merged)?;
     verify_target(repo, &gen2, &apart)?;
+
+    // gen3: one byte flipped every 72 KiB over 8.4 MiB from 1 MiB: 120 changed chunks with
+    // unchanged stretches mostly under 64 KiB between them. With the gap forced to a fixed
+    // 64 KiB this sync uploaded 1.28x the changed bytes (7.4 MiB for 5.8 MiB) and the test
+    // failed; the chosen gap (36 KiB in another run) stayed within the budget.
+    flip(
+        &disk,
+        (0..SPARSE_CHANGES).map(|k| MIB + k * SPARSE_STRIDE + 777),
+    )?;
+    let gen3 = f.backup(&disk, "vm")?;
+    sync_both(repo, &merged, &apart)?;
+    verify_target(repo, &gen3, &merged)?;
+    verify_target(repo, &gen3, &apart)?;
     Ok(())
 }

@@ -143,6 +143,11 @@ pub struct SyncReport {
     /// the page rounding stay within 10 % of the changed bytes unless `--coalesce-gap` gave
     /// it (see [`regions`]).
     pub coalesce_gap_bytes: Option<u64>,
+    /// Page blob incremental syncs: the most bytes of regions handed to the page writer and
+    /// not yet sent at any time (bounded by the writer's budget, whatever the disk's size).
+    pub peak_bytes_in_flight: Option<u64>,
+    /// Page blob incremental syncs: of `requests`, the Put Page `clear` requests (zero runs).
+    pub clear_requests: Option<u64>,
     pub duration_ms: u64,
     /// `clean`, or `diverged` when `--verify` found a difference.
     pub state: ReportState,
@@ -539,6 +544,8 @@ pub(crate) fn report(base: &ReportBase<'_>, counts: Counts, started: Instant) ->
         uploaded_bytes: None,
         gap_bytes: counts.gap_bytes,
         coalesce_gap_bytes: None,
+        peak_bytes_in_flight: None,
+        clear_requests: None,
         duration_ms: started.elapsed().as_millis() as u64,
         state: ReportState::Clean,
         blob_snapshot: None,

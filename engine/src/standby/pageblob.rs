@@ -361,6 +361,8 @@ fn sync_leased(
         },
     };
     let mut coalesce_gap = None;
+    let mut peak_in_flight = None;
+    let mut clear_requests = None;
     let (counts, uploaded) = match plan {
         Plan::Full => {
             if resized {
@@ -457,6 +459,8 @@ fn sync_leased(
             }
             let s = writer.stats();
             counts.requests = s.put_requests + s.clear_requests + extra_requests;
+            peak_in_flight = Some(s.peak_bytes_in_flight);
+            clear_requests = Some(s.clear_requests);
             (counts, s.put_bytes)
         }
     };
@@ -475,6 +479,8 @@ fn sync_leased(
     );
     report.uploaded_bytes = Some(uploaded);
     report.coalesce_gap_bytes = coalesce_gap;
+    report.peak_bytes_in_flight = peak_in_flight;
+    report.clear_requests = clear_requests;
     report.notes = client.notes();
 
     let etag = still_ours(client, &applying)?;

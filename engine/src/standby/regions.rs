@@ -15,7 +15,9 @@
 //! Invariants:
 //! - Memory is flat in the disk size: both passes walk the segments in order, in batches of
 //!   [`BATCH_SEGMENTS`], holding one batch's regions and a histogram of
-//!   `MAX_ADAPTIVE_GAP / page` counters; nothing is kept per segment of the whole disk.
+//!   `MAX_ADAPTIVE_GAP / page` counters; nothing is kept per segment of the whole disk. The
+//!   bytes of the regions being written are bounded by the page writer's budget
+//!   ([`crate::azure::pagewriter::DEFAULT_BYTES_IN_FLIGHT`]) plus one region per thread.
 //! - The regions handed out are sorted, disjoint, page-aligned, inside the data area, and
 //!   cover every changed range; a region is at most [`MAX_PUT_PAGE`] long unless one changed
 //!   run already was.
