@@ -6,7 +6,7 @@
 
 use anyhow::Context as _;
 use stackvault::Repo;
-use stackvault_tests::{reader_without_read_ahead, Fixture, Rng};
+use stackvault_tests::{p, reader_without_read_ahead, sv_json_ok, Fixture, Rng};
 
 use crate::nbd_support::{skip_without_clients, Raw, Served};
 
@@ -126,14 +126,7 @@ fn prefetch_looks_up_about_one_chunk_per_frame() -> anyhow::Result<()> {
     let f = Fixture::new()?;
     let (disk, id) = backed_up(&f)?;
     let repo = Repo::open(&f.repo())?;
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: 64 << 20,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, 64 << 20)?;
     let (at, len) = (MIB + 4096, 16 * MIB);
     let data_runs = reader
         .map(at, len, usize::MAX)?
@@ -177,14 +170,7 @@ fn prefetch_guesses_that_miss_are_looked_up() -> anyhow::Result<()> {
     let v = sv_json_ok(&["-r", p(&f.repo()), "backup", p(&path), "--disk", "d"])?;
     let id = v["snapshot_id"].as_str().context("id")?.to_string();
     let repo = Repo::open(&f.repo())?;
-    let reader = SnapshotReader::open(
-        &repo,
-        &id,
-        ReaderOptions {
-            cache_bytes: 128 << 20,
-            read_ahead_bytes: 0,
-        },
-    )?;
+    let reader = reader_without_read_ahead(&repo, &id, 128 << 20)?;
     let len = moved.len() as u64;
     reader.prefetch(0, len)?;
     let prefetched = reader.stats();
