@@ -616,13 +616,19 @@ impl<'r> SnapshotReader<'r> {
             }
             budget::Claim::Load(claim) => claim,
         };
-        // The compressed and the decompressed bytes, charged before either exists.
-        let charge = self.frames.reserve(
-            usize::try_from(record.read_len())
-                .unwrap_or(usize::MAX)
-                .saturating_add(record.frame_raw_len as usize),
-        );
-        let mut frame = Vec::new();
+        // The compressed and the decompressed bytes, charged before either exists; into a
+        // dropped frame's buffer when one is spare (its charge counts towards them).
+        let needed = usize::try_from(record.read_len())
+            .unwrap_or(usize::MAX)
+            .saturating_add(record.frame_raw_len as usize);
+        let (mut frame, charge) = match self.frames.frame_buffer() {
+            Some((buffer, mut charge)) => {
+                let more = self.frames.reserve(needed.saturating_sub(charge.bytes()));
+                charge.absorb(more);
+                (buffer, charge)
+            }
+            None => (Vec::new(), self.frames.reserve(needed)),
+        };
         verified::fetch_frame(
             self.repo.backend(),
             self.repo.protection(),
@@ -631,7 +637,7 @@ impl<'r> SnapshotReader<'r> {
             &mut frame,
         )?;
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(Frame::new(frame, charge));
+        let frame = Arc::new(Frame::reusable(frame, charge, &self.frames));
         let no = self.frames.keep(key, Arc::clone(&frame));
         drop(claim);
         Ok((no, frame))
