@@ -130,9 +130,12 @@ fn stalled_readers_are_dropped_and_ctrl_c_still_stops_the_server() -> anyhow::Re
     std::thread::sleep(Duration::from_millis(500));
     let (kind, _) = go_answer(&served.socket)?;
     assert_eq!(kind, NBD_REP_ERR_POLICY, "both slots are taken");
-    // Within the stall timeout (and some slack for a loaded machine) the slots come back.
+    // Within the stall timeout (and some slack for a loaded machine) both slots come back:
+    // only then are both stalled clients known to be dropped (one whose reply had not started
+    // when the other was dropped is not stalled yet, and would be served in full below).
     let mut c = admitted(&served.socket, Duration::from_secs(20))?;
     c.read(0, 4096)?.map_err(|e| anyhow::anyhow!("read: {e}"))?;
+    let second = admitted(&served.socket, Duration::from_secs(20))?;
     // The stalled clients find their connections closed once they drain what was sent.
     for s in &mut stalled {
         s.0.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -147,6 +150,7 @@ fn stalled_readers_are_dropped_and_ctrl_c_still_stops_the_server() -> anyhow::Re
         }
         assert!(total < 16 << 20, "a stalled reply must be cut short");
     }
+    drop(second);
 
     // A new stalled client, then Ctrl-C: the blocked writes do not keep the server up.
     let mut again = Raw::go(&served.socket)?;
