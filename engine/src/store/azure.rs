@@ -631,7 +631,15 @@ impl Backend for AzureBlobBackend {
         let full = format!("{}{prefix}", self.prefix);
         let mut out = Vec::new();
         self.list_pages(&[q("prefix", &full)], |body| {
-            parse_listing(body, &self.prefix, &self.shown, &mut out)
+            let (listed, next) = parse_listing(body, &self.shown)?;
+            out.extend(listed.into_iter().filter_map(|blob| {
+                Some(ObjectInfo {
+                    key: blob.name.strip_prefix(&self.prefix)?.to_string(),
+                    size: blob.size,
+                    modified: blob.modified,
+                })
+            }));
+            Ok(next)
         })?;
         Ok(out)
     }
@@ -703,14 +711,20 @@ impl Backend for AzureBlobBackend {
     }
 }
 
-/// Reads one List Blobs answer into `out` (keys relative to `prefix`, with sizes); returns
-/// the marker of the next page, if any.
-fn parse_listing(
-    body: &[u8],
-    prefix: &str,
-    shown: &str,
-    out: &mut Vec<ObjectInfo>,
-) -> Result<Option<String>> {
+/// A blob as List Blobs lists it.
+#[derive(Debug, PartialEq, Eq)]
+struct Listed {
+    /// Full blob name (prefix included).
+    name: String,
+    size: u64,
+    etag: Option<String>,
+    /// Its `Last-Modified` (else `Creation-Time`); absent or not a date, the age is unknown.
+    modified: Option<std::time::SystemTime>,
+}
+
+/// Reads one List Blobs answer: every blob with its size, ETag and last change, and the
+/// marker of the next page, if any.
+fn parse_listing(body: &[u8], shown: &str) -> Result<(Vec<Listed>, Option<String>)> {
     let bad = |what: String| Error::Http {
         url: shown.to_string(),
         status: 200,
@@ -722,6 +736,7 @@ fn parse_listing(
     let doc = roxmltree::Document::parse(text)
         .map_err(|e| bad(format!("List Blobs answer is not XML: {e}")))?;
     let mut next = None;
+    let mut out = Vec::new();
     for n in doc.root_element().children().filter(|n| n.is_element()) {
         match n.tag_name().name() {
             "NextMarker" => next = n.text().map(str::to_string).filter(|m| !m.is_empty()),
@@ -737,22 +752,22 @@ fn parse_listing(
                     let size = child("Content-Length")
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .ok_or_else(|| bad(format!("listed blob {name} has no Content-Length")))?;
-                    // RFC 1123, as every Azure date; absent or odd, the age is unknown.
+                    // RFC 1123, as every Azure date; the later of the two is the safer age.
                     let modified = child("Last-Modified")
+                        .or_else(|| child("Creation-Time"))
                         .and_then(|t| httpdate::parse_http_date(t.trim()).ok());
-                    if let Some(key) = name.strip_prefix(prefix) {
-                        out.push(ObjectInfo {
-                            key: key.to_string(),
-                            size,
-                            modified,
-                        });
-                    }
+                    out.push(Listed {
+                        name: name.to_string(),
+                        size,
+                        etag: child("Etag").map(str::to_string).filter(|e| !e.is_empty()),
+                        modified,
+                    });
                 }
             }
             _ => {}
         }
     }
-    Ok(next)
+    Ok((out, next))
 }
 
 #[cfg(test)]
@@ -760,22 +775,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listing_pages_are_read_with_sizes_and_markers() -> Result<()> {
+    fn listing_pages_are_read_with_sizes_etags_ages_and_markers() -> Result<()> {
         let page = br#"<?xml version="1.0" encoding="utf-8"?>
-<EnumerationResults ContainerName="vault"><Prefix>erp/packs/</Prefix><Blobs>
-<Blob><Name>erp/packs/ab/abcd</Name><Properties><Last-Modified>Mon, 30 Nov 2026 03:45:47 GMT</Last-Modified><Content-Length>5</Content-Length></Properties></Blob>
-<Blob><Name>erp/packs/cd/cdef</Name><Properties><Content-Length>0</Content-Length></Properties></Blob>
+<EnumerationResults ContainerName="vault"><Prefix>erp/</Prefix><Blobs>
+<Blob><Name>erp/packs/ab/abcd</Name><Properties><Creation-Time>Mon, 30 Nov 2026 03:45:40 GMT</Creation-Time><Last-Modified>Mon, 30 Nov 2026 03:45:47 GMT</Last-Modified><Etag>0x8D1</Etag><Content-Length>0</Content-Length></Properties></Blob>
+<Blob><Name>erp/config</Name><Properties><Content-Length>12</Content-Length></Properties></Blob>
 </Blobs><NextMarker>2!abc</NextMarker></EnumerationResults>"#;
-        let mut out = Vec::new();
-        let next = parse_listing(page, "erp/", "x", &mut out)?;
+        let (listed, next) = parse_listing(page, "x")?;
         assert_eq!(next.as_deref(), Some("2!abc"));
-        assert_eq!(out.len(), 2);
-        assert_eq!((out[0].key.as_str(), out[0].size), ("packs/ab/abcd", 5));
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_010_347);
-        assert_eq!((out[0].modified, out[1].modified), (Some(when), None));
+        assert_eq!(
+            listed,
+            [
+                Listed {
+                    name: "erp/packs/ab/abcd".into(),
+                    size: 0,
+                    etag: Some("0x8D1".into()),
+                    modified: Some(when),
+                },
+                Listed {
+                    name: "erp/config".into(),
+                    size: 12,
+                    etag: None,
+                    modified: None,
+                }
+            ]
+        );
         let last = b"<EnumerationResults><Blobs/><NextMarker/></EnumerationResults>";
-        assert_eq!(parse_listing(last, "", "x", &mut out)?, None);
-        assert!(parse_listing(b"<nope", "", "x", &mut out).is_err());
+        assert_eq!(parse_listing(last, "x")?, (Vec::new(), None));
+        let nameless = b"<x><Blobs><Blob><Name>n</Name></Blob></Blobs></x>";
+        assert!(parse_listing(nameless, "x").is_err());
+        assert!(parse_listing(b"<nope", "x").is_err());
         Ok(())
     }
 

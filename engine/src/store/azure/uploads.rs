@@ -22,22 +22,10 @@
 //! ETag then removes exactly that, and for one round trip an empty object is visible under the
 //! key, which a concurrent `check` would report and a later prune would remove.
 
-use std::time::SystemTime;
-
-use super::{h, q, AzureBlobBackend};
+use super::{h, parse_listing, q, AzureBlobBackend};
 use crate::azure::client::{Method, Request, RequestKind};
 use crate::error::{Error, Result};
 use crate::store::UnfinishedUpload;
-
-/// A blob as `include=uncommittedblobs` lists it.
-#[derive(Debug, PartialEq, Eq)]
-struct Listed {
-    /// Full blob name (prefix included).
-    name: String,
-    size: u64,
-    etag: Option<String>,
-    modified: Option<SystemTime>,
-}
 
 impl AzureBlobBackend {
     /// Every blob under the repository's prefix that has only uncommitted blocks (see the
@@ -46,12 +34,7 @@ impl AzureBlobBackend {
         let mut out = Vec::new();
         let query = [q("include", "uncommittedblobs"), q("prefix", &self.prefix)];
         self.list_pages(&query, |body| {
-            let (listed, next) = parse_listing(body).map_err(|why| Error::Http {
-                url: self.shown.clone(),
-                status: 200,
-                code: "UnexpectedAnswer".into(),
-                message: format!("List Blobs (uncommitted) answer: {why}"),
-            })?;
+            let (listed, next) = parse_listing(body, &self.shown)?;
             for blob in listed.into_iter().filter(|b| b.size == 0) {
                 let Some(key) = blob.name.strip_prefix(&self.prefix) else {
                     continue;
@@ -140,81 +123,5 @@ impl AzureBlobBackend {
     #[cfg(feature = "testing")]
     pub fn put_as_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
         self.put_blocks(key, data)
-    }
-}
-
-/// Reads one List Blobs answer: every blob with its size, ETag and last change, and the
-/// marker of the next page, if any.
-fn parse_listing(body: &[u8]) -> std::result::Result<(Vec<Listed>, Option<String>), String> {
-    let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_string())?;
-    let doc = roxmltree::Document::parse(text).map_err(|e| format!("not XML: {e}"))?;
-    let mut next = None;
-    let mut out = Vec::new();
-    for n in doc.root_element().children().filter(|n| n.is_element()) {
-        match n.tag_name().name() {
-            "NextMarker" => next = n.text().map(str::to_string).filter(|m| !m.is_empty()),
-            "Blobs" => {
-                for blob in n.children().filter(|b| b.has_tag_name("Blob")) {
-                    let child = |name: &str| {
-                        blob.descendants()
-                            .find(|d| d.has_tag_name(name))
-                            .and_then(|d| d.text())
-                    };
-                    let name = child("Name").ok_or("a listed blob has no Name")?;
-                    let size = child("Content-Length")
-                        .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or_else(|| format!("listed blob {name} has no Content-Length"))?;
-                    // The later of the two is the safer age; absent, the age is unknown.
-                    let modified = child("Last-Modified")
-                        .or_else(|| child("Creation-Time"))
-                        .and_then(|t| httpdate::parse_http_date(t.trim()).ok());
-                    out.push(Listed {
-                        name: name.to_string(),
-                        size,
-                        etag: child("Etag").map(str::to_string).filter(|e| !e.is_empty()),
-                        modified,
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok((out, next))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listing_pages_give_sizes_etags_and_ages() -> std::result::Result<(), String> {
-        let page = br#"<?xml version="1.0" encoding="utf-8"?>
-<EnumerationResults ContainerName="vault"><Prefix>erp/</Prefix><Blobs>
-<Blob><Name>erp/packs/ab/abcd</Name><Properties><Creation-Time>Mon, 30 Nov 2026 03:45:40 GMT</Creation-Time><Last-Modified>Mon, 30 Nov 2026 03:45:47 GMT</Last-Modified><Etag>0x8D1</Etag><Content-Length>0</Content-Length></Properties></Blob>
-<Blob><Name>erp/config</Name><Properties><Content-Length>12</Content-Length></Properties></Blob>
-</Blobs><NextMarker>2!abc</NextMarker></EnumerationResults>"#;
-        let (listed, next) = parse_listing(page)?;
-        assert_eq!(next.as_deref(), Some("2!abc"));
-        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_010_347);
-        assert_eq!(
-            listed,
-            [
-                Listed {
-                    name: "erp/packs/ab/abcd".into(),
-                    size: 0,
-                    etag: Some("0x8D1".into()),
-                    modified: Some(when),
-                },
-                Listed {
-                    name: "erp/config".into(),
-                    size: 12,
-                    etag: None,
-                    modified: None,
-                }
-            ]
-        );
-        assert!(parse_listing(b"<x><Blobs><Blob><Name>n</Name></Blob></Blobs></x>").is_err());
-        assert!(parse_listing(b"<nope").is_err());
-        Ok(())
     }
 }
