@@ -567,7 +567,7 @@ def main():
     header = (f"`benches/remote.py --reps {args.reps} --rtt {args.rtt} --stores {args.stores}"
               f" --steps {args.steps}{' --base-bin ' + args.base_bin if args.base_bin else ''}"
               f"{' --data ' + args.data if args.data else ''}`; disks: {origin}, {size_mib} MiB;"
-              f" binary {args.bin} ({'release' if 'release' in args.bin else 'debug'} profile);"
+              f" binary {args.bin};"
               f" {version.strip()}. Load average before/after: {load_before[0]:.1f} / "
               f"{load_after[0]:.1f} (2 cores shared with other builds: ratios only); "
               f"{(time.time() - started) / 60:.0f} min.")
