@@ -11,7 +11,7 @@ use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use stackvault::crypto::keyfile::{KdfParams, KeyObject, KeyParts};
+use stackvault::crypto::keyfile::{KdfParams, KeyObject};
 use stackvault::crypto::{MasterSecret, ObjectAd, ObjectKind, Protection, RepoKeys, RepoSecrets};
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
 use stackvault_tests::{
@@ -458,15 +458,7 @@ fn generate() -> Result<Vec<(&'static str, String)>> {
         &RepoSecrets::from_master(&MasterSecret::from_bytes(VECTOR_MASTER)),
         [0; 16],
         b"correct horse battery staple",
-        &KeyParts {
-            kdf: KdfParams::INSECURE_TEST,
-            id: [0xa5; 16],
-            salt: [0x5a; 16],
-            nonce: [0x3c; 24],
-            created_unix: 1_764_460_800,
-            host: "vector-host",
-            label: "vector",
-        },
+        &crate::encryption_like::VECTOR_KEY_PARTS,
     )?;
     Ok(vec![
         (

@@ -330,6 +330,17 @@ fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors")
 }
 
+/// The fixed random parts of the key objects in `format-spec/encryption.md`'s test vectors.
+pub(crate) const VECTOR_KEY_PARTS: KeyParts<'static> = KeyParts {
+    kdf: KdfParams::INSECURE_TEST,
+    id: [0xa5; 16],
+    salt: [0x5a; 16],
+    nonce: [0x3c; 24],
+    created_unix: 1_764_460_800,
+    host: "vector-host",
+    label: "vector",
+};
+
 /// The version 2 vector: naming secret 32 × 0x42 (the version 1 vector's master secret),
 /// sealing secret 32 × 0x24, repository id 16 × 0x11, and the version 1 vector's other
 /// fields (`format-spec/encryption.md`, "Test vectors").
@@ -338,15 +349,7 @@ fn key_vector_v2() -> Result<KeyObject> {
         &RepoSecrets::from_parts([0x42; 32], [0x24; 32]),
         [0x11; 16],
         PASSWORD,
-        &KeyParts {
-            kdf: KdfParams::INSECURE_TEST,
-            id: [0xa5; 16],
-            salt: [0x5a; 16],
-            nonce: [0x3c; 24],
-            created_unix: 1_764_460_800,
-            host: "vector-host",
-            label: "vector",
-        },
+        &VECTOR_KEY_PARTS,
     )?)
 }
 

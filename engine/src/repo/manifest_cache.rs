@@ -161,27 +161,34 @@ fn download(backend: &dyn Backend, dir: &Path, id: &str, path: &Path) -> Result<
 pub(crate) struct TeeToCache<'a> {
     inner: Box<dyn ObjectWriter + 'a>,
     dir: PathBuf,
-    /// The copy being written and its temporary path; `None` once a write to it failed.
-    copy: Option<(File, PathBuf)>,
+    /// The copy being written; `None` once a write to it failed.
+    copy: Option<TempCopy>,
+}
+
+/// A copy being written under a temporary name; removed when dropped unless it was renamed
+/// into place first (then the removal finds nothing).
+struct TempCopy {
+    file: File,
+    path: PathBuf,
+}
+
+impl Drop for TempCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl<'a> TeeToCache<'a> {
     pub(crate) fn new(inner: Box<dyn ObjectWriter + 'a>, dir: &Path) -> TeeToCache<'a> {
-        let tmp = dir.join(format!(".tmp-new-{}", crate::lock::random_hex()));
+        let path = dir.join(format!(".tmp-new-{}", crate::lock::random_hex()));
         let copy = std::fs::create_dir_all(dir)
-            .and_then(|()| File::create(&tmp))
+            .and_then(|()| File::create(&path))
             .ok()
-            .map(|file| (file, tmp));
+            .map(|file| TempCopy { file, path });
         TeeToCache {
             inner,
             dir: dir.to_path_buf(),
             copy,
-        }
-    }
-
-    fn drop_copy(&mut self) {
-        if let Some((_, tmp)) = self.copy.take() {
-            let _ = std::fs::remove_file(tmp);
         }
     }
 }
@@ -189,12 +196,10 @@ impl<'a> TeeToCache<'a> {
 impl Write for TeeToCache<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        let copied = match &mut self.copy {
-            Some((file, _)) => buf.get(..n).is_some_and(|b| file.write_all(b).is_ok()),
-            None => true,
-        };
-        if !copied {
-            self.drop_copy();
+        if let Some(copy) = &mut self.copy {
+            if buf.get(..n).is_none_or(|b| copy.file.write_all(b).is_err()) {
+                self.copy = None;
+            }
         }
         Ok(n)
     }
@@ -205,53 +210,16 @@ impl Write for TeeToCache<'_> {
 }
 
 impl ObjectWriter for TeeToCache<'_> {
-    fn commit(mut self: Box<Self>, key: &str) -> Result<()> {
-        let copy = self.copy.take();
-        let dir = std::mem::take(&mut self.dir);
-        let inner = std::mem::replace(&mut self.inner, Box::new(Discard));
+    fn commit(self: Box<Self>, key: &str) -> Result<()> {
+        let TeeToCache { inner, dir, copy } = *self;
         let committed = inner.commit(key);
-        if let Some((file, tmp)) = copy {
-            let id = key
-                .strip_prefix("snapshots/")
-                .filter(|id| is_snapshot_id(id));
-            match (&committed, id) {
-                (Ok(()), Some(id)) => {
-                    drop(file);
-                    if std::fs::rename(&tmp, dir.join(id)).is_err() {
-                        let _ = std::fs::remove_file(&tmp);
-                    }
-                }
-                _ => {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-            }
+        let id = key
+            .strip_prefix("snapshots/")
+            .filter(|id| is_snapshot_id(id));
+        if let (Ok(()), Some(copy), Some(id)) = (&committed, &copy, id) {
+            let _ = std::fs::rename(&copy.path, dir.join(id));
         }
         committed
-    }
-}
-
-impl Drop for TeeToCache<'_> {
-    fn drop(&mut self) {
-        self.drop_copy();
-    }
-}
-
-/// What [`TeeToCache::commit`] leaves in place of the writer it committed.
-struct Discard;
-
-impl Write for Discard {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl ObjectWriter for Discard {
-    fn commit(self: Box<Self>, _key: &str) -> Result<()> {
-        Ok(())
     }
 }
 

@@ -92,8 +92,6 @@ struct Shared<'a> {
     progress: &'a dyn Progress,
     stop: AtomicBool,
     failure: Mutex<Option<Error>>,
-    /// Ranged GETs of packs sent.
-    requests: std::sync::atomic::AtomicU64,
 }
 
 impl Shared<'_> {
@@ -122,7 +120,6 @@ impl Shared<'_> {
 }
 
 /// Restores `manifest` into `target` in pack order, region by region (see the module doc).
-/// Returns the counts and the ranged GETs of packs it sent.
 pub fn restore_by_pack(
     repo: &Repo,
     snapshot_id: &str,
@@ -130,7 +127,7 @@ pub fn restore_by_pack(
     target: &dyn DiskTarget,
     progress: &dyn Progress,
     limits: &FetchLimits,
-) -> Result<(RestoreCounts, u64)> {
+) -> Result<RestoreCounts> {
     let shared = Shared {
         repo,
         snapshot_id,
@@ -138,7 +135,6 @@ pub fn restore_by_pack(
         progress,
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
-        requests: std::sync::atomic::AtomicU64::new(0),
     };
     let fetchers = limits.in_flight.max(1);
     let (jobs, queue) = sync_channel::<Job>(fetchers);
@@ -165,7 +161,7 @@ pub fn restore_by_pack(
     let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
     match (failure, counts) {
         (Some(e), _) | (None, Err(e)) => Err(e),
-        (None, Ok(c)) => Ok((c, shared.requests.load(Ordering::Relaxed))),
+        (None, Ok(c)) => Ok(c),
     }
 }
 
@@ -376,7 +372,6 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
         Some(span) => {
             let len = usize::try_from(span.len)
                 .map_err(|_| Error::corrupt(&location, span.offset, "span too large"))?;
-            shared.requests.fetch_add(1, Ordering::Relaxed);
             match shared
                 .repo
                 .backend()

@@ -188,7 +188,7 @@ const RUN_MAX: usize = 128 * 1024;
 /// Writes every chunk of `manifest` into `target` (holes are skipped).
 ///
 /// A local repository reads each frame where it is (a `pread` is cheap), segments in
-/// parallel. A remote one plans its reads: see [`restore_planned`].
+/// parallel. A remote one reads in pack order, region by region (see [`by_pack`]).
 pub fn restore_into(
     repo: &Repo,
     snapshot_id: &str,
@@ -198,7 +198,7 @@ pub fn restore_into(
 ) -> Result<RestoreCounts> {
     progress.start("restore", manifest.virtual_size);
     let counts = if repo.is_remote() {
-        restore_planned(
+        by_pack::restore_by_pack(
             repo,
             snapshot_id,
             manifest,
@@ -259,23 +259,6 @@ fn restore_direct(
             },
         )
         .try_reduce(RestoreCounts::default, add_counts)
-}
-
-/// Restores in pack order, region by region (see [`by_pack`]): every chunk of a region is
-/// looked up, the frames holding them are coalesced into spans of their packs (see [`fetch`]),
-/// and `limits.in_flight` fetchers each fetch a span, decode its frames and write each chunk
-/// to every place of the region that holds it. A chunk whose frame is not usable (damage, a
-/// pack prune replaced) is read on its own, which names the damage.
-pub fn restore_planned(
-    repo: &Repo,
-    snapshot_id: &str,
-    manifest: &Manifest,
-    target: &dyn DiskTarget,
-    progress: &dyn Progress,
-    limits: &FetchLimits,
-) -> Result<RestoreCounts> {
-    by_pack::restore_by_pack(repo, snapshot_id, manifest, target, progress, limits)
-        .map(|(counts, _)| counts)
 }
 
 /// What every segment of one restore is written with: the target, the progress to advance,
