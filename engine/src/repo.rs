@@ -44,6 +44,7 @@ use crate::store::pack::FinishedPack;
 use crate::store::{self, Backend, LocalDir};
 
 mod keys;
+mod listed;
 mod location;
 mod manifest_cache;
 pub use location::{
@@ -143,7 +144,14 @@ pub struct Repo {
     // A shared file lock on the cache copy of the index in use, which keeps other processes
     // from cleaning it away; released (closed) after the connections above.
     _cache_hold: Option<File>,
+    /// When the cache of a remote repository was last brought up to date from the store.
+    caught_up: Mutex<Option<std::time::Instant>>,
+    /// See [`Repo::let_next_backup_use_the_open_catch_up`].
+    open_catch_up_serves_backup: AtomicBool,
 }
+
+/// How long after its open a repository's catch-up may stand in for a backup's own.
+pub const OPEN_CATCH_UP_SERVES: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for Repo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -220,7 +228,10 @@ impl Repo {
     pub fn open(path: &Path) -> Result<Repo> {
         let location = RepoLocation::from_path(path)?;
         if location.is_remote() {
-            return Repo::open_on(location.connect()?, &cache_root()?, &location.to_string());
+            let repo = Repo::open_on(location.connect()?, &cache_root()?, &location.to_string())?;
+            // The command runs right after this open: a backup need not list the store again.
+            repo.let_next_backup_use_the_open_catch_up();
+            return Ok(repo);
         }
         let backend = Arc::new(LocalDir::new(path));
         match read_only_reason(path) {
@@ -267,6 +278,8 @@ impl Repo {
             index: Mutex::new(index),
             read_only: Some(why),
             _cache_hold: hold,
+            caught_up: Mutex::new(None),
+            open_catch_up_serves_backup: AtomicBool::new(false),
         })
     }
 
@@ -305,6 +318,8 @@ impl Repo {
             index: Mutex::new(index),
             read_only: None,
             _cache_hold: None,
+            caught_up: Mutex::new(None),
+            open_catch_up_serves_backup: AtomicBool::new(false),
         })
     }
 
@@ -369,7 +384,13 @@ impl Repo {
         unlocked: Option<Unlocked>,
     ) -> Result<Repo> {
         let backend = Arc::new(WithDeltas::with_protection(backend, Protection::Plain));
-        let config = read_config_object(location, backend.as_ref())?;
+        // The config's GET, the key objects' listing and the catch-up's listings need no
+        // answer of each other: they go out together (see `repo/listed.rs`).
+        let (listed, config) =
+            listed::list_at_once(backend.as_ref(), &listed::OPEN_PREFIXES, || {
+                read_config_object(location, backend.as_ref())
+            });
+        let config = config?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         if config.features.incompat & deltas.bit == 0 {
             return Err(Error::unsupported(format!(
@@ -379,7 +400,7 @@ impl Repo {
                 deltas.name
             )));
         }
-        let unlocked = unlock(&config, backend.as_ref(), location, unlocked)?;
+        let unlocked = unlock(&config, &listed, location, unlocked)?;
         let protection = unlocked.protection.clone();
         backend.set_protection(protection.clone());
         let dir = cache_home
@@ -400,9 +421,8 @@ impl Repo {
             .then_some(ReadOnly::Requested);
         let (mut index, index_path) = open_index_in(&dir, backend.as_ref(), &protection)?;
         let writable = read_only.is_none();
-        index::delta::sync(&mut index, backend.as_ref(), &protection, writable)?;
-        index::sync_shared_snapshots(&index, backend.as_ref(), &protection)?;
-        index::sync_verifications(&index, backend.as_ref(), &protection)?;
+        catch_up(&mut index, &listed, &protection, writable)?;
+        drop(listed);
         Ok(Repo {
             root: dir,
             place: Place::Remote {
@@ -417,6 +437,8 @@ impl Repo {
             index: Mutex::new(index),
             read_only,
             _cache_hold: None,
+            caught_up: Mutex::new(Some(std::time::Instant::now())),
+            open_catch_up_serves_backup: AtomicBool::new(false),
         })
     }
 
@@ -429,11 +451,42 @@ impl Repo {
             return Ok(());
         }
         let mut index = self.index();
-        let (backend, protection) = (self.backend.as_ref(), &self.protection);
-        index::delta::sync(&mut index, backend, protection, self.read_only.is_none())?;
-        index::sync_shared_snapshots(&index, backend, protection)?;
-        index::sync_verifications(&index, backend, protection)?;
+        let (listed, ()) =
+            listed::list_at_once(self.backend.as_ref(), &listed::CATCH_UP_PREFIXES, || ());
+        catch_up(
+            &mut index,
+            &listed,
+            &self.protection,
+            self.read_only.is_none(),
+        )?;
+        *self.caught_up.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Lets the next backup on this handle rely on the catch-up its open just made instead
+    /// of making its own, if it starts within [`OPEN_CATCH_UP_SERVES`] of the open: for a
+    /// command that opens a remote repository to back up at once, as [`Repo::open`] does.
+    /// Handles kept open for longer (an embedding program, the tests' hosts) refresh at the
+    /// start of every backup.
+    pub fn let_next_backup_use_the_open_catch_up(&self) {
+        self.open_catch_up_serves_backup
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// [`Repo::refresh`] at the start of a backup, unless [`Repo::let_next_backup_use_the_open_catch_up`]
+    /// allowed the first backup to skip it and the open's catch-up is recent. Nothing depends
+    /// on the cache being more current than that: a pack other hosts add meanwhile is only a
+    /// missed deduplication, and one a prune deletes meanwhile is caught by the backup's
+    /// re-check before its manifest (`format-spec/locks.md`, rule 2).
+    pub fn refresh_for_backup(&self) -> Result<()> {
+        let serve = self
+            .open_catch_up_serves_backup
+            .swap(false, Ordering::Relaxed);
+        let last = *self.caught_up.lock().unwrap_or_else(|p| p.into_inner());
+        if serve && last.is_some_and(|t| t.elapsed() < OPEN_CATCH_UP_SERVES) {
+            return Ok(());
+        }
+        self.refresh()
     }
 
     /// Whether the repository is on a remote store (its index a per-host cache).
@@ -776,6 +829,21 @@ fn new_config(options: &InitOptions, location: &str) -> Result<RepoConfig> {
     config.zstd_level = options.zstd_level;
     config.validate().map_err(Error::InvalidArgument)?;
     Ok(config)
+}
+
+/// Brings the cache `index` of a remote repository up to date from the store (`backend`,
+/// whose listings [`listed::list_at_once`] has usually made already): the deltas it has not
+/// applied, then the manifests and verification records it has not catalogued.
+fn catch_up(
+    index: &mut Index,
+    backend: &dyn Backend,
+    protection: &Protection,
+    writable: bool,
+) -> Result<()> {
+    index::delta::sync(index, backend, protection, writable)?;
+    index::sync_shared_snapshots(index, backend, protection)?;
+    index::sync_verifications(index, backend, protection)?;
+    Ok(())
 }
 
 /// Opens the index `index.sqlite` in `dir`, building it from the repository's objects when

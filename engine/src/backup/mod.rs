@@ -108,23 +108,47 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     validate_disk_name(&options.disk)?;
-    let lock = repo.lock("backup")?;
-    // Dedup against what other hosts stored too (a remote repository's cache may lag).
-    repo.refresh()?;
+    // The writer lock (on a remote store a lease: a create, then a look at the maintenance
+    // lock, each a round trip) is taken while the parent is chosen and its manifest read from
+    // the cache; nothing is deduplicated before both are done.
+    let (lock, dedup, prelude) = std::thread::scope(|scope| {
+        let lock = scope.spawn(|| repo.lock("backup"));
+        // The condemned set of a shared store (a listing) is read meanwhile too: writers and
+        // the two-phase prune that writes it never exclude each other, so the lock does not
+        // order them (`format-spec/locks.md`, rule 2).
+        let dedup = scope.spawn(|| Dedup::new(repo));
+        let prelude = (|| {
+            // Dedup against what other hosts stored too (a remote repository's cache may lag;
+            // not again right after the open of the command, which just did it).
+            repo.refresh_for_backup()?;
+            let parent = select_parent(repo, options)?;
+            let reading = plan_reading(repo, source, options, parent.as_ref())?;
+            Ok((parent, reading))
+        })();
+        let lock = lock
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("the lock thread panicked".into())));
+        let dedup = dedup.join().unwrap_or_else(|_| {
+            Err(Error::Internal(
+                "the thread reading the condemned set panicked".into(),
+            ))
+        });
+        (lock, dedup, prelude)
+    });
+    let lock = lock?;
+    let (parent, reading) = prelude?;
+    let dedup = dedup?;
     let started = Instant::now();
     let time = now_rfc3339();
     let config = repo.config().clone();
     let virtual_size = source.virtual_size();
-    let parent = select_parent(repo, options)?;
     let kind = match (&parent, options.mode) {
         (None, _) => SnapshotKind::Full,
         (Some(_), BackupMode::Differential) => SnapshotKind::Differential,
         (Some(_), _) => SnapshotKind::Incremental,
     };
-    let reading = plan_reading(repo, source, options, parent.as_ref())?;
     let segments = segment_count(virtual_size, config.segment_size);
     let chunker = Chunker::keyed(&config, repo.protection().chunker_key())?;
-    let dedup = Dedup::new(repo)?;
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
@@ -231,9 +255,10 @@ pub fn backup(
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot,
     // but only while the lock still keeps maintenance out (a lease can run out).
     crate::crash::point("before-manifest");
-    if let Some(mut used) = dedup.used_packs() {
-        // A shared store: no pack this manifest needs may have been condemned meanwhile.
-        crate::maintain::condemn::before_manifest(repo, &mut used, parent_id.as_deref())?;
+    if let Some(used) = dedup.used_packs() {
+        // A shared store: no pack this manifest needs may have been condemned meanwhile, nor
+        // deleted (see `shared_store_recheck`).
+        shared_store_recheck(repo, used, parent_id.as_deref())?;
     }
     lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;
@@ -257,6 +282,49 @@ pub fn backup(
         stats,
         throughput_bytes_per_second,
     })
+}
+
+/// The re-check before the manifest on a shared store (`format-spec/locks.md`, rule 2):
+/// packs condemned meanwhile are copied ([`crate::maintain::condemn::before_manifest`]), and
+/// a listing of `packs/` made at the same time (after the condemned set was first read, so
+/// after every deduplication decision began) must still hold every pack the backup used.
+/// A pack missing there was deleted by a prune whose record the backup never saw (record
+/// and pack gone before the backup read the condemned set, after its cache last listed the
+/// packs): the backup fails without publishing, and the next run's catch-up drops the pack.
+fn shared_store_recheck(
+    repo: &Repo,
+    mut used: std::collections::HashSet<String>,
+    parent: Option<&str>,
+) -> Result<()> {
+    let before = used.clone();
+    let (rescued, listed) = std::thread::scope(|scope| {
+        let listing = scope.spawn(|| repo.backend().list("packs/"));
+        let rescued = crate::maintain::condemn::before_manifest(repo, &mut used, parent);
+        let listed = listing
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("the packs listing panicked".into())));
+        (rescued, listed)
+    });
+    rescued?;
+    let stored: std::collections::HashSet<String> = listed?
+        .iter()
+        .filter_map(|k| crate::index::delta::pack_of_pack_key(k).map(str::to_owned))
+        .collect();
+    // Packs the rescue wrote are newer than the listing; the ones it kept are not.
+    let mut gone: Vec<&String> = used
+        .intersection(&before)
+        .filter(|p| !stored.contains(*p))
+        .collect();
+    gone.sort();
+    match gone.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::Locked(format!(
+            "{} pack(s) this backup deduplicated against (pack {first}, ...) were deleted \
+             by a prune while it ran; nothing was published: run the backup again (it \
+             stores those chunks anew)",
+            gone.len()
+        ))),
+    }
 }
 
 /// The parent a backup is relative to, if any.

@@ -474,6 +474,14 @@ impl Backend for WithDeltas {
         }
     }
 
+    fn put_versioned(&self, key: &str, data: &[u8]) -> Result<crate::store::Version> {
+        if pack_of_pack_key(key).is_some() {
+            self.put(key, data)?;
+            return self.version(key);
+        }
+        self.inner.put_versioned(key, data)
+    }
+
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         self.inner.get(key)
     }

@@ -141,12 +141,12 @@ fn publish(
     info: &LeaseInfo,
     lease: Duration,
 ) -> Result<Option<Lease>> {
-    match backend.put(key, &info.encode()?) {
-        Ok(()) => {}
+    // The create's answer carries the version the refresher needs (one round trip, not two).
+    let version = match backend.put_versioned(key, &info.encode()?) {
+        Ok(v) => v,
         Err(Error::AlreadyExists { .. }) => return Ok(None),
         Err(e) => return Err(e),
-    }
-    let version = backend.version(key)?;
+    };
     let (stop, stopped) = channel::<()>();
     let lost = Arc::new(AtomicBool::new(false));
     let last_refresh = Arc::new(Mutex::new(Instant::now()));

@@ -539,6 +539,26 @@ impl Backend for AzureBlobBackend {
         }
     }
 
+    fn put_versioned(&self, key: &str, data: &[u8]) -> Result<Version> {
+        let single = self
+            .put_blob_max
+            .min(put_blob_limit(&self.client.api_version()));
+        if data.len() > single {
+            self.put_blocks(key, data)?;
+            return self.version(key);
+        }
+        // Put Blob answers with the new blob's ETag: no Get Blob Properties needed.
+        let r = self.put_blob_if_absent(key, data)?;
+        match r.status {
+            201 => etag(&r, key),
+            404 => Err(self.missing(&r, key)),
+            _ => {
+                self.resolve_conflict(key, data, r.attempts > 1)?;
+                self.version(key)
+            }
+        }
+    }
+
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let r = self.send(
             key,

@@ -115,6 +115,15 @@ pub trait Backend: Send + Sync {
     /// nothing new is left under `key`.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
 
+    /// [`Backend::put`], returning the version of the object it created (a lock object,
+    /// refreshed later by version). This default asks for it with [`Backend::version`]; a
+    /// store whose create answer carries it (an ETag) overrides this and saves that round
+    /// trip.
+    fn put_versioned(&self, key: &str, data: &[u8]) -> Result<Version> {
+        self.put(key, data)?;
+        self.version(key)
+    }
+
     /// Reads a whole object; [`NotFound`](crate::Error::NotFound) when there is none.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
 

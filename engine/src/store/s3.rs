@@ -941,6 +941,17 @@ impl Backend for S3Backend {
         self.create_only_outcome(key, &r)
     }
 
+    fn put_versioned(&self, key: &str, data: &[u8]) -> Result<Version> {
+        if data.len() > self.options.multipart_threshold {
+            self.put(key, data)?;
+            return self.version(key);
+        }
+        // PutObject answers with the new object's ETag: no HEAD needed.
+        let r = self.single_put(key, data, ("if-none-match", "*".into()))?;
+        self.create_only_outcome(key, &r)?;
+        self.etag(key, &r)
+    }
+
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let full = self.full_key(key);
         let r = self.execute(&Call::new(Kind::Get, "GET", Some(&full)))?;
@@ -1058,7 +1069,9 @@ impl Backend for S3Backend {
             }
             let r = self.execute(&call)?;
             match r.status {
-                200 => {}
+                // The bucket answered: a later HEAD's bodiless 404 is a missing object, with
+                // no HeadBucket to tell (see `not_found`).
+                200 => self.bucket_seen.store(true, Ordering::Relaxed),
                 404 => return Err(self.not_found(prefix, &r)),
                 _ => return Err(self.http_error(None, &r)),
             }
