@@ -12,15 +12,17 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use super::proto::*;
 use super::{Export, Stream};
 use crate::error::Error;
-use crate::read::{MapRun, SequentialReads};
+use crate::read::{HeldSlice, MapRun, SequentialReads};
 
 /// Longest option data read; longer options end the connection after `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest read or block status request, also announced as the maximum block size.
 pub const MAX_REQUEST_LEN: u32 = 32 << 20;
-/// Bytes read from the snapshot and sent at a time: a connection's data buffer. A frame is
-/// copied out of and dropped before the piece is written, so a slow client pins this buffer,
-/// never a frame.
+/// Bytes read from the snapshot and sent at a time: a connection's data buffer. A structured
+/// piece whose chunks are all checked in cached frames is written from the frames (held, and
+/// charged to the budget, only for that write; a write blocked by a slow client ends at the
+/// stall timeout); any other piece is copied out of its frames into this buffer, the frames
+/// dropped before it is written.
 const PIECE_LEN: u64 = 256 << 10;
 /// What a connection is charged against the server's memory budget for as long as it is
 /// open: its data buffer, the socket buffers of its reader and writer, option data (at most
@@ -42,6 +44,8 @@ const REFUSED_OPTIONS: usize = 8;
 const MAX_DESCRIPTORS: usize = 4096;
 /// Reads at least this long have their frames decompressed in parallel first.
 const PREFETCH_MIN: u32 = 256 << 10;
+/// Most slices of cached frames sent in one structured data chunk (a `writev`'s vector).
+const MAX_HELD_SLICES: usize = 64;
 /// Id of the `base:allocation` context on every connection.
 const ALLOCATION_CONTEXT_ID: u32 = 1;
 
@@ -67,6 +71,9 @@ pub struct Session<'s, 'r> {
     data: Vec<u8>,
     /// The runs of a structured read's current span, kept likewise.
     runs: Vec<MapRun>,
+    /// Slices of cached frames being sent (empty between pieces: frames are held only for
+    /// the write), kept likewise.
+    held: Vec<HeldSlice>,
     pub counts: SessionCounts,
 }
 
@@ -115,6 +122,7 @@ impl<'s, 'r> Session<'s, 'r> {
             shutting_down,
             data: Vec::new(),
             runs: Vec::new(),
+            held: Vec::new(),
             counts: SessionCounts::default(),
         })
     }
@@ -563,6 +571,14 @@ impl<'s, 'r> Session<'s, 'r> {
                     pos = run_end;
                 }
                 while pos < run_end {
+                    // Chunks checked in cached frames (all of a prefetched read, mostly) go
+                    // from the frames to the socket, without a copy into `buf`.
+                    let sent =
+                        self.send_held(export, handle, pos, (run_end - pos).min(PIECE_LEN))?;
+                    if sent > 0 {
+                        pos += sent;
+                        continue;
+                    }
                     let piece = (run_end - pos).min(PIECE_LEN) as usize;
                     buf.resize(HEADER_ROOM + piece, 0);
                     let (head, data) = buf.split_at_mut(HEADER_ROOM);
@@ -583,6 +599,56 @@ impl<'s, 'r> Session<'s, 'r> {
         self.output.flush()
     }
 
+    /// Sends as much of `pos..pos + len` as lies in chunks checked in cached frames (see
+    /// [`crate::read::SnapshotReader::hold_checked`]) as one structured data chunk: its header
+    /// and the frames' slices in one vectored write, the frames held only for that write.
+    /// Returns the bytes sent; 0 when the first byte is not in such a chunk (the caller reads
+    /// it through the reader, which reports any error with its place).
+    fn send_held(&mut self, export: usize, handle: u64, pos: u64, len: u64) -> io::Result<u64> {
+        let reader = self.exports[export].reader;
+        let mut held = std::mem::take(&mut self.held);
+        let covered = reader
+            .hold_checked(pos, len, MAX_HELD_SLICES, &mut held)
+            .unwrap_or(0);
+        let sent = if covered == 0 {
+            Ok(0)
+        } else {
+            self.write_held(handle, pos, covered, &held)
+                .map(|()| covered)
+        };
+        held.clear();
+        self.held = held;
+        let sent = sent?;
+        self.counts.bytes_read += sent;
+        Ok(sent)
+    }
+
+    fn write_held(
+        &mut self,
+        handle: u64,
+        pos: u64,
+        covered: u64,
+        held: &[HeldSlice],
+    ) -> io::Result<()> {
+        let len = usize::try_from(covered).map_err(|_| io::Error::other("piece too long"))?;
+        let mut head = [0u8; HEADER_ROOM];
+        head[..STRUCTURED_HEADER_LEN].copy_from_slice(&structured_header(
+            0,
+            REPLY_TYPE_OFFSET_DATA,
+            handle,
+            8 + len,
+        )?);
+        head[STRUCTURED_HEADER_LEN..].copy_from_slice(&pos.to_be_bytes());
+        let mut slices = [io::IoSlice::new(&[]); MAX_HELD_SLICES + 1];
+        slices[0] = io::IoSlice::new(&head);
+        let mut count = 1;
+        for (slot, h) in slices.iter_mut().skip(1).zip(held) {
+            *slot = io::IoSlice::new(h);
+            count += 1;
+        }
+        write_all_vectored(&mut self.output, &mut slices[..count])
+    }
+
     /// Ends a structured read with `EIO` at `at`, the chunk's damage logged.
     fn read_error(&mut self, export: usize, handle: u64, at: u64, e: &Error) -> io::Result<()> {
         log_read_error(&self.exports[export].name, at, e);
@@ -601,6 +667,20 @@ impl<'s, 'r> Session<'s, 'r> {
         self.output.write_all(&at.to_be_bytes())?;
         self.output.flush()
     }
+}
+
+/// Writes all of `slices` (`Write::write_all_vectored` is not stable yet).
+fn write_all_vectored(out: &mut impl Write, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match out.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A structured reply chunk header for a payload of `len` bytes.

@@ -47,9 +47,9 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// `data`, charged with `charge` (shrunk to the data's capacity).
+    /// `data`, charged with `charge` (shrunk to what the data's buffer takes, [`footprint`]).
     pub(super) fn new(data: Vec<u8>, mut charge: Charge) -> Frame {
-        charge.shrink_to(data.capacity());
+        charge.shrink_to(footprint(data.capacity()));
         Frame {
             data,
             charge: Some(charge),
@@ -76,6 +76,23 @@ impl Drop for Frame {
 
 /// Most buffers kept as spares: enough for the frames decoded at once by a read-ahead batch.
 const SPARES_MAX: usize = 4;
+
+/// Page size assumed by [`footprint`].
+const PAGE: usize = 4096;
+/// What glibc's malloc puts before a block (its size field and alignment).
+const MALLOC_HEADER: usize = 16;
+
+/// The memory a buffer of `capacity` bytes takes, as charged to the budget: a frame-sized
+/// buffer is a mapping of its own under the server's malloc settings
+/// (`nbd::return_freed_frames_to_the_system`), its capacity and malloc's header rounded up to
+/// whole pages. Charging the capacity alone left one page per frame outside the budget: 1 MiB
+/// of resident memory past a 64 MiB cache of 256 KiB frames.
+pub(super) fn footprint(capacity: usize) -> usize {
+    capacity
+        .saturating_add(MALLOC_HEADER)
+        .div_ceil(PAGE)
+        .saturating_mul(PAGE)
+}
 
 /// Buffers of dropped frames, kept with their charges (so they stay within the budget) for
 /// the next frames to decode into. A fresh frame-sized buffer is its own mapping under the
@@ -222,6 +239,9 @@ pub struct MemoryBudget {
     frames: Mutex<FrameLru>,
     /// Buffers of dropped frames, still charged, for the next frames to decode into.
     spare: Arc<SpareBuffers>,
+    /// Buffers frame records were read into (compressed, sealed), still charged, for the
+    /// next records to be read into: one per loader that ran at once, at most [`SPARES_MAX`].
+    reads: SpareBuffers,
     /// Frames being loaded, each by the thread that claimed it.
     loading: Mutex<HashSet<FrameKey>>,
     loaded: Condvar,
@@ -270,6 +290,7 @@ impl MemoryBudget {
             accounts: Arc::new(Accounts::default()),
             frames: Mutex::new(FrameLru::new(capacity)),
             spare: Arc::default(),
+            reads: SpareBuffers::default(),
             loading: Mutex::new(HashSet::new()),
             loaded: Condvar::new(),
         })
@@ -384,22 +405,83 @@ impl MemoryBudget {
         }
     }
 
-    /// A buffer to decode the next frame into, with what it is charged: a dropped frame's,
-    /// or an empty one charged nothing. The caller reserves what the frame needs beyond it.
-    pub(super) fn frame_buffer(&self) -> Option<(Vec<u8>, Charge)> {
-        self.spare.take()
+    /// A buffer to decode a frame of `raw_len` bytes into, charged for it; the caller holds
+    /// no other charge but `held` bytes (see [`MemoryBudget::reserve_beyond`]). A dropped
+    /// frame's buffer when one is spare; when none is and the budget is full, the least
+    /// recently used frame is evicted for its buffer, which is then reused rather than
+    /// unmapped and a fresh one faulted in (a full cache is a sequential reader's steady
+    /// state: every frame loaded evicts one).
+    pub(super) fn frame_buffer(&self, raw_len: usize, held: usize) -> (Vec<u8>, Charge) {
+        let wanted = footprint(raw_len);
+        loop {
+            if let Some((buffer, mut charge)) = self.spare.take() {
+                if charge.bytes() < wanted {
+                    let more = self.reserve_beyond(
+                        held.saturating_add(charge.bytes()),
+                        wanted - charge.bytes(),
+                    );
+                    charge.absorb(more);
+                }
+                return (buffer, charge);
+            }
+            if let Some(c) = self.take(wanted, false) {
+                return (Vec::new(), c);
+            }
+            // A frame no reader holds becomes a spare as it is dropped here, outside the
+            // cache's lock.
+            let evicted = self.frames().pop_oldest();
+            if evicted.is_none() {
+                return (Vec::new(), self.reserve_beyond(held, wanted));
+            }
+            drop(evicted);
+        }
     }
 
-    /// Gives back one spare buffer's memory and charge; false when none is kept.
+    /// A buffer to read a frame record of `len` bytes into, charged for it: one a loader
+    /// gave back ([`MemoryBudget::keep_read_buffer`]), or a new one. The caller holds no
+    /// other charge.
+    pub(super) fn read_buffer(&self, len: usize) -> (Vec<u8>, Charge) {
+        let wanted = footprint(len);
+        match self.reads.take() {
+            Some((buffer, mut charge)) => {
+                if charge.bytes() < wanted {
+                    let more = self.reserve_beyond(charge.bytes(), wanted - charge.bytes());
+                    charge.absorb(more);
+                }
+                (buffer, charge)
+            }
+            None => (Vec::new(), self.reserve(wanted)),
+        }
+    }
+
+    /// Keeps a read buffer, with its charge, for the next record; one that grew past its
+    /// charge (a store that replaced it) is given back instead.
+    pub(super) fn keep_read_buffer(&self, buffer: Vec<u8>, mut charge: Charge) {
+        let needs = footprint(buffer.capacity());
+        if needs <= charge.bytes() {
+            charge.shrink_to(needs);
+            self.reads.put(buffer, charge);
+        }
+    }
+
+    /// Gives back one spare buffer's memory and charge (a frame's, else a read's); false
+    /// when none is kept.
     fn drop_spare(&self) -> bool {
-        self.spare.take().is_some()
+        self.spare.take().is_some() || self.reads.take().is_some()
     }
 
     /// Takes `bytes` for a frame about to be fetched and decoded, giving back spare buffers,
     /// then evicting cached frames, then waiting for in-flight ones as needed.
     pub fn reserve(&self, bytes: usize) -> Charge {
+        self.reserve_beyond(0, bytes)
+    }
+
+    /// [`MemoryBudget::reserve`] for a caller that holds `held` bytes of frame charges
+    /// already (a spare buffer it is about to decode into): those are not waited for, so a
+    /// reservation proceeds when they are all that is live, as one of `held + bytes` would.
+    fn reserve_beyond(&self, held: usize, bytes: usize) -> Charge {
         loop {
-            if let Some(c) = self.take(bytes, false) {
+            if let Some(c) = self.take_beyond(held, bytes) {
                 return c;
             }
             if self.drop_spare() {
@@ -410,7 +492,7 @@ impl MemoryBudget {
             let evicted: Option<Evicted> = self.frames().pop_oldest();
             if evicted.is_none() {
                 let l = self.accounts.lock();
-                if !self.fits(&l, bytes, false) {
+                if !self.fits_beyond(&l, held, bytes) {
                     // A timeout, not only the notification: an eviction whose frame was still
                     // held frees its bytes later, from another thread, without this lock.
                     let _ = self
@@ -494,6 +576,29 @@ impl MemoryBudget {
         l.used.saturating_add(bytes) <= self.capacity || (!fixed && l.frames_live() == 0)
     }
 
+    /// Whether a frame reservation of `bytes` by a caller holding `held` bytes of frame
+    /// charges may proceed.
+    fn fits_beyond(&self, l: &Ledger, held: usize, bytes: usize) -> bool {
+        l.used.saturating_add(bytes) <= self.capacity || l.frames_live() <= held
+    }
+
+    fn take_beyond(&self, held: usize, bytes: usize) -> Option<Charge> {
+        if held == 0 {
+            return self.take(bytes, false);
+        }
+        let mut l = self.accounts.lock();
+        if !self.fits_beyond(&l, held, bytes) {
+            return None;
+        }
+        l.used = l.used.saturating_add(bytes);
+        l.peak = l.peak.max(l.used);
+        Some(Charge {
+            accounts: Arc::clone(&self.accounts),
+            bytes,
+            kind: Kind::Frame,
+        })
+    }
+
     fn take(&self, bytes: usize, fixed: bool) -> Option<Charge> {
         let mut l = self.accounts.lock();
         if !self.fits(&l, bytes, fixed) {
@@ -548,35 +653,98 @@ mod tests {
         assert!(budget.stats().peak_bytes <= 1000);
     }
 
+    /// A buffer length whose footprint is exactly one page.
+    const LEN: usize = PAGE - MALLOC_HEADER;
+
+    fn reusable(budget: &MemoryBudget, fill: u8) -> Arc<Frame> {
+        let charge = budget.reserve(footprint(LEN));
+        Arc::new(Frame::reusable(vec![fill; LEN], charge, budget))
+    }
+
     #[test]
     fn a_dropped_frames_buffer_is_kept_charged_and_given_back_before_any_eviction() {
-        let budget = MemoryBudget::new(1000);
-        let charge = budget.reserve(300);
-        let first = Arc::new(Frame::reusable(vec![7; 300], charge, &budget));
+        let budget = MemoryBudget::new(3 * PAGE);
+        let first = reusable(&budget, 7);
         let ptr = first.as_ptr();
         budget.keep(key(0), Arc::clone(&first));
         drop(first);
         // Evicted and dropped: its buffer is a spare, still charged.
         let evicted = budget.frames().pop_oldest();
         drop(evicted);
-        assert_eq!(budget.stats().used_bytes, 300);
-        let (buffer, charge) = budget.frame_buffer().expect("a spare buffer");
-        assert_eq!((buffer.as_ptr(), charge.bytes()), (ptr, 300));
+        assert_eq!(budget.stats().used_bytes, PAGE);
+        let (buffer, charge) = budget.frame_buffer(LEN, 0);
+        assert_eq!((buffer.as_ptr(), charge.bytes()), (ptr, PAGE));
         let second = Arc::new(Frame::reusable(buffer, charge, &budget));
         budget.keep(key(1), second);
-        // A cached frame (charged 300) and, once dropped, a spare (300): a reservation of 600
-        // gives the spare back rather than evicting the cached frame.
-        let held = Arc::new(Frame::reusable(vec![1; 300], budget.reserve(300), &budget));
-        drop(held);
-        assert_eq!(budget.stats().used_bytes, 600);
-        let big = budget.reserve(600);
+        // A cached frame and, once dropped, a spare: a reservation of two pages gives the
+        // spare back rather than evicting the cached frame.
+        drop(reusable(&budget, 1));
+        assert_eq!(budget.stats().used_bytes, 2 * PAGE);
+        let big = budget.reserve(2 * PAGE);
         assert!(
             budget.cached(&key(1)).is_some(),
             "evicted while a spare was kept"
         );
-        assert_eq!(budget.stats().used_bytes, 900);
-        assert!(budget.frame_buffer().is_none());
+        assert_eq!(budget.stats().used_bytes, 3 * PAGE);
+        assert!(budget.spare.take().is_none(), "no spare was left");
         drop(big);
+    }
+
+    #[test]
+    fn a_full_budget_decodes_into_the_buffer_of_the_frame_it_evicts() {
+        // Before: the evicted frame's buffer went to the spares and was unmapped at once to
+        // make room, and the next frame faulted in a fresh one.
+        let budget = MemoryBudget::new(3 * PAGE);
+        let oldest = reusable(&budget, 0);
+        let ptr = oldest.as_ptr();
+        budget.keep(key(0), oldest);
+        budget.keep(key(1), reusable(&budget, 1));
+        budget.keep(key(2), reusable(&budget, 2));
+        assert_eq!(budget.stats().used_bytes, 3 * PAGE);
+        let (buffer, charge) = budget.frame_buffer(LEN, 0);
+        assert_eq!(buffer.as_ptr(), ptr, "not the evicted frame's buffer");
+        assert_eq!(charge.bytes(), PAGE);
+        assert!(budget.cached(&key(0)).is_none() && budget.cached(&key(1)).is_some());
+        assert_eq!(budget.stats().used_bytes, 3 * PAGE);
+    }
+
+    #[test]
+    fn read_buffers_are_kept_charged_and_given_back_under_pressure() {
+        let budget = MemoryBudget::new(4 * PAGE);
+        let (mut read, charge) = budget.read_buffer(LEN);
+        assert_eq!(charge.bytes(), PAGE);
+        read.reserve_exact(LEN);
+        read.resize(LEN, 3);
+        let ptr = read.as_ptr();
+        budget.keep_read_buffer(read, charge);
+        assert_eq!(
+            budget.stats().used_bytes,
+            PAGE,
+            "a kept read buffer stays charged"
+        );
+        let (read, charge) = budget.read_buffer(LEN);
+        assert_eq!((read.as_ptr(), charge.bytes()), (ptr, PAGE));
+        // One that grew past its charge (a store replaced it) is not kept.
+        budget.keep_read_buffer(vec![0; 2 * PAGE], charge);
+        drop(read);
+        assert_eq!(budget.stats().used_bytes, 0);
+        let (mut read, charge) = budget.read_buffer(LEN);
+        read.reserve_exact(LEN);
+        budget.keep_read_buffer(read, charge);
+        let all = budget.reserve(4 * PAGE);
+        assert_eq!(budget.stats().used_bytes, 4 * PAGE);
+        drop(all);
+    }
+
+    #[test]
+    fn a_frame_is_charged_its_pages_not_only_its_capacity() {
+        let budget = MemoryBudget::new(1 << 20);
+        let len = 256 << 10;
+        let frame = Frame::new(vec![0; len], budget.reserve(2 * len));
+        assert_eq!(budget.stats().used_bytes, len + PAGE);
+        drop(frame);
+        assert_eq!(footprint(PAGE - MALLOC_HEADER), PAGE);
+        assert_eq!(footprint(PAGE), 2 * PAGE);
     }
 
     #[test]

@@ -98,6 +98,21 @@ impl Default for ReaderOptions {
     }
 }
 
+/// Bytes of a checked chunk in a cached frame, from [`SnapshotReader::hold_checked`]: the
+/// frame (charged to the budget) stays alive, and its bytes usable, until this is dropped.
+pub struct HeldSlice {
+    frame: Arc<Frame>,
+    start: usize,
+    end: usize,
+}
+
+impl std::ops::Deref for HeldSlice {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.frame.get(self.start..self.end).unwrap_or_default()
+    }
+}
+
 /// A run of the disk that is either stored data or known zeros, from [`SnapshotReader::map`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapRun {
@@ -429,6 +444,61 @@ impl<'r> SnapshotReader<'r> {
         })
     }
 
+    /// Holds the disk's bytes from `offset` on, up to `len` of them, where they lie in memory
+    /// already: slices of chunks checked in cached frames (adjacent ones of one frame merged),
+    /// appended to `held` in disk order, at most `max_slices` of them. Stops at the first
+    /// byte that is not such a chunk (a zero run, a chunk not checked or not cached); returns
+    /// the bytes held. Nothing is loaded or reserved, so holding frames here keeps the
+    /// budget's rule that nobody holds a frame while reserving one; drop `held` before any
+    /// read that may load (`read_at`). A sender writes these slices straight to its socket
+    /// instead of copying them into a buffer first.
+    pub fn hold_checked(
+        &self,
+        offset: u64,
+        len: u64,
+        max_slices: usize,
+        held: &mut Vec<HeldSlice>,
+    ) -> Result<u64> {
+        let mut covered = 0u64;
+        self.for_each_extent(offset, len, |p, _at, within, piece| {
+            let Extent::Chunk { id, len: chunk_len } = p.extent else {
+                return Ok(false);
+            };
+            let Some((frame, start, checked_len)) = self.frames.checked_chunk(&id) else {
+                return Ok(false);
+            };
+            if checked_len != chunk_len as usize {
+                // `read_at` reports it, with its place.
+                return Ok(false);
+            }
+            let from = start.saturating_add(within as usize);
+            let to = from.saturating_add(piece as usize);
+            if to > start.saturating_add(checked_len) || to > frame.len() {
+                return Ok(false);
+            }
+            let continues = held
+                .last()
+                .is_some_and(|last| Arc::ptr_eq(&last.frame, &frame) && last.end == from);
+            if continues {
+                if let Some(last) = held.last_mut() {
+                    last.end = to;
+                }
+            } else if held.len() >= max_slices {
+                return Ok(false);
+            } else {
+                held.push(HeldSlice {
+                    frame,
+                    start: from,
+                    end: to,
+                });
+            }
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            covered += u64::from(piece);
+            Ok(true)
+        })?;
+        Ok(covered)
+    }
+
     /// The disk between `offset` and `offset + len` as runs of data and zeros, adjacent runs
     /// of one kind merged, straight from the manifest (no pack is read). At most `max_runs`
     /// runs are returned; the last may then end before `offset + len`.
@@ -616,26 +686,23 @@ impl<'r> SnapshotReader<'r> {
             }
             budget::Claim::Load(claim) => claim,
         };
-        // The compressed and the decompressed bytes, charged before either exists; into a
-        // dropped frame's buffer when one is spare (its charge counts towards them).
-        let needed = usize::try_from(record.read_len())
-            .unwrap_or(usize::MAX)
-            .saturating_add(record.frame_raw_len as usize);
-        let (mut frame, charge) = match self.frames.frame_buffer() {
-            Some((buffer, mut charge)) => {
-                let more = self.frames.reserve(needed.saturating_sub(charge.bytes()));
-                charge.absorb(more);
-                (buffer, charge)
-            }
-            None => (Vec::new(), self.frames.reserve(needed)),
-        };
-        verified::fetch_frame(
+        // The compressed and the decompressed bytes, charged before either exists, into
+        // buffers used before (a loader's read buffer, a dropped frame's) when there are:
+        // fresh ones are mapped, faulted in page by page and unmapped again.
+        let read_len = usize::try_from(record.read_len()).unwrap_or(usize::MAX);
+        let (mut compressed, read_charge) = self.frames.read_buffer(read_len);
+        let (mut frame, charge) = self
+            .frames
+            .frame_buffer(record.frame_raw_len as usize, read_charge.bytes());
+        verified::fetch_frame_via(
             self.repo.backend(),
             self.repo.protection(),
             pack,
             record,
+            &mut compressed,
             &mut frame,
         )?;
+        self.frames.keep_read_buffer(compressed, read_charge);
         self.frames_decoded.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(Frame::reusable(frame, charge, &self.frames));
         let no = self.frames.keep(key, Arc::clone(&frame));

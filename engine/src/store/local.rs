@@ -255,6 +255,25 @@ impl Backend for LocalDir {
         }
     }
 
+    fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
+        // Into the caller's buffer, grown exactly: a reader that reads many ranges (a served
+        // disk's loaders) keeps one allocation instead of faulting in a fresh one per range.
+        let path = self.path(key);
+        let f = self.open_cached(key)?;
+        buf.clear();
+        buf.reserve_exact(len);
+        buf.resize(len, 0);
+        match f.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(
+                path.display(),
+                offset,
+                format!("object ends before {len} bytes could be read (truncated?)"),
+            )),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
     fn size(&self, key: &str) -> Result<u64> {
         let path = self.path(key);
         fs::metadata(&path)
