@@ -10,19 +10,27 @@
 # machine getting busier favours neither. Measured with /usr/bin/time: wall, user+sys CPU.
 # Prints one line per backup, then per (mode, step, binary) the medians and new/prev ratios.
 # Decide on CPU seconds: wall times of one binary spread by ±15 % on a shared machine.
+#
+# STEPS (environment, default "gen0 gen1") names the backups of each run, in order, each an
+# incremental on the one before: STEPS="gen0 gen1 gen2" also times gen2 (DATA_DIR needs
+# gen2.raw). The incrementals of issue 14 (gen1 and gen2, encrypted and plain, 4 GiB):
+#
+#   STEPS="gen0 gen1 gen2" benches/gen0ab.sh /var/tmp/lead/sv-main NEW /var/tmp/bench4/data 3
 set -euo pipefail
 prev=${1:?usage: gen0ab.sh PREV_BIN NEW_BIN [DATA_DIR] [REPS] [WORK_DIR]}
 new=${2:?usage: gen0ab.sh PREV_BIN NEW_BIN [DATA_DIR] [REPS] [WORK_DIR]}
 data=${3:-/var/tmp/bench/data}
 reps=${4:-3}
 work=${5:-/var/tmp/gen0ab.$$}
-for f in "$prev" "$new" /usr/bin/time "$data/gen0.raw" "$data/gen1.raw"; do
+steps=${STEPS:-gen0 gen1}
+# shellcheck disable=SC2046,SC2086 # $steps is a list of words
+for f in "$prev" "$new" /usr/bin/time $(for s in $steps; do echo "$data/$s.raw"; done); do
   [ -e "$f" ] || { echo "gen0ab: missing $f" >&2; exit 2; }
 done
 export STACKVAULT_PASSWORD=bench
 out=$(mktemp)
 trap 'rm -rf "$work" "$out" "$out.t"' EXIT
-echo "# $(date -u '+%F %T UTC') data=$data reps=$reps load=$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# $(date -u '+%F %T UTC') data=$data reps=$reps steps=$steps load=$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# prev=$prev new=$new"
 echo "# rep mode step bin wall_s cpu_s"
 for rep in $(seq 1 "$reps"); do
@@ -34,7 +42,7 @@ for rep in $(seq 1 "$reps"); do
       enc=""; [ "$mode" = plain ] && enc="--encryption none"
       # shellcheck disable=SC2086
       "$bin" --quiet init "$work/repo" $enc >/dev/null
-      for step in gen0 gen1; do
+      for step in $steps; do
         /usr/bin/time -f "%e %U %S" -o "$out.t" \
           "$bin" --quiet backup "$work/repo" "$data/$step.raw" --disk d >/dev/null
         read -r wall user sys < "$out.t"
@@ -46,11 +54,13 @@ for rep in $(seq 1 "$reps"); do
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# mode step: median wall prev/new (new/prev), median CPU prev/new (new/prev)"
-python3 - "$out" <<'PY'
+# shellcheck disable=SC2086
+python3 - "$out" $steps <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
+steps = sys.argv[2:]
 for mode in ("encrypted", "plain"):
-    for step in ("gen0", "gen1"):
+    for step in steps:
         m = {}
         for b in ("prev", "new"):
             sel = [r for r in rows if r[1] == mode and r[2] == step and r[3] == b]
@@ -60,7 +70,7 @@ for mode in ("encrypted", "plain"):
         print(f"{mode:9} {step}: wall {pw:.2f} / {nw:.2f} s ({nw / pw:.3f}), "
               f"CPU {pc:.2f} / {nc:.2f} s ({nc / pc:.3f})")
 for b in ("prev", "new"):
-    for step in ("gen0", "gen1"):
+    for step in steps:
         c = {mode: statistics.median(float(r[5]) for r in rows
                                      if r[1] == mode and r[2] == step and r[3] == b)
              for mode in ("encrypted", "plain")}

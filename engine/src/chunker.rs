@@ -69,6 +69,14 @@ pub enum Resplit {
     New(Piece),
 }
 
+/// The aligned chunker's chunk sizes, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlignedSizes {
+    pub min: usize,
+    pub avg: usize,
+    pub max: usize,
+}
+
 /// Splits segments into zero runs and chunks according to a repository config.
 #[derive(Clone, Debug)]
 pub struct Chunker {
@@ -114,6 +122,51 @@ impl Chunker {
             chunker.cut_key = Some(CutKey(zeroize::Zeroizing::new(*key)));
         }
         Ok(chunker)
+    }
+
+    /// The aligned chunker's sizes and seed, when this chunker is one: the chunker a segment
+    /// can be split by while it is read, block by block (`backup::streamed`).
+    pub fn aligned(&self) -> Option<(AlignedSizes, u64)> {
+        match self.params {
+            ChunkerParams::Aligned {
+                min,
+                avg,
+                max,
+                seed,
+            } => Some((
+                AlignedSizes {
+                    min: min as usize,
+                    avg: avg as usize,
+                    max: max as usize,
+                },
+                seed,
+            )),
+            _ => None,
+        }
+    }
+
+    /// The minimum length of a run of zero blocks that becomes a hole.
+    pub fn zero_run_min(&self) -> usize {
+        self.zero_run_min
+    }
+
+    /// The aligned chunker's decision inside a data run: whether a chunk that is `len` bytes
+    /// long once `block` (its last block) is added ends after it. A data run's last block
+    /// always ends a chunk too; that is the caller's to know.
+    pub fn aligned_cut(&self, block: &[u8], len: usize, sizes: AlignedSizes, seed: u64) -> bool {
+        len >= sizes.max
+            || (len >= sizes.min && {
+                let mut h = block_hash(block, seed);
+                if let Some(key) = &self.cut_key {
+                    h = keyed_cut_bits(&key.0, h);
+                }
+                let mask = if len < sizes.avg {
+                    ALIGNED_MASK_SMALL
+                } else {
+                    ALIGNED_MASK_LARGE
+                };
+                h & mask == 0
+            })
     }
 
     /// Whether cut decisions are keyed.
@@ -347,19 +400,12 @@ impl Chunker {
                     let block_end = (pos + block).min(end);
                     let len = block_end - chunk_start;
                     let cut = block_end == end
-                        || len >= max
-                        || (len >= min && {
-                            let mut h = block_hash(&data[pos..block_end], seed);
-                            if let Some(key) = &self.cut_key {
-                                h = keyed_cut_bits(&key.0, h);
-                            }
-                            let mask = if len < avg {
-                                ALIGNED_MASK_SMALL
-                            } else {
-                                ALIGNED_MASK_LARGE
-                            };
-                            h & mask == 0
-                        });
+                        || self.aligned_cut(
+                            &data[pos..block_end],
+                            len,
+                            AlignedSizes { min, avg, max },
+                            seed,
+                        );
                     if cut {
                         out.push(Piece::Data {
                             start: chunk_start,

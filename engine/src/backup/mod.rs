@@ -14,6 +14,7 @@
 
 mod dedup;
 mod frames;
+mod streamed;
 mod uploads;
 pub use uploads::{DEFAULT_REMOTE_UPLOADS, UPLOADS_ENV};
 
@@ -32,7 +33,7 @@ use crate::format::manifest::{
     segment_count, segment_len, BackupStats, ChangeSource, ContainerFormat, Extent, Manifest,
     ManifestWriter, SnapshotKind, SnapshotMeta, SourceInfo,
 };
-use crate::format::SnapshotId;
+use crate::format::{ChunkId, SnapshotId};
 use crate::host::{hostname, now_rfc3339};
 use crate::index::SnapshotSummary;
 use crate::progress::Progress;
@@ -584,11 +585,30 @@ impl SegmentWork<'_> {
         SEGMENT_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.resize(len as usize, 0);
-            let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
-            let mut pieces = Vec::new();
-            chunker.split(&buf, &mut pieces);
+            // A local source is read, split and hashed window by window (see `streamed`).
+            let streamed = if source.small_reads_are_cheap() {
+                streamed::read_split_hash(
+                    source,
+                    &map,
+                    offset,
+                    &mut buf,
+                    chunker,
+                    repo.protection(),
+                )?
+            } else {
+                None
+            };
+            let (bytes_read, pieces, ids) = match streamed {
+                Some(s) => (s.bytes_read, s.pieces, s.ids),
+                None => {
+                    let bytes_read = fill_from_map(source, &map, offset, &mut buf)?;
+                    let mut pieces = Vec::new();
+                    chunker.split(&buf, &mut pieces);
+                    (bytes_read, pieces, Vec::new())
+                }
+            };
             let layout = pieces.into_iter().map(Resplit::New);
-            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
+            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout, ids)?;
             Ok(SegmentOutput {
                 len: u64::from(len),
                 extents,
@@ -658,7 +678,7 @@ impl SegmentWork<'_> {
                 Ok(())
             };
             let layout = chunker.resplit(&pieces, &relative, &mut buf, &mut load)?;
-            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout)?;
+            let (extents, new_frames) = assemble(repo, dedup, parent, &buf, layout, Vec::new())?;
             Ok(SegmentOutput {
                 len: u64::from(len),
                 extents,
@@ -674,13 +694,17 @@ impl SegmentWork<'_> {
 /// Turns a segment's layout into its extents, hashing the new pieces of `buf`; chunks the
 /// repository does not have yet are compressed into frames. `parent` is the parent's extents
 /// of the segment: what [`Resplit::Parent`] indexes, and chunks known without a lookup.
+/// `ids` are the ids of the layout's new data pieces in order when they were hashed already
+/// (`streamed`), else empty.
 fn assemble(
     repo: &Repo,
     dedup: &Dedup,
     parent: &[Extent],
     buf: &[u8],
     layout: impl IntoIterator<Item = Resplit>,
+    ids: Vec<ChunkId>,
 ) -> Result<(Vec<Extent>, Vec<NewFrame>)> {
+    let mut ids = ids.into_iter();
     let mut seen = dedup.segment(parent);
     let mut extents = Vec::new();
     let mut new_chunks: Vec<NewPiece> = Vec::new();
@@ -689,7 +713,10 @@ fn assemble(
             Resplit::Parent(i) => extents.push(parent[i]),
             Resplit::New(Piece::Zero { len, .. }) => extents.push(Extent::Zero { len: len as u32 }),
             Resplit::New(Piece::Data { start, len }) => {
-                let id = repo.protection().chunk_id(&buf[start..start + len]);
+                let id = match ids.next() {
+                    Some(id) => id,
+                    None => repo.protection().chunk_id(&buf[start..start + len]),
+                };
                 extents.push(Extent::Chunk {
                     id,
                     len: len as u32,

@@ -305,6 +305,15 @@ impl Protection {
         }
     }
 
+    /// A hasher whose output over a chunk's bytes is [`Protection::chunk_id`] of them, for
+    /// chunks hashed piece by piece as they are read (`backup::streamed`).
+    pub fn chunk_hasher(&self) -> blake3::Hasher {
+        match self {
+            Protection::Plain => blake3::Hasher::new(),
+            Protection::Encrypted(keys) => blake3::Hasher::new_keyed(&keys.chunk_id),
+        }
+    }
+
     /// The hasher that names an object after its plaintext (a snapshot id, a VM record id):
     /// plain BLAKE3, keyed with the object-id subkey when encrypted, so that a name is no
     /// fingerprint of the plaintext.

@@ -77,6 +77,13 @@ pub trait DiskSource: Send + Sync {
         Ok(())
     }
 
+    /// Whether reading a segment in small pieces costs no more than reading it at once (a
+    /// local file): then a backup reads, splits and hashes each piece while it is in the CPU
+    /// cache (`backup::streamed`). Sources that wait on the network batch their reads.
+    fn small_reads_are_cheap(&self) -> bool {
+        false
+    }
+
     /// Changes relative to the disk described by `parent` (the source recorded in the parent
     /// snapshot). Differencing containers know them; most sources do not.
     fn changes_since(&self, parent: &SourceInfo) -> Result<SourceChanges> {

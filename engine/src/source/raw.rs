@@ -63,6 +63,10 @@ impl DiskSource for RawFile {
         }
     }
 
+    fn small_reads_are_cheap(&self) -> bool {
+        true
+    }
+
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<SourceExtent>> {
         Ok(sparse_extents(&self.file, self.size, offset, len))
     }
