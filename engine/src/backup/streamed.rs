@@ -76,7 +76,8 @@ fn clip(map: &[SourceExtent], from: u64, to: u64) -> Vec<SourceExtent> {
         .filter_map(|e| {
             let start = e.offset.max(from);
             let end = e.offset.saturating_add(e.len).min(to);
-            (start < end).then_some(SourceExtent {
+            // `then`, not `then_some`: the length exists only when the extent meets the range.
+            (start < end).then(|| SourceExtent {
                 offset: start,
                 len: end - start,
                 kind: e.kind,
@@ -221,8 +222,31 @@ impl<'a> Splitter<'a> {
 mod tests {
     use super::*;
     use crate::crypto::{MasterSecret, RepoKeys};
+    use crate::source::ExtentKind;
     use crate::format::config::{ChunkerParams, RepoConfig};
     use proptest::prelude::*;
+
+    #[test]
+    fn clip_keeps_only_what_meets_the_window() {
+        // An extent wholly before and one wholly after the window: a window of a sparse
+        // file's segment (`then_some` computed their lengths anyway and overflowed).
+        let e = |offset, len, kind| SourceExtent { offset, len, kind };
+        let map = [
+            e(0, 100, ExtentKind::Data),
+            e(100, 400, ExtentKind::Zero),
+            e(500, 100, ExtentKind::Data),
+        ];
+        assert_eq!(clip(&map, 150, 450), vec![e(150, 300, ExtentKind::Zero)]);
+        assert_eq!(
+            clip(&map, 50, 550),
+            vec![
+                e(50, 50, ExtentKind::Data),
+                e(100, 400, ExtentKind::Zero),
+                e(500, 50, ExtentKind::Data)
+            ]
+        );
+        assert!(clip(&map, 600, 700).is_empty());
+    }
 
     /// Blocks of random data, zeros and short zero runs, by `kinds` (0 zero, else data).
     fn disk(kinds: &[u8], seed: u64, tail: usize) -> Vec<u8> {
