@@ -179,19 +179,32 @@ pub fn backup(
             scope.spawn(move || {
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
-                    let out = match reading.plan_of(i) {
-                        SegmentPlan::Read => reading.parent_extents(i).and_then(|parent| {
-                            if reading.plan.is_some() && reading.parent.is_some() {
-                                work.changed(i, &parent, &reading.changed)
-                            } else {
-                                work.whole(i, &parent)
+                    // A panic here would leave segment `i` unsent: the writer would wait for
+                    // it, and the other workers for the writer, for ever. It becomes the
+                    // segment's error instead, which ends the backup like any other.
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        match reading.plan_of(i) {
+                            SegmentPlan::Read => reading.parent_extents(i).and_then(|parent| {
+                                if reading.plan.is_some() && reading.parent.is_some() {
+                                    work.changed(i, &parent, &reading.changed)
+                                } else {
+                                    work.whole(i, &parent)
+                                }
+                            }),
+                            // A zero segment shorter than a hole is a chunk of zeros when read:
+                            // read it, so that the disk map stays a function of the content.
+                            SegmentPlan::Zero if len < config.zero_run_min => work.whole(i, &[]),
+                            plan => {
+                                reading.without_reading(plan, virtual_size, config.segment_size, i)
                             }
-                        }),
-                        // A zero segment shorter than a hole is a chunk of zeros when read:
-                        // read it, so that the disk map stays a function of the content.
-                        SegmentPlan::Zero if len < config.zero_run_min => work.whole(i, &[]),
-                        plan => reading.without_reading(plan, virtual_size, config.segment_size, i),
-                    };
+                        }
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Internal(format!(
+                            "a backup worker panicked on segment {i} (see the message above); \
+                             nothing was published: please report it"
+                        )))
+                    });
                     if tx.send((i, out)).is_err() {
                         break;
                     }

@@ -222,8 +222,8 @@ impl<'a> Splitter<'a> {
 mod tests {
     use super::*;
     use crate::crypto::{MasterSecret, RepoKeys};
-    use crate::source::ExtentKind;
     use crate::format::config::{ChunkerParams, RepoConfig};
+    use crate::source::ExtentKind;
     use proptest::prelude::*;
 
     #[test]
