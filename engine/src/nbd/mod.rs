@@ -136,8 +136,7 @@ pub struct ServeReport {
     /// read-ahead work.
     pub reader: ReaderStats,
     /// Most heap SQLite held at once since the process started (every connection's page
-    /// cache and statements; the index lookups of frames not cached); what it may grow by
-    /// while serving is charged to the budget.
+    /// cache and statements; the index lookups of frames not cached), outside the budget.
     pub sqlite_peak_bytes: u64,
 }
 
@@ -306,12 +305,7 @@ impl Server {
         self.set_nonblocking(true)
             .map_err(|e| Error::io("configure listener", "nbd", e))?;
         return_freed_frames_to_the_system();
-        // SQLite's allowance is memory the server uses as much as its frames': it comes out of
-        // the frames' share of the budget (not the connections' half), held while the server
-        // runs. The budget is empty here, so the reservation does not wait.
-        let sqlite_allowance = (budget.capacity() / 8).min(SQLITE_HEAP_ALLOWANCE);
-        let _sqlite_charge = budget.reserve(sqlite_allowance);
-        let sqlite_limit_before = hold_sqlite_page_caches(None, sqlite_allowance);
+        let sqlite_limit_before = hold_sqlite_page_caches(None);
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
         let refusing = AtomicUsize::new(0);
@@ -404,7 +398,7 @@ impl Server {
                 }
             }
         });
-        hold_sqlite_page_caches(Some(sqlite_limit_before), 0);
+        hold_sqlite_page_caches(Some(sqlite_limit_before));
         Ok(ServeReport {
             connections,
             refused_connections: totals.refused.load(Ordering::Relaxed),
@@ -487,13 +481,11 @@ pub fn return_freed_frames_to_the_system() {
     }
 }
 
-/// What SQLite may hold above its use when the server starts (at most an eighth of the
-/// budget), charged to the budget.
-pub const SQLITE_HEAP_ALLOWANCE: usize = 1 << 20;
+/// What SQLite may hold above its use when the server starts.
+pub const SQLITE_HEAP_ALLOWANCE: i64 = 1 << 20;
 
-/// Keeps SQLite's heap within its use at start plus `allowance` bytes (charged to the
-/// budget by the caller), so that the index's page caches do not grow with the clients
-/// outside the budget.
+/// Keeps SQLite's heap within its use at start plus [`SQLITE_HEAP_ALLOWANCE`], so that the
+/// index's page caches do not grow with the clients outside the budget.
 ///
 /// A lookup of a chunk not yet cached runs on a pooled index connection, one per thread
 /// looking up at once (each client's thread, each export's read-ahead), and each connection's
@@ -504,14 +496,13 @@ pub const SQLITE_HEAP_ALLOWANCE: usize = 1 << 20;
 /// whole process's and the server makes no other use of SQLite while it runs; `restore`
 /// (the limit returned by the first call) puts the previous limit back when it stops.
 #[allow(unsafe_code)]
-fn hold_sqlite_page_caches(restore: Option<i64>, allowance: usize) -> i64 {
-    let allowance = i64::try_from(allowance).unwrap_or(i64::MAX);
+fn hold_sqlite_page_caches(restore: Option<i64>) -> i64 {
     // SAFETY: both calls take SQLite's own memory mutex and may be made at any time from any
     // thread (sqlite3_soft_heap_limit64 is documented as such); no pointer is passed.
     unsafe {
         let limit = match restore {
             Some(previous) => previous,
-            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(allowance),
+            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(SQLITE_HEAP_ALLOWANCE),
         };
         rusqlite::ffi::sqlite3_soft_heap_limit64(limit)
     }
