@@ -241,18 +241,9 @@ impl Backend for LocalDir {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let path = self.path(key);
-        let f = self.open_cached(key)?;
-        let mut buf = vec![0u8; len];
-        match f.read_exact_at(&mut buf, offset) {
-            Ok(()) => Ok(buf),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(
-                path.display(),
-                offset,
-                format!("object ends before {len} bytes could be read (truncated?)"),
-            )),
-            Err(e) => Err(Error::io("read", &path, e)),
-        }
+        let mut buf = Vec::new();
+        self.get_range_into(key, offset, len, &mut buf)?;
+        Ok(buf)
     }
 
     fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
