@@ -13,7 +13,7 @@
 //! a per-user cache copy instead (see `repo.rs`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -687,19 +687,86 @@ fn open_immutable_conn(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// A pool of read-only connections for lookups from many threads at once.
+/// A pool of read-only connections for lookups from many threads at once, at most
+/// [`IndexReaders::max_open`] of them: each connection holds its own schema, statements and
+/// page cache (about 170 KiB), so a pool that opened one per thread looking up grew with the
+/// threads: a served snapshot's SQLite heap grew by 1 MiB with six clients, outside the
+/// memory budget. A lookup takes microseconds, so a thread that finds every connection busy
+/// waits for one rather than opening another.
 pub struct IndexReaders {
     path: PathBuf,
     immutable: bool,
-    idle: Mutex<Vec<Connection>>,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+}
+
+/// A connection taken from the pool, given back when dropped (even by a panic in the
+/// lookup: the connection holds no transaction, so it stays usable).
+struct Lent<'a> {
+    readers: &'a IndexReaders,
+    conn: Option<Connection>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.readers.pool().idle.push(c);
+            self.readers.returned.notify_one();
+        }
+    }
+}
+
+/// The connections not in use, and how many are open in all.
+struct Pool {
+    idle: Vec<Connection>,
+    open: usize,
 }
 
 impl IndexReaders {
+    /// Most connections open at once: one per core (lookups are CPU-bound), at least two and
+    /// at most four (a lookup takes microseconds against the milliseconds of the frame it
+    /// finds, so more connections would only hold more memory).
+    pub fn max_open() -> usize {
+        // Asked once: the standard library reads the cgroup's CPU quota from files each time.
+        static MAX_OPEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *MAX_OPEN.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(2, 4)
+        })
+    }
+
+    /// Opens connections until [`IndexReaders::max_open`] are open: a server calls it before
+    /// it serves, so the connections' memory is part of its size at rest and does not come
+    /// on top of its memory budget with the first clients.
+    pub fn open_all(&self) -> Result<()> {
+        // Each connection taken is held until all are open (taking from the idle ones would
+        // not open any); dropping them gives them back.
+        let mut held = Vec::new();
+        while self.open_connections() < Self::max_open() {
+            held.push(Lent {
+                readers: self,
+                conn: Some(self.take()?),
+            });
+        }
+        Ok(())
+    }
+
+    /// Connections open now (idle or lent).
+    pub fn open_connections(&self) -> usize {
+        self.pool().open
+    }
+
     pub fn new(path: &Path) -> Self {
         IndexReaders {
             path: path.to_path_buf(),
             immutable: false,
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            returned: Condvar::new(),
         }
     }
 
@@ -711,26 +778,59 @@ impl IndexReaders {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
-        let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let conn = match conn {
-            Some(c) => c,
-            None if self.immutable => open_immutable_conn(&self.path)?,
-            None => {
-                let c = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .map_err(sql_err(&self.path))?;
-                configure(&c, &self.path)?;
-                c
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // The pool is two plain fields changed together under the lock: a panic elsewhere
+        // while it was held cannot leave them half-changed.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection, a new one while fewer than [`IndexReaders::max_open`] are open,
+    /// or else the next one given back.
+    fn take(&self) -> Result<Connection> {
+        let max = Self::max_open();
+        let mut pool = self.pool();
+        loop {
+            if let Some(c) = pool.idle.pop() {
+                return Ok(c);
             }
-        };
-        let result = f(&conn);
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(conn);
+            if pool.open < max {
+                pool.open += 1;
+                drop(pool);
+                let opened = self.open_one();
+                if opened.is_err() {
+                    self.pool().open -= 1;
+                    self.returned.notify_one();
+                }
+                return opened;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
-        result
+    }
+
+    fn open_one(&self) -> Result<Connection> {
+        if self.immutable {
+            return open_immutable_conn(&self.path);
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err(&self.path))?;
+        configure(&c, &self.path)?;
+        Ok(c)
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        let lent = Lent {
+            readers: self,
+            conn: Some(self.take()?),
+        };
+        match &lent.conn {
+            Some(c) => f(c),
+            None => Err(Error::Internal(
+                "index reader lent without its connection".into(),
+            )),
+        }
     }
 
     /// Whether the index knows a chunk.
@@ -993,4 +1093,51 @@ pub fn rebuild(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn readers_open_at_most_max_open_connections_whatever_the_threads() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "", e))?;
+        let path = dir.path().join("index.sqlite");
+        drop(Index::open(&path)?);
+        let readers = IndexReaders::new(&path);
+        let most_open = AtomicUsize::new(0);
+        let unknown = ChunkId([7; 32]);
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        for _ in 0..200 {
+                            let found = readers.with(|c| {
+                                most_open.fetch_max(readers.open_connections(), Ordering::Relaxed);
+                                lookup(c, &path, &unknown)
+                            })?;
+                            assert!(found.is_none());
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            jobs.into_iter().try_for_each(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("a lookup thread panicked".into())))
+            })
+        })?;
+        let most = most_open.load(Ordering::Relaxed);
+        assert!(
+            (1..=IndexReaders::max_open()).contains(&most),
+            "{most} connections open at once, at most {} allowed",
+            IndexReaders::max_open()
+        );
+        readers.open_all()?;
+        assert_eq!(readers.open_connections(), IndexReaders::max_open());
+        // Every connection went back: a lookup still finds one at once.
+        assert_eq!(readers.lookup(&unknown)?, None);
+        Ok(())
+    }
 }

@@ -19,8 +19,13 @@
 //! Memory: the exports' readers share one [`MemoryBudget`] (the `--cache-mib`), which every
 //! decoded frame is charged to (cached, in flight, or being copied from), and every open
 //! connection is charged [`CONNECTION_BYTES`] (its buffers) against it; connections may take
-//! at most half of it. So the server's decoded data and buffers together stay within the
-//! budget, whatever the number or the speed of its clients.
+//! at most half of it. The index's connections (a few, [`IndexReaders::max_open`]) are opened
+//! before the server serves, and what SQLite's page caches may grow by afterwards
+//! ([`sqlite_allowance`]) is charged to the budget too. So the server's decoded data, buffers
+//! and index lookups together stay within the budget, whatever the number or the speed of its
+//! clients.
+//!
+//! [`IndexReaders::max_open`]: crate::index::IndexReaders::max_open
 //!
 //! [`Server::serve`] returns when `cancel` is set (SIGINT/SIGTERM in the CLI): it stops
 //! accepting, shuts every open connection down, waits for their threads and removes its unix
@@ -135,9 +140,14 @@ pub struct ServeReport {
     /// The exports' readers' counters, summed: frames decoded, cache hits, index lookups,
     /// read-ahead work.
     pub reader: ReaderStats,
-    /// Most heap SQLite held at once since the process started (every connection's page
-    /// cache and statements; the index lookups of frames not cached), outside the budget.
+    /// Most heap SQLite held at once while serving (every index connection's page cache and
+    /// statements; the index lookups of frames not cached).
     pub sqlite_peak_bytes: u64,
+    /// SQLite's heap when the server started serving.
+    pub sqlite_start_bytes: u64,
+    /// What SQLite's heap could grow by while serving ([`sqlite_allowance`]), charged to the
+    /// budget for the whole run (so part of `memory.peak_bytes`).
+    pub sqlite_allowance_bytes: u64,
 }
 
 /// A connected client.
@@ -304,8 +314,17 @@ impl Server {
             .ok_or_else(|| Error::Usage("nothing to serve: no export".into()))?;
         self.set_nonblocking(true)
             .map_err(|e| Error::io("configure listener", "nbd", e))?;
+        for e in exports {
+            e.reader.open_index_connections()?;
+        }
         return_freed_frames_to_the_system();
-        let sqlite_limit_before = hold_sqlite_page_caches(None);
+        // What SQLite's page caches may grow by while serving is memory the server uses as
+        // much as its frames': it is charged to the budget (the budget is empty here, so the
+        // reservation does not wait) and held until the server stops.
+        let sqlite_allowance = sqlite_allowance(budget.capacity());
+        let _sqlite_charge = (sqlite_allowance > 0).then(|| budget.reserve(sqlite_allowance));
+        let sqlite_start = sqlite_start_serving();
+        let sqlite_limit_before = hold_sqlite_page_caches(None, sqlite_allowance);
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
         let refusing = AtomicUsize::new(0);
@@ -398,7 +417,7 @@ impl Server {
                 }
             }
         });
-        hold_sqlite_page_caches(Some(sqlite_limit_before));
+        hold_sqlite_page_caches(Some(sqlite_limit_before), 0);
         Ok(ServeReport {
             connections,
             refused_connections: totals.refused.load(Ordering::Relaxed),
@@ -411,6 +430,8 @@ impl Server {
                 .fold(ReaderStats::default(), |sum, e| sum.plus(&e.reader.stats())),
             peak_rss_bytes: peak_rss(),
             sqlite_peak_bytes: sqlite_peak_bytes(),
+            sqlite_start_bytes: u64::try_from(sqlite_start).unwrap_or(0),
+            sqlite_allowance_bytes: sqlite_allowance as u64,
         })
     }
 }
@@ -481,11 +502,29 @@ pub fn return_freed_frames_to_the_system() {
     }
 }
 
-/// What SQLite may hold above its use when the server starts.
-pub const SQLITE_HEAP_ALLOWANCE: i64 = 1 << 20;
+/// Most SQLite may hold above its use when the server starts.
+pub const SQLITE_HEAP_ALLOWANCE: usize = 1 << 20;
 
-/// Keeps SQLite's heap within its use at start plus [`SQLITE_HEAP_ALLOWANCE`], so that the
-/// index's page caches do not grow with the clients outside the budget.
+/// Smallest budget SQLite's page caches get an allowance from: below it every byte goes to
+/// the frames a read needs (a loader holds a compressed read buffer and a decoded frame, about
+/// 520 KiB, and a 1 MiB budget with a connection's buffers has little more than one loader's
+/// worth left: taking an eighth of it there stalled reads past a client's timeout under load).
+pub const SQLITE_ALLOWANCE_MIN_BUDGET: usize = 8 << 20;
+
+/// What SQLite's page caches may grow by while serving, charged to a budget of `capacity`
+/// bytes: a sixty-fourth of it, at most [`SQLITE_HEAP_ALLOWANCE`] (reached at 64 MiB), and
+/// nothing below [`SQLITE_ALLOWANCE_MIN_BUDGET`] (SQLite then stays at its use at start).
+pub fn sqlite_allowance(capacity: usize) -> usize {
+    if capacity < SQLITE_ALLOWANCE_MIN_BUDGET {
+        0
+    } else {
+        (capacity / 64).min(SQLITE_HEAP_ALLOWANCE)
+    }
+}
+
+/// Keeps SQLite's heap within its use at start plus `allowance` bytes (charged to the budget
+/// by the caller), so that the index's page caches do not grow with the clients outside the
+/// budget.
 ///
 /// A lookup of a chunk not yet cached runs on a pooled index connection, one per thread
 /// looking up at once (each client's thread, each export's read-ahead), and each connection's
@@ -496,20 +535,33 @@ pub const SQLITE_HEAP_ALLOWANCE: i64 = 1 << 20;
 /// whole process's and the server makes no other use of SQLite while it runs; `restore`
 /// (the limit returned by the first call) puts the previous limit back when it stops.
 #[allow(unsafe_code)]
-fn hold_sqlite_page_caches(restore: Option<i64>) -> i64 {
+fn hold_sqlite_page_caches(restore: Option<i64>, allowance: usize) -> i64 {
+    let allowance = i64::try_from(allowance).unwrap_or(i64::MAX);
     // SAFETY: both calls take SQLite's own memory mutex and may be made at any time from any
     // thread (sqlite3_soft_heap_limit64 is documented as such); no pointer is passed.
     unsafe {
         let limit = match restore {
             Some(previous) => previous,
-            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(SQLITE_HEAP_ALLOWANCE),
+            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(allowance),
         };
         rusqlite::ffi::sqlite3_soft_heap_limit64(limit)
     }
 }
 
-/// The most heap SQLite has held at once in this process (its own counter, kept by the
-/// bundled build's default `SQLITE_DEFAULT_MEMSTATUS=1`).
+/// SQLite's heap now, in bytes; its peak ([`sqlite_peak_bytes`]) is reset to it, so that the
+/// peak reported when the server stops is the serving's, not the start-up's.
+#[allow(unsafe_code)]
+fn sqlite_start_serving() -> i64 {
+    // SAFETY: reads SQLite's memory counter and resets its high-water mark under SQLite's own
+    // mutex; callable at any time from any thread. No pointer is passed.
+    unsafe {
+        rusqlite::ffi::sqlite3_memory_highwater(1);
+        rusqlite::ffi::sqlite3_memory_used()
+    }
+}
+
+/// The most heap SQLite has held at once in this process since the server started serving
+/// (its own counter, kept by the bundled build's default `SQLITE_DEFAULT_MEMSTATUS=1`).
 #[allow(unsafe_code)]
 pub fn sqlite_peak_bytes() -> u64 {
     // SAFETY: reads SQLite's memory counter under its own mutex; callable at any time from

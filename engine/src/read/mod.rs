@@ -308,6 +308,12 @@ impl<'r> SnapshotReader<'r> {
         &self.frames
     }
 
+    /// Opens every index connection lookups may use now (see [`IndexReaders::open_all`]), so
+    /// that a long-lived reader's memory does not grow by them later.
+    pub fn open_index_connections(&self) -> Result<()> {
+        self.repo.readers().open_all()
+    }
+
     /// Checks that `len` bytes at `offset` lie inside the disk.
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
