@@ -2,9 +2,11 @@
 //! will need hands them to [`plan_spans`], which groups them by pack and coalesces frames that
 //! are adjacent or separated by at most [`FetchLimits::gap`] bytes into spans of at most
 //! [`FetchLimits::max_span`] bytes, each one ranged GET. A remote restore
-//! ([`super::by_pack`]) plans its spans here and fetches them with
-//! [`FetchLimits::in_flight`] requests at once; bytes between wanted frames are fetched but
-//! never interpreted, and a frame is only used after `decode_frame_into` accepted it.
+//! ([`super::by_pack`]) plans its spans here and streams them
+//! ([`Backend::open_range`](crate::store::Backend::open_range)) with
+//! [`FetchLimits::in_flight`] requests at once, frame by frame: a span is never held whole,
+//! so its length is a request size, not memory. Bytes between wanted frames are read and
+//! dropped, never interpreted, and a frame is only used after it decoded.
 //!
 //! Invariant: every wanted frame lies in exactly one span, whole; a single frame larger than
 //! `max_span` is a span of its own.
@@ -20,8 +22,8 @@ pub struct FetchLimits {
     /// Largest run of unwanted bytes between two wanted frames of a pack that is read through
     /// rather than split into two requests.
     pub gap: u64,
-    /// Largest span (one ranged GET), in bytes. A single frame larger than this is still
-    /// read, alone.
+    /// Largest span (one ranged GET), in bytes: a cap on a request's size (a span is
+    /// streamed, never held). A single frame larger than this is still read, alone.
     pub max_span: u64,
     /// Requests in flight at once.
     pub in_flight: usize,
@@ -41,8 +43,8 @@ pub struct FetchLimits {
 impl Default for FetchLimits {
     fn default() -> Self {
         FetchLimits {
-            gap: 1024 * 1024,
-            max_span: 4 * 1024 * 1024,
+            gap: 16 << 20,
+            max_span: 64 << 20,
             in_flight: 8,
         }
     }
@@ -61,7 +63,7 @@ pub const MAX_IN_FLIGHT: usize = 32;
 pub const GAP_ENV: &str = "STACKVAULT_RESTORE_GAP_BYTES";
 
 /// Largest gap [`GAP_ENV`] may ask for: a span never exceeds [`FetchLimits::max_span`] anyway.
-pub const MAX_GAP: u64 = 4 * 1024 * 1024;
+pub const MAX_GAP: u64 = 64 << 20;
 
 impl FetchLimits {
     /// The defaults, with the requests in flight [`IN_FLIGHT_ENV`] asks for, if set.
