@@ -47,6 +47,7 @@ mod remote_pipeline;
 mod remote_repo;
 mod remote_restore;
 mod remote_restore_by_pack;
+mod remote_restore_stream;
 mod remote_round_trips;
 mod retention;
 mod s3_faults;

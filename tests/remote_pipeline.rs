@@ -78,8 +78,10 @@ fn a_remote_restore_fetches_later_windows_while_an_earlier_span_is_slow() -> Res
         arrivals.len(),
         meanwhile.len()
     );
+    // A pack is one streamed GET now (three packs here): every other one must go out while
+    // the first is held.
     ensure!(
-        meanwhile.len() >= 3,
+        arrivals.len() >= 3 && meanwhile.len() + 1 == arrivals.len(),
         "only {} of {} pack GETs went out while the first was held for {HELD:?}: the restore \
          waits for a window's slowest span before fetching the next windows",
         meanwhile.len(),

@@ -17,7 +17,8 @@ const MIB: u64 = 1 << 20;
 /// Raw bytes of a frame at most (`FRAME_TARGET_LEN` in format/pack.rs): random data does not
 /// compress, so a disk of random bytes has at least its size / this many frames.
 const FRAME_MAX: u64 = 256 * 1024;
-/// The restore's largest ranged GET (`FetchLimits::default().max_span`).
+/// A loose bound's span size: the restore once cut spans at 4 MiB; it now streams a pack's
+/// wanted part in one GET (pinned by `remote_restore_stream`).
 const MAX_SPAN: u64 = 4 * MIB;
 
 /// GETs of a report: `get` on S3, `get_blob` on Azure.

@@ -19,7 +19,8 @@ use crate::remote_maintain::{moto, Remote};
 use crate::remote_restore::{have_usr_bin_time, restore_peak_rss_kib};
 
 const MIB: u64 = 1 << 20;
-/// The restore's largest ranged GET (`FetchLimits::default().max_span`).
+/// A bound on GETs per pack: one per 4 MiB of it (the restore once cut spans at 4 MiB; it
+/// now streams a pack's wanted part in one GET, which `remote_restore_stream` pins).
 const MAX_SPAN: u64 = 4 * MIB;
 
 /// Backs up `gen0` (random) and then, after overwriting 48 evenly spread 64 KiB ranges,
@@ -91,8 +92,9 @@ fn a_pack_scattered_over_the_disk_is_read_in_as_few_gets_as_its_size_allows() ->
     Ok(())
 }
 
-/// The restore's peak RSS bound in this test: 8 GETs in flight each hold a span (4 MiB) and a
-/// frame; the process itself (binary, SQLite, the HTTP client, rayon) a few tens of MiB.
+/// The restore's peak RSS bound in this test: each GET in flight holds a frame or two of the
+/// span it streams; the process itself (binary, SQLite, the HTTP client, rayon) a few tens
+/// of MiB.
 const RSS_BOUND: u64 = 80 * MIB;
 
 #[test]

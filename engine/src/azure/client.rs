@@ -206,6 +206,8 @@ pub(crate) struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The unread body of a 200 or 206 answer to [`Client::request_streamed`].
+    pub stream: Option<ureq::Body>,
     /// Attempts it took (1 = first try); >1 means an earlier attempt may have taken effect.
     pub attempts: u32,
 }
@@ -274,6 +276,16 @@ impl Client {
         self.version.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// The retry policy requests are sent under (resumes of a streamed body follow it too).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Counts a resumed body (a new ranged GET after one cut off) as a retry.
+    pub fn count_resume(&self) {
+        self.counter.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Things worth telling the operator (a service version step-down).
     pub fn notes(&self) -> Vec<String> {
         self.notes.lock().map(|n| n.clone()).unwrap_or_default()
@@ -282,13 +294,16 @@ impl Client {
     /// Runs `req` with retries (see [`super::retry`]); an answer with a status in `req.ok` is
     /// returned, any other is an [`Error::Http`] with the service's code and message.
     pub fn request(&self, req: &Request<'_>) -> Result<Response> {
-        self.request_into(req, &mut Vec::new())
+        self.request_with(req, false)
     }
 
-    /// [`Client::request`], reading the answer's body into `body`'s allocation (taken from
-    /// it; the answer's `body` holds it), so that a caller reading many ranges reuses one
-    /// buffer.
-    pub fn request_into(&self, req: &Request<'_>, body: &mut Vec<u8>) -> Result<Response> {
+    /// [`Client::request`] for a ranged read: the body of a 200 or 206 answer is left unread,
+    /// in [`Response::stream`], for the caller to stream (and to hold to its length).
+    pub fn request_streamed(&self, req: &Request<'_>) -> Result<Response> {
+        self.request_with(req, true)
+    }
+
+    fn request_with(&self, req: &Request<'_>, streamed: bool) -> Result<Response> {
         let shown = format!("{}{}", self.origin, req.path);
         let mut attempt = 0u32;
         loop {
@@ -298,7 +313,7 @@ impl Client {
             if attempt > 1 {
                 self.counter.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let asked = match self.attempt(req, &version, std::mem::take(body)) {
+            let asked = match self.attempt(req, &version, streamed) {
                 Attempt::Answer(mut r) if req.ok.contains(&r.status) => {
                     r.attempts = attempt;
                     return Ok(r);
@@ -369,7 +384,7 @@ impl Client {
         !body.contains("<headername>") || body.contains("<headername>x-ms-version</headername>")
     }
 
-    fn attempt(&self, req: &Request<'_>, version: &str, mut body: Vec<u8>) -> Attempt {
+    fn attempt(&self, req: &Request<'_>, version: &str, streamed: bool) -> Attempt {
         let method = req.method.as_str();
         let mut all: Vec<(String, String)> = req.headers.to_vec();
         all.push(("x-ms-version".into(), version.to_string()));
@@ -424,8 +439,11 @@ impl Client {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        body.clear();
-        if req.method != Method::Head {
+        let mut body = Vec::new();
+        let mut stream = None;
+        if streamed && matches!(status, 200 | 206) {
+            stream = Some(resp.into_body());
+        } else if req.method != Method::Head {
             let expected = resp
                 .headers()
                 .get("content-length")
@@ -448,6 +466,7 @@ impl Client {
             status,
             headers,
             body,
+            stream,
             attempts: 1,
         })
     }

@@ -494,6 +494,15 @@ impl Backend for WithDeltas {
         self.inner.get_range_into(key, offset, len, buf)
     }
 
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send + 'a>> {
+        self.inner.open_range(key, offset, len)
+    }
+
     fn size(&self, key: &str) -> Result<u64> {
         self.inner.size(key)
     }

@@ -1,17 +1,19 @@
 //! Restore from object storage in pack order: the disk is cut into regions (up to
 //! [`REGION_BYTES`] of disk, at most [`REGION_CHUNKS`] chunks, whole segments); for each
 //! region every chunk is looked up once, the frames holding them are grouped by pack and
-//! coalesced into spans ([`plan_spans`]), and each span, one ranged GET, is fetched by one of
-//! [`FetchLimits::in_flight`] fetchers, which decodes its frames and writes every chunk of
-//! them to every place of the region that holds it, at once. A pack is thus read once per
+//! coalesced into spans ([`plan_spans`]; by default the wanted part of a pack is one span), and
+//! each span, one ranged GET, is streamed by one of [`FetchLimits::in_flight`] fetchers, which
+//! reads it frame by frame as it arrives (dropping the bytes between wanted frames), decodes
+//! each frame and writes every chunk of it to every place of the region that holds it, at
+//! once. A pack is thus read once per
 //! region however its chunks are scattered over the disk (gen2's packs hold the changes of the
 //! whole disk), a frame is decoded once per region however many chunks of it the region needs
 //! (deduplicated chunks included), and nothing decoded is held after its chunks are written.
 //!
-//! Memory, bounded by construction and independent of the disk's size: each fetcher owns one
-//! span buffer (at most [`FetchLimits::max_span`] bytes, or one frame larger than that), one
-//! decoded frame (at most 256 KiB raw) and one write run ([`RUN_MAX`]), all reused from span
-//! to span; the planner holds the chunk map of the region it plans, and the fetchers that of
+//! Memory, bounded by construction and independent of the disk's and the span's size: each
+//! fetcher owns one frame as stored, one decoded frame (at most 256 KiB raw) and one write run
+//! ([`RUN_MAX`]), all reused from span to span, and the HTTP client's read buffer of the
+//! stream; the planner holds the chunk map of the region it plans, and the fetchers that of
 //! the region before (a region's jobs wait in a queue of at most `in_flight` jobs, so planning
 //! runs at most one region ahead of fetching). A region's map is about 80 bytes per chunk.
 //!
@@ -21,13 +23,15 @@
 //! with [`DiskTarget::reorder_limit`], which caps the region. A segment is finished
 //! ([`DiskTarget::segment_done`], progress advanced) when the last of its chunks is written.
 //!
-//! Damage: a frame that does not decode, a chunk that does not hash to its id, or a span whose
-//! pack is missing or short is read again chunk by chunk through [`with_chunk`], which
-//! looks the chunk up once more (prune may have moved it) and otherwise fails naming the pack
-//! and offset. Any other failure (the store unreachable after its retries, a write error,
+//! Damage: a frame that does not decode, a chunk that does not hash to its id, or the frames
+//! of a span from where its pack turned out missing or short are read again chunk by chunk
+//! through [`with_chunk`], which looks the chunk up once more (prune may have moved it) and
+//! otherwise fails naming the pack and offset. A body cut off by the network is not damage:
+//! the store's stream resumes it from the byte reached ([`crate::store::range_read`]). Any other failure (the store unreachable after its retries, a write error,
 //! cancellation) stops every fetcher and is returned.
 
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -36,11 +40,12 @@ use super::fetch::{plan_spans, FetchLimits, Span};
 use super::{DiskTarget, RestoreCounts, RUN_MAX};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
-use crate::format::pack::{decode_frame_into, RecordLocation};
+use crate::format::pack::{decode_frame_in_place, RecordLocation};
 use crate::progress::Progress;
 use crate::read::verified::{verified_chunk, with_chunk, FrameCache};
 use crate::repo::Repo;
 use crate::store::pack_key;
+use crate::store::range_read::range_error;
 
 /// Disk bytes of a region at most. A pack whose chunks are spread over the whole disk is read
 /// in one span (or a few) per region: larger regions mean fewer requests, and a larger chunk
@@ -331,17 +336,17 @@ impl Drop for DrainOnExit<'_, '_> {
     }
 }
 
-/// What a fetcher reuses from job to job.
+/// What a fetcher reuses from job to job: one frame as stored, one decoded, one write run.
 #[derive(Default)]
 struct Buffers {
-    span: Vec<u8>,
+    stored: Vec<u8>,
     frame: Vec<u8>,
     run: Vec<u8>,
     cache: FrameCache,
 }
 
-/// Fetches a job's span, decodes its frames and writes their chunks; what cannot be taken
-/// from the span is read chunk by chunk (see the module doc).
+/// Streams a job's span, decoding its frames one by one as they arrive and writing their
+/// chunks; what cannot be taken from the span is read chunk by chunk (see the module doc).
 fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
     crate::progress::checkpoint(shared.progress, "restore-segment")?;
     let Job {
@@ -350,10 +355,8 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
         span,
         uses,
     } = job;
-    let protection = shared.repo.protection();
-    let location = format!("pack {pack}");
     let Buffers {
-        span: body,
+        stored,
         frame,
         run,
         cache,
@@ -367,60 +370,29 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
     };
     runs.run.clear();
     let mut alone: Vec<Use> = Vec::new();
-    let fetched = match &span {
-        None => false,
-        Some(span) => {
-            let len = usize::try_from(span.len)
-                .map_err(|_| Error::corrupt(&location, span.offset, "span too large"))?;
-            match shared
-                .repo
-                .backend()
-                .get_range_into(&pack_key(&pack)?, span.offset, len, body)
-            {
-                Ok(()) => true,
-                // Read again chunk by chunk, which names the damage or finds a moved chunk.
-                Err(Error::NotFound { .. }) => false,
-                Err(e) if e.is_corruption() => false,
-                Err(e) => return Err(e),
-            }
-        }
-    };
     match span {
-        Some(span) if fetched => {
-            for (record, uses) in span.frames.iter().zip(uses) {
-                let record_bytes = record
-                    .offset
-                    .checked_sub(span.offset)
-                    .and_then(|from| usize::try_from(from).ok())
-                    .and_then(|from| {
-                        let to = from.checked_add(usize::try_from(record.read_len()).ok()?)?;
-                        body.get(from..to)
-                    });
-                let decoded = match record_bytes {
-                    Some(bytes) => {
-                        match decode_frame_into(bytes, record, protection, &pack, &location, frame)
-                        {
-                            Ok(()) => true,
-                            Err(e) if e.is_corruption() => false,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    None => false,
-                };
-                if !decoded {
-                    alone.extend(uses);
-                    continue;
-                }
-                for u in uses {
-                    match verified_chunk(frame, &u.record, protection, &pack) {
-                        Ok(data) => runs.put(shared.snapshot_id, &u, data)?,
-                        Err(e) if e.is_corruption() => alone.push(u),
-                        Err(e) => return Err(e),
-                    }
-                }
+        Some(span) => {
+            let mut frames = span.frames.iter().zip(uses);
+            stream_span(
+                shared,
+                &pack,
+                &span,
+                &mut frames,
+                stored,
+                frame,
+                &mut runs,
+                &mut alone,
+            )?;
+            if shared.stop.load(Ordering::SeqCst) {
+                // Another fetcher failed: nothing more is read.
+                return Ok(());
+            }
+            // Frames after a break in the stream.
+            for (_, uses) in frames {
+                alone.extend(uses);
             }
         }
-        _ => alone.extend(uses.into_iter().flatten()),
+        None => alone.extend(uses.into_iter().flatten()),
     }
     for u in alone {
         with_chunk(
@@ -434,6 +406,102 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
         )?;
     }
     runs.flush()
+}
+
+/// Reads `span` of `pack` as one stream, frame by frame from `frames` (reading through the
+/// bytes between them), and writes the chunks of each frame that decodes; the uses of a frame
+/// that does not decode, or of a chunk that does not verify, go to `alone`. Stops taking
+/// frames when the stream breaks with damage (a missing or short pack), leaving the rest in
+/// `frames` for the caller; any other failure is returned.
+#[allow(clippy::too_many_arguments)]
+fn stream_span<'f>(
+    shared: &Shared<'_>,
+    pack: &str,
+    span: &Span,
+    frames: &mut impl Iterator<Item = (&'f RecordLocation, Vec<Use>)>,
+    stored: &mut Vec<u8>,
+    frame: &mut Vec<u8>,
+    runs: &mut Runs<'_, '_>,
+    alone: &mut Vec<Use>,
+) -> Result<()> {
+    let protection = shared.repo.protection();
+    let location = format!("pack {pack}");
+    let key = pack_key(pack)?;
+    // Damage (read again chunk by chunk, which names it or finds a moved chunk) or a failure.
+    let damage = |e: Error| match e {
+        Error::NotFound { .. } => Ok(()),
+        e if e.is_corruption() => Ok(()),
+        e => Err(e),
+    };
+    let mut stream = match shared
+        .repo
+        .backend()
+        .open_range(&key, span.offset, span.len)
+    {
+        Ok(stream) => stream,
+        Err(e) => return damage(e),
+    };
+    let mut pos = span.offset;
+    for (record, uses) in frames.by_ref() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if shared.progress.is_cancelled() {
+            return Err(Error::Cancelled("stopped at restore-segment".into()));
+        }
+        // Frames come in offset order without overlap (plan_spans); anything else is the
+        // index's nonsense, read chunk by chunk.
+        let (Some(skip), Some(len)) = (
+            record.offset.checked_sub(pos),
+            record
+                .offset
+                .checked_add(record.read_len())
+                .map(|_| record.read_len()),
+        ) else {
+            alone.extend(uses);
+            continue;
+        };
+        stored.clear();
+        let read = std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink()).and_then(
+            |skipped| {
+                if skipped < skip {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                (&mut stream).take(len).read_to_end(stored)
+            },
+        );
+        match read {
+            Ok(n) if n as u64 == len => pos = record.offset + len,
+            Ok(_) => {
+                alone.extend(uses);
+                return damage(range_error(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                    &key,
+                    record.offset,
+                ));
+            }
+            Err(e) => {
+                alone.extend(uses);
+                return damage(range_error(e, &key, pos));
+            }
+        }
+        match decode_frame_in_place(stored, record, protection, pack, &location, frame) {
+            Ok(()) => {}
+            Err(e) if e.is_corruption() => {
+                alone.extend(uses);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        for u in uses {
+            match verified_chunk(frame, &u.record, protection, pack) {
+                Ok(data) => runs.put(shared.snapshot_id, &u, data)?,
+                Err(e) if e.is_corruption() => alone.push(u),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gathers chunks that follow each other on the disk, within one segment, into writes of up

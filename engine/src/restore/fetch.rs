@@ -2,9 +2,11 @@
 //! will need hands them to [`plan_spans`], which groups them by pack and coalesces frames that
 //! are adjacent or separated by at most [`FetchLimits::gap`] bytes into spans of at most
 //! [`FetchLimits::max_span`] bytes, each one ranged GET. A remote restore
-//! ([`super::by_pack`]) plans its spans here and fetches them with
-//! [`FetchLimits::in_flight`] requests at once; bytes between wanted frames are fetched but
-//! never interpreted, and a frame is only used after `decode_frame_into` accepted it.
+//! ([`super::by_pack`]) plans its spans here and streams them
+//! ([`Backend::open_range`](crate::store::Backend::open_range)) with
+//! [`FetchLimits::in_flight`] requests at once, frame by frame: a span is never held whole,
+//! so its length is a request size, not memory. Bytes between wanted frames are read and
+//! dropped, never interpreted, and a frame is only used after it decoded.
 //!
 //! Invariant: every wanted frame lies in exactly one span, whole; a single frame larger than
 //! `max_span` is a span of its own.
@@ -20,48 +22,51 @@ pub struct FetchLimits {
     /// Largest run of unwanted bytes between two wanted frames of a pack that is read through
     /// rather than split into two requests.
     pub gap: u64,
-    /// Largest span (one ranged GET), in bytes. A single frame larger than this is still
-    /// read, alone.
+    /// Largest span (one ranged GET), in bytes: a cap on a request's size (a span is
+    /// streamed, never held). A single frame larger than this is still read, alone.
     pub max_span: u64,
     /// Requests in flight at once.
     pub in_flight: usize,
 }
 
-/// Why these numbers: a request costs one round trip, which on a link of 100 MiB/s with
-/// 20 ms of latency is the time to transfer 2 MiB; reading through a gap of up to 1 MiB is
-/// therefore cheaper than a second request, while a larger gap would mostly move unwanted
-/// bytes on faster, nearer stores (moto, Azurite, a LAN). One connection carries about a
-/// window per round trip, so a restore's speed on a far store grows with the requests in
-/// flight, not their size (benches/remote.py: 4 GETs of 8 MiB in flight restored at 0.37×
-/// restic's speed at 20 ms); 8 spans of 4 MiB keep the same 32 MiB of fetched bytes, a
-/// quarter of the 128 MiB budget, at twice the parallelism and about 300 requests
-/// per GiB (a GET per frame was 6192). With windows pipelined (S24, same bench at 20 ms),
-/// 4, 8 and 16 in flight restored alike from moto (CPU-bound on a loaded machine), and 16
-/// restored 1.7× faster than 8 from Azurite but peaked at 129 MiB: 8 stays the default.
+/// Why these numbers (benches/remote.py, 4 GiB gen2 restore, ratios from one run on the
+/// shared 2-core machine). A span is streamed, so its length costs no memory: the wanted part
+/// of a pack is one GET per region (`max_span` only caps a request at four packs' worth), and
+/// the gap is 16 MiB, a whole pack, because a second GET costs a round trip, a request billed,
+/// and on stores that read the whole object to serve a range (moto) the whole pack again:
+/// 27 GETs per GiB against 36 with a 1 MiB gap and 90 with the old 4 MiB spans, for 15% more
+/// bytes received, and 0 ms restores from moto took 13.5 s against 20.2 s (1 MiB gap) and
+/// 15.7 s (old spans). One connection carries about a window per round trip, so at 20 ms
+/// speed grows with the GETs in flight: 8, 16, 24 and 32 restored in 60.0, 32.7, 23.5 and
+/// 20.8 s from moto (16.9 to 15.2 s at 0 ms, no loss), all at a peak RSS of 73 MiB, since a
+/// fetcher holds about 1 MiB whatever its span; 64 were faster still at 20 ms (17.3 s) but
+/// slower at 0 ms and peaked at 98 MiB. Against the 4 MiB spans and 8 GETs before, in one run:
+/// 2.8× (moto) and 2.5× (Azurite) faster at 20 ms, 1.3× and 1.6× at 0 ms.
 impl Default for FetchLimits {
     fn default() -> Self {
         FetchLimits {
-            gap: 1024 * 1024,
-            max_span: 4 * 1024 * 1024,
-            in_flight: 8,
+            gap: 16 << 20,
+            max_span: 64 << 20,
+            in_flight: 32,
         }
     }
 }
 
 /// The environment variable that sets [`FetchLimits::in_flight`] of a remote restore (1 to
-/// [`MAX_IN_FLIGHT`]); each request in flight holds up to [`FetchLimits::max_span`] bytes.
+/// [`MAX_IN_FLIGHT`]); each request in flight holds a frame or two, not its span.
 pub const IN_FLIGHT_ENV: &str = "STACKVAULT_RESTORE_GETS_IN_FLIGHT";
 
-/// Most requests in flight [`IN_FLIGHT_ENV`] may ask for: each holds a span buffer of up to
-/// [`FetchLimits::max_span`] bytes, so 32 of 4 MiB are the whole 128 MiB budget.
-pub const MAX_IN_FLIGHT: usize = 32;
+/// Most requests in flight [`IN_FLIGHT_ENV`] may ask for: each fetcher holds about 1 MiB (a
+/// stored and a decoded frame, a write run, the HTTP client's buffer), so 64 stay well within
+/// the 128 MiB budget.
+pub const MAX_IN_FLIGHT: usize = 64;
 
 /// The environment variable that sets [`FetchLimits::gap`] of a remote restore, in bytes (0
 /// to [`MAX_GAP`]): for measuring, see `benches/remote.py --sweep-gap-kib`.
 pub const GAP_ENV: &str = "STACKVAULT_RESTORE_GAP_BYTES";
 
 /// Largest gap [`GAP_ENV`] may ask for: a span never exceeds [`FetchLimits::max_span`] anyway.
-pub const MAX_GAP: u64 = 4 * 1024 * 1024;
+pub const MAX_GAP: u64 = 64 << 20;
 
 impl FetchLimits {
     /// The defaults, with the requests in flight [`IN_FLIGHT_ENV`] asks for, if set.

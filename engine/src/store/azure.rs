@@ -40,9 +40,6 @@ use crate::error::{Error, Result};
 
 mod uploads;
 
-/// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
-const RESERVE_MAX: usize = 64 << 20;
-
 /// Largest object sent as a single Put Blob by default; larger ones go as blocks. Four packs
 /// of the default target size: a pack is one request (issue 14: at most one PUT per 8 MiB of
 /// packed data), while a failed attempt resends at most 64 MiB. The service's own limit,
@@ -526,6 +523,78 @@ fn etag(r: &Response, key: &str) -> Result<Version> {
         })
 }
 
+impl AzureBlobBackend {
+    /// The error for a blob that holds only `got` of the `len` bytes asked at `offset`.
+    fn short(&self, key: &str, offset: u64, len: u64, got: u64) -> Error {
+        Error::corrupt(
+            format!("{}/{key}", self.shown),
+            offset,
+            format!("asked for {len} bytes, the object holds {got} from there"),
+        )
+    }
+}
+
+impl super::range_read::RangeSource for AzureBlobBackend {
+    fn open_at(&self, key: &str, pos: u64, end: u64) -> Result<super::range_read::RangeBody> {
+        let len = end.saturating_sub(pos);
+        let last = end.checked_sub(1).filter(|_| len > 0).ok_or_else(|| {
+            Error::Internal(format!("an empty range of {key} at {pos} was opened"))
+        })?;
+        let headers = [h("x-ms-range", &format!("bytes={pos}-{last}"))];
+        let path = self.path_of(key);
+        use std::io::Read as _;
+        let mut r = self.client.request_streamed(
+            &Request::new(RequestKind::GetBlob, Method::Get, &path)
+                .headers(&headers)
+                .ok(&[200, 206, 404, 416]),
+        )?;
+        // What the answer says it holds: a 206's Content-Length is the range's part it has.
+        let declared = r
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        match (r.status, r.stream.take()) {
+            (404, _) => Err(self.missing(&r, key)),
+            (416, _) => Err(self.short(key, pos, len, 0)),
+            (206, Some(stream)) => match declared {
+                Some(n) if n >= len => Ok(Box::new(stream.into_reader().take(len))),
+                n => Err(self.short(key, pos, len, n.unwrap_or(0))),
+            },
+            // A 200 is the whole blob (a service that ignored the range): read through to
+            // `pos`.
+            (200, Some(stream)) => {
+                let mut body = stream.into_reader();
+                let skipped = std::io::copy(&mut (&mut body).take(pos), &mut std::io::sink())
+                    .map_err(|e| Error::Network {
+                        url: format!("{}/{key}", self.shown),
+                        tries: 1,
+                        message: format!("reading the answer up to offset {pos}: {e}"),
+                    })?;
+                let held = declared.map_or(len, |n| n.saturating_sub(pos));
+                if skipped < pos || held < len {
+                    return Err(self.short(key, pos, len, held.min(len)));
+                }
+                Ok(Box::new(body.take(len)))
+            }
+            (status, _) => Err(Error::Internal(format!(
+                "{}/{key}: answer {status} to a ranged read came without its body",
+                self.shown
+            ))),
+        }
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.client.retry_policy()
+    }
+
+    fn count_resume(&self) {
+        self.client.count_resume();
+    }
+
+    fn shown(&self, key: &str) -> String {
+        format!("{}/{key}", self.shown)
+    }
+}
+
 impl Backend for AzureBlobBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         // The version can step down while running (Stack Hub): ask for the one in use.
@@ -577,56 +646,25 @@ impl Backend for AzureBlobBackend {
     }
 
     fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let short = |got: usize| {
-            Error::corrupt(
-                format!("{}/{key}", self.shown),
-                offset,
-                format!("asked for {len} bytes, the object holds {got} from there"),
-            )
-        };
+        super::range_read::read_range_into(self, key, offset, len, buf)
+    }
+
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send + 'a>> {
         if len == 0 {
-            buf.clear();
+            // Nothing to read; the object must still exist and reach `offset`.
             return match self.size(key)? {
-                size if size >= offset => Ok(()),
-                _ => Err(short(0)),
+                size if size >= offset => Ok(Box::new(std::io::empty())),
+                _ => Err(self.short(key, offset, len, 0)),
             };
         }
-        let last = offset.checked_add(len as u64 - 1).ok_or_else(|| short(0))?;
-        let headers = [h("x-ms-range", &format!("bytes={offset}-{last}"))];
-        let path = self.path_of(key);
-        // The answer is read into the caller's buffer, grown once to the range's size (the
-        // caller's own number, not the service's).
-        buf.clear();
-        buf.reserve(len.min(RESERVE_MAX));
-        let r = self.client.request_into(
-            &Request::new(RequestKind::GetBlob, Method::Get, &path)
-                .headers(&headers)
-                .ok(&[200, 206, 404, 416]),
-            buf,
-        )?;
-        match r.status {
-            404 => Err(self.missing(&r, key)),
-            416 => Err(short(0)),
-            _ if r.body.len() < len => Err(short(r.body.len())),
-            // A 200 is the whole blob (a service that ignored the range).
-            200 => {
-                let start = usize::try_from(offset).map_err(|_| short(0))?;
-                let part = r
-                    .body
-                    .get(start..)
-                    .and_then(|b| b.get(..len))
-                    .ok_or_else(|| short(r.body.len().saturating_sub(start)))?;
-                buf.clear();
-                buf.extend_from_slice(part);
-                Ok(())
-            }
-            // The body itself, not a copy: restores read spans of megabytes.
-            _ => {
-                *buf = r.body;
-                buf.truncate(len);
-                Ok(())
-            }
-        }
+        Ok(Box::new(super::range_read::ResumingRange::new(
+            self, key, offset, len,
+        )?))
     }
 
     fn size(&self, key: &str) -> Result<u64> {

@@ -37,6 +37,7 @@ mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemoryBackend;
 pub mod pack;
+pub mod range_read;
 pub mod reseal;
 #[cfg(feature = "s3")]
 pub mod s3;
@@ -140,6 +141,29 @@ pub trait Backend: Send + Sync {
     fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
         *buf = self.get_range(key, offset, len)?;
         Ok(())
+    }
+
+    /// The `len` bytes at `offset` of `key` as a stream, for a reader that works through a
+    /// long range piece by piece (a restore reading whole packs): it holds only what it
+    /// reads at a time, not the range. Its reads fail with an `io::Error` that carries the
+    /// engine's error ([`range_read::range_error`] takes it back out): fewer bytes than asked
+    /// is [`Corrupt`](crate::Error::Corrupt), never a short stream; a missing object is
+    /// [`NotFound`](crate::Error::NotFound), now or at the first read. This default reads
+    /// the range with [`Backend::get_range`] (a local file is read as fast as it is asked);
+    /// remote stores stream the answer's body, resuming a body cut off mid-way
+    /// ([`range_read`]).
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send + 'a>> {
+        let len = usize::try_from(len).map_err(|_| {
+            crate::error::Error::corrupt(key, offset, format!("a range of {len} bytes"))
+        })?;
+        Ok(Box::new(std::io::Cursor::new(
+            self.get_range(key, offset, len)?,
+        )))
     }
 
     /// Size of an object in bytes; [`NotFound`](crate::Error::NotFound) when there is none.

@@ -38,9 +38,6 @@ use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
 use crate::http_error::{self, is_transient, NoAnswer};
 
-/// Most bytes reserved up front for a ranged read's answer: a larger one grows as it comes.
-const RESERVE_MAX: usize = 64 << 20;
-
 /// Size of each part of a multipart upload (the last may be smaller).
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 /// Objects larger than this go up in parts; smaller ones in one PUT.
@@ -248,6 +245,8 @@ struct Response {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// The body of a ranged read's 200 or 206, left unread for its reader to stream.
+    stream: Option<ureq::Body>,
     /// An earlier attempt of this request got no answer (or a server error), so it may have
     /// been carried out.
     ambiguous: bool,
@@ -527,19 +526,14 @@ impl S3Backend {
     /// Runs `call` with retries. Returns the answer for any status that is not retried (the
     /// caller decides what it means); retried statuses and failures that persist are errors.
     fn execute(&self, call: &Call<'_>) -> Result<Response> {
-        self.execute_checked(call, None, &mut Vec::new())
+        self.execute_checked(call, None)
     }
 
-    /// [`S3Backend::execute`] for a ranged read starting at `range_start`: a 206 answer whose
-    /// body is shorter than its `Content-Range` is retried, and reported as [`Error::Corrupt`]
-    /// when it stays short. The answer's body is read into `body`'s allocation (taken from
-    /// it), so that a caller reading many ranges reuses one buffer.
-    fn execute_checked(
-        &self,
-        call: &Call<'_>,
-        range_start: Option<u64>,
-        body: &mut Vec<u8>,
-    ) -> Result<Response> {
+    /// [`S3Backend::execute`], or for a ranged read starting at `range_start`: the body of a
+    /// 200 or 206 answer is left unread in [`Response::stream`], and a 206 whose
+    /// `Content-Range` does not start at `range_start` is retried, then reported as
+    /// [`Error::Corrupt`].
+    fn execute_checked(&self, call: &Call<'_>, range_start: Option<u64>) -> Result<Response> {
         let url = self.url(call);
         let payload_sha256 = hex(&sha2::Sha256::digest(call.body));
         let mut attempt = 0u32;
@@ -552,13 +546,7 @@ impl S3Backend {
             }
             let last = attempt >= self.options.retry.tries;
             let mut wait = None;
-            match self.attempt(
-                call,
-                &url,
-                &payload_sha256,
-                range_start,
-                std::mem::take(body),
-            )? {
+            match self.attempt(call, &url, &payload_sha256, range_start)? {
                 Attempt::Answer(mut r) if is_transient(r.status) => {
                     if last {
                         r.ambiguous = ambiguous;
@@ -626,7 +614,6 @@ impl S3Backend {
         url: &str,
         payload_sha256: &str,
         range_start: Option<u64>,
-        mut body: Vec<u8>,
     ) -> Result<Attempt> {
         let mut headers = call.headers.clone();
         headers.extend(self.signature_headers(call.method, url, &call.headers, payload_sha256)?);
@@ -656,8 +643,11 @@ impl S3Backend {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        body.clear();
-        if call.method != "HEAD" {
+        let mut body = Vec::new();
+        let mut stream = None;
+        if range_start.is_some() && matches!(status, 200 | 206) {
+            stream = Some(resp.into_body());
+        } else if call.method != "HEAD" {
             if let Err(e) = resp.body_mut().as_reader().read_to_end(&mut body) {
                 return Ok(Attempt::Failed(format!("reading the answer: {e}")));
             }
@@ -666,20 +656,13 @@ impl S3Backend {
             status,
             headers,
             body,
+            stream,
             ambiguous: false,
         };
         if let (Some(start), 206) = (range_start, status) {
             let declared = r.header("content-range").and_then(content_range);
             match declared {
-                Some((first, end, _)) if first == start && end > first => {
-                    let want = end - first;
-                    if (r.body.len() as u64) < want {
-                        return Ok(Attempt::Short(format!(
-                            "the answer held {} of the {want} bytes its Content-Range declares",
-                            r.body.len()
-                        )));
-                    }
-                }
+                Some((first, end, _)) if first == start && end >= first => {}
                 _ => {
                     return Ok(Attempt::Short(format!(
                         "the answer's Content-Range {:?} does not match the range asked",
@@ -925,6 +908,77 @@ impl S3Backend {
     }
 }
 
+/// The error for an object that ends before `len` bytes at `offset` could be read.
+fn short_object(key: &str, offset: u64, len: u64, size: u64) -> Error {
+    Error::corrupt(
+        key,
+        offset,
+        format!("object is {size} bytes, ends before {len} bytes could be read (truncated?)"),
+    )
+}
+
+impl super::range_read::RangeSource for S3Backend {
+    fn open_at(&self, key: &str, pos: u64, end: u64) -> Result<super::range_read::RangeBody> {
+        let len = end.saturating_sub(pos);
+        let last = end.checked_sub(1).filter(|_| len > 0).ok_or_else(|| {
+            Error::Internal(format!("an empty range of {key} at {pos} was opened"))
+        })?;
+        let full = self.full_key(key);
+        let mut call = Call::new(Kind::Get, "GET", Some(&full));
+        call.headers.push(("range", format!("bytes={pos}-{last}")));
+        let mut r = self.execute_checked(&call, Some(pos))?;
+        let stream = r.stream.take();
+        match (r.status, stream) {
+            (206, Some(stream)) => {
+                let declared = r.header("content-range").and_then(content_range);
+                match declared {
+                    Some((_, answered_end, _)) if answered_end >= end => {
+                        Ok(Box::new(stream.into_reader().take(len)))
+                    }
+                    _ => {
+                        let size = declared
+                            .and_then(|(_, answered_end, total)| total.or(Some(answered_end)))
+                            .unwrap_or(pos);
+                        Err(short_object(key, pos, len, size))
+                    }
+                }
+            }
+            // A server that ignores Range sends the whole object: read through to `pos`.
+            (200, Some(stream)) => {
+                let mut body = stream.into_reader();
+                let skipped = std::io::copy(&mut (&mut body).take(pos), &mut std::io::sink())
+                    .map_err(|e| Error::Network {
+                        url: self.shown_url(Some(&full)),
+                        tries: 1,
+                        message: format!("reading the answer up to offset {pos}: {e}"),
+                    })?;
+                if skipped < pos {
+                    return Err(short_object(key, pos, len, skipped));
+                }
+                Ok(Box::new(body.take(len)))
+            }
+            (416, _) => {
+                let size = self.size(key)?;
+                Err(short_object(key, pos, len, size))
+            }
+            (404, _) => Err(self.not_found(key, &r)),
+            _ => Err(self.http_error(Some(&full), &r)),
+        }
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.options.retry
+    }
+
+    fn count_resume(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn shown(&self, key: &str) -> String {
+        self.shown_url(Some(&self.full_key(key)))
+    }
+}
+
 impl Backend for S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         if data.len() > self.options.multipart_threshold {
@@ -969,70 +1023,27 @@ impl Backend for S3Backend {
     }
 
     fn get_range_into(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let short = |size: u64| {
-            Error::corrupt(
-                key,
-                offset,
-                format!(
-                    "object is {size} bytes, ends before {len} bytes could be read (truncated?)"
-                ),
-            )
-        };
-        let last = offset
-            .checked_add(len as u64)
-            .and_then(|end| end.checked_sub(1))
-            .filter(|_| len > 0);
-        let Some(last) = last else {
+        super::range_read::read_range_into(self, key, offset, len, buf)
+    }
+
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send + 'a>> {
+        if len == 0 {
             // Nothing to read; the object must still exist and reach `offset`.
             let size = self.size(key)?;
-            buf.clear();
             return if offset <= size {
-                Ok(())
+                Ok(Box::new(std::io::empty()))
             } else {
-                Err(short(size))
+                Err(short_object(key, offset, len, size))
             };
-        };
-        let full = self.full_key(key);
-        let mut call = Call::new(Kind::Get, "GET", Some(&full));
-        call.headers
-            .push(("range", format!("bytes={offset}-{last}")));
-        // The answer is read into the caller's buffer, grown once to the range's size (the
-        // caller's own number, not the server's).
-        buf.clear();
-        buf.reserve(len.min(RESERVE_MAX));
-        let r = self.execute_checked(&call, Some(offset), buf)?;
-        match r.status {
-            // The body itself, not a copy: restores read spans of megabytes.
-            206 if r.body.len() >= len => {
-                *buf = r.body;
-                buf.truncate(len);
-                Ok(())
-            }
-            206 => {
-                let size = r
-                    .header("content-range")
-                    .and_then(content_range)
-                    .and_then(|(_, _, total)| total)
-                    .unwrap_or(offset + r.body.len() as u64);
-                Err(short(size))
-            }
-            // A server that ignores Range sends the whole object.
-            200 => {
-                let part = usize::try_from(offset)
-                    .ok()
-                    .and_then(|s| r.body.get(s..s.checked_add(len)?))
-                    .ok_or_else(|| short(r.body.len() as u64))?;
-                buf.clear();
-                buf.extend_from_slice(part);
-                Ok(())
-            }
-            416 => {
-                let size = self.size(key)?;
-                Err(short(size))
-            }
-            404 => Err(self.not_found(key, &r)),
-            _ => Err(self.http_error(Some(&full), &r)),
         }
+        Ok(Box::new(super::range_read::ResumingRange::new(
+            self, key, offset, len,
+        )?))
     }
 
     fn size(&self, key: &str) -> Result<u64> {
