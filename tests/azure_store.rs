@@ -302,6 +302,32 @@ fn stack_hub_sends_2019_07_07_and_steps_down_when_refused() -> Result<()> {
 }
 
 #[test]
+fn a_partial_answer_from_another_byte_than_asked_is_damage() -> Result<()> {
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
+    backend(az.port, "azure://devstoreaccount1/shifted", key())?;
+    let proxy = FaultProxy::scripted(az.port)?;
+    let b = AzureBlobBackend::open(
+        "azure://devstoreaccount1/shifted/r",
+        &options(proxy.port, key()),
+    )?;
+    let payload = data(10_000, 5);
+    b.put("packs/cc/cc01", &payload)?;
+    ensure!(b.get_range("packs/cc/cc01", 100, 1000)? == payload[100..1100]);
+    // The same length, but the answer says it starts a byte further on: refused, named at
+    // the byte asked for, never handed out as these bytes (pack headers are read this way).
+    proxy.inject("GET", Fault::ShiftedRange);
+    let e = b.get_range("packs/cc/cc01", 100, 1000);
+    ensure!(
+        matches!(&e, Err(Error::Corrupt { offset: 100, what, .. }) if what.contains("from 101")),
+        "{e:?}"
+    );
+    ensure!(proxy.pending() == 0);
+    Ok(())
+}
+
+#[test]
 fn transient_faults_are_retried_and_fatal_answers_are_not() -> Result<()> {
     let Some(az) = Azurite::start_or_skip()? else {
         return Ok(());

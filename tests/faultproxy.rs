@@ -45,6 +45,9 @@ pub enum Fault {
     DropAnswer,
     /// Forward after a pause.
     Delay(Duration),
+    /// Forward, then pass the answer back with its `Content-Range` moved one byte on (the
+    /// body unchanged): bytes from another place of the object than the one asked for.
+    ShiftedRange,
 }
 
 /// A request as the proxy saw it.
@@ -217,6 +220,34 @@ fn with_length(head: &str, length: usize) -> String {
     out
 }
 
+/// `head` with `Content-Range: bytes A-B/T` made `bytes A+1-B+1/T`.
+fn shifted_range(head: &str) -> String {
+    let mut out = String::new();
+    for line in head.trim_end().split("\r\n") {
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        let shifted = value
+            .trim()
+            .strip_prefix("bytes ")
+            .and_then(|v| v.split_once('/'))
+            .and_then(|(range, total)| {
+                let (a, b) = range.split_once('-')?;
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                Some(format!("bytes {}-{}/{total}", a + 1, b + 1))
+            });
+        match shifted {
+            Some(v) if name.trim().eq_ignore_ascii_case("content-range") => {
+                out.push_str(&format!("{name}: {v}\r\n"));
+            }
+            _ => {
+                out.push_str(line);
+                out.push_str("\r\n");
+            }
+        }
+    }
+    out.push_str("\r\n");
+    out
+}
+
 fn handle(
     mut conn: TcpStream,
     upstream: u16,
@@ -324,6 +355,12 @@ fn handle(
         conn.write_all(&answer[..cut])?;
         conn.flush()?;
         let _ = conn.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    if let (Some(Fault::ShiftedRange), Some(e)) = (&fault, head_end(&answer)) {
+        let ahead = String::from_utf8_lossy(&answer[..e]);
+        conn.write_all(shifted_range(&ahead).as_bytes())?;
+        conn.write_all(&answer[e..])?;
         return Ok(());
     }
     if let (Some(Fault::ShortBody), Some(e)) = (&fault, head_end(&answer)) {

@@ -555,10 +555,28 @@ impl super::range_read::RangeSource for AzureBlobBackend {
         match (r.status, r.stream.take()) {
             (404, _) => Err(self.missing(&r, key)),
             (416, _) => Err(self.short(key, pos, len, 0)),
-            (206, Some(stream)) => match declared {
-                Some(n) if n >= len => Ok(Box::new(stream.into_reader().take(len))),
-                n => Err(self.short(key, pos, len, n.unwrap_or(0))),
-            },
+            (206, Some(stream)) => {
+                // The part answered must start at the byte asked: bytes from elsewhere in the
+                // blob would be handed out as these (pack headers and manifests are read this
+                // way, not only authenticated frames).
+                let answered = r
+                    .header("content-range")
+                    .and_then(super::range_read::content_range);
+                match (answered, declared) {
+                    (Some((first, _, _)), _) if first != pos => Err(Error::corrupt(
+                        format!("{}/{key}", self.shown),
+                        pos,
+                        format!("the answer holds the bytes from {first}, not from here"),
+                    )),
+                    (Some(_), Some(n)) if n >= len => Ok(Box::new(stream.into_reader().take(len))),
+                    (None, _) => Err(Error::corrupt(
+                        format!("{}/{key}", self.shown),
+                        pos,
+                        "a partial answer came without its Content-Range",
+                    )),
+                    (Some(_), n) => Err(self.short(key, pos, len, n.unwrap_or(0))),
+                }
+            }
             // A 200 is the whole blob (a service that ignored the range): read through to
             // `pos`.
             (200, Some(stream)) => {

@@ -11,11 +11,12 @@
 //! Invariants:
 //! - Exactly the range, or an error: no byte past its end is ever handed out, and `Ok(0)`
 //!   (end of data) comes only once every byte of it was.
-//! - The retry policy's limit applies per byte reached, as to any request: the attempt that
-//!   brought the read to a byte and the resumes from it are `tries` attempts at most, and
-//!   when all broke off there the read fails, naming the object and that offset:
+//! - The retry policy's limit applies to attempts in a row that break off without progress:
+//!   after `tries` of them the read fails, naming the object and the offset reached:
 //!   [`Error::Corrupt`] when the last answer ended cleanly short, [`Error::Network`] when its
-//!   connection failed. A body that delivers bytes before it breaks starts a new count.
+//!   connection failed. An attempt that delivered at least [`PROGRESS`] bytes (or the rest
+//!   of the range) before it broke starts a new count; one that trickled less does not, so a
+//!   link too slow to carry a range ends in an error instead of resuming for ever.
 //! - Errors leave [`Read::read`] as `io::Error`s wrapping the engine's [`Error`];
 //!   [`range_error`] takes it back out, so callers still tell damage from an unreachable store.
 
@@ -54,9 +55,18 @@ pub struct ResumingRange<'a, S: RangeSource + ?Sized> {
     pos: u64,
     end: u64,
     body: Option<RangeBody>,
-    /// Attempts that broke off at `pos`: the one that reached it and the resumes since.
+    /// Where the current body started.
+    opened_at: u64,
+    /// Attempts in a row that broke off without real progress (see [`PROGRESS`]).
     failures: u32,
+    /// What counts as real progress: [`PROGRESS`] (a test sets less).
+    progress: u64,
 }
+
+/// What an attempt must deliver before it breaks off (or the rest of the range, if less)
+/// to start the failure count again: a link that trickles a few bytes per timeout still
+/// runs out of tries instead of resuming for ever.
+const PROGRESS: u64 = 1 << 20;
 
 impl<'a, S: RangeSource + ?Sized> ResumingRange<'a, S> {
     /// The reader of `len` bytes at `offset` of `key`; the first GET is sent by the first
@@ -75,7 +85,9 @@ impl<'a, S: RangeSource + ?Sized> ResumingRange<'a, S> {
             pos: offset,
             end,
             body: None,
+            opened_at: offset,
             failures: 0,
+            progress: PROGRESS,
         })
     }
 
@@ -87,22 +99,27 @@ impl<'a, S: RangeSource + ?Sized> ResumingRange<'a, S> {
             }
             let body = match self.body.as_mut() {
                 Some(body) => body,
-                None => self
-                    .body
-                    .insert(self.source.open_at(&self.key, self.pos, self.end)?),
+                None => {
+                    self.opened_at = self.pos;
+                    self.body
+                        .insert(self.source.open_at(&self.key, self.pos, self.end)?)
+                }
             };
             let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             let cut = match body.read(&mut buf[..want]) {
                 Ok(0) => Cut::Short,
                 Ok(n) => {
                     self.pos += n as u64;
-                    self.failures = 0;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => Cut::Failed(e.to_string()),
             };
             self.body = None;
+            let asked = self.end - self.opened_at;
+            if self.pos - self.opened_at >= self.progress.min(asked) {
+                self.failures = 0;
+            }
             self.failures += 1;
             let policy = self.source.retry_policy();
             if self.failures >= policy.tries {
@@ -128,6 +145,15 @@ impl<'a, S: RangeSource + ?Sized> ResumingRange<'a, S> {
             std::thread::sleep(policy.delay(self.failures, None));
         }
     }
+}
+
+/// `Content-Range: bytes FIRST-LAST/TOTAL` → (first, last + 1, total if known).
+pub(crate) fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let first: u64 = first.trim().parse().ok()?;
+    let end = last.trim().parse::<u64>().ok()?.checked_add(1)?;
+    Some((first, end, total.trim().parse().ok()))
 }
 
 /// How a body broke off.
@@ -296,7 +322,9 @@ mod tests {
             ],
         );
         let mut got = Vec::new();
-        ResumingRange::new(&store, "packs/ab/x", 100, 800)?
+        let mut range = ResumingRange::new(&store, "packs/ab/x", 100, 800)?;
+        range.progress = 100;
+        range
             .read_to_end(&mut got)
             .map_err(|e| range_error(e, "packs/ab/x", 100))?;
         assert_eq!(got, store.object[100..900]);
@@ -304,6 +332,27 @@ mod tests {
         // the resume from there that broke at once are two of the three tries.
         assert_eq!(*lock(&store.opened_at)?, vec![100, 400, 650, 650]);
         assert_eq!(store.resumes.load(Ordering::SeqCst), 3);
+        Ok(())
+    }
+
+    #[test]
+    fn a_body_that_only_trickles_runs_out_of_tries() -> Result<()> {
+        // Every answer brings 10 bytes and breaks: bytes arrive, but never the 100 that count
+        // as progress, so the read ends after the policy's three tries instead of resuming
+        // 80 times through the range.
+        let store = scripted(1000, vec![Answer::ResetAfter(10); 100]);
+        let mut range = ResumingRange::new(&store, "packs/ab/x", 100, 800)?;
+        range.progress = 100;
+        let err = range
+            .read_to_end(&mut Vec::new())
+            .map_err(|e| range_error(e, "packs/ab/x", 100))
+            .err();
+        let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
+        assert!(
+            matches!(err, Some(Error::Network { .. })) && text.contains("130"),
+            "{err:?}"
+        );
+        assert_eq!(*lock(&store.opened_at)?, vec![100, 110, 120]);
         Ok(())
     }
 

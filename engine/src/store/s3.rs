@@ -33,6 +33,7 @@ use sha2::Digest as _;
 
 mod uploads;
 
+use super::range_read::content_range;
 use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
@@ -1326,15 +1327,6 @@ fn xml_text(body: &[u8], name: &str) -> Option<String> {
     doc.descendants()
         .find(|n| n.tag_name().name() == name)
         .map(|n| n.text().unwrap_or("").to_string())
-}
-
-/// `Content-Range: bytes FIRST-LAST/TOTAL` → (first, last + 1, total if known).
-fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    let first: u64 = first.trim().parse().ok()?;
-    let end = last.trim().parse::<u64>().ok()?.checked_add(1)?;
-    Some((first, end, total.trim().parse().ok()))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is left to the backoff).
