@@ -31,6 +31,7 @@ mod nbd_memory;
 mod nbd_readahead;
 mod nbd_support;
 mod nbd_vm;
+mod overlapped_requests;
 mod pageblob_requests;
 mod pageblob_verify;
 mod plans;

@@ -384,23 +384,14 @@ impl Repo {
         unlocked: Option<Unlocked>,
     ) -> Result<Repo> {
         let backend = Arc::new(WithDeltas::with_protection(backend, Protection::Plain));
-        // The config's GET, the key objects' listing and the catch-up's listings need no
-        // answer of each other: they go out together (see `repo/listed.rs`).
-        let (listed, config) =
-            listed::list_at_once(backend.as_ref(), &listed::OPEN_PREFIXES, || {
-                read_config_object(location, backend.as_ref())
+        // The config's GET, the key objects' reading and the catch-up's listings need no
+        // answer of each other: they go out together (see `repo/listed.rs`), and the key
+        // derivation runs while the listings are still under way.
+        let (listed, opened) =
+            listed::list_at_once(backend.as_ref(), &listed::CATCH_UP_PREFIXES, || {
+                read_config_and_unlock(location, backend.as_ref(), unlocked)
             });
-        let config = config?;
-        let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
-        if config.features.incompat & deltas.bit == 0 {
-            return Err(Error::unsupported(format!(
-                "{location} holds a repository made for a local directory (its config lacks \
-                 the `{}` feature that lets hosts share it); create one on the store with \
-                 `stackvault init` and copy the snapshots into it",
-                deltas.name
-            )));
-        }
-        let unlocked = unlock(&config, &listed, location, unlocked)?;
+        let (config, unlocked) = opened?;
         let protection = unlocked.protection.clone();
         backend.set_protection(protection.clone());
         let dir = cache_home
@@ -867,6 +858,50 @@ fn open_index_in(
         }
     }
     Ok((Index::open(&index_path)?, index_path))
+}
+
+/// Reads the config of the remote repository `location` and unlocks it: the key objects are
+/// read on their own thread meanwhile (unless `init` just made the keys, `unlocked`), so the
+/// key object's GET follows its listing at once and the key derivation starts as soon as both
+/// the config and the key objects are in. A repository made for a local directory is refused
+/// before any password is asked for.
+fn read_config_and_unlock(
+    location: &str,
+    backend: &dyn Backend,
+    unlocked: Option<Unlocked>,
+) -> Result<(RepoConfig, Unlocked)> {
+    use crate::crypto::unlock::{fetch_keys, unlock_fetched};
+    std::thread::scope(|scope| {
+        let keys = match unlocked {
+            Some(_) => None,
+            None => std::thread::Builder::new()
+                .name("keys".into())
+                .spawn_scoped(scope, || fetch_keys(backend, location))
+                .ok(),
+        };
+        let config = read_config_object(location, backend);
+        // No thread to spare, or it panicked: read the keys on this one.
+        let fetched = keys.map(|t| t.join().unwrap_or_else(|_| fetch_keys(backend, location)));
+        let config = config?;
+        let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
+        if config.features.incompat & deltas.bit == 0 {
+            return Err(Error::unsupported(format!(
+                "{location} holds a repository made for a local directory (its config lacks \
+                 the `{}` feature that lets hosts share it); create one on the store with \
+                 `stackvault init` and copy the snapshots into it",
+                deltas.name
+            )));
+        }
+        let unlocked = match (config.is_encrypted(), unlocked) {
+            (true, None) => unlock_fetched(
+                fetched.unwrap_or_else(|| fetch_keys(backend, location)),
+                location,
+                &config.repository_id,
+            )?,
+            (_, unlocked) => unlock(&config, backend, location, unlocked)?,
+        };
+        Ok((config, unlocked))
+    })
 }
 
 /// Reads and checks the config object of the repository named `location` on `backend`.

@@ -14,6 +14,7 @@
 
 mod dedup;
 mod frames;
+mod recheck;
 mod streamed;
 mod uploads;
 pub use uploads::{DEFAULT_REMOTE_UPLOADS, UPLOADS_ENV};
@@ -43,6 +44,7 @@ use crate::store::pack::PackWriter;
 use crate::store::{snapshot_key, ObjectWriter};
 use dedup::Dedup;
 use frames::{compress_frames, NewFrame, NewPiece};
+use recheck::EarlyRecheck;
 
 /// Which parent a backup reads relative to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,7 +167,7 @@ pub fn backup(
     )?;
 
     progress.start("backup", virtual_size);
-    let mut stats = std::thread::scope(|scope| {
+    let (mut stats, early) = std::thread::scope(|scope| {
         let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
         for _ in 0..workers {
             let tx = tx.clone();
@@ -233,6 +235,12 @@ pub fn backup(
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
+        // Every deduplication decision is made: the re-check's reads go out while the last
+        // packs are stored (see `recheck`).
+        let early = match &result {
+            Ok(_) => EarlyRecheck::start(repo, &dedup),
+            Err(_) => None,
+        };
         let stored = store
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("pack store thread panicked".into())));
@@ -246,7 +254,7 @@ pub fn backup(
             e => e,
         })?;
         stats.bytes_added = bytes_added;
-        Ok::<BackupStats, Error>(stats)
+        Ok::<_, Error>((stats, early))
     })?;
     progress.finish();
 
@@ -271,8 +279,15 @@ pub fn backup(
     crate::crash::point("before-manifest");
     if let Some(used) = dedup.used_packs() {
         // A shared store: no pack this manifest needs may have been condemned meanwhile, nor
-        // deleted (see `shared_store_recheck`).
-        shared_store_recheck(repo, used, parent_id.as_deref())?;
+        // deleted (see `shared_store_recheck`); the reading made during the last uploads
+        // settles it when it found nothing to do.
+        let settled = match &early {
+            Some(early) => early.settles(repo, parent_id.as_deref())?,
+            None => false,
+        };
+        if !settled {
+            shared_store_recheck(repo, used, parent_id.as_deref())?;
+        }
     }
     lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;

@@ -139,7 +139,29 @@ pub fn unlock(
     location: &str,
     repository: &[u8; REPOSITORY_ID_LEN],
 ) -> Result<Unlocked> {
-    let (keys, mut damaged) = read_keys(backend, location)?;
+    unlock_fetched(fetch_keys(backend, location), location, repository)
+}
+
+/// The key objects of the repository on `backend`, read (listed, then each one fetched) before
+/// anyone knows whether they are needed: an open reads them on their own thread while it reads
+/// the config, so that the key derivation can start as soon as the config says the repository
+/// is encrypted, instead of after every listing of the open (`format-spec/remote.md`, "Requests
+/// of a backup"). Reading them asks for no password.
+pub struct FetchedKeys(Result<(Vec<KeyObject>, Vec<Error>)>);
+
+/// Reads the key objects of the repository on `backend` named `location` (see [`FetchedKeys`]).
+pub fn fetch_keys(backend: &dyn Backend, location: &str) -> FetchedKeys {
+    FetchedKeys(read_keys(backend, location))
+}
+
+/// [`unlock`] with the key objects already read by [`fetch_keys`]: a failed read is reported
+/// here, as [`unlock`] would have reported it.
+pub fn unlock_fetched(
+    fetched: FetchedKeys,
+    location: &str,
+    repository: &[u8; REPOSITORY_ID_LEN],
+) -> Result<Unlocked> {
+    let (keys, mut damaged) = fetched.0?;
     if keys.is_empty() && damaged.is_empty() {
         return Err(Error::corrupt(
             format!("{location}/{KEYS_PREFIX}"),

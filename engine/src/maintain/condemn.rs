@@ -184,7 +184,7 @@ pub fn before_manifest(
 /// The condemned packs the index places chunks of the manifest `parent` in. The parent's
 /// chunks are deduplicated without an index lookup, so a pack condemned under them (a parent
 /// written while a prune decided) is found here.
-fn parent_packs_in(
+pub(crate) fn parent_packs_in(
     repo: &Repo,
     parent: &str,
     condemned: &HashSet<String>,

@@ -1,7 +1,7 @@
 //! Listings of a remote repository made all at once, for the catch-up of its cache.
 //!
-//! Opening a repository on an object store reads its config, lists its key objects and
-//! brings this host's cache up to date from four listings (`index/`, `packs/`, `snapshots/`,
+//! Opening a repository on an object store reads its config and its key objects (on a thread
+//! of their own, `repo.rs`) and brings this host's cache up to date from four listings (`index/`, `packs/`, `snapshots/`,
 //! `verifications/`). Made one after the other, each waits a round trip for the one before;
 //! none needs another's answer, so [`list_at_once`] makes the listings on their own threads
 //! (no async runtime: the client is blocking) while the caller reads the config. The answers
@@ -23,10 +23,6 @@ use crate::store::{Backend, ObjectInfo, UnfinishedUpload, Version};
 
 /// The prefixes the catch-up of a remote repository's cache lists.
 pub const CATCH_UP_PREFIXES: [&str; 4] = ["index/", "packs/", "snapshots/", "verifications/"];
-
-/// The prefixes listed at open: the key objects (an encrypted repository's unlock), then the
-/// catch-up's.
-pub const OPEN_PREFIXES: [&str; 5] = ["keys/", "index/", "packs/", "snapshots/", "verifications/"];
 
 /// Listings of `prefixes` made in parallel on `backend`, while `meanwhile` runs on this
 /// thread. Returns the listings (failed ones keep their error, reported when the listing is
