@@ -148,6 +148,7 @@ impl<'a, S: RangeSource + ?Sized> ResumingRange<'a, S> {
 }
 
 /// `Content-Range: bytes FIRST-LAST/TOTAL` → (first, last + 1, total if known).
+#[cfg(any(feature = "azure", feature = "s3"))]
 pub(crate) fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = range.split_once('-')?;
