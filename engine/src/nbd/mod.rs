@@ -324,7 +324,9 @@ impl Server {
         let sqlite_allowance = sqlite_allowance(budget.capacity());
         let _sqlite_charge = (sqlite_allowance > 0).then(|| budget.reserve(sqlite_allowance));
         let sqlite_start = sqlite_start_serving();
-        let sqlite_limit_before = hold_sqlite_page_caches(None, sqlite_allowance);
+        let sqlite_limit_before = hold_sqlite_page_caches(
+            sqlite_start.saturating_add(i64::try_from(sqlite_allowance).unwrap_or(i64::MAX)),
+        );
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
         let refusing = AtomicUsize::new(0);
@@ -417,7 +419,7 @@ impl Server {
                 }
             }
         });
-        hold_sqlite_page_caches(Some(sqlite_limit_before), 0);
+        hold_sqlite_page_caches(sqlite_limit_before);
         Ok(ServeReport {
             connections,
             refused_connections: totals.refused.load(Ordering::Relaxed),
@@ -522,30 +524,22 @@ pub fn sqlite_allowance(capacity: usize) -> usize {
     }
 }
 
-/// Keeps SQLite's heap within its use at start plus `allowance` bytes (charged to the budget
-/// by the caller), so that the index's page caches do not grow with the clients outside the
-/// budget.
+/// Sets SQLite's soft heap limit to `limit` bytes and returns the limit it replaces: the
+/// server holds SQLite's heap to its use at start plus its allowance (charged to the budget
+/// by the caller), and puts the previous limit back when it stops.
 ///
-/// A lookup of a chunk not yet cached runs on a pooled index connection, one per thread
-/// looking up at once (each client's thread, each export's read-ahead), and each connection's
-/// page cache grows to SQLite's default 2 MiB: on the 4 GiB dataset that was 4.3 MiB of the
-/// server's heap with one client (`benches/RESULTS.md`). Past the soft heap limit SQLite's
-/// page cache recycles its least recently used pages instead of allocating more; lookups stay
-/// correct and read the pages again from the file (the OS's page cache). The limit is the
-/// whole process's and the server makes no other use of SQLite while it runs; `restore`
-/// (the limit returned by the first call) puts the previous limit back when it stops.
+/// A lookup of a chunk not yet cached runs on one of the index's few pooled connections, and
+/// each connection's page cache would grow to SQLite's default 2 MiB: on the 4 GiB dataset
+/// that was 4.3 MiB of the server's heap with one client (`benches/RESULTS.md`). Past the
+/// soft heap limit SQLite's page cache recycles its least recently used pages instead of
+/// allocating more; lookups stay correct and read the pages again from the file (the OS's
+/// page cache). The limit is the whole process's, and the server makes no other use of
+/// SQLite while it runs.
 #[allow(unsafe_code)]
-fn hold_sqlite_page_caches(restore: Option<i64>, allowance: usize) -> i64 {
-    let allowance = i64::try_from(allowance).unwrap_or(i64::MAX);
-    // SAFETY: both calls take SQLite's own memory mutex and may be made at any time from any
-    // thread (sqlite3_soft_heap_limit64 is documented as such); no pointer is passed.
-    unsafe {
-        let limit = match restore {
-            Some(previous) => previous,
-            None => rusqlite::ffi::sqlite3_memory_used().saturating_add(allowance),
-        };
-        rusqlite::ffi::sqlite3_soft_heap_limit64(limit)
-    }
+fn hold_sqlite_page_caches(limit: i64) -> i64 {
+    // SAFETY: takes SQLite's own memory mutex and may be called at any time from any thread
+    // (sqlite3_soft_heap_limit64 is documented as such); no pointer is passed.
+    unsafe { rusqlite::ffi::sqlite3_soft_heap_limit64(limit) }
 }
 
 /// SQLite's heap now, in bytes; its peak ([`sqlite_peak_bytes`]) is reset to it, so that the
