@@ -724,10 +724,7 @@ fn reseal_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64
     }
     let len = sealer.finish(&mut out, &snap.id, target)?;
     crate::crash::point("before-manifest");
-    match out.commit(&key) {
-        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
-        Err(e) => return Err(e),
-    }
+    dst.commit_manifest(out, &snap.id)?;
     dst.index()
         .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
     Ok(len)
@@ -792,11 +789,7 @@ fn copy_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64> 
         ));
     }
     crate::crash::point("before-manifest");
-    match out.commit(&key) {
-        // Another copy got there first: the same bytes, by their name.
-        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
-        Err(e) => return Err(e),
-    }
+    dst.commit_manifest(out, &snap.id)?;
     dst.index()
         .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
     Ok(size)
@@ -953,10 +946,7 @@ fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(SnapshotId, 
         writer.push_segment(&extents?)?;
     }
     let finished = writer.finish(&mut meta)?;
-    match finished.out.commit(&snapshot_key(&finished.id)) {
-        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
-        Err(e) => return Err(e),
-    }
+    dst.commit_manifest(finished.out, &finished.id)?;
     dst.index()
         .add_snapshot(&finished.id, &meta, old.virtual_size)?;
     Ok((finished.id, finished.len))

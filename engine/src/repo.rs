@@ -617,6 +617,21 @@ impl Repo {
         Ok(object)
     }
 
+    /// Publishes a manifest written through [`Repo::manifest_writer`] as snapshot `id`.
+    /// A manifest's name is the hash of its content, so finding the name taken means this
+    /// very snapshot is stored already: two hosts (or a copy and a rerun) that made the same
+    /// manifest both succeed.
+    pub(crate) fn commit_manifest(
+        &self,
+        out: Box<dyn crate::store::ObjectWriter + '_>,
+        id: &str,
+    ) -> Result<()> {
+        match out.commit(&store::snapshot_key(id)) {
+            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads and checks a snapshot's manifest.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest<'_>> {
         // A remote manifest is read from this host's copy: its requests are paid once.
@@ -1323,5 +1338,34 @@ mod tests {
         assert_eq!(home.ok(), Some(PathBuf::from("/home/op/.cache")));
         let xdg = cache_root_in(|name| Some(format!("/c/{name}").into()));
         assert_eq!(xdg.ok(), Some(PathBuf::from("/c/XDG_CACHE_HOME")));
+    }
+
+    /// Two backups that end with the same manifest (same disk, content, parent, host and
+    /// microsecond) name it alike: the second finds the name taken and must succeed, since
+    /// what is stored there is its snapshot byte for byte.
+    #[test]
+    fn a_manifest_whose_name_is_taken_is_already_stored() -> Result<()> {
+        use crate::backup::{backup, BackupOptions};
+        use crate::progress::NoProgress;
+        use std::io::Write;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "/tmp", e))?;
+        let repo = Repo::init(&dir.path().join("repo"), &InitOptions::default())?;
+        let disk = dir.path().join("disk.img");
+        let bytes: Vec<u8> = (0..3u32 << 20).map(|i| (i / 4096 * 7) as u8).collect();
+        fs::write(&disk, &bytes).map_err(|e| Error::io("write", &disk, e))?;
+        let source = crate::source::open_source(&disk, &Default::default())?;
+        let options = BackupOptions {
+            disk: "vm".into(),
+            ..BackupOptions::default()
+        };
+        let id = backup(&repo, source.as_ref(), &options, &NoProgress)?.snapshot_id;
+        let stored = repo.backend().get(&store::snapshot_key(&id))?;
+        let mut out = repo.manifest_writer()?;
+        out.write_all(&stored)
+            .map_err(|e| Error::io("write", "snapshots/", e))?;
+        repo.commit_manifest(out, &id)?;
+        assert_eq!(repo.backend().get(&store::snapshot_key(&id))?, stored);
+        assert_eq!(repo.snapshots(None)?.len(), 1);
+        Ok(())
     }
 }

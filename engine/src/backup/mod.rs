@@ -41,7 +41,7 @@ use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::source::{fill_from_map, DiskSource, ExtentKind, SourceChanges};
 use crate::store::pack::PackWriter;
-use crate::store::{snapshot_key, ObjectWriter};
+use crate::store::ObjectWriter;
 use dedup::Dedup;
 use frames::{compress_frames, NewFrame, NewPiece};
 use recheck::EarlyRecheck;
@@ -292,7 +292,7 @@ pub fn backup(
     lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;
     let id = finished.id;
-    finished.out.commit(&snapshot_key(&id))?;
+    repo.commit_manifest(finished.out, &id)?;
     crate::crash::point("manifest-stored");
     repo.index().add_snapshot(&id, &meta, virtual_size)?;
 
