@@ -153,6 +153,9 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
             size_bytes: e.reader.size(),
         })
         .collect();
+    // Announced once the server has opened what it keeps while serving (see `Server::serve`):
+    // a client or a memory probe that starts at this line sees the server at rest.
+    let mut announcement = Vec::new();
     if args.json {
         let mut line = serde_json::json!({
             "format_version": output::JSON_FORMAT_VERSION,
@@ -162,26 +165,34 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
         if let (Some(id), Some(map)) = (&vm_snapshot_id, line.as_object_mut()) {
             map.insert("vm_snapshot_id".into(), id.as_str().into());
         }
-        output::line(serde_json::to_string(&line)?)?;
+        announcement.push(serde_json::to_string(&line)?);
     } else {
         for e in &ready {
-            output::line(format!(
+            announcement.push(format!(
                 "serving snapshot {} ({}) read-only at {}",
                 short_id(e.snapshot_id),
                 output::bytes(e.size_bytes),
                 e.uri
-            ))?;
-        }
-        if !ctx.quiet {
-            eprintln!("press Ctrl-C to stop");
+            ));
         }
     }
+    let announce = || {
+        for line in &announcement {
+            output::line(line).map_err(|e| {
+                stackvault::Error::io("write", "stdout", std::io::Error::other(e.to_string()))
+            })?;
+        }
+        if !args.json && !ctx.quiet {
+            eprintln!("press Ctrl-C to stop");
+        }
+        Ok(())
+    };
     let serve_options = ServeOptions {
         max_connections: args.max_connections,
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
         ..ServeOptions::default()
     };
-    let report = server.serve(&exports, &serve_options, &ctx.cancel)?;
+    let report = server.serve(&exports, &serve_options, &ctx.cancel, announce)?;
     drop(server);
     if args.json {
         let mut v = serde_json::to_value(&report)?;

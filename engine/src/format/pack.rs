@@ -1093,6 +1093,9 @@ fn unpack_stored(
     }
     match compression {
         Compression::None => {
+            // Exactly: `out` may be a reused buffer a little too small, which growing by
+            // doubling would make twice the frame (a frame's memory is charged by its size).
+            out.reserve_exact(stored.len());
             out.extend_from_slice(stored);
             Ok(())
         }
@@ -1181,6 +1184,33 @@ fn decompress(stored: &[u8], raw_len: usize, out: &mut Vec<u8>) -> std::result::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stored (uncompressed) frame decoded into a reused buffer a little too small grows
+    /// it to the frame's size exactly, not by doubling: frame buffers are charged by size.
+    #[test]
+    fn a_stored_frame_grows_a_reused_buffer_exactly() -> Result<()> {
+        let stored = vec![5u8; 300_000];
+        let expected = RecordLocation {
+            version: PACK_VERSION,
+            id: ChunkId::of(b"frame"),
+            offset: 0,
+            in_frame: 0,
+            raw_len: 300_000,
+            stored_len: 300_000,
+            frame_raw_len: 300_000,
+        };
+        let mut out = Vec::with_capacity(290_000);
+        unpack_stored(
+            &stored,
+            Compression::None,
+            crc32fast::hash(&stored),
+            &expected,
+            "test",
+            &mut out,
+        )?;
+        assert_eq!((out.len(), out.capacity()), (300_000, 300_000));
+        Ok(())
+    }
 
     #[test]
     fn layout_constants_match_spec() {

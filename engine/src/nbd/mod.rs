@@ -42,7 +42,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -302,11 +302,17 @@ impl Server {
     /// what was done. Each export's reader gets a read-ahead thread. The exports' readers
     /// should share one [`MemoryBudget`] (`SnapshotReader::open_with_budget`): connections
     /// are charged to the first export's.
+    ///
+    /// `ready` is called once everything the server keeps while it serves is in place (index
+    /// connections open, SQLite's allowance charged), before the first connection is taken:
+    /// what the process holds then is its size at rest, and what it gains later is bounded
+    /// by the budget. An error from `ready` ends the server before it serves.
     pub fn serve(
         &self,
         exports: &[Export<'_>],
         options: &ServeOptions,
         cancel: &Cancel,
+        ready: impl FnOnce() -> Result<()>,
     ) -> Result<ServeReport> {
         let budget: &MemoryBudget = exports
             .first()
@@ -327,6 +333,34 @@ impl Server {
         let sqlite_limit_before = hold_sqlite_page_caches(
             sqlite_start.saturating_add(i64::try_from(sqlite_allowance).unwrap_or(i64::MAX)),
         );
+        if let Err(e) = ready() {
+            hold_sqlite_page_caches(sqlite_limit_before);
+            return Err(e);
+        }
+        // The size at rest, against which the budget takes the server's measure while it
+        // serves (`MemoryBudget::measured_growth`).
+        let at_rest = resident_bytes();
+        let mut trimmed = Instant::now();
+        let mut take_measure = || {
+            let growth = || {
+                let (rest, now) = (at_rest?, resident_bytes()?);
+                usize::try_from(now.saturating_sub(rest)).ok()
+            };
+            let Some(mut grown) = growth() else {
+                return;
+            };
+            // Freed heap memory stays resident (malloc gives back only the top of its heap):
+            // segments and small frames freed while mapped frames took their place. It is
+            // given back, at most once a second, before the rest is counted.
+            if grown.saturating_sub(budget.stats().used_bytes) > TRIM_BEYOND
+                && trimmed.elapsed() >= TRIM_EVERY
+            {
+                give_freed_heap_back();
+                trimmed = Instant::now();
+                grown = growth().unwrap_or(grown);
+            }
+            budget.measured_growth(grown);
+        };
         let stopping = AtomicBool::new(false);
         let active = AtomicUsize::new(0);
         let refusing = AtomicUsize::new(0);
@@ -339,6 +373,8 @@ impl Server {
                 scope.spawn(move || e.reader.read_ahead_worker(stopping));
             }
             while !cancel.is_cancelled() {
+                // Every 20 ms while no client connects, and at each connection.
+                take_measure();
                 let stream = match self.accept() {
                     Ok(s) => s,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -504,6 +540,26 @@ pub fn return_freed_frames_to_the_system() {
     }
 }
 
+/// Growth beyond the budget's charges past which a server gives malloc's free heap pages back.
+const TRIM_BEYOND: usize = 1 << 20;
+/// Least time between two such give-backs (each walks malloc's free lists).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Gives the free pages inside malloc's heap back to the system (glibc's `malloc_trim`), not
+/// only those at its top as `free` does.
+#[allow(unsafe_code)]
+fn give_freed_heap_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim takes malloc's own locks and may be called at any time from
+        // any thread; it only releases pages no allocation uses.
+        let _ = unsafe { malloc_trim(0) };
+    }
+}
+
 /// Most SQLite may hold above its use when the server starts.
 pub const SQLITE_HEAP_ALLOWANCE: usize = 1 << 20;
 
@@ -566,10 +622,20 @@ pub fn sqlite_peak_bytes() -> u64 {
 
 /// VmHWM of /proc/self/status in bytes (None where there is no /proc).
 pub fn peak_rss() -> Option<u64> {
+    process_status_bytes("VmHWM:")
+}
+
+/// The process's resident memory now, in bytes (Linux: VmRSS of /proc/self/status).
+fn resident_bytes() -> Option<u64> {
+    process_status_bytes("VmRSS:")
+}
+
+/// A size field (`VmHWM:`, `VmRSS:`, …) of /proc/self/status, in bytes.
+fn process_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .strip_suffix("kB")?
         .trim()

@@ -28,6 +28,11 @@
 //! Several readers (the disks of a served VM) share one budget and one frame cache: frames are
 //! keyed by pack and offset, and packs are immutable, so readers of one repository can share
 //! frames as well as memory.
+//!
+//! What no charge names (malloc's slack, the threads' decoder contexts, code paged in on first
+//! use) a server measures instead: [`MemoryBudget::measured_growth`] takes how much the
+//! process grew since it was at rest, and the budget counts what its charges do not cover as
+//! taken, up to [`MemoryBudget::outside_limit`].
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -48,7 +53,12 @@ pub struct Frame {
 
 impl Frame {
     /// `data`, charged with `charge` (shrunk to what the data's buffer takes, [`footprint`]).
-    pub(super) fn new(data: Vec<u8>, mut charge: Charge) -> Frame {
+    pub(super) fn new(mut data: Vec<u8>, mut charge: Charge) -> Frame {
+        if footprint(data.capacity()) > charge.bytes() {
+            // A buffer grown past its charge (by doubling, in a decoder or a store) is cut to
+            // its length, which the charge was reserved for: never more memory than charged.
+            data.shrink_to_fit();
+        }
         charge.shrink_to(footprint(data.capacity()));
         Frame {
             data,
@@ -137,6 +147,11 @@ struct Ledger {
     fixed: usize,
     /// Of `used`, the bytes of cached manifest segments.
     segments: usize,
+    /// Memory the process gained that no charge covers, as last measured (at most
+    /// [`MemoryBudget::outside_limit`]); taken from the budget like a charge.
+    outside: usize,
+    /// Highest `outside` seen.
+    outside_peak: usize,
     /// Highest `used` seen.
     peak: usize,
 }
@@ -174,6 +189,17 @@ enum Kind {
 }
 
 impl Ledger {
+    /// Bytes the budget has given: charges and the memory measured outside them.
+    fn taken(&self) -> usize {
+        self.used.saturating_add(self.outside)
+    }
+
+    /// Takes `bytes` for a new charge.
+    fn charge(&mut self, bytes: usize) {
+        self.used = self.used.saturating_add(bytes);
+        self.peak = self.peak.max(self.used);
+    }
+
     fn give_back(&mut self, kind: Kind, bytes: usize) {
         self.used = self.used.saturating_sub(bytes);
         match kind {
@@ -281,6 +307,11 @@ pub struct BudgetStats {
     pub fixed_bytes: usize,
     /// Of `used_bytes`, decoded manifest segments kept by the readers.
     pub segment_bytes: usize,
+    /// Memory the process gained beyond its charges, as last measured by the server
+    /// ([`MemoryBudget::measured_growth`]), counted as taken; not part of `used_bytes`.
+    pub outside_bytes: usize,
+    /// Highest `outside_bytes` since the budget was made.
+    pub outside_peak_bytes: usize,
 }
 
 impl MemoryBudget {
@@ -310,7 +341,48 @@ impl MemoryBudget {
             cached_bytes,
             fixed_bytes: l.fixed,
             segment_bytes: l.segments,
+            outside_bytes: l.outside,
+            outside_peak_bytes: l.outside_peak,
         }
+    }
+
+    /// Most of the budget that memory measured outside the charges may take: a sixteenth.
+    /// That measure (about 1 MiB on a served 4 GiB disk: malloc's slack, decoder contexts,
+    /// code paged in) would leave a small budget no room for the frames a read needs.
+    pub fn outside_limit(&self) -> usize {
+        self.capacity / 16
+    }
+
+    /// Takes the measure of the process: its memory grew by `growth` bytes since it was at
+    /// rest (a server's resident memory when it became ready). What the charges do not cover
+    /// of it is counted as taken (at most [`MemoryBudget::outside_limit`]), and cached frames
+    /// are evicted until the charges and it fit the capacity again.
+    pub fn measured_growth(&self, growth: usize) {
+        let excess = {
+            let mut l = self.accounts.lock();
+            l.outside = growth.saturating_sub(l.used).min(self.outside_limit());
+            l.outside_peak = l.outside_peak.max(l.outside);
+            l.taken().saturating_sub(self.capacity)
+        };
+        // Frames worth the excess at most: an evicted frame that a reader holds frees its
+        // bytes only when dropped, and the cache should not empty itself meanwhile.
+        let mut evicted_bytes = 0;
+        while evicted_bytes < excess && self.accounts.lock().taken() > self.capacity {
+            // Given back outside the cache's lock; the spares first, as a reservation does.
+            if self.drop_spare() {
+                continue;
+            }
+            let mut frames = self.frames();
+            let before = frames.bytes();
+            let evicted = frames.pop_oldest();
+            evicted_bytes += before.saturating_sub(frames.bytes());
+            drop(frames);
+            if evicted.is_none() {
+                break;
+            }
+            drop(evicted);
+        }
+        self.accounts.freed.notify_all();
     }
 
     fn frames(&self) -> MutexGuard<'_, FrameLru> {
@@ -557,14 +629,13 @@ impl MemoryBudget {
 
     fn take_now(&self, bytes: usize, kind: Kind) -> Option<Charge> {
         let mut l = self.accounts.lock();
-        if l.used.saturating_add(bytes) > self.capacity {
+        if l.taken().saturating_add(bytes) > self.capacity {
             return None;
         }
-        l.used = l.used.saturating_add(bytes);
+        l.charge(bytes);
         if kind == Kind::Segment {
             l.segments = l.segments.saturating_add(bytes);
         }
-        l.peak = l.peak.max(l.used);
         Some(Charge {
             accounts: Arc::clone(&self.accounts),
             bytes,
@@ -573,13 +644,13 @@ impl MemoryBudget {
     }
 
     fn fits(&self, l: &Ledger, bytes: usize, fixed: bool) -> bool {
-        l.used.saturating_add(bytes) <= self.capacity || (!fixed && l.frames_live() == 0)
+        l.taken().saturating_add(bytes) <= self.capacity || (!fixed && l.frames_live() == 0)
     }
 
     /// Whether a frame reservation of `bytes` by a caller holding `held` bytes of frame
     /// charges may proceed.
     fn fits_beyond(&self, l: &Ledger, held: usize, bytes: usize) -> bool {
-        l.used.saturating_add(bytes) <= self.capacity || l.frames_live() <= held
+        l.taken().saturating_add(bytes) <= self.capacity || l.frames_live() <= held
     }
 
     fn take_beyond(&self, held: usize, bytes: usize) -> Option<Charge> {
@@ -590,8 +661,7 @@ impl MemoryBudget {
         if !self.fits_beyond(&l, held, bytes) {
             return None;
         }
-        l.used = l.used.saturating_add(bytes);
-        l.peak = l.peak.max(l.used);
+        l.charge(bytes);
         Some(Charge {
             accounts: Arc::clone(&self.accounts),
             bytes,
@@ -604,11 +674,10 @@ impl MemoryBudget {
         if !self.fits(&l, bytes, fixed) {
             return None;
         }
-        l.used = l.used.saturating_add(bytes);
+        l.charge(bytes);
         if fixed {
             l.fixed = l.fixed.saturating_add(bytes);
         }
-        l.peak = l.peak.max(l.used);
         Some(Charge {
             accounts: Arc::clone(&self.accounts),
             bytes,
@@ -651,6 +720,62 @@ mod tests {
         assert!(s.used_bytes <= 1000, "{s:?}");
         drop(held);
         assert!(budget.stats().peak_bytes <= 1000);
+    }
+
+    /// Growth the charges do not cover takes room from the frames: the cache gives up frames
+    /// at once, and a reservation finds less room; growth the charges cover takes none.
+    #[test]
+    fn measured_growth_beyond_the_charges_is_taken_from_the_frames() {
+        let budget = MemoryBudget::new(1600);
+        for i in 0..5 {
+            budget.keep(key(i), frame(&budget, 300));
+        }
+        assert_eq!(budget.stats().used_bytes, 1500);
+        // Within the charges: nothing outside.
+        budget.measured_growth(1400);
+        let s = budget.stats();
+        assert_eq!((s.outside_bytes, s.used_bytes), (0, 1500), "{s:?}");
+        // 100 beyond them (within the limit, a sixteenth): fits 1600 with the frames.
+        budget.measured_growth(1600);
+        assert_eq!(budget.stats().outside_bytes, 100);
+        assert_eq!(budget.stats().used_bytes, 1500);
+        assert!(
+            budget.try_take(1).is_none(),
+            "the room left was measured as taken"
+        );
+        // 200 beyond counts as the limit (a sixteenth: 100).
+        budget.measured_growth(1500 + 200);
+        assert_eq!(budget.stats().outside_bytes, 100);
+        // A reservation evicts to make room for itself and the measure.
+        budget.keep(key(5), frame(&budget, 100));
+        assert!(budget.cached(&key(0)).is_none());
+        let s = budget.stats();
+        assert_eq!((s.used_bytes, s.outside_bytes), (1300, 100), "{s:?}");
+        // A measure that leaves no room evicts at once, without waiting for a reservation.
+        budget.measured_growth(0);
+        budget.keep(key(6), frame(&budget, 300));
+        assert_eq!(budget.stats().used_bytes, 1600);
+        budget.measured_growth(1600 + 100);
+        assert!(budget.cached(&key(1)).is_none());
+        let s = budget.stats();
+        assert_eq!((s.used_bytes, s.outside_bytes), (1300, 100), "{s:?}");
+        assert_eq!(s.outside_peak_bytes, 100);
+    }
+
+    /// A frame whose buffer grew past its charge keeps no more memory than it is charged.
+    #[test]
+    fn a_frame_never_holds_more_than_its_charge() {
+        let budget = MemoryBudget::new(1 << 20);
+        let charge = budget.reserve(footprint(3000));
+        let mut data = Vec::with_capacity(64 * 1024);
+        data.resize(3000, 1);
+        let frame = Frame::new(data, charge);
+        assert!(
+            footprint(frame.data.capacity()) <= frame.charge.as_ref().map_or(0, Charge::bytes),
+            "capacity {}",
+            frame.data.capacity()
+        );
+        assert_eq!(budget.stats().used_bytes, footprint(3000));
     }
 
     /// A buffer length whose footprint is exactly one page.
