@@ -54,6 +54,7 @@ mod retention;
 mod s3_faults;
 mod s3_readonly;
 mod s3_store;
+mod s3_unsigned_payload;
 mod serve_gone_pack;
 mod shared_prune;
 mod shared_repo;

@@ -1,8 +1,9 @@
 //! An S3 (or S3-compatible: MinIO, moto, Ceph RGW) bucket as a repository [`Backend`].
 //!
 //! Job: map the backend contract onto the S3 REST API over the blocking `ureq` client, every
-//! request signed with SigV4 in its headers (payload SHA-256 included, so the service refuses
-//! a body damaged in transit). Objects live under `s3://BUCKET/PREFIX/<key>`; the object layout
+//! request signed with SigV4 in its headers (the body's SHA-256 included, or for an object's
+//! single PUT its CRC-32 in a signed `x-amz-checksum-crc32` header: see `payload`; either way
+//! the service refuses a body damaged in transit). Objects live under `s3://BUCKET/PREFIX/<key>`; the object layout
 //! and the headers relied on are specified in `format-spec/remote-s3.md`.
 //!
 //! Invariants:
@@ -31,6 +32,7 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use sha2::Digest as _;
 
+mod payload;
 mod uploads;
 
 use super::range_read::content_range;
@@ -227,6 +229,9 @@ struct Call<'a> {
     query: Vec<(&'static str, String)>,
     headers: Vec<(&'static str, String)>,
     body: &'a [u8],
+    /// The body is vouched for by a signed CRC-32 header, not by its SHA-256 in the
+    /// signature (see `payload`).
+    unsigned_payload: bool,
 }
 
 impl<'a> Call<'a> {
@@ -238,6 +243,7 @@ impl<'a> Call<'a> {
             query: Vec::new(),
             headers: Vec::new(),
             body: &[],
+            unsigned_payload: false,
         }
     }
 }
@@ -536,7 +542,11 @@ impl S3Backend {
     /// [`Error::Corrupt`].
     fn execute_checked(&self, call: &Call<'_>, range_start: Option<u64>) -> Result<Response> {
         let url = self.url(call);
-        let payload_sha256 = hex(&sha2::Sha256::digest(call.body));
+        let payload_sha256 = if call.unsigned_payload {
+            payload::UNSIGNED_PAYLOAD.to_string()
+        } else {
+            hex(&sha2::Sha256::digest(call.body))
+        };
         let mut attempt = 0u32;
         let mut ambiguous = false;
         loop {
@@ -767,6 +777,8 @@ impl S3Backend {
         let full = self.full_key(key);
         let mut call = Call::new(Kind::Put, "PUT", Some(&full));
         call.headers.push(condition);
+        call.headers.push(payload::crc32_header(data));
+        call.unsigned_payload = true;
         call.body = data;
         let tag = write_tag();
         call.headers.push((WRITE_TAG_HEADER, tag.clone()));
