@@ -50,6 +50,7 @@ mod remote_restore;
 mod remote_restore_by_pack;
 mod remote_restore_stream;
 mod remote_round_trips;
+mod restore_one_writer;
 mod retention;
 mod s3_faults;
 mod s3_readonly;

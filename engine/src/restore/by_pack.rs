@@ -12,10 +12,20 @@
 //!
 //! Memory, bounded by construction and independent of the disk's and the span's size: each
 //! fetcher owns one frame as stored, one decoded frame (at most 256 KiB raw) and one write run
-//! ([`RUN_MAX`]), all reused from span to span, and the HTTP client's read buffer of the
-//! stream; the planner holds the chunk map of the region it plans, and the fetchers that of
+//! ([`RUN_MAX`], for chunks read on their own), all reused from span to span, and the HTTP
+//! client's read buffer of the stream; at most [`WRITER_QUEUE`] decoded frames more wait for
+//! the writer thread; the planner holds the chunk map of the region it plans, and the fetchers that of
 //! the region before (a region's jobs wait in a queue of at most `in_flight` jobs, so planning
 //! runs at most one region ahead of fetching). A region's map is about 80 bytes per chunk.
+//! The planner looks a region's chunks up in one read transaction of the index
+//! ([`crate::index::IndexReaders::batch`]): a transaction per lookup cost more CPU than
+//! decompressing.
+//!
+//! Writes go straight from the decoded frame: the chunks of a frame that follow each other
+//! on the disk (the usual case: a backup packs a disk's chunks in order) are one write, never
+//! copied into a run first. A file target ([`DiskTarget::one_writer`]) gets them all from one
+//! writer thread, fed by the fetchers through a short queue, since writes to one file from 32
+//! threads wait on its inode lock; other targets are written by each fetcher.
 //!
 //! Writes reach the target out of disk order, so the target must accept writes anywhere
 //! ([`DiskTarget::write_at`] from many threads at distinct offsets): a target that assembles
@@ -41,6 +51,8 @@ use super::{DiskTarget, RestoreCounts, RUN_MAX};
 use crate::error::{Error, Result};
 use crate::format::manifest::{Extent, Manifest};
 use crate::format::pack::{decode_frame_in_place, RecordLocation};
+use crate::format::ChunkId;
+use crate::index::{ChunkLocation, LookupBatch};
 use crate::progress::Progress;
 use crate::read::verified::{verified_chunk, with_chunk, FrameCache};
 use crate::repo::Repo;
@@ -97,6 +109,8 @@ struct Shared<'a> {
     progress: &'a dyn Progress,
     stop: AtomicBool,
     failure: Mutex<Option<Error>>,
+    /// Decoded frames handed back by the writer thread, for the fetchers to decode into.
+    spare_frames: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared<'_> {
@@ -110,13 +124,18 @@ impl Shared<'_> {
 
     /// Segment `index` of `region` has one chunk more written; the last one finishes it.
     fn chunk_written(&self, region: &Region, index: u32) -> Result<()> {
+        self.chunks_written(region, index, 1)
+    }
+
+    /// Segment `index` of `region` has `n` chunks more written; the last one finishes it.
+    fn chunks_written(&self, region: &Region, index: u32, n: u32) -> Result<()> {
         let Some(s) = region.segments.get(index as usize) else {
             return Err(Error::Internal(format!(
                 "chunk written into segment {index} of a region of {}",
                 region.segments.len()
             )));
         };
-        if s.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if s.pending.fetch_sub(n, Ordering::AcqRel) == n {
             self.target.segment_done(s.start, s.len)?;
             self.progress.advance(s.len);
         }
@@ -140,15 +159,27 @@ pub fn restore_by_pack(
         progress,
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
+        spare_frames: Mutex::new(Vec::new()),
     };
     let fetchers = limits.in_flight.max(1);
     let (jobs, queue) = sync_channel::<Job>(fetchers);
     let queue = Mutex::new(queue);
     let counts = std::thread::scope(|scope| {
         let (shared, queue) = (&shared, &queue);
+        // One writer thread for targets that want it (see `DiskTarget::one_writer`), fed
+        // decoded frames through a short queue; else each fetcher writes its own frames.
+        let (to_writer, writes) = sync_channel::<FrameWrites>(WRITER_QUEUE);
+        let writer = target
+            .one_writer()
+            .then(|| scope.spawn(move || write_frames(shared, writes)));
+        let to_writer = writer.as_ref().map(|_| to_writer);
         let threads: Vec<_> = (0..fetchers)
-            .map(|_| scope.spawn(move || fetcher(shared, queue)))
+            .map(|_| {
+                let to_writer = to_writer.clone();
+                scope.spawn(move || fetcher(shared, queue, to_writer))
+            })
             .collect();
+        drop(to_writer);
         let planned = plan_regions(shared, manifest, limits, jobs);
         if planned.is_err() {
             // The fetchers stop after their current job instead of finishing the queue.
@@ -160,6 +191,10 @@ pub fn restore_by_pack(
         }
         if panicked {
             shared.fail(Error::Internal("a restore fetcher panicked".into()));
+        }
+        // The fetchers are gone, and with them the writer's queue: it ends once it is empty.
+        if writer.is_some_and(|w| w.join().is_err()) {
+            shared.fail(Error::Internal("the restore writer panicked".into()));
         }
         planned
     });
@@ -186,10 +221,10 @@ fn plan_regions(
     let mut next = 0u64;
     while next < count {
         let mut segments = Vec::new();
-        // Frames by (pack, record offset), each with the places its chunks go, in disk order.
-        let mut frames: HashMap<(String, u64), Vec<Use>> = HashMap::new();
         let mut region_len = 0u64;
         let mut chunks = 0usize;
+        // The region's chunks, looked up once its segments are read (see `locate_region`).
+        let mut wanted: Vec<Wanted> = Vec::new();
         while next < count && region_len < region_bytes && chunks < REGION_CHUNKS {
             if shared.stop.load(Ordering::SeqCst) {
                 return Ok(counts);
@@ -216,19 +251,12 @@ fn plan_regions(
                         shared.target.zero_at(offset, u64::from(len))?;
                     }
                     Extent::Chunk { id, len } => {
-                        let found = shared
-                            .repo
-                            .locate_chunk(&id)?
-                            .ok_or_else(|| shared.repo.missing_chunk(&id, shared.snapshot_id))?;
-                        frames
-                            .entry((found.pack, found.record.offset))
-                            .or_default()
-                            .push(Use {
-                                disk: offset,
-                                len,
-                                segment: number,
-                                record: found.record,
-                            });
+                        wanted.push(Wanted {
+                            id,
+                            disk: offset,
+                            len,
+                            segment: number,
+                        });
                         pending += 1;
                         chunks += 1;
                         counts.chunks += 1;
@@ -247,6 +275,7 @@ fn plan_regions(
                 pending: AtomicU32::new(pending),
             });
         }
+        let mut frames = locate_region(shared, wanted)?;
         let region = Arc::new(Region { segments });
         let spans = plan_spans(
             frames
@@ -290,13 +319,85 @@ fn plan_regions(
     Ok(counts)
 }
 
+/// A chunk of a region, before it is looked up.
+struct Wanted {
+    id: ChunkId,
+    disk: u64,
+    len: u32,
+    segment: u32,
+}
+
+/// Looks the chunks of a region up and groups them by frame: (pack, record offset) to the
+/// places its chunks go, in disk order. The lookups run in the order of the chunk ids, in
+/// one read transaction: ids are random, so in disk order every lookup read a leaf page of
+/// the index that the page cache had dropped since (a 4 KiB read per chunk), while in id
+/// order the leaves come one after the other; a chunk used many times is looked up once.
+fn locate_region(
+    shared: &Shared<'_>,
+    mut wanted: Vec<Wanted>,
+) -> Result<HashMap<(String, u64), Vec<Use>>> {
+    wanted.sort_unstable_by_key(|w| w.id.0);
+    let mut frames: HashMap<(String, u64), Vec<Use>> = HashMap::new();
+    let mut batch = None;
+    let mut last: Option<ChunkLocation> = None;
+    for w in wanted {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let found = match last.take() {
+            Some(l) if l.record.id == w.id => l,
+            _ => locate(shared, &mut batch, &w.id)?
+                .ok_or_else(|| shared.repo.missing_chunk(&w.id, shared.snapshot_id))?,
+        };
+        frames
+            .entry((found.pack.clone(), found.record.offset))
+            .or_default()
+            .push(Use {
+                disk: w.disk,
+                len: w.len,
+                segment: w.segment,
+                record: found.record,
+            });
+        last = Some(found);
+    }
+    drop(batch);
+    for uses in frames.values_mut() {
+        uses.sort_unstable_by_key(|u| u.disk);
+    }
+    Ok(frames)
+}
+
+/// Where the index says chunk `id` is, looked up in the planner's read transaction `batch`
+/// (opened here when there is none); a chunk it does not know ends the transaction and is
+/// looked up once more by [`Repo::locate_chunk`], which brings a remote index up to date.
+fn locate<'r>(
+    shared: &Shared<'r>,
+    batch: &mut Option<LookupBatch<'r>>,
+    id: &ChunkId,
+) -> Result<Option<ChunkLocation>> {
+    if batch.is_none() {
+        *batch = Some(shared.repo.readers().batch()?);
+    }
+    if let Some(b) = batch.as_ref() {
+        if let Some(found) = b.lookup(id)? {
+            return Ok(Some(found));
+        }
+    }
+    *batch = None;
+    shared.repo.locate_chunk(id)
+}
+
 /// Queues `job`; false when the restore is stopping (nobody takes jobs any more).
 fn queue_job(shared: &Shared<'_>, jobs: &SyncSender<Job>, job: Job) -> bool {
     !shared.stop.load(Ordering::SeqCst) && jobs.send(job).is_ok()
 }
 
 /// A fetcher: takes jobs until the planner is done, or the restore stops.
-fn fetcher(shared: &Shared<'_>, queue: &Mutex<Receiver<Job>>) {
+fn fetcher(
+    shared: &Shared<'_>,
+    queue: &Mutex<Receiver<Job>>,
+    to_writer: Option<SyncSender<FrameWrites>>,
+) {
     let _drain = DrainOnExit { shared, queue };
     let mut buffers = Buffers::default();
     while !shared.stop.load(Ordering::SeqCst) {
@@ -304,7 +405,7 @@ fn fetcher(shared: &Shared<'_>, queue: &Mutex<Receiver<Job>>) {
             // The planner is done and the queue empty.
             return;
         };
-        if let Err(e) = run_job(shared, job, &mut buffers) {
+        if let Err(e) = run_job(shared, job, &mut buffers, to_writer.as_ref()) {
             shared.fail(e);
         }
     }
@@ -347,7 +448,12 @@ struct Buffers {
 
 /// Streams a job's span, decoding its frames one by one as they arrive and writing their
 /// chunks; what cannot be taken from the span is read chunk by chunk (see the module doc).
-fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
+fn run_job(
+    shared: &Shared<'_>,
+    job: Job,
+    buffers: &mut Buffers,
+    to_writer: Option<&SyncSender<FrameWrites>>,
+) -> Result<()> {
     crate::progress::checkpoint(shared.progress, "restore-segment")?;
     let Job {
         region,
@@ -378,9 +484,8 @@ fn run_job(shared: &Shared<'_>, job: Job, buffers: &mut Buffers) -> Result<()> {
                 &pack,
                 &span,
                 &mut frames,
-                stored,
-                frame,
-                &mut runs,
+                (stored, frame),
+                (&region, to_writer),
                 &mut alone,
             )?;
             if shared.stop.load(Ordering::SeqCst) {
@@ -419,9 +524,8 @@ fn stream_span<'f>(
     pack: &str,
     span: &Span,
     frames: &mut impl Iterator<Item = (&'f RecordLocation, Vec<Use>)>,
-    stored: &mut Vec<u8>,
-    frame: &mut Vec<u8>,
-    runs: &mut Runs<'_, '_>,
+    (stored, frame): (&mut Vec<u8>, &mut Vec<u8>),
+    (region, to_writer): (&Arc<Region>, Option<&SyncSender<FrameWrites>>),
     alone: &mut Vec<Use>,
 ) -> Result<()> {
     let protection = shared.repo.protection();
@@ -493,15 +597,143 @@ fn stream_span<'f>(
             }
             Err(e) => return Err(e),
         }
+        let mut writes: Vec<FrameWrite> = Vec::new();
         for u in uses {
-            match verified_chunk(frame, &u.record, protection, pack) {
-                Ok(data) => runs.put(shared.snapshot_id, &u, data)?,
-                Err(e) if e.is_corruption() => alone.push(u),
+            let data = match verified_chunk(frame, &u.record, protection, pack) {
+                Ok(data) => data,
+                Err(e) if e.is_corruption() => {
+                    alone.push(u);
+                    continue;
+                }
                 Err(e) => return Err(e),
+            };
+            check_len(shared.snapshot_id, &u, data)?;
+            let from = u.record.in_frame as usize;
+            let to = from + data.len();
+            match writes.last_mut() {
+                Some(w) if w.joins(&u, from) => {
+                    w.to = to;
+                    w.chunks += 1;
+                }
+                _ => writes.push(FrameWrite {
+                    disk: u.disk,
+                    from,
+                    to,
+                    segment: u.segment,
+                    chunks: 1,
+                }),
             }
+        }
+        if writes.is_empty() {
+            continue;
+        }
+        match to_writer {
+            Some(to_writer) => {
+                let spare = shared.spare_frame();
+                let done = FrameWrites {
+                    region: region.clone(),
+                    frame: std::mem::replace(frame, spare),
+                    writes,
+                };
+                to_writer
+                    .send(done)
+                    .map_err(|_| Error::Internal("the restore writer stopped early".into()))?;
+            }
+            None => write_frame(shared, region, frame, &writes)?,
         }
     }
     Ok(())
+}
+
+/// Decoded frames queued for the writer thread at most: with one frame per fetcher being
+/// decoded, the frames in memory stay under `in_flight + WRITER_QUEUE + 1` (256 KiB each).
+const WRITER_QUEUE: usize = 8;
+
+/// Chunks of one decoded frame that follow each other both on the disk and in the frame,
+/// all in one segment: one write, straight from the frame (no copy into a run).
+struct FrameWrite {
+    disk: u64,
+    /// The bytes of the frame written.
+    from: usize,
+    to: usize,
+    segment: u32,
+    chunks: u32,
+}
+
+impl FrameWrite {
+    /// Whether `u`, found at `from` in the frame, continues this write.
+    fn joins(&self, u: &Use, from: usize) -> bool {
+        self.segment == u.segment
+            && self.to == from
+            && self.disk.checked_add((self.to - self.from) as u64) == Some(u.disk)
+    }
+}
+
+/// A decoded frame and its writes, on their way to the writer thread.
+struct FrameWrites {
+    region: Arc<Region>,
+    frame: Vec<u8>,
+    writes: Vec<FrameWrite>,
+}
+
+impl Shared<'_> {
+    /// A frame buffer the writer gave back, or a new one.
+    fn spare_frame(&self) -> Vec<u8> {
+        lock(&self.spare_frames).pop().unwrap_or_default()
+    }
+}
+
+/// The writer thread: writes every frame queued (nothing once the restore is stopping) and
+/// hands its buffer back; ends when every fetcher is gone and the queue is empty.
+fn write_frames(shared: &Shared<'_>, queue: Receiver<FrameWrites>) {
+    for done in queue {
+        if !shared.stop.load(Ordering::SeqCst) {
+            if let Err(e) = write_frame(shared, &done.region, &done.frame, &done.writes) {
+                shared.fail(e);
+            }
+        }
+        lock(&shared.spare_frames).push(done.frame);
+    }
+}
+
+/// Writes `writes` of a decoded `frame`, and counts their chunks written.
+fn write_frame(
+    shared: &Shared<'_>,
+    region: &Region,
+    frame: &[u8],
+    writes: &[FrameWrite],
+) -> Result<()> {
+    for w in writes {
+        let data = frame.get(w.from..w.to).ok_or_else(|| {
+            Error::Internal(format!(
+                "a write of bytes {}..{} of a frame of {}",
+                w.from,
+                w.to,
+                frame.len()
+            ))
+        })?;
+        shared.target.write_at(w.disk, data)?;
+        shared.chunks_written(region, w.segment, w.chunks)?;
+    }
+    Ok(())
+}
+
+/// A chunk of another length than the manifest says is damage (the index and the manifest
+/// disagree), named with the snapshot and the disk offset.
+fn check_len(snapshot_id: &str, u: &Use, data: &[u8]) -> Result<()> {
+    if data.len() == u.len as usize {
+        return Ok(());
+    }
+    Err(Error::corrupt(
+        format!("snapshot {snapshot_id}"),
+        u.disk,
+        format!(
+            "chunk {} is {} bytes, manifest says {}",
+            u.record.id,
+            data.len(),
+            u.len
+        ),
+    ))
 }
 
 /// Gathers chunks that follow each other on the disk, within one segment, into writes of up
@@ -518,18 +750,7 @@ struct Runs<'a, 'b> {
 
 impl Runs<'_, '_> {
     fn put(&mut self, snapshot_id: &str, u: &Use, data: &[u8]) -> Result<()> {
-        if data.len() != u.len as usize {
-            return Err(Error::corrupt(
-                format!("snapshot {snapshot_id}"),
-                u.disk,
-                format!(
-                    "chunk {} is {} bytes, manifest says {}",
-                    u.record.id,
-                    data.len(),
-                    u.len
-                ),
-            ));
-        }
+        check_len(snapshot_id, u, data)?;
         let joins = !self.run.is_empty()
             && self.segments.last() == Some(&u.segment)
             && self.start.checked_add(self.run.len() as u64) == Some(u.disk)

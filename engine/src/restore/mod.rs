@@ -84,6 +84,15 @@ pub trait DiskTarget: Sync {
     fn reorder_limit(&self) -> u64 {
         u64::MAX
     }
+
+    /// True when writes are best made from one thread: a file's writes from many threads
+    /// serialise on its inode lock, and the threads spin on it (in a remote restore, 32
+    /// fetchers writing one file spent a sixth of their write time waiting). A restore that
+    /// writes out of disk order then hands its writes to one writer thread. False (the
+    /// default) for targets whose writes or [`DiskTarget::segment_done`] wait on a network.
+    fn one_writer(&self) -> bool {
+        false
+    }
 }
 
 /// Container format of a restored disk file; JSON and the CLI name it as [`Self::as_str`]
@@ -359,6 +368,10 @@ impl DiskTarget for RawFileTarget<'_> {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io("write", self.path, e))
+    }
+
+    fn one_writer(&self) -> bool {
+        true
     }
 }
 
