@@ -328,7 +328,11 @@ impl Server {
         // much as its frames': it is charged to the budget (the budget is empty here, so the
         // reservation does not wait) and held until the server stops.
         let sqlite_allowance = sqlite_allowance(budget.capacity());
-        let _sqlite_charge = (sqlite_allowance > 0).then(|| budget.reserve(sqlite_allowance));
+        // A fixed charge, not a frame's: a loader that holds its read buffer may go past a
+        // full budget once no other frame is live, which a frame-kind allowance never allows.
+        let _sqlite_charge = (sqlite_allowance > 0)
+            .then(|| budget.try_reserve_fixed(sqlite_allowance))
+            .flatten();
         let sqlite_start = sqlite_start_serving();
         let sqlite_limit_before = hold_sqlite_page_caches(
             sqlite_start.saturating_add(i64::try_from(sqlite_allowance).unwrap_or(i64::MAX)),

@@ -303,7 +303,7 @@ pub struct BudgetStats {
     pub peak_bytes: usize,
     /// Of `used_bytes`, frames the cache keeps.
     pub cached_bytes: usize,
-    /// Of `used_bytes`, fixed charges (connection buffers).
+    /// Of `used_bytes`, fixed charges (connection buffers, a server's SQLite allowance).
     pub fixed_bytes: usize,
     /// Of `used_bytes`, decoded manifest segments kept by the readers.
     pub segment_bytes: usize,
@@ -648,9 +648,14 @@ impl MemoryBudget {
     }
 
     /// Whether a frame reservation of `bytes` by a caller holding `held` bytes of frame
-    /// charges may proceed.
+    /// charges may proceed. Such a caller (a loader holding its read buffer) is not held back
+    /// by memory measured outside the charges: loaders that each hold a read buffer and wait
+    /// for a frame buffer could wait for each other for ever, since none of them can give
+    /// that memory back. Only reservations by callers holding nothing, and the cache's
+    /// evictions, answer for it.
     fn fits_beyond(&self, l: &Ledger, held: usize, bytes: usize) -> bool {
-        l.taken().saturating_add(bytes) <= self.capacity || l.frames_live() <= held
+        let limit = if held > 0 { l.used } else { l.taken() };
+        limit.saturating_add(bytes) <= self.capacity || l.frames_live() <= held
     }
 
     fn take_beyond(&self, held: usize, bytes: usize) -> Option<Charge> {
@@ -776,6 +781,38 @@ mod tests {
             frame.data.capacity()
         );
         assert_eq!(budget.stats().used_bytes, footprint(3000));
+    }
+
+    /// Loaders that each hold a read buffer and then want a frame buffer all proceed, one
+    /// after the other, when only memory measured outside the charges stands in their way
+    /// (nobody of them could give it back: they would wait for each other for ever).
+    #[test]
+    fn loaders_holding_read_buffers_are_not_stopped_by_measured_growth() {
+        let budget = MemoryBudget::new(1600);
+        budget.measured_growth(1600);
+        assert_eq!(budget.stats().outside_bytes, 100);
+        let all_hold = Arc::new(std::sync::Barrier::new(3));
+        let (done, finished) = std::sync::mpsc::channel();
+        for _ in 0..3 {
+            let (budget, all_hold, done) =
+                (Arc::clone(&budget), Arc::clone(&all_hold), done.clone());
+            // Detached: on failure they would wait for ever, and the test must still end.
+            std::thread::spawn(move || {
+                let read = budget.reserve(400);
+                all_hold.wait();
+                // 3 × 400 held + 100 outside + 350 > 1600; without the outside it fits.
+                let frame = budget.reserve_beyond(read.bytes(), 350);
+                drop((read, frame));
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..3 {
+            assert!(
+                finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "loaders wait for each other: {:?}",
+                budget.stats()
+            );
+        }
     }
 
     /// A buffer length whose footprint is exactly one page.

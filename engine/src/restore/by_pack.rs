@@ -645,8 +645,10 @@ fn stream_span<'f>(
     Ok(())
 }
 
-/// Decoded frames queued for the writer thread at most: with one frame per fetcher being
-/// decoded, the frames in memory stay under `in_flight + WRITER_QUEUE + 1` (256 KiB each).
+/// Decoded frames queued for the writer thread at most. A fetcher blocked on a full queue
+/// holds the frame it sends and the spare it took to decode the next into, so the frames in
+/// memory stay under `2 × in_flight + WRITER_QUEUE + 1` (256 KiB each: about 18 MiB with 32
+/// GETs in flight).
 const WRITER_QUEUE: usize = 8;
 
 /// Chunks of one decoded frame that follow each other both on the disk and in the frame,
