@@ -1165,6 +1165,20 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// A 4 KiB chunk `id` stored as 100 bytes at `offset` of its pack.
+    fn entry_at(id: ChunkId, offset: u64) -> PackEntry {
+        PackEntry {
+            id,
+            offset,
+            in_frame: 0,
+            raw_len: 4096,
+            stored_len: 100,
+            frame_raw_len: 4096,
+            compression: crate::format::pack::Compression::Zstd,
+            crc32: 0,
+        }
+    }
+
     /// An index at `dir` with one pack of `n` chunks (ids 0..n in their first bytes).
     fn index_of(dir: &Path, n: u32) -> Result<(PathBuf, Vec<ChunkId>)> {
         let path = dir.join("index.sqlite");
@@ -1179,16 +1193,7 @@ mod tests {
         let entries: Vec<PackEntry> = ids
             .iter()
             .zip(0u64..)
-            .map(|(id, i)| PackEntry {
-                id: *id,
-                offset: 16 + i * 100,
-                in_frame: 0,
-                raw_len: 4096,
-                stored_len: 100,
-                frame_raw_len: 4096,
-                compression: crate::format::pack::Compression::Zstd,
-                crc32: 0,
-            })
+            .map(|(id, i)| entry_at(*id, 16 + i * 100))
             .collect();
         index.add_pack("p0", 16 + u64::from(n) * 100, 2, &entries)?;
         Ok((path, ids))
@@ -1251,17 +1256,7 @@ mod tests {
         assert!(batch.lookup(&later)?.is_none());
         drop(batch);
         let mut index = Index::open(&path)?;
-        let entry = PackEntry {
-            id: later,
-            offset: 16,
-            in_frame: 0,
-            raw_len: 4096,
-            stored_len: 100,
-            frame_raw_len: 4096,
-            compression: crate::format::pack::Compression::Zstd,
-            crc32: 0,
-        };
-        index.add_pack("p1", 116, 2, &[entry])?;
+        index.add_pack("p1", 116, 2, &[entry_at(later, 16)])?;
         assert!(readers.batch()?.lookup(&later)?.is_some());
         Ok(())
     }
