@@ -12,12 +12,13 @@ memory no charge names (the server counts it against the budget, up to a sixteen
 "VmHWM growth - cache", the figure `benches/nbd.py --parts mem` reports.
 """
 import argparse
-import json
 import os
 import subprocess
 import tempfile
 import threading
 import time
+
+from nbd import start_server, stop
 
 MIB = 1024  # /proc figures are KiB
 
@@ -51,13 +52,7 @@ def status(pid, key):
 
 
 def one_pass(a, work):
-    sock = os.path.join(work, "sv.sock")
-    p = subprocess.Popen(
-        [a.bin, "--quiet", "-r", a.repo, "serve", "latest", "--json", "--nbd", "unix:" + sock,
-         "--cache-mib", str(a.cache_mib)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    ready = json.loads(p.stdout.readline())
-    uri = ready["exports"][0]["uri"]
+    p, uri = start_server(a.bin, a.repo, "latest", os.path.join(work, "sv.sock"), a.cache_mib)
     at_ready, hwm_ready, rss_ready = smaps(p.pid), status(p.pid, "VmHWM:"), status(p.pid, "VmRSS:")
     highest = [rss_ready, at_ready]
     done = threading.Event()
@@ -80,17 +75,7 @@ def one_pass(a, work):
     t.join()
     os.remove(out)
     at_end, hwm, rss_end = smaps(p.pid), status(p.pid, "VmHWM:"), status(p.pid, "VmRSS:")
-    p.send_signal(2)
-    stdout, _ = p.communicate(timeout=60)
-    stopped = {}
-    for line in stdout.splitlines():
-        try:
-            v = json.loads(line)
-        except ValueError:
-            continue
-        if v.get("event") == "stopped":
-            stopped = v
-    mem = stopped.get("memory", {})
+    mem = stop(p).get("memory", {})
     mib = lambda b: b / 2**20
     print(f"VmHWM growth - cache {(hwm - hwm_ready) / MIB - a.cache_mib:+.2f} MiB; "
           f"growth since ready {(rss_end - rss_ready) / MIB:.2f} MiB; charged at end "

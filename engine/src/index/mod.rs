@@ -717,6 +717,15 @@ struct Lent<'a> {
     conn: Option<Connection>,
 }
 
+impl Lent<'_> {
+    /// The connection lent (there until the guard is dropped, or a batch closes it).
+    fn conn(&self) -> Result<&Connection> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| Error::Internal("index connection lent without it".into()))
+    }
+}
+
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
@@ -755,10 +764,7 @@ impl IndexReaders {
         // not open any); dropping them gives them back.
         let mut held = Vec::new();
         while self.open_connections() < Self::max_open() {
-            held.push(Lent {
-                readers: self,
-                conn: Some(self.take()?),
-            });
+            held.push(self.lend()?);
         }
         Ok(())
     }
@@ -808,8 +814,7 @@ impl IndexReaders {
                 drop(pool);
                 let opened = self.open_one();
                 if opened.is_err() {
-                    self.pool().open -= 1;
-                    self.returned.notify_one();
+                    self.closed_one();
                 }
                 return opened;
             }
@@ -832,17 +837,25 @@ impl IndexReaders {
         Ok(c)
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
-        let lent = Lent {
+    /// A connection taken from the pool until the returned guard is dropped.
+    fn lend(&self) -> Result<Lent<'_>> {
+        Ok(Lent {
             readers: self,
             conn: Some(self.take()?),
-        };
-        match &lent.conn {
-            Some(c) => f(c),
-            None => Err(Error::Internal(
-                "index reader lent without its connection".into(),
-            )),
-        }
+        })
+    }
+
+    /// A connection that will not come back (it failed to open, or was closed): one fewer
+    /// open, and a waiting thread may open another.
+    fn closed_one(&self) {
+        let mut pool = self.pool();
+        pool.open = pool.open.saturating_sub(1);
+        drop(pool);
+        self.returned.notify_one();
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        f(self.lend()?.conn()?)
     }
 
     /// Whether the index knows a chunk.
@@ -863,14 +876,10 @@ impl IndexReaders {
     /// transaction ends when the batch is dropped; a batch sees the index as it was at its
     /// first lookup, so a caller that must see a refresh (a chunk not found) drops it first.
     pub fn batch(&self) -> Result<LookupBatch<'_>> {
-        let lent = Lent {
-            readers: self,
-            conn: Some(self.take()?),
-        };
-        if let Some(c) = &lent.conn {
-            c.execute_batch("BEGIN DEFERRED")
-                .map_err(sql_err(&self.path))?;
-        }
+        let lent = self.lend()?;
+        lent.conn()?
+            .execute_batch("BEGIN DEFERRED")
+            .map_err(sql_err(&self.path))?;
         Ok(LookupBatch { lent })
     }
 }
@@ -883,12 +892,7 @@ pub struct LookupBatch<'a> {
 impl LookupBatch<'_> {
     /// Where a chunk is stored, if indexed (as [`IndexReaders::lookup`]).
     pub fn lookup(&self, id: &ChunkId) -> Result<Option<ChunkLocation>> {
-        match &self.lent.conn {
-            Some(c) => lookup(c, &self.lent.readers.path, id),
-            None => Err(Error::Internal(
-                "index batch lent without its connection".into(),
-            )),
-        }
+        lookup(self.lent.conn()?, &self.lent.readers.path, id)
     }
 }
 
@@ -901,10 +905,7 @@ impl Drop for LookupBatch<'_> {
             .as_ref()
             .is_some_and(|c| c.is_autocommit() || c.execute_batch("COMMIT").is_ok());
         if !ended && self.lent.conn.take().is_some() {
-            let mut pool = self.lent.readers.pool();
-            pool.open = pool.open.saturating_sub(1);
-            drop(pool);
-            self.lent.readers.returned.notify_one();
+            self.lent.readers.closed_one();
         }
     }
 }
@@ -1218,9 +1219,7 @@ mod tests {
             let found = batch.lookup(id)?;
             assert_eq!(found.map(|f| f.record.id), Some(*id));
         }
-        let Some(conn) = batch.lent.conn.as_ref() else {
-            return Err(Error::Internal("batch without a connection".into()));
-        };
+        let conn = batch.lent.conn()?;
         // SQLite built with STAT4 compiles a statement again after each new binding of a
         // parameter the plan may depend on, unless the planner's stability guarantee is on.
         assert_eq!(reprepares(conn, &path)?, 0);

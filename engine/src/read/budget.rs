@@ -347,8 +347,8 @@ impl MemoryBudget {
     }
 
     /// Most of the budget that memory measured outside the charges may take: a sixteenth.
-    /// That measure (about 1 MiB on a served 4 GiB disk: malloc's slack, decoder contexts,
-    /// code paged in) would leave a small budget no room for the frames a read needs.
+    /// That measure (about 4 MiB on a served 4 GiB disk: malloc's heap, code paged in) would
+    /// leave a small budget no room for the frames a read needs.
     pub fn outside_limit(&self) -> usize {
         self.capacity / 16
     }

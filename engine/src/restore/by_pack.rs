@@ -114,6 +114,11 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// A frame buffer the writer gave back, or a new one.
+    fn spare_frame(&self) -> Vec<u8> {
+        lock(&self.spare_frames).pop().unwrap_or_default()
+    }
+
     /// Records `e` unless a failure came first, and tells everyone to stop.
     fn fail(&self, e: Error) {
         if let Ok(mut f) = self.failure.lock() {
@@ -676,13 +681,6 @@ struct FrameWrites {
     region: Arc<Region>,
     frame: Vec<u8>,
     writes: Vec<FrameWrite>,
-}
-
-impl Shared<'_> {
-    /// A frame buffer the writer gave back, or a new one.
-    fn spare_frame(&self) -> Vec<u8> {
-        lock(&self.spare_frames).pop().unwrap_or_default()
-    }
 }
 
 /// The writer thread: writes every frame queued (nothing once the restore is stopping) and
