@@ -274,8 +274,13 @@ fn check_compares_deltas_with_packs_and_prune_removes_orphan_deltas() -> Result<
         "{plan}"
     );
     ensure!(r.keys("condemned/")?.is_empty(), "a dry run wrote a record");
-    let first_prune = r.json(&["prune", "--grace", "0"])?;
+    let (code, first_prune, said) = r.run_json(&["prune", "--grace", "0"])?;
+    ensure!(code == Some(0), "{said}");
     ensure!(first_prune["orphan_deltas_condemned"] == 1, "{first_prune}");
+    ensure!(
+        said.contains("warning: --grace 0 s is shorter than the lock lease (300 s)"),
+        "a grace period shorter than the lease went without a warning: {said}"
+    );
     ensure!(r.objects.exists(&orphan)?, "condemned is not deleted");
     let waiting = r.json(&["prune", "--dry-run"])?;
     let w = &waiting["plan"]["waiting"];

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long)]
     dry_run: bool,
     /// On a shared (remote) store: seconds a condemned pack waits before it is deleted
-    /// (two-phase deletion; default twice the lock lease).
+    /// (two-phase deletion; default twice the lock lease). Shorter than the lease (300 s), a
+    /// backup stalled that long before its manifest could lose a pack it uses: it warns.
     #[arg(long, value_name = "SECONDS")]
     grace: Option<u64>,
     /// Print the report as JSON.
@@ -38,6 +39,19 @@ pub fn run(ctx: &Context, args: Args) -> anyhow::Result<()> {
     };
     let (repo, []) = ctx.split_repo([args.repo.map(Into::into)], [])?;
     let repo = Repo::open(&repo)?;
+    let lease = stackvault::lock::lease::LEASE;
+    if repo.is_remote() && !args.dry_run && options.grace < lease {
+        // The deletion rule's proof (format-spec/locks.md) needs the grace period to outlast
+        // any stall of a live backup, and a backup only gives up after a whole lease.
+        eprintln!(
+            "warning: --grace {} s is shorter than the lock lease ({} s): a backup stalled that \
+             long between its last check and its manifest could lose a pack it uses; keep the \
+             default ({} s) unless no backup can be running",
+            options.grace.as_secs(),
+            lease.as_secs(),
+            stackvault::prune::DEFAULT_GRACE.as_secs()
+        );
+    }
     let report = stackvault::prune(&repo, &options, &ctx.progress())?;
     if args.json {
         return output::json(&report);
