@@ -242,7 +242,7 @@ fn rebuild_table(
         .map_err(|e| bad(format!("compressed table: {e}")))?;
     if plain.len() != capacity {
         return Err(bad(format!(
-            "the compressed table holds {} bytes, its {} entries {plain_len}",
+            "the compressed table holds {} bytes, not the {plain_len} of its {} entries",
             plain.len(),
             footer.chunk_count
         )));
