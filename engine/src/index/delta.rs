@@ -1066,6 +1066,24 @@ mod tests {
         Ok(())
     }
 
+    /// A legacy (version 1) pack's table has 56-byte entries: its version 2 delta holds them,
+    /// and decodes as the pack's table does.
+    #[test]
+    fn a_version_1_pack_gets_a_version_2_delta_too() -> Result<()> {
+        let pack = read_vector("pack-v1.hex")?;
+        let delta = encode_delta(&Protection::Plain, VECTOR_PACK, &pack)?;
+        let d = decode_delta(&delta, &delta_key(VECTOR_PACK), &Protection::Plain)?;
+        assert_eq!((d.pack_version, d.entries.len()), (1, 2));
+        let count = d.entries.len();
+        let compressed = &delta[DELTA_V2_HEADER_LEN..delta.len() - 4];
+        let table = &pack[pack.len() - PACK_FOOTER_LEN - 56 * count..pack.len() - PACK_FOOTER_LEN];
+        assert_eq!(
+            zstd_test(zstd::bulk::decompress(compressed, 56 * count))?,
+            table
+        );
+        Ok(())
+    }
+
     /// `format-spec/vectors/index-delta-v2.hex` is the version 2 delta of the same pack
     /// (regenerated with STACKVAULT_UPDATE_VECTORS). Its header is fixed by the pack; its
     /// compressed bytes are what this build's zstd makes of the table (any zstd data that
