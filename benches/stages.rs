@@ -331,12 +331,51 @@ fn end_to_end(c: &mut Criterion) {
     g.finish();
 }
 
+/// Index deltas of a 16 MiB pack as backups write them (2688 chunks in frames of 16, the
+/// bench disk's average), sealed: what a backup pays per pack to write one (open the table,
+/// compress it, seal) and a syncing host per pack to read one (open, decompress, seal the
+/// table again, open and decode it).
+fn deltas(c: &mut Criterion) {
+    use stackvault::index::delta::{delta_key, open_delta, seal_delta};
+    let keys = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+        [5; 32],
+    ))));
+    let data = noise(2688 * 4096);
+    let Ok(mut w) = PackWriter::new(12 * MIB, &keys) else {
+        return;
+    };
+    for frame in data.chunks(16 * 4096) {
+        let list: Vec<(ChunkId, u32)> = frame
+            .chunks(4096)
+            .map(|ch| (keys.chunk_id(ch), ch.len() as u32))
+            .collect();
+        if w.add_frame(&keys, &list, frame, Compression::None).is_err() {
+            return;
+        }
+    }
+    let Ok(pack) = w.finish(&keys) else {
+        return;
+    };
+    let Ok(stored) = seal_delta(&keys, &pack.name, &pack.bytes) else {
+        return;
+    };
+    let key = delta_key(&pack.name);
+    let mut g = c.benchmark_group("delta");
+    g.bench_function("write_2688_chunks", |b| {
+        b.iter(|| seal_delta(&keys, &pack.name, &pack.bytes).map(|d| d.len()))
+    });
+    g.bench_function("read_2688_chunks", |b| {
+        b.iter(|| open_delta(&keys, &stored, &key).map(|d| d.entries.len()))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = stages;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = segmenting, chunking, keyed_chunking, hashing, compression, packing, index, end_to_end
+    targets = segmenting, chunking, keyed_chunking, hashing, compression, packing, deltas, index, end_to_end
 }
 criterion_main!(stages);

@@ -67,6 +67,39 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
+/// The index delta reader must return an error, never panic, on any input, whatever its
+/// compressed table holds (zstd data from the store). The input's crc is set right and it is
+/// read under the key its bytes 16..32 name, so that mutations reach the header fields and the
+/// table instead of stopping at the checksum or the name; pack version 3 tables are sealed
+/// again and opened with a fixed key. An accepted delta lists exactly the chunks it counts.
+pub fn delta(data: &[u8]) {
+    use stackvault::crypto::{MasterSecret, Protection, RepoKeys};
+    use stackvault::index::delta::{decode_delta, delta_key};
+
+    let mut d = data.to_vec();
+    let Some(body) = d.len().checked_sub(4) else {
+        return;
+    };
+    let crc = crc32fast::hash(&d[..body]);
+    d[body..].copy_from_slice(&crc.to_le_bytes());
+    let name = d
+        .get(16..32)
+        .map(stackvault::format::hex)
+        .unwrap_or_default();
+    let key = delta_key(&name);
+    let sealed = Protection::Encrypted(Box::new(RepoKeys::derive(&MasterSecret::from_bytes(
+        [7; 32],
+    ))));
+    for p in [Protection::Plain, sealed] {
+        if let Ok(delta) = decode_delta(&d, &key, &p) {
+            let count = d
+                .get(48..52)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            assert_eq!(Some(delta.entries.len() as u32), count);
+        }
+    }
+}
+
 /// The pack header, footer, table and frame decoders must return an error, never panic.
 pub fn pack(data: &[u8]) {
     use stackvault::crypto::{MasterSecret, Protection, RepoKeys};

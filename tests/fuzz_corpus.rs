@@ -17,6 +17,7 @@ const FLIPS: usize = 192;
 fn check_for(target: &str) -> Option<fn(&[u8])> {
     Some(match target {
         "changes" => checks::changes,
+        "delta" => checks::delta,
         "key_object" => checks::key_object,
         "manifest" => checks::manifest,
         "pack" => checks::pack,
@@ -74,7 +75,7 @@ fn mutations(input: &[u8]) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn every_fuzz_target_has_a_check_and_a_corpus() {
     let targets = targets();
-    assert_eq!(targets.len(), 6, "fuzz targets found: {targets:?}");
+    assert_eq!(targets.len(), 7, "fuzz targets found: {targets:?}");
     for t in &targets {
         assert!(
             check_for(t).is_some(),
@@ -111,6 +112,6 @@ fn the_corpus_and_its_mutations_pass_every_check() {
             }
         }
     }
-    // 15 corpus inputs today, each with up to ~350 mutations.
+    // 19 corpus inputs today, each with up to ~350 mutations.
     assert!(cases > 1000, "only {cases} cases replayed");
 }

@@ -195,15 +195,18 @@ fn check_compares_deltas_with_packs_and_prune_removes_orphan_deltas() -> Result<
     let first = deltas.first().context("no delta")?.clone();
 
     // A delta whose table disagrees with its pack: one chunk id byte changed, every
-    // checksum made right again, so it decodes.
+    // checksum made right again, so it decodes. (Version 2: the table, zstd-compressed,
+    // follows the 56 bytes of fields and the 24 of the nonce.)
     let good = r.objects.get(&first)?;
-    let mut bad = good.clone();
-    let table_end = bad.len() - 4;
-    bad[56] ^= 0xff;
-    let table_crc = crc32fast::hash(&bad[56..table_end]);
-    bad[52..56].copy_from_slice(&table_crc.to_le_bytes());
-    let crc = crc32fast::hash(&bad[..table_end]);
-    bad[table_end..].copy_from_slice(&crc.to_le_bytes());
+    let table_end = good.len() - 4;
+    let count = u32::from_le_bytes(good[48..52].try_into()?) as usize;
+    let mut table = zstd::bulk::decompress(&good[80..table_end], count * 64)?;
+    table[0] ^= 0xff;
+    let mut bad = good[..80].to_vec();
+    bad[52..56].copy_from_slice(&crc32fast::hash(&table).to_le_bytes());
+    bad.extend_from_slice(&zstd::bulk::compress(&table, 3)?);
+    let crc = crc32fast::hash(&bad);
+    bad.extend_from_slice(&crc.to_le_bytes());
     r.objects.remove(&first)?;
     r.objects.put(&first, &bad)?;
     let (code, doc, out) = r.run_json(&["check"])?;

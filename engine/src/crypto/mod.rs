@@ -403,9 +403,10 @@ impl Protection {
         seal_under(keys, ad, &plaintext, nonce)
     }
 
-    /// [`Protection::seal`] with a given nonce, for the test vectors only: a real seal
-    /// always draws a fresh one.
-    #[cfg(any(test, feature = "testing"))]
+    /// [`Protection::seal`] with a given nonce: for rebuilding bytes sealed before (a
+    /// version 2 index delta carries a sealed pack table as its plaintext and nonce, and the
+    /// reader seals them again to get the table's stored bytes; `format-spec/index-deltas.md`)
+    /// and for the test vectors. Never for new data: a new seal always draws a fresh nonce.
     pub fn seal_with_nonce(
         &self,
         ad: &ObjectAd<'_>,

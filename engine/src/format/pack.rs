@@ -510,7 +510,9 @@ pub fn encode_sealed_table_and_footer(
     Ok(out)
 }
 
-fn table_ad(pack: &str) -> ObjectAd<'_> {
+/// The associated data of pack `pack`'s sealed table (also what a version 2 index delta
+/// seals a table's plaintext again under).
+pub(crate) fn table_ad(pack: &str) -> ObjectAd<'_> {
     ObjectAd {
         kind: ObjectKind::PackTable,
         name: pack,
