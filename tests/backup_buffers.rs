@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use stackvault::backup::DEFAULT_REMOTE_UPLOADS;
 use stackvault::store::{Backend, MemoryBackend, ObjectInfo, Version};
-use stackvault::{backup, BackupOptions, InitOptions, NoProgress, Repo};
-use stackvault_tests::{Disk, MemDisk};
+use stackvault::{InitOptions, Repo};
+use stackvault_tests::{backup_with_engine, Disk};
 
 /// How long the store takes to answer each pack or delta PUT: long enough for the writer to
 /// fill its next pack meanwhile.
@@ -85,18 +85,9 @@ fn a_remote_backup_holds_as_many_pack_buffers_as_uploads() -> Result<()> {
     )?;
     ensure!(repo.is_remote(), "the store must be used as a remote one");
     // Incompressible: 112 MiB make seven 16 MiB packs.
-    let disk = MemDisk {
-        bytes: Disk::random(112 << 20, 50).bytes()?,
-    };
-    backup(
-        &repo,
-        &disk,
-        &BackupOptions {
-            disk: "d".into(),
-            ..BackupOptions::default()
-        },
-        &NoProgress,
-    )?;
+    let disk = dir.path().join("d.img");
+    Disk::random(112 << 20, 50).write(&disk)?;
+    backup_with_engine(&repo, &disk, "d")?;
     let packs = *store
         .packs
         .lock()

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 /// plus one being filled) took 13.4, 12.7 and 13.4 s at 109, 125 and 137 MiB peak. Three
 /// buffers in all, each given back before its pack's delta, with four uploaders: 12.2 s at
 /// 101-103 MiB, against 12.6 s at 116-117 MiB for four buffers and 12.3 s at 124-126 MiB
-/// before (medians of 3, moto at 20 ms, alternated).
+/// before (medians of 3, moto at 20 ms, alternated); `docs/design.md` has the rest.
 pub const DEFAULT_REMOTE_UPLOADS: usize = 3;
 
 /// Most uploads [`UPLOADS_ENV`] may ask for: each holds a pack in memory.
