@@ -5,6 +5,7 @@ mod azure;
 mod azure_leftovers;
 mod azure_puts;
 mod azure_store;
+mod backup_buffers;
 mod cli;
 mod compat;
 mod copy;

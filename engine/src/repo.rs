@@ -497,16 +497,22 @@ impl Repo {
     /// round: the pack is durable, then its delta (written by the backend wrapper every
     /// repository has, see [`WithDeltas`]), then its index row; only then may a manifest name
     /// its chunks. The index is locked only for the row, so several packs upload at once.
-    pub fn commit_pack(&self, pack: &FinishedPack) -> Result<()> {
+    /// The pack's bytes are taken out of `pack` and go to `stored` as soon as the pack itself
+    /// is stored, before its delta and row (see [`WithDeltas::put_pack`]); returns their
+    /// length.
+    pub fn commit_pack(
+        &self,
+        pack: &mut FinishedPack,
+        stored: impl FnOnce(Vec<u8>),
+    ) -> Result<u64> {
+        let bytes = std::mem::take(&mut pack.bytes);
+        let size = bytes.len() as u64;
         self.backend
-            .put(&store::pack_key(&pack.name)?, &pack.bytes)?;
+            .put_pack(&store::pack_key(&pack.name)?, bytes, stored)?;
         crate::crash::point("pack-stored");
-        self.index().add_pack(
-            &pack.name,
-            pack.bytes.len() as u64,
-            pack.version,
-            &pack.entries,
-        )
+        self.index()
+            .add_pack(&pack.name, size, pack.version, &pack.entries)?;
+        Ok(size)
     }
 
     pub fn root(&self) -> &Path {

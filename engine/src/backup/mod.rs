@@ -216,13 +216,23 @@ pub fn backup(
         drop(tx);
         // Packs are stored and indexed by their own threads, so that the writer (and behind
         // it the workers) never waits for a pack's upload, fsync or index commit. A
-        // rendezvous channel: at most one pack per uploader being stored and one being filled.
+        // rendezvous channel: a pack is handed over only to an uploader free to take it.
         let (pack_tx, pack_rx) = sync_channel::<PackWriter>(0);
-        // Stored packs' buffers come back for reuse: allocating and freeing 16 MiB buffers
-        // makes glibc's adaptive mmap threshold churn its heap (measured 2x slower, +50% RSS).
+        // Pack buffers go round between the writer and the uploaders, a fixed number of them
+        // (`uploads.rs`): the writer fills one only when an uploader has given one back, so
+        // memory holds that many packs however the upload keeps up. Reused, never freed:
+        // allocating and freeing 16 MiB buffers makes glibc's adaptive mmap threshold churn
+        // its heap (measured 2x slower, +50% RSS). They start empty and are allocated at
+        // first use.
+        let uploads = uploads::uploads(repo.is_remote())?;
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
+        for _ in 0..uploads.buffers {
+            spare_tx
+                .send(Vec::new())
+                .map_err(|_| Error::Internal("pack buffers".into()))?;
+        }
         let dedup_ref = &dedup;
-        let store = scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, spare_tx));
+        let store = scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, uploads, spare_tx));
         let writer = Writer {
             repo,
             dispatch: &dispatch,
@@ -852,7 +862,14 @@ impl Writer<'_> {
         // Room for the last chunk past the target and the table, so the buffer never regrows.
         let capacity = target + config.chunker.max_chunk() as usize * 2 + (1 << 20);
         let protection = repo.protection();
-        let mut pack = PackWriter::new(capacity, protection)?;
+        // The next buffer (an empty one at first), waiting for an uploader to give one back.
+        let next_buffer = || -> Result<Vec<u8>> {
+            let mut buf = spare.recv().map_err(|_| stopped())?;
+            buf.clear();
+            buf.reserve_exact(capacity);
+            Ok(buf)
+        };
+        let mut pack = PackWriter::reusing(next_buffer()?, protection)?;
         let mut stats = BackupStats::default();
 
         // Workers finish out of order; segments are written in disk order.
@@ -887,15 +904,8 @@ impl Writer<'_> {
                     stats.new_chunks += fresh.len() as u64;
                     stats.new_bytes += fresh.iter().map(|c| u64::from(c.1)).sum::<u64>();
                     if pack.len() >= target {
-                        // Hand the full pack over first: the uploader that takes it has sent
-                        // back the buffer of the pack it stored before, so the next pack
-                        // reuses that (asked before the hand-over, a busy uploader meant a
-                        // fresh 17 MiB buffer whose every page faulted in: profiled).
                         packs.send(pack).map_err(|_| stopped())?;
-                        pack = match spare.try_recv() {
-                            Ok(buf) => PackWriter::reusing(buf, protection)?,
-                            Err(_) => PackWriter::new(capacity, protection)?,
-                        };
+                        pack = PackWriter::reusing(next_buffer()?, protection)?;
                     }
                 }
                 manifest.push_segment(&seg.extents)?;
@@ -920,9 +930,9 @@ fn store_loop(
     repo: &Repo,
     packs: Receiver<PackWriter>,
     dedup: &Dedup,
+    uploads: uploads::Uploads,
     spare: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<(u64, u64)> {
-    let uploads = uploads::uploads_in_flight(repo.is_remote())?;
     let packs = Mutex::new(packs);
     let failed = AtomicBool::new(false);
     let upload = || -> Result<(u64, u64)> {
@@ -933,20 +943,36 @@ fn store_loop(
             let Ok(pack) = next else {
                 return Ok((stored, added));
             };
+            // Every pack taken gives a buffer back (an empty one when its own is lost), or
+            // the writer could wait for it for ever. The writer may have finished; then the
+            // buffer is simply dropped.
+            let mut given_back = false;
+            let mut give_back = |buf: Vec<u8>| {
+                given_back = true;
+                let _ = spare.send(buf);
+            };
+            let size = if failed.load(Ordering::Relaxed) {
+                Ok(0)
+            } else {
+                store_pack(repo, dedup, pack, &mut give_back)
+            };
+            if !given_back {
+                let _ = spare.send(Vec::new());
+            }
+            let size = size.inspect_err(|_| {
+                failed.store(true, Ordering::Relaxed);
+            })?;
+            stored += u64::from(size > 0);
+            added += size;
             if failed.load(Ordering::Relaxed) {
                 return Ok((stored, added));
             }
-            let buf = store_pack(repo, dedup, pack).inspect_err(|_| {
-                failed.store(true, Ordering::Relaxed);
-            })?;
-            stored += u64::from(!buf.is_empty());
-            added += buf.len() as u64;
-            // The writer may have finished; then the buffer is simply dropped.
-            let _ = spare.send(buf);
         }
     };
     std::thread::scope(|scope| {
-        let uploaders: Vec<_> = (0..uploads).map(|_| scope.spawn(upload)).collect();
+        let uploaders: Vec<_> = (0..uploads.uploaders)
+            .map(|_| scope.spawn(upload))
+            .collect();
         let (mut stored, mut added, mut first) = (0, 0, Ok(()));
         for u in uploaders {
             match u
@@ -968,16 +994,22 @@ fn store_loop(
     })
 }
 
-/// Stores a finished pack, then indexes its chunks: never the other way round. Returns the
-/// pack's bytes (empty if nothing was stored), whose buffer can be reused.
-fn store_pack(repo: &Repo, dedup: &Dedup, pack: PackWriter) -> Result<Vec<u8>> {
+/// Stores a finished pack, then indexes its chunks: never the other way round. Its buffer
+/// goes to `give_back` as soon as the pack is stored. Returns the pack's size (0 if nothing
+/// was stored).
+fn store_pack(
+    repo: &Repo,
+    dedup: &Dedup,
+    pack: PackWriter,
+    give_back: &mut dyn FnMut(Vec<u8>),
+) -> Result<u64> {
     if pack.is_empty() {
-        return Ok(Vec::new());
+        return Ok(0);
     }
-    let finished = pack.finish(repo.protection())?;
-    repo.commit_pack(&finished)?;
+    let mut finished = pack.finish(repo.protection())?;
+    let size = repo.commit_pack(&mut finished, give_back)?;
     crate::crash::point("pack-indexed");
     dedup.wrote_pack(&finished.name);
     dedup.now_indexed(finished.entries.iter().map(|e| &e.id));
-    Ok(finished.bytes)
+    Ok(size)
 }

@@ -532,6 +532,38 @@ impl WithDeltas {
     pub fn set_protection(&self, protection: Protection) {
         *self.protection.write().unwrap_or_else(|p| p.into_inner()) = protection;
     }
+
+    /// Stores pack `key` and then its delta, as [`Backend::put`] does, handing the pack's
+    /// bytes to `stored` as soon as the pack is stored: a backup fills its next pack in that
+    /// buffer while the delta goes up (a round trip on a remote store).
+    pub fn put_pack(&self, key: &str, data: Vec<u8>, stored: impl FnOnce(Vec<u8>)) -> Result<()> {
+        let Some(name) = pack_of_pack_key(key) else {
+            return Err(Error::Internal(format!("{key} is not a pack's key")));
+        };
+        let delta = self.delta_of(name, &data)?;
+        self.inner.put(key, &data)?;
+        stored(data);
+        self.put_delta(name, &delta)
+    }
+
+    /// Pack `name`'s delta, encoded first: a pack that cannot be described is refused before
+    /// it is stored.
+    fn delta_of(&self, name: &str, pack: &[u8]) -> Result<Vec<u8>> {
+        seal_delta(
+            &self.protection.read().unwrap_or_else(|p| p.into_inner()),
+            name,
+            pack,
+        )
+    }
+
+    /// Stores a delta after its pack.
+    fn put_delta(&self, name: &str, delta: &[u8]) -> Result<()> {
+        match self.inner.put(&delta_key(name), delta) {
+            // Same pack, same bytes: a repair or another host was first.
+            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Backend for WithDeltas {
@@ -539,18 +571,9 @@ impl Backend for WithDeltas {
         let Some(name) = pack_of_pack_key(key) else {
             return self.inner.put(key, data);
         };
-        // Encoded first: a pack that cannot be described is refused before it is stored.
-        let delta = seal_delta(
-            &self.protection.read().unwrap_or_else(|p| p.into_inner()),
-            name,
-            data,
-        )?;
+        let delta = self.delta_of(name, data)?;
         self.inner.put(key, data)?;
-        match self.inner.put(&delta_key(name), &delta) {
-            // Same pack, same bytes: a repair or another host was first.
-            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.put_delta(name, &delta)
     }
 
     fn put_versioned(&self, key: &str, data: &[u8]) -> Result<crate::store::Version> {

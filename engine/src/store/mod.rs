@@ -41,6 +41,8 @@ pub mod range_read;
 pub mod reseal;
 #[cfg(feature = "s3")]
 pub mod s3;
+mod spool;
+pub use spool::SPOOL_AFTER;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -225,12 +227,12 @@ pub trait Backend: Send + Sync {
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be
     /// stored under a key in `dir` (`snapshots/`) that is known only when it is complete.
-    /// This default gathers the bytes in memory and `put`s them.
+    /// This default spools the bytes ([`spool`]) and `put`s them at the commit.
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
         Ok(Box::new(GatheredObject {
             backend: self,
             dir: dir.to_string(),
-            data: Vec::new(),
+            data: spool::Spool::default(),
         }))
     }
 }
@@ -245,17 +247,17 @@ pub trait ObjectWriter: std::io::Write + Send {
     fn commit(self: Box<Self>, key: &str) -> Result<()>;
 }
 
-/// [`Backend::writer`]'s default: the bytes in memory until `commit`.
+/// [`Backend::writer`]'s default: the bytes spooled until `commit`, then read back whole for
+/// one `put` (the backup's packs are gone by then).
 struct GatheredObject<'a, B: Backend + ?Sized> {
     backend: &'a B,
     dir: String,
-    data: Vec<u8>,
+    data: spool::Spool,
 }
 
 impl<B: Backend + ?Sized> std::io::Write for GatheredObject<'_, B> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.data.extend_from_slice(buf);
-        Ok(buf.len())
+        self.data.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -266,7 +268,11 @@ impl<B: Backend + ?Sized> std::io::Write for GatheredObject<'_, B> {
 impl<B: Backend + ?Sized> ObjectWriter for GatheredObject<'_, B> {
     fn commit(self: Box<Self>, key: &str) -> Result<()> {
         check_key_in(&self.dir, key)?;
-        self.backend.put(key, &self.data)
+        let data = self
+            .data
+            .into_bytes()
+            .map_err(|e| crate::error::Error::io("read spooled object", std::env::temp_dir(), e))?;
+        self.backend.put(key, &data)
     }
 }
 

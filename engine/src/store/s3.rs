@@ -21,7 +21,7 @@
 //!   are reported at once, with what to do.
 //! - Every request sent (retries included) is counted by kind in [`S3Backend::request_counts`].
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +36,7 @@ mod payload;
 mod uploads;
 
 use super::range_read::content_range;
+use super::spool::Spool;
 use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
@@ -1190,49 +1191,23 @@ impl Backend for S3Backend {
         Ok(Box::new(S3Writer {
             backend: self,
             dir: dir.to_string(),
-            buffer: Vec::new(),
-            spool: None,
+            spool: Spool::default(),
         }))
     }
 }
 
 /// A streamed object: its key is known only at commit, and S3 names a multipart upload when it
-/// starts, so bytes beyond the multipart threshold are spooled to an unlinked local temporary
-/// file and uploaded in parts at commit (memory stays at one part).
+/// starts, so its bytes are spooled ([`Spool`]) and uploaded at commit: in one PUT up to the
+/// multipart threshold, else in parts read from the spool (memory stays at one part).
 struct S3Writer<'a> {
     backend: &'a S3Backend,
     dir: String,
-    buffer: Vec<u8>,
-    spool: Option<std::fs::File>,
-}
-
-impl S3Writer<'_> {
-    fn spool_file() -> std::io::Result<std::fs::File> {
-        let path = std::env::temp_dir().join(format!("stackvault-s3-{}", write_tag()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        // Unlinked at once: nothing is left behind whatever happens to this process.
-        std::fs::remove_file(&path)?;
-        Ok(file)
-    }
+    spool: Spool,
 }
 
 impl Write for S3Writer<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(file) = &mut self.spool {
-            return file.write(buf);
-        }
-        self.buffer.extend_from_slice(buf);
-        if self.buffer.len() > self.backend.options.multipart_threshold {
-            let mut file = Self::spool_file()?;
-            file.write_all(&self.buffer)?;
-            self.buffer = Vec::new();
-            self.spool = Some(file);
-        }
-        Ok(buf.len())
+        self.spool.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -1243,14 +1218,14 @@ impl Write for S3Writer<'_> {
 impl ObjectWriter for S3Writer<'_> {
     fn commit(self: Box<Self>, key: &str) -> Result<()> {
         check_key_in(&self.dir, key)?;
-        let Some(mut file) = self.spool else {
-            return self.backend.put(key, &self.buffer);
-        };
         let io = |e| Error::io("read spooled object", std::env::temp_dir(), e);
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        if self.spool.len() <= self.backend.options.multipart_threshold as u64 {
+            return self.backend.put(key, &self.spool.into_bytes().map_err(io)?);
+        }
+        let mut reader = self.spool.into_reader().map_err(io)?;
         let part_size = self.backend.options.part_size as u64;
         self.backend.multipart_put(key, &mut |buf| {
-            (&mut file)
+            (&mut reader)
                 .take(part_size)
                 .read_to_end(buf)
                 .map(|_| ())
