@@ -37,23 +37,6 @@ impl Spool {
         self.memory.capacity()
     }
 
-    /// A new temporary file, unlinked at once: nothing is left behind whatever happens to
-    /// this process.
-    fn temporary_file() -> std::io::Result<File> {
-        let path = std::env::temp_dir().join(format!(
-            "stackvault-spool-{}-{}",
-            std::process::id(),
-            crate::lock::random_hex()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        std::fs::remove_file(&path)?;
-        Ok(file)
-    }
-
     /// The bytes from the start, read from the file when there is one.
     pub(crate) fn into_reader(mut self) -> std::io::Result<Box<dyn Read + Send>> {
         let Some(mut file) = self.file.take() else {
@@ -80,7 +63,9 @@ impl Write for Spool {
         if self.memory.len() + buf.len() > SPOOL_AFTER {
             let file = match &mut self.file {
                 Some(file) => file,
-                None => self.file.insert(Self::temporary_file()?),
+                // Unlinked at once (O_TMPFILE where the file system has it): nothing is left
+                // behind whatever happens to this process.
+                None => self.file.insert(tempfile::tempfile()?),
             };
             file.write_all(&self.memory)?;
             self.memory.clear();
