@@ -2,7 +2,7 @@
 //!
 //! One PUT at a time leaves the link idle for a round trip per pack and per index delta (the
 //! delta follows its pack, never precedes it), and the writer waits behind it. A pack's buffer
-//! (the pack target size, 16 MiB by default, and the largest part of a backup's memory) is
+//! (the pack target size, 18 MiB by default, and the largest part of a backup's memory) is
 //! held until the store has the pack; its delta and index row follow without it
 //! (`WithDeltas::put_pack`). A remote backup holds [`DEFAULT_REMOTE_UPLOADS`] buffers in all,
 //! the one being filled included: while they are all uploading, the writer waits for one to

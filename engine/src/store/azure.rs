@@ -2,7 +2,7 @@
 //!
 //! Job: honour the [`Backend`] contract with block blobs in one container, under an optional
 //! prefix (`azure://ACCOUNT/CONTAINER/PREFIX`): object key `K` is blob `PREFIX/K`. Objects up
-//! to [`PUT_BLOB_MAX`] bytes (every pack of the default 16 MiB target, every delta and
+//! to [`PUT_BLOB_MAX`] bytes (every pack of the default 18 MiB target, every delta and
 //! manifest) are one Put Blob: one request per object, as on S3. Larger ones are staged as
 //! blocks of [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List;
 //! a writer killed between the two leaves uncommitted blocks, which `uploads.rs` lists and
