@@ -5,6 +5,7 @@
 //! writer filled a fourth meanwhile: four 17 MiB buffers, half of a gen0's peak.) Through the
 //! engine API on an in-memory store whose writes are slow; the store sees every pack's bytes,
 //! and their addresses tell the buffers apart (they are reused, never freed during a backup).
+//! An uploader that panics gives its buffer back too: the backup fails, it does not hang.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -21,16 +22,21 @@ use stackvault_tests::{backup_with_engine, Disk};
 const SLOW: Duration = Duration::from_millis(300);
 
 /// An in-memory store whose pack and delta PUTs are slow, noting the address of every pack's
-/// bytes.
+/// bytes; or (`panics`) one whose every pack PUT panics, as a bug in the upload path would.
 #[derive(Default)]
 struct SlowStore {
     inner: MemoryBackend,
     pack_buffers: Mutex<HashSet<usize>>,
     packs: Mutex<usize>,
+    panics: bool,
 }
 
 impl Backend for SlowStore {
     fn put(&self, key: &str, data: &[u8]) -> stackvault::Result<()> {
+        assert!(
+            !(self.panics && key.starts_with("packs/")),
+            "a bug in the upload path (this panic is the test's)"
+        );
         if key.starts_with("packs/") {
             if let Ok(mut seen) = self.pack_buffers.lock() {
                 seen.insert(data.as_ptr() as usize);
@@ -84,9 +90,9 @@ fn a_remote_backup_holds_as_many_pack_buffers_as_uploads() -> Result<()> {
         &InitOptions::default(),
     )?;
     ensure!(repo.is_remote(), "the store must be used as a remote one");
-    // Incompressible: 112 MiB make seven 16 MiB packs.
+    // Incompressible: 126 MiB make seven 18 MiB packs.
     let disk = dir.path().join("d.img");
-    Disk::random(112 << 20, 50).write(&disk)?;
+    Disk::random(126 << 20, 50).write(&disk)?;
     backup_with_engine(&repo, &disk, "d")?;
     let packs = *store
         .packs
@@ -104,4 +110,36 @@ fn a_remote_backup_holds_as_many_pack_buffers_as_uploads() -> Result<()> {
          {DEFAULT_REMOTE_UPLOADS} uploads"
     );
     Ok(())
+}
+
+#[test]
+fn a_panicking_uploader_fails_the_backup_instead_of_hanging_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SlowStore {
+        panics: true,
+        ..SlowStore::default()
+    });
+    let repo = Repo::init_on(
+        store,
+        &dir.path().join("cache"),
+        "memory://panics",
+        &InitOptions::default(),
+    )?;
+    // Five packs' worth: more packs than buffers, so that buffers lost with their uploaders
+    // would leave the writer waiting for one.
+    let disk = dir.path().join("d.img");
+    Disk::random(90 << 20, 51).write(&disk)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = backup_with_engine(&repo, &disk, "d").map_err(|e| format!("{e:#}"));
+        let _ = tx.send(outcome);
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Err(e)) => {
+            ensure!(e.contains("uploader panicked"), "another error: {e}");
+            Ok(())
+        }
+        Ok(Ok(_)) => anyhow::bail!("the backup succeeded although every pack upload panicked"),
+        Err(_) => anyhow::bail!("the backup hung after its uploaders panicked"),
+    }
 }

@@ -155,6 +155,8 @@ pub fn backup(
     let workers = rayon::current_num_threads().max(1);
     // Segments in flight beyond the writer: bounds memory, keeps every worker busy.
     let dispatch = Dispatch::new(segments, workers as u64 * 2);
+    // Read before any thread starts: a bad setting must not leave workers behind.
+    let uploads = uploads::uploads(repo.is_remote())?;
     // The manifest is streamed as segments are done, into a temporary object that becomes
     // the snapshot only once every pack it needs is stored and indexed.
     let object = repo.manifest_writer()?;
@@ -221,10 +223,9 @@ pub fn backup(
         // Pack buffers go round between the writer and the uploaders, a fixed number of them
         // (`uploads.rs`): the writer fills one only when an uploader has given one back, so
         // memory holds that many packs however the upload keeps up. Reused, never freed:
-        // allocating and freeing 16 MiB buffers makes glibc's adaptive mmap threshold churn
-        // its heap (measured 2x slower, +50% RSS). They start empty and are allocated at
-        // first use.
-        let uploads = uploads::uploads(repo.is_remote())?;
+        // allocating and freeing pack-sized buffers makes glibc's adaptive mmap threshold
+        // churn its heap (measured 2x slower, +50% RSS). They start empty and are allocated
+        // at first use.
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
         for _ in 0..uploads.buffers {
             spare_tx
@@ -241,7 +242,18 @@ pub fn backup(
             spare: &spare_rx,
             progress,
         };
-        let result = writer.run(rx, &mut manifest);
+        // A panic would leave the workers waiting for the window to move, and the scope
+        // waiting for them, for ever: it becomes the backup's error instead.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            writer.run(rx, &mut manifest)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Internal(
+                "the backup's writer panicked (see the message above); nothing was published: \
+                 please report it"
+                    .into(),
+            ))
+        });
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
@@ -954,7 +966,17 @@ fn store_loop(
             let size = if failed.load(Ordering::Relaxed) {
                 Ok(0)
             } else {
-                store_pack(repo, dedup, pack, &mut give_back)
+                // A panic must give the buffer back too, or the writer waits for it for ever.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    store_pack(repo, dedup, pack, &mut give_back)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Error::Internal(
+                        "a pack uploader panicked (see the message above); nothing was \
+                         published: please report it"
+                            .into(),
+                    ))
+                })
             };
             if !given_back {
                 let _ = spare.send(Vec::new());

@@ -403,11 +403,11 @@ impl Protection {
         seal_under(keys, ad, &plaintext, nonce)
     }
 
-    /// [`Protection::seal`] with a given nonce: for rebuilding bytes sealed before (a
-    /// version 2 index delta carries a sealed pack table as its plaintext and nonce, and the
-    /// reader seals them again to get the table's stored bytes; `format-spec/index-deltas.md`)
-    /// and for the test vectors. Never for new data: a new seal always draws a fresh nonce.
-    pub fn seal_with_nonce(
+    /// [`Protection::seal`] with a given nonce, for rebuilding bytes sealed before: a version 2
+    /// index delta carries a sealed pack table as its plaintext and nonce, and the reader seals
+    /// them again to get the table's stored bytes (`format-spec/index-deltas.md`). Never for
+    /// new data, which always draws a fresh nonce: hence not public.
+    pub(crate) fn reseal(
         &self,
         ad: &ObjectAd<'_>,
         plaintext: Vec<u8>,
@@ -417,6 +417,17 @@ impl Protection {
             Protection::Plain => Ok(plaintext),
             Protection::Encrypted(keys) => seal_under(keys, ad, &plaintext, nonce),
         }
+    }
+
+    /// [`Protection::reseal`], for the test vectors only.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn seal_with_nonce(
+        &self,
+        ad: &ObjectAd<'_>,
+        plaintext: Vec<u8>,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Vec<u8>> {
+        self.reseal(ad, plaintext, nonce)
     }
 
     /// The plaintext of a stored object; a wrong tag (any flipped byte, another object's bytes,

@@ -248,7 +248,7 @@ fn rebuild_table(
         )));
     }
     if footer.version == PACK_VERSION_SEALED {
-        protection.seal_with_nonce(&table_ad(pack), plain, nonce)
+        protection.reseal(&table_ad(pack), plain, nonce)
     } else if nonce != [0; NONCE_LEN] {
         Err(bad("a nonce for a table that is not sealed".into()))
     } else {

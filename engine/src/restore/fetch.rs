@@ -32,7 +32,7 @@ pub struct FetchLimits {
 /// Why these numbers (benches/remote.py, 4 GiB gen2 restore, ratios from one run on the
 /// shared 2-core machine). A span is streamed, so its length costs no memory: the wanted part
 /// of a pack is one GET per region (`max_span` only caps a request at four packs' worth), and
-/// the gap is 16 MiB, a whole pack, because a second GET costs a round trip, a request billed,
+/// the gap is 16 MiB, about a whole pack, because a second GET costs a round trip, a request billed,
 /// and on stores that read the whole object to serve a range (moto) the whole pack again:
 /// 27 GETs per GiB against 36 with a 1 MiB gap and 90 with the old 4 MiB spans, for 15% more
 /// bytes received, and 0 ms restores from moto took 13.5 s against 20.2 s (1 MiB gap) and

@@ -2,7 +2,7 @@
 //!
 //! Job: hand out the `len` bytes at `offset` of an object as a [`Read`] that pulls them off
 //! the network as its reader asks, instead of gathering them first, so that a reader of a
-//! whole 16 MiB pack holds only what it is working on. A remote backend ([`super::s3`],
+//! whole pack (16 or 18 MiB) holds only what it is working on. A remote backend ([`super::s3`],
 //! [`super::azure`]) says how to open the range from any byte ([`RangeSource::open_at`],
 //! through its own request retries); this module adds what a buffered GET never needed: a
 //! body that breaks off (a reset, a timeout, a close short of its length) is resumed with a

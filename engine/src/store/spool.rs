@@ -4,10 +4,13 @@
 //! A remote store names an object when its upload starts, and a manifest's name (the hash of
 //! its bytes) is known only once it is complete, so a remote manifest is kept until then. It
 //! grows with the disk (about 1.4 MiB per GiB of data) and is written while the backup's packs
-//! are in memory: kept whole in memory, it was the 8 MiB buffer at a 4 GiB gen0's peak, and a
-//! 100 GiB disk's would not fit in the 128 MiB a backup may use (issue 14). Spooled, it costs
-//! memory only at the commit, when the packs are gone, and a store that uploads in parts
-//! reads it from the file part by part.
+//! are in memory: kept whole in memory, it was the 8 MiB buffer at a 4 GiB gen0's peak.
+//! Spooled, it costs no memory while the packs are, and S3 uploads a large one from the file
+//! part by part; Azure's (default) writer still reads it back whole at the commit, when the
+//! packs are gone (so a manifest larger than the budget, a disk of ~90 GiB of data, passes it
+//! there: staging Azure blocks from the file is not done yet). Where no temporary file can be
+//! made (`TMPDIR` not writable, full), the bytes stay in memory as before, rather than failing
+//! a backup at its end.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,11 +25,14 @@ pub(crate) struct Spool {
     /// What is not in the file yet: at most [`SPOOL_AFTER`] bytes.
     memory: Vec<u8>,
     file: Option<File>,
+    /// No temporary file could be made: everything stays in memory.
+    in_memory_only: bool,
     len: u64,
 }
 
 impl Spool {
     /// Bytes written so far.
+    #[cfg(any(test, feature = "s3"))]
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
@@ -58,32 +64,71 @@ impl Spool {
     }
 }
 
-impl Write for Spool {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.memory.len() + buf.len() > SPOOL_AFTER {
-            let file = match &mut self.file {
-                Some(file) => file,
-                // Unlinked at once (O_TMPFILE where the file system has it): nothing is left
-                // behind whatever happens to this process.
-                None => self.file.insert(tempfile::tempfile()?),
-            };
-            file.write_all(&self.memory)?;
-            self.memory.clear();
-            if buf.len() > SPOOL_AFTER {
-                file.write_all(buf)?;
-                self.len += buf.len() as u64;
-                return Ok(buf.len());
-            }
-        }
-        // Doubling as a `Vec` does, but never past the piece.
+impl Spool {
+    /// Appends `buf` to the bytes in memory, growing them as a `Vec` does but never past
+    /// `limit` at once.
+    fn write_to_memory(&mut self, buf: &[u8], limit: usize) -> std::io::Result<usize> {
         let want = self.memory.len() + buf.len();
         if want > self.memory.capacity() {
-            let capacity = want.max(self.memory.capacity() * 2).min(SPOOL_AFTER);
+            let capacity = want
+                .max(self.memory.capacity().saturating_mul(2))
+                .min(limit.max(want));
             self.memory.reserve_exact(capacity - self.memory.len());
         }
         self.memory.extend_from_slice(buf);
         self.len += buf.len() as u64;
         Ok(buf.len())
+    }
+
+    /// The temporary file, made at the first need; `None` when none can be made, and from
+    /// then on (the bytes stay in memory, as before spooling existed).
+    fn file(&mut self) -> Option<&mut File> {
+        if self.file.is_none() && !self.in_memory_only {
+            // Unlinked at once (O_TMPFILE where the file system has it): nothing is left
+            // behind whatever happens to this process.
+            match tempfile::tempfile() {
+                Ok(file) => self.file = Some(file),
+                Err(_) => self.in_memory_only = true,
+            }
+        }
+        self.file.as_mut()
+    }
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.memory.len() + buf.len() <= SPOOL_AFTER {
+            return self.write_to_memory(buf, SPOOL_AFTER);
+        }
+        let memory = std::mem::take(&mut self.memory);
+        let Some(file) = self.file() else {
+            self.memory = memory;
+            return self.write_to_memory(buf, usize::MAX);
+        };
+        let spooled = file.write_all(&memory).and_then(|()| {
+            if buf.len() > SPOOL_AFTER {
+                file.write_all(buf).map(|()| true)
+            } else {
+                Ok(false)
+            }
+        });
+        let mut memory = memory;
+        memory.clear();
+        self.memory = memory;
+        let with_temp_dir = |e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "spool to a temporary file in {}: {e}",
+                    std::env::temp_dir().display()
+                ),
+            )
+        };
+        if spooled.map_err(with_temp_dir)? {
+            self.len += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        self.write_to_memory(buf, SPOOL_AFTER)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
