@@ -23,12 +23,12 @@ const MIB: u64 = 1 << 20;
 const HELD: Duration = Duration::from_secs(3);
 
 /// 1 MiB of random data, zeros up to 32 MiB (past the first window of any window size up to
-/// 32 MiB), then 32 MiB of random data: the first window needs one span of one pack, the
-/// rest needs several spans per window.
+/// 32 MiB), then 40 MiB of random data (three 18 MiB packs in all): the first window needs one
+/// span of one pack, the rest needs several spans per window.
 fn first_window_small(path: &std::path::Path) -> Result<()> {
     let mut bytes = Disk::random(MIB, 31).bytes()?;
     bytes.resize(32 * MIB as usize, 0);
-    bytes.extend_from_slice(&Disk::random(32 * MIB, 32).bytes()?);
+    bytes.extend_from_slice(&Disk::random(40 * MIB, 32).bytes()?);
     std::fs::write(path, &bytes).with_context(|| format!("write {}", path.display()))
 }
 

@@ -351,10 +351,13 @@ fn decoders_accept_the_vectors() -> Result<()> {
     )?;
     assert_eq!(v1.version, 1);
     assert_eq!(v1.features, Features::LEGACY);
+    assert_eq!(v1.pack_target_size, 16 << 20);
     assert_eq!(
         RepoConfig {
             version: 2,
             features: config.features,
+            // The v1 vector was written when the default pack target was 16 MiB.
+            pack_target_size: config.pack_target_size,
             ..v1
         },
         config
