@@ -969,9 +969,17 @@ impl Fixture {
     /// A fixture whose repository is made with `--encryption none`: for tests of the plain
     /// formats' bytes (offsets in packs, format versions, hand-made old objects).
     pub fn plain() -> anyhow::Result<Fixture> {
+        Self::plain_with(&[])
+    }
+
+    /// [`Fixture::plain`] made with more `init` arguments (`--chunker fixed:16384`).
+    pub fn plain_with(init_args: &[&str]) -> anyhow::Result<Fixture> {
         let dir = tempfile::tempdir()?;
         let f = Fixture { dir };
-        sv_ok(&["init", p(&f.repo()), "--encryption", "none"])?;
+        let repo = f.repo();
+        let mut args = vec!["init", p(&repo), "--encryption", "none"];
+        args.extend_from_slice(init_args);
+        sv_ok(&args)?;
         Ok(f)
     }
 

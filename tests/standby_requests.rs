@@ -4,19 +4,20 @@
 //!
 //! Against Azurite, two generations: gen1 rewrites runs of 512 KiB with about 40 KiB unchanged
 //! between them, over two segment boundaries: merged, the runs go out in a few requests (5 and 8
-//! measured; the unmerged sync of the same change, `--coalesce-gap 0`, sent 5,356), the
+//! measured; the unmerged sync of the same change, `--coalesce-gap 0`, sent 13), the
 //! rewritten unchanged bytes are reported apart and stay within the budget. gen2 flips one
 //! byte every 40 KiB; gen3 one byte every 72 KiB, so most unchanged stretches between the
 //! changed chunks are just under 64 KiB. The fixed 64 KiB gap of before merged gen2's
 //! stretches and sent 2.15× the changed bytes; the gap chosen per sync stays within the
-//! budget. The repository is plain, so chunk boundaries are the same on every run. For
+//! budget. The repository is plain and chunks every 16 KiB, and the disk is seeded random bytes,
+//! so chunk boundaries are the same on every run and every machine. For
 //! every generation the sync sends at most 1.1× the changed bytes. Each time the blob equals
 //! the snapshot (`--verify 100%` and `verify --target`).
 
 use std::os::unix::fs::FileExt;
 
 use anyhow::bail;
-use stackvault_tests::{make_disk, p, sv_json, Fixture};
+use stackvault_tests::{p, sv_json, Disk, Fixture};
 
 use crate::standby_pageblob::{verify_target, Standby};
 
@@ -111,14 +112,16 @@ fn nearby_changes_go_out_in_few_put_page_requests_within_the_byte_budget() -> an
     let Some(az) = Standby::start()? else {
         return Ok(());
     };
-    // Plain, so the chunk boundaries are the same on every run: with a keyed chunker they
-    // differ per repository, and in one run in many every unchanged stretch between gen1's
-    // runs fell inside changed chunks, leaving no gap to merge.
-    let f = Fixture::plain()?;
+    // Chunk boundaries every 16 KiB whatever the bytes, and seeded random bytes: the
+    // unchanged stretches between gen1's runs (40 KiB) always keep 16 to 40 KiB of unchanged
+    // chunks, to merge or not. With the content-defined chunker they depended on the disk's
+    // bytes (a keyed one's differ per repository; files of this machine's /usr/bin differ per
+    // machine), and on some every stretch fell inside changed chunks, leaving no gap to merge.
+    let f = Fixture::plain_with(&["--chunker", "fixed:16384"])?;
     let repo = f.repo();
     let repo = p(&repo);
     let disk = f.path("vm.img");
-    make_disk(&disk, 16 * MIB, 29)?;
+    Disk::random(16 * MIB, 29).write(&disk)?;
     f.backup(&disk, "vm")?;
     let (merged, apart) = (az.url("merged.vhd"), az.url("apart.vhd"));
     for url in [&merged, &apart] {
@@ -134,7 +137,7 @@ fn nearby_changes_go_out_in_few_put_page_requests_within_the_byte_budget() -> an
     let gen1 = f.backup(&disk, "vm")?;
     let (m, a) = sync_both(repo, &merged, &apart)?;
     // 6.5 MiB of changes over three segments fit in two or three 4 MiB requests, plus the
-    // footer read and clears of zero runs; apart, each run is one request at least (5,356
+    // footer read and clears of zero runs; apart, each run is one request at least (13
     // measured).
     assert!(num(&a, "requests") >= RUNS, "{a:#}");
     assert!(
@@ -146,8 +149,9 @@ fn nearby_changes_go_out_in_few_put_page_requests_within_the_byte_budget() -> an
     verify_target(repo, &gen1, &merged)?;
     verify_target(repo, &gen1, &apart)?;
 
-    // gen2: one byte flipped every 40 KiB over 4 MiB starting at 5 MiB (3.6 MiB of chunks
-    // changed, 272 KiB between them: 3 requests measured, within the budget).
+    // gen2: one byte flipped every 40 KiB over 4 MiB starting at 5 MiB (100 changed 16 KiB
+    // chunks, 24 KiB unchanged between them: merged at the fixed 64 KiB gap of before, 2.5x the
+    // changed bytes; the gap chosen here, 15.5 KiB, merges none: 101 requests measured).
     flip(&disk, (0..CHANGES).map(|k| 5 * MIB + k * STRIDE + 1234))?;
     let gen2 = f.backup(&disk, "vm")?;
     sync_both(repo, &merged, &apart)?;
@@ -155,9 +159,9 @@ fn nearby_changes_go_out_in_few_put_page_requests_within_the_byte_budget() -> an
     verify_target(repo, &gen2, &apart)?;
 
     // gen3: one byte flipped every 72 KiB over 8.4 MiB from 1 MiB: 120 changed chunks with
-    // unchanged stretches mostly under 64 KiB between them. The gap chosen per sync (44 KiB
-    // here) stays within the budget. With the gap forced to the fixed 64 KiB of before, this
-    // test fails already at gen2 (2.15x the changed bytes uploaded: 3.9 MiB for 1.8 MiB).
+    // unchanged stretches of 56 KiB between them, under the fixed 64 KiB gap of before. The
+    // gap chosen per sync (47.5 KiB here) stays within the budget. With the gap forced to
+    // 64 KiB, this test fails already at gen2.
     flip(
         &disk,
         (0..SPARSE_CHANGES).map(|k| MIB + k * SPARSE_STRIDE + 777),
