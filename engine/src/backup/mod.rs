@@ -186,7 +186,7 @@ pub fn backup(
                     // A panic here would leave segment `i` unsent: the writer would wait for
                     // it, and the other workers for the writer, for ever. It becomes the
                     // segment's error instead, which ends the backup like any other.
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let out = panic_as_error(&format!("a backup worker (segment {i})"), || {
                         match reading.plan_of(i) {
                             SegmentPlan::Read => reading.parent_extents(i).and_then(|parent| {
                                 if reading.plan.is_some() && reading.parent.is_some() {
@@ -202,12 +202,6 @@ pub fn backup(
                                 reading.without_reading(plan, virtual_size, config.segment_size, i)
                             }
                         }
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(Error::Internal(format!(
-                            "a backup worker panicked on segment {i} (see the message above); \
-                             nothing was published: please report it"
-                        )))
                     });
                     if tx.send((i, out)).is_err() {
                         break;
@@ -244,16 +238,7 @@ pub fn backup(
         };
         // A panic would leave the workers waiting for the window to move, and the scope
         // waiting for them, for ever: it becomes the backup's error instead.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            writer.run(rx, &mut manifest)
-        }))
-        .unwrap_or_else(|_| {
-            Err(Error::Internal(
-                "the backup's writer panicked (see the message above); nothing was published: \
-                 please report it"
-                    .into(),
-            ))
-        });
+        let result = panic_as_error("the backup's writer", || writer.run(rx, &mut manifest));
         // On error, release workers waiting for the window to move.
         dispatch.stop();
         drop(pack_tx);
@@ -332,6 +317,16 @@ pub fn backup(
         root_digest: meta.root_digest,
         stats,
         throughput_bytes_per_second,
+    })
+}
+
+/// Runs `work` on a backup thread, a panic becoming its error: a thread that died would leave
+/// the others waiting for what it was to send (a segment, a pack buffer) for ever.
+fn panic_as_error<T>(who: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        Err(Error::Internal(format!(
+            "{who} panicked (see the message above); nothing was published: please report it"
+        )))
     })
 }
 
@@ -967,15 +962,8 @@ fn store_loop(
                 Ok(0)
             } else {
                 // A panic must give the buffer back too, or the writer waits for it for ever.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                panic_as_error("a pack uploader", || {
                     store_pack(repo, dedup, pack, &mut give_back)
-                }))
-                .unwrap_or_else(|_| {
-                    Err(Error::Internal(
-                        "a pack uploader panicked (see the message above); nothing was \
-                         published: please report it"
-                            .into(),
-                    ))
                 })
             };
             if !given_back {

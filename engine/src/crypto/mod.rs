@@ -410,12 +410,12 @@ impl Protection {
     pub(crate) fn reseal(
         &self,
         ad: &ObjectAd<'_>,
-        plaintext: Vec<u8>,
+        plaintext: &[u8],
         nonce: [u8; NONCE_LEN],
     ) -> Result<Vec<u8>> {
         match self {
-            Protection::Plain => Ok(plaintext),
-            Protection::Encrypted(keys) => seal_under(keys, ad, &plaintext, nonce),
+            Protection::Plain => Ok(plaintext.to_vec()),
+            Protection::Encrypted(keys) => seal_under(keys, ad, plaintext, nonce),
         }
     }
 
@@ -427,7 +427,7 @@ impl Protection {
         plaintext: Vec<u8>,
         nonce: [u8; NONCE_LEN],
     ) -> Result<Vec<u8>> {
-        self.reseal(ad, plaintext, nonce)
+        self.reseal(ad, &plaintext, nonce)
     }
 
     /// The plaintext of a stored object; a wrong tag (any flipped byte, another object's bytes,

@@ -20,6 +20,8 @@
 //! reads only the version it writes: a plain pack in an encrypted repository (or a sealed
 //! one in a plain repository) is damage, never silently trusted.
 
+use std::borrow::Cow;
+
 use super::{ChunkId, Reader, CHUNK_ID_LEN};
 use crate::crypto::{ObjectAd, ObjectKind, Protection, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
@@ -761,40 +763,9 @@ pub fn decode_footer(data: &[u8], pack_len: u64, location: &str) -> Result<PackF
     Ok(footer)
 }
 
-/// Checks what can be checked of a sealed (version 3) table without keys: its length and
-/// crc32 against the footer.
-pub fn check_sealed_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<()> {
-    if footer.version != PACK_VERSION_SEALED || data.len() as u64 != footer.table_len() {
-        return Err(Error::corrupt(
-            location,
-            footer.table_offset,
-            "sealed chunk table length does not match the footer",
-        ));
-    }
-    if crc32fast::hash(data) != footer.table_crc32 {
-        return Err(Error::corrupt(
-            location,
-            footer.table_offset,
-            "chunk table checksum mismatch",
-        ));
-    }
-    Ok(())
-}
-
-/// Decodes the chunk table; checks its crc, that the entries of one frame are consecutive
-/// and agree on the frame, that the chunks tile their frame, and that every frame lies inside
-/// the data area in increasing order without overlap.
-///
-/// A version 3 table is opened first (with the pack's name `pack` as its associated data);
-/// the pack's version must match `protection` ([`check_protection`]).
-pub fn decode_table(
-    data: &[u8],
-    footer: &PackFooter,
-    protection: &Protection,
-    pack: &str,
-    location: &str,
-) -> Result<Vec<PackEntry>> {
-    check_protection(footer.version, protection, location, footer.table_offset)?;
+/// Checks a table as the pack stores it (sealed or not) against the footer: its length and
+/// crc32, all that a sealed one allows without keys.
+pub fn check_stored_table(data: &[u8], footer: &PackFooter, location: &str) -> Result<()> {
     if data.len() as u64 != footer.table_len() {
         return Err(Error::corrupt(
             location,
@@ -809,13 +780,52 @@ pub fn decode_table(
             "chunk table checksum mismatch",
         ));
     }
-    let opened;
-    let data = if footer.version == PACK_VERSION_SEALED {
-        opened = protection.open(&table_ad(pack), data, location, footer.table_offset)?;
-        &opened[..]
-    } else {
-        data
-    };
+    Ok(())
+}
+
+/// The plaintext of a stored chunk table, after [`check_stored_table`]: a version 3 table is
+/// opened (with the pack's name `pack` as its associated data); the pack's version must match
+/// `protection` ([`check_protection`]).
+pub fn open_table<'a>(
+    data: &'a [u8],
+    footer: &PackFooter,
+    protection: &Protection,
+    pack: &str,
+    location: &str,
+) -> Result<Cow<'a, [u8]>> {
+    check_protection(footer.version, protection, location, footer.table_offset)?;
+    check_stored_table(data, footer, location)?;
+    if footer.version == PACK_VERSION_SEALED {
+        let opened = protection.open(&table_ad(pack), data, location, footer.table_offset)?;
+        return Ok(Cow::Owned(opened));
+    }
+    Ok(Cow::Borrowed(data))
+}
+
+/// Decodes the chunk table as the pack stores it: [`open_table`], then
+/// [`decode_plain_table`].
+pub fn decode_table(
+    data: &[u8],
+    footer: &PackFooter,
+    protection: &Protection,
+    pack: &str,
+    location: &str,
+) -> Result<Vec<PackEntry>> {
+    decode_plain_table(
+        &open_table(data, footer, protection, pack, location)?,
+        footer,
+        location,
+    )
+}
+
+/// Decodes a chunk table's plaintext; checks that the entries of one frame are consecutive
+/// and agree on the frame, that the chunks tile their frame, and that every frame lies inside
+/// the data area in increasing order without overlap.
+pub fn decode_plain_table(
+    data: &[u8],
+    footer: &PackFooter,
+    location: &str,
+) -> Result<Vec<PackEntry>> {
     let v1 = footer.version == PACK_VERSION_V1;
     let mut r = Reader::new(data, footer.table_offset, location);
     let mut entries: Vec<PackEntry> = Vec::with_capacity(footer.chunk_count as usize);

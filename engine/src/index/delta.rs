@@ -28,6 +28,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::crypto::{ObjectAd, ObjectKind, Protection, NONCE_LEN};
 use crate::error::{Error, Result};
+use crate::format::pack::{check_protection, check_stored_table, decode_plain_table, open_table};
 use crate::format::pack::{decode_footer, decode_table, PackEntry, PackFooter, PACK_FOOTER_LEN};
 use crate::format::pack::{table_ad, table_entry_len, PACK_VERSION_SEALED};
 use crate::store::pack::read_pack_table;
@@ -110,15 +111,18 @@ pub fn encode_delta(protection: &Protection, name: &str, pack: &[u8]) -> Result<
         .ok_or_else(|| Error::corrupt(&location, footer.table_offset, "table outside the pack"))?;
     // Checks the table as a reader of the delta will; a sealed table (format 3) is opened,
     // bound to its pack's name: its ciphertext would not compress, its plaintext does.
-    let mut nonce = [0u8; NONCE_LEN];
-    let plain: Cow<[u8]> = if footer.version == PACK_VERSION_SEALED {
-        decode_table(table, &footer, protection, name, &location)?;
-        nonce.copy_from_slice(table.get(..NONCE_LEN).unwrap_or(&[0; NONCE_LEN]));
-        Cow::Owned(protection.open(&table_ad(name), table, &location, footer.table_offset)?)
+    let sealed = footer.version == PACK_VERSION_SEALED;
+    let opener = if sealed {
+        protection
     } else {
-        decode_table(table, &footer, &Protection::Plain, name, &location)?;
-        Cow::Borrowed(table)
+        &Protection::Plain
     };
+    let plain = open_table(table, &footer, opener, name, &location)?;
+    decode_plain_table(&plain, &footer, &location)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    if sealed {
+        nonce.copy_from_slice(table.get(..NONCE_LEN).unwrap_or(&[0; NONCE_LEN]));
+    }
     let compressed = zstd::bulk::compress(&plain, DELTA_ZSTD_LEVEL)
         .map_err(|e| Error::Internal(format!("compress the table of pack {name}: {e}")))?;
     let mut out = delta_header(DELTA_VERSION, &footer, &raw_name, size);
@@ -195,18 +199,34 @@ pub fn decode_delta(data: &[u8], key: &str, protection: &Protection) -> Result<D
     if table_end != Some(pack_size) || !(1..=PACK_VERSION_SEALED).contains(&footer.version) {
         return Err(bad(32, "delta sizes do not fit together"));
     }
-    let table = if version == DELTA_VERSION_V1 {
-        Cow::Borrowed(&data[DELTA_HEADER_LEN..body_len])
+    let entries = if version == DELTA_VERSION_V1 {
+        // The table as stored: checked and decoded as in the pack.
+        decode_table(
+            &data[DELTA_HEADER_LEN..body_len],
+            &footer,
+            protection,
+            &pack,
+            key,
+        )?
     } else {
         let rest = data
             .get(DELTA_V2_HEADER_LEN..body_len)
             .ok_or_else(|| bad(0, "delta too short"))?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&data[DELTA_HEADER_LEN..DELTA_V2_HEADER_LEN]);
-        Cow::Owned(rebuild_table(rest, nonce, &footer, protection, &pack, key)?)
+        let plain = decompress_table(rest, nonce, &footer, key)?;
+        // The pack's stored table, sealed again when it is sealed: its length and crc checked
+        // against the footer as in the pack; the plaintext is then decoded as it is, never
+        // opened again (the seal is this reader's own).
+        check_protection(footer.version, protection, key, footer.table_offset)?;
+        let stored = if footer.version == PACK_VERSION_SEALED {
+            Cow::Owned(protection.reseal(&table_ad(&pack), &plain, nonce)?)
+        } else {
+            Cow::Borrowed(&plain[..])
+        };
+        check_stored_table(&stored, &footer, key)?;
+        decode_plain_table(&plain, &footer, key)?
     };
-    // The footer's length and crc, and everything else, checked as in the pack.
-    let entries = decode_table(&table, &footer, protection, &pack, key)?;
     Ok(Delta {
         pack,
         pack_size,
@@ -215,17 +235,15 @@ pub fn decode_delta(data: &[u8], key: &str, protection: &Protection) -> Result<D
     })
 }
 
-/// The pack's table bytes, as the pack stores them, from a version 2 delta's `compressed`
-/// plaintext and `nonce` (zero unless the table is sealed, then sealed again with it). The
-/// plaintext must be exactly the `chunk count × entry length` bytes the footer fields imply;
-/// a bomb (a ratio no real table has) is refused before decompressing, and output beyond
-/// that length stops decompression: both are damage, like any other mismatch.
-fn rebuild_table(
+/// The table's plaintext from a version 2 delta's `compressed` bytes and `nonce` (zero unless
+/// the table is sealed). The plaintext must be exactly the `chunk count × entry length` bytes
+/// the footer fields imply; a bomb (a ratio no real table has) is refused before
+/// decompressing, and output beyond that length stops decompression: both are damage, like
+/// any other mismatch.
+fn decompress_table(
     compressed: &[u8],
     nonce: [u8; NONCE_LEN],
     footer: &PackFooter,
-    protection: &Protection,
-    pack: &str,
     key: &str,
 ) -> Result<Vec<u8>> {
     let bad = |what: String| Error::corrupt(key, DELTA_V2_HEADER_LEN as u64, what);
@@ -247,13 +265,10 @@ fn rebuild_table(
             footer.chunk_count
         )));
     }
-    if footer.version == PACK_VERSION_SEALED {
-        protection.reseal(&table_ad(pack), plain, nonce)
-    } else if nonce != [0; NONCE_LEN] {
-        Err(bad("a nonce for a table that is not sealed".into()))
-    } else {
-        Ok(plain)
+    if footer.version != PACK_VERSION_SEALED && nonce != [0; NONCE_LEN] {
+        return Err(bad("a nonce for a table that is not sealed".into()));
     }
+    Ok(plain)
 }
 
 /// The associated data of the delta of pack `name`.

@@ -62,9 +62,7 @@ impl Spool {
         self.into_reader()?.read_to_end(&mut bytes)?;
         Ok(bytes)
     }
-}
 
-impl Spool {
     /// Appends `buf` to the bytes in memory, growing them as a `Vec` does but never past
     /// `limit` at once.
     fn write_to_memory(&mut self, buf: &[u8], limit: usize) -> std::io::Result<usize> {
@@ -80,9 +78,9 @@ impl Spool {
         Ok(buf.len())
     }
 
-    /// The temporary file, made at the first need; `None` when none can be made, and from
-    /// then on (the bytes stay in memory, as before spooling existed).
-    fn file(&mut self) -> Option<&mut File> {
+    /// Makes the temporary file at the first need; when none can be made, the bytes stay in
+    /// memory from then on, as before spooling existed.
+    fn make_file(&mut self) {
         if self.file.is_none() && !self.in_memory_only {
             // Unlinked at once (O_TMPFILE where the file system has it): nothing is left
             // behind whatever happens to this process.
@@ -91,7 +89,6 @@ impl Spool {
                 Err(_) => self.in_memory_only = true,
             }
         }
-        self.file.as_mut()
     }
 }
 
@@ -100,21 +97,10 @@ impl Write for Spool {
         if self.memory.len() + buf.len() <= SPOOL_AFTER {
             return self.write_to_memory(buf, SPOOL_AFTER);
         }
-        let memory = std::mem::take(&mut self.memory);
-        let Some(file) = self.file() else {
-            self.memory = memory;
+        self.make_file();
+        let (Some(file), memory) = (self.file.as_mut(), &mut self.memory) else {
             return self.write_to_memory(buf, usize::MAX);
         };
-        let spooled = file.write_all(&memory).and_then(|()| {
-            if buf.len() > SPOOL_AFTER {
-                file.write_all(buf).map(|()| true)
-            } else {
-                Ok(false)
-            }
-        });
-        let mut memory = memory;
-        memory.clear();
-        self.memory = memory;
         let with_temp_dir = |e: std::io::Error| {
             std::io::Error::new(
                 e.kind(),
@@ -124,7 +110,10 @@ impl Write for Spool {
                 ),
             )
         };
-        if spooled.map_err(with_temp_dir)? {
+        file.write_all(memory).map_err(with_temp_dir)?;
+        memory.clear();
+        if buf.len() > SPOOL_AFTER {
+            file.write_all(buf).map_err(with_temp_dir)?;
             self.len += buf.len() as u64;
             return Ok(buf.len());
         }
