@@ -3,16 +3,18 @@
 seconds from the start of the process, and the phases they mark.
 
 Starts moto and the round-trip proxy of `remote.py`, backs up gen0 (untimed), then backs up
-gen1 under `strace -f -ttt -e trace=sendto,openat` (the tracing slows the process down, so
-read the gaps between phases, not the total) and prints:
+gen1 under `strace -f -ttt -e trace=sendto,openat,fsync,fdatasync` (the tracing slows the
+process down, so read the gaps between phases, not the total) and prints:
 
-  - every request (method and object, or the listed prefix) with its time and thread;
+  - every request (method and object, or the listed prefix) with its time and thread, and
+    every fsync (the cache index's commits and checkpoints);
   - the phases: open (config GET and the listings), key GET, key derivation done (the cache
     index opens), writer lease and condemned listing, data (first to last pack PUT), re-check
     (its listings), manifest PUT, lease DELETE, exit.
 
 Usage: python3 benches/timeline.py --bin target/release/stackvault --data /var/tmp/bench4/data
                                    [--rtt 20] [--work /var/tmp/timeline]
+`--store azurite` runs the same against Azurite (`.ci/azurite.sh`).
 Needs strace, moto (`.ci/moto.sh`) and the data directory of `remote.py` (gen0.raw, gen1.raw).
 """
 
@@ -29,15 +31,21 @@ import remote as R  # noqa: E402
 
 REQUEST = re.compile(r'^(\d+)\s+([\d.]+)\s+sendto\(\d+, "(GET|PUT|HEAD|DELETE|POST) ([^ ]+) HTTP')
 OPEN = re.compile(r'^(\d+)\s+([\d.]+)\s+openat\(.*"([^"]+)"')
+SYNC = re.compile(r'^(\d+)\s+([\d.]+)\s+(fsync|fdatasync)\(')
 
 
 def what(method, target):
-    """A request as a short label: `list PREFIX` or `METHOD KEY` (bucket and prefix dropped)."""
+    """A request as a short label: `list PREFIX` or `METHOD KEY` (account, bucket or
+    container and the repository prefix dropped; Azure's block calls keep their `comp`)."""
     m = re.search(r"prefix=[^&/]*?%2F([^&]*)", target)
-    if "list-type=2" in target and m:
+    if ("list-type=2" in target or "comp=list" in target) and m:
         return "list " + m.group(1).replace("%2F", "/")
-    key = target.split("?")[0].split("/", 3)[-1]
-    return f"{method} {key}"
+    path = target.split("?")[0]
+    if path.startswith("/" + R.AZ_ACCOUNT + "/"):
+        path = path[len(R.AZ_ACCOUNT) + 1:]
+    key = path.split("/", 3)[-1]
+    comp = re.search(r"comp=(\w+)", target)
+    return f"{method} {key}" + (f" ({comp.group(1)})" if comp else "")
 
 
 def main():
@@ -46,17 +54,18 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--rtt", type=float, default=20.0, help="round trip in ms")
     ap.add_argument("--work", default="/var/tmp/timeline")
+    ap.add_argument("--store", choices=["moto", "azurite"], default="moto")
     args = ap.parse_args()
     if shutil.which("strace") is None:
         sys.exit("strace is needed")
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    moto = R.Moto(args.work)
+    store = (R.Moto if args.store == "moto" else R.Azurite)(args.work)
     try:
-        proxy = R.Proxy(moto.port, args.rtt / 1000)
-        bucket = moto.new_place()
-        loc, endpoint, _ = moto.locations(bucket, proxy)
-        env = dict(os.environ, **moto.env(), XDG_CACHE_HOME=os.path.join(args.work, "cache"))
+        proxy = R.Proxy(store.port, args.rtt / 1000)
+        place = store.new_place()
+        loc, endpoint, _ = store.locations(place, proxy)
+        env = dict(os.environ, **store.env(), XDG_CACHE_HOME=os.path.join(args.work, "cache"))
         env.setdefault("STACKVAULT_PASSWORD", "timeline")
         trace = os.path.join(args.work, "gen1.strace")
 
@@ -64,7 +73,7 @@ def main():
             cmd = [os.path.abspath(args.bin), "-r", loc, "--endpoint", endpoint] + sub
             if traced:
                 cmd = ["strace", "--seccomp-bpf", "-f", "-ttt", "-s", "200",
-                       "-e", "trace=sendto,openat", "-o", trace] + cmd
+                       "-e", "trace=sendto,openat,fsync,fdatasync,exit_group", "-o", trace] + cmd
             t = time.time()
             subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
             return time.time() - t
@@ -73,7 +82,7 @@ def main():
         run(["backup", os.path.join(args.data, "gen0.raw"), "--disk", "d"])
         wall = run(["backup", os.path.join(args.data, "gen1.raw"), "--disk", "d"], traced=True)
     finally:
-        moto.stop()
+        store.stop()
 
     events = []
     start = None
@@ -87,6 +96,9 @@ def main():
                     start = float(parts[1])
             if m:
                 events.append((float(m.group(2)), m.group(1), what(m.group(3), m.group(4))))
+            elif SYNC.match(line):
+                sm = SYNC.match(line)
+                events.append((float(sm.group(2)), sm.group(1), sm.group(3)))
             elif o and "ENOENT" not in line and o.group(3).endswith("index.sqlite"):
                 events.append((float(o.group(2)), o.group(1), "open the cache index"))
         end = float(line.split()[1]) if line.split() else start

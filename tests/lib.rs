@@ -1196,13 +1196,15 @@ pub fn reader_without_read_ahead<'r>(
     Ok(stackvault::read::SnapshotReader::open(repo, id, options)?)
 }
 
-/// What a test watches on a [`Watched`] store: told before each read and each listing, it may
+/// What a test watches on a [`Watched`] store: told before each read, listing and put, it may
 /// count them or hold one back; every request then goes through to the objects unchanged.
 pub trait Watcher: Send + Sync {
     /// Before a `get` or `get_range` of `key`.
     fn reading(&self, _key: &str) {}
     /// Before a listing of `prefix`.
     fn listing(&self, _prefix: &str) {}
+    /// Before a `put` of `key`.
+    fn storing(&self, _key: &str) {}
 }
 
 /// A handle on shared in-memory objects that tells its [`Watcher`] about reads and listings.
@@ -1213,6 +1215,7 @@ pub struct Watched<W> {
 
 impl<W: Watcher> stackvault::store::Backend for Watched<W> {
     fn put(&self, key: &str, data: &[u8]) -> stackvault::Result<()> {
+        self.watcher.storing(key);
         self.objects.put(key, data)
     }
     fn get(&self, key: &str) -> stackvault::Result<Vec<u8>> {

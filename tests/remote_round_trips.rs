@@ -124,6 +124,64 @@ fn a_backup_never_publishes_against_a_pack_deleted_after_its_cache_listed_it() -
     Ok(())
 }
 
+/// Holds back a backup's look at the maintenance lock until a pack is stored, or 2 s.
+#[derive(Default)]
+struct PackBeforeLock {
+    pack_stored: Mutex<bool>,
+    stored: std::sync::Condvar,
+}
+
+impl Watcher for PackBeforeLock {
+    fn reading(&self, key: &str) {
+        if key != "locks/maintenance" {
+            return;
+        }
+        let Ok(stored) = self.pack_stored.lock() else {
+            return;
+        };
+        let _ =
+            self.stored
+                .wait_timeout_while(stored, std::time::Duration::from_secs(2), |stored| !*stored);
+    }
+
+    fn storing(&self, key: &str) {
+        if key.starts_with("packs/") {
+            if let Ok(mut stored) = self.pack_stored.lock() {
+                *stored = true;
+                self.stored.notify_all();
+            }
+        }
+    }
+}
+
+/// On a shared store a backup deduplicates while its lease is still being taken
+/// (`backup/pending_lock.rs`), but stores nothing before it holds it: one that finds
+/// maintenance running leaves no pack behind.
+#[test]
+fn a_backup_stores_no_pack_before_its_lock_is_held() -> Result<()> {
+    let shared = SharedStore::init(stackvault::store::MemoryBackend::new(), LOCATION)?;
+    let d = disk(shared.path(), "d", 11)?;
+    let maintainer = shared.host("m")?;
+    let _maintenance = maintainer.lock_maintenance("key remove")?;
+    let watched = Arc::new(Watched {
+        objects: shared.store.clone(),
+        watcher: PackBeforeLock::default(),
+    });
+    let repo = shared.host_via(watched.clone(), "b")?;
+    let err = backup_with_engine(&repo, &d, "web01")
+        .err()
+        .context("a backup ran while maintenance held the repository")?;
+    let msg = format!("{err:#}");
+    ensure!(msg.contains("maintenance is running"), "{msg}");
+    let store = &shared.store;
+    ensure!(
+        store.list("packs/")?.is_empty() && store.list("index/")?.is_empty(),
+        "a pack was stored before the lock was held: {:?}",
+        store.list("packs/")?
+    );
+    Ok(())
+}
+
 fn count(report: &Value, kind: &str) -> u64 {
     report["requests"][kind].as_u64().unwrap_or(u64::MAX)
 }

@@ -250,3 +250,75 @@ fn a_repository_made_for_a_local_directory_is_not_shared_on_a_store() -> Result<
     );
     Ok(())
 }
+
+/// The index files of host `name`'s cache (the database and its write-ahead log).
+fn cache_index_files(shared: &SharedStore<Store>, name: &str) -> Result<Vec<PathBuf>> {
+    let root = shared
+        .path()
+        .join(format!("cache-{name}"))
+        .join("stackvault");
+    let mut files = Vec::new();
+    for repo in std::fs::read_dir(&root)? {
+        let dir = repo?.path();
+        for file in ["index.sqlite", "index.sqlite-wal"] {
+            if dir.join(file).exists() {
+                files.push(dir.join(file));
+            }
+        }
+    }
+    anyhow::ensure!(!files.is_empty(), "no cache index under {}", root.display());
+    Ok(files)
+}
+
+/// A remote repository's cache commits without syncing (`index::Durability::Cache`): a power
+/// cut may roll it back to an earlier commit. That is safe only because every open brings the
+/// cache up to date from the store: a cache rolled back past a backup's packs and snapshot
+/// learns them again, deduplicates against them and restores the snapshot.
+#[test]
+fn a_cache_rolled_back_by_a_power_cut_learns_again_what_it_forgot() -> Result<()> {
+    let shared = shared_store()?;
+    let (d, store) = (shared.path(), &shared.store);
+    let (disk_1, disk_2) = (disk(d, "one", 21)?, disk(d, "two", 22)?);
+    backup_with_engine(&shared.host("a")?, &disk_1, "web01")?;
+    // The cache as a power cut right after that backup's last commit could leave it.
+    let saved: Vec<(PathBuf, Vec<u8>)> = cache_index_files(&shared, "a")?
+        .into_iter()
+        .map(|f| std::fs::read(&f).map(|bytes| (f, bytes)))
+        .collect::<std::io::Result<_>>()?;
+    let second = backup_with_engine(&shared.host("a")?, &disk_2, "db01")?;
+    assert!(second.stats.bytes_added > 0);
+    let packs = store.list("packs/")?.len();
+    // Rolled back: the second backup's packs and snapshot are gone from the cache.
+    for f in cache_index_files(&shared, "a")? {
+        std::fs::remove_file(&f)?;
+    }
+    let _ = std::fs::remove_file(saved[0].0.with_extension("sqlite-shm"));
+    for (f, bytes) in &saved {
+        std::fs::write(f, bytes)?;
+    }
+    let disks_in = |index: &stackvault::index::Index| -> Result<Vec<String>> {
+        Ok(index
+            .snapshots(None)?
+            .into_iter()
+            .map(|s| s.meta.disk)
+            .collect())
+    };
+    let rolled_back = disks_in(&stackvault::index::Index::open(&saved[0].0)?)?;
+    assert!(
+        !rolled_back.contains(&"db01".to_string()),
+        "{rolled_back:?}"
+    );
+    let host_a = shared.host("a")?;
+    let disks = disks_in(&host_a.index())?;
+    assert!(disks.contains(&"db01".to_string()), "{disks:?}");
+    let again = backup_with_engine(&host_a, &disk_2, "db01")?;
+    assert_eq!(again.stats.bytes_added, 0, "{:?}", again.stats);
+    assert_eq!(store.list("packs/")?.len(), packs);
+    assert!(restores_to(
+        &host_a,
+        &second.snapshot_id,
+        &disk_2,
+        &d.join("out.img")
+    )?);
+    Ok(())
+}

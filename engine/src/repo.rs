@@ -305,7 +305,12 @@ impl Repo {
         )?;
         let protection = unlocked.protection.clone();
         backend.set_protection(protection.clone());
-        let (index, index_path) = open_index_in(path, backend.as_ref(), &protection)?;
+        let (index, index_path) = open_index_in(
+            path,
+            backend.as_ref(),
+            &protection,
+            index::Durability::Durable,
+        )?;
         index::sync_snapshots(&index, backend.as_ref(), &protection)?;
         Ok(Repo {
             root: path.to_path_buf(),
@@ -410,7 +415,12 @@ impl Repo {
         let read_only = READ_ONLY_REQUESTED
             .load(Ordering::Relaxed)
             .then_some(ReadOnly::Requested);
-        let (mut index, index_path) = open_index_in(&dir, backend.as_ref(), &protection)?;
+        let (mut index, index_path) = open_index_in(
+            &dir,
+            backend.as_ref(),
+            &protection,
+            index::Durability::Cache,
+        )?;
         let writable = read_only.is_none();
         catch_up(&mut index, &listed, &protection, writable)?;
         drop(listed);
@@ -866,6 +876,7 @@ fn open_index_in(
     dir: &Path,
     backend: &dyn Backend,
     protection: &crate::crypto::Protection,
+    durability: index::Durability,
 ) -> Result<(Index, PathBuf)> {
     let index_path = dir.join(INDEX_FILE);
     if !index_path.exists() {
@@ -878,7 +889,7 @@ fn open_index_in(
             Err(e) => return Err(Error::io("link rebuilt index", &index_path, e)),
         }
     }
-    Ok((Index::open(&index_path)?, index_path))
+    Ok((Index::open_with(&index_path, durability)?, index_path))
 }
 
 /// Reads the config of the remote repository `location` and unlocks it: the key objects are

@@ -14,6 +14,7 @@
 
 mod dedup;
 mod frames;
+mod pending_lock;
 mod recheck;
 mod streamed;
 mod uploads;
@@ -44,6 +45,7 @@ use crate::store::pack::PackWriter;
 use crate::store::ObjectWriter;
 use dedup::Dedup;
 use frames::{compress_frames, NewFrame, NewPiece};
+use pending_lock::PendingLock;
 use recheck::EarlyRecheck;
 
 /// Which parent a backup reads relative to.
@@ -111,11 +113,22 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     validate_disk_name(&options.disk)?;
+    std::thread::scope(|scope| backup_in(scope, repo, source, options, progress))
+}
+
+/// [`backup`], its writer lock taken on a thread of `scope` (see `pending_lock`).
+fn backup_in<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    repo: &'env Repo,
+    source: &dyn DiskSource,
+    options: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
     // The writer lock (on a remote store a lease: a create, then a look at the maintenance
     // lock, each a round trip) is taken while the parent is chosen and its manifest read from
-    // the cache; nothing is deduplicated before both are done.
-    let (lock, dedup, prelude) = std::thread::scope(|scope| {
-        let lock = scope.spawn(|| repo.lock("backup"));
+    // the cache.
+    let lock = PendingLock::start(scope, repo);
+    let (dedup, prelude) = std::thread::scope(|scope| {
         // The condemned set of a shared store (a listing) is read meanwhile too: writers and
         // the two-phase prune that writes it never exclude each other, so the lock does not
         // order them (`format-spec/locks.md`, rule 2).
@@ -128,17 +141,18 @@ pub fn backup(
             let reading = plan_reading(repo, source, options, parent.as_ref())?;
             Ok((parent, reading))
         })();
-        let lock = lock
-            .join()
-            .unwrap_or_else(|_| Err(Error::Internal("the lock thread panicked".into())));
         let dedup = dedup.join().unwrap_or_else(|_| {
             Err(Error::Internal(
                 "the thread reading the condemned set panicked".into(),
             ))
         });
-        (lock, dedup, prelude)
+        (dedup, prelude)
     });
-    let lock = lock?;
+    // A local repository's index is the one its prune changes: nothing is deduplicated
+    // before the lock keeps prune out. On a shared store the first pack's store waits for it.
+    if !repo.is_remote() {
+        lock.wait()?;
+    }
     let (parent, reading) = prelude?;
     let dedup = dedup?;
     let started = Instant::now();
@@ -227,7 +241,9 @@ pub fn backup(
                 .map_err(|_| Error::Internal("pack buffers".into()))?;
         }
         let dedup_ref = &dedup;
-        let store = scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, uploads, spare_tx));
+        let lock = &lock;
+        let store =
+            scope.spawn(move || store_loop(repo, pack_rx, dedup_ref, lock, uploads, spare_tx));
         let writer = Writer {
             repo,
             dispatch: &dispatch,
@@ -283,6 +299,7 @@ pub fn backup(
     };
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot,
     // but only while the lock still keeps maintenance out (a lease can run out).
+    let lock = lock.into_guard()?;
     crate::crash::point("before-manifest");
     if let Some(used) = dedup.used_packs() {
         // A shared store: no pack this manifest needs may have been condemned meanwhile, nor
@@ -933,10 +950,12 @@ impl Writer<'_> {
 /// Stores finished packs as they come, several at once on a remote store (`uploads.rs`); returns
 /// how many packs and bytes it added to the repository. Each pack is stored, then indexed,
 /// by one uploader; packs finish in any order, and the manifest waits for all of them.
+/// Nothing is stored before `lock` is held.
 fn store_loop(
     repo: &Repo,
     packs: Receiver<PackWriter>,
     dedup: &Dedup,
+    lock: &PendingLock,
     uploads: uploads::Uploads,
     spare: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<(u64, u64)> {
@@ -963,6 +982,7 @@ fn store_loop(
             } else {
                 // A panic must give the buffer back too, or the writer waits for it for ever.
                 panic_as_error("a pack uploader", || {
+                    lock.wait()?;
                     store_pack(repo, dedup, pack, &mut give_back)
                 })
             };

@@ -151,6 +151,23 @@ fn configure(conn: &Connection, path: &Path) -> Result<()> {
     stable_plans(conn, path)
 }
 
+/// How far a commit of the writable index reaches before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk across power loss (`synchronous=FULL`): a local repository's index, which
+    /// nothing brings up to date on open, so a lost commit would leave a stored pack unindexed
+    /// under a manifest that needs it.
+    Durable,
+    /// Consistent but possibly rolled back to an earlier commit by a power cut
+    /// (`synchronous=NORMAL`: the write-ahead log is synced only at checkpoints): a remote
+    /// repository's per-host cache, which every open brings up to date from the store (a pack
+    /// it forgot is one whose delta it has not applied, a snapshot one it has not catalogued).
+    /// A remote backup commits once per pack and once for its snapshot; each commit's syncs
+    /// were a local wait between the store's round trips, the last of them right before the
+    /// manifest's put.
+    Cache,
+}
+
 /// Turns on the query planner stability guarantee: without it SQLite (built with STAT4)
 /// marks a lookup's `?1` as a value the plan may depend on and compiles the statement again
 /// after every new binding, which is every lookup: parsing made most of a lookup's cost (a
@@ -168,10 +185,27 @@ pub struct Index {
 }
 
 impl Index {
-    /// Opens (creating and migrating if needed) the index at `path`.
+    /// Opens (creating and migrating if needed) the index at `path`, its commits durable.
     pub fn open(path: &Path) -> Result<Index> {
+        Index::open_with(path, Durability::Durable)
+    }
+
+    /// [`Index::open`] with commits as durable as `durability` says.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Index> {
         let conn = Connection::open(path).map_err(sql_err(path))?;
         configure(&conn, path)?;
+        if durability == Durability::Cache {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(sql_err(path))?;
+            // Checkpoints are what still syncs: one every few packs (a pack's rows fill ~1000
+            // pages of log, the default threshold), and one when the process exits. A 32 MiB
+            // log keeps them out of an incremental's round trips; the next open goes on
+            // with the log its predecessor left.
+            conn.pragma_update(None, "wal_autocheckpoint", 8192)
+                .map_err(sql_err(path))?;
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+                .map_err(sql_err(path))?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql_err(path))?;
         // An 8 MiB page cache for the one writer: chunk ids are random, so inserts touch
