@@ -124,6 +124,7 @@ fn backup_in<'scope, 'env>(
     options: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    repo.require_writable("backup")?;
     // The writer lock (on a remote store a lease: a create, then a look at the maintenance
     // lock, each a round trip) is taken while the parent is chosen and its manifest read from
     // the cache.
@@ -151,7 +152,9 @@ fn backup_in<'scope, 'env>(
     // A local repository's index is the one its prune changes: nothing is deduplicated
     // before the lock keeps prune out. On a shared store the first pack's store waits for it.
     if !repo.is_remote() {
-        lock.wait()?;
+        if let Err(stands_for) = lock.wait() {
+            return Err(lock.into_guard().err().unwrap_or(stands_for));
+        }
     }
     let (parent, reading) = prelude?;
     let dedup = dedup?;
@@ -183,7 +186,7 @@ fn backup_in<'scope, 'env>(
     )?;
 
     progress.start("backup", virtual_size);
-    let (mut stats, early) = std::thread::scope(|scope| {
+    let data = std::thread::scope(|scope| {
         let (tx, rx) = channel::<(u64, Result<SegmentOutput>)>();
         for _ in 0..workers {
             let tx = tx.clone();
@@ -194,9 +197,16 @@ fn backup_in<'scope, 'env>(
                 chunker: &chunker,
                 dedup: &dedup,
             };
+            let lock = &lock;
             scope.spawn(move || {
                 while let Some(i) = dispatch.take() {
                     let len = segment_len(virtual_size, config.segment_size, i);
+                    // A lock that could not be taken ends the backup within a segment, not
+                    // at its first pack (an incremental may store its first late).
+                    if let Err(e) = lock.poll() {
+                        let _ = tx.send((i, Err(e)));
+                        break;
+                    }
                     // A panic here would leave segment `i` unsent: the writer would wait for
                     // it, and the other workers for the writer, for ever. It becomes the
                     // segment's error instead, which ends the backup like any other.
@@ -278,7 +288,10 @@ fn backup_in<'scope, 'env>(
         })?;
         stats.bytes_added = bytes_added;
         Ok::<_, Error>((stats, early))
-    })?;
+    });
+    // A lock that could not be taken is what stopped the data phase, if anything did.
+    let lock = lock.into_guard()?;
+    let (mut stats, early) = data?;
     progress.finish();
 
     stats.duration_ms = started.elapsed().as_millis() as u64;
@@ -299,7 +312,6 @@ fn backup_in<'scope, 'env>(
     };
     // Every pack this manifest needs is stored and indexed; the manifest makes it a snapshot,
     // but only while the lock still keeps maintenance out (a lease can run out).
-    let lock = lock.into_guard()?;
     crate::crash::point("before-manifest");
     if let Some(used) = dedup.used_packs() {
         // A shared store: no pack this manifest needs may have been condemned meanwhile, nor

@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::lock::LockGuard;
 use crate::repo::Repo;
 
-/// See the module doc.
+/// See the module doc. Threads of the backup learn only *that* taking the lock failed (a
+/// [`Error::Locked`] standing for it); the backup itself reports the error that made it fail,
+/// from [`PendingLock::into_guard`], before any error of the threads that stopped for it.
 pub(super) struct PendingLock<'scope> {
     state: Mutex<State<'scope>>,
 }
@@ -24,8 +26,8 @@ pub(super) struct PendingLock<'scope> {
 enum State<'scope> {
     Taking(ScopedJoinHandle<'scope, Result<LockGuard>>),
     Held(LockGuard),
-    /// Taking it failed; its error went to whoever waited first.
-    Failed,
+    /// Taking it failed with this error (gone once [`PendingLock::into_guard`] took it).
+    Failed(Option<Error>),
 }
 
 impl<'scope> PendingLock<'scope> {
@@ -36,30 +38,50 @@ impl<'scope> PendingLock<'scope> {
         }
     }
 
-    /// Waits until the lock is held. The first caller after a failure gets its error.
+    /// Waits until the lock is held.
     pub(super) fn wait(&self) -> Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let held = match std::mem::replace(&mut *state, State::Failed) {
-            State::Taking(thread) => thread
-                .join()
-                .unwrap_or_else(|_| Err(Error::Internal("the lock thread panicked".into())))?,
-            State::Held(guard) => guard,
-            State::Failed => {
-                return Err(Error::Internal(
-                    "the backup's lock could not be taken (reported above)".into(),
-                ))
-            }
-        };
-        *state = State::Held(held);
-        Ok(())
+        self.settle(true)
     }
 
-    /// The lock, once held (waiting for it if need be): released when dropped.
+    /// Fails once taking the lock has failed; does not wait while it is still being taken.
+    pub(super) fn poll(&self) -> Result<()> {
+        self.settle(false)
+    }
+
+    fn settle(&self, wait: bool) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::Taking(thread) = &*state {
+            if !wait && !thread.is_finished() {
+                return Ok(());
+            }
+            if let State::Taking(thread) = std::mem::replace(&mut *state, State::Failed(None)) {
+                *state = match thread.join() {
+                    Ok(Ok(guard)) => State::Held(guard),
+                    Ok(Err(e)) => State::Failed(Some(e)),
+                    Err(_) => {
+                        State::Failed(Some(Error::Internal("the lock thread panicked".into())))
+                    }
+                };
+            }
+        }
+        match &*state {
+            State::Failed(_) => Err(Error::Locked(
+                "the backup's writer lock could not be taken".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The lock, once held (waiting for it if need be), released when dropped; or the error
+    /// that kept it from being taken.
     pub(super) fn into_guard(self) -> Result<LockGuard> {
-        self.wait()?;
+        let waited = self.wait();
         match self.state.into_inner().unwrap_or_else(|p| p.into_inner()) {
             State::Held(guard) => Ok(guard),
-            _ => Err(Error::Internal("the backup's lock is not held".into())),
+            State::Failed(Some(e)) => Err(e),
+            _ => Err(waited
+                .err()
+                .unwrap_or_else(|| Error::Internal("the backup's writer lock is not held".into()))),
         }
     }
 }
