@@ -43,6 +43,7 @@ mod readonly;
 mod remote_economy;
 mod remote_errors;
 mod remote_faults;
+mod remote_key_hint;
 mod remote_leftovers;
 mod remote_maintain;
 mod remote_pipeline;

@@ -53,7 +53,7 @@ pub use location::{
 
 use zeroize::Zeroizing;
 
-use crate::crypto::unlock::Unlocked;
+use crate::crypto::unlock::{KeyHint, Unlocked};
 use crate::crypto::Protection;
 
 /// File name of the index inside the repository directory.
@@ -394,7 +394,8 @@ impl Repo {
         // derivation runs while the listings are still under way.
         let (listed, opened) =
             listed::list_at_once(backend.as_ref(), &listed::CATCH_UP_PREFIXES, || {
-                read_config_and_unlock(location, backend.as_ref(), unlocked)
+                let hint_file = key_hint_file(cache_home, location);
+                read_config_and_unlock(location, backend.as_ref(), unlocked, &hint_file)
             });
         let (config, unlocked) = opened?;
         let protection = unlocked.protection.clone();
@@ -772,6 +773,7 @@ fn unlock(
         return Ok(Unlocked {
             protection: Protection::Plain,
             key_id: None,
+            hint: None,
         });
     }
     match unlocked {
@@ -832,6 +834,7 @@ fn first_key(
             &secrets,
         ))),
         key_id: Some(key.id_hex()),
+        hint: None,
     };
     Ok((config, Some(unlocked)))
 }
@@ -894,16 +897,25 @@ fn open_index_in(
 
 /// Reads the config of the remote repository `location` and unlocks it: the key objects are
 /// read on their own thread meanwhile (unless `init` just made the keys, `unlocked`), so the
-/// key object's GET follows its listing at once and the key derivation starts as soon as both
-/// the config and the key objects are in. A repository made for a local directory is refused
-/// before any password is asked for.
+/// key object's GET follows its listing at once. The key derivation starts at once too when
+/// this host remembers which key opened the repository last ([`KeyHint`], in `hint_file`),
+/// else as soon as both the config and the key objects are in. A repository made for a local
+/// directory is refused before any password is asked for, unless a hint says it was
+/// encrypted.
 fn read_config_and_unlock(
     location: &str,
     backend: &dyn Backend,
     unlocked: Option<Unlocked>,
+    hint_file: &Path,
 ) -> Result<(RepoConfig, Unlocked)> {
-    use crate::crypto::unlock::{fetch_keys, unlock_fetched};
-    std::thread::scope(|scope| {
+    use crate::crypto::unlock::{derive_early, fetch_keys, unlock_fetched};
+    let hint = match unlocked {
+        Some(_) => None,
+        None => fs::read(hint_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<KeyHint>(&b).ok()),
+    };
+    let (config, unlocked) = std::thread::scope(|scope| {
         let keys = match unlocked {
             Some(_) => None,
             None => std::thread::Builder::new()
@@ -911,6 +923,12 @@ fn read_config_and_unlock(
                 .spawn_scoped(scope, || fetch_keys(backend, location))
                 .ok(),
         };
+        let early = hint.clone().and_then(|hint| {
+            std::thread::Builder::new()
+                .name("derive".into())
+                .spawn_scoped(scope, || derive_early(hint, location))
+                .ok()
+        });
         let config = read_config_object(location, backend);
         // No thread to spare, or it panicked: read the keys on this one.
         let fetched = keys.map(|t| t.join().unwrap_or_else(|_| fetch_keys(backend, location)));
@@ -924,16 +942,52 @@ fn read_config_and_unlock(
                 deltas.name
             )));
         }
+        // A derivation that could not start (no password) fails as the unlock would have.
+        let early = early.map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(Error::Internal("the key derivation panicked".into())))
+        });
         let unlocked = match (config.is_encrypted(), unlocked) {
             (true, None) => unlock_fetched(
                 fetched.unwrap_or_else(|| fetch_keys(backend, location)),
+                early.transpose()?,
                 location,
                 &config.repository_id,
             )?,
             (_, unlocked) => unlock(&config, backend, location, unlocked)?,
         };
-        Ok((config, unlocked))
-    })
+        Ok::<_, Error>((config, unlocked))
+    })?;
+    if let Some(opened) = unlocked.hint.as_ref().filter(|h| hint.as_ref() != Some(*h)) {
+        // Best effort: a host that cannot remember derives after the reads, as without it.
+        let _ = remember_key_hint(hint_file, opened);
+    }
+    Ok((config, unlocked))
+}
+
+/// Where this host remembers the [`KeyHint`] of the remote repository `location`: beside the
+/// endpoints it remembers (`locations/`, see `repo/location.rs`), named by the location.
+fn key_hint_file(cache_home: &Path, location: &str) -> PathBuf {
+    cache_home
+        .join("stackvault")
+        .join("locations")
+        .join(format!(
+            "{}.key.json",
+            &blake3::hash(location.as_bytes()).to_hex()[..32]
+        ))
+}
+
+/// Writes `hint` to `file` whole (a temporary name, then a rename).
+fn remember_key_hint(file: &Path, hint: &KeyHint) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(
+        &tmp,
+        serde_json::to_vec(hint).map_err(std::io::Error::other)?,
+    )?;
+    fs::rename(&tmp, file)
 }
 
 /// Reads and checks the config object of the repository named `location` on `backend`.

@@ -319,6 +319,16 @@ impl KeyObject {
             Error::InvalidArgument(why) => Error::corrupt(location, 16, why),
             other => other,
         })?;
+        self.unwrap_with(&wrapping, location)
+    }
+
+    /// [`KeyObject::unwrap`] with the wrapping key already derived from the password under
+    /// this key's parameters and salt.
+    pub fn unwrap_with(
+        &self,
+        wrapping: &Zeroizing<[u8; KEY_LEN]>,
+        location: &str,
+    ) -> Result<Option<RepoSecrets>> {
         let aad = self.encode_head();
         let opened = XChaCha20Poly1305::new(wrapping.as_ref().into()).decrypt(
             XNonce::from_slice(&self.nonce),

@@ -15,8 +15,10 @@ use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroizing;
 
-use super::keyfile::{KdfParams, KeyObject, KEYS_PREFIX, REPOSITORY_ID_LEN, REPOSITORY_ID_OFFSET};
-use super::{Protection, RepoKeys, RepoSecrets};
+use super::keyfile::{
+    KdfParams, KeyObject, KEYS_PREFIX, REPOSITORY_ID_LEN, REPOSITORY_ID_OFFSET, SALT_LEN,
+};
+use super::{Protection, RepoKeys, RepoSecrets, KEY_LEN};
 use crate::error::{Error, Result};
 use crate::store::Backend;
 
@@ -66,6 +68,75 @@ pub struct Unlocked {
     pub protection: Protection,
     /// Id (hex) of the key object the password opened; `None` for a plain repository.
     pub key_id: Option<String>,
+    /// The public inputs of that key's derivation, for the next open ([`KeyHint`]).
+    pub hint: Option<KeyHint>,
+}
+
+/// What a host remembers of the key object that last opened a remote repository: its id and
+/// the public inputs of its key derivation (Argon2id parameters and salt, which the key object
+/// stores in the clear). With them the next open derives the wrapping key while it reads the
+/// config and the key objects, instead of after them: the derivation (about 0.1 s) then hides
+/// those round trips. Holds no secret. It is used only for the key object it names, and only
+/// when that object's parameters and salt are the ones it holds: a stale or edited hint costs a
+/// derivation, never a wrong key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyHint {
+    /// The key object's id (hex).
+    pub key: String,
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
+    /// The key object's salt (hex).
+    pub salt: String,
+}
+
+impl KeyHint {
+    fn of(key: &KeyObject) -> KeyHint {
+        KeyHint {
+            key: key.id_hex(),
+            m_kib: key.kdf.m_kib,
+            t: key.kdf.t,
+            p: key.kdf.p,
+            salt: crate::format::hex(&key.salt),
+        }
+    }
+
+    fn kdf(&self) -> KdfParams {
+        KdfParams {
+            m_kib: self.m_kib,
+            t: self.t,
+            p: self.p,
+        }
+    }
+
+    /// Whether `key` derives its wrapping key from exactly these inputs.
+    fn matches(&self, key: &KeyObject) -> bool {
+        key.id_hex() == self.key
+            && key.kdf == self.kdf()
+            && crate::format::hex(&key.salt) == self.salt
+    }
+}
+
+/// A wrapping key derived from a [`KeyHint`] before the key objects were read, with the
+/// password it was derived from (asked for once, used for every key object).
+pub struct EarlyDerivation {
+    hint: KeyHint,
+    password: Zeroizing<String>,
+    wrapping: Option<Zeroizing<[u8; KEY_LEN]>>,
+}
+
+/// Asks for the password of repository `location` and derives the wrapping key `hint`
+/// describes (see [`KeyHint`]); a hint that cannot be used (a bad salt, parameters past this
+/// build's limits) derives nothing, and the key objects are tried as without one.
+pub fn derive_early(hint: KeyHint, location: &str) -> Result<EarlyDerivation> {
+    let password = password(PasswordUse::Unlock, location)?;
+    let salt = crate::format::unhex(&hint.salt).and_then(|s| <[u8; SALT_LEN]>::try_from(s).ok());
+    let wrapping = salt.and_then(|salt| hint.kdf().derive(password.as_bytes(), &salt).ok());
+    Ok(EarlyDerivation {
+        hint,
+        password,
+        wrapping,
+    })
 }
 
 /// Every key object of the repository on `backend`, decoded, oldest first.
@@ -98,13 +169,22 @@ fn read_keys(backend: &dyn Backend, location: &str) -> Result<(Vec<KeyObject>, V
 fn try_keys(
     keys: &[KeyObject],
     password: &[u8],
+    early: Option<&EarlyDerivation>,
     location: &str,
     repository: &[u8; REPOSITORY_ID_LEN],
     damaged: &mut Vec<Error>,
-) -> Result<Option<(RepoSecrets, String)>> {
+) -> Result<Option<(RepoSecrets, KeyHint)>> {
     for key in keys {
         let name = format!("{location}/{}", key.object_key());
-        match key.unwrap(password, &name) {
+        let derived = early.and_then(|e| match &e.wrapping {
+            Some(w) if e.hint.matches(key) => Some(w),
+            _ => None,
+        });
+        let opened = match derived {
+            Some(wrapping) => key.unwrap_with(wrapping, &name),
+            None => key.unwrap(password, &name),
+        };
+        match opened {
             Ok(Some(_)) if key.repository.is_some_and(|r| r != *repository) => {
                 damaged.push(Error::corrupt(
                     &name,
@@ -120,7 +200,7 @@ fn try_keys(
                     ),
                 ));
             }
-            Ok(Some(secrets)) => return Ok(Some((secrets, key.id_hex()))),
+            Ok(Some(secrets)) => return Ok(Some((secrets, KeyHint::of(key)))),
             Ok(None) => {}
             Err(e) if e.is_corruption() => damaged.push(e),
             Err(e) => return Err(e),
@@ -139,7 +219,7 @@ pub fn unlock(
     location: &str,
     repository: &[u8; REPOSITORY_ID_LEN],
 ) -> Result<Unlocked> {
-    unlock_fetched(fetch_keys(backend, location), location, repository)
+    unlock_fetched(fetch_keys(backend, location), None, location, repository)
 }
 
 /// The key objects of the repository on `backend`, read (listed, then each one fetched) before
@@ -154,10 +234,12 @@ pub fn fetch_keys(backend: &dyn Backend, location: &str) -> FetchedKeys {
     FetchedKeys(read_keys(backend, location))
 }
 
-/// [`unlock`] with the key objects already read by [`fetch_keys`]: a failed read is reported
-/// here, as [`unlock`] would have reported it.
+/// [`unlock`] with the key objects already read by [`fetch_keys`] (a failed read is reported
+/// here, as [`unlock`] would have reported it), and with the password and a wrapping key
+/// derived meanwhile when `early` is given.
 pub fn unlock_fetched(
     fetched: FetchedKeys,
+    early: Option<EarlyDerivation>,
     location: &str,
     repository: &[u8; REPOSITORY_ID_LEN],
 ) -> Result<Unlocked> {
@@ -170,16 +252,20 @@ pub fn unlock_fetched(
              opened (restore keys/ from a copy of the repository)",
         ));
     }
-    let password = password(PasswordUse::Unlock, location)?;
+    let password = match &early {
+        Some(e) => e.password.clone(),
+        None => password(PasswordUse::Unlock, location)?,
+    };
     let opened = try_keys(
         &keys,
         password.as_bytes(),
+        early.as_ref(),
         location,
         repository,
         &mut damaged,
     )?;
     match opened {
-        Some((secrets, key_id)) => {
+        Some((secrets, hint)) => {
             for e in &damaged {
                 crate::progress::notice(&format!(
                     "{e}; another key opened the repository: add a replacement for the \
@@ -188,7 +274,8 @@ pub fn unlock_fetched(
             }
             Ok(Unlocked {
                 protection: Protection::Encrypted(Box::new(RepoKeys::from_secrets(&secrets))),
-                key_id: Some(key_id),
+                key_id: Some(hint.key.clone()),
+                hint: Some(hint),
             })
         }
         None if !damaged.is_empty() => Err(damaged.swap_remove(0)),
@@ -241,11 +328,12 @@ pub fn secrets(
     match try_keys(
         &keys,
         password.as_bytes(),
+        None,
         location,
         repository,
         &mut damaged,
     )? {
-        Some(found) => Ok(found),
+        Some((secrets, hint)) => Ok((secrets, hint.key)),
         None if !damaged.is_empty() => Err(damaged.swap_remove(0)),
         None => Err(Error::WrongPassword {
             repository: location.to_string(),
