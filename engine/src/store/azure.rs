@@ -24,14 +24,17 @@
 //!   never from the location, and appear in no error or listing.
 //! - 404 is "not found" only for a missing blob; a missing container is an error that says so.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
-use super::{Backend, ObjectInfo, Version};
+use super::spool::{Spool, Spooled, SpooledFile};
+use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::client::{Auth, Client, Method, Request, RequestCounter, RequestKind, Response};
 use crate::azure::error::service_error;
 use crate::azure::sign::SharedKey;
@@ -48,8 +51,16 @@ pub const PUT_BLOB_MAX: usize = 64 << 20;
 /// Size of one staged block of a large object (the last may be shorter): at most 100 MiB from
 /// service version 2016-05-31 on.
 pub const BLOCK_SIZE: usize = 16 << 20;
+/// Size of one staged block of a streamed object (a large manifest), read from its spool when
+/// its upload starts and dropped once it is stored: the blocks in flight are all its commit
+/// holds, [`DEFAULT_PARALLEL_BLOCKS`] × 8 MiB = 32 MiB whatever the object's size. Smaller than
+/// [`BLOCK_SIZE`], whose objects are in memory already and where fewer requests are all a larger
+/// block buys; 8 MiB keeps issue 14's one PUT per 8 MiB.
+pub const SPOOLED_BLOCK_SIZE: usize = 8 << 20;
 /// Blocks of one object uploaded at once.
 pub const DEFAULT_PARALLEL_BLOCKS: usize = 4;
+/// Most blocks one blob may commit (the service's limit).
+const MAX_BLOCKS: u64 = 50_000;
 /// Names per List Blobs page (the service's maximum).
 const LIST_PAGE: &str = "5000";
 
@@ -122,6 +133,10 @@ pub struct AzureStoreOptions {
     /// Largest object sent as one Put Blob ([`PUT_BLOB_MAX`]); never more than the service
     /// version in use allows ([`put_blob_limit`]).
     pub put_blob_max: usize,
+    /// Block size of a streamed object committed from its spool ([`SPOOLED_BLOCK_SIZE`]; at
+    /// least 1). With `parallel_blocks` it bounds that commit's memory, and their product is
+    /// the largest such object sent as one Put Blob.
+    pub spooled_block_size: usize,
 }
 
 impl AzureStoreOptions {
@@ -135,6 +150,7 @@ impl AzureStoreOptions {
             retry: RetryPolicy::default(),
             parallel_blocks: DEFAULT_PARALLEL_BLOCKS,
             put_blob_max: PUT_BLOB_MAX,
+            spooled_block_size: SPOOLED_BLOCK_SIZE,
         }
     }
 }
@@ -161,6 +177,9 @@ pub struct AzureBlobBackend {
     shown: String,
     parallel_blocks: usize,
     put_blob_max: usize,
+    spooled_block_size: usize,
+    /// Bytes read back from spools that commits hold now, and at most.
+    held: Held,
 }
 
 impl std::fmt::Debug for AzureBlobBackend {
@@ -219,6 +238,8 @@ impl AzureBlobBackend {
             prefix,
             parallel_blocks: options.parallel_blocks.max(1),
             put_blob_max: options.put_blob_max,
+            spooled_block_size: options.spooled_block_size.max(1),
+            held: Held::default(),
         })
     }
 
@@ -230,6 +251,13 @@ impl AzureBlobBackend {
     /// Requests sent so far, by kind (for `--json` reports and benches).
     pub fn requests(&self) -> &RequestCounter {
         &self.client.counter
+    }
+
+    /// The most bytes read back from a spool that streamed commits held in memory at once
+    /// (for tests of their bound).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn peak_spool_bytes_held(&self) -> usize {
+        self.held.peak.load(Ordering::Relaxed)
     }
 
     /// Requests sent so far as a name → count map.
@@ -297,17 +325,53 @@ impl AzureBlobBackend {
 
     /// After a refused create: did an earlier attempt of ours land (same bytes stored), or
     /// did another writer win?
-    fn resolve_conflict(&self, key: &str, data: &[u8], retried: bool) -> Result<()> {
-        if retried {
-            match self.get(key) {
-                Ok(stored) if stored == data => return Ok(()),
-                Ok(_) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
+    fn resolve_conflict(&self, key: &str, data: Source<'_>, retried: bool) -> Result<()> {
+        if retried && self.holds(key, data)? {
+            return Ok(());
         }
         Err(Error::AlreadyExists {
             object: key.to_string(),
         })
+    }
+
+    /// Whether `key` holds exactly `data`: read whole beside bytes in memory, else compared a
+    /// block at a time with the spool.
+    fn holds(&self, key: &str, data: Source<'_>) -> Result<bool> {
+        let file = match data {
+            Source::Memory(data) => {
+                return match self.get(key) {
+                    Ok(stored) => Ok(stored == data),
+                    Err(Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Source::Spooled(file) => file,
+        };
+        match self.size(key) {
+            Ok(size) if size == file.len() => {}
+            Ok(_) | Err(Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut stored = self.open_range(key, 0, file.len())?;
+        let mut theirs = Vec::new();
+        for (offset, len) in pieces(file.len(), self.spooled_block_size) {
+            let ours = self.held.hold(data.piece(offset, len)?);
+            theirs.resize(len, 0);
+            stored.read_exact(&mut theirs).map_err(|e| {
+                super::range_read::range_error(e, &format!("{}/{key}", self.shown), offset)
+            })?;
+            if *ours != *theirs {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The largest object sent as one Put Blob. The version can step down while running
+    /// (Stack Hub): this asks for the one in use.
+    fn single_put_max(&self) -> usize {
+        self.put_blob_max
+            .min(put_blob_limit(&self.client.api_version()))
     }
 
     fn put_blob(&self, key: &str, data: &[u8]) -> Result<()> {
@@ -315,7 +379,7 @@ impl AzureBlobBackend {
         match r.status {
             201 => Ok(()),
             404 => Err(self.missing(&r, key)),
-            _ => self.resolve_conflict(key, data, r.attempts > 1),
+            _ => self.resolve_conflict(key, Source::Memory(data), r.attempts > 1),
         }
     }
 
@@ -336,25 +400,48 @@ impl AzureBlobBackend {
         )
     }
 
-    /// Stages `data` as blocks (several at once) and commits them with one Put Block List.
-    fn put_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
-        let ids = self.stage_blocks(key, data)?;
+    /// Stages `data` as blocks of `block_size` bytes (several at once) and commits them with
+    /// one Put Block List.
+    fn put_blocks(&self, key: &str, data: Source<'_>, block_size: usize) -> Result<()> {
+        let ids = self.stage_blocks(key, data, block_size)?;
         self.commit_blocks(key, data, &ids)
     }
 
-    /// Put Block of every [`BLOCK_SIZE`] piece of `data`, [`AzureStoreOptions::parallel_blocks`]
-    /// at once; returns the block ids in order. Until they are committed the blocks are an
-    /// uncommitted blob: invisible to reads and plain listings (see `uploads.rs`).
-    fn stage_blocks(&self, key: &str, data: &[u8]) -> Result<Vec<String>> {
+    /// Put Block of every `block_size` piece of `data`,
+    /// [`AzureStoreOptions::parallel_blocks`] at once, each piece read when its upload starts
+    /// and dropped once it is stored (a retry resends it); returns the block ids in order.
+    /// Until they are committed the blocks are an uncommitted blob: invisible to reads and
+    /// plain listings (see `uploads.rs`).
+    fn stage_blocks(&self, key: &str, data: Source<'_>, block_size: usize) -> Result<Vec<String>> {
+        let blocks: Vec<(u64, usize)> = pieces(data.len(), block_size).collect();
+        if blocks.len() as u64 > MAX_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "object {key} needs more than {MAX_BLOCKS} blocks of {block_size} bytes"
+            )));
+        }
         // Block ids are random per upload, so two writers of one key never share a block.
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::Internal(format!("no random numbers for block ids: {e}")))?;
         let nonce = u64::from_le_bytes(nonce);
-        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let ids: Vec<String> = (0..blocks.len())
             .map(|i| B64.encode(format!("{nonce:016x}-{i:08}")))
             .collect();
+        let stage = |(offset, len): (u64, usize), id: &str| -> Result<()> {
+            let block = self.held.hold(data.piece(offset, len)?);
+            let query = [q("comp", "block"), q("blockid", id)];
+            let headers = [h("Content-Type", "application/octet-stream")];
+            let request = Request::new(RequestKind::PutBlock, Method::Put, "")
+                .query(&query)
+                .headers(&headers)
+                .body(&block)
+                .ok(&[201, 404]);
+            let r = self.send(key, request)?;
+            match r.status {
+                201 => Ok(()),
+                _ => Err(self.missing(&r, key)),
+            }
+        };
         let next = AtomicUsize::new(0);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let workers = self.parallel_blocks.min(blocks.len()).max(1);
@@ -362,24 +449,13 @@ impl AzureBlobBackend {
             for _ in 0..workers {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let (Some(block), Some(id)) = (blocks.get(i), ids.get(i)) else {
+                    let (Some(&block), Some(id)) = (blocks.get(i), ids.get(i)) else {
                         break;
                     };
                     if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
                         break;
                     }
-                    let query = [q("comp", "block"), q("blockid", id)];
-                    let headers = [h("Content-Type", "application/octet-stream")];
-                    let request = Request::new(RequestKind::PutBlock, Method::Put, "")
-                        .query(&query)
-                        .headers(&headers)
-                        .body(block)
-                        .ok(&[201, 404]);
-                    let result = self.send(key, request).and_then(|r| match r.status {
-                        201 => Ok(()),
-                        _ => Err(self.missing(&r, key)),
-                    });
-                    if let Err(e) = result {
+                    if let Err(e) = stage(block, id) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(e);
                         }
@@ -398,7 +474,7 @@ impl AzureBlobBackend {
     }
 
     /// Put Block List of the staged blocks `ids` (of `data`), create-only.
-    fn commit_blocks(&self, key: &str, data: &[u8], ids: &[String]) -> Result<()> {
+    fn commit_blocks(&self, key: &str, data: Source<'_>, ids: &[String]) -> Result<()> {
         let mut list = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
         for id in ids {
             list.push_str("<Latest>");
@@ -542,7 +618,6 @@ impl super::range_read::RangeSource for AzureBlobBackend {
         })?;
         let headers = [h("x-ms-range", &format!("bytes={pos}-{last}"))];
         let path = self.path_of(key);
-        use std::io::Read as _;
         let mut r = self.client.request_streamed(
             &Request::new(RequestKind::GetBlob, Method::Get, &path)
                 .headers(&headers)
@@ -615,23 +690,16 @@ impl super::range_read::RangeSource for AzureBlobBackend {
 
 impl Backend for AzureBlobBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        // The version can step down while running (Stack Hub): ask for the one in use.
-        let single = self
-            .put_blob_max
-            .min(put_blob_limit(&self.client.api_version()));
-        if data.len() <= single {
+        if data.len() <= self.single_put_max() {
             self.put_blob(key, data)
         } else {
-            self.put_blocks(key, data)
+            self.put_blocks(key, Source::Memory(data), BLOCK_SIZE)
         }
     }
 
     fn put_versioned(&self, key: &str, data: &[u8]) -> Result<Version> {
-        let single = self
-            .put_blob_max
-            .min(put_blob_limit(&self.client.api_version()));
-        if data.len() > single {
-            self.put_blocks(key, data)?;
+        if data.len() > self.single_put_max() {
+            self.put_blocks(key, Source::Memory(data), BLOCK_SIZE)?;
             return self.version(key);
         }
         // Put Blob answers with the new blob's ETag: no Get Blob Properties needed.
@@ -640,7 +708,7 @@ impl Backend for AzureBlobBackend {
             201 => etag(&r, key),
             404 => Err(self.missing(&r, key)),
             _ => {
-                self.resolve_conflict(key, data, r.attempts > 1)?;
+                self.resolve_conflict(key, Source::Memory(data), r.attempts > 1)?;
                 self.version(key)
             }
         }
@@ -784,6 +852,156 @@ impl Backend for AzureBlobBackend {
 
     fn discard_upload(&self, upload: &super::UnfinishedUpload) -> Result<()> {
         self.discard_uncommitted(upload)
+    }
+
+    fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
+        Ok(Box::new(AzureWriter {
+            backend: self,
+            dir: dir.to_string(),
+            spool: Spool::default(),
+        }))
+    }
+}
+
+/// A streamed object (a manifest): its name is known only at commit, so its bytes are
+/// spooled ([`Spool`]) until then. A small one is one Put Blob, as a `put`; a larger one is
+/// staged from the spool's file a block at a time, so the commit holds the blocks in flight,
+/// never the object.
+struct AzureWriter<'a> {
+    backend: &'a AzureBlobBackend,
+    dir: String,
+    spool: Spool,
+}
+
+impl std::io::Write for AzureWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.spool.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for AzureWriter<'_> {
+    fn commit(self: Box<Self>, key: &str) -> Result<()> {
+        check_key_in(&self.dir, key)?;
+        let b = self.backend;
+        // Up to what the blocks in flight would hold, one request costs no more memory.
+        let in_flight = b.parallel_blocks.saturating_mul(b.spooled_block_size);
+        let single = b.single_put_max().min(in_flight);
+        match self.spool.finish().map_err(spool_error)? {
+            Spooled::File(file) if file.len() > single as u64 => {
+                b.put_blocks(key, Source::Spooled(&file), b.spooled_block_size)
+            }
+            small @ Spooled::File(_) => {
+                let data = b
+                    .held
+                    .hold(Cow::Owned(small.into_bytes().map_err(spool_error)?));
+                b.put(key, &data)
+            }
+            // Small, or no temporary file could be made: in memory already.
+            Spooled::Memory(data) => b.put(key, &data),
+        }
+    }
+}
+
+/// The bytes of an object stored as blocks: in memory (a `put`), or a spooled object (a
+/// streamed commit), read a piece at a time.
+#[derive(Clone, Copy)]
+enum Source<'d> {
+    Memory(&'d [u8]),
+    Spooled(&'d SpooledFile),
+}
+
+impl<'d> Source<'d> {
+    fn len(self) -> u64 {
+        match self {
+            Source::Memory(data) => data.len() as u64,
+            Source::Spooled(file) => file.len(),
+        }
+    }
+
+    /// The `len` bytes at `offset`: borrowed from memory, or read from the spool's file.
+    fn piece(self, offset: u64, len: usize) -> Result<Cow<'d, [u8]>> {
+        match self {
+            Source::Memory(data) => usize::try_from(offset)
+                .ok()
+                .and_then(|at| data.get(at..at.checked_add(len)?))
+                .map(Cow::Borrowed)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{len} bytes at {offset} of an object of {} bytes",
+                        data.len()
+                    ))
+                }),
+            Source::Spooled(file) => file
+                .read_at(offset, len)
+                .map(Cow::Owned)
+                .map_err(spool_error),
+        }
+    }
+}
+
+fn spool_error(e: std::io::Error) -> Error {
+    Error::io("read spooled object", std::env::temp_dir(), e)
+}
+
+/// The `(offset, length)` of each piece of `piece` bytes (the last may be shorter) of an
+/// object of `len` bytes; none for an empty one.
+fn pieces(len: u64, piece: usize) -> impl Iterator<Item = (u64, usize)> {
+    let piece = piece.max(1);
+    (0..len).step_by(piece).map(move |offset| {
+        (
+            offset,
+            usize::try_from(len - offset).map_or(piece, |left| left.min(piece)),
+        )
+    })
+}
+
+/// Bytes read back from spools that commits hold in memory now, and the most they held at
+/// once (what the memory bound's test reads: `peak_spool_bytes_held`).
+#[derive(Debug, Default)]
+struct Held {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Held {
+    /// `piece` counted while it lives, if it was read from a spool (owned).
+    fn hold<'d>(&self, piece: Cow<'d, [u8]>) -> HeldPiece<'d, '_> {
+        let bytes = match &piece {
+            Cow::Owned(bytes) => bytes.len(),
+            Cow::Borrowed(_) => 0,
+        };
+        let now = self
+            .now
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        HeldPiece { piece, held: self }
+    }
+}
+
+/// A piece of an object, counted in [`Held`] until it is dropped.
+struct HeldPiece<'d, 'h> {
+    piece: Cow<'d, [u8]>,
+    held: &'h Held,
+}
+
+impl std::ops::Deref for HeldPiece<'_, '_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.piece
+    }
+}
+
+impl Drop for HeldPiece<'_, '_> {
+    fn drop(&mut self) {
+        if let Cow::Owned(bytes) = &self.piece {
+            self.held.now.fetch_sub(bytes.len(), Ordering::Relaxed);
+        }
     }
 }
 

@@ -227,7 +227,7 @@ pub trait Backend: Send + Sync {
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be
     /// stored under a key in `dir` (`snapshots/`) that is known only when it is complete.
-    /// This default spools the bytes ([`spool`]) and `put`s them at the commit.
+    /// This default spools the bytes ([`spool`]) and `put`s them at the commit, whole.
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
         Ok(Box::new(GatheredObject {
             backend: self,
@@ -248,7 +248,9 @@ pub trait ObjectWriter: std::io::Write + Send {
 }
 
 /// [`Backend::writer`]'s default: the bytes spooled until `commit`, then read back whole for
-/// one `put` (the backup's packs are gone by then).
+/// one `put`. Only stores that hold objects in memory anyway use it (the test stores); a local
+/// directory writes its temporary file directly, and the remote stores commit from the spool a
+/// piece at a time (S3 parts, Azure blocks).
 struct GatheredObject<'a, B: Backend + ?Sized> {
     backend: &'a B,
     dir: String,
@@ -270,7 +272,8 @@ impl<B: Backend + ?Sized> ObjectWriter for GatheredObject<'_, B> {
         check_key_in(&self.dir, key)?;
         let data = self
             .data
-            .into_bytes()
+            .finish()
+            .and_then(spool::Spooled::into_bytes)
             .map_err(|e| crate::error::Error::io("read spooled object", std::env::temp_dir(), e))?;
         self.backend.put(key, &data)
     }

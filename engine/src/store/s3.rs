@@ -36,7 +36,7 @@ mod payload;
 mod uploads;
 
 use super::range_read::content_range;
-use super::spool::Spool;
+use super::spool::{Spool, Spooled};
 use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
@@ -1198,7 +1198,8 @@ impl Backend for S3Backend {
 
 /// A streamed object: its key is known only at commit, and S3 names a multipart upload when it
 /// starts, so its bytes are spooled ([`Spool`]) and uploaded at commit: in one PUT up to the
-/// multipart threshold, else in parts read from the spool (memory stays at one part).
+/// multipart threshold, else in parts read from the spool's file one at a time (memory stays
+/// at one part).
 struct S3Writer<'a> {
     backend: &'a S3Backend,
     dir: String,
@@ -1219,17 +1220,20 @@ impl ObjectWriter for S3Writer<'_> {
     fn commit(self: Box<Self>, key: &str) -> Result<()> {
         check_key_in(&self.dir, key)?;
         let io = |e| Error::io("read spooled object", std::env::temp_dir(), e);
-        if self.spool.len() <= self.backend.options.multipart_threshold as u64 {
-            return self.backend.put(key, &self.spool.into_bytes().map_err(io)?);
-        }
-        let mut reader = self.spool.into_reader().map_err(io)?;
-        let part_size = self.backend.options.part_size as u64;
+        let file = match self.spool.finish().map_err(io)? {
+            Spooled::File(file) if file.len() > self.backend.options.multipart_threshold as u64 => {
+                file
+            }
+            small => return self.backend.put(key, &small.into_bytes().map_err(io)?),
+        };
+        let part_size = self.backend.options.part_size;
+        let mut at = 0u64;
         self.backend.multipart_put(key, &mut |buf| {
-            (&mut reader)
-                .take(part_size)
-                .read_to_end(buf)
-                .map(|_| ())
-                .map_err(io)
+            let left = file.len().saturating_sub(at);
+            let len = usize::try_from(left).map_or(part_size, |left| left.min(part_size));
+            *buf = file.read_at(at, len).map_err(io)?;
+            at += len as u64;
+            Ok(())
         })
     }
 }
