@@ -6,7 +6,11 @@
 //! manifest) are one Put Blob: one request per object, as on S3. Larger ones are staged as
 //! blocks of [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List;
 //! a writer killed between the two leaves uncommitted blocks, which `uploads.rs` lists and
-//! discards as unfinished uploads. The exact requests and headers are specified in
+//! discards as unfinished uploads. A streamed object (a manifest, [`Backend::writer`]) is
+//! spooled until its name is known; at its commit one up to [`DEFAULT_PARALLEL_BLOCKS`] ×
+//! [`SPOOLED_BLOCK_SIZE`] (32 MiB) is one Put Blob, a larger one is staged in blocks read from
+//! the spool's file as their uploads start, so the commit holds the blocks in flight, never the
+//! object, whatever the disk's size. The exact requests and headers are specified in
 //! `format-spec/remote.md`, section "Azure Blob".
 //!
 //! Invariants:
@@ -413,12 +417,12 @@ impl AzureBlobBackend {
     /// Until they are committed the blocks are an uncommitted blob: invisible to reads and
     /// plain listings (see `uploads.rs`).
     fn stage_blocks(&self, key: &str, data: Source<'_>, block_size: usize) -> Result<Vec<String>> {
-        let blocks: Vec<(u64, usize)> = pieces(data.len(), block_size).collect();
-        if blocks.len() as u64 > MAX_BLOCKS {
+        if data.len().div_ceil(block_size.max(1) as u64) > MAX_BLOCKS {
             return Err(Error::InvalidArgument(format!(
                 "object {key} needs more than {MAX_BLOCKS} blocks of {block_size} bytes"
             )));
         }
+        let blocks: Vec<(u64, usize)> = pieces(data.len(), block_size).collect();
         // Block ids are random per upload, so two writers of one key never share a block.
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce)
@@ -1101,6 +1105,21 @@ mod tests {
         assert!(parse_listing(nameless, "x").is_err());
         assert!(parse_listing(b"<nope", "x").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn pieces_cover_an_object_in_order_the_last_one_short() {
+        let all = |len, piece| pieces(len, piece).collect::<Vec<_>>();
+        assert_eq!(all(10, 4), [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(all(8, 4), [(0, 4), (4, 4)]);
+        assert_eq!(all(3, 4), [(0, 3)]);
+        assert_eq!(all(0, 4), []);
+        assert_eq!(all(2, 0), [(0, 1), (1, 1)]);
+        // No overflow at the end of the offsets.
+        let quarter = 1u64 << 62;
+        let last = (3 * quarter, (quarter - 1) as usize);
+        assert_eq!(pieces(u64::MAX, quarter as usize).nth(3), Some(last));
+        assert_eq!(pieces(u64::MAX, quarter as usize).count(), 4);
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //! its bytes) is known only once it is complete, so a remote manifest is kept until then. It
 //! grows with the disk (about 1.4 MiB per GiB of data) and is written while the backup's packs
 //! are in memory: kept whole in memory, it was the 8 MiB buffer at a 4 GiB gen0's peak.
-//! Spooled, it costs no memory while the packs are, and S3 uploads a large one from the file
-//! part by part; Azure's (default) writer still reads it back whole at the commit, when the
-//! packs are gone (so a manifest larger than the budget, a disk of ~90 GiB of data, passes it
-//! there: staging Azure blocks from the file is not done yet). Where no temporary file can be
-//! made (`TMPDIR` not writable, full), the bytes stay in memory as before, rather than failing
-//! a backup at its end.
+//! Spooled, it costs no memory while the packs are. At the commit, when they are gone, a
+//! small one is read back whole for one request (Azure up to 32 MiB, S3 up to its 64 MiB
+//! multipart threshold) and a larger one a piece at a time from the file ([`SpooledFile`]: S3
+//! parts one at a time, Azure blocks a few at once), so no store holds more than that whatever
+//! the disk's size (read back whole, a manifest passes issue 14's 128 MiB at ~90 GiB of data).
+//! Where no temporary file can be made (`TMPDIR` not writable, full), the bytes stay in memory
+//! as before, rather than failing a backup at its end.
 
 use std::fs::File;
 use std::io::Write;
