@@ -37,8 +37,8 @@ use std::sync::Mutex;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
-use super::spool::{Spool, Spooled, SpooledFile};
-use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
+use super::spool::{read_error, Spooled, SpooledFile};
+use super::{Backend, ObjectInfo, ObjectWriter, SpooledObject, Version};
 use crate::azure::client::{Auth, Client, Method, Request, RequestCounter, RequestKind, Response};
 use crate::azure::error::service_error;
 use crate::azure::sign::SharedKey;
@@ -859,53 +859,32 @@ impl Backend for AzureBlobBackend {
     }
 
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
-        Ok(Box::new(AzureWriter {
-            backend: self,
-            dir: dir.to_string(),
-            spool: Spool::default(),
-        }))
+        Ok(Box::new(SpooledObject::new(
+            self,
+            dir,
+            AzureBlobBackend::store_spooled,
+        )))
     }
 }
 
-/// A streamed object (a manifest): its name is known only at commit, so its bytes are
-/// spooled ([`Spool`]) until then. A small one is one Put Blob, as a `put`; a larger one is
-/// staged from the spool's file a block at a time, so the commit holds the blocks in flight,
-/// never the object.
-struct AzureWriter<'a> {
-    backend: &'a AzureBlobBackend,
-    dir: String,
-    spool: Spool,
-}
-
-impl std::io::Write for AzureWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.spool.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl ObjectWriter for AzureWriter<'_> {
-    fn commit(self: Box<Self>, key: &str) -> Result<()> {
-        check_key_in(&self.dir, key)?;
-        let b = self.backend;
-        // Up to what the blocks in flight would hold, one request costs no more memory.
-        let in_flight = b.parallel_blocks.saturating_mul(b.spooled_block_size);
-        let single = b.single_put_max().min(in_flight);
-        match self.spool.finish().map_err(spool_error)? {
+impl AzureBlobBackend {
+    /// Stores a streamed object ([`Backend::writer`]: a manifest), spooled until its name was
+    /// known. Up to what the blocks in flight would hold it is one Put Blob, as a `put` (one
+    /// request costs no more memory); a larger one is staged from the spool's file a block at
+    /// a time, so the commit holds the blocks in flight, never the object.
+    fn store_spooled(&self, key: &str, bytes: Spooled) -> Result<()> {
+        let in_flight = self.parallel_blocks.saturating_mul(self.spooled_block_size);
+        let single = self.single_put_max().min(in_flight);
+        match bytes {
             Spooled::File(file) if file.len() > single as u64 => {
-                b.put_blocks(key, Source::Spooled(&file), b.spooled_block_size)
+                self.put_blocks(key, Source::Spooled(&file), self.spooled_block_size)
             }
             small @ Spooled::File(_) => {
-                let data = b
-                    .held
-                    .hold(Cow::Owned(small.into_bytes().map_err(spool_error)?));
-                b.put(key, &data)
+                let bytes = Cow::Owned(small.into_bytes().map_err(read_error)?);
+                self.put(key, &self.held.hold(bytes))
             }
             // Small, or no temporary file could be made: in memory already.
-            Spooled::Memory(data) => b.put(key, &data),
+            Spooled::Memory(bytes) => self.put(key, &bytes),
         }
     }
 }
@@ -942,13 +921,9 @@ impl<'d> Source<'d> {
             Source::Spooled(file) => file
                 .read_at(offset, len)
                 .map(Cow::Owned)
-                .map_err(spool_error),
+                .map_err(read_error),
         }
     }
-}
-
-fn spool_error(e: std::io::Error) -> Error {
-    Error::io("read spooled object", std::env::temp_dir(), e)
 }
 
 /// The `(offset, length)` of each piece of `piece` bytes (the last may be shorter) of an

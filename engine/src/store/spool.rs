@@ -81,6 +81,11 @@ impl Spool {
     }
 }
 
+/// The error of a spool that could not be read back.
+pub(crate) fn read_error(e: std::io::Error) -> crate::error::Error {
+    crate::error::Error::io("read spooled object", std::env::temp_dir(), e)
+}
+
 /// A streamed object's bytes once complete ([`Spool::finish`]).
 #[derive(Debug)]
 pub(crate) enum Spooled {
