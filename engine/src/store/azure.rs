@@ -6,7 +6,11 @@
 //! manifest) are one Put Blob: one request per object, as on S3. Larger ones are staged as
 //! blocks of [`BLOCK_SIZE`] bytes, several in flight, and made visible by one Put Block List;
 //! a writer killed between the two leaves uncommitted blocks, which `uploads.rs` lists and
-//! discards as unfinished uploads. The exact requests and headers are specified in
+//! discards as unfinished uploads. A streamed object (a manifest, [`Backend::writer`]) is
+//! spooled until its name is known; at its commit one up to [`DEFAULT_PARALLEL_BLOCKS`] ×
+//! [`SPOOLED_BLOCK_SIZE`] (32 MiB) is one Put Blob, a larger one is staged in blocks read from
+//! the spool's file as their uploads start, so the commit holds the blocks in flight, never the
+//! object, whatever the disk's size. The exact requests and headers are specified in
 //! `format-spec/remote.md`, section "Azure Blob".
 //!
 //! Invariants:
@@ -24,14 +28,17 @@
 //!   never from the location, and appear in no error or listing.
 //! - 404 is "not found" only for a missing blob; a missing container is an error that says so.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Read as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
-use super::{Backend, ObjectInfo, Version};
+use super::spool::{read_error, Spooled, SpooledFile};
+use super::{Backend, ObjectInfo, ObjectWriter, SpooledObject, Version};
 use crate::azure::client::{Auth, Client, Method, Request, RequestCounter, RequestKind, Response};
 use crate::azure::error::service_error;
 use crate::azure::sign::SharedKey;
@@ -48,8 +55,16 @@ pub const PUT_BLOB_MAX: usize = 64 << 20;
 /// Size of one staged block of a large object (the last may be shorter): at most 100 MiB from
 /// service version 2016-05-31 on.
 pub const BLOCK_SIZE: usize = 16 << 20;
+/// Size of one staged block of a streamed object (a large manifest), read from its spool when
+/// its upload starts and dropped once it is stored: the blocks in flight are all its commit
+/// holds, [`DEFAULT_PARALLEL_BLOCKS`] × 8 MiB = 32 MiB whatever the object's size. Smaller than
+/// [`BLOCK_SIZE`], whose objects are in memory already and where fewer requests are all a larger
+/// block buys; 8 MiB keeps issue 14's one PUT per 8 MiB.
+pub const SPOOLED_BLOCK_SIZE: usize = 8 << 20;
 /// Blocks of one object uploaded at once.
 pub const DEFAULT_PARALLEL_BLOCKS: usize = 4;
+/// Most blocks one blob may commit (the service's limit).
+const MAX_BLOCKS: u64 = 50_000;
 /// Names per List Blobs page (the service's maximum).
 const LIST_PAGE: &str = "5000";
 
@@ -122,6 +137,10 @@ pub struct AzureStoreOptions {
     /// Largest object sent as one Put Blob ([`PUT_BLOB_MAX`]); never more than the service
     /// version in use allows ([`put_blob_limit`]).
     pub put_blob_max: usize,
+    /// Block size of a streamed object committed from its spool ([`SPOOLED_BLOCK_SIZE`]; at
+    /// least 1). With `parallel_blocks` it bounds that commit's memory, and their product is
+    /// the largest such object sent as one Put Blob.
+    pub spooled_block_size: usize,
 }
 
 impl AzureStoreOptions {
@@ -135,6 +154,7 @@ impl AzureStoreOptions {
             retry: RetryPolicy::default(),
             parallel_blocks: DEFAULT_PARALLEL_BLOCKS,
             put_blob_max: PUT_BLOB_MAX,
+            spooled_block_size: SPOOLED_BLOCK_SIZE,
         }
     }
 }
@@ -161,6 +181,9 @@ pub struct AzureBlobBackend {
     shown: String,
     parallel_blocks: usize,
     put_blob_max: usize,
+    spooled_block_size: usize,
+    /// Bytes read back from spools that commits hold now, and at most.
+    held: Held,
 }
 
 impl std::fmt::Debug for AzureBlobBackend {
@@ -219,6 +242,8 @@ impl AzureBlobBackend {
             prefix,
             parallel_blocks: options.parallel_blocks.max(1),
             put_blob_max: options.put_blob_max,
+            spooled_block_size: options.spooled_block_size.max(1),
+            held: Held::default(),
         })
     }
 
@@ -230,6 +255,13 @@ impl AzureBlobBackend {
     /// Requests sent so far, by kind (for `--json` reports and benches).
     pub fn requests(&self) -> &RequestCounter {
         &self.client.counter
+    }
+
+    /// The most bytes read back from a spool that streamed commits held in memory at once
+    /// (for tests of their bound).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn peak_spool_bytes_held(&self) -> usize {
+        self.held.peak.load(Ordering::Relaxed)
     }
 
     /// Requests sent so far as a name → count map.
@@ -297,17 +329,53 @@ impl AzureBlobBackend {
 
     /// After a refused create: did an earlier attempt of ours land (same bytes stored), or
     /// did another writer win?
-    fn resolve_conflict(&self, key: &str, data: &[u8], retried: bool) -> Result<()> {
-        if retried {
-            match self.get(key) {
-                Ok(stored) if stored == data => return Ok(()),
-                Ok(_) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
+    fn resolve_conflict(&self, key: &str, data: Source<'_>, retried: bool) -> Result<()> {
+        if retried && self.holds(key, data)? {
+            return Ok(());
         }
         Err(Error::AlreadyExists {
             object: key.to_string(),
         })
+    }
+
+    /// Whether `key` holds exactly `data`: read whole beside bytes in memory, else compared a
+    /// block at a time with the spool.
+    fn holds(&self, key: &str, data: Source<'_>) -> Result<bool> {
+        let file = match data {
+            Source::Memory(data) => {
+                return match self.get(key) {
+                    Ok(stored) => Ok(stored == data),
+                    Err(Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Source::Spooled(file) => file,
+        };
+        match self.size(key) {
+            Ok(size) if size == file.len() => {}
+            Ok(_) | Err(Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut stored = self.open_range(key, 0, file.len())?;
+        let mut theirs = Vec::new();
+        for (offset, len) in pieces(file.len(), self.spooled_block_size) {
+            let ours = self.held.hold(data.piece(offset, len)?);
+            theirs.resize(len, 0);
+            stored.read_exact(&mut theirs).map_err(|e| {
+                super::range_read::range_error(e, &format!("{}/{key}", self.shown), offset)
+            })?;
+            if *ours != *theirs {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The largest object sent as one Put Blob. The version can step down while running
+    /// (Stack Hub): this asks for the one in use.
+    fn single_put_max(&self) -> usize {
+        self.put_blob_max
+            .min(put_blob_limit(&self.client.api_version()))
     }
 
     fn put_blob(&self, key: &str, data: &[u8]) -> Result<()> {
@@ -315,7 +383,7 @@ impl AzureBlobBackend {
         match r.status {
             201 => Ok(()),
             404 => Err(self.missing(&r, key)),
-            _ => self.resolve_conflict(key, data, r.attempts > 1),
+            _ => self.resolve_conflict(key, Source::Memory(data), r.attempts > 1),
         }
     }
 
@@ -336,25 +404,48 @@ impl AzureBlobBackend {
         )
     }
 
-    /// Stages `data` as blocks (several at once) and commits them with one Put Block List.
-    fn put_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
-        let ids = self.stage_blocks(key, data)?;
+    /// Stages `data` as blocks of `block_size` bytes (several at once) and commits them with
+    /// one Put Block List.
+    fn put_blocks(&self, key: &str, data: Source<'_>, block_size: usize) -> Result<()> {
+        let ids = self.stage_blocks(key, data, block_size)?;
         self.commit_blocks(key, data, &ids)
     }
 
-    /// Put Block of every [`BLOCK_SIZE`] piece of `data`, [`AzureStoreOptions::parallel_blocks`]
-    /// at once; returns the block ids in order. Until they are committed the blocks are an
-    /// uncommitted blob: invisible to reads and plain listings (see `uploads.rs`).
-    fn stage_blocks(&self, key: &str, data: &[u8]) -> Result<Vec<String>> {
+    /// Put Block of every `block_size` piece of `data`,
+    /// [`AzureStoreOptions::parallel_blocks`] at once, each piece read when its upload starts
+    /// and dropped once it is stored (a retry resends it); returns the block ids in order.
+    /// Until they are committed the blocks are an uncommitted blob: invisible to reads and
+    /// plain listings (see `uploads.rs`).
+    fn stage_blocks(&self, key: &str, data: Source<'_>, block_size: usize) -> Result<Vec<String>> {
+        if data.len().div_ceil(block_size.max(1) as u64) > MAX_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "object {key} needs more than {MAX_BLOCKS} blocks of {block_size} bytes"
+            )));
+        }
+        let blocks: Vec<(u64, usize)> = pieces(data.len(), block_size).collect();
         // Block ids are random per upload, so two writers of one key never share a block.
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::Internal(format!("no random numbers for block ids: {e}")))?;
         let nonce = u64::from_le_bytes(nonce);
-        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let ids: Vec<String> = (0..blocks.len())
             .map(|i| B64.encode(format!("{nonce:016x}-{i:08}")))
             .collect();
+        let stage = |(offset, len): (u64, usize), id: &str| -> Result<()> {
+            let block = self.held.hold(data.piece(offset, len)?);
+            let query = [q("comp", "block"), q("blockid", id)];
+            let headers = [h("Content-Type", "application/octet-stream")];
+            let request = Request::new(RequestKind::PutBlock, Method::Put, "")
+                .query(&query)
+                .headers(&headers)
+                .body(&block)
+                .ok(&[201, 404]);
+            let r = self.send(key, request)?;
+            match r.status {
+                201 => Ok(()),
+                _ => Err(self.missing(&r, key)),
+            }
+        };
         let next = AtomicUsize::new(0);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let workers = self.parallel_blocks.min(blocks.len()).max(1);
@@ -362,24 +453,13 @@ impl AzureBlobBackend {
             for _ in 0..workers {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let (Some(block), Some(id)) = (blocks.get(i), ids.get(i)) else {
+                    let (Some(&block), Some(id)) = (blocks.get(i), ids.get(i)) else {
                         break;
                     };
                     if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
                         break;
                     }
-                    let query = [q("comp", "block"), q("blockid", id)];
-                    let headers = [h("Content-Type", "application/octet-stream")];
-                    let request = Request::new(RequestKind::PutBlock, Method::Put, "")
-                        .query(&query)
-                        .headers(&headers)
-                        .body(block)
-                        .ok(&[201, 404]);
-                    let result = self.send(key, request).and_then(|r| match r.status {
-                        201 => Ok(()),
-                        _ => Err(self.missing(&r, key)),
-                    });
-                    if let Err(e) = result {
+                    if let Err(e) = stage(block, id) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(e);
                         }
@@ -398,7 +478,7 @@ impl AzureBlobBackend {
     }
 
     /// Put Block List of the staged blocks `ids` (of `data`), create-only.
-    fn commit_blocks(&self, key: &str, data: &[u8], ids: &[String]) -> Result<()> {
+    fn commit_blocks(&self, key: &str, data: Source<'_>, ids: &[String]) -> Result<()> {
         let mut list = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
         for id in ids {
             list.push_str("<Latest>");
@@ -542,7 +622,6 @@ impl super::range_read::RangeSource for AzureBlobBackend {
         })?;
         let headers = [h("x-ms-range", &format!("bytes={pos}-{last}"))];
         let path = self.path_of(key);
-        use std::io::Read as _;
         let mut r = self.client.request_streamed(
             &Request::new(RequestKind::GetBlob, Method::Get, &path)
                 .headers(&headers)
@@ -615,23 +694,16 @@ impl super::range_read::RangeSource for AzureBlobBackend {
 
 impl Backend for AzureBlobBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        // The version can step down while running (Stack Hub): ask for the one in use.
-        let single = self
-            .put_blob_max
-            .min(put_blob_limit(&self.client.api_version()));
-        if data.len() <= single {
+        if data.len() <= self.single_put_max() {
             self.put_blob(key, data)
         } else {
-            self.put_blocks(key, data)
+            self.put_blocks(key, Source::Memory(data), BLOCK_SIZE)
         }
     }
 
     fn put_versioned(&self, key: &str, data: &[u8]) -> Result<Version> {
-        let single = self
-            .put_blob_max
-            .min(put_blob_limit(&self.client.api_version()));
-        if data.len() > single {
-            self.put_blocks(key, data)?;
+        if data.len() > self.single_put_max() {
+            self.put_blocks(key, Source::Memory(data), BLOCK_SIZE)?;
             return self.version(key);
         }
         // Put Blob answers with the new blob's ETag: no Get Blob Properties needed.
@@ -640,7 +712,7 @@ impl Backend for AzureBlobBackend {
             201 => etag(&r, key),
             404 => Err(self.missing(&r, key)),
             _ => {
-                self.resolve_conflict(key, data, r.attempts > 1)?;
+                self.resolve_conflict(key, Source::Memory(data), r.attempts > 1)?;
                 self.version(key)
             }
         }
@@ -785,6 +857,131 @@ impl Backend for AzureBlobBackend {
     fn discard_upload(&self, upload: &super::UnfinishedUpload) -> Result<()> {
         self.discard_uncommitted(upload)
     }
+
+    fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
+        Ok(Box::new(SpooledObject::new(
+            self,
+            dir,
+            AzureBlobBackend::store_spooled,
+        )))
+    }
+}
+
+impl AzureBlobBackend {
+    /// Stores a streamed object ([`Backend::writer`]: a manifest), spooled until its name was
+    /// known. Up to what the blocks in flight would hold it is one Put Blob, as a `put` (one
+    /// request costs no more memory); a larger one is staged from the spool's file a block at
+    /// a time, so the commit holds the blocks in flight, never the object.
+    fn store_spooled(&self, key: &str, bytes: Spooled) -> Result<()> {
+        let in_flight = self.parallel_blocks.saturating_mul(self.spooled_block_size);
+        let single = self.single_put_max().min(in_flight);
+        match bytes {
+            Spooled::File(file) if file.len() > single as u64 => {
+                self.put_blocks(key, Source::Spooled(&file), self.spooled_block_size)
+            }
+            small @ Spooled::File(_) => {
+                let bytes = Cow::Owned(small.into_bytes().map_err(read_error)?);
+                self.put(key, &self.held.hold(bytes))
+            }
+            // Small, or no temporary file could be made: in memory already.
+            Spooled::Memory(bytes) => self.put(key, &bytes),
+        }
+    }
+}
+
+/// The bytes of an object stored as blocks: in memory (a `put`), or a spooled object (a
+/// streamed commit), read a piece at a time.
+#[derive(Clone, Copy)]
+enum Source<'d> {
+    Memory(&'d [u8]),
+    Spooled(&'d SpooledFile),
+}
+
+impl<'d> Source<'d> {
+    fn len(self) -> u64 {
+        match self {
+            Source::Memory(data) => data.len() as u64,
+            Source::Spooled(file) => file.len(),
+        }
+    }
+
+    /// The `len` bytes at `offset`: borrowed from memory, or read from the spool's file.
+    fn piece(self, offset: u64, len: usize) -> Result<Cow<'d, [u8]>> {
+        match self {
+            Source::Memory(data) => usize::try_from(offset)
+                .ok()
+                .and_then(|at| data.get(at..at.checked_add(len)?))
+                .map(Cow::Borrowed)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{len} bytes at {offset} of an object of {} bytes",
+                        data.len()
+                    ))
+                }),
+            Source::Spooled(file) => file
+                .read_at(offset, len)
+                .map(Cow::Owned)
+                .map_err(read_error),
+        }
+    }
+}
+
+/// The `(offset, length)` of each piece of `piece` bytes (the last may be shorter) of an
+/// object of `len` bytes; none for an empty one.
+fn pieces(len: u64, piece: usize) -> impl Iterator<Item = (u64, usize)> {
+    let piece = piece.max(1);
+    (0..len).step_by(piece).map(move |offset| {
+        (
+            offset,
+            usize::try_from(len - offset).map_or(piece, |left| left.min(piece)),
+        )
+    })
+}
+
+/// Bytes read back from spools that commits hold in memory now, and the most they held at
+/// once (what the memory bound's test reads: `peak_spool_bytes_held`).
+#[derive(Debug, Default)]
+struct Held {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Held {
+    /// `piece` counted while it lives, if it was read from a spool (owned).
+    fn hold<'d>(&self, piece: Cow<'d, [u8]>) -> HeldPiece<'d, '_> {
+        let bytes = match &piece {
+            Cow::Owned(bytes) => bytes.len(),
+            Cow::Borrowed(_) => 0,
+        };
+        let now = self
+            .now
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        HeldPiece { piece, held: self }
+    }
+}
+
+/// A piece of an object, counted in [`Held`] until it is dropped.
+struct HeldPiece<'d, 'h> {
+    piece: Cow<'d, [u8]>,
+    held: &'h Held,
+}
+
+impl std::ops::Deref for HeldPiece<'_, '_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.piece
+    }
+}
+
+impl Drop for HeldPiece<'_, '_> {
+    fn drop(&mut self) {
+        if let Cow::Owned(bytes) = &self.piece {
+            self.held.now.fetch_sub(bytes.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// A blob as List Blobs lists it.
@@ -883,6 +1080,21 @@ mod tests {
         assert!(parse_listing(nameless, "x").is_err());
         assert!(parse_listing(b"<nope", "x").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn pieces_cover_an_object_in_order_the_last_one_short() {
+        let all = |len, piece| pieces(len, piece).collect::<Vec<_>>();
+        assert_eq!(all(10, 4), [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(all(8, 4), [(0, 4), (4, 4)]);
+        assert_eq!(all(3, 4), [(0, 3)]);
+        assert_eq!(all(0, 4), []);
+        assert_eq!(all(2, 0), [(0, 1), (1, 1)]);
+        // No overflow at the end of the offsets.
+        let quarter = 1u64 << 62;
+        let last = (3 * quarter, (quarter - 1) as usize);
+        assert_eq!(pieces(u64::MAX, quarter as usize).nth(3), Some(last));
+        assert_eq!(pieces(u64::MAX, quarter as usize).count(), 4);
     }
 
     #[test]

@@ -227,13 +227,14 @@ pub trait Backend: Send + Sync {
 
     /// Starts an object too large to hold in memory (the manifest of a large disk), to be
     /// stored under a key in `dir` (`snapshots/`) that is known only when it is complete.
-    /// This default spools the bytes ([`spool`]) and `put`s them at the commit.
+    /// This default spools the bytes ([`spool`]) and `put`s them at the commit, whole: only
+    /// stores that hold objects in memory anyway keep it (the test stores); a local directory
+    /// writes its temporary file directly, and the remote stores commit from the spool a piece
+    /// at a time (S3 parts, Azure blocks).
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
-        Ok(Box::new(GatheredObject {
-            backend: self,
-            dir: dir.to_string(),
-            data: spool::Spool::default(),
-        }))
+        Ok(Box::new(SpooledObject::new(self, dir, |b, key, bytes| {
+            b.put(key, &bytes.into_bytes().map_err(spool::read_error)?)
+        })))
     }
 }
 
@@ -247,17 +248,34 @@ pub trait ObjectWriter: std::io::Write + Send {
     fn commit(self: Box<Self>, key: &str) -> Result<()>;
 }
 
-/// [`Backend::writer`]'s default: the bytes spooled until `commit`, then read back whole for
-/// one `put` (the backup's packs are gone by then).
-struct GatheredObject<'a, B: Backend + ?Sized> {
+/// A streamed object ([`Backend::writer`]) on a store that names an object only when its
+/// upload starts: the bytes spooled until `commit`, which hands them to the store's `store`
+/// with the key.
+pub(crate) struct SpooledObject<'a, B: ?Sized> {
     backend: &'a B,
     dir: String,
-    data: spool::Spool,
+    spool: spool::Spool,
+    store: fn(&B, &str, spool::Spooled) -> Result<()>,
 }
 
-impl<B: Backend + ?Sized> std::io::Write for GatheredObject<'_, B> {
+impl<'a, B: ?Sized> SpooledObject<'a, B> {
+    pub(crate) fn new(
+        backend: &'a B,
+        dir: &str,
+        store: fn(&B, &str, spool::Spooled) -> Result<()>,
+    ) -> Self {
+        SpooledObject {
+            backend,
+            dir: dir.to_string(),
+            spool: spool::Spool::default(),
+            store,
+        }
+    }
+}
+
+impl<B: Sync + ?Sized> std::io::Write for SpooledObject<'_, B> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.data.write(buf)
+        self.spool.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -265,14 +283,11 @@ impl<B: Backend + ?Sized> std::io::Write for GatheredObject<'_, B> {
     }
 }
 
-impl<B: Backend + ?Sized> ObjectWriter for GatheredObject<'_, B> {
+impl<B: Sync + ?Sized> ObjectWriter for SpooledObject<'_, B> {
     fn commit(self: Box<Self>, key: &str) -> Result<()> {
         check_key_in(&self.dir, key)?;
-        let data = self
-            .data
-            .into_bytes()
-            .map_err(|e| crate::error::Error::io("read spooled object", std::env::temp_dir(), e))?;
-        self.backend.put(key, &data)
+        let bytes = self.spool.finish().map_err(spool::read_error)?;
+        (self.store)(self.backend, key, bytes)
     }
 }
 

@@ -21,7 +21,7 @@
 //!   are reported at once, with what to do.
 //! - Every request sent (retries included) is counted by kind in [`S3Backend::request_counts`].
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -36,8 +36,8 @@ mod payload;
 mod uploads;
 
 use super::range_read::content_range;
-use super::spool::Spool;
-use super::{check_key_in, Backend, ObjectInfo, ObjectWriter, Version};
+use super::spool::{read_error, Spooled};
+use super::{Backend, ObjectInfo, ObjectWriter, SpooledObject, Version};
 use crate::azure::RetryPolicy;
 use crate::error::{Error, Result};
 use crate::http_error::{self, is_transient, NoAnswer};
@@ -1188,48 +1188,32 @@ impl Backend for S3Backend {
     }
 
     fn writer<'a>(&'a self, dir: &str) -> Result<Box<dyn ObjectWriter + 'a>> {
-        Ok(Box::new(S3Writer {
-            backend: self,
-            dir: dir.to_string(),
-            spool: Spool::default(),
-        }))
+        Ok(Box::new(SpooledObject::new(
+            self,
+            dir,
+            S3Backend::store_spooled,
+        )))
     }
 }
 
-/// A streamed object: its key is known only at commit, and S3 names a multipart upload when it
-/// starts, so its bytes are spooled ([`Spool`]) and uploaded at commit: in one PUT up to the
-/// multipart threshold, else in parts read from the spool (memory stays at one part).
-struct S3Writer<'a> {
-    backend: &'a S3Backend,
-    dir: String,
-    spool: Spool,
-}
-
-impl Write for S3Writer<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.spool.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl ObjectWriter for S3Writer<'_> {
-    fn commit(self: Box<Self>, key: &str) -> Result<()> {
-        check_key_in(&self.dir, key)?;
-        let io = |e| Error::io("read spooled object", std::env::temp_dir(), e);
-        if self.spool.len() <= self.backend.options.multipart_threshold as u64 {
-            return self.backend.put(key, &self.spool.into_bytes().map_err(io)?);
-        }
-        let mut reader = self.spool.into_reader().map_err(io)?;
-        let part_size = self.backend.options.part_size as u64;
-        self.backend.multipart_put(key, &mut |buf| {
-            (&mut reader)
-                .take(part_size)
-                .read_to_end(buf)
-                .map(|_| ())
-                .map_err(io)
+impl S3Backend {
+    /// Stores a streamed object ([`Backend::writer`]): S3 names a multipart upload when it
+    /// starts, so its bytes were spooled until its key was known. Up to the multipart
+    /// threshold in one PUT, else in parts read from the spool's file one at a time (memory
+    /// stays at one part).
+    fn store_spooled(&self, key: &str, bytes: Spooled) -> Result<()> {
+        let file = match bytes {
+            Spooled::File(file) if file.len() > self.options.multipart_threshold as u64 => file,
+            small => return self.put(key, &small.into_bytes().map_err(read_error)?),
+        };
+        let part_size = self.options.part_size;
+        let mut at = 0u64;
+        self.multipart_put(key, &mut |buf| {
+            let left = file.len().saturating_sub(at);
+            let len = usize::try_from(left).map_or(part_size, |left| left.min(part_size));
+            *buf = file.read_at(at, len).map_err(read_error)?;
+            at += len as u64;
+            Ok(())
         })
     }
 }

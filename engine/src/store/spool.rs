@@ -5,15 +5,17 @@
 //! its bytes) is known only once it is complete, so a remote manifest is kept until then. It
 //! grows with the disk (about 1.4 MiB per GiB of data) and is written while the backup's packs
 //! are in memory: kept whole in memory, it was the 8 MiB buffer at a 4 GiB gen0's peak.
-//! Spooled, it costs no memory while the packs are, and S3 uploads a large one from the file
-//! part by part; Azure's (default) writer still reads it back whole at the commit, when the
-//! packs are gone (so a manifest larger than the budget, a disk of ~90 GiB of data, passes it
-//! there: staging Azure blocks from the file is not done yet). Where no temporary file can be
-//! made (`TMPDIR` not writable, full), the bytes stay in memory as before, rather than failing
-//! a backup at its end.
+//! Spooled, it costs no memory while the packs are. At the commit, when they are gone, a
+//! small one is read back whole for one request (Azure up to 32 MiB, S3 up to its 64 MiB
+//! multipart threshold) and a larger one a piece at a time from the file ([`SpooledFile`]: S3
+//! parts one at a time, Azure blocks a few at once), so no store holds more than that whatever
+//! the disk's size (read back whole, a manifest passes issue 14's 128 MiB at ~90 GiB of data).
+//! Where no temporary file can be made (`TMPDIR` not writable, full), the bytes stay in memory
+//! as before, rather than failing a backup at its end.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 
 /// Bytes a streamed object keeps in memory; past them it is written to its temporary file
 /// in pieces of this size.
@@ -31,36 +33,23 @@ pub(crate) struct Spool {
 }
 
 impl Spool {
-    /// Bytes written so far.
-    #[cfg(any(test, feature = "s3"))]
-    pub(crate) fn len(&self) -> u64 {
-        self.len
-    }
-
     /// Bytes held in memory now (for tests of the bound).
     #[cfg(test)]
     fn in_memory(&self) -> usize {
         self.memory.capacity()
     }
 
-    /// The bytes from the start, read from the file when there is one.
-    pub(crate) fn into_reader(mut self) -> std::io::Result<Box<dyn Read + Send>> {
+    /// The bytes written, once they are all written: still in memory when they fit in
+    /// [`SPOOL_AFTER`] (or no temporary file could be made), else all in the file.
+    pub(crate) fn finish(mut self) -> std::io::Result<Spooled> {
         let Some(mut file) = self.file.take() else {
-            return Ok(Box::new(std::io::Cursor::new(self.memory)));
+            return Ok(Spooled::Memory(self.memory));
         };
         file.write_all(&self.memory)?;
-        file.seek(SeekFrom::Start(0))?;
-        Ok(Box::new(file))
-    }
-
-    /// The bytes as one buffer, for a store that sends the object in one request.
-    pub(crate) fn into_bytes(self) -> std::io::Result<Vec<u8>> {
-        if self.file.is_none() {
-            return Ok(self.memory);
-        }
-        let mut bytes = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
-        self.into_reader()?.read_to_end(&mut bytes)?;
-        Ok(bytes)
+        Ok(Spooled::File(SpooledFile {
+            file,
+            len: self.len,
+        }))
     }
 
     /// Appends `buf` to the bytes in memory, growing them as a `Vec` does but never past
@@ -89,6 +78,65 @@ impl Spool {
                 Err(_) => self.in_memory_only = true,
             }
         }
+    }
+}
+
+/// The error of a spool that could not be read back.
+pub(crate) fn read_error(e: std::io::Error) -> crate::error::Error {
+    crate::error::Error::io("read spooled object", std::env::temp_dir(), e)
+}
+
+/// A streamed object's bytes once complete ([`Spool::finish`]).
+#[derive(Debug)]
+pub(crate) enum Spooled {
+    Memory(Vec<u8>),
+    File(SpooledFile),
+}
+
+impl Spooled {
+    /// The bytes as one buffer, for a store that sends the object in one request.
+    pub(crate) fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Spooled::Memory(bytes) => Ok(bytes),
+            Spooled::File(file) => {
+                let len = usize::try_from(file.len()).map_err(|_| {
+                    std::io::Error::other(format!("a spooled object of {} bytes", file.len()))
+                })?;
+                file.read_at(0, len)
+            }
+        }
+    }
+}
+
+/// A complete spooled object in its temporary file, read a piece at a time at any offset,
+/// from several threads at once (positioned reads: no shared cursor), so that an upload in
+/// pieces holds only the pieces in flight.
+#[derive(Debug)]
+pub(crate) struct SpooledFile {
+    file: File,
+    len: u64,
+}
+
+impl SpooledFile {
+    /// Bytes in the object.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The `len` bytes at `offset`; a range past the end is an error, never a short piece.
+    pub(crate) fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&end| end <= self.len);
+        if end.is_none() {
+            return Err(std::io::Error::other(format!(
+                "{len} bytes at {offset} of a spooled object of {} bytes",
+                self.len
+            )));
+        }
+        let mut piece = vec![0; len];
+        self.file.read_exact_at(&mut piece, offset)?;
+        Ok(piece)
     }
 }
 
@@ -153,9 +201,26 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(spool.len(), data.len() as u64);
         assert!(spool.file.is_some());
-        assert!(spool.into_bytes()? == data);
+        let Spooled::File(file) = spool.finish()? else {
+            panic!("a large object left its file");
+        };
+        assert_eq!(file.len(), data.len() as u64);
+        // Pieces at any offset, as block uploads read them, and the last one short.
+        for (at, len) in [
+            (0, 10),
+            (SPOOL_AFTER - 3, 7),
+            (data.len() - 5, 5),
+            (data.len(), 0),
+        ] {
+            assert!(
+                file.read_at(at as u64, len)? == data[at..at + len],
+                "{len} at {at}"
+            );
+        }
+        assert!(file.read_at(data.len() as u64 - 5, 6).is_err());
+        assert!(file.read_at(u64::MAX, 2).is_err());
+        assert!(Spooled::File(file).into_bytes()? == data);
         Ok(())
     }
 
@@ -165,8 +230,9 @@ mod tests {
         spool.write_all(b"small")?;
         spool.write_all(&pattern(SPOOL_AFTER - 5))?;
         assert!(spool.file.is_none());
-        let mut back = Vec::new();
-        spool.into_reader()?.read_to_end(&mut back)?;
+        let Spooled::Memory(back) = spool.finish()? else {
+            panic!("a small object went to a file");
+        };
         assert_eq!(&back[..5], b"small");
         assert_eq!(back.len(), SPOOL_AFTER);
         Ok(())

@@ -115,13 +115,14 @@ impl AzureBlobBackend {
     /// between its Put Blocks and its Put Block List leaves, for tests of the leftovers.
     #[cfg(feature = "testing")]
     pub fn stage_unfinished_upload(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.stage_blocks(key, data).map(|_| ())
+        self.stage_blocks(key, super::Source::Memory(data), super::BLOCK_SIZE)
+            .map(|_| ())
     }
 
     /// Writes `key` as blocks and one Put Block List, as a writer commits a pack above the
     /// Put Blob limit: for tests of a commit racing the discarding of the same name.
     #[cfg(feature = "testing")]
     pub fn put_as_blocks(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.put_blocks(key, data)
+        self.put_blocks(key, super::Source::Memory(data), super::BLOCK_SIZE)
     }
 }
