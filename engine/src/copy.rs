@@ -724,7 +724,7 @@ fn reseal_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64
     }
     let len = sealer.finish(&mut out, &snap.id, target)?;
     crate::crash::point("before-manifest");
-    dst.commit_manifest(out, &snap.id)?;
+    dst.commit_manifest(out, &snap.id, len)?;
     dst.index()
         .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
     Ok(len)
@@ -789,7 +789,7 @@ fn copy_manifest(src: &Repo, dst: &Repo, snap: &SnapshotSummary) -> Result<u64> 
         ));
     }
     crate::crash::point("before-manifest");
-    dst.commit_manifest(out, &snap.id)?;
+    dst.commit_manifest(out, &snap.id, size)?;
     dst.index()
         .add_snapshot(&snap.id, &snap.meta, snap.virtual_size)?;
     Ok(size)
@@ -946,7 +946,7 @@ fn relabel(dst: &Repo, id: &str, mut meta: SnapshotMeta) -> Result<(SnapshotId, 
         writer.push_segment(&extents?)?;
     }
     let finished = writer.finish(&mut meta)?;
-    dst.commit_manifest(finished.out, &finished.id)?;
+    dst.commit_manifest(finished.out, &finished.id, finished.len)?;
     dst.index()
         .add_snapshot(&finished.id, &meta, old.virtual_size)?;
     Ok((finished.id, finished.len))

@@ -638,13 +638,30 @@ impl Repo {
     /// A manifest's name is the hash of its content, so finding the name taken means this
     /// very snapshot is stored already: two hosts (or a copy and a rerun) that made the same
     /// manifest both succeed.
+    /// Its size (`len` bytes) is checked then: a name holding other bytes is not this
+    /// snapshot (on Azure, the empty blob a prune commits to discard an unfinished upload, if
+    /// this backup stalled past the grace period between staging its blocks and committing).
     pub(crate) fn commit_manifest(
         &self,
         out: Box<dyn crate::store::ObjectWriter + '_>,
         id: &str,
+        len: u64,
     ) -> Result<()> {
-        match out.commit(&store::snapshot_key(id)) {
-            Ok(()) | Err(Error::AlreadyExists { .. }) => Ok(()),
+        let key = store::snapshot_key(id);
+        match out.commit(&key) {
+            Ok(()) => Ok(()),
+            Err(Error::AlreadyExists { .. }) => match self.backend.size(&key)? {
+                stored if stored == len => Ok(()),
+                stored => Err(Error::corrupt(
+                    &key,
+                    0,
+                    format!(
+                        "holds {stored} bytes where this snapshot's manifest of {len} bytes \
+                         belongs, so the snapshot was not stored (a prune may have discarded \
+                         its upload after a stall longer than the grace period); run it again"
+                    ),
+                )),
+            },
             Err(e) => Err(e),
         }
     }
@@ -883,6 +900,11 @@ fn open_index_in(
 ) -> Result<(Index, PathBuf)> {
     let index_path = dir.join(INDEX_FILE);
     if !index_path.exists() {
+        // A log left without its database (a cache's is kept between commands) belongs to a
+        // deleted one: SQLite would replay it onto the new file.
+        for p in index_sidecars(&index_path) {
+            let _ = fs::remove_file(p);
+        }
         let (tmp, _) = build_index_file(dir, backend, protection)?;
         let linked = fs::hard_link(&tmp, &index_path);
         let _ = fs::remove_file(&tmp);
@@ -897,11 +919,10 @@ fn open_index_in(
 
 /// Reads the config of the remote repository `location` and unlocks it: the key objects are
 /// read on their own thread meanwhile (unless `init` just made the keys, `unlocked`), so the
-/// key object's GET follows its listing at once. The key derivation starts at once too when
-/// this host remembers which key opened the repository last ([`KeyHint`], in `hint_file`),
-/// else as soon as both the config and the key objects are in. A repository made for a local
-/// directory is refused before any password is asked for, unless a hint says it was
-/// encrypted.
+/// key object's GET follows its listing at once. The key derivation starts as soon as the
+/// config is in when this host remembers which key opened the repository last ([`KeyHint`],
+/// in `hint_file`), else once the key objects are in too. A repository made for a local
+/// directory is refused before any password is asked for.
 fn read_config_and_unlock(
     location: &str,
     backend: &dyn Backend,
@@ -923,16 +944,7 @@ fn read_config_and_unlock(
                 .spawn_scoped(scope, || fetch_keys(backend, location))
                 .ok(),
         };
-        let early = hint.clone().and_then(|hint| {
-            std::thread::Builder::new()
-                .name("derive".into())
-                .spawn_scoped(scope, || derive_early(hint, location))
-                .ok()
-        });
-        let config = read_config_object(location, backend);
-        // No thread to spare, or it panicked: read the keys on this one.
-        let fetched = keys.map(|t| t.join().unwrap_or_else(|_| fetch_keys(backend, location)));
-        let config = config?;
+        let config = read_config_object(location, backend)?;
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         if config.features.incompat & deltas.bit == 0 {
             return Err(Error::unsupported(format!(
@@ -942,15 +954,19 @@ fn read_config_and_unlock(
                 deltas.name
             )));
         }
-        // A derivation that could not start (no password) fails as the unlock would have.
-        let early = early.map(|t| {
-            t.join()
-                .unwrap_or_else(|_| Err(Error::Internal("the key derivation panicked".into())))
-        });
+        // While the key objects are still being read, the key the hint names is derived (only
+        // once the config says the repository is encrypted: a plain one never asks for a
+        // password).
+        let early = match (config.is_encrypted(), &unlocked, hint.clone()) {
+            (true, None, Some(hint)) => Some(derive_early(hint, location)),
+            _ => None,
+        };
+        // No thread to spare, or it panicked: read the keys on this one.
+        let fetched = keys.map(|t| t.join().unwrap_or_else(|_| fetch_keys(backend, location)));
         let unlocked = match (config.is_encrypted(), unlocked) {
             (true, None) => unlock_fetched(
                 fetched.unwrap_or_else(|| fetch_keys(backend, location)),
-                early.transpose()?,
+                early,
                 location,
                 &config.repository_id,
             )?,
@@ -977,17 +993,16 @@ fn key_hint_file(cache_home: &Path, location: &str) -> PathBuf {
         ))
 }
 
-/// Writes `hint` to `file` whole (a temporary name, then a rename).
+/// Writes `hint` to `file` whole (a temporary file of its own, then a rename).
 fn remember_key_hint(file: &Path, hint: &KeyHint) -> std::io::Result<()> {
-    if let Some(dir) = file.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(
-        &tmp,
-        serde_json::to_vec(hint).map_err(std::io::Error::other)?,
+    let dir = file.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(
+        &mut tmp,
+        &serde_json::to_vec(hint).map_err(std::io::Error::other)?,
     )?;
-    fs::rename(&tmp, file)
+    tmp.persist(file).map(drop).map_err(|e| e.error)
 }
 
 /// Reads and checks the config object of the repository named `location` on `backend`.
@@ -1434,9 +1449,22 @@ mod tests {
         let mut out = repo.manifest_writer()?;
         out.write_all(&stored)
             .map_err(|e| Error::io("write", "snapshots/", e))?;
-        repo.commit_manifest(out, &id)?;
+        repo.commit_manifest(out, &id, stored.len() as u64)?;
         assert_eq!(repo.backend().get(&store::snapshot_key(&id))?, stored);
         assert_eq!(repo.snapshots(None)?.len(), 1);
+
+        // A name taken by other bytes (the empty blob a prune commits to discard an upload)
+        // is not this snapshot: the commit fails instead of reporting it stored.
+        let other = "0".repeat(64);
+        repo.backend().put(&store::snapshot_key(&other), b"")?;
+        let mut out = repo.manifest_writer()?;
+        out.write_all(&stored)
+            .map_err(|e| Error::io("write", "snapshots/", e))?;
+        let taken = repo.commit_manifest(out, &other, stored.len() as u64);
+        assert!(
+            matches!(&taken, Err(Error::Corrupt { what, .. }) if what.contains("was not stored")),
+            "{taken:?}"
+        );
         Ok(())
     }
 }

@@ -150,8 +150,9 @@ fn backup_in<'scope, 'env>(
         (dedup, prelude)
     });
     // A local repository's index is the one its prune changes: nothing is deduplicated
-    // before the lock keeps prune out. On a shared store the first pack's store waits for it.
-    if !repo.is_remote() {
+    // before the lock keeps prune out. On a shared store the first pack's store waits for
+    // it; a backup failing before then still reports the lock's error first.
+    if !repo.is_remote() || prelude.is_err() || dedup.is_err() {
         if let Err(stands_for) = lock.wait() {
             return Err(lock.into_guard().err().unwrap_or(stands_for));
         }
@@ -328,7 +329,7 @@ fn backup_in<'scope, 'env>(
     lock.ensure_held()?;
     let finished = manifest.finish(&mut meta)?;
     let id = finished.id;
-    repo.commit_manifest(finished.out, &id)?;
+    repo.commit_manifest(finished.out, &id, finished.len)?;
     crate::crash::point("manifest-stored");
     repo.index().add_snapshot(&id, &meta, virtual_size)?;
 

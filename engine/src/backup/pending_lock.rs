@@ -49,7 +49,15 @@ impl<'scope> PendingLock<'scope> {
     }
 
     fn settle(&self, wait: bool) -> Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Someone is waiting for the lock: a poll does not queue behind them.
+            Err(std::sync::TryLockError::WouldBlock) if !wait => return Ok(()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.state.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        };
         if let State::Taking(thread) = &*state {
             if !wait && !thread.is_finished() {
                 return Ok(());

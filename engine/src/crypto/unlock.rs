@@ -126,12 +126,18 @@ pub struct EarlyDerivation {
 }
 
 /// Asks for the password of repository `location` and derives the wrapping key `hint`
-/// describes (see [`KeyHint`]); a hint that cannot be used (a bad salt, parameters past this
-/// build's limits) derives nothing, and the key objects are tried as without one.
+/// describes (see [`KeyHint`]). A hint that cannot be used (a bad salt, parameters costlier
+/// than the defaults keys are made with: a file in the cache must not make every open run
+/// minutes of Argon2 or exhaust memory) derives nothing, and the key objects are tried as
+/// without one.
 pub fn derive_early(hint: KeyHint, location: &str) -> Result<EarlyDerivation> {
     let password = password(PasswordUse::Unlock, location)?;
+    let (kdf, most) = (hint.kdf(), KdfParams::DEFAULT);
+    let affordable = kdf.m_kib <= most.m_kib && kdf.t <= most.t && kdf.p <= most.p;
     let salt = crate::format::unhex(&hint.salt).and_then(|s| <[u8; SALT_LEN]>::try_from(s).ok());
-    let wrapping = salt.and_then(|salt| hint.kdf().derive(password.as_bytes(), &salt).ok());
+    let wrapping = salt
+        .filter(|_| affordable)
+        .and_then(|salt| kdf.derive(password.as_bytes(), &salt).ok());
     Ok(EarlyDerivation {
         hint,
         password,
@@ -236,10 +242,11 @@ pub fn fetch_keys(backend: &dyn Backend, location: &str) -> FetchedKeys {
 
 /// [`unlock`] with the key objects already read by [`fetch_keys`] (a failed read is reported
 /// here, as [`unlock`] would have reported it), and with the password and a wrapping key
-/// derived meanwhile when `early` is given.
+/// derived meanwhile when `early` is given ([`derive_early`]: its failure to get a password
+/// is reported where [`unlock`] would have asked for one).
 pub fn unlock_fetched(
     fetched: FetchedKeys,
-    early: Option<EarlyDerivation>,
+    early: Option<Result<EarlyDerivation>>,
     location: &str,
     repository: &[u8; REPOSITORY_ID_LEN],
 ) -> Result<Unlocked> {
@@ -252,6 +259,7 @@ pub fn unlock_fetched(
              opened (restore keys/ from a copy of the repository)",
         ));
     }
+    let early = early.transpose()?;
     let password = match &early {
         Some(e) => e.password.clone(),
         None => password(PasswordUse::Unlock, location)?,

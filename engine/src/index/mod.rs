@@ -203,6 +203,9 @@ impl Index {
             // with the log its predecessor left.
             conn.pragma_update(None, "wal_autocheckpoint", 8192)
                 .map_err(sql_err(path))?;
+            // A large transaction (a re-index) leaves a long log: cut back after checkpoints.
+            conn.pragma_update(None, "journal_size_limit", 32 << 20)
+                .map_err(sql_err(path))?;
             conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
                 .map_err(sql_err(path))?;
         }

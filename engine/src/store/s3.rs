@@ -1211,7 +1211,7 @@ impl S3Backend {
         self.multipart_put(key, &mut |buf| {
             let left = file.len().saturating_sub(at);
             let len = usize::try_from(left).map_or(part_size, |left| left.min(part_size));
-            *buf = file.read_at(at, len).map_err(read_error)?;
+            file.read_into(at, len, buf).map_err(read_error)?;
             at += len as u64;
             Ok(())
         })

@@ -125,6 +125,18 @@ impl SpooledFile {
 
     /// The `len` bytes at `offset`; a range past the end is an error, never a short piece.
     pub(crate) fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut piece = Vec::new();
+        self.read_into(offset, len, &mut piece)?;
+        Ok(piece)
+    }
+
+    /// [`SpooledFile::read_at`] into `piece` (its allocation reused).
+    pub(crate) fn read_into(
+        &self,
+        offset: u64,
+        len: usize,
+        piece: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
         let end = offset
             .checked_add(len as u64)
             .filter(|&end| end <= self.len);
@@ -134,9 +146,9 @@ impl SpooledFile {
                 self.len
             )));
         }
-        let mut piece = vec![0; len];
-        self.file.read_exact_at(&mut piece, offset)?;
-        Ok(piece)
+        piece.clear();
+        piece.resize(len, 0);
+        self.file.read_exact_at(piece, offset)
     }
 }
 
