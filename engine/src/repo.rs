@@ -648,19 +648,21 @@ impl Repo {
         len: u64,
     ) -> Result<()> {
         let key = store::snapshot_key(id);
+        let taken = |held: &str| {
+            Error::Locked(format!(
+                "{key} was taken by other bytes ({held}, where this manifest has {len}) while \
+                 it was being stored: a prune discards an upload left unfinished for longer \
+                 than its grace period. The snapshot was not stored; run it again"
+            ))
+        };
         match out.commit(&key) {
             Ok(()) => Ok(()),
-            Err(Error::AlreadyExists { .. }) => match self.backend.size(&key)? {
-                stored if stored == len => Ok(()),
-                stored => Err(Error::corrupt(
-                    &key,
-                    0,
-                    format!(
-                        "holds {stored} bytes where this snapshot's manifest of {len} bytes \
-                         belongs, so the snapshot was not stored (a prune may have discarded \
-                         its upload after a stall longer than the grace period); run it again"
-                    ),
-                )),
+            Err(Error::AlreadyExists { .. }) => match self.backend.size(&key) {
+                Ok(stored) if stored == len => Ok(()),
+                Ok(stored) => Err(taken(&format!("{stored} bytes"))),
+                // Discarded, then deleted, between the commit and this look.
+                Err(Error::NotFound { .. }) => Err(taken("gone again")),
+                Err(e) => Err(e),
             },
             Err(e) => Err(e),
         }
@@ -900,10 +902,24 @@ fn open_index_in(
 ) -> Result<(Index, PathBuf)> {
     let index_path = dir.join(INDEX_FILE);
     if !index_path.exists() {
-        // A log left without its database (a cache's is kept between commands) belongs to a
-        // deleted one: SQLite would replay it onto the new file.
-        for p in index_sidecars(&index_path) {
-            let _ = fs::remove_file(p);
+        // A cache keeps its log between commands, so one left without its database belongs
+        // to a deleted one, which SQLite would replay onto the new file: it goes first. Under
+        // a lock, so that it is never another opener's live log, just linked.
+        let _turn = match durability {
+            index::Durability::Cache => Some(rebuild_turn(dir)?),
+            index::Durability::Durable => None,
+        };
+        if index_path.exists() {
+            return Ok((Index::open_with(&index_path, durability)?, index_path));
+        }
+        if durability == index::Durability::Cache {
+            for p in index_sidecars(&index_path) {
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove the log of a deleted index", &p, e)),
+                }
+            }
         }
         let (tmp, _) = build_index_file(dir, backend, protection)?;
         let linked = fs::hard_link(&tmp, &index_path);
@@ -915,6 +931,22 @@ fn open_index_in(
         }
     }
     Ok((Index::open_with(&index_path, durability)?, index_path))
+}
+
+/// Waits for this process's turn to build a missing cache index in `dir`: an exclusive lock on
+/// `dir/index.rebuild.lock` (an empty file), held until the returned file is dropped.
+fn rebuild_turn(dir: &Path) -> Result<File> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = dir.join("index.rebuild.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    flock(&file, FlockOperation::LockExclusive)
+        .map_err(|e| Error::io("lock", &path, std::io::Error::from(e)))?;
+    Ok(file)
 }
 
 /// Reads the config of the remote repository `location` and unlocks it: the key objects are
@@ -944,15 +976,29 @@ fn read_config_and_unlock(
                 .spawn_scoped(scope, || fetch_keys(backend, location))
                 .ok(),
         };
-        let config = read_config_object(location, backend)?;
+        // Failing before the key objects are needed, their thread is joined here, so that
+        // its panic (if any) is not the open's.
+        let stop = |keys: Option<std::thread::ScopedJoinHandle<'_, _>>, e: Error| {
+            if let Some(t) = keys {
+                let _ = t.join();
+            }
+            Err(e)
+        };
+        let config = match read_config_object(location, backend) {
+            Ok(config) => config,
+            Err(e) => return stop(keys, e),
+        };
         let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
         if config.features.incompat & deltas.bit == 0 {
-            return Err(Error::unsupported(format!(
-                "{location} holds a repository made for a local directory (its config lacks \
+            return stop(
+                keys,
+                Error::unsupported(format!(
+                    "{location} holds a repository made for a local directory (its config lacks \
                  the `{}` feature that lets hosts share it); create one on the store with \
                  `stackvault init` and copy the snapshots into it",
-                deltas.name
-            )));
+                    deltas.name
+                )),
+            );
         }
         // While the key objects are still being read, the key the hint names is derived (only
         // once the config says the repository is encrypted: a plain one never asks for a
@@ -1462,7 +1508,7 @@ mod tests {
             .map_err(|e| Error::io("write", "snapshots/", e))?;
         let taken = repo.commit_manifest(out, &other, stored.len() as u64);
         assert!(
-            matches!(&taken, Err(Error::Corrupt { what, .. }) if what.contains("was not stored")),
+            matches!(&taken, Err(Error::Locked(why)) if why.contains("was not stored")),
             "{taken:?}"
         );
         Ok(())
