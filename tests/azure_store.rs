@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use stackvault::azure::sign::SharedKey;
 use stackvault::azure::{Profile, RequestKind, RetryPolicy};
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions, Backend};
@@ -603,5 +603,41 @@ fn a_streamed_commit_whose_answers_were_lost_resends_its_block_and_finds_itself_
         "{counts:?}"
     );
     ensure!(b.peak_spool_bytes_held() <= IN_FLIGHT * BLOCK);
+    Ok(())
+}
+
+#[test]
+fn a_streamed_commit_whose_blocks_were_discarded_says_it_was_not_stored() -> Result<()> {
+    let Some(az) = Azurite::start_or_skip()? else {
+        return Ok(());
+    };
+    let direct = backend(az.port, "azure://devstoreaccount1/gone/r", key())?;
+    // The service's answer to a Put Block List whose staged blocks were discarded meanwhile
+    // (as a prune discards an upload left unfinished past its grace period, by a competing
+    // commit). Azurite keeps a deleted name's uncommitted blocks, so it cannot give that
+    // answer itself: the proxy does, for the one Put Block List.
+    let proxy = FaultProxy::start(az.port, |r| {
+        r.target
+            .contains("comp=blocklist")
+            .then_some(Fault::Status {
+                status: 400,
+                code: "InvalidBlockList",
+                retry_after: None,
+            })
+    })?;
+    let b = AzureBlobBackend::open(
+        "azure://devstoreaccount1/gone/r",
+        &streamed_options(proxy.port),
+    )?;
+    let big = data(12 * BLOCK + 5, 11);
+    let err = stream(&b, "snapshots/big", &big)?
+        .err()
+        .context("a commit whose blocks were discarded succeeded")?;
+    let msg = err.to_string();
+    ensure!(
+        matches!(err, Error::Locked(_)) && msg.contains("not stored"),
+        "{msg}"
+    );
+    ensure!(!direct.exists("snapshots/big")?, "something was stored");
     Ok(())
 }

@@ -503,8 +503,19 @@ impl AzureBlobBackend {
             404 => Err(self.missing(&r, key)),
             // Another writer committed first, which drops the blocks we staged; the service
             // then reports our list as invalid rather than the key as taken.
-            400 if service_error(&r).0 == "InvalidBlockList" && self.exists(key)? => {
-                self.resolve_conflict(key, data, true)
+            400 if service_error(&r).0 == "InvalidBlockList" => {
+                if self.exists(key)? {
+                    return self.resolve_conflict(key, data, true);
+                }
+                // Nobody committed the name, yet our blocks are gone: discarded as an
+                // unfinished upload (what a prune does to one older than its grace period).
+                let (_, message) = service_error(&r);
+                Err(Error::Locked(format!(
+                    "{}/{key}: the blocks staged for it are gone before their commit \
+                     (InvalidBlockList: {message}): a prune discards uploads left unfinished \
+                     for longer than its grace period. It was not stored; run it again",
+                    self.shown
+                )))
             }
             400 => {
                 let (code, message) = service_error(&r);
