@@ -62,10 +62,16 @@ impl VhdFixture {
 
     /// Writes the sample raw disk and qemu-img's fixed and dynamic VHDs of it.
     fn disks(&self) -> anyhow::Result<()> {
-        std::fs::write(
-            self.path("disk.raw"),
-            Disk::sparse(DISK_SIZE as u64, 0).bytes()?,
-        )?;
+        let mut raw = Disk::sparse(DISK_SIZE as u64, 0).bytes()?;
+        // The disk ends in zeros (from 25 MiB: its last, partial 2 MiB block is unallocated)
+        // whatever /usr/bin holds. Where its files reached the end, that block was the VHD's
+        // last, its padding past the disk's end lay between its data and the footer, so a
+        // cut footer left all data in place (read with the copy at offset 0, not refused),
+        // and a fixed VHD's zero padding rewrote the last chunk.
+        if let Some(tail) = raw.get_mut(25 << 20..) {
+            tail.fill(0);
+        }
+        std::fs::write(self.path("disk.raw"), raw)?;
         for sub in ["fixed", "dynamic"] {
             qemu_img(&[
                 "convert",
