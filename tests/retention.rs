@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{bail, ensure, Context as _};
-use stackvault_tests::{
-    machine_bytes, p, same_bytes, scribble, sv, sv_env, sv_json, sv_ok, Disk, Scribble,
-};
+use stackvault_tests::{p, same_bytes, scribble, sv, sv_env, sv_json, sv_ok, Disk, Scribble};
 
 const MIB: u64 = 1 << 20;
 /// Pack structure per chunk (frame list entry + table entry), per frame (frame header) and
@@ -68,13 +66,26 @@ impl History {
         sv_ok(&["init", p(&repo), "--encryption", "none"])?;
         let disk = dir.path().join("vm.img");
         Disk::filled(16 * MIB, 60, 11).write(&disk)?;
+        // The 1 MiB files are seeded random bytes, and gen0 holds one at each place a later
+        // generation rewrites: what a rewrite replaces is whole frames of data, unshared.
+        // Files of this machine there left it to the sample disk whether gen0 had data at
+        // those places; where it had free space, gen0 owned no whole frame and prune freed
+        // nothing.
+        let slot = |g: u64| (g % 4) * 4 * MIB + MIB;
+        let write_file = |at: u64, seed: u64| -> anyhow::Result<()> {
+            let f = fs::OpenOptions::new().write(true).open(&disk)?;
+            let file = Disk::random(MIB, seed).bytes()?;
+            Ok(std::os::unix::fs::FileExt::write_all_at(&f, &file, at)?)
+        };
         let mut gens = Vec::new();
         for g in 0..generations {
-            if g > 0 {
+            if g == 0 {
+                for k in 0..4 {
+                    write_file(slot(k), 300 + k)?;
+                }
+            } else {
                 scribble(&disk, Scribble::Week, 8, 100 + g)?;
-                let file = machine_bytes(1 << 20, 200 + g);
-                let f = fs::OpenOptions::new().write(true).open(&disk)?;
-                std::os::unix::fs::FileExt::write_all_at(&f, &file, (g % 4) * 4 * MIB + MIB)?;
+                write_file(slot(g), 200 + g)?;
             }
             let id = backup(&repo, &disk, "vm")?;
             let copy = dir.path().join(format!("gen{g}.img"));
