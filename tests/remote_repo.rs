@@ -19,7 +19,7 @@ use serde_json::Value;
 use stackvault::store::{AzureBlobBackend, AzureCredential, AzureStoreOptions};
 use stackvault_tests::{
     azurite_bin, have_qemu_img, json_change_list, make_disk, p, qemu_img, same_bytes,
-    scribble_disk, served_uri, Azurite,
+    scribble_disk, served_uri, Azurite, Disk,
 };
 
 use crate::moto::Moto;
@@ -527,6 +527,14 @@ fn an_incremental_backup_costs_requests_by_segments_touched_not_by_repository() 
     // A full backup: PUT-class requests bounded by the packed bytes it added.
     let disk = work.join("vm.img");
     make_disk(&disk, 96 * MIB, 3)?;
+    // 16 MiB of seeded random bytes among the files: a thousand chunks whatever this machine's
+    // /usr/bin holds (with its files alone, short ones made 835).
+    let noise = Disk::random(16 * MIB, 3).bytes()?;
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&disk)?,
+        &noise,
+        56 * MIB,
+    )?;
     let full = host.backup(repo, &disk, "vm", &[])?;
     let added = full["stats"]["bytes_added"]
         .as_u64()
