@@ -274,7 +274,7 @@ impl Repo {
             backend,
             config,
             protection,
-            key_in_use: unlocked.key_id,
+            key_in_use: unlocked.hint.map(|h| h.key),
             index: Mutex::new(index),
             read_only: Some(why),
             _cache_hold: hold,
@@ -319,7 +319,7 @@ impl Repo {
             backend,
             config,
             protection,
-            key_in_use: unlocked.key_id,
+            key_in_use: unlocked.hint.map(|h| h.key),
             index: Mutex::new(index),
             read_only: None,
             _cache_hold: None,
@@ -435,7 +435,7 @@ impl Repo {
             backend,
             config,
             protection,
-            key_in_use: unlocked.key_id,
+            key_in_use: unlocked.hint.map(|h| h.key),
             index: Mutex::new(index),
             read_only,
             _cache_hold: None,
@@ -791,7 +791,6 @@ fn unlock(
         }
         return Ok(Unlocked {
             protection: Protection::Plain,
-            key_id: None,
             hint: None,
         });
     }
@@ -852,8 +851,7 @@ fn first_key(
         protection: Protection::Encrypted(Box::new(crate::crypto::RepoKeys::from_secrets(
             &secrets,
         ))),
-        key_id: Some(key.id_hex()),
-        hint: None,
+        hint: Some(KeyHint::of(&key)),
     };
     Ok((config, Some(unlocked)))
 }
@@ -891,9 +889,7 @@ fn catch_up(
 }
 
 /// Opens the index `index.sqlite` in `dir`, building it from the repository's objects when
-/// it is missing: under a temporary name, so that a crash never leaves a partial index
-/// behind, then linked into place. Linking fails if another process got there first; its
-/// index is as good as ours.
+/// it is missing ([`link_rebuilt_index`]).
 fn open_index_in(
     dir: &Path,
     backend: &dyn Backend,
@@ -905,32 +901,45 @@ fn open_index_in(
         // A cache keeps its log between commands, so one left without its database belongs
         // to a deleted one, which SQLite would replay onto the new file: it goes first. Under
         // a lock, so that it is never another opener's live log, just linked.
-        let _turn = match durability {
-            index::Durability::Cache => Some(rebuild_turn(dir)?),
-            index::Durability::Durable => None,
-        };
-        if index_path.exists() {
-            return Ok((Index::open_with(&index_path, durability)?, index_path));
-        }
-        if durability == index::Durability::Cache {
-            for p in index_sidecars(&index_path) {
-                match fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io("remove the log of a deleted index", &p, e)),
+        let turn = (durability == index::Durability::Cache)
+            .then(|| rebuild_turn(dir))
+            .transpose()?;
+        // Another opener may have built it meanwhile.
+        if !index_path.exists() {
+            if turn.is_some() {
+                for p in index_sidecars(&index_path) {
+                    match fs::remove_file(&p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(Error::io("remove the log of a deleted index", &p, e))
+                        }
+                    }
                 }
             }
-        }
-        let (tmp, _) = build_index_file(dir, backend, protection)?;
-        let linked = fs::hard_link(&tmp, &index_path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => store::sync_dir(dir)?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("link rebuilt index", &index_path, e)),
+            link_rebuilt_index(dir, &index_path, backend, protection)?;
         }
     }
     Ok((Index::open_with(&index_path, durability)?, index_path))
+}
+
+/// Builds the index of the repository's objects under a temporary name in `dir`, so that a
+/// crash never leaves a partial index behind, and links it to `index_path`. Linking fails if
+/// another process got there first; its index is as good as ours.
+fn link_rebuilt_index(
+    dir: &Path,
+    index_path: &Path,
+    backend: &dyn Backend,
+    protection: &crate::crypto::Protection,
+) -> Result<()> {
+    let (tmp, _) = build_index_file(dir, backend, protection)?;
+    let linked = fs::hard_link(&tmp, index_path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => store::sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io("link rebuilt index", index_path, e)),
+    }
 }
 
 /// Waits for this process's turn to build a missing cache index in `dir`: an exclusive lock on
@@ -962,6 +971,8 @@ fn read_config_and_unlock(
     hint_file: &Path,
 ) -> Result<(RepoConfig, Unlocked)> {
     use crate::crypto::unlock::{derive_early, fetch_keys, unlock_fetched};
+    // Keys `init` just made are remembered by the first open that unlocks them.
+    let unlocking_here = unlocked.is_none();
     let hint = match unlocked {
         Some(_) => None,
         None => fs::read(hint_file)
@@ -976,30 +987,29 @@ fn read_config_and_unlock(
                 .spawn_scoped(scope, || fetch_keys(backend, location))
                 .ok(),
         };
-        // Failing before the key objects are needed, their thread is joined here, so that
-        // its panic (if any) is not the open's.
-        let stop = |keys: Option<std::thread::ScopedJoinHandle<'_, _>>, e: Error| {
-            if let Some(t) = keys {
-                let _ = t.join();
-            }
-            Err(e)
-        };
-        let config = match read_config_object(location, backend) {
-            Ok(config) => config,
-            Err(e) => return stop(keys, e),
-        };
-        let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
-        if config.features.incompat & deltas.bit == 0 {
-            return stop(
-                keys,
-                Error::unsupported(format!(
-                    "{location} holds a repository made for a local directory (its config lacks \
-                 the `{}` feature that lets hosts share it); create one on the store with \
-                 `stackvault init` and copy the snapshots into it",
+        let config = read_config_object(location, backend).and_then(|config| {
+            let deltas = crate::format::config::FEATURE_INDEX_DELTAS;
+            if config.features.incompat & deltas.bit == 0 {
+                return Err(Error::unsupported(format!(
+                    "{location} holds a repository made for a local directory (its config \
+                     lacks the `{}` feature that lets hosts share it); create one on the \
+                     store with `stackvault init` and copy the snapshots into it",
                     deltas.name
-                )),
-            );
-        }
+                )));
+            }
+            Ok(config)
+        });
+        let config = match config {
+            Ok(config) => config,
+            // Failing before the key objects are needed, their thread is joined here, so
+            // that its panic (if any) is not the open's.
+            Err(e) => {
+                if let Some(t) = keys {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        };
         // While the key objects are still being read, the key the hint names is derived (only
         // once the config says the repository is encrypted: a plain one never asks for a
         // password).
@@ -1020,7 +1030,8 @@ fn read_config_and_unlock(
         };
         Ok::<_, Error>((config, unlocked))
     })?;
-    if let Some(opened) = unlocked.hint.as_ref().filter(|h| hint.as_ref() != Some(*h)) {
+    let opened = unlocked.hint.as_ref().filter(|_| unlocking_here);
+    if let Some(opened) = opened.filter(|h| hint.as_ref() != Some(*h)) {
         // Best effort: a host that cannot remember derives after the reads, as without it.
         let _ = remember_key_hint(hint_file, opened);
     }

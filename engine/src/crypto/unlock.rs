@@ -66,9 +66,8 @@ pub fn password(purpose: PasswordUse, repository: &str) -> Result<Zeroizing<Stri
 #[derive(Debug)]
 pub struct Unlocked {
     pub protection: Protection,
-    /// Id (hex) of the key object the password opened; `None` for a plain repository.
-    pub key_id: Option<String>,
-    /// The public inputs of that key's derivation, for the next open ([`KeyHint`]).
+    /// The key object the password opened (its id, and the public inputs of its derivation
+    /// for the next open: [`KeyHint`]); `None` for a plain repository.
     pub hint: Option<KeyHint>,
 }
 
@@ -91,7 +90,7 @@ pub struct KeyHint {
 }
 
 impl KeyHint {
-    fn of(key: &KeyObject) -> KeyHint {
+    pub(crate) fn of(key: &KeyObject) -> KeyHint {
         KeyHint {
             key: key.id_hex(),
             m_kib: key.kdf.m_kib,
@@ -111,9 +110,7 @@ impl KeyHint {
 
     /// Whether `key` derives its wrapping key from exactly these inputs.
     fn matches(&self, key: &KeyObject) -> bool {
-        key.id_hex() == self.key
-            && key.kdf == self.kdf()
-            && crate::format::hex(&key.salt) == self.salt
+        KeyHint::of(key) == *self
     }
 }
 
@@ -282,7 +279,6 @@ pub fn unlock_fetched(
             }
             Ok(Unlocked {
                 protection: Protection::Encrypted(Box::new(RepoKeys::from_secrets(&secrets))),
-                key_id: Some(hint.key.clone()),
                 hint: Some(hint),
             })
         }
